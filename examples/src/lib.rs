@@ -1,0 +1,1 @@
+//! Runnable examples live in this package; run one with `cargo run -p examples --example NAME`.

@@ -1,0 +1,2 @@
+//! HBONE benchmarks (written next).
+fn main() {}

@@ -1,0 +1,75 @@
+//! Tunables shared by the HBONE client pool and server.
+//!
+//! The defaults are tuned for throughput on a LAN (see BENCHMARKS.md at the repository root for
+//! the measurements behind them); every value can be changed per pool or per server.
+
+use std::time::Duration;
+
+/// HTTP/2 and connection-management settings for a [`Pool`](crate::Pool) or a
+/// [`Server`](crate::Server).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// Initial flow-control window of each stream (SETTINGS_INITIAL_WINDOW_SIZE), in bytes.
+    pub stream_window: u32,
+    /// Flow-control window of the whole connection, in bytes.
+    pub connection_window: u32,
+    /// Largest DATA frame payload we accept (SETTINGS_MAX_FRAME_SIZE), 16 KiB to 16 MiB - 1.
+    pub max_frame_size: u32,
+    /// Bytes one stream may queue for sending before writes wait for the socket.
+    pub max_send_buffer: usize,
+    /// Client: at most this many tunnels share one connection, even if the peer allows more.
+    /// Server: the SETTINGS_MAX_CONCURRENT_STREAMS it advertises.
+    pub max_concurrent_streams: u32,
+    /// How often to send an HTTP/2 PING on a connection; `None` disables keepalive.
+    pub keepalive_interval: Option<Duration>,
+    /// How long to wait for the PING's answer before the connection is declared dead.
+    pub keepalive_timeout: Duration,
+    /// Client: a pooled connection with no open tunnel is closed after this long.
+    pub idle_timeout: Duration,
+    /// Client: limit on TCP connect plus TLS and HTTP/2 handshakes for a new connection.
+    /// Server: limit on the TLS and HTTP/2 handshakes of an accepted connection.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            stream_window: 4 * 1024 * 1024,
+            connection_window: 16 * 1024 * 1024,
+            max_frame_size: 256 * 1024,
+            max_send_buffer: 1024 * 1024,
+            max_concurrent_streams: 100,
+            keepalive_interval: Some(Duration::from_secs(10)),
+            keepalive_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Config {
+    pub(crate) fn client_builder(&self) -> h2::client::Builder {
+        let mut b = h2::client::Builder::new();
+        b.initial_window_size(self.stream_window)
+            .initial_connection_window_size(self.connection_window)
+            .max_frame_size(self.clamped_frame_size())
+            .max_send_buffer_size(self.max_send_buffer)
+            .enable_push(false);
+        b
+    }
+
+    pub(crate) fn server_builder(&self) -> h2::server::Builder {
+        let mut b = h2::server::Builder::new();
+        b.initial_window_size(self.stream_window)
+            .initial_connection_window_size(self.connection_window)
+            .max_frame_size(self.clamped_frame_size())
+            .max_send_buffer_size(self.max_send_buffer)
+            .max_concurrent_streams(self.max_concurrent_streams);
+        b
+    }
+
+    fn clamped_frame_size(&self) -> u32 {
+        self.max_frame_size.clamp(16 * 1024, 16 * 1024 * 1024 - 1)
+    }
+}

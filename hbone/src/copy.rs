@@ -1,0 +1,199 @@
+//! Bidirectional copy between two byte streams, with half-close and byte counts.
+//!
+//! A proxy joins a tunnel and a TCP socket with this. Both directions are driven from one task;
+//! when one side reaches EOF its peer's write half is shut down (a TCP FIN, or END_STREAM on a
+//! tunnel) and the other direction keeps flowing until it ends too. The counts are returned even
+//! when the copy fails, because metrics need them either way.
+//!
+//! Buffers start small (1 KiB, so ten thousand idle connections cost little) and grow by 4x, up to
+//! 256 KiB, each time a read fills the whole buffer, so bulk transfers use few, large writes.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+const INITIAL_BUFFER: usize = 1024;
+const MAX_BUFFER: usize = 256 * 1024;
+
+/// Bytes moved in each direction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Transferred {
+    /// Bytes read from `a` and written to `b`.
+    pub a_to_b: u64,
+    /// Bytes read from `b` and written to `a`.
+    pub b_to_a: u64,
+}
+
+/// A direction of the copy, for errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From `a` to `b`.
+    AToB,
+    /// From `b` to `a`.
+    BToA,
+}
+
+/// Which operation failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// Reading from the source of the direction.
+    Read,
+    /// Writing, flushing or shutting down the destination of the direction.
+    Write,
+}
+
+/// A failed copy: what failed and how much had been moved until then.
+#[derive(Debug, thiserror::Error)]
+#[error("copy failed while {} ({direction:?}) after {} bytes a->b and {} bytes b->a: {source}",
+    match .operation { Operation::Read => "reading", Operation::Write => "writing" },
+    .transferred.a_to_b, .transferred.b_to_a)]
+pub struct CopyError {
+    /// The direction that failed.
+    pub direction: Direction,
+    /// Whether its read or its write failed.
+    pub operation: Operation,
+    /// Bytes moved before the failure.
+    pub transferred: Transferred,
+    /// The I/O error.
+    #[source]
+    pub source: io::Error,
+}
+
+/// Copies `a -> b` and `b -> a` until both directions reach EOF, propagating half-closes.
+pub async fn copy_bidirectional<A, B>(a: &mut A, b: &mut B) -> Result<Transferred, CopyError>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut a_to_b = Half::new();
+    let mut b_to_a = Half::new();
+    std::future::poll_fn(|cx| {
+        let transferred = |x: &Half, y: &Half| Transferred {
+            a_to_b: x.amount,
+            b_to_a: y.amount,
+        };
+        let ab = a_to_b.poll(cx, &mut *a, &mut *b);
+        if let Poll::Ready(Err((operation, source))) = ab {
+            return Poll::Ready(Err(CopyError {
+                direction: Direction::AToB,
+                operation,
+                transferred: transferred(&a_to_b, &b_to_a),
+                source,
+            }));
+        }
+        let ba = b_to_a.poll(cx, &mut *b, &mut *a);
+        if let Poll::Ready(Err((operation, source))) = ba {
+            return Poll::Ready(Err(CopyError {
+                direction: Direction::BToA,
+                operation,
+                transferred: transferred(&a_to_b, &b_to_a),
+                source,
+            }));
+        }
+        if ab.is_ready() && ba.is_ready() {
+            Poll::Ready(Ok(transferred(&a_to_b, &b_to_a)))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+/// One direction's state.
+struct Half {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    read_eof: bool,
+    finished: bool,
+    needs_flush: bool,
+    amount: u64,
+}
+
+impl Half {
+    fn new() -> Self {
+        Half {
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+            read_eof: false,
+            finished: false,
+            needs_flush: false,
+            amount: 0,
+        }
+    }
+
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+    ) -> Poll<Result<(), (Operation, io::Error)>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        if self.finished {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if self.start == self.end && !self.read_eof {
+                if self.buf.is_empty() {
+                    self.buf = vec![0; INITIAL_BUFFER];
+                }
+                let mut read_buf = ReadBuf::new(&mut self.buf);
+                match Pin::new(&mut *reader).poll_read(cx, &mut read_buf) {
+                    Poll::Pending => {
+                        if self.needs_flush {
+                            ready!(Pin::new(&mut *writer).poll_flush(cx))
+                                .map_err(|e| (Operation::Write, e))?;
+                            self.needs_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err((Operation::Read, e))),
+                    Poll::Ready(Ok(())) => {
+                        let n = read_buf.filled().len();
+                        if n == 0 {
+                            self.read_eof = true;
+                        } else {
+                            self.start = 0;
+                            self.end = n;
+                        }
+                    }
+                }
+            }
+            while self.start < self.end {
+                let n =
+                    ready!(Pin::new(&mut *writer).poll_write(cx, &self.buf[self.start..self.end]))
+                        .map_err(|e| (Operation::Write, e))?;
+                if n == 0 {
+                    return Poll::Ready(Err((
+                        Operation::Write,
+                        io::Error::new(io::ErrorKind::WriteZero, "destination accepted no bytes"),
+                    )));
+                }
+                self.start += n;
+                self.amount += n as u64;
+                self.needs_flush = true;
+            }
+            // Everything read has been written; grow if the last read filled the buffer.
+            if self.end == self.buf.len() && self.buf.len() < MAX_BUFFER {
+                let grown = (self.buf.len() * 4).min(MAX_BUFFER);
+                self.buf.resize(grown, 0);
+            }
+            self.start = 0;
+            self.end = 0;
+            if self.read_eof {
+                ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(|e| (Operation::Write, e))?;
+                ready!(Pin::new(&mut *writer).poll_shutdown(cx))
+                    .map_err(|e| (Operation::Write, e))?;
+                self.finished = true;
+                self.buf = Vec::new();
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! The crate's error type: every variant says which side failed, against which peer, and why.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// A boxed error from caller-supplied code (a [`Dialer`](crate::Dialer) or a TLS source).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Errors of the HBONE client and server.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The client could not open a TCP connection to the peer.
+    #[error("HBONE client: TCP connect to {peer} failed: {source}")]
+    Connect {
+        /// The address dialed.
+        peer: SocketAddr,
+        /// The socket error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TLS handshake failed (bad certificate, unknown root, wrong identity, ...).
+    #[error("HBONE {side}: TLS handshake with {peer} failed: {source}")]
+    Tls {
+        /// Which end we are.
+        side: Side,
+        /// The other end.
+        peer: SocketAddr,
+        /// The TLS error as reported by rustls.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TLS succeeded but the peer did not negotiate ALPN `h2`.
+    #[error(
+        "HBONE {side}: {peer} did not negotiate ALPN \"h2\" (negotiated {negotiated}); HBONE requires HTTP/2 over TLS"
+    )]
+    Alpn {
+        /// Which end we are.
+        side: Side,
+        /// The other end.
+        peer: SocketAddr,
+        /// What was negotiated instead, for the message.
+        negotiated: String,
+    },
+    /// The server presented no certificate chain we could read, or a client sent none.
+    #[error("HBONE {side}: {peer} presented no certificate")]
+    NoPeerCertificate {
+        /// Which end we are.
+        side: Side,
+        /// The other end.
+        peer: SocketAddr,
+    },
+    /// The TCP, TLS and HTTP/2 handshakes did not finish in time.
+    #[error("HBONE {side}: handshake with {peer} did not finish within {after:?}")]
+    HandshakeTimeout {
+        /// Which end we are.
+        side: Side,
+        /// The other end.
+        peer: SocketAddr,
+        /// The configured limit.
+        after: Duration,
+    },
+    /// The HTTP/2 connection preface or SETTINGS exchange failed.
+    #[error("HBONE {side}: HTTP/2 handshake with {peer} failed: {source}")]
+    H2Handshake {
+        /// Which end we are.
+        side: Side,
+        /// The other end.
+        peer: SocketAddr,
+        /// The HTTP/2 error.
+        #[source]
+        source: h2::Error,
+    },
+    /// Caller-supplied code (the dialer's TLS config lookup) failed.
+    #[error("HBONE client: no TLS configuration for the connection to {peer}: {source}")]
+    TlsConfig {
+        /// The peer we were about to dial.
+        peer: SocketAddr,
+        /// The caller's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The server answered the CONNECT with a status other than 200.
+    #[error("HBONE client: {peer} refused CONNECT {authority} with HTTP {status}")]
+    Status {
+        /// The server.
+        peer: SocketAddr,
+        /// The authority asked for.
+        authority: String,
+        /// The status the server answered.
+        status: http::StatusCode,
+    },
+    /// The CONNECT stream failed before it was established (reset, connection lost).
+    #[error("HBONE client: CONNECT {authority} to {peer} failed: {source}")]
+    Stream {
+        /// The server.
+        peer: SocketAddr,
+        /// The authority asked for.
+        authority: String,
+        /// The HTTP/2 error.
+        #[source]
+        source: h2::Error,
+    },
+    /// Another task's dial for the same pool key, which this call waited for, failed.
+    #[error("HBONE client: connection to {peer} failed: {reason}")]
+    SharedDial {
+        /// The peer that was dialed.
+        peer: SocketAddr,
+        /// The dialing task's error, with its causes.
+        reason: String,
+    },
+    /// The peer did not answer a keepalive PING in time; the connection was closed.
+    #[error(
+        "HBONE {side}: {peer} did not answer a keepalive PING within {after:?}; connection closed"
+    )]
+    KeepaliveTimeout {
+        /// Which end we are.
+        side: Side,
+        /// The other end.
+        peer: SocketAddr,
+        /// The configured limit.
+        after: Duration,
+    },
+    /// The HTTP/2 connection failed after it was established.
+    #[error("HBONE {side}: connection with {peer} failed: {source}")]
+    Connection {
+        /// Which end we are.
+        side: Side,
+        /// The other end.
+        peer: SocketAddr,
+        /// The HTTP/2 error.
+        #[source]
+        source: h2::Error,
+    },
+    /// A header given to `connect` is not valid HTTP.
+    #[error("HBONE client: invalid request for CONNECT {authority}: {source}")]
+    Request {
+        /// The authority asked for.
+        authority: String,
+        /// What http rejected.
+        #[source]
+        source: http::Error,
+    },
+}
+
+/// Which end of an HBONE connection reports an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The end that dials and sends CONNECT.
+    Client,
+    /// The end that accepts and answers CONNECT.
+    Server,
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Side::Client => "client",
+            Side::Server => "server",
+        })
+    }
+}
+
+impl Error {
+    /// The HTTP status a server answered, if this is a refused CONNECT.
+    pub fn status(&self) -> Option<http::StatusCode> {
+        match self {
+            Error::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! HBONE: TCP connections tunneled as HTTP/2 `CONNECT` streams over mutual TLS.
+//!
+//! A [`Server`] terminates TLS and HTTP/2 and hands each `CONNECT` to your [`ConnectHandler`]; a
+//! [`Pool`] dials, multiplexes and keeps alive client connections. Both sides yield a [`Tunnel`]
+//! (`AsyncRead + AsyncWrite`), and [`copy_bidirectional`] joins a tunnel to a socket with
+//! half-close and byte counts. The crate knows nothing of SPIFFE or policy: it takes rustls
+//! configurations and reports the peer's certificate chain. The wire protocol is specified in
+//! `SPEC.md` next to this crate.
+//!
+//! ```
+//! # use std::sync::Arc;
+//! use hbone::{Authority, Config, InboundConnect, Pool, Server, StaticTls};
+//! use tokio::io::{AsyncReadExt, AsyncWriteExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let (server_tls, client_tls) = certs();
+//! // An echo server: accept every CONNECT and send the bytes back.
+//! let server = Server::new(Config::default(), server_tls, |req: InboundConnect| async move {
+//!     println!("CONNECT {} from {}", req.authority(), req.peer_addr());
+//!     let mut tunnel = req.accept().expect("answer 200");
+//!     let (mut rd, mut wr) = tokio::io::split(&mut tunnel);
+//!     let _ = tokio::io::copy(&mut rd, &mut wr).await;
+//!     let _ = wr.shutdown().await;
+//! });
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let addr = listener.local_addr()?;
+//! tokio::spawn(async move { server.serve(listener).await });
+//!
+//! // A client pool; the key says which tunnels may share a connection.
+//! let pool = Pool::new(Config::default(), StaticTls(client_tls));
+//! let authority: Authority = "10.0.0.7:8080".parse()?;
+//! let mut tunnel = pool.connect("my-key", addr, &authority, Default::default()).await?;
+//! tunnel.write_all(b"hello").await?;
+//! tunnel.shutdown().await?; // half-close: END_STREAM
+//! let mut echoed = Vec::new();
+//! tunnel.read_to_end(&mut echoed).await?;
+//! assert_eq!(echoed, b"hello");
+//! # Ok(())
+//! # }
+//! # fn certs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+//! #     use rcgen::{CertificateParams, KeyPair, SanType, IsCa, BasicConstraints};
+//! #     let provider = Arc::new(rustls::crypto::ring::default_provider());
+//! #     let ca_key = KeyPair::generate().unwrap();
+//! #     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+//! #     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+//! #     let ca_cert = ca.self_signed(&ca_key).unwrap();
+//! #     let leaf = |uri: &str| {
+//! #         let key = KeyPair::generate().unwrap();
+//! #         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+//! #         p.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap()), SanType::IpAddress([127,0,0,1].into())];
+//! #         let cert = p.signed_by(&key, &ca_cert, &ca_key).unwrap();
+//! #         (vec![cert.der().clone()], rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+//! #     };
+//! #     let mut roots = rustls::RootCertStore::empty();
+//! #     roots.add(ca_cert.der().clone()).unwrap();
+//! #     let roots = Arc::new(roots);
+//! #     let (chain, key) = leaf("spiffe://cluster.local/ns/default/sa/server");
+//! #     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build().unwrap();
+//! #     let mut server = rustls::ServerConfig::builder_with_provider(provider.clone()).with_protocol_versions(&[&rustls::version::TLS13]).unwrap()
+//! #         .with_client_cert_verifier(verifier).with_single_cert(chain, key).unwrap();
+//! #     server.alpn_protocols = vec![b"h2".to_vec()];
+//! #     let (chain, key) = leaf("spiffe://cluster.local/ns/default/sa/client");
+//! #     let mut client = rustls::ClientConfig::builder_with_provider(provider).with_protocol_versions(&[&rustls::version::TLS13]).unwrap()
+//! #         .with_root_certificates(roots).with_client_auth_cert(chain, key).unwrap();
+//! #     client.alpn_protocols = vec![b"h2".to_vec()];
+//! #     (Arc::new(server), Arc::new(client))
+//! # }
+//! ```
+#![forbid(unsafe_code)]
+
+mod authority;
+mod config;
+mod copy;
+mod error;
+pub mod headers;
+mod keepalive;
+mod pool;
+mod server;
+mod tunnel;
+
+pub use authority::{Authority, AuthorityError, fuzz_authority};
+pub use config::Config;
+pub use copy::{CopyError, Direction, Operation, Transferred, copy_bidirectional};
+pub use error::{BoxError, Error, Side};
+pub use pool::{Dialer, Pool, StaticTls};
+pub use server::{ConnectHandler, InboundConnect, Server, ServerTls};
+pub use tunnel::Tunnel;
+
+/// The ALPN protocol id HBONE requires: HTTP/2 over TLS.
+pub const H2_ALPN: &[u8] = b"h2";

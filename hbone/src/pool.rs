@@ -1,0 +1,561 @@
+//! The client side: a pool of HBONE connections, keyed by what makes two tunnels shareable.
+//!
+//! Why a pool with a caller-chosen key: two tunnels may share one mTLS connection only when they
+//! would present the same client identity and accept the same server identities at the same
+//! address. The proxy encodes exactly that in the key (DESIGN.md: source identity, destination
+//! identities, destination address); the pool never looks inside it.
+//!
+//! Behaviour:
+//! - a tunnel reuses a live connection of its key that has a free stream slot (slots = the lower
+//!   of `Config::max_concurrent_streams` and the peer's SETTINGS_MAX_CONCURRENT_STREAMS);
+//! - only one task dials per key at a time; the others wait for that dial and share its result;
+//! - a connection with no open tunnel for `Config::idle_timeout` is closed;
+//! - a keepalive PING that is not answered within `Config::keepalive_timeout` kills the
+//!   connection, which fails its tunnels at once and removes it from the pool.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::Hash;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode, Version};
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use crate::authority::Authority;
+use crate::error::{BoxError, Error, Side};
+use crate::keepalive::keepalive;
+use crate::tunnel::Tunnel;
+use crate::{Config, H2_ALPN};
+
+/// How the pool opens connections: which TLS settings a key uses, and how to open the socket.
+///
+/// Implement this to present per-identity certificates (look them up by key) or to dial from
+/// another network namespace with a socket mark. [`StaticTls`] covers the simple case.
+pub trait Dialer<K>: Send + Sync + 'static {
+    /// The rustls client configuration for connections of `key`. It must offer ALPN `h2`
+    /// (connections that do not negotiate it are refused) and should verify the server's
+    /// identity; the pool adds nothing to it.
+    fn client_config(
+        &self,
+        key: &K,
+    ) -> impl Future<Output = Result<Arc<ClientConfig>, BoxError>> + Send;
+
+    /// Opens the TCP connection to `target`. The default is a plain `TcpStream::connect`.
+    fn connect_tcp(
+        &self,
+        key: &K,
+        target: SocketAddr,
+    ) -> impl Future<Output = std::io::Result<TcpStream>> + Send {
+        let _ = key;
+        TcpStream::connect(target)
+    }
+}
+
+/// A [`Dialer`] that uses one client configuration for every key.
+#[derive(Debug, Clone)]
+pub struct StaticTls(pub Arc<ClientConfig>);
+
+impl<K: Sync> Dialer<K> for StaticTls {
+    async fn client_config(&self, _key: &K) -> Result<Arc<ClientConfig>, BoxError> {
+        Ok(self.0.clone())
+    }
+}
+
+/// A pool of HBONE client connections. Cheap to clone; clones share the connections.
+pub struct Pool<K, D> {
+    inner: Arc<PoolInner<K, D>>,
+}
+
+impl<K, D> Clone for Pool<K, D> {
+    fn clone(&self) -> Self {
+        Pool {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<K, D> std::fmt::Debug for Pool<K, D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Holds one stream slot of a pooled connection for as long as a tunnel lives.
+#[derive(Debug)]
+pub(crate) struct StreamSlot {
+    conn: Arc<PooledConn>,
+}
+
+struct PoolInner<K, D> {
+    config: Config,
+    dialer: D,
+    keys: Mutex<HashMap<K, KeyState>>,
+    next_conn_id: AtomicU64,
+}
+
+#[derive(Default)]
+struct KeyState {
+    conns: Vec<Arc<PooledConn>>,
+    /// Set while one task dials for this key; others wait for the outcome.
+    dialing: Option<watch::Receiver<Option<DialOutcome>>>,
+}
+
+/// What `checkout` does when no connection has a free slot.
+enum Checkout {
+    Dial(watch::Sender<Option<DialOutcome>>),
+    Wait(watch::Receiver<Option<DialOutcome>>),
+}
+
+/// What waiting tasks learn about a dial they did not make.
+#[derive(Clone)]
+enum DialOutcome {
+    Connected,
+    Failed(Arc<str>),
+}
+
+#[derive(Debug)]
+struct PooledConn {
+    id: u64,
+    peer: SocketAddr,
+    send: h2::client::SendRequest<Bytes>,
+    active: AtomicUsize,
+    cap: usize,
+    dead: AtomicBool,
+    last_active: Mutex<Instant>,
+}
+
+impl<K, D> Pool<K, D>
+where
+    K: Clone + Eq + Hash + Send + Sync + std::fmt::Debug + 'static,
+    D: Dialer<K>,
+{
+    /// Creates an empty pool. Must be called within a Tokio runtime when connections are made.
+    pub fn new(config: Config, dialer: D) -> Self {
+        Pool {
+            inner: Arc::new(PoolInner {
+                config,
+                dialer,
+                keys: Mutex::new(HashMap::new()),
+                next_conn_id: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// Opens a tunnel to `authority` through the HBONE server at `target`, over a connection of
+    /// `key` (reused, or dialed if none has a free slot). `headers` are sent with the CONNECT
+    /// (for example `forwarded`, `baggage`, `traceparent`; see [`crate::headers`]).
+    ///
+    /// Returns [`Error::Status`] when the server answers anything but 200.
+    pub async fn connect(
+        &self,
+        key: K,
+        target: SocketAddr,
+        authority: &Authority,
+        headers: HeaderMap,
+    ) -> Result<Tunnel, Error> {
+        let authority = authority.to_string();
+        let mut retried = false;
+        loop {
+            let (conn, slot, reused) = self.checkout(&key, target).await?;
+            match send_connect(&conn, slot, target, &authority, headers.clone()).await {
+                Ok(tunnel) => return Ok(tunnel),
+                Err(Error::Stream { source, .. })
+                    if reused && !retried && is_retryable(&source) =>
+                {
+                    // The peer went away between checkout and CONNECT; nothing was sent on the
+                    // tunnel yet, so one retry on another connection is safe.
+                    debug!(conn = conn.id, %target, error = %source, "retrying CONNECT on a new connection");
+                    conn.dead.store(true, Ordering::Release);
+                    retried = true;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// How many live connections the pool holds, over all keys.
+    pub fn connection_count(&self) -> usize {
+        let keys = self.inner.keys.lock().expect("pool lock");
+        keys.values()
+            .map(|k| k.conns.iter().filter(|c| !c.is_dead()).count())
+            .sum()
+    }
+
+    /// How many live connections the pool holds for `key`.
+    pub fn connection_count_for(&self, key: &K) -> usize {
+        let keys = self.inner.keys.lock().expect("pool lock");
+        keys.get(key)
+            .map(|k| k.conns.iter().filter(|c| !c.is_dead()).count())
+            .unwrap_or(0)
+    }
+
+    /// Finds a connection with a free slot for `key`, dialing one (alone) if needed.
+    async fn checkout(
+        &self,
+        key: &K,
+        target: SocketAddr,
+    ) -> Result<(Arc<PooledConn>, StreamSlot, bool), Error> {
+        loop {
+            let next = {
+                let mut keys = self.inner.keys.lock().expect("pool lock");
+                let state = keys.entry(key.clone()).or_default();
+                state.conns.retain(|c| !c.is_dead());
+                if let Some((conn, slot)) = state
+                    .conns
+                    .iter()
+                    .find_map(|c| c.try_reserve().map(|s| (c.clone(), s)))
+                {
+                    return Ok((conn, slot, true));
+                }
+                match &state.dialing {
+                    Some(rx) => Checkout::Wait(rx.clone()),
+                    None => {
+                        let (tx, rx) = watch::channel(None);
+                        state.dialing = Some(rx);
+                        Checkout::Dial(tx)
+                    }
+                }
+            };
+            match next {
+                Checkout::Dial(tx) => return self.dial_as_leader(key, target, tx).await,
+                Checkout::Wait(mut rx) => {
+                    // Err: the dialing task was cancelled and its guard cleared the flag; retry.
+                    let outcome = rx.wait_for(Option::is_some).await.map(|o| o.clone());
+                    if let Ok(Some(DialOutcome::Failed(reason))) = outcome {
+                        return Err(Error::SharedDial {
+                            peer: target,
+                            reason: reason.to_string(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    async fn dial_as_leader(
+        &self,
+        key: &K,
+        target: SocketAddr,
+        tx: watch::Sender<Option<DialOutcome>>,
+    ) -> Result<(Arc<PooledConn>, StreamSlot, bool), Error> {
+        // Clears the `dialing` flag even if this future is dropped half-way.
+        let guard = DialGuard {
+            pool: &self.inner,
+            key,
+        };
+        let result = self.dial(key, target).await;
+        let mut keys = self.inner.keys.lock().expect("pool lock");
+        let state = keys.entry(key.clone()).or_default();
+        state.dialing = None;
+        std::mem::forget(guard);
+        match result {
+            Ok(conn) => {
+                let slot = conn
+                    .try_reserve()
+                    .expect("a new connection has a free slot");
+                state.conns.push(conn.clone());
+                drop(keys);
+                let _ = tx.send(Some(DialOutcome::Connected));
+                Ok((conn, slot, false))
+            }
+            Err(e) => {
+                drop(keys);
+                let _ = tx.send(Some(DialOutcome::Failed(Arc::from(error_chain(&e)))));
+                Err(e)
+            }
+        }
+    }
+
+    /// TCP connect, TLS, ALPN check, HTTP/2 handshake; then spawns the connection's driver.
+    async fn dial(&self, key: &K, target: SocketAddr) -> Result<Arc<PooledConn>, Error> {
+        let cfg = &self.inner.config;
+        let handshake = async {
+            let tls_config = self
+                .inner
+                .dialer
+                .client_config(key)
+                .await
+                .map_err(|source| Error::TlsConfig {
+                    peer: target,
+                    source,
+                })?;
+            let tcp = self
+                .inner
+                .dialer
+                .connect_tcp(key, target)
+                .await
+                .map_err(|source| Error::Connect {
+                    peer: target,
+                    source,
+                })?;
+            let _ = tcp.set_nodelay(true);
+            // HBONE needs no SNI; an IP server name makes rustls send none. Identity is checked
+            // by the configuration's verifier (URI SANs), not by this name.
+            let name = ServerName::IpAddress(target.ip().into());
+            let tls = tokio_rustls::TlsConnector::from(tls_config)
+                .connect(name, tcp)
+                .await
+                .map_err(|source| Error::Tls {
+                    side: Side::Client,
+                    peer: target,
+                    source,
+                })?;
+            let alpn = tls.get_ref().1.alpn_protocol();
+            if alpn != Some(H2_ALPN) {
+                return Err(Error::Alpn {
+                    side: Side::Client,
+                    peer: target,
+                    negotiated: describe_alpn(alpn),
+                });
+            }
+            let mut builder = cfg.client_builder();
+            builder.initial_max_send_streams(cfg.max_concurrent_streams as usize);
+            builder
+                .handshake::<_, Bytes>(tls)
+                .await
+                .map_err(|source| Error::H2Handshake {
+                    side: Side::Client,
+                    peer: target,
+                    source,
+                })
+        };
+        let (send, mut connection) = tokio::time::timeout(cfg.handshake_timeout, handshake)
+            .await
+            .map_err(|_| Error::HandshakeTimeout {
+                side: Side::Client,
+                peer: target,
+                after: cfg.handshake_timeout,
+            })??;
+        let conn = Arc::new(PooledConn {
+            id: self.inner.next_conn_id.fetch_add(1, Ordering::Relaxed),
+            peer: target,
+            send,
+            active: AtomicUsize::new(0),
+            cap: cfg.max_concurrent_streams.max(1) as usize,
+            dead: AtomicBool::new(false),
+            last_active: Mutex::new(Instant::now()),
+        });
+        debug!(conn = conn.id, %target, ?key, "HBONE connection established");
+        let ping = connection.ping_pong();
+        let driver = ConnDriver {
+            pool: Arc::downgrade(&self.inner),
+            key: key.clone(),
+            conn: conn.clone(),
+        };
+        tokio::spawn(driver.run(connection, ping));
+        Ok(conn)
+    }
+}
+
+/// Sends the CONNECT on `conn` and waits for the answer.
+async fn send_connect(
+    conn: &Arc<PooledConn>,
+    slot: StreamSlot,
+    target: SocketAddr,
+    authority: &str,
+    headers: HeaderMap,
+) -> Result<Tunnel, Error> {
+    let stream_err = |source| Error::Stream {
+        peer: target,
+        authority: authority.to_owned(),
+        source,
+    };
+    let mut request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(authority)
+        .version(Version::HTTP_2)
+        .body(())
+        .map_err(|source| Error::Request {
+            authority: authority.to_owned(),
+            source,
+        })?;
+    *request.headers_mut() = headers;
+    let mut sender = conn.send.clone().ready().await.map_err(stream_err)?;
+    let (response, send) = sender.send_request(request, false).map_err(stream_err)?;
+    let response = response.await.map_err(stream_err)?;
+    if response.status() != StatusCode::OK {
+        return Err(Error::Status {
+            peer: target,
+            authority: authority.to_owned(),
+            status: response.status(),
+        });
+    }
+    Ok(Tunnel::new(send, response.into_body(), Some(slot)))
+}
+
+/// An error on a reused connection that means the CONNECT never reached a handler.
+fn is_retryable(e: &h2::Error) -> bool {
+    e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM) || e.is_io()
+}
+
+/// The error and its sources on one line, for tasks that shared a failed dial.
+fn error_chain(e: &Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}
+
+pub(crate) fn describe_alpn(alpn: Option<&[u8]>) -> String {
+    match alpn {
+        None => "none".to_owned(),
+        Some(p) => format!("{:?}", String::from_utf8_lossy(p)),
+    }
+}
+
+impl PooledConn {
+    fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
+    }
+
+    /// Takes a stream slot if the connection is alive and below both stream limits.
+    fn try_reserve(self: &Arc<Self>) -> Option<StreamSlot> {
+        if self.is_dead() {
+            return None;
+        }
+        let limit = self.cap.min(self.send.current_max_send_streams());
+        let mut current = self.active.load(Ordering::Acquire);
+        loop {
+            if current >= limit {
+                return None;
+            }
+            match self.active.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    *self.last_active.lock().expect("conn lock") = Instant::now();
+                    return Some(StreamSlot { conn: self.clone() });
+                }
+                Err(actual) => current = actual,
+            }
+        }
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        *self.conn.last_active.lock().expect("conn lock") = Instant::now();
+        self.conn.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Resets `KeyState::dialing` if the dialing task is cancelled before it finishes.
+struct DialGuard<'a, K: Eq + Hash, D> {
+    pool: &'a PoolInner<K, D>,
+    key: &'a K,
+}
+
+impl<K: Eq + Hash, D> Drop for DialGuard<'_, K, D> {
+    fn drop(&mut self) {
+        if let Ok(mut keys) = self.pool.keys.lock()
+            && let Some(state) = keys.get_mut(self.key)
+        {
+            state.dialing = None;
+        }
+    }
+}
+
+/// Drives one HTTP/2 client connection: polls it, pings it, closes it when idle.
+struct ConnDriver<K, D> {
+    pool: Weak<PoolInner<K, D>>,
+    key: K,
+    conn: Arc<PooledConn>,
+}
+
+impl<K, D> ConnDriver<K, D>
+where
+    K: Clone + Eq + Hash + Send + Sync + std::fmt::Debug + 'static,
+    D: Send + Sync + 'static,
+{
+    async fn run<T>(self, connection: h2::client::Connection<T, Bytes>, ping: Option<h2::PingPong>)
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let config = match self.pool.upgrade() {
+            Some(pool) => pool.config.clone(),
+            None => return,
+        };
+        let id = self.conn.id;
+        let peer = self.conn.peer;
+        let keepalive = async {
+            match (config.keepalive_interval, ping) {
+                (Some(interval), Some(ping)) => {
+                    keepalive(ping, interval, config.keepalive_timeout).await
+                }
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            result = connection => match result {
+                Ok(()) => debug!(conn = id, %peer, "HBONE connection closed"),
+                Err(e) => debug!(conn = id, %peer, error = %e, "HBONE connection failed"),
+            },
+            reason = keepalive => {
+                warn!(conn = id, %peer, %reason, "HBONE client: closing connection, peer is unresponsive");
+            }
+            () = self.idle(config.idle_timeout) => {
+                debug!(conn = id, %peer, "HBONE connection closed after being idle");
+            }
+        }
+        // Dropping the connection (above) fails every stream still on it.
+        self.conn.dead.store(true, Ordering::Release);
+        self.forget();
+    }
+
+    /// Resolves once the connection has had no tunnel for `timeout`; marks it dead then, under
+    /// the pool lock, so no checkout can race with the close.
+    async fn idle(&self, timeout: std::time::Duration) {
+        loop {
+            let last = *self.conn.last_active.lock().expect("conn lock");
+            tokio::time::sleep_until(last + timeout).await;
+            let Some(pool) = self.pool.upgrade() else {
+                return;
+            };
+            let _keys = pool.keys.lock().expect("pool lock");
+            let last = *self.conn.last_active.lock().expect("conn lock");
+            if self.conn.active.load(Ordering::Acquire) == 0 && last + timeout <= Instant::now() {
+                self.conn.dead.store(true, Ordering::Release);
+                return;
+            }
+            if self.conn.active.load(Ordering::Acquire) > 0 {
+                drop(_keys);
+                // Busy: look again a full period after the last tunnel could have closed.
+                tokio::time::sleep(timeout).await;
+            }
+        }
+    }
+
+    fn forget(&self) {
+        let Some(pool) = self.pool.upgrade() else {
+            return;
+        };
+        let mut keys = pool.keys.lock().expect("pool lock");
+        if let Some(state) = keys.get_mut(&self.key) {
+            state.conns.retain(|c| !Arc::ptr_eq(c, &self.conn));
+            if state.conns.is_empty() && state.dialing.is_none() {
+                keys.remove(&self.key);
+            }
+        }
+    }
+}

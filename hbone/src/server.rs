@@ -1,0 +1,392 @@
+//! The server side: terminate mTLS + HTTP/2 and hand each `CONNECT` to a handler.
+//!
+//! The handler is a plain async trait, [`ConnectHandler`], not a `tower::Service`: a tunnel is a
+//! long-lived conversation (decide, dial the destination, answer, copy bytes), which reads best as
+//! one `async fn` that owns the request from start to end. Closures implement it too.
+//!
+//! The server answers by itself, without calling the handler: `400` for a request that is not
+//! `CONNECT` or whose `:authority` is not `ip:port`, `[ipv6]:port` or `host:port`. A handler that
+//! drops the request without answering makes the server answer `503`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use rustls::ServerConfig;
+use rustls_pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use crate::authority::Authority;
+use crate::error::{Error, Side};
+use crate::keepalive::keepalive;
+use crate::pool::describe_alpn;
+use crate::tunnel::{Tunnel, h2_to_io};
+use crate::{Config, H2_ALPN};
+
+/// Handles the CONNECT requests of an HBONE [`Server`].
+///
+/// Called once per stream, in its own task. The handler decides (answer with
+/// [`InboundConnect::accept`] or [`InboundConnect::reject`]) and then owns the tunnel until it is
+/// done with it.
+pub trait ConnectHandler: Send + Sync + 'static {
+    /// Handles one CONNECT stream.
+    fn handle(&self, request: InboundConnect) -> impl Future<Output = ()> + Send;
+}
+
+impl<F, Fut> ConnectHandler for F
+where
+    F: Fn(InboundConnect) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    fn handle(&self, request: InboundConnect) -> impl Future<Output = ()> + Send {
+        self(request)
+    }
+}
+
+/// Where the server takes its TLS configuration from, read again for every new connection.
+#[derive(Debug, Clone)]
+pub enum ServerTls {
+    /// One fixed configuration.
+    Static(Arc<ServerConfig>),
+    /// The latest value of a watch channel, so certificates can rotate without a restart.
+    Watch(watch::Receiver<Arc<ServerConfig>>),
+}
+
+impl ServerTls {
+    fn current(&self) -> Arc<ServerConfig> {
+        match self {
+            ServerTls::Static(c) => c.clone(),
+            ServerTls::Watch(rx) => rx.borrow().clone(),
+        }
+    }
+}
+
+impl From<Arc<ServerConfig>> for ServerTls {
+    fn from(config: Arc<ServerConfig>) -> Self {
+        ServerTls::Static(config)
+    }
+}
+
+impl From<ServerConfig> for ServerTls {
+    fn from(config: ServerConfig) -> Self {
+        ServerTls::Static(Arc::new(config))
+    }
+}
+
+impl From<watch::Receiver<Arc<ServerConfig>>> for ServerTls {
+    fn from(rx: watch::Receiver<Arc<ServerConfig>>) -> Self {
+        ServerTls::Watch(rx)
+    }
+}
+
+/// An HBONE server. Cheap to clone.
+pub struct Server<H> {
+    inner: Arc<ServerInner<H>>,
+}
+
+impl<H> Clone for Server<H> {
+    fn clone(&self) -> Self {
+        Server {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<H> std::fmt::Debug for Server<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+struct ServerInner<H> {
+    config: Config,
+    tls: ServerTls,
+    handler: H,
+}
+
+/// One CONNECT request, waiting for the handler's answer.
+#[derive(Debug)]
+pub struct InboundConnect {
+    authority: Authority,
+    headers: HeaderMap,
+    local_addr: SocketAddr,
+    peer_addr: SocketAddr,
+    peer_certificates: Arc<[CertificateDer<'static>]>,
+    body: Option<RecvStream>,
+    respond: Option<SendResponse<Bytes>>,
+}
+
+impl<H: ConnectHandler> Server<H> {
+    /// Creates a server. The TLS configuration must require client certificates and offer ALPN
+    /// `h2`; connections that end up without either are refused.
+    pub fn new(config: Config, tls: impl Into<ServerTls>, handler: H) -> Self {
+        Server {
+            inner: Arc::new(ServerInner {
+                config,
+                tls: tls.into(),
+                handler,
+            }),
+        }
+    }
+
+    /// Accepts connections until the listener fails. Each connection runs in its own task;
+    /// dropping this future (or aborting its task) closes every connection it accepted.
+    pub async fn serve(&self, listener: TcpListener) -> std::io::Result<()> {
+        let mut connections = JoinSet::new();
+        loop {
+            while connections.try_join_next().is_some() {}
+            let (tcp, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) if is_transient_accept_error(&e) => {
+                    warn!(error = %e, "HBONE server: accept failed, continuing");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let server = self.clone();
+            connections.spawn(async move {
+                if let Err(e) = server.serve_connection(tcp).await {
+                    debug!(%peer, error = %e, "HBONE server: connection ended with an error");
+                }
+            });
+        }
+    }
+
+    /// Serves one accepted TCP connection to its end: TLS, ALPN check, HTTP/2, CONNECT streams.
+    pub async fn serve_connection(&self, tcp: TcpStream) -> Result<(), Error> {
+        let peer = tcp.peer_addr().map_err(|source| Error::Tls {
+            side: Side::Server,
+            peer: unspecified(),
+            source,
+        })?;
+        let local = tcp.local_addr().map_err(|source| Error::Tls {
+            side: Side::Server,
+            peer,
+            source,
+        })?;
+        let _ = tcp.set_nodelay(true);
+        self.serve_io(tcp, local, peer).await
+    }
+
+    /// Serves one connection over any byte stream (for callers that accept sockets themselves,
+    /// e.g. inside another network namespace).
+    pub async fn serve_io<T>(&self, io: T, local: SocketAddr, peer: SocketAddr) -> Result<(), Error>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let cfg = &self.inner.config;
+        let handshake = async {
+            let acceptor = tokio_rustls::TlsAcceptor::from(self.inner.tls.current());
+            let tls = acceptor.accept(io).await.map_err(|source| Error::Tls {
+                side: Side::Server,
+                peer,
+                source,
+            })?;
+            let (_, session) = tls.get_ref();
+            let alpn = session.alpn_protocol();
+            if alpn != Some(H2_ALPN) {
+                return Err(Error::Alpn {
+                    side: Side::Server,
+                    peer,
+                    negotiated: describe_alpn(alpn),
+                });
+            }
+            let certs: Arc<[CertificateDer<'static>]> = match session.peer_certificates() {
+                Some(certs) if !certs.is_empty() => certs.iter().cloned().collect(),
+                _ => {
+                    return Err(Error::NoPeerCertificate {
+                        side: Side::Server,
+                        peer,
+                    });
+                }
+            };
+            let connection = cfg
+                .server_builder()
+                .handshake::<_, Bytes>(tls)
+                .await
+                .map_err(|source| Error::H2Handshake {
+                    side: Side::Server,
+                    peer,
+                    source,
+                })?;
+            Ok((connection, certs))
+        };
+        let (mut connection, certs) = tokio::time::timeout(cfg.handshake_timeout, handshake)
+            .await
+            .map_err(|_| Error::HandshakeTimeout {
+                side: Side::Server,
+                peer,
+                after: cfg.handshake_timeout,
+            })?
+            .inspect_err(|e| info!(%peer, error = %e, "HBONE server: refused connection"))?;
+
+        let ping = connection.ping_pong();
+        let keepalive = async {
+            match (cfg.keepalive_interval, ping) {
+                (Some(interval), Some(ping)) => {
+                    keepalive(ping, interval, cfg.keepalive_timeout).await
+                }
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::pin!(keepalive);
+        loop {
+            tokio::select! {
+                biased;
+                next = connection.accept() => match next {
+                    Some(Ok((request, respond))) => {
+                        let server = self.clone();
+                        let certs = certs.clone();
+                        tokio::spawn(async move {
+                            server.handle_stream(request, respond, local, peer, certs).await;
+                        });
+                    }
+                    Some(Err(source)) => {
+                        return Err(Error::Connection { side: Side::Server, peer, source });
+                    }
+                    None => return Ok(()),
+                },
+                reason = &mut keepalive => {
+                    warn!(%peer, %reason, "HBONE server: closing connection, peer is unresponsive");
+                    return Err(Error::KeepaliveTimeout {
+                        side: Side::Server,
+                        peer,
+                        after: cfg.keepalive_timeout,
+                    });
+                }
+            }
+        }
+    }
+
+    async fn handle_stream(
+        &self,
+        request: Request<RecvStream>,
+        mut respond: SendResponse<Bytes>,
+        local_addr: SocketAddr,
+        peer_addr: SocketAddr,
+        peer_certificates: Arc<[CertificateDer<'static>]>,
+    ) {
+        if request.method() != Method::CONNECT {
+            debug!(%peer_addr, method = %request.method(), "HBONE server: 400, not a CONNECT");
+            send_status(&mut respond, StatusCode::BAD_REQUEST);
+            return;
+        }
+        let authority = match request
+            .uri()
+            .authority()
+            .map(|a| Authority::parse(a.as_str()))
+        {
+            Some(Ok(authority)) => authority,
+            Some(Err(e)) => {
+                debug!(%peer_addr, error = %e, "HBONE server: 400, bad authority");
+                send_status(&mut respond, StatusCode::BAD_REQUEST);
+                return;
+            }
+            None => {
+                debug!(%peer_addr, "HBONE server: 400, CONNECT without :authority");
+                send_status(&mut respond, StatusCode::BAD_REQUEST);
+                return;
+            }
+        };
+        let (parts, body) = request.into_parts();
+        let inbound = InboundConnect {
+            authority,
+            headers: parts.headers,
+            local_addr,
+            peer_addr,
+            peer_certificates,
+            body: Some(body),
+            respond: Some(respond),
+        };
+        self.inner.handler.handle(inbound).await;
+    }
+}
+
+impl InboundConnect {
+    /// The parsed `:authority`: where the client wants its bytes to go.
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
+    /// The request headers (`forwarded`, `baggage`, `traceparent`, ...).
+    pub fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+
+    /// The server socket's local address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The client's socket address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer_addr
+    }
+
+    /// The client's certificate chain, leaf first, as verified by the TLS configuration.
+    pub fn peer_certificates(&self) -> &[CertificateDer<'static>] {
+        &self.peer_certificates
+    }
+
+    /// Answers `200` and returns the tunnel.
+    pub fn accept(self) -> std::io::Result<Tunnel> {
+        self.accept_with(HeaderMap::new())
+    }
+
+    /// Answers `200` with extra response headers and returns the tunnel.
+    pub fn accept_with(mut self, headers: HeaderMap) -> std::io::Result<Tunnel> {
+        let mut respond = self.respond.take().expect("answered once");
+        let body = self.body.take().expect("answered once");
+        let mut response = Response::new(());
+        *response.headers_mut() = headers;
+        let send = respond.send_response(response, false).map_err(h2_to_io)?;
+        Ok(Tunnel::new(send, body, None))
+    }
+
+    /// Refuses the tunnel with `status` (for example 401 for a policy denial, 503 when the
+    /// destination cannot be reached).
+    pub fn reject(mut self, status: StatusCode) {
+        if let Some(mut respond) = self.respond.take() {
+            send_status(&mut respond, status);
+        }
+    }
+}
+
+impl Drop for InboundConnect {
+    fn drop(&mut self) {
+        if let Some(mut respond) = self.respond.take() {
+            debug!(authority = %self.authority, "HBONE server: handler dropped the request, 503");
+            send_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+        }
+    }
+}
+
+fn send_status(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    let _ = respond.send_response(response, true);
+}
+
+fn unspecified() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 0))
+}
+
+/// Errors from `accept` that concern one connection or a momentary shortage, not the listener.
+fn is_transient_accept_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock | TimedOut
+    ) || matches!(e.raw_os_error(), Some(23 | 24 | 12 | 105)) // ENFILE, EMFILE, ENOMEM, ENOBUFS
+}
