@@ -1,0 +1,55 @@
+//! The crate's error type.
+
+use std::path::PathBuf;
+
+/// Errors of the identity crate. Each names the file, certificate or identity concerned.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file could not be written.
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A PEM file is malformed or holds nothing of the expected kind.
+    #[error("{}: {what}", path.display())]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, e.g. "no CERTIFICATE block found".
+        what: String,
+    },
+    /// A certificate could not be parsed as X.509.
+    #[error("cannot parse certificate: {0}")]
+    Certificate(String),
+    /// An identity is not a valid URI for a certificate SAN.
+    #[error("invalid identity {id:?}: {reason}")]
+    Identity {
+        /// The identity as given.
+        id: String,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// Certificate or key generation failed.
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// rustls rejected the certificate, key or roots.
+    #[error("TLS configuration rejected: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The trust roots are unusable (for example empty).
+    #[error("trust roots unusable: {0}")]
+    Roots(String),
+}

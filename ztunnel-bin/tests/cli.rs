@@ -1,0 +1,269 @@
+//! Runs the `ztunnel` binary as a user would: the demo, and `hbone serve` + `hbone connect`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn ztunnel() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ztunnel"))
+}
+
+/// Kills the child process when dropped, so a failing test leaves nothing running.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("ztunnel-cli-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn wait_for_listener(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A TCP backend that answers each connection with its input uppercased, after EOF.
+fn upper_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut data = Vec::new();
+                if conn.read_to_end(&mut data).is_ok() {
+                    let _ = conn.write_all(&data.to_ascii_uppercase());
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn tls_args(dir: &Path, side: &str) -> Vec<String> {
+    let d = dir.join(side);
+    vec![
+        "--cert".into(),
+        d.join("cert-chain.pem").display().to_string(),
+        "--key".into(),
+        d.join("key.pem").display().to_string(),
+        "--ca".into(),
+        d.join("root-cert.pem").display().to_string(),
+    ]
+}
+
+fn connect_stdio(
+    dir: &Path,
+    server: SocketAddr,
+    authority: &str,
+    extra: &[&str],
+    input: &[u8],
+) -> Output {
+    let mut child = ztunnel()
+        .args([
+            "hbone",
+            "connect",
+            "--to",
+            &server.to_string(),
+            "--authority",
+            authority,
+        ])
+        .args(tls_args(dir, "client"))
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn demo_succeeds() {
+    let out = ztunnel()
+        .args(["demo", "--streams", "4", "--bytes", "100000"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("demo OK"), "{stdout}");
+    assert_eq!(
+        stdout
+            .matches("stream peer=spiffe://cluster.local/ns/default/sa/sleep")
+            .count(),
+        4,
+        "{stdout}"
+    );
+}
+
+#[test]
+fn serve_and_connect_interoperate() {
+    let dir = TempDir::new("serve-connect");
+    let status = ztunnel()
+        .args(["demo", "--streams", "1", "--bytes", "1", "--write-certs"])
+        .arg(&dir.0)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let backend = upper_backend();
+    let listen = free_port();
+    let server = Running(
+        ztunnel()
+            .args(["hbone", "serve", "--listen", &listen.to_string()])
+            .args(tls_args(&dir.0, "server"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_listener(listen);
+
+    // stdin/stdout mode, with the right expected identity.
+    let out = connect_stdio(
+        &dir.0,
+        listen,
+        &backend.to_string(),
+        &[
+            "--expect-san",
+            "spiffe://cluster.local/ns/default/sa/web-api",
+        ],
+        b"hello hbone",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"HELLO HBONE");
+
+    // A wrong expected identity fails with a message naming both identities.
+    let out = connect_stdio(
+        &dir.0,
+        listen,
+        &backend.to_string(),
+        &["--expect-san", "spiffe://cluster.local/ns/x/sa/y"],
+        b"x",
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("sa/web-api") && stderr.contains("ns/x/sa/y"),
+        "{stderr}"
+    );
+
+    // An unreachable destination is a 503, reported with a non-zero exit.
+    let dead = free_port();
+    let out = connect_stdio(&dir.0, listen, &dead.to_string(), &[], b"x");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("503"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // --listen mode: plain TCP in, tunneled out.
+    let plain = free_port();
+    let _client = Running(
+        ztunnel()
+            .args([
+                "hbone",
+                "connect",
+                "--to",
+                &listen.to_string(),
+                "--authority",
+                &backend.to_string(),
+            ])
+            .args(["--listen", &plain.to_string()])
+            .args(tls_args(&dir.0, "client"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_listener(plain);
+    let mut tcp = TcpStream::connect(plain).unwrap();
+    tcp.write_all(b"through listen").unwrap();
+    tcp.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = Vec::new();
+    tcp.read_to_end(&mut answer).unwrap();
+    assert_eq!(answer, b"THROUGH LISTEN");
+    drop(server);
+}
+
+#[test]
+fn bad_flags_fail_with_clear_messages() {
+    let dir = TempDir::new("bad-flags");
+    let missing = dir.0.join("missing.pem");
+    let out = ztunnel()
+        .args([
+            "hbone",
+            "connect",
+            "--to",
+            "127.0.0.1:1",
+            "--authority",
+            "10.0.0.1",
+        ])
+        .args([
+            "--cert",
+            &missing.display().to_string(),
+            "--key",
+            "k",
+            "--ca",
+            "c",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--authority"));
+    let out = ztunnel()
+        .args(["hbone", "serve", "--listen", "127.0.0.1:0"])
+        .args([
+            "--cert",
+            &missing.display().to_string(),
+            "--key",
+            "k",
+            "--ca",
+            "c",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.pem"));
+}
