@@ -42,6 +42,16 @@ pub enum Error {
         /// What was negotiated instead, for the message.
         negotiated: String,
     },
+    /// The handshake settled on a TLS version older than 1.3.
+    #[error("HBONE {side}: {peer} negotiated {version}; HBONE requires TLS 1.3")]
+    TlsVersion {
+        /// Which end we are.
+        side: Side,
+        /// The other end.
+        peer: SocketAddr,
+        /// The negotiated version, for the message.
+        version: String,
+    },
     /// The server presented no certificate chain we could read, or a client sent none.
     #[error("HBONE {side}: {peer} presented no certificate")]
     NoPeerCertificate {
@@ -131,6 +141,14 @@ pub enum Error {
         /// The HTTP/2 error.
         #[source]
         source: h2::Error,
+    },
+    /// The connection closed right after it was established, before it could be used.
+    #[error("HBONE {side}: connection with {peer} closed before it could be used")]
+    ConnectionLost {
+        /// Which end we are.
+        side: Side,
+        /// The other end.
+        peer: SocketAddr,
     },
     /// A header given to `connect` is not valid HTTP.
     #[error("HBONE client: invalid request for CONNECT {authority}: {source}")]

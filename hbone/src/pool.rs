@@ -25,7 +25,7 @@ use http::{HeaderMap, Method, Request, StatusCode, Version};
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -303,56 +303,69 @@ where
             // by the configuration's verifier (URI SANs), not by this name.
             let name = ServerName::IpAddress(target.ip().into());
             let tls = tokio_rustls::TlsConnector::from(tls_config)
-                .connect(name, tcp)
+                .connect(
+                    name,
+                    tokio::io::BufReader::with_capacity(cfg.read_buffer, tcp),
+                )
                 .await
                 .map_err(|source| Error::Tls {
                     side: Side::Client,
                     peer: target,
                     source,
                 })?;
-            let alpn = tls.get_ref().1.alpn_protocol();
-            if alpn != Some(H2_ALPN) {
-                return Err(Error::Alpn {
-                    side: Side::Client,
-                    peer: target,
-                    negotiated: describe_alpn(alpn),
-                });
-            }
+            check_session(tls.get_ref().1, Side::Client, target)?;
             let mut builder = cfg.client_builder();
             builder.initial_max_send_streams(cfg.max_concurrent_streams as usize);
-            builder
-                .handshake::<_, Bytes>(tls)
-                .await
-                .map_err(|source| Error::H2Handshake {
+            let (send, mut connection) =
+                builder
+                    .handshake::<_, Bytes>(tls)
+                    .await
+                    .map_err(|source| Error::H2Handshake {
+                        side: Side::Client,
+                        peer: target,
+                        source,
+                    })?;
+            let conn = Arc::new(PooledConn {
+                id: self.inner.next_conn_id.fetch_add(1, Ordering::Relaxed),
+                peer: target,
+                send,
+                active: AtomicUsize::new(0),
+                cap: cfg.max_concurrent_streams.max(1) as usize,
+                dead: AtomicBool::new(false),
+                last_active: Mutex::new(Instant::now()),
+            });
+            let ping = connection.ping_pong();
+            let driver = ConnDriver {
+                pool: Arc::downgrade(&self.inner),
+                key: key.clone(),
+                conn: conn.clone(),
+            };
+            let (ready_tx, ready_rx) = oneshot::channel();
+            tokio::spawn(driver.run(connection, ping, ready_tx));
+            // In TLS 1.3 the server judges our certificate after our handshake is done, and its
+            // SETTINGS may still be in flight: wait for the answer to a first PING, so a refused
+            // certificate is a dial error and the stream limit is known before first use.
+            match ready_rx.await {
+                Ok(Ok(())) => Ok(conn),
+                Ok(Err(source)) => Err(Error::H2Handshake {
                     side: Side::Client,
                     peer: target,
                     source,
-                })
+                }),
+                Err(_) => Err(Error::ConnectionLost {
+                    side: Side::Client,
+                    peer: target,
+                }),
+            }
         };
-        let (send, mut connection) = tokio::time::timeout(cfg.handshake_timeout, handshake)
+        let conn = tokio::time::timeout(cfg.handshake_timeout, handshake)
             .await
             .map_err(|_| Error::HandshakeTimeout {
                 side: Side::Client,
                 peer: target,
                 after: cfg.handshake_timeout,
             })??;
-        let conn = Arc::new(PooledConn {
-            id: self.inner.next_conn_id.fetch_add(1, Ordering::Relaxed),
-            peer: target,
-            send,
-            active: AtomicUsize::new(0),
-            cap: cfg.max_concurrent_streams.max(1) as usize,
-            dead: AtomicBool::new(false),
-            last_active: Mutex::new(Instant::now()),
-        });
         debug!(conn = conn.id, %target, ?key, "HBONE connection established");
-        let ping = connection.ping_pong();
-        let driver = ConnDriver {
-            pool: Arc::downgrade(&self.inner),
-            key: key.clone(),
-            conn: conn.clone(),
-        };
-        tokio::spawn(driver.run(connection, ping));
         Ok(conn)
     }
 }
@@ -413,7 +426,32 @@ fn error_chain(e: &Error) -> String {
     text
 }
 
-pub(crate) fn describe_alpn(alpn: Option<&[u8]>) -> String {
+/// Fails closed unless the session is TLS 1.3 with ALPN `h2`.
+pub(crate) fn check_session(
+    session: &rustls::CommonState,
+    side: Side,
+    peer: SocketAddr,
+) -> Result<(), Error> {
+    let version = session.protocol_version();
+    if version != Some(rustls::ProtocolVersion::TLSv1_3) {
+        return Err(Error::TlsVersion {
+            side,
+            peer,
+            version: version.map_or("no version".to_owned(), |v| format!("{v:?}")),
+        });
+    }
+    let alpn = session.alpn_protocol();
+    if alpn != Some(H2_ALPN) {
+        return Err(Error::Alpn {
+            side,
+            peer,
+            negotiated: describe_alpn(alpn),
+        });
+    }
+    Ok(())
+}
+
+fn describe_alpn(alpn: Option<&[u8]>) -> String {
     match alpn {
         None => "none".to_owned(),
         Some(p) => format!("{:?}", String::from_utf8_lossy(p)),
@@ -487,16 +525,48 @@ where
     K: Clone + Eq + Hash + Send + Sync + std::fmt::Debug + 'static,
     D: Send + Sync + 'static,
 {
-    async fn run<T>(self, connection: h2::client::Connection<T, Bytes>, ping: Option<h2::PingPong>)
-    where
+    async fn run<T>(
+        self,
+        connection: h2::client::Connection<T, Bytes>,
+        ping: Option<h2::PingPong>,
+        ready: oneshot::Sender<Result<(), h2::Error>>,
+    ) where
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let config = match self.pool.upgrade() {
-            Some(pool) => pool.config.clone(),
-            None => return,
+        let Some(config) = self.pool.upgrade().map(|pool| pool.config.clone()) else {
+            return;
         };
         let id = self.conn.id;
         let peer = self.conn.peer;
+        tokio::pin!(connection);
+        // Startup: the first PING round trip, or the connection's early death.
+        let first_ping = async {
+            let mut ping = ping?;
+            Some(ping.ping(h2::Ping::opaque()).await.map(|_| ping))
+        };
+        let ping = tokio::select! {
+            biased;
+            result = &mut connection => {
+                let _ = ready.send(result.and_then(|()| Err(h2::Error::from(h2::Reason::NO_ERROR))));
+                self.conn.dead.store(true, Ordering::Release);
+                return;
+            }
+            first = first_ping => match first {
+                Some(Ok(ping)) => {
+                    let _ = ready.send(Ok(()));
+                    Some(ping)
+                }
+                Some(Err(e)) => {
+                    let _ = ready.send(Err(e));
+                    self.conn.dead.store(true, Ordering::Release);
+                    return;
+                }
+                None => {
+                    let _ = ready.send(Ok(()));
+                    None
+                }
+            },
+        };
         let keepalive = async {
             match (config.keepalive_interval, ping) {
                 (Some(interval), Some(ping)) => {
@@ -507,7 +577,7 @@ where
         };
         tokio::select! {
             biased;
-            result = connection => match result {
+            result = &mut connection => match result {
                 Ok(()) => debug!(conn = id, %peer, "HBONE connection closed"),
                 Err(e) => debug!(conn = id, %peer, error = %e, "HBONE connection failed"),
             },
@@ -518,7 +588,7 @@ where
                 debug!(conn = id, %peer, "HBONE connection closed after being idle");
             }
         }
-        // Dropping the connection (above) fails every stream still on it.
+        // Dropping the connection (on return) fails every stream still on it.
         self.conn.dead.store(true, Ordering::Release);
         self.forget();
     }

@@ -24,12 +24,12 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
+use crate::Config;
 use crate::authority::Authority;
 use crate::error::{Error, Side};
 use crate::keepalive::keepalive;
-use crate::pool::describe_alpn;
+use crate::pool::check_session;
 use crate::tunnel::{Tunnel, h2_to_io};
-use crate::{Config, H2_ALPN};
 
 /// Handles the CONNECT requests of an HBONE [`Server`].
 ///
@@ -188,20 +188,14 @@ impl<H: ConnectHandler> Server<H> {
         let cfg = &self.inner.config;
         let handshake = async {
             let acceptor = tokio_rustls::TlsAcceptor::from(self.inner.tls.current());
+            let io = tokio::io::BufReader::with_capacity(cfg.read_buffer, io);
             let tls = acceptor.accept(io).await.map_err(|source| Error::Tls {
                 side: Side::Server,
                 peer,
                 source,
             })?;
             let (_, session) = tls.get_ref();
-            let alpn = session.alpn_protocol();
-            if alpn != Some(H2_ALPN) {
-                return Err(Error::Alpn {
-                    side: Side::Server,
-                    peer,
-                    negotiated: describe_alpn(alpn),
-                });
-            }
+            check_session(session, Side::Server, peer)?;
             let certs: Arc<[CertificateDer<'static>]> = match session.peer_certificates() {
                 Some(certs) if !certs.is_empty() => certs.iter().cloned().collect(),
                 _ => {

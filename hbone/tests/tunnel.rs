@@ -375,6 +375,28 @@ async fn client_without_alpn_h2_is_refused() {
     assert_eq!(server.handled.load(Ordering::SeqCst), 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_below_1_3_is_refused() {
+    let pki = Pki::new();
+    // Even a server configuration that allows TLS 1.2 serves no HBONE over it.
+    let server = EchoServer::start_with(pki.server_config_any_version(), Config::default()).await;
+    let pool = Pool::new(Config::default(), StaticTls(pki.client_config_tls12()));
+    let err = pool
+        .connect("k", server.addr, &authority(), HeaderMap::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::TlsVersion { .. }), "{err}");
+    assert!(err.to_string().contains("TLS 1.3"), "{err}");
+    assert_eq!(server.handled.load(Ordering::SeqCst), 0);
+    // The same server still serves TLS 1.3 clients.
+    let pool = pool_for_default(&pki);
+    assert_eq!(echo_round_trip(&pool, &server, b"ok").await, b"ok");
+}
+
+fn pool_for_default(pki: &Pki) -> Pool<&'static str, StaticTls> {
+    pool(pki, Config::default())
+}
+
 fn fast_keepalive() -> Config {
     let mut config = Config::default();
     config.keepalive_interval = Some(Duration::from_millis(200));

@@ -71,6 +71,37 @@ impl Pki {
         Arc::new(config)
     }
 
+    /// A server that would accept TLS 1.2 too (to check that HBONE refuses it anyway).
+    pub fn server_config_any_version(&self) -> Arc<rustls::ServerConfig> {
+        let (chain, key) = self.leaf("server");
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            self.roots.clone(),
+            provider(),
+        )
+        .build()
+        .unwrap();
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Arc::new(config)
+    }
+
+    pub fn client_config_tls12(&self) -> Arc<rustls::ClientConfig> {
+        let (chain, key) = self.leaf("client");
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .with_root_certificates(self.roots.clone())
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Arc::new(config)
+    }
+
     fn client_builder(
         &self,
     ) -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert> {
