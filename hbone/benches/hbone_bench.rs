@@ -89,7 +89,7 @@ async fn tcp_server(behaviour: Behaviour) -> SocketAddr {
 /// An hbone server whose handler has the given behaviour itself (the `tunnel` path).
 async fn hbone_endpoint(pki: &support::Pki, behaviour: Behaviour) -> SocketAddr {
     let server = Server::new(
-        Config::default(),
+        bench_config(),
         pki.server_config(),
         move |req: InboundConnect| async move {
             if let Ok(t) = req.accept() {
@@ -106,7 +106,7 @@ async fn hbone_endpoint(pki: &support::Pki, behaviour: Behaviour) -> SocketAddr 
 /// An inbound proxy: an hbone server that forwards each tunnel to its authority over TCP.
 async fn inbound_proxy(pki: &support::Pki) -> SocketAddr {
     let server = Server::new(
-        Config::default(),
+        bench_config(),
         pki.server_config(),
         |req: InboundConnect| async move {
             let Some(dst) = req.authority().socket_addr() else {
@@ -203,7 +203,7 @@ async fn paths(pki: &support::Pki, behaviour: Behaviour) -> Paths {
     let tcp_addr = tcp_server(behaviour).await;
     let endpoint = hbone_endpoint(pki, behaviour).await;
     let inbound = inbound_proxy(pki).await;
-    let pool_for = || Pool::new(Config::default(), StaticTls(pki.client_config()));
+    let pool_for = || Pool::new(bench_config(), StaticTls(pki.client_config()));
     let outbound = outbound_proxy(pool_for(), inbound, tcp_addr).await;
     Paths {
         tcp: Path::Tcp(tcp_addr),
@@ -301,6 +301,27 @@ async fn connection_rate(path: &Path, workers: usize, secs: f64) -> f64 {
     count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
 }
 
+/// The configuration under test: defaults, overridden by `--frame`, `--window`.
+fn bench_config() -> Config {
+    let mut config = Config::default();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || {
+            args.next()
+                .and_then(|v| v.parse::<u32>().ok())
+                .expect("a number")
+        };
+        match arg.as_str() {
+            "--read-buffer" => config.read_buffer = value() as usize,
+            "--frame" => config.max_frame_size = value(),
+            "--window" => config.stream_window = value(),
+            "--send-buffer" => config.max_send_buffer = value() as usize,
+            _ => {}
+        }
+    }
+    config
+}
+
 fn rss_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
@@ -370,6 +391,12 @@ fn main() {
                 break;
             }
             let tcp = throughput(&sink.tcp, streams, secs).await;
+            if std::env::var_os("HBONE_BENCH_PROFILE").is_some() {
+                // Profiling aid: only the tunnel path, for a clean perf/strace picture.
+                let tunnel = throughput(&sink.tunnel, streams, secs).await;
+                println!("profile: tunnel {streams} stream(s) {}", gbits(tunnel));
+                continue;
+            }
             let tunnel = throughput(&sink.tunnel, streams, secs).await;
             let proxy = throughput(&sink.proxy, streams, secs).await;
             println!(

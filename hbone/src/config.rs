@@ -21,8 +21,9 @@ pub struct Config {
     /// Client: at most this many tunnels share one connection, even if the peer allows more.
     /// Server: the SETTINGS_MAX_CONCURRENT_STREAMS it advertises.
     pub max_concurrent_streams: u32,
-    /// Bytes read from the socket at once, below TLS. rustls asks for at most one record
-    /// (~16 KiB) per read; a larger buffer underneath turns many small reads into one syscall.
+    /// Bytes read from the socket per syscall, below TLS; 0 reads straight from the socket.
+    /// rustls asks for one TLS record (~16 KiB) at a time, so without this buffer a bulk
+    /// transfer costs one `recvfrom` per record.
     pub read_buffer: usize,
     /// How often to send an HTTP/2 PING on a connection; `None` disables keepalive.
     pub keepalive_interval: Option<Duration>,
@@ -43,7 +44,7 @@ impl Default for Config {
             max_frame_size: 256 * 1024,
             max_send_buffer: 1024 * 1024,
             max_concurrent_streams: 100,
-            read_buffer: 128 * 1024,
+            read_buffer: 64 * 1024,
             keepalive_interval: Some(Duration::from_secs(10)),
             keepalive_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),

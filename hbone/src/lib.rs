@@ -76,6 +76,7 @@ mod error;
 pub mod headers;
 mod keepalive;
 mod pool;
+mod read_buffer;
 mod server;
 mod tunnel;
 

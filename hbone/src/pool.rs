@@ -303,10 +303,7 @@ where
             // by the configuration's verifier (URI SANs), not by this name.
             let name = ServerName::IpAddress(target.ip().into());
             let tls = tokio_rustls::TlsConnector::from(tls_config)
-                .connect(
-                    name,
-                    tokio::io::BufReader::with_capacity(cfg.read_buffer, tcp),
-                )
+                .connect(name, tcp)
                 .await
                 .map_err(|source| Error::Tls {
                     side: Side::Client,

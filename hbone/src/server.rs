@@ -188,7 +188,7 @@ impl<H: ConnectHandler> Server<H> {
         let cfg = &self.inner.config;
         let handshake = async {
             let acceptor = tokio_rustls::TlsAcceptor::from(self.inner.tls.current());
-            let io = tokio::io::BufReader::with_capacity(cfg.read_buffer, io);
+            let io = crate::read_buffer::ReadBuffer::new(io, cfg.read_buffer);
             let tls = acceptor.accept(io).await.map_err(|source| Error::Tls {
                 side: Side::Server,
                 peer,

@@ -9,11 +9,14 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::pool::StreamSlot;
+
+/// Smallest staging allocation for writes.
+const WRITE_CHUNK: usize = 16 * 1024;
 
 /// A tunneled connection. Obtained from [`Pool::connect`](crate::Pool::connect) on the client and
 /// from [`InboundConnect::accept`](crate::InboundConnect::accept) on the server.
@@ -23,6 +26,8 @@ pub struct Tunnel {
     recv: RecvStream,
     /// Received bytes not yet handed to the reader.
     pending: Bytes,
+    /// Staging for written bytes; its allocation is reused once h2 has sent the previous chunk.
+    write_buf: BytesMut,
     read_eof: bool,
     write_closed: bool,
     /// Keeps a pooled connection's stream count until the tunnel is gone.
@@ -35,6 +40,7 @@ impl Tunnel {
             send,
             recv,
             pending: Bytes::new(),
+            write_buf: BytesMut::new(),
             read_eof: false,
             write_closed: false,
             _slot: slot,
@@ -134,9 +140,12 @@ impl AsyncWrite for Tunnel {
         }
         let this = self.get_mut();
         let n = ready!(this.poll_send_capacity(cx, buf.len()))?.min(buf.len());
-        this.send
-            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-            .map_err(h2_to_io)?;
+        // `reserve` reclaims the previous allocation when h2 has dropped the last chunk, so bulk
+        // writes do not allocate (and page-fault) a fresh buffer every time.
+        this.write_buf.reserve(n.max(WRITE_CHUNK));
+        this.write_buf.extend_from_slice(&buf[..n]);
+        let chunk = this.write_buf.split().freeze();
+        this.send.send_data(chunk, false).map_err(h2_to_io)?;
         Poll::Ready(Ok(n))
     }
 
