@@ -5,7 +5,8 @@
 //! - `tcp`: a plain TCP client talking to a plain TCP server;
 //! - `tunnel`: a `Tunnel` from a `Pool` talking to a handler of an hbone `Server`, in process;
 //! - `proxy pair`: what a mesh does: TCP client -> outbound proxy (accept, `Pool::connect`,
-//!   `copy_bidirectional`) -> HBONE -> inbound proxy (`Server`, TCP connect, `copy_bidirectional`)
+//!   `copy_tunnel_bidirectional`) -> HBONE -> inbound proxy (`Server`, TCP connect,
+//!   `copy_tunnel_bidirectional`)
 //!   -> TCP server. This is the path to compare with a pair of Istio ztunnels.
 //!
 //! Everything runs in one process on one Tokio multi-thread runtime, so on a 2-core machine the
@@ -117,7 +118,7 @@ async fn inbound_proxy(pki: &support::Pki) -> SocketAddr {
             };
             let _ = upstream.set_nodelay(true);
             if let Ok(mut t) = req.accept() {
-                let _ = hbone::copy_bidirectional(&mut t, &mut upstream).await;
+                let _ = hbone::copy_tunnel_bidirectional(&mut t, &mut upstream).await;
             }
         },
     );
@@ -142,7 +143,26 @@ async fn outbound_proxy(pool: BenchPool, hbone_addr: SocketAddr, dst: SocketAddr
                     .connect(0, hbone_addr, &authority, HeaderMap::new())
                     .await
                 {
-                    let _ = hbone::copy_bidirectional(&mut s, &mut t).await;
+                    let _ = hbone::copy_tunnel_bidirectional(&mut t, &mut s).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A bare TLS 1.3 server (no HTTP/2) with the given behaviour: the floor cost of userspace TLS.
+async fn tls_server(pki: &support::Pki, behaviour: Behaviour) -> SocketAddr {
+    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let _ = s.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(s).await {
+                    serve_behaviour(tls, behaviour).await;
                 }
             });
         }
@@ -154,12 +174,20 @@ async fn outbound_proxy(pool: BenchPool, hbone_addr: SocketAddr, dst: SocketAddr
 #[derive(Clone)]
 enum Path {
     Tcp(SocketAddr),
-    Tunnel { pool: BenchPool, server: SocketAddr },
+    Tls {
+        config: Arc<rustls::ClientConfig>,
+        server: SocketAddr,
+    },
+    Tunnel {
+        pool: BenchPool,
+        server: SocketAddr,
+    },
     ProxyPair(SocketAddr),
 }
 
 enum Conn {
     Tcp(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     Tunnel(hbone::Tunnel),
 }
 
@@ -170,6 +198,16 @@ impl Path {
                 let s = TcpStream::connect(addr).await.unwrap();
                 s.set_nodelay(true).unwrap();
                 Conn::Tcp(s)
+            }
+            Path::Tls { config, server } => {
+                let s = TcpStream::connect(server).await.unwrap();
+                s.set_nodelay(true).unwrap();
+                let name = rustls::pki_types::ServerName::IpAddress(server.ip().into());
+                let tls = tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(name, s)
+                    .await
+                    .unwrap();
+                Conn::Tls(Box::new(tls))
             }
             Path::Tunnel { pool, server } => {
                 let authority: Authority = "10.0.0.1:80".parse().unwrap();
@@ -187,6 +225,7 @@ macro_rules! with_conn {
     ($conn:expr, $s:ident => $body:expr) => {
         match $conn {
             Conn::Tcp(mut $s) => $body,
+            Conn::Tls(mut $s) => $body,
             Conn::Tunnel(mut $s) => $body,
         }
     };
@@ -195,6 +234,7 @@ macro_rules! with_conn {
 /// Three paths built for one server behaviour.
 struct Paths {
     tcp: Path,
+    tls: Path,
     tunnel: Path,
     proxy: Path,
 }
@@ -207,6 +247,10 @@ async fn paths(pki: &support::Pki, behaviour: Behaviour) -> Paths {
     let outbound = outbound_proxy(pool_for(), inbound, tcp_addr).await;
     Paths {
         tcp: Path::Tcp(tcp_addr),
+        tls: Path::Tls {
+            config: pki.client_config(),
+            server: tls_server(pki, behaviour).await,
+        },
         tunnel: Path::Tunnel {
             pool: pool_for(),
             server: endpoint,
@@ -215,9 +259,10 @@ async fn paths(pki: &support::Pki, behaviour: Behaviour) -> Paths {
     }
 }
 
-/// Bulk throughput with `streams` concurrent connections, in bytes per second.
-async fn throughput(path: &Path, streams: usize, secs: f64) -> f64 {
+/// Bulk throughput with `streams` concurrent connections: (bytes per second, cores busy).
+async fn throughput(path: &Path, streams: usize, secs: f64) -> (f64, f64) {
     let total = Arc::new(AtomicU64::new(0));
+    let cpu_before = cpu_seconds();
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(secs);
     let mut tasks = Vec::new();
@@ -244,7 +289,9 @@ async fn throughput(path: &Path, streams: usize, secs: f64) -> f64 {
     for t in tasks {
         t.await.unwrap();
     }
-    total.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+    let elapsed = start.elapsed().as_secs_f64();
+    let cores = (cpu_seconds() - cpu_before) / elapsed;
+    (total.load(Ordering::Relaxed) as f64 / elapsed, cores)
 }
 
 /// 1 KiB request/response round trips on one connection: (p50, p99) in microseconds.
@@ -322,6 +369,16 @@ fn bench_config() -> Config {
     config
 }
 
+/// CPU seconds (user + system) this process has used so far.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0 // USER_HZ is 100 on Linux
+}
+
 fn rss_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
@@ -386,6 +443,7 @@ fn main() {
         println!("|---|---|---|---|---|---|");
 
         let sink = paths(&pki, Behaviour::Sink).await;
+        let mut tls_lines = Vec::new();
         for streams in [1usize, 8] {
             if !run("throughput") {
                 break;
@@ -393,18 +451,27 @@ fn main() {
             let tcp = throughput(&sink.tcp, streams, secs).await;
             if std::env::var_os("HBONE_BENCH_PROFILE").is_some() {
                 // Profiling aid: only the tunnel path, for a clean perf/strace picture.
-                let tunnel = throughput(&sink.tunnel, streams, secs).await;
-                println!("profile: tunnel {streams} stream(s) {}", gbits(tunnel));
+                let (tunnel, cores) = throughput(&sink.tunnel, streams, secs).await;
+                println!("profile: tunnel {streams} stream(s) {} ({cores:.2} cores)", gbits(tunnel));
                 continue;
             }
-            let tunnel = throughput(&sink.tunnel, streams, secs).await;
-            let proxy = throughput(&sink.proxy, streams, secs).await;
+            let (tunnel, tunnel_cores) = throughput(&sink.tunnel, streams, secs).await;
+            let (proxy, proxy_cores) = throughput(&sink.proxy, streams, secs).await;
+            let (tcp, tcp_cores) = tcp;
+            let (tls, tls_cores) = throughput(&sink.tls, streams, secs).await;
+            tls_lines.push(format!(
+                "| bulk throughput, {streams} stream(s), bare TLS 1.3 without HTTP/2 (reference) | {} ({tcp_cores:.2}) | {} ({tls_cores:.2}) | {:.2}x | | |",
+                gbits(tcp), gbits(tls), tls / tcp
+            ));
             println!(
-                "| bulk throughput, {streams} stream(s) | {} | {} | {:.2}x | {} | {:.2}x |",
+                "| bulk throughput, {streams} stream(s) (CPU cores busy) | {} ({tcp_cores:.2}) | {} ({tunnel_cores:.2}) | {:.2}x | {} ({proxy_cores:.2}) | {:.2}x |",
                 gbits(tcp), gbits(tunnel), tunnel / tcp, gbits(proxy), proxy / tcp
             );
         }
 
+        for line in tls_lines {
+            println!("{line}");
+        }
         if run("latency") {
         let echo = paths(&pki, Behaviour::Echo1k).await;
         let rounds = 20_000;

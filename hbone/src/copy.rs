@@ -12,7 +12,10 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::Tunnel;
 
 const INITIAL_BUFFER: usize = 1024;
 const MAX_BUFFER: usize = 256 * 1024;
@@ -101,6 +104,173 @@ where
     .await
 }
 
+/// Like [`copy_bidirectional`] with a [`Tunnel`] on one side (`a`), but without staging copies:
+/// received tunnel chunks are written to `stream` as they are, and bytes read from `stream` go
+/// into the tunnel in the buffer they were read into. A proxy should prefer this.
+pub async fn copy_tunnel_bidirectional<S>(
+    tunnel: &mut Tunnel,
+    stream: &mut S,
+) -> Result<Transferred, CopyError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut down = FromTunnel::default();
+    let mut up = IntoTunnel::default();
+    std::future::poll_fn(|cx| {
+        let transferred = |down: &FromTunnel, up: &IntoTunnel| Transferred {
+            a_to_b: down.amount,
+            b_to_a: up.amount,
+        };
+        let a_to_b = down.poll(cx, &mut *tunnel, &mut *stream);
+        if let Poll::Ready(Err((operation, source))) = a_to_b {
+            return Poll::Ready(Err(CopyError {
+                direction: Direction::AToB,
+                operation,
+                transferred: transferred(&down, &up),
+                source,
+            }));
+        }
+        let b_to_a = up.poll(cx, &mut *stream, &mut *tunnel);
+        if let Poll::Ready(Err((operation, source))) = b_to_a {
+            return Poll::Ready(Err(CopyError {
+                direction: Direction::BToA,
+                operation,
+                transferred: transferred(&down, &up),
+                source,
+            }));
+        }
+        if a_to_b.is_ready() && b_to_a.is_ready() {
+            Poll::Ready(Ok(transferred(&down, &up)))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+/// Tunnel -> stream: writes each received chunk as is.
+#[derive(Default)]
+struct FromTunnel {
+    chunk: Bytes,
+    eof: bool,
+    finished: bool,
+    needs_flush: bool,
+    amount: u64,
+}
+
+impl FromTunnel {
+    fn poll<W: AsyncWrite + Unpin + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        tunnel: &mut Tunnel,
+        writer: &mut W,
+    ) -> Poll<Result<(), (Operation, io::Error)>> {
+        if self.finished {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if self.chunk.is_empty() && !self.eof {
+                match tunnel.poll_recv_chunk(cx) {
+                    Poll::Pending => {
+                        if self.needs_flush {
+                            ready!(Pin::new(&mut *writer).poll_flush(cx))
+                                .map_err(|e| (Operation::Write, e))?;
+                            self.needs_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err((Operation::Read, e))),
+                    Poll::Ready(Ok(None)) => self.eof = true,
+                    Poll::Ready(Ok(Some(chunk))) => self.chunk = chunk,
+                }
+            }
+            while !self.chunk.is_empty() {
+                let n = ready!(Pin::new(&mut *writer).poll_write(cx, &self.chunk))
+                    .map_err(|e| (Operation::Write, e))?;
+                if n == 0 {
+                    return Poll::Ready(Err((Operation::Write, write_zero())));
+                }
+                self.chunk.advance(n);
+                self.amount += n as u64;
+                self.needs_flush = true;
+            }
+            if self.eof {
+                ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(|e| (Operation::Write, e))?;
+                ready!(Pin::new(&mut *writer).poll_shutdown(cx))
+                    .map_err(|e| (Operation::Write, e))?;
+                self.finished = true;
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
+/// Stream -> tunnel: reads into a shared buffer and hands the filled part to the tunnel.
+#[derive(Default)]
+struct IntoTunnel {
+    buf: BytesMut,
+    staged: Bytes,
+    read_size: usize,
+    eof: bool,
+    finished: bool,
+    amount: u64,
+}
+
+/// Reads into the tunnel stay below glibc's mmap threshold, so reclaimed buffers come from the
+/// heap instead of fresh mappings.
+const MAX_TUNNEL_READ: usize = 64 * 1024;
+
+impl IntoTunnel {
+    fn poll<R: AsyncRead + Unpin + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        tunnel: &mut Tunnel,
+    ) -> Poll<Result<(), (Operation, io::Error)>> {
+        if self.finished {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if self.staged.is_empty() && !self.eof {
+                if self.read_size == 0 {
+                    self.read_size = INITIAL_BUFFER;
+                }
+                self.buf.reserve(self.read_size);
+                let n = ready!(tokio_util::io::poll_read_buf(
+                    Pin::new(&mut *reader),
+                    cx,
+                    &mut self.buf
+                ))
+                .map_err(|e| (Operation::Read, e))?;
+                if n == 0 {
+                    self.eof = true;
+                } else {
+                    if n >= self.read_size && self.read_size < MAX_TUNNEL_READ {
+                        self.read_size = (self.read_size * 4).min(MAX_TUNNEL_READ);
+                    }
+                    self.staged = self.buf.split().freeze();
+                }
+            }
+            while !self.staged.is_empty() {
+                let n = ready!(tunnel.poll_send_chunk(cx, &mut self.staged))
+                    .map_err(|e| (Operation::Write, e))?;
+                self.amount += n as u64;
+            }
+            if self.eof {
+                ready!(Pin::new(&mut *tunnel).poll_shutdown(cx))
+                    .map_err(|e| (Operation::Write, e))?;
+                self.finished = true;
+                self.buf = BytesMut::new();
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
+fn write_zero() -> io::Error {
+    io::Error::new(io::ErrorKind::WriteZero, "destination accepted no bytes")
+}
+
 /// One direction's state.
 struct Half {
     buf: Vec<u8>,
@@ -170,10 +340,7 @@ impl Half {
                     ready!(Pin::new(&mut *writer).poll_write(cx, &self.buf[self.start..self.end]))
                         .map_err(|e| (Operation::Write, e))?;
                 if n == 0 {
-                    return Poll::Ready(Err((
-                        Operation::Write,
-                        io::Error::new(io::ErrorKind::WriteZero, "destination accepted no bytes"),
-                    )));
+                    return Poll::Ready(Err((Operation::Write, write_zero())));
                 }
                 self.start += n;
                 self.amount += n as u64;

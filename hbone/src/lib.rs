@@ -82,7 +82,9 @@ mod tunnel;
 
 pub use authority::{Authority, AuthorityError, fuzz_authority};
 pub use config::Config;
-pub use copy::{CopyError, Direction, Operation, Transferred, copy_bidirectional};
+pub use copy::{
+    CopyError, Direction, Operation, Transferred, copy_bidirectional, copy_tunnel_bidirectional,
+};
 pub use error::{BoxError, Error, Side};
 pub use pool::{Dialer, Pool, StaticTls};
 pub use server::{ConnectHandler, InboundConnect, Server, ServerTls};

@@ -57,11 +57,47 @@ impl Tunnel {
     /// Waits for flow-control capacity, so it never buffers more than the configured send buffer.
     pub async fn send_bytes(&mut self, mut data: Bytes) -> io::Result<()> {
         while !data.is_empty() {
-            let n = std::future::poll_fn(|cx| self.poll_send_capacity(cx, data.len())).await?;
-            let chunk = data.split_to(n.min(data.len()));
-            self.send.send_data(chunk, false).map_err(h2_to_io)?;
+            std::future::poll_fn(|cx| self.poll_send_chunk(cx, &mut data)).await?;
         }
         Ok(())
+    }
+
+    /// Takes the next chunk of received bytes without copying; `None` at END_STREAM.
+    pub fn poll_recv_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        if !self.pending.is_empty() {
+            return Poll::Ready(Ok(Some(std::mem::take(&mut self.pending))));
+        }
+        loop {
+            if self.read_eof {
+                return Poll::Ready(Ok(None));
+            }
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(chunk)) => {
+                    let _ = self.recv.flow_control().release_capacity(chunk.len());
+                    if !chunk.is_empty() {
+                        return Poll::Ready(Ok(Some(chunk)));
+                    }
+                }
+                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+                None => self.read_eof = true,
+            }
+        }
+    }
+
+    /// Sends as much of `data` as flow control allows now, without copying; returns the bytes
+    /// sent (at least one, unless `data` is empty).
+    pub fn poll_send_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let n = ready!(self.poll_send_capacity(cx, data.len()))?.min(data.len());
+        let chunk = data.split_to(n);
+        self.send.send_data(chunk, false).map_err(h2_to_io)?;
+        Poll::Ready(Ok(n))
     }
 
     /// Waits until the stream may send at least one byte; returns how many it may send now.

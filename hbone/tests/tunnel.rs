@@ -625,6 +625,15 @@ async fn handler_sees_request_details() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copy_joins_tcp_and_tunnel_with_half_close_and_counts() {
+    copy_scenario(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_copy_variant_joins_tcp_and_tunnel_the_same_way() {
+    copy_scenario(true).await;
+}
+
+async fn copy_scenario(zero_copy: bool) {
     let pki = Pki::new();
     // The server side forwards each tunnel to a TCP "backend" that answers with the reversed
     // input after the client's EOF.
@@ -653,9 +662,12 @@ async fn copy_joins_tcp_and_tunnel_with_half_close_and_counts() {
                 let dst = req.authority().socket_addr().unwrap();
                 let mut upstream = TcpStream::connect(dst).await.unwrap();
                 let mut t = req.accept().unwrap();
-                let moved = hbone::copy_bidirectional(&mut t, &mut upstream)
-                    .await
-                    .unwrap();
+                let moved = if zero_copy {
+                    hbone::copy_tunnel_bidirectional(&mut t, &mut upstream).await
+                } else {
+                    hbone::copy_bidirectional(&mut t, &mut upstream).await
+                };
+                let moved = moved.unwrap();
                 counts.lock().unwrap().push(moved);
             }
         },

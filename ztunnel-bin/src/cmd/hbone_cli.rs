@@ -122,7 +122,7 @@ pub(crate) async fn forward(req: InboundConnect, forward_to: Option<SocketAddr>)
             return;
         }
     };
-    match hbone::copy_bidirectional(&mut tunnel, &mut upstream).await {
+    match hbone::copy_tunnel_bidirectional(&mut tunnel, &mut upstream).await {
         Ok(moved) => line(&target.to_string(), 200, moved, None),
         Err(e) => line(&target.to_string(), 200, e.transferred, Some(e.to_string())),
     }
@@ -222,14 +222,16 @@ async fn connect_listen(
                     return;
                 }
             };
-            let (moved, error) = match hbone::copy_bidirectional(&mut tcp, &mut tunnel).await {
+            let (moved, error) = match hbone::copy_tunnel_bidirectional(&mut tunnel, &mut tcp).await
+            {
                 Ok(moved) => (moved, String::new()),
                 Err(e) => (e.transferred, format!(" error={:?}", e.to_string())),
             };
+            // a = tunnel, b = the client's TCP connection.
             println!(
                 "connection client={client} authority={authority} bytes_sent={} bytes_received={} duration={:?}{error}",
-                moved.a_to_b,
                 moved.b_to_a,
+                moved.a_to_b,
                 start.elapsed()
             );
         });
