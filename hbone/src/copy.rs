@@ -70,38 +70,7 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let mut a_to_b = Half::new();
-    let mut b_to_a = Half::new();
-    std::future::poll_fn(|cx| {
-        let transferred = |x: &Half, y: &Half| Transferred {
-            a_to_b: x.amount,
-            b_to_a: y.amount,
-        };
-        let ab = a_to_b.poll(cx, &mut *a, &mut *b);
-        if let Poll::Ready(Err((operation, source))) = ab {
-            return Poll::Ready(Err(CopyError {
-                direction: Direction::AToB,
-                operation,
-                transferred: transferred(&a_to_b, &b_to_a),
-                source,
-            }));
-        }
-        let ba = b_to_a.poll(cx, &mut *b, &mut *a);
-        if let Poll::Ready(Err((operation, source))) = ba {
-            return Poll::Ready(Err(CopyError {
-                direction: Direction::BToA,
-                operation,
-                transferred: transferred(&a_to_b, &b_to_a),
-                source,
-            }));
-        }
-        if ab.is_ready() && ba.is_ready() {
-            Poll::Ready(Ok(transferred(&a_to_b, &b_to_a)))
-        } else {
-            Poll::Pending
-        }
-    })
-    .await
+    drive(a, b, Half::new(), Half::new()).await
 }
 
 /// Like [`copy_bidirectional`] with a [`Tunnel`] on one side (`a`), but without staging copies:
@@ -114,35 +83,59 @@ pub async fn copy_tunnel_bidirectional<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let mut down = FromTunnel::default();
-    let mut up = IntoTunnel::default();
+    drive(tunnel, stream, FromTunnel::default(), IntoTunnel::default()).await
+}
+
+/// One direction of a copy: moves bytes from `R` to `W` and counts them.
+trait Pump<R: ?Sized, W: ?Sized> {
+    /// Ready(Ok) once EOF was read and the destination shut down.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &mut R,
+        to: &mut W,
+    ) -> Poll<Result<(), (Operation, io::Error)>>;
+
+    /// Bytes moved so far.
+    fn amount(&self) -> u64;
+}
+
+/// Drives both directions from one task until both finish or one fails.
+async fn drive<A, B, X, Y>(
+    a: &mut A,
+    b: &mut B,
+    mut a_to_b: X,
+    mut b_to_a: Y,
+) -> Result<Transferred, CopyError>
+where
+    A: ?Sized,
+    B: ?Sized,
+    X: Pump<A, B>,
+    Y: Pump<B, A>,
+{
     std::future::poll_fn(|cx| {
-        let transferred = |down: &FromTunnel, up: &IntoTunnel| Transferred {
-            a_to_b: down.amount,
-            b_to_a: up.amount,
+        let ab = a_to_b.poll(cx, &mut *a, &mut *b);
+        let ba = match ab {
+            Poll::Ready(Err(_)) => Poll::Pending,
+            _ => b_to_a.poll(cx, &mut *b, &mut *a),
         };
-        let a_to_b = down.poll(cx, &mut *tunnel, &mut *stream);
-        if let Poll::Ready(Err((operation, source))) = a_to_b {
-            return Poll::Ready(Err(CopyError {
-                direction: Direction::AToB,
+        let transferred = Transferred {
+            a_to_b: a_to_b.amount(),
+            b_to_a: b_to_a.amount(),
+        };
+        let failed = |direction, (operation, source)| {
+            Poll::Ready(Err(CopyError {
+                direction,
                 operation,
-                transferred: transferred(&down, &up),
+                transferred,
                 source,
-            }));
-        }
-        let b_to_a = up.poll(cx, &mut *stream, &mut *tunnel);
-        if let Poll::Ready(Err((operation, source))) = b_to_a {
-            return Poll::Ready(Err(CopyError {
-                direction: Direction::BToA,
-                operation,
-                transferred: transferred(&down, &up),
-                source,
-            }));
-        }
-        if a_to_b.is_ready() && b_to_a.is_ready() {
-            Poll::Ready(Ok(transferred(&down, &up)))
-        } else {
-            Poll::Pending
+            }))
+        };
+        match (ab, ba) {
+            (Poll::Ready(Err(e)), _) => failed(Direction::AToB, e),
+            (_, Poll::Ready(Err(e))) => failed(Direction::BToA, e),
+            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Poll::Ready(Ok(transferred)),
+            _ => Poll::Pending,
         }
     })
     .await
@@ -158,8 +151,12 @@ struct FromTunnel {
     amount: u64,
 }
 
-impl FromTunnel {
-    fn poll<W: AsyncWrite + Unpin + ?Sized>(
+impl<W: AsyncWrite + Unpin + ?Sized> Pump<Tunnel, W> for FromTunnel {
+    fn amount(&self) -> u64 {
+        self.amount
+    }
+
+    fn poll(
         &mut self,
         cx: &mut Context<'_>,
         tunnel: &mut Tunnel,
@@ -220,8 +217,12 @@ struct IntoTunnel {
 /// heap instead of fresh mappings.
 const MAX_TUNNEL_READ: usize = 64 * 1024;
 
-impl IntoTunnel {
-    fn poll<R: AsyncRead + Unpin + ?Sized>(
+impl<R: AsyncRead + Unpin + ?Sized> Pump<R, Tunnel> for IntoTunnel {
+    fn amount(&self) -> u64 {
+        self.amount
+    }
+
+    fn poll(
         &mut self,
         cx: &mut Context<'_>,
         reader: &mut R,
@@ -294,17 +295,23 @@ impl Half {
             amount: 0,
         }
     }
+}
 
-    fn poll<R, W>(
+impl<R, W> Pump<R, W> for Half
+where
+    R: AsyncRead + Unpin + ?Sized,
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    fn amount(&self) -> u64 {
+        self.amount
+    }
+
+    fn poll(
         &mut self,
         cx: &mut Context<'_>,
         reader: &mut R,
         writer: &mut W,
-    ) -> Poll<Result<(), (Operation, io::Error)>>
-    where
-        R: AsyncRead + Unpin + ?Sized,
-        W: AsyncWrite + Unpin + ?Sized,
-    {
+    ) -> Poll<Result<(), (Operation, io::Error)>> {
         if self.finished {
             return Poll::Ready(Ok(()));
         }

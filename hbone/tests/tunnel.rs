@@ -174,6 +174,37 @@ async fn thousand_concurrent_streams_use_ten_connections() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_stream_cap_below_the_servers_limit_opens_more_connections() {
+    let pki = Pki::new();
+    let server = EchoServer::start(&pki, Config::default()).await;
+    let mut config = Config::default();
+    config.max_concurrent_streams = 7;
+    let pool = pool(&pki, config);
+    let mut held = Vec::new();
+    for _ in 0..30 {
+        held.push(
+            pool.connect("k", server.addr, &authority(), HeaderMap::new())
+                .await
+                .unwrap(),
+        );
+    }
+    // 30 open tunnels, 7 per connection: 5 connections (4 full, 1 with 2).
+    assert_eq!(pool.connection_count_for(&"k"), 5);
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 5);
+    // Closing tunnels frees slots that new tunnels reuse without dialing.
+    held.truncate(20);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for _ in 0..10 {
+        held.push(
+            pool.connect("k", server.addr, &authority(), HeaderMap::new())
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn burst_on_a_new_key_dials_once() {
     let pki = Pki::new();
     let server = EchoServer::start(&pki, Config::default()).await;

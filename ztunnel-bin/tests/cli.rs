@@ -188,6 +188,16 @@ fn serve_and_connect_interoperate() {
         "{stderr}"
     );
 
+    // A hostname authority is resolved by the server.
+    let by_name = format!("localhost:{}", backend.port());
+    let out = connect_stdio(&dir.0, listen, &by_name, &[], b"by name");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"BY NAME");
+
     // An unreachable destination is a 503, reported with a non-zero exit.
     let dead = free_port();
     let out = connect_stdio(&dir.0, listen, &dead.to_string(), &[], b"x");

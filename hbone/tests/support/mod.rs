@@ -54,25 +54,18 @@ impl Pki {
     }
 
     pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
-        let (chain, key) = self.leaf("server");
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            self.roots.clone(),
-            provider(),
-        )
-        .build()
-        .unwrap();
-        let mut config = rustls::ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(chain, key)
-            .unwrap();
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        Arc::new(config)
+        self.server_config_for(&[&rustls::version::TLS13])
     }
 
     /// A server that would accept TLS 1.2 too (to check that HBONE refuses it anyway).
     pub fn server_config_any_version(&self) -> Arc<rustls::ServerConfig> {
+        self.server_config_for(&[&rustls::version::TLS12, &rustls::version::TLS13])
+    }
+
+    fn server_config_for(
+        &self,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Arc<rustls::ServerConfig> {
         let (chain, key) = self.leaf("server");
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             self.roots.clone(),
@@ -81,7 +74,7 @@ impl Pki {
         .build()
         .unwrap();
         let mut config = rustls::ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
+            .with_protocol_versions(versions)
             .unwrap()
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)

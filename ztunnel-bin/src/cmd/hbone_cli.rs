@@ -62,50 +62,23 @@ pub(crate) async fn forward(req: InboundConnect, forward_to: Option<SocketAddr>)
         }
         println!("{line}");
     };
-    let target = match forward_to {
-        Some(addr) => Ok(addr),
+    let upstream = match forward_to {
+        Some(addr) => connect_upstream(&[addr]).await,
         None => match &authority {
-            Authority::Addr(addr) => Ok(*addr),
-            Authority::Host { host, port } => tokio::net::lookup_host((host.as_str(), *port))
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|mut addrs| addrs.next().ok_or_else(|| "no address".to_owned())),
+            Authority::Addr(addr) => connect_upstream(&[*addr]).await,
+            Authority::Host { host, port } => {
+                match tokio::net::lookup_host((host.as_str(), *port)).await {
+                    Ok(addrs) => connect_upstream(&addrs.collect::<Vec<_>>()).await,
+                    Err(e) => Err(("-".to_owned(), format!("cannot resolve {authority}: {e}"))),
+                }
+            }
         },
     };
-    let target = match target {
-        Ok(target) => target,
-        Err(e) => {
+    let (target, mut upstream) = match upstream {
+        Ok(connected) => connected,
+        Err((target, error)) => {
             req.reject(StatusCode::SERVICE_UNAVAILABLE);
-            line(
-                "-",
-                503,
-                Default::default(),
-                Some(format!("cannot resolve {authority}: {e}")),
-            );
-            return;
-        }
-    };
-    let upstream = tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(target)).await;
-    let mut upstream = match upstream {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => {
-            req.reject(StatusCode::SERVICE_UNAVAILABLE);
-            line(
-                &target.to_string(),
-                503,
-                Default::default(),
-                Some(e.to_string()),
-            );
-            return;
-        }
-        Err(_) => {
-            req.reject(StatusCode::SERVICE_UNAVAILABLE);
-            line(
-                &target.to_string(),
-                503,
-                Default::default(),
-                Some("connect timed out".into()),
-            );
+            line(&target, 503, Default::default(), Some(error));
             return;
         }
     };
@@ -125,6 +98,30 @@ pub(crate) async fn forward(req: InboundConnect, forward_to: Option<SocketAddr>)
     match hbone::copy_tunnel_bidirectional(&mut tunnel, &mut upstream).await {
         Ok(moved) => line(&target.to_string(), 200, moved, None),
         Err(e) => line(&target.to_string(), 200, e.transferred, Some(e.to_string())),
+    }
+}
+
+/// Connects to the first of `addrs` that answers, within one overall timeout. On failure returns
+/// the last address tried and why.
+async fn connect_upstream(
+    addrs: &[SocketAddr],
+) -> Result<(SocketAddr, TcpStream), (String, String)> {
+    let attempt = async {
+        let mut last = ("-".to_owned(), "the name has no address".to_owned());
+        for addr in addrs {
+            match TcpStream::connect(addr).await {
+                Ok(stream) => return Ok((*addr, stream)),
+                Err(e) => last = (addr.to_string(), e.to_string()),
+            }
+        }
+        Err(last)
+    };
+    match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err((
+            addrs.first().map_or("-".to_owned(), ToString::to_string),
+            format!("connect timed out after {UPSTREAM_CONNECT_TIMEOUT:?}"),
+        )),
     }
 }
 
