@@ -14,19 +14,29 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ca = identity::DevCa::generate("cluster.local")?;
     let day = Duration::from_secs(24 * 3600);
-    let server_id = "spiffe://cluster.local/ns/default/sa/echo";
-    let server_creds = ca.issue(server_id, day)?;
-    let client_creds = ca.issue("spiffe://cluster.local/ns/default/sa/client", day)?;
+    let server_id: identity::SpiffeId = "spiffe://cluster.local/ns/default/sa/echo".parse()?;
+    let client_id = identity::SpiffeId::istio("cluster.local", "default", "client")?;
+    let server_creds = ca.issue(&server_id, day)?;
+    let client_creds = ca.issue(&client_id, day)?;
 
     // Server: accept every CONNECT, report who asked, echo the bytes.
-    let server_tls =
-        identity::tls::server_config(server_creds.chain, server_creds.key, ca.roots())?;
+    let server_tls = identity::tls::server_config(
+        server_creds.chain,
+        server_creds.key,
+        ca.roots(),
+        "cluster.local",
+    )?;
     let server = Server::new(
         Config::default(),
         Arc::new(server_tls),
         |req: InboundConnect| async move {
-            let who = identity::tls::peer_uri_sans(req.peer_certificates());
-            println!("server: CONNECT {} from {:?}", req.authority(), who);
+            match identity::tls::peer_spiffe_id(req.peer_certificates()) {
+                Ok(who) => println!("server: CONNECT {} from {who}", req.authority()),
+                Err(e) => println!(
+                    "server: CONNECT {} from an unreadable identity: {e}",
+                    req.authority()
+                ),
+            }
             let Ok(mut tunnel) = req.accept() else { return };
             let (mut rd, mut wr) = tokio::io::split(&mut tunnel);
             if tokio::io::copy(&mut rd, &mut wr).await.is_ok() {
@@ -43,7 +53,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         client_creds.chain,
         client_creds.key,
         ca.roots(),
-        Some(vec![server_id.to_owned()]),
+        Some(vec![server_id]),
     )?;
     let pool = Pool::new(Config::default(), StaticTls(Arc::new(client_tls)));
     let destination: Authority = "10.0.0.7:8080".parse()?;

@@ -1,10 +1,15 @@
-//! Certificate material: a chain with its key, and what we read out of certificates.
+//! Certificate material: keys and CSRs for a SPIFFE id, chains, and what we read out of them.
 
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rcgen::{CertificateParams, KeyPair, SanType};
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
-use crate::Error;
+use crate::{Error, SpiffeId};
 
 /// A certificate chain (leaf first) with the leaf's private key.
 #[derive(Debug)]
@@ -24,23 +29,182 @@ impl Clone for Credentials {
     }
 }
 
+/// What we read from one X.509 certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// All URI SANs, in certificate order.
+    pub uri_sans: Vec<String>,
+    /// Start of validity.
+    pub not_before: SystemTime,
+    /// End of validity.
+    pub not_after: SystemTime,
+    /// The DER SubjectPublicKeyInfo, to match a certificate with its key.
+    pub spki: Vec<u8>,
+    /// Whether the certificate is a CA (basicConstraints cA = true).
+    pub is_ca: bool,
+}
+
+impl CertInfo {
+    /// Parses one DER certificate.
+    pub fn parse(cert: &CertificateDer<'_>) -> Result<Self, Error> {
+        let (rest, parsed) = x509_parser::certificate::X509Certificate::from_der(cert.as_ref())
+            .map_err(|e| Error::Certificate(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(Error::Certificate(format!(
+                "{} bytes of trailing data after the certificate",
+                rest.len()
+            )));
+        }
+        let uri_sans = parsed
+            .subject_alternative_name()
+            .map_err(|e| Error::Certificate(format!("bad subjectAltName: {e}")))?
+            .map(|san| {
+                san.value
+                    .general_names
+                    .iter()
+                    .filter_map(|name| match name {
+                        GeneralName::URI(uri) => Some((*uri).to_owned()),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let validity = parsed.validity();
+        let time = |t: &x509_parser::time::ASN1Time| {
+            let secs = t.timestamp();
+            if secs >= 0 {
+                UNIX_EPOCH + Duration::from_secs(secs as u64)
+            } else {
+                UNIX_EPOCH
+            }
+        };
+        let is_ca = parsed
+            .basic_constraints()
+            .ok()
+            .flatten()
+            .is_some_and(|bc| bc.value.ca);
+        Ok(CertInfo {
+            uri_sans,
+            not_before: time(&validity.not_before),
+            not_after: time(&validity.not_after),
+            spki: parsed.public_key().raw.to_vec(),
+            is_ca,
+        })
+    }
+
+    /// The certificate's SPIFFE id: its only URI SAN, which must be a valid SPIFFE id.
+    pub fn spiffe_id(&self) -> Result<SpiffeId, Error> {
+        match self.uri_sans.as_slice() {
+            [only] => SpiffeId::parse(only).map_err(Error::SpiffeId),
+            [] => Err(Error::Certificate("no URI SAN, so no SPIFFE id".into())),
+            many => Err(Error::Certificate(format!(
+                "{} URI SANs ({many:?}); a SPIFFE certificate has exactly one",
+                many.len()
+            ))),
+        }
+    }
+
+    /// Whether `now` is inside the validity window.
+    pub fn is_valid_at(&self, now: SystemTime) -> bool {
+        self.not_before <= now && now < self.not_after
+    }
+}
+
 /// The URI SANs of a certificate (for a workload: its SPIFFE id), in certificate order.
 pub fn uri_sans(cert: &CertificateDer<'_>) -> Result<Vec<String>, Error> {
-    let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(cert.as_ref())
-        .map_err(|e| Error::Certificate(e.to_string()))?;
-    let Some(san) = parsed
-        .subject_alternative_name()
-        .map_err(|e| Error::Certificate(format!("bad subjectAltName: {e}")))?
-    else {
-        return Ok(Vec::new());
-    };
-    Ok(san
-        .value
-        .general_names
-        .iter()
-        .filter_map(|name| match name {
-            GeneralName::URI(uri) => Some((*uri).to_owned()),
-            _ => None,
+    CertInfo::parse(cert).map(|info| info.uri_sans)
+}
+
+/// Parses a PEM chain (leaf first) from text; `what` names its source in errors.
+pub fn parse_pem_chain(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::Certificate(format!("{what}: malformed PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(Error::Certificate(format!("{what}: no CERTIFICATE block")));
+    }
+    for (i, cert) in certs.iter().enumerate() {
+        CertInfo::parse(cert)
+            .map_err(|e| Error::Certificate(format!("{what}: certificate {i}: {e}")))?;
+    }
+    Ok(certs)
+}
+
+/// A fresh ECDSA P-256 key and a CSR for `id`: a single URI SAN and an empty subject, as Istio's CA
+/// expects.
+#[derive(Debug)]
+pub struct KeyAndCsr {
+    /// The private key (PKCS#8).
+    pub key: PrivateKeyDer<'static>,
+    /// The CSR, PEM encoded.
+    pub csr_pem: String,
+    /// The DER SubjectPublicKeyInfo of the key, to check the signed certificate against.
+    pub spki: Vec<u8>,
+}
+
+impl KeyAndCsr {
+    /// Generates the key and the CSR.
+    pub fn generate(id: &SpiffeId) -> Result<Self, Error> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
+        let csr = params.serialize_request(&key)?;
+        Ok(KeyAndCsr {
+            csr_pem: csr.pem()?,
+            spki: key.public_key_der(),
+            key: PrivateKeyDer::Pkcs8(key.serialize_der().into()),
         })
-        .collect())
+    }
+}
+
+/// A workload's certificate as handed out by the [`SecretManager`](crate::SecretManager): the
+/// identity, chain and key, the roots it chains to, and its validity window.
+#[derive(Debug, Clone)]
+pub struct WorkloadCert {
+    /// The identity the certificate proves.
+    pub id: SpiffeId,
+    /// Chain (leaf first, without the root) and key.
+    pub credentials: Credentials,
+    /// The trust roots of the mesh, as the CA reported them.
+    pub roots: Vec<CertificateDer<'static>>,
+    /// Start of validity of the leaf.
+    pub not_before: SystemTime,
+    /// End of validity of the leaf.
+    pub not_after: SystemTime,
+}
+
+impl WorkloadCert {
+    /// Whether the leaf is valid at `now`.
+    pub fn is_valid_at(&self, now: SystemTime) -> bool {
+        self.not_before <= now && now < self.not_after
+    }
+
+    /// The chain and key as a rustls `CertifiedKey` (for a server certificate resolver).
+    pub fn certified_key(&self) -> Result<Arc<rustls::sign::CertifiedKey>, Error> {
+        let provider = crate::tls::provider();
+        let key = provider
+            .key_provider
+            .load_private_key(self.credentials.key.clone_key())?;
+        Ok(Arc::new(rustls::sign::CertifiedKey::new(
+            self.credentials.chain.clone(),
+            key,
+        )))
+    }
+}
+
+/// Body of the `cert_chain` fuzz target, kept here so an ordinary test runs it over the seed
+/// corpus: PEM or DER input must never panic the parsers.
+#[doc(hidden)]
+pub fn fuzz_cert_chain(data: &[u8]) {
+    if let Ok(chain) = parse_pem_chain(data, "fuzz input") {
+        for cert in &chain {
+            let info = CertInfo::parse(cert).expect("parse_pem_chain checked every certificate");
+            let _ = info.spiffe_id();
+        }
+    }
+    if let Ok(info) = CertInfo::parse(&CertificateDer::from(data)) {
+        let _ = info.spiffe_id();
+        let _ = info.is_valid_at(SystemTime::now());
+    }
 }

@@ -35,6 +35,12 @@ pub enum Error {
     /// A certificate could not be parsed as X.509.
     #[error("cannot parse certificate: {0}")]
     Certificate(String),
+    /// A SPIFFE id is invalid.
+    #[error(transparent)]
+    SpiffeId(#[from] crate::SpiffeIdError),
+    /// A certificate signing request is malformed or its signature does not verify.
+    #[error("bad certificate signing request: {0}")]
+    Csr(String),
     /// An identity is not a valid URI for a certificate SAN.
     #[error("invalid identity {id:?}: {reason}")]
     Identity {

@@ -1,25 +1,26 @@
-//! SPIFFE identities for an ambient mesh: certificate files, a development CA, and rustls
-//! configurations whose verifiers check SPIFFE URI SANs.
+//! SPIFFE identities for an ambient mesh: validated ids, certificates and CSRs, a development CA,
+//! and rustls configurations whose verifiers check SPIFFE ids instead of hostnames.
 //!
-//! What is here today: PEM loading with errors that name the file, reading URI SANs, a development
-//! CA that issues workload certificates, and client/server rustls configurations for HBONE
-//! (TLS 1.3, ALPN `h2`, client certificates required, server identity checked by URI SAN instead
-//! of hostname). Still to come (see the issue tracker): a validated `SpiffeId` type, the Istio CA
-//! client and server, and the rotating secret manager.
+//! Any Rust proxy that wants SPIFFE mTLS can use it alone: [`SpiffeId`] parses and validates ids
+//! exactly per the SPIFFE specification (with Istio's `ns/<ns>/sa/<sa>` helpers); [`DevCa`] issues
+//! workload certificates for development and tests; [`tls`] builds TLS 1.3, ALPN `h2` client and
+//! server configurations that accept only the expected peer identities.
 //!
 //! ```
-//! use identity::{DevCa, tls};
+//! use identity::{DevCa, SpiffeId, tls};
 //! use std::time::Duration;
 //!
-//! let ca = DevCa::generate("cluster.local")?;
-//! let server = ca.issue("spiffe://cluster.local/ns/default/sa/web", Duration::from_secs(3600))?;
-//! let client = ca.issue("spiffe://cluster.local/ns/default/sa/sleep", Duration::from_secs(3600))?;
-//! let roots = ca.roots();
+//! let web = SpiffeId::istio("cluster.local", "default", "web")?;
+//! let sleep: SpiffeId = "spiffe://cluster.local/ns/default/sa/sleep".parse()?;
+//! assert_eq!(sleep.service_account(), Some("sleep"));
 //!
-//! // The client accepts only a server that proves the `web` identity.
-//! let expected = vec!["spiffe://cluster.local/ns/default/sa/web".to_owned()];
-//! let client_config = tls::client_config(client.chain, client.key, roots.clone(), Some(expected))?;
-//! let server_config = tls::server_config(server.chain, server.key, roots)?;
+//! let ca = DevCa::generate("cluster.local")?;
+//! let server = ca.issue(&web, Duration::from_secs(3600))?;
+//! let client = ca.issue(&sleep, Duration::from_secs(3600))?;
+//!
+//! // The client accepts only a server that proves `web`; the server only clients of its domain.
+//! let client_config = tls::client_config(client.chain, client.key, ca.roots(), Some(vec![web]))?;
+//! let server_config = tls::server_config(server.chain, server.key, ca.roots(), "cluster.local")?;
 //! assert_eq!(client_config.alpn_protocols, vec![b"h2".to_vec()]);
 //! assert_eq!(server_config.alpn_protocols, vec![b"h2".to_vec()]);
 //! # Ok::<(), identity::Error>(())
@@ -30,8 +31,14 @@ mod cert;
 mod dev_ca;
 mod error;
 pub mod pem;
+mod spiffe;
 pub mod tls;
 
-pub use cert::{Credentials, uri_sans};
+pub use cert::{
+    CertInfo, Credentials, KeyAndCsr, WorkloadCert, fuzz_cert_chain, parse_pem_chain, uri_sans,
+};
 pub use dev_ca::DevCa;
 pub use error::Error;
+pub use spiffe::{
+    MAX_ID_LEN, MAX_TRUST_DOMAIN_LEN, SpiffeId, SpiffeIdError, SpiffeIdErrorKind, fuzz_spiffe_id,
+};

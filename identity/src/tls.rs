@@ -1,22 +1,28 @@
-//! rustls configurations for HBONE: TLS 1.3, ALPN `h2`, mutual authentication.
+//! rustls configurations for HBONE: TLS 1.3 only, ALPN `h2`, mutual authentication by SPIFFE id.
 //!
 //! Workload certificates carry a SPIFFE URI SAN and no DNS or IP names, so the usual hostname
-//! check cannot apply. The client verifier here checks the chain against the trust roots and then
-//! requires the server's URI SAN to be one of the identities expected for the destination
-//! (rejecting, never warning). The server requires a client chain from the same roots.
+//! check cannot apply. The client verifier checks the chain against the trust roots, then requires
+//! the server's SPIFFE id to be one of the identities expected for the destination. The server
+//! verifier checks the client chain against the roots, then requires the client's SPIFFE id to be
+//! in the server's trust domain. Both reject, never warn, and their errors can be told apart:
+//! [`IdentityMismatch`] and [`TrustDomainMismatch`] travel inside
+//! `rustls::Error::InvalidCertificate(CertificateError::Other(..))`; an unknown root, an expired
+//! certificate and a missing client certificate are rustls's own `UnknownIssuer`, `Expired` and
+//! `NoCertificatesPresented`.
 
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore, ServerConfig,
-    SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
+    RootCertStore, ServerConfig, SignatureScheme,
 };
 
-use crate::{Error, uri_sans};
+use crate::{CertInfo, Error, SpiffeId};
 
 /// The ALPN protocol HBONE negotiates.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -26,22 +32,42 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The server presented a SPIFFE id other than the ones expected for the destination.
+#[derive(Clone, PartialEq, Eq, thiserror::Error)]
+#[error("server identity {presented} is not one of the expected {}", list(.expected))]
+pub struct IdentityMismatch {
+    /// What the destination may present.
+    pub expected: Vec<SpiffeId>,
+    /// What it presented (its URI SANs).
+    pub presented: String,
+}
+
+/// The peer's SPIFFE id belongs to another trust domain.
+#[derive(Clone, PartialEq, Eq, thiserror::Error)]
+#[error("peer identity {presented} is not in trust domain {expected:?}")]
+pub struct TrustDomainMismatch {
+    /// Our trust domain.
+    pub expected: String,
+    /// The peer's identity.
+    pub presented: SpiffeId,
+}
+
 /// A client configuration that presents `chain`/`key` and accepts a server whose chain verifies
-/// against `roots` and, when `expected_sans` is given, whose certificate carries one of those URI
-/// SANs. TLS 1.3 only, ALPN `h2`.
+/// against `roots` and, when `expected` is given, whose SPIFFE id is one of `expected`.
+/// `None` accepts any identity under the roots: for debugging tools only.
 pub fn client_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     roots: Arc<RootCertStore>,
-    expected_sans: Option<Vec<String>>,
+    expected: Option<Vec<SpiffeId>>,
 ) -> Result<ClientConfig, Error> {
     if roots.is_empty() {
         return Err(Error::Roots("no trust roots given".into()));
     }
     let provider = provider();
-    let verifier = SanVerifier {
+    let verifier = ServerIdVerifier {
         roots,
-        expected_sans,
+        expected,
         algorithms: provider.signature_verification_algorithms,
     };
     let mut config = ClientConfig::builder_with_provider(provider)
@@ -54,44 +80,98 @@ pub fn client_config(
 }
 
 /// A server configuration that presents `chain`/`key` and requires a client certificate that
-/// chains to `roots`. TLS 1.3 only, ALPN `h2`.
+/// chains to `roots` and carries a SPIFFE id of `trust_domain`.
 pub fn server_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     roots: Arc<RootCertStore>,
+    trust_domain: &str,
+) -> Result<ServerConfig, Error> {
+    let key = provider().key_provider.load_private_key(key)?;
+    let certified = Arc::new(rustls::sign::CertifiedKey::new(chain, key));
+    server_config_with_resolver(
+        Arc::new(rustls::sign::SingleCertAndKey::from(certified)),
+        roots,
+        trust_domain,
+    )
+}
+
+/// Like [`server_config`], with the certificate chosen for each connection by `resolver` (the
+/// proxy serves the destination pod's identity; see [`WatchResolver`] for a rotating one).
+pub fn server_config_with_resolver(
+    resolver: Arc<dyn ResolvesServerCert>,
+    roots: Arc<RootCertStore>,
+    trust_domain: &str,
 ) -> Result<ServerConfig, Error> {
     if roots.is_empty() {
         return Err(Error::Roots("no trust roots given".into()));
     }
+    SpiffeId::parse(&format!("spiffe://{trust_domain}"))?;
     let provider = provider();
-    let client_verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+    let inner = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
         .build()
         .map_err(|e| Error::Roots(e.to_string()))?;
+    let verifier = TrustDomainVerifier {
+        inner,
+        trust_domain: trust_domain.to_owned(),
+    };
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(client_verifier)
-        .with_single_cert(chain, key)?;
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_cert_resolver(resolver);
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(config)
+}
+
+/// The SPIFFE id of a peer from its verified chain (leaf first), as a finished handshake reports
+/// it (`peer_certificates()`).
+pub fn peer_spiffe_id(chain: &[CertificateDer<'_>]) -> Result<SpiffeId, Error> {
+    let leaf = chain
+        .first()
+        .ok_or_else(|| Error::Certificate("the peer presented no certificate".into()))?;
+    CertInfo::parse(leaf)?.spiffe_id()
 }
 
 /// The URI SANs of a peer's leaf certificate (the first of `chain`), or an empty list.
 pub fn peer_uri_sans(chain: &[CertificateDer<'_>]) -> Vec<String> {
     chain
         .first()
-        .and_then(|leaf| uri_sans(leaf).ok())
+        .and_then(|leaf| crate::uri_sans(leaf).ok())
         .unwrap_or_default()
 }
 
-/// Verifies a server's chain against fixed roots, then its URI SAN against an expected set.
+/// A server certificate resolver that always serves the latest certificate of a watch channel
+/// (fed by the [`SecretManager`](crate::SecretManager)); no certificate means the handshake fails.
 #[derive(Debug)]
-struct SanVerifier {
+pub struct WatchResolver {
+    rx: tokio::sync::watch::Receiver<Option<Arc<rustls::sign::CertifiedKey>>>,
+}
+
+impl WatchResolver {
+    /// Serves whatever `rx` holds at each handshake.
+    pub fn new(rx: tokio::sync::watch::Receiver<Option<Arc<rustls::sign::CertifiedKey>>>) -> Self {
+        WatchResolver { rx }
+    }
+}
+
+impl ResolvesServerCert for WatchResolver {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.rx.borrow().clone()
+    }
+}
+
+/// Verifies a server's chain against fixed roots, then its SPIFFE id against an expected set.
+#[derive(Debug)]
+struct ServerIdVerifier {
     roots: Arc<RootCertStore>,
-    expected_sans: Option<Vec<String>>,
+    expected: Option<Vec<SpiffeId>>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
-impl ServerCertVerifier for SanVerifier {
+impl ServerCertVerifier for ServerIdVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -108,17 +188,16 @@ impl ServerCertVerifier for SanVerifier {
             now,
             self.algorithms.all,
         )?;
-        if let Some(expected) = &self.expected_sans {
-            let sans = uri_sans(end_entity).map_err(|e| {
-                rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
-            })?;
-            if !sans.iter().any(|san| expected.contains(san)) {
-                return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
-                    OtherError(Arc::new(SanMismatch {
-                        expected: expected.clone(),
-                        presented: sans,
-                    })),
-                )));
+        if let Some(expected) = &self.expected {
+            let sans = crate::uri_sans(end_entity).map_err(other)?;
+            if !sans
+                .iter()
+                .any(|san| expected.iter().any(|id| id.as_str() == san))
+            {
+                return Err(other(IdentityMismatch {
+                    expected: expected.clone(),
+                    presented: sans.join(", "),
+                }));
             }
         }
         Ok(ServerCertVerified::assertion())
@@ -147,124 +226,79 @@ impl ServerCertVerifier for SanVerifier {
     }
 }
 
-/// The server proved an identity other than the expected ones.
-#[derive(thiserror::Error)]
-#[error("server identity {presented:?} is not one of the expected {expected:?}")]
-struct SanMismatch {
-    expected: Vec<String>,
-    presented: Vec<String>,
+/// WebPKI client verification, then the client's SPIFFE id must be in our trust domain.
+#[derive(Debug)]
+struct TrustDomainVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    trust_domain: String,
+}
+
+impl ClientCertVerifier for TrustDomainVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let id = CertInfo::parse(end_entity)
+            .and_then(|info| info.spiffe_id())
+            .map_err(other)?;
+        if id.trust_domain() != self.trust_domain {
+            return Err(other(TrustDomainMismatch {
+                expected: self.trust_domain.clone(),
+                presented: id,
+            }));
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+fn other<E: std::error::Error + Send + Sync + 'static>(e: E) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+}
+
+fn list(ids: &[SpiffeId]) -> String {
+    let names: Vec<&str> = ids.iter().map(SpiffeId::as_str).collect();
+    format!("[{}]", names.join(", "))
 }
 
 // rustls prints the inner error with `Debug`; make that the readable sentence.
-impl std::fmt::Debug for SanMismatch {
+impl std::fmt::Debug for IdentityMismatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         std::fmt::Display::fmt(self, f)
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::DevCa;
-    use std::time::Duration;
-
-    const HOUR: Duration = Duration::from_secs(3600);
-
-    /// Runs a TLS handshake in memory and returns the client's error, if any.
-    fn handshake(client: ClientConfig, server: ServerConfig) -> Result<(), rustls::Error> {
-        let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
-        let mut c = rustls::ClientConnection::new(Arc::new(client), name)?;
-        let mut s = rustls::ServerConnection::new(Arc::new(server))?;
-        for _ in 0..10 {
-            let mut buf = Vec::new();
-            c.write_tls(&mut buf).unwrap();
-            s.read_tls(&mut &buf[..]).unwrap();
-            s.process_new_packets()?;
-            let mut buf = Vec::new();
-            s.write_tls(&mut buf).unwrap();
-            c.read_tls(&mut &buf[..]).unwrap();
-            c.process_new_packets()?;
-            if !c.is_handshaking() && !s.is_handshaking() {
-                return Ok(());
-            }
-        }
-        panic!("handshake did not finish")
-    }
-
-    #[test]
-    fn expected_san_passes_and_others_fail() {
-        let ca = DevCa::generate("cluster.local").unwrap();
-        let web = ca
-            .issue("spiffe://cluster.local/ns/default/sa/web", HOUR)
-            .unwrap();
-        let sleep = ca
-            .issue("spiffe://cluster.local/ns/default/sa/sleep", HOUR)
-            .unwrap();
-        let server = || server_config(web.chain.clone(), web.key.clone_key(), ca.roots()).unwrap();
-        let client = |expected: Option<Vec<String>>| {
-            client_config(
-                sleep.chain.clone(),
-                sleep.key.clone_key(),
-                ca.roots(),
-                expected,
-            )
-            .unwrap()
-        };
-        handshake(client(None), server()).unwrap();
-        let right = vec!["spiffe://cluster.local/ns/default/sa/web".to_owned()];
-        handshake(client(Some(right)), server()).unwrap();
-        let wrong = vec!["spiffe://cluster.local/ns/default/sa/db".to_owned()];
-        let err = handshake(client(Some(wrong)), server())
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("sa/web") && err.contains("sa/db"), "{err}");
-    }
-
-    #[test]
-    fn unknown_root_fails_both_ways() {
-        let ca = DevCa::generate("cluster.local").unwrap();
-        let other = DevCa::generate("cluster.local").unwrap();
-        let web = ca
-            .issue("spiffe://cluster.local/ns/default/sa/web", HOUR)
-            .unwrap();
-        let stranger = other
-            .issue("spiffe://cluster.local/ns/default/sa/sleep", HOUR)
-            .unwrap();
-        // Client trusts only `other`: the server's chain is unknown.
-        let client = client_config(
-            stranger.chain.clone(),
-            stranger.key.clone_key(),
-            other.roots(),
-            None,
-        )
-        .unwrap();
-        let server = server_config(web.chain.clone(), web.key.clone_key(), ca.roots()).unwrap();
-        assert!(handshake(client, server).is_err());
-        // Client trusts the server, but the server does not trust the client's root.
-        let client = client_config(stranger.chain, stranger.key, ca.roots(), None).unwrap();
-        let server = server_config(web.chain, web.key, ca.roots()).unwrap();
-        assert!(handshake(client, server).is_err());
-    }
-
-    #[test]
-    fn empty_roots_are_refused() {
-        let ca = DevCa::generate("cluster.local").unwrap();
-        let web = ca
-            .issue("spiffe://cluster.local/ns/default/sa/web", HOUR)
-            .unwrap();
-        let empty = Arc::new(RootCertStore::empty());
-        assert!(server_config(web.chain.clone(), web.key.clone_key(), empty.clone()).is_err());
-        assert!(client_config(web.chain, web.key, empty, None).is_err());
-    }
-
-    #[test]
-    fn issued_certificate_carries_exactly_the_id() {
-        let ca = DevCa::generate("cluster.local").unwrap();
-        let creds = ca.issue("spiffe://cluster.local/ns/a/sa/b", HOUR).unwrap();
-        assert_eq!(
-            uri_sans(&creds.chain[0]).unwrap(),
-            vec!["spiffe://cluster.local/ns/a/sa/b"]
-        );
-        assert!(ca.issue("https://example.com/x", HOUR).is_err());
+impl std::fmt::Debug for TrustDomainMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
     }
 }

@@ -22,8 +22,69 @@ pub(crate) enum Command {
     /// Poke HBONE by hand: terminate tunnels or open them.
     #[command(subcommand)]
     Hbone(HboneCommand),
+    /// Development certificate authority: create a root, issue workload certificates.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Run a self-contained HBONE demo on loopback (development CA, server, client, traffic).
     Demo(DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum CaCommand {
+    /// Create a development root CA in DIR (`root-cert.pem`, and `root-key.pem` readable by its
+    /// owner only). Refuses to overwrite an existing one.
+    Init(CaInitArgs),
+    /// Issue a workload certificate from the CA in DIR; writes `cert-chain.pem`, `key.pem` and
+    /// `root-cert.pem` into OUT.
+    Issue(CaIssueArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CaInitArgs {
+    /// Directory for the CA files (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) dir: PathBuf,
+    /// Trust domain of the mesh; recorded as the root's O= and checked by `issue`.
+    #[arg(long, default_value = "cluster.local")]
+    pub(crate) trust_domain: String,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CaIssueArgs {
+    /// Directory of the CA made by `ztunnel ca init`.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) dir: PathBuf,
+    /// The workload's SPIFFE id, e.g. `spiffe://cluster.local/ns/default/sa/sleep`.
+    #[arg(long, value_name = "SPIFFE_ID")]
+    pub(crate) id: String,
+    /// Lifetime: a number with a unit, `s`, `m`, `h` or `d` (e.g. `90s`, `24h`, `7d`).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub(crate) ttl: std::time::Duration,
+    /// Directory for the workload's files (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) out: PathBuf,
+}
+
+/// Parses `90s`, `15m`, `24h`, `7d`.
+pub(crate) fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{text:?} has no unit; use s, m, h or d (e.g. 24h)"))?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a whole number"))?;
+    let seconds = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("{text:?} has unit {unit:?}; use s, m, h or d")),
+    };
+    if seconds == 0 {
+        return Err("a lifetime must be longer than zero".into());
+    }
+    Ok(std::time::Duration::from_secs(seconds))
 }
 
 #[derive(Debug, Subcommand)]

@@ -277,3 +277,78 @@ fn bad_flags_fail_with_clear_messages() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.pem"));
 }
+
+#[test]
+fn ca_commands_make_certificates_that_hbone_accepts() {
+    let dir = TempDir::new("ca");
+    let ca = dir.0.join("ca");
+    let run = |args: &[&str]| {
+        let out = ztunnel().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["ca", "init", "--dir", ca.to_str().unwrap()]);
+    for (side, sa) in [("server", "web-api"), ("client", "sleep")] {
+        let id = format!("spiffe://cluster.local/ns/default/sa/{sa}");
+        let out = dir.0.join(side);
+        run(&[
+            "ca",
+            "issue",
+            "--dir",
+            ca.to_str().unwrap(),
+            "--id",
+            &id,
+            "--ttl",
+            "1h",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+    }
+    // Another trust domain is refused by this CA.
+    let out = ztunnel()
+        .args([
+            "ca",
+            "issue",
+            "--dir",
+            ca.to_str().unwrap(),
+            "--id",
+            "spiffe://other.example/ns/a/sa/b",
+        ])
+        .args(["--out", dir.0.join("x").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("trust domain"));
+
+    let backend = upper_backend();
+    let listen = free_port();
+    let _server = Running(
+        ztunnel()
+            .args(["hbone", "serve", "--listen", &listen.to_string()])
+            .args(tls_args(&dir.0, "server"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_listener(listen);
+    let out = connect_stdio(
+        &dir.0,
+        listen,
+        &backend.to_string(),
+        &[
+            "--expect-san",
+            "spiffe://cluster.local/ns/default/sa/web-api",
+        ],
+        b"issued by ztunnel ca",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"ISSUED BY ZTUNNEL CA");
+}

@@ -22,21 +22,27 @@ const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/sleep";
 const CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 
 pub(crate) async fn run(args: DemoArgs) -> Result<(), Error> {
+    let server_id = spiffe(SERVER_ID);
+    let client_id = spiffe(CLIENT_ID);
     let ca = identity::DevCa::generate(TRUST_DOMAIN)?;
     if let Some(dir) = &args.write_certs {
-        ca.issue_to_dir(SERVER_ID, CERT_TTL, &dir.join("server"))?;
-        ca.issue_to_dir(CLIENT_ID, CERT_TTL, &dir.join("client"))?;
+        ca.issue_to_dir(&server_id, CERT_TTL, &dir.join("server"))?;
+        ca.issue_to_dir(&client_id, CERT_TTL, &dir.join("client"))?;
         println!(
             "wrote certificates to {}/{{server,client}}/{{cert-chain,key,root-cert}}.pem",
             dir.display()
         );
     }
-    let server_creds = ca.issue(SERVER_ID, CERT_TTL)?;
-    let client_creds = ca.issue(CLIENT_ID, CERT_TTL)?;
+    let server_creds = ca.issue(&server_id, CERT_TTL)?;
+    let client_creds = ca.issue(&client_id, CERT_TTL)?;
 
     let backend = echo_backend().await?;
-    let server_tls =
-        identity::tls::server_config(server_creds.chain, server_creds.key, ca.roots())?;
+    let server_tls = identity::tls::server_config(
+        server_creds.chain,
+        server_creds.key,
+        ca.roots(),
+        TRUST_DOMAIN,
+    )?;
     let server = Server::new(
         Config::default(),
         Arc::new(server_tls),
@@ -53,7 +59,7 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), Error> {
         client_creds.chain.clone(),
         client_creds.key.clone_key(),
         ca.roots(),
-        Some(vec![SERVER_ID.to_owned()]),
+        Some(vec![server_id.clone()]),
     )?;
     let pool = Pool::new(Config::default(), StaticTls(Arc::new(client_tls)));
     let authority = Authority::from(backend);
@@ -84,9 +90,9 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), Error> {
         client_creds.chain,
         client_creds.key,
         ca.roots(),
-        Some(vec![
-            "spiffe://cluster.local/ns/default/sa/not-web-api".to_owned(),
-        ]),
+        Some(vec![spiffe(
+            "spiffe://cluster.local/ns/default/sa/not-web-api",
+        )]),
     )?;
     let wrong = Pool::new(Config::default(), StaticTls(Arc::new(wrong_tls)));
     match wrong
@@ -162,6 +168,11 @@ async fn bind() -> Result<TcpListener, Error> {
     TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|source| io("binding a loopback listener", source))
+}
+
+/// The demo's identities are constants known to be valid.
+fn spiffe(id: &str) -> identity::SpiffeId {
+    identity::SpiffeId::parse(id).expect("a valid constant SPIFFE id")
 }
 
 fn io(what: &str, source: std::io::Error) -> Error {

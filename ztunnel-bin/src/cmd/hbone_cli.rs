@@ -18,7 +18,9 @@ const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) async fn serve(args: ServeArgs) -> Result<(), Error> {
     let (chain, key, roots) = load(&args.tls)?;
-    let tls = identity::tls::server_config(chain, key, roots)?;
+    // Clients must be in our own trust domain, which our certificate names.
+    let own_id = identity::tls::peer_spiffe_id(&chain)?;
+    let tls = identity::tls::server_config(chain, key, roots, own_id.trust_domain())?;
     let forward_to = match &args.forward_to {
         Some(addr) => Some(resolve("--forward-to", addr).await?),
         None => None,
@@ -133,7 +135,18 @@ pub(crate) async fn connect(args: ConnectArgs) -> Result<(), Error> {
     })?;
     let server = resolve("--to", &args.to).await?;
     let (chain, key, roots) = load(&args.tls)?;
-    let expected = (!args.expect_san.is_empty()).then(|| args.expect_san.clone());
+    let expected = args
+        .expect_san
+        .iter()
+        .map(|san| {
+            identity::SpiffeId::parse(san).map_err(|e| Error::Flag {
+                flag: "--expect-san",
+                value: san.clone(),
+                reason: e.to_string(),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let expected = (!expected.is_empty()).then_some(expected);
     let tls = identity::tls::client_config(chain, key, roots, expected)?;
     let pool = Pool::new(Config::default(), StaticTls(Arc::new(tls)));
     match args.listen {

@@ -1,9 +1,10 @@
 //! The subcommands. Each is a thin wrapper over the library crates.
 
+mod ca;
 mod demo;
 mod hbone_cli;
 
-use crate::cli::{Command, HboneCommand};
+use crate::cli::{CaCommand, Command, HboneCommand};
 
 /// Errors a command reports before exiting non-zero.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +44,8 @@ pub(crate) async fn run(command: Command) -> Result<(), Error> {
     match command {
         Command::Hbone(HboneCommand::Serve(args)) => hbone_cli::serve(args).await,
         Command::Hbone(HboneCommand::Connect(args)) => hbone_cli::connect(args).await,
+        Command::Ca(CaCommand::Init(args)) => ca::init(args),
+        Command::Ca(CaCommand::Issue(args)) => ca::issue(args),
         Command::Demo(args) => demo::run(args).await,
     }
 }
