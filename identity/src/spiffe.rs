@@ -197,7 +197,7 @@ pub fn fuzz_spiffe_id(data: &[u8]) {
             assert!(text.len() <= MAX_ID_LEN);
             assert!(!id.trust_domain().is_empty());
             assert!(!id.path().ends_with('/'));
-            assert_eq!(SpiffeId::parse(&id.to_string()).as_ref(), Ok(&id));
+            assert_eq!(SpiffeId::parse(&format!("{id}")).as_ref(), Ok(&id));
             if let (Some(ns), Some(sa)) = (id.namespace(), id.service_account()) {
                 let rebuilt = SpiffeId::istio(id.trust_domain(), ns, sa).expect("istio form");
                 assert_eq!(rebuilt, id);
@@ -374,7 +374,7 @@ mod tests {
             let id = SpiffeId::parse(&text).unwrap();
             prop_assert_eq!(id.as_str(), text.as_str());
             prop_assert_eq!(id.trust_domain(), td.as_str());
-            prop_assert_eq!(SpiffeId::parse(&id.to_string()).unwrap(), id);
+            prop_assert_eq!(SpiffeId::parse(&format!("{id}")).unwrap(), id);
         }
 
         #[test]

@@ -260,7 +260,7 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
 #[test]
 fn missing_client_certificate_is_refused() {
     let m = mesh();
-    let mut no_cert = rustls::ClientConfig::builder_with_provider(tls::provider())
+    let mut no_cert = ClientConfig::builder_with_provider(tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .dangerous()
