@@ -159,37 +159,92 @@ impl KeyAndCsr {
 }
 
 /// A workload's certificate as handed out by the [`SecretManager`](crate::SecretManager): the
-/// identity, chain and key, the roots it chains to, and its validity window.
-#[derive(Debug, Clone)]
+/// identity, chain and key, the validity window, and the same ready for rustls.
+#[derive(Clone)]
 pub struct WorkloadCert {
-    /// The identity the certificate proves.
-    pub id: SpiffeId,
-    /// Chain (leaf first, without the root) and key.
-    pub credentials: Credentials,
-    /// The trust roots of the mesh, as the CA reported them.
-    pub roots: Vec<CertificateDer<'static>>,
-    /// Start of validity of the leaf.
-    pub not_before: SystemTime,
-    /// End of validity of the leaf.
-    pub not_after: SystemTime,
+    id: SpiffeId,
+    credentials: Credentials,
+    not_before: SystemTime,
+    not_after: SystemTime,
+    received_at: SystemTime,
+    certified: Arc<rustls::sign::CertifiedKey>,
+}
+
+impl std::fmt::Debug for WorkloadCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkloadCert")
+            .field("id", &self.id)
+            .field("not_before", &crate::fmt_time(self.not_before))
+            .field("not_after", &crate::fmt_time(self.not_after))
+            .finish_non_exhaustive()
+    }
 }
 
 impl WorkloadCert {
+    /// Wraps a chain and key for `id`; the leaf must carry exactly `id` and the key must load.
+    pub fn new(id: SpiffeId, credentials: Credentials) -> Result<Self, Error> {
+        let leaf = credentials
+            .chain
+            .first()
+            .ok_or_else(|| Error::Certificate("empty certificate chain".into()))?;
+        let info = CertInfo::parse(leaf)?;
+        let got = info.spiffe_id()?;
+        if got != id {
+            return Err(Error::Certificate(format!(
+                "the certificate is for {got}, not {id}"
+            )));
+        }
+        let key = crate::tls::provider()
+            .key_provider
+            .load_private_key(credentials.key.clone_key())?;
+        let certified = Arc::new(rustls::sign::CertifiedKey::new(
+            credentials.chain.clone(),
+            key,
+        ));
+        Ok(WorkloadCert {
+            id,
+            credentials,
+            not_before: info.not_before,
+            not_after: info.not_after,
+            received_at: SystemTime::now(),
+            certified,
+        })
+    }
+
+    /// The identity the certificate proves.
+    pub fn id(&self) -> &SpiffeId {
+        &self.id
+    }
+
+    /// Chain (leaf first, without the root) and key.
+    pub fn credentials(&self) -> &Credentials {
+        &self.credentials
+    }
+
+    /// Start of validity of the leaf.
+    pub fn not_before(&self) -> SystemTime {
+        self.not_before
+    }
+
+    /// End of validity of the leaf.
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+
+    /// When this process received the certificate (refresh is planned from here, since CAs
+    /// backdate `not_before` for clock skew).
+    pub fn received_at(&self) -> SystemTime {
+        self.received_at
+    }
+
     /// Whether the leaf is valid at `now`.
     pub fn is_valid_at(&self, now: SystemTime) -> bool {
         self.not_before <= now && now < self.not_after
     }
 
     /// The chain and key as a rustls `CertifiedKey` (for a server certificate resolver).
-    pub fn certified_key(&self) -> Result<Arc<rustls::sign::CertifiedKey>, Error> {
-        let provider = crate::tls::provider();
-        let key = provider
-            .key_provider
-            .load_private_key(self.credentials.key.clone_key())?;
-        Ok(Arc::new(rustls::sign::CertifiedKey::new(
-            self.credentials.chain.clone(),
-            key,
-        )))
+    pub fn certified_key(&self) -> Arc<rustls::sign::CertifiedKey> {
+        self.certified.clone()
     }
 }
 

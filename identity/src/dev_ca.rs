@@ -184,6 +184,39 @@ impl DevCa {
         })
     }
 
+    /// Issues a TLS server certificate for DNS names and IP addresses (for serving the CA or a
+    /// control plane over TLS), valid for `ttl`.
+    pub fn issue_server(&self, names: &[&str], ttl: Duration) -> Result<Credentials, Error> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.subject_alt_names = names
+            .iter()
+            .map(|name| match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => Ok(SanType::IpAddress(ip)),
+                Err(_) => (*name).try_into().map(SanType::DnsName),
+            })
+            .collect::<Result<_, rcgen::Error>>()?;
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(
+            DnType::CommonName,
+            names.first().copied().unwrap_or("server"),
+        );
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + ttl;
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.signer, &self.key)?;
+        Ok(Credentials {
+            chain: vec![cert.der().clone()],
+            key: PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        })
+    }
+
     /// Signs a PEM CSR for `id`, valid for `ttl`. The CSR's signature must verify (proof that the
     /// requester holds the key); its requested names are ignored: the certificate carries exactly
     /// `id`. Returns the chain, leaf first, root last.

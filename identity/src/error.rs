@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use crate::SpiffeId;
+
 /// Errors of the identity crate. Each names the file, certificate or identity concerned.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -41,6 +43,44 @@ pub enum Error {
     /// A certificate signing request is malformed or its signature does not verify.
     #[error("bad certificate signing request: {0}")]
     Csr(String),
+    /// The CA client's settings are unusable.
+    #[error("CA client for {address}: {reason}")]
+    CaConfig {
+        /// The CA address.
+        address: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The CA could not be reached or refused the request.
+    #[error("CA {address} did not sign {id}: {code}: {message}")]
+    CaRpc {
+        /// The CA address.
+        address: String,
+        /// The identity asked for.
+        id: SpiffeId,
+        /// The gRPC status code.
+        code: String,
+        /// The status message.
+        message: String,
+    },
+    /// The CA answered with something we must not use.
+    #[error("CA {address} answered for {id} with an unusable certificate: {reason}")]
+    CaAnswer {
+        /// The CA address.
+        address: String,
+        /// The identity asked for.
+        id: SpiffeId,
+        /// What is wrong with the answer.
+        reason: String,
+    },
+    /// No valid certificate is available for an identity (fail closed).
+    #[error("no valid certificate for {id}: {reason}")]
+    NoCertificate {
+        /// The identity.
+        id: SpiffeId,
+        /// Why: the last CA error, or that the certificate expired.
+        reason: String,
+    },
     /// An identity is not a valid URI for a certificate SAN.
     #[error("invalid identity {id:?}: {reason}")]
     Identity {

@@ -27,10 +27,12 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod ca;
 mod cert;
 mod dev_ca;
 mod error;
 pub mod pem;
+mod secrets;
 mod spiffe;
 pub mod tls;
 
@@ -39,6 +41,15 @@ pub use cert::{
 };
 pub use dev_ca::DevCa;
 pub use error::Error;
+pub use secrets::{SecretManager, SecretManagerConfig};
 pub use spiffe::{
     MAX_ID_LEN, MAX_TRUST_DOMAIN_LEN, SpiffeId, SpiffeIdError, SpiffeIdErrorKind, fuzz_spiffe_id,
 };
+
+/// Formats a time as seconds since the Unix epoch, for messages (no calendar dependency).
+pub(crate) fn fmt_time(t: std::time::SystemTime) -> String {
+    match t.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => format!("unix:{}", d.as_secs()),
+        Err(_) => "before 1970".to_owned(),
+    }
+}

@@ -55,6 +55,17 @@ pub fn certs_to_pem(certs: &[CertificateDer<'_>]) -> String {
         .collect()
 }
 
+/// Encodes a private key as a PEM `PRIVATE KEY` (PKCS#8) block, or the matching block for SEC1
+/// and PKCS#1 keys.
+pub fn key_to_pem(key: &PrivateKeyDer<'_>) -> String {
+    let label = match key {
+        PrivateKeyDer::Sec1(_) => "EC PRIVATE KEY",
+        PrivateKeyDer::Pkcs1(_) => "RSA PRIVATE KEY",
+        _ => "PRIVATE KEY",
+    };
+    pem_block(label, key.secret_der())
+}
+
 /// Encodes one DER blob as a PEM block with the given label.
 pub(crate) fn pem_block(label: &str, der: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";

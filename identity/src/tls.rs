@@ -140,16 +140,17 @@ pub fn peer_uri_sans(chain: &[CertificateDer<'_>]) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// A server certificate resolver that always serves the latest certificate of a watch channel
-/// (fed by the [`SecretManager`](crate::SecretManager)); no certificate means the handshake fails.
+/// A server certificate resolver that serves the latest certificate of a watch channel (such as
+/// [`SecretManager::subscribe`](crate::SecretManager::subscribe)). No certificate, or an expired
+/// one, means the handshake fails: it never serves an expired certificate.
 #[derive(Debug)]
 pub struct WatchResolver {
-    rx: tokio::sync::watch::Receiver<Option<Arc<rustls::sign::CertifiedKey>>>,
+    rx: tokio::sync::watch::Receiver<Option<Arc<crate::WorkloadCert>>>,
 }
 
 impl WatchResolver {
     /// Serves whatever `rx` holds at each handshake.
-    pub fn new(rx: tokio::sync::watch::Receiver<Option<Arc<rustls::sign::CertifiedKey>>>) -> Self {
+    pub fn new(rx: tokio::sync::watch::Receiver<Option<Arc<crate::WorkloadCert>>>) -> Self {
         WatchResolver { rx }
     }
 }
@@ -159,8 +160,28 @@ impl ResolvesServerCert for WatchResolver {
         &self,
         _hello: rustls::server::ClientHello<'_>,
     ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        self.rx.borrow().clone()
+        let current = self.rx.borrow();
+        match current.as_ref() {
+            Some(cert) if cert.is_valid_at(std::time::SystemTime::now()) => {
+                Some(cert.certified_key())
+            }
+            Some(cert) => {
+                tracing::warn!(id = %cert.id(), "refusing a TLS handshake: the certificate has expired");
+                None
+            }
+            None => None,
+        }
     }
+}
+
+/// A client configuration presenting a workload's certificate (see [`client_config`]).
+pub fn client_config_for(
+    cert: &crate::WorkloadCert,
+    roots: Arc<RootCertStore>,
+    expected: Option<Vec<SpiffeId>>,
+) -> Result<ClientConfig, Error> {
+    let creds = cert.credentials();
+    client_config(creds.chain.clone(), creds.key.clone_key(), roots, expected)
 }
 
 /// Verifies a server's chain against fixed roots, then its SPIFFE id against an expected set.

@@ -292,16 +292,8 @@ fn resolver_serves_the_current_certificate_and_fails_closed_without_one() {
         .is_err()
     );
     // Publish one: the same server configuration now works.
-    let certified = identity::WorkloadCert {
-        id: m.web.clone(),
-        credentials: m.web_creds.clone(),
-        roots: vec![m.ca.root()],
-        not_before: SystemTime::now(),
-        not_after: SystemTime::now() + HOUR,
-    }
-    .certified_key()
-    .unwrap();
-    tx.send(Some(certified)).unwrap();
+    let cert = identity::WorkloadCert::new(m.web.clone(), m.web_creds.clone()).unwrap();
+    tx.send(Some(Arc::new(cert))).unwrap();
     handshake(client(&m, &m.sleep_creds, vec![m.web.clone()]), config).unwrap();
 }
 

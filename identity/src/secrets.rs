@@ -1,0 +1,247 @@
+//! The secret manager: the current certificate of every identity the proxy serves, fetched once,
+//! refreshed before expiry, never handed out expired.
+//!
+//! One background task per identity owns the fetching: concurrent `get`s for a new identity wait
+//! for the same first fetch; afterwards the task sleeps until about half of the certificate's
+//! remaining life (with jitter, so a node's pods do not all renew at once), fetches again, and
+//! publishes the new certificate on a watch channel that subscribers (TLS resolvers, the admin
+//! dump) follow. Failed fetches are retried with capped exponential backoff while the old
+//! certificate, if still valid, keeps being served.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use rand::Rng;
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+use tracing::{info, warn};
+
+use crate::ca::CertificateSource;
+use crate::{Error, SpiffeId, WorkloadCert};
+
+/// Refresh and retry timing of a [`SecretManager`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SecretManagerConfig {
+    /// Renew after this fraction of the time between receipt and expiry (Istio: one half).
+    pub refresh_fraction: f64,
+    /// Random spread applied to each refresh delay, as a fraction of it (0.1 = ±10%).
+    pub jitter: f64,
+    /// First retry delay after a failed fetch.
+    pub initial_backoff: Duration,
+    /// Longest retry delay.
+    pub max_backoff: Duration,
+}
+
+impl Default for SecretManagerConfig {
+    fn default() -> Self {
+        SecretManagerConfig {
+            refresh_fraction: 0.5,
+            jitter: 0.1,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Current certificates per identity. Cheap to clone. Must be used within a Tokio runtime.
+#[derive(Clone)]
+pub struct SecretManager {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for SecretManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretManager")
+            .field("identities", &self.identities())
+            .finish()
+    }
+}
+
+struct Inner {
+    source: Arc<dyn CertificateSource>,
+    config: SecretManagerConfig,
+    entries: Mutex<HashMap<SpiffeId, Entry>>,
+}
+
+/// Receives each new certificate of an identity.
+type CertWatch = watch::Receiver<Option<Arc<WorkloadCert>>>;
+/// The last fetch error of an identity; cleared by a success.
+type SharedError = Arc<Mutex<Option<String>>>;
+
+struct Entry {
+    tx: watch::Sender<Option<Arc<WorkloadCert>>>,
+    last_error: SharedError,
+    task: AbortHandle,
+}
+
+impl SecretManager {
+    /// A manager that fetches from `source` (an [`IstioCaClient`](crate::ca::IstioCaClient) or
+    /// any other [`CertificateSource`]).
+    pub fn new(source: Arc<dyn CertificateSource>, config: SecretManagerConfig) -> Self {
+        SecretManager {
+            inner: Arc::new(Inner {
+                source,
+                config,
+                entries: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The current certificate of `id`, fetching it first if this identity is new.
+    ///
+    /// Fails closed: if the certificate has expired (because renewals keep failing), or the
+    /// first fetch failed, this returns [`Error::NoCertificate`] with the reason, never an
+    /// expired certificate.
+    pub async fn get(&self, id: &SpiffeId) -> Result<Arc<WorkloadCert>, Error> {
+        let (mut rx, last_error) = self.watch(id);
+        loop {
+            if let Some(cert) = rx.borrow_and_update().clone() {
+                if cert.is_valid_at(SystemTime::now()) {
+                    return Ok(cert);
+                }
+                let ca = last_error.lock().expect("lock").clone();
+                return Err(Error::NoCertificate {
+                    id: id.clone(),
+                    reason: format!(
+                        "the certificate expired at {} and has not been renewed{}",
+                        crate::fmt_time(cert.not_after()),
+                        ca.map(|e| format!(" (last CA error: {e})"))
+                            .unwrap_or_default()
+                    ),
+                });
+            }
+            if let Some(error) = last_error.lock().expect("lock").clone() {
+                return Err(Error::NoCertificate {
+                    id: id.clone(),
+                    reason: error,
+                });
+            }
+            if rx.changed().await.is_err() {
+                return Err(Error::NoCertificate {
+                    id: id.clone(),
+                    reason: "the identity was forgotten while waiting for its certificate".into(),
+                });
+            }
+        }
+    }
+
+    /// Follows the certificates of `id` (starting its fetch if needed): the receiver sees each
+    /// rotation. `None` until the first certificate arrives.
+    pub fn subscribe(&self, id: &SpiffeId) -> watch::Receiver<Option<Arc<WorkloadCert>>> {
+        self.watch(id).0
+    }
+
+    /// Stops refreshing `id` and drops its certificate; pending `get`s fail.
+    pub fn forget(&self, id: &SpiffeId) {
+        if let Some(entry) = self.inner.entries.lock().expect("lock").remove(id) {
+            entry.task.abort();
+            info!(%id, "secret manager: forgot identity");
+        }
+    }
+
+    /// The identities currently managed.
+    pub fn identities(&self) -> Vec<SpiffeId> {
+        let mut ids: Vec<_> = self
+            .inner
+            .entries
+            .lock()
+            .expect("lock")
+            .keys()
+            .cloned()
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    fn watch(&self, id: &SpiffeId) -> (CertWatch, SharedError) {
+        let mut entries = self.inner.entries.lock().expect("lock");
+        let entry = entries.entry(id.clone()).or_insert_with(|| {
+            let (tx, _) = watch::channel(None);
+            let last_error = Arc::new(Mutex::new(None));
+            let task = tokio::spawn(refresh_loop(
+                id.clone(),
+                self.inner.source.clone(),
+                self.inner.config.clone(),
+                tx.clone(),
+                last_error.clone(),
+            ));
+            Entry {
+                tx,
+                last_error,
+                task: task.abort_handle(),
+            }
+        });
+        (entry.tx.subscribe(), entry.last_error.clone())
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Ok(entries) = self.entries.lock() {
+            for entry in entries.values() {
+                entry.task.abort();
+            }
+        }
+    }
+}
+
+/// Fetches, publishes, sleeps until the refresh point; retries failures with backoff.
+async fn refresh_loop(
+    id: SpiffeId,
+    source: Arc<dyn CertificateSource>,
+    config: SecretManagerConfig,
+    tx: watch::Sender<Option<Arc<WorkloadCert>>>,
+    last_error: Arc<Mutex<Option<String>>>,
+) {
+    let mut backoff = config.initial_backoff;
+    loop {
+        match source.fetch(&id).await {
+            Ok(cert) => {
+                *last_error.lock().expect("lock") = None;
+                let delay = refresh_delay(&cert, &config, SystemTime::now());
+                info!(%id, not_after = %crate::fmt_time(cert.not_after()), refresh_in = ?delay, "secret manager: new certificate");
+                tx.send_replace(Some(Arc::new(cert)));
+                backoff = config.initial_backoff;
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => {
+                let still_valid = tx
+                    .borrow()
+                    .as_ref()
+                    .is_some_and(|c| c.is_valid_at(SystemTime::now()));
+                warn!(%id, error = %e, retry_in = ?backoff, still_valid, "secret manager: fetch failed");
+                *last_error.lock().expect("lock") = Some(e.to_string());
+                // Wake waiters so a first `get` fails fast instead of hanging.
+                tx.send_modify(|_| {});
+                tokio::time::sleep(jittered(backoff, config.jitter)).await;
+                backoff = (backoff * 2).min(config.max_backoff);
+            }
+        }
+    }
+}
+
+/// Time from `now` until the refresh point: `refresh_fraction` of the way from receipt to expiry,
+/// with jitter; never negative.
+pub(crate) fn refresh_delay(
+    cert: &WorkloadCert,
+    config: &SecretManagerConfig,
+    now: SystemTime,
+) -> Duration {
+    let life = cert
+        .not_after()
+        .duration_since(cert.received_at())
+        .unwrap_or_default();
+    let target =
+        cert.received_at() + jittered(life.mul_f64(config.refresh_fraction), config.jitter);
+    target.duration_since(now).unwrap_or_default()
+}
+
+fn jittered(d: Duration, jitter: f64) -> Duration {
+    if jitter <= 0.0 {
+        return d;
+    }
+    let factor = rand::rng().random_range((1.0 - jitter)..=(1.0 + jitter));
+    d.mul_f64(factor.max(0.0))
+}
