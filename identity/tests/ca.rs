@@ -1,6 +1,8 @@
 //! The Istio CA client against the CA server over real gRPC + TLS on loopback, misbehaving CAs,
 //! and the secret manager (single fetch, backoff, rotation, fail-closed expiry).
 
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -398,35 +400,7 @@ async fn expired_certificates_are_never_handed_out() {
         None,
     )
     .unwrap();
-    assert!(handshake(client, config).is_err());
-}
-
-/// Runs a TLS handshake in memory.
-fn handshake(
-    client: rustls::ClientConfig,
-    server: rustls::ServerConfig,
-) -> Result<(), rustls::Error> {
-    let name = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
-    let mut c = rustls::ClientConnection::new(Arc::new(client), name)?;
-    let mut s = rustls::ServerConnection::new(Arc::new(server))?;
-    for _ in 0..10 {
-        let mut buf = Vec::new();
-        c.write_tls(&mut buf).unwrap();
-        s.read_tls(&mut &buf[..]).unwrap();
-        s.process_new_packets()?;
-        let mut buf = Vec::new();
-        s.write_tls(&mut buf).unwrap();
-        c.read_tls(&mut &buf[..]).unwrap();
-        c.process_new_packets()?;
-        if !c.is_handshaking() && !s.is_handshaking() {
-            let mut buf = Vec::new();
-            c.write_tls(&mut buf).unwrap();
-            s.read_tls(&mut &buf[..]).unwrap();
-            s.process_new_packets()?;
-            return Ok(());
-        }
-    }
-    panic!("handshake did not finish")
+    assert!(common::handshake(client, config).is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -473,8 +447,8 @@ async fn handshakes_keep_working_across_rotations() {
         let client =
             identity::tls::client_config_for(&client_cert, ca.roots(), Some(vec![web.clone()]))
                 .unwrap();
-        handshake(client, server.clone())
-            .unwrap_or_else(|e| panic!("handshake {handshakes} failed: {e}"));
+        common::handshake(client, server.clone())
+            .unwrap_or_else(|e| panic!("handshake {handshakes} failed: {e:?}"));
         handshakes += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

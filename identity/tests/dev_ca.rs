@@ -1,5 +1,7 @@
 //! The development CA: files on disk, CSR signing, and what issued certificates contain.
 
+mod common;
+
 use std::time::{Duration, SystemTime};
 
 use identity::{CertInfo, DevCa, KeyAndCsr, SpiffeId};
@@ -61,20 +63,7 @@ fn init_then_load_issues_chains_that_verify_against_the_original_root() {
         Some(vec![web]),
     )
     .unwrap();
-    let name = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
-    let mut c = rustls::ClientConnection::new(std::sync::Arc::new(client), name).unwrap();
-    let mut s = rustls::ServerConnection::new(std::sync::Arc::new(server)).unwrap();
-    for _ in 0..4 {
-        let mut buf = Vec::new();
-        c.write_tls(&mut buf).unwrap();
-        s.read_tls(&mut &buf[..]).unwrap();
-        s.process_new_packets().unwrap();
-        let mut buf = Vec::new();
-        s.write_tls(&mut buf).unwrap();
-        c.read_tls(&mut &buf[..]).unwrap();
-        c.process_new_packets().unwrap();
-    }
-    assert!(!c.is_handshaking() && !s.is_handshaking());
+    common::handshake(client, server).unwrap();
 }
 
 #[test]

@@ -1,9 +1,12 @@
 //! mTLS between two rustls endpoints built by `identity::tls`, handshaking in memory: the right
 //! identity passes, and each kind of wrong peer fails with an error that says which kind it is.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use common::{Failure, handshake};
 use identity::tls::{self, IdentityMismatch, TrustDomainMismatch, WatchResolver};
 use identity::{Credentials, DevCa, KeyAndCsr, SpiffeId};
 use rustls::pki_types::ServerName;
@@ -13,40 +16,6 @@ const HOUR: Duration = Duration::from_secs(3600);
 
 fn id(text: &str) -> SpiffeId {
     text.parse().unwrap()
-}
-
-/// Which side rejected the handshake, and with what.
-#[derive(Debug)]
-enum Failure {
-    Client(rustls::Error),
-    Server(rustls::Error),
-}
-
-/// Runs a handshake in memory, pumping records until both sides finish or one fails.
-fn handshake(client: ClientConfig, server: ServerConfig) -> Result<(), Failure> {
-    let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
-    let mut c = rustls::ClientConnection::new(Arc::new(client), name).unwrap();
-    let mut s = rustls::ServerConnection::new(Arc::new(server)).unwrap();
-    for _ in 0..10 {
-        let mut buf = Vec::new();
-        c.write_tls(&mut buf).unwrap();
-        s.read_tls(&mut &buf[..]).unwrap();
-        s.process_new_packets().map_err(Failure::Server)?;
-        let mut buf = Vec::new();
-        s.write_tls(&mut buf).unwrap();
-        c.read_tls(&mut &buf[..]).unwrap();
-        c.process_new_packets().map_err(Failure::Client)?;
-        if !c.is_handshaking() && !s.is_handshaking() {
-            // TLS 1.3: the server judges the client certificate after the client is done; make
-            // sure its verdict has been read.
-            let mut buf = Vec::new();
-            c.write_tls(&mut buf).unwrap();
-            s.read_tls(&mut &buf[..]).unwrap();
-            s.process_new_packets().map_err(Failure::Server)?;
-            return Ok(());
-        }
-    }
-    panic!("handshake did not finish")
 }
 
 fn other_error<T: std::error::Error + 'static>(e: &rustls::Error) -> Option<&T> {

@@ -1,87 +1,15 @@
 //! Runs the `ztunnel` binary as a user would: the demo, and `hbone serve` + `hbone connect`.
 
+mod common;
+
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Output, Stdio};
 
-fn ztunnel() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ztunnel"))
-}
-
-/// Kills the child process when dropped, so a failing test leaves nothing running.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("ztunnel-cli-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn wait_for_listener(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {addr}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A TCP backend that answers each connection with its input uppercased, after EOF.
-fn upper_backend() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            std::thread::spawn(move || {
-                let mut data = Vec::new();
-                if conn.read_to_end(&mut data).is_ok() {
-                    let _ = conn.write_all(&data.to_ascii_uppercase());
-                }
-            });
-        }
-    });
-    addr
-}
-
-fn tls_args(dir: &Path, side: &str) -> Vec<String> {
-    let d = dir.join(side);
-    vec![
-        "--cert".into(),
-        d.join("cert-chain.pem").display().to_string(),
-        "--key".into(),
-        d.join("key.pem").display().to_string(),
-        "--ca".into(),
-        d.join("root-cert.pem").display().to_string(),
-    ]
-}
+use common::{
+    Running, TempDir, free_port, tls_args, upper_backend, wait_for_listener, with_stdin, ztunnel,
+};
 
 fn connect_stdio(
     dir: &Path,
@@ -90,24 +18,18 @@ fn connect_stdio(
     extra: &[&str],
     input: &[u8],
 ) -> Output {
-    let mut child = ztunnel()
-        .args([
-            "hbone",
-            "connect",
-            "--to",
-            &server.to_string(),
-            "--authority",
-            authority,
-        ])
-        .args(tls_args(dir, "client"))
-        .args(extra)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(input).unwrap();
-    child.wait_with_output().unwrap()
+    let mut cmd = ztunnel();
+    cmd.args([
+        "hbone",
+        "connect",
+        "--to",
+        &server.to_string(),
+        "--authority",
+        authority,
+    ])
+    .args(tls_args(dir, "client"))
+    .args(extra);
+    with_stdin(cmd, input)
 }
 
 #[test]

@@ -2,28 +2,14 @@
 //! and the pure-Python `h2` package, sharing no code with ours). `.ci/run` installs the package;
 //! without it these tests fail with a message saying what to install.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::{Running, TempDir, free_port, tls_args, wait_for_listener, with_stdin};
 
 fn peer_script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../interop/h2_peer.py")
@@ -43,52 +29,16 @@ fn require_python_h2() {
 }
 
 fn certs(name: &str) -> TempDir {
-    let dir = std::env::temp_dir().join(format!("ztunnel-interop-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = TempDir::new(&format!("interop-{name}"));
     let status = Command::new(env!("CARGO_BIN_EXE_ztunnel"))
         .args(["demo", "--streams", "1", "--bytes", "1", "--write-certs"])
-        .arg(&dir)
+        .arg(&dir.0)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .unwrap();
     assert!(status.success());
-    TempDir(dir)
-}
-
-fn tls_args(dir: &Path, side: &str) -> Vec<String> {
-    let d = dir.join(side);
-    ["cert-chain.pem", "key.pem", "root-cert.pem"]
-        .iter()
-        .zip(["--cert", "--key", "--ca"])
-        .flat_map(|(file, flag)| [flag.to_owned(), d.join(file).display().to_string()])
-        .collect()
-}
-
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn wait_for_listener(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {addr}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn with_stdin(mut cmd: Command, input: &[u8]) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(input).unwrap();
-    child.wait_with_output().unwrap()
+    dir
 }
 
 #[test]

@@ -1,0 +1,99 @@
+//! Helpers shared by the tests that run the `ztunnel` binary.
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub fn ztunnel() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ztunnel"))
+}
+
+/// Kills the child process when dropped, so a failing test leaves nothing running.
+pub struct Running(pub Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("ztunnel-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Waits until something accepts connections on `addr`.
+pub fn wait_for_listener(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A TCP backend that answers each connection with its input upper-cased, after EOF.
+pub fn upper_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut data = Vec::new();
+                if conn.read_to_end(&mut data).is_ok() {
+                    let _ = conn.write_all(&data.to_ascii_uppercase());
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// `--cert/--key/--ca` for the files `ztunnel ca issue` (or `demo --write-certs`) wrote in
+/// `dir/side`.
+pub fn tls_args(dir: &Path, side: &str) -> Vec<String> {
+    let d = dir.join(side);
+    ["cert-chain.pem", "key.pem", "root-cert.pem"]
+        .iter()
+        .zip(["--cert", "--key", "--ca"])
+        .flat_map(|(file, flag)| [flag.to_owned(), d.join(file).display().to_string()])
+        .collect()
+}
+
+/// Runs `cmd` with `input` on stdin and collects its output.
+pub fn with_stdin(mut cmd: Command, input: &[u8]) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
