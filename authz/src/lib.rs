@@ -1,7 +1,57 @@
 //! L4 authorization for an ambient mesh: Istio `AuthorizationPolicy` semantics, exactly.
 //!
-//! This crate will hold the policy model (scope, action, rule -> clause -> match, dry-run), the
-//! translation from Kubernetes `AuthorizationPolicy` YAML and from the `istio.security.Authorization`
-//! protobuf, and a pure evaluator with an explain trace. It performs no I/O. Nothing is implemented
-//! yet; see the project's issue tracker.
+//! The policy [`model`], the translation from Kubernetes YAML ([`parse_policies`], with warnings
+//! for what an L4 proxy cannot see) and from the `istio.security.Authorization` protobuf
+//! ([`proto`]), and a [`PolicyStore`] that decides connections and explains its decisions. Pure:
+//! no I/O, no clocks.
+//!
+//! ```
+//! use authz::{Connection, PolicyStore, Principal, Workload, parse_policies};
+//!
+//! let yaml = r#"
+//! apiVersion: security.istio.io/v1
+//! kind: AuthorizationPolicy
+//! metadata: {name: web-api-rbac, namespace: default}
+//! spec:
+//!   selector: {matchLabels: {app: web-api}}
+//!   rules:
+//!   - from:
+//!     - source: {principals: ["cluster.local/ns/default/sa/sleep"]}
+//! "#;
+//! let translation = parse_policies(yaml, "example.yaml", "istio-system")?;
+//! let mut store = PolicyStore::new("istio-system");
+//! translation.policies.into_iter().for_each(|p| store.insert(p));
+//!
+//! let web_api = Workload {
+//!     namespace: "default".into(),
+//!     labels: [("app".to_owned(), "web-api".to_owned())].into(),
+//!     ..Workload::default()
+//! };
+//! let from = |sa: &str| Connection {
+//!     source: "10.0.0.1:40000".parse().unwrap(),
+//!     destination: "10.0.0.2:8080".parse().unwrap(),
+//!     peer: Some(Principal::parse(&format!("spiffe://cluster.local/ns/default/sa/{sa}"))),
+//! };
+//! assert!(store.decide(&from("sleep"), &web_api).allowed);
+//! let denied = store.decide(&from("notsleep"), &web_api);
+//! assert!(!denied.allowed);
+//! println!("{denied}"); // DENY: no ALLOW policy matched (applicable: default/web-api-rbac)
+//! # Ok::<(), authz::ParseError>(())
+//! ```
 #![forbid(unsafe_code)]
+
+mod eval;
+pub mod model;
+pub mod proto;
+mod yaml;
+
+pub use eval::{
+    Decision, DryRunOutcome, NoTrace, PolicyStore, Reason, TextTrace, Trace, parse_labels,
+};
+pub use model::{
+    Action, Clause, Connection, Match, Policy, Principal, Rule, Scope, ServiceAccountMatch,
+    StringMatch, Workload,
+};
+pub use yaml::{
+    DEFAULT_ROOT_NAMESPACE, DRY_RUN_ANNOTATION, ParseError, Translation, Warning, parse_policies,
+};

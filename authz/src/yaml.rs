@@ -1,0 +1,592 @@
+//! Kubernetes `AuthorizationPolicy` YAML -> the L4 model, exactly as istiod translates it for
+//! ztunnel (DESIGN.md, "From Kubernetes YAML"), with a warning for everything an L4 proxy cannot
+//! honour and an error, with its YAML path, for anything malformed.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::model::{Action, Clause, Match, Policy, Rule, Scope, ServiceAccountMatch, StringMatch};
+
+/// Istio's default root namespace: policies there without a selector apply mesh-wide.
+pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+/// The annotation that makes a policy dry-run.
+pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
+
+/// Something the L4 translation could not honour as written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warning {
+    /// `namespace/name` of the policy.
+    pub policy: String,
+    /// The rule index, when the warning is about one rule.
+    pub rule: Option<usize>,
+    /// The attribute concerned (`methods`, `targetRefs`, `when[request.headers]`, ...).
+    pub attribute: String,
+    /// What happens because of it.
+    pub effect: String,
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.rule {
+            Some(rule) => write!(
+                f,
+                "rule {rule} of {} uses `{}`, which an L4 proxy cannot see; {}",
+                self.policy, self.attribute, self.effect
+            ),
+            None => write!(
+                f,
+                "{} uses `{}`: {}",
+                self.policy, self.attribute, self.effect
+            ),
+        }
+    }
+}
+
+/// Malformed input: where (document and YAML path) and what.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{source_name}: document {document}, {path}: {message}")]
+pub struct ParseError {
+    /// The file or source the text came from.
+    pub source_name: String,
+    /// 0-based index of the YAML document.
+    pub document: usize,
+    /// Path inside the document, e.g. `spec.rules[0].from[0].source.ipBlocks[1]`.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// The result of translating YAML: the policies and the warnings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Translation {
+    /// The L4 policies.
+    pub policies: Vec<Policy>,
+    /// What could not be honoured as written.
+    pub warnings: Vec<Warning>,
+}
+
+/// Translates every `AuthorizationPolicy` in a multi-document YAML text; other kinds are ignored.
+/// `source_name` names the text in errors (a file name).
+pub fn parse_policies(
+    text: &str,
+    source_name: &str,
+    root_namespace: &str,
+) -> Result<Translation, ParseError> {
+    let mut out = Translation::default();
+    for (document, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let error = |path: String, message: String| ParseError {
+            source_name: source_name.to_owned(),
+            document,
+            path,
+            message,
+        };
+        let value: serde_yaml::Value = serde_yaml::Value::deserialize(de)
+            .map_err(|e| error("(document)".into(), e.to_string()))?;
+        if value.is_null() {
+            continue;
+        }
+        let kind = value
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .unwrap_or_default();
+        if kind != "AuthorizationPolicy" {
+            continue;
+        }
+        let api = value
+            .get("apiVersion")
+            .and_then(|k| k.as_str())
+            .unwrap_or_default();
+        if api != "security.istio.io/v1" && api != "security.istio.io/v1beta1" {
+            return Err(error(
+                "apiVersion".into(),
+                format!("unsupported apiVersion {api:?}; expected security.istio.io/v1 or v1beta1"),
+            ));
+        }
+        let doc: Document = serde_path_to_error::deserialize(value)
+            .map_err(|e| error(display_path(&e.path().to_string()), e.inner().to_string()))?;
+        translate(doc, root_namespace, &mut out).map_err(|(path, message)| error(path, message))?;
+    }
+    Ok(out)
+}
+
+fn display_path(path: &str) -> String {
+    if path.is_empty() || path == "." {
+        "(document)".to_owned()
+    } else {
+        path.to_owned()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Document {
+    #[allow(dead_code)]
+    api_version: String,
+    #[allow(dead_code)]
+    kind: String,
+    metadata: Metadata,
+    #[serde(default)]
+    spec: Spec,
+}
+
+#[derive(Deserialize)]
+struct Metadata {
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+    // Labels, uid, resourceVersion, ...: allowed and ignored.
+    #[serde(flatten)]
+    _rest: BTreeMap<String, serde_yaml::Value>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Spec {
+    #[serde(default)]
+    selector: Option<Selector>,
+    #[serde(default)]
+    target_ref: Option<serde_yaml::Value>,
+    #[serde(default)]
+    target_refs: Option<Vec<serde_yaml::Value>>,
+    #[serde(default)]
+    action: Option<String>,
+    #[serde(default)]
+    provider: Option<serde_yaml::Value>,
+    #[serde(default)]
+    rules: Vec<YamlRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Selector {
+    #[serde(default)]
+    match_labels: BTreeMap<String, String>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct YamlRule {
+    #[serde(default)]
+    from: Option<Vec<From>>,
+    #[serde(default)]
+    to: Option<Vec<To>>,
+    #[serde(default)]
+    when: Option<Vec<Condition>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct From {
+    source: Source,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct To {
+    operation: Operation,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Source {
+    #[serde(default)]
+    principals: Vec<String>,
+    #[serde(default)]
+    not_principals: Vec<String>,
+    #[serde(default)]
+    request_principals: Vec<String>,
+    #[serde(default)]
+    not_request_principals: Vec<String>,
+    #[serde(default)]
+    namespaces: Vec<String>,
+    #[serde(default)]
+    not_namespaces: Vec<String>,
+    #[serde(default)]
+    ip_blocks: Vec<String>,
+    #[serde(default)]
+    not_ip_blocks: Vec<String>,
+    #[serde(default)]
+    remote_ip_blocks: Vec<String>,
+    #[serde(default)]
+    not_remote_ip_blocks: Vec<String>,
+    #[serde(default)]
+    service_accounts: Vec<String>,
+    #[serde(default)]
+    not_service_accounts: Vec<String>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Operation {
+    #[serde(default)]
+    hosts: Vec<String>,
+    #[serde(default)]
+    not_hosts: Vec<String>,
+    #[serde(default)]
+    ports: Vec<PortValue>,
+    #[serde(default)]
+    not_ports: Vec<PortValue>,
+    #[serde(default)]
+    methods: Vec<String>,
+    #[serde(default)]
+    not_methods: Vec<String>,
+    #[serde(default)]
+    paths: Vec<String>,
+    #[serde(default)]
+    not_paths: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Condition {
+    key: String,
+    #[serde(default)]
+    values: Vec<String>,
+    #[serde(default)]
+    not_values: Vec<String>,
+}
+
+/// Istio's CRD types ports as strings; people write numbers too.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PortValue {
+    Number(i64),
+    Text(String),
+}
+
+type PathError = (String, String);
+
+fn translate(doc: Document, root_namespace: &str, out: &mut Translation) -> Result<(), PathError> {
+    let namespace = doc
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_owned());
+    let name = doc.metadata.name.clone();
+    let key = format!("{namespace}/{name}");
+    let spec = doc.spec;
+    if spec.target_ref.is_some() || spec.target_refs.is_some() {
+        out.warnings.push(Warning {
+            policy: key,
+            rule: None,
+            attribute: "targetRefs".into(),
+            effect:
+                "policies with targetRefs are enforced by waypoints, not by this proxy; skipped"
+                    .into(),
+        });
+        return Ok(());
+    }
+    let action = match spec.action.as_deref() {
+        None | Some("ALLOW") => Action::Allow,
+        Some("DENY") => Action::Deny,
+        Some(other @ ("AUDIT" | "CUSTOM")) => {
+            return Err((
+                "spec.action".into(),
+                format!(
+                    "action {other} is not supported by an L4 proxy (it needs an HTTP-aware waypoint)"
+                ),
+            ));
+        }
+        Some(other) => {
+            return Err((
+                "spec.action".into(),
+                format!("unknown action {other:?}; expected ALLOW or DENY"),
+            ));
+        }
+    };
+    if spec.provider.is_some() {
+        return Err((
+            "spec.provider".into(),
+            "a provider is only valid with action CUSTOM, which an L4 proxy cannot run".into(),
+        ));
+    }
+    let selector = spec.selector.map(|s| s.match_labels).unwrap_or_default();
+    let scope = if !selector.is_empty() {
+        Scope::WorkloadSelector
+    } else if namespace == root_namespace {
+        Scope::Global
+    } else {
+        Scope::Namespace
+    };
+    let dry_run = match doc
+        .metadata
+        .annotations
+        .get(DRY_RUN_ANNOTATION)
+        .map(String::as_str)
+    {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err((
+                format!("metadata.annotations.{DRY_RUN_ANNOTATION}"),
+                format!("expected \"true\" or \"false\", got {other:?}"),
+            ));
+        }
+    };
+    let mut rules = Vec::new();
+    for (i, rule) in spec.rules.iter().enumerate() {
+        let mut http = Vec::new();
+        let translated = translate_rule(rule, i, &namespace, &mut http)?;
+        if http.is_empty() {
+            rules.push(translated);
+            continue;
+        }
+        for attribute in http {
+            let effect = match action {
+                Action::Allow => "in an ALLOW policy the whole rule is dropped, so it allows nothing".to_owned(),
+                Action::Deny if translated.never_fires() => {
+                    "in a DENY policy the HTTP attributes are removed, and an entry that had only HTTP attributes never matches, so this rule never denies anything at L4".to_owned()
+                }
+                Action::Deny => "in a DENY policy the HTTP attributes are removed, so the rule denies more (every request of the matching connections)".to_owned(),
+            };
+            out.warnings.push(Warning {
+                policy: key.clone(),
+                rule: Some(i),
+                attribute,
+                effect,
+            });
+        }
+        if action == Action::Deny {
+            rules.push(translated);
+        }
+    }
+    if action == Action::Allow && rules.is_empty() {
+        out.warnings.push(Warning {
+            policy: key.clone(),
+            rule: None,
+            attribute: "rules".into(),
+            effect: if spec.rules.is_empty() {
+                "an ALLOW policy without rules matches nothing, so it denies every connection to the workloads it applies to".into()
+            } else {
+                "no rule is left after dropping HTTP-only rules, so it denies every connection to the workloads it applies to".into()
+            },
+        });
+    }
+    out.policies.push(Policy {
+        name,
+        namespace,
+        scope,
+        action,
+        rules: rules.into_iter().map(|t| t.rule).collect(),
+        dry_run,
+        selector,
+    });
+    Ok(())
+}
+
+struct TranslatedRule {
+    rule: Rule,
+}
+
+impl TranslatedRule {
+    /// Some clause is left with only empty (never matching) matches.
+    fn never_fires(&self) -> bool {
+        self.rule
+            .clauses
+            .iter()
+            .any(|c| !c.matches.is_empty() && c.matches.iter().all(Match::is_empty))
+    }
+}
+
+fn translate_rule(
+    rule: &YamlRule,
+    i: usize,
+    namespace: &str,
+    http: &mut Vec<String>,
+) -> Result<TranslatedRule, PathError> {
+    let mut clauses = Vec::new();
+    if let Some(from) = &rule.from {
+        let mut matches = Vec::new();
+        for (j, entry) in from.iter().enumerate() {
+            let path = format!("spec.rules[{i}].from[{j}].source");
+            let s = &entry.source;
+            for (attr, values) in [
+                ("requestPrincipals", &s.request_principals),
+                ("notRequestPrincipals", &s.not_request_principals),
+                ("remoteIpBlocks", &s.remote_ip_blocks),
+                ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
+            ] {
+                if !values.is_empty() {
+                    push_once(http, attr);
+                }
+            }
+            let m = Match {
+                principals: patterns(&s.principals),
+                not_principals: patterns(&s.not_principals),
+                namespaces: patterns(&s.namespaces),
+                not_namespaces: patterns(&s.not_namespaces),
+                source_ips: cidrs(&s.ip_blocks, &format!("{path}.ipBlocks"))?,
+                not_source_ips: cidrs(&s.not_ip_blocks, &format!("{path}.notIpBlocks"))?,
+                service_accounts: service_accounts(
+                    &s.service_accounts,
+                    namespace,
+                    &format!("{path}.serviceAccounts"),
+                )?,
+                not_service_accounts: service_accounts(
+                    &s.not_service_accounts,
+                    namespace,
+                    &format!("{path}.notServiceAccounts"),
+                )?,
+                ..Match::default()
+            };
+            matches.push(m);
+        }
+        clauses.push(Clause { matches });
+    }
+    if let Some(to) = &rule.to {
+        let mut matches = Vec::new();
+        for (j, entry) in to.iter().enumerate() {
+            let path = format!("spec.rules[{i}].to[{j}].operation");
+            let o = &entry.operation;
+            for (attr, values) in [
+                ("hosts", &o.hosts),
+                ("notHosts", &o.not_hosts),
+                ("methods", &o.methods),
+                ("notMethods", &o.not_methods),
+                ("paths", &o.paths),
+                ("notPaths", &o.not_paths),
+            ] {
+                if !values.is_empty() {
+                    push_once(http, attr);
+                }
+            }
+            let m = Match {
+                destination_ports: ports(&o.ports, &format!("{path}.ports"))?,
+                not_destination_ports: ports(&o.not_ports, &format!("{path}.notPorts"))?,
+                ..Match::default()
+            };
+            matches.push(m);
+        }
+        clauses.push(Clause { matches });
+    }
+    if let Some(when) = &rule.when {
+        for (j, cond) in when.iter().enumerate() {
+            let path = format!("spec.rules[{i}].when[{j}]");
+            let mut m = Match::default();
+            match cond.key.as_str() {
+                "source.ip" => {
+                    m.source_ips = cidrs(&cond.values, &format!("{path}.values"))?;
+                    m.not_source_ips = cidrs(&cond.not_values, &format!("{path}.notValues"))?;
+                }
+                "source.namespace" => {
+                    m.namespaces = patterns(&cond.values);
+                    m.not_namespaces = patterns(&cond.not_values);
+                }
+                "source.principal" => {
+                    m.principals = patterns(&cond.values);
+                    m.not_principals = patterns(&cond.not_values);
+                }
+                "destination.ip" => {
+                    m.destination_ips = cidrs(&cond.values, &format!("{path}.values"))?;
+                    m.not_destination_ips = cidrs(&cond.not_values, &format!("{path}.notValues"))?;
+                }
+                "destination.port" => {
+                    let to_ports = |v: &[String], p: String| {
+                        ports(
+                            &v.iter().cloned().map(PortValue::Text).collect::<Vec<_>>(),
+                            &p,
+                        )
+                    };
+                    m.destination_ports = to_ports(&cond.values, format!("{path}.values"))?;
+                    m.not_destination_ports =
+                        to_ports(&cond.not_values, format!("{path}.notValues"))?;
+                }
+                other => push_once(http, &format!("when[{other}]")),
+            }
+            clauses.push(Clause { matches: vec![m] });
+        }
+    }
+    Ok(TranslatedRule {
+        rule: Rule { clauses },
+    })
+}
+
+fn push_once(list: &mut Vec<String>, item: &str) {
+    if !list.iter().any(|x| x == item) {
+        list.push(item.to_owned());
+    }
+}
+
+fn patterns(values: &[String]) -> Vec<StringMatch> {
+    values
+        .iter()
+        .map(|v| StringMatch::from_pattern(v))
+        .collect()
+}
+
+fn cidrs(values: &[String], path: &str) -> Result<Vec<IpNet>, PathError> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(k, v)| {
+            let text = v.trim();
+            text.parse::<IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map(|net| net.trunc())
+                .map_err(|_| {
+                    (
+                        format!("{path}[{k}]"),
+                        format!("{v:?} is not an IP address or CIDR block"),
+                    )
+                })
+        })
+        .collect()
+}
+
+fn ports(values: &[PortValue], path: &str) -> Result<Vec<u16>, PathError> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(k, v)| {
+            let parsed = match v {
+                PortValue::Number(n) => u16::try_from(*n).ok(),
+                PortValue::Text(t) if t.bytes().all(|b| b.is_ascii_digit()) && !t.is_empty() => {
+                    t.parse().ok()
+                }
+                PortValue::Text(_) => None,
+            };
+            match parsed {
+                Some(p) if p != 0 => Ok(p),
+                _ => {
+                    let shown = match v {
+                        PortValue::Number(n) => n.to_string(),
+                        PortValue::Text(t) => format!("{t:?}"),
+                    };
+                    Err((
+                        format!("{path}[{k}]"),
+                        format!("port {shown} is out of range; expected 1-65535"),
+                    ))
+                }
+            }
+        })
+        .collect()
+}
+
+fn service_accounts(
+    values: &[String],
+    namespace: &str,
+    path: &str,
+) -> Result<Vec<ServiceAccountMatch>, PathError> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(k, v)| {
+            let (ns, name) = v.split_once('/').unwrap_or((namespace, v));
+            if ns.is_empty() || name.is_empty() || name.contains('/') {
+                return Err((
+                    format!("{path}[{k}]"),
+                    format!("{v:?} is not a service account (<namespace>/<name> or <name>)"),
+                ));
+            }
+            Ok(ServiceAccountMatch {
+                namespace: ns.to_owned(),
+                name: name.to_owned(),
+            })
+        })
+        .collect()
+}
