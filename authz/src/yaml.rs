@@ -51,7 +51,7 @@ impl fmt::Display for Warning {
 pub struct ParseError {
     /// The file or source the text came from.
     pub source_name: String,
-    /// 0-based index of the YAML document.
+    /// 1-based number of the YAML document in the text.
     pub document: usize,
     /// Path inside the document, e.g. `spec.rules[0].from[0].source.ipBlocks[1]`.
     pub path: String,
@@ -79,7 +79,7 @@ pub fn parse_policies(
     for (document, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let error = |path: String, message: String| ParseError {
             source_name: source_name.to_owned(),
-            document,
+            document: document + 1,
             path,
             message,
         };
