@@ -61,6 +61,7 @@ macro_rules! ap {
 const S: &str = "10.0.0.1:40000";
 const D: &str = "10.0.0.2:8080";
 
+#[allow(clippy::too_many_arguments)] // one table row, read left to right
 fn c(
     name: &'static str,
     yaml: &'static str,
