@@ -25,8 +25,73 @@ pub(crate) enum Command {
     /// Development certificate authority: create a root, issue workload certificates.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// L4 AuthorizationPolicy tools: decide a connection, lint policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Run a self-contained HBONE demo on loopback (development CA, server, client, traffic).
     Demo(DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum PolicyCommand {
+    /// Decide one connection against AuthorizationPolicy YAML, as ztunnel would. Prints ALLOW or
+    /// DENY with the reason; exit code 0 for ALLOW, 1 for DENY, 2 for an error.
+    Check(PolicyCheckArgs),
+    /// Print what an L4 proxy cannot honour in the policies (one warning per line); exit code 0
+    /// when there is nothing to say, 1 when warnings were printed, 2 for an error.
+    Lint(PolicyLintArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct PolicyCheckArgs {
+    /// Kubernetes YAML with AuthorizationPolicy documents (other kinds are ignored); repeatable.
+    #[arg(
+        short = 'f',
+        long = "file",
+        value_name = "POLICIES.yaml",
+        required = true
+    )]
+    pub(crate) files: Vec<PathBuf>,
+    /// Namespace of the destination workload.
+    #[arg(long, value_name = "NS")]
+    pub(crate) namespace: String,
+    /// Labels of the destination workload, `k=v,k2=v2`.
+    #[arg(long, value_name = "K=V,...", default_value = "")]
+    pub(crate) labels: String,
+    /// The client's identity (`spiffe://td/ns/NS/sa/SA` or `td/ns/NS/sa/SA`); omit for a
+    /// plaintext client with no identity.
+    #[arg(long, value_name = "PRINCIPAL")]
+    pub(crate) source_principal: Option<String>,
+    /// The client's IP address (default 0.0.0.0, which no ipBlock contains).
+    #[arg(long, value_name = "IP", default_value = "0.0.0.0")]
+    pub(crate) source_ip: std::net::IpAddr,
+    /// The destination IP address (default 0.0.0.0).
+    #[arg(long, value_name = "IP", default_value = "0.0.0.0")]
+    pub(crate) dest_ip: std::net::IpAddr,
+    /// The destination port.
+    #[arg(long, value_name = "N")]
+    pub(crate) dest_port: u16,
+    /// Print every step: which policies applied and which rule, clause and match failed and why.
+    #[arg(long)]
+    pub(crate) explain: bool,
+    /// The mesh's root namespace (policies there apply mesh-wide).
+    #[arg(long, default_value = "istio-system")]
+    pub(crate) root_namespace: String,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct PolicyLintArgs {
+    /// Kubernetes YAML with AuthorizationPolicy documents; repeatable.
+    #[arg(
+        short = 'f',
+        long = "file",
+        value_name = "POLICIES.yaml",
+        required = true
+    )]
+    pub(crate) files: Vec<PathBuf>,
+    /// The mesh's root namespace.
+    #[arg(long, default_value = "istio-system")]
+    pub(crate) root_namespace: String,
 }
 
 #[derive(Debug, Subcommand)]

@@ -18,17 +18,19 @@ fn main() -> std::process::ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ztunnel: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
+            return std::process::ExitCode::from(2);
         }
     };
     let result = runtime.block_on(cmd::run(cli.command));
     // Do not wait for blocking stdin readers or lingering connections.
     runtime.shutdown_background();
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("ztunnel: error: {e:#}");
-            std::process::ExitCode::FAILURE
+            // 2, so that `policy check` (1 = DENY) and `policy lint` (1 = warnings) can tell a
+            // verdict from a failure.
+            std::process::ExitCode::from(2)
         }
     }
 }

@@ -274,3 +274,93 @@ fn ca_commands_make_certificates_that_hbone_accepts() {
     );
     assert_eq!(out.stdout, b"ISSUED BY ZTUNNEL CA");
 }
+
+#[test]
+fn policy_check_and_lint_speak_in_exit_codes() {
+    let file = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/policies/tutorial.yaml");
+    let file = file.to_str().unwrap();
+    let check = |extra: &[&str]| {
+        ztunnel()
+            .args([
+                "policy",
+                "check",
+                "-f",
+                file,
+                "--namespace",
+                "default",
+                "--dest-port",
+                "8080",
+            ])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = check(&[
+        "--labels",
+        "app=web-api",
+        "--source-principal",
+        "spiffe://cluster.local/ns/default/sa/sleep",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .starts_with("ALLOW: allowed by rule 0 of ALLOW policy default/web-api-rbac")
+    );
+    let out = check(&[
+        "--labels",
+        "app=web-api",
+        "--source-principal",
+        "cluster.local/ns/default/sa/notsleep",
+        "--explain",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("must be one of [cluster.local/ns/default/sa/sleep")
+            && stdout.contains("DENY: no ALLOW policy matched"),
+        "{stdout}"
+    );
+    // Plaintext to the recommendation service: denied (its only rule needed HTTP, so it was dropped).
+    let out = check(&["--labels", "app=recommendation"]);
+    assert_eq!(out.status.code(), Some(1));
+    // Errors are exit code 2, with the place named.
+    let dir = TempDir::new("policy");
+    let bad = dir.0.join("bad.yaml");
+    std::fs::write(&bad, "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec: {rules: [{from: [{source: {ipBlocks: [nope]}}]}]}\n").unwrap();
+    let out = ztunnel()
+        .args([
+            "policy",
+            "check",
+            "-f",
+            bad.to_str().unwrap(),
+            "--namespace",
+            "default",
+            "--dest-port",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("bad.yaml") && stderr.contains("spec.rules[0].from[0].source.ipBlocks[0]"),
+        "{stderr}"
+    );
+
+    let out = ztunnel()
+        .args(["policy", "lint", "-f", file])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("rule 0 of default/recommendation-rbac uses `methods`"),
+        "{stdout}"
+    );
+}

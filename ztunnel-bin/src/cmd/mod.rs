@@ -3,8 +3,11 @@
 mod ca;
 mod demo;
 mod hbone_cli;
+mod policy;
 
-use crate::cli::{CaCommand, Command, HboneCommand};
+use std::process::ExitCode;
+
+use crate::cli::{CaCommand, Command, HboneCommand, PolicyCommand};
 
 /// Errors a command reports before exiting non-zero.
 #[derive(Debug, thiserror::Error)]
@@ -35,17 +38,24 @@ pub(crate) enum Error {
         /// Why it is unusable.
         reason: String,
     },
+    /// A policy file is malformed.
+    #[error(transparent)]
+    Policy(#[from] authz::ParseError),
     /// The demo saw something other than what it expected.
     #[error("demo check failed: {0}")]
     Demo(String),
 }
 
-pub(crate) async fn run(command: Command) -> Result<(), Error> {
+/// Runs a command; `Ok` carries the exit code of a verdict (0, or 1 for DENY / warnings).
+pub(crate) async fn run(command: Command) -> Result<ExitCode, Error> {
+    let ok = |r: Result<(), Error>| r.map(|()| ExitCode::SUCCESS);
     match command {
-        Command::Hbone(HboneCommand::Serve(args)) => hbone_cli::serve(args).await,
-        Command::Hbone(HboneCommand::Connect(args)) => hbone_cli::connect(args).await,
-        Command::Ca(CaCommand::Init(args)) => ca::init(args),
-        Command::Ca(CaCommand::Issue(args)) => ca::issue(args),
-        Command::Demo(args) => demo::run(args).await,
+        Command::Hbone(HboneCommand::Serve(args)) => ok(hbone_cli::serve(args).await),
+        Command::Hbone(HboneCommand::Connect(args)) => ok(hbone_cli::connect(args).await),
+        Command::Ca(CaCommand::Init(args)) => ok(ca::init(args)),
+        Command::Ca(CaCommand::Issue(args)) => ok(ca::issue(args)),
+        Command::Policy(PolicyCommand::Check(args)) => policy::check(args),
+        Command::Policy(PolicyCommand::Lint(args)) => policy::lint(args),
+        Command::Demo(args) => ok(demo::run(args).await),
     }
 }
