@@ -55,3 +55,47 @@ pub use model::{
 pub use yaml::{
     DEFAULT_ROOT_NAMESPACE, DRY_RUN_ANNOTATION, ParseError, Translation, Warning, parse_policies,
 };
+
+/// Body of the `authz_yaml` fuzz target, kept here so an ordinary test runs it over the seed
+/// corpus: parsing arbitrary text, and deciding and explaining connections against whatever
+/// parses, never panics, and explanations agree with decisions.
+#[doc(hidden)]
+pub fn fuzz_yaml(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(translation) = parse_policies(text, "fuzz", DEFAULT_ROOT_NAMESPACE) else {
+        return;
+    };
+    let mut store = PolicyStore::new(DEFAULT_ROOT_NAMESPACE);
+    for policy in translation.policies {
+        let bytes = prost::Message::encode_to_vec(&proto::to_proto(&policy));
+        assert!(
+            proto::decode(&bytes).is_ok(),
+            "a translated policy survives the proto"
+        );
+        store.insert(policy);
+    }
+    let namespaces: Vec<String> = store.iter().map(|p| p.namespace.clone()).collect();
+    for namespace in namespaces.iter().take(4) {
+        let workload = Workload {
+            namespace: namespace.clone(),
+            ..Workload::default()
+        };
+        for peer in [
+            None,
+            Some(Principal::parse(
+                "spiffe://cluster.local/ns/default/sa/sleep",
+            )),
+        ] {
+            let connection = Connection {
+                source: "10.0.0.1:1234".parse().expect("literal"),
+                destination: "10.0.0.2:8080".parse().expect("literal"),
+                peer,
+            };
+            let decision = store.decide(&connection, &workload);
+            let (explained, _) = store.explain(&connection, &workload);
+            assert_eq!(decision, explained);
+        }
+    }
+}
