@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use ipnet::IpNet;
 
@@ -151,17 +151,156 @@ macro_rules! trace {
 }
 
 /// All policies, indexed so that finding those that apply to a workload costs time proportional
-/// to their number, not to the size of the store.
+/// to their number, not to the size of the store; and, within a namespace (or the global set),
+/// indexed by the exact principals their rules require, so that a decision looks only at the
+/// policies that could match the connection's identity.
 #[derive(Debug, Clone)]
 pub struct PolicyStore {
     root_namespace: String,
-    policies: HashMap<String, Arc<Policy>>,
-    /// Keys of GLOBAL policies.
-    global: Vec<String>,
-    /// Keys of NAMESPACE policies, by namespace.
-    by_namespace: HashMap<String, Vec<String>>,
-    /// Keys of WORKLOAD_SELECTOR policies with label selectors (from YAML), by namespace.
-    selectors: HashMap<String, Vec<String>>,
+    policies: HashMap<String, Arc<Compiled>>,
+    /// GLOBAL policies.
+    global: Bucket,
+    /// NAMESPACE policies, by namespace.
+    by_namespace: HashMap<String, Bucket>,
+    /// WORKLOAD_SELECTOR policies with label selectors (from YAML), by namespace.
+    selectors: HashMap<String, Vec<Arc<Compiled>>>,
+}
+
+/// A policy with what the evaluator precomputes for it.
+#[derive(Debug)]
+struct Compiled {
+    policy: Arc<Policy>,
+    key: String,
+    /// `Some(set)`: the policy can only match a connection whose principal is in `set` (every
+    /// rule has a clause made only of exact principals). `None`: it may match any principal.
+    principals: Option<Vec<Arc<str>>>,
+}
+
+/// The policies of one scope bucket, with a lazily built principal index.
+#[derive(Debug, Clone, Default)]
+struct Bucket {
+    policies: Vec<Arc<Compiled>>,
+    index: OnceLock<Arc<BucketIndex>>,
+}
+
+#[derive(Debug, Default)]
+struct BucketIndex {
+    /// Positions (in `Bucket::policies`) of policies that require each principal.
+    by_principal: HashMap<Arc<str>, Vec<u32>>,
+    /// Positions of policies that may match any principal.
+    residual: Vec<u32>,
+    /// Whether an enforced ALLOW policy is in the bucket.
+    enforced_allow: bool,
+    /// Whether any ALLOW policy (dry-run included) is in the bucket.
+    any_allow: bool,
+}
+
+impl Bucket {
+    fn push(&mut self, c: Arc<Compiled>) {
+        self.policies.push(c);
+        self.index = OnceLock::new();
+    }
+
+    fn remove(&mut self, key: &str) {
+        self.policies.retain(|c| c.key != key);
+        self.index = OnceLock::new();
+    }
+
+    fn index(&self) -> &BucketIndex {
+        self.index.get_or_init(|| {
+            let mut index = BucketIndex::default();
+            for (i, c) in self.policies.iter().enumerate() {
+                let i = i as u32;
+                if c.policy.action == Action::Allow {
+                    index.any_allow = true;
+                    index.enforced_allow |= !c.policy.dry_run;
+                }
+                match &c.principals {
+                    Some(set) => {
+                        for p in set {
+                            let list = index.by_principal.entry(p.clone()).or_default();
+                            if list.last() != Some(&i) {
+                                list.push(i);
+                            }
+                        }
+                    }
+                    None => index.residual.push(i),
+                }
+            }
+            Arc::new(index)
+        })
+    }
+
+    /// Visits, in insertion order, the policies that could match `principal` (all of them when
+    /// tracing, so explanations show every applicable policy).
+    fn visit<'a, T: Trace>(
+        &'a self,
+        principal: &str,
+        verdicts: &mut Verdicts<'a>,
+        mut f: impl FnMut(&'a Compiled),
+    ) {
+        if self.policies.is_empty() {
+            return;
+        }
+        if T::ENABLED {
+            self.policies.iter().for_each(|c| f(c));
+            return;
+        }
+        let index = self.index();
+        verdicts.note_allow(index.enforced_allow, index.any_allow);
+        let hits: &[u32] = index.by_principal.get(principal).map_or(&[], Vec::as_slice);
+        // Merge the two sorted position lists to keep insertion order.
+        let (mut a, mut b) = (hits.iter().peekable(), index.residual.iter().peekable());
+        loop {
+            let next = match (a.peek(), b.peek()) {
+                (Some(x), Some(y)) if x < y => a.next(),
+                (Some(_), Some(_)) => b.next(),
+                (Some(_), None) => a.next(),
+                (None, Some(_)) => b.next(),
+                (None, None) => break,
+            };
+            if let Some(i) = next {
+                f(&self.policies[*i as usize]);
+            }
+        }
+    }
+}
+
+impl Compiled {
+    fn new(policy: Policy) -> Self {
+        let principals = required_principals(&policy);
+        Compiled {
+            key: policy.key(),
+            policy: Arc::new(policy),
+            principals,
+        }
+    }
+}
+
+/// The exact principals a policy's every rule requires, if that is so.
+fn required_principals(policy: &Policy) -> Option<Vec<Arc<str>>> {
+    let mut set: Vec<Arc<str>> = Vec::new();
+    for rule in &policy.rules {
+        let clause = rule.clauses.iter().find(|c| {
+            !c.matches.is_empty()
+                && c.matches.iter().all(|m| {
+                    !m.principals.is_empty()
+                        && m.principals
+                            .iter()
+                            .all(|p| matches!(p, StringMatch::Exact(_)))
+                })
+        })?;
+        for m in &clause.matches {
+            for p in &m.principals {
+                if let StringMatch::Exact(s) = p {
+                    set.push(Arc::from(s.as_str()));
+                }
+            }
+        }
+    }
+    set.sort();
+    set.dedup();
+    Some(set)
 }
 
 impl PolicyStore {
@@ -171,7 +310,7 @@ impl PolicyStore {
         PolicyStore {
             root_namespace: root_namespace.to_owned(),
             policies: HashMap::new(),
-            global: Vec::new(),
+            global: Bucket::default(),
             by_namespace: HashMap::new(),
             selectors: HashMap::new(),
         }
@@ -179,48 +318,52 @@ impl PolicyStore {
 
     /// Adds or replaces a policy (by `namespace/name`).
     pub fn insert(&mut self, policy: Policy) {
-        let key = policy.key();
+        let compiled = Arc::new(Compiled::new(policy));
+        let key = compiled.key.clone();
         self.remove(&key);
-        match policy.scope {
-            Scope::Global => self.global.push(key.clone()),
+        let p = &compiled.policy;
+        match p.scope {
+            Scope::Global => self.global.push(compiled.clone()),
             Scope::Namespace => self
                 .by_namespace
-                .entry(policy.namespace.clone())
+                .entry(p.namespace.clone())
                 .or_default()
-                .push(key.clone()),
-            Scope::WorkloadSelector if !policy.selector.is_empty() => self
+                .push(compiled.clone()),
+            Scope::WorkloadSelector if !p.selector.is_empty() => self
                 .selectors
-                .entry(policy.namespace.clone())
+                .entry(p.namespace.clone())
                 .or_default()
-                .push(key.clone()),
+                .push(compiled.clone()),
             Scope::WorkloadSelector => {}
         }
-        self.policies.insert(key, Arc::new(policy));
+        self.policies.insert(key, compiled);
     }
 
     /// Removes a policy; returns it if it was there.
     pub fn remove(&mut self, key: &str) -> Option<Arc<Policy>> {
         let old = self.policies.remove(key)?;
-        let drop_key = |list: &mut Vec<String>| list.retain(|k| k != key);
-        match old.scope {
-            Scope::Global => drop_key(&mut self.global),
+        match old.policy.scope {
+            Scope::Global => self.global.remove(key),
             Scope::Namespace => {
-                if let Some(list) = self.by_namespace.get_mut(&old.namespace) {
-                    drop_key(list);
+                if let Some(bucket) = self.by_namespace.get_mut(&old.policy.namespace) {
+                    bucket.remove(key);
+                    if bucket.policies.is_empty() {
+                        self.by_namespace.remove(&old.policy.namespace);
+                    }
                 }
             }
             Scope::WorkloadSelector => {
-                if let Some(list) = self.selectors.get_mut(&old.namespace) {
-                    drop_key(list);
+                if let Some(list) = self.selectors.get_mut(&old.policy.namespace) {
+                    list.retain(|c| c.key != key);
                 }
             }
         }
-        Some(old)
+        Some(old.policy.clone())
     }
 
     /// A policy by `namespace/name`.
     pub fn get(&self, key: &str) -> Option<&Arc<Policy>> {
-        self.policies.get(key)
+        self.policies.get(key).map(|c| &c.policy)
     }
 
     /// Number of policies.
@@ -235,30 +378,42 @@ impl PolicyStore {
 
     /// Every policy, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Policy>> {
-        self.policies.values()
+        self.policies.values().map(|c| &c.policy)
     }
 
     /// The policies that apply to `workload`, each once.
     pub fn applicable(&self, workload: &Workload) -> Vec<&Arc<Policy>> {
         let mut out = Vec::new();
-        self.for_each_applicable(workload, |p| out.push(p));
+        self.for_each_applicable(workload, |c| out.push(&c.policy));
         out
     }
 
-    fn for_each_applicable<'a>(&'a self, workload: &Workload, mut f: impl FnMut(&'a Arc<Policy>)) {
-        let get = |key: &String| self.policies.get(key);
-        self.global.iter().filter_map(get).for_each(&mut f);
-        if let Some(keys) = self.by_namespace.get(&workload.namespace) {
-            keys.iter().filter_map(get).for_each(&mut f);
+    /// Visits every applicable policy (no index).
+    fn for_each_applicable<'a>(&'a self, workload: &Workload, mut f: impl FnMut(&'a Compiled)) {
+        let mut sink = Verdicts::default();
+        self.visit_candidates::<TextTrace>(workload, "", &mut sink, &mut f);
+    }
+
+    /// Visits the applicable policies that could match `principal` (all applicable ones when
+    /// `T` traces), telling `verdicts` which ALLOW policies apply without visiting them.
+    fn visit_candidates<'a, T: Trace>(
+        &'a self,
+        workload: &Workload,
+        principal: &str,
+        verdicts: &mut Verdicts<'a>,
+        f: &mut impl FnMut(&'a Compiled),
+    ) {
+        self.global.visit::<T>(principal, verdicts, &mut *f);
+        if let Some(bucket) = self.by_namespace.get(&workload.namespace) {
+            bucket.visit::<T>(principal, verdicts, &mut *f);
         }
-        // Named by the workload (xDS). A name may also be a YAML selector policy that selects
-        // the workload; skip those here, they are visited below.
+        // Named by the workload (xDS). YAML selector policies are matched by labels below.
         for key in &workload.policies {
-            if let Some(p) = self.policies.get(key)
-                && p.scope == Scope::WorkloadSelector
-                && p.selector.is_empty()
+            if let Some(c) = self.policies.get(key)
+                && c.policy.scope == Scope::WorkloadSelector
+                && c.policy.selector.is_empty()
             {
-                f(p);
+                f(c);
             }
         }
         let selects = |p: &Policy| {
@@ -266,17 +421,15 @@ impl PolicyStore {
                 .iter()
                 .all(|(k, v)| workload.labels.get(k) == Some(v))
         };
-        let mut visit_selectors = |namespace: &str| {
-            if let Some(keys) = self.selectors.get(namespace) {
-                keys.iter()
-                    .filter_map(get)
-                    .filter(|p| selects(p))
-                    .for_each(&mut f);
+        for namespace in [workload.namespace.as_str(), self.root_namespace.as_str()] {
+            if let Some(list) = self.selectors.get(namespace) {
+                list.iter()
+                    .filter(|c| selects(&c.policy))
+                    .for_each(|c| f(c));
             }
-        };
-        visit_selectors(&workload.namespace);
-        if workload.namespace != self.root_namespace {
-            visit_selectors(&self.root_namespace);
+            if workload.namespace == self.root_namespace {
+                break;
+            }
         }
     }
 
@@ -292,8 +445,8 @@ impl PolicyStore {
         (decision, trace.text)
     }
 
-    fn evaluate<T: Trace>(
-        &self,
+    fn evaluate<'s, T: Trace>(
+        &'s self,
         conn: &Connection,
         workload: &Workload,
         trace: &mut T,
@@ -314,23 +467,26 @@ impl PolicyStore {
             trace,
             0, "workload in namespace {} with labels {:?}", workload.namespace, workload.labels
         );
-        // Enforced and dry-run verdicts, computed in one pass over the applicable policies.
-        let mut enforced = Verdict::default();
-        let mut with_dry_run = Verdict::default();
+        let mut verdicts: Verdicts<'s> = Verdicts::default();
         let mut any = false;
-        self.for_each_applicable(workload, |policy| {
+        let mut visit = |c: &'s Compiled| {
             any = true;
-            let matched = eval_policy(policy, &facts, trace);
-            with_dry_run.add(policy, matched);
-            if !policy.dry_run {
-                enforced.add(policy, matched);
-            }
-        });
-        if !any {
+            let matched = eval_policy(c, &facts, trace);
+            verdicts.add(c, matched);
+        };
+        // The index reports applicable ALLOW policies it skipped through `noted`.
+        let mut noted = Verdicts::default();
+        self.visit_candidates::<T>(workload, facts.principal, &mut noted, &mut visit);
+        verdicts.merge_notes(&noted);
+        if !any && !noted.enforced_allow && !noted.any_allow {
             trace!(trace, 0, "no policy applies to this workload");
         }
-        let (allowed, reason) = enforced.outcome();
-        let (dry_allowed, dry_reason) = with_dry_run.outcome();
+        let (allowed, reason) = verdicts
+            .enforced
+            .outcome(|| self.allow_keys(workload, false));
+        let (dry_allowed, dry_reason) = verdicts
+            .with_dry_run
+            .outcome(|| self.allow_keys(workload, true));
         let dry_run = (dry_allowed != allowed).then_some(DryRunOutcome {
             allowed: dry_allowed,
             reason: dry_reason,
@@ -343,47 +499,101 @@ impl PolicyStore {
         trace!(trace, 0, "decision: {decision}");
         decision
     }
+
+    /// The sorted keys of the ALLOW policies that apply to `workload` (for the deny reason).
+    fn allow_keys(&self, workload: &Workload, include_dry_run: bool) -> Vec<String> {
+        let mut keys = Vec::new();
+        self.for_each_applicable(workload, |c| {
+            if c.policy.action == Action::Allow && (include_dry_run || !c.policy.dry_run) {
+                keys.push(c.key.clone());
+            }
+        });
+        keys.sort();
+        keys
+    }
+}
+
+/// The enforced verdict and the one with dry-run policies enforced too.
+#[derive(Default)]
+struct Verdicts<'a> {
+    enforced: Verdict<'a>,
+    with_dry_run: Verdict<'a>,
+    /// From bucket indexes: an (enforced / any) ALLOW policy applies, visited or not.
+    enforced_allow: bool,
+    any_allow: bool,
+}
+
+impl<'a> Verdicts<'a> {
+    fn add(&mut self, c: &'a Compiled, matched: Option<usize>) {
+        self.with_dry_run.add(c, matched);
+        if !c.policy.dry_run {
+            self.enforced.add(c, matched);
+        }
+    }
+
+    fn note_allow(&mut self, enforced: bool, any: bool) {
+        self.enforced_allow |= enforced;
+        self.any_allow |= any;
+    }
+
+    fn merge_notes(&mut self, notes: &Verdicts<'_>) {
+        self.enforced.allow_applies |= notes.enforced_allow;
+        self.with_dry_run.allow_applies |= notes.any_allow;
+    }
 }
 
 /// Accumulates the policies' results in the order of the decision rule.
 #[derive(Default)]
-struct Verdict {
-    deny: Option<(String, usize)>,
-    allow: Option<(String, usize)>,
-    allow_policies: Vec<String>,
+struct Verdict<'a> {
+    deny: Option<(&'a str, usize)>,
+    allow: Option<(&'a str, usize)>,
+    allow_applies: bool,
 }
 
-impl Verdict {
-    fn add(&mut self, policy: &Policy, matched: Option<usize>) {
-        match policy.action {
+impl<'a> Verdict<'a> {
+    fn add(&mut self, c: &'a Compiled, matched: Option<usize>) {
+        match c.policy.action {
             Action::Deny => {
                 if let (None, Some(rule)) = (&self.deny, matched) {
-                    self.deny = Some((policy.key(), rule));
+                    self.deny = Some((&c.key, rule));
                 }
             }
             Action::Allow => {
-                self.allow_policies.push(policy.key());
+                self.allow_applies = true;
                 if let (None, Some(rule)) = (&self.allow, matched) {
-                    self.allow = Some((policy.key(), rule));
+                    self.allow = Some((&c.key, rule));
                 }
             }
         }
     }
 
-    fn outcome(&mut self) -> (bool, Reason) {
-        if let Some((policy, rule)) = self.deny.take() {
-            return (false, Reason::DeniedBy { policy, rule });
+    fn outcome(&self, allow_keys: impl FnOnce() -> Vec<String>) -> (bool, Reason) {
+        if let Some((policy, rule)) = self.deny {
+            return (
+                false,
+                Reason::DeniedBy {
+                    policy: policy.to_owned(),
+                    rule,
+                },
+            );
         }
-        if self.allow_policies.is_empty() {
+        if !self.allow_applies {
             return (true, Reason::NoAllowPolicies);
         }
-        match self.allow.take() {
-            Some((policy, rule)) => (true, Reason::AllowedBy { policy, rule }),
-            None => {
-                let mut policies = std::mem::take(&mut self.allow_policies);
-                policies.sort();
-                (false, Reason::NoAllowMatched { policies })
-            }
+        match self.allow {
+            Some((policy, rule)) => (
+                true,
+                Reason::AllowedBy {
+                    policy: policy.to_owned(),
+                    rule,
+                },
+            ),
+            None => (
+                false,
+                Reason::NoAllowMatched {
+                    policies: allow_keys(),
+                },
+            ),
         }
     }
 }
@@ -424,12 +634,13 @@ fn canonical(ip: IpAddr) -> IpAddr {
 }
 
 /// Returns the index of the first matching rule.
-fn eval_policy<T: Trace>(policy: &Policy, facts: &Facts<'_>, trace: &mut T) -> Option<usize> {
+fn eval_policy<T: Trace>(c: &Compiled, facts: &Facts<'_>, trace: &mut T) -> Option<usize> {
+    let policy = &c.policy;
     trace!(
         trace,
         0,
         "policy {} ({}{}, {:?} scope, {} rule(s))",
-        policy.key(),
+        c.key,
         policy.action,
         if policy.dry_run { ", dry-run" } else { "" },
         policy.scope,
@@ -489,125 +700,107 @@ fn eval_match<T: Trace>(
     clause: usize,
     index: usize,
 ) -> bool {
-    let at = |field: &str| format!("rule {rule} clause {clause} match {index}: {field}");
+    let at = |text: String| format!("rule {rule} clause {clause} match {index}: {text}");
     if m.is_empty() {
         trace!(
             trace,
             2,
             "{}",
-            at("every field is empty, so it never matches")
+            at("every field is empty, so it never matches".into())
         );
         return false;
     }
-    let strings = |pos: &[StringMatch], neg: &[StringMatch], value: &str| {
-        (pos.is_empty() || pos.iter().any(|p| p.matches(value)))
-            && !neg.iter().any(|p| p.matches(value))
-    };
-    let nets = |pos: &[IpNet], neg: &[IpNet], ip: IpAddr| {
-        (pos.is_empty() || pos.iter().any(|n| n.contains(&ip)))
-            && !neg.iter().any(|n| n.contains(&ip))
-    };
-    let ports = |pos: &[u16], neg: &[u16], port: u16| {
-        (pos.is_empty() || pos.contains(&port)) && !neg.contains(&port)
-    };
-    let sa_matches = |sa: &ServiceAccountMatch| {
+    macro_rules! field {
+        ($ok:expr, $what:expr, $value:expr, $pos:expr, $neg:expr) => {
+            if !$ok {
+                trace!(
+                    trace,
+                    2,
+                    "{}",
+                    at(format!("fails: {}", describe($what, $value, $pos, $neg)))
+                );
+                return false;
+            }
+        };
+    }
+    field!(
+        strings(&m.principals, &m.not_principals, facts.principal),
+        "source principal",
+        facts.principal,
+        &m.principals,
+        &m.not_principals
+    );
+    field!(
+        strings(&m.namespaces, &m.not_namespaces, facts.namespace),
+        "source namespace",
+        facts.namespace,
+        &m.namespaces,
+        &m.not_namespaces
+    );
+    field!(
+        ports(
+            &m.destination_ports,
+            &m.not_destination_ports,
+            facts.destination_port
+        ),
+        "destination port",
+        facts.destination_port,
+        &m.destination_ports,
+        &m.not_destination_ports
+    );
+    field!(
+        nets(&m.source_ips, &m.not_source_ips, facts.source_ip),
+        "source IP",
+        facts.source_ip,
+        &m.source_ips,
+        &m.not_source_ips
+    );
+    field!(
+        nets(
+            &m.destination_ips,
+            &m.not_destination_ips,
+            facts.destination_ip
+        ),
+        "destination IP",
+        facts.destination_ip,
+        &m.destination_ips,
+        &m.not_destination_ips
+    );
+    field!(
+        service_accounts(&m.service_accounts, &m.not_service_accounts, facts),
+        "source service account",
+        format!("{}/{}", facts.namespace, facts.service_account),
+        &m.service_accounts,
+        &m.not_service_accounts
+    );
+    trace!(trace, 2, "{}", at("matches".into()));
+    true
+}
+
+fn strings(pos: &[StringMatch], neg: &[StringMatch], value: &str) -> bool {
+    (pos.is_empty() || pos.iter().any(|p| p.matches(value)))
+        && !neg.iter().any(|p| p.matches(value))
+}
+
+fn nets(pos: &[IpNet], neg: &[IpNet], ip: IpAddr) -> bool {
+    (pos.is_empty() || pos.iter().any(|n| n.contains(&ip))) && !neg.iter().any(|n| n.contains(&ip))
+}
+
+fn ports(pos: &[u16], neg: &[u16], port: u16) -> bool {
+    (pos.is_empty() || pos.contains(&port)) && !neg.contains(&port)
+}
+
+fn service_accounts(
+    pos: &[ServiceAccountMatch],
+    neg: &[ServiceAccountMatch],
+    facts: &Facts<'_>,
+) -> bool {
+    let is = |sa: &ServiceAccountMatch| {
         !facts.service_account.is_empty()
             && sa.namespace == facts.namespace
             && sa.name == facts.service_account
     };
-    let sas = |pos: &[ServiceAccountMatch], neg: &[ServiceAccountMatch]| {
-        (pos.is_empty() || pos.iter().any(sa_matches)) && !neg.iter().any(sa_matches)
-    };
-    let checks: [(&str, bool, &dyn Fn() -> String); 6] = [
-        (
-            "namespaces",
-            strings(&m.namespaces, &m.not_namespaces, facts.namespace),
-            &|| {
-                describe(
-                    "source namespace",
-                    facts.namespace,
-                    &m.namespaces,
-                    &m.not_namespaces,
-                )
-            },
-        ),
-        (
-            "principals",
-            strings(&m.principals, &m.not_principals, facts.principal),
-            &|| {
-                describe(
-                    "source principal",
-                    facts.principal,
-                    &m.principals,
-                    &m.not_principals,
-                )
-            },
-        ),
-        (
-            "source IPs",
-            nets(&m.source_ips, &m.not_source_ips, facts.source_ip),
-            &|| {
-                describe(
-                    "source IP",
-                    facts.source_ip,
-                    &m.source_ips,
-                    &m.not_source_ips,
-                )
-            },
-        ),
-        (
-            "destination IPs",
-            nets(
-                &m.destination_ips,
-                &m.not_destination_ips,
-                facts.destination_ip,
-            ),
-            &|| {
-                describe(
-                    "destination IP",
-                    facts.destination_ip,
-                    &m.destination_ips,
-                    &m.not_destination_ips,
-                )
-            },
-        ),
-        (
-            "destination ports",
-            ports(
-                &m.destination_ports,
-                &m.not_destination_ports,
-                facts.destination_port,
-            ),
-            &|| {
-                describe(
-                    "destination port",
-                    facts.destination_port,
-                    &m.destination_ports,
-                    &m.not_destination_ports,
-                )
-            },
-        ),
-        (
-            "service accounts",
-            sas(&m.service_accounts, &m.not_service_accounts),
-            &|| {
-                describe(
-                    "source service account",
-                    format!("{}/{}", facts.namespace, facts.service_account),
-                    &m.service_accounts,
-                    &m.not_service_accounts,
-                )
-            },
-        ),
-    ];
-    for (_name, ok, why) in &checks {
-        if !ok {
-            trace!(trace, 2, "{}", at(&format!("fails: {}", why())));
-            return false;
-        }
-    }
-    trace!(trace, 2, "{}", at("matches"));
-    true
+    (pos.is_empty() || pos.iter().any(is)) && !neg.iter().any(is)
 }
 
 fn describe<V: std::fmt::Display, P: std::fmt::Display>(

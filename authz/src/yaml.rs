@@ -268,6 +268,14 @@ fn translate(doc: Document, root_namespace: &str, out: &mut Translation) -> Resu
         .clone()
         .unwrap_or_else(|| "default".to_owned());
     let name = doc.metadata.name.clone();
+    check_dns_name(&name, 253)
+        .map_err(|why| ("metadata.name".to_owned(), format!("{name:?} {why}")))?;
+    check_dns_name(&namespace, 63).map_err(|why| {
+        (
+            "metadata.namespace".to_owned(),
+            format!("{namespace:?} {why}"),
+        )
+    })?;
     let key = format!("{namespace}/{name}");
     let spec = doc.spec;
     if spec.target_ref.is_some() || spec.target_refs.is_some() {
@@ -504,6 +512,28 @@ fn translate_rule(
     Ok(TranslatedRule {
         rule: Rule { clauses },
     })
+}
+
+/// Kubernetes object names: lowercase letters, digits, '-' and '.', starting and ending with a
+/// letter or digit, at most `max` characters (namespaces: 63 and no '.').
+fn check_dns_name(name: &str, max: usize) -> Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("is empty");
+    }
+    if name.len() > max {
+        return Err("is too long for a Kubernetes name");
+    }
+    let dots_allowed = max > 63;
+    if !name.bytes().all(|b| {
+        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (dots_allowed && b == b'.')
+    }) {
+        return Err("is not a valid Kubernetes name (lowercase letters, digits, '-' and '.')");
+    }
+    let edge_ok = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    if !edge_ok(name.as_bytes()[0]) || !edge_ok(name.as_bytes()[name.len() - 1]) {
+        return Err("must start and end with a letter or digit");
+    }
+    Ok(())
 }
 
 fn push_once(list: &mut Vec<String>, item: &str) {

@@ -282,8 +282,62 @@ fn oracle(policies: &[Policy], conn: &Connection, w: &Workload) -> bool {
     allows.is_empty() || allows.iter().any(|p| policy_matches(p))
 }
 
+/// Policies whose every rule needs exact principals: the ones the store's principal index
+/// serves, mixed with ordinary ones.
+fn indexed_policies() -> impl Strategy<Value = Vec<Policy>> {
+    let exact = proptest::sample::select(PRINCIPALS).prop_map(|p| StringMatch::Exact(p.to_owned()));
+    let principal_clause = proptest::collection::vec(
+        proptest::collection::vec(exact, 1..3).prop_map(|principals| Match {
+            principals,
+            ..Match::default()
+        }),
+        1..3,
+    )
+    .prop_map(|matches| Clause { matches });
+    let rule = (principal_clause, proptest::option::of(a_match())).prop_map(|(c, extra)| Rule {
+        clauses: std::iter::once(c)
+            .chain(extra.map(|m| Clause { matches: vec![m] }))
+            .collect(),
+    });
+    let indexed = (
+        prop_oneof![Just(Scope::Global), Just(Scope::Namespace)],
+        ns(),
+        prop_oneof![Just(Action::Allow), Just(Action::Deny)],
+        proptest::collection::vec(rule, 0..3),
+        proptest::bool::weighted(0.15),
+    );
+    (proptest::collection::vec(indexed, 0..6), policies()).prop_map(|(idx, mut others)| {
+        for (i, (scope, namespace, action, rules, dry_run)) in idx.into_iter().enumerate() {
+            others.push(Policy {
+                name: format!("x{i}"),
+                namespace: if scope == Scope::Global {
+                    ROOT.to_owned()
+                } else {
+                    namespace
+                },
+                scope,
+                action,
+                rules,
+                dry_run,
+                selector: Default::default(),
+            });
+        }
+        others
+    })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn principal_index_agrees_with_a_naive_scan(ps in indexed_policies(), w_ns in ns(), conn in connection()) {
+        let w = Workload { namespace: w_ns, ..Workload::default() };
+        let s = store(&ps);
+        let decision = s.decide(&conn, &w);
+        prop_assert_eq!(decision.allowed, oracle(&ps, &conn, &w), "{}", decision);
+        // The explanation scans everything; it must reach the very same decision.
+        prop_assert_eq!(s.explain(&conn, &w).0, decision);
+    }
 
     #[test]
     fn indexed_store_agrees_with_a_naive_scan((ps, w) in scenario(), conn in connection()) {

@@ -62,6 +62,14 @@ fn malformed_input_names_the_path() {
     let e =
         err("apiVersion: security.istio.io/v2\nkind: AuthorizationPolicy\nmetadata: {name: p}\n");
     assert!(e.contains("apiVersion"), "{e}");
+    let e = err(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: \"\"}\n",
+    );
+    assert!(e.contains("metadata.name") && e.contains("is empty"), "{e}");
+    let e = err(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ok, namespace: Bad_NS}\n",
+    );
+    assert!(e.contains("metadata.namespace"), "{e}");
     let e = err("a: [unclosed\n");
     assert!(e.contains("document 1"), "{e}");
     let e = err(&format!(
