@@ -171,23 +171,49 @@ pub struct PolicyStore {
 struct Compiled {
     policy: Arc<Policy>,
     key: String,
-    /// `Some(set)`: the policy can only match a connection whose principal is in `set` (every
-    /// rule has a clause made only of exact principals). `None`: it may match any principal.
-    principals: Option<Vec<Arc<str>>>,
+    /// `Some(keys)`: the policy can only match a connection whose principal or namespace matches
+    /// one of these patterns (every rule has a clause whose matches all list principals, or all
+    /// list namespaces). `None`: it may match anything and is always examined.
+    keys: Option<Vec<IndexKey>>,
 }
 
-/// The policies of one scope bucket, with a lazily built principal index.
+/// Which connection attribute a string index key constrains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Field {
+    Principal = 0,
+    Namespace = 1,
+}
+
+/// One pattern a candidate must satisfy.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum IndexKey {
+    /// A principal or namespace pattern.
+    Text { field: Field, pattern: StringMatch },
+    /// A source address block.
+    SourceNet(IpNet),
+    /// A destination port.
+    Port(u16),
+}
+
+/// The policies of one scope bucket, with a lazily built pattern index.
 #[derive(Debug, Clone, Default)]
 struct Bucket {
     policies: Vec<Arc<Compiled>>,
     index: OnceLock<Arc<BucketIndex>>,
 }
 
+/// Positions (in `Bucket::policies`) of the policies keyed by each pattern, per field.
 #[derive(Debug, Default)]
 struct BucketIndex {
-    /// Positions (in `Bucket::policies`) of policies that require each principal.
-    by_principal: HashMap<Arc<str>, Vec<u32>>,
-    /// Positions of policies that may match any principal.
+    exact: [HashMap<Arc<str>, Vec<u32>>; 2],
+    prefix: [HashMap<Arc<str>, Vec<u32>>; 2],
+    suffix: [HashMap<Arc<str>, Vec<u32>>; 2],
+    presence: [Vec<u32>; 2],
+    source_nets: HashMap<IpNet, Vec<u32>>,
+    /// Distinct (is IPv4, prefix length) pairs among `source_nets`, for lookups.
+    source_lens: Vec<(bool, u8)>,
+    ports: HashMap<u16, Vec<u32>>,
+    /// Positions of policies that may match anything.
     residual: Vec<u32>,
     /// Whether an enforced ALLOW policy is in the bucket.
     enforced_allow: bool,
@@ -215,27 +241,50 @@ impl Bucket {
                     index.any_allow = true;
                     index.enforced_allow |= !c.policy.dry_run;
                 }
-                match &c.principals {
-                    Some(set) => {
-                        for p in set {
-                            let list = index.by_principal.entry(p.clone()).or_default();
-                            if list.last() != Some(&i) {
-                                list.push(i);
+                let Some(keys) = &c.keys else {
+                    index.residual.push(i);
+                    continue;
+                };
+                for key in keys {
+                    let list = match key {
+                        IndexKey::Text { field, pattern } => {
+                            let f = *field as usize;
+                            match pattern {
+                                StringMatch::Exact(v) => {
+                                    index.exact[f].entry(Arc::from(v.as_str())).or_default()
+                                }
+                                StringMatch::Prefix(v) => {
+                                    index.prefix[f].entry(Arc::from(v.as_str())).or_default()
+                                }
+                                StringMatch::Suffix(v) => {
+                                    index.suffix[f].entry(Arc::from(v.as_str())).or_default()
+                                }
+                                StringMatch::Presence => &mut index.presence[f],
                             }
                         }
+                        IndexKey::SourceNet(net) => {
+                            let len = (matches!(net, IpNet::V4(_)), net.prefix_len());
+                            if !index.source_lens.contains(&len) {
+                                index.source_lens.push(len);
+                            }
+                            index.source_nets.entry(*net).or_default()
+                        }
+                        IndexKey::Port(port) => index.ports.entry(*port).or_default(),
+                    };
+                    if list.last() != Some(&i) {
+                        list.push(i);
                     }
-                    None => index.residual.push(i),
                 }
             }
             Arc::new(index)
         })
     }
 
-    /// Visits, in insertion order, the policies that could match `principal` (all of them when
-    /// tracing, so explanations show every applicable policy).
+    /// Visits, in insertion order, the policies that could match the connection (all of them
+    /// when tracing, so explanations show every applicable policy).
     fn visit<'a, T: Trace>(
         &'a self,
-        principal: &str,
+        facts: &Facts<'_>,
         verdicts: &mut Verdicts<'a>,
         mut f: impl FnMut(&'a Compiled),
     ) {
@@ -248,59 +297,120 @@ impl Bucket {
         }
         let index = self.index();
         verdicts.note_allow(index.enforced_allow, index.any_allow);
-        let hits: &[u32] = index.by_principal.get(principal).map_or(&[], Vec::as_slice);
-        // Merge the two sorted position lists to keep insertion order.
-        let (mut a, mut b) = (hits.iter().peekable(), index.residual.iter().peekable());
-        loop {
-            let next = match (a.peek(), b.peek()) {
-                (Some(x), Some(y)) if x < y => a.next(),
-                (Some(_), Some(_)) => b.next(),
-                (Some(_), None) => a.next(),
-                (None, Some(_)) => b.next(),
-                (None, None) => break,
-            };
-            if let Some(i) = next {
-                f(&self.policies[*i as usize]);
+        let mut hits: Vec<u32> = index.residual.clone();
+        for (field, value) in [
+            (Field::Principal, facts.principal),
+            (Field::Namespace, facts.namespace),
+        ] {
+            index.collect(field, value, &mut hits);
+        }
+        let v4 = facts.source_ip.is_ipv4();
+        for &(_, len) in index.source_lens.iter().filter(|(is_v4, _)| *is_v4 == v4) {
+            if let Ok(net) = IpNet::new(facts.source_ip, len)
+                && let Some(list) = index.source_nets.get(&net.trunc())
+            {
+                hits.extend_from_slice(list);
             }
+        }
+        if let Some(list) = index.ports.get(&facts.destination_port) {
+            hits.extend_from_slice(list);
+        }
+        hits.sort_unstable();
+        hits.dedup();
+        for i in hits {
+            f(&self.policies[i as usize]);
+        }
+    }
+}
+
+impl BucketIndex {
+    /// Adds the positions of policies with a pattern on `field` that `value` satisfies.
+    fn collect(&self, field: Field, value: &str, out: &mut Vec<u32>) {
+        let f = field as usize;
+        if let Some(list) = self.exact[f].get(value) {
+            out.extend_from_slice(list);
+        }
+        if !self.prefix[f].is_empty() {
+            for end in (0..=value.len()).filter(|&i| value.is_char_boundary(i)) {
+                if let Some(list) = self.prefix[f].get(&value[..end]) {
+                    out.extend_from_slice(list);
+                }
+            }
+        }
+        if !self.suffix[f].is_empty() {
+            for start in (0..=value.len()).filter(|&i| value.is_char_boundary(i)) {
+                if let Some(list) = self.suffix[f].get(&value[start..]) {
+                    out.extend_from_slice(list);
+                }
+            }
+        }
+        if !value.is_empty() {
+            out.extend_from_slice(&self.presence[f]);
         }
     }
 }
 
 impl Compiled {
     fn new(policy: Policy) -> Self {
-        let principals = required_principals(&policy);
+        let keys = index_keys(&policy);
         Compiled {
             key: policy.key(),
             policy: Arc::new(policy),
-            principals,
+            keys,
         }
     }
 }
 
-/// The exact principals a policy's every rule requires, if that is so.
-fn required_principals(policy: &Policy) -> Option<Vec<Arc<str>>> {
-    let mut set: Vec<Arc<str>> = Vec::new();
-    for rule in &policy.rules {
-        let clause = rule.clauses.iter().find(|c| {
-            !c.matches.is_empty()
-                && c.matches.iter().all(|m| {
-                    !m.principals.is_empty()
-                        && m.principals
-                            .iter()
-                            .all(|p| matches!(p, StringMatch::Exact(_)))
+/// The keys one of which every match of a policy requires, if there are such. Each rule must
+/// have a clause whose matches all constrain the same attribute with a positive list; the most
+/// selective such attribute is used (principal, namespace, source address, destination port),
+/// and the values of that clause become the rule's keys.
+fn index_keys(policy: &Policy) -> Option<Vec<IndexKey>> {
+    type Extract = fn(&Match) -> Vec<IndexKey>;
+    let extractors: [Extract; 4] = [
+        |m| {
+            m.principals
+                .iter()
+                .map(|p| IndexKey::Text {
+                    field: Field::Principal,
+                    pattern: p.clone(),
                 })
+                .collect()
+        },
+        |m| {
+            m.namespaces
+                .iter()
+                .map(|p| IndexKey::Text {
+                    field: Field::Namespace,
+                    pattern: p.clone(),
+                })
+                .collect()
+        },
+        |m| {
+            m.source_ips
+                .iter()
+                .map(|n| IndexKey::SourceNet(n.trunc()))
+                .collect()
+        },
+        |m| {
+            m.destination_ports
+                .iter()
+                .map(|p| IndexKey::Port(*p))
+                .collect()
+        },
+    ];
+    let mut keys = Vec::new();
+    for rule in &policy.rules {
+        let keyed = extractors.iter().find_map(|extract| {
+            rule.clauses.iter().find_map(|c| {
+                let per_match: Vec<Vec<IndexKey>> = c.matches.iter().map(extract).collect();
+                (!per_match.is_empty() && per_match.iter().all(|k| !k.is_empty()))
+                    .then(|| per_match.into_iter().flatten().collect::<Vec<_>>())
+            })
         })?;
-        for m in &clause.matches {
-            for p in &m.principals {
-                if let StringMatch::Exact(s) = p {
-                    set.push(Arc::from(s.as_str()));
-                }
-            }
-        }
+        keys.extend(keyed);
     }
-    set.sort();
-    set.dedup();
-    Some(set)
+    Some(keys)
 }
 
 impl PolicyStore {
@@ -391,21 +501,22 @@ impl PolicyStore {
     /// Visits every applicable policy (no index).
     fn for_each_applicable<'a>(&'a self, workload: &Workload, mut f: impl FnMut(&'a Compiled)) {
         let mut sink = Verdicts::default();
-        self.visit_candidates::<TextTrace>(workload, "", &mut sink, &mut f);
+        let facts = Facts::empty();
+        self.visit_candidates::<TextTrace>(workload, &facts, &mut sink, &mut f);
     }
 
-    /// Visits the applicable policies that could match `principal` (all applicable ones when
+    /// Visits the applicable policies that could match the connection (all applicable ones when
     /// `T` traces), telling `verdicts` which ALLOW policies apply without visiting them.
     fn visit_candidates<'a, T: Trace>(
         &'a self,
         workload: &Workload,
-        principal: &str,
+        facts: &Facts<'_>,
         verdicts: &mut Verdicts<'a>,
         f: &mut impl FnMut(&'a Compiled),
     ) {
-        self.global.visit::<T>(principal, verdicts, &mut *f);
+        self.global.visit::<T>(facts, verdicts, &mut *f);
         if let Some(bucket) = self.by_namespace.get(&workload.namespace) {
-            bucket.visit::<T>(principal, verdicts, &mut *f);
+            bucket.visit::<T>(facts, verdicts, &mut *f);
         }
         // Named by the workload (xDS). YAML selector policies are matched by labels below.
         for key in &workload.policies {
@@ -476,7 +587,7 @@ impl PolicyStore {
         };
         // The index reports applicable ALLOW policies it skipped through `noted`.
         let mut noted = Verdicts::default();
-        self.visit_candidates::<T>(workload, facts.principal, &mut noted, &mut visit);
+        self.visit_candidates::<T>(workload, &facts, &mut noted, &mut visit);
         verdicts.merge_notes(&noted);
         if !any && !noted.enforced_allow && !noted.any_allow {
             trace!(trace, 0, "no policy applies to this workload");
@@ -609,6 +720,18 @@ struct Facts<'a> {
 }
 
 impl<'a> Facts<'a> {
+    /// Facts of no connection, for walking policies without deciding.
+    fn empty() -> Self {
+        Facts {
+            principal: "",
+            namespace: "",
+            service_account: "",
+            source_ip: IpAddr::from([0, 0, 0, 0]),
+            destination_ip: IpAddr::from([0, 0, 0, 0]),
+            destination_port: 0,
+        }
+    }
+
     fn new(conn: &'a Connection) -> Self {
         let (principal, namespace, service_account) = match &conn.peer {
             Some(p) => (&*p.principal, &*p.namespace, &*p.service_account),

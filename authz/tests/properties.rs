@@ -285,16 +285,25 @@ fn oracle(policies: &[Policy], conn: &Connection, w: &Workload) -> bool {
 /// Policies whose every rule needs exact principals: the ones the store's principal index
 /// serves, mixed with ordinary ones.
 fn indexed_policies() -> impl Strategy<Value = Vec<Policy>> {
-    let exact = proptest::sample::select(PRINCIPALS).prop_map(|p| StringMatch::Exact(p.to_owned()));
+    // A clause whose matches all list principals, or all list namespaces, of any pattern kind.
     let principal_clause = proptest::collection::vec(
-        proptest::collection::vec(exact, 1..3).prop_map(|principals| Match {
+        proptest::collection::vec(string_match(PRINCIPALS), 1..3).prop_map(|principals| Match {
             principals,
             ..Match::default()
         }),
         1..3,
     )
     .prop_map(|matches| Clause { matches });
-    let rule = (principal_clause, proptest::option::of(a_match())).prop_map(|(c, extra)| Rule {
+    let namespace_clause = proptest::collection::vec(
+        proptest::collection::vec(string_match(NAMESPACES), 1..3).prop_map(|namespaces| Match {
+            namespaces,
+            ..Match::default()
+        }),
+        1..3,
+    )
+    .prop_map(|matches| Clause { matches });
+    let keyed_clause = prop_oneof![principal_clause, namespace_clause];
+    let rule = (keyed_clause, proptest::option::of(a_match())).prop_map(|(c, extra)| Rule {
         clauses: std::iter::once(c)
             .chain(extra.map(|m| Clause { matches: vec![m] }))
             .collect(),
