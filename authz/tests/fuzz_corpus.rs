@@ -1,29 +1,18 @@
 //! Runs the authz fuzz targets' bodies over their seed corpora (CI runs them on stable), and
 //! keeps the proto seeds current.
 
-use std::path::PathBuf;
+#[path = "../../fuzz/seed_corpus.rs"]
+mod seed_corpus;
 
-fn corpus_dir(target: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+fn corpus_dir(target: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../fuzz/corpus")
         .join(target)
 }
 
-fn corpus(target: &str) -> Vec<Vec<u8>> {
-    let dir = corpus_dir(target);
-    let files: Vec<Vec<u8>> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("seed corpus {} is missing: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_file())
-        .map(|p| std::fs::read(p).unwrap())
-        .collect();
-    assert!(!files.is_empty(), "seed corpus {} is empty", dir.display());
-    files
-}
-
 #[test]
 fn authz_yaml_target_over_seed_corpus() {
-    let files = corpus("authz_yaml");
+    let files = seed_corpus::seeds("authz_yaml");
     let parsed = files
         .iter()
         .inspect(|d| authz::fuzz_yaml(d))

@@ -1,26 +1,12 @@
 //! Runs the body of each identity fuzz target in `fuzz/` over its seed corpus, so CI exercises
 //! them on stable Rust without cargo-fuzz.
 
-use std::path::PathBuf;
-
-fn corpus(target: &str) -> Vec<Vec<u8>> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../fuzz/corpus")
-        .join(target);
-    let entries = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("seed corpus {} is missing: {e}", dir.display()));
-    let files: Vec<Vec<u8>> = entries
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_file())
-        .map(|p| std::fs::read(p).unwrap())
-        .collect();
-    assert!(!files.is_empty(), "seed corpus {} is empty", dir.display());
-    files
-}
+#[path = "../../fuzz/seed_corpus.rs"]
+mod seed_corpus;
 
 #[test]
 fn spiffe_id_target_over_seed_corpus() {
-    let files = corpus("spiffe_id");
+    let files = seed_corpus::seeds("spiffe_id");
     let accepted = files
         .iter()
         .inspect(|data| identity::fuzz_spiffe_id(data))
@@ -37,7 +23,7 @@ fn spiffe_id_target_over_seed_corpus() {
 
 #[test]
 fn cert_chain_target_over_seed_corpus() {
-    let files = corpus("cert_chain");
+    let files = seed_corpus::seeds("cert_chain");
     let parsed = files
         .iter()
         .inspect(|data| identity::fuzz_cert_chain(data))

@@ -42,8 +42,9 @@ pub(crate) enum PolicyCommand {
     Lint(PolicyLintArgs),
 }
 
+/// Where policies come from, shared by `policy check` and `policy lint`.
 #[derive(Debug, Args)]
-pub(crate) struct PolicyCheckArgs {
+pub(crate) struct PolicyFiles {
     /// Kubernetes YAML with AuthorizationPolicy documents (other kinds are ignored); repeatable.
     #[arg(
         short = 'f',
@@ -52,6 +53,15 @@ pub(crate) struct PolicyCheckArgs {
         required = true
     )]
     pub(crate) files: Vec<PathBuf>,
+    /// The mesh's root namespace (policies there apply mesh-wide).
+    #[arg(long, default_value = "istio-system")]
+    pub(crate) root_namespace: String,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct PolicyCheckArgs {
+    #[command(flatten)]
+    pub(crate) policies: PolicyFiles,
     /// Namespace of the destination workload.
     #[arg(long, value_name = "NS")]
     pub(crate) namespace: String,
@@ -74,24 +84,12 @@ pub(crate) struct PolicyCheckArgs {
     /// Print every step: which policies applied and which rule, clause and match failed and why.
     #[arg(long)]
     pub(crate) explain: bool,
-    /// The mesh's root namespace (policies there apply mesh-wide).
-    #[arg(long, default_value = "istio-system")]
-    pub(crate) root_namespace: String,
 }
 
 #[derive(Debug, Args)]
 pub(crate) struct PolicyLintArgs {
-    /// Kubernetes YAML with AuthorizationPolicy documents; repeatable.
-    #[arg(
-        short = 'f',
-        long = "file",
-        value_name = "POLICIES.yaml",
-        required = true
-    )]
-    pub(crate) files: Vec<PathBuf>,
-    /// The mesh's root namespace.
-    #[arg(long, default_value = "istio-system")]
-    pub(crate) root_namespace: String,
+    #[command(flatten)]
+    pub(crate) policies: PolicyFiles,
 }
 
 #[derive(Debug, Subcommand)]

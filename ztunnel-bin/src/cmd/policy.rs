@@ -1,16 +1,15 @@
 //! `ztunnel policy check` and `ztunnel policy lint`.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use authz::{Connection, PolicyStore, Principal, Translation, Workload};
 
 use super::Error;
-use crate::cli::{PolicyCheckArgs, PolicyLintArgs};
+use crate::cli::{PolicyCheckArgs, PolicyFiles, PolicyLintArgs};
 
 pub(crate) fn check(args: PolicyCheckArgs) -> Result<ExitCode, Error> {
-    let translation = load(&args.files, &args.root_namespace)?;
-    let mut store = PolicyStore::new(&args.root_namespace);
+    let translation = load(&args.policies)?;
+    let mut store = PolicyStore::new(&args.policies.root_namespace);
     for policy in translation.policies {
         store.insert(policy);
     }
@@ -45,7 +44,7 @@ pub(crate) fn check(args: PolicyCheckArgs) -> Result<ExitCode, Error> {
 }
 
 pub(crate) fn lint(args: PolicyLintArgs) -> Result<ExitCode, Error> {
-    let translation = load(&args.files, &args.root_namespace)?;
+    let translation = load(&args.policies)?;
     for warning in &translation.warnings {
         println!("warning: {warning}");
     }
@@ -61,14 +60,14 @@ pub(crate) fn lint(args: PolicyLintArgs) -> Result<ExitCode, Error> {
     })
 }
 
-fn load(files: &[PathBuf], root_namespace: &str) -> Result<Translation, Error> {
+fn load(source: &PolicyFiles) -> Result<Translation, Error> {
     let mut all = Translation::default();
-    for file in files {
+    for file in &source.files {
         let text = std::fs::read_to_string(file).map_err(|source| Error::Io {
             what: format!("cannot read {}", file.display()),
             source,
         })?;
-        let t = authz::parse_policies(&text, &file.display().to_string(), root_namespace)?;
+        let t = authz::parse_policies(&text, &file.display().to_string(), &source.root_namespace)?;
         all.policies.extend(t.policies);
         all.warnings.extend(t.warnings);
     }
