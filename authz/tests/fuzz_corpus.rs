@@ -30,19 +30,17 @@ fn authz_yaml_target_over_seed_corpus() {
 
 #[test]
 fn authz_proto_target_over_seed_corpus() {
-    // The seeds are the tutorial's policies, encoded: regenerate them so they follow the code.
+    // The committed seeds (the tutorial's policies, encoded, and junk), plus fresh encodings of
+    // the tutorial, so the target also sees what the current code produces.
     let yaml =
         std::fs::read_to_string(corpus_dir("authz_yaml").join("seed-tutorial.yaml")).unwrap();
     let t = authz::parse_policies(&yaml, "tutorial", "istio-system").unwrap();
-    let dir = corpus_dir("authz_proto");
-    for (i, policy) in t.policies.iter().enumerate() {
-        let bytes = prost::Message::encode_to_vec(&authz::proto::to_proto(policy));
-        let path = dir.join(format!("seed-{i}.bin"));
-        if std::fs::read(&path).ok().as_deref() != Some(&bytes[..]) {
-            std::fs::write(&path, &bytes).unwrap();
-        }
-    }
-    let files = corpus("authz_proto");
+    let mut files = seed_corpus::seeds("authz_proto");
+    files.extend(
+        t.policies
+            .iter()
+            .map(|p| prost::Message::encode_to_vec(&authz::proto::to_proto(p))),
+    );
     let decoded = files
         .iter()
         .inspect(|d| authz::proto::fuzz_decode(d))
