@@ -115,6 +115,14 @@ fn ns_per_decision(store: &PolicyStore, conn: &Connection, workload: &Workload) 
 }
 
 fn main() {
+    // `-- --only TEXT` runs only the rows whose label contains TEXT (for profiling).
+    let args: Vec<String> = std::env::args().collect();
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let wanted = |label: &str| only.as_deref().is_none_or(|o| label.contains(o));
     println!("authz benchmark: one thread\n");
     println!("| measurement | result |");
     println!("|---|---|");
@@ -128,6 +136,9 @@ fn main() {
         (10, Source::IpBlock, "ipBlock rules"),
         (100, Source::IpBlock, "ipBlock rules"),
     ] {
+        if !wanted(label) {
+            continue;
+        }
         let mut store = PolicyStore::new("istio-system");
         for ns in 0..1000 {
             for p in 0..10 {
@@ -197,6 +208,9 @@ fn main() {
             "notNamespaces only (every rule examined)",
         ),
     ] {
+        if !wanted(label) {
+            continue;
+        }
         let mut store = PolicyStore::new("istio-system");
         for p in 0..10_000 {
             store.insert(policy_with(

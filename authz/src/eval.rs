@@ -14,6 +14,7 @@ use std::sync::{Arc, OnceLock};
 
 use ipnet::IpNet;
 
+use crate::flat::{FlatArena, FlatFacts, FxMap, Interner};
 use crate::model::{
     Action, Connection, Match, Policy, Rule, Scope, ServiceAccountMatch, StringMatch, Workload,
 };
@@ -157,6 +158,7 @@ macro_rules! trace {
 #[derive(Debug, Clone)]
 pub struct PolicyStore {
     root_namespace: String,
+    interner: Interner,
     policies: HashMap<String, Arc<Compiled>>,
     /// GLOBAL policies.
     global: Bucket,
@@ -171,6 +173,9 @@ pub struct PolicyStore {
 struct Compiled {
     policy: Arc<Policy>,
     key: String,
+    /// The flat form the decision path evaluates (for policies outside buckets; bucket
+    /// policies are evaluated from the bucket's concatenated arena).
+    flat: FlatArena,
     /// `Some(keys)`: the policy can only match a connection whose principal or namespace matches
     /// one of these patterns (every rule has a clause whose matches all list principals, or all
     /// list namespaces). `None`: it may match anything and is always examined.
@@ -205,20 +210,30 @@ struct Bucket {
 /// Positions (in `Bucket::policies`) of the policies keyed by each pattern, per field.
 #[derive(Debug, Default)]
 struct BucketIndex {
-    exact: [HashMap<Arc<str>, Vec<u32>>; 2],
-    prefix: [HashMap<Arc<str>, Vec<u32>>; 2],
-    suffix: [HashMap<Arc<str>, Vec<u32>>; 2],
+    exact: [FxMap<Arc<str>, Vec<u32>>; 2],
+    prefix: [FxMap<Arc<str>, Vec<u32>>; 2],
+    suffix: [FxMap<Arc<str>, Vec<u32>>; 2],
     presence: [Vec<u32>; 2],
-    source_nets: HashMap<IpNet, Vec<u32>>,
+    source_nets: FxMap<IpNet, Vec<u32>>,
     /// Distinct (is IPv4, prefix length) pairs among `source_nets`, for lookups.
     source_lens: Vec<(bool, u8)>,
-    ports: HashMap<u16, Vec<u32>>,
+    ports: FxMap<u16, Vec<u32>>,
     /// Positions of policies that may match anything.
     residual: Vec<u32>,
     /// Whether an enforced ALLOW policy is in the bucket.
     enforced_allow: bool,
     /// Whether any ALLOW policy (dry-run included) is in the bucket.
     any_allow: bool,
+    /// The bucket's policies in flat form, contiguous, in bucket order.
+    arena: FlatArena,
+}
+
+/// What a visitor is told about a policy: already evaluated (flat form), or to be evaluated.
+enum Visit<'a> {
+    /// Evaluate it yourself (tracing, or a policy outside the buckets).
+    Evaluate,
+    /// Evaluate policy `.1` of this arena.
+    Arena(&'a FlatArena, u32),
 }
 
 impl Bucket {
@@ -234,7 +249,10 @@ impl Bucket {
 
     fn index(&self) -> &BucketIndex {
         self.index.get_or_init(|| {
-            let mut index = BucketIndex::default();
+            let mut index = BucketIndex {
+                arena: FlatArena::concat(self.policies.iter().map(|c| &c.flat)),
+                ..BucketIndex::default()
+            };
             for (i, c) in self.policies.iter().enumerate() {
                 let i = i as u32;
                 if c.policy.action == Action::Allow {
@@ -286,13 +304,13 @@ impl Bucket {
         &'a self,
         facts: &Facts<'_>,
         verdicts: &mut Verdicts<'a>,
-        mut f: impl FnMut(&'a Compiled),
+        mut f: impl FnMut(&'a Compiled, Visit<'a>),
     ) {
         if self.policies.is_empty() {
             return;
         }
         if T::ENABLED {
-            self.policies.iter().for_each(|c| f(c));
+            self.policies.iter().for_each(|c| f(c, Visit::Evaluate));
             return;
         }
         let index = self.index();
@@ -318,7 +336,7 @@ impl Bucket {
         hits.sort_unstable();
         hits.dedup();
         for i in hits {
-            f(&self.policies[i as usize]);
+            f(&self.policies[i as usize], Visit::Arena(&index.arena, i));
         }
     }
 }
@@ -351,9 +369,10 @@ impl BucketIndex {
 }
 
 impl Compiled {
-    fn new(policy: Policy) -> Self {
+    fn new(policy: Policy, interner: &mut Interner) -> Self {
         let keys = index_keys(&policy);
         Compiled {
+            flat: FlatArena::single(&policy, interner),
             key: policy.key(),
             policy: Arc::new(policy),
             keys,
@@ -419,6 +438,7 @@ impl PolicyStore {
     pub fn new(root_namespace: &str) -> Self {
         PolicyStore {
             root_namespace: root_namespace.to_owned(),
+            interner: Interner::default(),
             policies: HashMap::new(),
             global: Bucket::default(),
             by_namespace: HashMap::new(),
@@ -428,7 +448,7 @@ impl PolicyStore {
 
     /// Adds or replaces a policy (by `namespace/name`).
     pub fn insert(&mut self, policy: Policy) {
-        let compiled = Arc::new(Compiled::new(policy));
+        let compiled = Arc::new(Compiled::new(policy, &mut self.interner));
         let key = compiled.key.clone();
         self.remove(&key);
         let p = &compiled.policy;
@@ -502,7 +522,7 @@ impl PolicyStore {
     fn for_each_applicable<'a>(&'a self, workload: &Workload, mut f: impl FnMut(&'a Compiled)) {
         let mut sink = Verdicts::default();
         let facts = Facts::empty();
-        self.visit_candidates::<TextTrace>(workload, &facts, &mut sink, &mut f);
+        self.visit_candidates::<TextTrace>(workload, &facts, &mut sink, &mut |c, _| f(c));
     }
 
     /// Visits the applicable policies that could match the connection (all applicable ones when
@@ -512,7 +532,7 @@ impl PolicyStore {
         workload: &Workload,
         facts: &Facts<'_>,
         verdicts: &mut Verdicts<'a>,
-        f: &mut impl FnMut(&'a Compiled),
+        f: &mut impl FnMut(&'a Compiled, Visit<'a>),
     ) {
         self.global.visit::<T>(facts, verdicts, &mut *f);
         if let Some(bucket) = self.by_namespace.get(&workload.namespace) {
@@ -524,7 +544,7 @@ impl PolicyStore {
                 && c.policy.scope == Scope::WorkloadSelector
                 && c.policy.selector.is_empty()
             {
-                f(c);
+                f(c, Visit::Evaluate);
             }
         }
         let selects = |p: &Policy| {
@@ -536,7 +556,7 @@ impl PolicyStore {
             if let Some(list) = self.selectors.get(namespace) {
                 list.iter()
                     .filter(|c| selects(&c.policy))
-                    .for_each(|c| f(c));
+                    .for_each(|c| f(c, Visit::Evaluate));
             }
             if workload.namespace == self.root_namespace {
                 break;
@@ -580,9 +600,19 @@ impl PolicyStore {
         );
         let mut verdicts: Verdicts<'s> = Verdicts::default();
         let mut any = false;
-        let mut visit = |c: &'s Compiled| {
+        // The flat form needs interned ids; look them up once, on the first policy evaluated.
+        let flat_facts = std::cell::OnceCell::new();
+        let mut visit = |c: &'s Compiled, how: Visit<'s>| {
             any = true;
-            let matched = eval_policy(c, &facts, trace);
+            let matched = if T::ENABLED {
+                eval_policy(c, &facts, trace)
+            } else {
+                let flat = flat_facts.get_or_init(|| facts.flat(&self.interner));
+                match how {
+                    Visit::Arena(arena, i) => arena.first_match(i, flat),
+                    Visit::Evaluate => c.flat.first_match(0, flat),
+                }
+            };
             verdicts.add(c, matched);
         };
         // The index reports applicable ALLOW policies it skipped through `noted`.
@@ -720,6 +750,21 @@ struct Facts<'a> {
 }
 
 impl<'a> Facts<'a> {
+    /// The same facts with interned ids, for the flat evaluator.
+    fn flat(&self, interner: &Interner) -> FlatFacts<'a> {
+        FlatFacts {
+            principal: self.principal,
+            principal_id: interner.lookup(self.principal),
+            namespace: self.namespace,
+            namespace_id: interner.lookup(self.namespace),
+            service_account_id: interner.lookup(self.service_account),
+            has_service_account: !self.service_account.is_empty(),
+            source_ip: self.source_ip,
+            destination_ip: self.destination_ip,
+            destination_port: self.destination_port,
+        }
+    }
+
     /// Facts of no connection, for walking policies without deciding.
     fn empty() -> Self {
         Facts {

@@ -41,6 +41,7 @@
 #![forbid(unsafe_code)]
 
 mod eval;
+mod flat;
 pub mod model;
 pub mod proto;
 mod yaml;
