@@ -217,49 +217,58 @@ impl FlatArena {
             })
     }
 
+    /// Visits only the fields the match uses (set bits of `used`), failing at the first field
+    /// that does not pass.
+    #[inline]
     fn match_ok(&self, m: &FlatMatch, f: &FlatFacts<'_>) -> bool {
         if m.used == 0 {
             return false;
         }
-        let used = |i: usize| m.used & (1 << i) != 0;
-        let strs = |i: usize| {
+        let mut bits = m.used;
+        while bits != 0 {
+            let i = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
             let (a, b) = m.ranges[i];
-            &self.strs[a as usize..b as usize]
-        };
-        let str_field = |pos: usize, neg: usize, text: &str, id: u32| {
-            (!used(pos) || strs(pos).iter().any(|s| str_ok(s, text, id)))
-                && (!used(neg) || !strs(neg).iter().any(|s| str_ok(s, text, id)))
-        };
-        let nets = |i: usize| {
-            let (a, b) = m.ranges[i];
-            &self.nets[a as usize..b as usize]
-        };
-        let net_field = |pos: usize, neg: usize, ip: IpAddr| {
-            (!used(pos) || nets(pos).iter().any(|n| n.contains(&ip)))
-                && (!used(neg) || !nets(neg).iter().any(|n| n.contains(&ip)))
-        };
-        let ports = |i: usize| {
-            let (a, b) = m.ranges[i];
-            &self.ports[a as usize..b as usize]
-        };
-        let sa_ok = |&(ns, name): &(u32, u32)| {
-            f.has_service_account && ns == f.namespace_id && name == f.service_account_id
-        };
-        let sas = |i: usize| {
-            let (a, b) = m.ranges[i];
-            &self.sas[a as usize..b as usize]
-        };
-        str_field(PRINCIPAL, NOT_PRINCIPAL, f.principal, f.principal_id)
-            && str_field(NS, NOT_NS, f.namespace, f.namespace_id)
-            && (!used(PORT) || ports(PORT).contains(&f.destination_port))
-            && (!used(NOT_PORT) || !ports(NOT_PORT).contains(&f.destination_port))
-            && net_field(SRC, NOT_SRC, f.source_ip)
-            && net_field(DST, NOT_DST, f.destination_ip)
-            && (!used(SA) || sas(SA).iter().any(sa_ok))
-            && (!used(NOT_SA) || !sas(NOT_SA).iter().any(sa_ok))
+            let (a, b) = (a as usize, b as usize);
+            let ok = match i {
+                NS => self.strs[a..b]
+                    .iter()
+                    .any(|s| str_ok(s, f.namespace, f.namespace_id)),
+                NOT_NS => !self.strs[a..b]
+                    .iter()
+                    .any(|s| str_ok(s, f.namespace, f.namespace_id)),
+                PRINCIPAL => self.strs[a..b]
+                    .iter()
+                    .any(|s| str_ok(s, f.principal, f.principal_id)),
+                NOT_PRINCIPAL => !self.strs[a..b]
+                    .iter()
+                    .any(|s| str_ok(s, f.principal, f.principal_id)),
+                SRC => self.nets[a..b].iter().any(|n| n.contains(&f.source_ip)),
+                NOT_SRC => !self.nets[a..b].iter().any(|n| n.contains(&f.source_ip)),
+                DST => self.nets[a..b]
+                    .iter()
+                    .any(|n| n.contains(&f.destination_ip)),
+                NOT_DST => !self.nets[a..b]
+                    .iter()
+                    .any(|n| n.contains(&f.destination_ip)),
+                PORT => self.ports[a..b].contains(&f.destination_port),
+                NOT_PORT => !self.ports[a..b].contains(&f.destination_port),
+                SA => self.sas[a..b].iter().any(|sa| sa_ok(sa, f)),
+                _ => !self.sas[a..b].iter().any(|sa| sa_ok(sa, f)),
+            };
+            if !ok {
+                return false;
+            }
+        }
+        true
     }
 }
 
+fn sa_ok(&(ns, name): &(u32, u32), f: &FlatFacts<'_>) -> bool {
+    f.has_service_account && ns == f.namespace_id && name == f.service_account_id
+}
+
+#[inline]
 fn str_ok(s: &FlatStr, text: &str, id: u32) -> bool {
     match s {
         FlatStr::Exact(e) => *e == id,
