@@ -1,22 +1,32 @@
-//! Delta ADS (xDS) for Istio's ambient resources: the protocol messages and the resource types.
+//! Delta ADS (xDS) for Istio's ambient resources: the protocol, a client, a server, and the
+//! resource types.
 //!
-//! What is here today: the Envoy delta-discovery messages and gRPC service (compiled from
-//! `proto/` with protox, no `protoc`), the `istio.workload.Address` resources (workloads and
-//! services) decoded into a validated Rust model, and `istio.security.Authorization` through the
-//! `authz` crate. Still to come (see the issue tracker): the delta-ADS client with per-type
-//! handlers, ACK/NACK and reconnection, and the server for tests and the local control plane.
+//! - [`client::XdsClient`]: one delta-ADS stream carrying every registered type, a
+//!   [`client::Handler`] per type, ACK/NACK (applying the good resources of a partly bad
+//!   response), wildcard and named subscriptions plus on-demand ones, reconnection with backoff
+//!   and `initial_resource_versions`, and a `synced` signal for readiness.
+//! - [`server::AdsServer`] (feature `server`): versioned resources, per-stream subscription state,
+//!   pushes of only what changed, ACK/NACK records; the local control plane's transport.
+//! - [`resources`]: `istio.workload.Address` decoded into a validated model (and
+//!   `istio.security.Authorization` through the `authz` crate); a bad resource is a per-resource
+//!   rejection, never a panic.
+//!
+//! Messages are compiled from `proto/` with protox (no `protoc` needed). Still to come: TLS and
+//! token wiring tested against a TLS server, and the local control plane (see the issue tracker).
 //!
 //! ```
-//! use xds_client::resources::{Address, decode_address, encode_address};
+//! use xds_client::resources::decode_address;
 //!
 //! // A truncated resource is a rejection with a reason, never a panic.
 //! let err = decode_address(&[0x0a, 0x05, 0x0a]).unwrap_err();
 //! assert!(err.to_string().contains("not a valid protobuf"));
-//! # let _ = (encode_address, std::marker::PhantomData::<Address>);
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod resources;
+#[cfg(feature = "server")]
+pub mod server;
 
 /// Generated protobuf and gRPC code.
 #[allow(missing_docs, unreachable_pub, unused_qualifications, clippy::all)]
