@@ -33,10 +33,12 @@
 #![forbid(unsafe_code)]
 
 mod manifests;
+mod serve;
 
 use std::collections::BTreeMap;
 
 pub use manifests::{Deployment, ManifestError, Manifests, Pod, Service};
+pub use serve::{CaService, KnownIdentities, LocalControlPlane, Reload, TwoServices};
 use xds_client::resources::{self as xds, PortMapping, WorkloadType};
 
 /// The label that puts a namespace in the mesh (`ambient`) or takes a pod out (`none`).

@@ -28,8 +28,33 @@ pub(crate) enum Command {
     /// L4 AuthorizationPolicy tools: decide a connection, lint policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Run a local control plane: Kubernetes YAML in a directory, served as istiod serves ambient
+    /// proxies (delta ADS and the Istio CA on one gRPC listener); edits are pushed within a second.
+    Controlplane(ControlplaneArgs),
     /// Run a self-contained HBONE demo on loopback (development CA, server, client, traffic).
     Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ControlplaneArgs {
+    /// Directory of Kubernetes YAML (Namespace, Pod, Deployment, Service, AuthorizationPolicy).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) manifests: PathBuf,
+    /// Address to serve on.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15012")]
+    pub(crate) listen: SocketAddr,
+    /// Development CA directory (created with a new root if missing); default `DIR/.ca`.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) ca_dir: Option<PathBuf>,
+    /// Extra DNS names or IPs for the serving certificate (besides istiod.istio-system.svc).
+    #[arg(long, value_name = "NAME")]
+    pub(crate) tls_name: Vec<String>,
+    /// Serve plaintext gRPC instead of TLS (tests and local experiments only).
+    #[arg(long)]
+    pub(crate) plaintext: bool,
+    /// Longest certificate lifetime the CA grants.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub(crate) max_cert_ttl: std::time::Duration,
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,6 +1,7 @@
 //! The subcommands. Each is a thin wrapper over the library crates.
 
 mod ca;
+mod controlplane;
 mod demo;
 mod hbone_cli;
 mod policy;
@@ -56,6 +57,7 @@ pub(crate) async fn run(command: Command) -> Result<ExitCode, Error> {
         Command::Ca(CaCommand::Issue(args)) => ok(ca::issue(args)),
         Command::Policy(PolicyCommand::Check(args)) => policy::check(args),
         Command::Policy(PolicyCommand::Lint(args)) => policy::lint(args),
+        Command::Controlplane(args) => ok(controlplane::run(args).await),
         Command::Demo(args) => ok(demo::run(args).await),
     }
 }

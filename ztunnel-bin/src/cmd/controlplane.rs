@@ -1,0 +1,75 @@
+//! `ztunnel controlplane`: the local istiod stand-in.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use controlplane::{ComputeConfig, LocalControlPlane, TwoServices};
+use identity::DevCa;
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tracing::{info, warn};
+
+use super::Error;
+use crate::cli::ControlplaneArgs;
+
+/// The DNS name proxies expect in istiod's serving certificate.
+const ISTIOD_NAME: &str = "istiod.istio-system.svc";
+
+pub(crate) async fn run(args: ControlplaneArgs) -> Result<(), Error> {
+    let ca_dir = args
+        .ca_dir
+        .clone()
+        .unwrap_or_else(|| args.manifests.join(".ca"));
+    let ca = if ca_dir.join("root-cert.pem").exists() {
+        DevCa::load(&ca_dir)?
+    } else {
+        info!(dir = %ca_dir.display(), "creating a development CA");
+        DevCa::init(&ca_dir, "cluster.local")?
+    };
+    let ca = Arc::new(ca);
+    let config = ComputeConfig::default();
+    let cp = LocalControlPlane::new(&args.manifests, config);
+    let report = cp.reload();
+    for error in &report.errors {
+        warn!(%error, "skipped a manifest");
+    }
+    let service = TwoServices::new(
+        cp.ads().service(),
+        cp.ca_service(ca.clone(), args.max_cert_ttl),
+    );
+    tokio::spawn(cp.clone().watch(Duration::from_millis(250)));
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| Error::Io {
+            what: format!("cannot listen on {}", args.listen),
+            source,
+        })?;
+    let mut builder = Server::builder();
+    if args.plaintext {
+        warn!(listen = %args.listen, "serving plaintext gRPC (no TLS): for tests only");
+    } else {
+        let mut names = vec![ISTIOD_NAME.to_owned()];
+        names.extend(args.tls_name.iter().cloned());
+        let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let creds = ca.issue_server(&name_refs, Duration::from_secs(365 * 24 * 3600))?;
+        let cert = identity::pem::certs_to_pem(&creds.chain);
+        let key = identity::pem::key_to_pem(&creds.key);
+        builder = builder
+            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+            .map_err(|e| Error::Flag {
+                flag: "--tls-name",
+                value: names.join(","),
+                reason: e.to_string(),
+            })?;
+        info!(root = %ca_dir.join("root-cert.pem").display(), names = ?names, "serving TLS; clients verify with the CA root");
+    }
+    info!(listen = %args.listen, manifests = %args.manifests.display(), workloads = report.counts.0, services = report.counts.1, policies = report.counts.2, "control plane ready");
+    builder
+        .serve_with_incoming(service, TcpIncoming::from(listener))
+        .await
+        .map_err(|e| Error::Io {
+            what: format!("gRPC server on {}", args.listen),
+            source: std::io::Error::other(e),
+        })
+}
