@@ -55,6 +55,9 @@ struct State {
     resources: Mutex<HashMap<String, BTreeMap<String, Versioned>>>,
     /// Bumped on every change; streams watch it.
     generation: Mutex<Option<watch::Sender<u64>>>,
+    /// Recent changes, `(generation, type, name)`, oldest first, so streams diff only what
+    /// changed; bounded, and a stream that fell behind it diffs everything.
+    log: Mutex<std::collections::VecDeque<(u64, String, String)>>,
     next_nonce: AtomicU64,
     acks: Mutex<Vec<AckRecord>>,
 }
@@ -77,7 +80,7 @@ impl AdsServer {
             .entry(type_url.to_owned())
             .or_default()
             .insert(name.to_owned(), Versioned { version, body });
-        self.changed();
+        self.changed(type_url, name);
     }
 
     /// Removes a resource; clients that hold it are told.
@@ -91,7 +94,7 @@ impl AdsServer {
             .and_then(|m| m.remove(name))
             .is_some();
         if removed {
-            self.changed();
+            self.changed(type_url, name);
         }
     }
 
@@ -105,10 +108,34 @@ impl AdsServer {
         AggregatedDiscoveryServiceServer::new(self.clone())
     }
 
-    fn changed(&self) {
+    fn changed(&self, type_url: &str, name: &str) {
         let mut generation = self.state.generation.lock().expect("lock");
         let tx = generation.get_or_insert_with(|| watch::channel(0).0);
-        tx.send_modify(|g| *g += 1);
+        let next = *tx.borrow() + 1;
+        {
+            let mut log = self.state.log.lock().expect("lock");
+            log.push_back((next, type_url.to_owned(), name.to_owned()));
+            while log.len() > CHANGE_LOG {
+                log.pop_front();
+            }
+        }
+        tx.send_replace(next);
+    }
+
+    /// The names changed after generation `since`, per type; `None` when the log no longer
+    /// reaches back that far.
+    fn changes_since(&self, since: u64) -> Option<HashMap<String, HashSet<String>>> {
+        let log = self.state.log.lock().expect("lock");
+        if log.front().is_some_and(|(g, _, _)| *g > since + 1) {
+            return None;
+        }
+        let mut out: HashMap<String, HashSet<String>> = HashMap::new();
+        for (_, type_url, name) in log.iter().filter(|(g, _, _)| *g > since) {
+            out.entry(type_url.clone())
+                .or_default()
+                .insert(name.clone());
+        }
+        Some(out)
     }
 
     fn watch_changes(&self) -> watch::Receiver<u64> {
@@ -118,6 +145,9 @@ impl AdsServer {
             .subscribe()
     }
 }
+
+/// How many recent changes the server remembers for incremental pushes.
+const CHANGE_LOG: usize = 100_000;
 
 /// One stream's view of one type.
 #[derive(Default)]
@@ -140,7 +170,7 @@ impl AggregatedDiscoveryService for AdsServer {
         request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<tonic::Response<ResponseStream>, tonic::Status> {
         if request.metadata().get("authorization").is_none() {
-            debug!("ADS: stream without a bearer token (accepted: local mode)");
+            info!("ADS: stream without a bearer token, accepted (local mode)");
         }
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
@@ -148,6 +178,8 @@ impl AggregatedDiscoveryService for AdsServer {
         tokio::spawn(async move {
             let mut types: HashMap<String, TypeState> = HashMap::new();
             let mut changes = server.watch_changes();
+            // Initial answers are full diffs; later pushes need only what changed since.
+            let mut seen = *changes.borrow_and_update();
             loop {
                 tokio::select! {
                     message = inbound.message() => {
@@ -169,8 +201,18 @@ impl AggregatedDiscoveryService for AdsServer {
                         if changed.is_err() {
                             break;
                         }
+                        let now = *changes.borrow_and_update();
+                        let changed = server.changes_since(seen);
+                        seen = now;
                         for (type_url, state) in types.iter_mut() {
-                            if let Some(response) = server.diff(type_url, state, false)
+                            let response = match &changed {
+                                Some(by_type) => match by_type.get(type_url) {
+                                    Some(names) => server.diff_names(type_url, state, names),
+                                    None => None,
+                                },
+                                None => server.diff(type_url, state, false),
+                            };
+                            if let Some(response) = response
                                 && tx.send(Ok(response)).await.is_err()
                             {
                                 return;
@@ -237,6 +279,44 @@ impl AdsServer {
         None
     }
 
+    /// Like [`Self::diff`], looking only at `names`.
+    fn diff_names(
+        &self,
+        type_url: &str,
+        state: &mut TypeState,
+        names: &HashSet<String>,
+    ) -> Option<DeltaDiscoveryResponse> {
+        let all = self.state.resources.lock().expect("lock");
+        let current = all.get(type_url);
+        let wanted = |name: &str| state.wildcard || state.names.contains(name);
+        let mut resources = Vec::new();
+        let mut removed = Vec::new();
+        for name in names {
+            match current.and_then(|m| m.get(name)) {
+                Some(v) if wanted(name) => {
+                    if state.sent.get(name) != Some(&v.version) {
+                        resources.push(Resource {
+                            name: name.clone(),
+                            version: v.version.clone(),
+                            resource: Some(prost_types::Any {
+                                type_url: type_url.to_owned(),
+                                value: v.body.clone(),
+                            }),
+                            aliases: Vec::new(),
+                        });
+                    }
+                }
+                _ => {
+                    if state.sent.contains_key(name) {
+                        removed.push(name.clone());
+                    }
+                }
+            }
+        }
+        drop(all);
+        self.respond(type_url, state, resources, removed, false)
+    }
+
     /// What `state` lacks or holds in excess; `always` answers even when there is nothing.
     fn diff(
         &self,
@@ -268,6 +348,19 @@ impl AdsServer {
             .filter(|n| !current.contains_key(*n) || !wanted(n))
             .cloned()
             .collect();
+        drop(all);
+        self.respond(type_url, state, resources, removed, always)
+    }
+
+    /// Records what the client will hold and builds the response (or nothing to send).
+    fn respond(
+        &self,
+        type_url: &str,
+        state: &mut TypeState,
+        resources: Vec<Resource>,
+        removed: Vec<String>,
+        always: bool,
+    ) -> Option<DeltaDiscoveryResponse> {
         if resources.is_empty() && removed.is_empty() && !always {
             return None;
         }
