@@ -40,6 +40,51 @@ pub trait Handler: Send + Sync + 'static {
     fn apply(&self, added: Vec<RawResource>, removed: Vec<String>) -> Vec<(String, String)>;
 }
 
+/// A [`Handler`] that decodes each resource with `decode` before handing the decoded ones to
+/// `apply`; resources that fail to decode are rejected (NACKed) with the decoder's reason, and
+/// `apply` never sees them.
+pub struct Decoding<T, D, A> {
+    decode: D,
+    apply: A,
+    _type: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T, D, A> Decoding<T, D, A>
+where
+    D: Fn(&[u8]) -> Result<T, String> + Send + Sync + 'static,
+    A: Fn(Vec<(String, T)>, Vec<String>) + Send + Sync + 'static,
+    T: 'static,
+{
+    /// Decodes with `decode`, applies with `apply`.
+    pub fn new(decode: D, apply: A) -> Self {
+        Decoding {
+            decode,
+            apply,
+            _type: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T, D, A> Handler for Decoding<T, D, A>
+where
+    D: Fn(&[u8]) -> Result<T, String> + Send + Sync + 'static,
+    A: Fn(Vec<(String, T)>, Vec<String>) + Send + Sync + 'static,
+    T: 'static,
+{
+    fn apply(&self, added: Vec<RawResource>, removed: Vec<String>) -> Vec<(String, String)> {
+        let mut good = Vec::with_capacity(added.len());
+        let mut rejected = Vec::new();
+        for r in added {
+            match (self.decode)(&r.body) {
+                Ok(value) => good.push((r.name, value)),
+                Err(reason) => rejected.push((r.name, reason)),
+            }
+        }
+        (self.apply)(good, removed);
+        rejected
+    }
+}
+
 /// What to subscribe to for a type.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Subscription {

@@ -60,6 +60,8 @@ struct State {
     log: Mutex<std::collections::VecDeque<(u64, String, String)>>,
     next_nonce: AtomicU64,
     acks: Mutex<Vec<AckRecord>>,
+    /// Bearer tokens streams presented (not verified: local mode).
+    tokens: Mutex<Vec<String>>,
 }
 
 impl AdsServer {
@@ -101,6 +103,11 @@ impl AdsServer {
     /// Every ACK and NACK received so far, oldest first.
     pub fn acks(&self) -> Vec<AckRecord> {
         self.state.acks.lock().expect("lock").clone()
+    }
+
+    /// The bearer tokens streams presented so far (accepted unverified: local mode).
+    pub fn tokens(&self) -> Vec<String> {
+        self.state.tokens.lock().expect("lock").clone()
     }
 
     /// The gRPC service, to add to a tonic server.
@@ -169,8 +176,18 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<tonic::Response<ResponseStream>, tonic::Status> {
-        if request.metadata().get("authorization").is_none() {
-            info!("ADS: stream without a bearer token, accepted (local mode)");
+        match request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(value) => self
+                .state
+                .tokens
+                .lock()
+                .expect("lock")
+                .push(value.trim_start_matches("Bearer ").to_owned()),
+            None => info!("ADS: stream without a bearer token, accepted (local mode)"),
         }
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);

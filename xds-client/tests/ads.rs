@@ -244,3 +244,70 @@ async fn on_demand_subscription() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(store.names(), vec!["x", "z"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_handler_and_bearer_token() {
+    use xds_client::client::Decoding;
+    use xds_client::resources::{Address, decode_address, encode_address};
+
+    let server = AdsServer::new();
+    let w = xds_client::resources::Workload {
+        uid: "u1".into(),
+        name: "p".into(),
+        namespace: "default".into(),
+        addresses: vec!["10.0.0.9".parse().unwrap()],
+        network: String::new(),
+        hbone: true,
+        identity: "spiffe://cluster.local/ns/default/sa/p".parse().unwrap(),
+        node: String::new(),
+        canonical_name: String::new(),
+        canonical_revision: String::new(),
+        workload_type: xds_client::resources::WorkloadType::Pod,
+        workload_name: String::new(),
+        authorization_policies: vec![],
+        healthy: true,
+        cluster_id: String::new(),
+        hostname: String::new(),
+        services: Default::default(),
+    };
+    server.set(T, "u1", encode_address(&Address::Workload(w.clone())));
+    server.set(T, "garbage", vec![0x0a, 0x05, 0x0a]);
+    let (addr, _task) = start(&server).await;
+    let token = std::env::temp_dir().join(format!("xds-token-{}", std::process::id()));
+    std::fs::write(&token, "secret-token\n").unwrap();
+    let seen: Arc<Mutex<Vec<(String, Address)>>> = Arc::default();
+    let seen2 = seen.clone();
+    let handler = Decoding::new(
+        |bytes: &[u8]| decode_address(bytes).map_err(|e| e.to_string()),
+        move |added: Vec<(String, Address)>, _removed: Vec<String>| {
+            seen2.lock().unwrap().extend(added)
+        },
+    );
+    let mut config = ClientConfig::new(format!("http://{addr}"), "node");
+    config.token_file = Some(token.clone());
+    let client =
+        XdsClient::new(config)
+            .unwrap()
+            .watch(T, Subscription::Wildcard, Arc::new(handler));
+    let handle = client.handle();
+    tokio::spawn(client.run());
+    tokio::time::timeout(Duration::from_secs(5), handle.synced().wait_for(|s| *s))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![("u1".to_owned(), Address::Workload(w))]
+    );
+    eventually("the NACK", || {
+        server.acks().iter().any(|a| a.error.is_some())
+    })
+    .await;
+    let nack = server.acks().into_iter().find_map(|a| a.error).unwrap();
+    assert!(
+        nack.starts_with("garbage: Address: not a valid protobuf"),
+        "{nack}"
+    );
+    assert_eq!(server.tokens(), vec!["secret-token"]);
+    let _ = std::fs::remove_file(token);
+}
