@@ -9,11 +9,13 @@ if ! command -v cargo >/dev/null; then
     exit 1
 fi
 
-# python3 runs the independent HBONE peer of the interop tests (interop/h2_peer.py); iproute2 is
-# for the network-namespace tests.
+# python3 runs the independent HBONE peer of the interop tests (interop/h2_peer.py); iproute2,
+# iptables and nftables are for the network-namespace tests of the capture rules.
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     need=()
-    dpkg -s iproute2 >/dev/null 2>&1 || need+=(iproute2)
+    for pkg in iproute2 iptables nftables util-linux; do
+        dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+    done
     command -v python3 >/dev/null || need+=(python3 python3-pip)
     if [ "${#need[@]}" -gt 0 ]; then
         apt-get update -qq

@@ -1,6 +1,36 @@
 //! Traffic capture for an ambient mesh: redirection rules inside a pod's network namespace.
 //!
-//! This crate will hold the iptables and nftables rule sets for a captured pod (ports 15001,
-//! 15006, 15008, skip mark 0x539), applied and removed idempotently, and the node agent that
-//! captures pods by namespace label and hands their network namespaces to the proxy. Nothing is
-//! implemented yet; see the project's issue tracker.
+//! Today: the capture [`RuleSet`] (ports 15001/15006/15008, skip mark 0x539, loopback and
+//! health-probe exceptions, IPv4 and IPv6) rendered for iptables and nftables, and [`apply`],
+//! [`remove`] and [`check`] inside a network namespace, idempotent and exact (removing restores
+//! the rule set byte for byte). Still to come (see the issue tracker): traffic tests, the node
+//! agent and the netns handoff to the proxy.
+//!
+//! ```
+//! use redirect::{Backend, RuleSet};
+//!
+//! let rules = RuleSet::default();
+//! let script = rules.nft_script();
+//! assert!(script.contains("redirect to :15001"));
+//! assert_eq!("nftables".parse::<Backend>(), Ok(Backend::Nftables));
+//! ```
+#![forbid(unsafe_code)]
+
+mod apply;
+mod rules;
+
+pub use apply::{Drift, Error, apply, check, remove};
+pub use rules::{Backend, IPT_OUTPUT, IPT_PREROUTING, NFT_TABLE, RuleSet};
+
+/// Reapplies the rules when [`check`] finds drift; returns the drift it repaired.
+pub fn reconcile(
+    netns: &std::path::Path,
+    backend: Backend,
+    rules: &RuleSet,
+) -> Result<Drift, Error> {
+    let drift = check(netns, backend, rules)?;
+    if !drift.is_clean() {
+        apply(netns, backend, rules)?;
+    }
+    Ok(drift)
+}

@@ -31,8 +31,36 @@ pub(crate) enum Command {
     /// Run a local control plane: Kubernetes YAML in a directory, served as istiod serves ambient
     /// proxies (delta ADS and the Istio CA on one gRPC listener); edits are pushed within a second.
     Controlplane(ControlplaneArgs),
+    /// Traffic capture rules inside a pod's network namespace.
+    #[command(subcommand)]
+    Redirect(RedirectCommand),
     /// Run a self-contained HBONE demo on loopback (development CA, server, client, traffic).
     Demo(DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum RedirectCommand {
+    /// Install (or replace) the capture rules; idempotent.
+    Apply(RedirectArgs),
+    /// Remove exactly the rules `apply` installed.
+    Remove(RedirectArgs),
+    /// Report drift between the live rules and what `apply` installs; exit 1 on drift.
+    Check(RedirectArgs),
+    /// Repair drift (reapply when `check` would report any).
+    Reconcile(RedirectArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RedirectArgs {
+    /// The pod's network namespace: `/var/run/netns/NAME` or `/proc/PID/ns/net`.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) netns: PathBuf,
+    /// Rule engine.
+    #[arg(long, value_parser = ["iptables", "nftables"], default_value = "iptables")]
+    pub(crate) backend: String,
+    /// Install IPv4 rules only.
+    #[arg(long)]
+    pub(crate) ipv4_only: bool,
 }
 
 #[derive(Debug, Args)]

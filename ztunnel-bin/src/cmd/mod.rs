@@ -5,10 +5,11 @@ mod controlplane;
 mod demo;
 mod hbone_cli;
 mod policy;
+mod redirect_cli;
 
 use std::process::ExitCode;
 
-use crate::cli::{CaCommand, Command, HboneCommand, PolicyCommand};
+use crate::cli::{CaCommand, Command, HboneCommand, PolicyCommand, RedirectCommand};
 
 /// Errors a command reports before exiting non-zero.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +40,9 @@ pub(crate) enum Error {
         /// Why it is unusable.
         reason: String,
     },
+    /// Capture rules could not be applied or read.
+    #[error(transparent)]
+    Redirect(#[from] redirect::Error),
     /// A policy file is malformed.
     #[error(transparent)]
     Policy(#[from] authz::ParseError),
@@ -58,6 +62,10 @@ pub(crate) async fn run(command: Command) -> Result<ExitCode, Error> {
         Command::Policy(PolicyCommand::Check(args)) => policy::check(args),
         Command::Policy(PolicyCommand::Lint(args)) => policy::lint(args),
         Command::Controlplane(args) => ok(controlplane::run(args).await),
+        Command::Redirect(RedirectCommand::Apply(args)) => redirect_cli::apply(args),
+        Command::Redirect(RedirectCommand::Remove(args)) => redirect_cli::remove(args),
+        Command::Redirect(RedirectCommand::Check(args)) => redirect_cli::check(args),
+        Command::Redirect(RedirectCommand::Reconcile(args)) => redirect_cli::reconcile(args),
         Command::Demo(args) => ok(demo::run(args).await),
     }
 }

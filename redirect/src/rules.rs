@@ -1,0 +1,210 @@
+//! The capture rule set of one pod, rendered for iptables (restore format) and nftables.
+//!
+//! Rendering is pure: the same [`RuleSet`] always produces the same text, which is also what
+//! `check` compares the live state against.
+//!
+//! What is captured (DESIGN.md, "Capture rules"): outbound TCP not marked with the proxy's mark
+//! and not to loopback goes to the outbound port (15001); inbound TCP to the HBONE port (15008) is
+//! accepted as is; inbound TCP from the node's health-probe address is left alone, so kubelet
+//! probes keep working; other inbound TCP goes to the inbound plaintext port (15006).
+
+use std::net::IpAddr;
+
+/// Which rule engine renders and applies the rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Backend {
+    /// `iptables-restore` / `ip6tables-restore`, in our own chains of the nat table.
+    Iptables,
+    /// One `nft -f` transaction, in our own `inet` table.
+    Nftables,
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "iptables" => Ok(Backend::Iptables),
+            "nftables" | "nft" => Ok(Backend::Nftables),
+            other => Err(format!(
+                "unknown backend {other:?}; expected iptables or nftables"
+            )),
+        }
+    }
+}
+
+/// The ports, mark and exceptions of a pod's capture.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RuleSet {
+    /// Where outbound TCP is redirected (Istio: 15001).
+    pub outbound_port: u16,
+    /// Where inbound plaintext TCP is redirected (Istio: 15006).
+    pub inbound_port: u16,
+    /// The HBONE port, reached directly (Istio: 15008).
+    pub hbone_port: u16,
+    /// The mark the proxy puts on its own sockets (Istio: 0x539), matched under `mark_mask`.
+    pub skip_mark: u32,
+    /// The bits of the mark that are compared.
+    pub mark_mask: u32,
+    /// Source addresses whose inbound traffic is never captured (kubelet health probes; Istio's
+    /// CNI SNATs probes to 169.254.7.127).
+    pub probe_sources: Vec<IpAddr>,
+    /// Whether to install IPv6 rules too.
+    pub ipv6: bool,
+}
+
+impl Default for RuleSet {
+    fn default() -> Self {
+        RuleSet {
+            outbound_port: 15001,
+            inbound_port: 15006,
+            hbone_port: 15008,
+            skip_mark: 0x539,
+            mark_mask: 0xfff,
+            probe_sources: vec![IpAddr::from([169, 254, 7, 127])],
+            ipv6: true,
+        }
+    }
+}
+
+/// Our chain names in the nat table (iptables).
+pub const IPT_PREROUTING: &str = "ZTUNNEL_PREROUTING";
+/// Our output chain (iptables).
+pub const IPT_OUTPUT: &str = "ZTUNNEL_OUTPUT";
+/// Our nftables table (family `inet`).
+pub const NFT_TABLE: &str = "ztunnel";
+
+impl RuleSet {
+    /// Our part of `iptables-save -t nat` for one family: chain declarations, the jumps from the
+    /// built-in chains, and our chains' rules, in the order iptables-save prints them.
+    pub fn iptables_lines(&self, v6: bool) -> Vec<String> {
+        let loopback = if v6 { "::1/128" } else { "127.0.0.0/8" };
+        let mark = format!("0x{:x}/0x{:x}", self.skip_mark, self.mark_mask);
+        let mut lines = vec![
+            format!(":{IPT_OUTPUT} - [0:0]"),
+            format!(":{IPT_PREROUTING} - [0:0]"),
+            format!("-A PREROUTING -j {IPT_PREROUTING}"),
+            format!("-A OUTPUT -j {IPT_OUTPUT}"),
+            format!("-A {IPT_OUTPUT} -m mark --mark {mark} -j RETURN"),
+            format!("-A {IPT_OUTPUT} -o lo -j RETURN"),
+            format!("-A {IPT_OUTPUT} -d {loopback} -j RETURN"),
+            format!(
+                "-A {IPT_OUTPUT} -p tcp -j REDIRECT --to-ports {}",
+                self.outbound_port
+            ),
+            format!("-A {IPT_PREROUTING} -i lo -j RETURN"),
+        ];
+        for source in self.probe_sources.iter().filter(|s| s.is_ipv6() == v6) {
+            let len = if v6 { 128 } else { 32 };
+            lines.push(format!(
+                "-A {IPT_PREROUTING} -s {source}/{len} -p tcp -j RETURN"
+            ));
+        }
+        lines.push(format!(
+            "-A {IPT_PREROUTING} -p tcp -m tcp --dport {} -j RETURN",
+            self.hbone_port
+        ));
+        lines.push(format!(
+            "-A {IPT_PREROUTING} -p tcp -j REDIRECT --to-ports {}",
+            self.inbound_port
+        ));
+        lines
+    }
+
+    /// The nftables table, as one `nft -f` script that replaces any previous copy atomically.
+    pub fn nft_script(&self) -> String {
+        format!(
+            "table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n{}",
+            self.nft_table()
+        )
+    }
+
+    /// The table definition (what `nft list table inet ztunnel` should show, modulo formatting).
+    pub fn nft_table(&self) -> String {
+        let mut pre = String::new();
+        pre.push_str("        iifname \"lo\" return\n");
+        for source in &self.probe_sources {
+            let family = if source.is_ipv6() { "ip6" } else { "ip" };
+            pre.push_str(&format!(
+                "        {family} saddr {source} meta l4proto tcp return\n"
+            ));
+        }
+        pre.push_str(&format!("        tcp dport {} return\n", self.hbone_port));
+        pre.push_str(&format!(
+            "        meta l4proto tcp redirect to :{}\n",
+            self.inbound_port
+        ));
+        let mut out = String::new();
+        out.push_str(&format!(
+            "        meta mark & 0x{:08x} == 0x{:08x} return\n",
+            self.mark_mask, self.skip_mark
+        ));
+        out.push_str("        oifname \"lo\" return\n");
+        out.push_str("        ip daddr 127.0.0.0/8 return\n");
+        if self.ipv6 {
+            out.push_str("        ip6 daddr ::1 return\n");
+        }
+        out.push_str(&format!(
+            "        meta l4proto tcp redirect to :{}\n",
+            self.outbound_port
+        ));
+        let v4_only = if self.ipv6 {
+            ""
+        } else {
+            "        meta nfproto ipv6 return\n"
+        };
+        format!(
+            "table inet {NFT_TABLE} {{\n    chain prerouting {{\n        type nat hook prerouting priority dstnat; policy accept;\n{v4_only}{pre}    }}\n    chain output {{\n        type nat hook output priority -100; policy accept;\n{v4_only}{out}    }}\n}}\n"
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iptables_rules_cover_every_exception() {
+        let lines = RuleSet::default().iptables_lines(false);
+        let text = lines.join("\n");
+        for needle in [
+            "-A OUTPUT -j ZTUNNEL_OUTPUT",
+            "-A ZTUNNEL_OUTPUT -m mark --mark 0x539/0xfff -j RETURN",
+            "-A ZTUNNEL_OUTPUT -o lo -j RETURN",
+            "-A ZTUNNEL_OUTPUT -d 127.0.0.0/8 -j RETURN",
+            "-A ZTUNNEL_OUTPUT -p tcp -j REDIRECT --to-ports 15001",
+            "-A ZTUNNEL_PREROUTING -s 169.254.7.127/32 -p tcp -j RETURN",
+            "-A ZTUNNEL_PREROUTING -p tcp -m tcp --dport 15008 -j RETURN",
+            "-A ZTUNNEL_PREROUTING -p tcp -j REDIRECT --to-ports 15006",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+        // The exceptions come before the redirects.
+        let pos = |s: &str| lines.iter().position(|l| l.contains(s)).unwrap();
+        assert!(pos("--mark") < pos("--to-ports 15001"));
+        assert!(pos("--dport 15008") < pos("--to-ports 15006"));
+        let v6 = RuleSet::default().iptables_lines(true).join("\n");
+        assert!(v6.contains("-d ::1/128") && !v6.contains("169.254"), "{v6}");
+    }
+
+    #[test]
+    fn nft_script_replaces_the_table_in_one_transaction() {
+        let script = RuleSet::default().nft_script();
+        assert!(
+            script
+                .starts_with("table inet ztunnel\ndelete table inet ztunnel\ntable inet ztunnel {"),
+            "{script}"
+        );
+        assert!(script.contains("meta mark & 0x00000fff == 0x00000539 return"));
+        assert!(script.contains("redirect to :15001") && script.contains("redirect to :15006"));
+        assert!(script.contains("tcp dport 15008 return"));
+    }
+
+    #[test]
+    fn backend_names() {
+        assert_eq!("iptables".parse::<Backend>().unwrap(), Backend::Iptables);
+        assert_eq!("nftables".parse::<Backend>().unwrap(), Backend::Nftables);
+        assert!("ebpf".parse::<Backend>().is_err());
+    }
+}
