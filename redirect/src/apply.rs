@@ -182,7 +182,7 @@ fn without_ours(saved: &str) -> String {
         .lines()
         .filter(|l| !is_ours(l) && !l.starts_with('#'))
         .collect();
-    if !kept.iter().any(|l| *l == "*nat") {
+    if !kept.contains(&"*nat") {
         return "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n".to_owned();
     }
     let mut out = kept.join("\n");
