@@ -37,7 +37,7 @@ mod serve;
 
 use std::collections::BTreeMap;
 
-pub use manifests::{Deployment, ManifestError, Manifests, Pod, Service};
+pub use manifests::{Deployment, ManifestError, Manifests, NETNS_ANNOTATION, Pod, Service};
 pub use serve::{CaService, KnownIdentities, LocalControlPlane, Reload, TwoServices};
 use xds_client::resources::{self as xds, PortMapping, WorkloadType};
 

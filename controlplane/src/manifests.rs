@@ -41,7 +41,14 @@ pub struct Pod {
     pub node: String,
     /// `status.podIPs` (or `status.podIP`).
     pub ips: Vec<IpAddr>,
+    /// Annotations (the local mesh records a pod's network namespace in
+    /// [`NETNS_ANNOTATION`]).
+    pub annotations: BTreeMap<String, String>,
 }
+
+/// The annotation with which the local mesh tells the node agent where a pod's network
+/// namespace is (a path such as `/var/run/netns/NAME`).
+pub const NETNS_ANNOTATION: &str = "ambient.local/netns";
 
 /// A deployment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +97,8 @@ struct Meta {
     uid: Option<String>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -227,6 +236,7 @@ impl Manifests {
                         name: doc.metadata.name,
                         namespace,
                         labels: doc.metadata.labels,
+                        annotations: doc.metadata.annotations,
                         service_account: doc
                             .spec
                             .service_account_name

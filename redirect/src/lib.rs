@@ -3,8 +3,8 @@
 //! Today: the capture [`RuleSet`] (ports 15001/15006/15008, skip mark 0x539, loopback and
 //! health-probe exceptions, IPv4 and IPv6) rendered for iptables and nftables, and [`apply`],
 //! [`remove`] and [`check`] inside a network namespace, idempotent and exact (removing restores
-//! the rule set byte for byte). Still to come (see the issue tracker): traffic tests, the node
-//! agent and the netns handoff to the proxy.
+//! the rule set byte for byte). The [`agent`] captures the pods of a node by namespace label. Still to
+//! come (see the issue tracker): the Kubernetes pod source and the netns handoff socket.
 //!
 //! ```
 //! use redirect::{Backend, RuleSet};
@@ -16,6 +16,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod agent;
 mod apply;
 mod rules;
 

@@ -34,6 +34,8 @@ pub(crate) enum Command {
     /// Traffic capture rules inside a pod's network namespace.
     #[command(subcommand)]
     Redirect(RedirectCommand),
+    /// Run the node agent: capture this node's pods whose namespace is in ambient mode.
+    NodeAgent(NodeAgentArgs),
     /// Run a self-contained HBONE demo on loopback (development CA, server, client, traffic).
     Demo(DemoArgs),
 }
@@ -61,6 +63,20 @@ pub(crate) struct RedirectArgs {
     /// Install IPv4 rules only.
     #[arg(long)]
     pub(crate) ipv4_only: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct NodeAgentArgs {
+    /// Where pods come from: `manifests:DIR` (the local mesh's manifests; a pod's network
+    /// namespace is given by its `ambient.local/netns` annotation) or `kube` (not yet supported).
+    #[arg(long, value_name = "SOURCE")]
+    pub(crate) source: String,
+    /// This node's name (pods' `spec.nodeName`).
+    #[arg(long, value_name = "NAME")]
+    pub(crate) node: String,
+    /// Rule engine.
+    #[arg(long, value_parser = ["iptables", "nftables"], default_value = "iptables")]
+    pub(crate) backend: String,
 }
 
 #[derive(Debug, Args)]

@@ -4,6 +4,7 @@ mod ca;
 mod controlplane;
 mod demo;
 mod hbone_cli;
+mod node_agent;
 mod policy;
 mod redirect_cli;
 
@@ -62,6 +63,7 @@ pub(crate) async fn run(command: Command) -> Result<ExitCode, Error> {
         Command::Policy(PolicyCommand::Check(args)) => policy::check(args),
         Command::Policy(PolicyCommand::Lint(args)) => policy::lint(args),
         Command::Controlplane(args) => ok(controlplane::run(args).await),
+        Command::NodeAgent(args) => ok(node_agent::run(args).await),
         Command::Redirect(RedirectCommand::Apply(args)) => redirect_cli::apply(args),
         Command::Redirect(RedirectCommand::Remove(args)) => redirect_cli::remove(args),
         Command::Redirect(RedirectCommand::Check(args)) => redirect_cli::check(args),

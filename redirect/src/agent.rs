@@ -1,0 +1,173 @@
+//! The node agent: captures the pods of this node whose namespace is in ambient mode.
+//!
+//! It looks at the pods a [`PodSource`] reports, decides which must be captured (namespace label
+//! `istio.io/dataplane-mode=ambient`, pod not labelled `istio.io/dataplane-mode=none`, on this
+//! node, network namespace known), and converges: rules applied in newly captured pods, removed
+//! from released ones, and every capture and release reported to a [`Handoff`] (the proxy). At
+//! start-up it reconciles every captured pod (applying is idempotent), so a restarted agent
+//! neither duplicates rules nor forgets pods.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use tracing::{info, warn};
+
+use crate::{Backend, Error, RuleSet, apply, remove};
+
+/// The label that puts a namespace in the mesh (`ambient`) or takes a pod out (`none`).
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+
+/// What the agent knows about a pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodInfo {
+    /// The pod's uid (`metadata.uid`).
+    pub uid: String,
+    /// Name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Service account.
+    pub service_account: String,
+    /// The pod's labels.
+    pub labels: BTreeMap<String, String>,
+    /// Its namespace's labels.
+    pub namespace_labels: BTreeMap<String, String>,
+    /// The node it runs on.
+    pub node: String,
+    /// Its network namespace, if known.
+    pub netns: Option<PathBuf>,
+}
+
+impl PodInfo {
+    /// Whether the pod must be captured on `node`.
+    pub fn wants_capture(&self, node: &str) -> bool {
+        self.node == node
+            && self.netns.is_some()
+            && self
+                .namespace_labels
+                .get(DATAPLANE_MODE_LABEL)
+                .is_some_and(|v| v == "ambient")
+            && self
+                .labels
+                .get(DATAPLANE_MODE_LABEL)
+                .is_none_or(|v| v != "none")
+    }
+}
+
+/// Where pods come from (Kubernetes, or the local mesh's manifests).
+pub trait PodSource: Send + Sync {
+    /// The current pods (of every node; the agent filters).
+    fn pods(&self) -> Result<Vec<PodInfo>, String>;
+}
+
+/// Receives the captured pods' network namespaces (the proxy, in process or over a socket).
+pub trait Handoff: Send + Sync {
+    /// A pod was captured.
+    fn add(&self, pod: &PodInfo);
+    /// A pod was released.
+    fn remove(&self, uid: &str);
+}
+
+/// A handoff that does nothing (rules only).
+#[derive(Debug, Default)]
+pub struct NoHandoff;
+
+impl Handoff for NoHandoff {
+    fn add(&self, _pod: &PodInfo) {}
+    fn remove(&self, _uid: &str) {}
+}
+
+/// The node agent's state.
+pub struct NodeAgent<S, H> {
+    node: String,
+    backend: Backend,
+    rules: RuleSet,
+    source: S,
+    handoff: H,
+    captured: HashMap<String, PodInfo>,
+}
+
+impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
+    /// An agent for `node`.
+    pub fn new(node: &str, backend: Backend, rules: RuleSet, source: S, handoff: H) -> Self {
+        NodeAgent {
+            node: node.to_owned(),
+            backend,
+            rules,
+            source,
+            handoff,
+            captured: HashMap::new(),
+        }
+    }
+
+    /// The pods captured now, by uid.
+    pub fn captured(&self) -> &HashMap<String, PodInfo> {
+        &self.captured
+    }
+
+    /// One convergence pass: captures and releases what changed. Errors for single pods are
+    /// logged and retried on the next pass; a failing source changes nothing.
+    pub fn sync(&mut self) -> Result<(), String> {
+        let pods = self.source.pods()?;
+        let wanted: HashMap<&str, &PodInfo> = pods
+            .iter()
+            .filter(|p| p.wants_capture(&self.node))
+            .map(|p| (p.uid.as_str(), p))
+            .collect();
+        let mut released: Vec<String> = self
+            .captured
+            .keys()
+            .filter(|uid| !wanted.contains_key(uid.as_str()))
+            .cloned()
+            .collect();
+        released.sort();
+        for uid in released {
+            let pod = self.captured.remove(&uid).expect("present");
+            info!(
+                "Removing pod '{}/{}' ({}) from ambient",
+                pod.name, pod.namespace, pod.uid
+            );
+            if let Some(netns) = &pod.netns
+                && netns.exists()
+                && let Err(e) = remove(netns, self.backend, &self.rules)
+            {
+                warn!(pod = %pod.name, error = %e, "could not remove capture rules");
+            }
+            self.handoff.remove(&uid);
+        }
+        // In the source's order, so captures happen (and are reported) deterministically.
+        for pod in pods.iter().filter(|p| wanted.contains_key(p.uid.as_str())) {
+            let uid = pod.uid.as_str();
+            if self.captured.get(uid).is_some_and(|p| p.netns == pod.netns) {
+                continue;
+            }
+            match self.capture(pod) {
+                Ok(()) => {
+                    info!(
+                        "Adding pod '{}/{}' ({}) to ambient",
+                        pod.name, pod.namespace, pod.uid
+                    );
+                    self.handoff.add(pod);
+                    self.captured.insert(uid.to_owned(), pod.clone());
+                }
+                Err(e) => warn!(pod = %pod.name, error = %e, "could not capture pod; will retry"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Converges every `interval`, forever (blocking; run it on its own thread).
+    pub fn run(mut self, interval: std::time::Duration) -> ! {
+        loop {
+            if let Err(e) = self.sync() {
+                warn!(error = %e, "pod source failed; keeping the current captures");
+            }
+            std::thread::sleep(interval);
+        }
+    }
+
+    fn capture(&self, pod: &PodInfo) -> Result<(), Error> {
+        let netns = pod.netns.as_ref().expect("wants_capture checked the netns");
+        apply(netns, self.backend, &self.rules)
+    }
+}

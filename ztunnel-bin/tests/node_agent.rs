@@ -1,0 +1,103 @@
+//! `ztunnel node-agent --source manifests:DIR` with real network namespaces (root needed):
+//! labelling the namespace captures the pod within a second; opting the pod out releases it.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Running, TempDir, ztunnel};
+
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn captured(ns: &str) -> bool {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "list", "tables"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).contains("inet ztunnel")
+}
+
+fn write_manifests(dir: &std::path::Path, ns: &str, ambient: bool, opt_out: bool) {
+    let ns_labels = if ambient {
+        "{istio.io/dataplane-mode: ambient}"
+    } else {
+        "{}"
+    };
+    let pod_labels = if opt_out {
+        "{app: web, istio.io/dataplane-mode: none}"
+    } else {
+        "{app: web}"
+    };
+    let text = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: default, labels: {ns_labels}}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: web, namespace: default, uid: u-web, labels: {pod_labels}, annotations: {{ambient.local/netns: /var/run/netns/{ns}}}}}\nspec: {{nodeName: node-a}}\nstatus: {{podIP: 10.244.0.5}}\n"
+    );
+    // Write then rename, so the agent never reads a half-written file.
+    let tmp = dir.join(".mesh.tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join("mesh.yaml")).unwrap();
+}
+
+fn wait(what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "timed out: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    start.elapsed()
+}
+
+#[test]
+fn node_agent_follows_labels() {
+    let uid = Command::new("id").arg("-u").output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&uid.stdout).trim(),
+        "0",
+        "this test needs root (CI runs as root)"
+    );
+    let ns = Netns(format!("ztn-{}", std::process::id()));
+    assert!(
+        Command::new("ip")
+            .args(["netns", "add", &ns.0])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let dir = TempDir::new("node-agent");
+    write_manifests(&dir.0, &ns.0, false, false);
+    let _agent = Running(
+        ztunnel()
+            .args([
+                "node-agent",
+                "--source",
+                &format!("manifests:{}", dir.0.display()),
+                "--node",
+                "node-a",
+                "--backend",
+                "nftables",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(
+        !captured(&ns.0),
+        "captured before the namespace was ambient"
+    );
+    write_manifests(&dir.0, &ns.0, true, false);
+    let took = wait("capture after labelling the namespace", || captured(&ns.0));
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    write_manifests(&dir.0, &ns.0, true, true);
+    wait("release after the opt-out label", || !captured(&ns.0));
+}
