@@ -3,8 +3,9 @@
 //! Today: the capture [`RuleSet`] (ports 15001/15006/15008, skip mark 0x539, loopback and
 //! health-probe exceptions, IPv4 and IPv6) rendered for iptables and nftables, and [`apply`],
 //! [`remove`] and [`check`] inside a network namespace, idempotent and exact (removing restores
-//! the rule set byte for byte). The [`agent`] captures the pods of a node by namespace label. Still to
-//! come (see the issue tracker): the Kubernetes pod source and the netns handoff socket.
+//! the rule set byte for byte). The [`agent`] captures the pods of a node by namespace label. The [`zds`]
+//! module hands captured pods' network namespaces to the proxy over Istio's ZDS socket protocol.
+//! Still to come (see the issue tracker): the Kubernetes pod source.
 //!
 //! ```
 //! use redirect::{Backend, RuleSet};
@@ -14,11 +15,13 @@
 //! assert!(script.contains("redirect to :15001"));
 //! assert_eq!("nftables".parse::<Backend>(), Ok(Backend::Nftables));
 //! ```
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // allowed only in `sys`, the socket-level module
 
 pub mod agent;
 mod apply;
 mod rules;
+mod sys;
+pub mod zds;
 
 pub use apply::{Drift, Error, apply, check, remove};
 pub use rules::{Backend, IPT_OUTPUT, IPT_PREROUTING, NFT_TABLE, RuleSet};

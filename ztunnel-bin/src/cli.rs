@@ -77,6 +77,10 @@ pub(crate) struct NodeAgentArgs {
     /// Rule engine.
     #[arg(long, value_parser = ["iptables", "nftables"], default_value = "iptables")]
     pub(crate) backend: String,
+    /// Also hand each captured pod's network namespace to the proxy over Istio's ZDS protocol,
+    /// listening on this Unix socket (Istio's default: /var/run/ztunnel/ztunnel.sock).
+    #[arg(long, value_name = "PATH")]
+    pub(crate) zds_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

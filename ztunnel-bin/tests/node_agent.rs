@@ -1,5 +1,6 @@
 //! `ztunnel node-agent --source manifests:DIR` with real network namespaces (root needed):
-//! labelling the namespace captures the pod within a second; opting the pod out releases it.
+//! labelling the namespace captures the pod within a second; opting the pod out releases it; a
+//! proxy on the ZDS socket is handed the pod's network namespace and then told it is gone.
 
 mod common;
 
@@ -7,6 +8,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Running, TempDir, ztunnel};
+use redirect::zds::proto::Payload;
+use redirect::zds::run_test_peer;
 
 struct Netns(String);
 
@@ -74,6 +77,7 @@ fn node_agent_follows_labels() {
     );
     let dir = TempDir::new("node-agent");
     write_manifests(&dir.0, &ns.0, false, false);
+    let socket = dir.0.join("zds.sock");
     let _agent = Running(
         ztunnel()
             .args([
@@ -84,12 +88,29 @@ fn node_agent_follows_labels() {
                 "node-a",
                 "--backend",
                 "nftables",
+                "--zds-socket",
+                socket.to_str().unwrap(),
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     );
+    wait("the ZDS socket", || socket.exists());
+    let (tx, seen) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = run_test_peer(&socket, |request, fd| {
+            let _ = tx.send(match request.payload {
+                Some(Payload::Add(add)) => format!("add {} fd={}", add.uid, fd.is_some()),
+                Some(Payload::Del(del)) => format!("del {}", del.uid),
+                Some(Payload::SnapshotSent(_)) => "snapshot".to_owned(),
+                other => format!("unexpected {other:?}"),
+            });
+            String::new()
+        });
+    });
+    let next = || seen.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(next(), "snapshot");
     std::thread::sleep(Duration::from_millis(600));
     assert!(
         !captured(&ns.0),
@@ -98,6 +119,8 @@ fn node_agent_follows_labels() {
     write_manifests(&dir.0, &ns.0, true, false);
     let took = wait("capture after labelling the namespace", || captured(&ns.0));
     assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert_eq!(next(), "add u-web fd=true");
     write_manifests(&dir.0, &ns.0, true, true);
     wait("release after the opt-out label", || !captured(&ns.0));
+    assert_eq!(next(), "del u-web");
 }

@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use controlplane::{Manifests, NETNS_ANNOTATION};
-use redirect::agent::{NoHandoff, NodeAgent, PodInfo, PodSource};
+use redirect::agent::{Handoff, NoHandoff, NodeAgent, PodInfo, PodSource};
+use redirect::zds::ZdsServer;
 use redirect::{Backend, RuleSet};
 
 use super::Error;
@@ -77,14 +78,37 @@ pub(crate) async fn run(args: NodeAgentArgs) -> Result<(), Error> {
         }
     };
     let backend: Backend = args.backend.parse().expect("clap restricts the values");
-    let agent = NodeAgent::new(
-        &args.node,
-        backend,
-        RuleSet::default(),
-        ManifestSource(dir),
-        NoHandoff,
-    );
     tracing::info!(node = %args.node, backend = %args.backend, "node agent running");
+    match &args.zds_socket {
+        None => {
+            drive(NodeAgent::new(
+                &args.node,
+                backend,
+                RuleSet::default(),
+                ManifestSource(dir),
+                NoHandoff,
+            ))
+            .await
+        }
+        Some(path) => {
+            let server = ZdsServer::bind(path).map_err(|source| Error::Io {
+                what: format!("ZDS socket {}", path.display()),
+                source,
+            })?;
+            tracing::info!(socket = %path.display(), "serving the netns handoff (ZDS)");
+            drive(NodeAgent::new(
+                &args.node,
+                backend,
+                RuleSet::default(),
+                ManifestSource(dir),
+                server,
+            ))
+            .await
+        }
+    }
+}
+
+async fn drive<H: Handoff + 'static>(agent: NodeAgent<ManifestSource, H>) -> Result<(), Error> {
     tokio::task::spawn_blocking(move || agent.run(Duration::from_millis(250)))
         .await
         .map_err(|e| Error::Io {

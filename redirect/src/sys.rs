@@ -1,0 +1,95 @@
+//! The few system calls the netns handoff needs that std does not offer: SOCK_SEQPACKET Unix
+//! sockets and file-descriptor passing (SCM_RIGHTS). The only `unsafe` of the crate lives here.
+#![allow(unsafe_code)]
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+use nix::sys::socket::{
+    AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType,
+    UnixAddr, accept, bind, connect, listen, recvmsg, sendmsg, socket,
+};
+
+fn io(e: nix::Error) -> io::Error {
+    io::Error::from_raw_os_error(e as i32)
+}
+
+/// A listening SOCK_SEQPACKET socket at `path` (a stale socket file there is replaced).
+pub(crate) fn seqpacket_listener(path: &Path) -> io::Result<OwnedFd> {
+    let _ = std::fs::remove_file(path);
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(io)?;
+    bind(fd.as_raw_fd(), &UnixAddr::new(path).map_err(io)?).map_err(io)?;
+    listen(&fd, Backlog::new(16).map_err(io)?).map_err(io)?;
+    Ok(fd)
+}
+
+/// Accepts one connection.
+pub(crate) fn accept_conn(listener: &OwnedFd) -> io::Result<OwnedFd> {
+    let raw = accept(listener.as_raw_fd()).map_err(io)?;
+    // SAFETY: accept(2) returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Connects to a SOCK_SEQPACKET socket at `path`.
+pub(crate) fn seqpacket_connect(path: &Path) -> io::Result<OwnedFd> {
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(io)?;
+    connect(fd.as_raw_fd(), &UnixAddr::new(path).map_err(io)?).map_err(io)?;
+    Ok(fd)
+}
+
+/// Sends one datagram, with `fds` attached (SCM_RIGHTS) when not empty.
+pub(crate) fn send(sock: &OwnedFd, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsgs = if raw.is_empty() {
+        vec![]
+    } else {
+        vec![ControlMessage::ScmRights(&raw)]
+    };
+    sendmsg::<()>(
+        sock.as_fd().as_raw_fd(),
+        &[IoSlice::new(bytes)],
+        &cmsgs,
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(io)?;
+    Ok(())
+}
+
+/// Receives one datagram into `buf`, with any descriptors that came with it. Zero bytes and no
+/// descriptors means the peer closed.
+pub(crate) fn recv(sock: &OwnedFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io)?;
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs().map_err(io)? {
+        if let ControlMessageOwned::ScmRights(received) = cmsg {
+            for raw in received {
+                // SAFETY: the kernel installed these descriptors in our table for this message;
+                // nothing else owns them.
+                fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+            }
+        }
+    }
+    Ok((msg.bytes, fds))
+}
