@@ -7,7 +7,8 @@
 //! start-up it reconciles every captured pod (applying is idempotent), so a restarted agent
 //! neither duplicates rules nor forgets pods.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 use tracing::{info, warn};
@@ -34,15 +35,23 @@ pub struct PodInfo {
     pub namespace_labels: BTreeMap<String, String>,
     /// The node it runs on.
     pub node: String,
-    /// Its network namespace, if known.
+    /// Its network namespace, if known; when not, the agent looks for the namespace that holds
+    /// one of `ips` ([`crate::netns::find_by_ip`]).
     pub netns: Option<PathBuf>,
+    /// The pod's IPs (`status.podIPs`).
+    pub ips: Vec<IpAddr>,
 }
 
 impl PodInfo {
     /// Whether the pod must be captured on `node`.
     pub fn wants_capture(&self, node: &str) -> bool {
+        self.netns.is_some() && self.in_ambient(node)
+    }
+
+    /// Whether the pod is on `node` in an ambient namespace and not opted out (its network
+    /// namespace aside).
+    pub fn in_ambient(&self, node: &str) -> bool {
         self.node == node
-            && self.netns.is_some()
             && self
                 .namespace_labels
                 .get(DATAPLANE_MODE_LABEL)
@@ -85,6 +94,8 @@ pub struct NodeAgent<S, H> {
     source: S,
     handoff: H,
     captured: HashMap<String, PodInfo>,
+    /// Pods whose namespace was looked for and not found (warned once).
+    unresolved: HashSet<String>,
 }
 
 impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
@@ -97,6 +108,7 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
             source,
             handoff,
             captured: HashMap::new(),
+            unresolved: HashSet::new(),
         }
     }
 
@@ -108,7 +120,8 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
     /// One convergence pass: captures and releases what changed. Errors for single pods are
     /// logged and retried on the next pass; a failing source changes nothing.
     pub fn sync(&mut self) -> Result<(), String> {
-        let pods = self.source.pods()?;
+        let mut pods = self.source.pods()?;
+        self.resolve_netns(&mut pods);
         let wanted: HashMap<&str, &PodInfo> = pods
             .iter()
             .filter(|p| p.wants_capture(&self.node))
@@ -154,6 +167,42 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
             }
         }
         Ok(())
+    }
+
+    /// Fills in the network namespace of ambient pods whose source did not give one: the one
+    /// already captured for that uid, or the namespace that holds the pod's IP (one scan per
+    /// pass, only when some pod needs it).
+    fn resolve_netns(&mut self, pods: &mut [PodInfo]) {
+        let mut scan: Option<HashMap<IpAddr, PathBuf>> = None;
+        for pod in pods
+            .iter_mut()
+            .filter(|p| p.netns.is_none() && p.in_ambient(&self.node))
+        {
+            if let Some(known) = self.captured.get(&pod.uid).and_then(|p| p.netns.clone())
+                && known.exists()
+            {
+                pod.netns = Some(known);
+                continue;
+            }
+            if pod.ips.is_empty() {
+                continue;
+            }
+            let all = scan.get_or_insert_with(crate::netns::addresses);
+            pod.netns = pod.ips.iter().find_map(|ip| all.get(ip).cloned());
+            match &pod.netns {
+                Some(path) => info!(
+                    pod = %pod.name, netns = %path.display(),
+                    "found the pod's network namespace by its IP"
+                ),
+                None if self.unresolved.insert(pod.uid.clone()) => warn!(
+                    pod = %pod.name, ips = ?pod.ips,
+                    "no network namespace holds the pod's IP yet; will look again"
+                ),
+                None => {}
+            }
+        }
+        self.unresolved
+            .retain(|uid| pods.iter().any(|p| &p.uid == uid && p.netns.is_none()));
     }
 
     /// Converges every `interval`, forever (blocking; run it on its own thread).

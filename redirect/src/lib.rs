@@ -3,7 +3,8 @@
 //! Today: the capture [`RuleSet`] (ports 15001/15006/15008, skip mark 0x539, loopback and
 //! health-probe exceptions, IPv4 and IPv6) rendered for iptables and nftables, and [`apply`],
 //! [`remove`] and [`check`] inside a network namespace, idempotent and exact (removing restores
-//! the rule set byte for byte). The [`agent`] captures the pods of a node by namespace label. The [`zds`]
+//! the rule set byte for byte). The [`agent`] captures the pods of a node by namespace label, finding a pod's network
+//! namespace by its IP ([`netns`]) when the source does not name it. The [`zds`]
 //! module hands captured pods' network namespaces to the proxy over Istio's ZDS socket protocol.
 //! Still to come (see the issue tracker): the Kubernetes pod source.
 //!
@@ -19,6 +20,7 @@
 
 pub mod agent;
 mod apply;
+pub mod netns;
 mod rules;
 mod sys;
 pub mod zds;

@@ -79,6 +79,7 @@ fn pod(name: &str, netns: &Netns, node: &str) -> PodInfo {
         namespace_labels: BTreeMap::new(),
         node: node.into(),
         netns: Some(netns.path()),
+        ips: Vec::new(),
     }
 }
 
@@ -177,4 +178,141 @@ fn captures_by_namespace_label_and_releases() {
         ],
         "{log:?}"
     );
+}
+
+impl Netns {
+    fn exec(&self, cmd: &str) {
+        let ok = Command::new("ip")
+            .args(["netns", "exec", &self.0, "sh", "-c", cmd])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "in {}: {cmd}", self.0);
+    }
+}
+
+/// A test-owned address block; the third octet is per process so parallel runs do not collide.
+fn test_ip(host: u8) -> std::net::IpAddr {
+    format!("10.251.{}.{host}", std::process::id() % 250)
+        .parse()
+        .unwrap()
+}
+
+fn give_address(ns: &Netns, v4: std::net::IpAddr, v6: &str) {
+    ns.exec(&format!(
+        "ip link add d0 type veth peer name d1 && ip addr add {v4}/24 dev d0 && ip addr add {v6}/64 dev d0 nodad && ip link set d1 up && ip link set d0 up"
+    ));
+}
+
+fn inode(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().ino()
+}
+
+/// Kills the process-held namespace's holder even when the test fails.
+struct Holder(std::process::Child);
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn finds_named_and_process_held_namespaces_by_ip() {
+    let named = Netns::new("ipa");
+    let v6_named = format!("fd00:251:{}::5", std::process::id() % 0xffff);
+    give_address(&named, test_ip(5), &v6_named);
+    assert_eq!(
+        redirect::netns::find_by_ip(&[test_ip(5)]),
+        Some(named.path())
+    );
+    assert_eq!(
+        redirect::netns::find_by_ip(&[v6_named.parse().unwrap()]),
+        Some(named.path())
+    );
+    assert_eq!(redirect::netns::find_by_ip(&[test_ip(99)]), None);
+
+    // A namespace no name points at, held only by a process (a pod's sandbox, in a cluster).
+    let v6_held = format!("fd00:252:{}::6", std::process::id() % 0xffff);
+    let holder = Holder(
+        Command::new("unshare")
+            .args([
+                "--net",
+                "sh",
+                "-c",
+                &format!(
+                    "ip link add d0 type veth peer name d1 && ip addr add {}/24 dev d0 && ip addr add {v6_held}/64 dev d0 nodad && ip link set d1 up && ip link set d0 up && exec sleep 60",
+                    test_ip(6)
+                ),
+            ])
+            .spawn()
+            .unwrap(),
+    );
+    let holder_ns = PathBuf::from(format!("/proc/{}/ns/net", holder.0.id()));
+    let start = std::time::Instant::now();
+    let found = loop {
+        if let Some(found) = redirect::netns::find_by_ip(&[test_ip(6)]) {
+            break found;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "the process-held namespace was not found"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(inode(&found), inode(&holder_ns));
+    assert_ne!(
+        inode(&found),
+        inode(std::path::Path::new("/proc/self/ns/net"))
+    );
+}
+
+#[test]
+fn captures_a_pod_found_by_its_ip() {
+    let ns = Netns::new("ipc");
+    give_address(
+        &ns,
+        test_ip(7),
+        &format!("fd00:253:{}::7", std::process::id() % 0xffff),
+    );
+    let mut p = pod("by-ip", &ns, "node-a");
+    p.netns = None;
+    p.ips = vec![test_ip(7)];
+    p.namespace_labels
+        .insert(DATAPLANE_MODE_LABEL.into(), "ambient".into());
+    let source = Source::default();
+    *source.0.lock().unwrap() = vec![p];
+    let handoff = Recorder::default();
+    let mut agent = NodeAgent::new(
+        "node-a",
+        Backend::Nftables,
+        RuleSet::default(),
+        source.clone(),
+        handoff.clone(),
+    );
+    agent.sync().unwrap();
+    assert!(ns.ruleset().contains("table inet ztunnel"));
+    assert_eq!(
+        agent
+            .captured()
+            .get("uid-by-ip")
+            .and_then(|p| p.netns.clone()),
+        Some(ns.path())
+    );
+    // The next pass reuses what it found: no second capture, no second handoff.
+    agent.sync().unwrap();
+    assert_eq!(*handoff.0.lock().unwrap(), vec!["add by-ip".to_owned()]);
+
+    // A pod whose IP no namespace holds is not captured (and nothing fails).
+    let mut ghost = pod("ghost", &ns, "node-a");
+    ghost.netns = None;
+    ghost.ips = vec![test_ip(98)];
+    ghost
+        .namespace_labels
+        .insert(DATAPLANE_MODE_LABEL.into(), "ambient".into());
+    source.0.lock().unwrap().push(ghost);
+    agent.sync().unwrap();
+    assert!(!agent.captured().contains_key("uid-ghost"));
 }

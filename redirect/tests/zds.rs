@@ -60,6 +60,7 @@ fn pod(uid: &str, netns: &Netns) -> PodInfo {
         namespace_labels: BTreeMap::new(),
         node: "node-a".to_owned(),
         netns: Some(netns.path()),
+        ips: Vec::new(),
     }
 }
 

@@ -53,6 +53,7 @@ impl PodSource for ManifestSource {
                     .annotations
                     .get(NETNS_ANNOTATION)
                     .map(|s| Path::new(s).to_owned()),
+                ips: p.ips.clone(),
             })
             .collect())
     }

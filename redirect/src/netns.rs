@@ -1,0 +1,156 @@
+//! Finding a pod's network namespace from its IP, as istio-cni does for pods that were already
+//! running: look through the network namespaces on the machine for the one that holds the address.
+//!
+//! Candidates are the named namespaces under `/var/run/netns` (preferred: their path is stable) and
+//! every process's `/proc/<pid>/ns/net`, deduplicated by namespace inode; the agent's own namespace
+//! (the host's) is never a candidate. A process-held namespace's addresses are read from
+//! `/proc/<pid>/net/fib_trie` and `/proc/<pid>/net/if_inet6`; a named namespace that no process
+//! holds is read through `nsenter --net=PATH cat ...`.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Where named network namespaces live (`ip netns add`).
+pub const NAMED_NETNS_DIR: &str = "/var/run/netns";
+
+/// Every address held by a network namespace other than ours, with a path to that namespace.
+///
+/// Unreadable candidates (processes that exit mid-scan, namespaces removed meanwhile) are skipped.
+pub fn addresses() -> HashMap<IpAddr, PathBuf> {
+    let own = std::fs::metadata("/proc/self/ns/net").map(|m| m.ino()).ok();
+    let mut seen: HashSet<u64> = own.into_iter().collect();
+    let mut found = HashMap::new();
+    let mut named: Vec<(u64, PathBuf)> = Vec::new();
+    if let Ok(dir) = std::fs::read_dir(NAMED_NETNS_DIR) {
+        for entry in dir.flatten() {
+            let path = entry.path();
+            if let Ok(meta) = std::fs::metadata(&path)
+                && seen.insert(meta.ino())
+            {
+                named.push((meta.ino(), path));
+            }
+        }
+    }
+    let mut by_process: HashMap<u64, PathBuf> = HashMap::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let name = entry.file_name();
+            if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let proc_dir = entry.path();
+            if let Ok(meta) = std::fs::metadata(proc_dir.join("ns/net"))
+                && (named.iter().any(|(ino, _)| *ino == meta.ino()) || seen.insert(meta.ino()))
+            {
+                by_process.entry(meta.ino()).or_insert(proc_dir);
+            }
+        }
+    }
+    for (ino, path) in named {
+        // Cheaper through a process that lives in it, when there is one.
+        let text = match by_process.remove(&ino) {
+            Some(proc_dir) => read_proc_net(&proc_dir),
+            None => read_through_nsenter(&path),
+        };
+        for ip in parse_addresses(&text) {
+            found.entry(ip).or_insert_with(|| path.clone());
+        }
+    }
+    for (_, proc_dir) in by_process {
+        let text = read_proc_net(&proc_dir);
+        for ip in parse_addresses(&text) {
+            found.entry(ip).or_insert_with(|| proc_dir.join("ns/net"));
+        }
+    }
+    found
+}
+
+/// The network namespace that holds any of `ips`, if one does.
+pub fn find_by_ip(ips: &[IpAddr]) -> Option<PathBuf> {
+    let all = addresses();
+    ips.iter().find_map(|ip| all.get(ip).cloned())
+}
+
+fn read_proc_net(proc_dir: &Path) -> String {
+    let mut text = std::fs::read_to_string(proc_dir.join("net/fib_trie")).unwrap_or_default();
+    text.push_str(&std::fs::read_to_string(proc_dir.join("net/if_inet6")).unwrap_or_default());
+    text
+}
+
+fn read_through_nsenter(netns: &Path) -> String {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["cat", "/proc/self/net/fib_trie", "/proc/self/net/if_inet6"])
+        .output();
+    match out {
+        Ok(out) => String::from_utf8_lossy(&out.stdout).into_owned(),
+        Err(_) => String::new(),
+    }
+}
+
+/// The local addresses in the text of `fib_trie` (an address line followed by `/32 host LOCAL`)
+/// followed by `if_inet6` (32 hex digits per line). Loopback and link-local addresses are left out.
+pub fn parse_addresses(text: &str) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut last_v4: Option<Ipv4Addr> = None;
+    for line in text.lines() {
+        let trimmed = line.trim_start_matches([' ', '|', '+', '-']).trim();
+        if let Some(first) = line.split_whitespace().next()
+            && first.len() == 32
+            && let Ok(bits) = u128::from_str_radix(first, 16)
+        {
+            out.push(IpAddr::V6(Ipv6Addr::from(bits)));
+            continue;
+        }
+        if trimmed.starts_with('/') {
+            if trimmed.starts_with("/32 host LOCAL")
+                && let Some(ip) = last_v4
+            {
+                out.push(IpAddr::V4(ip));
+            }
+            continue;
+        }
+        last_v4 = trimmed
+            .split_whitespace()
+            .next()
+            .and_then(|t| t.parse().ok());
+    }
+    // Link-local addresses repeat across namespaces; a pod IP is never one.
+    out.retain(|ip| match ip {
+        IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local(),
+        IpAddr::V6(v6) => !v6.is_loopback() && !v6.is_unicast_link_local(),
+    });
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_fib_trie_and_if_inet6() {
+        let text = "Main:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 10.244.0.0\n        /24 link UNICAST\n     |-- 10.244.0.5\n        /32 host LOCAL\n     |-- 127.0.0.1\n        /32 host LOCAL\nLocal:\n     |-- 10.244.0.5\n        /32 host LOCAL\n     |-- 10.244.0.255\n        /32 link BROADCAST\nfd000000000000000000000000000005 03 40 00 00 eth0\n00000000000000000000000000000001 01 80 10 80 lo\nfe80000000000000442125fffe7bc245 02 40 20 c0 eth0\n";
+        let ips = parse_addresses(text);
+        assert_eq!(
+            ips,
+            vec![
+                "10.244.0.5".parse::<IpAddr>().unwrap(),
+                "fd00::5".parse().unwrap()
+            ]
+        );
+    }
+
+    #[test]
+    fn ignores_garbage() {
+        assert!(parse_addresses("").is_empty());
+        assert!(
+            parse_addresses("/32 host LOCAL\nnot an address\n|-- 999.1.1.1\n/32 host LOCAL\n")
+                .is_empty()
+        );
+    }
+}
