@@ -1,11 +1,24 @@
 //! Time to capture 100 pods per backend: apply the rules in 100 fresh network namespaces (and
-//! remove them). Needs root, iproute2, iptables and nftables. Run with `cargo bench -p redirect`.
+//! remove them); then the node agent's reaction to label flips over the same 100 pods. Needs root,
+//! iproute2, iptables and nftables. Run with `cargo bench -p redirect`.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use redirect::agent::{DATAPLANE_MODE_LABEL, NoHandoff, NodeAgent, PodInfo, PodSource};
 use redirect::{Backend, RuleSet, apply, remove};
+
+#[derive(Clone, Default)]
+struct Source(Arc<Mutex<Vec<PodInfo>>>);
+
+impl PodSource for Source {
+    fn pods(&self) -> Result<Vec<PodInfo>, String> {
+        Ok(self.0.lock().unwrap().clone())
+    }
+}
 
 struct Namespaces(Vec<String>);
 
@@ -22,6 +35,7 @@ fn main() {
     println!("redirect benchmark: {pods} network namespaces, rules applied one after another\n");
     println!("| backend | apply to {pods} pods | per pod | remove from {pods} pods |");
     println!("|---|---|---|---|");
+    let mut flips = Vec::new();
     for (backend, name) in [
         (Backend::Iptables, "iptables"),
         (Backend::Nftables, "nftables"),
@@ -61,5 +75,81 @@ fn main() {
             applied.as_secs_f64() * 1e3 / pods as f64,
             removed.as_secs_f64() * 1e3
         );
+        flips.push((name, label_flips(backend, &paths)));
     }
+    println!(
+        "\nnode agent, one convergence pass after each change (add the agent's 250 ms poll interval for the worst case)\n"
+    );
+    println!(
+        "| backend | namespace labelled: capture {pods} | pass with no change | one pod opts out | namespace unlabelled: release {pods} |"
+    );
+    println!("|---|---|---|---|---|");
+    for (name, [on, idle, one, off]) in flips {
+        println!(
+            "| {name} | {} | {} | {} | {} |",
+            ms(on),
+            ms(idle),
+            ms(one),
+            ms(off)
+        );
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+/// Runs the agent over the pods in `paths` and times the pass after each label change.
+fn label_flips(backend: Backend, paths: &[PathBuf]) -> [Duration; 4] {
+    let pods: Vec<PodInfo> = paths
+        .iter()
+        .enumerate()
+        .map(|(i, path)| PodInfo {
+            uid: format!("uid-{i}"),
+            name: format!("pod-{i}"),
+            namespace: "default".into(),
+            service_account: "default".into(),
+            labels: BTreeMap::new(),
+            namespace_labels: BTreeMap::new(),
+            node: "node-a".into(),
+            netns: Some(path.clone()),
+            ips: Vec::new(),
+        })
+        .collect();
+    let source = Source(Arc::new(Mutex::new(pods)));
+    let mut agent = NodeAgent::new(
+        "node-a",
+        backend,
+        RuleSet::default(),
+        source.clone(),
+        NoHandoff,
+    );
+    let mut pass = |change: &dyn Fn(&mut Vec<PodInfo>)| {
+        change(&mut source.0.lock().unwrap());
+        let start = Instant::now();
+        agent.sync().unwrap();
+        start.elapsed()
+    };
+    let label = |on: bool| {
+        move |pods: &mut Vec<PodInfo>| {
+            for p in pods.iter_mut() {
+                if on {
+                    p.namespace_labels
+                        .insert(DATAPLANE_MODE_LABEL.into(), "ambient".into());
+                } else {
+                    p.namespace_labels.clear();
+                }
+            }
+        }
+    };
+    let on = pass(&label(true));
+    let idle = pass(&|_| {});
+    let one = pass(&|pods: &mut Vec<PodInfo>| {
+        pods[0]
+            .labels
+            .insert(DATAPLANE_MODE_LABEL.into(), "none".into());
+    });
+    let off = pass(&label(false));
+    assert!(agent.captured().is_empty());
+    [on, idle, one, off]
 }

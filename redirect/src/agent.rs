@@ -134,34 +134,46 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
             .cloned()
             .collect();
         released.sort();
-        for uid in released {
-            let pod = self.captured.remove(&uid).expect("present");
+        // The rules are changed in parallel (the cost is starting the tools), then reported in
+        // order.
+        let released: Vec<PodInfo> = released
+            .iter()
+            .map(|uid| self.captured.remove(uid).expect("present"))
+            .collect();
+        let results = in_parallel(&released, |pod| match &pod.netns {
+            Some(netns) if netns.exists() => remove(netns, self.backend, &self.rules),
+            _ => Ok(()),
+        });
+        for (pod, result) in released.iter().zip(results) {
             info!(
                 "Removing pod '{}/{}' ({}) from ambient",
                 pod.name, pod.namespace, pod.uid
             );
-            if let Some(netns) = &pod.netns
-                && netns.exists()
-                && let Err(e) = remove(netns, self.backend, &self.rules)
-            {
+            if let Err(e) = result {
                 warn!(pod = %pod.name, error = %e, "could not remove capture rules");
             }
-            self.handoff.remove(&uid);
+            self.handoff.remove(&pod.uid);
         }
-        // In the source's order, so captures happen (and are reported) deterministically.
-        for pod in pods.iter().filter(|p| wanted.contains_key(p.uid.as_str())) {
-            let uid = pod.uid.as_str();
-            if self.captured.get(uid).is_some_and(|p| p.netns == pod.netns) {
-                continue;
-            }
-            match self.capture(pod) {
+        // In the source's order, so captures are reported deterministically.
+        let to_capture: Vec<&PodInfo> = pods
+            .iter()
+            .filter(|p| wanted.contains_key(p.uid.as_str()))
+            .filter(|p| {
+                self.captured
+                    .get(&p.uid)
+                    .is_none_or(|known| known.netns != p.netns)
+            })
+            .collect();
+        let results = in_parallel(&to_capture, |pod| self.capture(pod));
+        for (pod, result) in to_capture.into_iter().zip(results) {
+            match result {
                 Ok(()) => {
                     info!(
                         "Adding pod '{}/{}' ({}) to ambient",
                         pod.name, pod.namespace, pod.uid
                     );
                     self.handoff.add(pod);
-                    self.captured.insert(uid.to_owned(), pod.clone());
+                    self.captured.insert(pod.uid.clone(), pod.clone());
                 }
                 Err(e) => warn!(pod = %pod.name, error = %e, "could not capture pod; will retry"),
             }
@@ -219,4 +231,36 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
         let netns = pod.netns.as_ref().expect("wants_capture checked the netns");
         apply(netns, self.backend, &self.rules)
     }
+}
+
+/// How many pods' rules are changed at once.
+const PARALLEL: usize = 8;
+
+/// `f` over `items` on up to [`PARALLEL`] threads; results in the items' order.
+fn in_parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    if items.len() <= 1 {
+        return items.iter().map(&f).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut results: Vec<(usize, R)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..PARALLEL.min(items.len()))
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(item) = items.get(i) else { break };
+                        done.push((i, f(item)));
+                    }
+                    done
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("a capture worker panicked"))
+            .collect()
+    });
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
 }

@@ -250,7 +250,9 @@ fn ipt_restore(netns: &Path, v6: bool, text: &str) -> Result<(), Error> {
     } else {
         "iptables-restore"
     };
-    run(netns, tool, &[], Some(text)).map(drop)
+    // `--wait`: with iptables-legacy, the agent applies several namespaces at once and the
+    // tools share one lock file.
+    run(netns, tool, &["--wait"], Some(text)).map(drop)
 }
 
 fn exists(netns: &Path) -> Result<(), Error> {
