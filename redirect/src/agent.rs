@@ -218,10 +218,21 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
     }
 
     /// Converges every `interval`, forever (blocking; run it on its own thread).
+    /// A failing source is logged when its error first appears or changes, not on every pass.
     pub fn run(mut self, interval: std::time::Duration) -> ! {
+        let mut last_error: Option<String> = None;
         loop {
-            if let Err(e) = self.sync() {
-                warn!(error = %e, "pod source failed; keeping the current captures");
+            match self.sync() {
+                Err(e) if last_error.as_ref() != Some(&e) => {
+                    warn!(error = %e, "pod source failed; keeping the current captures");
+                    last_error = Some(e);
+                }
+                Err(_) => {}
+                Ok(()) => {
+                    if last_error.take().is_some() {
+                        info!("pod source recovered");
+                    }
+                }
             }
             std::thread::sleep(interval);
         }

@@ -6,7 +6,8 @@
 //! the rule set byte for byte). The [`agent`] captures the pods of a node by namespace label, finding a pod's network
 //! namespace by its IP ([`netns`]) when the source does not name it. The [`zds`]
 //! module hands captured pods' network namespaces to the proxy over Istio's ZDS socket protocol.
-//! Still to come (see the issue tracker): the Kubernetes pod source.
+//! With the `kube` feature, [`k8s`] is the Kubernetes pod source (watches of Namespaces and this
+//! node's Pods).
 //!
 //! ```
 //! use redirect::{Backend, RuleSet};
@@ -20,6 +21,8 @@
 
 pub mod agent;
 mod apply;
+#[cfg(feature = "kube")]
+pub mod k8s;
 pub mod netns;
 mod rules;
 mod sys;

@@ -68,7 +68,9 @@ pub(crate) struct RedirectArgs {
 #[derive(Debug, Args)]
 pub(crate) struct NodeAgentArgs {
     /// Where pods come from: `manifests:DIR` (the local mesh's manifests; a pod's network
-    /// namespace is given by its `ambient.local/netns` annotation) or `kube` (not yet supported).
+    /// namespace is given by its `ambient.local/netns` annotation, else found by its IP) or `kube`
+    /// (watch the API server configured by KUBECONFIG, ~/.kube/config or the in-cluster account;
+    /// namespaces found by pod IP).
     #[arg(long, value_name = "SOURCE")]
     pub(crate) source: String,
     /// This node's name (pods' `spec.nodeName`).

@@ -124,3 +124,20 @@ fn node_agent_follows_labels() {
     wait("release after the opt-out label", || !captured(&ns.0));
     assert_eq!(next(), "del u-web");
 }
+
+#[test]
+fn kube_source_without_configuration_is_a_clear_error() {
+    let dir = TempDir::new("node-agent-kube");
+    let out = ztunnel()
+        .args(["node-agent", "--source", "kube", "--node", "node-a"])
+        .env("KUBECONFIG", dir.0.join("missing-kubeconfig"))
+        .env("HOME", &dir.0)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--source"), "{stderr}");
+    assert!(stderr.contains("missing-kubeconfig"), "{stderr}");
+}

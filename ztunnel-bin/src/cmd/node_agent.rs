@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use controlplane::{Manifests, NETNS_ANNOTATION};
 use redirect::agent::{Handoff, NoHandoff, NodeAgent, PodInfo, PodSource};
+use redirect::k8s::KubeSource;
 use redirect::zds::ZdsServer;
 use redirect::{Backend, RuleSet};
 
@@ -60,33 +61,45 @@ impl PodSource for ManifestSource {
 }
 
 pub(crate) async fn run(args: NodeAgentArgs) -> Result<(), Error> {
-    let dir = match args.source.split_once(':') {
-        Some(("manifests", dir)) if !dir.is_empty() => PathBuf::from(dir),
-        _ if args.source == "kube" => {
-            return Err(Error::Flag {
-                flag: "--source",
-                value: args.source,
-                reason: "the Kubernetes pod source is not implemented yet; use manifests:DIR"
-                    .into(),
-            });
-        }
-        _ => {
-            return Err(Error::Flag {
-                flag: "--source",
-                value: args.source,
-                reason: "expected manifests:DIR or kube".into(),
-            });
-        }
-    };
     let backend: Backend = args.backend.parse().expect("clap restricts the values");
-    tracing::info!(node = %args.node, backend = %args.backend, "node agent running");
+    if args.source == "kube" {
+        let source = KubeSource::connect(&args.node)
+            .await
+            .map_err(|e| Error::Flag {
+                flag: "--source",
+                value: args.source.clone(),
+                reason: format!(
+                    "cannot configure the Kubernetes client (KUBECONFIG, ~/.kube/config or in-cluster): {e}"
+                ),
+            })?;
+        return with_handoff(&args, backend, source).await;
+    }
+    match args.source.split_once(':') {
+        Some(("manifests", dir)) if !dir.is_empty() => {
+            let source = ManifestSource(PathBuf::from(dir));
+            with_handoff(&args, backend, source).await
+        }
+        _ => Err(Error::Flag {
+            flag: "--source",
+            value: args.source,
+            reason: "expected manifests:DIR or kube".into(),
+        }),
+    }
+}
+
+async fn with_handoff<S: PodSource + 'static>(
+    args: &NodeAgentArgs,
+    backend: Backend,
+    source: S,
+) -> Result<(), Error> {
+    tracing::info!(node = %args.node, backend = %args.backend, source = %args.source, "node agent running");
     match &args.zds_socket {
         None => {
             drive(NodeAgent::new(
                 &args.node,
                 backend,
                 RuleSet::default(),
-                ManifestSource(dir),
+                source,
                 NoHandoff,
             ))
             .await
@@ -101,7 +114,7 @@ pub(crate) async fn run(args: NodeAgentArgs) -> Result<(), Error> {
                 &args.node,
                 backend,
                 RuleSet::default(),
-                ManifestSource(dir),
+                source,
                 server,
             ))
             .await
@@ -109,7 +122,9 @@ pub(crate) async fn run(args: NodeAgentArgs) -> Result<(), Error> {
     }
 }
 
-async fn drive<H: Handoff + 'static>(agent: NodeAgent<ManifestSource, H>) -> Result<(), Error> {
+async fn drive<S: PodSource + 'static, H: Handoff + 'static>(
+    agent: NodeAgent<S, H>,
+) -> Result<(), Error> {
     tokio::task::spawn_blocking(move || agent.run(Duration::from_millis(250)))
         .await
         .map_err(|e| Error::Io {
