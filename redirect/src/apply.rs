@@ -1,12 +1,14 @@
 //! Applying, removing and checking a pod's rules inside its network namespace.
 //!
 //! The tools run inside the namespace through `nsenter --net=PATH`, so this module needs no
-//! `unsafe` and works with any netns path (`/var/run/netns/NAME`, `/proc/PID/ns/net`).
+//! `unsafe` and works with any netns path (`/var/run/netns/NAME`, `/proc/PID/ns/net`, or an open
+//! namespace descriptor through [`fd_path`]).
 //!
 //! iptables: the namespace's whole nat table is read (`iptables-save -t nat`), our chains and
 //! jumps are taken out and the current ones put in, and the table is written back with one
 //! `iptables-restore` (which replaces only the nat table, atomically). So applying twice leaves
-//! one copy, removing leaves exactly what was there before, and other rules are untouched.
+//! one copy, removing leaves exactly what was there before, and other rules are untouched. If
+//! the IPv6 step fails after IPv4 succeeded, IPv4 is put back as it was.
 //! nftables: our own `inet ztunnel` table, replaced or deleted in one `nft -f` transaction.
 
 use std::io::Write;
@@ -63,15 +65,47 @@ pub fn apply(netns: &Path, backend: Backend, rules: &RuleSet) -> Result<(), Erro
     exists(netns)?;
     match backend {
         Backend::Iptables => {
+            // Per family (IPv4, then IPv6); if a later family fails, the earlier ones are put
+            // back as they were, so a failed apply leaves nothing half-installed.
+            let mut done: Vec<(bool, String)> = Vec::new();
             for v6 in families(rules) {
-                let current = ipt_save(netns, v6)?;
-                let ours = rules.iptables_lines(v6);
-                ipt_restore(netns, v6, &with_ours(&without_ours(&current), &ours))?;
+                let step = ipt_save(netns, v6).and_then(|current| {
+                    let ours = rules.iptables_lines(v6);
+                    ipt_restore(netns, v6, &with_ours(&without_ours(&current), &ours))
+                        .map(|()| current)
+                });
+                match step {
+                    Ok(previous) => done.push((v6, previous)),
+                    Err(e) => {
+                        for (v6, previous) in done.into_iter().rev() {
+                            let undone = if previous.lines().any(is_ours) {
+                                ipt_restore(netns, v6, &previous)
+                            } else {
+                                remove_family(netns, v6)
+                            };
+                            if let Err(undo) = undone {
+                                tracing::warn!(error = %undo, "could not roll back a failed apply");
+                            }
+                        }
+                        return Err(e);
+                    }
+                }
             }
             Ok(())
         }
         Backend::Nftables => run(netns, "nft", &["-f", "-"], Some(&rules.nft_script())).map(drop),
     }
+}
+
+/// A path through which the tools can enter the namespace open at `fd` (this process's
+/// `/proc/PID/fd/N`), for callers that hold a namespace descriptor rather than a path.
+pub fn fd_path(fd: std::os::fd::BorrowedFd<'_>) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!(
+        "/proc/{}/fd/{}",
+        std::process::id(),
+        fd.as_raw_fd()
+    ))
 }
 
 /// Removes exactly what [`apply`] installed.
@@ -80,21 +114,7 @@ pub fn remove(netns: &Path, backend: Backend, rules: &RuleSet) -> Result<(), Err
     match backend {
         Backend::Iptables => {
             for v6 in families(rules) {
-                let current = ipt_save(netns, v6)?;
-                let cleaned = without_ours(&current);
-                if cleaned == without_ours(&strip_comments(&current))
-                    && !current.lines().any(is_ours)
-                {
-                    continue;
-                }
-                if is_empty_nat(&cleaned) && nf_tables_based(netns) {
-                    // The table only exists because we created it: take it away too, so the
-                    // rule set is exactly as before (iptables recreates it on demand).
-                    let family = if v6 { "ip6" } else { "ip" };
-                    run(netns, "nft", &["delete", "table", family, "nat"], None)?;
-                } else {
-                    ipt_restore(netns, v6, &cleaned)?;
-                }
+                remove_family(netns, v6)?;
             }
             Ok(())
         }
@@ -103,6 +123,24 @@ pub fn remove(netns: &Path, backend: Backend, rules: &RuleSet) -> Result<(), Err
             run(netns, "nft", &["-f", "-"], Some(&script)).map(drop)
         }
     }
+}
+
+/// Removes our iptables rules of one family.
+fn remove_family(netns: &Path, v6: bool) -> Result<(), Error> {
+    let current = ipt_save(netns, v6)?;
+    let cleaned = without_ours(&current);
+    if cleaned == without_ours(&strip_comments(&current)) && !current.lines().any(is_ours) {
+        return Ok(());
+    }
+    if is_empty_nat(&cleaned) && nf_tables_based(netns) {
+        // The table only exists because we created it: take it away too, so the rule set is
+        // exactly as before (iptables recreates it on demand).
+        let family = if v6 { "ip6" } else { "ip" };
+        run(netns, "nft", &["delete", "table", family, "nat"], None)?;
+    } else {
+        ipt_restore(netns, v6, &cleaned)?;
+    }
+    Ok(())
 }
 
 /// Compares the live rules with what [`apply`] installs.

@@ -28,7 +28,7 @@ mod rules;
 mod sys;
 pub mod zds;
 
-pub use apply::{Drift, Error, apply, check, remove};
+pub use apply::{Drift, Error, apply, check, fd_path, remove};
 pub use rules::{Backend, IPT_OUTPUT, IPT_PREROUTING, NFT_TABLE, RuleSet};
 
 /// Reapplies the rules when [`check`] finds drift; returns the drift it repaired.

@@ -208,3 +208,21 @@ fn missing_netns_is_a_clear_error() {
     .unwrap_err();
     assert!(err.to_string().contains("does-not-exist-ztr"), "{err}");
 }
+
+#[test]
+fn applies_through_an_open_namespace_descriptor() {
+    use std::os::fd::AsFd;
+    let ns = Netns::new();
+    let file = std::fs::File::open(ns.path()).unwrap();
+    let path = redirect::fd_path(file.as_fd());
+    let rules = RuleSet::default();
+    apply(&path, Backend::Nftables, &rules).unwrap();
+    assert!(
+        ns.exec(&["nft", "list", "tables"]).contains("inet ztunnel"),
+        "applied through {} but not in the namespace",
+        path.display()
+    );
+    assert!(check(&path, Backend::Nftables, &rules).unwrap().is_clean());
+    remove(&path, Backend::Nftables, &rules).unwrap();
+    assert!(!ns.exec(&["nft", "list", "tables"]).contains("ztunnel"));
+}
