@@ -222,7 +222,7 @@ impl Drop for Holder {
 #[test]
 fn finds_named_and_process_held_namespaces_by_ip() {
     let named = Netns::new("ipa");
-    let v6_named = format!("fd00:251:{}::5", std::process::id() % 0xffff);
+    let v6_named = format!("fd00:251:{:x}::5", std::process::id() % 0xffff);
     give_address(&named, test_ip(5), &v6_named);
     assert_eq!(
         redirect::netns::find_by_ip(&[test_ip(5)]),
@@ -235,7 +235,7 @@ fn finds_named_and_process_held_namespaces_by_ip() {
     assert_eq!(redirect::netns::find_by_ip(&[test_ip(99)]), None);
 
     // A namespace no name points at, held only by a process (a pod's sandbox, in a cluster).
-    let v6_held = format!("fd00:252:{}::6", std::process::id() % 0xffff);
+    let v6_held = format!("fd00:252:{:x}::6", std::process::id() % 0xffff);
     let holder = Holder(
         Command::new("unshare")
             .args([
@@ -275,7 +275,7 @@ fn captures_a_pod_found_by_its_ip() {
     give_address(
         &ns,
         test_ip(7),
-        &format!("fd00:253:{}::7", std::process::id() % 0xffff),
+        &format!("fd00:253:{:x}::7", std::process::id() % 0xffff),
     );
     let mut p = pod("by-ip", &ns, "node-a");
     p.netns = None;
