@@ -15,16 +15,20 @@ fn io(e: nix::Error) -> io::Error {
     io::Error::from_raw_os_error(e as i32)
 }
 
-/// A listening SOCK_SEQPACKET socket at `path` (a stale socket file there is replaced).
-pub(crate) fn seqpacket_listener(path: &Path) -> io::Result<OwnedFd> {
-    let _ = std::fs::remove_file(path);
-    let fd = socket(
+fn seqpacket_socket() -> io::Result<OwnedFd> {
+    socket(
         AddressFamily::Unix,
         SockType::SeqPacket,
         SockFlag::SOCK_CLOEXEC,
         None,
     )
-    .map_err(io)?;
+    .map_err(io)
+}
+
+/// A listening SOCK_SEQPACKET socket at `path` (a stale socket file there is replaced).
+pub(crate) fn seqpacket_listener(path: &Path) -> io::Result<OwnedFd> {
+    let _ = std::fs::remove_file(path);
+    let fd = seqpacket_socket()?;
     bind(fd.as_raw_fd(), &UnixAddr::new(path).map_err(io)?).map_err(io)?;
     listen(&fd, Backlog::new(16).map_err(io)?).map_err(io)?;
     Ok(fd)
@@ -39,13 +43,7 @@ pub(crate) fn accept_conn(listener: &OwnedFd) -> io::Result<OwnedFd> {
 
 /// Connects to a SOCK_SEQPACKET socket at `path`.
 pub(crate) fn seqpacket_connect(path: &Path) -> io::Result<OwnedFd> {
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(io)?;
+    let fd = seqpacket_socket()?;
     connect(fd.as_raw_fd(), &UnixAddr::new(path).map_err(io)?).map_err(io)?;
     Ok(fd)
 }

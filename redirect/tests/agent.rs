@@ -5,48 +5,11 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
+mod common;
+
+use common::Netns;
 use redirect::agent::{DATAPLANE_MODE_LABEL, Handoff, NodeAgent, PodInfo, PodSource};
 use redirect::{Backend, RuleSet, check};
-
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Self {
-        let uid = Command::new("id").arg("-u").output().expect("id");
-        assert_eq!(
-            String::from_utf8_lossy(&uid.stdout).trim(),
-            "0",
-            "these tests need root (CI runs as root)"
-        );
-        let name = format!("zta-{}-{tag}", std::process::id());
-        assert!(
-            Command::new("ip")
-                .args(["netns", "add", &name])
-                .status()
-                .unwrap()
-                .success()
-        );
-        Netns(name)
-    }
-
-    fn path(&self) -> PathBuf {
-        PathBuf::from("/var/run/netns").join(&self.0)
-    }
-
-    fn ruleset(&self) -> String {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.0, "nft", "list", "ruleset"])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
 
 #[derive(Clone, Default)]
 struct Source(Arc<Mutex<Vec<PodInfo>>>);
@@ -178,17 +141,6 @@ fn captures_by_namespace_label_and_releases() {
         ],
         "{log:?}"
     );
-}
-
-impl Netns {
-    fn exec(&self, cmd: &str) {
-        let ok = Command::new("ip")
-            .args(["netns", "exec", &self.0, "sh", "-c", cmd])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "in {}: {cmd}", self.0);
-    }
 }
 
 /// A test-owned address block; the third octet is per process so parallel runs do not collide.

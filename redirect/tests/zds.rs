@@ -6,49 +6,15 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::mpsc;
 use std::time::Duration;
 
+mod common;
+
+use common::Netns;
 use redirect::agent::{Handoff, PodInfo};
 use redirect::zds::proto::{Payload, WorkloadRequest};
 use redirect::zds::{ZdsServer, run_test_peer};
-
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Self {
-        let uid = Command::new("id").arg("-u").output().expect("id");
-        assert_eq!(
-            String::from_utf8_lossy(&uid.stdout).trim(),
-            "0",
-            "these tests need root (CI runs as root)"
-        );
-        let name = format!("ztz-{}-{tag}", std::process::id());
-        assert!(
-            Command::new("ip")
-                .args(["netns", "add", &name])
-                .status()
-                .unwrap()
-                .success()
-        );
-        Netns(name)
-    }
-
-    fn path(&self) -> PathBuf {
-        PathBuf::from("/var/run/netns").join(&self.0)
-    }
-
-    fn inode(&self) -> u64 {
-        std::fs::metadata(self.path()).unwrap().ino()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
 
 fn pod(uid: &str, netns: &Netns) -> PodInfo {
     PodInfo {
