@@ -66,8 +66,8 @@ pub fn key_to_pem(key: &PrivateKeyDer<'_>) -> String {
     pem_block(label, key.secret_der())
 }
 
-/// Encodes one DER blob as a PEM block with the given label.
-pub(crate) fn pem_block(label: &str, der: &[u8]) -> String {
+/// Encodes one DER blob as a PEM block with the given label (e.g. `CERTIFICATE REQUEST`).
+pub fn pem_block(label: &str, der: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut b64 = String::with_capacity(der.len().div_ceil(3) * 4);
     for chunk in der.chunks(3) {

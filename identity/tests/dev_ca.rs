@@ -4,7 +4,10 @@ mod common;
 
 use std::time::{Duration, SystemTime};
 
+use identity::pem::pem_block;
 use identity::{CertInfo, DevCa, KeyAndCsr, SpiffeId};
+use rustls::pki_types::CertificateSigningRequestDer;
+use rustls::pki_types::pem::PemObject;
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -118,53 +121,13 @@ fn tampered_or_malformed_csrs_are_refused() {
     assert!(ca.sign_csr("not a csr", &asked, HOUR).is_err());
     // Flip one bit inside the DER: the signature (or the structure) no longer checks out.
     let csr = KeyAndCsr::generate(&asked).unwrap();
-    let body: String = csr
-        .csr_pem
-        .lines()
-        .filter(|l| !l.starts_with("-----"))
-        .collect();
-    let mut der = decode_base64(&body);
+    let mut der = CertificateSigningRequestDer::from_pem_slice(csr.csr_pem.as_bytes())
+        .unwrap()
+        .as_ref()
+        .to_vec();
     let at = der.len() - 20;
     der[at] ^= 0x01;
-    let tampered = format!(
-        "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
-        encode_base64(&der)
-    );
+    let tampered = pem_block("CERTIFICATE REQUEST", &der);
     let err = ca.sign_csr(&tampered, &asked, HOUR).unwrap_err();
     assert!(matches!(err, identity::Error::Csr(_)), "{err}");
-}
-
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-fn decode_base64(text: &str) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in text.bytes().filter(|c| *c != b'=') {
-        acc = (acc << 6) | B64.iter().position(|b| *b == c).unwrap() as u32;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    out
-}
-
-fn encode_base64(data: &[u8]) -> String {
-    let mut out = String::new();
-    for chunk in data.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(B64[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
