@@ -27,6 +27,21 @@ struct Versioned {
     body: Vec<u8>,
 }
 
+impl Versioned {
+    /// The wire form of this resource under `name`.
+    fn resource(&self, type_url: &str, name: &str) -> Resource {
+        Resource {
+            name: name.to_owned(),
+            version: self.version.clone(),
+            resource: Some(prost_types::Any {
+                type_url: type_url.to_owned(),
+                value: self.body.clone(),
+            }),
+            aliases: Vec::new(),
+        }
+    }
+}
+
 /// What a client said about a response: ACK (no error) or NACK.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AckRecord {
@@ -312,15 +327,7 @@ impl AdsServer {
             match current.and_then(|m| m.get(name)) {
                 Some(v) if wanted(name) => {
                     if state.sent.get(name) != Some(&v.version) {
-                        resources.push(Resource {
-                            name: name.clone(),
-                            version: v.version.clone(),
-                            resource: Some(prost_types::Any {
-                                type_url: type_url.to_owned(),
-                                value: v.body.clone(),
-                            }),
-                            aliases: Vec::new(),
-                        });
+                        resources.push(v.resource(type_url, name));
                     }
                 }
                 _ => {
@@ -348,15 +355,7 @@ impl AdsServer {
         let mut resources = Vec::new();
         for (name, v) in current.iter().filter(|(n, _)| wanted(n)) {
             if state.sent.get(name) != Some(&v.version) {
-                resources.push(Resource {
-                    name: name.clone(),
-                    version: v.version.clone(),
-                    resource: Some(prost_types::Any {
-                        type_url: type_url.to_owned(),
-                        value: v.body.clone(),
-                    }),
-                    aliases: Vec::new(),
-                });
+                resources.push(v.resource(type_url, name));
             }
         }
         let removed: Vec<String> = state
