@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use controlplane::{ComputeConfig, LocalControlPlane, TwoServices};
 use identity::DevCa;
-use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tracing::{info, warn};
@@ -39,12 +38,7 @@ pub(crate) async fn run(args: ControlplaneArgs) -> Result<(), Error> {
         cp.ca_service(ca.clone(), args.max_cert_ttl),
     );
     tokio::spawn(cp.clone().watch(Duration::from_millis(250)));
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .map_err(|source| Error::Io {
-            what: format!("cannot listen on {}", args.listen),
-            source,
-        })?;
+    let listener = super::listen(args.listen).await?;
     let mut builder = Server::builder();
     if args.plaintext {
         warn!(listen = %args.listen, "serving plaintext gRPC (no TLS): for tests only");

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use hbone::{Authority, Config, InboundConnect, Pool, Server, StaticTls};
 use http::{HeaderMap, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 use super::Error;
@@ -25,12 +25,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<(), Error> {
         Some(addr) => Some(resolve("--forward-to", addr).await?),
         None => None,
     };
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .map_err(|source| Error::Io {
-            what: format!("cannot listen on {}", args.listen),
-            source,
-        })?;
+    let listener = super::listen(args.listen).await?;
     info!(listen = %args.listen, forward_to = ?forward_to, "HBONE server ready");
     let server = Server::new(
         Config::default(),
@@ -201,12 +196,7 @@ async fn connect_listen(
     authority: Authority,
     listen: SocketAddr,
 ) -> Result<(), Error> {
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|source| Error::Io {
-            what: format!("cannot listen on {listen}"),
-            source,
-        })?;
+    let listener = super::listen(listen).await?;
     info!(%listen, %server, %authority, "tunneling each accepted connection");
     loop {
         let (mut tcp, client) = listener.accept().await.map_err(|source| Error::Io {

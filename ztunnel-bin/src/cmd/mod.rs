@@ -53,6 +53,16 @@ pub(crate) enum Error {
 }
 
 /// Runs a command; `Ok` carries the exit code of a verdict (0, or 1 for DENY / warnings).
+/// Binds a TCP listener, naming the address when it cannot.
+async fn listen(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, Error> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Io {
+            what: format!("cannot listen on {addr}"),
+            source,
+        })
+}
+
 pub(crate) async fn run(command: Command) -> Result<ExitCode, Error> {
     let ok = |r: Result<(), Error>| r.map(|()| ExitCode::SUCCESS);
     match command {
