@@ -8,7 +8,8 @@ use std::path::Path;
 use std::process::{Output, Stdio};
 
 use common::{
-    Running, TempDir, free_port, tls_args, upper_backend, wait_for_listener, with_stdin, ztunnel,
+    Running, TempDir, free_port, serve_hbone, tls_args, upper_backend, wait_for_listener,
+    with_stdin, ztunnel,
 };
 
 fn connect_stdio(
@@ -65,17 +66,7 @@ fn serve_and_connect_interoperate() {
         .unwrap();
     assert!(status.success());
     let backend = upper_backend();
-    let listen = free_port();
-    let server = Running(
-        ztunnel()
-            .args(["hbone", "serve", "--listen", &listen.to_string()])
-            .args(tls_args(&dir.0, "server"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for_listener(listen);
+    let (server, listen) = serve_hbone(&dir.0);
 
     // stdin/stdout mode, with the right expected identity.
     let out = connect_stdio(
@@ -246,17 +237,7 @@ fn ca_commands_make_certificates_that_hbone_accepts() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("trust domain"));
 
     let backend = upper_backend();
-    let listen = free_port();
-    let _server = Running(
-        ztunnel()
-            .args(["hbone", "serve", "--listen", &listen.to_string()])
-            .args(tls_args(&dir.0, "server"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for_listener(listen);
+    let (_server, listen) = serve_hbone(&dir.0);
     let out = connect_stdio(
         &dir.0,
         listen,

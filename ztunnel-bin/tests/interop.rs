@@ -9,7 +9,7 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use common::{Running, TempDir, free_port, tls_args, wait_for_listener, with_stdin};
+use common::{Running, TempDir, free_port, serve_hbone, tls_args, with_stdin};
 
 fn peer_script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../interop/h2_peer.py")
@@ -104,17 +104,7 @@ fn an_independent_client_talks_to_our_server() {
             });
         }
     });
-    let listen = free_port();
-    let _server = Running(
-        Command::new(env!("CARGO_BIN_EXE_ztunnel"))
-            .args(["hbone", "serve", "--listen", &listen.to_string()])
-            .args(tls_args(&dir.0, "server"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for_listener(listen);
+    let (_server, listen) = serve_hbone(&dir.0);
     let client = |authority: &str, input: &[u8]| {
         let mut cmd = Command::new("python3");
         cmd.arg(peer_script())

@@ -86,6 +86,23 @@ pub fn tls_args(dir: &Path, side: &str) -> Vec<String> {
         .collect()
 }
 
+/// `ztunnel hbone serve` on a free loopback port with the `server` files in `dir`, once it
+/// accepts connections.
+pub fn serve_hbone(dir: &Path) -> (Running, SocketAddr) {
+    let listen = free_port();
+    let server = Running(
+        ztunnel()
+            .args(["hbone", "serve", "--listen", &listen.to_string()])
+            .args(tls_args(dir, "server"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_listener(listen);
+    (server, listen)
+}
+
 /// Runs `cmd` with `input` on stdin and collects its output.
 pub fn with_stdin(mut cmd: Command, input: &[u8]) -> Output {
     let mut child = cmd
