@@ -134,8 +134,10 @@ pub(crate) struct FlatFacts<'a> {
 impl FlatArena {
     /// Compiles one policy (it becomes policy 0), interning its exact strings.
     pub(crate) fn single(policy: &Policy, interner: &mut Interner) -> Self {
-        let mut b = Builder::default();
-        let mut rules = Vec::with_capacity(policy.rules.len());
+        let mut b = FlatArena {
+            rules: Vec::with_capacity(policy.rules.len()),
+            ..FlatArena::default()
+        };
         for rule in &policy.rules {
             let start = b.clauses.len() as u32;
             for clause in &rule.clauses {
@@ -146,18 +148,10 @@ impl FlatArena {
                 }
                 b.clauses.push((m_start, b.matches.len() as u32));
             }
-            rules.push((start, b.clauses.len() as u32));
+            b.rules.push((start, b.clauses.len() as u32));
         }
-        FlatArena {
-            policies: vec![(0, rules.len() as u32)],
-            rules,
-            clauses: b.clauses,
-            matches: b.matches,
-            strs: b.strs,
-            nets: b.nets,
-            ports: b.ports,
-            sas: b.sas,
-        }
+        b.policies.push((0, b.rules.len() as u32));
+        b
     }
 
     /// Concatenates arenas in order: policy `i` of the result is the `i`-th policy given.
@@ -278,23 +272,15 @@ fn str_ok(s: &FlatStr, text: &str, id: u32) -> bool {
     }
 }
 
-#[derive(Default)]
-struct Builder {
-    clauses: Vec<(u32, u32)>,
-    matches: Vec<FlatMatch>,
-    strs: Vec<FlatStr>,
-    nets: Vec<IpNet>,
-    ports: Vec<u16>,
-    sas: Vec<(u32, u32)>,
-}
-
-impl Builder {
+/// Compiling: the arena being filled is its own builder.
+impl FlatArena {
+    /// Flattens one match, appending its values to the arena's value lists.
     fn add_match(&mut self, m: &Match, interner: &mut Interner) -> FlatMatch {
         let mut flat = FlatMatch {
             used: 0,
             ranges: [(0, 0); 12],
         };
-        let mut strs = |i: usize, list: &[StringMatch], b: &mut Builder, flat: &mut FlatMatch| {
+        let mut strs = |i: usize, list: &[StringMatch], b: &mut FlatArena, flat: &mut FlatMatch| {
             let start = b.strs.len() as u32;
             b.strs.extend(list.iter().map(|s| match s {
                 StringMatch::Exact(v) => FlatStr::Exact(interner.intern(v)),
@@ -327,7 +313,7 @@ impl Builder {
             set(&mut flat, i, start, self.ports.len() as u32);
         }
         let mut sas =
-            |i: usize, list: &[ServiceAccountMatch], b: &mut Builder, flat: &mut FlatMatch| {
+            |i: usize, list: &[ServiceAccountMatch], b: &mut FlatArena, flat: &mut FlatMatch| {
                 let start = b.sas.len() as u32;
                 b.sas.extend(
                     list.iter()
