@@ -31,9 +31,25 @@ pub struct Config {
     pub keepalive_timeout: Duration,
     /// Client: a pooled connection with no open tunnel is closed after this long.
     pub idle_timeout: Duration,
-    /// Client: limit on TCP connect plus TLS and HTTP/2 handshakes for a new connection.
-    /// Server: limit on the TLS and HTTP/2 handshakes of an accepted connection.
-    pub handshake_timeout: Duration,
+    /// Client: limit on the TCP connect plus the TLS handshake of a new connection.
+    /// Server: limit on the TLS handshake of an accepted connection, including the time it waits
+    /// for one of the `max_concurrent_handshakes` slots.
+    pub tls_handshake_timeout: Duration,
+    /// Limit on the HTTP/2 handshake after TLS. Client: the connection preface, the server's
+    /// SETTINGS and the first PING round trip. Server: the client's connection preface.
+    pub h2_handshake_timeout: Duration,
+    /// Client: how long a CONNECT may wait for the server's answer (including a wait for a stream
+    /// slot the server has not granted yet). A server that answers PINGs but never the CONNECT
+    /// fails the call after this long, and the stream slot is freed.
+    pub connect_timeout: Duration,
+    /// Largest header list (SETTINGS_MAX_HEADER_LIST_SIZE, bytes as HTTP/2 counts them) accepted
+    /// in a CONNECT request (server) or its response (client). HBONE needs a few hundred bytes;
+    /// a request over the limit is refused before the handler sees it.
+    pub max_header_list_size: u32,
+    /// Server: at most this many connections are in their TLS handshake at once; the others wait
+    /// (within `tls_handshake_timeout`) for a slot. Bounds the CPU and memory a flood of new or
+    /// stalled connections can take.
+    pub max_concurrent_handshakes: usize,
 }
 
 impl Default for Config {
@@ -48,7 +64,11 @@ impl Default for Config {
             keepalive_interval: Some(Duration::from_secs(10)),
             keepalive_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
-            handshake_timeout: Duration::from_secs(10),
+            tls_handshake_timeout: Duration::from_secs(10),
+            h2_handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            max_header_list_size: 8 * 1024,
+            max_concurrent_handshakes: 256,
         }
     }
 }
@@ -60,6 +80,7 @@ impl Config {
             .initial_connection_window_size(self.connection_window)
             .max_frame_size(self.clamped_frame_size())
             .max_send_buffer_size(self.max_send_buffer)
+            .max_header_list_size(self.max_header_list_size)
             .enable_push(false);
         b
     }
@@ -70,6 +91,7 @@ impl Config {
             .initial_connection_window_size(self.connection_window)
             .max_frame_size(self.clamped_frame_size())
             .max_send_buffer_size(self.max_send_buffer)
+            .max_header_list_size(self.max_header_list_size)
             .max_concurrent_streams(self.max_concurrent_streams);
         b
     }

@@ -60,15 +60,47 @@ pub enum Error {
         /// The other end.
         peer: SocketAddr,
     },
-    /// The TCP, TLS and HTTP/2 handshakes did not finish in time.
-    #[error("HBONE {side}: handshake with {peer} did not finish within {after:?}")]
+    /// A handshake stage (TCP + TLS, or HTTP/2) did not finish in time.
+    #[error(
+        "HBONE {side}: {stage} handshake with {peer} did not finish within {after:?}; the peer is stalled or overloaded"
+    )]
     HandshakeTimeout {
         /// Which end we are.
         side: Side,
         /// The other end.
         peer: SocketAddr,
+        /// Which handshake stalled.
+        stage: Stage,
+        /// The configured limit (`Config::tls_handshake_timeout` or `h2_handshake_timeout`).
+        after: Duration,
+    },
+    /// The server allows no concurrent streams (SETTINGS_MAX_CONCURRENT_STREAMS = 0), so no
+    /// tunnel can be opened over a new connection to it.
+    #[error(
+        "HBONE client: {peer} allows 0 concurrent streams (SETTINGS_MAX_CONCURRENT_STREAMS = 0); no tunnel can be opened to it"
+    )]
+    NoStreamCapacity {
+        /// The server.
+        peer: SocketAddr,
+    },
+    /// The server did not answer a CONNECT within `Config::connect_timeout`; the stream was reset.
+    #[error("HBONE client: {peer} did not answer CONNECT {authority} within {after:?}")]
+    ConnectTimeout {
+        /// The server.
+        peer: SocketAddr,
+        /// The authority asked for.
+        authority: String,
         /// The configured limit.
         after: Duration,
+    },
+    /// The accepted socket's addresses could not be read (it was reset before we looked at it).
+    #[error("HBONE server: cannot read the {which} address of an accepted connection: {source}")]
+    SocketAddress {
+        /// "peer" or "local".
+        which: &'static str,
+        /// The socket error.
+        #[source]
+        source: std::io::Error,
     },
     /// The HTTP/2 connection preface or SETTINGS exchange failed.
     #[error("HBONE {side}: HTTP/2 handshake with {peer} failed: {source}")]
@@ -159,6 +191,25 @@ pub enum Error {
         #[source]
         source: http::Error,
     },
+}
+
+/// Which handshake of a new HBONE connection an error concerns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Stage {
+    /// TCP connect (client) and the TLS handshake.
+    Tls,
+    /// The HTTP/2 preface and SETTINGS (and, on the client, the first PING round trip).
+    Http2,
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stage::Tls => "TLS",
+            Stage::Http2 => "HTTP/2",
+        })
+    }
 }
 
 /// Which end of an HBONE connection reports an error.

@@ -85,7 +85,7 @@ pub use config::Config;
 pub use copy::{
     CopyError, Direction, Operation, Transferred, copy_bidirectional, copy_tunnel_bidirectional,
 };
-pub use error::{BoxError, Error, Side};
+pub use error::{BoxError, Error, Side, Stage};
 pub use pool::{Dialer, Pool, StaticTls};
 pub use server::{ConnectHandler, InboundConnect, Server, ServerTls};
 pub use tunnel::Tunnel;

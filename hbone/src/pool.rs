@@ -2,8 +2,9 @@
 //!
 //! Why a pool with a caller-chosen key: two tunnels may share one mTLS connection only when they
 //! would present the same client identity and accept the same server identities at the same
-//! address. The proxy encodes exactly that in the key (DESIGN.md: source identity, destination
-//! identities, destination address); the pool never looks inside it.
+//! address. The caller's key says which identities (DESIGN.md: source identity, destination
+//! identities); the pool never looks inside it, and always adds the destination address itself,
+//! so a tunnel for one address can never ride a connection dialed to another.
 //!
 //! Behaviour:
 //! - a tunnel reuses a live connection of its key that has a free stream slot (slots = the lower
@@ -11,14 +12,16 @@
 //! - only one task dials per key at a time; the others wait for that dial and share its result;
 //! - a connection with no open tunnel for `Config::idle_timeout` is closed;
 //! - a keepalive PING that is not answered within `Config::keepalive_timeout` kills the
-//!   connection, which fails its tunnels at once and removes it from the pool.
+//!   connection, which fails its tunnels at once and removes it from the pool;
+//! - a failed dial leaves nothing in the pool's maps, and a panic in any task that holds the
+//!   pool's lock (there should be none) does not poison the pool for other callers.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode, Version};
@@ -30,8 +33,8 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::authority::Authority;
-use crate::error::{BoxError, Error, Side};
-use crate::keepalive::keepalive;
+use crate::error::{BoxError, Error, Side, Stage};
+use crate::keepalive::{KeepaliveFailure, keepalive};
 use crate::tunnel::Tunnel;
 use crate::{Config, H2_ALPN};
 
@@ -99,8 +102,24 @@ pub(crate) struct StreamSlot {
 struct PoolInner<K, D> {
     config: Config,
     dialer: D,
-    keys: Mutex<HashMap<K, KeyState>>,
+    keys: Mutex<HashMap<(K, SocketAddr), KeyState>>,
     next_conn_id: AtomicU64,
+}
+
+impl<K, D> PoolInner<K, D> {
+    /// The pool's lock. No code panics while holding it; should one ever do so, the maps are
+    /// still consistent (every change is a single insert, remove or retain), so the poison flag
+    /// is ignored rather than turning one failure into a failure of every caller.
+    fn keys(&self) -> MutexGuard<'_, HashMap<(K, SocketAddr), KeyState>> {
+        self.keys
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Locks a connection's timestamp (a plain value: a poisoned lock still holds a valid one).
+fn lock_time(m: &Mutex<Instant>) -> MutexGuard<'_, Instant> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[derive(Default)]
@@ -152,10 +171,12 @@ where
     }
 
     /// Opens a tunnel to `authority` through the HBONE server at `target`, over a connection of
-    /// `key` (reused, or dialed if none has a free slot). `headers` are sent with the CONNECT
-    /// (for example `forwarded`, `baggage`, `traceparent`; see [`crate::headers`]).
+    /// (`key`, `target`) (reused, or dialed if none has a free slot). `headers` are sent with the
+    /// CONNECT (for example `forwarded`, `baggage`, `traceparent`; see [`crate::headers`]).
     ///
-    /// Returns [`Error::Status`] when the server answers anything but 200.
+    /// Returns [`Error::Status`] when the server answers anything but 200,
+    /// [`Error::ConnectTimeout`] when it does not answer within `Config::connect_timeout`, and
+    /// [`Error::NoStreamCapacity`] when it allows no streams at all.
     pub async fn connect(
         &self,
         key: K,
@@ -164,10 +185,12 @@ where
         headers: HeaderMap,
     ) -> Result<Tunnel, Error> {
         let authority = authority.to_string();
+        let key = (key, target);
+        let timeout = self.inner.config.connect_timeout;
         let mut retried = false;
         loop {
-            let (conn, slot, reused) = self.checkout(&key, target).await?;
-            match send_connect(&conn, slot, target, &authority, headers.clone()).await {
+            let (conn, slot, reused) = self.checkout(&key).await?;
+            match send_connect(&conn, slot, target, &authority, headers.clone(), timeout).await {
                 Ok(tunnel) => return Ok(tunnel),
                 Err(Error::Stream { source, .. })
                     if reused && !retried && is_retryable(&source) =>
@@ -185,29 +208,34 @@ where
 
     /// How many live connections the pool holds, over all keys.
     pub fn connection_count(&self) -> usize {
-        let keys = self.inner.keys.lock().expect("pool lock");
-        keys.values()
-            .map(|k| k.conns.iter().filter(|c| !c.is_dead()).count())
+        let keys = self.inner.keys();
+        keys.values().map(KeyState::live).sum()
+    }
+
+    /// How many live connections the pool holds for `key`, over all destination addresses.
+    pub fn connection_count_for(&self, key: &K) -> usize {
+        let keys = self.inner.keys();
+        keys.iter()
+            .filter(|((k, _), _)| k == key)
+            .map(|(_, state)| state.live())
             .sum()
     }
 
-    /// How many live connections the pool holds for `key`.
-    pub fn connection_count_for(&self, key: &K) -> usize {
-        let keys = self.inner.keys.lock().expect("pool lock");
-        keys.get(key)
-            .map(|k| k.conns.iter().filter(|c| !c.is_dead()).count())
-            .unwrap_or(0)
+    /// How many (key, destination) entries the pool tracks: those with a connection or a dial in
+    /// progress. For diagnostics and leak checks; failed dials leave no entry behind.
+    pub fn tracked_entries(&self) -> usize {
+        self.inner.keys().len()
     }
 
     /// Finds a connection with a free slot for `key`, dialing one (alone) if needed.
     async fn checkout(
         &self,
-        key: &K,
-        target: SocketAddr,
+        key: &(K, SocketAddr),
     ) -> Result<(Arc<PooledConn>, StreamSlot, bool), Error> {
+        let target = key.1;
         loop {
             let next = {
-                let mut keys = self.inner.keys.lock().expect("pool lock");
+                let mut keys = self.inner.keys();
                 let state = keys.entry(key.clone()).or_default();
                 state.conns.retain(|c| !c.is_dead());
                 if let Some((conn, slot)) = state
@@ -227,7 +255,7 @@ where
                 }
             };
             match next {
-                Checkout::Dial(tx) => return self.dial_as_leader(key, target, tx).await,
+                Checkout::Dial(tx) => return self.dial_as_leader(key, tx).await,
                 Checkout::Wait(mut rx) => {
                     // Err: the dialing task was cancelled and its guard cleared the flag; retry.
                     let outcome = rx.wait_for(Option::is_some).await.map(|o| o.clone());
@@ -244,46 +272,70 @@ where
 
     async fn dial_as_leader(
         &self,
-        key: &K,
-        target: SocketAddr,
+        key: &(K, SocketAddr),
         tx: watch::Sender<Option<DialOutcome>>,
     ) -> Result<(Arc<PooledConn>, StreamSlot, bool), Error> {
-        // Clears the `dialing` flag even if this future is dropped half-way.
+        // Clears the `dialing` flag (and an entry left empty) even if this future is dropped
+        // half-way.
         let guard = DialGuard {
             pool: &self.inner,
             key,
         };
-        let result = self.dial(key, target).await;
-        let mut keys = self.inner.keys.lock().expect("pool lock");
-        let state = keys.entry(key.clone()).or_default();
-        state.dialing = None;
-        std::mem::forget(guard);
-        match result {
-            Ok(conn) => {
-                let slot = conn
-                    .try_reserve()
-                    .expect("a new connection has a free slot");
+        // A new connection must have room for our stream: a server that allows none (SETTINGS
+        // MAX_CONCURRENT_STREAMS = 0) is an error, and its connection is closed at once.
+        let result = self
+            .dial(key)
+            .await
+            .and_then(|conn| match conn.try_reserve() {
+                Some(slot) => Ok((conn, slot)),
+                None => {
+                    conn.dead.store(true, Ordering::Release);
+                    Err(Error::NoStreamCapacity { peer: key.1 })
+                }
+            });
+        let mut keys = self.inner.keys();
+        let outcome = match result {
+            Ok((conn, slot)) => {
+                let state = keys.entry(key.clone()).or_default();
+                state.dialing = None;
                 state.conns.push(conn.clone());
-                drop(keys);
-                let _ = tx.send(Some(DialOutcome::Connected));
                 Ok((conn, slot, false))
             }
             Err(e) => {
-                drop(keys);
-                let _ = tx.send(Some(DialOutcome::Failed(Arc::from(error_chain(&e)))));
+                if let Some(state) = keys.get_mut(key) {
+                    state.dialing = None;
+                    state.conns.retain(|c| !c.is_dead());
+                    if state.conns.is_empty() {
+                        keys.remove(key);
+                    }
+                }
                 Err(e)
             }
-        }
+        };
+        drop(keys);
+        std::mem::forget(guard);
+        let _ = tx.send(Some(match &outcome {
+            Ok(_) => DialOutcome::Connected,
+            Err(e) => DialOutcome::Failed(Arc::from(error_chain(e))),
+        }));
+        outcome
     }
 
     /// TCP connect, TLS, ALPN check, HTTP/2 handshake; then spawns the connection's driver.
-    async fn dial(&self, key: &K, target: SocketAddr) -> Result<Arc<PooledConn>, Error> {
+    async fn dial(&self, key: &(K, SocketAddr)) -> Result<Arc<PooledConn>, Error> {
         let cfg = &self.inner.config;
-        let handshake = async {
+        let (user_key, target) = (&key.0, key.1);
+        let timed_out = |stage, after| Error::HandshakeTimeout {
+            side: Side::Client,
+            peer: target,
+            stage,
+            after,
+        };
+        let tls_handshake = async {
             let tls_config = self
                 .inner
                 .dialer
-                .client_config(key)
+                .client_config(user_key)
                 .await
                 .map_err(|source| Error::TlsConfig {
                     peer: target,
@@ -292,7 +344,7 @@ where
             let tcp = self
                 .inner
                 .dialer
-                .connect_tcp(key, target)
+                .connect_tcp(user_key, target)
                 .await
                 .map_err(|source| Error::Connect {
                     peer: target,
@@ -311,6 +363,12 @@ where
                     source,
                 })?;
             check_session(tls.get_ref().1, Side::Client, target)?;
+            Ok(tls)
+        };
+        let tls = tokio::time::timeout(cfg.tls_handshake_timeout, tls_handshake)
+            .await
+            .map_err(|_| timed_out(Stage::Tls, cfg.tls_handshake_timeout))??;
+        let h2_handshake = async {
             let mut builder = cfg.client_builder();
             builder.initial_max_send_streams(cfg.max_concurrent_streams as usize);
             let (send, mut connection) =
@@ -355,25 +413,23 @@ where
                 }),
             }
         };
-        let conn = tokio::time::timeout(cfg.handshake_timeout, handshake)
+        let conn = tokio::time::timeout(cfg.h2_handshake_timeout, h2_handshake)
             .await
-            .map_err(|_| Error::HandshakeTimeout {
-                side: Side::Client,
-                peer: target,
-                after: cfg.handshake_timeout,
-            })??;
-        debug!(conn = conn.id, %target, ?key, "HBONE connection established");
+            .map_err(|_| timed_out(Stage::Http2, cfg.h2_handshake_timeout))??;
+        debug!(conn = conn.id, %target, key = ?user_key, "HBONE connection established");
         Ok(conn)
     }
 }
 
-/// Sends the CONNECT on `conn` and waits for the answer.
+/// Sends the CONNECT on `conn` and waits for the answer, at most `timeout` (dropping the
+/// request on timeout resets the stream and frees its slot).
 async fn send_connect(
     conn: &Arc<PooledConn>,
     slot: StreamSlot,
     target: SocketAddr,
     authority: &str,
     headers: HeaderMap,
+    timeout: std::time::Duration,
 ) -> Result<Tunnel, Error> {
     let stream_err = |source| Error::Stream {
         peer: target,
@@ -390,9 +446,19 @@ async fn send_connect(
             source,
         })?;
     *request.headers_mut() = headers;
-    let mut sender = conn.send.clone().ready().await.map_err(stream_err)?;
-    let (response, send) = sender.send_request(request, false).map_err(stream_err)?;
-    let response = response.await.map_err(stream_err)?;
+    let exchange = async {
+        let mut sender = conn.send.clone().ready().await.map_err(stream_err)?;
+        let (response, send) = sender.send_request(request, false).map_err(stream_err)?;
+        let response = response.await.map_err(stream_err)?;
+        Ok::<_, Error>((response, send))
+    };
+    let (response, send) = tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| Error::ConnectTimeout {
+            peer: target,
+            authority: authority.to_owned(),
+            after: timeout,
+        })??;
     if response.status() != StatusCode::OK {
         return Err(Error::Status {
             peer: target,
@@ -455,6 +521,12 @@ fn describe_alpn(alpn: Option<&[u8]>) -> String {
     }
 }
 
+impl KeyState {
+    fn live(&self) -> usize {
+        self.conns.iter().filter(|c| !c.is_dead()).count()
+    }
+}
+
 impl PooledConn {
     fn is_dead(&self) -> bool {
         self.dead.load(Ordering::Acquire)
@@ -478,7 +550,7 @@ impl PooledConn {
                 Ordering::Acquire,
             ) {
                 Ok(_) => {
-                    *self.last_active.lock().expect("conn lock") = Instant::now();
+                    *lock_time(&self.last_active) = Instant::now();
                     return Some(StreamSlot { conn: self.clone() });
                 }
                 Err(actual) => current = actual,
@@ -489,23 +561,26 @@ impl PooledConn {
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        *self.conn.last_active.lock().expect("conn lock") = Instant::now();
+        *lock_time(&self.conn.last_active) = Instant::now();
         self.conn.active.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
-/// Resets `KeyState::dialing` if the dialing task is cancelled before it finishes.
+/// Resets `KeyState::dialing` (and removes an entry left empty) if the dialing task is
+/// cancelled before it finishes.
 struct DialGuard<'a, K: Eq + Hash, D> {
     pool: &'a PoolInner<K, D>,
-    key: &'a K,
+    key: &'a (K, SocketAddr),
 }
 
 impl<K: Eq + Hash, D> Drop for DialGuard<'_, K, D> {
     fn drop(&mut self) {
-        if let Ok(mut keys) = self.pool.keys.lock()
-            && let Some(state) = keys.get_mut(self.key)
-        {
+        let mut keys = self.pool.keys();
+        if let Some(state) = keys.get_mut(self.key) {
             state.dialing = None;
+            if state.conns.is_empty() {
+                keys.remove(self.key);
+            }
         }
     }
 }
@@ -513,7 +588,7 @@ impl<K: Eq + Hash, D> Drop for DialGuard<'_, K, D> {
 /// Drives one HTTP/2 client connection: polls it, pings it, closes it when idle.
 struct ConnDriver<K, D> {
     pool: Weak<PoolInner<K, D>>,
-    key: K,
+    key: (K, SocketAddr),
     conn: Arc<PooledConn>,
 }
 
@@ -526,7 +601,7 @@ where
         self,
         connection: h2::client::Connection<T, Bytes>,
         ping: Option<h2::PingPong>,
-        ready: oneshot::Sender<Result<(), h2::Error>>,
+        mut ready: oneshot::Sender<Result<(), h2::Error>>,
     ) where
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -541,28 +616,31 @@ where
             let mut ping = ping?;
             Some(ping.ping(h2::Ping::opaque()).await.map(|_| ping))
         };
-        let ping = tokio::select! {
+        let started = tokio::select! {
             biased;
             result = &mut connection => {
-                let _ = ready.send(result.and_then(|()| Err(h2::Error::from(h2::Reason::NO_ERROR))));
+                Err(result.and_then(|()| Err(h2::Error::from(h2::Reason::NO_ERROR))))
+            }
+            first = first_ping => match first {
+                Some(Ok(ping)) => Ok(Some(ping)),
+                Some(Err(e)) => Err(Err(e)),
+                None => Ok(None),
+            },
+            // The dialer gave up (its HTTP/2 handshake timeout): close the connection.
+            () = ready.closed() => Err(Ok(())),
+        };
+        let ping = match started {
+            Ok(ping) => {
+                let _ = ready.send(Ok(()));
+                ping
+            }
+            Err(failure) => {
+                if let Err(e) = failure {
+                    let _ = ready.send(Err(e));
+                }
                 self.conn.dead.store(true, Ordering::Release);
                 return;
             }
-            first = first_ping => match first {
-                Some(Ok(ping)) => {
-                    let _ = ready.send(Ok(()));
-                    Some(ping)
-                }
-                Some(Err(e)) => {
-                    let _ = ready.send(Err(e));
-                    self.conn.dead.store(true, Ordering::Release);
-                    return;
-                }
-                None => {
-                    let _ = ready.send(Ok(()));
-                    None
-                }
-            },
         };
         let keepalive = async {
             match (config.keepalive_interval, ping) {
@@ -578,9 +656,14 @@ where
                 Ok(()) => debug!(conn = id, %peer, "HBONE connection closed"),
                 Err(e) => debug!(conn = id, %peer, error = %e, "HBONE connection failed"),
             },
-            reason = keepalive => {
-                warn!(conn = id, %peer, %reason, "HBONE client: closing connection, peer is unresponsive");
-            }
+            failure = keepalive => match failure {
+                KeepaliveFailure::Timeout(_) => {
+                    warn!(conn = id, %peer, reason = %failure, "HBONE client: closing connection, peer is unresponsive");
+                }
+                KeepaliveFailure::Closed(_) => {
+                    debug!(conn = id, %peer, reason = %failure, "HBONE connection closed");
+                }
+            },
             () = self.idle(config.idle_timeout) => {
                 debug!(conn = id, %peer, "HBONE connection closed after being idle");
             }
@@ -594,13 +677,13 @@ where
     /// the pool lock, so no checkout can race with the close.
     async fn idle(&self, timeout: std::time::Duration) {
         loop {
-            let last = *self.conn.last_active.lock().expect("conn lock");
+            let last = *lock_time(&self.conn.last_active);
             tokio::time::sleep_until(last + timeout).await;
             let Some(pool) = self.pool.upgrade() else {
                 return;
             };
-            let _keys = pool.keys.lock().expect("pool lock");
-            let last = *self.conn.last_active.lock().expect("conn lock");
+            let _keys = pool.keys();
+            let last = *lock_time(&self.conn.last_active);
             if self.conn.active.load(Ordering::Acquire) == 0 && last + timeout <= Instant::now() {
                 self.conn.dead.store(true, Ordering::Release);
                 return;
@@ -617,7 +700,7 @@ where
         let Some(pool) = self.pool.upgrade() else {
             return;
         };
-        let mut keys = pool.keys.lock().expect("pool lock");
+        let mut keys = pool.keys();
         if let Some(state) = keys.get_mut(&self.key) {
             state.conns.retain(|c| !Arc::ptr_eq(c, &self.conn));
             if state.conns.is_empty() && state.dialing.is_none() {

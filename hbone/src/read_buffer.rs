@@ -28,6 +28,20 @@ impl<T> ReadBuffer<T> {
             end: 0,
         }
     }
+
+    /// Gives an unbuffered reader (capacity 0) its buffer, keeping any bytes already held. The
+    /// server calls this once the TLS handshake has succeeded.
+    pub(crate) fn allocate(&mut self, capacity: usize) {
+        if capacity <= self.buf.len() {
+            return;
+        }
+        let mut buf = vec![0; capacity].into_boxed_slice();
+        let held = self.end - self.start;
+        buf[..held].copy_from_slice(&self.buf[self.start..self.end]);
+        self.buf = buf;
+        self.start = 0;
+        self.end = held;
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for ReadBuffer<T> {

@@ -20,14 +20,14 @@ use rustls::ServerConfig;
 use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use crate::Config;
 use crate::authority::Authority;
-use crate::error::{Error, Side};
-use crate::keepalive::keepalive;
+use crate::error::{Error, Side, Stage};
+use crate::keepalive::{KeepaliveFailure, keepalive};
 use crate::pool::check_session;
 use crate::tunnel::{Tunnel, h2_to_io};
 
@@ -112,6 +112,8 @@ struct ServerInner<H> {
     config: Config,
     tls: ServerTls,
     handler: H,
+    /// One permit per TLS handshake in progress (`Config::max_concurrent_handshakes`).
+    handshakes: Semaphore,
 }
 
 /// One CONNECT request, waiting for the handler's answer.
@@ -130,13 +132,22 @@ impl<H: ConnectHandler> Server<H> {
     /// Creates a server. The TLS configuration must require client certificates and offer ALPN
     /// `h2`; connections that end up without either are refused.
     pub fn new(config: Config, tls: impl Into<ServerTls>, handler: H) -> Self {
+        let handshakes = Semaphore::new(config.max_concurrent_handshakes.max(1));
         Server {
             inner: Arc::new(ServerInner {
                 config,
                 tls: tls.into(),
                 handler,
+                handshakes,
             }),
         }
+    }
+
+    /// How many connections are in their TLS handshake right now (at most
+    /// `Config::max_concurrent_handshakes`; the others wait for a slot).
+    pub fn handshakes_in_progress(&self) -> usize {
+        self.inner.config.max_concurrent_handshakes.max(1)
+            - self.inner.handshakes.available_permits()
     }
 
     /// Accepts connections until the listener fails. Each connection runs in its own task;
@@ -165,14 +176,12 @@ impl<H: ConnectHandler> Server<H> {
 
     /// Serves one accepted TCP connection to its end: TLS, ALPN check, HTTP/2, CONNECT streams.
     pub async fn serve_connection(&self, tcp: TcpStream) -> Result<(), Error> {
-        let peer = tcp.peer_addr().map_err(|source| Error::Tls {
-            side: Side::Server,
-            peer: unspecified(),
+        let peer = tcp.peer_addr().map_err(|source| Error::SocketAddress {
+            which: "peer",
             source,
         })?;
-        let local = tcp.local_addr().map_err(|source| Error::Tls {
-            side: Side::Server,
-            peer,
+        let local = tcp.local_addr().map_err(|source| Error::SocketAddress {
+            which: "local",
             source,
         })?;
         let _ = tcp.set_nodelay(true);
@@ -186,14 +195,32 @@ impl<H: ConnectHandler> Server<H> {
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let cfg = &self.inner.config;
-        let handshake = async {
+        let timed_out = |stage, after| Error::HandshakeTimeout {
+            side: Side::Server,
+            peer,
+            stage,
+            after,
+        };
+        let tls_handshake = async {
+            // Waiting for a handshake slot counts against the TLS limit: a flood of stalled
+            // connections delays new ones at most that long, never forever.
+            let _permit = self
+                .inner
+                .handshakes
+                .acquire()
+                .await
+                .expect("the handshake semaphore is never closed");
             let acceptor = tokio_rustls::TlsAcceptor::from(self.inner.tls.current());
-            let io = crate::read_buffer::ReadBuffer::new(io, cfg.read_buffer);
-            let tls = acceptor.accept(io).await.map_err(|source| Error::Tls {
-                side: Side::Server,
-                peer,
-                source,
-            })?;
+            // No read buffer until the handshake has succeeded: a connection that never finishes
+            // it costs only what rustls needs.
+            let mut tls = acceptor
+                .accept(crate::read_buffer::ReadBuffer::new(io, 0))
+                .await
+                .map_err(|source| Error::Tls {
+                    side: Side::Server,
+                    peer,
+                    source,
+                })?;
             let (_, session) = tls.get_ref();
             check_session(session, Side::Server, peer)?;
             let certs: Arc<[CertificateDer<'static>]> = match session.peer_certificates() {
@@ -205,24 +232,44 @@ impl<H: ConnectHandler> Server<H> {
                     });
                 }
             };
-            let connection = cfg
-                .server_builder()
-                .handshake::<_, Bytes>(tls)
-                .await
-                .map_err(|source| Error::H2Handshake {
-                    side: Side::Server,
-                    peer,
-                    source,
-                })?;
-            Ok((connection, certs))
+            tls.get_mut().0.allocate(cfg.read_buffer);
+            Ok((tls, certs))
         };
-        let (mut connection, certs) = tokio::time::timeout(cfg.handshake_timeout, handshake)
+        let (tls, certs) = tokio::time::timeout(cfg.tls_handshake_timeout, tls_handshake)
+            .await
+            .map_err(|_| timed_out(Stage::Tls, cfg.tls_handshake_timeout))
+            .and_then(|r| r)
+            .inspect_err(|e| info!(%peer, error = %e, "HBONE server: refused connection"))?;
+        self.serve_h2(tls, local, peer, certs).await
+    }
+
+    /// Serves HTTP/2 CONNECT streams over an established (decrypted) byte stream whose client
+    /// presented `certs`.
+    pub(crate) async fn serve_h2<T>(
+        &self,
+        io: T,
+        local: SocketAddr,
+        peer: SocketAddr,
+        certs: Arc<[CertificateDer<'static>]>,
+    ) -> Result<(), Error>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let cfg = &self.inner.config;
+        let handshake = cfg.server_builder().handshake::<_, Bytes>(io);
+        let mut connection = tokio::time::timeout(cfg.h2_handshake_timeout, handshake)
             .await
             .map_err(|_| Error::HandshakeTimeout {
                 side: Side::Server,
                 peer,
-                after: cfg.handshake_timeout,
+                stage: Stage::Http2,
+                after: cfg.h2_handshake_timeout,
             })?
+            .map_err(|source| Error::H2Handshake {
+                side: Side::Server,
+                peer,
+                source,
+            })
             .inspect_err(|e| info!(%peer, error = %e, "HBONE server: refused connection"))?;
 
         let ping = connection.ping_pong();
@@ -251,13 +298,8 @@ impl<H: ConnectHandler> Server<H> {
                     }
                     None => return Ok(()),
                 },
-                reason = &mut keepalive => {
-                    warn!(%peer, %reason, "HBONE server: closing connection, peer is unresponsive");
-                    return Err(Error::KeepaliveTimeout {
-                        side: Side::Server,
-                        peer,
-                        after: cfg.keepalive_timeout,
-                    });
+                failure = &mut keepalive => {
+                    return Err(keepalive_error(failure, Side::Server, peer));
                 }
             }
         }
@@ -372,8 +414,42 @@ fn send_status(respond: &mut SendResponse<Bytes>, status: StatusCode) {
     let _ = respond.send_response(response, true);
 }
 
-fn unspecified() -> SocketAddr {
-    SocketAddr::from(([0, 0, 0, 0], 0))
+/// The error for a connection whose keepalive gave up: a PING that went unanswered is a
+/// timeout; a PING that could not be sent means the connection had already closed.
+fn keepalive_error(failure: KeepaliveFailure, side: Side, peer: SocketAddr) -> Error {
+    match failure {
+        KeepaliveFailure::Timeout(after) => {
+            warn!(%peer, %side, "HBONE: closing connection, peer is unresponsive");
+            Error::KeepaliveTimeout { side, peer, after }
+        }
+        KeepaliveFailure::Closed(source) => Error::Connection { side, peer, source },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ping_on_a_closed_connection_is_reported_as_closed_not_as_a_timeout() {
+        let peer = SocketAddr::from(([127, 0, 0, 1], 15008));
+        let closed = keepalive_error(
+            KeepaliveFailure::Closed(h2::Error::from(h2::Reason::NO_ERROR)),
+            Side::Server,
+            peer,
+        );
+        assert!(matches!(closed, Error::Connection { .. }), "{closed}");
+        assert!(!closed.to_string().contains("keepalive"), "{closed}");
+        let timeout = keepalive_error(
+            KeepaliveFailure::Timeout(std::time::Duration::from_secs(1)),
+            Side::Server,
+            peer,
+        );
+        assert!(
+            matches!(timeout, Error::KeepaliveTimeout { .. }),
+            "{timeout}"
+        );
+    }
 }
 
 /// Errors from `accept` that concern one connection or a momentary shortage, not the listener.
