@@ -73,6 +73,7 @@ mod authority;
 mod config;
 mod copy;
 mod error;
+mod fuzz;
 pub mod headers;
 mod keepalive;
 mod pool;
@@ -86,6 +87,7 @@ pub use copy::{
     CopyError, Direction, Operation, Transferred, copy_bidirectional, copy_tunnel_bidirectional,
 };
 pub use error::{BoxError, Error, Side, Stage};
+pub use fuzz::fuzz_server_frames;
 pub use pool::{Dialer, Pool, StaticTls};
 pub use server::{ConnectHandler, InboundConnect, Server, ServerTls};
 pub use tunnel::Tunnel;

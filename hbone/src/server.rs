@@ -426,6 +426,15 @@ fn keepalive_error(failure: KeepaliveFailure, side: Side, peer: SocketAddr) -> E
     }
 }
 
+/// Errors from `accept` that concern one connection or a momentary shortage, not the listener.
+fn is_transient_accept_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock | TimedOut
+    ) || matches!(e.raw_os_error(), Some(23 | 24 | 12 | 105)) // ENFILE, EMFILE, ENOMEM, ENOBUFS
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -450,13 +459,4 @@ mod tests {
             "{timeout}"
         );
     }
-}
-
-/// Errors from `accept` that concern one connection or a momentary shortage, not the listener.
-fn is_transient_accept_error(e: &std::io::Error) -> bool {
-    use std::io::ErrorKind::*;
-    matches!(
-        e.kind(),
-        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock | TimedOut
-    ) || matches!(e.raw_os_error(), Some(23 | 24 | 12 | 105)) // ENFILE, EMFILE, ENOMEM, ENOBUFS
 }

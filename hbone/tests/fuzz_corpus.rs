@@ -19,3 +19,14 @@ fn authority_target_over_seed_corpus() {
         files.len()
     );
 }
+
+#[test]
+fn server_frames_target_over_seed_corpus() {
+    let files = seed_corpus::seeds("server_frames");
+    let handled: usize = files
+        .iter()
+        .map(|data| hbone::fuzz_server_frames(data))
+        .sum();
+    // Some seeds carry well-formed CONNECTs, so the handler path runs too.
+    assert!(handled >= 3, "only {handled} CONNECTs reached the handler");
+}

@@ -1,0 +1,98 @@
+//! The body of the `server_frames` fuzz target: whatever a hostile client can send after the TLS
+//! layer (HTTP/2 frames, valid or not) goes to a real [`Server`], which must neither panic nor
+//! hang. It lives in the library so that an ordinary test runs it over the seed corpus on stable.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::CertificateDer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::{Config, InboundConnect, Server};
+
+/// The HTTP/2 client connection preface, sent before `data` so the fuzzer starts past it.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Serves one HTTP/2 connection whose client sends the preface then `data`, lets the server act
+/// on it, and closes its write side. The handler answers odd ports with 401 and echoes a little on even ones. Panics if the
+/// server panics or has not finished 5 s after the client's end of input. Returns how many
+/// CONNECT requests reached the handler.
+pub fn fuzz_server_frames(data: &[u8]) -> usize {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a Tokio runtime");
+    runtime.block_on(async {
+        let handled = Arc::new(AtomicUsize::new(0));
+        let counter = handled.clone();
+        let config = Config {
+            keepalive_interval: None,
+            ..Config::default()
+        };
+        let server = Server::new(config, no_certificate_tls(), move |req: InboundConnect| {
+            counter.fetch_add(1, Ordering::Relaxed);
+            async move {
+                if req.authority().port() % 2 == 1 {
+                    req.reject(http::StatusCode::UNAUTHORIZED);
+                } else if let Ok(mut tunnel) = req.accept() {
+                    let mut buf = [0u8; 1024];
+                    let _ = tunnel.read(&mut buf).await;
+                    let _ = tunnel.write_all(b"ok").await;
+                    let _ = tunnel.shutdown().await;
+                }
+            }
+        });
+        let (client, server_io) = tokio::io::duplex(64 * 1024);
+        let (mut client_rd, mut client_wr) = tokio::io::split(client);
+        let input = [PREFACE, data].concat();
+        tokio::spawn(async move {
+            let _ = client_wr.write_all(&input).await;
+            // Give the server (all in memory, on this one thread) turns to act on every frame
+            // before the close, as a peer that keeps its connection open would.
+            for _ in 0..64 {
+                tokio::task::yield_now().await;
+            }
+            let _ = client_wr.shutdown().await;
+            // Keep the read half's peer alive until the server is done.
+            std::future::pending::<()>().await;
+        });
+        tokio::spawn(async move {
+            let mut sink = vec![0u8; 16 * 1024];
+            while matches!(client_rd.read(&mut sink).await, Ok(n) if n > 0) {}
+        });
+        let addr = SocketAddr::from(([127, 0, 0, 1], 15008));
+        let certs: Arc<[CertificateDer<'static>]> =
+            Arc::from(vec![CertificateDer::from(vec![0u8])]);
+        let served = server.serve_h2(server_io, addr, addr, certs);
+        let _ = tokio::time::timeout(Duration::from_secs(5), served)
+            .await
+            .expect("the HBONE server did not finish after the client closed");
+        // Let the stream tasks the connection spawned run to their end.
+        for _ in 0..16 {
+            tokio::task::yield_now().await;
+        }
+        handled.load(Ordering::Relaxed)
+    })
+}
+
+/// A TLS configuration that is never used for a handshake (the fuzzer starts after TLS).
+fn no_certificate_tls() -> Arc<rustls::ServerConfig> {
+    #[derive(Debug)]
+    struct NoCertificate;
+    impl ResolvesServerCert for NoCertificate {
+        fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+            None
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3 is supported")
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(NoCertificate));
+    Arc::new(config)
+}
