@@ -53,7 +53,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         client_creds.chain,
         client_creds.key,
         ca.roots(),
-        Some(vec![server_id]),
+        vec![server_id],
     )?;
     let pool = Pool::new(Config::default(), StaticTls(Arc::new(client_tls)));
     let destination: Authority = "10.0.0.7:8080".parse()?;

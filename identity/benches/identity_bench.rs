@@ -90,7 +90,7 @@ fn main() {
             sleep_creds.chain.clone(),
             sleep_creds.key.clone_key(),
             ca.roots(),
-            Some(vec![web.clone()]),
+            vec![web.clone()],
         )
         .unwrap(),
     );

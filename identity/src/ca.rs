@@ -252,12 +252,10 @@ fn check_answer(
             "the chain does not verify against our trust roots: {e}"
         ))
     })?;
-    // Keep leaf and intermediates; the trailing self-signed root is what peers already trust.
-    if chain.len() > 1
-        && CertInfo::parse(chain.last().expect("non-empty"))
-            .map(|c| c.is_ca)
-            .unwrap_or(false)
-    {
+    // Keep leaf and intermediates; only a trailing self-signed root (what peers already trust)
+    // is dropped. An intermediate is a CA too, but not self-signed: dropping it would leave a
+    // chain that peers trusting only the root cannot verify.
+    if chain.len() > 1 && chain.last().is_some_and(is_self_signed) {
         chain.pop();
     }
     WorkloadCert::new(
@@ -267,6 +265,16 @@ fn check_answer(
             key: csr.key,
         },
     )
+}
+
+/// Whether `cert` is a self-signed CA certificate: issuer equals subject and its signature
+/// verifies with its own key.
+fn is_self_signed(cert: &rustls::pki_types::CertificateDer<'_>) -> bool {
+    use x509_parser::prelude::FromDer;
+    let Ok((_, parsed)) = x509_parser::certificate::X509Certificate::from_der(cert.as_ref()) else {
+        return false;
+    };
+    parsed.is_ca() && parsed.issuer() == parsed.subject() && parsed.verify_signature(None).is_ok()
 }
 
 /// Who asks the CA server for what; what an [`Authorizer`] decides on.

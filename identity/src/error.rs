@@ -98,4 +98,10 @@ pub enum Error {
     /// The trust roots are unusable (for example empty).
     #[error("trust roots unusable: {0}")]
     Roots(String),
+    /// A client configuration was asked for with no expected server identity; it would accept
+    /// any workload of the mesh as the destination.
+    #[error(
+        "no expected server identity given: a client must name the SPIFFE ids it accepts (the insecure any-identity configuration is a separate, debugging-only function)"
+    )]
+    NoExpectedIdentity,
 }

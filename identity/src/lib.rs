@@ -19,7 +19,7 @@
 //! let client = ca.issue(&sleep, Duration::from_secs(3600))?;
 //!
 //! // The client accepts only a server that proves `web`; the server only clients of its domain.
-//! let client_config = tls::client_config(client.chain, client.key, ca.roots(), Some(vec![web]))?;
+//! let client_config = tls::client_config(client.chain, client.key, ca.roots(), vec![web])?;
 //! let server_config = tls::server_config(server.chain, server.key, ca.roots(), "cluster.local")?;
 //! assert_eq!(client_config.alpn_protocols, vec![b"h2".to_vec()]);
 //! assert_eq!(server_config.alpn_protocols, vec![b"h2".to_vec()]);

@@ -7,13 +7,18 @@
 //! publishes the new certificate on a watch channel that subscribers (TLS resolvers, the admin
 //! dump) follow. Failed fetches are retried with capped exponential backoff while the old
 //! certificate, if still valid, keeps being served.
+//!
+//! Timers run on the monotonic clock, which stops while a machine is suspended, but certificates
+//! expire by the wall clock. So a `get` that finds the certificate expired wakes the identity's
+//! task at once and waits for that fetch: a machine that slept past expiry recovers on its next
+//! connection, not when the old timer finally fires.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use rand::Rng;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::AbortHandle;
 use tracing::{info, warn};
 
@@ -73,6 +78,8 @@ type SharedError = Arc<Mutex<Option<String>>>;
 struct Entry {
     tx: watch::Sender<Option<Arc<WorkloadCert>>>,
     last_error: SharedError,
+    /// Wakes the refresh task out of its sleep (a `get` found the certificate expired).
+    wake: Arc<Notify>,
     task: AbortHandle,
 }
 
@@ -91,17 +98,30 @@ impl SecretManager {
 
     /// The current certificate of `id`, fetching it first if this identity is new.
     ///
-    /// Fails closed: if the certificate has expired (because renewals keep failing), or the
-    /// first fetch failed, this returns [`Error::NoCertificate`] with the reason, never an
-    /// expired certificate.
+    /// Fails closed: it never returns an expired certificate. A certificate found expired makes
+    /// the identity's task fetch at once, and this waits for that fetch; if it fails too (or the
+    /// first fetch failed), this returns [`Error::NoCertificate`] with the reason.
     pub async fn get(&self, id: &SpiffeId) -> Result<Arc<WorkloadCert>, Error> {
-        let (mut rx, last_error) = self.watch(id);
+        let (mut rx, last_error, wake) = self.watch(id);
+        let mut woke_refresher = false;
         loop {
-            if let Some(cert) = rx.borrow_and_update().clone() {
+            let current = rx.borrow_and_update().clone();
+            if let Some(cert) = current {
                 if cert.is_valid_at(SystemTime::now()) {
                     return Ok(cert);
                 }
-                let ca = last_error.lock().expect("lock").clone();
+                let ca = lock(&last_error).clone();
+                if !woke_refresher && ca.is_none() {
+                    // The last fetch succeeded, yet its certificate expired before the renewal
+                    // timer fired (a suspended machine): fetch now and wait for the outcome.
+                    // While fetches are failing the task retries on its own backoff instead.
+                    woke_refresher = true;
+                    wake.notify_one();
+                    if rx.changed().await.is_err() {
+                        return Err(forgotten(id));
+                    }
+                    continue;
+                }
                 return Err(Error::NoCertificate {
                     id: id.clone(),
                     reason: format!(
@@ -112,17 +132,14 @@ impl SecretManager {
                     ),
                 });
             }
-            if let Some(error) = last_error.lock().expect("lock").clone() {
+            if let Some(error) = lock(&last_error).clone() {
                 return Err(Error::NoCertificate {
                     id: id.clone(),
                     reason: error,
                 });
             }
             if rx.changed().await.is_err() {
-                return Err(Error::NoCertificate {
-                    id: id.clone(),
-                    reason: "the identity was forgotten while waiting for its certificate".into(),
-                });
+                return Err(forgotten(id));
             }
         }
     }
@@ -155,25 +172,32 @@ impl SecretManager {
         ids
     }
 
-    fn watch(&self, id: &SpiffeId) -> (CertWatch, SharedError) {
+    fn watch(&self, id: &SpiffeId) -> (CertWatch, SharedError, Arc<Notify>) {
         let mut entries = self.inner.entries.lock().expect("lock");
         let entry = entries.entry(id.clone()).or_insert_with(|| {
             let (tx, _) = watch::channel(None);
             let last_error = Arc::new(Mutex::new(None));
+            let wake = Arc::new(Notify::new());
             let task = tokio::spawn(refresh_loop(
                 id.clone(),
                 self.inner.source.clone(),
                 self.inner.config.clone(),
                 tx.clone(),
                 last_error.clone(),
+                wake.clone(),
             ));
             Entry {
                 tx,
                 last_error,
+                wake,
                 task: task.abort_handle(),
             }
         });
-        (entry.tx.subscribe(), entry.last_error.clone())
+        (
+            entry.tx.subscribe(),
+            entry.last_error.clone(),
+            entry.wake.clone(),
+        )
     }
 }
 
@@ -187,24 +211,47 @@ impl Drop for Inner {
     }
 }
 
-/// Fetches, publishes, sleeps until the refresh point; retries failures with backoff.
+fn forgotten(id: &SpiffeId) -> Error {
+    Error::NoCertificate {
+        id: id.clone(),
+        reason: "the identity was forgotten while waiting for its certificate".into(),
+    }
+}
+
+/// The last error (a plain value: a poisoned lock still holds a valid one).
+fn lock(m: &Mutex<Option<String>>) -> std::sync::MutexGuard<'_, Option<String>> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Fetches, publishes, sleeps until the refresh point (or until woken); retries failures with
+/// backoff.
 async fn refresh_loop(
     id: SpiffeId,
     source: Arc<dyn CertificateSource>,
     config: SecretManagerConfig,
     tx: watch::Sender<Option<Arc<WorkloadCert>>>,
     last_error: Arc<Mutex<Option<String>>>,
+    wake: Arc<Notify>,
 ) {
+    let renewal_pause = |delay: Duration| {
+        let wake = wake.clone();
+        async move {
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = wake.notified() => {}
+            }
+        }
+    };
     let mut backoff = config.initial_backoff;
     loop {
         match source.fetch(&id).await {
             Ok(cert) => {
-                *last_error.lock().expect("lock") = None;
+                *lock(&last_error) = None;
                 let delay = refresh_delay(&cert, &config, SystemTime::now());
                 info!(%id, not_after = %crate::fmt_time(cert.not_after()), refresh_in = ?delay, "secret manager: new certificate");
                 tx.send_replace(Some(Arc::new(cert)));
                 backoff = config.initial_backoff;
-                tokio::time::sleep(delay).await;
+                renewal_pause(delay).await;
             }
             Err(e) => {
                 let still_valid = tx
@@ -212,9 +259,11 @@ async fn refresh_loop(
                     .as_ref()
                     .is_some_and(|c| c.is_valid_at(SystemTime::now()));
                 warn!(%id, error = %e, retry_in = ?backoff, still_valid, "secret manager: fetch failed");
-                *last_error.lock().expect("lock") = Some(e.to_string());
+                *lock(&last_error) = Some(e.to_string());
                 // Wake waiters so a first `get` fails fast instead of hanging.
                 tx.send_modify(|_| {});
+                // Not woken by `get`s: while the CA fails, each connection must not cause a
+                // fetch of its own.
                 tokio::time::sleep(jittered(backoff, config.jitter)).await;
                 backoff = (backoff * 2).min(config.max_backoff);
             }

@@ -53,13 +53,39 @@ pub struct TrustDomainMismatch {
 }
 
 /// A client configuration that presents `chain`/`key` and accepts a server whose chain verifies
-/// against `roots` and, when `expected` is given, whose SPIFFE id is one of `expected`.
-/// `None` accepts any identity under the roots: for debugging tools only.
+/// against `roots` and whose SPIFFE id is one of `expected`.
+///
+/// `expected` must not be empty ([`Error::NoExpectedIdentity`]): there is no accept-any mode here.
+/// A debugging tool that really means "any identity under these roots" calls
+/// [`insecure_client_config_accepting_any_identity`].
 pub fn client_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     roots: Arc<RootCertStore>,
-    expected: Option<Vec<SpiffeId>>,
+    expected: Vec<SpiffeId>,
+) -> Result<ClientConfig, Error> {
+    if expected.is_empty() {
+        return Err(Error::NoExpectedIdentity);
+    }
+    build_client_config(chain, key, roots, Expected::OneOf(expected))
+}
+
+/// **Insecure, for debugging tools only**: a client configuration that accepts a server with any
+/// SPIFFE identity whose chain verifies against `roots`, so any workload of the mesh can
+/// impersonate any destination. Never use it on a data path.
+pub fn insecure_client_config_accepting_any_identity(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    roots: Arc<RootCertStore>,
+) -> Result<ClientConfig, Error> {
+    build_client_config(chain, key, roots, Expected::AnyUnderRoots)
+}
+
+fn build_client_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    roots: Arc<RootCertStore>,
+    expected: Expected,
 ) -> Result<ClientConfig, Error> {
     if roots.is_empty() {
         return Err(Error::Roots("no trust roots given".into()));
@@ -178,17 +204,26 @@ impl ResolvesServerCert for WatchResolver {
 pub fn client_config_for(
     cert: &crate::WorkloadCert,
     roots: Arc<RootCertStore>,
-    expected: Option<Vec<SpiffeId>>,
+    expected: Vec<SpiffeId>,
 ) -> Result<ClientConfig, Error> {
     let creds = cert.credentials();
     client_config(creds.chain.clone(), creds.key.clone_key(), roots, expected)
+}
+
+/// Which server identities a client accepts.
+#[derive(Debug)]
+enum Expected {
+    /// One of these (an empty list accepts nothing).
+    OneOf(Vec<SpiffeId>),
+    /// Any identity whose chain verifies (debugging tools only).
+    AnyUnderRoots,
 }
 
 /// Verifies a server's chain against fixed roots, then its SPIFFE id against an expected set.
 #[derive(Debug)]
 struct ServerIdVerifier {
     roots: Arc<RootCertStore>,
-    expected: Option<Vec<SpiffeId>>,
+    expected: Expected,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
@@ -209,7 +244,7 @@ impl ServerCertVerifier for ServerIdVerifier {
             now,
             self.algorithms.all,
         )?;
-        if let Some(expected) = &self.expected {
+        if let Expected::OneOf(expected) = &self.expected {
             let sans = crate::uri_sans(end_entity).map_err(other)?;
             if !sans
                 .iter()

@@ -63,7 +63,7 @@ fn init_then_load_issues_chains_that_verify_against_the_original_root() {
         client_creds.chain,
         client_creds.key,
         created.roots(),
-        Some(vec![web]),
+        vec![web],
     )
     .unwrap();
     common::handshake(client, server).unwrap();

@@ -62,7 +62,7 @@ fn client(m: &Mesh, creds: &Credentials, expected: Vec<SpiffeId>) -> ClientConfi
         creds.chain.clone(),
         creds.key.clone_key(),
         m.ca.roots(),
-        Some(expected),
+        expected,
     )
     .unwrap()
 }
@@ -85,6 +85,37 @@ fn right_identity_passes() {
         server(&m, &m.web_creds),
     )
     .unwrap();
+}
+
+#[test]
+fn no_accept_any_mode_without_asking_for_it_by_name() {
+    let m = mesh();
+    // An empty expected set is refused when the configuration is built...
+    let err = tls::client_config(
+        m.sleep_creds.chain.clone(),
+        m.sleep_creds.key.clone_key(),
+        m.ca.roots(),
+        Vec::new(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, identity::Error::NoExpectedIdentity), "{err}");
+    // ...and the debugging configuration, asked for by its own name, accepts any identity
+    // under the roots (and still nothing outside them).
+    let any = tls::insecure_client_config_accepting_any_identity(
+        m.sleep_creds.chain.clone(),
+        m.sleep_creds.key.clone_key(),
+        m.ca.roots(),
+    )
+    .unwrap();
+    handshake(any, server(&m, &m.web_creds)).unwrap();
+    let foreign = DevCa::generate("cluster.local").unwrap();
+    let any_foreign = tls::insecure_client_config_accepting_any_identity(
+        m.sleep_creds.chain.clone(),
+        m.sleep_creds.key.clone_key(),
+        foreign.roots(),
+    )
+    .unwrap();
+    assert!(handshake(any_foreign, server(&m, &m.web_creds)).is_err());
 }
 
 #[test]

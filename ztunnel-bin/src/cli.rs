@@ -274,9 +274,14 @@ pub(crate) struct ConnectArgs {
     pub(crate) authority: String,
     #[command(flatten)]
     pub(crate) tls: TlsFiles,
-    /// Refuse a server whose certificate lacks this URI SAN (repeat to accept any of several).
-    #[arg(long, value_name = "URI")]
+    /// The SPIFFE id the server must present (repeat to accept any of several). Required unless
+    /// --insecure-any-san is given.
+    #[arg(long, value_name = "URI", required_unless_present = "insecure_any_san")]
     pub(crate) expect_san: Vec<String>,
+    /// INSECURE, for debugging: accept a server with any identity issued under --ca (any
+    /// workload of the mesh could then pose as the destination). Says so on stderr.
+    #[arg(long, conflicts_with = "expect_san")]
+    pub(crate) insecure_any_san: bool,
     /// Accept plain TCP here and tunnel each connection, instead of using stdin/stdout.
     #[arg(long, value_name = "ADDR")]
     pub(crate) listen: Option<SocketAddr>,

@@ -101,19 +101,38 @@ fn serve_and_connect_interoperate() {
         "{stderr}"
     );
 
-    // A hostname authority is resolved by the server.
+    // Without an expected identity the client refuses to run (exit 2, naming the flags).
+    let out = connect_stdio(&dir.0, listen, &backend.to_string(), &[], b"x");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--expect-san"), "{stderr}");
+    assert!(out.stdout.is_empty());
+
+    // A hostname authority is resolved by the server; --insecure-any-san accepts any identity
+    // under the CA and says so.
     let by_name = format!("localhost:{}", backend.port());
-    let out = connect_stdio(&dir.0, listen, &by_name, &[], b"by name");
+    let out = connect_stdio(
+        &dir.0,
+        listen,
+        &by_name,
+        &["--insecure-any-san"],
+        b"by name",
+    );
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(out.stdout, b"BY NAME");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("WARNING: --insecure-any-san"));
 
     // An unreachable destination is a 503, reported with a non-zero exit.
     let dead = free_port();
-    let out = connect_stdio(&dir.0, listen, &dead.to_string(), &[], b"x");
+    let web_api = [
+        "--expect-san",
+        "spiffe://cluster.local/ns/default/sa/web-api",
+    ];
+    let out = connect_stdio(&dir.0, listen, &dead.to_string(), &web_api, b"x");
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("503"),
@@ -135,6 +154,7 @@ fn serve_and_connect_interoperate() {
             ])
             .args(["--listen", &plain.to_string()])
             .args(tls_args(&dir.0, "client"))
+            .args(web_api)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -162,6 +182,8 @@ fn bad_flags_fail_with_clear_messages() {
             "127.0.0.1:1",
             "--authority",
             "10.0.0.1",
+            "--expect-san",
+            "spiffe://cluster.local/ns/default/sa/web-api",
         ])
         .args([
             "--cert",

@@ -59,7 +59,7 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), Error> {
         client_creds.chain.clone(),
         client_creds.key.clone_key(),
         ca.roots(),
-        Some(vec![server_id.clone()]),
+        vec![server_id.clone()],
     )?;
     let pool = Pool::new(Config::default(), StaticTls(Arc::new(client_tls)));
     let authority = Authority::from(backend);
@@ -90,9 +90,7 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), Error> {
         client_creds.chain,
         client_creds.key,
         ca.roots(),
-        Some(vec![spiffe(
-            "spiffe://cluster.local/ns/default/sa/not-web-api",
-        )]),
+        vec![spiffe("spiffe://cluster.local/ns/default/sa/not-web-api")],
     )?;
     let wrong = Pool::new(Config::default(), StaticTls(Arc::new(wrong_tls)));
     match wrong

@@ -141,8 +141,14 @@ pub(crate) async fn connect(args: ConnectArgs) -> Result<(), Error> {
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let expected = (!expected.is_empty()).then_some(expected);
-    let tls = identity::tls::client_config(chain, key, roots, expected)?;
+    let tls = if args.insecure_any_san {
+        eprintln!(
+            "ztunnel hbone connect: WARNING: --insecure-any-san: accepting any server identity issued under --ca; the server is not authenticated as a particular workload"
+        );
+        identity::tls::insecure_client_config_accepting_any_identity(chain, key, roots)?
+    } else {
+        identity::tls::client_config(chain, key, roots, expected)?
+    };
     let pool = Pool::new(Config::default(), StaticTls(Arc::new(tls)));
     match args.listen {
         None => connect_stdio(&pool, server, &authority).await,
