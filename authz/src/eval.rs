@@ -4,6 +4,10 @@
 //! policy applies -> allow; else allow iff some ALLOW matches. Dry-run policies are evaluated
 //! the same way on the side and reported when they would have changed the outcome.
 //!
+//! Two checks come first and fail closed: a store marked not synced denies everything, and a
+//! workload that names a policy the store does not hold (not received yet, rejected, renamed) is
+//! denied, since the missing policy might have been its only ALLOW or a DENY.
+//!
 //! The same code computes decisions and explanations: evaluation is generic over a [`Trace`]
 //! sink, and the decision path uses one that does nothing (and compiles away).
 
@@ -32,7 +36,15 @@ pub struct Decision {
 
 /// Why a decision came out as it did.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Reason {
+    /// The store has not received its first complete set of policies: denied.
+    NotSynced,
+    /// The workload names policies the store does not hold: denied.
+    MissingPolicies {
+        /// `namespace/name` of each missing policy.
+        policies: Vec<String>,
+    },
     /// A DENY policy matched.
     DeniedBy {
         /// `namespace/name` of the policy.
@@ -68,6 +80,14 @@ pub struct DryRunOutcome {
 impl std::fmt::Display for Reason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Reason::NotSynced => f.write_str(
+                "the policy store is not synced yet (no complete set of policies received), so every connection is denied",
+            ),
+            Reason::MissingPolicies { policies } => write!(
+                f,
+                "the workload names policies that are not in the store ({}): not received, rejected or renamed; denied until they arrive",
+                policies.join(", ")
+            ),
             Reason::DeniedBy { policy, rule } => {
                 write!(f, "denied by rule {rule} of DENY policy {policy}")
             }
@@ -166,6 +186,8 @@ pub struct PolicyStore {
     by_namespace: HashMap<String, Bucket>,
     /// WORKLOAD_SELECTOR policies with label selectors (from YAML), by namespace.
     selectors: HashMap<String, Vec<Arc<Compiled>>>,
+    /// False until the owner says the store holds a complete set; decisions deny meanwhile.
+    synced: bool,
 }
 
 /// A policy with what the evaluator precomputes for it.
@@ -443,7 +465,20 @@ impl PolicyStore {
             global: Bucket::default(),
             by_namespace: HashMap::new(),
             selectors: HashMap::new(),
+            synced: true,
         }
+    }
+
+    /// Marks the store synced (it holds a complete set of policies) or not. A new store is
+    /// synced; a proxy fed by xDS marks it not synced until the first complete response, and
+    /// while it is not, every decision is a deny with [`Reason::NotSynced`].
+    pub fn set_synced(&mut self, synced: bool) {
+        self.synced = synced;
+    }
+
+    /// Whether the store is marked synced.
+    pub fn is_synced(&self) -> bool {
+        self.synced
     }
 
     /// Adds or replaces a policy (by `namespace/name`).
@@ -598,6 +633,15 @@ impl PolicyStore {
             trace,
             0, "workload in namespace {} with labels {:?}", workload.namespace, workload.labels
         );
+        if let Some(reason) = self.fail_closed(workload) {
+            let decision = Decision {
+                allowed: false,
+                reason,
+                dry_run: None,
+            };
+            trace!(trace, 0, "decision: {decision}");
+            return decision;
+        }
         let mut verdicts: Verdicts<'s> = Verdicts::default();
         let mut any = false;
         // The flat form needs interned ids; look them up once, on the first policy evaluated.
@@ -639,6 +683,30 @@ impl PolicyStore {
         };
         trace!(trace, 0, "decision: {decision}");
         decision
+    }
+
+    /// Why a decision must deny before any policy is evaluated: the store is not synced, or the
+    /// workload names policies the store lacks.
+    fn fail_closed(&self, workload: &Workload) -> Option<Reason> {
+        if !self.synced {
+            return Some(Reason::NotSynced);
+        }
+        if workload
+            .policies
+            .iter()
+            .all(|key| self.policies.contains_key(key))
+        {
+            return None;
+        }
+        let mut missing: Vec<String> = workload
+            .policies
+            .iter()
+            .filter(|key| !self.policies.contains_key(*key))
+            .cloned()
+            .collect();
+        missing.sort();
+        missing.dedup();
+        Some(Reason::MissingPolicies { policies: missing })
     }
 
     /// The sorted keys of the ALLOW policies that apply to `workload` (for the deny reason).

@@ -165,6 +165,20 @@ pub struct Workload {
     pub policies: Vec<String>,
 }
 
+/// A CIDR block in canonical form: host bits cleared, and an IPv4-mapped IPv6 block
+/// (`::ffff:10.0.0.0/104`) written as the IPv4 block it names (`10.0.0.0/8`), so it matches the
+/// IPv4 connections it was written for. Connection addresses are canonicalized the same way.
+pub fn canonical_net(net: IpNet) -> IpNet {
+    if let IpNet::V6(v6) = net
+        && v6.prefix_len() >= 96
+        && let Some(v4) = v6.addr().to_ipv4_mapped()
+    {
+        let v4 = ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).expect("prefix <= 32");
+        return IpNet::V4(v4.trunc());
+    }
+    net.trunc()
+}
+
 impl Policy {
     /// `namespace/name`.
     pub fn key(&self) -> String {

@@ -351,7 +351,7 @@ fn match_from_proto(p: &ProtoMatch, at: &str) -> Result<Match, (String, String)>
                 let len = u8::try_from(a.length)
                     .map_err(|_| bad(format!("prefix length {}", a.length)))?;
                 IpNet::new(ip, len)
-                    .map(|n| n.trunc())
+                    .map(crate::model::canonical_net)
                     .map_err(|_| bad(format!("prefix length {} too long for {ip}", a.length)))
             })
             .collect()
@@ -359,13 +359,12 @@ fn match_from_proto(p: &ProtoMatch, at: &str) -> Result<Match, (String, String)>
     let ports = |v: &[u32], field: &str| -> Result<Vec<u16>, (String, String)> {
         v.iter()
             .enumerate()
-            .map(|(i, p)| {
-                u16::try_from(*p).map_err(|_| {
-                    (
-                        format!("{at}.{field}[{i}]"),
-                        format!("port {p} is out of range"),
-                    )
-                })
+            .map(|(i, p)| match u16::try_from(*p) {
+                Ok(port) if port != 0 => Ok(port),
+                _ => Err((
+                    format!("{at}.{field}[{i}]"),
+                    format!("port {p} is out of range; expected 1-65535"),
+                )),
             })
             .collect()
     };

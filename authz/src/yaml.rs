@@ -33,7 +33,7 @@ impl fmt::Display for Warning {
         match self.rule {
             Some(rule) => write!(
                 f,
-                "rule {rule} of {} uses `{}`, which an L4 proxy cannot see; {}",
+                "rule {rule} of {} uses `{}`, {}",
                 self.policy, self.attribute, self.effect
             ),
             None => write!(
@@ -220,6 +220,27 @@ struct Source {
     not_service_accounts: Vec<String>,
 }
 
+impl Source {
+    fn is_empty(&self) -> bool {
+        [
+            &self.principals,
+            &self.not_principals,
+            &self.request_principals,
+            &self.not_request_principals,
+            &self.namespaces,
+            &self.not_namespaces,
+            &self.ip_blocks,
+            &self.not_ip_blocks,
+            &self.remote_ip_blocks,
+            &self.not_remote_ip_blocks,
+            &self.service_accounts,
+            &self.not_service_accounts,
+        ]
+        .iter()
+        .all(|v| v.is_empty())
+    }
+}
+
 #[derive(Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Operation {
@@ -239,6 +260,23 @@ struct Operation {
     paths: Vec<String>,
     #[serde(default)]
     not_paths: Vec<String>,
+}
+
+impl Operation {
+    fn is_empty(&self) -> bool {
+        self.ports.is_empty()
+            && self.not_ports.is_empty()
+            && [
+                &self.hosts,
+                &self.not_hosts,
+                &self.methods,
+                &self.not_methods,
+                &self.paths,
+                &self.not_paths,
+            ]
+            .iter()
+            .all(|v| v.is_empty())
+    }
 }
 
 #[derive(Deserialize)]
@@ -339,18 +377,26 @@ fn translate(doc: Document, root_namespace: &str, out: &mut Translation) -> Resu
     let mut rules = Vec::new();
     for (i, rule) in spec.rules.iter().enumerate() {
         let mut http = Vec::new();
-        let translated = translate_rule(rule, i, &namespace, &mut http)?;
+        let mut spiffe = Vec::new();
+        let translated = translate_rule(rule, i, &namespace, &mut http, &mut spiffe)?;
+        out.warnings
+            .extend(spiffe.into_iter().map(|(attribute, effect)| Warning {
+                policy: key.clone(),
+                rule: Some(i),
+                attribute,
+                effect,
+            }));
         if http.is_empty() {
             rules.push(translated);
             continue;
         }
         for attribute in http {
             let effect = match action {
-                Action::Allow => "in an ALLOW policy the whole rule is dropped, so it allows nothing".to_owned(),
+                Action::Allow => "which an L4 proxy cannot see; in an ALLOW policy the whole rule is dropped, so it allows nothing".to_owned(),
                 Action::Deny if translated.never_fires() => {
-                    "in a DENY policy the HTTP attributes are removed, and an entry that had only HTTP attributes never matches, so this rule never denies anything at L4".to_owned()
+                    "which an L4 proxy cannot see; in a DENY policy the HTTP attributes are removed, and an entry that had only HTTP attributes never matches, so this rule never denies anything at L4".to_owned()
                 }
-                Action::Deny => "in a DENY policy the HTTP attributes are removed, so the rule denies more (every request of the matching connections)".to_owned(),
+                Action::Deny => "which an L4 proxy cannot see; in a DENY policy the HTTP attributes are removed, so the rule denies more (every request of the matching connections)".to_owned(),
             };
             out.warnings.push(Warning {
                 policy: key.clone(),
@@ -406,6 +452,7 @@ fn translate_rule(
     i: usize,
     namespace: &str,
     http: &mut Vec<String>,
+    spiffe: &mut Vec<(String, String)>,
 ) -> Result<TranslatedRule, PathError> {
     let mut clauses = Vec::new();
     if let Some(from) = &rule.from {
@@ -413,6 +460,20 @@ fn translate_rule(
         for (j, entry) in from.iter().enumerate() {
             let path = format!("spec.rules[{i}].from[{j}].source");
             let s = &entry.source;
+            if s.is_empty() {
+                return Err((
+                    path,
+                    "an empty source matches nothing; Istio rejects it (remove the entry, or name what it should match)".into(),
+                ));
+            }
+            for (attr, values, identity) in [
+                ("principals", &s.principals, Identity::Principal),
+                ("notPrincipals", &s.not_principals, Identity::NotPrincipal),
+                ("namespaces", &s.namespaces, Identity::Namespace),
+                ("notNamespaces", &s.not_namespaces, Identity::NotNamespace),
+            ] {
+                spiffe.extend(spiffe_warnings(attr, values, identity));
+            }
             for (attr, values) in [
                 ("requestPrincipals", &s.request_principals),
                 ("notRequestPrincipals", &s.not_request_principals),
@@ -451,6 +512,12 @@ fn translate_rule(
         for (j, entry) in to.iter().enumerate() {
             let path = format!("spec.rules[{i}].to[{j}].operation");
             let o = &entry.operation;
+            if o.is_empty() {
+                return Err((
+                    path,
+                    "an empty operation matches nothing; Istio rejects it (remove the entry, or name what it should match)".into(),
+                ));
+            }
             for (attr, values) in [
                 ("hosts", &o.hosts),
                 ("notHosts", &o.not_hosts),
@@ -475,6 +542,15 @@ fn translate_rule(
     if let Some(when) = &rule.when {
         for (j, cond) in when.iter().enumerate() {
             let path = format!("spec.rules[{i}].when[{j}]");
+            if cond.values.is_empty() && cond.not_values.is_empty() {
+                return Err((
+                    path,
+                    format!(
+                        "condition on {:?} has neither values nor notValues; Istio rejects it",
+                        cond.key
+                    ),
+                ));
+            }
             let mut m = Match::default();
             match cond.key.as_str() {
                 "source.ip" => {
@@ -482,10 +558,30 @@ fn translate_rule(
                     m.not_source_ips = cidrs(&cond.not_values, &format!("{path}.notValues"))?;
                 }
                 "source.namespace" => {
+                    spiffe.extend(spiffe_warnings(
+                        "when[source.namespace].values",
+                        &cond.values,
+                        Identity::Namespace,
+                    ));
+                    spiffe.extend(spiffe_warnings(
+                        "when[source.namespace].notValues",
+                        &cond.not_values,
+                        Identity::NotNamespace,
+                    ));
                     m.namespaces = patterns(&cond.values);
                     m.not_namespaces = patterns(&cond.not_values);
                 }
                 "source.principal" => {
+                    spiffe.extend(spiffe_warnings(
+                        "when[source.principal].values",
+                        &cond.values,
+                        Identity::Principal,
+                    ));
+                    spiffe.extend(spiffe_warnings(
+                        "when[source.principal].notValues",
+                        &cond.not_values,
+                        Identity::NotPrincipal,
+                    ));
                     m.principals = patterns(&cond.values);
                     m.not_principals = patterns(&cond.not_values);
                 }
@@ -536,6 +632,55 @@ fn check_dns_name(name: &str, max: usize) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Which identity list a `spiffe://` value was written in.
+#[derive(Clone, Copy)]
+enum Identity {
+    Principal,
+    NotPrincipal,
+    Namespace,
+    NotNamespace,
+}
+
+/// Warnings for values written with `spiffe://`. istiod sends principals and namespaces exactly
+/// as written, and ztunnel compares principals without the `spiffe://` prefix (and namespaces
+/// are bare names), so such a value never matches a peer. We translate exactly as istiod does
+/// (the value is kept) and say what it means.
+fn spiffe_warnings(
+    attribute: &str,
+    values: &[String],
+    list: Identity,
+) -> impl Iterator<Item = (String, String)> {
+    values
+        .iter()
+        .filter(|v| v.starts_with("spiffe://"))
+        .map(move |v| {
+            let bare = v.trim_start_matches("spiffe://");
+            let (what, suggestion) = match list {
+                Identity::Principal | Identity::NotPrincipal => (
+                    "principals are compared without the `spiffe://` prefix",
+                    format!("write {bare:?}"),
+                ),
+                Identity::Namespace | Identity::NotNamespace => (
+                    "namespaces are bare names",
+                    match bare.split('/').collect::<Vec<_>>().as_slice() {
+                        [_, "ns", ns, ..] => format!("write {ns:?}"),
+                        _ => "write the namespace's name".to_owned(),
+                    },
+                ),
+            };
+            let effect = match list {
+                Identity::Principal | Identity::Namespace => "it matches no peer",
+                Identity::NotPrincipal | Identity::NotNamespace => "it excludes no peer",
+            };
+            (
+                format!("{attribute}: {v:?}"),
+                format!(
+                    "and {effect}: {what} (istiod sends the value as written, and Istio's ztunnel never matches it either); {suggestion}"
+                ),
+            )
+        })
+}
+
 fn push_once(list: &mut Vec<String>, item: &str) {
     if !list.iter().any(|x| x == item) {
         list.push(item.to_owned());
@@ -557,7 +702,7 @@ fn cidrs(values: &[String], path: &str) -> Result<Vec<IpNet>, PathError> {
             let text = v.trim();
             text.parse::<IpNet>()
                 .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
-                .map(|net| net.trunc())
+                .map(crate::model::canonical_net)
                 .map_err(|_| {
                     (
                         format!("{path}[{k}]"),

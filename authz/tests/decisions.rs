@@ -231,16 +231,6 @@ fn cases() -> Vec<Case> {
             true,
             "default/a",
         ),
-        c(
-            "empty source never matches",
-            ap!("default", "a", "  rules: [{from: [{source: {}}]}]"),
-            def,
-            "default/sleep",
-            S,
-            D,
-            false,
-            "no ALLOW",
-        ),
         // Principals.
         c(
             "principal exact",
