@@ -6,8 +6,10 @@
 //! istiod does for ambient: a pod is in the mesh (HBONE) when its namespace carries
 //! `istio.io/dataplane-mode=ambient` and the pod does not opt out with
 //! `istio.io/dataplane-mode=none`; a workload names the selector policies that select it (in its
-//! namespace or the root namespace). Still to come (see the issue tracker): serving them over
-//! delta ADS with the CA, and watching the directory.
+//! namespace or the root namespace). [`LocalControlPlane`] serves them over delta ADS with the
+//! Istio CA, follows the directory (a broken edit keeps its file's last good version), and
+//! serves only node proxies that present their node's token ([`NodeTokens`]); the CA signs for a
+//! node only the identities of the pods on it ([`NodeAuthorizer`]).
 //!
 //! ```
 //! use controlplane::{ComputeConfig, Manifests, compute};
@@ -32,13 +34,15 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod auth;
 mod manifests;
 mod serve;
 
 use std::collections::BTreeMap;
 
+pub use auth::{IdentityNodes, NodeAuthorizer, NodeTokens, TokenError};
 pub use manifests::{Deployment, ManifestError, Manifests, NETNS_ANNOTATION, Pod, Service};
-pub use serve::{CaService, KnownIdentities, LocalControlPlane, Reload, TwoServices};
+pub use serve::{CaService, LocalControlPlane, Reload, TwoServices};
 use xds_client::resources::{self as xds, PortMapping, WorkloadType};
 
 /// The label that puts a namespace in the mesh (`ambient`) or takes a pod out (`none`).

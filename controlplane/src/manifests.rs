@@ -181,6 +181,15 @@ struct ServicePort {
 }
 
 impl Manifests {
+    /// Adds the objects of `other` (a namespace defined in both takes `other`'s labels).
+    pub fn merge(&mut self, other: Manifests) {
+        self.namespaces.extend(other.namespaces);
+        self.pods.extend(other.pods);
+        self.deployments.extend(other.deployments);
+        self.services.extend(other.services);
+        self.policy_documents.extend(other.policy_documents);
+    }
+
     /// Adds the objects of one multi-document YAML text.
     pub fn add(&mut self, text: &str, source_name: &str) -> Result<(), ManifestError> {
         for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {

@@ -1,21 +1,22 @@
 //! Serving: the computed resources over delta ADS and the Istio CA, on one gRPC listener, kept in
 //! step with a directory of manifests.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::convert::Infallible;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use identity::ca::{CaServer, SignRequest};
-use identity::{DevCa, SpiffeId};
+use identity::DevCa;
+use identity::ca::CaServer;
 use tracing::{info, warn};
 use xds_client::resources::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, Address, encode_address};
-use xds_client::server::AdsServer;
+use xds_client::server::{AdsServer, Change};
 
+use crate::auth::{IdentityNodes, NodeAuthorizer, NodeTokens};
 use crate::{ComputeConfig, Manifests, compute};
 
 /// The local control plane's state: the ADS server it feeds and the identities it may sign.
@@ -24,10 +25,17 @@ pub struct LocalControlPlane {
     dir: PathBuf,
     config: ComputeConfig,
     ads: AdsServer,
-    /// Identities of the pods in the manifests: what the CA agrees to sign.
-    known: Arc<RwLock<HashSet<SpiffeId>>>,
+    /// The node tokens callers authenticate with.
+    tokens: Arc<NodeTokens>,
+    /// Identities of the pods in the manifests and the nodes they run on: what the CA agrees to
+    /// sign, and for whom.
+    identities: IdentityNodes,
     /// Keys served last time, per type, to remove what disappears.
     served: Arc<RwLock<BTreeMap<&'static str, HashSet<String>>>>,
+    /// The last version of each file that read and parsed, served while a newer one is broken.
+    last_good: Arc<Mutex<BTreeMap<PathBuf, Manifests>>>,
+    /// The problems of the last reload (shown by [`errors`](Self::errors)).
+    errors: Arc<RwLock<Vec<String>>>,
 }
 
 impl std::fmt::Debug for LocalControlPlane {
@@ -41,22 +49,36 @@ impl std::fmt::Debug for LocalControlPlane {
 /// What one reload found.
 #[derive(Debug, Default)]
 pub struct Reload {
-    /// Files that could not be used (reported, skipped).
+    /// Files that could not be read or parsed; each message says whether the file's last good
+    /// version is still served (it is, whenever there was one).
     pub errors: Vec<String>,
     /// Workloads, services and policies now served.
     pub counts: (usize, usize, usize),
 }
 
 impl LocalControlPlane {
-    /// A control plane for the manifests in `dir` (nothing is read until [`reload`](Self::reload)).
-    pub fn new(dir: &Path, config: ComputeConfig) -> Self {
+    /// A control plane for the manifests in `dir` (nothing is read until [`reload`](Self::reload)),
+    /// serving xDS and the CA to node proxies that present a token of `tokens`.
+    pub fn new(dir: &Path, config: ComputeConfig, tokens: Arc<NodeTokens>) -> Self {
+        let stream_tokens = tokens.clone();
         LocalControlPlane {
             dir: dir.to_owned(),
             config,
-            ads: AdsServer::new(),
-            known: Arc::default(),
+            ads: AdsServer::new(move |c: &xds_client::server::StreamCredentials<'_>| {
+                stream_tokens.authenticate_stream(c)
+            }),
+            tokens,
+            identities: Arc::default(),
             served: Arc::default(),
+            last_good: Arc::default(),
+            errors: Arc::default(),
         }
+    }
+
+    /// The problems of the last reload: files that could not be read or parsed, each saying
+    /// whether its last good version is still served. Empty when every file loaded.
+    pub fn errors(&self) -> Vec<String> {
+        self.errors.read().expect("lock").clone()
     }
 
     /// The ADS server (to serve it, or to inspect it in tests).
@@ -65,51 +87,59 @@ impl LocalControlPlane {
     }
 
     /// Reads every `*.yaml`/`*.yml` file of the directory, computes the resources and pushes what
-    /// changed. A bad file is reported and skipped; the rest keeps being served.
+    /// changed.
+    ///
+    /// A file that cannot be read or parsed (a typo, a half-written save) keeps serving its last
+    /// good version, so an editing mistake never withdraws a DENY policy or a pod; the error is
+    /// logged and kept in [`errors`](Self::errors). Only removing a file withdraws what it held.
     pub fn reload(&self) -> Reload {
         let mut report = Reload::default();
-        let mut manifests = Manifests::default();
-        for path in manifest_files(&self.dir) {
-            let name = path.display().to_string();
-            let text = match std::fs::read_to_string(&path) {
-                Ok(t) => t,
-                Err(e) => {
-                    report.errors.push(format!("{name}: {e}"));
-                    continue;
+        let mut last_good = self.last_good.lock().expect("lock");
+        let present = manifest_files(&self.dir);
+        last_good.retain(|path, _| present.contains(path));
+        for path in present {
+            match load_file(&path, &self.config.root_namespace) {
+                Ok(loaded) => {
+                    last_good.insert(path, loaded);
                 }
-            };
-            // Load each file into a scratch copy first, so a bad file leaves no half.
-            let mut attempt = manifests.clone();
-            match attempt.add(&text, &name) {
-                Ok(()) => manifests = attempt,
-                Err(e) => report.errors.push(e.to_string()),
+                Err(error) => report.errors.push(if last_good.contains_key(&path) {
+                    format!("{error}; still serving its last good version")
+                } else {
+                    format!("{error}; nothing from it is served")
+                }),
             }
         }
-        // Policies are translated together; a bad one would reject them all, so check each file
-        // on its own first and drop the files that fail.
-        let mut good_policies = Vec::new();
-        for doc in manifests.policy_documents.drain(..) {
-            match authz::parse_policies(&doc, "AuthorizationPolicy", &self.config.root_namespace) {
-                Ok(_) => good_policies.push(doc),
-                Err(e) => report.errors.push(e.to_string()),
-            }
+        let mut manifests = Manifests::default();
+        for loaded in last_good.values() {
+            manifests.merge(loaded.clone());
         }
-        manifests.policy_documents = good_policies;
+        drop(last_good);
+        *self.errors.write().expect("lock") = report.errors.clone();
         let computed = match compute(&manifests, &self.config) {
             Ok(c) => c,
             Err(e) => {
-                report.errors.push(e.to_string());
+                // Cannot happen (each file's policies were checked on their own); keep serving
+                // what is served rather than withdraw anything.
+                report.errors.push(format!("{e}; nothing changed"));
+                warn!(error = %e, "control plane: manifests not applied");
                 return report;
             }
         };
         for error in &report.errors {
-            warn!(%error, "control plane: skipped a manifest");
+            warn!(%error, "control plane: bad manifest");
         }
-        *self.known.write().expect("lock") = computed
-            .workloads
-            .iter()
-            .map(|w| w.identity.clone())
-            .collect();
+        let mut identities: HashMap<_, BTreeSet<String>> = HashMap::new();
+        for w in &computed.workloads {
+            let nodes = identities.entry(w.identity.clone()).or_default();
+            if !w.node.is_empty() {
+                nodes.insert(w.node.clone());
+                // Every node that runs a pod gets a token, so its proxy can authenticate.
+                if let Err(e) = self.tokens.ensure(&w.node) {
+                    report.errors.push(e.to_string());
+                }
+            }
+        }
+        *self.identities.write().expect("lock") = identities;
         let mut addresses: Vec<(String, Vec<u8>)> = Vec::new();
         for w in &computed.workloads {
             let a = Address::Workload(w.clone());
@@ -129,8 +159,7 @@ impl LocalControlPlane {
                 )
             })
             .collect();
-        self.publish(ADDRESS_TYPE_URL, addresses);
-        self.publish(AUTHORIZATION_TYPE_URL, policies);
+        self.publish(addresses, policies);
         report.counts = (
             computed.workloads.len(),
             computed.services.len(),
@@ -146,18 +175,38 @@ impl LocalControlPlane {
         report
     }
 
-    fn publish(&self, type_url: &'static str, resources: Vec<(String, Vec<u8>)>) {
-        let keys: HashSet<String> = resources.iter().map(|(k, _)| k.clone()).collect();
-        for (key, body) in resources {
-            // Unchanged content keeps its version (a content hash), so this pushes nothing.
-            self.ads.set(type_url, &key, body);
-        }
+    /// Pushes the new resources as one change set (so clients get policies before the workloads
+    /// that name them, see `xds_client::resources::push_order`), and withdraws vanished policies
+    /// only after the workloads that named them have changed.
+    fn publish(&self, addresses: Vec<(String, Vec<u8>)>, policies: Vec<(String, Vec<u8>)>) {
         let mut served = self.served.write().expect("lock");
-        let before = served.entry(type_url).or_default();
-        for gone in before.difference(&keys) {
-            self.ads.remove(type_url, gone);
+        let mut changes = Vec::new();
+        let mut withdrawn_policies = Vec::new();
+        for (type_url, resources) in [
+            (AUTHORIZATION_TYPE_URL, policies),
+            (ADDRESS_TYPE_URL, addresses),
+        ] {
+            let keys: HashSet<String> = resources.iter().map(|(k, _)| k.clone()).collect();
+            let before = served.entry(type_url).or_default();
+            let gone = before.difference(&keys).map(|name| Change::Remove {
+                type_url: type_url.to_owned(),
+                name: name.clone(),
+            });
+            if type_url == AUTHORIZATION_TYPE_URL {
+                withdrawn_policies.extend(gone);
+            } else {
+                changes.extend(gone);
+            }
+            // Unchanged content keeps its version (a content hash), so it pushes nothing.
+            changes.extend(resources.into_iter().map(|(name, body)| Change::Set {
+                type_url: type_url.to_owned(),
+                name,
+                body,
+            }));
+            *before = keys;
         }
-        *before = keys;
+        self.ads.apply(changes);
+        self.ads.apply(withdrawn_policies);
     }
 
     /// Reloads whenever a manifest file changes (checked every `interval`), forever.
@@ -173,33 +222,39 @@ impl LocalControlPlane {
         }
     }
 
-    /// The CA service, signing only identities of pods in the manifests.
+    /// The CA service: signs, for a node proxy that presents its node's token, the identities of
+    /// the pods on that node (see [`NodeAuthorizer`]).
     pub fn ca_service(&self, ca: Arc<DevCa>, max_lifetime: Duration) -> CaService {
-        CaServer::new(ca, KnownIdentities(self.known.clone()), max_lifetime).into_service()
+        CaServer::new(
+            ca,
+            NodeAuthorizer::new(self.tokens.clone(), self.identities.clone()),
+            max_lifetime,
+        )
+        .into_service()
+    }
+
+    /// The node tokens (the local mesh hands each node's proxy its file).
+    pub fn tokens(&self) -> &Arc<NodeTokens> {
+        &self.tokens
     }
 }
 
 /// The gRPC CA service of the local control plane.
 pub type CaService =
     identity::ca::proto::istio_certificate_service_server::IstioCertificateServiceServer<
-        CaServer<KnownIdentities>,
+        CaServer<NodeAuthorizer>,
     >;
 
-/// Signs only identities that some pod in the manifests has.
-#[derive(Debug, Clone)]
-pub struct KnownIdentities(Arc<RwLock<HashSet<SpiffeId>>>);
-
-impl identity::ca::Authorizer for KnownIdentities {
-    fn authorize(&self, req: &SignRequest<'_>) -> Result<(), String> {
-        if req.bearer_token.is_none() {
-            tracing::debug!(id = %req.requested, "CA: no bearer token (accepted: local mode)");
-        }
-        if self.0.read().expect("lock").contains(req.requested) {
-            Ok(())
-        } else {
-            Err("no pod in the manifests has this identity".to_owned())
-        }
+/// Reads and parses one manifest file, its AuthorizationPolicies included.
+fn load_file(path: &Path, root_namespace: &str) -> Result<Manifests, String> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{name}: cannot read: {e}"))?;
+    let mut manifests = Manifests::default();
+    manifests.add(&text, &name).map_err(|e| e.to_string())?;
+    for doc in &manifests.policy_documents {
+        authz::parse_policies(doc, &name, root_namespace).map_err(|e| e.to_string())?;
     }
+    Ok(manifests)
 }
 
 /// The `*.yaml` / `*.yml` files of `dir`, sorted.

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use controlplane::{ComputeConfig, LocalControlPlane, TwoServices};
+use controlplane::{ComputeConfig, LocalControlPlane, NodeTokens, TwoServices};
 use identity::ca::{CaClientConfig, IstioCaClient};
 use tokio::net::TcpListener;
 use tonic::transport::Server;
@@ -69,7 +69,8 @@ async fn serves_the_manifests_and_follows_edits() {
     )
     .unwrap();
 
-    let cp = LocalControlPlane::new(&dir.0, ComputeConfig::default());
+    let tokens = Arc::new(NodeTokens::open(&dir.0.join(".node-tokens")).unwrap());
+    let cp = LocalControlPlane::new(&dir.0, ComputeConfig::default(), tokens.clone());
     let report = cp.reload();
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(report.counts, (5, 2, 3));
@@ -89,17 +90,20 @@ async fn serves_the_manifests_and_follows_edits() {
 
     let addresses = Arc::new(Names::default());
     let policies = Arc::new(Names::default());
-    let client = XdsClient::new(ClientConfig::new(
+    // Node proxies authenticate with their node's token, created by the reload.
+    let mut xds_config = ClientConfig::new(
         format!("http://{addr}"),
         "ztunnel~10.0.0.1~ztunnel.istio-system~istio-system.svc.cluster.local",
-    ))
-    .unwrap()
-    .watch(ADDRESS_TYPE_URL, Subscription::Wildcard, addresses.clone())
-    .watch(
-        AUTHORIZATION_TYPE_URL,
-        Subscription::Wildcard,
-        policies.clone(),
     );
+    xds_config.token_file = Some(tokens.path("node-a"));
+    let client = XdsClient::new(xds_config)
+        .unwrap()
+        .watch(ADDRESS_TYPE_URL, Subscription::Wildcard, addresses.clone())
+        .watch(
+            AUTHORIZATION_TYPE_URL,
+            Subscription::Wildcard,
+            policies.clone(),
+        );
     let handle = client.handle();
     tokio::spawn(client.run());
     tokio::time::timeout(Duration::from_secs(5), handle.synced().wait_for(|s| *s))
@@ -161,6 +165,7 @@ async fn serves_the_manifests_and_follows_edits() {
     // The CA on the same listener signs identities of pods in the manifests, and only those.
     let mut config = CaClientConfig::new(format!("http://{addr}"), ca.roots());
     config.cert_lifetime = Duration::from_secs(600);
+    config.token_file = Some(tokens.path("node-a"));
     let ca_client = IstioCaClient::new(config).unwrap();
     let sleep: identity::SpiffeId = "spiffe://cluster.local/ns/default/sa/sleep"
         .parse()

@@ -292,17 +292,29 @@ pub struct SignRequest<'a> {
     pub caller: Option<&'a SpiffeId>,
 }
 
+/// Why an [`Authorizer`] refused to sign.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// The caller did not prove who it is (no token, an unknown token): `UNAUTHENTICATED`.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The caller is known but may not obtain this identity: `PERMISSION_DENIED`.
+    #[error("{0}")]
+    Denied(String),
+}
+
 /// Decides which identities a caller may obtain from the CA server.
 pub trait Authorizer: Send + Sync + 'static {
-    /// `Ok` to sign; `Err(reason)` to refuse with `PERMISSION_DENIED`.
-    fn authorize(&self, request: &SignRequest<'_>) -> Result<(), String>;
+    /// `Ok` to sign; `Err` to refuse, with the reason the caller is told.
+    fn authorize(&self, request: &SignRequest<'_>) -> Result<(), Refusal>;
 }
 
 impl<F> Authorizer for F
 where
-    F: Fn(&SignRequest<'_>) -> Result<(), String> + Send + Sync + 'static,
+    F: Fn(&SignRequest<'_>) -> Result<(), Refusal> + Send + Sync + 'static,
 {
-    fn authorize(&self, request: &SignRequest<'_>) -> Result<(), String> {
+    fn authorize(&self, request: &SignRequest<'_>) -> Result<(), Refusal> {
         self(request)
     }
 }
@@ -401,11 +413,13 @@ impl<A: Authorizer> proto::istio_certificate_service_server::IstioCertificateSer
             cluster_id: cluster_id.as_deref(),
             caller: caller.as_ref(),
         };
-        if let Err(reason) = self.authorizer.authorize(&sign_request) {
-            tracing::info!(id = %requested, %reason, "CA: refused to sign");
-            return Err(tonic::Status::permission_denied(format!(
-                "not allowed to obtain {requested}: {reason}"
-            )));
+        if let Err(refusal) = self.authorizer.authorize(&sign_request) {
+            tracing::info!(id = %requested, reason = %refusal, "CA: refused to sign");
+            let message = format!("not allowed to obtain {requested}: {refusal}");
+            return Err(match refusal {
+                Refusal::Unauthenticated(_) => tonic::Status::unauthenticated(message),
+                Refusal::Denied(_) => tonic::Status::permission_denied(message),
+            });
         }
         let lifetime =
             Duration::from_secs(body.validity_duration.max(1) as u64).min(self.max_lifetime);

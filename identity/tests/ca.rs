@@ -12,7 +12,7 @@ use identity::ca::proto::istio_certificate_service_server::{
 };
 use identity::ca::proto::{IstioCertificateRequest, IstioCertificateResponse};
 use identity::ca::{
-    CaClientConfig, CaServer, CertificateSource, FetchFuture, IstioCaClient, SignRequest,
+    CaClientConfig, CaServer, CertificateSource, FetchFuture, IstioCaClient, Refusal, SignRequest,
 };
 use identity::{DevCa, Error, SecretManager, SecretManagerConfig, SpiffeId, WorkloadCert};
 use tokio::net::TcpListener;
@@ -91,7 +91,9 @@ async fn client_and_server_agree_over_grpc_and_tls() {
         seen.impersonated.push(req.impersonated);
         match req.requested.namespace() {
             Some("default") => Ok(()),
-            other => Err(format!("namespace {other:?} is not on this node")),
+            other => Err(Refusal::Denied(format!(
+                "namespace {other:?} is not on this node"
+            ))),
         }
     };
     let (address, _server) = serve(

@@ -15,7 +15,7 @@ use xds_client::resources::{
     ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, Address, PortMapping, Service, Workload,
     WorkloadType, decode_address, encode_address,
 };
-use xds_client::server::AdsServer;
+use xds_client::server::{AdsServer, InsecureAcceptAny};
 
 /// Decodes and indexes addresses by key, as a proxy's store would.
 #[derive(Default)]
@@ -127,7 +127,7 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let server = AdsServer::new();
+        let server = AdsServer::new(InsecureAcceptAny);
         for i in 0..10_000 {
             let a = Address::Workload(workload(i));
             server.set(ADDRESS_TYPE_URL, &a.key(), encode_address(&a));

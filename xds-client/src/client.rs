@@ -114,6 +114,9 @@ pub struct ClientConfig {
     pub initial_backoff: Duration,
     /// Longest reconnection delay.
     pub max_backoff: Duration,
+    /// The largest response accepted, in bytes (default 64 MiB: a first wildcard push of a large
+    /// cluster is tens of MiB). A larger one fails the stream, which is retried with backoff.
+    pub max_response_bytes: usize,
 }
 
 impl ClientConfig {
@@ -128,6 +131,7 @@ impl ClientConfig {
             node_metadata: BTreeMap::new(),
             initial_backoff: Duration::from_millis(10),
             max_backoff: Duration::from_secs(15),
+            max_response_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -300,8 +304,10 @@ impl XdsClient {
             }),
         };
         let mut first = true;
+        // Authorization first: the server answers in request order, so policies arrive before
+        // the workloads that name them.
         let mut urls: Vec<&String> = types.keys().collect();
-        urls.sort();
+        urls.sort_by_key(|url| crate::resources::push_order(url));
         for url in urls {
             let state = &types[url];
             let mut names: Vec<String> = match &state.subscription {
@@ -331,7 +337,9 @@ impl XdsClient {
             })?;
             request.metadata_mut().insert("authorization", value);
         }
-        let mut client = AggregatedDiscoveryServiceClient::new(self.channel.clone());
+        let mut client = AggregatedDiscoveryServiceClient::new(self.channel.clone())
+            .max_decoding_message_size(self.config.max_response_bytes)
+            .max_encoding_message_size(usize::MAX);
         let mut responses = client
             .delta_aggregated_resources(request)
             .await

@@ -16,6 +16,16 @@ pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
 /// `type.googleapis.com/istio.security.Authorization`.
 pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";
 
+/// The order in which types are requested and pushed: Authorization before Address, so a
+/// workload never arrives before the policies it names; other types after both, by name.
+pub fn push_order(type_url: &str) -> (u8, &str) {
+    match type_url {
+        AUTHORIZATION_TYPE_URL => (0, type_url),
+        ADDRESS_TYPE_URL => (1, type_url),
+        other => (2, other),
+    }
+}
+
 /// The trust domain assumed when a workload does not name one (Istio elides the default).
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 

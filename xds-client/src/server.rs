@@ -4,7 +4,15 @@
 //! (seeded from `initial_resource_versions` on reconnect), answers every initial request of a
 //! type (even with nothing, since clients gate readiness on it), pushes only what changed, and
 //! logs every ACK and NACK.
+//!
+//! Every stream is authenticated first by an [`Authenticator`] (there is no default: a server
+//! that accepts anyone says so with [`InsecureAcceptAny`]). Within one push, and in the answers
+//! to a new stream's first requests, `istio.security.Authorization` goes before
+//! `istio.workload.Address` (see [`crate::resources::push_order`]), so a client never holds a
+//! workload naming a policy it has not been sent. What the server remembers of its clients is
+//! bounded: ACK/NACK counters and the last [`ACK_LOG`] records.
 
+use std::collections::VecDeque;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +27,27 @@ use crate::proto::discovery::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
 use crate::proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+
+/// One change for [`AdsServer::apply`].
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// Add or replace a resource (its encoded message, without the `Any` wrapper).
+    Set {
+        /// The resource type.
+        type_url: String,
+        /// The resource name.
+        name: String,
+        /// The encoded message.
+        body: Vec<u8>,
+    },
+    /// Remove a resource.
+    Remove {
+        /// The resource type.
+        type_url: String,
+        /// The resource name.
+        name: String,
+    },
+}
 
 /// A versioned resource body (the encoded message, without the `Any` wrapper).
 #[derive(Debug, Clone)]
@@ -53,10 +82,54 @@ pub struct AckRecord {
     pub error: Option<String>,
 }
 
+/// What a stream presented, for an [`Authenticator`] to judge.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct StreamCredentials<'a> {
+    /// The bearer token of the `authorization` header, without `Bearer `.
+    pub bearer_token: Option<&'a str>,
+    /// The client's address, when known.
+    pub remote_addr: Option<std::net::SocketAddr>,
+}
+
+/// Decides which streams the server serves.
+pub trait Authenticator: Send + Sync + 'static {
+    /// `Ok(who)` (a name for the logs, such as a node) or `Err(reason)`: the stream is refused
+    /// with `UNAUTHENTICATED` and the reason.
+    fn authenticate(&self, credentials: &StreamCredentials<'_>) -> Result<String, String>;
+}
+
+impl<F> Authenticator for F
+where
+    F: Fn(&StreamCredentials<'_>) -> Result<String, String> + Send + Sync + 'static,
+{
+    fn authenticate(&self, credentials: &StreamCredentials<'_>) -> Result<String, String> {
+        self(credentials)
+    }
+}
+
+/// **Insecure, for tests and demos**: serves every stream, authenticated or not.
+#[derive(Debug, Clone, Copy)]
+pub struct InsecureAcceptAny;
+
+impl Authenticator for InsecureAcceptAny {
+    fn authenticate(&self, _credentials: &StreamCredentials<'_>) -> Result<String, String> {
+        Ok("anyone (InsecureAcceptAny)".to_owned())
+    }
+}
+
+/// How many recent ACK/NACK records the server keeps (counters keep the totals).
+pub const ACK_LOG: usize = 1024;
+
+/// The largest request the server accepts (a reconnecting client lists every resource it holds
+/// in `initial_resource_versions`).
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
+
 /// The server. Cheap to clone; clones share resources and streams.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct AdsServer {
     state: Arc<State>,
+    authenticator: Arc<dyn Authenticator>,
 }
 
 impl std::fmt::Debug for AdsServer {
@@ -67,76 +140,132 @@ impl std::fmt::Debug for AdsServer {
 
 #[derive(Default)]
 struct State {
+    acks_total: AtomicU64,
+    nacks_total: AtomicU64,
     resources: Mutex<HashMap<String, BTreeMap<String, Versioned>>>,
     /// Bumped on every change; streams watch it.
     generation: Mutex<Option<watch::Sender<u64>>>,
     /// Recent changes, `(generation, type, name)`, oldest first, so streams diff only what
     /// changed; bounded, and a stream that fell behind it diffs everything.
-    log: Mutex<std::collections::VecDeque<(u64, String, String)>>,
+    log: Mutex<VecDeque<(u64, String, String)>>,
     next_nonce: AtomicU64,
-    acks: Mutex<Vec<AckRecord>>,
-    /// Bearer tokens streams presented (not verified: local mode).
-    tokens: Mutex<Vec<String>>,
+    /// The last `ACK_LOG` ACKs and NACKs.
+    acks: Mutex<VecDeque<AckRecord>>,
 }
 
 impl AdsServer {
-    /// An empty server.
-    pub fn new() -> Self {
-        Self::default()
+    /// An empty server that serves the streams `authenticator` accepts.
+    pub fn new(authenticator: impl Authenticator) -> Self {
+        AdsServer {
+            state: Arc::default(),
+            authenticator: Arc::new(authenticator),
+        }
     }
 
     /// Adds or replaces a resource; connected clients that want it receive it. The version is a
     /// hash of the content, so a restarted server agrees with what clients already hold and
     /// resends only what really changed.
     pub fn set(&self, type_url: &str, name: &str, body: Vec<u8>) {
-        let version = content_version(&body);
-        self.state
-            .resources
-            .lock()
-            .expect("lock")
-            .entry(type_url.to_owned())
-            .or_default()
-            .insert(name.to_owned(), Versioned { version, body });
-        self.changed(type_url, name);
+        self.apply([Change::Set {
+            type_url: type_url.to_owned(),
+            name: name.to_owned(),
+            body,
+        }]);
     }
 
     /// Removes a resource; clients that hold it are told.
     pub fn remove(&self, type_url: &str, name: &str) {
-        let removed = self
-            .state
-            .resources
-            .lock()
-            .expect("lock")
-            .get_mut(type_url)
-            .and_then(|m| m.remove(name))
-            .is_some();
-        if removed {
-            self.changed(type_url, name);
+        self.apply([Change::Remove {
+            type_url: type_url.to_owned(),
+            name: name.to_owned(),
+        }]);
+    }
+
+    /// Applies several changes as one: streams see all of them in the same push (one response
+    /// per type, in [`push_order`](crate::resources::push_order)), never a part.
+    pub fn apply(&self, changes: impl IntoIterator<Item = Change>) {
+        let mut touched = Vec::new();
+        {
+            let mut resources = self.state.resources.lock().expect("lock");
+            for change in changes {
+                match change {
+                    Change::Set {
+                        type_url,
+                        name,
+                        body,
+                    } => {
+                        let version = content_version(&body);
+                        resources
+                            .entry(type_url.clone())
+                            .or_default()
+                            .insert(name.clone(), Versioned { version, body });
+                        touched.push((type_url, name));
+                    }
+                    Change::Remove { type_url, name } => {
+                        if resources
+                            .get_mut(&type_url)
+                            .and_then(|m| m.remove(&name))
+                            .is_some()
+                        {
+                            touched.push((type_url, name));
+                        }
+                    }
+                }
+            }
+        }
+        if !touched.is_empty() {
+            self.changed(touched);
         }
     }
 
-    /// Every ACK and NACK received so far, oldest first.
+    /// The most recent ACKs and NACKs (at most [`ACK_LOG`]), oldest first.
     pub fn acks(&self) -> Vec<AckRecord> {
-        self.state.acks.lock().expect("lock").clone()
+        self.state
+            .acks
+            .lock()
+            .expect("lock")
+            .iter()
+            .cloned()
+            .collect()
     }
 
-    /// The bearer tokens streams presented so far (accepted unverified: local mode).
-    pub fn tokens(&self) -> Vec<String> {
-        self.state.tokens.lock().expect("lock").clone()
+    /// How many ACKs and NACKs the server has received in all: `(acks, nacks)`.
+    pub fn ack_counts(&self) -> (u64, u64) {
+        (
+            self.state.acks_total.load(Ordering::Relaxed),
+            self.state.nacks_total.load(Ordering::Relaxed),
+        )
     }
 
-    /// The gRPC service, to add to a tonic server.
+    /// The names of the resources of `type_url` the server holds, sorted.
+    pub fn resource_names(&self, type_url: &str) -> Vec<String> {
+        self.state
+            .resources
+            .lock()
+            .expect("lock")
+            .get(type_url)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The gRPC service, to add to a tonic server (requests up to [`MAX_REQUEST_BYTES`]).
     pub fn service(&self) -> AggregatedDiscoveryServiceServer<AdsServer> {
         AggregatedDiscoveryServiceServer::new(self.clone())
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(usize::MAX)
     }
 
-    fn changed(&self, type_url: &str, name: &str) {
+    fn changed(&self, touched: Vec<(String, String)>) {
         let mut generation = self.state.generation.lock().expect("lock");
         let tx = generation.get_or_insert_with(|| watch::channel(0).0);
         let next = *tx.borrow() + 1;
         {
             let mut log = self.state.log.lock().expect("lock");
-            log.push_back((next, type_url.to_owned(), name.to_owned()));
+            log.extend(
+                touched
+                    .into_iter()
+                    .map(|(type_url, name)| (next, type_url, name)),
+            );
             while log.len() > CHANGE_LOG {
                 log.pop_front();
             }
@@ -191,19 +320,23 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<tonic::Response<ResponseStream>, tonic::Status> {
-        match request
+        let bearer_token = request
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-        {
-            Some(value) => self
-                .state
-                .tokens
-                .lock()
-                .expect("lock")
-                .push(value.trim_start_matches("Bearer ").to_owned()),
-            None => info!("ADS: stream without a bearer token, accepted (local mode)"),
-        }
+            .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim());
+        let credentials = StreamCredentials {
+            bearer_token,
+            remote_addr: request.remote_addr(),
+        };
+        let who = match self.authenticator.authenticate(&credentials) {
+            Ok(who) => who,
+            Err(reason) => {
+                warn!(remote = ?credentials.remote_addr, %reason, "ADS: stream refused");
+                return Err(tonic::Status::unauthenticated(reason));
+            }
+        };
+        info!(%who, remote = ?credentials.remote_addr, "ADS: stream authenticated");
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let server = self.clone();
@@ -236,7 +369,10 @@ impl AggregatedDiscoveryService for AdsServer {
                         let now = *changes.borrow_and_update();
                         let changed = server.changes_since(seen);
                         seen = now;
-                        for (type_url, state) in types.iter_mut() {
+                        // Policies before the workloads that name them.
+                        let mut ordered: Vec<(&String, &mut TypeState)> = types.iter_mut().collect();
+                        ordered.sort_by_key(|(url, _)| crate::resources::push_order(url));
+                        for (type_url, state) in ordered {
                             let response = match &changed {
                                 Some(by_type) => match by_type.get(type_url) {
                                     Some(names) => server.diff_names(type_url, state, names),
@@ -274,7 +410,16 @@ impl AdsServer {
                     warn!(%type_url, nonce = %request.response_nonce, %message, "ADS: NACK")
                 }
             }
-            self.state.acks.lock().expect("lock").push(AckRecord {
+            let counter = match error {
+                None => &self.state.acks_total,
+                Some(_) => &self.state.nacks_total,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            let mut acks = self.state.acks.lock().expect("lock");
+            if acks.len() == ACK_LOG {
+                acks.pop_front();
+            }
+            acks.push_back(AckRecord {
                 type_url: type_url.clone(),
                 nonce: request.response_nonce.clone(),
                 error,

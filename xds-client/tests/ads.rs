@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use xds_client::client::{ClientConfig, Handler, RawResource, Subscription, XdsClient, XdsHandle};
-use xds_client::server::AdsServer;
+use xds_client::server::{ACK_LOG, AdsServer, Change, InsecureAcceptAny, StreamCredentials};
 
 const T: &str = "type.googleapis.com/istio.workload.Address";
 const P: &str = "type.googleapis.com/istio.security.Authorization";
@@ -94,7 +94,7 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn initial_sync_then_add_update_remove() {
-    let server = AdsServer::new();
+    let server = AdsServer::new(InsecureAcceptAny);
     server.set(T, "w1", b"one".to_vec());
     server.set(T, "w2", b"two".to_vec());
     let (addr, _task) = start(&server).await;
@@ -134,7 +134,7 @@ async fn initial_sync_then_add_update_remove() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejected_resources_are_nacked_and_the_rest_applied() {
-    let server = AdsServer::new();
+    let server = AdsServer::new(InsecureAcceptAny);
     server.set(T, "good", b"fine".to_vec());
     server.set(T, "broken", b"bad".to_vec());
     let (addr, _task) = start(&server).await;
@@ -175,7 +175,7 @@ async fn relay(listener: TcpListener, to: SocketAddr) -> tokio::task::JoinHandle
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_restart_resyncs_without_dropping_state() {
-    let server = AdsServer::new();
+    let server = AdsServer::new(InsecureAcceptAny);
     for name in ["a", "b", "c"] {
         server.set(T, name, name.as_bytes().to_vec());
     }
@@ -194,7 +194,7 @@ async fn server_restart_resyncs_without_dropping_state() {
     // The control plane goes away; a new one (same address) has lost "b" and gained "d".
     front.abort();
     let _ = front.await;
-    let restarted = AdsServer::new();
+    let restarted = AdsServer::new(InsecureAcceptAny);
     for name in ["a", "c", "d"] {
         restarted.set(T, name, name.as_bytes().to_vec());
     }
@@ -222,7 +222,7 @@ async fn server_restart_resyncs_without_dropping_state() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_demand_subscription() {
-    let server = AdsServer::new();
+    let server = AdsServer::new(InsecureAcceptAny);
     for name in ["x", "y", "z"] {
         server.set(T, name, name.as_bytes().to_vec());
     }
@@ -250,7 +250,12 @@ async fn typed_handler_and_bearer_token() {
     use xds_client::client::Decoding;
     use xds_client::resources::{Address, decode_address, encode_address};
 
-    let server = AdsServer::new();
+    // Only streams that present the token are served.
+    let server = AdsServer::new(|c: &StreamCredentials<'_>| match c.bearer_token {
+        Some("secret-token") => Ok("node-a".to_owned()),
+        Some(_) => Err("unknown token".to_owned()),
+        None => Err("no bearer token".to_owned()),
+    });
     let w = xds_client::resources::Workload {
         uid: "u1".into(),
         name: "p".into(),
@@ -308,6 +313,149 @@ async fn typed_handler_and_bearer_token() {
         nack.starts_with("garbage: Address: not a valid protobuf"),
         "{nack}"
     );
-    assert_eq!(server.tokens(), vec!["secret-token"]);
+    // Without the token, or with another one, nothing is served.
+    let acks_before = server.ack_counts();
+    for token_text in [None, Some("wrong-token")] {
+        let mut config = ClientConfig::new(format!("http://{addr}"), "node");
+        if let Some(text) = token_text {
+            let path = std::env::temp_dir().join(format!("xds-wrong-{}", std::process::id()));
+            std::fs::write(&path, text).unwrap();
+            config.token_file = Some(path);
+        }
+        let store = Arc::new(Store::default());
+        let client =
+            XdsClient::new(config)
+                .unwrap()
+                .watch(T, Subscription::Wildcard, store.clone());
+        let handle = client.handle();
+        tokio::spawn(client.run());
+        let mut synced_rx = handle.synced();
+        let synced =
+            tokio::time::timeout(Duration::from_millis(500), synced_rx.wait_for(|s| *s)).await;
+        assert!(synced.is_err(), "an unauthenticated client was served");
+        assert!(store.names().is_empty());
+    }
+    assert_eq!(server.ack_counts(), acks_before);
     let _ = std::fs::remove_file(token);
+}
+
+/// Records the order in which resources of both types reach the client.
+#[derive(Default)]
+struct Arrivals(Mutex<Vec<String>>);
+
+struct Tagged(&'static str, Arc<Arrivals>);
+
+impl Handler for Tagged {
+    fn apply(&self, added: Vec<RawResource>, _removed: Vec<String>) -> Vec<(String, String)> {
+        let mut log = self.1.0.lock().unwrap();
+        log.extend(added.into_iter().map(|r| format!("{}:{}", self.0, r.name)));
+        Vec::new()
+    }
+}
+
+fn position(log: &[String], item: &str) -> usize {
+    log.iter()
+        .position(|x| x == item)
+        .unwrap_or_else(|| panic!("{item} never arrived: {log:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_reach_the_client_before_the_workloads_that_name_them() {
+    let server = AdsServer::new(InsecureAcceptAny);
+    server.set(P, "default/p0", b"policy".to_vec());
+    server.set(T, "w0", b"names p0".to_vec());
+    let (addr, _task) = start(&server).await;
+    // Several streams (each orders its types its own way unless the server sorts them), each
+    // registering Address first: the order of registration must not matter.
+    let mut logs = Vec::new();
+    for _ in 0..8 {
+        let arrivals = Arc::new(Arrivals::default());
+        let client = XdsClient::new(ClientConfig::new(format!("http://{addr}"), "node"))
+            .unwrap()
+            .watch(
+                T,
+                Subscription::Wildcard,
+                Arc::new(Tagged("A", arrivals.clone())),
+            )
+            .watch(
+                P,
+                Subscription::Wildcard,
+                Arc::new(Tagged("P", arrivals.clone())),
+            );
+        let handle = client.handle();
+        tokio::spawn(client.run());
+        tokio::time::timeout(Duration::from_secs(5), handle.synced().wait_for(|s| *s))
+            .await
+            .unwrap()
+            .unwrap();
+        logs.push(arrivals);
+    }
+    for i in 1..=10 {
+        // One change set, the workload listed first: the server must still send the policy
+        // first.
+        server.apply([
+            Change::Set {
+                type_url: T.into(),
+                name: format!("w{i}"),
+                body: format!("names p{i}").into_bytes(),
+            },
+            Change::Set {
+                type_url: P.into(),
+                name: format!("default/p{i}"),
+                body: b"policy".to_vec(),
+            },
+        ]);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for arrivals in &logs {
+        eventually("the last workload", || {
+            arrivals.0.lock().unwrap().contains(&"A:w10".to_owned())
+        })
+        .await;
+        let log = arrivals.0.lock().unwrap().clone();
+        for i in 0..=10 {
+            assert!(
+                position(&log, &format!("P:default/p{i}")) < position(&log, &format!("A:w{i}")),
+                "workload w{i} arrived before its policy: {log:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ten_mib_response_is_accepted() {
+    let server = AdsServer::new(InsecureAcceptAny);
+    let big: Vec<u8> = (0..10 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    server.set(T, "big", big.clone());
+    let (addr, _task) = start(&server).await;
+    let store = Arc::new(Store::default());
+    let handle = client(addr, &[(T, Subscription::Wildcard, store.clone())]);
+    tokio::time::timeout(Duration::from_secs(10), handle.synced().wait_for(|s| *s))
+        .await
+        .expect("a 10 MiB response was not accepted")
+        .unwrap();
+    assert_eq!(store.held.lock().unwrap().get("big"), Some(&big));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_remembers_a_bounded_number_of_acks() {
+    let server = AdsServer::new(InsecureAcceptAny);
+    let (addr, _task) = start(&server).await;
+    let store = Arc::new(Store::default());
+    let _handle = client(addr, &[(T, Subscription::Wildcard, store.clone())]);
+    let pushes = ACK_LOG + 200;
+    for i in 0..pushes {
+        server.set(T, "w", format!("v{i}").into_bytes());
+        // One push per change: wait until it was acknowledged.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while server.ack_counts().0 as usize <= i {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no ACK for push {i}"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    assert!(server.ack_counts().0 as usize >= pushes);
+    assert_eq!(server.acks().len(), ACK_LOG);
 }

@@ -96,6 +96,11 @@ pub(crate) struct ControlplaneArgs {
     /// Development CA directory (created with a new root if missing); default `DIR/.ca`.
     #[arg(long, value_name = "DIR")]
     pub(crate) ca_dir: Option<PathBuf>,
+    /// Directory of per-node bearer tokens (`<node>.token`, created for every node a pod runs
+    /// on); default `DIR/.node-tokens`. A node's proxy must present its node's token on xDS and
+    /// CA calls (`AUTH_TOKEN`); the CA signs only identities of pods on the caller's node.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) node_tokens: Option<PathBuf>,
     /// Extra DNS names or IPs for the serving certificate (besides istiod.istio-system.svc).
     #[arg(long, value_name = "NAME")]
     pub(crate) tls_name: Vec<String>,

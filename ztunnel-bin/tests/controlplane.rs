@@ -63,6 +63,8 @@ async fn controlplane_serves_over_tls_and_follows_the_directory() {
     );
     config.ca_root_pem = Some(ca_root);
     config.tls_server_name = Some("istiod.istio-system.svc".into());
+    // The control plane made a token for each node with pods; a node proxy presents its own.
+    config.token_file = Some(dir.0.join(".node-tokens/node-a.token"));
     let addresses = Arc::new(Names::default());
     let policies = Arc::new(Names::default());
     let client = XdsClient::new(config)

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use controlplane::{ComputeConfig, LocalControlPlane, TwoServices};
+use controlplane::{ComputeConfig, LocalControlPlane, NodeTokens, TwoServices};
 use identity::DevCa;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
@@ -27,12 +27,18 @@ pub(crate) async fn run(args: ControlplaneArgs) -> Result<(), Error> {
         DevCa::init(&ca_dir, "cluster.local")?
     };
     let ca = Arc::new(ca);
+    let token_dir = args
+        .node_tokens
+        .clone()
+        .unwrap_or_else(|| args.manifests.join(".node-tokens"));
+    let tokens = Arc::new(NodeTokens::open(&token_dir)?);
     let config = ComputeConfig::default();
-    let cp = LocalControlPlane::new(&args.manifests, config);
+    let cp = LocalControlPlane::new(&args.manifests, config, tokens);
     let report = cp.reload();
     for error in &report.errors {
-        warn!(%error, "skipped a manifest");
+        warn!(%error, "bad manifest");
     }
+    info!(dir = %token_dir.display(), "node proxies authenticate with <node>.token from this directory");
     let service = TwoServices::new(
         cp.ads().service(),
         cp.ca_service(ca.clone(), args.max_cert_ttl),

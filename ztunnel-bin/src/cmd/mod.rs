@@ -47,6 +47,9 @@ pub(crate) enum Error {
     /// A policy file is malformed.
     #[error(transparent)]
     Policy(#[from] authz::ParseError),
+    /// The control plane's node tokens could not be created or read.
+    #[error(transparent)]
+    NodeTokens(#[from] ::controlplane::TokenError),
     /// The demo saw something other than what it expected.
     #[error("demo check failed: {0}")]
     Demo(String),
