@@ -6,14 +6,23 @@
 //! from released ones, and every capture and release reported to a [`Handoff`] (the proxy). At
 //! start-up it reconciles every captured pod (applying is idempotent), so a restarted agent
 //! neither duplicates rules nor forgets pods.
+//!
+//! Failing closed: a pod's namespace is opened once and held for as long as the pod is captured
+//! (rules go in and come out through that descriptor); an ambiguous namespace is never guessed;
+//! a failed capture or release is retried with backoff and never reported as done.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
 use std::net::IpAddr;
+use std::os::fd::AsFd as _;
+use std::os::unix::fs::MetadataExt as _;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use crate::{Backend, Error, RuleSet, apply, remove};
+use crate::{Backend, RuleSet, apply, fd_path, remove};
 
 /// The label that puts a namespace in the mesh (`ambient`) or takes a pod out (`none`).
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
@@ -71,9 +80,11 @@ pub trait PodSource: Send + Sync {
 
 /// Receives the captured pods' network namespaces (the proxy, in process or over a socket).
 pub trait Handoff: Send + Sync {
-    /// A pod was captured.
-    fn add(&self, pod: &PodInfo);
-    /// A pod was released.
+    /// A pod was captured. `netns` is its network namespace, held open by the agent for as long
+    /// as the pod is captured (hand this descriptor on, never re-open the pod's path: a path can
+    /// come to name another namespace).
+    fn add(&self, pod: &PodInfo, netns: &Arc<File>);
+    /// A pod was released (its rules are gone).
     fn remove(&self, uid: &str);
 }
 
@@ -82,8 +93,28 @@ pub trait Handoff: Send + Sync {
 pub struct NoHandoff;
 
 impl Handoff for NoHandoff {
-    fn add(&self, _pod: &PodInfo) {}
+    fn add(&self, _pod: &PodInfo, _netns: &Arc<File>) {}
     fn remove(&self, _uid: &str) {}
+}
+
+/// A captured pod: what the source said, and its network namespace, held open.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    /// The pod as the source reported it when it was captured.
+    pub pod: PodInfo,
+    /// The namespace the rules were applied in, open: rules are removed through this descriptor,
+    /// so a reused PID or a recreated namespace at the same path can never redirect the removal
+    /// to another pod.
+    pub netns: Arc<File>,
+    /// (device, inode) of that namespace.
+    pub identity: (u64, u64),
+}
+
+/// When a failed capture or release of a pod is tried again.
+#[derive(Debug, Clone, Copy)]
+struct Retry {
+    attempts: u32,
+    next: Instant,
 }
 
 /// The node agent's state.
@@ -93,10 +124,16 @@ pub struct NodeAgent<S, H> {
     rules: RuleSet,
     source: S,
     handoff: H,
-    captured: HashMap<String, PodInfo>,
-    /// Pods whose namespace was looked for and not found (warned once).
-    unresolved: HashSet<String>,
+    captured: HashMap<String, Captured>,
+    /// Pods whose namespace was looked for and not found or ambiguous (warned once per cause).
+    unresolved: HashMap<String, String>,
+    /// Backoff of failed captures and releases, by uid.
+    retries: HashMap<String, Retry>,
 }
+
+/// First and longest delay before a failed capture or release is tried again.
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
     /// An agent for `node`.
@@ -108,89 +145,163 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
             source,
             handoff,
             captured: HashMap::new(),
-            unresolved: HashSet::new(),
+            unresolved: HashMap::new(),
+            retries: HashMap::new(),
         }
     }
 
-    /// The pods captured now, by uid.
-    pub fn captured(&self) -> &HashMap<String, PodInfo> {
+    /// The pods captured now, by uid (including those whose release is being retried).
+    pub fn captured(&self) -> &HashMap<String, Captured> {
         &self.captured
     }
 
-    /// One convergence pass: captures and releases what changed. Errors for single pods are
-    /// logged and retried on the next pass; a failing source changes nothing.
+    /// One convergence pass: captures and releases what changed. A pod whose capture or release
+    /// fails is logged and tried again with backoff on later passes; until its rules are gone a
+    /// pod stays captured and handed off (never announced as released). A failing source changes
+    /// nothing.
     pub fn sync(&mut self) -> Result<(), String> {
         let mut pods = self.source.pods()?;
         self.resolve_netns(&mut pods);
+        let now = Instant::now();
         let wanted: HashMap<&str, &PodInfo> = pods
             .iter()
             .filter(|p| p.wants_capture(&self.node))
             .map(|p| (p.uid.as_str(), p))
             .collect();
+        // Open each wanted pod's namespace now: whatever its path names from here on, the rules
+        // go into (and later come out of) this very namespace.
+        let mut to_capture: Vec<(&PodInfo, Arc<File>, (u64, u64))> = Vec::new();
+        for pod in pods.iter().filter(|p| wanted.contains_key(p.uid.as_str())) {
+            let path = pod.netns.as_ref().expect("wants_capture checked the netns");
+            let opened = File::open(path).and_then(|f| {
+                let meta = f.metadata()?;
+                Ok((Arc::new(f), (meta.dev(), meta.ino())))
+            });
+            let (file, identity) = match opened {
+                Ok(opened) => opened,
+                Err(e) => {
+                    // Keep a capture whose path went away; capture nothing new through it.
+                    if !self.captured.contains_key(&pod.uid) {
+                        warn!(pod = %pod.name, netns = %path.display(), error = %e, "cannot open the pod's network namespace; will retry");
+                    }
+                    continue;
+                }
+            };
+            let same = self
+                .captured
+                .get(&pod.uid)
+                .is_some_and(|c| c.identity == identity);
+            if !same && self.due(&pod.uid, now) {
+                to_capture.push((pod, file, identity));
+            }
+        }
+        // Released: no longer wanted, or moved to another namespace (its sandbox was recreated).
         let mut released: Vec<String> = self
             .captured
-            .keys()
-            .filter(|uid| !wanted.contains_key(uid.as_str()))
-            .cloned()
+            .iter()
+            .filter(|(uid, c)| {
+                !wanted.contains_key(uid.as_str())
+                    || to_capture
+                        .iter()
+                        .any(|(p, _, id)| &p.uid == *uid && *id != c.identity)
+            })
+            .map(|(uid, _)| uid.clone())
+            .filter(|uid| self.due(uid, now) || wanted.contains_key(uid.as_str()))
             .collect();
         released.sort();
-        // The rules are changed in parallel (the cost is starting the tools), then reported in
-        // order.
-        let released: Vec<PodInfo> = released
-            .iter()
-            .map(|uid| self.captured.remove(uid).expect("present"))
-            .collect();
-        let results = in_parallel(&released, |pod| match &pod.netns {
-            Some(netns) if netns.exists() => remove(netns, self.backend, &self.rules),
-            _ => Ok(()),
+        // Rules are changed in parallel (the cost is starting the tools), then reported in order.
+        let releasing: Vec<&Captured> = released.iter().map(|uid| &self.captured[uid]).collect();
+        let results = in_parallel(&releasing, |c| {
+            remove(&fd_path(c.netns.as_fd()), self.backend, &self.rules)
         });
-        for (pod, result) in released.iter().zip(results) {
-            info!(
-                "Removing pod '{}/{}' ({}) from ambient",
-                pod.name, pod.namespace, pod.uid
-            );
-            if let Err(e) = result {
-                warn!(pod = %pod.name, error = %e, "could not remove capture rules");
+        for (uid, result) in released.iter().zip(results) {
+            match result {
+                Ok(()) => {
+                    let c = self.captured.remove(uid).expect("present");
+                    self.retries.remove(uid);
+                    info!(
+                        "Removing pod '{}/{}' ({}) from ambient",
+                        c.pod.name, c.pod.namespace, c.pod.uid
+                    );
+                    if !wanted.contains_key(uid.as_str()) {
+                        self.handoff.remove(uid);
+                    }
+                }
+                Err(e) => {
+                    let retry = self.failed(uid, now);
+                    warn!(pod = %self.captured[uid].pod.name, error = %e, retry_in = ?retry, "could not remove capture rules; the pod stays captured, will retry");
+                }
             }
-            self.handoff.remove(&pod.uid);
         }
-        // In the source's order, so captures are reported deterministically.
-        let to_capture: Vec<&PodInfo> = pods
-            .iter()
-            .filter(|p| wanted.contains_key(p.uid.as_str()))
-            .filter(|p| {
-                self.captured
-                    .get(&p.uid)
-                    .is_none_or(|known| known.netns != p.netns)
-            })
-            .collect();
-        let results = in_parallel(&to_capture, |pod| self.capture(pod));
-        for (pod, result) in to_capture.into_iter().zip(results) {
+        // A pod whose old namespace still has rules is not captured anew until they are gone.
+        to_capture
+            .retain(|(p, _, _)| !self.captured.contains_key(&p.uid) || !released.contains(&p.uid));
+        let results = in_parallel(&to_capture, |(_, file, _)| {
+            apply(&fd_path(file.as_fd()), self.backend, &self.rules)
+        });
+        for ((pod, file, identity), result) in to_capture.into_iter().zip(results) {
             match result {
                 Ok(()) => {
                     info!(
                         "Adding pod '{}/{}' ({}) to ambient",
                         pod.name, pod.namespace, pod.uid
                     );
-                    self.handoff.add(pod);
-                    self.captured.insert(pod.uid.clone(), pod.clone());
+                    self.retries.remove(&pod.uid);
+                    self.handoff.add(pod, &file);
+                    self.captured.insert(
+                        pod.uid.clone(),
+                        Captured {
+                            pod: pod.clone(),
+                            netns: file,
+                            identity,
+                        },
+                    );
                 }
-                Err(e) => warn!(pod = %pod.name, error = %e, "could not capture pod; will retry"),
+                Err(e) => {
+                    let retry = self.failed(&pod.uid, now);
+                    warn!(pod = %pod.name, error = %e, retry_in = ?retry, "could not capture pod; will retry");
+                }
             }
         }
+        // Forget the backoff of pods that are neither wanted nor captured any more.
+        self.retries
+            .retain(|uid, _| wanted.contains_key(uid.as_str()) || self.captured.contains_key(uid));
         Ok(())
     }
 
+    /// Whether `uid`'s next attempt is due (no failure pending, or its backoff elapsed).
+    fn due(&self, uid: &str, now: Instant) -> bool {
+        self.retries.get(uid).is_none_or(|r| r.next <= now)
+    }
+
+    /// Records a failure of `uid`; returns the delay before the next attempt.
+    fn failed(&mut self, uid: &str, now: Instant) -> Duration {
+        let retry = self.retries.entry(uid.to_owned()).or_insert(Retry {
+            attempts: 0,
+            next: now,
+        });
+        retry.attempts += 1;
+        let delay = RETRY_FIRST
+            .saturating_mul(1 << retry.attempts.min(16).saturating_sub(1))
+            .min(RETRY_MAX);
+        retry.next = now + delay;
+        delay
+    }
+
     /// Fills in the network namespace of ambient pods whose source did not give one: the one
-    /// already captured for that uid, or the namespace that holds the pod's IP (one scan per
-    /// pass, only when some pod needs it).
+    /// already captured for that uid, or the single namespace that holds the pod's IP (one scan
+    /// per pass, only when some pod needs it). A pod whose IP more than one namespace holds is
+    /// not captured: the agent logs the candidates and never guesses.
     fn resolve_netns(&mut self, pods: &mut [PodInfo]) {
-        let mut scan: Option<HashMap<IpAddr, PathBuf>> = None;
+        let mut scan: Option<HashMap<IpAddr, Vec<PathBuf>>> = None;
         for pod in pods
             .iter_mut()
             .filter(|p| p.netns.is_none() && p.in_ambient(&self.node))
         {
-            if let Some(known) = self.captured.get(&pod.uid).and_then(|p| p.netns.clone())
+            if let Some(known) = self
+                .captured
+                .get(&pod.uid)
+                .and_then(|c| c.pod.netns.clone())
                 && known.exists()
             {
                 pod.netns = Some(known);
@@ -200,26 +311,41 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
                 continue;
             }
             let all = scan.get_or_insert_with(crate::netns::addresses);
-            pod.netns = pod.ips.iter().find_map(|ip| all.get(ip).cloned());
-            match &pod.netns {
-                Some(path) => info!(
-                    pod = %pod.name, netns = %path.display(),
-                    "found the pod's network namespace by its IP"
-                ),
-                None if self.unresolved.insert(pod.uid.clone()) => warn!(
-                    pod = %pod.name, ips = ?pod.ips,
-                    "no network namespace holds the pod's IP yet; will look again"
-                ),
-                None => {}
+            let outcome = crate::netns::choose(all, &pod.ips);
+            let cause = match &outcome {
+                Ok(Some(path)) => {
+                    info!(
+                        pod = %pod.name, netns = %path.display(),
+                        "found the pod's network namespace by its IP"
+                    );
+                    pod.netns = Some(path.clone());
+                    self.unresolved.remove(&pod.uid);
+                    continue;
+                }
+                Ok(None) => "none".to_owned(),
+                Err(ambiguous) => ambiguous.to_string(),
+            };
+            if self.unresolved.get(&pod.uid) != Some(&cause) {
+                match &outcome {
+                    Err(ambiguous) => warn!(
+                        pod = %pod.name, error = %ambiguous,
+                        "not capturing the pod: its network namespace is ambiguous"
+                    ),
+                    _ => warn!(
+                        pod = %pod.name, ips = ?pod.ips,
+                        "no network namespace holds the pod's IP yet; will look again"
+                    ),
+                }
+                self.unresolved.insert(pod.uid.clone(), cause);
             }
         }
         self.unresolved
-            .retain(|uid| pods.iter().any(|p| &p.uid == uid && p.netns.is_none()));
+            .retain(|uid, _| pods.iter().any(|p| &p.uid == uid && p.netns.is_none()));
     }
 
     /// Converges every `interval`, forever (blocking; run it on its own thread).
     /// A failing source is logged when its error first appears or changes, not on every pass.
-    pub fn run(mut self, interval: std::time::Duration) -> ! {
+    pub fn run(mut self, interval: Duration) -> ! {
         let mut last_error: Option<String> = None;
         loop {
             match self.sync() {
@@ -236,11 +362,6 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
             }
             std::thread::sleep(interval);
         }
-    }
-
-    fn capture(&self, pod: &PodInfo) -> Result<(), Error> {
-        let netns = pod.netns.as_ref().expect("wants_capture checked the netns");
-        apply(netns, self.backend, &self.rules)
     }
 }
 

@@ -2,18 +2,21 @@
 //!
 //! The tools run inside the namespace through `nsenter --net=PATH`, so this module needs no
 //! `unsafe` and works with any netns path (`/var/run/netns/NAME`, `/proc/PID/ns/net`, or an open
-//! namespace descriptor through [`fd_path`]).
+//! namespace descriptor through [`fd_path`]). Every tool runs with a time limit
+//! ([`RuleSet::tool_timeout`]); one that does not finish is killed and reported.
 //!
-//! iptables: the namespace's whole nat table is read (`iptables-save -t nat`), our chains and
-//! jumps are taken out and the current ones put in, and the table is written back with one
-//! `iptables-restore` (which replaces only the nat table, atomically). So applying twice leaves
-//! one copy, removing leaves exactly what was there before, and other rules are untouched. If
-//! the IPv6 step fails after IPv4 succeeded, IPv4 is put back as it was.
+//! iptables: our two chains are written with `iptables-restore --noflush`, which touches only the
+//! chains a script names: declaring our chain flushes and refills it, and the jumps from
+//! PREROUTING/OUTPUT are added only when missing (extra copies deleted). Nothing else of the nat
+//! table is rewritten, so rules another program adds meanwhile are never lost. Applying twice
+//! leaves one copy; removing deletes our jumps and chains and nothing else (an empty nat table
+//! that iptables-nft created for us stays: deleting it could race with another writer). If the
+//! IPv6 step fails after IPv4 succeeded, IPv4 is put back as it was.
 //! nftables: our own `inet ztunnel` table, replaced or deleted in one `nft -f` transaction.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
+use std::time::Duration;
 
 use crate::rules::{Backend, IPT_OUTPUT, IPT_PREROUTING, NFT_TABLE, RuleSet};
 
@@ -42,6 +45,16 @@ pub enum Error {
     /// The namespace path does not exist.
     #[error("network namespace {} does not exist", .0.display())]
     NoNetns(PathBuf),
+    /// A tool did not finish in time and was killed.
+    #[error("`{command}` in network namespace {} did not finish within {after:?}; killed", netns.display())]
+    Timeout {
+        /// The command line.
+        command: String,
+        /// The namespace.
+        netns: PathBuf,
+        /// The limit ([`RuleSet::tool_timeout`]).
+        after: Duration,
+    },
 }
 
 /// What `check` found.
@@ -63,25 +76,28 @@ impl Drift {
 /// Installs (or replaces) the rules in `netns`.
 pub fn apply(netns: &Path, backend: Backend, rules: &RuleSet) -> Result<(), Error> {
     exists(netns)?;
+    let limit = rules.tool_timeout;
     match backend {
         Backend::Iptables => {
             // Per family (IPv4, then IPv6); if a later family fails, the earlier ones are put
             // back as they were, so a failed apply leaves nothing half-installed.
-            let mut done: Vec<(bool, String)> = Vec::new();
+            let mut done: Vec<(bool, Vec<String>)> = Vec::new();
             for v6 in families(rules) {
-                let step = ipt_save(netns, v6).and_then(|current| {
-                    let ours = rules.iptables_lines(v6);
-                    ipt_restore(netns, v6, &with_ours(&without_ours(&current), &ours))
-                        .map(|()| current)
+                let step = ipt_save(netns, v6, limit).and_then(|current| {
+                    let script = write_ours(&current, &rules.iptables_lines(v6));
+                    ipt_restore_noflush(netns, v6, &script, limit).map(|()| ours_of(&current))
                 });
                 match step {
                     Ok(previous) => done.push((v6, previous)),
                     Err(e) => {
                         for (v6, previous) in done.into_iter().rev() {
-                            let undone = if previous.lines().any(is_ours) {
-                                ipt_restore(netns, v6, &previous)
+                            let undone = if previous.is_empty() {
+                                remove_family(netns, v6, limit)
                             } else {
-                                remove_family(netns, v6)
+                                ipt_save(netns, v6, limit).and_then(|now| {
+                                    let script = write_ours(&now, &previous);
+                                    ipt_restore_noflush(netns, v6, &script, limit)
+                                })
                             };
                             if let Err(undo) = undone {
                                 tracing::warn!(error = %undo, "could not roll back a failed apply");
@@ -93,7 +109,9 @@ pub fn apply(netns: &Path, backend: Backend, rules: &RuleSet) -> Result<(), Erro
             }
             Ok(())
         }
-        Backend::Nftables => run(netns, "nft", &["-f", "-"], Some(&rules.nft_script())).map(drop),
+        Backend::Nftables => {
+            run(netns, "nft", &["-f", "-"], Some(&rules.nft_script()), limit).map(drop)
+        }
     }
 }
 
@@ -111,46 +129,53 @@ pub fn fd_path(fd: std::os::fd::BorrowedFd<'_>) -> PathBuf {
 /// Removes exactly what [`apply`] installed.
 pub fn remove(netns: &Path, backend: Backend, rules: &RuleSet) -> Result<(), Error> {
     exists(netns)?;
+    let limit = rules.tool_timeout;
     match backend {
         Backend::Iptables => {
             for v6 in families(rules) {
-                remove_family(netns, v6)?;
+                remove_family(netns, v6, limit)?;
             }
             Ok(())
         }
         Backend::Nftables => {
             let script = format!("table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n");
-            run(netns, "nft", &["-f", "-"], Some(&script)).map(drop)
+            run(netns, "nft", &["-f", "-"], Some(&script), limit).map(drop)
         }
     }
 }
 
-/// Removes our iptables rules of one family.
-fn remove_family(netns: &Path, v6: bool) -> Result<(), Error> {
-    let current = ipt_save(netns, v6)?;
-    let cleaned = without_ours(&current);
-    if cleaned == without_ours(&strip_comments(&current)) && !current.lines().any(is_ours) {
+/// Removes our iptables jumps and chains of one family, touching nothing else.
+fn remove_family(netns: &Path, v6: bool, limit: Duration) -> Result<(), Error> {
+    let current = ipt_save(netns, v6, limit)?;
+    if !current.lines().any(is_ours) {
         return Ok(());
     }
-    if is_empty_nat(&cleaned) && nf_tables_based(netns) {
-        // The table only exists because we created it: take it away too, so the rule set is
-        // exactly as before (iptables recreates it on demand).
-        let family = if v6 { "ip6" } else { "ip" };
-        run(netns, "nft", &["delete", "table", family, "nat"], None)?;
-    } else {
-        ipt_restore(netns, v6, &cleaned)?;
+    let mut script = vec!["*nat".to_owned()];
+    for (chain, ours) in [("PREROUTING", IPT_PREROUTING), ("OUTPUT", IPT_OUTPUT)] {
+        let jump = format!("-A {chain} -j {ours}");
+        for _ in current.lines().filter(|l| *l == jump) {
+            script.push(format!("-D {chain} -j {ours}"));
+        }
     }
-    Ok(())
+    for ours in [IPT_PREROUTING, IPT_OUTPUT] {
+        if current.lines().any(|l| l.starts_with(&format!(":{ours} "))) {
+            script.push(format!("-F {ours}"));
+            script.push(format!("-X {ours}"));
+        }
+    }
+    script.push("COMMIT".to_owned());
+    ipt_restore_noflush(netns, v6, &(script.join("\n") + "\n"), limit)
 }
 
 /// Compares the live rules with what [`apply`] installs.
 pub fn check(netns: &Path, backend: Backend, rules: &RuleSet) -> Result<Drift, Error> {
     exists(netns)?;
+    let limit = rules.tool_timeout;
     let mut drift = Drift::default();
     match backend {
         Backend::Iptables => {
             for v6 in families(rules) {
-                let current = ipt_save(netns, v6)?;
+                let current = ipt_save(netns, v6, limit)?;
                 let live: Vec<String> = current
                     .lines()
                     .filter(|l| is_ours(l))
@@ -165,8 +190,14 @@ pub fn check(netns: &Path, backend: Backend, rules: &RuleSet) -> Result<Drift, E
             }
         }
         Backend::Nftables => {
-            let live =
-                run(netns, "nft", &["list", "table", "inet", NFT_TABLE], None).unwrap_or_default();
+            let live = run(
+                netns,
+                "nft",
+                &["list", "table", "inet", NFT_TABLE],
+                None,
+                limit,
+            )
+            .unwrap_or_default();
             let norm = |text: &str| -> Vec<String> {
                 text.lines()
                     .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
@@ -214,75 +245,54 @@ fn is_ours(line: &str) -> bool {
         || line == format!("-A OUTPUT -j {IPT_OUTPUT}")
 }
 
-/// The saved nat table without our chains and jumps (an empty nat table if there was none).
-fn without_ours(saved: &str) -> String {
-    let kept: Vec<&str> = saved
-        .lines()
-        .filter(|l| !is_ours(l) && !l.starts_with('#'))
-        .collect();
-    if !kept.contains(&"*nat") {
-        return "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n".to_owned();
-    }
-    let mut out = kept.join("\n");
-    out.push('\n');
-    out
-}
-
-/// Inserts our declarations after the last chain declaration and our rules before COMMIT.
-fn with_ours(base: &str, ours: &[String]) -> String {
-    let lines: Vec<&str> = base.lines().collect();
-    let last_decl = lines.iter().rposition(|l| l.starts_with(':')).unwrap_or(0);
-    let commit = lines
-        .iter()
-        .rposition(|l| *l == "COMMIT")
-        .unwrap_or(lines.len());
-    let (decls, rules): (Vec<&String>, Vec<&String>) =
-        ours.iter().partition(|l| l.starts_with(':'));
-    let mut out = Vec::new();
-    out.extend(lines[..=last_decl].iter().map(|l| l.to_string()));
-    out.extend(decls.into_iter().cloned());
-    out.extend(lines[last_decl + 1..commit].iter().map(|l| l.to_string()));
-    out.extend(rules.into_iter().cloned());
-    out.extend(lines[commit..].iter().map(|l| l.to_string()));
-    out.join("\n") + "\n"
-}
-
-fn strip_comments(saved: &str) -> String {
+/// Our lines (chain declarations, rules in our chains, jumps) of a saved nat table.
+fn ours_of(saved: &str) -> Vec<String> {
     saved
         .lines()
-        .filter(|l| !l.starts_with('#'))
-        .collect::<Vec<_>>()
-        .join("\n")
-        + "\n"
+        .filter(|l| is_ours(l))
+        .map(str::to_owned)
+        .collect()
 }
 
-/// A nat table with only its built-in chains, ACCEPT policies and no rules.
-fn is_empty_nat(saved: &str) -> bool {
-    saved.lines().all(|l| {
-        l == "*nat"
-            || l == "COMMIT"
-            || l.is_empty()
-            || ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"]
-                .iter()
-                .any(|c| l.starts_with(&format!(":{c} ACCEPT")))
-    })
+/// An `iptables-restore --noflush` script that makes our part of the nat table `ours` (chain
+/// declarations, rules and jumps as [`RuleSet::iptables_lines`] renders them), given the table
+/// as it is now: our chains are declared (which flushes them) and refilled, each jump is added
+/// when missing and deleted when doubled. Nothing else is named, so nothing else changes.
+fn write_ours(current: &str, ours: &[String]) -> String {
+    let mut script = vec!["*nat".to_owned()];
+    let (decls, rules): (Vec<&String>, Vec<&String>) =
+        ours.iter().partition(|l| l.starts_with(':'));
+    script.extend(decls.into_iter().cloned());
+    for rule in rules {
+        let in_our_chain = [IPT_PREROUTING, IPT_OUTPUT]
+            .iter()
+            .any(|c| rule.starts_with(&format!("-A {c} ")));
+        if in_our_chain {
+            script.push(rule.clone());
+            continue;
+        }
+        let present = current.lines().filter(|l| l == rule).count();
+        if present == 0 {
+            script.push(rule.clone());
+        }
+        for _ in 1..present {
+            script.push(rule.replacen("-A ", "-D ", 1));
+        }
+    }
+    script.push("COMMIT".to_owned());
+    script.join("\n") + "\n"
 }
 
-/// Whether the iptables tools drive nftables (iptables-nft), so tables can be deleted.
-fn nf_tables_based(netns: &Path) -> bool {
-    run(netns, "iptables", &["--version"], None).is_ok_and(|v| v.contains("nf_tables"))
-}
-
-fn ipt_save(netns: &Path, v6: bool) -> Result<String, Error> {
+fn ipt_save(netns: &Path, v6: bool, limit: Duration) -> Result<String, Error> {
     let tool = if v6 {
         "ip6tables-save"
     } else {
         "iptables-save"
     };
-    run(netns, tool, &["-t", "nat"], None)
+    run(netns, tool, &["-t", "nat"], None, limit)
 }
 
-fn ipt_restore(netns: &Path, v6: bool, text: &str) -> Result<(), Error> {
+fn ipt_restore_noflush(netns: &Path, v6: bool, text: &str, limit: Duration) -> Result<(), Error> {
     let tool = if v6 {
         "ip6tables-restore"
     } else {
@@ -290,7 +300,7 @@ fn ipt_restore(netns: &Path, v6: bool, text: &str) -> Result<(), Error> {
     };
     // `--wait`: with iptables-legacy, the agent applies several namespaces at once and the
     // tools share one lock file.
-    run(netns, tool, &["--wait"], Some(text)).map(drop)
+    run(netns, tool, &["--noflush", "--wait"], Some(text), limit).map(drop)
 }
 
 fn exists(netns: &Path) -> Result<(), Error> {
@@ -301,49 +311,41 @@ fn exists(netns: &Path) -> Result<(), Error> {
     }
 }
 
-/// Runs `tool args` inside `netns`, feeding `stdin`, returning stdout.
+/// Runs `tool args` inside `netns`, feeding `stdin`, returning stdout; killed after `limit`.
 fn run(
     netns: &Path,
     tool: &'static str,
     args: &[&str],
     stdin: Option<&str>,
+    limit: Duration,
 ) -> Result<String, Error> {
     let package = match tool {
         "nft" => "nftables",
         _ => "iptables",
     };
-    let mut child = Command::new("nsenter")
+    let mut command = Command::new("nsenter");
+    command
         .arg(format!("--net={}", netns.display()))
         .arg("--")
         .arg(tool)
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::MissingTool {
+        .args(args);
+    let out = crate::process::output(command, stdin, limit).map_err(|e| match e {
+        crate::process::Failure::Spawn(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Error::MissingTool {
                 tool: "nsenter",
                 package: "util-linux",
-            },
-            _ => Error::Tool {
-                command: format!("nsenter {tool}"),
-                netns: netns.to_owned(),
-                stderr: e.to_string(),
-            },
-        })?;
-    if let Some(text) = stdin {
-        let mut pipe = child.stdin.take().expect("piped stdin");
-        let _ = pipe.write_all(text.as_bytes());
-    }
-    let out = child.wait_with_output().map_err(|e| Error::Tool {
-        command: tool.to_owned(),
-        netns: netns.to_owned(),
-        stderr: e.to_string(),
+            }
+        }
+        crate::process::Failure::TimedOut => Error::Timeout {
+            command: format!("{tool} {}", args.join(" ")),
+            netns: netns.to_owned(),
+            after: limit,
+        },
+        crate::process::Failure::Spawn(e) | crate::process::Failure::Wait(e) => Error::Tool {
+            command: format!("nsenter {tool}"),
+            netns: netns.to_owned(),
+            stderr: e.to_string(),
+        },
     })?;
     if out.status.success() {
         return Ok(String::from_utf8_lossy(&out.stdout).into_owned());

@@ -24,6 +24,7 @@ mod apply;
 #[cfg(feature = "kube")]
 pub mod k8s;
 pub mod netns;
+mod process;
 mod rules;
 mod sys;
 pub mod zds;

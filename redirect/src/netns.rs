@@ -3,7 +3,8 @@
 //!
 //! Candidates are the named namespaces under `/var/run/netns` (preferred: their path is stable) and
 //! every process's `/proc/<pid>/ns/net`, deduplicated by namespace inode; the agent's own namespace
-//! (the host's) is never a candidate. A process-held namespace's addresses are read from
+//! (the host's) is never a candidate. A namespace is never guessed: when more than one namespace
+//! holds an address, [`find_by_ip`] says so and names them all, and the agent captures nothing. A process-held namespace's addresses are read from
 //! `/proc/<pid>/net/fib_trie` and `/proc/<pid>/net/if_inet6`; a named namespace that no process
 //! holds is read through `nsenter --net=PATH cat ...`.
 
@@ -16,13 +17,14 @@ use std::process::Command;
 /// Where named network namespaces live (`ip netns add`).
 pub const NAMED_NETNS_DIR: &str = "/var/run/netns";
 
-/// Every address held by a network namespace other than ours, with a path to that namespace.
+/// Every address held by a network namespace other than ours, with a path to each namespace
+/// that holds it (one per namespace; more than one means the address is ambiguous).
 ///
 /// Unreadable candidates (processes that exit mid-scan, namespaces removed meanwhile) are skipped.
-pub fn addresses() -> HashMap<IpAddr, PathBuf> {
+pub fn addresses() -> HashMap<IpAddr, Vec<PathBuf>> {
     let own = std::fs::metadata("/proc/self/ns/net").map(|m| m.ino()).ok();
     let mut seen: HashSet<u64> = own.into_iter().collect();
-    let mut found = HashMap::new();
+    let mut found: HashMap<IpAddr, Vec<PathBuf>> = HashMap::new();
     let mut named: Vec<(u64, PathBuf)> = Vec::new();
     if let Ok(dir) = std::fs::read_dir(NAMED_NETNS_DIR) {
         for entry in dir.flatten() {
@@ -56,22 +58,72 @@ pub fn addresses() -> HashMap<IpAddr, PathBuf> {
             None => read_through_nsenter(&path),
         };
         for ip in parse_addresses(&text) {
-            found.entry(ip).or_insert_with(|| path.clone());
+            found.entry(ip).or_default().push(path.clone());
         }
     }
     for (_, proc_dir) in by_process {
         let text = read_proc_net(&proc_dir);
         for ip in parse_addresses(&text) {
-            found.entry(ip).or_insert_with(|| proc_dir.join("ns/net"));
+            found.entry(ip).or_default().push(proc_dir.join("ns/net"));
         }
     }
     found
 }
 
-/// The network namespace that holds any of `ips`, if one does.
-pub fn find_by_ip(ips: &[IpAddr]) -> Option<PathBuf> {
-    let all = addresses();
-    ips.iter().find_map(|ip| all.get(ip).cloned())
+/// More than one network namespace holds the pod's addresses: which one is the pod's cannot be
+/// known, so none is used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{} network namespaces hold the pod's IP {ip}: {}; not guessing", candidates.len(), list(candidates))]
+pub struct Ambiguous {
+    /// The address held more than once.
+    pub ip: IpAddr,
+    /// Every namespace that holds it.
+    pub candidates: Vec<PathBuf>,
+}
+
+fn list(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The one network namespace that holds `ips` (any of them), `None` if none does, and an error
+/// naming the candidates if more than one does.
+pub fn find_by_ip(ips: &[IpAddr]) -> Result<Option<PathBuf>, Ambiguous> {
+    choose(&addresses(), ips)
+}
+
+/// Picks the namespace of `ips` from a scan made by [`addresses`]: all of the pod's addresses
+/// that any namespace holds must be held by the same single namespace.
+pub fn choose(
+    scan: &HashMap<IpAddr, Vec<PathBuf>>,
+    ips: &[IpAddr],
+) -> Result<Option<PathBuf>, Ambiguous> {
+    let mut chosen: Option<(IpAddr, &PathBuf)> = None;
+    for ip in ips {
+        match scan.get(ip).map(Vec::as_slice) {
+            None | Some([]) => {}
+            Some([one]) => match chosen {
+                None => chosen = Some((*ip, one)),
+                Some((_, earlier)) if earlier == one => {}
+                Some((first_ip, earlier)) => {
+                    return Err(Ambiguous {
+                        ip: first_ip,
+                        candidates: vec![earlier.clone(), one.clone()],
+                    });
+                }
+            },
+            Some(many) => {
+                return Err(Ambiguous {
+                    ip: *ip,
+                    candidates: many.to_vec(),
+                });
+            }
+        }
+    }
+    Ok(chosen.map(|(_, path)| path.clone()))
 }
 
 fn read_proc_net(proc_dir: &Path) -> String {
@@ -80,14 +132,22 @@ fn read_proc_net(proc_dir: &Path) -> String {
     text
 }
 
+/// How long reading a namespace's addresses through `nsenter` may take.
+const NSENTER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn read_through_nsenter(netns: &Path) -> String {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .args(["cat", "/proc/self/net/fib_trie", "/proc/self/net/if_inet6"])
-        .output();
-    match out {
+    let mut command = Command::new("nsenter");
+    command.arg(format!("--net={}", netns.display())).args([
+        "cat",
+        "/proc/self/net/fib_trie",
+        "/proc/self/net/if_inet6",
+    ]);
+    match crate::process::output(command, None, NSENTER_TIMEOUT) {
         Ok(out) => String::from_utf8_lossy(&out.stdout).into_owned(),
-        Err(_) => String::new(),
+        Err(e) => {
+            tracing::warn!(netns = %netns.display(), error = ?e, "could not read the namespace's addresses");
+            String::new()
+        }
     }
 }
 
@@ -143,6 +203,29 @@ mod tests {
                 "fd00::5".parse().unwrap()
             ]
         );
+    }
+
+    #[test]
+    fn an_address_held_twice_is_ambiguous_and_names_both() {
+        let ip: IpAddr = "10.1.2.3".parse().unwrap();
+        let other: IpAddr = "fd00::3".parse().unwrap();
+        let a = PathBuf::from("/var/run/netns/a");
+        let b = PathBuf::from("/proc/7/ns/net");
+        let mut scan = HashMap::new();
+        scan.insert(ip, vec![a.clone()]);
+        assert_eq!(choose(&scan, &[ip]), Ok(Some(a.clone())));
+        assert_eq!(choose(&scan, &["10.9.9.9".parse().unwrap()]), Ok(None));
+        scan.insert(ip, vec![a.clone(), b.clone()]);
+        let err = choose(&scan, &[ip]).unwrap_err();
+        assert_eq!(err.candidates, vec![a.clone(), b.clone()]);
+        assert!(
+            err.to_string().contains("/var/run/netns/a")
+                && err.to_string().contains("/proc/7/ns/net")
+        );
+        // Two addresses of one pod in two different namespaces: ambiguous too.
+        scan.insert(ip, vec![a.clone()]);
+        scan.insert(other, vec![b.clone()]);
+        assert!(choose(&scan, &[ip, other]).is_err());
     }
 
     #[test]

@@ -52,6 +52,9 @@ pub struct RuleSet {
     pub probe_sources: Vec<IpAddr>,
     /// Whether to install IPv6 rules too.
     pub ipv6: bool,
+    /// How long each tool (`iptables-restore`, `nft`, ... run through `nsenter`) may take before
+    /// it is killed and the step fails.
+    pub tool_timeout: std::time::Duration,
 }
 
 impl Default for RuleSet {
@@ -64,6 +67,7 @@ impl Default for RuleSet {
             mark_mask: 0xfff,
             probe_sources: vec![IpAddr::from([169, 254, 7, 127])],
             ipv6: true,
+            tool_timeout: std::time::Duration::from_secs(30),
         }
     }
 }

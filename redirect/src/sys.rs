@@ -91,3 +91,12 @@ pub(crate) fn recv(sock: &OwnedFd, buf: &mut [u8]) -> io::Result<(usize, Vec<Own
     }
     Ok((msg.bytes, fds))
 }
+
+/// Makes receives on `sock` fail with `WouldBlock` after `timeout` without data (`SO_RCVTIMEO`).
+pub(crate) fn set_recv_timeout(sock: &OwnedFd, timeout: std::time::Duration) -> io::Result<()> {
+    let tv = nix::sys::time::TimeVal::new(
+        timeout.as_secs() as nix::libc::time_t,
+        timeout.subsec_micros() as nix::libc::suseconds_t,
+    );
+    nix::sys::socket::setsockopt(sock, nix::sys::socket::sockopt::ReceiveTimeout, &tv).map_err(io)
+}

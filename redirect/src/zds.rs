@@ -5,13 +5,19 @@
 //! agent replays every captured pod as `AddWorkload` with the pod's network-namespace descriptor
 //! attached (SCM_RIGHTS), then `SnapshotSent`, then streams adds and deletes; after each message
 //! it waits for the proxy's `WorkloadResponse{Ack}` before sending the next.
+//!
+//! Never reported as done when it is not: an ack carrying an error means the pod was not handed
+//! off (logged, sent again with backoff); a proxy that does not acknowledge within
+//! [`ZdsConfig::ack_timeout`] is disconnected, releasing everything queued for it.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use tracing::{info, warn};
@@ -118,6 +124,30 @@ use proto::{
 /// Messages are small; Istio keeps each under 1024 bytes.
 const MAX_MESSAGE: usize = 1024;
 
+/// Timing of a [`ZdsServer`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ZdsConfig {
+    /// A proxy that does not acknowledge a message within this long is disconnected (its thread,
+    /// queue and the namespace descriptors queued for it are released); it reconnects and gets
+    /// the snapshot again.
+    pub ack_timeout: Duration,
+    /// First delay before re-sending an add the proxy refused (its ack carried an error).
+    pub retry_first: Duration,
+    /// Longest such delay.
+    pub retry_max: Duration,
+}
+
+impl Default for ZdsConfig {
+    fn default() -> Self {
+        ZdsConfig {
+            ack_timeout: Duration::from_secs(10),
+            retry_first: Duration::from_millis(100),
+            retry_max: Duration::from_secs(10),
+        }
+    }
+}
+
 enum Event {
     Add(String, WorkloadInfo, Arc<File>),
     Del(String),
@@ -127,6 +157,7 @@ enum Event {
 struct Inner {
     pods: Mutex<BTreeMap<String, (WorkloadInfo, Arc<File>)>>,
     connections: Mutex<Vec<mpsc::Sender<Event>>>,
+    live: AtomicUsize,
 }
 
 /// The agent side of the handoff: a [`Handoff`] that serves proxies on a Unix socket.
@@ -143,8 +174,13 @@ impl std::fmt::Debug for ZdsServer {
 
 impl ZdsServer {
     /// Listens at `path` (Istio's default: `/var/run/ztunnel/ztunnel.sock`) and serves every
-    /// proxy that connects, each on its own thread.
+    /// proxy that connects, each on its own thread, with the default [`ZdsConfig`].
     pub fn bind(path: &Path) -> std::io::Result<Self> {
+        Self::bind_with(path, ZdsConfig::default())
+    }
+
+    /// Like [`bind`](Self::bind), with explicit timing.
+    pub fn bind_with(path: &Path, config: ZdsConfig) -> std::io::Result<Self> {
         let listener = sys::seqpacket_listener(path)?;
         let server = ZdsServer {
             inner: Arc::default(),
@@ -155,15 +191,18 @@ impl ZdsServer {
                 match sys::accept_conn(&listener) {
                     Ok(conn) => {
                         let inner = inner.clone();
+                        let config = config.clone();
                         std::thread::spawn(move || {
-                            if let Err(e) = serve(&inner, &conn) {
+                            inner.live.fetch_add(1, Ordering::SeqCst);
+                            if let Err(e) = serve(&inner, &conn, &config) {
                                 info!(error = %e, "ZDS: proxy connection ended");
                             }
+                            inner.live.fetch_sub(1, Ordering::SeqCst);
                         });
                     }
                     Err(e) => {
                         warn!(error = %e, "ZDS: accept failed");
-                        std::thread::sleep(std::time::Duration::from_millis(100));
+                        std::thread::sleep(Duration::from_millis(100));
                     }
                 }
             }
@@ -171,6 +210,13 @@ impl ZdsServer {
         Ok(server)
     }
 
+    /// How many proxy connections are being served now.
+    pub fn connections(&self) -> usize {
+        self.inner.live.load(Ordering::SeqCst)
+    }
+
+    /// Sends `make()` to every connection. Called with the pods lock held, so a proxy that is
+    /// connecting sees each change either in its snapshot or as an event, never both or neither.
     fn broadcast(&self, make: impl Fn() -> Event) {
         self.inner
             .connections
@@ -181,38 +227,39 @@ impl ZdsServer {
 }
 
 impl Handoff for ZdsServer {
-    fn add(&self, pod: &PodInfo) {
-        let Some(path) = &pod.netns else { return };
-        let file = match File::open(path) {
-            Ok(f) => Arc::new(f),
-            Err(e) => {
-                warn!(pod = %pod.name, error = %e, "ZDS: cannot open the pod's netns");
-                return;
-            }
-        };
+    fn add(&self, pod: &PodInfo, netns: &Arc<File>) {
         let info = WorkloadInfo {
             name: pod.name.clone(),
             namespace: pod.namespace.clone(),
             service_account: pod.service_account.clone(),
         };
-        self.inner
-            .pods
-            .lock()
-            .expect("lock")
-            .insert(pod.uid.clone(), (info.clone(), file.clone()));
-        self.broadcast(|| Event::Add(pod.uid.clone(), info.clone(), file.clone()));
+        let mut pods = self.inner.pods.lock().expect("lock");
+        pods.insert(pod.uid.clone(), (info.clone(), netns.clone()));
+        self.broadcast(|| Event::Add(pod.uid.clone(), info.clone(), netns.clone()));
     }
 
     fn remove(&self, uid: &str) {
-        self.inner.pods.lock().expect("lock").remove(uid);
+        let mut pods = self.inner.pods.lock().expect("lock");
+        pods.remove(uid);
         self.broadcast(|| Event::Del(uid.to_owned()));
     }
 }
 
-/// One proxy connection: hello, snapshot, then live events, each acknowledged.
-fn serve(inner: &Inner, conn: &OwnedFd) -> std::io::Result<()> {
+/// An add the proxy refused, to send again.
+struct Pending {
+    info: WorkloadInfo,
+    netns: Arc<File>,
+    attempts: u32,
+    due: Instant,
+}
+
+/// One proxy connection: hello, snapshot, then live events, each acknowledged within the ack
+/// timeout. Adds the proxy refuses are sent again with backoff until it accepts them or the pod
+/// is deleted.
+fn serve(inner: &Inner, conn: &OwnedFd, config: &ZdsConfig) -> std::io::Result<()> {
+    sys::set_recv_timeout(conn, config.ack_timeout)?;
     let mut buf = [0u8; MAX_MESSAGE];
-    let (n, _) = sys::recv(conn, &mut buf)?;
+    let (n, _) = sys::recv(conn, &mut buf).map_err(|e| timed_out(e, config))?;
     let hello = proto::ZdsHello::decode(&buf[..n]).map_err(invalid)?;
     if hello.version != proto::Version::V1 as i32 {
         return Err(invalid(format!(
@@ -220,7 +267,8 @@ fn serve(inner: &Inner, conn: &OwnedFd) -> std::io::Result<()> {
             hello.version
         )));
     }
-    // Register for live events before the snapshot, so nothing falls between.
+    // Register for live events under the pods lock, so nothing falls between snapshot and
+    // events and nothing is in both.
     let (tx, rx) = mpsc::channel();
     let snapshot: Vec<(String, WorkloadInfo, Arc<File>)> = {
         let pods = inner.pods.lock().expect("lock");
@@ -233,29 +281,114 @@ fn serve(inner: &Inner, conn: &OwnedFd) -> std::io::Result<()> {
         pods = snapshot.len(),
         "ZDS: proxy connected; replaying the captured pods"
     );
+    let mut pending: BTreeMap<String, Pending> = BTreeMap::new();
     for (uid, info, file) in snapshot {
-        send_add(conn, &uid, info, &file)?;
+        send_add(conn, config, &mut pending, uid, info, file)?;
     }
-    request(conn, Payload::SnapshotSent(SnapshotSent {}), None)?;
-    for event in rx {
+    if let Err(refusal) = request(conn, config, Payload::SnapshotSent(SnapshotSent {}), None)? {
+        warn!(error = %refusal, "ZDS: the proxy reported an error for the end of the snapshot");
+    }
+    loop {
+        let wait = pending
+            .values()
+            .map(|p| p.due.saturating_duration_since(Instant::now()))
+            .min();
+        let event = match wait {
+            None => rx.recv().map_err(|_| ()),
+            Some(wait) => match rx.recv_timeout(wait) {
+                Ok(event) => Ok(event),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let now = Instant::now();
+                    let due: Vec<String> = pending
+                        .iter()
+                        .filter(|(_, p)| p.due <= now)
+                        .map(|(uid, _)| uid.clone())
+                        .collect();
+                    for uid in due {
+                        let p = pending.remove(&uid).expect("present");
+                        info!(%uid, attempt = p.attempts + 1, "ZDS: sending a refused pod again");
+                        retry_add(conn, config, &mut pending, uid, p)?;
+                    }
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => Err(()),
+            },
+        };
+        let Ok(event) = event else {
+            return Ok(());
+        };
         match event {
-            Event::Add(uid, info, file) => send_add(conn, &uid, info, &file)?,
-            Event::Del(uid) => request(conn, Payload::Del(DelWorkload { uid }), None)?,
+            Event::Add(uid, info, file) => {
+                pending.remove(&uid);
+                send_add(conn, config, &mut pending, uid, info, file)?;
+            }
+            Event::Del(uid) => {
+                // A pod the proxy never accepted needs no delete.
+                if pending.remove(&uid).is_none()
+                    && let Err(refusal) = request(
+                        conn,
+                        config,
+                        Payload::Del(DelWorkload { uid: uid.clone() }),
+                        None,
+                    )?
+                {
+                    warn!(%uid, error = %refusal, "ZDS: the proxy reported an error for a delete");
+                }
+            }
         }
+    }
+}
+
+fn send_add(
+    conn: &OwnedFd,
+    config: &ZdsConfig,
+    pending: &mut BTreeMap<String, Pending>,
+    uid: String,
+    info: WorkloadInfo,
+    netns: Arc<File>,
+) -> std::io::Result<()> {
+    let first = Pending {
+        info,
+        netns,
+        attempts: 0,
+        due: Instant::now(),
+    };
+    retry_add(conn, config, pending, uid, first)
+}
+
+/// Sends an add; if the proxy refuses it, schedules the next attempt.
+fn retry_add(
+    conn: &OwnedFd,
+    config: &ZdsConfig,
+    pending: &mut BTreeMap<String, Pending>,
+    uid: String,
+    mut p: Pending,
+) -> std::io::Result<()> {
+    let add = AddWorkload {
+        uid: uid.clone(),
+        workload_info: Some(p.info.clone()),
+    };
+    if let Err(refusal) = request(conn, config, Payload::Add(add), Some(&p.netns))? {
+        p.attempts += 1;
+        let delay = config
+            .retry_first
+            .saturating_mul(1 << p.attempts.min(16).saturating_sub(1))
+            .min(config.retry_max);
+        warn!(%uid, pod = %p.info.name, error = %refusal, retry_in = ?delay, "ZDS: the proxy did not take the pod; not handed off, will retry");
+        p.due = Instant::now() + delay;
+        pending.insert(uid, p);
     }
     Ok(())
 }
 
-fn send_add(conn: &OwnedFd, uid: &str, info: WorkloadInfo, netns: &File) -> std::io::Result<()> {
-    let add = AddWorkload {
-        uid: uid.to_owned(),
-        workload_info: Some(info),
-    };
-    request(conn, Payload::Add(add), Some(netns))
-}
-
-/// Sends one request (with an fd) and waits for its ack.
-fn request(conn: &OwnedFd, payload: Payload, fd: Option<&File>) -> std::io::Result<()> {
+/// Sends one request (with an fd) and waits for its ack: `Ok(Ok(()))` accepted, `Ok(Err(text))`
+/// refused by the proxy, `Err` when the connection failed or the ack did not come in time.
+fn request(
+    conn: &OwnedFd,
+    config: &ZdsConfig,
+    payload: Payload,
+    fd: Option<&File>,
+) -> std::io::Result<Result<(), String>> {
     let bytes = WorkloadRequest {
         payload: Some(payload),
     }
@@ -263,7 +396,7 @@ fn request(conn: &OwnedFd, payload: Payload, fd: Option<&File>) -> std::io::Resu
     let fds: Vec<_> = fd.map(|f| f.as_fd()).into_iter().collect();
     sys::send(conn, &bytes, &fds)?;
     let mut buf = [0u8; MAX_MESSAGE];
-    let (n, _) = sys::recv(conn, &mut buf)?;
+    let (n, _) = sys::recv(conn, &mut buf).map_err(|e| timed_out(e, config))?;
     if n == 0 {
         return Err(std::io::Error::new(
             std::io::ErrorKind::UnexpectedEof,
@@ -272,12 +405,27 @@ fn request(conn: &OwnedFd, payload: Payload, fd: Option<&File>) -> std::io::Resu
     }
     let response = WorkloadResponse::decode(&buf[..n]).map_err(invalid)?;
     match response.ack {
-        Some(ack) if ack.error.is_empty() => Ok(()),
-        Some(ack) => {
-            warn!(error = %ack.error, "ZDS: proxy reported an error");
-            Ok(())
-        }
+        Some(ack) if ack.error.is_empty() => Ok(Ok(())),
+        Some(ack) => Ok(Err(ack.error)),
         None => Err(invalid("response without ack".to_owned())),
+    }
+}
+
+/// A receive that hit the socket's timeout becomes an error saying so.
+fn timed_out(e: std::io::Error, config: &ZdsConfig) -> std::io::Error {
+    if matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    ) {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "the proxy did not acknowledge within {:?}; disconnecting it",
+                config.ack_timeout
+            ),
+        )
+    } else {
+        e
     }
 }
 

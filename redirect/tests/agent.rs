@@ -24,7 +24,7 @@ impl PodSource for Source {
 struct Recorder(Arc<Mutex<Vec<String>>>);
 
 impl Handoff for Recorder {
-    fn add(&self, pod: &PodInfo) {
+    fn add(&self, pod: &PodInfo, _netns: &Arc<std::fs::File>) {
         self.0.lock().unwrap().push(format!("add {}", pod.name));
     }
     fn remove(&self, uid: &str) {
@@ -178,13 +178,13 @@ fn finds_named_and_process_held_namespaces_by_ip() {
     give_address(&named, test_ip(5), &v6_named);
     assert_eq!(
         redirect::netns::find_by_ip(&[test_ip(5)]),
-        Some(named.path())
+        Ok(Some(named.path()))
     );
     assert_eq!(
         redirect::netns::find_by_ip(&[v6_named.parse().unwrap()]),
-        Some(named.path())
+        Ok(Some(named.path()))
     );
-    assert_eq!(redirect::netns::find_by_ip(&[test_ip(99)]), None);
+    assert_eq!(redirect::netns::find_by_ip(&[test_ip(99)]), Ok(None));
 
     // A namespace no name points at, held only by a process (a pod's sandbox, in a cluster).
     let v6_held = format!("fd00:252:{:x}::6", std::process::id() % 0xffff);
@@ -205,7 +205,7 @@ fn finds_named_and_process_held_namespaces_by_ip() {
     let holder_ns = PathBuf::from(format!("/proc/{}/ns/net", holder.0.id()));
     let start = std::time::Instant::now();
     let found = loop {
-        if let Some(found) = redirect::netns::find_by_ip(&[test_ip(6)]) {
+        if let Ok(Some(found)) = redirect::netns::find_by_ip(&[test_ip(6)]) {
             break found;
         }
         assert!(
@@ -250,7 +250,7 @@ fn captures_a_pod_found_by_its_ip() {
         agent
             .captured()
             .get("uid-by-ip")
-            .and_then(|p| p.netns.clone()),
+            .and_then(|c| c.pod.netns.clone()),
         Some(ns.path())
     );
     // The next pass reuses what it found: no second capture, no second handoff.
@@ -267,4 +267,106 @@ fn captures_a_pod_found_by_its_ip() {
     source.0.lock().unwrap().push(ghost);
     agent.sync().unwrap();
     assert!(!agent.captured().contains_key("uid-ghost"));
+}
+
+#[test]
+fn a_pod_ip_held_by_two_namespaces_is_never_guessed() {
+    let (a, b) = (Netns::new("amb1"), Netns::new("amb2"));
+    let v6 = |host: u8| format!("fd00:254:{:x}::{host}", std::process::id() % 0xffff);
+    give_address(&a, test_ip(8), &v6(8));
+    give_address(&b, test_ip(8), &v6(9));
+    let err = redirect::netns::find_by_ip(&[test_ip(8)]).unwrap_err();
+    let mut candidates = err.candidates.clone();
+    candidates.sort();
+    let mut both = vec![a.path(), b.path()];
+    both.sort();
+    assert_eq!(candidates, both, "{err}");
+    let mut p = pod("twin", &a, "node-a");
+    p.netns = None;
+    p.ips = vec![test_ip(8)];
+    p.namespace_labels
+        .insert(DATAPLANE_MODE_LABEL.into(), "ambient".into());
+    let source = Source::default();
+    *source.0.lock().unwrap() = vec![p];
+    let handoff = Recorder::default();
+    let mut agent = NodeAgent::new(
+        "node-a",
+        Backend::Nftables,
+        RuleSet::default(),
+        source,
+        handoff.clone(),
+    );
+    agent.sync().unwrap();
+    agent.sync().unwrap();
+    assert!(agent.captured().is_empty());
+    assert!(handoff.0.lock().unwrap().is_empty());
+    for ns in [&a, &b] {
+        assert!(!ns.ruleset().contains("ztunnel"), "rules in {}", ns.0);
+    }
+}
+
+#[test]
+fn a_namespace_recreated_at_the_same_path_is_never_touched() {
+    let first = Netns::new("recr");
+    let rules = RuleSet::default();
+    let mut p = pod("moved", &first, "node-a");
+    p.namespace_labels
+        .insert(DATAPLANE_MODE_LABEL.into(), "ambient".into());
+    let source = Source::default();
+    *source.0.lock().unwrap() = vec![p];
+    let handoff = Recorder::default();
+    let mut agent = NodeAgent::new(
+        "node-a",
+        Backend::Nftables,
+        rules.clone(),
+        source.clone(),
+        handoff.clone(),
+    );
+    agent.sync().unwrap();
+    let held = agent.captured()["uid-moved"].netns.clone();
+    let old_inode = {
+        use std::os::unix::fs::MetadataExt;
+        held.metadata().unwrap().ino()
+    };
+    // The pod's namespace goes away and another one is created under the same name (another
+    // pod, whose rules someone else manages).
+    assert!(
+        Command::new("ip")
+            .args(["netns", "del", &first.0])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(
+        Command::new("ip")
+            .args(["netns", "add", &first.0])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_ne!(first.inode(), old_inode);
+    redirect::apply(&first.path(), Backend::Nftables, &rules).unwrap();
+    let others = first.ruleset();
+    // Releasing the pod removes its rules from its own namespace (through the held
+    // descriptor), never from the namespace that now has its path.
+    source.0.lock().unwrap().clear();
+    agent.sync().unwrap();
+    assert!(agent.captured().is_empty());
+    assert_eq!(
+        first.ruleset(),
+        others,
+        "the new namespace's rules were touched"
+    );
+    let fd = redirect::fd_path(std::os::fd::AsFd::as_fd(&*held));
+    assert!(
+        !check(&fd, Backend::Nftables, &rules)
+            .unwrap()
+            .missing
+            .is_empty(),
+        "the pod's own namespace still has its rules"
+    );
+    assert_eq!(
+        *handoff.0.lock().unwrap(),
+        vec!["add moved".to_owned(), "remove uid-moved".to_owned()]
+    );
 }

@@ -7,6 +7,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use redirect::{Backend, RuleSet, apply, check, reconcile, remove};
 
+#[path = "common/mod.rs"]
+mod shared;
+use shared::without_empty_builtins;
+
 /// A network namespace for one test, deleted on drop (even when the test panics).
 struct Netns {
     name: String,
@@ -142,14 +146,18 @@ fn apply_is_idempotent_and_remove_is_exact(backend: Backend) {
         "applying twice must equal applying once"
     );
     remove(&ns.path(), backend, &rules).unwrap();
+    // Exactly as before, but for empty built-in chains iptables-nft may have created for us.
     assert_eq!(
-        ns.state(backend),
-        before,
-        "remove must restore the rule set exactly"
+        without_empty_builtins(&ns.state(backend)),
+        without_empty_builtins(&before),
+        "remove must restore the rule set"
     );
     // Removing again is harmless.
     remove(&ns.path(), backend, &rules).unwrap();
-    assert_eq!(ns.state(backend), before);
+    assert_eq!(
+        without_empty_builtins(&ns.state(backend)),
+        without_empty_builtins(&before)
+    );
     // And check now reports everything missing.
     assert!(
         !check(&ns.path(), backend, &rules)

@@ -46,6 +46,16 @@ impl Netns {
         assert!(ok, "in {}: {cmd}", self.0);
     }
 
+    /// What a shell command prints inside the namespace; it must succeed.
+    pub(crate) fn output(&self, cmd: &str) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.0, "sh", "-c", cmd])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "in {}: {cmd}", self.0);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// `nft list ruleset` inside the namespace.
     pub(crate) fn ruleset(&self) -> String {
         let out = Command::new("ip")
@@ -71,4 +81,103 @@ impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
+}
+
+/// A rule set (`nft list ruleset` or `iptables-save` text) without what iptables-nft may leave
+/// behind after our rules are removed: built-in chains with no rules and a policy of accept, and
+/// tables left with nothing in them. Removal keeps those on purpose (deleting a table could
+/// delete another writer's rule added meanwhile); they change no packet's fate.
+pub(crate) fn without_empty_builtins(text: &str) -> String {
+    if text.lines().any(|l| l.starts_with('*')) {
+        return iptables_without_empty(text);
+    }
+    // nft: drop chains whose body is only their hook line with policy accept, then empty tables.
+    let mut out: Vec<String> = Vec::new();
+    let lines: Vec<&str> = text.lines().collect();
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        if line.trim_start().starts_with("chain ") && line.trim_end().ends_with('{') {
+            let end = (i..lines.len())
+                .find(|&j| lines[j].trim() == "}")
+                .unwrap_or(lines.len() - 1);
+            let body: Vec<&str> = lines[i + 1..end]
+                .iter()
+                .map(|l| l.trim())
+                .filter(|l| !l.is_empty())
+                .collect();
+            let empty = body.len() == 1
+                && body[0].starts_with("type ")
+                && body[0].ends_with("policy accept;");
+            if !empty {
+                out.extend(lines[i..=end].iter().map(|l| l.to_string()));
+            }
+            i = end + 1;
+            continue;
+        }
+        out.push(line.to_owned());
+        i += 1;
+    }
+    // Tables with nothing but blank lines inside.
+    let mut result: Vec<String> = Vec::new();
+    let mut j = 0;
+    while j < out.len() {
+        if out[j].starts_with("table ") {
+            let end = (j..out.len())
+                .find(|&k| out[k] == "}")
+                .unwrap_or(out.len() - 1);
+            if out[j + 1..end].iter().all(|l| l.trim().is_empty()) {
+                j = end + 1;
+                continue;
+            }
+            result.extend(out[j..=end].iter().cloned());
+            j = end + 1;
+            continue;
+        }
+        if !out[j].trim().is_empty() {
+            result.push(out[j].clone());
+        }
+        j += 1;
+    }
+    result.join("\n")
+}
+
+fn iptables_without_empty(text: &str) -> String {
+    let builtin = ["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"];
+    let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+    let mut out: Vec<&str> = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        if !lines[i].starts_with('*') {
+            out.push(lines[i]);
+            i += 1;
+            continue;
+        }
+        // One `*table` ... `COMMIT` block.
+        let end = (i..lines.len())
+            .find(|&j| lines[j] == "COMMIT")
+            .unwrap_or(lines.len() - 1);
+        let block = &lines[i + 1..end];
+        let used = |chain: &str| block.iter().any(|l| l.starts_with(&format!("-A {chain} ")));
+        let kept: Vec<&str> = block
+            .iter()
+            .copied()
+            .filter(|l| {
+                let Some(rest) = l.strip_prefix(':') else {
+                    return true;
+                };
+                let mut parts = rest.split_whitespace();
+                let chain = parts.next().unwrap_or_default();
+                let policy = parts.next().unwrap_or_default();
+                !(builtin.contains(&chain) && policy == "ACCEPT" && !used(chain))
+            })
+            .collect();
+        if !kept.is_empty() {
+            out.push(lines[i]);
+            out.extend(kept);
+            out.push(lines[end]);
+        }
+        i = end + 1;
+    }
+    out.join("\n")
 }

@@ -13,6 +13,10 @@ use super::Error;
 use crate::cli::NodeAgentArgs;
 
 /// Pods from a directory of manifests (the same parser as the local control plane).
+///
+/// A file that cannot be read or parsed (a typo, a half-written save) makes the whole pass an
+/// error, as a Kubernetes source that has not listed yet is: the agent then changes nothing, so
+/// a broken file never releases the pods it describes.
 struct ManifestSource(PathBuf);
 
 impl PodSource for ManifestSource {
@@ -20,20 +24,19 @@ impl PodSource for ManifestSource {
         let mut manifests = Manifests::default();
         let mut files: Vec<PathBuf> = std::fs::read_dir(&self.0)
             .map_err(|e| format!("{}: {e}", self.0.display()))?
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
-            .collect();
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("{}: {e}", self.0.display()))?;
+        files.retain(|p| {
+            p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+        });
         files.sort();
         for file in files {
-            let Ok(text) = std::fs::read_to_string(&file) else {
-                continue;
-            };
-            let mut attempt = manifests.clone();
-            match attempt.add(&text, &file.display().to_string()) {
-                Ok(()) => manifests = attempt,
-                Err(e) => tracing::warn!(error = %e, "node agent: skipped a manifest"),
-            }
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| format!("{}: cannot read: {e}", file.display()))?;
+            manifests
+                .add(&text, &file.display().to_string())
+                .map_err(|e| e.to_string())?;
         }
         Ok(manifests
             .pods
@@ -131,4 +134,37 @@ async fn drive<S: PodSource + 'static, H: Handoff + 'static>(
             what: "node agent".into(),
             source: std::io::Error::other(e),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_or_unreadable_file_fails_the_pass() {
+        let dir = std::env::temp_dir().join(format!("na-src-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("a.yaml"),
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: default}\nspec: {nodeName: n}\n",
+        )
+        .unwrap();
+        let source = ManifestSource(dir.clone());
+        assert_eq!(source.pods().unwrap().len(), 1);
+        // Half-written: a parse error names the file.
+        std::fs::write(dir.join("b.yaml"), "kind: Pod\nmetadata: [\n").unwrap();
+        let err = source.pods().unwrap_err();
+        assert!(err.contains("b.yaml"), "{err}");
+        // Unreadable (not UTF-8): an error too, never a pass without the file's pods.
+        std::fs::write(dir.join("b.yaml"), b"kind: Pod\n\xff\xfe").unwrap();
+        let err = source.pods().unwrap_err();
+        assert!(
+            err.contains("b.yaml") && err.contains("cannot read"),
+            "{err}"
+        );
+        std::fs::remove_file(dir.join("b.yaml")).unwrap();
+        assert_eq!(source.pods().unwrap().len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
