@@ -28,6 +28,29 @@ fn conn(source: &str, principal: Option<&str>) -> Connection {
     }
 }
 
+/// An xDS policy (action 0 ALLOW, 1 DENY; scope 1 NAMESPACE, 2 WORKLOAD_SELECTOR) with one
+/// rule of one clause holding `m`, or a rule with no clauses when `m` is `None`.
+fn xds_policy(
+    name: &str,
+    scope: i32,
+    action: i32,
+    m: Option<proto::ProtoMatch>,
+) -> proto::Authorization {
+    proto::Authorization {
+        name: name.into(),
+        namespace: "default".into(),
+        scope,
+        action,
+        rules: vec![proto::ProtoRule {
+            clauses: m
+                .map(|m| proto::ProtoClause { matches: vec![m] })
+                .into_iter()
+                .collect(),
+        }],
+        dry_run: false,
+    }
+}
+
 fn workload(policies: &[&str]) -> Workload {
     Workload {
         namespace: "default".into(),
@@ -40,14 +63,7 @@ fn workload(policies: &[&str]) -> Workload {
 fn a_named_policy_the_store_lacks_denies_with_its_name() {
     // The store holds a permissive ALLOW the workload names; the second name is missing.
     let mut s = PolicyStore::new("istio-system");
-    let allow_all = proto::Authorization {
-        name: "allow-all".into(),
-        namespace: "default".into(),
-        scope: 2,
-        action: 0,
-        rules: vec![proto::ProtoRule { clauses: vec![] }],
-        dry_run: false,
-    };
+    let allow_all = xds_policy("allow-all", 2, 0, None);
     s.insert(proto::from_proto(&allow_all).unwrap());
     let c = conn(
         "10.0.0.1:1234",
@@ -141,17 +157,7 @@ fn port_zero_is_an_error_from_xds_too() {
             "destination_ports" => m.destination_ports = vec![80, 0],
             _ => m.not_destination_ports = vec![0],
         }
-        let policy = proto::Authorization {
-            name: "p".into(),
-            namespace: "default".into(),
-            scope: 1,
-            action: 1,
-            rules: vec![proto::ProtoRule {
-                clauses: vec![proto::ProtoClause { matches: vec![m] }],
-            }],
-            dry_run: false,
-        };
-        let e = proto::from_proto(&policy)
+        let e = proto::from_proto(&xds_policy("p", 1, 1, Some(m)))
             .expect_err("port 0 accepted")
             .to_string();
         assert!(e.contains(field) && e.contains("port 0"), "{e}");
@@ -217,18 +223,8 @@ fn ipv4_mapped_cidrs_match_the_ipv4_connections_they_name() {
         address,
         length: 112,
     }];
-    let policy = proto::Authorization {
-        name: "deny-mapped".into(),
-        namespace: "default".into(),
-        scope: 1,
-        action: 1,
-        rules: vec![proto::ProtoRule {
-            clauses: vec![proto::ProtoClause { matches: vec![m] }],
-        }],
-        dry_run: false,
-    };
     let mut s = PolicyStore::new("istio-system");
-    s.insert(proto::from_proto(&policy).unwrap());
+    s.insert(proto::from_proto(&xds_policy("deny-mapped", 1, 1, Some(m))).unwrap());
     let d = s.decide(&conn("10.1.2.3:1234", None), &workload(&[]));
     assert!(!d.allowed, "{d}");
 }

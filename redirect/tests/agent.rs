@@ -3,34 +3,12 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 
 mod common;
 
-use common::Netns;
-use redirect::agent::{DATAPLANE_MODE_LABEL, Handoff, NodeAgent, PodInfo, PodSource};
+use common::{Netns, Recorder, Source};
+use redirect::agent::{DATAPLANE_MODE_LABEL, NodeAgent, PodInfo};
 use redirect::{Backend, RuleSet, check};
-
-#[derive(Clone, Default)]
-struct Source(Arc<Mutex<Vec<PodInfo>>>);
-
-impl PodSource for Source {
-    fn pods(&self) -> Result<Vec<PodInfo>, String> {
-        Ok(self.0.lock().unwrap().clone())
-    }
-}
-
-#[derive(Clone, Default)]
-struct Recorder(Arc<Mutex<Vec<String>>>);
-
-impl Handoff for Recorder {
-    fn add(&self, pod: &PodInfo, _netns: &Arc<std::fs::File>) {
-        self.0.lock().unwrap().push(format!("add {}", pod.name));
-    }
-    fn remove(&self, uid: &str) {
-        self.0.lock().unwrap().push(format!("remove {uid}"));
-    }
-}
 
 fn pod(name: &str, netns: &Netns, node: &str) -> PodInfo {
     PodInfo {

@@ -7,35 +7,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::Netns;
-use redirect::agent::{DATAPLANE_MODE_LABEL, Handoff, NodeAgent, PodInfo, PodSource};
+use common::{Netns, Recorder, Source};
+use redirect::agent::{DATAPLANE_MODE_LABEL, NodeAgent, PodInfo};
 use redirect::{Backend, Error, RuleSet, apply};
-
-#[derive(Clone, Default)]
-struct Source(Arc<Mutex<Vec<PodInfo>>>);
-
-impl PodSource for Source {
-    fn pods(&self) -> Result<Vec<PodInfo>, String> {
-        Ok(self.0.lock().unwrap().clone())
-    }
-}
-
-#[derive(Clone, Default)]
-struct Recorder(Arc<Mutex<Vec<String>>>);
-
-impl Handoff for Recorder {
-    fn add(&self, pod: &PodInfo, _netns: &Arc<std::fs::File>) {
-        self.0.lock().unwrap().push(format!("add {}", pod.name));
-    }
-    fn remove(&self, uid: &str) {
-        self.0.lock().unwrap().push(format!("remove {uid}"));
-    }
-}
 
 /// The stand-in tools and their switches.
 struct Fakes {

@@ -3,6 +3,32 @@
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use redirect::agent::{Handoff, PodInfo, PodSource};
+
+/// An in-memory pod source the test edits.
+#[derive(Clone, Default)]
+pub(crate) struct Source(pub(crate) Arc<Mutex<Vec<PodInfo>>>);
+
+impl PodSource for Source {
+    fn pods(&self) -> Result<Vec<PodInfo>, String> {
+        Ok(self.0.lock().unwrap().clone())
+    }
+}
+
+/// A handoff that records `add NAME` and `remove UID`.
+#[derive(Clone, Default)]
+pub(crate) struct Recorder(pub(crate) Arc<Mutex<Vec<String>>>);
+
+impl Handoff for Recorder {
+    fn add(&self, pod: &PodInfo, _netns: &Arc<std::fs::File>) {
+        self.0.lock().unwrap().push(format!("add {}", pod.name));
+    }
+    fn remove(&self, uid: &str) {
+        self.0.lock().unwrap().push(format!("remove {uid}"));
+    }
+}
 
 /// Fails loudly unless running as root (CI runs as root).
 pub(crate) fn require_root() {
