@@ -489,3 +489,43 @@ async fn a_socket_without_a_peer_address_is_not_reported_as_tls() {
     assert!(!text.contains("0.0.0.0"), "{text}");
     assert!(!matches!(err, Error::Tls { .. }), "{text}");
 }
+
+/// A dialer whose TLS lookup panics for the key "boom" (a bug in caller code).
+struct Panicky(Arc<rustls::ClientConfig>);
+
+impl hbone::Dialer<String> for Panicky {
+    async fn client_config(
+        &self,
+        key: &String,
+    ) -> Result<Arc<rustls::ClientConfig>, hbone::BoxError> {
+        assert_ne!(key, "boom", "injected panic in the dialer");
+        Ok(self.0.clone())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_while_dialing_leaves_the_pool_usable() {
+    let pki = Pki::new();
+    let server = EchoServer::start(&pki, Config::default()).await;
+    let pool = Pool::new(Config::default(), Panicky(pki.client_config()));
+    for _ in 0..2 {
+        let p = pool.clone();
+        let addr = server.addr;
+        let joined = tokio::spawn(async move {
+            p.connect("boom".to_owned(), addr, &authority(), HeaderMap::new())
+                .await
+        })
+        .await;
+        assert!(joined.unwrap_err().is_panic());
+    }
+    // Nothing is left half-dialed or poisoned: other keys work, and the panicking key's entry
+    // is gone.
+    let mut t = pool
+        .connect("ok".to_owned(), server.addr, &authority(), HeaderMap::new())
+        .await
+        .unwrap();
+    t.write_all(b"x").await.unwrap();
+    let mut buf = [0u8; 1];
+    t.read_exact(&mut buf).await.unwrap();
+    assert_eq!(pool.tracked_entries(), 1);
+}
