@@ -151,6 +151,8 @@ struct PooledConn {
     cap: usize,
     dead: AtomicBool,
     last_active: Mutex<Instant>,
+    /// Tells the connection's driver to close it now (it can carry no stream at all).
+    close: tokio::sync::Notify,
 }
 
 impl<K, D> Pool<K, D>
@@ -290,6 +292,7 @@ where
                 Some(slot) => Ok((conn, slot)),
                 None => {
                     conn.dead.store(true, Ordering::Release);
+                    conn.close.notify_one();
                     Err(Error::NoStreamCapacity { peer: key.1 })
                 }
             });
@@ -388,6 +391,7 @@ where
                 cap: cfg.max_concurrent_streams.max(1) as usize,
                 dead: AtomicBool::new(false),
                 last_active: Mutex::new(Instant::now()),
+                close: tokio::sync::Notify::new(),
             });
             let ping = connection.ping_pong();
             let driver = ConnDriver {
@@ -666,6 +670,9 @@ where
             },
             () = self.idle(config.idle_timeout) => {
                 debug!(conn = id, %peer, "HBONE connection closed after being idle");
+            }
+            () = self.conn.close.notified() => {
+                debug!(conn = id, %peer, "HBONE connection closed: the server allows no streams");
             }
         }
         // Dropping the connection (on return) fails every stream still on it.

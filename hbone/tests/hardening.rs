@@ -51,17 +51,42 @@ async fn connect_in_task(
     .expect("the pool panicked")
 }
 
+/// Serves `server` on a fresh port; counts accepted connections and those that have ended.
+async fn serve_counting<H: hbone::ConnectHandler>(
+    server: Server<H>,
+) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let ended = Arc::new(AtomicUsize::new(0));
+    let (accepted2, ended2) = (accepted.clone(), ended.clone());
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            accepted2.fetch_add(1, Ordering::SeqCst);
+            let server = server.clone();
+            let ended = ended2.clone();
+            tokio::spawn(async move {
+                let _ = server.serve_connection(tcp).await;
+                ended.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, accepted, ended)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_allowing_no_streams_is_a_clear_error_and_the_pool_survives() {
     init_tracing();
     let pki = Pki::new();
     let mut zero = Config::default();
     zero.max_concurrent_streams = 0;
-    let stingy = EchoServer::start(&pki, zero).await;
+    let (stingy, accepted, ended) =
+        serve_counting(Server::new(zero, pki.server_config(), echo)).await;
     let good = EchoServer::start(&pki, Config::default()).await;
     let pool = pool(&pki, Config::default());
     for _ in 0..2 {
-        let err = connect_in_task(&pool, "a", stingy.addr).await.unwrap_err();
+        let err = connect_in_task(&pool, "a", stingy).await.unwrap_err();
         assert!(matches!(err, Error::NoStreamCapacity { .. }), "{err}");
         assert!(
             err.to_string().contains("SETTINGS_MAX_CONCURRENT_STREAMS"),
@@ -70,7 +95,17 @@ async fn server_allowing_no_streams_is_a_clear_error_and_the_pool_survives() {
     }
     // Neither that failure nor anything else poisoned the pool for other callers.
     assert_eq!(round_trip(&pool, good.addr).await, b"hi");
-    assert_eq!(stingy.handled.load(Ordering::SeqCst), 0);
+    // The useless connections were closed at once, not kept until they idled out.
+    let start = Instant::now();
+    while ended.load(Ordering::SeqCst) < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "connections kept open"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(pool.tracked_entries(), 1);
 }
 
 // A scripted HTTP/2 server written frame by frame: it allows one stream, answers the first
@@ -374,18 +409,7 @@ async fn unanswered_connect_times_out_and_frees_its_stream_slot() {
             echo(req).await
         },
     );
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let accepted2 = accepted.clone();
-    tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            accepted2.fetch_add(1, Ordering::SeqCst);
-            let server = server.clone();
-            tokio::spawn(async move { server.serve_connection(tcp).await });
-        }
-    });
+    let (addr, accepted, _) = serve_counting(server).await;
     let mut config = Config::default();
     config.connect_timeout = Duration::from_millis(300);
     config.max_concurrent_streams = 1;
