@@ -169,7 +169,10 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
             .map(|p| (p.uid.as_str(), p))
             .collect();
         // Open each wanted pod's namespace now: whatever its path names from here on, the rules
-        // go into (and later come out of) this very namespace.
+        // go into (and later come out of) this very namespace. Never the agent's own.
+        let own = std::fs::metadata("/proc/self/ns/net")
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
         let mut to_capture: Vec<(&PodInfo, Arc<File>, (u64, u64))> = Vec::new();
         for pod in pods.iter().filter(|p| wanted.contains_key(p.uid.as_str())) {
             let path = pod.netns.as_ref().expect("wants_capture checked the netns");
@@ -187,11 +190,24 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
                     continue;
                 }
             };
-            let same = self
-                .captured
-                .get(&pod.uid)
-                .is_some_and(|c| c.identity == identity);
-            if !same && self.due(&pod.uid, now) {
+            if Some(identity) == own {
+                warn!(pod = %pod.name, netns = %path.display(), "refusing to capture the agent's own network namespace");
+                continue;
+            }
+            let previous = self.captured.get(&pod.uid);
+            if previous.is_some_and(|c| c.identity == identity) {
+                continue;
+            }
+            if let Some(c) = previous
+                && c.pod.netns.as_ref() == Some(path)
+                && path.starts_with("/proc")
+            {
+                // The process that held the pod's namespace is gone and its PID now names
+                // another namespace: keep the capture we hold, capture nothing new through it.
+                warn!(pod = %pod.name, netns = %path.display(), "the pod's namespace path now names another namespace (a reused PID); keeping the captured one");
+                continue;
+            }
+            if self.due(&pod.uid, now) {
                 to_capture.push((pod, file, identity));
             }
         }

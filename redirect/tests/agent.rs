@@ -348,3 +348,58 @@ fn a_namespace_recreated_at_the_same_path_is_never_touched() {
         vec!["add moved".to_owned(), "remove uid-moved".to_owned()]
     );
 }
+
+/// Removes our nftables table from this (the host's) namespace on drop, should a broken agent
+/// ever have put it there.
+struct HostGuard;
+
+impl Drop for HostGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", redirect::NFT_TABLE])
+            .output();
+    }
+}
+
+#[test]
+fn the_agents_own_namespace_is_never_captured() {
+    let _guard = HostGuard;
+    let host_ruleset = || {
+        let out = Command::new("nft")
+            .args(["list", "ruleset"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        !host_ruleset().contains("table inet ztunnel"),
+        "leftover from another run"
+    );
+    let placeholder = Netns::new("own");
+    let mut p = pod("host", &placeholder, "node-a");
+    // A path that names the agent's own namespace (a pod reported with the agent's PID, or a
+    // reused one).
+    p.netns = Some(PathBuf::from(format!(
+        "/proc/{}/ns/net",
+        std::process::id()
+    )));
+    p.namespace_labels
+        .insert(DATAPLANE_MODE_LABEL.into(), "ambient".into());
+    let source = Source::default();
+    *source.0.lock().unwrap() = vec![p];
+    let handoff = Recorder::default();
+    let mut agent = NodeAgent::new(
+        "node-a",
+        Backend::Nftables,
+        RuleSet::default(),
+        source,
+        handoff.clone(),
+    );
+    agent.sync().unwrap();
+    assert!(agent.captured().is_empty());
+    assert!(handoff.0.lock().unwrap().is_empty());
+    assert!(
+        !host_ruleset().contains("table inet ztunnel"),
+        "the host was captured"
+    );
+}
