@@ -6,7 +6,7 @@ use std::process::Command;
 
 mod common;
 
-use common::{Netns, Recorder, Source};
+use common::{Netns, Recorder, Source, nft_agent};
 use redirect::agent::{DATAPLANE_MODE_LABEL, NodeAgent, PodInfo};
 use redirect::{Backend, RuleSet, check};
 
@@ -212,16 +212,7 @@ fn captures_a_pod_found_by_its_ip() {
     p.ips = vec![test_ip(7)];
     p.namespace_labels
         .insert(DATAPLANE_MODE_LABEL.into(), "ambient".into());
-    let source = Source::default();
-    *source.0.lock().unwrap() = vec![p];
-    let handoff = Recorder::default();
-    let mut agent = NodeAgent::new(
-        "node-a",
-        Backend::Nftables,
-        RuleSet::default(),
-        source.clone(),
-        handoff.clone(),
-    );
+    let (mut agent, source, handoff) = nft_agent(vec![p]);
     agent.sync().unwrap();
     assert!(ns.ruleset().contains("table inet ztunnel"));
     assert_eq!(
@@ -264,16 +255,7 @@ fn a_pod_ip_held_by_two_namespaces_is_never_guessed() {
     p.ips = vec![test_ip(8)];
     p.namespace_labels
         .insert(DATAPLANE_MODE_LABEL.into(), "ambient".into());
-    let source = Source::default();
-    *source.0.lock().unwrap() = vec![p];
-    let handoff = Recorder::default();
-    let mut agent = NodeAgent::new(
-        "node-a",
-        Backend::Nftables,
-        RuleSet::default(),
-        source,
-        handoff.clone(),
-    );
+    let (mut agent, _source, handoff) = nft_agent(vec![p]);
     agent.sync().unwrap();
     agent.sync().unwrap();
     assert!(agent.captured().is_empty());
@@ -290,16 +272,7 @@ fn a_namespace_recreated_at_the_same_path_is_never_touched() {
     let mut p = pod("moved", &first, "node-a");
     p.namespace_labels
         .insert(DATAPLANE_MODE_LABEL.into(), "ambient".into());
-    let source = Source::default();
-    *source.0.lock().unwrap() = vec![p];
-    let handoff = Recorder::default();
-    let mut agent = NodeAgent::new(
-        "node-a",
-        Backend::Nftables,
-        rules.clone(),
-        source.clone(),
-        handoff.clone(),
-    );
+    let (mut agent, source, handoff) = nft_agent(vec![p]);
     agent.sync().unwrap();
     let held = agent.captured()["uid-moved"].netns.clone();
     let old_inode = {
@@ -385,16 +358,7 @@ fn the_agents_own_namespace_is_never_captured() {
     )));
     p.namespace_labels
         .insert(DATAPLANE_MODE_LABEL.into(), "ambient".into());
-    let source = Source::default();
-    *source.0.lock().unwrap() = vec![p];
-    let handoff = Recorder::default();
-    let mut agent = NodeAgent::new(
-        "node-a",
-        Backend::Nftables,
-        RuleSet::default(),
-        source,
-        handoff.clone(),
-    );
+    let (mut agent, _source, handoff) = nft_agent(vec![p]);
     agent.sync().unwrap();
     assert!(agent.captured().is_empty());
     assert!(handoff.0.lock().unwrap().is_empty());

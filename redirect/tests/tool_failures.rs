@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{Netns, Recorder, Source};
-use redirect::agent::{DATAPLANE_MODE_LABEL, NodeAgent, PodInfo};
+use common::{Netns, nft_agent};
+use redirect::agent::{DATAPLANE_MODE_LABEL, PodInfo};
 use redirect::{Backend, Error, RuleSet, apply};
 
 /// The stand-in tools and their switches.
@@ -115,16 +115,7 @@ fn failing_hanging_and_racing_tools() {
     unsafe { std::env::set_var("PATH", format!("{}:{path}", fakes.dir.display())) };
 
     // 1. A capture that fails is not reported, and is retried only after its backoff.
-    let source = Source::default();
-    *source.0.lock().unwrap() = vec![ambient_pod("p", &ns.path())];
-    let handoff = Recorder::default();
-    let mut agent = NodeAgent::new(
-        "node-a",
-        Backend::Nftables,
-        RuleSet::default(),
-        source.clone(),
-        handoff.clone(),
-    );
+    let (mut agent, source, handoff) = nft_agent(vec![ambient_pod("p", &ns.path())]);
     fakes.set("fail", true);
     agent.sync().unwrap();
     assert!(agent.captured().is_empty());

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
-use redirect::agent::{Handoff, PodInfo, PodSource};
+use redirect::agent::{Handoff, NodeAgent, PodInfo, PodSource};
+use redirect::{Backend, RuleSet};
 
 /// An in-memory pod source the test edits.
 #[derive(Clone, Default)]
@@ -15,6 +16,22 @@ impl PodSource for Source {
     fn pods(&self) -> Result<Vec<PodInfo>, String> {
         Ok(self.0.lock().unwrap().clone())
     }
+}
+
+/// An agent for node-a with the nftables backend and default rules over `pods`, with its
+/// source (to edit) and handoff recorder.
+pub(crate) fn nft_agent(pods: Vec<PodInfo>) -> (NodeAgent<Source, Recorder>, Source, Recorder) {
+    let source = Source::default();
+    *source.0.lock().unwrap() = pods;
+    let handoff = Recorder::default();
+    let agent = NodeAgent::new(
+        "node-a",
+        Backend::Nftables,
+        RuleSet::default(),
+        source.clone(),
+        handoff.clone(),
+    );
+    (agent, source, handoff)
 }
 
 /// A handoff that records `add NAME` and `remove UID`.
