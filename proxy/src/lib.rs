@@ -1,0 +1,59 @@
+//! The ambient node proxy as a library: what it knows (workloads, services, policies) and how it
+//! routes captured connections.
+//!
+//! So far: [`state`] (an immutable snapshot the data path reads without locks, updated from xDS
+//! resources) and [`outbound::decide`], the pure route decision of a captured outbound
+//! connection (service VIP -> healthy endpoint -> HBONE or passthrough). The data paths, the
+//! in-pod listeners and telemetry come next (issue 10).
+//!
+//! ```
+//! use proxy::addr::OrigDst;
+//! use proxy::outbound::{Route, decide};
+//! use proxy::state::{State, StateStore};
+//! use xds_client::resources::{Address, Workload, WorkloadType};
+//!
+//! let pod = |uid: &str, ip: [u8; 4], sa: &str, hbone: bool| Workload {
+//!     uid: uid.into(),
+//!     name: uid.into(),
+//!     namespace: "default".into(),
+//!     addresses: vec![ip.into()],
+//!     network: String::new(),
+//!     hbone,
+//!     identity: format!("spiffe://cluster.local/ns/default/sa/{sa}").parse().unwrap(),
+//!     node: "node-a".into(),
+//!     canonical_name: uid.into(),
+//!     canonical_revision: "latest".into(),
+//!     workload_type: WorkloadType::Pod,
+//!     workload_name: uid.into(),
+//!     authorization_policies: vec![],
+//!     healthy: true,
+//!     cluster_id: "Kubernetes".into(),
+//!     hostname: String::new(),
+//!     services: Default::default(),
+//! };
+//! let store = StateStore::new(State::new("istio-system"));
+//! store.update(|s| {
+//!     s.insert_address(Address::Workload(pod("sleep", [10, 0, 0, 1], "sleep", true)));
+//!     s.insert_address(Address::Workload(pod("web", [10, 0, 0, 2], "web", true)));
+//! });
+//! let state = store.snapshot();
+//! let sleep = state.workload("sleep").unwrap();
+//! let route = decide(&state, sleep, OrigDst("10.0.0.2:8080".parse()?), &mut |_| 0).unwrap();
+//! match route {
+//!     Route::Hbone { target, authority, expected, .. } => {
+//!         assert_eq!(target.to_string(), "10.0.0.2:15008");
+//!         assert_eq!(authority.to_string(), "10.0.0.2:8080");
+//!         assert_eq!(expected[0].as_str(), "spiffe://cluster.local/ns/default/sa/web");
+//!     }
+//!     other => panic!("{other:?}"),
+//! }
+//! // Outside the mesh: passthrough.
+//! let route = decide(&state, sleep, OrigDst("93.184.216.34:443".parse()?), &mut |_| 0).unwrap();
+//! assert!(matches!(route, Route::Passthrough { .. }));
+//! # Ok::<(), std::net::AddrParseError>(())
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod addr;
+pub mod outbound;
+pub mod state;

@@ -1,0 +1,487 @@
+//! The outbound route decision: a table of the cases Istio's ztunnel distinguishes, and a
+//! property test against an independent, naive oracle over random states and destinations.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use proxy::addr::OrigDst;
+use proxy::outbound::{Route, RouteError, decide};
+use proxy::state::{State, StateStore};
+use xds_client::resources::{Address, PortMapping, Service, Workload, WorkloadType};
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
+
+fn workload(uid: &str, addr: &str, sa: &str) -> Workload {
+    Workload {
+        uid: uid.into(),
+        name: uid.into(),
+        namespace: "default".into(),
+        addresses: vec![ip(addr)],
+        network: String::new(),
+        hbone: true,
+        identity: format!("spiffe://cluster.local/ns/default/sa/{sa}")
+            .parse()
+            .unwrap(),
+        node: "node-a".into(),
+        canonical_name: uid.into(),
+        canonical_revision: "latest".into(),
+        workload_type: WorkloadType::Pod,
+        workload_name: uid.into(),
+        authorization_policies: vec![],
+        healthy: true,
+        cluster_id: "Kubernetes".into(),
+        hostname: String::new(),
+        services: BTreeMap::new(),
+    }
+}
+
+fn member(mut w: Workload, service: &str, ports: &[(u16, u16)]) -> Workload {
+    w.services.insert(
+        service.into(),
+        ports
+            .iter()
+            .map(|&(service_port, target_port)| PortMapping {
+                service_port,
+                target_port,
+            })
+            .collect(),
+    );
+    w
+}
+
+fn service(name: &str, vip: &str, ports: &[(u16, u16)]) -> Service {
+    Service {
+        name: name.into(),
+        namespace: "default".into(),
+        hostname: format!("{name}.default.svc.cluster.local"),
+        addresses: vec![(String::new(), ip(vip))],
+        ports: ports
+            .iter()
+            .map(|&(service_port, target_port)| PortMapping {
+                service_port,
+                target_port,
+            })
+            .collect(),
+        subject_alt_names: vec![],
+    }
+}
+
+const WEB: &str = "default/web.default.svc.cluster.local";
+
+fn route(state: &State, to: &str, pick: usize) -> Result<Route, RouteError> {
+    let source = state.workload("sleep").unwrap().clone();
+    decide(state, &source, OrigDst(to.parse().unwrap()), &mut |_| pick)
+}
+
+fn hbone_parts(r: &Route) -> (String, String, Vec<String>, String) {
+    match r {
+        Route::Hbone {
+            target,
+            authority,
+            expected,
+            destination,
+            ..
+        } => (
+            target.to_string(),
+            authority.to_string(),
+            expected.iter().map(|i| i.as_str().to_owned()).collect(),
+            destination.uid.clone(),
+        ),
+        other => panic!("expected HBONE, got {other:?}"),
+    }
+}
+
+fn mesh() -> State {
+    let mut s = State::new("istio-system");
+    s.insert_address(Address::Workload(workload("sleep", "10.0.0.1", "sleep")));
+    let mut sick = member(workload("web-0", "10.0.0.10", "web"), WEB, &[(80, 8080)]);
+    sick.healthy = false;
+    s.insert_address(Address::Workload(sick));
+    s.insert_address(Address::Workload(member(
+        workload("web-1", "10.0.0.11", "web"),
+        WEB,
+        &[(80, 9090)],
+    )));
+    s.insert_address(Address::Workload(member(
+        workload("web-2", "10.0.0.12", "web"),
+        WEB,
+        &[],
+    )));
+    let mut outside = workload("legacy", "10.0.0.20", "legacy");
+    outside.hbone = false;
+    s.insert_address(Address::Workload(outside));
+    s.insert_address(Address::Service(service(
+        "web",
+        "10.96.0.10",
+        &[(80, 8080), (81, 0)],
+    )));
+    s
+}
+
+#[test]
+fn a_vip_reaches_a_healthy_endpoint_with_its_target_port() {
+    let s = mesh();
+    // Healthy endpoints in uid order: web-1 (own port map 80 -> 9090), web-2 (none: the
+    // service's 80 -> 8080). The unhealthy web-0 is never picked.
+    let (target, authority, expected, uid) = hbone_parts(&route(&s, "10.96.0.10:80", 0).unwrap());
+    assert_eq!(
+        (target.as_str(), authority.as_str(), uid.as_str()),
+        ("10.0.0.11:15008", "10.0.0.11:9090", "web-1")
+    );
+    assert_eq!(expected, vec!["spiffe://cluster.local/ns/default/sa/web"]);
+    let (_, authority, _, uid) = hbone_parts(&route(&s, "10.96.0.10:80", 1).unwrap());
+    assert_eq!(
+        (authority.as_str(), uid.as_str()),
+        ("10.0.0.12:8080", "web-2")
+    );
+}
+
+#[test]
+fn service_errors_say_what_is_missing() {
+    let s = mesh();
+    assert_eq!(
+        route(&s, "10.96.0.10:443", 0).unwrap_err(),
+        RouteError::NoServicePort {
+            service: WEB.into(),
+            port: 443
+        }
+    );
+    // Port 81 has target port 0 (a named port) and web-2 has no map for it.
+    let err = route(&s, "10.96.0.10:81", 1).unwrap_err();
+    assert!(
+        matches!(err, RouteError::NoTargetPort { ref endpoint, .. } if endpoint == "web-2"),
+        "{err}"
+    );
+    let mut none_healthy = s.clone();
+    none_healthy.remove_address("web-1");
+    none_healthy.remove_address("web-2");
+    let err = route(&none_healthy, "10.96.0.10:80", 0).unwrap_err();
+    assert!(
+        matches!(err, RouteError::NoHealthyEndpoint { total: 1, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains(WEB), "{err}");
+}
+
+#[test]
+fn pods_in_and_out_of_the_mesh_and_the_outside_world() {
+    let s = mesh();
+    let (target, authority, _, uid) = hbone_parts(&route(&s, "10.0.0.10:8080", 0).unwrap());
+    assert_eq!(
+        (target.as_str(), authority.as_str(), uid.as_str()),
+        ("10.0.0.10:15008", "10.0.0.10:8080", "web-0"),
+        "a pod addressed directly is reached even when not ready"
+    );
+    match route(&s, "10.0.0.20:5432", 0).unwrap() {
+        Route::Passthrough {
+            to, destination, ..
+        } => {
+            assert_eq!(to.to_string(), "10.0.0.20:5432");
+            assert_eq!(destination.unwrap().uid, "legacy");
+        }
+        other => panic!("{other:?}"),
+    }
+    match route(&s, "93.184.216.34:443", 0).unwrap() {
+        Route::Passthrough {
+            to, destination, ..
+        } => {
+            assert_eq!(to.to_string(), "93.184.216.34:443");
+            assert!(destination.is_none());
+        }
+        other => panic!("{other:?}"),
+    }
+    // Same node, even the source itself: HBONE.
+    let (target, ..) = hbone_parts(&route(&s, "10.0.0.1:80", 0).unwrap());
+    assert_eq!(target, "10.0.0.1:15008");
+}
+
+#[test]
+fn service_sans_are_expected_too_and_other_networks_are_invisible() {
+    let mut s = mesh();
+    let mut svc = service("web", "10.96.0.10", &[(80, 8080)]);
+    svc.subject_alt_names = vec![
+        "spiffe://cluster.local/ns/default/sa/web-canary".into(),
+        "not a spiffe id".into(),
+    ];
+    s.insert_address(Address::Service(svc));
+    let (_, _, expected, _) = hbone_parts(&route(&s, "10.96.0.10:80", 0).unwrap());
+    assert_eq!(
+        expected,
+        vec![
+            "spiffe://cluster.local/ns/default/sa/web",
+            "spiffe://cluster.local/ns/default/sa/web-canary"
+        ]
+    );
+    let mut far = workload("far", "10.0.0.30", "far");
+    far.network = "net-2".into();
+    s.insert_address(Address::Workload(far));
+    assert!(matches!(
+        route(&s, "10.0.0.30:80", 0).unwrap(),
+        Route::Passthrough {
+            destination: None,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn the_last_claimant_of_an_address_holds_it_and_the_earlier_one_returns() {
+    let mut s = mesh();
+    s.insert_address(Address::Workload(workload(
+        "web-1-new",
+        "10.0.0.11",
+        "other",
+    )));
+    let (_, _, _, uid) = hbone_parts(&route(&s, "10.0.0.11:80", 0).unwrap());
+    assert_eq!(uid, "web-1-new");
+    s.remove_address("web-1-new");
+    let (_, _, _, uid) = hbone_parts(&route(&s, "10.0.0.11:80", 0).unwrap());
+    assert_eq!(uid, "web-1");
+}
+
+#[test]
+fn snapshots_never_change_under_their_reader_and_a_new_state_denies() {
+    let store = StateStore::new(mesh());
+    let before = store.snapshot();
+    store.update(|s| s.remove_address("web-1"));
+    assert!(before.workload("web-1").is_some());
+    assert!(store.snapshot().workload("web-1").is_none());
+    // Policies start unsynced: every decision denies until the first complete set.
+    let state = store.snapshot();
+    let conn = authz::Connection {
+        source: "10.0.0.1:1234".parse().unwrap(),
+        destination: "10.0.0.11:9090".parse().unwrap(),
+        peer: None,
+    };
+    let workload = authz::Workload {
+        namespace: "default".into(),
+        ..Default::default()
+    };
+    assert!(!state.policies().decide(&conn, &workload).allowed);
+    store.update(|s| s.set_synced(true));
+    assert!(store.snapshot().policies().decide(&conn, &workload).allowed);
+}
+
+#[test]
+fn a_handed_over_pod_is_found_only_when_exactly_one_workload_fits() {
+    let mut s = mesh();
+    let found = s
+        .workload_for_pod("default", "sleep", "sleep", "node-a")
+        .unwrap();
+    assert_eq!(found.uid, "sleep");
+    assert!(
+        s.workload_for_pod("default", "sleep", "other-sa", "node-a")
+            .is_none()
+    );
+    assert!(
+        s.workload_for_pod("default", "sleep", "sleep", "node-b")
+            .is_none()
+    );
+    // Two workloads for one pod name (another cluster's, say): ambiguous, none.
+    let mut twin = workload("sleep-2", "10.0.0.2", "sleep");
+    twin.name = "sleep".into();
+    s.insert_address(Address::Workload(twin));
+    assert!(
+        s.workload_for_pod("default", "sleep", "sleep", "node-a")
+            .is_none()
+    );
+}
+
+// ---- property test against a naive oracle -------------------------------------------------
+
+#[derive(Debug, Clone)]
+enum Op {
+    AddWorkload {
+        id: u8,
+        ip: u8,
+        network: bool,
+        hbone: bool,
+        healthy: bool,
+        ports: Vec<(u16, u16)>,
+    },
+    AddService {
+        id: u8,
+        vip: u8,
+        ports: Vec<(u16, u16)>,
+    },
+    Remove(u8, bool),
+}
+
+fn ops() -> impl Strategy<Value = Vec<Op>> {
+    let port_map = prop::collection::vec((prop_oneof![Just(80u16), Just(81)], 0u16..3), 0..3);
+    let op = prop_oneof![
+        (
+            0u8..6,
+            0u8..6,
+            prop::bool::weighted(0.2),
+            any::<bool>(),
+            prop::bool::weighted(0.8),
+            port_map.clone()
+        )
+            .prop_map(|(id, ip, network, hbone, healthy, ports)| Op::AddWorkload {
+                id,
+                ip,
+                network,
+                hbone,
+                healthy,
+                ports: ports.into_iter().map(|(s, t)| (s, t * 1000)).collect(),
+            }),
+        (0u8..3, 0u8..4, port_map).prop_map(|(id, vip, ports)| Op::AddService {
+            id,
+            vip,
+            ports: ports.into_iter().map(|(s, t)| (s, t * 1000)).collect(),
+        }),
+        (0u8..6, any::<bool>()).prop_map(|(id, svc)| Op::Remove(id, svc)),
+    ];
+    prop::collection::vec(op, 0..24)
+}
+
+/// Builds both the state and the oracle's plain list of live resources, in insertion order.
+fn build(ops: &[Op]) -> (State, Vec<Workload>, Vec<Service>) {
+    let mut state = State::new("istio-system");
+    let mut ws: Vec<Workload> = Vec::new();
+    let mut ss: Vec<Service> = Vec::new();
+    // Pod IPs 10.0.0.0-5 and VIPs 10.0.0.2-5 overlap on purpose (a VIP wins over a pod).
+    for op in ops {
+        match op {
+            Op::AddWorkload {
+                id,
+                ip,
+                network,
+                hbone,
+                healthy,
+                ports,
+            } => {
+                let mut w = workload(
+                    &format!("w{id}"),
+                    &format!("10.0.0.{ip}"),
+                    &format!("sa{id}"),
+                );
+                w.network = if *network { "n2".into() } else { String::new() };
+                w.hbone = *hbone;
+                w.healthy = *healthy;
+                // Every workload belongs to service s{id % 3}, with these port maps.
+                let key = format!("default/s{}.default.svc.cluster.local", id % 3);
+                w = member(w, &key, ports);
+                ws.retain(|x| x.uid != w.uid);
+                ws.push(w.clone());
+                state.insert_address(Address::Workload(w));
+            }
+            Op::AddService { id, vip, ports } => {
+                let s = service(&format!("s{id}"), &format!("10.0.0.{}", vip + 2), ports);
+                ss.retain(|x| x.hostname != s.hostname);
+                ss.push(s.clone());
+                state.insert_address(Address::Service(s));
+            }
+            Op::Remove(id, svc) => {
+                let key = if *svc {
+                    format!("default/s{id}.default.svc.cluster.local")
+                } else {
+                    format!("w{id}")
+                };
+                ws.retain(|x| x.uid != key);
+                ss.retain(|x| format!("default/{}", x.hostname) != key);
+                state.remove_address(&key);
+            }
+        }
+    }
+    (state, ws, ss)
+}
+
+/// What the route should be, computed by scanning lists. `Ok((kind, destination uid, upstream))`
+/// with kind "hbone" or "pass".
+fn oracle(
+    ws: &[Workload],
+    ss: &[Service],
+    source_network: &str,
+    dst: SocketAddr,
+    pick: usize,
+) -> Result<(&'static str, Option<String>, SocketAddr), &'static str> {
+    let svc = ss.iter().rev().find(|s| {
+        s.addresses
+            .iter()
+            .any(|(n, ip)| n == source_network && *ip == dst.ip())
+    });
+    if let Some(s) = svc {
+        let key = format!("default/{}", s.hostname);
+        let Some(sp) = s.ports.iter().find(|p| p.service_port == dst.port()) else {
+            return Err("no service port");
+        };
+        let mut members: Vec<&Workload> = ws
+            .iter()
+            .filter(|w| w.services.contains_key(&key))
+            .filter(|w| w.healthy && w.network == source_network)
+            .collect();
+        members.sort_by(|a, b| a.uid.cmp(&b.uid));
+        if members.is_empty() {
+            return Err("no healthy endpoint");
+        }
+        let w = members[pick.min(members.len() - 1)];
+        let own = w.services[&key]
+            .iter()
+            .find(|p| p.service_port == dst.port())
+            .map(|p| p.target_port)
+            .unwrap_or(0);
+        let port = if own != 0 { own } else { sp.target_port };
+        if port == 0 {
+            return Err("no target port");
+        }
+        let kind = if w.hbone { "hbone" } else { "pass" };
+        return Ok((
+            kind,
+            Some(w.uid.clone()),
+            SocketAddr::new(w.addresses[0], port),
+        ));
+    }
+    let holder = ws
+        .iter()
+        .rev()
+        .find(|w| w.network == source_network && w.addresses.contains(&dst.ip()));
+    Ok(match holder {
+        Some(w) if w.hbone => ("hbone", Some(w.uid.clone()), dst),
+        Some(w) => ("pass", Some(w.uid.clone()), dst),
+        None => ("pass", None, dst),
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
+
+    #[test]
+    fn decide_agrees_with_a_naive_oracle(ops in ops(), host in 0u8..8, port in prop_oneof![Just(80u16), Just(81), Just(443)], pick in 0usize..4, far in prop::bool::weighted(0.2)) {
+        let (state, ws, ss) = build(&ops);
+        let mut source = workload("client", "10.1.0.1", "client");
+        source.network = if far { "n2".into() } else { String::new() };
+        let dst: SocketAddr = format!("10.0.0.{host}:{port}").parse().unwrap();
+        let got = decide(&state, &source, OrigDst(dst), &mut |_| pick);
+        let want = oracle(&ws, &ss, &source.network, dst, pick);
+        match (&got, &want) {
+            (Ok(Route::Hbone { target, authority, destination, expected, .. }), Ok(("hbone", Some(uid), up))) => {
+                prop_assert_eq!(&destination.uid, uid);
+                prop_assert_eq!(authority.0, *up);
+                prop_assert_eq!(target.0, SocketAddr::new(up.ip(), 15008));
+                prop_assert_eq!(&expected[0], &destination.identity);
+            }
+            (Ok(Route::Passthrough { to, destination, .. }), Ok(("pass", uid, up))) => {
+                prop_assert_eq!(to.0, *up);
+                prop_assert_eq!(destination.as_ref().map(|w| w.uid.clone()), uid.clone());
+            }
+            (Err(e), Err(why)) => {
+                let same = matches!((e, *why),
+                    (RouteError::NoServicePort { .. }, "no service port")
+                    | (RouteError::NoHealthyEndpoint { .. }, "no healthy endpoint")
+                    | (RouteError::NoTargetPort { .. }, "no target port"));
+                prop_assert!(same, "{:?} vs {:?}", e, why);
+            }
+            _ => prop_assert!(false, "decide {:?}\noracle {:?}", got, want),
+        }
+        // Shared Arcs: a route never copies the workload.
+        if let Ok(Route::Hbone { destination, .. }) = &got {
+            prop_assert!(Arc::ptr_eq(destination, state.workload(&destination.uid).unwrap()));
+        }
+    }
+}
