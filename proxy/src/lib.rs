@@ -2,9 +2,11 @@
 //! routes captured connections.
 //!
 //! So far: [`state`] (an immutable snapshot the data path reads without locks, updated from xDS
-//! resources) and [`outbound::decide`], the pure route decision of a captured outbound
-//! connection (service VIP -> healthy endpoint -> HBONE or passthrough). The data paths, the
-//! in-pod listeners and telemetry come next (issue 10).
+//! resources), [`outbound::decide`], the pure route decision of a captured outbound connection
+//! (service VIP -> healthy endpoint -> HBONE or passthrough), [`inbound::Inbound`], the HBONE
+//! handler of a local workload (authority check, L4 policy with the client's SPIFFE id, app
+//! connect, copy), and [`connections`], which closes connections a policy change now denies.
+//! Outbound execution, the in-pod listeners, telemetry and `ztunnel proxy` come next (issue 10).
 //!
 //! ```
 //! use proxy::addr::OrigDst;
@@ -55,5 +57,16 @@
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod connections;
+pub mod inbound;
 pub mod outbound;
 pub mod state;
+
+/// The policy view of a workload: its namespace and the policies xDS says apply to it.
+pub(crate) fn authz_workload(w: &xds_client::resources::Workload) -> authz::Workload {
+    authz::Workload {
+        namespace: w.namespace.clone(),
+        labels: Default::default(),
+        policies: w.authorization_policies.clone(),
+    }
+}
