@@ -3,10 +3,12 @@
 //!
 //! So far: [`state`] (an immutable snapshot the data path reads without locks, updated from xDS
 //! resources), [`outbound::decide`], the pure route decision of a captured outbound connection
-//! (service VIP -> healthy endpoint -> HBONE or passthrough), [`inbound::Inbound`], the HBONE
-//! handler of a local workload (authority check, L4 policy with the client's SPIFFE id, app
-//! connect, copy), and [`connections`], which closes connections a policy change now denies.
-//! Outbound execution, the in-pod listeners, telemetry and `ztunnel proxy` come next (issue 10).
+//! (service VIP -> healthy endpoint -> HBONE or passthrough) and its execution
+//! ([`outbound::Outbound`]: HBONE with the source workload's own certificate, or passthrough),
+//! [`inbound::Inbound`], the HBONE handler of a local workload (authority check, L4 policy with
+//! the client's SPIFFE id, app connect, copy), and [`connections`], which closes connections a
+//! policy change now denies. The in-pod listeners, telemetry and `ztunnel proxy` come next
+//! (issue 10).
 //!
 //! ```
 //! use proxy::addr::OrigDst;

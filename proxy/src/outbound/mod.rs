@@ -1,7 +1,9 @@
 //! The outbound path (port 15001): a captured connection's route is decided by a pure function
-//! ([`decide`]) and then executed (in a later part of this crate: dial HBONE with the source
-//! pod's certificate, or connect directly).
+//! ([`decide`]) and then executed by [`Outbound`]: an HBONE tunnel with the source pod's own
+//! certificate, or a direct connection.
 
+mod execute;
 mod route;
 
+pub use execute::{Certificates, IdentityDialer, Managed, Outbound, OutboundOutcome, PoolKey};
 pub use route::{Route, RouteError, decide};

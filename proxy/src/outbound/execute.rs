@@ -1,0 +1,275 @@
+//! Carrying out a route: an HBONE tunnel with the source workload's own certificate, or a direct
+//! connection, joined to the captured client connection.
+//!
+//! Tunnels share pooled HBONE connections only when they present the same source identity and
+//! accept the same destination identities (the pool adds the destination address itself). The
+//! client configuration of a new pooled connection is built from the source's current
+//! certificate, so rotations take effect on the next connection.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hbone::headers::{Baggage, forwarded_for, traceparent};
+use hbone::{Authority, BoxError, Dialer, Pool};
+use http::HeaderMap;
+use identity::{SpiffeId, WorkloadCert};
+use rustls::RootCertStore;
+use tokio::net::TcpStream;
+use tracing::debug;
+use xds_client::resources::Workload;
+
+use super::route::{Route, decide};
+use crate::addr::{ClientAddr, OrigDst};
+use crate::state::StateStore;
+
+/// Where the proxy gets workload certificates (a [`identity::SecretManager`] fed by a CA, fixed
+/// files, or an in-process development CA) and the mesh's trust roots.
+pub trait Certificates: Send + Sync + 'static {
+    /// The current certificate of `id` (never an expired one).
+    fn get(
+        &self,
+        id: &SpiffeId,
+    ) -> impl Future<Output = Result<Arc<WorkloadCert>, identity::Error>> + Send;
+    /// The roots peers' chains must verify against.
+    fn roots(&self) -> Arc<RootCertStore>;
+}
+
+/// Certificates from a [`identity::SecretManager`] (fetched once, rotated before expiry).
+#[derive(Debug, Clone)]
+pub struct Managed {
+    /// The secret manager.
+    pub manager: identity::SecretManager,
+    /// The mesh's roots.
+    pub roots: Arc<RootCertStore>,
+}
+
+impl Certificates for Managed {
+    fn get(
+        &self,
+        id: &SpiffeId,
+    ) -> impl Future<Output = Result<Arc<WorkloadCert>, identity::Error>> + Send {
+        self.manager.get(id)
+    }
+
+    fn roots(&self) -> Arc<RootCertStore> {
+        self.roots.clone()
+    }
+}
+
+/// What pooled HBONE connections are shared by (besides the destination address).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// The identity the connection presents: the source workload's.
+    pub source: SpiffeId,
+    /// The identities the destination may present, sorted.
+    pub expected: Vec<SpiffeId>,
+}
+
+/// Dials pooled connections with the source's certificate, expecting the key's identities.
+#[derive(Debug)]
+pub struct IdentityDialer<C> {
+    certificates: Arc<C>,
+}
+
+impl<C: Certificates> Dialer<PoolKey> for IdentityDialer<C> {
+    async fn client_config(&self, key: &PoolKey) -> Result<Arc<rustls::ClientConfig>, BoxError> {
+        let cert = self.certificates.get(&key.source).await?;
+        let config = identity::tls::client_config_for(
+            &cert,
+            self.certificates.roots(),
+            key.expected.clone(),
+        )?;
+        Ok(Arc::new(config))
+    }
+}
+
+/// What one outbound connection did, for the access log and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboundOutcome {
+    /// The captured client.
+    pub source: ClientAddr,
+    /// The source workload's uid.
+    pub source_uid: String,
+    /// Where the client meant to go.
+    pub destination: OrigDst,
+    /// The destination workload's uid, when it is a known workload.
+    pub destination_uid: Option<String>,
+    /// The HBONE target, for tunneled connections.
+    pub hbone_target: Option<SocketAddr>,
+    /// Whether it was tunneled with mutual TLS.
+    pub mtls: bool,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+    /// Bytes from the client, and to it.
+    pub bytes: (u64, u64),
+    /// How long it lasted.
+    pub duration: Duration,
+}
+
+/// The outbound path of one proxy.
+pub struct Outbound<C> {
+    state: Arc<StateStore>,
+    pool: Pool<PoolKey, IdentityDialer<C>>,
+    connect_timeout: Duration,
+}
+
+impl<C> std::fmt::Debug for Outbound<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbound").finish_non_exhaustive()
+    }
+}
+
+impl<C: Certificates> Outbound<C> {
+    /// An outbound path reading `state`, presenting certificates from `certificates`, with HBONE
+    /// settings `config` (its `connect_timeout` also limits a passthrough connect).
+    pub fn new(state: Arc<StateStore>, certificates: Arc<C>, config: hbone::Config) -> Self {
+        let connect_timeout = config.connect_timeout;
+        Outbound {
+            state,
+            pool: Pool::new(config, IdentityDialer { certificates }),
+            connect_timeout,
+        }
+    }
+
+    /// Routes one captured connection of workload `source_uid` to `destination` and copies until
+    /// both sides are done.
+    pub async fn serve(
+        &self,
+        mut client: TcpStream,
+        source: ClientAddr,
+        destination: OrigDst,
+        source_uid: &str,
+    ) -> OutboundOutcome {
+        let started = Instant::now();
+        let mut outcome = OutboundOutcome {
+            source,
+            source_uid: source_uid.to_owned(),
+            destination,
+            destination_uid: None,
+            hbone_target: None,
+            mtls: false,
+            error: None,
+            bytes: (0, 0),
+            duration: Duration::ZERO,
+        };
+        let state = self.state.snapshot();
+        let Some(workload) = state.workload(source_uid).cloned() else {
+            outcome.error = Some(format!("unknown source workload {source_uid}"));
+            return outcome;
+        };
+        let route = decide(&state, &workload, destination, &mut |n| {
+            rand::random_range(0..n.max(1))
+        });
+        drop(state);
+        let result = match route {
+            Err(e) => Err(e.to_string()),
+            Ok(Route::Hbone {
+                target,
+                authority,
+                mut expected,
+                destination: dst,
+                ..
+            }) => {
+                outcome.destination_uid = Some(dst.uid.clone());
+                outcome.hbone_target = Some(target.0);
+                outcome.mtls = true;
+                expected.sort();
+                let key = PoolKey {
+                    source: workload.identity.clone(),
+                    expected,
+                };
+                let authority = Authority::Addr(authority.0);
+                match self
+                    .pool
+                    .connect(
+                        key,
+                        target.0,
+                        &authority,
+                        request_headers(&workload, source),
+                    )
+                    .await
+                {
+                    Ok(mut tunnel) => hbone::copy_tunnel_bidirectional(&mut tunnel, &mut client)
+                        .await
+                        .map(|t| (t.b_to_a, t.a_to_b))
+                        .map_err(|e| {
+                            outcome.bytes = (e.transferred.b_to_a, e.transferred.a_to_b);
+                            e.to_string()
+                        }),
+                    Err(e) => Err(describe_dial_error(&e)),
+                }
+            }
+            Ok(Route::Passthrough {
+                to,
+                destination: dst,
+                ..
+            }) => {
+                outcome.destination_uid = dst.map(|w| w.uid.clone());
+                match tokio::time::timeout(self.connect_timeout, TcpStream::connect(to.0)).await {
+                    Ok(Ok(mut upstream)) => {
+                        let _ = upstream.set_nodelay(true);
+                        hbone::copy_bidirectional(&mut client, &mut upstream)
+                            .await
+                            .map(|t| (t.a_to_b, t.b_to_a))
+                            .map_err(|e| {
+                                outcome.bytes = (e.transferred.a_to_b, e.transferred.b_to_a);
+                                e.to_string()
+                            })
+                    }
+                    Ok(Err(e)) => Err(format!("connect to {to}: {e}")),
+                    Err(_) => Err(format!(
+                        "connect to {to} did not finish within {:?}",
+                        self.connect_timeout
+                    )),
+                }
+            }
+        };
+        match result {
+            Ok(bytes) => outcome.bytes = bytes,
+            Err(e) => outcome.error = Some(e),
+        }
+        outcome.duration = started.elapsed();
+        debug!(?outcome, "outbound connection done");
+        outcome
+    }
+}
+
+/// The CONNECT headers Istio's ztunnel sends: `forwarded`, `baggage`, `traceparent`.
+fn request_headers(source: &Workload, client: ClientAddr) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert("forwarded", forwarded_for(client.0));
+    let baggage = Baggage {
+        cluster: Some(source.cluster_id.clone()).filter(|s| !s.is_empty()),
+        namespace: Some(source.namespace.clone()),
+        workload: Some((
+            format!("{:?}", source.workload_type).to_ascii_lowercase(),
+            source.workload_name.clone(),
+        )),
+        service_name: Some(source.canonical_name.clone()).filter(|s| !s.is_empty()),
+        service_version: Some(source.canonical_revision.clone()).filter(|s| !s.is_empty()),
+    };
+    headers.insert("baggage", baggage.to_header());
+    headers.insert("traceparent", traceparent());
+    headers
+}
+
+/// A dial error, with Istio's hint when the HBONE port did not answer in time.
+fn describe_dial_error(e: &hbone::Error) -> String {
+    match e {
+        hbone::Error::HandshakeTimeout { peer, .. } => format!(
+            "{e} (maybe a NetworkPolicy or firewall is blocking the HBONE port {} of {})",
+            peer.port(),
+            peer.ip()
+        ),
+        hbone::Error::Connect { peer, source } if source.kind() == std::io::ErrorKind::TimedOut => {
+            format!(
+                "{e} (maybe a NetworkPolicy or firewall is blocking the HBONE port {} of {})",
+                peer.port(),
+                peer.ip()
+            )
+        }
+        _ => e.to_string(),
+    }
+}

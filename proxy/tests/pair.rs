@@ -1,0 +1,250 @@
+//! An outbound and an inbound proxy in process, on loopback addresses of their own (each test
+//! uses a distinct 127.x.y.0/24, so port 15008 is free): a service VIP reaches its endpoint
+//! through HBONE with the source's own certificate, policy applies with that identity, and a
+//! destination outside the mesh passes through.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hbone::{Config, Server};
+use identity::{DevCa, SpiffeId, WorkloadCert};
+use proxy::addr::{ClientAddr, OrigDst};
+use proxy::connections::Connections;
+use proxy::inbound::{DirectConnector, Inbound, InboundOutcome};
+use proxy::outbound::{Certificates, Outbound, OutboundOutcome};
+use proxy::state::{State, StateStore};
+use rustls::RootCertStore;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use xds_client::resources::{Address, PortMapping, Service, Workload, WorkloadType};
+
+const HOUR: Duration = Duration::from_secs(3600);
+const WEB_SVC: &str = "default/web.default.svc.cluster.local";
+
+fn id(sa: &str) -> SpiffeId {
+    format!("spiffe://cluster.local/ns/default/sa/{sa}")
+        .parse()
+        .unwrap()
+}
+
+/// 127.<pid>.<test>.<host>: addresses no other test (or test run) uses.
+fn ip(test: u8, host: u8) -> IpAddr {
+    IpAddr::from([127, (std::process::id() % 200 + 20) as u8, test, host])
+}
+
+fn workload(uid: &str, addr: IpAddr, hbone: bool, policies: &[&str]) -> Workload {
+    Workload {
+        uid: uid.into(),
+        name: uid.into(),
+        namespace: "default".into(),
+        addresses: vec![addr],
+        network: String::new(),
+        hbone,
+        identity: id(uid),
+        node: "node-a".into(),
+        canonical_name: uid.into(),
+        canonical_revision: "v1".into(),
+        workload_type: WorkloadType::Deployment,
+        workload_name: uid.into(),
+        authorization_policies: policies.iter().map(|p| p.to_string()).collect(),
+        healthy: true,
+        cluster_id: "Kubernetes".into(),
+        hostname: String::new(),
+        services: BTreeMap::new(),
+    }
+}
+
+/// Certificates issued on demand by a development CA.
+struct DevCerts(DevCa);
+
+impl Certificates for DevCerts {
+    async fn get(&self, id: &SpiffeId) -> Result<Arc<WorkloadCert>, identity::Error> {
+        let creds = self.0.issue(id, HOUR)?;
+        Ok(Arc::new(WorkloadCert::new(id.clone(), creds)?))
+    }
+
+    fn roots(&self) -> Arc<RootCertStore> {
+        self.0.roots()
+    }
+}
+
+async fn echo_app(at: IpAddr) -> SocketAddr {
+    let listener = TcpListener::bind(SocketAddr::new(at, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut rd, mut wr) = tcp.split();
+                let _ = tokio::io::copy(&mut rd, &mut wr).await;
+                let _ = wr.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+struct Mesh {
+    outbound: Arc<Outbound<DevCerts>>,
+    inbound_log: Arc<Mutex<Vec<InboundOutcome>>>,
+    app: SocketAddr,
+    test: u8,
+}
+
+/// sleep and notsleep (clients), web (in the mesh, only sleep allowed, behind a service VIP),
+/// legacy (outside the mesh); web's node proxy listens on web's address, port 15008.
+async fn mesh(test: u8) -> Mesh {
+    let ca = DevCa::generate("cluster.local").unwrap();
+    let web_ip = ip(test, 2);
+    let app = echo_app(web_ip).await;
+    let store = Arc::new(StateStore::new(State::new("istio-system")));
+    store.update(|s| {
+        s.insert_address(Address::Workload(workload("sleep", ip(test, 1), true, &[])));
+        s.insert_address(Address::Workload(workload("notsleep", ip(test, 3), true, &[])));
+        let mut web = workload("web", web_ip, true, &["default/allow-sleep"]);
+        web.services.insert(
+            WEB_SVC.into(),
+            vec![PortMapping {
+                service_port: 80,
+                target_port: app.port(),
+            }],
+        );
+        s.insert_address(Address::Workload(web));
+        s.insert_address(Address::Service(Service {
+            name: "web".into(),
+            namespace: "default".into(),
+            hostname: "web.default.svc.cluster.local".into(),
+            addresses: vec![(String::new(), ip(test, 100))],
+            ports: vec![PortMapping {
+                service_port: 80,
+                target_port: 0,
+            }],
+            subject_alt_names: vec![],
+        }));
+        let yaml = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-sleep, namespace: default}\nspec: {selector: {matchLabels: {app: web}}, rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/sleep]}}]}]}\n";
+        let mut p = authz::parse_policies(yaml, "test", "istio-system")
+            .unwrap()
+            .policies
+            .remove(0);
+        p.selector.clear();
+        s.insert_policy(p);
+        s.set_synced(true);
+    });
+    let inbound_log: Arc<Mutex<Vec<InboundOutcome>>> = Arc::default();
+    let sink = inbound_log.clone();
+    let inbound = Inbound::new(
+        store.clone(),
+        Connections::new(),
+        "web",
+        DirectConnector,
+        move |o| sink.lock().unwrap().push(o),
+    );
+    let creds = ca.issue(&id("web"), HOUR).unwrap();
+    let tls =
+        identity::tls::server_config(creds.chain, creds.key, ca.roots(), "cluster.local").unwrap();
+    let server = Server::new(Config::default(), Arc::new(tls), inbound);
+    let listener = TcpListener::bind(SocketAddr::new(web_ip, 15008))
+        .await
+        .unwrap();
+    tokio::spawn(async move { server.serve(listener).await });
+    let outbound = Arc::new(Outbound::new(
+        store,
+        Arc::new(DevCerts(ca)),
+        Config::default(),
+    ));
+    Mesh {
+        outbound,
+        inbound_log,
+        app,
+        test,
+    }
+}
+
+/// Plays a captured client of `source` calling `destination`: sends `data`, half-closes, and
+/// returns what came back and the outbound outcome.
+async fn call(
+    mesh: &Mesh,
+    source: &str,
+    source_host: u8,
+    destination: SocketAddr,
+    data: &[u8],
+) -> (Vec<u8>, OutboundOutcome) {
+    let capture = TcpListener::bind(SocketAddr::new(ip(mesh.test, source_host), 0))
+        .await
+        .unwrap();
+    let mut app_side = TcpStream::connect(capture.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (captured, peer) = capture.accept().await.unwrap();
+    let outbound = mesh.outbound.clone();
+    let source = source.to_owned();
+    let task = tokio::spawn(async move {
+        outbound
+            .serve(captured, ClientAddr(peer), OrigDst(destination), &source)
+            .await
+    });
+    app_side.write_all(data).await.unwrap();
+    app_side.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), app_side.read_to_end(&mut got)).await;
+    let outcome = tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the outbound connection did not end")
+        .unwrap();
+    (got, outcome)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_vip_reaches_its_endpoint_through_hbone_with_the_source_identity() {
+    let mesh = mesh(1).await;
+    let vip = SocketAddr::new(ip(1, 100), 80);
+    let (got, out) = call(&mesh, "sleep", 1, vip, b"through the mesh").await;
+    assert_eq!(got, b"through the mesh", "{out:?}");
+    assert!(out.error.is_none(), "{out:?}");
+    assert!(out.mtls);
+    assert_eq!(out.destination_uid.as_deref(), Some("web"));
+    assert_eq!(out.hbone_target, Some(SocketAddr::new(ip(1, 2), 15008)));
+    assert_eq!(out.bytes, (16, 16));
+    let inbound = mesh.inbound_log.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(
+        inbound.source_identity.as_deref(),
+        Some(id("sleep").as_str())
+    );
+    assert_eq!(inbound.destination, mesh.app.to_string());
+    assert_eq!(inbound.bytes, (16, 16));
+    // The pod's own address works too.
+    let (got, out) = call(&mesh, "sleep", 1, mesh.app, b"direct").await;
+    assert_eq!(got, b"direct", "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_applies_to_the_source_workloads_own_identity() {
+    let mesh = mesh(2).await;
+    let vip = SocketAddr::new(ip(2, 100), 80);
+    let (got, out) = call(&mesh, "notsleep", 3, vip, b"let me in").await;
+    assert!(got.is_empty());
+    let error = out.error.unwrap();
+    assert!(error.contains("401"), "{error}");
+    let inbound = mesh.inbound_log.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(
+        inbound.source_identity.as_deref(),
+        Some(id("notsleep").as_str())
+    );
+    assert!(inbound.error.unwrap().contains("denied"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outside_the_mesh_is_a_passthrough_and_a_dead_hbone_port_is_explained() {
+    let mesh = mesh(3).await;
+    let outside = echo_app(ip(3, 9)).await;
+    let (got, out) = call(&mesh, "sleep", 1, outside, b"plain").await;
+    assert_eq!(got, b"plain", "{out:?}");
+    assert!(!out.mtls);
+    assert!(out.hbone_target.is_none());
+    // notsleep's address has no HBONE listener: the dial fails and says where.
+    let (_, out) = call(&mesh, "sleep", 1, SocketAddr::new(ip(3, 3), 8080), b"x").await;
+    let error = out.error.unwrap();
+    assert!(error.contains(&format!("{}:15008", ip(3, 3))), "{error}");
+}
