@@ -573,24 +573,27 @@ impl PolicyStore {
         if let Some(bucket) = self.by_namespace.get(&workload.namespace) {
             bucket.visit::<T>(facts, verdicts, &mut *f);
         }
-        // Named by the workload (xDS). YAML selector policies are matched by labels below.
+        // Named by the workload (xDS): always applies, whatever its selector says (a named
+        // policy is never skipped for want of labels). YAML selector policies are matched by
+        // labels below, unless the workload named them already.
         for key in &workload.policies {
             if let Some(c) = self.policies.get(key)
                 && c.policy.scope == Scope::WorkloadSelector
-                && c.policy.selector.is_empty()
             {
                 f(c, Visit::Evaluate);
             }
         }
-        let selects = |p: &Policy| {
-            p.selector
-                .iter()
-                .all(|(k, v)| workload.labels.get(k) == Some(v))
+        let selects = |c: &Compiled| {
+            !workload.policies.contains(&c.key)
+                && c.policy
+                    .selector
+                    .iter()
+                    .all(|(k, v)| workload.labels.get(k) == Some(v))
         };
         for namespace in [workload.namespace.as_str(), self.root_namespace.as_str()] {
             if let Some(list) = self.selectors.get(namespace) {
                 list.iter()
-                    .filter(|c| selects(&c.policy))
+                    .filter(|c| selects(c))
                     .for_each(|c| f(c, Visit::Evaluate));
             }
             if workload.namespace == self.root_namespace {

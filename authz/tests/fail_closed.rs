@@ -228,3 +228,31 @@ fn ipv4_mapped_cidrs_match_the_ipv4_connections_they_name() {
     let d = s.decide(&conn("10.1.2.3:1234", None), &workload(&[]));
     assert!(!d.allowed, "{d}");
 }
+
+#[test]
+fn a_policy_the_workload_names_applies_whatever_its_selector() {
+    // A selector policy from YAML, named by a workload that carries no labels (as xDS workloads
+    // do not): it must apply, never be skipped for want of matching labels.
+    let s = store(&format!(
+        "{HEAD}spec:\n  selector: {{matchLabels: {{app: web}}}}\n  rules:\n  - from: [{{source: {{principals: [cluster.local/ns/default/sa/sleep]}}}}]\n"
+    ));
+    let named = workload(&["default/p"]);
+    let sleep = conn(
+        "10.0.0.1:1234",
+        Some("spiffe://cluster.local/ns/default/sa/sleep"),
+    );
+    let other = conn(
+        "10.0.0.1:1234",
+        Some("spiffe://cluster.local/ns/default/sa/other"),
+    );
+    assert!(s.decide(&sleep, &named).allowed);
+    let d = s.decide(&other, &named);
+    assert!(!d.allowed, "{d}");
+    // Named and selected by labels at once: evaluated once, same outcome.
+    let mut both = named.clone();
+    both.labels.insert("app".into(), "web".into());
+    assert!(!s.decide(&other, &both).allowed);
+    assert!(s.decide(&sleep, &both).allowed);
+    let (_, text) = s.explain(&other, &both);
+    assert_eq!(text.matches("policy default/p").count(), 1, "{text}");
+}
