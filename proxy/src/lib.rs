@@ -60,8 +60,10 @@
 
 pub mod addr;
 pub mod connections;
+pub mod dedicated;
 pub mod inbound;
 pub mod outbound;
+pub mod sockets;
 pub mod state;
 
 /// The policy view of a workload: its namespace and the policies xDS says apply to it.

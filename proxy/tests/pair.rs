@@ -153,6 +153,7 @@ async fn mesh(test: u8) -> Mesh {
         store,
         Arc::new(DevCerts(ca)),
         Config::default(),
+        None,
     ));
     Mesh {
         outbound,

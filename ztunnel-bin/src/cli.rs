@@ -38,6 +38,60 @@ pub(crate) enum Command {
     NodeAgent(NodeAgentArgs),
     /// Run a self-contained HBONE demo on loopback (development CA, server, client, traffic).
     Demo(DemoArgs),
+    /// Run the node proxy. Every flag can also be given by the environment variable Istio's
+    /// ztunnel reads (named in each flag's help). Today: dedicated mode from local manifests
+    /// and certificate files (shared mode and xDS are being built, issue 10).
+    Proxy(ProxyArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ProxyArgs {
+    /// `shared` (one proxy per node, pods handed over ZDS) or `dedicated` (one workload, in the
+    /// current network namespace).
+    #[arg(long, env = "PROXY_MODE", value_parser = ["shared", "dedicated"], default_value = "shared")]
+    pub(crate) mode: String,
+    /// Dedicated mode: the workload this proxy serves, `NAMESPACE/NAME/SERVICE_ACCOUNT`.
+    #[arg(long, env = "PROXY_WORKLOAD_INFO", value_name = "NS/NAME/SA")]
+    pub(crate) workload: Option<String>,
+    /// A Kubernetes YAML file or directory (Namespace, Pod, Deployment, Service,
+    /// AuthorizationPolicy), read as `ztunnel controlplane` reads it, instead of xDS; watched for
+    /// changes (a file that fails to parse keeps the last good state).
+    #[arg(long, env = "LOCAL_MANIFESTS", value_name = "PATH")]
+    pub(crate) local_manifests: Option<PathBuf>,
+    /// Dedicated mode: PEM certificate chain of the workload's identity (leaf first).
+    #[arg(long, value_name = "PEM", requires_all = ["key", "ca"])]
+    pub(crate) cert: Option<PathBuf>,
+    /// PEM private key of `--cert`.
+    #[arg(long, value_name = "PEM", requires = "cert")]
+    pub(crate) key: Option<PathBuf>,
+    /// PEM trust roots of the mesh.
+    #[arg(long, value_name = "PEM", requires = "cert")]
+    pub(crate) ca: Option<PathBuf>,
+    /// The mark (`SO_MARK`) on the proxy's own sockets, which capture rules skip.
+    #[arg(long, env = "PACKET_MARK", default_value = "1337", value_parser = parse_u32)]
+    pub(crate) packet_mark: u32,
+    /// This node's name (pods' `spec.nodeName`; in dedicated mode it picks the workload when
+    /// several share a name).
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    pub(crate) node_name: String,
+    /// Threads of the data path.
+    #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub(crate) worker_threads: u16,
+    /// Trust domain of the identities computed from local manifests.
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    pub(crate) trust_domain: String,
+    /// Cluster id (workload uids and telemetry).
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    pub(crate) cluster_id: String,
+}
+
+/// A number in decimal or `0x` hexadecimal.
+fn parse_u32(text: &str) -> Result<u32, String> {
+    let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    parsed.map_err(|_| format!("{text:?} is not a number (decimal or 0x hex)"))
 }
 
 #[derive(Debug, Subcommand)]

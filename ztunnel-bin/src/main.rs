@@ -11,10 +11,12 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
     init_logging(&cli.log_level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // The proxy's data path runs on ZTUNNEL_WORKER_THREADS threads.
+    if let cli::Command::Proxy(args) = &cli.command {
+        builder.worker_threads(usize::from(args.worker_threads));
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ztunnel: cannot start the async runtime: {e}");

@@ -67,10 +67,12 @@ pub struct PoolKey {
     pub expected: Vec<SpiffeId>,
 }
 
-/// Dials pooled connections with the source's certificate, expecting the key's identities.
+/// Dials pooled connections with the source's certificate, expecting the key's identities, from
+/// sockets carrying the proxy's mark.
 #[derive(Debug)]
 pub struct IdentityDialer<C> {
     certificates: Arc<C>,
+    mark: Option<u32>,
 }
 
 impl<C: Certificates> Dialer<PoolKey> for IdentityDialer<C> {
@@ -82,6 +84,14 @@ impl<C: Certificates> Dialer<PoolKey> for IdentityDialer<C> {
             key.expected.clone(),
         )?;
         Ok(Arc::new(config))
+    }
+
+    fn connect_tcp(
+        &self,
+        _key: &PoolKey,
+        target: SocketAddr,
+    ) -> impl Future<Output = std::io::Result<TcpStream>> + Send {
+        crate::sockets::connect_marked(target, self.mark)
     }
 }
 
@@ -113,6 +123,7 @@ pub struct Outbound<C> {
     state: Arc<StateStore>,
     pool: Pool<PoolKey, IdentityDialer<C>>,
     connect_timeout: Duration,
+    mark: Option<u32>,
 }
 
 impl<C> std::fmt::Debug for Outbound<C> {
@@ -123,13 +134,20 @@ impl<C> std::fmt::Debug for Outbound<C> {
 
 impl<C: Certificates> Outbound<C> {
     /// An outbound path reading `state`, presenting certificates from `certificates`, with HBONE
-    /// settings `config` (its `connect_timeout` also limits a passthrough connect).
-    pub fn new(state: Arc<StateStore>, certificates: Arc<C>, config: hbone::Config) -> Self {
+    /// settings `config` (its `connect_timeout` also limits a passthrough connect); its own
+    /// sockets carry `mark` (`SO_MARK`, Istio: 0x539) when set, so capture rules skip them.
+    pub fn new(
+        state: Arc<StateStore>,
+        certificates: Arc<C>,
+        config: hbone::Config,
+        mark: Option<u32>,
+    ) -> Self {
         let connect_timeout = config.connect_timeout;
         Outbound {
             state,
-            pool: Pool::new(config, IdentityDialer { certificates }),
+            pool: Pool::new(config, IdentityDialer { certificates, mark }),
             connect_timeout,
+            mark,
         }
     }
 
@@ -207,17 +225,15 @@ impl<C: Certificates> Outbound<C> {
                 ..
             }) => {
                 outcome.destination_uid = dst.map(|w| w.uid.clone());
-                match tokio::time::timeout(self.connect_timeout, TcpStream::connect(to.0)).await {
-                    Ok(Ok(mut upstream)) => {
-                        let _ = upstream.set_nodelay(true);
-                        hbone::copy_bidirectional(&mut client, &mut upstream)
-                            .await
-                            .map(|t| (t.a_to_b, t.b_to_a))
-                            .map_err(|e| {
-                                outcome.bytes = (e.transferred.a_to_b, e.transferred.b_to_a);
-                                e.to_string()
-                            })
-                    }
+                let connect = crate::sockets::connect_marked(to.0, self.mark);
+                match tokio::time::timeout(self.connect_timeout, connect).await {
+                    Ok(Ok(mut upstream)) => hbone::copy_bidirectional(&mut client, &mut upstream)
+                        .await
+                        .map(|t| (t.a_to_b, t.b_to_a))
+                        .map_err(|e| {
+                            outcome.bytes = (e.transferred.a_to_b, e.transferred.b_to_a);
+                            e.to_string()
+                        }),
                     Ok(Err(e)) => Err(format!("connect to {to}: {e}")),
                     Err(_) => Err(format!(
                         "connect to {to} did not finish within {:?}",

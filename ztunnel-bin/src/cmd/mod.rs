@@ -6,6 +6,7 @@ mod demo;
 mod hbone_cli;
 mod node_agent;
 mod policy;
+mod proxy;
 mod redirect_cli;
 
 use std::process::ExitCode;
@@ -82,5 +83,6 @@ pub(crate) async fn run(command: Command) -> Result<ExitCode, Error> {
         Command::Redirect(RedirectCommand::Check(args)) => redirect_cli::check(args),
         Command::Redirect(RedirectCommand::Reconcile(args)) => redirect_cli::reconcile(args),
         Command::Demo(args) => ok(demo::run(args).await),
+        Command::Proxy(args) => ok(proxy::run(args).await),
     }
 }

@@ -1,0 +1,259 @@
+//! Dedicated mode: one workload's proxy in the current network namespace (for simple setups and
+//! benchmarks). Outbound on 127.0.0.1:15001 behind the capture rule (original destination from
+//! `SO_ORIGINAL_DST`, own sockets marked), inbound HBONE on 0.0.0.0:15008 with the workload's
+//! certificate, readiness on 15021 (`/healthz/ready`: 200 once policies are synced, the workload
+//! is known and its certificate is valid).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use identity::{SpiffeId, WorkloadCert};
+use rustls::RootCertStore;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::addr::ClientAddr;
+use crate::connections::Connections;
+use crate::inbound::{DirectConnector, Inbound};
+use crate::outbound::{Certificates, Outbound};
+use crate::state::StateStore;
+
+/// Settings of a dedicated-mode proxy.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct DedicatedConfig {
+    /// The workload's xDS uid.
+    pub workload_uid: String,
+    /// Outbound listener (Istio: 127.0.0.1:15001).
+    pub outbound: SocketAddr,
+    /// Inbound HBONE listener (Istio: 0.0.0.0:15008).
+    pub inbound: SocketAddr,
+    /// Readiness listener (Istio: 0.0.0.0:15021).
+    pub readiness: SocketAddr,
+    /// `SO_MARK` of the proxy's own sockets (Istio: 0x539).
+    pub mark: Option<u32>,
+    /// HBONE settings.
+    pub hbone: hbone::Config,
+}
+
+impl DedicatedConfig {
+    /// Istio's ports for `workload_uid`, mark 0x539.
+    pub fn new(workload_uid: &str) -> Self {
+        DedicatedConfig {
+            workload_uid: workload_uid.to_owned(),
+            outbound: SocketAddr::from(([127, 0, 0, 1], 15001)),
+            inbound: SocketAddr::from(([0, 0, 0, 0], 15008)),
+            readiness: SocketAddr::from(([0, 0, 0, 0], 15021)),
+            mark: Some(0x539),
+            hbone: hbone::Config::default(),
+        }
+    }
+}
+
+/// One fixed certificate (from files) and the trust roots.
+#[derive(Debug, Clone)]
+pub struct StaticCert {
+    /// The workload's certificate.
+    pub cert: Arc<WorkloadCert>,
+    /// The mesh's roots.
+    pub roots: Arc<RootCertStore>,
+}
+
+impl Certificates for StaticCert {
+    fn get(
+        &self,
+        id: &SpiffeId,
+    ) -> impl Future<Output = Result<Arc<WorkloadCert>, identity::Error>> + Send {
+        let result = if self.cert.id() != id {
+            Err(identity::Error::NoCertificate {
+                id: id.clone(),
+                reason: format!(
+                    "this proxy only holds the certificate of {}",
+                    self.cert.id()
+                ),
+            })
+        } else if !self.cert.is_valid_at(SystemTime::now()) {
+            Err(identity::Error::NoCertificate {
+                id: id.clone(),
+                reason: "the certificate file has expired".into(),
+            })
+        } else {
+            Ok(self.cert.clone())
+        };
+        std::future::ready(result)
+    }
+
+    fn roots(&self) -> Arc<RootCertStore> {
+        self.roots.clone()
+    }
+}
+
+/// The addresses a started proxy listens on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bound {
+    /// Outbound.
+    pub outbound: SocketAddr,
+    /// Inbound HBONE.
+    pub inbound: SocketAddr,
+    /// Readiness.
+    pub readiness: SocketAddr,
+}
+
+/// Errors starting the proxy.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The certificate cannot serve TLS.
+    #[error("the workload certificate cannot be used: {0}")]
+    Certificate(#[from] identity::Error),
+}
+
+/// Binds the three listeners and serves them until the returned future is dropped.
+pub async fn start(
+    config: DedicatedConfig,
+    state: Arc<StateStore>,
+    certs: StaticCert,
+) -> Result<(Bound, impl Future<Output = ()>), StartError> {
+    let bind = |addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Listen { addr, source })
+    };
+    let outbound_listener = bind(config.outbound).await?;
+    let inbound_listener = bind(config.inbound).await?;
+    let readiness_listener = bind(config.readiness).await?;
+    let local = |l: &TcpListener, addr: SocketAddr| l.local_addr().unwrap_or(addr);
+    let bound = Bound {
+        outbound: local(&outbound_listener, config.outbound),
+        inbound: local(&inbound_listener, config.inbound),
+        readiness: local(&readiness_listener, config.readiness),
+    };
+    let creds = certs.cert.credentials();
+    let tls = identity::tls::server_config(
+        creds.chain.clone(),
+        creds.key.clone_key(),
+        certs.roots.clone(),
+        certs.cert.id().trust_domain(),
+    )?;
+    let inbound = Inbound::new(
+        state.clone(),
+        Connections::new(),
+        &config.workload_uid,
+        DirectConnector,
+        |o| {
+            info!(
+                direction = "inbound",
+                src.addr = %o.source,
+                src.identity = o.source_identity.as_deref().unwrap_or("-"),
+                dst.addr = %o.destination,
+                status = o.status,
+                bytes_recv = o.bytes.0,
+                bytes_sent = o.bytes.1,
+                duration_ms = o.duration.as_millis() as u64,
+                error = o.error.as_deref().unwrap_or("-"),
+                "connection complete"
+            )
+        },
+    );
+    let server = hbone::Server::new(config.hbone.clone(), Arc::new(tls), inbound);
+    let outbound = Arc::new(Outbound::new(
+        state.clone(),
+        Arc::new(certs.clone()),
+        config.hbone.clone(),
+        config.mark,
+    ));
+    let uid = config.workload_uid.clone();
+    let outbound_addr = bound.outbound;
+    let serve_outbound = async move {
+        loop {
+            let (stream, peer) = match outbound_listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    warn!(error = %e, "outbound: accept failed");
+                    continue;
+                }
+            };
+            let outbound = outbound.clone();
+            let uid = uid.clone();
+            tokio::spawn(async move {
+                let destination = match crate::sockets::original_dst(&stream) {
+                    Ok(d) if d.0 == outbound_addr => {
+                        warn!(src = %peer, "outbound: refusing a connection to the proxy itself");
+                        return;
+                    }
+                    Ok(d) => d,
+                    Err(e) => {
+                        warn!(src = %peer, error = %e, "outbound: no original destination (not redirected by the capture rule?)");
+                        return;
+                    }
+                };
+                let o = outbound
+                    .serve(stream, ClientAddr(peer), destination, &uid)
+                    .await;
+                info!(
+                    direction = "outbound",
+                    src.addr = %o.source,
+                    dst.addr = %o.destination,
+                    dst.hbone_addr = o.hbone_target.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
+                    dst.workload = o.destination_uid.as_deref().unwrap_or("-"),
+                    mtls = o.mtls,
+                    bytes_sent = o.bytes.0,
+                    bytes_recv = o.bytes.1,
+                    duration_ms = o.duration.as_millis() as u64,
+                    error = o.error.as_deref().unwrap_or("-"),
+                    "connection complete"
+                );
+            });
+        }
+    };
+    let uid = config.workload_uid.clone();
+    let cert = certs.cert.clone();
+    let ready_state = state.clone();
+    let serve_readiness = async move {
+        loop {
+            let Ok((mut stream, _)) = readiness_listener.accept().await else {
+                continue;
+            };
+            let ready = {
+                let s = ready_state.snapshot();
+                s.is_synced() && s.workload(&uid).is_some() && cert.is_valid_at(SystemTime::now())
+            };
+            tokio::spawn(async move {
+                let mut request = [0u8; 1024];
+                let n = stream.read(&mut request).await.unwrap_or(0);
+                let text = String::from_utf8_lossy(&request[..n]);
+                let path_ok = text.starts_with("GET /healthz/ready ");
+                let status = match (path_ok, ready) {
+                    (false, _) => "404 Not Found",
+                    (true, true) => "200 OK",
+                    (true, false) => "503 Service Unavailable",
+                };
+                let response =
+                    format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                let _ = stream.write_all(response.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    };
+    let serve_inbound = async move {
+        if let Err(e) = server.serve(inbound_listener).await {
+            warn!(error = %e, "inbound: listener failed");
+        }
+    };
+    let running = async move {
+        tokio::join!(serve_outbound, serve_inbound, serve_readiness);
+    };
+    Ok((bound, running))
+}

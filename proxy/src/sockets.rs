@@ -1,0 +1,51 @@
+//! The socket options a captured data path needs: the original destination of a connection
+//! redirected by iptables/nftables (`SO_ORIGINAL_DST`), and the mark on the proxy's own outgoing
+//! sockets (`SO_MARK`) that keeps the capture rules from redirecting them back to the proxy.
+
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+
+use nix::sys::socket::{getsockopt, setsockopt, sockopt};
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::addr::OrigDst;
+
+/// Where a redirected connection was originally going (its destination before the REDIRECT).
+pub fn original_dst(stream: &TcpStream) -> io::Result<OrigDst> {
+    let addr = if stream.local_addr()?.is_ipv4() {
+        let raw = getsockopt(stream, sockopt::OriginalDst).map_err(io::Error::from)?;
+        SocketAddr::V4(SocketAddrV4::new(
+            Ipv4Addr::from(u32::from_be(raw.sin_addr.s_addr)),
+            u16::from_be(raw.sin_port),
+        ))
+    } else {
+        let raw = getsockopt(stream, sockopt::Ip6tOriginalDst).map_err(io::Error::from)?;
+        SocketAddr::V6(SocketAddrV6::new(
+            Ipv6Addr::from(raw.sin6_addr.s6_addr),
+            u16::from_be(raw.sin6_port),
+            0,
+            0,
+        ))
+    };
+    Ok(OrigDst(addr))
+}
+
+/// Connects to `to` from a socket carrying `mark` (when set), so capture rules skip it.
+pub async fn connect_marked(to: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
+    let socket = if to.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(mark) = mark {
+        setsockopt(&socket, sockopt::Mark, &mark).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("cannot set SO_MARK {mark:#x} (needs CAP_NET_ADMIN): {e}"),
+            )
+        })?;
+    }
+    let stream = socket.connect(to).await?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}

@@ -1,0 +1,223 @@
+//! `ztunnel proxy --mode dedicated` in two real network namespaces (root needed), set up as the
+//! benchmark harness does: the client pod's outbound TCP is captured to 15001, the proxy tunnels
+//! it over HBONE (with the client's own certificate) to the server pod's proxy on 15008, which
+//! checks policy and hands the bytes to the app.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Running, TempDir, ztunnel};
+
+/// A network namespace, deleted on drop (with everything still running in it killed first by
+/// the `Running` guards, which are declared after it and so dropped before it).
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Self {
+        let uid = Command::new("id").arg("-u").output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&uid.stdout).trim(),
+            "0",
+            "this test needs root (CI runs as root)"
+        );
+        let name = format!("ztpd-{}-{tag}", std::process::id());
+        assert!(run("ip", &["netns", "add", &name]), "ip netns add {name}");
+        Netns(name)
+    }
+
+    fn exec(&self, args: &[&str]) -> bool {
+        let mut all = vec!["netns", "exec", &self.0];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) -> bool {
+    Command::new(cmd)
+        .args(args)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// Python one-liners run inside a namespace (python3 is installed by the test script).
+fn python(ns: &Netns, code: &str) -> std::process::Output {
+    Command::new("ip")
+        .args(["netns", "exec", &ns.0, "python3", "-c", code])
+        .output()
+        .unwrap()
+}
+
+fn wait(what: &str, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "timed out: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn ready(ns: &Netns) -> bool {
+    let out = python(
+        ns,
+        "import urllib.request,sys\ntry:\n  sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:15021/healthz/ready', timeout=1).status == 200 else 1)\nexcept Exception:\n  sys.exit(1)",
+    );
+    out.status.success()
+}
+
+/// Connects from `ns` to `to`, sends `data`, half-closes and returns what came back ("" when
+/// the connection was refused or closed).
+fn call(ns: &Netns, to: &str, data: &str) -> String {
+    let (host, port) = to.rsplit_once(':').unwrap();
+    let code = format!(
+        "import socket\ns = socket.create_connection(('{host}', {port}), timeout=5)\ns.sendall(b'{data}')\ns.shutdown(socket.SHUT_WR)\nout = b''\ntry:\n  while True:\n    b = s.recv(4096)\n    if not b: break\n    out += b\nexcept Exception:\n  pass\nprint(out.decode(), end='')"
+    );
+    String::from_utf8_lossy(&python(ns, &code).stdout).into_owned()
+}
+
+fn issue(ca: &identity::DevCa, sa: &str, dir: &Path) {
+    let id = format!("spiffe://cluster.local/ns/default/sa/{sa}")
+        .parse()
+        .unwrap();
+    ca.issue_to_dir(&id, Duration::from_secs(3600), &dir.join(sa))
+        .unwrap();
+}
+
+fn proxy(ns: &Netns, dir: &Path, sa: &str, node: &str, log: &Path) -> Running {
+    let certs = dir.join(sa);
+    let stderr = std::fs::File::create(log).unwrap();
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.0])
+        .arg(ztunnel().get_program())
+        .args(["proxy", "--mode", "dedicated", "--workload"])
+        .arg(format!("default/{sa}/{sa}"))
+        .arg("--local-manifests")
+        .arg(dir.join("mesh.yaml"))
+        .arg("--cert")
+        .arg(certs.join("cert-chain.pem"))
+        .arg("--key")
+        .arg(certs.join("key.pem"))
+        .arg("--ca")
+        .arg(certs.join("root-cert.pem"))
+        .env("NODE_NAME", node)
+        .env("ZTUNNEL_WORKER_THREADS", "1")
+        .stdout(Stdio::null())
+        .stderr(stderr);
+    Running(cmd.spawn().unwrap())
+}
+
+#[test]
+fn a_captured_connection_crosses_two_dedicated_proxies_with_the_clients_identity() {
+    let a = Netns::new("a");
+    let b = Netns::new("b");
+    let octet = std::process::id() % 200 + 20;
+    let (ip_a, ip_b) = (format!("10.79.{octet}.1"), format!("10.79.{octet}.2"));
+    let (veth_a, veth_b) = (format!("zpa{octet}"), format!("zpb{octet}"));
+    assert!(run(
+        "ip",
+        &[
+            "link", "add", &veth_a, "type", "veth", "peer", "name", &veth_b
+        ]
+    ));
+    assert!(run("ip", &["link", "set", &veth_a, "netns", &a.0]));
+    assert!(run("ip", &["link", "set", &veth_b, "netns", &b.0]));
+    for (ns, dev, ip) in [(&a, &veth_a, &ip_a), (&b, &veth_b, &ip_b)] {
+        assert!(ns.exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", dev]));
+        assert!(ns.exec(&["ip", "link", "set", dev, "up"]));
+        assert!(ns.exec(&["ip", "link", "set", "lo", "up"]));
+    }
+    // The client pod's outbound TCP goes to its proxy, except the proxy's own (marked) sockets.
+    assert!(a.exec(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "!",
+        "-o",
+        "lo",
+        "-m",
+        "mark",
+        "!",
+        "--mark",
+        "0x539/0xfff",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "15001"
+    ]));
+
+    let dir = TempDir::new("proxy-dedicated");
+    let ca = identity::DevCa::generate("cluster.local").unwrap();
+    issue(&ca, "sleep", &dir.0);
+    issue(&ca, "web-api", &dir.0);
+    std::fs::write(
+        dir.0.join("mesh.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: default, labels: {{istio.io/dataplane-mode: ambient}}}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: sleep, namespace: default, labels: {{app: sleep}}}}\nspec: {{serviceAccountName: sleep, nodeName: node-a}}\nstatus: {{podIP: {ip_a}}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: web-api, namespace: default, labels: {{app: web-api}}}}\nspec: {{serviceAccountName: web-api, nodeName: node-b}}\nstatus: {{podIP: {ip_b}}}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: allow-sleep, namespace: default}}\nspec:\n  selector: {{matchLabels: {{app: web-api}}}}\n  rules:\n  - from: [{{source: {{principals: [cluster.local/ns/default/sa/sleep]}}}}]\n    to: [{{operation: {{ports: [\"8080\"]}}}}]\n"
+        ),
+    )
+    .unwrap();
+
+    // Apps in the server pod: echo on 8080 (allowed) and 9090 (not allowed).
+    let echo = |port: u16| {
+        Running(
+            Command::new("ip")
+                .args(["netns", "exec", &b.0, "python3", "-c"])
+                .arg(format!(
+                    "import socket,threading\nl=socket.socket()\nl.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\nl.bind(('{ip_b}',{port}))\nl.listen(16)\ndef h(c):\n  while True:\n    d=c.recv(4096)\n    if not d: break\n    c.sendall(d)\n  c.close()\nwhile True:\n  c,_=l.accept()\n  threading.Thread(target=h,args=(c,),daemon=True).start()"
+                ))
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let _app_allowed = echo(8080);
+    let _app_denied = echo(9090);
+    let client_log = dir.0.join("client.log");
+    let server_log = dir.0.join("server.log");
+    let _client = proxy(&a, &dir.0, "sleep", "node-a", &client_log);
+    let _server = proxy(&b, &dir.0, "web-api", "node-b", &server_log);
+    wait("the client proxy's readiness", || ready(&a));
+    wait("the server proxy's readiness", || ready(&b));
+
+    let answer = call(&a, &format!("{ip_b}:8080"), "hello through hbone");
+    assert_eq!(answer, "hello through hbone");
+    let answer = call(&a, &format!("{ip_b}:9090"), "not allowed");
+    assert_eq!(answer, "", "a port the policy does not allow was reached");
+
+    // Both proxies logged the connections; the server saw the client's own identity and denied
+    // the second connection by policy.
+    wait("the access logs", || {
+        std::fs::read_to_string(&server_log)
+            .unwrap_or_default()
+            .matches("connection complete")
+            .count()
+            >= 2
+    });
+    let server_text = std::fs::read_to_string(&server_log).unwrap();
+    assert!(
+        server_text.contains(r#"src.identity="spiffe://cluster.local/ns/default/sa/sleep""#),
+        "{server_text}"
+    );
+    assert!(server_text.contains("denied"), "{server_text}");
+    let client_text = std::fs::read_to_string(&client_log).unwrap();
+    assert!(
+        client_text.contains(&format!("dst.hbone_addr=\"{ip_b}:15008\"")),
+        "{client_text}"
+    );
+    assert!(client_text.contains("mtls=true"), "{client_text}");
+}
