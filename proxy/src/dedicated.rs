@@ -181,7 +181,9 @@ pub async fn start(
             let (stream, peer) = match outbound_listener.accept().await {
                 Ok(accepted) => accepted,
                 Err(e) => {
+                    // Out of descriptors or memory for a moment: back off instead of spinning.
                     warn!(error = %e, "outbound: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             };
@@ -224,6 +226,7 @@ pub async fn start(
     let serve_readiness = async move {
         loop {
             let Ok((mut stream, _)) = readiness_listener.accept().await else {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             };
             let ready = {
