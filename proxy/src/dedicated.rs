@@ -187,6 +187,8 @@ pub async fn start(
                     continue;
                 }
             };
+            // Small writes back to the app must not wait for Nagle.
+            let _ = stream.set_nodelay(true);
             let outbound = outbound.clone();
             let uid = uid.clone();
             tokio::spawn(async move {
