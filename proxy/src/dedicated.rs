@@ -7,7 +7,8 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
 
 use identity::{SpiffeId, WorkloadCert};
 use rustls::RootCertStore;
@@ -120,12 +121,87 @@ pub enum StartError {
     Certificate(#[from] identity::Error),
 }
 
-/// Binds the three listeners and serves them until the returned future is dropped.
+/// A started proxy: serve it with [`Running::run_until`].
+pub struct Running {
+    serve: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+    outbound_active: Arc<AtomicUsize>,
+    inbound: Arc<Connections>,
+    draining: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running").finish_non_exhaustive()
+    }
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Connections still open when the deadline passed (0: all finished by themselves).
+    pub cut: usize,
+}
+
+impl Running {
+    /// Serves until `shutdown` resolves; then stops accepting (the listeners close) and waits for
+    /// the open connections to finish, at most `deadline` (Istio's
+    /// `CONNECTION_TERMINATION_DEADLINE`); whatever is still open then is cut when the caller
+    /// exits.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()>,
+        deadline: Duration,
+    ) -> Drained {
+        let Running {
+            serve,
+            outbound_active,
+            inbound,
+            draining,
+        } = self;
+        tokio::select! {
+            () = serve => {}
+            () = shutdown => {}
+        }
+        // New CONNECTs on HBONE connections that stay open are refused from now on.
+        draining.store(true, Ordering::SeqCst);
+        let open = || outbound_active.load(Ordering::SeqCst) + inbound.len();
+        info!(
+            open = open(),
+            ?deadline,
+            "draining: listeners closed, waiting for open connections"
+        );
+        let until = tokio::time::Instant::now() + deadline;
+        while open() > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let cut = open();
+        info!(cut, "drained");
+        Drained { cut }
+    }
+}
+
+/// Counts a live outbound connection while it exists.
+struct Active(Arc<AtomicUsize>);
+
+impl Active {
+    fn new(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Active(counter.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Binds the three listeners; serve them with [`Running::run_until`].
 pub async fn start(
     config: DedicatedConfig,
     state: Arc<StateStore>,
     certs: StaticCert,
-) -> Result<(Bound, impl Future<Output = ()>), StartError> {
+) -> Result<(Bound, Running), StartError> {
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await
@@ -147,9 +223,10 @@ pub async fn start(
         certs.roots.clone(),
         certs.cert.id().trust_domain(),
     )?;
+    let inbound_connections = Connections::new();
     let inbound = Inbound::new(
         state.clone(),
-        Connections::new(),
+        inbound_connections.clone(),
         &config.workload_uid,
         DirectConnector,
         |o| {
@@ -167,6 +244,7 @@ pub async fn start(
             )
         },
     );
+    let draining = inbound.drain_switch();
     let server = hbone::Server::new(config.hbone.clone(), Arc::new(tls), inbound);
     let outbound = Arc::new(Outbound::new(
         state.clone(),
@@ -176,6 +254,8 @@ pub async fn start(
     ));
     let uid = config.workload_uid.clone();
     let outbound_addr = bound.outbound;
+    let outbound_active = Arc::new(AtomicUsize::new(0));
+    let active = outbound_active.clone();
     let serve_outbound = async move {
         loop {
             let (stream, peer) = match outbound_listener.accept().await {
@@ -183,7 +263,7 @@ pub async fn start(
                 Err(e) => {
                     // Out of descriptors or memory for a moment: back off instead of spinning.
                     warn!(error = %e, "outbound: accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             };
@@ -191,7 +271,9 @@ pub async fn start(
             let _ = stream.set_nodelay(true);
             let outbound = outbound.clone();
             let uid = uid.clone();
+            let active = Active::new(&active);
             tokio::spawn(async move {
+                let _active = active;
                 let destination = match crate::sockets::original_dst(&stream) {
                     Ok(d) if d.0 == outbound_addr => {
                         warn!(src = %peer, "outbound: refusing a connection to the proxy itself");
@@ -228,7 +310,7 @@ pub async fn start(
     let serve_readiness = async move {
         loop {
             let Ok((mut stream, _)) = readiness_listener.accept().await else {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
             let ready = {
@@ -252,13 +334,35 @@ pub async fn start(
             });
         }
     };
+    // Connections run in tasks of their own, so closing the listener (at a drain) leaves them.
     let serve_inbound = async move {
-        if let Err(e) = server.serve(inbound_listener).await {
-            warn!(error = %e, "inbound: listener failed");
+        loop {
+            match inbound_listener.accept().await {
+                Ok((tcp, _)) => {
+                    let server = server.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = server.serve_connection(tcp).await {
+                            tracing::debug!(error = %e, "inbound: HBONE connection ended");
+                        }
+                    });
+                }
+                Err(e) => {
+                    warn!(error = %e, "inbound: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
         }
     };
-    let running = async move {
+    let serve = async move {
         tokio::join!(serve_outbound, serve_inbound, serve_readiness);
     };
-    Ok((bound, running))
+    Ok((
+        bound,
+        Running {
+            serve: Box::pin(serve),
+            outbound_active,
+            inbound: inbound_connections,
+            draining,
+        },
+    ))
 }

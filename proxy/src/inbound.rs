@@ -15,6 +15,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use hbone::{ConnectHandler, InboundConnect};
@@ -69,6 +70,7 @@ pub struct Inbound<C = DirectConnector> {
     connector: C,
     connect_timeout: Duration,
     on_done: Box<dyn Fn(InboundOutcome) + Send + Sync>,
+    draining: Arc<AtomicBool>,
 }
 
 impl<C> std::fmt::Debug for Inbound<C> {
@@ -96,7 +98,14 @@ impl<C: AppConnector> Inbound<C> {
             connector,
             connect_timeout: Duration::from_secs(10),
             on_done: Box::new(on_done),
+            draining: Arc::default(),
         }
+    }
+
+    /// A switch that, once set, makes every new CONNECT (also on connections already open) a
+    /// 503: the proxy is draining. Tunnels already established continue.
+    pub fn drain_switch(&self) -> Arc<AtomicBool> {
+        self.draining.clone()
     }
 
     async fn serve(&self, req: InboundConnect) -> InboundOutcome {
@@ -118,6 +127,10 @@ impl<C: AppConnector> Inbound<C> {
                 outcome.duration = started.elapsed();
                 outcome
             };
+        if self.draining.load(Ordering::SeqCst) {
+            let why = "the proxy is draining (shutting down)".to_owned();
+            return refuse(req, outcome, StatusCode::SERVICE_UNAVAILABLE, why);
+        }
         let state = self.state.snapshot();
         let Some(local) = state.workload(&self.local_uid).cloned() else {
             let why = format!("the local workload {} is not known (yet)", self.local_uid);

@@ -83,6 +83,10 @@ pub(crate) struct ProxyArgs {
     /// Cluster id (workload uids and telemetry).
     #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
     pub(crate) cluster_id: String,
+    /// On SIGTERM (or Ctrl-C): stop accepting, then wait this long for open connections to
+    /// finish before exiting 0 (e.g. `5s`, `1m`).
+    #[arg(long, env = "CONNECTION_TERMINATION_DEADLINE", default_value = "5s", value_parser = parse_duration)]
+    pub(crate) connection_termination_deadline: std::time::Duration,
 }
 
 /// A number in decimal or `0x` hexadecimal.

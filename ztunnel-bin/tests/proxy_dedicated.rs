@@ -113,6 +113,7 @@ fn proxy(ns: &Netns, dir: &Path, sa: &str, node: &str, log: &Path) -> Running {
         .arg(certs.join("root-cert.pem"))
         .env("NODE_NAME", node)
         .env("ZTUNNEL_WORKER_THREADS", "1")
+        .env("CONNECTION_TERMINATION_DEADLINE", "10s")
         .stdout(Stdio::null())
         .stderr(stderr);
     Running(cmd.spawn().unwrap())
@@ -220,4 +221,38 @@ fn a_captured_connection_crosses_two_dedicated_proxies_with_the_clients_identity
         "{client_text}"
     );
     assert!(client_text.contains("mtls=true"), "{client_text}");
+
+    // SIGTERM drains: a connection open at that moment finishes, new ones are refused, and the
+    // proxy exits 0 once it is done.
+    let slow = Command::new("ip")
+        .args(["netns", "exec", &a.0, "python3", "-c"])
+        .arg(format!(
+            "import socket,time\ns=socket.create_connection(('{ip_b}',8080),timeout=10)\ns.sendall(b'first ')\ntime.sleep(1.5)\ns.sendall(b'and last')\ns.shutdown(socket.SHUT_WR)\nout=b''\nwhile True:\n  d=s.recv(4096)\n  if not d: break\n  out+=d\nprint(out.decode(),end='')"
+        ))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut server = _server;
+    assert!(run("kill", &["-TERM", &server.0.id().to_string()]));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        call(&a, &format!("{ip_b}:8080"), "too late"),
+        "",
+        "a new connection was accepted while draining"
+    );
+    let out = slow.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "first and last");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the proxy did not exit after draining"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status:?}");
 }

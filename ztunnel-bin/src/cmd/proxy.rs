@@ -103,8 +103,27 @@ pub(crate) async fn run(args: ProxyArgs) -> Result<(), Error> {
         readiness = %bound.readiness, "proxy ready (dedicated mode)"
     );
     tokio::spawn(watch(store, manifests, compute_config));
-    running.await;
+    let drained = running
+        .run_until(shutdown_signal(), args.connection_termination_deadline)
+        .await;
+    info!(cut = drained.cut, "proxy stopped");
     Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the proxy");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => info!("Ctrl-C: draining"),
+    }
 }
 
 fn cert_path(args: &ProxyArgs) -> String {
