@@ -3,7 +3,8 @@
 //!
 //! One [`Inbound`] serves one local workload (a pod's listener in shared mode, the workload in
 //! dedicated mode), whose certificate the TLS layer presents. For each CONNECT:
-//! 1. the `:authority` must be an `ip:port` of that workload (anything else: 400, logged);
+//! 1. the `:authority` must be an `ip:port` of that workload, not one of the proxy's own ports
+//!    (anything else: 400, logged);
 //! 2. the client's SPIFFE id comes from its verified certificate (the TLS layer already required
 //!    the mesh's roots and trust domain);
 //! 3. L4 policy decides with that identity, the client's address and the authority (deny: 401,
@@ -140,6 +141,10 @@ impl<C: AppConnector> Inbound<C> {
             let why = format!("authority {} is not an ip:port", req.authority());
             return refuse(req, outcome, StatusCode::BAD_REQUEST, why);
         };
+        if crate::addr::PROXY_PORTS.contains(&destination.port()) {
+            let why = format!("authority {destination} is the proxy's own port");
+            return refuse(req, outcome, StatusCode::BAD_REQUEST, why);
+        }
         if !local.addresses.contains(&destination.ip()) {
             let why = format!(
                 "authority {destination} is not an address of {}/{} (served here)",

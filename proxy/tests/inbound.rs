@@ -190,6 +190,22 @@ async fn wrong_clients_and_wrong_destinations_are_refused_with_reasons() {
             .unwrap()
             .contains("not an address")
     );
+    // The proxy's own ports are never a destination.
+    for port in [15001u16, 15006, 15008] {
+        let own: Authority = format!("127.0.0.1:{port}").parse().unwrap();
+        let err = client(&node.ca, "sleep")
+            .connect((), node.addr, &own, HeaderMap::new())
+            .await
+            .unwrap_err();
+        assert_eq!(err.status(), Some(http::StatusCode::BAD_REQUEST), "{err}");
+        assert!(
+            last_outcome(&node)
+                .await
+                .error
+                .unwrap()
+                .contains("own port")
+        );
+    }
     // The app is down.
     let dead = TcpListener::bind("127.0.0.1:0")
         .await
