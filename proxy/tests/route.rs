@@ -197,6 +197,15 @@ fn pods_in_and_out_of_the_mesh_and_the_outside_world() {
     // Same node, even the source itself: HBONE.
     let (target, ..) = hbone_parts(&route(&s, "10.0.0.1:80", 0).unwrap());
     assert_eq!(target, "10.0.0.1:15008");
+    // ...but never the source's own proxy ports.
+    for port in [15001, 15006, 15008] {
+        assert!(matches!(
+            route(&s, &format!("10.0.0.1:{port}"), 0),
+            Err(RouteError::SelfCall { .. })
+        ));
+    }
+    // Another pod's 15008 is a destination like any other.
+    assert!(route(&s, "10.0.0.11:15008", 0).is_ok());
 }
 
 #[test]

@@ -10,7 +10,8 @@
 //!   HBONE tunnel to `<its ip>:15008` with `<its ip>:<port>` as `:authority`, expecting its
 //!   identity (and the service's SANs, when reached through one); a workload outside the mesh is
 //!   reached directly;
-//! - anything else is outside the mesh: passthrough to the original destination.
+//! - anything else is outside the mesh: passthrough to the original destination;
+//! - except the proxy's own ports (15001/15006/15008) at the source's own address: refused.
 //!
 //! Same-node destinations go through HBONE too.
 
@@ -72,6 +73,13 @@ pub enum RouteError {
         /// The endpoint's uid.
         endpoint: String,
     },
+    /// The destination is one of the proxy's own ports at the source's own address: it would
+    /// reach the proxy itself.
+    #[error("{destination} is the proxy's own port (a connection to the proxy itself)")]
+    SelfCall {
+        /// The original destination.
+        destination: SocketAddr,
+    },
     /// The service has no healthy endpoint with an address in the source's network.
     #[error(
         "service {service} has no healthy endpoint (of {total}) reachable from network {network:?}"
@@ -95,6 +103,9 @@ pub fn decide(
     pick: &mut impl FnMut(usize) -> usize,
 ) -> Result<Route, RouteError> {
     let network = source.network.as_str();
+    if crate::addr::PROXY_PORTS.contains(&dst.port()) && source.addresses.contains(&dst.ip()) {
+        return Err(RouteError::SelfCall { destination: dst.0 });
+    }
     if let Some(service) = state.service_at(network, dst.ip()) {
         return via_service(state, network, service, dst.port(), pick);
     }
