@@ -42,7 +42,7 @@ use std::collections::BTreeMap;
 
 pub use auth::{IdentityNodes, NodeAuthorizer, NodeTokens, TokenError};
 pub use manifests::{Deployment, ManifestError, Manifests, NETNS_ANNOTATION, Pod, Service};
-pub use serve::{CaService, LocalControlPlane, Reload, TwoServices};
+pub use serve::{CaService, LocalControlPlane, Reload, TwoServices, fingerprint, manifest_files};
 use xds_client::resources::{self as xds, PortMapping, WorkloadType};
 
 /// The label that puts a namespace in the mesh (`ambient`) or takes a pod out (`none`).

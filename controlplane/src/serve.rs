@@ -257,8 +257,13 @@ fn load_file(path: &Path, root_namespace: &str) -> Result<Manifests, String> {
     Ok(manifests)
 }
 
-/// The `*.yaml` / `*.yml` files of `dir`, sorted.
-fn manifest_files(dir: &Path) -> Vec<PathBuf> {
+/// The manifest files at `path`: the file itself, or the `*.yaml` / `*.yml` files of a directory,
+/// sorted (empty when the directory cannot be read).
+pub fn manifest_files(path: &Path) -> Vec<PathBuf> {
+    if path.is_file() {
+        return vec![path.to_owned()];
+    }
+    let dir = path;
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
@@ -272,9 +277,10 @@ fn manifest_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-/// Names, sizes and modification times of the manifest files.
-fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
-    manifest_files(dir)
+/// Names, sizes and modification times of the manifest files at `path` (see
+/// [`manifest_files`]): compare two to see whether anything changed.
+pub fn fingerprint(path: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    manifest_files(path)
         .into_iter()
         .map(|p| {
             let meta = std::fs::metadata(&p).ok();

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use xds_client::client::{Handler, RawResource};
-use xds_client::resources::decode_address;
+use xds_client::resources::{Address, decode_address};
 
 use super::StateStore;
 
@@ -23,17 +23,12 @@ pub struct PolicyHandler(pub Arc<StateStore>);
 
 impl Handler for AddressHandler {
     fn apply(&self, added: Vec<RawResource>, removed: Vec<String>) -> Vec<(String, String)> {
-        let mut rejected = Vec::new();
-        let mut good = Vec::new();
-        for r in added {
-            match decode_address(&r.body) {
-                Ok(address) if address.key() == r.name => good.push(address),
-                Ok(address) => {
-                    rejected.push((r.name, format!("the resource describes {}", address.key())))
-                }
-                Err(e) => rejected.push((r.name, e.to_string())),
-            }
-        }
+        let (good, rejected) = decode_all(
+            added,
+            |body| decode_address(body).map_err(|e| e.to_string()),
+            Address::key,
+            "",
+        );
         self.0.update(|state| {
             for key in &removed {
                 state.remove_address(key);
@@ -48,18 +43,12 @@ impl Handler for AddressHandler {
 
 impl Handler for PolicyHandler {
     fn apply(&self, added: Vec<RawResource>, removed: Vec<String>) -> Vec<(String, String)> {
-        let mut rejected = Vec::new();
-        let mut good = Vec::new();
-        for r in added {
-            match authz::proto::decode(&r.body) {
-                Ok(policy) if policy.key() == r.name => good.push(policy),
-                Ok(policy) => rejected.push((
-                    r.name,
-                    format!("the resource describes policy {}", policy.key()),
-                )),
-                Err(e) => rejected.push((r.name, e.to_string())),
-            }
-        }
+        let (good, rejected) = decode_all(
+            added,
+            |body| authz::proto::decode(body).map_err(|e| e.to_string()),
+            authz::Policy::key,
+            "policy ",
+        );
         self.0.update(|state| {
             for key in &removed {
                 state.remove_policy(key);
@@ -70,4 +59,27 @@ impl Handler for PolicyHandler {
         });
         rejected
     }
+}
+
+/// Decodes every resource; a resource that does not decode, or that describes something other
+/// than its name says, is rejected with the reason.
+fn decode_all<T>(
+    added: Vec<RawResource>,
+    decode: impl Fn(&[u8]) -> Result<T, String>,
+    key: impl Fn(&T) -> String,
+    kind: &str,
+) -> (Vec<T>, Vec<(String, String)>) {
+    let mut good = Vec::new();
+    let mut rejected = Vec::new();
+    for r in added {
+        match decode(&r.body) {
+            Ok(item) if key(&item) == r.name => good.push(item),
+            Ok(item) => {
+                let describes = key(&item);
+                rejected.push((r.name, format!("the resource describes {kind}{describes}")));
+            }
+            Err(e) => rejected.push((r.name, e)),
+        }
+    }
+    (good, rejected)
 }

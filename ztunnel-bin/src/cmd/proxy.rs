@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use controlplane::{ComputeConfig, Manifests, compute};
 use proxy::dedicated::{DedicatedConfig, StaticCert};
@@ -193,43 +193,22 @@ fn load(store: &StateStore, path: &Path, config: &ComputeConfig) -> Result<(), E
 }
 
 fn manifest_files(path: &Path) -> Result<Vec<PathBuf>, Error> {
-    if path.is_file() {
-        return Ok(vec![path.to_owned()]);
+    if !path.exists() {
+        return Err(Error::Io {
+            what: format!("cannot read the manifests at {}", path.display()),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
     }
-    let entries = std::fs::read_dir(path).map_err(|source| Error::Io {
-        what: format!("cannot read the manifests directory {}", path.display()),
-        source,
-    })?;
-    let mut files: Vec<PathBuf> = entries
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
-        })
-        .collect();
-    files.sort();
-    Ok(files)
+    Ok(controlplane::manifest_files(path))
 }
 
 /// Reloads the manifests when a file changes (checked every 250 ms); a broken edit is logged and
 /// the last good state kept.
 async fn watch(store: Arc<StateStore>, path: PathBuf, config: ComputeConfig) {
-    let stamp = |path: &Path| -> Vec<(PathBuf, u64, Option<SystemTime>)> {
-        manifest_files(path)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|p| {
-                let meta = std::fs::metadata(&p).ok();
-                let len = meta.as_ref().map_or(0, |m| m.len());
-                let modified = meta.and_then(|m| m.modified().ok());
-                (p, len, modified)
-            })
-            .collect()
-    };
-    let mut last = stamp(&path);
+    let mut last = controlplane::fingerprint(&path);
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let now = stamp(&path);
+        let now = controlplane::fingerprint(&path);
         if now == last {
             continue;
         }
