@@ -353,8 +353,16 @@ pub async fn start(
             }
         }
     };
+    // Every state change (a manifest or xDS update) re-checks the open inbound connections.
+    let mut changes = state.subscribe();
+    let (recheck_state, recheck_connections) = (state.clone(), inbound_connections.clone());
+    let recheck = async move {
+        while changes.changed().await.is_ok() {
+            recheck_connections.reauthorize(&recheck_state.snapshot());
+        }
+    };
     let serve = async move {
-        tokio::join!(serve_outbound, serve_inbound, serve_readiness);
+        tokio::join!(serve_outbound, serve_inbound, serve_readiness, recheck);
     };
     Ok((
         bound,

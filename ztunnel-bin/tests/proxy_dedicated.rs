@@ -222,6 +222,40 @@ fn a_captured_connection_crosses_two_dedicated_proxies_with_the_clients_identity
     );
     assert!(client_text.contains("mtls=true"), "{client_text}");
 
+    // A policy change closes a connection it no longer allows: an open connection, then the
+    // manifest edited to allow another port only.
+    let held = Command::new("ip")
+        .args(["netns", "exec", &a.0, "python3", "-c"])
+        .arg(format!(
+            "import socket,time\ns=socket.create_connection(('{ip_b}',8080),timeout=8)\ns.sendall(b'hi')\nprint(s.recv(2).decode(),end=' ')\nt=time.time()\ntry:\n  d=s.recv(10)\n  print('closed' if not d else 'data',end=' ')\nexcept Exception as e:\n  print('closed',end=' ')\nprint(round(time.time()-t,1),end='')"
+        ))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let mesh = std::fs::read_to_string(dir.0.join("mesh.yaml")).unwrap();
+    let edit = |text: &str| {
+        let tmp = dir.0.join(".mesh.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, dir.0.join("mesh.yaml")).unwrap();
+    };
+    edit(&mesh.replace("ports: [\"8080\"]", "ports: [\"9999\"]"));
+    let out = held.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.starts_with("hi closed"),
+        "the connection stayed open: {text}"
+    );
+    let waited: f64 = text.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(waited < 5.0, "closed only after {waited} s");
+    assert!(
+        std::fs::read_to_string(&server_log)
+            .unwrap()
+            .contains("connection closed due to policy change")
+    );
+    edit(&mesh);
+    std::thread::sleep(Duration::from_millis(600));
+
     // SIGTERM drains: a connection open at that moment finishes, new ones are refused, and the
     // proxy exits 0 once it is done.
     let slow = Command::new("ip")

@@ -271,6 +271,8 @@ pub struct StateStore {
     /// Serializes writers (each copies, changes and swaps), so no update is lost; readers never
     /// wait for it.
     writer: Mutex<()>,
+    /// Bumped after every update, for those who re-check something when the state changes.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl StateStore {
@@ -279,6 +281,7 @@ impl StateStore {
         StateStore {
             current: RwLock::new(Arc::new(state)),
             writer: Mutex::new(()),
+            changes: tokio::sync::watch::channel(0).0,
         }
     }
 
@@ -297,5 +300,12 @@ impl StateStore {
         let mut next = State::clone(&self.snapshot());
         change(&mut next);
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        self.changes.send_modify(|generation| *generation += 1);
+    }
+
+    /// Wakes after each update (the value counts updates); the open-connection registry uses it
+    /// to re-check connections when policies change.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 }
