@@ -168,32 +168,28 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
             .filter(|p| p.wants_capture(&self.node))
             .map(|p| (p.uid.as_str(), p))
             .collect();
-        // Open each wanted pod's namespace now: whatever its path names from here on, the rules
-        // go into (and later come out of) this very namespace. Never the agent's own.
+        // A wanted pod's namespace is compared by identity (a stat, no descriptor) with the one
+        // captured; only a capture opens it, and from then on the rules go into (and later come
+        // out of) that very namespace, whatever its path names. Never the agent's own.
         let own = std::fs::metadata("/proc/self/ns/net")
             .ok()
             .map(|m| (m.dev(), m.ino()));
         let mut to_capture: Vec<(&PodInfo, Arc<File>, (u64, u64))> = Vec::new();
         for pod in pods.iter().filter(|p| wanted.contains_key(p.uid.as_str())) {
             let path = pod.netns.as_ref().expect("wants_capture checked the netns");
-            let opened = File::open(path).and_then(|f| {
-                let meta = f.metadata()?;
-                Ok((Arc::new(f), (meta.dev(), meta.ino())))
-            });
-            let (file, identity) = match opened {
-                Ok(opened) => opened,
+            let unusable = |e: std::io::Error| {
+                // Keep a capture whose path went away; capture nothing new through it.
+                if !self.captured.contains_key(&pod.uid) {
+                    warn!(pod = %pod.name, netns = %path.display(), error = %e, "cannot open the pod's network namespace; will retry");
+                }
+            };
+            let identity = match std::fs::metadata(path) {
+                Ok(meta) => (meta.dev(), meta.ino()),
                 Err(e) => {
-                    // Keep a capture whose path went away; capture nothing new through it.
-                    if !self.captured.contains_key(&pod.uid) {
-                        warn!(pod = %pod.name, netns = %path.display(), error = %e, "cannot open the pod's network namespace; will retry");
-                    }
+                    unusable(e);
                     continue;
                 }
             };
-            if Some(identity) == own {
-                warn!(pod = %pod.name, netns = %path.display(), "refusing to capture the agent's own network namespace");
-                continue;
-            }
             let previous = self.captured.get(&pod.uid);
             if previous.is_some_and(|c| c.identity == identity) {
                 continue;
@@ -207,9 +203,26 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
                 warn!(pod = %pod.name, netns = %path.display(), "the pod's namespace path now names another namespace (a reused PID); keeping the captured one");
                 continue;
             }
-            if self.due(&pod.uid, now) {
-                to_capture.push((pod, file, identity));
+            if !self.due(&pod.uid, now) {
+                continue;
             }
+            // The descriptor's own identity is what counts (the path may have changed since).
+            let opened = File::open(path).and_then(|f| {
+                let meta = f.metadata()?;
+                Ok((Arc::new(f), (meta.dev(), meta.ino())))
+            });
+            let (file, identity) = match opened {
+                Ok(opened) => opened,
+                Err(e) => {
+                    unusable(e);
+                    continue;
+                }
+            };
+            if Some(identity) == own {
+                warn!(pod = %pod.name, netns = %path.display(), "refusing to capture the agent's own network namespace");
+                continue;
+            }
+            to_capture.push((pod, file, identity));
         }
         // Released: no longer wanted, or moved to another namespace (its sandbox was recreated).
         let mut released: Vec<String> = self
