@@ -15,7 +15,7 @@
 //!
 //! Same-node destinations go through HBONE too.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use identity::SpiffeId;
@@ -130,23 +130,19 @@ fn via_service(
     let Some(service_port) = find_port(&service.ports, port) else {
         return Err(RouteError::NoServicePort { service: key, port });
     };
-    let endpoints = state.endpoints(&key);
-    let healthy: Vec<(&Arc<Workload>, &[PortMapping], SocketAddr)> = endpoints
-        .iter()
+    let healthy: Vec<(&Arc<Workload>, &[PortMapping], IpAddr)> = state
+        .endpoints(&key)
         .filter(|(w, _)| w.healthy && w.network == network)
-        .filter_map(|(w, ports)| {
-            let ip = *w.addresses.first()?;
-            Some((*w, *ports, SocketAddr::new(ip, 0)))
-        })
+        .filter_map(|(w, ports)| Some((w, ports, *w.addresses.first()?)))
         .collect();
     if healthy.is_empty() {
         return Err(RouteError::NoHealthyEndpoint {
+            total: state.endpoints(&key).count(),
             service: key,
-            total: endpoints.len(),
             network: network.to_owned(),
         });
     }
-    let (endpoint, ports, addr) = healthy[pick(healthy.len()).min(healthy.len() - 1)];
+    let (endpoint, ports, ip) = healthy[pick(healthy.len()).min(healthy.len() - 1)];
     let target_port = find_port(ports, port)
         .map(|p| p.target_port)
         .filter(|p| *p != 0)
@@ -160,7 +156,7 @@ fn via_service(
     }
     Ok(to_workload(
         endpoint,
-        SocketAddr::new(addr.ip(), target_port),
+        SocketAddr::new(ip, target_port),
         Some(service.clone()),
     ))
 }

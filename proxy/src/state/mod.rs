@@ -203,13 +203,15 @@ impl State {
 
     /// The workloads behind a service (`namespace/hostname`), with their port mappings for it,
     /// in uid order.
-    pub fn endpoints(&self, service_key: &str) -> Vec<(&Arc<Workload>, &[PortMapping])> {
+    pub fn endpoints(
+        &self,
+        service_key: &str,
+    ) -> impl Iterator<Item = (&Arc<Workload>, &[PortMapping])> {
         self.endpoints
             .get(service_key)
             .into_iter()
             .flatten()
             .filter_map(|(uid, ports)| Some((self.workloads.get(uid)?, ports.as_slice())))
-            .collect()
     }
 
     /// The workload a pod handed over by the node agent is: found by name, namespace, service
