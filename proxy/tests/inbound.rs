@@ -2,80 +2,29 @@
 //! through, every kind of wrong one is refused with a reason, and a policy change closes a live
 //! connection.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+
+mod common;
+
+use common::{HOUR, allow, echo_app, id, workload};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hbone::{Authority, Config, Pool, Server, StaticTls};
-use http::HeaderMap;
-use identity::{DevCa, SpiffeId};
+use http::{HeaderMap, StatusCode};
+use identity::DevCa;
 use proxy::connections::Connections;
 use proxy::inbound::{DirectConnector, Inbound, InboundOutcome};
 use proxy::state::{State, StateStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use xds_client::resources::{Address, Workload, WorkloadType};
-
-const HOUR: Duration = Duration::from_secs(3600);
-
-fn id(sa: &str) -> SpiffeId {
-    format!("spiffe://cluster.local/ns/default/sa/{sa}")
-        .parse()
-        .unwrap()
-}
+use xds_client::resources::{Address, Workload};
 
 fn web(policies: &[&str]) -> Workload {
-    Workload {
-        uid: "web".into(),
-        name: "web".into(),
-        namespace: "default".into(),
-        addresses: vec!["127.0.0.1".parse().unwrap()],
-        network: String::new(),
-        hbone: true,
-        identity: id("web"),
-        node: "node-a".into(),
-        canonical_name: "web".into(),
-        canonical_revision: "latest".into(),
-        workload_type: WorkloadType::Pod,
-        workload_name: "web".into(),
-        authorization_policies: policies.iter().map(|p| p.to_string()).collect(),
-        healthy: true,
-        cluster_id: "Kubernetes".into(),
-        hostname: String::new(),
-        services: BTreeMap::new(),
-    }
+    workload("web", LOOPBACK, true, policies)
 }
 
-fn allow(name: &str, sa: &str) -> authz::Policy {
-    let yaml = format!(
-        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: default}}\nspec: {{selector: {{matchLabels: {{app: web}}}}, rules: [{{from: [{{source: {{principals: [cluster.local/ns/default/sa/{sa}]}}}}]}}]}}\n"
-    );
-    let mut p = authz::parse_policies(&yaml, "test", "istio-system")
-        .unwrap()
-        .policies
-        .remove(0);
-    // As xDS sends it: selected by name from the workload.
-    p.selector.clear();
-    p
-}
-
-/// An app that echoes, on a fresh loopback port.
-async fn echo_app() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut tcp, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let (mut rd, mut wr) = tcp.split();
-                let _ = tokio::io::copy(&mut rd, &mut wr).await;
-                let _ = wr.shutdown().await;
-            });
-        }
-    });
-    addr
-}
+const LOOPBACK: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
 struct Node {
     ca: DevCa,
@@ -126,6 +75,18 @@ fn client(ca: &DevCa, sa: &str) -> Pool<(), StaticTls> {
     Pool::new(Config::default(), StaticTls(Arc::new(tls)))
 }
 
+/// A CONNECT from `sa` to `authority` that must be refused with `status`; returns the reason the
+/// inbound side recorded.
+async fn refused(node: &Node, sa: &str, authority: &str, status: StatusCode) -> String {
+    let authority: Authority = authority.parse().unwrap();
+    let err = client(&node.ca, sa)
+        .connect((), node.addr, &authority, HeaderMap::new())
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(status), "{err}");
+    last_outcome(node).await.error.unwrap_or_default()
+}
+
 async fn last_outcome(node: &Node) -> InboundOutcome {
     for _ in 0..200 {
         if let Some(o) = node.outcomes.lock().unwrap().last().cloned() {
@@ -138,7 +99,7 @@ async fn last_outcome(node: &Node) -> InboundOutcome {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_allowed_client_gets_through_and_the_outcome_is_recorded() {
-    let app = echo_app().await;
+    let app = echo_app(LOOPBACK).await;
     let node = node(&["default/allow-sleep"]).await;
     let authority: Authority = app.to_string().parse().unwrap();
     let mut t = client(&node.ca, "sleep")
@@ -160,51 +121,32 @@ async fn an_allowed_client_gets_through_and_the_outcome_is_recorded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_clients_and_wrong_destinations_are_refused_with_reasons() {
-    let app = echo_app().await;
+    let app = echo_app(LOOPBACK).await;
     let node = node(&["default/allow-sleep"]).await;
     let authority: Authority = app.to_string().parse().unwrap();
     // Policy: only sleep.
-    let err = client(&node.ca, "notsleep")
-        .connect((), node.addr, &authority, HeaderMap::new())
-        .await
-        .unwrap_err();
-    assert_eq!(err.status(), Some(http::StatusCode::UNAUTHORIZED), "{err}");
-    let o = last_outcome(&node).await;
-    assert_eq!(o.source_identity.as_deref(), Some(id("notsleep").as_str()));
-    let why = o.error.unwrap();
+    let why = refused(
+        &node,
+        "notsleep",
+        &app.to_string(),
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
     assert!(
         why.contains("denied") && why.contains("default/allow-sleep"),
         "{why}"
     );
+    let o = last_outcome(&node).await;
+    assert_eq!(o.source_identity.as_deref(), Some(id("notsleep").as_str()));
     // Not an address of the workload served here.
-    let elsewhere: Authority = format!("127.0.0.2:{}", app.port()).parse().unwrap();
-    let err = client(&node.ca, "sleep")
-        .connect((), node.addr, &elsewhere, HeaderMap::new())
-        .await
-        .unwrap_err();
-    assert_eq!(err.status(), Some(http::StatusCode::BAD_REQUEST), "{err}");
-    assert!(
-        last_outcome(&node)
-            .await
-            .error
-            .unwrap()
-            .contains("not an address")
-    );
+    let elsewhere = format!("127.0.0.2:{}", app.port());
+    let why = refused(&node, "sleep", &elsewhere, StatusCode::BAD_REQUEST).await;
+    assert!(why.contains("not an address"), "{why}");
     // The proxy's own ports are never a destination.
     for port in [15001u16, 15006, 15008] {
-        let own: Authority = format!("127.0.0.1:{port}").parse().unwrap();
-        let err = client(&node.ca, "sleep")
-            .connect((), node.addr, &own, HeaderMap::new())
-            .await
-            .unwrap_err();
-        assert_eq!(err.status(), Some(http::StatusCode::BAD_REQUEST), "{err}");
-        assert!(
-            last_outcome(&node)
-                .await
-                .error
-                .unwrap()
-                .contains("own port")
-        );
+        let own = format!("127.0.0.1:{port}");
+        let why = refused(&node, "sleep", &own, StatusCode::BAD_REQUEST).await;
+        assert!(why.contains("own port"), "{why}");
     }
     // The app is down.
     let dead = TcpListener::bind("127.0.0.1:0")
@@ -212,20 +154,13 @@ async fn wrong_clients_and_wrong_destinations_are_refused_with_reasons() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let err = client(&node.ca, "sleep")
-        .connect(
-            (),
-            node.addr,
-            &dead.to_string().parse().unwrap(),
-            HeaderMap::new(),
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(
-        err.status(),
-        Some(http::StatusCode::SERVICE_UNAVAILABLE),
-        "{err}"
-    );
+    refused(
+        &node,
+        "sleep",
+        &dead.to_string(),
+        StatusCode::SERVICE_UNAVAILABLE,
+    )
+    .await;
     // A certificate from another root never gets to CONNECT.
     let rogue = DevCa::generate("cluster.local").unwrap();
     let creds = rogue.issue(&id("sleep"), HOUR).unwrap();
@@ -244,25 +179,15 @@ async fn wrong_clients_and_wrong_destinations_are_refused_with_reasons() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_workload_naming_an_unknown_policy_is_denied() {
-    let app = echo_app().await;
+    let app = echo_app(LOOPBACK).await;
     let node = node(&["default/allow-sleep", "default/not-received"]).await;
-    let err = client(&node.ca, "sleep")
-        .connect(
-            (),
-            node.addr,
-            &app.to_string().parse().unwrap(),
-            HeaderMap::new(),
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(err.status(), Some(http::StatusCode::UNAUTHORIZED), "{err}");
-    let why = last_outcome(&node).await.error.unwrap();
+    let why = refused(&node, "sleep", &app.to_string(), StatusCode::UNAUTHORIZED).await;
     assert!(why.contains("default/not-received"), "{why}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_change_closes_a_connection_it_now_denies() {
-    let app = echo_app().await;
+    let app = echo_app(LOOPBACK).await;
     let node = node(&["default/allow-sleep"]).await;
     let mut t = client(&node.ca, "sleep")
         .connect(

@@ -3,8 +3,11 @@
 //! through HBONE with the source's own certificate, policy applies with that identity, and a
 //! destination outside the mesh passes through.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+
+mod common;
+
+use common::{HOUR, allow, echo_app, id, workload};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,42 +21,13 @@ use proxy::state::{State, StateStore};
 use rustls::RootCertStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use xds_client::resources::{Address, PortMapping, Service, Workload, WorkloadType};
+use xds_client::resources::{Address, PortMapping, Service};
 
-const HOUR: Duration = Duration::from_secs(3600);
 const WEB_SVC: &str = "default/web.default.svc.cluster.local";
-
-fn id(sa: &str) -> SpiffeId {
-    format!("spiffe://cluster.local/ns/default/sa/{sa}")
-        .parse()
-        .unwrap()
-}
 
 /// 127.<pid>.<test>.<host>: addresses no other test (or test run) uses.
 fn ip(test: u8, host: u8) -> IpAddr {
     IpAddr::from([127, (std::process::id() % 200 + 20) as u8, test, host])
-}
-
-fn workload(uid: &str, addr: IpAddr, hbone: bool, policies: &[&str]) -> Workload {
-    Workload {
-        uid: uid.into(),
-        name: uid.into(),
-        namespace: "default".into(),
-        addresses: vec![addr],
-        network: String::new(),
-        hbone,
-        identity: id(uid),
-        node: "node-a".into(),
-        canonical_name: uid.into(),
-        canonical_revision: "v1".into(),
-        workload_type: WorkloadType::Deployment,
-        workload_name: uid.into(),
-        authorization_policies: policies.iter().map(|p| p.to_string()).collect(),
-        healthy: true,
-        cluster_id: "Kubernetes".into(),
-        hostname: String::new(),
-        services: BTreeMap::new(),
-    }
 }
 
 /// Certificates issued on demand by a development CA.
@@ -68,22 +42,6 @@ impl Certificates for DevCerts {
     fn roots(&self) -> Arc<RootCertStore> {
         self.0.roots()
     }
-}
-
-async fn echo_app(at: IpAddr) -> SocketAddr {
-    let listener = TcpListener::bind(SocketAddr::new(at, 0)).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut tcp, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let (mut rd, mut wr) = tcp.split();
-                let _ = tokio::io::copy(&mut rd, &mut wr).await;
-                let _ = wr.shutdown().await;
-            });
-        }
-    });
-    addr
 }
 
 struct Mesh {
@@ -102,7 +60,12 @@ async fn mesh(test: u8) -> Mesh {
     let store = Arc::new(StateStore::new(State::new("istio-system")));
     store.update(|s| {
         s.insert_address(Address::Workload(workload("sleep", ip(test, 1), true, &[])));
-        s.insert_address(Address::Workload(workload("notsleep", ip(test, 3), true, &[])));
+        s.insert_address(Address::Workload(workload(
+            "notsleep",
+            ip(test, 3),
+            true,
+            &[],
+        )));
         let mut web = workload("web", web_ip, true, &["default/allow-sleep"]);
         web.services.insert(
             WEB_SVC.into(),
@@ -123,12 +86,7 @@ async fn mesh(test: u8) -> Mesh {
             }],
             subject_alt_names: vec![],
         }));
-        let yaml = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-sleep, namespace: default}\nspec: {selector: {matchLabels: {app: web}}, rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/sleep]}}]}]}\n";
-        let mut p = authz::parse_policies(yaml, "test", "istio-system")
-            .unwrap()
-            .policies
-            .remove(0);
-        p.selector.clear();
+        let p = allow("allow-sleep", "sleep");
         s.insert_policy(p);
         s.set_synced(true);
     });
