@@ -173,7 +173,7 @@ pub fn compute(m: &Manifests, config: &ComputeConfig) -> Result<Computed, authz:
             workload_type,
             workload_name,
             authorization_policies,
-            healthy: true,
+            healthy: pod.ready,
             cluster_id: config.cluster_id.clone(),
             hostname: String::new(),
             services,

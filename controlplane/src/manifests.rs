@@ -44,6 +44,10 @@ pub struct Pod {
     /// Annotations (the local mesh records a pod's network namespace in
     /// [`NETNS_ANNOTATION`]).
     pub annotations: BTreeMap<String, String>,
+    /// Ready to serve: false when `status.conditions` has `Ready` other than `"True"` (no such
+    /// condition: ready, as a pod written by hand usually lacks it). Unready pods are sent as
+    /// unhealthy workloads, which the proxy skips when picking a service endpoint.
+    pub ready: bool,
 }
 
 /// The annotation with which the local mesh tells the node agent where a pod's network
@@ -127,6 +131,15 @@ struct PodStatus {
     pod_ip: Option<String>,
     #[serde(default, rename = "podIPs")]
     pod_ips: Vec<PodIp>,
+    #[serde(default)]
+    conditions: Vec<PodCondition>,
+}
+
+#[derive(Deserialize)]
+struct PodCondition {
+    #[serde(rename = "type")]
+    kind: String,
+    status: String,
 }
 
 #[derive(Deserialize)]
@@ -237,7 +250,14 @@ impl Manifests {
                             ips.push(ip);
                         }
                     }
+                    let ready = doc
+                        .status
+                        .conditions
+                        .iter()
+                        .filter(|c| c.kind == "Ready")
+                        .all(|c| c.status == "True");
                     self.pods.push(Pod {
+                        ready,
                         uid: doc
                             .metadata
                             .uid

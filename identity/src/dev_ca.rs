@@ -354,3 +354,35 @@ fn write_private(path: &Path, text: &str) -> Result<(), Error> {
         .map_err(err)?;
     file.write_all(text.as_bytes()).map_err(err)
 }
+
+/// A [`CertificateSource`](crate::ca::CertificateSource) that issues from a [`DevCa`] in
+/// process, with a fixed lifetime: a proxy's `--ca-dir` (every local pod gets its certificate
+/// without a CA server), tests. Each fetch is a new key and certificate.
+#[derive(Debug, Clone)]
+pub struct DevCaSource {
+    ca: Arc<DevCa>,
+    ttl: Duration,
+}
+
+impl DevCaSource {
+    /// Issues from `ca`, each certificate valid for `ttl`.
+    pub fn new(ca: Arc<DevCa>, ttl: Duration) -> Self {
+        DevCaSource { ca, ttl }
+    }
+}
+
+impl crate::ca::CertificateSource for DevCaSource {
+    fn fetch(&self, id: &SpiffeId) -> crate::ca::FetchFuture<'_> {
+        let issued = if id.trust_domain() != self.ca.trust_domain() {
+            Err(Error::Certificate(format!(
+                "the development CA signs trust domain {:?}, not {id}",
+                self.ca.trust_domain()
+            )))
+        } else {
+            self.ca
+                .issue(id, self.ttl)
+                .and_then(|creds| crate::WorkloadCert::new(id.clone(), creds))
+        };
+        Box::pin(std::future::ready(issued))
+    }
+}

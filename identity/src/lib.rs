@@ -39,7 +39,7 @@ pub mod tls;
 pub use cert::{
     CertInfo, Credentials, KeyAndCsr, WorkloadCert, fuzz_cert_chain, parse_pem_chain, uri_sans,
 };
-pub use dev_ca::DevCa;
+pub use dev_ca::{DevCa, DevCaSource};
 pub use error::Error;
 pub use secrets::{SecretManager, SecretManagerConfig};
 pub use spiffe::{
@@ -47,9 +47,39 @@ pub use spiffe::{
 };
 
 /// Formats a time as seconds since the Unix epoch, for messages (no calendar dependency).
-pub(crate) fn fmt_time(t: std::time::SystemTime) -> String {
-    match t.duration_since(std::time::UNIX_EPOCH) {
-        Ok(d) => format!("unix:{}", d.as_secs()),
-        Err(_) => "before 1970".to_owned(),
+/// `t` as an RFC 3339 UTC timestamp (`2026-12-01T20:00:00Z`), for logs and dumps.
+pub fn fmt_time(t: std::time::SystemTime) -> String {
+    let Ok(d) = t.duration_since(std::time::UNIX_EPOCH) else {
+        return "before 1970".to_owned();
+    };
+    let secs = d.as_secs();
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (the proleptic Gregorian calendar).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
+#[cfg(test)]
+mod time_tests {
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        let at =
+            |s: u64| super::fmt_time(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s));
+        assert_eq!(at(0), "1970-01-01T00:00:00Z");
+        assert_eq!(at(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(at(1_795_985_999), "2026-11-29T20:59:59Z");
     }
 }

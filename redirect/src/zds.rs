@@ -433,28 +433,64 @@ fn invalid(e: impl ToString) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
 }
 
+/// The proxy side of the handoff: connects to the agent's socket, says hello, then receives one
+/// request at a time and acknowledges each (the agent sends the next only after the ack).
+///
+/// Blocking I/O: run it on a thread of its own.
+#[derive(Debug)]
+pub struct ZdsClient {
+    conn: OwnedFd,
+}
+
+impl ZdsClient {
+    /// Connects to the agent at `path` (Istio's default: `/var/run/ztunnel/ztunnel.sock`) and
+    /// sends `ZdsHello{V1}`.
+    pub fn connect(path: &Path) -> std::io::Result<Self> {
+        let conn = sys::seqpacket_connect(path)?;
+        let hello = proto::ZdsHello {
+            version: proto::Version::V1 as i32,
+        };
+        sys::send(&conn, &hello.encode_to_vec(), &[])?;
+        Ok(ZdsClient { conn })
+    }
+
+    /// The next request and the descriptor that came with it (an add's network namespace);
+    /// `None` when the agent closed the connection. A datagram that does not decode is an
+    /// `InvalidData` error naming what was wrong (acknowledge it with an error to go on).
+    pub fn recv(&self) -> std::io::Result<Option<(WorkloadRequest, Option<OwnedFd>)>> {
+        let mut buf = [0u8; MAX_MESSAGE];
+        let (n, mut fds) = sys::recv(&self.conn, &mut buf)?;
+        if n == 0 && fds.is_empty() {
+            return Ok(None);
+        }
+        let fd = fds.pop();
+        let request = WorkloadRequest::decode(&buf[..n])
+            .map_err(|e| invalid(format!("undecodable ZDS request ({n} bytes): {e}")))?;
+        Ok(Some((request, fd)))
+    }
+
+    /// Acknowledges the last request: empty `error` accepts it, anything else refuses it with
+    /// that reason.
+    pub fn ack(&self, error: &str) -> std::io::Result<()> {
+        let ack = WorkloadResponse {
+            ack: Some(proto::Ack {
+                error: error.to_owned(),
+            }),
+        };
+        sys::send(&self.conn, &ack.encode_to_vec(), &[])
+    }
+}
+
 /// A minimal proxy side, for tests and tools: connects, says hello, and hands each request (with
 /// any received descriptor) to `on_request`, acknowledging it with the returned error text.
 pub fn run_test_peer(
     path: &Path,
     mut on_request: impl FnMut(WorkloadRequest, Option<OwnedFd>) -> String,
 ) -> std::io::Result<()> {
-    let conn = sys::seqpacket_connect(path)?;
-    let hello = proto::ZdsHello {
-        version: proto::Version::V1 as i32,
-    };
-    sys::send(&conn, &hello.encode_to_vec(), &[])?;
-    let mut buf = [0u8; MAX_MESSAGE];
-    loop {
-        let (n, mut fds) = sys::recv(&conn, &mut buf)?;
-        if n == 0 && fds.is_empty() {
-            return Ok(());
-        }
-        let request = WorkloadRequest::decode(&buf[..n]).map_err(invalid)?;
-        let error = on_request(request, fds.pop());
-        let ack = WorkloadResponse {
-            ack: Some(proto::Ack { error }),
-        };
-        sys::send(&conn, &ack.encode_to_vec(), &[])?;
+    let client = ZdsClient::connect(path)?;
+    while let Some((request, fd)) = client.recv()? {
+        let error = on_request(request, fd);
+        client.ack(&error)?;
     }
+    Ok(())
 }
