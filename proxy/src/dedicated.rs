@@ -7,12 +7,11 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use identity::{SpiffeId, WorkloadCert};
 use rustls::RootCertStore;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
@@ -20,6 +19,7 @@ use crate::addr::ClientAddr;
 use crate::connections::Connections;
 use crate::inbound::{DirectConnector, Inbound};
 use crate::outbound::{Certificates, Outbound};
+use crate::serve::{Tracker, accept_loop, serve_hbone};
 use crate::state::StateStore;
 
 /// Settings of a dedicated-mode proxy.
@@ -38,6 +38,8 @@ pub struct DedicatedConfig {
     pub mark: Option<u32>,
     /// HBONE settings.
     pub hbone: hbone::Config,
+    /// Where connections are counted.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl DedicatedConfig {
@@ -50,6 +52,7 @@ impl DedicatedConfig {
             readiness: SocketAddr::from(([0, 0, 0, 0], 15021)),
             mark: Some(0x539),
             hbone: hbone::Config::default(),
+            metrics: crate::metrics::Metrics::new(Duration::from_secs(300)),
         }
     }
 }
@@ -90,6 +93,11 @@ impl Certificates for StaticCert {
     fn roots(&self) -> Arc<RootCertStore> {
         self.roots.clone()
     }
+
+    fn watch(&self, id: &SpiffeId) -> crate::outbound::CertWatch {
+        let held = (self.cert.id() == id).then(|| self.cert.clone());
+        tokio::sync::watch::channel(held).1
+    }
 }
 
 /// The addresses a started proxy listens on.
@@ -124,7 +132,7 @@ pub enum StartError {
 /// A started proxy: serve it with [`Running::run_until`].
 pub struct Running {
     serve: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
-    outbound_active: Arc<AtomicUsize>,
+    tracker: Tracker,
     inbound: Arc<Connections>,
     draining: Arc<AtomicBool>,
 }
@@ -154,7 +162,7 @@ impl Running {
     ) -> Drained {
         let Running {
             serve,
-            outbound_active,
+            tracker,
             inbound,
             draining,
         } = self;
@@ -164,35 +172,15 @@ impl Running {
         }
         // New CONNECTs on HBONE connections that stay open are refused from now on.
         draining.store(true, Ordering::SeqCst);
-        let open = || outbound_active.load(Ordering::SeqCst) + inbound.len();
+        let open = || tracker.active() + inbound.len();
         info!(
             open = open(),
             ?deadline,
             "draining: listeners closed, waiting for open connections"
         );
-        let until = tokio::time::Instant::now() + deadline;
-        while open() > 0 && tokio::time::Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let cut = open();
+        let cut = tracker.drain(deadline, open).await;
         info!(cut, "drained");
         Drained { cut }
-    }
-}
-
-/// Counts a live outbound connection while it exists.
-struct Active(Arc<AtomicUsize>);
-
-impl Active {
-    fn new(counter: &Arc<AtomicUsize>) -> Self {
-        counter.fetch_add(1, Ordering::SeqCst);
-        Active(counter.clone())
-    }
-}
-
-impl Drop for Active {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -224,135 +212,73 @@ pub async fn start(
         certs.cert.id().trust_domain(),
     )?;
     let inbound_connections = Connections::new();
+    let log_state = state.clone();
     let inbound = Inbound::new(
         state.clone(),
         inbound_connections.clone(),
-        &config.workload_uid,
-        DirectConnector,
-        |o| {
-            info!(
-                direction = "inbound",
-                src.addr = %o.source,
-                src.identity = o.source_identity.as_deref().unwrap_or("-"),
-                dst.addr = %o.destination,
-                status = o.status,
-                bytes_recv = o.bytes.0,
-                bytes_sent = o.bytes.1,
-                duration_ms = o.duration.as_millis() as u64,
-                error = o.error.as_deref().unwrap_or("-"),
-                "connection complete"
-            )
-        },
-    );
+        config.workload_uid.as_str(),
+        DirectConnector::default(),
+        move |o| crate::telemetry::log_inbound(&log_state.snapshot(), &o),
+    )
+    .with_metrics(config.metrics.clone());
     let draining = inbound.drain_switch();
     let server = hbone::Server::new(config.hbone.clone(), Arc::new(tls), inbound);
-    let outbound = Arc::new(Outbound::new(
-        state.clone(),
-        Arc::new(certs.clone()),
-        config.hbone.clone(),
-        config.mark,
-    ));
-    let uid = config.workload_uid.clone();
+    let outbound = Arc::new(
+        Outbound::new(
+            state.clone(),
+            Arc::new(certs.clone()),
+            config.hbone.clone(),
+            config.mark,
+        )
+        .with_metrics(config.metrics.clone()),
+    );
+    let uid = crate::state::LocalWorkload::Uid(config.workload_uid.clone());
     let outbound_addr = bound.outbound;
-    let outbound_active = Arc::new(AtomicUsize::new(0));
-    let active = outbound_active.clone();
-    let serve_outbound = async move {
-        loop {
-            let (stream, peer) = match outbound_listener.accept().await {
-                Ok(accepted) => accepted,
+    let tracker = Tracker::default();
+    let t = tracker.clone();
+    let log_state = state.clone();
+    let serve_outbound = accept_loop(outbound_listener, "outbound", move |stream, peer| {
+        // Small writes back to the app must not wait for Nagle.
+        let _ = stream.set_nodelay(true);
+        let (outbound, uid, log_state) = (outbound.clone(), uid.clone(), log_state.clone());
+        t.spawn_counted(async move {
+            let destination = match crate::sockets::original_dst(&stream) {
+                Ok(d) if d.0 == outbound_addr => {
+                    warn!(src = %peer, "outbound: refusing a connection to the proxy itself");
+                    return;
+                }
+                Ok(d) => d,
                 Err(e) => {
-                    // Out of descriptors or memory for a moment: back off instead of spinning.
-                    warn!(error = %e, "outbound: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+                    warn!(src = %peer, error = %e, "outbound: no original destination (not redirected by the capture rule?)");
+                    return;
                 }
             };
-            // Small writes back to the app must not wait for Nagle.
-            let _ = stream.set_nodelay(true);
-            let outbound = outbound.clone();
-            let uid = uid.clone();
-            let active = Active::new(&active);
-            tokio::spawn(async move {
-                let _active = active;
-                let destination = match crate::sockets::original_dst(&stream) {
-                    Ok(d) if d.0 == outbound_addr => {
-                        warn!(src = %peer, "outbound: refusing a connection to the proxy itself");
-                        return;
-                    }
-                    Ok(d) => d,
-                    Err(e) => {
-                        warn!(src = %peer, error = %e, "outbound: no original destination (not redirected by the capture rule?)");
-                        return;
-                    }
-                };
-                let o = outbound
-                    .serve(stream, ClientAddr(peer), destination, &uid)
-                    .await;
-                info!(
-                    direction = "outbound",
-                    src.addr = %o.source,
-                    dst.addr = %o.destination,
-                    dst.hbone_addr = o.hbone_target.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
-                    dst.workload = o.destination_uid.as_deref().unwrap_or("-"),
-                    mtls = o.mtls,
-                    bytes_sent = o.bytes.0,
-                    bytes_recv = o.bytes.1,
-                    duration_ms = o.duration.as_millis() as u64,
-                    error = o.error.as_deref().unwrap_or("-"),
-                    "connection complete"
-                );
-            });
-        }
-    };
+            let o = outbound
+                .serve(stream, ClientAddr(peer), destination, &uid)
+                .await;
+            crate::telemetry::log_outbound(&log_state.snapshot(), &o);
+        });
+    });
     let uid = config.workload_uid.clone();
     let cert = certs.cert.clone();
     let ready_state = state.clone();
-    let serve_readiness = async move {
-        loop {
-            let Ok((mut stream, _)) = readiness_listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            };
-            let ready = {
-                let s = ready_state.snapshot();
-                s.is_synced() && s.workload(&uid).is_some() && cert.is_valid_at(SystemTime::now())
-            };
-            tokio::spawn(async move {
-                let mut request = [0u8; 1024];
-                let n = stream.read(&mut request).await.unwrap_or(0);
-                let text = String::from_utf8_lossy(&request[..n]);
-                let path_ok = text.starts_with("GET /healthz/ready ");
-                let status = match (path_ok, ready) {
-                    (false, _) => "404 Not Found",
-                    (true, true) => "200 OK",
-                    (true, false) => "503 Service Unavailable",
-                };
-                let response =
-                    format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
-                let _ = stream.write_all(response.as_bytes()).await;
-                let _ = stream.shutdown().await;
-            });
-        }
-    };
-    // Connections run in tasks of their own, so closing the listener (at a drain) leaves them.
-    let serve_inbound = async move {
-        loop {
-            match inbound_listener.accept().await {
-                Ok((tcp, _)) => {
-                    let server = server.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = server.serve_connection(tcp).await {
-                            tracing::debug!(error = %e, "inbound: HBONE connection ended");
-                        }
-                    });
-                }
-                Err(e) => {
-                    warn!(error = %e, "inbound: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+    let serve_readiness = crate::admin::serve(
+        readiness_listener,
+        crate::admin::readiness(move || {
+            let s = ready_state.snapshot();
+            if !s.is_synced() {
+                Err("the state is not loaded yet".into())
+            } else if s.workload(&uid).is_none() {
+                Err(format!("the workload {uid} is not in the state"))
+            } else if !cert.is_valid_at(SystemTime::now()) {
+                Err(format!("the certificate of {} is not valid now", cert.id()))
+            } else {
+                Ok(())
             }
-        }
-    };
+        }),
+    );
+    // Connections run in tasks of their own, so closing the listener (at a drain) leaves them.
+    let serve_inbound = serve_hbone(inbound_listener, server, tracker.clone());
     // Every state change (a manifest or xDS update) re-checks the open inbound connections.
     let mut changes = state.subscribe();
     let (recheck_state, recheck_connections) = (state.clone(), inbound_connections.clone());
@@ -368,7 +294,7 @@ pub async fn start(
         bound,
         Running {
             serve: Box::pin(serve),
-            outbound_active,
+            tracker,
             inbound: inbound_connections,
             draining,
         },

@@ -13,7 +13,6 @@
 //!    the bytes copied with half-close, while the connection stays registered so a policy change
 //!    can close it.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,28 +20,17 @@ use std::time::{Duration, Instant};
 
 use hbone::{ConnectHandler, InboundConnect};
 use http::StatusCode;
-use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 use crate::connections::Connections;
-use crate::state::StateStore;
+use crate::metrics::{Ends, Flow, Metrics};
+use crate::sockets::Connector;
+use crate::state::{LocalWorkload, State, StateStore};
+use xds_client::resources::Workload;
 
-/// How the inbound path reaches the app (a plain connect in the current netns by default; in
-/// shared mode, a socket made inside the pod's netns).
-pub trait AppConnector: Send + Sync + 'static {
-    /// Connects to the app at `addr`.
-    fn connect(&self, addr: SocketAddr) -> impl Future<Output = std::io::Result<TcpStream>> + Send;
-}
-
-/// Connects from the current network namespace.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct DirectConnector;
-
-impl AppConnector for DirectConnector {
-    fn connect(&self, addr: SocketAddr) -> impl Future<Output = std::io::Result<TcpStream>> + Send {
-        TcpStream::connect(addr)
-    }
-}
+/// The inbound path reaches the app from the current network namespace, without a mark, unless
+/// it is given another [`Connector`] (shared mode: a socket made inside the pod's netns).
+pub type DirectConnector = crate::sockets::Marked;
 
 /// What one inbound connection did, for the access log and metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,8 +39,10 @@ pub struct InboundOutcome {
     pub source: SocketAddr,
     /// The client's SPIFFE id, when it presented a usable one.
     pub source_identity: Option<String>,
-    /// The CONNECT authority.
+    /// The CONNECT authority (for plaintext inbound: the original destination).
     pub destination: String,
+    /// The local workload's uid, once known.
+    pub destination_uid: Option<String>,
     /// The HTTP status answered (200, 400, 401, 503).
     pub status: u16,
     /// Why it was refused or ended early, if it was.
@@ -67,40 +57,48 @@ pub struct InboundOutcome {
 pub struct Inbound<C = DirectConnector> {
     state: Arc<StateStore>,
     connections: Arc<Connections>,
-    local_uid: String,
+    local: LocalWorkload,
     connector: C,
     connect_timeout: Duration,
     on_done: Box<dyn Fn(InboundOutcome) + Send + Sync>,
     draining: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
 }
 
 impl<C> std::fmt::Debug for Inbound<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Inbound")
-            .field("local_uid", &self.local_uid)
+            .field("local", &self.local)
             .finish_non_exhaustive()
     }
 }
 
-impl<C: AppConnector> Inbound<C> {
-    /// Serves the workload `local_uid` of `state`, reaching its app through `connector`.
+impl<C: Connector> Inbound<C> {
+    /// Serves the workload `local` of `state`, reaching its app through `connector`.
     /// `on_done` receives every connection's outcome (the access log; metrics).
     pub fn new(
         state: Arc<StateStore>,
         connections: Arc<Connections>,
-        local_uid: &str,
+        local: impl Into<LocalWorkload>,
         connector: C,
         on_done: impl Fn(InboundOutcome) + Send + Sync + 'static,
     ) -> Self {
         Inbound {
             state,
             connections,
-            local_uid: local_uid.to_owned(),
+            local: local.into(),
             connector,
             connect_timeout: Duration::from_secs(10),
             on_done: Box::new(on_done),
             draining: Arc::default(),
+            metrics: Metrics::new(Duration::from_secs(300)),
         }
+    }
+
+    /// Counts connections into `metrics` (reporter `destination`) instead of a private registry.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// A switch that, once set, makes every new CONNECT (also on connections already open) a
@@ -115,6 +113,7 @@ impl<C: AppConnector> Inbound<C> {
             source: req.peer_addr(),
             source_identity: None,
             destination: req.authority().to_string(),
+            destination_uid: None,
             status: 0,
             error: None,
             bytes: (0, 0),
@@ -132,26 +131,6 @@ impl<C: AppConnector> Inbound<C> {
             let why = "the proxy is draining (shutting down)".to_owned();
             return refuse(req, outcome, StatusCode::SERVICE_UNAVAILABLE, why);
         }
-        let state = self.state.snapshot();
-        let Some(local) = state.workload(&self.local_uid).cloned() else {
-            let why = format!("the local workload {} is not known (yet)", self.local_uid);
-            return refuse(req, outcome, StatusCode::SERVICE_UNAVAILABLE, why);
-        };
-        let Some(destination) = req.authority().socket_addr() else {
-            let why = format!("authority {} is not an ip:port", req.authority());
-            return refuse(req, outcome, StatusCode::BAD_REQUEST, why);
-        };
-        if crate::addr::PROXY_PORTS.contains(&destination.port()) {
-            let why = format!("authority {destination} is the proxy's own port");
-            return refuse(req, outcome, StatusCode::BAD_REQUEST, why);
-        }
-        if !local.addresses.contains(&destination.ip()) {
-            let why = format!(
-                "authority {destination} is not an address of {}/{} (served here)",
-                local.namespace, local.name
-            );
-            return refuse(req, outcome, StatusCode::BAD_REQUEST, why);
-        }
         let peer = match identity::tls::peer_spiffe_id(req.peer_certificates()) {
             Ok(id) => id,
             Err(e) => {
@@ -160,19 +139,35 @@ impl<C: AppConnector> Inbound<C> {
             }
         };
         outcome.source_identity = Some(peer.as_str().to_owned());
-        let connection = authz::Connection {
-            source: req.peer_addr(),
-            destination,
-            peer: Some(authz::Principal::parse(peer.as_str())),
+        let Some(destination) = req.authority().socket_addr() else {
+            let why = format!("authority {} is not an ip:port", req.authority());
+            return refuse(req, outcome, StatusCode::BAD_REQUEST, why);
         };
-        let decision = state
-            .policies()
-            .decide(&connection, &crate::authz_workload(&local));
-        if !decision.allowed {
-            warn!(src = %req.peer_addr(), src_identity = %peer, dst = %destination, reason = %decision.reason, "connection denied by policy");
-            let why = format!("denied: {}", decision.reason);
-            return refuse(req, outcome, StatusCode::UNAUTHORIZED, why);
-        }
+        let state = self.state.snapshot();
+        let source = state.workload_at("", req.peer_addr().ip()).cloned();
+        let mut ends = Ends {
+            source: source.as_deref(),
+            source_identity: Some(peer.as_str()),
+            destination: state.local(&self.local).map(|w| &**w),
+            mtls: true,
+            ..Ends::default()
+        };
+        let (local, connection) = match authorize(
+            &state,
+            &self.local,
+            req.peer_addr(),
+            destination,
+            Some(&peer),
+        ) {
+            Ok(allowed) => allowed,
+            Err((status, why)) => {
+                self.metrics
+                    .failed(DESTINATION, ends, failure_flags(status));
+                return refuse(req, outcome, status, why);
+            }
+        };
+        ends.destination = Some(&local);
+        outcome.destination_uid = Some(local.uid.clone());
         let registered = self.connections.register(connection, &local.uid);
         let app =
             match tokio::time::timeout(self.connect_timeout, self.connector.connect(destination))
@@ -180,10 +175,12 @@ impl<C: AppConnector> Inbound<C> {
             {
                 Ok(Ok(app)) => app,
                 Ok(Err(e)) => {
+                    self.metrics.failed(DESTINATION, ends, "CONNECT");
                     let why = format!("cannot connect to the app at {destination}: {e}");
                     return refuse(req, outcome, StatusCode::SERVICE_UNAVAILABLE, why);
                 }
                 Err(_) => {
+                    self.metrics.failed(DESTINATION, ends, "CONNECT");
                     let why = format!(
                         "the app at {destination} did not accept within {:?}",
                         self.connect_timeout
@@ -191,6 +188,8 @@ impl<C: AppConnector> Inbound<C> {
                     return refuse(req, outcome, StatusCode::SERVICE_UNAVAILABLE, why);
                 }
             };
+        let open = self.metrics.opened(DESTINATION, ends);
+        drop(state);
         let _ = app.set_nodelay(true);
         let mut tunnel = match req.accept() {
             Ok(t) => t,
@@ -202,7 +201,7 @@ impl<C: AppConnector> Inbound<C> {
             }
         };
         outcome.status = 200;
-        let mut app = app;
+        let mut app = open.count(app, Flow::Sent);
         tokio::select! {
             copied = hbone::copy_tunnel_bidirectional(&mut tunnel, &mut app) => match copied {
                 Ok(t) => outcome.bytes = (t.a_to_b, t.b_to_a),
@@ -220,7 +219,64 @@ impl<C: AppConnector> Inbound<C> {
     }
 }
 
-impl<C: AppConnector> ConnectHandler for Inbound<C> {
+/// The reporter label of the inbound side.
+pub(crate) const DESTINATION: &str = "destination";
+
+/// The `response_flags` of an inbound refusal answered with `status`.
+pub(crate) fn failure_flags(status: StatusCode) -> &'static str {
+    if status == StatusCode::UNAUTHORIZED {
+        "DENY"
+    } else {
+        "CONNECT"
+    }
+}
+
+/// The checks every inbound connection passes (HBONE and plaintext): the local workload is known,
+/// `destination` is one of its addresses and not a proxy port, and policy allows `source` (with
+/// the client's identity, if it has one). On refusal: the status to answer and why (logged by
+/// the caller's access log; a policy denial is also logged here as a warning).
+pub(crate) fn authorize(
+    state: &State,
+    local: &LocalWorkload,
+    source: SocketAddr,
+    destination: SocketAddr,
+    peer: Option<&identity::SpiffeId>,
+) -> Result<(Arc<Workload>, authz::Connection), (StatusCode, String)> {
+    let Some(workload) = state.local(local).cloned() else {
+        let why = format!("the local workload {local} is not known (yet)");
+        return Err((StatusCode::SERVICE_UNAVAILABLE, why));
+    };
+    if crate::addr::PROXY_PORTS.contains(&destination.port()) {
+        let why = format!("destination {destination} is the proxy's own port");
+        return Err((StatusCode::BAD_REQUEST, why));
+    }
+    if !workload.addresses.contains(&destination.ip()) {
+        let why = format!(
+            "destination {destination} is not an address of {}/{} (served here)",
+            workload.namespace, workload.name
+        );
+        return Err((StatusCode::BAD_REQUEST, why));
+    }
+    let connection = authz::Connection {
+        source,
+        destination,
+        peer: peer.map(|p| authz::Principal::parse(p.as_str())),
+    };
+    let decision = state
+        .policies()
+        .decide(&connection, &crate::authz_workload(&workload));
+    if !decision.allowed {
+        let src_identity = peer.map(|p| p.as_str()).unwrap_or("-");
+        warn!(src = %source, src_identity, dst = %destination, reason = %decision.reason, "connection denied by policy");
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            format!("denied: {}", decision.reason),
+        ));
+    }
+    Ok((workload, connection))
+}
+
+impl<C: Connector> ConnectHandler for Inbound<C> {
     async fn handle(&self, request: InboundConnect) {
         let outcome = self.serve(request).await;
         if let Some(error) = &outcome.error {

@@ -59,12 +59,18 @@
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod admin;
 pub mod connections;
 pub mod dedicated;
 pub mod inbound;
+pub mod inbound_plain;
+pub mod inpod;
+pub mod metrics;
 pub mod outbound;
+mod serve;
 pub mod sockets;
 pub mod state;
+pub mod telemetry;
 
 /// The policy view of a workload: its namespace and the policies xDS says apply to it.
 pub(crate) fn authz_workload(w: &xds_client::resources::Workload) -> authz::Workload {

@@ -2,6 +2,7 @@
 //! redirected by iptables/nftables (`SO_ORIGINAL_DST`), and the mark on the proxy's own outgoing
 //! sockets (`SO_MARK`) that keeps the capture rules from redirecting them back to the proxy.
 
+use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
@@ -32,6 +33,34 @@ pub fn original_dst(stream: &TcpStream) -> io::Result<OrigDst> {
 
 /// Connects to `to` from a socket carrying `mark` (when set), so capture rules skip it.
 pub async fn connect_marked(to: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
+    let stream = marked_socket(to, mark)?.connect(to).await?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// How the proxy opens its outgoing TCP connections (to the app, to a peer proxy, to a
+/// passthrough destination): from the current network namespace, or from a pod's in shared mode.
+pub trait Connector: Send + Sync + 'static {
+    /// Connects to `to`.
+    fn connect(&self, to: SocketAddr) -> impl Future<Output = io::Result<TcpStream>> + Send;
+}
+
+/// Connects from the current network namespace, marking the socket with `SO_MARK` when `mark`
+/// is set (so capture rules skip it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Marked {
+    /// The mark (Istio: 0x539), or none.
+    pub mark: Option<u32>,
+}
+
+impl Connector for Marked {
+    fn connect(&self, to: SocketAddr) -> impl Future<Output = io::Result<TcpStream>> + Send {
+        connect_marked(to, self.mark)
+    }
+}
+
+/// A new unconnected TCP socket for `to`'s address family, carrying `mark` when set.
+pub fn marked_socket(to: SocketAddr, mark: Option<u32>) -> io::Result<TcpSocket> {
     let socket = if to.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -45,7 +74,5 @@ pub async fn connect_marked(to: SocketAddr, mark: Option<u32>) -> io::Result<Tcp
             )
         })?;
     }
-    let stream = socket.connect(to).await?;
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
+    Ok(socket)
 }

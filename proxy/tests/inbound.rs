@@ -49,7 +49,7 @@ async fn node(policies: &[&str]) -> Node {
         store.clone(),
         connections.clone(),
         "web",
-        DirectConnector,
+        DirectConnector::default(),
         move |o| sink.lock().unwrap().push(o),
     );
     let creds = ca.issue(&id("web"), HOUR).unwrap();

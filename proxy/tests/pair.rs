@@ -42,6 +42,12 @@ impl Certificates for DevCerts {
     fn roots(&self) -> Arc<RootCertStore> {
         self.0.roots()
     }
+
+    fn watch(&self, id: &SpiffeId) -> proxy::outbound::CertWatch {
+        let cert = self.0.issue(id, HOUR).ok();
+        let cert = cert.and_then(|c| WorkloadCert::new(id.clone(), c).ok());
+        tokio::sync::watch::channel(cert.map(Arc::new)).1
+    }
 }
 
 struct Mesh {
@@ -96,7 +102,7 @@ async fn mesh(test: u8) -> Mesh {
         store.clone(),
         Connections::new(),
         "web",
-        DirectConnector,
+        DirectConnector::default(),
         move |o| sink.lock().unwrap().push(o),
     );
     let creds = ca.issue(&id("web"), HOUR).unwrap();
@@ -138,7 +144,7 @@ async fn call(
         .unwrap();
     let (captured, peer) = capture.accept().await.unwrap();
     let outbound = mesh.outbound.clone();
-    let source = source.to_owned();
+    let source = proxy::state::LocalWorkload::from(source);
     let task = tokio::spawn(async move {
         outbound
             .serve(captured, ClientAddr(peer), OrigDst(destination), &source)

@@ -9,9 +9,14 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "ztunnel", version, about, long_about = None)]
 pub(crate) struct Cli {
-    /// Log filter for stderr, e.g. `info`, `debug`, `hbone=debug,info`.
-    #[arg(long, global = true, default_value = "info")]
+    /// Log filter for stderr, e.g. `info`, `debug`, `hbone=debug,info` (`RUST_LOG`). The proxy's
+    /// admin endpoint changes it at runtime (`/logging?level=...`).
+    #[arg(long, global = true, env = "RUST_LOG", default_value = "info")]
     pub(crate) log_level: String,
+    /// Log line format on stderr: `plain` (key=value) or `json` (one object per line; access-log
+    /// fields become JSON fields) (`LOG_FORMAT`).
+    #[arg(long, global = true, env = "LOG_FORMAT", value_parser = ["plain", "json"], default_value = "plain")]
+    pub(crate) log_format: String,
 
     #[command(subcommand)]
     pub(crate) command: Command,
@@ -39,9 +44,15 @@ pub(crate) enum Command {
     /// Run a self-contained HBONE demo on loopback (development CA, server, client, traffic).
     Demo(DemoArgs),
     /// Run the node proxy. Every flag can also be given by the environment variable Istio's
-    /// ztunnel reads (named in each flag's help). Today: dedicated mode from local manifests
-    /// and certificate files (shared mode and xDS are being built, issue 10).
-    Proxy(ProxyArgs),
+    /// ztunnel reads (named in each flag's help).
+    ///
+    /// State comes from xDS (`--xds-address`) or local manifests (`--local-manifests`);
+    /// certificates from a CA (`--ca-address`), an in-process development CA (`--ca-dir`) or, in
+    /// dedicated mode, files (`--cert/--key/--ca`). Shared mode serves the pods a node agent hands
+    /// over on `--inpod-uds`; dedicated mode serves one workload in the current netns. Admin on
+    /// 127.0.0.1:15000 (/config_dump, /logging?level=, POST /quitquitquit), metrics on :15020
+    /// (/metrics, /stats/prometheus), readiness on :15021 (/healthz/ready).
+    Proxy(Box<ProxyArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -64,8 +75,8 @@ pub(crate) struct ProxyArgs {
     /// PEM private key of `--cert`.
     #[arg(long, value_name = "PEM", requires = "cert")]
     pub(crate) key: Option<PathBuf>,
-    /// PEM trust roots of the mesh.
-    #[arg(long, value_name = "PEM", requires = "cert")]
+    /// PEM trust roots of the mesh (with `--cert`, or with `--ca-address`).
+    #[arg(long, value_name = "PEM")]
     pub(crate) ca: Option<PathBuf>,
     /// The mark (`SO_MARK`) on the proxy's own sockets, which capture rules skip.
     #[arg(long, env = "PACKET_MARK", default_value = "1337", value_parser = parse_u32)]
@@ -84,9 +95,78 @@ pub(crate) struct ProxyArgs {
     #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
     pub(crate) cluster_id: String,
     /// On SIGTERM (or Ctrl-C): stop accepting, then wait this long for open connections to
-    /// finish before exiting 0 (e.g. `5s`, `1m`).
+    /// finish before exiting 0 (e.g. `5s`, `1m`). Also how long a deleted pod's connections may
+    /// finish (shared mode).
     #[arg(long, env = "CONNECTION_TERMINATION_DEADLINE", default_value = "5s", value_parser = parse_duration)]
     pub(crate) connection_termination_deadline: std::time::Duration,
+    /// Shared mode: the node agent's ZDS socket (ours: `ztunnel node-agent --zds-socket`; Istio's
+    /// istio-cni uses the default).
+    #[arg(
+        long,
+        env = "INPOD_UDS",
+        value_name = "PATH",
+        default_value = "/var/run/ztunnel/ztunnel.sock"
+    )]
+    pub(crate) inpod_uds: PathBuf,
+    /// A development CA directory (`root-cert.pem`, `root-key.pem`; created with a new root if
+    /// missing): every local pod's certificate is issued in process from it, no CA server.
+    #[arg(long, value_name = "DIR", conflicts_with = "ca_address")]
+    pub(crate) ca_dir: Option<PathBuf>,
+    /// The xDS server (istiod, or `ztunnel controlplane`), `https://host:port` or `http://...`
+    /// (plaintext, local use only).
+    #[arg(
+        long,
+        env = "XDS_ADDRESS",
+        value_name = "URL",
+        conflicts_with = "local_manifests"
+    )]
+    pub(crate) xds_address: Option<String>,
+    /// The CA (istiod's, or `ztunnel controlplane`'s), `https://host:port` or `http://...`.
+    #[arg(long, env = "CA_ADDRESS", value_name = "URL")]
+    pub(crate) ca_address: Option<String>,
+    /// PEM root that the xDS server's TLS certificate must chain to.
+    #[arg(long, env = "XDS_ROOT_CA", value_name = "PEM")]
+    pub(crate) xds_root_ca: Option<PathBuf>,
+    /// PEM root that the CA's TLS certificate must chain to; also the mesh's trust root when
+    /// `--ca` is not given.
+    #[arg(long, env = "CA_ROOT_CA", value_name = "PEM")]
+    pub(crate) ca_root_ca: Option<PathBuf>,
+    /// File holding the bearer token sent on xDS and CA calls (read again on each connection).
+    #[arg(long, env = "AUTH_TOKEN", value_name = "PATH")]
+    pub(crate) auth_token: Option<PathBuf>,
+    /// This node's network (workload addresses are looked up in it).
+    #[arg(long, env = "NETWORK", default_value = "")]
+    pub(crate) network: String,
+    /// Lifetime asked for workload certificates (rotated at half of it).
+    #[arg(long, env = "SECRET_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub(crate) secret_ttl: std::time::Duration,
+    /// Tunnels sharing one pooled HBONE connection, at most.
+    #[arg(long, env = "POOL_MAX_STREAMS_PER_CONNECTION", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) pool_max_streams_per_connection: u32,
+    /// A pooled HBONE connection without tunnels is closed after this long.
+    #[arg(long, env = "POOL_UNUSED_RELEASE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub(crate) pool_unused_release_timeout: std::time::Duration,
+    /// HTTP/2 initial window of each tunnel, bytes.
+    #[arg(long, env = "HTTP2_STREAM_WINDOW_SIZE", default_value_t = 4 * 1024 * 1024, value_parser = clap::value_parser!(u32).range(65_535..=2_147_483_647))]
+    pub(crate) http2_stream_window_size: u32,
+    /// HTTP/2 window of each connection, bytes.
+    #[arg(long, env = "HTTP2_CONNECTION_WINDOW_SIZE", default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u32).range(65_535..=2_147_483_647))]
+    pub(crate) http2_connection_window_size: u32,
+    /// Largest HTTP/2 frame payload accepted, bytes.
+    #[arg(long, env = "HTTP2_FRAME_SIZE", default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u32).range(16_384..=16_777_215))]
+    pub(crate) http2_frame_size: u32,
+    /// Admin endpoint.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub(crate) admin_addr: SocketAddr,
+    /// Metrics endpoint.
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    pub(crate) stats_addr: SocketAddr,
+    /// Readiness endpoint.
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    pub(crate) readiness_addr: SocketAddr,
+    /// Series of gone pods are dropped from the metrics after this long without connections.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub(crate) metrics_expiry: std::time::Duration,
 }
 
 /// A number in decimal or `0x` hexadecimal.

@@ -10,7 +10,7 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
-    init_logging(&cli.log_level);
+    let log_control = init_logging(&cli.log_level, cli.log_format == "json");
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     // The proxy's data path runs on ZTUNNEL_WORKER_THREADS threads.
     if let cli::Command::Proxy(args) = &cli.command {
@@ -23,7 +23,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let result = runtime.block_on(cmd::run(cli.command));
+    let result = runtime.block_on(cmd::run(cli.command, log_control));
     // Do not wait for blocking stdin readers or lingering connections.
     runtime.shutdown_background();
     match result {
@@ -37,13 +37,39 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// Logs go to stderr, so stdout stays free for data (`hbone connect`) and per-stream lines.
-fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+/// Logs go to stderr, so stdout stays free for data (`hbone connect`) and per-stream lines. The
+/// returned control changes the filter at runtime (the proxy's `/logging`).
+fn init_logging(level: &str, json: bool) -> cmd::LogControl {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter = tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|e| {
+        eprintln!("ztunnel: log filter {level:?} is invalid ({e}); using info");
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let plain = (!json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(ansi)
+    });
+    let json = json.then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+    });
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(plain)
+        .with(json)
         .init();
+    std::sync::Arc::new(move |level: &str| {
+        let filter = tracing_subscriber::EnvFilter::try_new(level)
+            .map_err(|e| format!("invalid log filter {level:?}: {e}"))?;
+        handle
+            .reload(filter)
+            .map_err(|e| format!("cannot change the log filter: {e}"))?;
+        Ok(level.to_owned())
+    })
 }

@@ -22,7 +22,9 @@ use xds_client::resources::Workload;
 
 use super::route::{Route, decide};
 use crate::addr::{ClientAddr, OrigDst};
-use crate::state::StateStore;
+use crate::metrics::{Ends, Flow, Metrics};
+use crate::sockets::{Connector, Marked};
+use crate::state::{LocalWorkload, StateStore};
 
 /// Where the proxy gets workload certificates (a [`identity::SecretManager`] fed by a CA, fixed
 /// files, or an in-process development CA) and the mesh's trust roots.
@@ -34,7 +36,13 @@ pub trait Certificates: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Arc<WorkloadCert>, identity::Error>> + Send;
     /// The roots peers' chains must verify against.
     fn roots(&self) -> Arc<RootCertStore>;
+    /// Follows the certificates of `id` (starting a fetch if it is new): what a server presenting
+    /// that identity serves at each handshake (`None` or an expired certificate: no handshake).
+    fn watch(&self, id: &SpiffeId) -> CertWatch;
 }
+
+/// The current certificate of one identity, as it rotates.
+pub type CertWatch = tokio::sync::watch::Receiver<Option<Arc<WorkloadCert>>>;
 
 /// Certificates from a [`identity::SecretManager`] (fetched once, rotated before expiry).
 #[derive(Debug, Clone)]
@@ -56,6 +64,10 @@ impl Certificates for Managed {
     fn roots(&self) -> Arc<RootCertStore> {
         self.roots.clone()
     }
+
+    fn watch(&self, id: &SpiffeId) -> CertWatch {
+        self.manager.subscribe(id)
+    }
 }
 
 /// What pooled HBONE connections are shared by (besides the destination address).
@@ -68,14 +80,14 @@ pub struct PoolKey {
 }
 
 /// Dials pooled connections with the source's certificate, expecting the key's identities, from
-/// sockets carrying the proxy's mark.
+/// sockets its [`Connector`] makes (marked; in shared mode, inside the pod's netns).
 #[derive(Debug)]
-pub struct IdentityDialer<C> {
+pub struct IdentityDialer<C, N> {
     certificates: Arc<C>,
-    mark: Option<u32>,
+    connector: Arc<N>,
 }
 
-impl<C: Certificates> Dialer<PoolKey> for IdentityDialer<C> {
+impl<C: Certificates, N: Connector> Dialer<PoolKey> for IdentityDialer<C, N> {
     async fn client_config(&self, key: &PoolKey) -> Result<Arc<rustls::ClientConfig>, BoxError> {
         let cert = self.certificates.get(&key.source).await?;
         let config = identity::tls::client_config_for(
@@ -91,7 +103,7 @@ impl<C: Certificates> Dialer<PoolKey> for IdentityDialer<C> {
         _key: &PoolKey,
         target: SocketAddr,
     ) -> impl Future<Output = std::io::Result<TcpStream>> + Send {
-        crate::sockets::connect_marked(target, self.mark)
+        self.connector.connect(target)
     }
 }
 
@@ -118,15 +130,16 @@ pub struct OutboundOutcome {
     pub duration: Duration,
 }
 
-/// The outbound path of one proxy.
-pub struct Outbound<C> {
+/// The outbound path of one proxy (dedicated mode) or one pod (shared mode).
+pub struct Outbound<C, N = Marked> {
     state: Arc<StateStore>,
-    pool: Pool<PoolKey, IdentityDialer<C>>,
+    pool: Pool<PoolKey, IdentityDialer<C, N>>,
     connect_timeout: Duration,
-    mark: Option<u32>,
+    connector: Arc<N>,
+    metrics: Arc<Metrics>,
 }
 
-impl<C> std::fmt::Debug for Outbound<C> {
+impl<C, N> std::fmt::Debug for Outbound<C, N> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Outbound").finish_non_exhaustive()
     }
@@ -142,28 +155,55 @@ impl<C: Certificates> Outbound<C> {
         config: hbone::Config,
         mark: Option<u32>,
     ) -> Self {
+        Self::with_connector(state, certificates, config, Marked { mark })
+    }
+}
+
+impl<C: Certificates, N: Connector> Outbound<C, N> {
+    /// Like [`Outbound::new`], opening every outgoing connection (HBONE and passthrough) with
+    /// `connector` (shared mode: from inside the pod's netns).
+    pub fn with_connector(
+        state: Arc<StateStore>,
+        certificates: Arc<C>,
+        config: hbone::Config,
+        connector: N,
+    ) -> Self {
         let connect_timeout = config.connect_timeout;
+        let connector = Arc::new(connector);
         Outbound {
             state,
-            pool: Pool::new(config, IdentityDialer { certificates, mark }),
+            pool: Pool::new(
+                config,
+                IdentityDialer {
+                    certificates,
+                    connector: connector.clone(),
+                },
+            ),
             connect_timeout,
-            mark,
+            connector,
+            metrics: Metrics::new(Duration::from_secs(300)),
         }
     }
 
-    /// Routes one captured connection of workload `source_uid` to `destination` and copies until
+    /// Counts connections into `metrics` (reporter `source`) instead of a private registry.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Routes one captured connection of workload `source` to `destination` and copies until
     /// both sides are done.
     pub async fn serve(
         &self,
-        mut client: TcpStream,
-        source: ClientAddr,
+        client: TcpStream,
+        source_addr: ClientAddr,
         destination: OrigDst,
-        source_uid: &str,
+        source: &LocalWorkload,
     ) -> OutboundOutcome {
         let started = Instant::now();
         let mut outcome = OutboundOutcome {
-            source,
-            source_uid: source_uid.to_owned(),
+            source: source_addr,
+            source_uid: source.to_string(),
             destination,
             destination_uid: None,
             hbone_target: None,
@@ -173,30 +213,44 @@ impl<C: Certificates> Outbound<C> {
             duration: Duration::ZERO,
         };
         let state = self.state.snapshot();
-        let Some(workload) = state.workload(source_uid).cloned() else {
-            outcome.error = Some(format!("unknown source workload {source_uid}"));
+        let Some(workload) = state.local(source).cloned() else {
+            outcome.error = Some(format!("unknown source workload {source}"));
             return outcome;
         };
+        outcome.source_uid = workload.uid.clone();
         let route = decide(&state, &workload, destination, &mut |n| {
             rand::random_range(0..n.max(1))
         });
-        drop(state);
+        let source_ends = Ends {
+            source: Some(&workload),
+            ..Ends::default()
+        };
         let result = match route {
-            Err(e) => Err(e.to_string()),
+            Err(e) => {
+                self.metrics.failed(SOURCE, source_ends, "CONNECT");
+                Err(e.to_string())
+            }
             Ok(Route::Hbone {
                 target,
                 authority,
                 mut expected,
                 destination: dst,
-                ..
+                service,
             }) => {
                 outcome.destination_uid = Some(dst.uid.clone());
                 outcome.hbone_target = Some(target.0);
                 outcome.mtls = true;
                 expected.sort();
+                let ends = Ends {
+                    destination: Some(&dst),
+                    destination_identity: (expected.len() == 1).then(|| expected[0].as_str()),
+                    service: service.as_deref(),
+                    mtls: true,
+                    ..source_ends
+                };
                 let key = PoolKey {
                     source: workload.identity.clone(),
-                    expected,
+                    expected: expected.clone(),
                 };
                 let authority = Authority::Addr(authority.0);
                 match self
@@ -205,40 +259,67 @@ impl<C: Certificates> Outbound<C> {
                         key,
                         target.0,
                         &authority,
-                        request_headers(&workload, source),
+                        request_headers(&workload, source_addr),
                     )
                     .await
                 {
-                    Ok(mut tunnel) => hbone::copy_tunnel_bidirectional(&mut tunnel, &mut client)
-                        .await
-                        .map(|t| (t.b_to_a, t.a_to_b))
-                        .map_err(|e| {
-                            outcome.bytes = (e.transferred.b_to_a, e.transferred.a_to_b);
-                            e.to_string()
-                        }),
-                    Err(e) => Err(describe_dial_error(&e)),
+                    Ok(mut tunnel) => {
+                        let open = self.metrics.opened(SOURCE, ends);
+                        let mut client = open.count(client, Flow::Received);
+                        hbone::copy_tunnel_bidirectional(&mut tunnel, &mut client)
+                            .await
+                            .map(|t| (t.b_to_a, t.a_to_b))
+                            .map_err(|e| {
+                                outcome.bytes = (e.transferred.b_to_a, e.transferred.a_to_b);
+                                e.to_string()
+                            })
+                    }
+                    Err(e) => {
+                        let flags = if is_unauthorized(&e) {
+                            "DENY"
+                        } else {
+                            "CONNECT"
+                        };
+                        self.metrics.failed(SOURCE, ends, flags);
+                        Err(describe_dial_error(&e))
+                    }
                 }
             }
             Ok(Route::Passthrough {
                 to,
                 destination: dst,
-                ..
+                service,
             }) => {
-                outcome.destination_uid = dst.map(|w| w.uid.clone());
-                let connect = crate::sockets::connect_marked(to.0, self.mark);
+                outcome.destination_uid = dst.as_ref().map(|w| w.uid.clone());
+                let ends = Ends {
+                    destination: dst.as_deref(),
+                    service: service.as_deref(),
+                    ..source_ends
+                };
+                let connect = self.connector.connect(to.0);
                 match tokio::time::timeout(self.connect_timeout, connect).await {
-                    Ok(Ok(mut upstream)) => hbone::copy_bidirectional(&mut client, &mut upstream)
-                        .await
-                        .map(|t| (t.a_to_b, t.b_to_a))
-                        .map_err(|e| {
-                            outcome.bytes = (e.transferred.a_to_b, e.transferred.b_to_a);
-                            e.to_string()
-                        }),
-                    Ok(Err(e)) => Err(format!("connect to {to}: {e}")),
-                    Err(_) => Err(format!(
-                        "connect to {to} did not finish within {:?}",
-                        self.connect_timeout
-                    )),
+                    Ok(Ok(mut upstream)) => {
+                        let open = self.metrics.opened(SOURCE, ends);
+                        let mut client = open.count(client, Flow::Received);
+                        hbone::copy_bidirectional(&mut client, &mut upstream)
+                            .await
+                            .map(|t| (t.a_to_b, t.b_to_a))
+                            .map_err(|e| {
+                                outcome.bytes = (e.transferred.a_to_b, e.transferred.b_to_a);
+                                e.to_string()
+                            })
+                    }
+                    Ok(Err(e)) => {
+                        self.metrics.failed(SOURCE, ends, "CONNECT");
+                        Err(format!("connect to {to}: {e}"))
+                    }
+                    Err(_) => {
+                        self.metrics.failed(SOURCE, ends, "CONNECT");
+                        Err(format!(
+                            "connect to {to} did not finish within {:?}",
+                            self.connect_timeout
+                        ))
+                    }
                 }
             }
         };
@@ -269,6 +350,14 @@ fn request_headers(source: &Workload, client: ClientAddr) -> HeaderMap {
     headers.insert("baggage", baggage.to_header());
     headers.insert("traceparent", traceparent());
     headers
+}
+
+/// The reporter label of the outbound side.
+const SOURCE: &str = "source";
+
+/// Whether the peer proxy refused the CONNECT as unauthorized (its policy denied it).
+fn is_unauthorized(e: &hbone::Error) -> bool {
+    e.status() == Some(http::StatusCode::UNAUTHORIZED)
 }
 
 /// A dial error, with Istio's hint when the HBONE port did not answer in time.

@@ -5,5 +5,7 @@
 mod execute;
 mod route;
 
-pub use execute::{Certificates, IdentityDialer, Managed, Outbound, OutboundOutcome, PoolKey};
+pub use execute::{
+    CertWatch, Certificates, IdentityDialer, Managed, Outbound, OutboundOutcome, PoolKey,
+};
 pub use route::{Route, RouteError, decide};

@@ -18,7 +18,7 @@ use xds_client::resources::{Address, PortMapping, Service, Workload};
 
 mod xds;
 
-pub use xds::{AddressHandler, PolicyHandler};
+pub use xds::{AddressHandler, PolicyHandler, follow};
 
 /// A network and an address in it (the empty network is the default one).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -35,6 +35,53 @@ impl NetworkAddr {
         NetworkAddr {
             network: network.to_owned(),
             ip,
+        }
+    }
+}
+
+/// Which workload a proxy serves: known by its xDS uid (dedicated mode, tests), or by what the
+/// node agent says about a pod handed over (shared mode), resolved against the current state at
+/// each connection, since the pod may reach the proxy before its workload reaches xDS.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum LocalWorkload {
+    /// The workload with this xDS uid.
+    Uid(String),
+    /// The one workload with this pod name, namespace and service account on this node
+    /// ([`State::workload_for_pod`]).
+    Pod {
+        /// The pod's namespace.
+        namespace: String,
+        /// The pod's name.
+        name: String,
+        /// Its service account.
+        service_account: String,
+        /// The node (empty: any).
+        node: String,
+    },
+}
+
+impl From<&str> for LocalWorkload {
+    fn from(uid: &str) -> Self {
+        LocalWorkload::Uid(uid.to_owned())
+    }
+}
+
+impl From<String> for LocalWorkload {
+    fn from(uid: String) -> Self {
+        LocalWorkload::Uid(uid)
+    }
+}
+
+impl std::fmt::Display for LocalWorkload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LocalWorkload::Uid(uid) => f.write_str(uid),
+            LocalWorkload::Pod {
+                namespace,
+                name,
+                service_account,
+                ..
+            } => write!(f, "{namespace}/{name} (service account {service_account})"),
         }
     }
 }
@@ -236,6 +283,29 @@ impl State {
             });
         let first = fits.next()?;
         fits.next().is_none().then_some(first)
+    }
+
+    /// The workload `local` names, if exactly one fits.
+    pub fn local(&self, local: &LocalWorkload) -> Option<&Arc<Workload>> {
+        match local {
+            LocalWorkload::Uid(uid) => self.workload(uid),
+            LocalWorkload::Pod {
+                namespace,
+                name,
+                service_account,
+                node,
+            } => self.workload_for_pod(namespace, name, service_account, node),
+        }
+    }
+
+    /// Every workload (no order).
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.workloads.values()
+    }
+
+    /// Every service (no order).
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.services.values()
     }
 
     /// The policy store.

@@ -8,7 +8,8 @@
 
 use std::sync::Arc;
 
-use xds_client::client::{Handler, RawResource};
+use xds_client::client::{ClientConfig, Handler, RawResource, Subscription, XdsClient, XdsHandle};
+use xds_client::resources::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use xds_client::resources::{Address, decode_address};
 
 use super::StateStore;
@@ -59,6 +60,36 @@ impl Handler for PolicyHandler {
         });
         rejected
     }
+}
+
+/// Starts an xDS client that feeds `store` (wildcard `Address` and `Authorization`) and marks the
+/// store synced once both types have had their first response (policies are denied until then).
+/// Runs on the current runtime until the process ends.
+pub fn follow(
+    store: Arc<StateStore>,
+    config: ClientConfig,
+) -> Result<XdsHandle, xds_client::client::ClientError> {
+    let client = XdsClient::new(config)?
+        .watch(
+            ADDRESS_TYPE_URL,
+            Subscription::Wildcard,
+            Arc::new(AddressHandler(store.clone())),
+        )
+        .watch(
+            AUTHORIZATION_TYPE_URL,
+            Subscription::Wildcard,
+            Arc::new(PolicyHandler(store.clone())),
+        );
+    let handle = client.handle();
+    let mut synced = handle.synced();
+    tokio::spawn(client.run());
+    tokio::spawn(async move {
+        if synced.wait_for(|s| *s).await.is_ok() {
+            store.update(|s| s.set_synced(true));
+            tracing::info!("xDS: first workloads and policies received; serving");
+        }
+    });
+    Ok(handle)
 }
 
 /// Decodes every resource; a resource that does not decode, or that describes something other

@@ -67,7 +67,10 @@ async fn listen(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, E
         })
 }
 
-pub(crate) async fn run(command: Command) -> Result<ExitCode, Error> {
+/// Changes the process's log filter at runtime; returns the new filter or why it was refused.
+pub(crate) type LogControl = std::sync::Arc<dyn Fn(&str) -> Result<String, String> + Send + Sync>;
+
+pub(crate) async fn run(command: Command, log_control: LogControl) -> Result<ExitCode, Error> {
     let ok = |r: Result<(), Error>| r.map(|()| ExitCode::SUCCESS);
     match command {
         Command::Hbone(HboneCommand::Serve(args)) => ok(hbone_cli::serve(args).await),
@@ -83,6 +86,6 @@ pub(crate) async fn run(command: Command) -> Result<ExitCode, Error> {
         Command::Redirect(RedirectCommand::Check(args)) => redirect_cli::check(args),
         Command::Redirect(RedirectCommand::Reconcile(args)) => redirect_cli::reconcile(args),
         Command::Demo(args) => ok(demo::run(args).await),
-        Command::Proxy(args) => ok(proxy::run(args).await),
+        Command::Proxy(args) => ok(proxy::run(*args, log_control).await),
     }
 }

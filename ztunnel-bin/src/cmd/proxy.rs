@@ -1,34 +1,273 @@
-//! `ztunnel proxy`: the node proxy. Today dedicated mode, fed by local manifests and certificate
-//! files; the proxy itself lives in the `proxy` crate, this file only loads configuration.
+//! `ztunnel proxy`: the node proxy, shared or dedicated mode. The proxy itself lives in the
+//! `proxy` crate; this file only loads configuration and assembles.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use controlplane::{ComputeConfig, Manifests, compute};
+use identity::ca::{CaClientConfig, IstioCaClient};
+use identity::{DevCa, DevCaSource, SecretManager, SecretManagerConfig};
+use proxy::admin::AdminHooks;
 use proxy::dedicated::{DedicatedConfig, StaticCert};
+use proxy::inpod::{SharedConfig, SharedProxy};
+use proxy::metrics::Metrics;
+use proxy::outbound::Managed;
 use proxy::state::{State, StateStore};
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+use xds_client::client::ClientConfig;
 use xds_client::resources::Address;
 
-use super::Error;
+use super::{Error, LogControl};
 use crate::cli::ProxyArgs;
 
-pub(crate) async fn run(args: ProxyArgs) -> Result<(), Error> {
-    if args.mode != "dedicated" {
-        return Err(Error::Flag {
-            flag: "--mode",
-            value: args.mode,
-            reason:
-                "shared mode is not available yet (issue 10 is building it); use --mode dedicated"
-                    .into(),
-        });
+pub(crate) async fn run(args: ProxyArgs, log_control: LogControl) -> Result<(), Error> {
+    let metrics = Metrics::new(args.metrics_expiry);
+    match args.mode.as_str() {
+        "dedicated" => run_dedicated(args, metrics, log_control).await,
+        _ => run_shared(args, metrics, log_control).await,
     }
-    let flag = |flag: &'static str, reason: &str| Error::Flag {
+}
+
+fn flag(flag: &'static str, reason: &str) -> Error {
+    Error::Flag {
         flag,
         value: String::new(),
         reason: reason.to_owned(),
+    }
+}
+
+/// The HBONE settings the flags describe.
+fn hbone_config(args: &ProxyArgs) -> hbone::Config {
+    let mut c = hbone::Config::default();
+    c.max_concurrent_streams = args.pool_max_streams_per_connection;
+    c.idle_timeout = args.pool_unused_release_timeout;
+    c.stream_window = args.http2_stream_window_size;
+    c.connection_window = args.http2_connection_window_size;
+    c.max_frame_size = args.http2_frame_size;
+    c
+}
+
+fn compute_config(args: &ProxyArgs) -> ComputeConfig {
+    let mut c = ComputeConfig::default();
+    c.trust_domain = args.trust_domain.clone();
+    c.cluster_id = args.cluster_id.clone();
+    c
+}
+
+/// Loads the state from local manifests (and watches them) or starts following xDS.
+fn state_source(args: &ProxyArgs, store: &Arc<StateStore>) -> Result<(), Error> {
+    match (&args.local_manifests, &args.xds_address) {
+        (Some(manifests), _) => {
+            let config = compute_config(args);
+            load(store, manifests, &config)?;
+            tokio::spawn(watch(store.clone(), manifests.clone(), config));
+            Ok(())
+        }
+        (None, Some(address)) => {
+            let node_id = format!(
+                "ztunnel~0.0.0.0~{}.istio-system~istio-system.svc.cluster.local",
+                if args.node_name.is_empty() {
+                    "ztunnel"
+                } else {
+                    &args.node_name
+                }
+            );
+            let mut config = ClientConfig::new(address.clone(), node_id);
+            config.ca_root_pem = read_pem_text(args.xds_root_ca.as_deref(), "--xds-root-ca")?;
+            config.token_file = args.auth_token.clone();
+            config
+                .node_metadata
+                .insert("NODE_NAME".into(), args.node_name.clone());
+            config
+                .node_metadata
+                .insert("NETWORK".into(), args.network.clone());
+            config
+                .node_metadata
+                .insert("CLUSTER_ID".into(), args.cluster_id.clone());
+            proxy::state::follow(store.clone(), config).map_err(|e| Error::Flag {
+                flag: "--xds-address",
+                value: address.clone(),
+                reason: e.to_string(),
+            })?;
+            Ok(())
+        }
+        (None, None) => Err(flag(
+            "--xds-address",
+            "the proxy needs a source of workloads and policies: --xds-address (XDS_ADDRESS) or --local-manifests (LOCAL_MANIFESTS)",
+        )),
+    }
+}
+
+fn read_pem_text(path: Option<&Path>, what: &'static str) -> Result<Option<String>, Error> {
+    path.map(|p| {
+        std::fs::read_to_string(p).map_err(|source| Error::Io {
+            what: format!("{what}: cannot read {}", p.display()),
+            source,
+        })
+    })
+    .transpose()
+}
+
+/// Where pods' certificates come from: an in-process development CA or a CA server.
+fn certificates(args: &ProxyArgs) -> Result<Managed, Error> {
+    let config = SecretManagerConfig::default();
+    if let Some(dir) = &args.ca_dir {
+        let ca = if dir.join("root-cert.pem").exists() {
+            DevCa::load(dir)?
+        } else {
+            DevCa::init(dir, &args.trust_domain)?
+        };
+        if ca.trust_domain() != args.trust_domain {
+            return Err(Error::Flag {
+                flag: "--ca-dir",
+                value: dir.display().to_string(),
+                reason: format!(
+                    "the CA signs trust domain {:?}, but TRUST_DOMAIN is {:?}",
+                    ca.trust_domain(),
+                    args.trust_domain
+                ),
+            });
+        }
+        let ca = Arc::new(ca);
+        let roots = ca.roots();
+        let source = DevCaSource::new(ca, args.secret_ttl);
+        return Ok(Managed {
+            manager: SecretManager::new(Arc::new(source), config),
+            roots,
+        });
+    }
+    let Some(address) = &args.ca_address else {
+        return Err(flag(
+            "--ca-address",
+            "the proxy needs certificates: --ca-address (CA_ADDRESS) or --ca-dir (a development CA)",
+        ));
     };
+    let roots_file = args
+        .ca
+        .as_deref()
+        .or(args.ca_root_ca.as_deref())
+        .ok_or_else(|| {
+            flag(
+                "--ca",
+                "with a CA server the mesh's trust root is needed: --ca ROOT, or CA_ROOT_CA",
+            )
+        })?;
+    let roots = Arc::new(identity::pem::read_roots(roots_file)?);
+    let mut ca_config = CaClientConfig::new(address.clone(), roots.clone());
+    ca_config.ca_root_pem = read_pem_text(args.ca_root_ca.as_deref(), "--ca-root-ca")?;
+    ca_config.token_file = args.auth_token.clone();
+    ca_config.cluster_id = Some(args.cluster_id.clone());
+    ca_config.cert_lifetime = args.secret_ttl;
+    let client = IstioCaClient::new(ca_config)?;
+    Ok(Managed {
+        manager: SecretManager::new(Arc::new(client), config),
+        roots,
+    })
+}
+
+/// Binds the metrics and admin listeners (both modes).
+async fn serve_operations(
+    args: &ProxyArgs,
+    metrics: Arc<Metrics>,
+    hooks: AdminHooks,
+) -> Result<(), Error> {
+    let stats = super::listen(args.stats_addr).await?;
+    let admin = super::listen(args.admin_addr).await?;
+    tokio::spawn(proxy::admin::serve(stats, proxy::admin::metrics(metrics)));
+    tokio::spawn(proxy::admin::serve(admin, proxy::admin::admin(hooks)));
+    Ok(())
+}
+
+/// Drops metric series of gone pods now and then.
+async fn expire_metrics(metrics: Arc<Metrics>, store: Arc<StateStore>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let dropped = metrics.expire(&store.snapshot());
+        if dropped > 0 {
+            info!(dropped, "metrics: dropped the series of gone workloads");
+        }
+    }
+}
+
+async fn run_shared(
+    args: ProxyArgs,
+    metrics: Arc<Metrics>,
+    log_control: LogControl,
+) -> Result<(), Error> {
+    let root_namespace = compute_config(&args).root_namespace;
+    let store = Arc::new(StateStore::new(State::new(&root_namespace)));
+    let certs = Arc::new(certificates(&args)?);
+    state_source(&args, &store)?;
+    let mut config = SharedConfig::new(&args.node_name, &args.trust_domain);
+    config.mark = Some(args.packet_mark);
+    config.hbone = hbone_config(&args);
+    config.termination_deadline = args.connection_termination_deadline;
+    let shared = SharedProxy::new(config, store.clone(), certs.clone(), metrics.clone());
+
+    let readiness = super::listen(args.readiness_addr).await?;
+    let (ready_store, ready_proxy) = (store.clone(), shared.clone());
+    tokio::spawn(proxy::admin::serve(
+        readiness,
+        proxy::admin::readiness(move || {
+            if !ready_store.snapshot().is_synced() {
+                return Err("no workloads and policies received yet".into());
+            }
+            if !ready_proxy.ready() {
+                return Err("a local pod has no valid certificate yet".into());
+            }
+            Ok(())
+        }),
+    ));
+    let quit = CancellationToken::new();
+    let (dump_store, dump_proxy, dump_certs) = (store.clone(), shared.clone(), certs.clone());
+    serve_operations(
+        &args,
+        metrics.clone(),
+        AdminHooks {
+            config_dump: Box::new(move || {
+                let held: Vec<_> = dump_certs
+                    .manager
+                    .identities()
+                    .into_iter()
+                    .map(|id| {
+                        let expiry = dump_certs
+                            .manager
+                            .subscribe(&id)
+                            .borrow()
+                            .as_ref()
+                            .map(|c| c.not_after());
+                        (id.to_string(), expiry)
+                    })
+                    .collect();
+                proxy::admin::config_dump(&dump_store.snapshot(), &held, &dump_proxy.pods())
+            }),
+            set_log_level: Box::new(move |level| log_control(level)),
+            quit: quit.clone(),
+        },
+    )
+    .await?;
+    tokio::spawn(expire_metrics(metrics, store.clone()));
+    tokio::spawn(shared.clone().run_zds(args.inpod_uds.clone()));
+    info!(
+        node = %args.node_name, inpod_uds = %args.inpod_uds.display(), admin = %args.admin_addr,
+        stats = %args.stats_addr, readiness = %args.readiness_addr, "proxy started (shared mode)"
+    );
+    tokio::select! {
+        () = shutdown_signal() => {}
+        () = quit.cancelled() => info!("/quitquitquit: draining"),
+    }
+    let cut = shared.drain_all().await;
+    info!(cut, "proxy stopped");
+    Ok(())
+}
+
+async fn run_dedicated(
+    args: ProxyArgs,
+    metrics: Arc<Metrics>,
+    log_control: LogControl,
+) -> Result<(), Error> {
     let workload = args.workload.clone().ok_or_else(|| {
         flag(
             "--workload",
@@ -39,7 +278,7 @@ pub(crate) async fn run(args: ProxyArgs) -> Result<(), Error> {
     let manifests = args.local_manifests.clone().ok_or_else(|| {
         flag(
             "--local-manifests",
-            "dedicated mode reads its workloads and policies from local manifests (xDS is not wired yet)",
+            "dedicated mode reads its workloads and policies from local manifests",
         )
     })?;
     let (Some(cert), Some(key), Some(ca)) = (&args.cert, &args.key, &args.ca) else {
@@ -57,11 +296,9 @@ pub(crate) async fn run(args: ProxyArgs) -> Result<(), Error> {
         identity::Credentials { chain, key },
     )?);
 
-    let mut compute_config = ComputeConfig::default();
-    compute_config.trust_domain = args.trust_domain.clone();
-    compute_config.cluster_id = args.cluster_id.clone();
+    let compute_config = compute_config(&args);
     let store = Arc::new(StateStore::new(State::new(&compute_config.root_namespace)));
-    load(&store, &manifests, &compute_config)?;
+    state_source(&args, &store)?;
     let state = store.snapshot();
     let local = state
         .workload_for_pod(&namespace, &name, &service_account, &args.node_name)
@@ -91,6 +328,10 @@ pub(crate) async fn run(args: ProxyArgs) -> Result<(), Error> {
     }
     let mut config = DedicatedConfig::new(&local.uid);
     config.mark = Some(args.packet_mark);
+    config.hbone = hbone_config(&args);
+    config.readiness = args.readiness_addr;
+    config.metrics = metrics.clone();
+    let held = vec![(id.to_string(), Some(cert.not_after()))];
     let (bound, running) =
         proxy::dedicated::start(config, store.clone(), StaticCert { cert, roots })
             .await
@@ -98,13 +339,33 @@ pub(crate) async fn run(args: ProxyArgs) -> Result<(), Error> {
                 what: "starting the proxy".into(),
                 source: std::io::Error::other(e),
             })?;
+    let quit = CancellationToken::new();
+    let dump_store = store.clone();
+    serve_operations(
+        &args,
+        metrics.clone(),
+        AdminHooks {
+            config_dump: Box::new(move || {
+                proxy::admin::config_dump(&dump_store.snapshot(), &held, &[])
+            }),
+            set_log_level: Box::new(move |level| log_control(level)),
+            quit: quit.clone(),
+        },
+    )
+    .await?;
+    tokio::spawn(expire_metrics(metrics, store.clone()));
     info!(
         workload = %local.uid, identity = %id, outbound = %bound.outbound, inbound = %bound.inbound,
         readiness = %bound.readiness, "proxy ready (dedicated mode)"
     );
-    tokio::spawn(watch(store, manifests, compute_config));
+    let stop = async {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            () = quit.cancelled() => info!("/quitquitquit: draining"),
+        }
+    };
     let drained = running
-        .run_until(shutdown_signal(), args.connection_termination_deadline)
+        .run_until(stop, args.connection_termination_deadline)
         .await;
     info!(cut = drained.cut, "proxy stopped");
     Ok(())

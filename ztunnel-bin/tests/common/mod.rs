@@ -114,3 +114,71 @@ pub fn with_stdin(mut cmd: Command, input: &[u8]) -> Output {
     child.stdin.take().unwrap().write_all(input).unwrap();
     child.wait_with_output().unwrap()
 }
+
+/// A network namespace, deleted on drop (with everything still running in it killed first by
+/// the `Running` guards, which are declared after it and so dropped before it).
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn new(tag: &str) -> Self {
+        let uid = Command::new("id").arg("-u").output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&uid.stdout).trim(),
+            "0",
+            "this test needs root (CI runs as root)"
+        );
+        let name = format!("ztpd-{}-{tag}", std::process::id());
+        assert!(run("ip", &["netns", "add", &name]), "ip netns add {name}");
+        Netns(name)
+    }
+
+    pub fn exec(&self, args: &[&str]) -> bool {
+        let mut all = vec!["netns", "exec", &self.0];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+pub fn run(cmd: &str, args: &[&str]) -> bool {
+    Command::new(cmd)
+        .args(args)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// Python one-liners run inside a namespace (python3 is installed by the test script).
+pub fn python(ns: &Netns, code: &str) -> Output {
+    Command::new("ip")
+        .args(["netns", "exec", &ns.0, "python3", "-c", code])
+        .output()
+        .unwrap()
+}
+
+pub fn wait(what: &str, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "timed out: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Connects from `ns` to `to`, sends `data`, half-closes and returns what came back ("" when
+/// the connection was refused or closed).
+pub fn call(ns: &Netns, to: &str, data: &str) -> String {
+    let (host, port) = to.rsplit_once(':').unwrap();
+    let code = format!(
+        "import socket\ns = socket.create_connection(('{host}', {port}), timeout=5)\ns.sendall(b'{data}')\ns.shutdown(socket.SHUT_WR)\nout = b''\ntry:\n  while True:\n    b = s.recv(4096)\n    if not b: break\n    out += b\nexcept Exception:\n  pass\nprint(out.decode(), end='')"
+    );
+    String::from_utf8_lossy(&python(ns, &code).stdout).into_owned()
+}

@@ -1,0 +1,559 @@
+//! Shared mode: one proxy per node serving every pod the node agent hands over.
+//!
+//! The agent (ours or Istio's istio-cni) sends each captured pod over the ZDS socket
+//! (DESIGN.md "Netns handoff") with a descriptor of the pod's network namespace. For each pod the
+//! proxy:
+//! - enters the namespace on a helper thread ([`netns::PodNetns`]) and binds there
+//!   127.0.0.1:15001 (outbound, behind the pod's capture rule), 0.0.0.0:15006 (plaintext
+//!   inbound) and 0.0.0.0:15008 (HBONE inbound);
+//! - starts fetching the pod's certificate (identity from the handoff's namespace and service
+//!   account), served by the HBONE listener and presented by the pod's outbound tunnels;
+//! - dials everything (tunnels, passthrough, the app) from inside the namespace, marked with
+//!   `SO_MARK` so the capture rules let it through; tunnels therefore leave from the pod's own
+//!   address;
+//! - finds the pod's xDS workload by name, namespace, service account and node at each
+//!   connection (the pod may reach the proxy before its workload reaches xDS; until then its
+//!   connections are refused).
+//!
+//! A deleted pod is drained: its listeners close at once, its open connections get up to the
+//! termination deadline, then are cut. On a new ZDS connection, pods the agent does not replay
+//! (add or keep) before `SnapshotSent` are drained too.
+//!
+//! Bad messages are refused with the reason in the ack, and the proxy goes on serving (Istio's
+//! ztunnel exits on some of them): an add without workload info or without a namespace
+//! descriptor, a descriptor that is not a network namespace, a second `SnapshotSent`, a keep
+//! after the snapshot or for an unknown pod, an undecodable datagram.
+
+pub mod netns;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use identity::SpiffeId;
+use redirect::zds::ZdsClient;
+use redirect::zds::proto::{Payload, WorkloadInfo, WorkloadRequest};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::addr::{ClientAddr, OrigDst};
+use crate::connections::Connections;
+use crate::inbound::Inbound;
+use crate::inbound_plain::PlainInbound;
+use crate::metrics::Metrics;
+use crate::outbound::{CertWatch, Certificates, Outbound};
+use crate::serve::{Tracker, accept_loop, serve_hbone};
+use crate::state::{LocalWorkload, StateStore};
+use netns::{InPodConnector, PodNetns};
+
+/// Settings of a shared-mode proxy.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SharedConfig {
+    /// This node's name (workloads are matched on it; empty: any node).
+    pub node: String,
+    /// The mesh's trust domain (pods' identities: `spiffe://<td>/ns/<ns>/sa/<sa>`).
+    pub trust_domain: String,
+    /// `SO_MARK` of the proxy's sockets in pods (Istio: 0x539).
+    pub mark: Option<u32>,
+    /// HBONE settings.
+    pub hbone: hbone::Config,
+    /// How long a deleted pod's connections may take to finish before they are cut.
+    pub termination_deadline: Duration,
+    /// The in-pod listeners (Istio's ports).
+    pub outbound_port: u16,
+    /// Plaintext inbound.
+    pub inbound_plain_port: u16,
+    /// HBONE inbound.
+    pub inbound_port: u16,
+}
+
+impl SharedConfig {
+    /// Istio's ports and mark for node `node` in trust domain `trust_domain`.
+    pub fn new(node: &str, trust_domain: &str) -> Self {
+        SharedConfig {
+            node: node.to_owned(),
+            trust_domain: trust_domain.to_owned(),
+            mark: Some(0x539),
+            hbone: hbone::Config::default(),
+            termination_deadline: Duration::from_secs(5),
+            outbound_port: 15001,
+            inbound_plain_port: 15006,
+            inbound_port: crate::addr::HBONE_PORT,
+        }
+    }
+}
+
+/// One served pod.
+struct Pod {
+    info: WorkloadInfo,
+    id: SpiffeId,
+    netns_inode: u64,
+    cert: CertWatch,
+    stop: CancellationToken,
+    tracker: Tracker,
+    connections: Arc<Connections>,
+    draining: Arc<AtomicBool>,
+}
+
+/// What [`SharedProxy::pods`] reports about one pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodStatus {
+    /// The agent's uid for it.
+    pub uid: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// The identity its certificate carries.
+    pub identity: String,
+    /// The xDS workload it resolved to, if any yet.
+    pub workload_uid: Option<String>,
+    /// When its current certificate expires (`None`: none yet).
+    pub cert_expiry: Option<SystemTime>,
+    /// Connections open now.
+    pub open_connections: usize,
+}
+
+/// The shared-mode proxy: the pods handed over, and what serves them.
+pub struct SharedProxy<C> {
+    config: SharedConfig,
+    state: Arc<StateStore>,
+    certificates: Arc<C>,
+    pods: Mutex<BTreeMap<String, Pod>>,
+    metrics: Arc<Metrics>,
+}
+
+impl<C> std::fmt::Debug for SharedProxy<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedProxy")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C: Certificates> SharedProxy<C> {
+    /// A proxy with no pods yet, counting its connections into `metrics`.
+    pub fn new(
+        config: SharedConfig,
+        state: Arc<StateStore>,
+        certificates: Arc<C>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        Arc::new(SharedProxy {
+            config,
+            state,
+            certificates,
+            pods: Mutex::default(),
+            metrics,
+        })
+    }
+
+    /// The metrics of every pod's connections.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Pod>> {
+        self.pods.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The pods served now.
+    pub fn pods(&self) -> Vec<PodStatus> {
+        let state = self.state.snapshot();
+        self.lock()
+            .iter()
+            .map(|(uid, pod)| PodStatus {
+                uid: uid.clone(),
+                namespace: pod.info.namespace.clone(),
+                name: pod.info.name.clone(),
+                identity: pod.id.to_string(),
+                workload_uid: state
+                    .local(&self.local_of(&pod.info))
+                    .map(|w| w.uid.clone()),
+                cert_expiry: pod.cert.borrow().as_ref().map(|c| c.not_after()),
+                open_connections: pod.tracker.active() + pod.connections.len(),
+            })
+            .collect()
+    }
+
+    /// Whether every pod holds a valid certificate (and there is state to serve them with).
+    pub fn ready(&self) -> bool {
+        let now = SystemTime::now();
+        self.state.snapshot().is_synced()
+            && self.lock().values().all(|pod| {
+                pod.cert
+                    .borrow()
+                    .as_ref()
+                    .is_some_and(|c| c.is_valid_at(now))
+            })
+    }
+
+    fn local_of(&self, info: &WorkloadInfo) -> LocalWorkload {
+        LocalWorkload::Pod {
+            namespace: info.namespace.clone(),
+            name: info.name.clone(),
+            service_account: info.service_account.clone(),
+            node: self.config.node.clone(),
+        }
+    }
+
+    /// Starts serving a pod: `uid` is the agent's key, `info` who the pod is, `netns` its network
+    /// namespace. An error says why it is not served (for the ack).
+    pub async fn add_pod(
+        self: &Arc<Self>,
+        uid: &str,
+        info: WorkloadInfo,
+        netns: OwnedFd,
+    ) -> Result<(), String> {
+        if info.namespace.is_empty() || info.name.is_empty() || info.service_account.is_empty() {
+            return Err(format!(
+                "pod {uid}: workload info lacks the namespace, name or service account ({info:?})"
+            ));
+        }
+        let id = SpiffeId::istio(
+            &self.config.trust_domain,
+            &info.namespace,
+            &info.service_account,
+        )
+        .map_err(|e| format!("pod {uid}: no valid identity: {e}"))?;
+        let label = format!("{}/{}", info.namespace, info.name);
+        let netns = Arc::new(
+            PodNetns::enter(netns, &info.name).map_err(|e| format!("pod {label} ({uid}): {e}"))?,
+        );
+        if let Some(existing) = self.lock().get(uid)
+            && existing.netns_inode == netns.inode()
+        {
+            info!(pod = %label, uid, "pod handed over again (same namespace): kept");
+            return Ok(());
+        }
+        let mark = self.config.mark;
+        let bind = |port: u16, loopback: bool| {
+            let (netns, label) = (netns.clone(), label.clone());
+            async move {
+                let ip = if loopback {
+                    [127, 0, 0, 1]
+                } else {
+                    [0, 0, 0, 0]
+                };
+                let addr = SocketAddr::from((ip, port));
+                netns.listen(addr).await.map_err(|e| {
+                    format!("pod {label}: cannot listen on {addr} in its namespace: {e}")
+                })
+            }
+        };
+        let outbound_listener = bind(self.config.outbound_port, true).await?;
+        let plain_listener = bind(self.config.inbound_plain_port, false).await?;
+        let inbound_listener = bind(self.config.inbound_port, false).await?;
+
+        let local = self.local_of(&info);
+        let cert = self.certificates.watch(&id);
+        let tls = identity::tls::server_config_with_resolver(
+            Arc::new(identity::tls::WatchResolver::new(cert.clone())),
+            self.certificates.roots(),
+            &self.config.trust_domain,
+        )
+        .map_err(|e| format!("pod {label}: {e}"))?;
+        let connector = InPodConnector {
+            netns: netns.clone(),
+            mark,
+        };
+        let connections = Connections::new();
+        let log_state = self.state.clone();
+        let inbound = Inbound::new(
+            self.state.clone(),
+            connections.clone(),
+            local.clone(),
+            connector.clone(),
+            move |o| crate::telemetry::log_inbound(&log_state.snapshot(), &o),
+        )
+        .with_metrics(self.metrics.clone());
+        let draining = inbound.drain_switch();
+        let plain = Arc::new(
+            PlainInbound::new(
+                self.state.clone(),
+                connections.clone(),
+                local.clone(),
+                connector.clone(),
+                draining.clone(),
+            )
+            .with_metrics(self.metrics.clone()),
+        );
+        let server = hbone::Server::new(self.config.hbone.clone(), Arc::new(tls), inbound);
+        let outbound = Arc::new(
+            Outbound::with_connector(
+                self.state.clone(),
+                self.certificates.clone(),
+                self.config.hbone.clone(),
+                connector,
+            )
+            .with_metrics(self.metrics.clone()),
+        );
+        let tracker = Tracker::default();
+        let stop = CancellationToken::new();
+
+        let t = tracker.clone();
+        let state = self.state.clone();
+        let own_outbound = outbound_listener.local_addr().ok();
+        let serve_outbound = accept_loop(outbound_listener, "outbound", move |stream, peer| {
+            let (outbound, local, state) = (outbound.clone(), local.clone(), state.clone());
+            t.spawn_counted(async move {
+                let _ = stream.set_nodelay(true);
+                let destination = match crate::sockets::original_dst(&stream) {
+                    Ok(d) if Some(d.0) == own_outbound => {
+                        warn!(src = %peer, "outbound: refusing a connection to the proxy itself");
+                        return;
+                    }
+                    Ok(d) => d,
+                    Err(e) => {
+                        warn!(src = %peer, error = %e, "outbound: no original destination (not redirected by the capture rule?)");
+                        return;
+                    }
+                };
+                let o = outbound.serve(stream, ClientAddr(peer), destination, &local).await;
+                crate::telemetry::log_outbound(&state.snapshot(), &o);
+            });
+        });
+        let t = tracker.clone();
+        let state = self.state.clone();
+        let serve_plain = accept_loop(plain_listener, "inbound plaintext", move |stream, peer| {
+            let (plain, state) = (plain.clone(), state.clone());
+            t.spawn_counted(async move {
+                let destination = match crate::sockets::original_dst(&stream) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        warn!(src = %peer, error = %e, "inbound plaintext: no original destination");
+                        return;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let o = plain.serve(stream, ClientAddr(peer), OrigDst(destination.0)).await;
+                crate::telemetry::log_inbound(&state.snapshot(), &o);
+            });
+        });
+        let serve_inbound = serve_hbone(inbound_listener, server, tracker.clone());
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = async { tokio::join!(serve_outbound, serve_plain, serve_inbound) } => {}
+                () = stopped.cancelled() => {}
+            }
+        });
+        // Every state change re-checks the pod's open inbound connections.
+        let mut changes = self.state.subscribe();
+        let (recheck_state, recheck) = (self.state.clone(), connections.clone());
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    changed = changes.changed() => if changed.is_err() { break },
+                    () = stopped.cancelled() => break,
+                }
+                recheck.reauthorize(&recheck_state.snapshot());
+            }
+        });
+        info!(pod = %label, uid, identity = %id, netns = netns.inode(), "pod added: listening on 15001, 15006 and 15008 in its namespace");
+        let pod = Pod {
+            info,
+            id,
+            netns_inode: netns.inode(),
+            cert,
+            stop,
+            tracker,
+            connections,
+            draining,
+        };
+        let replaced = self.lock().insert(uid.to_owned(), pod);
+        if let Some(old) = replaced {
+            info!(
+                uid,
+                "pod handed over with a new namespace: draining the old one"
+            );
+            drop(self.drain(uid.to_owned(), old));
+        }
+        Ok(())
+    }
+
+    /// Stops serving a pod: listeners close now, open connections get the termination deadline.
+    /// Returns whether it was served.
+    pub fn remove_pod(&self, uid: &str) -> bool {
+        let Some(pod) = self.lock().remove(uid) else {
+            return false;
+        };
+        drop(self.drain(uid.to_owned(), pod));
+        true
+    }
+
+    fn drain(&self, uid: String, pod: Pod) -> tokio::task::JoinHandle<usize> {
+        pod.stop.cancel();
+        pod.draining.store(true, Ordering::SeqCst);
+        let deadline = self.config.termination_deadline;
+        let label = format!("{}/{}", pod.info.namespace, pod.info.name);
+        tokio::spawn(async move {
+            let open = || pod.tracker.active() + pod.connections.len();
+            info!(pod = %label, uid, open = open(), ?deadline, "pod removed: listeners closed, draining its connections");
+            let cut = pod.tracker.drain(deadline, open).await;
+            info!(pod = %label, uid, cut, "pod drained");
+            cut
+        })
+    }
+
+    /// Stops serving every pod (the proxy is shutting down): listeners close now, connections
+    /// get the termination deadline. Returns how many connections were still open at the
+    /// deadline and were cut.
+    pub async fn drain_all(&self) -> usize {
+        let pods = std::mem::take(&mut *self.lock());
+        let drains: Vec<_> = pods
+            .into_iter()
+            .map(|(uid, pod)| self.drain(uid, pod))
+            .collect();
+        let mut cut = 0;
+        for d in drains {
+            cut += d.await.unwrap_or(0);
+        }
+        cut
+    }
+
+    /// Serves the agent at `path` for ever: connects (retrying with backoff while it is not
+    /// there), follows its requests, and reconnects when the connection ends.
+    pub async fn run_zds(self: Arc<Self>, path: PathBuf) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.clone().zds_session(path.clone()).await {
+                Ok(()) => {
+                    info!(socket = %path.display(), "ZDS: the node agent closed the connection; reconnecting");
+                    backoff = Duration::from_millis(100);
+                }
+                Err(e) => {
+                    warn!(socket = %path.display(), error = %e, retry_in = ?backoff, "ZDS: no connection to the node agent");
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+            tokio::time::sleep(backoff).await;
+        }
+    }
+
+    /// One ZDS connection, until it ends.
+    async fn zds_session(self: Arc<Self>, path: PathBuf) -> std::io::Result<()> {
+        type Request = (
+            std::io::Result<(WorkloadRequest, Option<OwnedFd>)>,
+            tokio::sync::oneshot::Sender<String>,
+        );
+        let client = ZdsClient::connect(&path)?;
+        info!(socket = %path.display(), "ZDS: connected to the node agent");
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Request>(1);
+        // Blocking socket I/O on a thread of its own; each request waits for its ack text.
+        let reader = std::thread::spawn(move || -> std::io::Result<()> {
+            loop {
+                let received = match client.recv() {
+                    Ok(Some(r)) => Ok(r),
+                    Ok(None) => return Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Err(e),
+                    Err(e) => return Err(e),
+                };
+                let (ack_tx, ack_rx) = tokio::sync::oneshot::channel();
+                if tx.blocking_send((received, ack_tx)).is_err() {
+                    return Ok(());
+                }
+                let error = ack_rx
+                    .blocking_recv()
+                    .unwrap_or_else(|_| "the proxy is stopping".to_owned());
+                client.ack(&error)?;
+            }
+        });
+        let mut snapshot_done = false;
+        let mut replayed: HashSet<String> = HashSet::new();
+        while let Some((received, ack)) = rx.recv().await {
+            let result = match received {
+                Err(e) => Err(e.to_string()),
+                Ok((request, fd)) => {
+                    self.zds_request(request, fd, &mut snapshot_done, &mut replayed)
+                        .await
+                }
+            };
+            if let Err(e) = &result {
+                warn!(error = %e, "ZDS: request refused");
+            }
+            let _ = ack.send(result.err().unwrap_or_default());
+        }
+        match tokio::task::spawn_blocking(move || reader.join()).await {
+            Ok(Ok(result)) => result,
+            _ => Err(std::io::Error::other("the ZDS reader thread panicked")),
+        }
+    }
+
+    async fn zds_request(
+        self: &Arc<Self>,
+        request: WorkloadRequest,
+        fd: Option<OwnedFd>,
+        snapshot_done: &mut bool,
+        replayed: &mut HashSet<String>,
+    ) -> Result<(), String> {
+        match request.payload {
+            None => Err("ZDS request without a payload".into()),
+            Some(Payload::Add(add)) => {
+                let Some(info) = add.workload_info else {
+                    return Err(format!(
+                        "add of pod {} without workload info: cannot tell its identity; not served",
+                        add.uid
+                    ));
+                };
+                let Some(fd) = fd else {
+                    return Err(format!(
+                        "add of pod {} ({}/{}) without a network-namespace descriptor; not served",
+                        add.uid, info.namespace, info.name
+                    ));
+                };
+                self.add_pod(&add.uid, info, fd).await?;
+                replayed.insert(add.uid);
+                Ok(())
+            }
+            Some(Payload::Keep(keep)) => {
+                if *snapshot_done {
+                    return Err(format!("keep of pod {} after the snapshot", keep.uid));
+                }
+                if !self.lock().contains_key(&keep.uid) {
+                    return Err(format!(
+                        "keep of pod {}, which this proxy does not serve",
+                        keep.uid
+                    ));
+                }
+                replayed.insert(keep.uid);
+                Ok(())
+            }
+            Some(Payload::Del(del)) => {
+                if !self.remove_pod(&del.uid) {
+                    info!(uid = %del.uid, "ZDS: delete of a pod not served (already gone)");
+                }
+                replayed.remove(&del.uid);
+                Ok(())
+            }
+            Some(Payload::SnapshotSent(_)) => {
+                if *snapshot_done {
+                    return Err("a second SnapshotSent on one connection".into());
+                }
+                *snapshot_done = true;
+                let stale: Vec<String> = self
+                    .lock()
+                    .keys()
+                    .filter(|uid| !replayed.contains(*uid))
+                    .cloned()
+                    .collect();
+                for uid in &stale {
+                    info!(uid, "ZDS: pod not in the agent's snapshot: removing it");
+                    self.remove_pod(uid);
+                }
+                info!(
+                    pods = self.lock().len(),
+                    dropped = stale.len(),
+                    "ZDS: snapshot complete"
+                );
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! What both modes do with their listeners: accept loops that back off on transient errors, and
+//! the tracking of live connection tasks so a drain can wait for them and then cut the rest.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+/// Live connection tasks of one proxy (or one pod): counted ones keep a drain waiting; all of
+/// them end when the tracker is cut.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Tracker {
+    active: Arc<AtomicUsize>,
+    cut: CancellationToken,
+}
+
+/// Counts a live connection while it exists.
+struct Active(Arc<AtomicUsize>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Tracker {
+    /// Runs `task` until it ends or the tracker is cut; a drain waits for it.
+    pub(crate) fn spawn_counted(&self, task: impl Future<Output = ()> + Send + 'static) {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        let active = Active(self.active.clone());
+        let cut = self.cut.clone();
+        tokio::spawn(async move {
+            let _active = active;
+            tokio::select! {
+                () = task => {}
+                () = cut.cancelled() => {}
+            }
+        });
+    }
+
+    /// Runs `task` until it ends or the tracker is cut; a drain does not wait for it (an HBONE
+    /// connection, whose tunnels are counted on their own).
+    pub(crate) fn spawn_uncounted(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let cut = self.cut.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = task => {}
+                () = cut.cancelled() => {}
+            }
+        });
+    }
+
+    /// Counted tasks still running.
+    pub(crate) fn active(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `open()` is 0 or `deadline` passed, then ends every task; returns how many
+    /// were still open.
+    pub(crate) async fn drain(&self, deadline: Duration, open: impl Fn() -> usize) -> usize {
+        let until = tokio::time::Instant::now() + deadline;
+        while open() > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = open();
+        self.cut.cancel();
+        left
+    }
+}
+
+/// Accepts forever, handing each connection to `on_accept`; a failed accept (out of descriptors
+/// for a moment) is logged and retried after a pause instead of spinning.
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    what: &'static str,
+    mut on_accept: impl FnMut(TcpStream, SocketAddr),
+) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => on_accept(stream, peer),
+            Err(e) => {
+                warn!(listener = what, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Serves HBONE on `listener`: each TCP connection runs in a task of its own (uncounted: its
+/// tunnels are counted by the inbound registry), so closing the listener leaves them. A refused
+/// handshake (wrong or missing certificate, no h2, too slow) is logged with the reason.
+pub(crate) async fn serve_hbone<H: hbone::ConnectHandler>(
+    listener: TcpListener,
+    server: hbone::Server<H>,
+    tracker: Tracker,
+) {
+    accept_loop(listener, "inbound", move |tcp, peer| {
+        let server = server.clone();
+        tracker.spawn_uncounted(async move {
+            match server.serve_connection(tcp).await {
+                Ok(()) => {}
+                Err(
+                    e @ (hbone::Error::Tls { .. }
+                    | hbone::Error::Alpn { .. }
+                    | hbone::Error::TlsVersion { .. }
+                    | hbone::Error::NoPeerCertificate { .. }
+                    | hbone::Error::HandshakeTimeout { .. }),
+                ) => tracing::info!(src = %peer, error = %e, "inbound: HBONE connection refused"),
+                Err(e) => {
+                    tracing::debug!(src = %peer, error = %e, "inbound: HBONE connection ended")
+                }
+            }
+        });
+    })
+    .await
+}
