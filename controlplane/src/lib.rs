@@ -177,6 +177,7 @@ pub fn compute(m: &Manifests, config: &ComputeConfig) -> Result<Computed, authz:
             cluster_id: config.cluster_id.clone(),
             hostname: String::new(),
             services,
+            waypoint: None,
         });
     }
     for s in &m.services {
@@ -198,6 +199,7 @@ pub fn compute(m: &Manifests, config: &ComputeConfig) -> Result<Computed, authz:
                 })
                 .collect(),
             subject_alt_names: Vec::new(),
+            waypoint: None,
         });
     }
     Ok(out)

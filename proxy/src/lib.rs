@@ -34,6 +34,7 @@
 //!     cluster_id: "Kubernetes".into(),
 //!     hostname: String::new(),
 //!     services: Default::default(),
+//!     waypoint: None,
 //! };
 //! let store = StateStore::new(State::new("istio-system"));
 //! store.update(|s| {

@@ -91,6 +91,7 @@ async fn mesh(test: u8) -> Mesh {
                 target_port: 0,
             }],
             subject_alt_names: vec![],
+            waypoint: None,
         }));
         let p = allow("allow-sleep", "sleep");
         s.insert_policy(p);

@@ -9,7 +9,9 @@ use proptest::prelude::*;
 use proxy::addr::OrigDst;
 use proxy::outbound::{Route, RouteError, decide};
 use proxy::state::{State, StateStore};
-use xds_client::resources::{Address, PortMapping, Service, Workload, WorkloadType};
+use xds_client::resources::{
+    Address, PortMapping, Service, Waypoint, WaypointAddress, Workload, WorkloadType,
+};
 
 fn ip(text: &str) -> IpAddr {
     text.parse().unwrap()
@@ -36,6 +38,7 @@ fn workload(uid: &str, addr: &str, sa: &str) -> Workload {
         cluster_id: "Kubernetes".into(),
         hostname: String::new(),
         services: BTreeMap::new(),
+        waypoint: None,
     }
 }
 
@@ -67,6 +70,7 @@ fn service(name: &str, vip: &str, ports: &[(u16, u16)]) -> Service {
             })
             .collect(),
         subject_alt_names: vec![],
+        waypoint: None,
     }
 }
 
@@ -493,4 +497,111 @@ proptest! {
             prop_assert!(Arc::ptr_eq(destination, state.workload(&destination.uid).unwrap()));
         }
     }
+}
+
+fn waypoint_at(ip_text: &str, port: u16) -> Waypoint {
+    Waypoint {
+        destination: WaypointAddress::Ip {
+            network: String::new(),
+            ip: ip(ip_text),
+        },
+        hbone_port: port,
+    }
+}
+
+/// The mesh plus a waypoint pod (10.0.0.30, behind the `waypoint` service) used by the web
+/// service and by web-2.
+fn mesh_with_waypoint(service_uses: Waypoint, workload_uses: Waypoint) -> State {
+    let mut s = mesh();
+    let wp = member(
+        workload("waypoint", "10.0.0.30", "waypoint"),
+        "default/waypoint.default.svc.cluster.local",
+        &[(15008, 15008)],
+    );
+    s.insert_address(Address::Workload(wp));
+    s.insert_address(Address::Service(service(
+        "waypoint",
+        "10.96.0.30",
+        &[(15008, 15008)],
+    )));
+    let mut web = service("web", "10.96.0.10", &[(80, 8080), (81, 0)]);
+    web.waypoint = Some(service_uses);
+    s.insert_address(Address::Service(web));
+    let mut web2 = member(workload("web-2", "10.0.0.12", "web"), WEB, &[]);
+    web2.waypoint = Some(workload_uses);
+    s.insert_address(Address::Workload(web2));
+    s
+}
+
+#[test]
+fn a_destination_with_a_waypoint_is_tunneled_to_the_waypoint_with_the_original_authority() {
+    let by_hostname = Waypoint {
+        destination: WaypointAddress::Hostname {
+            namespace: "default".into(),
+            hostname: "waypoint.default.svc.cluster.local".into(),
+        },
+        hbone_port: 15008,
+    };
+    let s = mesh_with_waypoint(waypoint_at("10.0.0.30", 15088), by_hostname);
+    // The service's waypoint, by address, on its own HBONE port; the authority stays the VIP.
+    let r = route(&s, "10.96.0.10:80", 0).unwrap();
+    assert_eq!(
+        hbone_parts(&r),
+        (
+            "10.0.0.30:15088".into(),
+            "10.96.0.10:80".into(),
+            vec!["spiffe://cluster.local/ns/default/sa/waypoint".into()],
+            "waypoint".into()
+        )
+    );
+    // The workload's waypoint, by its service's hostname: an endpoint of that service.
+    let r = route(&s, "10.0.0.12:8080", 0).unwrap();
+    assert_eq!(
+        hbone_parts(&r),
+        (
+            "10.0.0.30:15008".into(),
+            "10.0.0.12:8080".into(),
+            vec!["spiffe://cluster.local/ns/default/sa/waypoint".into()],
+            "waypoint".into()
+        )
+    );
+    // A workload without a waypoint is reached directly.
+    let r = route(&s, "10.0.0.11:8080", 0).unwrap();
+    assert_eq!(hbone_parts(&r).0, "10.0.0.11:15008");
+}
+
+#[test]
+fn the_waypoint_itself_reaches_the_destination_directly() {
+    let s = mesh_with_waypoint(
+        waypoint_at("10.0.0.30", 15008),
+        waypoint_at("10.0.0.30", 15008),
+    );
+    let waypoint = s.workload("waypoint").unwrap().clone();
+    let r = decide(
+        &s,
+        &waypoint,
+        OrigDst("10.0.0.12:8080".parse().unwrap()),
+        &mut |_| 0,
+    )
+    .unwrap();
+    assert_eq!(hbone_parts(&r).0, "10.0.0.12:15008");
+    let r = decide(
+        &s,
+        &waypoint,
+        OrigDst("10.96.0.10:80".parse().unwrap()),
+        &mut |_| 0,
+    )
+    .unwrap();
+    assert_eq!(hbone_parts(&r).3, "web-1");
+}
+
+#[test]
+fn an_unknown_waypoint_is_an_error_not_a_bypass() {
+    let s = mesh_with_waypoint(
+        waypoint_at("10.0.0.99", 15008),
+        waypoint_at("10.0.0.30", 15008),
+    );
+    let e = route(&s, "10.96.0.10:80", 0).unwrap_err();
+    assert!(matches!(e, RouteError::NoWaypoint { .. }), "{e:?}");
+    assert!(e.to_string().contains("10.0.0.99"), "{e}");
 }

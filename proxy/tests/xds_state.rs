@@ -36,6 +36,7 @@ fn workload(uid: &str, ip: [u8; 4], policies: &[&str]) -> Workload {
         cluster_id: "Kubernetes".into(),
         hostname: String::new(),
         services: BTreeMap::new(),
+        waypoint: None,
     }
 }
 

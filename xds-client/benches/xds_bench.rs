@@ -118,6 +118,7 @@ fn workload(i: usize) -> Workload {
             }],
         )]
         .into(),
+        waypoint: None,
     }
 }
 
@@ -140,6 +141,7 @@ fn main() {
                 addresses: vec![(String::new(), std::net::IpAddr::from([10, 96, (i >> 8) as u8, i as u8]))],
                 ports: vec![PortMapping { service_port: 80, target_port: 8080 }],
                 subject_alt_names: vec![],
+                waypoint: None,
             });
             server.set(ADDRESS_TYPE_URL, &a.key(), encode_address(&a));
         }

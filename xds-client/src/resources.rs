@@ -75,6 +75,37 @@ pub struct Workload {
     pub hostname: String,
     /// Services it belongs to (`namespace/hostname`), with port mappings.
     pub services: BTreeMap<String, Vec<PortMapping>>,
+    /// The waypoint all traffic to it must go through, if any.
+    pub waypoint: Option<Waypoint>,
+}
+
+/// A waypoint proxy (Istio's `GatewayAddress`): where tunnels to a workload or service that uses
+/// it are sent instead.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Waypoint {
+    /// Where it is.
+    pub destination: WaypointAddress,
+    /// Its HBONE port (`hbone_mtls_port`; 15008 when the resource leaves it 0).
+    pub hbone_port: u16,
+}
+
+/// A waypoint's address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum WaypointAddress {
+    /// A workload address in a network.
+    Ip {
+        /// The network (empty: the default one).
+        network: String,
+        /// The address.
+        ip: IpAddr,
+    },
+    /// A service, by `namespace` and `hostname` (the waypoint's own Service).
+    Hostname {
+        /// The service's namespace.
+        namespace: String,
+        /// Its hostname.
+        hostname: String,
+    },
 }
 
 /// A service.
@@ -92,6 +123,8 @@ pub struct Service {
     pub ports: Vec<PortMapping>,
     /// Identities to expect instead of per-workload ones, if set.
     pub subject_alt_names: Vec<String>,
+    /// The waypoint all traffic to it must go through, if any.
+    pub waypoint: Option<Waypoint>,
 }
 
 /// A service port and the port it forwards to.
@@ -205,6 +238,71 @@ fn ports(list: &[pb::Port], what: &str) -> Result<Vec<PortMapping>, DecodeError>
         .collect()
 }
 
+fn waypoint_from_proto(g: &pb::GatewayAddress, what: &str) -> Result<Waypoint, DecodeError> {
+    let err = |reason: String| DecodeError {
+        what: what.to_owned(),
+        reason,
+    };
+    let destination = match &g.destination {
+        None => {
+            return Err(err(
+                "the waypoint has neither an address nor a hostname".into()
+            ));
+        }
+        Some(pb::gateway_address::Destination::Address(a)) => WaypointAddress::Ip {
+            network: a.network.clone(),
+            ip: ip(&a.address, &format!("{what} address"))?,
+        },
+        Some(pb::gateway_address::Destination::Hostname(h)) => {
+            if h.namespace.is_empty() || h.hostname.is_empty() {
+                return Err(err(
+                    "the waypoint hostname needs a namespace and a hostname".into(),
+                ));
+            }
+            WaypointAddress::Hostname {
+                namespace: h.namespace.clone(),
+                hostname: h.hostname.clone(),
+            }
+        }
+    };
+    let hbone_port = match port(g.hbone_mtls_port, &format!("{what} hbone_mtls_port"))? {
+        0 => 15008,
+        p => p,
+    };
+    Ok(Waypoint {
+        destination,
+        hbone_port,
+    })
+}
+
+fn waypoint_to_proto(w: &Waypoint) -> pb::GatewayAddress {
+    pb::GatewayAddress {
+        destination: Some(match &w.destination {
+            WaypointAddress::Ip { network, ip } => {
+                pb::gateway_address::Destination::Address(pb::NetworkAddress {
+                    network: network.clone(),
+                    address: ip_bytes(ip),
+                })
+            }
+            WaypointAddress::Hostname {
+                namespace,
+                hostname,
+            } => pb::gateway_address::Destination::Hostname(pb::NamespacedHostname {
+                namespace: namespace.clone(),
+                hostname: hostname.clone(),
+            }),
+        }),
+        hbone_mtls_port: u32::from(w.hbone_port),
+    }
+}
+
+fn ip_bytes(a: &IpAddr) -> Vec<u8> {
+    match a {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
 fn workload_from_proto(w: pb::Workload) -> Result<Workload, DecodeError> {
     let what = format!(
         "Workload {}",
@@ -252,6 +350,11 @@ fn workload_from_proto(w: pb::Workload) -> Result<Workload, DecodeError> {
         Ok(pb::WorkloadStatus::Unhealthy) => false,
         Err(_) => return Err(err(format!("unknown status {}", w.status))),
     };
+    let waypoint = w
+        .waypoint
+        .as_ref()
+        .map(|g| waypoint_from_proto(g, &format!("{what} waypoint")))
+        .transpose()?;
     let mut services = BTreeMap::new();
     for (key, list) in &w.services {
         services.insert(
@@ -277,6 +380,7 @@ fn workload_from_proto(w: pb::Workload) -> Result<Workload, DecodeError> {
         cluster_id: w.cluster_id,
         hostname: w.hostname,
         services,
+        waypoint,
     })
 }
 
@@ -300,6 +404,7 @@ fn workload_to_proto(w: &Workload) -> pb::Workload {
         } as i32,
         trust_domain: w.identity.trust_domain().to_owned(),
         service_account: w.identity.service_account().unwrap_or_default().to_owned(),
+        waypoint: w.waypoint.as_ref().map(waypoint_to_proto),
         node: w.node.clone(),
         canonical_name: w.canonical_name.clone(),
         canonical_revision: w.canonical_revision.clone(),
@@ -362,7 +467,13 @@ fn service_from_proto(s: pb::Service) -> Result<Service, DecodeError> {
             ))
         })
         .collect::<Result<Vec<_>, DecodeError>>()?;
+    let waypoint = s
+        .waypoint
+        .as_ref()
+        .map(|g| waypoint_from_proto(g, &format!("{what} waypoint")))
+        .transpose()?;
     Ok(Service {
+        waypoint,
         ports: ports(&s.ports, &format!("{what} ports"))?,
         name: s.name,
         namespace: s.namespace,
@@ -390,5 +501,6 @@ fn service_to_proto(s: &Service) -> pb::Service {
             .collect(),
         ports: ports_to_proto(&s.ports),
         subject_alt_names: s.subject_alt_names.clone(),
+        waypoint: s.waypoint.as_ref().map(waypoint_to_proto),
     }
 }

@@ -274,6 +274,7 @@ async fn typed_handler_and_bearer_token() {
         cluster_id: String::new(),
         hostname: String::new(),
         services: Default::default(),
+        waypoint: None,
     };
     server.set(T, "u1", encode_address(&Address::Workload(w.clone())));
     server.set(T, "garbage", vec![0x0a, 0x05, 0x0a]);

@@ -38,6 +38,7 @@ fn workload() -> Workload {
                 target_port: 8080,
             }],
         )]),
+        waypoint: None,
     }
 }
 
@@ -56,6 +57,7 @@ fn workloads_and_services_round_trip() {
             target_port: 8080,
         }],
         subject_alt_names: vec![],
+        waypoint: None,
     });
     assert_eq!(decode_address(&encode_address(&s)).unwrap(), s);
     assert_eq!(s.key(), "default/web.default.svc.cluster.local");

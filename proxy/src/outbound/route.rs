@@ -10,6 +10,11 @@
 //!   HBONE tunnel to `<its ip>:15008` with `<its ip>:<port>` as `:authority`, expecting its
 //!   identity (and the service's SANs, when reached through one); a workload outside the mesh is
 //!   reached directly;
+//! - a service or workload with a `waypoint`: an HBONE tunnel to the waypoint (an address, or an
+//!   endpoint of the waypoint's service) on its HBONE port, with the original destination as
+//!   `:authority`, expecting the waypoint's identity; the waypoint itself is not sent back to
+//!   itself but reaches the destination directly; a waypoint that cannot be found is an error
+//!   (the connection is refused, never sent around the waypoint);
 //! - anything else is outside the mesh: passthrough to the original destination;
 //! - except the proxy's own ports (15001/15006/15008) at the source's own address: refused.
 //!
@@ -19,7 +24,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use identity::SpiffeId;
-use xds_client::resources::{PortMapping, Service, Workload};
+use xds_client::resources::{PortMapping, Service, Waypoint, WaypointAddress, Workload};
 
 use crate::addr::{HboneTarget, OrigDst, Upstream};
 use crate::state::State;
@@ -92,6 +97,15 @@ pub enum RouteError {
         /// The source's network.
         network: String,
     },
+    /// The destination must be reached through a waypoint that cannot be found (or has no
+    /// healthy endpoint): refused rather than sent around it.
+    #[error("{destination} must go through waypoint {waypoint}, which is not known or not healthy")]
+    NoWaypoint {
+        /// The destination (workload uid or service key).
+        destination: String,
+        /// The waypoint as the resource names it.
+        waypoint: String,
+    },
 }
 
 /// Decides the route of a connection from `source` to `dst`. `pick(n)` chooses one of `n`
@@ -107,10 +121,22 @@ pub fn decide(
         return Err(RouteError::SelfCall { destination: dst.0 });
     }
     if let Some(service) = state.service_at(network, dst.ip()) {
+        if let Some(waypoint) = &service.waypoint {
+            let key = format!("{}/{}", service.namespace, service.hostname);
+            if let Some(route) = via_waypoint(state, source, waypoint, dst, &key, pick)? {
+                return Ok(route.with_service(service));
+            }
+        }
         return via_service(state, network, service, dst.port(), pick);
     }
     Ok(match state.workload_at(network, dst.ip()) {
-        Some(w) => to_workload(w, dst.0, None),
+        Some(w) => match &w.waypoint {
+            Some(waypoint) => match via_waypoint(state, source, waypoint, dst, &w.uid, pick)? {
+                Some(route) => route,
+                None => to_workload(w, dst.0, None),
+            },
+            None => to_workload(w, dst.0, None),
+        },
         None => Route::Passthrough {
             to: Upstream(dst.0),
             destination: None,
@@ -186,6 +212,87 @@ fn to_workload(w: &Arc<Workload>, upstream: SocketAddr, service: Option<Arc<Serv
         destination: w.clone(),
         service,
     }
+}
+
+impl Route {
+    fn with_service(self, via: &Arc<Service>) -> Route {
+        match self {
+            Route::Hbone {
+                target,
+                authority,
+                expected,
+                destination,
+                ..
+            } => Route::Hbone {
+                target,
+                authority,
+                expected,
+                destination,
+                service: Some(via.clone()),
+            },
+            other => other,
+        }
+    }
+}
+
+/// The tunnel to `waypoint` for a connection to `dst` (named `destination` in errors): to the
+/// waypoint's address on its HBONE port, with `dst` as the authority and the waypoint's identity
+/// expected. `None` when `source` is that waypoint (it reaches the destination directly).
+fn via_waypoint(
+    state: &State,
+    source: &Workload,
+    waypoint: &Waypoint,
+    dst: OrigDst,
+    destination: &str,
+    pick: &mut impl FnMut(usize) -> usize,
+) -> Result<Option<Route>, RouteError> {
+    let missing = || RouteError::NoWaypoint {
+        destination: destination.to_owned(),
+        waypoint: match &waypoint.destination {
+            WaypointAddress::Ip { network, ip } if network.is_empty() => ip.to_string(),
+            WaypointAddress::Ip { network, ip } => format!("{network}/{ip}"),
+            WaypointAddress::Hostname {
+                namespace,
+                hostname,
+            } => format!("{namespace}/{hostname}"),
+        },
+    };
+    let (workload, ip) = match &waypoint.destination {
+        WaypointAddress::Ip { network, ip } => {
+            if source.network == *network && source.addresses.contains(ip) {
+                return Ok(None);
+            }
+            (state.workload_at(network, *ip).ok_or_else(missing)?, *ip)
+        }
+        WaypointAddress::Hostname {
+            namespace,
+            hostname,
+        } => {
+            let key = format!("{namespace}/{hostname}");
+            if source.services.contains_key(&key) {
+                return Ok(None);
+            }
+            let healthy: Vec<(&Arc<Workload>, IpAddr)> = state
+                .endpoints(&key)
+                .filter(|(w, _)| w.healthy && w.network == source.network)
+                .filter_map(|(w, _)| Some((w, *w.addresses.first()?)))
+                .collect();
+            if healthy.is_empty() {
+                return Err(missing());
+            }
+            healthy[pick(healthy.len()).min(healthy.len() - 1)]
+        }
+    };
+    if workload.uid == source.uid {
+        return Ok(None);
+    }
+    Ok(Some(Route::Hbone {
+        target: HboneTarget(SocketAddr::new(ip, waypoint.hbone_port)),
+        authority: Upstream(dst.0),
+        expected: vec![workload.identity.clone()],
+        destination: workload.clone(),
+        service: None,
+    }))
 }
 
 fn find_port(ports: &[PortMapping], service_port: u16) -> Option<PortMapping> {

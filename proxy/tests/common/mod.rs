@@ -40,6 +40,7 @@ pub fn workload(uid: &str, addr: IpAddr, hbone: bool, policies: &[&str]) -> Work
         cluster_id: "Kubernetes".into(),
         hostname: String::new(),
         services: BTreeMap::new(),
+        waypoint: None,
     }
 }
 
