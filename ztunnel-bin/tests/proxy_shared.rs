@@ -164,6 +164,7 @@ fn log_of(path: &Path) -> String {
 }
 
 struct Node {
+    admin: SocketAddr,
     readiness: SocketAddr,
     stats: SocketAddr,
     log: std::path::PathBuf,
@@ -258,6 +259,11 @@ fn shared_mode_proxies_carry_pods_traffic_between_nodes_with_their_identities() 
                 .args(["--stats-addr", &stats.to_string()])
                 .args(["--readiness-addr", &readiness.to_string()])
                 .env("NODE_NAME", node)
+                // node-b logs JSON (one object per line), node-a plain key=value.
+                .env(
+                    "LOG_FORMAT",
+                    if node == "node-b" { "json" } else { "plain" },
+                )
                 .env("ZTUNNEL_WORKER_THREADS", "1")
                 .env("CONNECTION_TERMINATION_DEADLINE", "2s")
                 .stdout(Stdio::null())
@@ -266,6 +272,7 @@ fn shared_mode_proxies_carry_pods_traffic_between_nodes_with_their_identities() 
                 .unwrap(),
         ));
         nodes.push(Node {
+            admin,
             readiness,
             stats,
             log,
@@ -318,16 +325,22 @@ fn shared_mode_proxies_carry_pods_traffic_between_nodes_with_their_identities() 
         "legacy:plain"
     );
     wait("the access logs", || {
-        log_of(&b.log).matches("direction=\"inbound\"").count() >= 7
+        log_of(&b.log).matches(r#""direction":"inbound""#).count() >= 7
     });
     let (log_a, log_b) = (log_of(&a.log), log_of(&b.log));
     let sleep_id = "spiffe://cluster.local/ns/default/sa/sleep";
     let web_id = "spiffe://cluster.local/ns/default/sa/web";
+    // Every line of node-b's log is a JSON object; its access-log lines carry the fields.
+    let lines: Vec<serde_json::Value> = log_b
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
     assert!(
-        log_b.lines().any(|l| l.contains("direction=\"inbound\"")
-            && l.contains(&format!("src.identity=\"{sleep_id}\""))
-            && l.contains(&format!("dst.identity=\"{web_id}\""))
-            && l.contains("bytes_recv=5")),
+        lines.iter().any(|l| l["direction"] == "inbound"
+            && l["src.identity"] == sleep_id
+            && l["dst.identity"] == web_id
+            && l["dst.workload"] == "web-1"
+            && l["bytes_recv"] == 5),
         "{log_b}"
     );
     assert!(
@@ -543,8 +556,61 @@ fn shared_mode_proxies_carry_pods_traffic_between_nodes_with_their_identities() 
     });
     assert!(log_of(&b.log).contains("pod removed"));
 
-    // SIGTERM: node-a's proxy drains and exits 0.
+    // Admin: the config dump shows the state, the pods and their certificates; the log level
+    // changes at runtime; /quitquitquit drains node-b like SIGTERM.
+    let (status, dump) = get(a.admin, "/config_dump").unwrap();
+    assert_eq!(status, 200);
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    let pods = dump["pods"].as_array().unwrap();
+    assert_eq!(
+        pods.len(),
+        3,
+        "node-a serves sleep, notsleep and web-2: {dump}"
+    );
+    assert!(
+        pods.iter().all(|p| p["certificateExpiry"].is_string()),
+        "{dump}"
+    );
+    assert!(
+        pods.iter()
+            .any(|p| p["identity"] == sleep_id && p["workloadUid"].is_string()),
+        "{dump}"
+    );
+    assert!(dump["synced"].as_bool().unwrap());
+    assert!(dump["policies"].as_array().unwrap().len() >= 2, "{dump}");
+    assert!(!log_of(&a.log).contains("DEBUG"));
+    assert_eq!(get(a.admin, "/logging?level=debug").unwrap().0, 200);
+    assert_eq!(
+        call(ns("sleep"), &format!("{}:8080", ip(4)), "dbg"),
+        "web-2:dbg"
+    );
+    wait("debug lines after /logging", || {
+        log_of(&a.log).contains("DEBUG")
+    });
+    assert_eq!(get(a.admin, "/logging?level=info").unwrap().0, 200);
+    let (status, body) = get(a.admin, "/logging?level=nonsense[").unwrap();
+    assert_eq!(status, 400, "{body}");
+    let mut quit = TcpStream::connect(b.admin).unwrap();
+    write!(quit, "POST /quitquitquit HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    quit.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let mut running = running;
+    let proxy_b = &mut running[3];
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = proxy_b.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "node-b's proxy did not quit"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+
+    // SIGTERM: node-a's proxy drains and exits 0.
     let proxy_a = &mut running[1];
     assert!(run("kill", &["-TERM", &proxy_a.0.id().to_string()]));
     let start = Instant::now();
