@@ -481,6 +481,73 @@ impl ZdsClient {
     }
 }
 
+/// A scripted agent side, for testing proxies: accepts one proxy at a time and sends whatever it
+/// is told, well-formed or not, reporting each ack.
+#[derive(Debug)]
+pub struct ZdsTestAgent {
+    listener: OwnedFd,
+    conn: Option<OwnedFd>,
+}
+
+impl ZdsTestAgent {
+    /// Listens at `path`.
+    pub fn bind(path: &Path) -> std::io::Result<Self> {
+        Ok(ZdsTestAgent {
+            listener: sys::seqpacket_listener(path)?,
+            conn: None,
+        })
+    }
+
+    /// Waits for a proxy (dropping the previous one) and returns the version of its hello.
+    pub fn accept(&mut self, timeout: Duration) -> std::io::Result<i32> {
+        self.conn = None;
+        let conn = sys::accept_conn(&self.listener)?;
+        sys::set_recv_timeout(&conn, timeout)?;
+        let mut buf = [0u8; MAX_MESSAGE];
+        let (n, _) = sys::recv(&conn, &mut buf)?;
+        let hello = proto::ZdsHello::decode(&buf[..n]).map_err(invalid)?;
+        self.conn = Some(conn);
+        Ok(hello.version)
+    }
+
+    /// Drops the current connection (the proxy sees the agent go away).
+    pub fn disconnect(&mut self) {
+        self.conn = None;
+    }
+
+    /// Sends `bytes` (with `fd` attached) and returns the ack's error text (empty: accepted).
+    pub fn send_raw(&self, bytes: &[u8], fd: Option<&File>) -> std::io::Result<String> {
+        let conn = self
+            .conn
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("no proxy connected"))?;
+        let fds: Vec<_> = fd.map(|f| f.as_fd()).into_iter().collect();
+        sys::send(conn, bytes, &fds)?;
+        let mut buf = [0u8; MAX_MESSAGE];
+        let (n, _) = sys::recv(conn, &mut buf)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the proxy closed the connection",
+            ));
+        }
+        let response = WorkloadResponse::decode(&buf[..n]).map_err(invalid)?;
+        response
+            .ack
+            .map(|a| a.error)
+            .ok_or_else(|| invalid("response without ack"))
+    }
+
+    /// Sends one request and returns the ack's error text.
+    pub fn send(&self, payload: Payload, fd: Option<&File>) -> std::io::Result<String> {
+        let bytes = WorkloadRequest {
+            payload: Some(payload),
+        }
+        .encode_to_vec();
+        self.send_raw(&bytes, fd)
+    }
+}
+
 /// A minimal proxy side, for tests and tools: connects, says hello, and hands each request (with
 /// any received descriptor) to `on_request`, acknowledging it with the returned error text.
 pub fn run_test_peer(
