@@ -389,6 +389,10 @@ impl<C: Certificates> SharedProxy<C> {
     }
 
     fn drain(&self, uid: String, pod: Pod) -> tokio::task::JoinHandle<usize> {
+        // The identity's certificate is no longer refreshed once no local pod has it.
+        if !self.lock().values().any(|p| p.id == pod.id) {
+            self.certificates.forget(&pod.id);
+        }
         pod.stop.cancel();
         pod.draining.store(true, Ordering::SeqCst);
         let deadline = self.config.termination_deadline;

@@ -39,6 +39,10 @@ pub trait Certificates: Send + Sync + 'static {
     /// Follows the certificates of `id` (starting a fetch if it is new): what a server presenting
     /// that identity serves at each handshake (`None` or an expired certificate: no handshake).
     fn watch(&self, id: &SpiffeId) -> CertWatch;
+    /// Stops refreshing `id` (its last local pod is gone). Nothing by default.
+    fn forget(&self, id: &SpiffeId) {
+        let _ = id;
+    }
 }
 
 /// The current certificate of one identity, as it rotates.
@@ -67,6 +71,10 @@ impl Certificates for Managed {
 
     fn watch(&self, id: &SpiffeId) -> CertWatch {
         self.manager.subscribe(id)
+    }
+
+    fn forget(&self, id: &SpiffeId) {
+        self.manager.forget(id);
     }
 }
 
