@@ -43,6 +43,9 @@ pub(crate) enum Command {
     NodeAgent(NodeAgentArgs),
     /// Run a self-contained HBONE demo on loopback (development CA, server, client, traffic).
     Demo(DemoArgs),
+    /// A whole ambient mesh on this machine (nodes and pods in network namespaces, the control
+    /// plane, node agents, proxies, built-in apps), and the ambient walkthrough as a tutorial.
+    Local(LocalArgs),
     /// Run the node proxy. Every flag can also be given by the environment variable Istio's
     /// ztunnel reads (named in each flag's help).
     ///
@@ -442,4 +445,125 @@ pub(crate) struct DemoArgs {
     /// `ztunnel hbone serve|connect` (subfolders `server/` and `client/`).
     #[arg(long, value_name = "DIR")]
     pub(crate) write_certs: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct LocalArgs {
+    /// Run directory: state, manifests, logs, sockets (`ZTUNNEL_LOCAL_DIR`).
+    #[arg(
+        long,
+        global = true,
+        env = "ZTUNNEL_LOCAL_DIR",
+        default_value = "/run/ztunnel-local"
+    )]
+    pub(crate) run_dir: PathBuf,
+    /// Prefix of every network namespace and link the mesh makes.
+    #[arg(long, global = true, default_value = "zl")]
+    pub(crate) prefix: String,
+    /// First two octets of the mesh's addresses (nodes in A.B.0.0/24, node i's pods in
+    /// A.B.(1+i).0/24).
+    #[arg(long, global = true, default_value = "10.250", value_parser = parse_subnet)]
+    pub(crate) subnet: [u8; 2],
+    /// Capture rules of the node agents.
+    #[arg(long, global = true, value_parser = ["iptables", "nftables"], default_value = "iptables")]
+    pub(crate) backend: String,
+    #[command(subcommand)]
+    pub(crate) command: LocalCommand,
+}
+
+fn parse_subnet(text: &str) -> Result<[u8; 2], String> {
+    let parts: Vec<&str> = text.split('.').collect();
+    match parts.as_slice() {
+        [a, b] => match (a.parse::<u8>(), b.parse::<u8>()) {
+            (Ok(a), Ok(b)) => Ok([a, b]),
+            _ => Err(format!("{text:?}: expected two octets such as 10.250")),
+        },
+        _ => Err(format!("{text:?}: expected two octets such as 10.250")),
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum LocalCommand {
+    /// Create the nodes and pods and start everything (cleans up a crashed mesh first); returns
+    /// once every proxy is ready.
+    Up {
+        /// Kubernetes YAML to run (a file or a directory of them); default: the walkthrough's
+        /// workloads (examples/ambient-walkthrough/apps.yaml, built in).
+        #[arg(long, value_name = "PATH")]
+        manifests: Option<PathBuf>,
+    },
+    /// Stop everything and remove every namespace, link, rule, process and file the mesh made.
+    Down,
+    /// Set (`k=v`) or remove (`k-`) labels: `ztunnel local label namespace default
+    /// istio.io/dataplane-mode=ambient`.
+    Label {
+        /// Only `namespace`.
+        #[arg(value_parser = ["namespace", "ns"])]
+        kind: String,
+        /// The namespace.
+        name: String,
+        /// Changes.
+        #[arg(required = true)]
+        labels: Vec<String>,
+    },
+    /// Add or replace documents (Namespace, ServiceAccount, Deployment, Service,
+    /// AuthorizationPolicy).
+    Apply {
+        /// A file or directory of Kubernetes YAML.
+        #[arg(short = 'f', long = "filename", value_name = "PATH")]
+        file: PathBuf,
+    },
+    /// Remove the documents a file names.
+    Delete {
+        /// A file or directory of Kubernetes YAML.
+        #[arg(short = 'f', long = "filename", value_name = "PATH")]
+        file: PathBuf,
+    },
+    /// Run a command inside a pod's network namespace (`NAME` in `default`, or `NS/NAME`).
+    Exec {
+        /// The pod.
+        pod: String,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Print a part's log.
+    Logs {
+        /// `ztunnel`, `node-agent` or `controlplane`.
+        #[arg(value_parser = ["ztunnel", "node-agent", "controlplane"])]
+        part: String,
+        /// Only this node.
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Nodes, proxies, pods (captured or not, certificates), services.
+    Status,
+    /// Replay the ambient walkthrough on a fresh mesh, checking every step; removes the mesh at
+    /// the end. Exit 0 only if every observation matched.
+    Tutorial,
+    /// A built-in app (what the mesh runs in a pod).
+    #[command(hide = true)]
+    App {
+        /// The app's name (answers carry it).
+        #[arg(long)]
+        name: String,
+        /// Port.
+        #[arg(long)]
+        port: u16,
+        /// URL to call first.
+        #[arg(long)]
+        upstream: Option<String>,
+        /// Gateway routes, `host=url`.
+        #[arg(long)]
+        route: Vec<String>,
+    },
+    /// GET a URL and print the body (exit 1 unless 200): `ztunnel local exec sleep -- ztunnel
+    /// local get http://web-api:8080/`.
+    Get {
+        /// `http://host[:port]/path`.
+        url: String,
+        /// Host header.
+        #[arg(long)]
+        host: Option<String>,
+    },
 }

@@ -4,6 +4,7 @@ mod ca;
 mod controlplane;
 mod demo;
 mod hbone_cli;
+mod local;
 mod node_agent;
 mod policy;
 mod proxy;
@@ -51,6 +52,9 @@ pub(crate) enum Error {
     /// The control plane's node tokens could not be created or read.
     #[error(transparent)]
     NodeTokens(#[from] ::controlplane::TokenError),
+    /// The local mesh failed.
+    #[error(transparent)]
+    Local(#[from] localmesh::Error),
     /// The demo saw something other than what it expected.
     #[error("demo check failed: {0}")]
     Demo(String),
@@ -86,6 +90,7 @@ pub(crate) async fn run(command: Command, log_control: LogControl) -> Result<Exi
         Command::Redirect(RedirectCommand::Check(args)) => redirect_cli::check(args),
         Command::Redirect(RedirectCommand::Reconcile(args)) => redirect_cli::reconcile(args),
         Command::Demo(args) => ok(demo::run(args).await),
+        Command::Local(args) => local::run(args).await,
         Command::Proxy(args) => ok(proxy::run(*args, log_control).await),
     }
 }

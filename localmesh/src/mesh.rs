@@ -1,0 +1,863 @@
+//! Bringing a mesh up and down, and changing it while it runs.
+//!
+//! `up` first removes whatever a previous mesh under the same prefix left behind (after a crash),
+//! then builds, in order: the fabric (a bridge in its own namespace, joined to the host by a veth
+//! so the host reaches every pod), the nodes (a namespace each, a bridge for its pods, routes to
+//! the other nodes' pods, the service rules), the pods (a namespace each, a veth to their node,
+//! `/etc/netns/<pod>/hosts` naming every service), the control plane (host namespace, TLS on the
+//! host's fabric address), per node the node agent and the proxy (inside the node's namespace),
+//! and the pods' apps. It returns once every proxy is ready. Processes are started in their own
+//! process groups with their output in `RUN/logs`, so they outlive the command that started them;
+//! `down` kills them (every process in the mesh's namespaces, and the control plane by its pid
+//! file, checked against its command line) and removes every namespace, link, file and the run
+//! directory.
+//!
+//! Every change (`apply`, `delete`, `label`) updates the state in `RUN/mesh.json`, rewrites the
+//! control plane's manifests (which the control plane and the node agents watch), and makes or
+//! removes pods and rules to match.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::net::{self, run, run_in};
+use crate::plan::{App, Mesh, PodPlan};
+use crate::{Config, Error, write_atomic};
+
+/// The nat chain of the nodes' service rules.
+const SERVICES_CHAIN: &str = "ZL-SERVICES";
+/// The control plane's port on the host's fabric address.
+const CONTROLPLANE_PORT: u16 = 15012;
+
+/// Progress lines for the terminal.
+pub type Progress<'a> = &'a mut dyn FnMut(&str);
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
+impl Config {
+    fn state_file(&self) -> PathBuf {
+        self.run_dir.join("mesh.json")
+    }
+
+    fn manifests_dir(&self) -> PathBuf {
+        self.run_dir.join("manifests")
+    }
+
+    /// The log file of a part: `controlplane`, or `ztunnel`/`node-agent` of a node, or a pod.
+    pub fn log_file(&self, part: &str, node: Option<&str>) -> PathBuf {
+        match node {
+            Some(n) => self
+                .run_dir
+                .join("logs")
+                .join(n)
+                .join(format!("{part}.log")),
+            None => self.run_dir.join("logs").join(format!("{part}.log")),
+        }
+    }
+
+    fn node_ns(&self, node: &str) -> String {
+        format!("{}-{node}", self.prefix)
+    }
+
+    fn fabric_ns(&self) -> String {
+        format!("{}-fabric", self.prefix)
+    }
+
+    fn host_link(&self) -> String {
+        format!("{}-host", self.prefix)
+    }
+
+    fn controlplane_pid_file(&self) -> PathBuf {
+        self.run_dir.join("controlplane.pid")
+    }
+
+    /// The control plane's address.
+    pub fn controlplane_addr(&self) -> SocketAddr {
+        SocketAddr::from((
+            Ipv4Addr::new(self.base[0], self.base[1], 0, 1),
+            CONTROLPLANE_PORT,
+        ))
+    }
+}
+
+/// Reads the running mesh's state.
+pub fn load(config: &Config) -> Result<Mesh, Error> {
+    let text = std::fs::read_to_string(config.state_file()).map_err(|_| Error::NotRunning {
+        run_dir: config.run_dir.clone(),
+    })?;
+    serde_json::from_str(&text).map_err(|e| Error::Io {
+        what: format!("reading {}", config.state_file().display()),
+        source: std::io::Error::other(e),
+    })
+}
+
+fn save(config: &Config, mesh: &Mesh) -> Result<(), Error> {
+    let text = serde_json::to_string_pretty(mesh).map_err(|e| Error::Io {
+        what: "encoding the mesh state".into(),
+        source: std::io::Error::other(e),
+    })?;
+    write_atomic(&config.state_file(), &text)
+}
+
+/// Whether the control plane recorded in the run directory is alive.
+fn controlplane_alive(config: &Config) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(config.controlplane_pid_file())
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    (cmdline.contains("controlplane") && cmdline.contains(&*config.run_dir.to_string_lossy()))
+        .then_some(pid)
+}
+
+/// Brings a mesh up from `docs`; stops (and cleans up) early when `cancel` is set.
+pub fn up(
+    config: &Config,
+    docs: Vec<crate::plan::Doc>,
+    cancel: &AtomicBool,
+    progress: Progress<'_>,
+) -> Result<Mesh, Error> {
+    if config.state_file().exists() && controlplane_alive(config).is_some() {
+        return Err(Error::AlreadyRunning {
+            run_dir: config.run_dir.clone(),
+        });
+    }
+    let leftovers = net::namespaces(&config.prefix);
+    if !leftovers.is_empty()
+        || config.run_dir.exists()
+        || net::host_link_exists(&config.host_link())
+    {
+        progress(&format!(
+            "removing what an earlier mesh left behind ({} namespaces)",
+            leftovers.len()
+        ));
+        down(config, &mut |_| {})?;
+    }
+    let result = build(config, docs, cancel, progress);
+    if result.is_err() {
+        progress("cleaning up after the failure");
+        let _ = down(config, &mut |_| {});
+    }
+    result
+}
+
+fn check_cancel(cancel: &AtomicBool) -> Result<(), Error> {
+    if cancel.load(Ordering::SeqCst) {
+        Err(Error::Interrupted)
+    } else {
+        Ok(())
+    }
+}
+
+fn build(
+    config: &Config,
+    docs: Vec<crate::plan::Doc>,
+    cancel: &AtomicBool,
+    progress: Progress<'_>,
+) -> Result<Mesh, Error> {
+    let nodes: Vec<&str> = config.nodes.iter().map(String::as_str).collect();
+    let mut mesh = Mesh::new(config.base, &nodes);
+    mesh.apply(docs);
+    for dir in [
+        config.run_dir.clone(),
+        config.manifests_dir(),
+        config.run_dir.join("logs"),
+        config.run_dir.join("tokens"),
+    ] {
+        std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+    }
+    for node in &config.nodes {
+        let dir = config.run_dir.join("logs").join(node);
+        std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+    }
+    save(config, &mesh)?;
+
+    progress("creating the network: fabric and nodes");
+    let fabric = config.fabric_ns();
+    net::add_namespace(&fabric)?;
+    run(
+        "ip",
+        &["-n", &fabric, "link", "add", "br0", "type", "bridge"],
+    )?;
+    run("ip", &["-n", &fabric, "link", "set", "br0", "up"])?;
+    let host = config.host_link();
+    run(
+        "ip",
+        &[
+            "link", "add", &host, "type", "veth", "peer", "name", "uplink", "netns", &fabric,
+        ],
+    )?;
+    run(
+        "ip",
+        &[
+            "-n", &fabric, "link", "set", "uplink", "master", "br0", "up",
+        ],
+    )?;
+    run(
+        "ip",
+        &[
+            "addr",
+            "add",
+            &format!("{}/24", mesh.host_ip()),
+            "dev",
+            &host,
+        ],
+    )?;
+    run("ip", &["link", "set", &host, "up"])?;
+    for (i, node) in config.nodes.iter().enumerate() {
+        check_cancel(cancel)?;
+        let ns = config.node_ns(node);
+        net::add_namespace(&ns)?;
+        let port = format!("n{i}");
+        run(
+            "ip",
+            &[
+                "-n", &fabric, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+                "netns", &ns,
+            ],
+        )?;
+        run(
+            "ip",
+            &["-n", &fabric, "link", "set", &port, "master", "br0", "up"],
+        )?;
+        run(
+            "ip",
+            &[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", mesh.node_ip(i)),
+                "dev",
+                "eth0",
+            ],
+        )?;
+        run("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
+        run("ip", &["-n", &ns, "link", "add", "cni0", "type", "bridge"])?;
+        run(
+            "ip",
+            &[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", mesh.pod_gateway(i)),
+                "dev",
+                "cni0",
+            ],
+        )?;
+        run("ip", &["-n", &ns, "link", "set", "cni0", "up"])?;
+        run_in(&ns, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        let pod_subnet = |j: usize| format!("{}.{}.{}.0/24", config.base[0], config.base[1], 1 + j);
+        for (j, _) in config.nodes.iter().enumerate().filter(|(j, _)| *j != i) {
+            run(
+                "ip",
+                &[
+                    "-n",
+                    &ns,
+                    "route",
+                    "add",
+                    &pod_subnet(j),
+                    "via",
+                    &mesh.node_ip(j).to_string(),
+                ],
+            )?;
+        }
+        run(
+            "ip",
+            &[
+                "route",
+                "add",
+                &pod_subnet(i),
+                "via",
+                &mesh.node_ip(i).to_string(),
+                "dev",
+                &host,
+            ],
+        )?;
+    }
+    for pod in mesh.pods() {
+        check_cancel(cancel)?;
+        progress(&format!(
+            "creating pod {}/{} on {} ({})",
+            pod.placement.namespace, pod.placement.name, pod.placement.node, pod.placement.ip
+        ));
+        create_pod(config, &mesh, &pod)?;
+    }
+    refresh(config, &mesh)?;
+
+    check_cancel(cancel)?;
+    progress("starting the control plane");
+    for node in &config.nodes {
+        let token = config.run_dir.join("tokens").join(format!("{node}.token"));
+        let secret = format!("{:032x}{:032x}", rand_u128(), rand_u128());
+        write_private(&token, &secret)?;
+    }
+    let addr = config.controlplane_addr();
+    let cp = spawn(
+        config,
+        None,
+        &[
+            "controlplane",
+            "--manifests",
+            &config.manifests_dir().to_string_lossy(),
+            "--listen",
+            &addr.to_string(),
+            "--tls-name",
+            &addr.ip().to_string(),
+            "--ca-dir",
+            &config.run_dir.join("ca").to_string_lossy(),
+            "--node-tokens",
+            &config.run_dir.join("tokens").to_string_lossy(),
+        ],
+        &[],
+        &config.log_file("controlplane", None),
+    )?;
+    write_atomic(&config.controlplane_pid_file(), &cp.to_string())?;
+    let root = config.run_dir.join("ca").join("root-cert.pem");
+    wait_for(
+        cancel,
+        "the control plane",
+        config.log_file("controlplane", None).display(),
+        || root.exists() && TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok(),
+    )?;
+    for (i, node) in config.nodes.iter().enumerate() {
+        check_cancel(cancel)?;
+        progress(&format!("starting {node}: node agent and proxy"));
+        start_node(config, node)?;
+        let ready = SocketAddr::from((mesh.node_ip(i), 15021));
+        wait_for(
+            cancel,
+            &format!("{node}'s proxy"),
+            config.log_file("ztunnel", Some(node)).display(),
+            || http_get(ready, "/healthz/ready").is_some_and(|(s, _)| s == 200),
+        )?;
+    }
+    for pod in mesh.pods() {
+        check_cancel(cancel)?;
+        start_app(config, &pod)?;
+    }
+    Ok(mesh)
+}
+
+fn rand_u128() -> u128 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    let a = h.finish();
+    let mut h2 = std::collections::hash_map::RandomState::new().build_hasher();
+    h2.write_u64(a);
+    (u128::from(a) << 64) | u128::from(h2.finish())
+}
+
+fn write_private(path: &Path, text: &str) -> Result<(), Error> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(format!("writing {}", path.display())))?;
+    f.write_all(format!("{text}\n").as_bytes())
+        .map_err(io(format!("writing {}", path.display())))
+}
+
+fn wait_for(
+    cancel: &AtomicBool,
+    what: &str,
+    logs: impl std::fmt::Display,
+    mut ok: impl FnMut() -> bool,
+) -> Result<(), Error> {
+    let start = Instant::now();
+    while !ok() {
+        check_cancel(cancel)?;
+        if start.elapsed() > Duration::from_secs(60) {
+            return Err(Error::Timeout {
+                what: what.to_owned(),
+                logs: logs.to_string(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// Starts `exe args` (in network namespace `ns` when given) in its own process group, output to
+/// `log`; returns its pid.
+fn spawn(
+    config: &Config,
+    ns: Option<&str>,
+    args: &[&str],
+    env: &[(&str, String)],
+    log: &Path,
+) -> Result<u32, Error> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(io(format!("opening {}", log.display())))?;
+    let err = out
+        .try_clone()
+        .map_err(io("duplicating a log descriptor"))?;
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(&config.exe);
+            c
+        }
+        None => Command::new(&config.exe),
+    };
+    cmd.args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0);
+    let child = cmd.spawn().map_err(|e| Error::Command {
+        command: format!("{} {}", config.exe.display(), args.join(" ")),
+        reason: format!("cannot start it: {e}"),
+    })?;
+    Ok(child.id())
+}
+
+fn start_node(config: &Config, node: &str) -> Result<(), Error> {
+    let ns = config.node_ns(node);
+    let socket = config.run_dir.join(format!("{node}.sock"));
+    let manifests = format!("manifests:{}", config.manifests_dir().display());
+    spawn(
+        config,
+        Some(&ns),
+        &[
+            "node-agent",
+            "--source",
+            &manifests,
+            "--node",
+            node,
+            "--backend",
+            &config.backend,
+            "--zds-socket",
+            &socket.to_string_lossy(),
+        ],
+        &[],
+        &config.log_file("node-agent", Some(node)),
+    )?;
+    let url = format!("https://{}", config.controlplane_addr());
+    let root = config.run_dir.join("ca").join("root-cert.pem");
+    let root = root.to_string_lossy();
+    let token = config.run_dir.join("tokens").join(format!("{node}.token"));
+    spawn(
+        config,
+        Some(&ns),
+        &[
+            "proxy",
+            "--mode",
+            "shared",
+            "--xds-address",
+            &url,
+            "--ca-address",
+            &url,
+            "--xds-root-ca",
+            &root,
+            "--ca-root-ca",
+            &root,
+            "--auth-token",
+            &token.to_string_lossy(),
+            "--inpod-uds",
+            &socket.to_string_lossy(),
+        ],
+        &[
+            ("NODE_NAME", node.to_owned()),
+            ("CONNECTION_TERMINATION_DEADLINE", "2s".to_owned()),
+        ],
+        &config.log_file("ztunnel", Some(node)),
+    )?;
+    Ok(())
+}
+
+fn create_pod(config: &Config, mesh: &Mesh, pod: &PodPlan) -> Result<(), Error> {
+    let p = &pod.placement;
+    let i = mesh.node_index(&p.node).unwrap_or(0);
+    let node_ns = config.node_ns(&p.node);
+    let ns = Mesh::pod_netns(&config.prefix, p);
+    net::add_namespace(&ns)?;
+    let port = format!("p{}", p.ip.octets()[3]);
+    run(
+        "ip",
+        &[
+            "-n", &node_ns, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+            &ns,
+        ],
+    )?;
+    run(
+        "ip",
+        &["-n", &node_ns, "link", "set", &port, "master", "cni0", "up"],
+    )?;
+    run(
+        "ip",
+        &[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{}/24", p.ip),
+            "dev",
+            "eth0",
+        ],
+    )?;
+    run("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
+    run(
+        "ip",
+        &[
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &mesh.pod_gateway(i).to_string(),
+        ],
+    )?;
+    Ok(())
+}
+
+fn start_app(config: &Config, pod: &PodPlan) -> Result<(), Error> {
+    let p = &pod.placement;
+    let ns = Mesh::pod_netns(&config.prefix, p);
+    let log = config
+        .run_dir
+        .join("logs")
+        .join(format!("pod-{}-{}.log", p.namespace, p.name));
+    let mut args: Vec<String> = vec![
+        "local".into(),
+        "app".into(),
+        "--name".into(),
+        p.deployment.clone(),
+    ];
+    match &pod.app {
+        App::Idle => return Ok(()),
+        App::Http { port, upstream } => {
+            args.extend(["--port".into(), port.to_string()]);
+            if let Some(u) = upstream {
+                args.extend(["--upstream".into(), u.clone()]);
+            }
+        }
+        App::Gateway { port, routes } => {
+            args.extend(["--port".into(), port.to_string()]);
+            for (host, url) in routes {
+                args.extend(["--route".into(), format!("{host}={url}")]);
+            }
+        }
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    spawn(config, Some(&ns), &refs, &[], &log)?;
+    Ok(())
+}
+
+/// Rewrites what follows from the documents: the control plane's manifests, the pods' hosts
+/// files and the nodes' service rules.
+fn refresh(config: &Config, mesh: &Mesh) -> Result<(), Error> {
+    write_atomic(
+        &config.manifests_dir().join("mesh.yaml"),
+        &mesh.manifests_yaml(&config.prefix),
+    )?;
+    for pod in mesh.pods() {
+        let ns = Mesh::pod_netns(&config.prefix, &pod.placement);
+        net::write_hosts(&ns, &mesh.hosts_file(&pod.placement.namespace))?;
+    }
+    let rules = mesh.service_rules(SERVICES_CHAIN);
+    for node in &config.nodes {
+        let ns = config.node_ns(node);
+        net::iptables_restore_in(&ns, &rules)?;
+        if run_in(
+            &ns,
+            "iptables",
+            &["-t", "nat", "-C", "PREROUTING", "-j", SERVICES_CHAIN],
+        )
+        .is_err()
+        {
+            run_in(
+                &ns,
+                "iptables",
+                &["-t", "nat", "-A", "PREROUTING", "-j", SERVICES_CHAIN],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Applies documents to the running mesh: new pods are created and started, removed ones
+/// deleted, and everything rewritten.
+pub fn apply(
+    config: &Config,
+    docs: Vec<crate::plan::Doc>,
+    delete: bool,
+    progress: Progress<'_>,
+) -> Result<(), Error> {
+    let mut mesh = load(config)?;
+    let before = mesh.pods();
+    let changes = if delete {
+        mesh.delete(&docs)
+    } else {
+        mesh.apply(docs)
+    };
+    let after = mesh.pods();
+    for gone in before
+        .iter()
+        .filter(|b| !after.iter().any(|a| a.placement == b.placement))
+    {
+        progress(&format!(
+            "deleting pod {}/{}",
+            gone.placement.namespace, gone.placement.name
+        ));
+        net::delete_namespace(&Mesh::pod_netns(&config.prefix, &gone.placement));
+    }
+    let new: Vec<&PodPlan> = after
+        .iter()
+        .filter(|a| !before.iter().any(|b| b.placement == a.placement))
+        .collect();
+    for pod in &new {
+        progress(&format!(
+            "creating pod {}/{} on {} ({})",
+            pod.placement.namespace, pod.placement.name, pod.placement.node, pod.placement.ip
+        ));
+        create_pod(config, &mesh, pod)?;
+    }
+    save(config, &mesh)?;
+    refresh(config, &mesh)?;
+    for pod in new {
+        start_app(config, pod)?;
+    }
+    for c in changes {
+        progress(&c);
+    }
+    Ok(())
+}
+
+/// Changes labels of a namespace (`k=v` sets, `k-` removes).
+pub fn label(
+    config: &Config,
+    ns: &str,
+    changes: &[String],
+    progress: Progress<'_>,
+) -> Result<(), Error> {
+    let mut mesh = load(config)?;
+    let said = mesh.label_namespace(ns, changes).map_err(Error::Usage)?;
+    save(config, &mesh)?;
+    refresh(config, &mesh)?;
+    progress(&said);
+    Ok(())
+}
+
+/// Stops everything and removes every trace: processes, namespaces, links, files.
+pub fn down(config: &Config, progress: Progress<'_>) -> Result<(), Error> {
+    let namespaces = net::namespaces(&config.prefix);
+    // Pods and nodes first (their processes die with them), the fabric last.
+    let (fabric, rest): (Vec<String>, Vec<String>) = namespaces
+        .into_iter()
+        .partition(|n| *n == config.fabric_ns());
+    for ns in rest.iter().chain(fabric.iter()) {
+        progress(&format!("removing {ns}"));
+        net::delete_namespace(ns);
+    }
+    if let Some(pid) = controlplane_alive(config) {
+        progress("stopping the control plane");
+        let _ = run("kill", &["-9", &pid.to_string()]);
+    }
+    if net::host_link_exists(&config.host_link()) {
+        let _ = run("ip", &["link", "del", &config.host_link()]);
+    }
+    if let Ok(entries) = std::fs::read_dir("/etc/netns") {
+        for e in entries.flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{}-", config.prefix))
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    if config.run_dir.exists() {
+        std::fs::remove_dir_all(&config.run_dir)
+            .map_err(io(format!("removing {}", config.run_dir.display())))?;
+    }
+    let left = net::namespaces(&config.prefix);
+    if !left.is_empty() {
+        return Err(Error::Usage(format!(
+            "namespaces could not be removed: {}",
+            left.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// One HTTP GET from this process (host namespace): (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut bytes = Vec::new();
+    s.read_to_end(&mut bytes).ok()?;
+    let a = crate::app::parse_response(&bytes).ok()?;
+    Some((a.status, a.body))
+}
+
+/// The network namespace of a pod named `pod` (`NAME` in `default`, or `NAMESPACE/NAME`; a
+/// Deployment name means its first pod).
+pub fn find_pod(config: &Config, mesh: &Mesh, pod: &str) -> Result<(PodPlan, String), Error> {
+    let (ns, name) = pod.split_once('/').unwrap_or(("default", pod));
+    let plan = mesh.pod(ns, name).ok_or_else(|| {
+        Error::Usage(format!(
+            "no pod {ns}/{name}; pods: {}",
+            mesh.pods()
+                .iter()
+                .map(|p| format!("{}/{}", p.placement.namespace, p.placement.name))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })?;
+    let netns = Mesh::pod_netns(&config.prefix, &plan.placement);
+    Ok((plan, netns))
+}
+
+/// Runs `cmd` inside a pod's network namespace (with its hosts file); returns its exit code.
+pub fn exec(config: &Config, pod: &str, cmd: &[String]) -> Result<i32, Error> {
+    let mesh = load(config)?;
+    let (_, netns) = find_pod(config, &mesh, pod)?;
+    if cmd.is_empty() {
+        return Err(Error::Usage(
+            "nothing to run: ztunnel local exec POD -- CMD...".into(),
+        ));
+    }
+    let status = Command::new("ip")
+        .args(["netns", "exec", &netns])
+        .args(cmd)
+        .status()
+        .map_err(io("running ip netns exec"))?;
+    Ok(status.code().unwrap_or(1))
+}
+
+/// The current view: nodes, proxies' readiness, pods with address, node, capture and
+/// certificate.
+pub fn status(config: &Config) -> Result<String, Error> {
+    let mesh = load(config)?;
+    let mut out = String::new();
+    let cp = controlplane_alive(config);
+    out.push_str(&format!(
+        "control plane: {} at {}\n",
+        cp.map_or("NOT RUNNING".to_owned(), |pid| format!(
+            "running (pid {pid})"
+        )),
+        config.controlplane_addr()
+    ));
+    let mut served: Vec<(String, serde_json::Value)> = Vec::new();
+    for (i, node) in config.nodes.iter().enumerate() {
+        let ready = http_get(SocketAddr::from((mesh.node_ip(i), 15021)), "/healthz/ready");
+        out.push_str(&format!(
+            "node {node} ({}): proxy {}\n",
+            mesh.node_ip(i),
+            match ready {
+                Some((200, _)) => "ready".to_owned(),
+                Some((_, body)) => format!("not ready ({})", body.trim()),
+                None => "NOT RUNNING".to_owned(),
+            }
+        ));
+        if let Some(dump) = admin_dump(config, node) {
+            for p in dump["pods"].as_array().into_iter().flatten() {
+                served.push((node.clone(), p.clone()));
+            }
+        }
+    }
+    out.push_str("pods:\n");
+    for pod in mesh.pods() {
+        let p = &pod.placement;
+        let info = served
+            .iter()
+            .find(|(_, d)| d["namespace"] == p.namespace.as_str() && d["name"] == p.name.as_str());
+        let (captured, cert) = match info {
+            Some((_, d)) => (
+                "captured",
+                d["certificateExpiry"]
+                    .as_str()
+                    .map_or("certificate pending".to_owned(), |e| {
+                        format!("certificate until {e}")
+                    }),
+            ),
+            None => ("not captured", String::new()),
+        };
+        out.push_str(&format!(
+            "  {}/{} on {} at {}: {captured} {cert}\n",
+            p.namespace, p.name, p.node, p.ip
+        ));
+    }
+    out.push_str("services:\n");
+    for s in mesh.services() {
+        out.push_str(&format!(
+            "  {}/{} at {} ports {:?} endpoints {:?}\n",
+            s.namespace, s.name, s.vip, s.ports, s.endpoints
+        ));
+    }
+    Ok(out)
+}
+
+/// The node proxy's `/config_dump` (its admin port listens on the node's loopback).
+pub fn admin_dump(config: &Config, node: &str) -> Option<serde_json::Value> {
+    let out = run_in(
+        &config.node_ns(node),
+        &config.exe.to_string_lossy(),
+        &["local", "get", "http://127.0.0.1:15000/config_dump"],
+    )
+    .ok()?;
+    serde_json::from_str(&out).ok()
+}
+
+/// The log of a part: `ztunnel` or `node-agent` (of `node`, or all nodes), or `controlplane`.
+pub fn logs(config: &Config, part: &str, node: Option<&str>) -> Result<String, Error> {
+    load(config)?;
+    let files: Vec<(String, PathBuf)> = match part {
+        "controlplane" => vec![("controlplane".into(), config.log_file("controlplane", None))],
+        "ztunnel" | "node-agent" => config
+            .nodes
+            .iter()
+            .filter(|n| node.is_none_or(|want| want == n.as_str()))
+            .map(|n| (format!("{part} on {n}"), config.log_file(part, Some(n))))
+            .collect(),
+        other => {
+            return Err(Error::Usage(format!(
+                "no logs for {other:?}: use ztunnel, node-agent or controlplane"
+            )));
+        }
+    };
+    if files.is_empty() {
+        return Err(Error::Usage(format!("no node {:?}", node.unwrap_or(""))));
+    }
+    let mut out = String::new();
+    for (title, file) in files {
+        if out.is_empty() && node.is_some() || part == "controlplane" {
+            out.push_str(&std::fs::read_to_string(&file).unwrap_or_default());
+        } else {
+            out.push_str(&format!("==> {title} <==\n"));
+            out.push_str(&std::fs::read_to_string(&file).unwrap_or_default());
+        }
+    }
+    Ok(out)
+}

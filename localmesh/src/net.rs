@@ -1,0 +1,123 @@
+//! The system side: network namespaces, links, addresses, routes and rules, made with `ip`,
+//! `sysctl` and `iptables-restore`, and processes started in them. Every name starts with the
+//! mesh's prefix, so that teardown can find everything it made (also after a crash).
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use crate::Error;
+
+/// Runs `program args`; its stdout, or an error naming the command and its stderr.
+pub fn run(program: &str, args: &[&str]) -> Result<String, Error> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Error::Command {
+            command: format!("{program} {}", args.join(" ")),
+            reason: format!("cannot run it: {e}"),
+        })?;
+    if !out.status.success() {
+        return Err(Error::Command {
+            command: format!("{program} {}", args.join(" ")),
+            reason: format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `program args` inside network namespace `ns`.
+pub fn run_in(ns: &str, program: &str, args: &[&str]) -> Result<String, Error> {
+    let mut all = vec!["netns", "exec", ns, program];
+    all.extend_from_slice(args);
+    run("ip", &all)
+}
+
+/// Runs `iptables-restore --noflush` with `input` inside `ns`.
+pub fn iptables_restore_in(ns: &str, input: &str) -> Result<(), Error> {
+    use std::io::Write as _;
+    let command = format!("ip netns exec {ns} iptables-restore --noflush");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "iptables-restore", "--noflush"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::Command {
+            command: command.clone(),
+            reason: format!("cannot run it: {e}"),
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(input.as_bytes());
+    }
+    let out = child.wait_with_output().map_err(|e| Error::Command {
+        command: command.clone(),
+        reason: e.to_string(),
+    })?;
+    if !out.status.success() {
+        return Err(Error::Command {
+            command,
+            reason: format!(
+                "{}: {}\ninput:\n{input}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The network namespaces whose names start with `prefix-`.
+pub fn namespaces(prefix: &str) -> Vec<String> {
+    let listed = run("ip", &["netns", "list"]).unwrap_or_default();
+    listed
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(&format!("{prefix}-")))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Creates namespace `name` with its loopback up.
+pub fn add_namespace(name: &str) -> Result<(), Error> {
+    run("ip", &["netns", "add", name])?;
+    run("ip", &["-n", name, "link", "set", "lo", "up"])?;
+    Ok(())
+}
+
+/// Kills every process in namespace `ns` (SIGKILL) and deletes it.
+pub fn delete_namespace(ns: &str) {
+    if let Ok(pids) = run("ip", &["netns", "pids", ns]) {
+        for pid in pids.split_whitespace() {
+            let _ = run("kill", &["-9", pid]);
+        }
+    }
+    let _ = run("ip", &["netns", "del", ns]);
+    let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(ns));
+}
+
+/// Whether link `name` exists in the host namespace.
+pub fn host_link_exists(name: &str) -> bool {
+    run("ip", &["link", "show", name]).is_ok()
+}
+
+/// Writes `/etc/netns/<ns>/hosts`, which `ip netns exec` shows to commands in `ns` as
+/// `/etc/hosts`.
+pub fn write_hosts(ns: &str, text: &str) -> Result<(), Error> {
+    let dir = Path::new("/etc/netns").join(ns);
+    std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
+        what: format!("creating {}", dir.display()),
+        source,
+    })?;
+    // Written in place: `ip netns exec` bind-mounts this very file, so a running app sees
+    // updates only if the file keeps its inode.
+    let path = dir.join("hosts");
+    std::fs::write(&path, text).map_err(|source| Error::Io {
+        what: format!("writing {}", path.display()),
+        source,
+    })
+}

@@ -1,0 +1,454 @@
+//! The ambient walkthrough, replayed on a local mesh with real traffic, each step checked:
+//!
+//! 1. `sleep`, `notsleep`, `web-api` -> `recommendation` -> `purchase-history` in `default`, and
+//!    an ingress gateway in `istio-system`, on two nodes; not in the mesh yet (calls go direct).
+//! 2. `label namespace default istio.io/dataplane-mode=ambient`: the node agents add each pod to
+//!    ambient; no app restarts (same PIDs).
+//! 3. `sleep` calls `http://web-api:8080/` 100 times: all succeed through the chain; both nodes'
+//!    access logs show the SPIFFE identities; the L4 metrics count the bytes.
+//! 4. `allow-nothing`: the calls fail, and so does the request through the gateway.
+//! 5. The three ALLOW policies: `sleep` and the gateway get through again, `notsleep` is denied,
+//!    and the proxy logs the denial with the source identity and why.
+//!
+//! Everything is made at the start and removed at the end, whatever happened.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use crate::mesh::{self, Progress};
+use crate::plan::{Mesh, parse_docs};
+use crate::{Config, Error};
+
+/// The walkthrough's workloads.
+pub const APPS: &str = include_str!("../../examples/ambient-walkthrough/apps.yaml");
+/// Step 4's policy.
+pub const ALLOW_NOTHING: &str =
+    include_str!("../../examples/ambient-walkthrough/allow-nothing.yaml");
+/// Step 5's policies.
+pub const ALLOW_CHAIN: &str = include_str!("../../examples/ambient-walkthrough/allow-chain.yaml");
+
+const SLEEP_ID: &str = "spiffe://cluster.local/ns/default/sa/sleep";
+const NOTSLEEP_ID: &str = "spiffe://cluster.local/ns/default/sa/notsleep";
+const WEB_API_ID: &str = "spiffe://cluster.local/ns/default/sa/web-api";
+const CHAIN: &str = "web-api -> recommendation -> purchase-history\n";
+
+/// Runs the whole walkthrough; the mesh is removed at the end in every case.
+pub fn run(config: &Config, cancel: &AtomicBool, out: Progress<'_>) -> Result<(), Error> {
+    let started = Instant::now();
+    let result = steps(config, cancel, out);
+    out("removing the mesh");
+    let removed = mesh::down(config, &mut |_| {});
+    match (&result, removed) {
+        (Ok(()), Ok(())) => out(&format!(
+            "tutorial OK: every step observed as expected ({:.0} s)",
+            started.elapsed().as_secs_f64()
+        )),
+        (Ok(()), Err(e)) => return Err(e),
+        (Err(_), _) => {}
+    }
+    result
+}
+
+/// One in-pod HTTP exchange's outcome: status, or why there was none.
+type Outcome = Result<crate::app::Answer, String>;
+
+/// Sends `n` GETs of `url` (`host` as the Host header) from inside pod `pod`'s network
+/// namespace, sequentially.
+fn from_pod(
+    config: &Config,
+    mesh: &Mesh,
+    pod: &str,
+    target: SocketAddr,
+    host: &str,
+    n: usize,
+) -> Result<Vec<Outcome>, Error> {
+    let (_, netns) = mesh::find_pod(config, mesh, pod)?;
+    let path = format!("/var/run/netns/{netns}");
+    let host = host.to_owned();
+    let worker = std::thread::spawn(move || -> Result<Vec<Outcome>, String> {
+        let file = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("entering {path}: {e}"))?;
+        Ok((0..n).map(|_| blocking_get(target, &host)).collect())
+    });
+    worker
+        .join()
+        .map_err(|_| Error::Usage("the in-pod client panicked".into()))?
+        .map_err(Error::Usage)
+}
+
+fn blocking_get(target: SocketAddr, host: &str) -> Outcome {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(3))
+        .map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(crate::app::request(host, "/").as_bytes())
+        .map_err(|e| format!("send: {e}"))?;
+    let mut bytes = Vec::new();
+    s.read_to_end(&mut bytes)
+        .map_err(|e| format!("receive: {e}"))?;
+    crate::app::parse_response(&bytes)
+}
+
+fn ok_count(outcomes: &[Outcome]) -> usize {
+    outcomes
+        .iter()
+        .filter(|o| matches!(o, Ok(a) if a.status == 200 && a.body == CHAIN))
+        .count()
+}
+
+fn first_failure(outcomes: &[Outcome]) -> String {
+    outcomes
+        .iter()
+        .find_map(|o| match o {
+            Ok(a) if a.status == 200 && a.body == CHAIN => None,
+            Ok(a) => Some(format!("HTTP {}: {}", a.status, a.body.trim())),
+            Err(e) => Some(e.clone()),
+        })
+        .unwrap_or_else(|| "none".into())
+}
+
+/// Polls `f` for up to 20 s until it is true (a policy push takes a moment to arrive).
+fn eventually(mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+fn service_addr(mesh: &Mesh, ns: &str, name: &str, port: u16) -> Result<SocketAddr, Error> {
+    mesh.services()
+        .iter()
+        .find(|s| s.namespace == ns && s.name == name)
+        .map(|s| SocketAddr::from((s.vip, port)))
+        .ok_or_else(|| Error::Usage(format!("no service {ns}/{name}")))
+}
+
+fn app_pids(config: &Config, mesh: &Mesh) -> Vec<(String, String)> {
+    mesh.pods()
+        .iter()
+        .filter(|p| p.placement.namespace == "default")
+        .map(|p| {
+            let ns = Mesh::pod_netns(&config.prefix, &p.placement);
+            let pids = crate::net::run("ip", &["netns", "pids", &ns]).unwrap_or_default();
+            (
+                p.placement.name.clone(),
+                pids.split_whitespace().collect::<Vec<_>>().join(","),
+            )
+        })
+        .collect()
+}
+
+fn log_lines(config: &Config, part: &str, node: &str, all: &[&str]) -> Vec<String> {
+    std::fs::read_to_string(config.log_file(part, Some(node)))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| all.iter().all(|w| l.contains(w)))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn check(step: u8, ok: bool, what: impl FnOnce() -> String) -> Result<(), Error> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Check { step, what: what() })
+    }
+}
+
+fn steps(config: &Config, cancel: &AtomicBool, out: Progress<'_>) -> Result<(), Error> {
+    out("step 1: two nodes, the walkthrough's workloads, not in the mesh yet");
+    let docs = parse_docs(APPS, "examples/ambient-walkthrough/apps.yaml")?;
+    let mesh = mesh::up(config, docs, cancel, out)?;
+    for p in mesh.pods() {
+        out(&format!(
+            "  pod {}/{} on {} at {} (service account {})",
+            p.placement.namespace,
+            p.placement.name,
+            p.placement.node,
+            p.placement.ip,
+            p.service_account
+        ));
+    }
+    let gateway = mesh
+        .pod("istio-system", "istio-ingressgateway")
+        .ok_or_else(|| Error::Usage("no gateway pod".into()))?;
+    let gateway_addr = SocketAddr::from((gateway.placement.ip, 80));
+    out(&format!("  GATEWAY_IP={}", gateway.placement.ip));
+    let web_api = service_addr(&mesh, "default", "web-api", 8080)?;
+    // The apps have just started: wait for the chain to answer once.
+    eventually(|| {
+        from_pod(config, &mesh, "sleep", web_api, "web-api", 1).is_ok_and(|o| ok_count(&o) == 1)
+    });
+    let direct = from_pod(config, &mesh, "sleep", web_api, "web-api", 5)?;
+    out(&format!(
+        "  sleep -> http://web-api:8080/ outside the mesh: {}/5 answered \"{}\"",
+        ok_count(&direct),
+        CHAIN.trim()
+    ));
+    check(1, ok_count(&direct) == 5, || {
+        format!("calls outside the mesh failed: {}", first_failure(&direct))
+    })?;
+    let pids_before = app_pids(config, &mesh);
+
+    out("step 2: ztunnel local label namespace default istio.io/dataplane-mode=ambient");
+    mesh::label(
+        config,
+        "default",
+        &["istio.io/dataplane-mode=ambient".into()],
+        &mut |_| {},
+    )?;
+    let default_pods: Vec<_> = mesh
+        .pods()
+        .into_iter()
+        .filter(|p| p.placement.namespace == "default")
+        .collect();
+    let all_added = eventually(|| {
+        default_pods.iter().all(|p| {
+            !log_lines(
+                config,
+                "node-agent",
+                &p.placement.node,
+                &[&format!("Adding pod '{}/default'", p.placement.name)],
+            )
+            .is_empty()
+        }) && config.nodes.iter().all(|n| {
+            mesh::admin_dump(config, n).is_some_and(|d| {
+                d["pods"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .all(|p| p["certificateExpiry"].is_string())
+            })
+        })
+    });
+    for p in &default_pods {
+        for line in log_lines(
+            config,
+            "node-agent",
+            &p.placement.node,
+            &[&format!("Adding pod '{}/default'", p.placement.name)],
+        )
+        .iter()
+        .take(1)
+        {
+            out(&format!("  {}: {}", p.placement.node, excerpt(line)));
+        }
+    }
+    check(2, all_added, || {
+        "not every pod was added to ambient within 20 s".into()
+    })?;
+    let pids_after = app_pids(config, &mesh);
+    out(&format!(
+        "  app processes unchanged (no restart): {}",
+        pids_before == pids_after
+    ));
+    check(2, pids_before == pids_after, || {
+        format!("app processes changed: {pids_before:?} -> {pids_after:?}")
+    })?;
+
+    out("step 3: sleep sends 100 requests to http://web-api:8080/");
+    let web_node = mesh
+        .pod("default", "web-api")
+        .map(|p| p.placement.node)
+        .unwrap_or_default();
+    let sleep_node = mesh
+        .pod("default", "sleep")
+        .map(|p| p.placement.node)
+        .unwrap_or_default();
+    let ready = eventually(|| {
+        from_pod(config, &mesh, "sleep", web_api, "web-api", 1).is_ok_and(|o| ok_count(&o) == 1)
+    });
+    let outcomes = from_pod(config, &mesh, "sleep", web_api, "web-api", 100)?;
+    out(&format!(
+        "  {}/100 succeeded: \"{}\"",
+        ok_count(&outcomes),
+        CHAIN.trim()
+    ));
+    check(3, ready && ok_count(&outcomes) == 100, || {
+        format!(
+            "{}/100 succeeded; first failure: {}",
+            ok_count(&outcomes),
+            first_failure(&outcomes)
+        )
+    })?;
+    let lines = |node: &str, direction: &str| {
+        let direction = format!("direction=\"{direction}\"");
+        log_lines(config, "ztunnel", node, &[&direction, SLEEP_ID, WEB_API_ID])
+    };
+    // A connection is logged when it ends, a moment after the client saw its answer.
+    eventually(|| {
+        lines(&sleep_node, "outbound").len() >= 100 && lines(&web_node, "inbound").len() >= 100
+    });
+    let client_side = lines(&sleep_node, "outbound");
+    let server_side = lines(&web_node, "inbound");
+    out(&format!(
+        "  {sleep_node} access log ({} lines), e.g.: {}",
+        client_side.len(),
+        client_side.first().map(|l| excerpt(l)).unwrap_or_default()
+    ));
+    out(&format!(
+        "  {web_node} access log ({} lines), e.g.: {}",
+        server_side.len(),
+        server_side.first().map(|l| excerpt(l)).unwrap_or_default()
+    ));
+    check(
+        3,
+        client_side.len() >= 100 && server_side.len() >= 100,
+        || {
+            format!(
+                "access logs: {} outbound lines on {sleep_node}, {} inbound on {web_node}",
+                client_side.len(),
+                server_side.len()
+            )
+        },
+    )?;
+    let i = mesh.node_index(&web_node).unwrap_or(0);
+    let metrics = mesh::http_get(SocketAddr::from((mesh.node_ip(i), 15020)), "/metrics")
+        .map(|(_, body)| body)
+        .unwrap_or_default();
+    let counted: Vec<&str> = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("istio_tcp_")
+                && l.contains("reporter=\"destination\"")
+                && l.contains("source_workload=\"sleep\"")
+                && l.contains("destination_workload=\"web-api\"")
+                && (l.contains("bytes_total") || l.contains("opened_total"))
+        })
+        .collect();
+    for l in &counted {
+        out(&format!("  {web_node} metric: {l}"));
+    }
+    let value = |name: &str| {
+        counted
+            .iter()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    check(
+        3,
+        value("istio_tcp_received_bytes_total") > 0
+            && value("istio_tcp_sent_bytes_total") > 0
+            && value("istio_tcp_connections_opened_total") >= 100,
+        || format!("metrics do not count the traffic: {counted:?}"),
+    )?;
+
+    out("step 4: ztunnel local apply -f allow-nothing.yaml");
+    mesh::apply(
+        config,
+        parse_docs(ALLOW_NOTHING, "allow-nothing.yaml")?,
+        false,
+        &mut |_| {},
+    )?;
+    let denied = eventually(|| {
+        from_pod(config, &mesh, "sleep", web_api, "web-api", 1).is_ok_and(|o| ok_count(&o) == 0)
+    });
+    let outcomes = from_pod(config, &mesh, "sleep", web_api, "web-api", 100)?;
+    out(&format!(
+        "  sleep -> web-api: {}/100 succeeded (denied: {})",
+        ok_count(&outcomes),
+        first_failure(&outcomes)
+    ));
+    check(4, denied && ok_count(&outcomes) == 0, || {
+        format!("{}/100 still succeeded", ok_count(&outcomes))
+    })?;
+    let through_gateway = gateway_get(gateway_addr);
+    out(&format!(
+        "  curl -H \"Host: istioexplained.io\" http://{}/ -> {}",
+        gateway.placement.ip,
+        describe(&through_gateway)
+    ));
+    check(
+        4,
+        !matches!(&through_gateway, Ok(a) if a.status == 200),
+        || "the gateway still reached web-api".into(),
+    )?;
+
+    out(
+        "step 5: ztunnel local apply -f allow-chain.yaml (web-api from sleep and the gateway, the chain)",
+    );
+    mesh::apply(
+        config,
+        parse_docs(ALLOW_CHAIN, "allow-chain.yaml")?,
+        false,
+        &mut |_| {},
+    )?;
+    let allowed = eventually(|| {
+        from_pod(config, &mesh, "sleep", web_api, "web-api", 1).is_ok_and(|o| ok_count(&o) == 1)
+    });
+    let outcomes = from_pod(config, &mesh, "sleep", web_api, "web-api", 100)?;
+    out(&format!(
+        "  sleep -> web-api: {}/100 succeeded",
+        ok_count(&outcomes)
+    ));
+    check(5, allowed && ok_count(&outcomes) == 100, || {
+        format!(
+            "{}/100 succeeded; first failure: {}",
+            ok_count(&outcomes),
+            first_failure(&outcomes)
+        )
+    })?;
+    let through_gateway = gateway_get(gateway_addr);
+    out(&format!(
+        "  curl -H \"Host: istioexplained.io\" http://{}/ -> {}",
+        gateway.placement.ip,
+        describe(&through_gateway)
+    ));
+    check(
+        5,
+        matches!(&through_gateway, Ok(a) if a.status == 200 && a.body == CHAIN),
+        || format!("the gateway: {}", describe(&through_gateway)),
+    )?;
+    let outcomes = from_pod(config, &mesh, "notsleep", web_api, "web-api", 20)?;
+    out(&format!(
+        "  notsleep -> web-api: {}/20 succeeded",
+        ok_count(&outcomes)
+    ));
+    check(5, ok_count(&outcomes) == 0, || {
+        "notsleep got through".into()
+    })?;
+    let denial = log_lines(
+        config,
+        "ztunnel",
+        &web_node,
+        &["connection denied by policy", NOTSLEEP_ID],
+    );
+    out(&format!(
+        "  {web_node}: {}",
+        denial.first().map(|l| excerpt(l)).unwrap_or_default()
+    ));
+    check(5, !denial.is_empty(), || {
+        "no denial logged for notsleep".into()
+    })?;
+    Ok(())
+}
+
+fn gateway_get(addr: SocketAddr) -> Outcome {
+    blocking_get(addr, "istioexplained.io")
+}
+
+fn describe(o: &Outcome) -> String {
+    match o {
+        Ok(a) => format!("HTTP {} {}", a.status, a.body.trim()),
+        Err(e) => format!("failed: {e}"),
+    }
+}
+
+/// A log line without its timestamp, shortened.
+fn excerpt(line: &str) -> String {
+    let text = line.split_once("Z ").map_or(line, |(_, rest)| rest).trim();
+    if text.chars().count() > 400 {
+        format!("{}...", text.chars().take(400).collect::<String>())
+    } else {
+        text.to_owned()
+    }
+}
