@@ -125,6 +125,7 @@ pub fn up(
     cancel: &AtomicBool,
     progress: Progress<'_>,
 ) -> Result<Mesh, Error> {
+    net::preflight(&config.backend, progress)?;
     if config.state_file().exists() && controlplane_alive(config).is_some() {
         return Err(Error::AlreadyRunning {
             run_dir: config.run_dir.clone(),
@@ -255,7 +256,7 @@ fn build(
             ],
         )?;
         run("ip", &["-n", &ns, "link", "set", "cni0", "up"])?;
-        run_in(&ns, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        net::enable_forwarding(&ns)?;
         let pod_subnet = |j: usize| format!("{}.{}.{}.0/24", config.base[0], config.base[1], 1 + j);
         for (j, _) in config.nodes.iter().enumerate().filter(|(j, _)| *j != i) {
             run(

@@ -121,3 +121,85 @@ pub fn write_hosts(ns: &str, text: &str) -> Result<(), Error> {
         source,
     })
 }
+
+/// Turns on IPv4 forwarding inside namespace `ns` (a node routes for its pods), writing its
+/// `/proc/sys` from a thread that entered the namespace (no `sysctl` binary needed).
+pub fn enable_forwarding(ns: &str) -> Result<(), Error> {
+    let path = format!("/var/run/netns/{ns}");
+    let worker = std::thread::spawn(move || -> Result<(), String> {
+        let file = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("entering {path}: {e}"))?;
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+            .map_err(|e| format!("enabling forwarding: {e}"))
+    });
+    worker
+        .join()
+        .map_err(|_| Error::Usage("the forwarding thread panicked".into()))?
+        .map_err(|reason| Error::Command {
+            command: format!("net.ipv4.ip_forward=1 in {ns}"),
+            reason,
+        })
+}
+
+/// Whether `tool` is an executable on `PATH`.
+pub fn have(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+}
+
+/// Checks what the mesh needs before anything is made: root, and the tools (`ip`, and the
+/// capture and service rules' `iptables-restore` or `nft`). Missing packages are installed with
+/// `apt-get` when it is there (saying so), else named in the error.
+pub fn preflight(backend: &str, progress: &mut dyn FnMut(&str)) -> Result<(), Error> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let root = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        == Some("0");
+    if !root {
+        return Err(Error::Usage(
+            "the local mesh needs root (it makes network namespaces, links, routes and rules): run it with sudo".into(),
+        ));
+    }
+    let mut tools = vec![("ip", "iproute2"), ("iptables-restore", "iptables")];
+    if backend == "nftables" {
+        tools.push(("nft", "nftables"));
+    }
+    let missing: Vec<&str> = tools
+        .iter()
+        .filter(|(tool, _)| !have(tool))
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !have("apt-get") {
+        return Err(Error::Usage(format!(
+            "missing tools; install the packages {} first",
+            missing.join(" ")
+        )));
+    }
+    progress(&format!("installing {} (apt-get)", missing.join(" ")));
+    run("apt-get", &["update", "-qq"])?;
+    let mut args = vec!["install", "-y", "-qq"];
+    args.extend(&missing);
+    let out = Command::new("apt-get")
+        .args(&args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Error::Command {
+            command: format!("apt-get {}", args.join(" ")),
+            reason: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(Error::Command {
+            command: format!("apt-get {}", args.join(" ")),
+            reason: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(())
+}

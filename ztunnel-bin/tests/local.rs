@@ -1,0 +1,310 @@
+//! `ztunnel local` (root needed: it makes network namespaces, links and routes). Each test runs
+//! its own mesh under its own prefix, subnet and run directory, so they run in parallel without
+//! meeting, and each checks that nothing of it is left afterwards.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{run, ztunnel};
+
+/// One test's mesh; `down` on drop, whatever happened.
+struct Local {
+    prefix: String,
+    subnet: String,
+    run_dir: PathBuf,
+}
+
+impl Local {
+    fn new(n: u8) -> Self {
+        let uid = Command::new("id").arg("-u").output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&uid.stdout).trim(),
+            "0",
+            "this test needs root (CI runs as root)"
+        );
+        Local {
+            prefix: format!("zt{n}"),
+            subnet: format!("10.{}", 240 + n),
+            run_dir: std::env::temp_dir().join(format!("ztunnel-local-{}-{n}", std::process::id())),
+        }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = ztunnel();
+        c.arg("local")
+            .args(["--prefix", &self.prefix, "--subnet", &self.subnet])
+            .arg("--run-dir")
+            .arg(&self.run_dir)
+            .args(args);
+        c
+    }
+
+    /// Runs a verb; (success, stdout, stderr).
+    fn run(&self, args: &[&str]) -> (bool, String, String) {
+        let out = self.cmd(args).stdin(Stdio::null()).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn up(&self) {
+        let (ok, _, err) = self.run(&["up"]);
+        assert!(ok, "up failed: {err}");
+    }
+
+    /// In-pod GET through `ztunnel local exec POD -- ztunnel local get URL`.
+    fn get(&self, pod: &str, url: &str) -> (bool, String) {
+        let exe = ztunnel().get_program().to_owned();
+        let (ok, out, err) = self.run(&[
+            "exec",
+            pod,
+            "--",
+            &exe.to_string_lossy(),
+            "local",
+            "get",
+            url,
+        ]);
+        (ok, if ok { out } else { err })
+    }
+
+    /// Everything of this mesh that exists on the machine.
+    fn traces(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        let p = format!("{}-", self.prefix);
+        let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+        for l in String::from_utf8_lossy(&netns.stdout).lines() {
+            if l.starts_with(&p) {
+                found.push(format!("netns {l}"));
+            }
+        }
+        let links = Command::new("ip")
+            .args(["-o", "link", "show"])
+            .output()
+            .unwrap();
+        for l in String::from_utf8_lossy(&links.stdout).lines() {
+            if l.contains(&format!(": {p}")) {
+                found.push(format!("link {l}"));
+            }
+        }
+        let routes = Command::new("ip").args(["route", "show"]).output().unwrap();
+        for l in String::from_utf8_lossy(&routes.stdout).lines() {
+            if l.starts_with(&format!("{}.", self.subnet)) {
+                found.push(format!("route {l}"));
+            }
+        }
+        for (tool, args) in [("iptables-save", vec![]), ("nft", vec!["list", "ruleset"])] {
+            if let Ok(out) = Command::new(tool).args(&args).output() {
+                if String::from_utf8_lossy(&out.stdout).contains(&format!("{}.", self.subnet)) {
+                    found.push(format!("host {tool} rules mention {}", self.subnet));
+                }
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir("/etc/netns") {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&p) {
+                    found.push(format!("/etc/netns/{}", e.file_name().to_string_lossy()));
+                }
+            }
+        }
+        if self.run_dir.exists() {
+            found.push(format!("run directory {}", self.run_dir.display()));
+        }
+        for proc_dir in std::fs::read_dir("/proc").unwrap().flatten() {
+            let cmdline = std::fs::read(proc_dir.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(&*self.run_dir.to_string_lossy()) && !cmdline.contains(" local ") {
+                found.push(format!("process {cmdline}"));
+            }
+        }
+        found
+    }
+
+    fn wait(&self, what: &str, mut ok: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !ok() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "timed out: {what}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        let _ = self
+            .cmd(&["down"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+#[test]
+fn the_tutorial_passes_every_step_and_leaves_nothing_behind() {
+    let mesh = Local::new(1);
+    let start = Instant::now();
+    let (ok, out, err) = mesh.run(&["tutorial"]);
+    assert!(ok, "tutorial failed:\n{out}\n{err}");
+    for expected in [
+        "step 1:",
+        "step 2:",
+        "Adding pod 'web-api-0/default'",
+        "app processes unchanged (no restart): true",
+        "100/100 succeeded",
+        "sleep -> web-api: 0/100 succeeded",
+        "HTTP 502",
+        "HTTP 200 web-api -> recommendation -> purchase-history",
+        "notsleep -> web-api: 0/20 succeeded",
+        "connection denied by policy",
+        "istio_tcp_received_bytes_total{",
+        "tutorial OK",
+    ] {
+        assert!(out.contains(expected), "{expected:?} missing in:\n{out}");
+    }
+    eprintln!("tutorial took {:?}", start.elapsed());
+    assert_eq!(mesh.traces(), Vec::<String>::new());
+}
+
+#[test]
+fn up_and_down_leave_no_trace_and_a_second_up_is_refused() {
+    let mesh = Local::new(2);
+    assert_eq!(mesh.traces(), Vec::<String>::new());
+    mesh.up();
+    assert!(!mesh.traces().is_empty());
+    let (ok, out, _) = mesh.run(&["status"]);
+    assert!(
+        ok && out.contains("node node-a") && out.contains("proxy ready"),
+        "{out}"
+    );
+    let (ok, _, err) = mesh.run(&["up"]);
+    assert!(!ok && err.contains("already running"), "{err}");
+    let (ok, _, err) = mesh.run(&["down"]);
+    assert!(ok, "{err}");
+    assert_eq!(mesh.traces(), Vec::<String>::new());
+    // Verbs without a mesh say so.
+    let (ok, _, err) = mesh.run(&["status"]);
+    assert!(!ok && err.contains("no local mesh is running"), "{err}");
+}
+
+#[test]
+fn ctrl_c_during_up_removes_what_was_made() {
+    let mesh = Local::new(3);
+    let mut child = mesh
+        .cmd(&["up"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "up ended early: {seen}"
+        );
+        seen.push_str(&line);
+        if line.contains("creating pod") {
+            break;
+        }
+    }
+    assert!(run("kill", &["-INT", &child.id().to_string()]));
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    assert!(rest.contains("interrupted"), "{seen}{rest}");
+    assert_eq!(mesh.traces(), Vec::<String>::new());
+}
+
+#[test]
+fn down_works_after_the_proxy_and_the_control_plane_were_killed() {
+    let mesh = Local::new(4);
+    mesh.up();
+    let node_ns = format!("{}-node-a", mesh.prefix);
+    let pids = Command::new("ip")
+        .args(["netns", "pids", &node_ns])
+        .output()
+        .unwrap();
+    let mut killed = 0;
+    for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains("proxy") {
+            assert!(run("kill", &["-9", pid]));
+            killed += 1;
+        }
+    }
+    assert_eq!(killed, 1, "node-a's proxy");
+    let cp = std::fs::read_to_string(mesh.run_dir.join("controlplane.pid")).unwrap();
+    assert!(run("kill", &["-9", cp.trim()]));
+    let (ok, _, err) = mesh.run(&["down"]);
+    assert!(ok, "{err}");
+    assert_eq!(mesh.traces(), Vec::<String>::new());
+}
+
+#[test]
+fn labelling_back_releases_the_pods_without_restarting_them() {
+    let mesh = Local::new(5);
+    mesh.up();
+    let web_pids = || {
+        let ns = format!("{}-pod-default-web-api-0", mesh.prefix);
+        let out = Command::new("ip")
+            .args(["netns", "pids", &ns])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let before = web_pids();
+    assert!(!before.is_empty());
+    let captured = |pod: &str| {
+        let (_, out, _) = mesh.run(&["status"]);
+        out.lines()
+            .any(|l| l.contains(&format!("default/{pod}-0 ")) && l.contains(": captured"))
+    };
+    let (ok, _, err) = mesh.run(&[
+        "label",
+        "namespace",
+        "default",
+        "istio.io/dataplane-mode=ambient",
+    ]);
+    assert!(ok, "{err}");
+    mesh.wait("sleep and web-api captured", || {
+        captured("sleep") && captured("web-api")
+    });
+    let (ok, body) = mesh.get("sleep", "http://web-api:8080/");
+    assert!(ok && body.contains("purchase-history"), "{body}");
+    let (_, logs, _) = mesh.run(&["logs", "ztunnel", "--node", "node-b"]);
+    assert!(
+        logs.contains("spiffe://cluster.local/ns/default/sa/sleep"),
+        "the call was not tunneled"
+    );
+
+    let (ok, _, err) = mesh.run(&["label", "namespace", "default", "istio.io/dataplane-mode-"]);
+    assert!(ok, "{err}");
+    mesh.wait("sleep and web-api released", || {
+        !captured("sleep") && !captured("web-api")
+    });
+    let (_, agent, _) = mesh.run(&["logs", "node-agent"]);
+    assert!(
+        agent.contains("Removing pod 'web-api-0/default'"),
+        "{agent}"
+    );
+    let (ok, body) = mesh.get("sleep", "http://web-api:8080/");
+    assert!(
+        ok && body.contains("purchase-history"),
+        "direct call after release: {body}"
+    );
+    assert_eq!(web_pids(), before, "the app restarted");
+    let (ok, _, err) = mesh.run(&["down"]);
+    assert!(ok, "{err}");
+    assert_eq!(mesh.traces(), Vec::<String>::new());
+}
