@@ -99,10 +99,10 @@ impl Local {
             }
         }
         for (tool, args) in [("iptables-save", vec![]), ("nft", vec!["list", "ruleset"])] {
-            if let Ok(out) = Command::new(tool).args(&args).output() {
-                if String::from_utf8_lossy(&out.stdout).contains(&format!("{}.", self.subnet)) {
-                    found.push(format!("host {tool} rules mention {}", self.subnet));
-                }
+            if let Ok(out) = Command::new(tool).args(&args).output()
+                && String::from_utf8_lossy(&out.stdout).contains(&format!("{}.", self.subnet))
+            {
+                found.push(format!("host {tool} rules mention {}", self.subnet));
             }
         }
         if let Ok(entries) = std::fs::read_dir("/etc/netns") {
