@@ -693,6 +693,34 @@ impl Mesh {
     }
 }
 
+/// The body of the `local_manifests` fuzz target (also run over its seed corpus by `cargo
+/// test`): any text either is refused with an error or becomes a mesh whose pods, services,
+/// manifests, hosts files and rules can all be computed without panicking, and whose rendered
+/// manifests are YAML again.
+#[doc(hidden)]
+pub fn fuzz_manifests(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(docs) = parse_docs(text, "fuzz") else {
+        return;
+    };
+    let mut mesh = Mesh::new([10, 250], &["node-a", "node-b"]);
+    mesh.apply(docs.clone());
+    let _ = mesh.label_namespace("default", &["istio.io/dataplane-mode=ambient".into()]);
+    let rendered = mesh.manifests_yaml("zl");
+    for doc in serde_yaml::Deserializer::from_str(&rendered) {
+        <Value as serde::Deserialize>::deserialize(doc).expect("rendered manifests are YAML");
+    }
+    let _ = mesh.hosts_file("default");
+    let _ = mesh.service_rules("ZL-SERVICES");
+    mesh.delete(&docs);
+    assert!(
+        mesh.pods().is_empty(),
+        "deleting every document leaves no pod"
+    );
+}
+
 fn yaml_str(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_default()
 }

@@ -37,6 +37,10 @@ const CHAIN: &str = "web-api -> recommendation -> purchase-history\n";
 pub fn run(config: &Config, cancel: &AtomicBool, out: Progress<'_>) -> Result<(), Error> {
     let started = Instant::now();
     let result = steps(config, cancel, out);
+    if let Err(Error::AlreadyRunning { .. }) = &result {
+        // Someone else's mesh: leave it alone.
+        return result;
+    }
     out("removing the mesh");
     let removed = mesh::down(config, &mut |_| {});
     match (&result, removed) {

@@ -186,6 +186,11 @@ fn up_and_down_leave_no_trace_and_a_second_up_is_refused() {
     );
     let (ok, _, err) = mesh.run(&["up"]);
     assert!(!ok && err.contains("already running"), "{err}");
+    // The tutorial refuses too, and leaves the running mesh alone.
+    let (ok, _, err) = mesh.run(&["tutorial"]);
+    assert!(!ok && err.contains("already running"), "{err}");
+    let (ok, out, _) = mesh.run(&["status"]);
+    assert!(ok && out.contains("proxy ready"), "{out}");
     let (ok, _, err) = mesh.run(&["down"]);
     assert!(ok, "{err}");
     assert_eq!(mesh.traces(), Vec::<String>::new());
