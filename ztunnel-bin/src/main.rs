@@ -8,6 +8,13 @@ mod cmd;
 
 use clap::Parser;
 
+/// jemalloc instead of glibc's malloc: the data path allocates and frees buffers of tens of KiB
+/// all the time, and glibc handed that memory back to the kernel and faulted it in again on
+/// every reuse (a fifth of the server side's cycles under iperf3). jemalloc keeps it for a
+/// while; mimalloc did too but cost 15 MiB more idle RSS (BENCHMARKS.md, issue 12).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
     let log_control = init_logging(&cli.log_level, cli.log_format == "json");

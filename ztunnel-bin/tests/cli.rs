@@ -367,3 +367,54 @@ fn policy_check_and_lint_speak_in_exit_codes() {
         "{stdout}"
     );
 }
+
+#[test]
+fn proxy_configuration_is_validated_at_start_naming_the_flag() {
+    // (environment, flags, the flag the error must name)
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a str);
+    let cases: [Case<'_>; 7] = [
+        (
+            &[("PACKET_MARK", "zz")],
+            &["--mode", "dedicated"],
+            "--packet-mark",
+        ),
+        (&[("PROXY_MODE", "weird")], &[], "--mode"),
+        (&[("HTTP2_FRAME_SIZE", "10")], &[], "--http2-frame-size"),
+        (&[("LOG_FORMAT", "xml")], &[], "--log-format"),
+        (&[("SECRET_TTL", "forever")], &[], "--secret-ttl"),
+        (
+            &[],
+            &["--inpod-uds", "/nonexistent/z.sock"],
+            "--xds-address",
+        ),
+        (
+            &[],
+            &[
+                "--mode",
+                "dedicated",
+                "--workload",
+                "default/a/a",
+                "--ca-dir",
+                "/tmp/x",
+            ],
+            "--ca-dir",
+        ),
+    ];
+    for (env, args, flag) in cases {
+        let out = ztunnel()
+            .arg("proxy")
+            .args(args)
+            .envs(env.iter().copied())
+            .env_remove("XDS_ADDRESS")
+            .env_remove("LOCAL_MANIFESTS")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{env:?} {args:?}: {stderr}");
+        assert!(
+            stderr.contains(flag),
+            "{env:?} {args:?} should name {flag}: {stderr}"
+        );
+    }
+}

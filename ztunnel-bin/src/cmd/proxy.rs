@@ -198,8 +198,8 @@ async fn run_shared(
 ) -> Result<(), Error> {
     let root_namespace = compute_config(&args).root_namespace;
     let store = Arc::new(StateStore::new(State::new(&root_namespace)));
-    let certs = Arc::new(certificates(&args)?);
     state_source(&args, &store)?;
+    let certs = Arc::new(certificates(&args)?);
     let mut config = SharedConfig::new(&args.node_name, &args.trust_domain);
     config.mark = Some(args.packet_mark);
     config.hbone = hbone_config(&args);
@@ -268,6 +268,18 @@ async fn run_dedicated(
     metrics: Arc<Metrics>,
     log_control: LogControl,
 ) -> Result<(), Error> {
+    for (given, name) in [
+        (args.ca_dir.is_some(), "--ca-dir"),
+        (args.ca_address.is_some(), "--ca-address"),
+        (args.xds_address.is_some(), "--xds-address"),
+    ] {
+        if given {
+            return Err(flag(
+                name,
+                "dedicated mode runs from --local-manifests and --cert/--key/--ca alone; this flag is for shared mode",
+            ));
+        }
+    }
     let workload = args.workload.clone().ok_or_else(|| {
         flag(
             "--workload",

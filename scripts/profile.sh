@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Where the proxy's cycles go: our dedicated-mode pair in two network namespaces (as the benchmark
+# harness sets them up), one load at a time, under `perf record -g`; prints the top of the report
+# for each side. Outside CI (needs root, perf, iperf3, python3; a release build).
+#
+#   scripts/profile.sh [iperf|crr] [SECONDS]
+#
+# iperf: one iperf3 stream through the pair. crr: sequential connect + 1 byte echo + close.
+# Env: ZT (our binary, default target/release/ztunnel), WORKERS (default 1), OUT (report dir).
+set -euo pipefail
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+LOAD="${1:-iperf}" SECS="${2:-10}"
+: "${ZT:=$REPO/target/release/ztunnel}" "${WORKERS:=1}" "${OUT:=$(mktemp -d)}"
+A=zprof-a B=zprof-b IP_A=10.77.0.1 IP_B=10.77.0.2
+WORK="$(mktemp -d)"
+cleanup() {
+  for p in $(jobs -p); do kill "$p" 2>/dev/null || true; done
+  ip netns pids $A 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+  ip netns pids $B 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+  ip netns del $A 2>/dev/null || true; ip netns del $B 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+cleanup 2>/dev/null || true
+WORK="$(mktemp -d)"
+ip netns add $A; ip netns add $B
+ip link add zprofa type veth peer name zprofb
+ip link set zprofa netns $A; ip link set zprofb netns $B
+ip -n $A addr add $IP_A/24 dev zprofa; ip -n $B addr add $IP_B/24 dev zprofb
+for n in $A $B; do ip -n $n link set lo up; done
+ip -n $A link set zprofa up; ip -n $B link set zprofb up
+ip netns exec $A iptables -t nat -A OUTPUT -p tcp ! -o lo -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001
+
+"$ZT" ca init --dir "$WORK/ca" >/dev/null
+for sa in sleep web-api; do
+  "$ZT" ca issue --dir "$WORK/ca" --id "spiffe://cluster.local/ns/default/sa/$sa" --out "$WORK/$sa" >/dev/null
+done
+cat > "$WORK/mesh.yaml" <<EOF
+apiVersion: v1
+kind: Namespace
+metadata: {name: default, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: sleep, namespace: default, labels: {app: sleep}}
+spec: {serviceAccountName: sleep, nodeName: node-a}
+status: {podIP: $IP_A}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-api, namespace: default, labels: {app: web-api}}
+spec: {serviceAccountName: web-api, nodeName: node-b}
+status: {podIP: $IP_B}
+EOF
+proxy() { # NS SA NODE
+  ip netns exec "$1" env ${PROXY_ENV:-} ZTUNNEL_WORKER_THREADS=$WORKERS NODE_NAME="$3" RUST_LOG=warn "$ZT" proxy --mode dedicated \
+    --workload "default/$2/$2" --local-manifests "$WORK/mesh.yaml" --cert "$WORK/$2/cert-chain.pem" \
+    --key "$WORK/$2/key.pem" --ca "$WORK/$2/root-cert.pem" --admin-addr 127.0.0.1:15000 2>"$WORK/$2.log" &
+}
+proxy $A sleep node-a; CLIENT=$!
+proxy $B web-api node-b; SERVER=$!
+for n in $A $B; do
+  for _ in $(seq 100); do ip netns exec $n python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:15021/healthz/ready')" 2>/dev/null && break; sleep 0.1; done
+done
+
+case "$LOAD" in
+  iperf)
+    ip netns exec $B iperf3 -s -1 -p 5201 >/dev/null &
+    sleep 0.3
+    ip netns exec $A iperf3 -c $IP_B -p 5201 -t "$SECS" >"$OUT/load.txt" &
+    ;;
+  crr)
+    ip netns exec $B python3 -c "
+import socket
+l=socket.socket(); l.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1); l.bind(('$IP_B',8080)); l.listen(128)
+while True:
+  c,_=l.accept(); d=c.recv(1); c.sendall(d); c.close()" &
+    sleep 0.3
+    ip netns exec $A python3 -c "
+import socket,time
+t=time.time(); n=0
+while time.time()-t < $SECS:
+  s=socket.create_connection(('$IP_B',8080)); s.sendall(b'x'); s.recv(1); s.close(); n+=1
+print(n/$SECS, 'conn/s')" >"$OUT/load.txt" &
+    ;;
+  *) echo "load: iperf or crr" >&2; exit 2 ;;
+esac
+LOADPID=$!
+sleep 1
+perf record -F 499 --call-graph "${CALLGRAPH:-dwarf,32768}" -o "$OUT/client.data" -p $CLIENT -- sleep $((SECS - 2)) >/dev/null 2>&1 &
+perf record -F 499 --call-graph "${CALLGRAPH:-dwarf,32768}" -o "$OUT/server.data" -p $SERVER -- sleep $((SECS - 2)) >/dev/null 2>&1 &
+wait $LOADPID || true
+sleep 1
+tail -4 "$OUT/load.txt"
+for side in client server; do
+  echo "=== $side side, self time (perf report --no-children)"
+  perf report -i "$OUT/$side.data" --no-children --percent-limit 1.5 --stdio -g none 2>/dev/null \
+    | grep -v '^#' | grep -v '^$' | head -30
+done
+echo "reports: $OUT"
