@@ -184,11 +184,8 @@ fn build(
     progress("creating the network: fabric and nodes");
     let fabric = config.fabric_ns();
     net::add_namespace(&fabric)?;
-    run(
-        "ip",
-        &["-n", &fabric, "link", "add", "br0", "type", "bridge"],
-    )?;
-    run("ip", &["-n", &fabric, "link", "set", "br0", "up"])?;
+    net::ip(&fabric, &["link", "add", "br0", "type", "bridge"])?;
+    net::ip(&fabric, &["link", "set", "br0", "up"])?;
     let host = config.host_link();
     run(
         "ip",
@@ -196,12 +193,7 @@ fn build(
             "link", "add", &host, "type", "veth", "peer", "name", "uplink", "netns", &fabric,
         ],
     )?;
-    run(
-        "ip",
-        &[
-            "-n", &fabric, "link", "set", "uplink", "master", "br0", "up",
-        ],
-    )?;
+    net::ip(&fabric, &["link", "set", "uplink", "master", "br0", "up"])?;
     run(
         "ip",
         &[
@@ -218,22 +210,16 @@ fn build(
         let ns = config.node_ns(node);
         net::add_namespace(&ns)?;
         let port = format!("n{i}");
-        run(
-            "ip",
+        net::ip(
+            &fabric,
             &[
-                "-n", &fabric, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
-                "netns", &ns,
+                "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
             ],
         )?;
-        run(
-            "ip",
-            &["-n", &fabric, "link", "set", &port, "master", "br0", "up"],
-        )?;
-        run(
-            "ip",
+        net::ip(&fabric, &["link", "set", &port, "master", "br0", "up"])?;
+        net::ip(
+            &ns,
             &[
-                "-n",
-                &ns,
                 "addr",
                 "add",
                 &format!("{}/24", mesh.node_ip(i)),
@@ -241,13 +227,11 @@ fn build(
                 "eth0",
             ],
         )?;
-        run("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
-        run("ip", &["-n", &ns, "link", "add", "cni0", "type", "bridge"])?;
-        run(
-            "ip",
+        net::ip(&ns, &["link", "set", "eth0", "up"])?;
+        net::ip(&ns, &["link", "add", "cni0", "type", "bridge"])?;
+        net::ip(
+            &ns,
             &[
-                "-n",
-                &ns,
                 "addr",
                 "add",
                 &format!("{}/24", mesh.pod_gateway(i)),
@@ -255,15 +239,13 @@ fn build(
                 "cni0",
             ],
         )?;
-        run("ip", &["-n", &ns, "link", "set", "cni0", "up"])?;
+        net::ip(&ns, &["link", "set", "cni0", "up"])?;
         net::enable_forwarding(&ns)?;
         let pod_subnet = |j: usize| format!("{}.{}.{}.0/24", config.base[0], config.base[1], 1 + j);
         for (j, _) in config.nodes.iter().enumerate().filter(|(j, _)| *j != i) {
-            run(
-                "ip",
+            net::ip(
+                &ns,
                 &[
-                    "-n",
-                    &ns,
                     "route",
                     "add",
                     &pod_subnet(j),
@@ -497,35 +479,21 @@ fn create_pod(config: &Config, mesh: &Mesh, pod: &PodPlan) -> Result<(), Error> 
     let ns = Mesh::pod_netns(&config.prefix, p);
     net::add_namespace(&ns)?;
     let port = format!("p{}", p.ip.octets()[3]);
-    run(
-        "ip",
+    net::ip(
+        &node_ns,
         &[
-            "-n", &node_ns, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
-            &ns,
+            "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
         ],
     )?;
-    run(
-        "ip",
-        &["-n", &node_ns, "link", "set", &port, "master", "cni0", "up"],
+    net::ip(&node_ns, &["link", "set", &port, "master", "cni0", "up"])?;
+    net::ip(
+        &ns,
+        &["addr", "add", &format!("{}/24", p.ip), "dev", "eth0"],
     )?;
-    run(
-        "ip",
+    net::ip(&ns, &["link", "set", "eth0", "up"])?;
+    net::ip(
+        &ns,
         &[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{}/24", p.ip),
-            "dev",
-            "eth0",
-        ],
-    )?;
-    run("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
-    run(
-        "ip",
-        &[
-            "-n",
-            &ns,
             "route",
             "add",
             "default",

@@ -30,6 +30,13 @@ pub fn run(program: &str, args: &[&str]) -> Result<String, Error> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Runs `ip -n ns args` (an `ip` command applied inside namespace `ns`).
+pub fn ip(ns: &str, args: &[&str]) -> Result<String, Error> {
+    let mut all = vec!["-n", ns];
+    all.extend_from_slice(args);
+    run("ip", &all)
+}
+
 /// Runs `program args` inside network namespace `ns`.
 pub fn run_in(ns: &str, program: &str, args: &[&str]) -> Result<String, Error> {
     let mut all = vec!["netns", "exec", ns, program];

@@ -347,16 +347,14 @@ fn steps(config: &Config, cancel: &AtomicBool, out: Progress<'_>) -> Result<(), 
     )?;
 
     out("step 4: ztunnel local apply -f allow-nothing.yaml");
-    mesh::apply(
+    let (denied, outcomes) = apply_then_call(
         config,
-        parse_docs(ALLOW_NOTHING, "allow-nothing.yaml")?,
+        &mesh,
+        ALLOW_NOTHING,
+        "allow-nothing.yaml",
+        web_api,
         false,
-        &mut |_| {},
     )?;
-    let denied = eventually(|| {
-        from_pod(config, &mesh, "sleep", web_api, "web-api", 1).is_ok_and(|o| ok_count(&o) == 0)
-    });
-    let outcomes = from_pod(config, &mesh, "sleep", web_api, "web-api", 100)?;
     out(&format!(
         "  sleep -> web-api: {}/100 succeeded (denied: {})",
         ok_count(&outcomes),
@@ -365,12 +363,7 @@ fn steps(config: &Config, cancel: &AtomicBool, out: Progress<'_>) -> Result<(), 
     check(4, denied && ok_count(&outcomes) == 0, || {
         format!("{}/100 still succeeded", ok_count(&outcomes))
     })?;
-    let through_gateway = gateway_get(gateway_addr);
-    out(&format!(
-        "  curl -H \"Host: istioexplained.io\" http://{}/ -> {}",
-        gateway.placement.ip,
-        describe(&through_gateway)
-    ));
+    let through_gateway = gateway_get(gateway_addr, out);
     check(
         4,
         !matches!(&through_gateway, Ok(a) if a.status == 200),
@@ -380,16 +373,14 @@ fn steps(config: &Config, cancel: &AtomicBool, out: Progress<'_>) -> Result<(), 
     out(
         "step 5: ztunnel local apply -f allow-chain.yaml (web-api from sleep and the gateway, the chain)",
     );
-    mesh::apply(
+    let (allowed, outcomes) = apply_then_call(
         config,
-        parse_docs(ALLOW_CHAIN, "allow-chain.yaml")?,
-        false,
-        &mut |_| {},
+        &mesh,
+        ALLOW_CHAIN,
+        "allow-chain.yaml",
+        web_api,
+        true,
     )?;
-    let allowed = eventually(|| {
-        from_pod(config, &mesh, "sleep", web_api, "web-api", 1).is_ok_and(|o| ok_count(&o) == 1)
-    });
-    let outcomes = from_pod(config, &mesh, "sleep", web_api, "web-api", 100)?;
     out(&format!(
         "  sleep -> web-api: {}/100 succeeded",
         ok_count(&outcomes)
@@ -401,12 +392,7 @@ fn steps(config: &Config, cancel: &AtomicBool, out: Progress<'_>) -> Result<(), 
             first_failure(&outcomes)
         )
     })?;
-    let through_gateway = gateway_get(gateway_addr);
-    out(&format!(
-        "  curl -H \"Host: istioexplained.io\" http://{}/ -> {}",
-        gateway.placement.ip,
-        describe(&through_gateway)
-    ));
+    let through_gateway = gateway_get(gateway_addr, out);
     check(
         5,
         matches!(&through_gateway, Ok(a) if a.status == 200 && a.body == CHAIN),
@@ -436,8 +422,36 @@ fn steps(config: &Config, cancel: &AtomicBool, out: Progress<'_>) -> Result<(), 
     Ok(())
 }
 
-fn gateway_get(addr: SocketAddr) -> Outcome {
-    blocking_get(addr, "istioexplained.io")
+/// `curl -H "Host: istioexplained.io" http://GATEWAY_IP/` from the host, reported.
+fn gateway_get(addr: SocketAddr, out: Progress<'_>) -> Outcome {
+    let outcome = blocking_get(addr, "istioexplained.io");
+    out(&format!(
+        "  curl -H \"Host: istioexplained.io\" http://{}/ -> {}",
+        addr.ip(),
+        describe(&outcome)
+    ));
+    outcome
+}
+
+/// Applies a policy file, waits (up to 20 s) until sleep's calls to `target` succeed or fail as
+/// `succeed` says, then makes 100 calls. Returns whether the wait saw the change, and the calls.
+fn apply_then_call(
+    config: &Config,
+    mesh: &Mesh,
+    text: &str,
+    name: &str,
+    target: SocketAddr,
+    succeed: bool,
+) -> Result<(bool, Vec<Outcome>), Error> {
+    mesh::apply(config, parse_docs(text, name)?, false, &mut |_| {})?;
+    let changed = eventually(|| {
+        from_pod(config, mesh, "sleep", target, "web-api", 1)
+            .is_ok_and(|o| (ok_count(&o) == 1) == succeed)
+    });
+    Ok((
+        changed,
+        from_pod(config, mesh, "sleep", target, "web-api", 100)?,
+    ))
 }
 
 fn describe(o: &Outcome) -> String {

@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use proxy::state::{AddressHandler, PolicyHandler, State, StateStore};
+use proxy::state::{State, StateStore};
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
-use xds_client::client::{ClientConfig, Subscription, XdsClient};
+use xds_client::client::ClientConfig;
 use xds_client::resources::{
     ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, Address, Workload, WorkloadType, encode_address,
 };
@@ -93,25 +93,14 @@ async fn xds_updates_the_state_and_bad_resources_change_nothing() {
     });
 
     let store = Arc::new(StateStore::new(State::new("istio-system")));
-    let client = XdsClient::new(ClientConfig::new(format!("http://{addr}"), "node"))
-        .unwrap()
-        .watch(
-            ADDRESS_TYPE_URL,
-            Subscription::Wildcard,
-            Arc::new(AddressHandler(store.clone())),
-        )
-        .watch(
-            AUTHORIZATION_TYPE_URL,
-            Subscription::Wildcard,
-            Arc::new(PolicyHandler(store.clone())),
-        );
-    let handle = client.handle();
-    tokio::spawn(client.run());
-    tokio::time::timeout(Duration::from_secs(5), handle.synced().wait_for(|s| *s))
-        .await
-        .unwrap()
-        .unwrap();
-    store.update(|s| s.set_synced(true));
+    // The proxy's own wiring: both types, wildcard, synced once both have answered.
+    assert!(!store.snapshot().is_synced());
+    proxy::state::follow(
+        store.clone(),
+        ClientConfig::new(format!("http://{addr}"), "node"),
+    )
+    .unwrap();
+    eventually("the first sync", || store.snapshot().is_synced()).await;
     let state = store.snapshot();
     assert_eq!(state.counts(), (1, 0), "only the good workload");
     assert!(state.workload("web").is_some());
