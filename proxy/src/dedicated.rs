@@ -13,13 +13,12 @@ use std::time::{Duration, SystemTime};
 use identity::{SpiffeId, WorkloadCert};
 use rustls::RootCertStore;
 use tokio::net::TcpListener;
-use tracing::{info, warn};
+use tracing::info;
 
-use crate::addr::ClientAddr;
 use crate::connections::Connections;
 use crate::inbound::{DirectConnector, Inbound};
 use crate::outbound::{Certificates, Outbound};
-use crate::serve::{Tracker, accept_loop, serve_hbone};
+use crate::serve::{Tracker, serve_hbone, serve_outbound};
 use crate::state::StateStore;
 
 /// Settings of a dedicated-mode proxy.
@@ -232,33 +231,14 @@ pub async fn start(
         )
         .with_metrics(config.metrics.clone()),
     );
-    let uid = crate::state::LocalWorkload::Uid(config.workload_uid.clone());
-    let outbound_addr = bound.outbound;
     let tracker = Tracker::default();
-    let t = tracker.clone();
-    let log_state = state.clone();
-    let serve_outbound = accept_loop(outbound_listener, "outbound", move |stream, peer| {
-        // Small writes back to the app must not wait for Nagle.
-        let _ = stream.set_nodelay(true);
-        let (outbound, uid, log_state) = (outbound.clone(), uid.clone(), log_state.clone());
-        t.spawn_counted(async move {
-            let destination = match crate::sockets::original_dst(&stream) {
-                Ok(d) if d.0 == outbound_addr => {
-                    warn!(src = %peer, "outbound: refusing a connection to the proxy itself");
-                    return;
-                }
-                Ok(d) => d,
-                Err(e) => {
-                    warn!(src = %peer, error = %e, "outbound: no original destination (not redirected by the capture rule?)");
-                    return;
-                }
-            };
-            let o = outbound
-                .serve(stream, ClientAddr(peer), destination, &uid)
-                .await;
-            crate::telemetry::log_outbound(&log_state.snapshot(), &o);
-        });
-    });
+    let serve_outbound = serve_outbound(
+        outbound_listener,
+        outbound,
+        crate::state::LocalWorkload::Uid(config.workload_uid.clone()),
+        state.clone(),
+        tracker.clone(),
+    );
     let uid = config.workload_uid.clone();
     let cert = certs.cert.clone();
     let ready_state = state.clone();

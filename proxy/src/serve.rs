@@ -119,3 +119,42 @@ pub(crate) async fn serve_hbone<H: hbone::ConnectHandler>(
     })
     .await
 }
+
+/// Serves the outbound listener: each captured connection (its original destination from
+/// `SO_ORIGINAL_DST`) is routed by `outbound` as workload `local`'s, counted by `tracker` and
+/// logged. A connection to the listener itself (not redirected, or a loop) is refused.
+pub(crate) async fn serve_outbound<
+    C: crate::outbound::Certificates,
+    N: crate::sockets::Connector,
+>(
+    listener: TcpListener,
+    outbound: Arc<crate::outbound::Outbound<C, N>>,
+    local: crate::state::LocalWorkload,
+    state: Arc<crate::state::StateStore>,
+    tracker: Tracker,
+) {
+    let own = listener.local_addr().ok();
+    accept_loop(listener, "outbound", move |stream, peer| {
+        // Small writes back to the app must not wait for Nagle.
+        let _ = stream.set_nodelay(true);
+        let (outbound, local, state) = (outbound.clone(), local.clone(), state.clone());
+        tracker.spawn_counted(async move {
+            let destination = match crate::sockets::original_dst(&stream) {
+                Ok(d) if Some(d.0) == own => {
+                    warn!(src = %peer, "outbound: refusing a connection to the proxy itself");
+                    return;
+                }
+                Ok(d) => d,
+                Err(e) => {
+                    warn!(src = %peer, error = %e, "outbound: no original destination (not redirected by the capture rule?)");
+                    return;
+                }
+            };
+            let o = outbound
+                .serve(stream, crate::addr::ClientAddr(peer), destination, &local)
+                .await;
+            crate::telemetry::log_outbound(&state.snapshot(), &o);
+        });
+    })
+    .await
+}

@@ -46,7 +46,7 @@ use crate::inbound::Inbound;
 use crate::inbound_plain::PlainInbound;
 use crate::metrics::Metrics;
 use crate::outbound::{CertWatch, Certificates, Outbound};
-use crate::serve::{Tracker, accept_loop, serve_hbone};
+use crate::serve::{Tracker, accept_loop, serve_hbone, serve_outbound};
 use crate::state::{LocalWorkload, StateStore};
 use netns::{InPodConnector, PodNetns};
 
@@ -296,28 +296,13 @@ impl<C: Certificates> SharedProxy<C> {
         let tracker = Tracker::default();
         let stop = CancellationToken::new();
 
-        let t = tracker.clone();
-        let state = self.state.clone();
-        let own_outbound = outbound_listener.local_addr().ok();
-        let serve_outbound = accept_loop(outbound_listener, "outbound", move |stream, peer| {
-            let (outbound, local, state) = (outbound.clone(), local.clone(), state.clone());
-            t.spawn_counted(async move {
-                let _ = stream.set_nodelay(true);
-                let destination = match crate::sockets::original_dst(&stream) {
-                    Ok(d) if Some(d.0) == own_outbound => {
-                        warn!(src = %peer, "outbound: refusing a connection to the proxy itself");
-                        return;
-                    }
-                    Ok(d) => d,
-                    Err(e) => {
-                        warn!(src = %peer, error = %e, "outbound: no original destination (not redirected by the capture rule?)");
-                        return;
-                    }
-                };
-                let o = outbound.serve(stream, ClientAddr(peer), destination, &local).await;
-                crate::telemetry::log_outbound(&state.snapshot(), &o);
-            });
-        });
+        let serve_outbound = serve_outbound(
+            outbound_listener,
+            outbound,
+            local,
+            self.state.clone(),
+            tracker.clone(),
+        );
         let t = tracker.clone();
         let state = self.state.clone();
         let serve_plain = accept_loop(plain_listener, "inbound plaintext", move |stream, peer| {
