@@ -170,8 +170,13 @@ impl<C: Connector> Inbound<C> {
         outcome.destination_uid = Some(local.uid.clone());
         let registered = self.connections.register(connection, &local.uid);
         let app =
-            match tokio::time::timeout(self.connect_timeout, self.connector.connect(destination))
-                .await
+            // Boxed: the connect's state would otherwise stay in the task for the whole
+            // connection.
+            match tokio::time::timeout(
+                self.connect_timeout,
+                Box::pin(self.connector.connect(destination)),
+            )
+            .await
             {
                 Ok(Ok(app)) => app,
                 Ok(Err(e)) => {

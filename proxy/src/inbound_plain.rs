@@ -111,7 +111,7 @@ impl<C: Connector> PlainInbound<C> {
         ends.destination = Some(&local);
         outcome.destination_uid = Some(local.uid.clone());
         let registered = self.connections.register(connection, &local.uid);
-        let connect = self.connector.connect(destination.0);
+        let connect = Box::pin(self.connector.connect(destination.0));
         let app = match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(Ok(app)) => app,
             Ok(Err(e)) => {

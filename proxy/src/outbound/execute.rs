@@ -261,16 +261,15 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
                     expected: expected.clone(),
                 };
                 let authority = Authority::Addr(authority.0);
-                match self
-                    .pool
-                    .connect(
-                        key,
-                        target.0,
-                        &authority,
-                        request_headers(&workload, source_addr),
-                    )
-                    .await
-                {
+                // Boxed: the dial's state (TLS and HTTP/2 handshakes) is large and lives only
+                // until the tunnel is up; inline it would stay in every connection's task.
+                let connect = Box::pin(self.pool.connect(
+                    key,
+                    target.0,
+                    &authority,
+                    request_headers(&workload, source_addr),
+                ));
+                match connect.await {
                     Ok(mut tunnel) => {
                         let open = self.metrics.opened(SOURCE, ends);
                         let mut client = open.count(client, Flow::Received);
@@ -304,7 +303,7 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
                     service: service.as_deref(),
                     ..source_ends
                 };
-                let connect = self.connector.connect(to.0);
+                let connect = Box::pin(self.connector.connect(to.0));
                 match tokio::time::timeout(self.connect_timeout, connect).await {
                     Ok(Ok(mut upstream)) => {
                         let open = self.metrics.opened(SOURCE, ends);
