@@ -5,9 +5,11 @@
 //! tunnel) and the other direction keeps flowing until it ends too. The counts are returned even
 //! when the copy fails, because metrics need them either way.
 //!
-//! Buffers start small (1 KiB, so ten thousand idle connections cost little) and grow by 4x, up to
-//! 256 KiB, each time a read fills the whole buffer, so bulk transfers use few, large writes.
+//! A connection that waits for data holds no copy buffer: buffers are taken when bytes arrive and
+//! given back when the flow pauses. A bulk transfer's buffer grows (by 4x, each time a read fills
+//! it) so it moves data in few, large writes.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -65,25 +67,31 @@ pub struct CopyError {
 }
 
 /// Copies `a -> b` and `b -> a` until both directions reach EOF, propagating half-closes.
-pub async fn copy_bidirectional<A, B>(a: &mut A, b: &mut B) -> Result<Transferred, CopyError>
+///
+/// The future holds only the two streams' references and the copy's own state (a few hundred
+/// bytes), so a proxy that keeps many idle connections keeps little per connection.
+pub fn copy_bidirectional<'a, A, B>(
+    a: &'a mut A,
+    b: &'a mut B,
+) -> impl Future<Output = Result<Transferred, CopyError>> + 'a
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    drive(a, b, Half::new(), Half::new()).await
+    drive(a, b, Half::new(), Half::new())
 }
 
 /// Like [`copy_bidirectional`] with a [`Tunnel`] on one side (`a`), but without staging copies:
 /// received tunnel chunks are written to `stream` as they are, and bytes read from `stream` go
 /// into the tunnel in the buffer they were read into. A proxy should prefer this.
-pub async fn copy_tunnel_bidirectional<S>(
-    tunnel: &mut Tunnel,
-    stream: &mut S,
-) -> Result<Transferred, CopyError>
+pub fn copy_tunnel_bidirectional<'a, S>(
+    tunnel: &'a mut Tunnel,
+    stream: &'a mut S,
+) -> impl Future<Output = Result<Transferred, CopyError>> + 'a
 where
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    drive(tunnel, stream, FromTunnel::default(), IntoTunnel::default()).await
+    drive(tunnel, stream, FromTunnel::default(), IntoTunnel::default())
 }
 
 /// One direction of a copy: moves bytes from `R` to `W` and counts them.
@@ -100,20 +108,21 @@ trait Pump<R: ?Sized, W: ?Sized> {
     fn amount(&self) -> u64;
 }
 
-/// Drives both directions from one task until both finish or one fails.
-async fn drive<A, B, X, Y>(
-    a: &mut A,
-    b: &mut B,
+/// Drives both directions from one task until both finish or one fails. A plain closure, not an
+/// `async fn`: that would store the pumps twice (as arguments and as locals).
+fn drive<'a, A, B, X, Y>(
+    a: &'a mut A,
+    b: &'a mut B,
     mut a_to_b: X,
     mut b_to_a: Y,
-) -> Result<Transferred, CopyError>
+) -> impl Future<Output = Result<Transferred, CopyError>> + 'a
 where
     A: ?Sized,
     B: ?Sized,
-    X: Pump<A, B>,
-    Y: Pump<B, A>,
+    X: Pump<A, B> + 'a,
+    Y: Pump<B, A> + 'a,
 {
-    std::future::poll_fn(|cx| {
+    std::future::poll_fn(move |cx| {
         let ab = a_to_b.poll(cx, &mut *a, &mut *b);
         let ba = match ab {
             Poll::Ready(Err(_)) => Poll::Pending,
@@ -138,7 +147,6 @@ where
             _ => Poll::Pending,
         }
     })
-    .await
 }
 
 /// Tunnel -> stream: writes each received chunk as is.
@@ -191,6 +199,9 @@ impl<W: AsyncWrite + Unpin + ?Sized> Pump<Tunnel, W> for FromTunnel {
                 self.amount += n as u64;
                 self.needs_flush = true;
             }
+            // An emptied chunk still pins the HTTP/2 read buffer it was cut from; let it go, so
+            // an idle connection holds none of it.
+            self.chunk = Bytes::new();
             if self.eof {
                 ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(|e| (Operation::Write, e))?;
                 ready!(Pin::new(&mut *writer).poll_shutdown(cx))
@@ -202,20 +213,67 @@ impl<W: AsyncWrite + Unpin + ?Sized> Pump<Tunnel, W> for FromTunnel {
     }
 }
 
-/// Stream -> tunnel: reads into a shared buffer and hands the filled part to the tunnel.
+/// Stream -> tunnel. Small reads go through a buffer on the stack and are copied into a chunk of
+/// exactly their size, so a connection that waits for data holds no buffer at all; once a read
+/// fills the stack buffer the flow is bulk, and reads go straight into a heap buffer (its filled
+/// part is handed to the tunnel without a copy). The heap buffer is dropped again when the
+/// source runs dry after a read that did not fill it.
 #[derive(Default)]
 struct IntoTunnel {
     buf: BytesMut,
     staged: Bytes,
+    /// 0: small reads (on the stack); otherwise the size of each read into `buf`.
     read_size: usize,
+    /// Whether the last heap read filled `read_size` (the source is still ahead of us).
+    last_read_full: bool,
     eof: bool,
     finished: bool,
     amount: u64,
 }
 
-/// Reads into the tunnel stay below glibc's mmap threshold, so reclaimed buffers come from the
-/// heap instead of fresh mappings.
+/// Size of the stack buffer for small reads; a read that fills it switches to heap reads.
+const STACK_READ: usize = 16 * 1024;
+/// Size of the heap reads of a bulk flow: below glibc's mmap threshold (for embedders that keep
+/// glibc's allocator), large enough that the tunnel sends few, big DATA frames.
 const MAX_TUNNEL_READ: usize = 64 * 1024;
+
+impl IntoTunnel {
+    /// Reads the next bytes into `staged`; Ready(Ok(false)) at EOF.
+    fn poll_fill<R: AsyncRead + Unpin + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+    ) -> Poll<io::Result<bool>> {
+        if self.read_size == 0 {
+            let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); STACK_READ];
+            let mut read_buf = ReadBuf::uninit(&mut stack);
+            ready!(Pin::new(&mut *reader).poll_read(cx, &mut read_buf))?;
+            let filled = read_buf.filled();
+            if filled.len() == STACK_READ {
+                self.read_size = MAX_TUNNEL_READ;
+                self.last_read_full = true;
+            }
+            self.staged = Bytes::copy_from_slice(filled);
+            return Poll::Ready(Ok(!filled.is_empty()));
+        }
+        self.buf.reserve(self.read_size);
+        let n = match tokio_util::io::poll_read_buf(Pin::new(&mut *reader), cx, &mut self.buf) {
+            Poll::Pending => {
+                if !self.last_read_full {
+                    // Nothing to read and the last read did not fill the buffer: the burst is
+                    // over, so free the buffer until data flows again.
+                    self.buf = BytesMut::new();
+                    self.read_size = 0;
+                }
+                return Poll::Pending;
+            }
+            Poll::Ready(n) => n?,
+        };
+        self.last_read_full = n >= self.read_size;
+        self.staged = self.buf.split().freeze();
+        Poll::Ready(Ok(n > 0))
+    }
+}
 
 impl<R: AsyncRead + Unpin + ?Sized> Pump<R, Tunnel> for IntoTunnel {
     fn amount(&self) -> u64 {
@@ -233,24 +291,8 @@ impl<R: AsyncRead + Unpin + ?Sized> Pump<R, Tunnel> for IntoTunnel {
         }
         loop {
             if self.staged.is_empty() && !self.eof {
-                if self.read_size == 0 {
-                    self.read_size = INITIAL_BUFFER;
-                }
-                self.buf.reserve(self.read_size);
-                let n = ready!(tokio_util::io::poll_read_buf(
-                    Pin::new(&mut *reader),
-                    cx,
-                    &mut self.buf
-                ))
-                .map_err(|e| (Operation::Read, e))?;
-                if n == 0 {
-                    self.eof = true;
-                } else {
-                    if n >= self.read_size && self.read_size < MAX_TUNNEL_READ {
-                        self.read_size = (self.read_size * 4).min(MAX_TUNNEL_READ);
-                    }
-                    self.staged = self.buf.split().freeze();
-                }
+                let more = ready!(self.poll_fill(cx, reader)).map_err(|e| (Operation::Read, e))?;
+                self.eof = !more;
             }
             while !self.staged.is_empty() {
                 let n = ready!(tunnel.poll_send_chunk(cx, &mut self.staged))
@@ -323,6 +365,10 @@ where
                 let mut read_buf = ReadBuf::new(&mut self.buf);
                 match Pin::new(&mut *reader).poll_read(cx, &mut read_buf) {
                     Poll::Pending => {
+                        if self.buf.len() == INITIAL_BUFFER {
+                            // Not a bulk flow, and it paused: hold no buffer while it waits.
+                            self.buf = Vec::new();
+                        }
                         if self.needs_flush {
                             ready!(Pin::new(&mut *writer).poll_flush(cx))
                                 .map_err(|e| (Operation::Write, e))?;
@@ -369,5 +415,74 @@ where
                 return Poll::Ready(Ok(()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    /// Hands out its chunks one read at a time, then is pending (an open, quiet connection).
+    struct Script(VecDeque<Vec<u8>>);
+
+    impl AsyncRead for Script {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            match self.0.front_mut() {
+                None => Poll::Pending,
+                Some(chunk) => {
+                    let n = chunk.len().min(buf.remaining());
+                    buf.put_slice(&chunk[..n]);
+                    chunk.drain(..n);
+                    if chunk.is_empty() {
+                        self.0.pop_front();
+                    }
+                    Poll::Ready(Ok(()))
+                }
+            }
+        }
+    }
+
+    fn fill(pump: &mut IntoTunnel, reader: &mut Script) -> Poll<usize> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match pump.poll_fill(&mut cx, reader) {
+            Poll::Ready(Ok(true)) => Poll::Ready(std::mem::take(&mut pump.staged).len()),
+            Poll::Ready(other) => panic!("unexpected {other:?}"),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    #[test]
+    fn a_quiet_connection_holds_no_read_buffer() {
+        let mut pump = IntoTunnel::default();
+        let mut reader = Script(VecDeque::from([b"x".to_vec()]));
+        assert_eq!(fill(&mut pump, &mut reader), Poll::Ready(1));
+        assert_eq!(fill(&mut pump, &mut reader), Poll::Pending);
+        assert_eq!(pump.buf.capacity(), 0, "a small read left a buffer behind");
+    }
+
+    #[test]
+    fn a_bulk_flow_reads_into_a_heap_buffer_and_frees_it_when_it_pauses() {
+        let mut pump = IntoTunnel::default();
+        let mut reader = Script(VecDeque::from([
+            vec![1; STACK_READ],
+            vec![2; MAX_TUNNEL_READ],
+            vec![3; 100],
+        ]));
+        assert_eq!(fill(&mut pump, &mut reader), Poll::Ready(STACK_READ));
+        assert_eq!(
+            pump.read_size, MAX_TUNNEL_READ,
+            "a full read is a bulk flow"
+        );
+        assert_eq!(fill(&mut pump, &mut reader), Poll::Ready(MAX_TUNNEL_READ));
+        assert_eq!(fill(&mut pump, &mut reader), Poll::Ready(100));
+        assert!(pump.buf.capacity() > 0);
+        assert_eq!(fill(&mut pump, &mut reader), Poll::Pending);
+        assert_eq!(pump.buf.capacity(), 0, "the paused flow kept its buffer");
+        assert_eq!(pump.read_size, 0);
     }
 }

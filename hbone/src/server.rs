@@ -117,8 +117,16 @@ struct ServerInner<H> {
 }
 
 /// One CONNECT request, waiting for the handler's answer.
+///
+/// A pointer-sized handle: the request's parts live on the heap until it is answered, so a
+/// handler future that holds or moves it stays small for the connection's whole life.
 #[derive(Debug)]
 pub struct InboundConnect {
+    inner: Box<ConnectParts>,
+}
+
+#[derive(Debug)]
+struct ConnectParts {
     authority: Authority,
     headers: HeaderMap,
     local_addr: SocketAddr,
@@ -287,11 +295,13 @@ impl<H: ConnectHandler> Server<H> {
                 biased;
                 next = connection.accept() => match next {
                     Some(Ok((request, respond))) => {
-                        let server = self.clone();
-                        let certs = certs.clone();
-                        tokio::spawn(async move {
-                            server.handle_stream(request, respond, local, peer, certs).await;
-                        });
+                        // Checked here, so the stream's task holds only the handler's future.
+                        if let Some(inbound) =
+                            check_stream(request, respond, local, peer, certs.clone())
+                        {
+                            let server = self.clone();
+                            tokio::spawn(async move { server.inner.handler.handle(inbound).await });
+                        }
                     }
                     Some(Err(source)) => {
                         return Err(Error::Connection { side: Side::Server, peer, source });
@@ -304,39 +314,42 @@ impl<H: ConnectHandler> Server<H> {
             }
         }
     }
+}
 
-    async fn handle_stream(
-        &self,
-        request: Request<RecvStream>,
-        mut respond: SendResponse<Bytes>,
-        local_addr: SocketAddr,
-        peer_addr: SocketAddr,
-        peer_certificates: Arc<[CertificateDer<'static>]>,
-    ) {
-        if request.method() != Method::CONNECT {
-            debug!(%peer_addr, method = %request.method(), "HBONE server: 400, not a CONNECT");
+/// Answers 400 to a stream that is not a CONNECT with a usable `:authority`; otherwise the
+/// request for the handler.
+fn check_stream(
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    local_addr: SocketAddr,
+    peer_addr: SocketAddr,
+    peer_certificates: Arc<[CertificateDer<'static>]>,
+) -> Option<InboundConnect> {
+    if request.method() != Method::CONNECT {
+        debug!(%peer_addr, method = %request.method(), "HBONE server: 400, not a CONNECT");
+        send_status(&mut respond, StatusCode::BAD_REQUEST);
+        return None;
+    }
+    let authority = match request
+        .uri()
+        .authority()
+        .map(|a| Authority::parse(a.as_str()))
+    {
+        Some(Ok(authority)) => authority,
+        Some(Err(e)) => {
+            debug!(%peer_addr, error = %e, "HBONE server: 400, bad authority");
             send_status(&mut respond, StatusCode::BAD_REQUEST);
-            return;
+            return None;
         }
-        let authority = match request
-            .uri()
-            .authority()
-            .map(|a| Authority::parse(a.as_str()))
-        {
-            Some(Ok(authority)) => authority,
-            Some(Err(e)) => {
-                debug!(%peer_addr, error = %e, "HBONE server: 400, bad authority");
-                send_status(&mut respond, StatusCode::BAD_REQUEST);
-                return;
-            }
-            None => {
-                debug!(%peer_addr, "HBONE server: 400, CONNECT without :authority");
-                send_status(&mut respond, StatusCode::BAD_REQUEST);
-                return;
-            }
-        };
-        let (parts, body) = request.into_parts();
-        let inbound = InboundConnect {
+        None => {
+            debug!(%peer_addr, "HBONE server: 400, CONNECT without :authority");
+            send_status(&mut respond, StatusCode::BAD_REQUEST);
+            return None;
+        }
+    };
+    let (parts, body) = request.into_parts();
+    Some(InboundConnect {
+        inner: Box::new(ConnectParts {
             authority,
             headers: parts.headers,
             local_addr,
@@ -344,35 +357,34 @@ impl<H: ConnectHandler> Server<H> {
             peer_certificates,
             body: Some(body),
             respond: Some(respond),
-        };
-        self.inner.handler.handle(inbound).await;
-    }
+        }),
+    })
 }
 
 impl InboundConnect {
     /// The parsed `:authority`: where the client wants its bytes to go.
     pub fn authority(&self) -> &Authority {
-        &self.authority
+        &self.inner.authority
     }
 
     /// The request headers (`forwarded`, `baggage`, `traceparent`, ...).
     pub fn headers(&self) -> &HeaderMap {
-        &self.headers
+        &self.inner.headers
     }
 
     /// The server socket's local address.
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.inner.local_addr
     }
 
     /// The client's socket address.
     pub fn peer_addr(&self) -> SocketAddr {
-        self.peer_addr
+        self.inner.peer_addr
     }
 
     /// The client's certificate chain, leaf first, as verified by the TLS configuration.
     pub fn peer_certificates(&self) -> &[CertificateDer<'static>] {
-        &self.peer_certificates
+        &self.inner.peer_certificates
     }
 
     /// Answers `200` and returns the tunnel.
@@ -382,8 +394,8 @@ impl InboundConnect {
 
     /// Answers `200` with extra response headers and returns the tunnel.
     pub fn accept_with(mut self, headers: HeaderMap) -> std::io::Result<Tunnel> {
-        let mut respond = self.respond.take().expect("answered once");
-        let body = self.body.take().expect("answered once");
+        let mut respond = self.inner.respond.take().expect("answered once");
+        let body = self.inner.body.take().expect("answered once");
         let mut response = Response::new(());
         *response.headers_mut() = headers;
         let send = respond.send_response(response, false).map_err(h2_to_io)?;
@@ -393,7 +405,7 @@ impl InboundConnect {
     /// Refuses the tunnel with `status` (for example 401 for a policy denial, 503 when the
     /// destination cannot be reached).
     pub fn reject(mut self, status: StatusCode) {
-        if let Some(mut respond) = self.respond.take() {
+        if let Some(mut respond) = self.inner.respond.take() {
             send_status(&mut respond, status);
         }
     }
@@ -401,8 +413,8 @@ impl InboundConnect {
 
 impl Drop for InboundConnect {
     fn drop(&mut self) {
-        if let Some(mut respond) = self.respond.take() {
-            debug!(authority = %self.authority, "HBONE server: handler dropped the request, 503");
+        if let Some(mut respond) = self.inner.respond.take() {
+            debug!(authority = %self.inner.authority, "HBONE server: handler dropped the request, 503");
             send_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
         }
     }

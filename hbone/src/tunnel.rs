@@ -146,6 +146,10 @@ impl AsyncRead for Tunnel {
                 let n = this.pending.len().min(buf.remaining());
                 buf.put_slice(&this.pending[..n]);
                 this.pending.advance(n);
+                if this.pending.is_empty() {
+                    // Do not pin the HTTP/2 read buffer the chunk was cut from.
+                    this.pending = Bytes::new();
+                }
                 return Poll::Ready(Ok(()));
             }
             if this.read_eof {

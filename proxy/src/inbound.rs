@@ -22,8 +22,8 @@ use hbone::{ConnectHandler, InboundConnect};
 use http::StatusCode;
 use tracing::{info, warn};
 
-use crate::connections::Connections;
-use crate::metrics::{Ends, Flow, Metrics};
+use crate::connections::{Connections, Registered};
+use crate::metrics::{Counted, Ends, Flow, Metrics, Open};
 use crate::sockets::Connector;
 use crate::state::{LocalWorkload, State, StateStore};
 use xds_client::resources::Workload;
@@ -107,8 +107,14 @@ impl<C: Connector> Inbound<C> {
         self.draining.clone()
     }
 
-    async fn serve(&self, req: InboundConnect) -> InboundOutcome {
-        let started = Instant::now();
+    /// Checks the CONNECT, dials the app and accepts the tunnel. Kept apart from the copy (and
+    /// boxed by the caller) so the request, the state snapshot and the dial do not stay in the
+    /// connection's task while the bytes flow.
+    async fn establish(
+        &self,
+        req: InboundConnect,
+        started: Instant,
+    ) -> Result<(InboundOutcome, Established), InboundOutcome> {
         let mut outcome = InboundOutcome {
             source: req.peer_addr(),
             source_identity: None,
@@ -129,19 +135,19 @@ impl<C: Connector> Inbound<C> {
             };
         if self.draining.load(Ordering::SeqCst) {
             let why = "the proxy is draining (shutting down)".to_owned();
-            return refuse(req, outcome, StatusCode::SERVICE_UNAVAILABLE, why);
+            return Err(refuse(req, outcome, StatusCode::SERVICE_UNAVAILABLE, why));
         }
         let peer = match identity::tls::peer_spiffe_id(req.peer_certificates()) {
             Ok(id) => id,
             Err(e) => {
                 let why = format!("the client's certificate has no usable SPIFFE id: {e}");
-                return refuse(req, outcome, StatusCode::UNAUTHORIZED, why);
+                return Err(refuse(req, outcome, StatusCode::UNAUTHORIZED, why));
             }
         };
         outcome.source_identity = Some(peer.as_str().to_owned());
         let Some(destination) = req.authority().socket_addr() else {
             let why = format!("authority {} is not an ip:port", req.authority());
-            return refuse(req, outcome, StatusCode::BAD_REQUEST, why);
+            return Err(refuse(req, outcome, StatusCode::BAD_REQUEST, why));
         };
         let state = self.state.snapshot();
         let source = state.workload_at("", req.peer_addr().ip()).cloned();
@@ -163,26 +169,21 @@ impl<C: Connector> Inbound<C> {
             Err((status, why)) => {
                 self.metrics
                     .failed(DESTINATION, ends, failure_flags(status));
-                return refuse(req, outcome, status, why);
+                return Err(refuse(req, outcome, status, why));
             }
         };
         ends.destination = Some(&local);
         outcome.destination_uid = Some(local.uid.clone());
         let registered = self.connections.register(connection, &local.uid);
         let app =
-            // Boxed: the connect's state would otherwise stay in the task for the whole
-            // connection.
-            match tokio::time::timeout(
-                self.connect_timeout,
-                Box::pin(self.connector.connect(destination)),
-            )
-            .await
+            match tokio::time::timeout(self.connect_timeout, self.connector.connect(destination))
+                .await
             {
                 Ok(Ok(app)) => app,
                 Ok(Err(e)) => {
                     self.metrics.failed(DESTINATION, ends, "CONNECT");
                     let why = format!("cannot connect to the app at {destination}: {e}");
-                    return refuse(req, outcome, StatusCode::SERVICE_UNAVAILABLE, why);
+                    return Err(refuse(req, outcome, StatusCode::SERVICE_UNAVAILABLE, why));
                 }
                 Err(_) => {
                     self.metrics.failed(DESTINATION, ends, "CONNECT");
@@ -190,25 +191,49 @@ impl<C: Connector> Inbound<C> {
                         "the app at {destination} did not accept within {:?}",
                         self.connect_timeout
                     );
-                    return refuse(req, outcome, StatusCode::SERVICE_UNAVAILABLE, why);
+                    return Err(refuse(req, outcome, StatusCode::SERVICE_UNAVAILABLE, why));
                 }
             };
         let open = self.metrics.opened(DESTINATION, ends);
         drop(state);
         let _ = app.set_nodelay(true);
-        let mut tunnel = match req.accept() {
+        let tunnel = match req.accept() {
             Ok(t) => t,
             Err(e) => {
                 outcome.status = 200;
                 outcome.error = Some(format!("the client went away before the answer: {e}"));
                 outcome.duration = started.elapsed();
-                return outcome;
+                return Err(outcome);
             }
         };
         outcome.status = 200;
-        let mut app = open.count(app, Flow::Sent);
+        let app = open.count(app, Flow::Sent);
+        Ok((
+            outcome,
+            Established {
+                tunnel,
+                app,
+                registered,
+                _open: open,
+            },
+        ))
+    }
+
+    async fn serve(&self, req: InboundConnect) -> InboundOutcome {
+        let started = Instant::now();
+        let (mut outcome, mut established) = match Box::pin(self.establish(req, started)).await {
+            Ok(ok) => ok,
+            Err(refused) => return refused,
+        };
+        // Used in place: moving the parts out would keep them twice in the task.
+        let Established {
+            tunnel,
+            app,
+            registered,
+            ..
+        } = &mut established;
         tokio::select! {
-            copied = hbone::copy_tunnel_bidirectional(&mut tunnel, &mut app) => match copied {
+            copied = hbone::copy_tunnel_bidirectional(tunnel, app) => match copied {
                 Ok(t) => outcome.bytes = (t.a_to_b, t.b_to_a),
                 Err(e) => {
                     outcome.bytes = (e.transferred.a_to_b, e.transferred.b_to_a);
@@ -279,6 +304,14 @@ pub(crate) fn authorize(
         ));
     }
     Ok((workload, connection))
+}
+
+/// What an allowed connection keeps while its bytes flow.
+struct Established {
+    tunnel: hbone::Tunnel,
+    app: Counted<tokio::net::TcpStream>,
+    registered: Registered,
+    _open: Open,
 }
 
 impl<C: Connector> ConnectHandler for Inbound<C> {

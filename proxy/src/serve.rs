@@ -34,6 +34,9 @@ impl Tracker {
         self.active.fetch_add(1, Ordering::SeqCst);
         let active = Active(self.active.clone());
         let cut = self.cut.clone();
+        // Boxed: moved into the select below, an inline task would be stored twice in the
+        // wrapper (as the captured value and as the select's operand) for the connection's life.
+        let task = Box::pin(task);
         tokio::spawn(async move {
             let _active = active;
             tokio::select! {
@@ -47,6 +50,7 @@ impl Tracker {
     /// connection, whose tunnels are counted on their own).
     pub(crate) fn spawn_uncounted(&self, task: impl Future<Output = ()> + Send + 'static) {
         let cut = self.cut.clone();
+        let task = Box::pin(task);
         tokio::spawn(async move {
             tokio::select! {
                 () = task => {}
@@ -134,6 +138,8 @@ pub(crate) async fn serve_outbound<
     tracker: Tracker,
 ) {
     let own = listener.local_addr().ok();
+    // Shared, not cloned per connection: each connection's task holds a pointer.
+    let local = Arc::new(local);
     accept_loop(listener, "outbound", move |stream, peer| {
         // Small writes back to the app must not wait for Nagle.
         let _ = stream.set_nodelay(true);

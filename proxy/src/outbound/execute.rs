@@ -22,7 +22,7 @@ use xds_client::resources::Workload;
 
 use super::route::{Route, decide};
 use crate::addr::{ClientAddr, OrigDst};
-use crate::metrics::{Ends, Flow, Metrics};
+use crate::metrics::{Counted, Ends, Flow, Metrics, Open};
 use crate::sockets::{Connector, Marked};
 use crate::state::{LocalWorkload, StateStore};
 
@@ -209,6 +209,51 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
         source: &LocalWorkload,
     ) -> OutboundOutcome {
         let started = Instant::now();
+        // Boxed: routing and the dial (TCP, TLS and HTTP/2 handshakes of a new pooled
+        // connection) need much more state than the copy; inline it would stay in every
+        // connection's task for the connection's whole life.
+        let (mut outcome, mut flowing) =
+            Box::pin(self.establish(client, source_addr, destination, source)).await;
+        // Used in place: moving the parts out would keep them twice in the task.
+        let result = match &mut flowing {
+            Err(e) => Err(std::mem::take(e)),
+            Ok(Flowing::Hbone { tunnel, client, .. }) => {
+                hbone::copy_tunnel_bidirectional(tunnel, client)
+                    .await
+                    .map(|t| (t.b_to_a, t.a_to_b))
+                    .map_err(|e| {
+                        outcome.bytes = (e.transferred.b_to_a, e.transferred.a_to_b);
+                        e.to_string()
+                    })
+            }
+            Ok(Flowing::Direct {
+                client, upstream, ..
+            }) => hbone::copy_bidirectional(client, upstream)
+                .await
+                .map(|t| (t.a_to_b, t.b_to_a))
+                .map_err(|e| {
+                    outcome.bytes = (e.transferred.a_to_b, e.transferred.b_to_a);
+                    e.to_string()
+                }),
+        };
+        match result {
+            Ok(bytes) => outcome.bytes = bytes,
+            Err(e) => outcome.error = Some(e),
+        }
+        outcome.duration = started.elapsed();
+        debug!(?outcome, "outbound connection done");
+        outcome
+    }
+
+    /// Routes the connection and connects it (a tunnel, or a direct connection); on failure,
+    /// why (with the outcome so far).
+    async fn establish(
+        &self,
+        client: TcpStream,
+        source_addr: ClientAddr,
+        destination: OrigDst,
+        source: &LocalWorkload,
+    ) -> (OutboundOutcome, Result<Flowing, String>) {
         let mut outcome = OutboundOutcome {
             source: source_addr,
             source_uid: source.to_string(),
@@ -222,8 +267,8 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
         };
         let state = self.state.snapshot();
         let Some(workload) = state.local(source).cloned() else {
-            outcome.error = Some(format!("unknown source workload {source}"));
-            return outcome;
+            let why = format!("unknown source workload {source}");
+            return (outcome, Err(why));
         };
         outcome.source_uid = workload.uid.clone();
         let route = decide(&state, &workload, destination, &mut |n| {
@@ -233,7 +278,7 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
             source: Some(&workload),
             ..Ends::default()
         };
-        let result = match route {
+        let flowing = match route {
             Err(e) => {
                 self.metrics.failed(SOURCE, source_ends, "CONNECT");
                 Err(e.to_string())
@@ -261,25 +306,20 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
                     expected: expected.clone(),
                 };
                 let authority = Authority::Addr(authority.0);
-                // Boxed: the dial's state (TLS and HTTP/2 handshakes) is large and lives only
-                // until the tunnel is up; inline it would stay in every connection's task.
-                let connect = Box::pin(self.pool.connect(
+                let connect = self.pool.connect(
                     key,
                     target.0,
                     &authority,
                     request_headers(&workload, source_addr),
-                ));
+                );
                 match connect.await {
-                    Ok(mut tunnel) => {
+                    Ok(tunnel) => {
                         let open = self.metrics.opened(SOURCE, ends);
-                        let mut client = open.count(client, Flow::Received);
-                        hbone::copy_tunnel_bidirectional(&mut tunnel, &mut client)
-                            .await
-                            .map(|t| (t.b_to_a, t.a_to_b))
-                            .map_err(|e| {
-                                outcome.bytes = (e.transferred.b_to_a, e.transferred.a_to_b);
-                                e.to_string()
-                            })
+                        Ok(Flowing::Hbone {
+                            tunnel,
+                            client: open.count(client, Flow::Received),
+                            _open: open,
+                        })
                     }
                     Err(e) => {
                         let flags = if is_unauthorized(&e) {
@@ -303,18 +343,15 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
                     service: service.as_deref(),
                     ..source_ends
                 };
-                let connect = Box::pin(self.connector.connect(to.0));
+                let connect = self.connector.connect(to.0);
                 match tokio::time::timeout(self.connect_timeout, connect).await {
-                    Ok(Ok(mut upstream)) => {
+                    Ok(Ok(upstream)) => {
                         let open = self.metrics.opened(SOURCE, ends);
-                        let mut client = open.count(client, Flow::Received);
-                        hbone::copy_bidirectional(&mut client, &mut upstream)
-                            .await
-                            .map(|t| (t.a_to_b, t.b_to_a))
-                            .map_err(|e| {
-                                outcome.bytes = (e.transferred.a_to_b, e.transferred.b_to_a);
-                                e.to_string()
-                            })
+                        Ok(Flowing::Direct {
+                            client: open.count(client, Flow::Received),
+                            upstream,
+                            _open: open,
+                        })
                     }
                     Ok(Err(e)) => {
                         self.metrics.failed(SOURCE, ends, "CONNECT");
@@ -330,14 +367,24 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
                 }
             }
         };
-        match result {
-            Ok(bytes) => outcome.bytes = bytes,
-            Err(e) => outcome.error = Some(e),
-        }
-        outcome.duration = started.elapsed();
-        debug!(?outcome, "outbound connection done");
-        outcome
+        (outcome, flowing)
     }
+}
+
+/// A connected connection, while its bytes flow.
+enum Flowing {
+    /// Through an HBONE tunnel.
+    Hbone {
+        tunnel: hbone::Tunnel,
+        client: Counted<TcpStream>,
+        _open: Open,
+    },
+    /// Straight to the destination (passthrough).
+    Direct {
+        client: Counted<TcpStream>,
+        upstream: TcpStream,
+        _open: Open,
+    },
 }
 
 /// The CONNECT headers Istio's ztunnel sends: `forwarded`, `baggage`, `traceparent`.
