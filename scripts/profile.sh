@@ -3,14 +3,16 @@
 # harness sets them up), one load at a time, under `perf record -g`; prints the top of the report
 # for each side. Outside CI (needs root, perf, iperf3, python3; a release build).
 #
-#   scripts/profile.sh [iperf|crr] [SECONDS]
+#   scripts/profile.sh [iperf|crr|crr8] [SECONDS]
 #
 # iperf: one iperf3 stream through the pair. crr: sequential connect + 1 byte echo + close.
+# crr8: the same from 8 concurrent clients (a threaded echo server).
 # Env: ZT (our binary, default target/release/ztunnel), WORKERS (default 1), OUT (report dir).
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 LOAD="${1:-iperf}" SECS="${2:-10}"
 : "${ZT:=$REPO/target/release/ztunnel}" "${WORKERS:=1}" "${OUT:=$(mktemp -d)}"
+mkdir -p "$OUT"
 A=zprof-a B=zprof-b IP_A=10.77.0.1 IP_B=10.77.0.2
 WORK="$(mktemp -d)"
 cleanup() {
@@ -83,7 +85,29 @@ while time.time()-t < $SECS:
   s=socket.create_connection(('$IP_B',8080)); s.sendall(b'x'); s.recv(1); s.close(); n+=1
 print(n/$SECS, 'conn/s')" >"$OUT/load.txt" &
     ;;
-  *) echo "load: iperf or crr" >&2; exit 2 ;;
+  crr8)
+    ip netns exec $B python3 -c "
+import socketserver
+class H(socketserver.BaseRequestHandler):
+  def handle(self):
+    d=self.request.recv(1); self.request.sendall(d)
+socketserver.ThreadingTCPServer.allow_reuse_address=True
+socketserver.ThreadingTCPServer.daemon_threads=True
+socketserver.ThreadingTCPServer.request_queue_size=128
+socketserver.ThreadingTCPServer(('$IP_B',8080),H).serve_forever()" &
+    sleep 0.3
+    ip netns exec $A python3 -c "
+import socket,time,multiprocessing
+def run(q):
+  t=time.time(); n=0
+  while time.time()-t < $SECS:
+    s=socket.create_connection(('$IP_B',8080)); s.sendall(b'x'); s.recv(1); s.close(); n+=1
+  q.put(n)
+q=multiprocessing.Queue(); ps=[multiprocessing.Process(target=run,args=(q,)) for _ in range(8)]
+[p.start() for p in ps]; total=sum(q.get() for _ in ps); [p.join() for p in ps]
+print(total/$SECS, 'conn/s')" >"$OUT/load.txt" &
+    ;;
+  *) echo "load: iperf, crr or crr8" >&2; exit 2 ;;
 esac
 LOADPID=$!
 sleep 1

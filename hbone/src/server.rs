@@ -116,6 +116,31 @@ struct ServerInner<H> {
     handshakes: Semaphore,
 }
 
+/// The client of one HBONE connection: its certificate chain, and one value derived from it.
+#[derive(Debug)]
+struct PeerInfo {
+    certificates: Arc<[CertificateDer<'static>]>,
+    memo: std::sync::OnceLock<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+impl PeerInfo {
+    fn memo<T: Clone + Send + Sync + 'static>(
+        &self,
+        derive: impl FnOnce(&[CertificateDer<'static>]) -> T,
+    ) -> T {
+        if let Some(known) = self.memo.get() {
+            return match known.downcast_ref::<T>() {
+                Some(value) => value.clone(),
+                None => derive(&self.certificates),
+            };
+        }
+        let value = derive(&self.certificates);
+        // Another stream may have set it meanwhile; both derived the same value from the same chain.
+        let _ = self.memo.set(Box::new(value.clone()));
+        value
+    }
+}
+
 /// One CONNECT request, waiting for the handler's answer.
 ///
 /// A pointer-sized handle: the request's parts live on the heap until it is answered, so a
@@ -131,7 +156,7 @@ struct ConnectParts {
     headers: HeaderMap,
     local_addr: SocketAddr,
     peer_addr: SocketAddr,
-    peer_certificates: Arc<[CertificateDer<'static>]>,
+    peer: Arc<PeerInfo>,
     body: Option<RecvStream>,
     respond: Option<SendResponse<Bytes>>,
 }
@@ -264,6 +289,10 @@ impl<H: ConnectHandler> Server<H> {
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let cfg = &self.inner.config;
+        let peer_info = Arc::new(PeerInfo {
+            certificates: certs,
+            memo: std::sync::OnceLock::new(),
+        });
         let handshake = cfg.server_builder().handshake::<_, Bytes>(io);
         let mut connection = tokio::time::timeout(cfg.h2_handshake_timeout, handshake)
             .await
@@ -297,7 +326,7 @@ impl<H: ConnectHandler> Server<H> {
                     Some(Ok((request, respond))) => {
                         // Checked here, so the stream's task holds only the handler's future.
                         if let Some(inbound) =
-                            check_stream(request, respond, local, peer, certs.clone())
+                            check_stream(request, respond, local, peer, peer_info.clone())
                         {
                             let server = self.clone();
                             tokio::spawn(async move { server.inner.handler.handle(inbound).await });
@@ -323,7 +352,7 @@ fn check_stream(
     mut respond: SendResponse<Bytes>,
     local_addr: SocketAddr,
     peer_addr: SocketAddr,
-    peer_certificates: Arc<[CertificateDer<'static>]>,
+    peer: Arc<PeerInfo>,
 ) -> Option<InboundConnect> {
     if request.method() != Method::CONNECT {
         debug!(%peer_addr, method = %request.method(), "HBONE server: 400, not a CONNECT");
@@ -354,7 +383,7 @@ fn check_stream(
             headers: parts.headers,
             local_addr,
             peer_addr,
-            peer_certificates,
+            peer,
             body: Some(body),
             respond: Some(respond),
         }),
@@ -384,7 +413,19 @@ impl InboundConnect {
 
     /// The client's certificate chain, leaf first, as verified by the TLS configuration.
     pub fn peer_certificates(&self) -> &[CertificateDer<'static>] {
-        &self.inner.peer_certificates
+        &self.inner.peer.certificates
+    }
+
+    /// What `derive` makes of the client's certificate chain, computed once per HBONE connection
+    /// and shared by all its CONNECTs (the chain cannot change within a TLS connection), so a
+    /// handler that needs, say, the client's SPIFFE id parses the certificate once, not once per
+    /// tunnel. One type is memoized per connection: asking for another `T` on the same
+    /// connection calls `derive` every time.
+    pub fn peer_memo<T: Clone + Send + Sync + 'static>(
+        &self,
+        derive: impl FnOnce(&[CertificateDer<'static>]) -> T,
+    ) -> T {
+        self.inner.peer.memo(derive)
     }
 
     /// Answers `200` and returns the tunnel.
@@ -450,6 +491,31 @@ fn is_transient_accept_error(e: &std::io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_peer_memo_derives_once_per_connection_and_per_type() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let peer = PeerInfo {
+            certificates: vec![CertificateDer::from(vec![1u8, 2, 3])].into(),
+            memo: std::sync::OnceLock::new(),
+        };
+        let calls = AtomicUsize::new(0);
+        let derive = |chain: &[CertificateDer<'static>]| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            chain[0].len()
+        };
+        assert_eq!(peer.memo(derive), 3);
+        assert_eq!(peer.memo(derive), 3);
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "derived again on the same connection"
+        );
+        // Another type is not mixed up with the memoized one: derived each time.
+        assert_eq!(peer.memo(|_| "other".to_owned()), "other");
+        assert_eq!(peer.memo(derive), 3);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
 
     #[test]
     fn a_ping_on_a_closed_connection_is_reported_as_closed_not_as_a_timeout() {

@@ -137,7 +137,11 @@ impl<C: Connector> Inbound<C> {
             let why = "the proxy is draining (shutting down)".to_owned();
             return Err(refuse(req, outcome, StatusCode::SERVICE_UNAVAILABLE, why));
         }
-        let peer = match identity::tls::peer_spiffe_id(req.peer_certificates()) {
+        // Parsed once per HBONE connection (7% of the server's cycles with 8 clients connecting
+        // in a loop, when it was parsed for every CONNECT).
+        let peer = match req
+            .peer_memo(|chain| identity::tls::peer_spiffe_id(chain).map_err(|e| e.to_string()))
+        {
             Ok(id) => id,
             Err(e) => {
                 let why = format!("the client's certificate has no usable SPIFFE id: {e}");
