@@ -179,25 +179,13 @@ impl<C: Connector> Inbound<C> {
         ends.destination = Some(&local);
         outcome.destination_uid = Some(local.uid.clone());
         let registered = self.connections.register(connection, &local.uid);
-        let app =
-            match tokio::time::timeout(self.connect_timeout, self.connector.connect(destination))
-                .await
-            {
-                Ok(Ok(app)) => app,
-                Ok(Err(e)) => {
-                    self.metrics.failed(DESTINATION, ends, "CONNECT");
-                    let why = format!("cannot connect to the app at {destination}: {e}");
-                    return Err(refuse(req, outcome, StatusCode::SERVICE_UNAVAILABLE, why));
-                }
-                Err(_) => {
-                    self.metrics.failed(DESTINATION, ends, "CONNECT");
-                    let why = format!(
-                        "the app at {destination} did not accept within {:?}",
-                        self.connect_timeout
-                    );
-                    return Err(refuse(req, outcome, StatusCode::SERVICE_UNAVAILABLE, why));
-                }
-            };
+        let app = match dial_app(&self.connector, destination, self.connect_timeout).await {
+            Ok(app) => app,
+            Err(why) => {
+                self.metrics.failed(DESTINATION, ends, "CONNECT");
+                return Err(refuse(req, outcome, StatusCode::SERVICE_UNAVAILABLE, why));
+            }
+        };
         let open = self.metrics.opened(DESTINATION, ends);
         drop(state);
         let _ = app.set_nodelay(true);
@@ -236,20 +224,48 @@ impl<C: Connector> Inbound<C> {
             registered,
             ..
         } = &mut established;
-        tokio::select! {
-            copied = hbone::copy_tunnel_bidirectional(tunnel, app) => match copied {
-                Ok(t) => outcome.bytes = (t.a_to_b, t.b_to_a),
-                Err(e) => {
-                    outcome.bytes = (e.transferred.a_to_b, e.transferred.b_to_a);
-                    outcome.error = Some(e.to_string());
-                }
-            },
-            reason = registered.closed() => {
-                outcome.error = Some(format!("connection closed due to policy change: {reason}"));
-            }
-        }
+        let copy = std::pin::pin!(hbone::copy_tunnel_bidirectional(tunnel, app));
+        copy_until_closed(copy, registered, &mut outcome).await;
         outcome.duration = started.elapsed();
         outcome
+    }
+}
+
+/// Dials the app at `destination` through `connector`, giving up after `timeout`; on failure,
+/// why (both inbound paths log and answer it).
+pub(crate) async fn dial_app<C: Connector>(
+    connector: &C,
+    destination: SocketAddr,
+    timeout: Duration,
+) -> Result<tokio::net::TcpStream, String> {
+    match tokio::time::timeout(timeout, connector.connect(destination)).await {
+        Ok(Ok(app)) => Ok(app),
+        Ok(Err(e)) => Err(format!("cannot connect to the app at {destination}: {e}")),
+        Err(_) => Err(format!(
+            "the app at {destination} did not accept within {timeout:?}"
+        )),
+    }
+}
+
+/// Runs an inbound connection's `copy` until it ends or a policy change closes the connection,
+/// recording the bytes moved and why it ended in `outcome`. `copy` is pinned by the caller, so the
+/// copy's state is stored once, in the caller's future.
+pub(crate) async fn copy_until_closed(
+    copy: std::pin::Pin<&mut impl Future<Output = Result<hbone::Transferred, hbone::CopyError>>>,
+    registered: &Registered,
+    outcome: &mut InboundOutcome,
+) {
+    tokio::select! {
+        copied = copy => match copied {
+            Ok(t) => outcome.bytes = (t.a_to_b, t.b_to_a),
+            Err(e) => {
+                outcome.bytes = (e.transferred.a_to_b, e.transferred.b_to_a);
+                outcome.error = Some(e.to_string());
+            }
+        },
+        reason = registered.closed() => {
+            outcome.error = Some(format!("connection closed due to policy change: {reason}"));
+        }
     }
 }
 

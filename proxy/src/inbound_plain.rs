@@ -12,7 +12,9 @@ use tokio::net::TcpStream;
 
 use crate::addr::{ClientAddr, OrigDst};
 use crate::connections::Connections;
-use crate::inbound::{DESTINATION, InboundOutcome, authorize, failure_flags};
+use crate::inbound::{
+    DESTINATION, InboundOutcome, authorize, copy_until_closed, dial_app, failure_flags,
+};
 use crate::metrics::{Ends, Flow, Metrics};
 use crate::sockets::Connector;
 use crate::state::{LocalWorkload, StateStore};
@@ -111,20 +113,15 @@ impl<C: Connector> PlainInbound<C> {
         ends.destination = Some(&local);
         outcome.destination_uid = Some(local.uid.clone());
         let registered = self.connections.register(connection, &local.uid);
-        let connect = Box::pin(self.connector.connect(destination.0));
-        let app = match tokio::time::timeout(self.connect_timeout, connect).await {
-            Ok(Ok(app)) => app,
-            Ok(Err(e)) => {
+        let connect = Box::pin(dial_app(
+            &self.connector,
+            destination.0,
+            self.connect_timeout,
+        ));
+        let app = match connect.await {
+            Ok(app) => app,
+            Err(why) => {
                 self.metrics.failed(DESTINATION, ends, "CONNECT");
-                let why = format!("cannot connect to the app at {destination}: {e}");
-                return refuse(outcome, 503, why);
-            }
-            Err(_) => {
-                self.metrics.failed(DESTINATION, ends, "CONNECT");
-                let why = format!(
-                    "the app at {destination} did not accept within {:?}",
-                    self.connect_timeout
-                );
                 return refuse(outcome, 503, why);
             }
         };
@@ -132,18 +129,8 @@ impl<C: Connector> PlainInbound<C> {
         drop(state);
         let mut app = open.count(app, Flow::Sent);
         outcome.status = 200;
-        tokio::select! {
-            copied = hbone::copy_bidirectional(&mut client, &mut app) => match copied {
-                Ok(t) => outcome.bytes = (t.a_to_b, t.b_to_a),
-                Err(e) => {
-                    outcome.bytes = (e.transferred.a_to_b, e.transferred.b_to_a);
-                    outcome.error = Some(e.to_string());
-                }
-            },
-            reason = registered.closed() => {
-                outcome.error = Some(format!("connection closed due to policy change: {reason}"));
-            }
-        }
+        let copy = std::pin::pin!(hbone::copy_bidirectional(&mut client, &mut app));
+        copy_until_closed(copy, &registered, &mut outcome).await;
         outcome.duration = started.elapsed();
         outcome
     }
