@@ -40,7 +40,7 @@
 //! # }
 //! # fn certs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
 //! #     use rcgen::{CertificateParams, KeyPair, SanType, IsCa, BasicConstraints};
-//! #     let provider = Arc::new(rustls::crypto::ring::default_provider());
+//! #     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
 //! #     let ca_key = KeyPair::generate().unwrap();
 //! #     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
 //! #     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
