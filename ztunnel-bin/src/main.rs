@@ -30,7 +30,20 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let result = runtime.block_on(cmd::run(cli.command, log_control));
+    // The command runs as a task on the runtime's workers, not in `block_on` on this thread: a
+    // proxy's accept loops inside `block_on` ran on the main thread, so every accepted
+    // connection was handed across threads to a worker (a futex wake-up each, and a second
+    // thread busy in what is configured as a one-worker proxy). BENCHMARKS.md, issue 12 lever 7.
+    let joined = runtime.block_on(runtime.spawn(cmd::run(cli.command, log_control)));
+    let result = match joined.map_err(tokio::task::JoinError::try_into_panic) {
+        Ok(result) => result,
+        Err(Ok(panic)) => std::panic::resume_unwind(panic),
+        Err(Err(e)) => {
+            // Only a runtime shutdown cancels it, and that cannot happen inside block_on.
+            eprintln!("ztunnel: the command's task ended early: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     // Do not wait for blocking stdin readers or lingering connections.
     runtime.shutdown_background();
     match result {
