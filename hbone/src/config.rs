@@ -25,6 +25,10 @@ pub struct Config {
     /// rustls asks for one TLS record (~16 KiB) at a time, so without this buffer a bulk
     /// transfer costs one `recvfrom` per record.
     pub read_buffer: usize,
+    /// Bytes of encrypted records rustls may queue for the socket (its buffer limit). Each
+    /// write to the socket carries what is queued, several records in one `writev`, so a bulk
+    /// transfer costs one syscall per this many bytes (rustls's own default is 64 KiB).
+    pub tls_write_buffer: usize,
     /// How often to send an HTTP/2 PING on a connection; `None` disables keepalive.
     pub keepalive_interval: Option<Duration>,
     /// How long to wait for the PING's answer before the connection is declared dead.
@@ -61,6 +65,7 @@ impl Default for Config {
             max_send_buffer: 1024 * 1024,
             max_concurrent_streams: 100,
             read_buffer: 64 * 1024,
+            tls_write_buffer: 256 * 1024,
             keepalive_interval: Some(Duration::from_secs(10)),
             keepalive_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
@@ -94,6 +99,11 @@ impl Config {
             .max_header_list_size(self.max_header_list_size)
             .max_concurrent_streams(self.max_concurrent_streams);
         b
+    }
+
+    /// `tls_write_buffer`, at least two full TLS records so that writes always make progress.
+    pub(crate) fn tls_write_limit(&self) -> usize {
+        self.tls_write_buffer.max(2 * (16 * 1024 + 256))
     }
 
     fn clamped_frame_size(&self) -> u32 {

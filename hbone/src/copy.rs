@@ -233,9 +233,10 @@ struct IntoTunnel {
 
 /// Size of the stack buffer for small reads; a read that fills it switches to heap reads.
 const STACK_READ: usize = 16 * 1024;
-/// Size of the heap reads of a bulk flow: below glibc's mmap threshold (for embedders that keep
-/// glibc's allocator), large enough that the tunnel sends few, big DATA frames.
-const MAX_TUNNEL_READ: usize = 64 * 1024;
+/// Size of the heap reads of a bulk flow: large, so that a bulk transfer costs few reads here,
+/// few big DATA frames (up to the peer's SETTINGS_MAX_FRAME_SIZE, ours is 256 KiB) and so few
+/// writes to the destination on the far side.
+const MAX_TUNNEL_READ: usize = 256 * 1024;
 
 impl IntoTunnel {
     /// Reads the next bytes into `staged`; Ready(Ok(false)) at EOF.
@@ -484,5 +485,14 @@ mod tests {
         assert_eq!(fill(&mut pump, &mut reader), Poll::Pending);
         assert_eq!(pump.buf.capacity(), 0, "the paused flow kept its buffer");
         assert_eq!(pump.read_size, 0);
+    }
+
+    #[test]
+    fn a_bulk_flow_moves_a_quarter_mebibyte_per_read() {
+        let mut pump = IntoTunnel::default();
+        let mut reader = Script(VecDeque::from([vec![1; STACK_READ], vec![2; 1024 * 1024]]));
+        assert_eq!(fill(&mut pump, &mut reader), Poll::Ready(STACK_READ));
+        assert_eq!(fill(&mut pump, &mut reader), Poll::Ready(256 * 1024));
+        assert_eq!(fill(&mut pump, &mut reader), Poll::Ready(256 * 1024));
     }
 }

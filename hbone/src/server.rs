@@ -266,6 +266,9 @@ impl<H: ConnectHandler> Server<H> {
                 }
             };
             tls.get_mut().0.allocate(cfg.read_buffer);
+            tls.get_mut()
+                .1
+                .set_buffer_limit(Some(cfg.tls_write_limit()));
             Ok((tls, certs))
         };
         let (tls, certs) = tokio::time::timeout(cfg.tls_handshake_timeout, tls_handshake)

@@ -726,3 +726,110 @@ async fn copy_scenario(zero_copy: bool) {
     assert_eq!((counts[0].a_to_b, counts[0].b_to_a), (500_000, 500_000));
     task.abort();
 }
+
+/// A socket that remembers the largest single write (or `writev`) made on it.
+struct WriteSizes {
+    inner: TcpStream,
+    largest: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl tokio::io::AsyncRead for WriteSizes {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for WriteSizes {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.largest.fetch_max(buf.len(), Ordering::Relaxed);
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let len = bufs.iter().map(|b| b.len()).sum();
+        self.largest.fetch_max(len, Ordering::Relaxed);
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A bulk download is written to the socket several TLS records per syscall: with the default
+/// `tls_write_buffer` (256 KiB) some writes carry more than 128 KiB, where rustls's own 64 KiB
+/// limit would cap every write near 64 KiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_data_leaves_in_writes_of_several_records() {
+    const TOTAL: usize = 8 * 1024 * 1024;
+    let pki = Pki::new();
+    let server = Server::new(
+        Config::default(),
+        pki.server_config(),
+        |req: InboundConnect| async move {
+            let mut tunnel = req.accept().unwrap();
+            let chunk = vec![7u8; 256 * 1024];
+            for _ in 0..TOTAL / chunk.len() {
+                tunnel.write_all(&chunk).await.unwrap();
+            }
+            tunnel.shutdown().await.unwrap();
+        },
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let largest = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let largest2 = largest.clone();
+    tokio::spawn(async move {
+        let (tcp, peer) = listener.accept().await.unwrap();
+        let io = WriteSizes {
+            inner: tcp,
+            largest: largest2,
+        };
+        let _ = server.serve_io(io, addr, peer).await;
+    });
+    let mut tunnel = pool(&pki, Config::default())
+        .connect("k", addr, &authority(), HeaderMap::new())
+        .await
+        .unwrap();
+    let mut received = 0;
+    let mut buf = vec![0u8; 1024 * 1024];
+    loop {
+        let n = tunnel.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        received += n;
+    }
+    assert_eq!(received, TOTAL);
+    let largest = largest.load(Ordering::Relaxed);
+    assert!(
+        largest > 128 * 1024,
+        "the largest write to the socket carried {largest} bytes"
+    );
+}

@@ -190,15 +190,24 @@ fn a_captured_connection_crosses_two_dedicated_proxies_with_the_clients_identity
 
     // SIGTERM drains: a connection open at that moment finishes, new ones are refused, and the
     // proxy exits 0 once it is done.
-    let slow = Command::new("ip")
+    let mut slow = Command::new("ip")
         .args(["netns", "exec", &a.0, "python3", "-c"])
         .arg(format!(
-            "import socket,time\ns=socket.create_connection(('{ip_b}',8080),timeout=10)\ns.sendall(b'first ')\ntime.sleep(1.5)\ns.sendall(b'and last')\ns.shutdown(socket.SHUT_WR)\nout=b''\nwhile True:\n  d=s.recv(4096)\n  if not d: break\n  out+=d\nprint(out.decode(),end='')"
+            "import socket,sys,time\ns=socket.create_connection(('{ip_b}',8080),timeout=10)\ns.sendall(b'first ')\ntime.sleep(0.3)\nsys.stderr.write('sent\\n'); sys.stderr.flush()\ntime.sleep(1.5)\ns.sendall(b'and last')\ns.shutdown(socket.SHUT_WR)\nout=b''\nwhile True:\n  d=s.recv(4096)\n  if not d: break\n  out+=d\nprint(out.decode(),end='')"
         ))
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // Wait until the connection is through both proxies (python's start-up in the namespace can
+    // take longer than any fixed sleep on a loaded machine).
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(slow.stderr.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line, "sent\n", "the slow client did not connect");
     let mut server = _server;
     assert!(run("kill", &["-TERM", &server.0.id().to_string()]));
     std::thread::sleep(Duration::from_millis(200));
