@@ -2,45 +2,41 @@
 //!
 //! rustls reads at most one TLS record (about 16 KiB) per call, so a bulk transfer would cost one
 //! syscall per record. Reading up to `capacity` bytes at once and serving rustls from memory costs
-//! a memcpy but saves most syscalls. Writes pass straight through.
+//! a memcpy but saves most syscalls. The buffer exists only while bytes arrive (an idle connection
+//! holds none). Writes pass straight through.
 
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// `T` with an optional read buffer; capacity 0 means reads go straight to `T`.
+///
+/// The buffer is taken only while bytes arrive: when the socket has nothing more to give and
+/// every buffered byte has been handed on, it is freed, so an idle connection holds none.
 #[derive(Debug)]
 pub(crate) struct ReadBuffer<T> {
     inner: T,
-    buf: Box<[u8]>,
-    start: usize,
-    end: usize,
+    capacity: usize,
+    /// Bytes read from `inner` and not yet handed on.
+    buf: BytesMut,
 }
 
 impl<T> ReadBuffer<T> {
     pub(crate) fn new(inner: T, capacity: usize) -> Self {
         ReadBuffer {
             inner,
-            buf: vec![0; capacity].into_boxed_slice(),
-            start: 0,
-            end: 0,
+            capacity,
+            buf: BytesMut::new(),
         }
     }
 
-    /// Gives an unbuffered reader (capacity 0) its buffer, keeping any bytes already held. The
-    /// server calls this once the TLS handshake has succeeded.
+    /// Lets an unbuffered reader (capacity 0) use a buffer from now on. The server and the
+    /// client call this once the TLS handshake has succeeded.
     pub(crate) fn allocate(&mut self, capacity: usize) {
-        if capacity <= self.buf.len() {
-            return;
-        }
-        let mut buf = vec![0; capacity].into_boxed_slice();
-        let held = self.end - self.start;
-        buf[..held].copy_from_slice(&self.buf[self.start..self.end]);
-        self.buf = buf;
-        self.start = 0;
-        self.end = held;
+        self.capacity = self.capacity.max(capacity);
     }
 }
 
@@ -51,19 +47,25 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadBuffer<T> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.start == this.end {
+        if this.buf.is_empty() {
             // Empty: large reads (or no buffer) go straight through, small ones refill.
-            if out.remaining() >= this.buf.len() {
+            if out.remaining() >= this.capacity {
                 return Pin::new(&mut this.inner).poll_read(cx, out);
             }
-            let mut fill = ReadBuf::new(&mut this.buf);
-            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut fill))?;
-            this.start = 0;
-            this.end = fill.filled().len();
+            // Reuses the allocation it still holds, or takes a new one.
+            this.buf.reserve(this.capacity);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.buf) {
+                Poll::Pending => {
+                    this.buf = BytesMut::new();
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(_)) => {}
+            }
         }
-        let n = (this.end - this.start).min(out.remaining());
-        out.put_slice(&this.buf[this.start..this.start + n]);
-        this.start += n;
+        let n = this.buf.len().min(out.remaining());
+        out.put_slice(&this.buf[..n]);
+        this.buf.advance(n);
         Poll::Ready(Ok(()))
     }
 }

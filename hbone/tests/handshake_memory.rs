@@ -1,6 +1,6 @@
-//! A connection that has not finished its handshake costs little memory: the large read buffer
-//! is allocated only once TLS succeeds. Measured with a counting allocator (its own test binary,
-//! so no other test allocates concurrently).
+//! A connection that has not finished its handshake costs little memory, and neither does an
+//! established one that is idle: the large read buffer under TLS is taken only while bytes
+//! arrive. Measured with a counting allocator (its own test binary; the tests take turns).
 
 mod support;
 
@@ -11,19 +11,32 @@ use std::time::Duration;
 
 use hbone::{Config, Server};
 use support::{Pki, echo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Counting;
 
 static LIVE: AtomicIsize = AtomicIsize::new(0);
+/// The tests measure the whole process's allocations, so they must not overlap.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Live bytes in allocations of at least [`LARGE_FROM`] bytes (buffers, not bookkeeping).
+static LARGE: AtomicIsize = AtomicIsize::new(0);
+const LARGE_FROM: usize = 32 * 1024;
+
+fn large(size: usize) -> isize {
+    if size >= LARGE_FROM { size as isize } else { 0 }
+}
 
 // SAFETY: forwards to the system allocator and only counts sizes.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        LARGE.fetch_add(large(layout.size()), Ordering::Relaxed);
         unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        LARGE.fetch_sub(large(layout.size()), Ordering::Relaxed);
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
@@ -31,6 +44,7 @@ unsafe impl GlobalAlloc for Counting {
             new_size as isize - layout.size() as isize,
             Ordering::Relaxed,
         );
+        LARGE.fetch_add(large(new_size) - large(layout.size()), Ordering::Relaxed);
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
@@ -40,6 +54,7 @@ static ALLOCATOR: Counting = Counting;
 
 #[tokio::test(flavor = "current_thread")]
 async fn connections_waiting_for_a_handshake_hold_no_read_buffer() {
+    let _turn = SERIAL.lock().await;
     let pki = Pki::new();
     let config = Config::default();
     let read_buffer = config.read_buffer;
@@ -66,4 +81,47 @@ async fn connections_waiting_for_a_handshake_hold_no_read_buffer() {
         "{per_connection} bytes per connection waiting for its TLS handshake"
     );
     drop(far_ends);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn idle_established_connections_hold_no_read_buffer() {
+    let _turn = SERIAL.lock().await;
+    let pki = Pki::new();
+    let read_buffer = Config::default().read_buffer;
+    let server = Server::new(Config::default(), pki.server_config(), echo);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { server.serve(listener).await });
+    // One tunnel per connection, so that N tunnels make N connections.
+    let mut config = Config::default();
+    config.max_concurrent_streams = 1;
+    let pool = hbone::Pool::new(config, hbone::StaticTls(pki.client_config()));
+    let authority: hbone::Authority = "10.0.0.1:8080".parse().unwrap();
+    const N: usize = 20;
+    // A first connection warms up what is allocated once per process.
+    let mut tunnels = Vec::new();
+    let open = async |tunnels: &mut Vec<hbone::Tunnel>| {
+        let mut t = pool
+            .connect("k", addr, &authority, http::HeaderMap::new())
+            .await
+            .unwrap();
+        t.write_all(b"ping").await.unwrap();
+        let mut back = [0u8; 4];
+        t.read_exact(&mut back).await.unwrap();
+        tunnels.push(t);
+    };
+    open(&mut tunnels).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = LARGE.load(Ordering::Relaxed);
+    for _ in 0..N {
+        open(&mut tunnels).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // HTTP/2's own buffers are 16 KiB or less; a 64 KiB read buffer kept by an idle connection
+    // (on either end) shows up here.
+    let per_connection = (LARGE.load(Ordering::Relaxed) - before) / N as isize;
+    assert!(
+        per_connection < (read_buffer / 2) as isize,
+        "{per_connection} bytes in buffers of {LARGE_FROM} bytes or more per idle connection (both ends)"
+    );
 }
