@@ -17,6 +17,9 @@ use crate::pool::StreamSlot;
 
 /// Smallest staging allocation for writes.
 const WRITE_CHUNK: usize = 16 * 1024;
+/// Writes smaller than this are copied into a chunk of their own size instead of the staging
+/// buffer, so a tunnel that exchanged a few small messages holds no buffer while it waits.
+const SMALL_WRITE: usize = 4 * 1024;
 
 /// A tunneled connection. Obtained from [`Pool::connect`](crate::Pool::connect) on the client and
 /// from [`InboundConnect::accept`](crate::InboundConnect::accept) on the server.
@@ -180,17 +183,24 @@ impl AsyncWrite for Tunnel {
         }
         let this = self.get_mut();
         let n = ready!(this.poll_send_capacity(cx, buf.len()))?.min(buf.len());
-        // `reserve` reclaims the previous allocation when h2 has dropped the last chunk, so bulk
-        // writes do not allocate (and page-fault) a fresh buffer every time.
-        this.write_buf.reserve(n.max(WRITE_CHUNK));
-        this.write_buf.extend_from_slice(&buf[..n]);
-        let chunk = this.write_buf.split().freeze();
+        let chunk = if n < SMALL_WRITE {
+            // A small message gets a chunk of its own size: an idle tunnel keeps nothing.
+            Bytes::copy_from_slice(&buf[..n])
+        } else {
+            // `reserve` reclaims the previous allocation when h2 has dropped the last chunk, so
+            // bulk writes do not allocate (and page-fault) a fresh buffer every time.
+            this.write_buf.reserve(n.max(WRITE_CHUNK));
+            this.write_buf.extend_from_slice(&buf[..n]);
+            this.write_buf.split().freeze()
+        };
         this.send.send_data(chunk, false).map_err(h2_to_io)?;
         Poll::Ready(Ok(n))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // The connection task writes queued frames as soon as it can; there is nothing to push.
+        // A writer flushes when it pauses: let the staging buffer go until it writes again.
+        self.get_mut().write_buf = BytesMut::new();
         Poll::Ready(Ok(()))
     }
 

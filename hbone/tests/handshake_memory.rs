@@ -125,3 +125,55 @@ async fn idle_established_connections_hold_no_read_buffer() {
         "{per_connection} bytes in buffers of {LARGE_FROM} bytes or more per idle connection (both ends)"
     );
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn idle_tunnels_after_a_small_exchange_hold_no_write_buffer() {
+    let _turn = SERIAL.lock().await;
+    let pki = Pki::new();
+    // A handler that answers one small message and then waits, holding nothing of its own.
+    let server = Server::new(
+        Config::default(),
+        pki.server_config(),
+        |req: hbone::InboundConnect| async move {
+            let mut t = req.accept().unwrap();
+            let mut msg = [0u8; 4];
+            if t.read_exact(&mut msg).await.is_ok() && t.write_all(&msg).await.is_ok() {
+                let _ = t.flush().await;
+                let mut rest = Vec::new();
+                let _ = t.read_to_end(&mut rest).await;
+            }
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { server.serve(listener).await });
+    let pool = hbone::Pool::new(Config::default(), hbone::StaticTls(pki.client_config()));
+    let authority: hbone::Authority = "10.0.0.1:8080".parse().unwrap();
+    let open = async |tunnels: &mut Vec<hbone::Tunnel>| {
+        let mut t = pool
+            .connect("k", addr, &authority, http::HeaderMap::new())
+            .await
+            .unwrap();
+        t.write_all(b"ping").await.unwrap();
+        t.flush().await.unwrap();
+        let mut back = [0u8; 4];
+        t.read_exact(&mut back).await.unwrap();
+        tunnels.push(t);
+    };
+    let mut tunnels = Vec::new();
+    open(&mut tunnels).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    const N: usize = 50;
+    let before = LIVE.load(Ordering::Relaxed);
+    for _ in 0..N {
+        open(&mut tunnels).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Both ends of each tunnel (streams of one connection): without a kept 16 KiB staging buffer
+    // per end, a few KiB.
+    let per_tunnel = (LIVE.load(Ordering::Relaxed) - before) / N as isize;
+    assert!(
+        per_tunnel < 12 * 1024,
+        "{per_tunnel} bytes per idle tunnel (both ends)"
+    );
+}
