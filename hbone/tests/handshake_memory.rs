@@ -96,30 +96,9 @@ async fn idle_established_connections_hold_no_read_buffer() {
     let mut config = Config::default();
     config.max_concurrent_streams = 1;
     let pool = hbone::Pool::new(config, hbone::StaticTls(pki.client_config()));
-    let authority: hbone::Authority = "10.0.0.1:8080".parse().unwrap();
-    const N: usize = 20;
-    // A first connection warms up what is allocated once per process.
-    let mut tunnels = Vec::new();
-    let open = async |tunnels: &mut Vec<hbone::Tunnel>| {
-        let mut t = pool
-            .connect("k", addr, &authority, http::HeaderMap::new())
-            .await
-            .unwrap();
-        t.write_all(b"ping").await.unwrap();
-        let mut back = [0u8; 4];
-        t.read_exact(&mut back).await.unwrap();
-        tunnels.push(t);
-    };
-    open(&mut tunnels).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let before = LARGE.load(Ordering::Relaxed);
-    for _ in 0..N {
-        open(&mut tunnels).await;
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
     // HTTP/2's own buffers are 16 KiB or less; a 64 KiB read buffer kept by an idle connection
     // (on either end) shows up here.
-    let per_connection = (LARGE.load(Ordering::Relaxed) - before) / N as isize;
+    let per_connection = growth_per_idle_tunnel(&pool, addr, 20, &LARGE).await;
     assert!(
         per_connection < (read_buffer / 2) as isize,
         "{per_connection} bytes in buffers of {LARGE_FROM} bytes or more per idle connection (both ends)"
@@ -148,8 +127,25 @@ async fn idle_tunnels_after_a_small_exchange_hold_no_write_buffer() {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { server.serve(listener).await });
     let pool = hbone::Pool::new(Config::default(), hbone::StaticTls(pki.client_config()));
+    // Both ends of each tunnel (streams of one connection): without a kept 16 KiB staging buffer
+    // per end, a few KiB.
+    let per_tunnel = growth_per_idle_tunnel(&pool, addr, 50, &LIVE).await;
+    assert!(
+        per_tunnel < 12 * 1024,
+        "{per_tunnel} bytes per idle tunnel (both ends)"
+    );
+}
+
+/// Opens one tunnel to warm up, then `n` more, each after a 4-byte exchange, and returns how much
+/// `counter` grew per tunnel once they are all idle (they stay open until then).
+async fn growth_per_idle_tunnel(
+    pool: &hbone::Pool<&'static str, hbone::StaticTls>,
+    addr: SocketAddr,
+    n: usize,
+    counter: &AtomicIsize,
+) -> isize {
     let authority: hbone::Authority = "10.0.0.1:8080".parse().unwrap();
-    let open = async |tunnels: &mut Vec<hbone::Tunnel>| {
+    let open = async || {
         let mut t = pool
             .connect("k", addr, &authority, http::HeaderMap::new())
             .await
@@ -158,22 +154,14 @@ async fn idle_tunnels_after_a_small_exchange_hold_no_write_buffer() {
         t.flush().await.unwrap();
         let mut back = [0u8; 4];
         t.read_exact(&mut back).await.unwrap();
-        tunnels.push(t);
+        t
     };
-    let mut tunnels = Vec::new();
-    open(&mut tunnels).await;
+    let mut tunnels = vec![open().await];
     tokio::time::sleep(Duration::from_millis(100)).await;
-    const N: usize = 50;
-    let before = LIVE.load(Ordering::Relaxed);
-    for _ in 0..N {
-        open(&mut tunnels).await;
+    let before = counter.load(Ordering::Relaxed);
+    for _ in 0..n {
+        tunnels.push(open().await);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    // Both ends of each tunnel (streams of one connection): without a kept 16 KiB staging buffer
-    // per end, a few KiB.
-    let per_tunnel = (LIVE.load(Ordering::Relaxed) - before) / N as isize;
-    assert!(
-        per_tunnel < 12 * 1024,
-        "{per_tunnel} bytes per idle tunnel (both ends)"
-    );
+    (counter.load(Ordering::Relaxed) - before) / n as isize
 }
