@@ -102,9 +102,16 @@ impl Config {
         b
     }
 
-    /// `tls_write_buffer`, at least two full TLS records so that writes always make progress.
-    pub(crate) fn tls_write_limit(&self) -> usize {
-        self.tls_write_buffer.max(2 * (16 * 1024 + 256))
+    /// Sizes the buffers of a connection whose TLS handshake has just succeeded, on either side:
+    /// the read buffer under TLS gets `read_buffer`, and rustls may queue `tls_write_buffer` of
+    /// records (at least two full records, so that writes always make progress).
+    pub(crate) fn size_established<T, D>(
+        &self,
+        io: &mut crate::read_buffer::ReadBuffer<T>,
+        tls: &mut rustls::ConnectionCommon<D>,
+    ) {
+        io.set_capacity(self.read_buffer);
+        tls.set_buffer_limit(Some(self.tls_write_buffer.max(2 * (16 * 1024 + 256))));
     }
 
     fn clamped_frame_size(&self) -> u32 {

@@ -357,8 +357,7 @@ where
             // HBONE needs no SNI; an IP server name makes rustls send none. Identity is checked
             // by the configuration's verifier (URI SANs), not by this name.
             let name = ServerName::IpAddress(target.ip().into());
-            // The read buffer under TLS is allocated once the handshake has succeeded, as on
-            // the server.
+            // No read buffer under TLS until the handshake has succeeded, as on the server.
             let mut tls = tokio_rustls::TlsConnector::from(tls_config)
                 .connect(name, crate::read_buffer::ReadBuffer::new(tcp, 0))
                 .await
@@ -368,10 +367,8 @@ where
                     source,
                 })?;
             check_session(tls.get_ref().1, Side::Client, target)?;
-            tls.get_mut().0.allocate(cfg.read_buffer);
-            tls.get_mut()
-                .1
-                .set_buffer_limit(Some(cfg.tls_write_limit()));
+            let (io, session) = tls.get_mut();
+            cfg.size_established(io, session);
             Ok(tls)
         };
         let tls = tokio::time::timeout(cfg.tls_handshake_timeout, tls_handshake)

@@ -33,9 +33,9 @@ impl<T> ReadBuffer<T> {
         }
     }
 
-    /// Lets an unbuffered reader (capacity 0) use a buffer from now on. The server and the
-    /// client call this once the TLS handshake has succeeded.
-    pub(crate) fn allocate(&mut self, capacity: usize) {
+    /// Lets an unbuffered reader (capacity 0) use a buffer of `capacity` from now on (taken at
+    /// the next read that needs it). Called once the TLS handshake has succeeded.
+    pub(crate) fn set_capacity(&mut self, capacity: usize) {
         self.capacity = self.capacity.max(capacity);
     }
 }

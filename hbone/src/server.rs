@@ -265,10 +265,8 @@ impl<H: ConnectHandler> Server<H> {
                     });
                 }
             };
-            tls.get_mut().0.allocate(cfg.read_buffer);
-            tls.get_mut()
-                .1
-                .set_buffer_limit(Some(cfg.tls_write_limit()));
+            let (io, session) = tls.get_mut();
+            cfg.size_established(io, session);
             Ok((tls, certs))
         };
         let (tls, certs) = tokio::time::timeout(cfg.tls_handshake_timeout, tls_handshake)
