@@ -2,26 +2,32 @@
 //!
 //! rustls reads at most one TLS record (about 16 KiB) per call, so a bulk transfer would cost one
 //! syscall per record. Reading up to `capacity` bytes at once and serving rustls from memory costs
-//! a memcpy but saves most syscalls. The buffer exists only while bytes arrive (an idle connection
-//! holds none). Writes pass straight through.
+//! a memcpy but saves most syscalls. The buffer exists only during a burst: the first read after
+//! a pause goes straight into the caller's buffer, and only a read that fills it (more is likely
+//! waiting) makes the next one go through our buffer. A small message (a request, a reply) thus
+//! costs no allocation and no copy, and an idle connection holds no buffer. Writes pass straight
+//! through.
 
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// `T` with an optional read buffer; capacity 0 means reads go straight to `T`.
 ///
-/// The buffer is taken only while bytes arrive: when the socket has nothing more to give and
-/// every buffered byte has been handed on, it is freed, so an idle connection holds none.
+/// The buffer is taken only during a burst (a read straight into the caller's buffer filled
+/// it); when the socket has nothing more to give and every buffered byte has been handed on, it
+/// is freed and the burst is over, so an idle connection holds none.
 #[derive(Debug)]
 pub(crate) struct ReadBuffer<T> {
     inner: T,
     capacity: usize,
     /// Bytes read from `inner` and not yet handed on.
     buf: BytesMut,
+    /// The last read filled the caller's buffer: read through `buf` until the socket runs dry.
+    burst: bool,
 }
 
 impl<T> ReadBuffer<T> {
@@ -30,6 +36,7 @@ impl<T> ReadBuffer<T> {
             inner,
             capacity,
             buf: BytesMut::new(),
+            burst: false,
         }
     }
 
@@ -48,15 +55,20 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadBuffer<T> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.buf.is_empty() {
-            // Empty: large reads (or no buffer) go straight through, small ones refill.
-            if out.remaining() >= this.capacity {
-                return Pin::new(&mut this.inner).poll_read(cx, out);
+            // Empty: large reads (or no buffer), and the first read after a pause, go straight
+            // through; within a burst, small reads refill the buffer.
+            if out.remaining() >= this.capacity || !this.burst {
+                let wanted = out.remaining();
+                ready!(Pin::new(&mut this.inner).poll_read(cx, out))?;
+                this.burst = wanted > 0 && out.remaining() == 0 && wanted < this.capacity;
+                return Poll::Ready(Ok(()));
             }
             // Reuses the allocation it still holds, or takes a new one.
             this.buf.reserve(this.capacity);
             match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.buf) {
                 Poll::Pending => {
                     this.buf = BytesMut::new();
+                    this.burst = false;
                     return Poll::Pending;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -125,6 +137,30 @@ mod tests {
             }
             assert_eq!(out, data, "capacity {capacity}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_small_message_is_read_without_a_buffer_and_a_burst_with_one() {
+        let (mut far, near) = tokio::io::duplex(1 << 20);
+        let mut reader = ReadBuffer::new(near, 65_536);
+        let mut out = [0u8; 4096];
+
+        // A message smaller than the reader's own buffer goes straight into it.
+        far.write_all(&[7u8; 1000]).await.unwrap();
+        assert_eq!(reader.read(&mut out).await.unwrap(), 1000);
+        assert_eq!(reader.buf.capacity(), 0, "a small message took a buffer");
+
+        // A read that fills the reader's buffer starts a burst: the next read takes a large
+        // piece into the buffer, and the rest is served from memory.
+        far.write_all(&[9u8; 100_000]).await.unwrap();
+        assert_eq!(reader.read(&mut out).await.unwrap(), 4096);
+        assert_eq!(reader.buf.capacity(), 0);
+        assert_eq!(reader.read(&mut out).await.unwrap(), 4096);
+        assert_eq!(
+            reader.buf.len(),
+            65_536 - 4096,
+            "the burst was not read in one piece"
+        );
     }
 
     #[tokio::test]
