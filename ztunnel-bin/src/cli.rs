@@ -88,7 +88,8 @@ pub(crate) struct ProxyArgs {
     /// several share a name).
     #[arg(long, env = "NODE_NAME", default_value = "")]
     pub(crate) node_name: String,
-    /// Threads of the data path.
+    /// Threads of the data path. With 1, the proxy runs everything on its main thread (tokio's
+    /// single-threaded scheduler, the cheapest per message); with more, a work-stealing pool.
     #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub(crate) worker_threads: u16,
     /// Trust domain of the identities computed from local manifests.

@@ -19,9 +19,16 @@ fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
     let log_control = init_logging(&cli.log_level, cli.log_format == "json");
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    // The proxy's data path runs on ZTUNNEL_WORKER_THREADS threads.
+    // The proxy's data path runs on ZTUNNEL_WORKER_THREADS threads. With one, the runtime is
+    // tokio's single-threaded scheduler on this thread: no work-stealing bookkeeping, no wake-ups
+    // of idle workers, 5% fewer instructions per forwarded message than a one-worker multi-thread
+    // runtime (BENCHMARKS.md, issue 12 lever 12).
     if let cli::Command::Proxy(args) = &cli.command {
-        builder.worker_threads(usize::from(args.worker_threads));
+        if args.worker_threads == 1 {
+            builder = tokio::runtime::Builder::new_current_thread();
+        } else {
+            builder.worker_threads(usize::from(args.worker_threads));
+        }
     }
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
@@ -34,6 +41,7 @@ fn main() -> std::process::ExitCode {
     // proxy's accept loops inside `block_on` ran on the main thread, so every accepted
     // connection was handed across threads to a worker (a futex wake-up each, and a second
     // thread busy in what is configured as a one-worker proxy). BENCHMARKS.md, issue 12 lever 7.
+    // (With the single-threaded scheduler, this thread is the worker and runs the task.)
     let joined = runtime.block_on(runtime.spawn(cmd::run(cli.command, log_control)));
     let result = match joined.map_err(tokio::task::JoinError::try_into_panic) {
         Ok(result) => result,
