@@ -58,8 +58,15 @@ pub fn traceparent() -> HeaderValue {
     while parent == [0; 8] {
         rng.fill_bytes(&mut parent);
     }
-    let value = format!("00-{}-{}-00", hex(&trace), hex(&parent));
-    HeaderValue::try_from(value).expect("hex is a valid header")
+    // "00-" 32 hex digits "-" 16 hex digits "-00", written in place (this runs once per
+    // outbound connection, and `format!` per byte cost more than the rest of the headers).
+    let mut value = [0u8; 55];
+    value[..3].copy_from_slice(b"00-");
+    hex_into(&trace, &mut value[3..35], HEX_LOWER);
+    value[35] = b'-';
+    hex_into(&parent, &mut value[36..52], HEX_LOWER);
+    value[52..].copy_from_slice(b"-00");
+    HeaderValue::from_bytes(&value).expect("hex is a valid header")
 }
 
 /// Builds a `baggage` value describing the client workload, as Istio's ztunnel does.
@@ -81,41 +88,53 @@ impl Baggage {
     /// The header value; members whose value is unset are omitted. Values are percent-encoded
     /// where W3C Baggage requires it.
     pub fn to_header(&self) -> HeaderValue {
-        let mut members = Vec::new();
-        let mut push = |key: String, value: &Option<String>| {
-            if let Some(v) = value {
-                members.push(format!("{key}={}", encode_baggage_value(v)));
+        let mut out = String::with_capacity(160);
+        let mut push = |key: [&str; 3], value: Option<&str>| {
+            let Some(value) = value else { return };
+            if !out.is_empty() {
+                out.push(',');
             }
+            key.iter().for_each(|part| out.push_str(part));
+            out.push('=');
+            encode_baggage_value(value, &mut out);
         };
-        push("k8s.cluster.name".into(), &self.cluster);
-        push("k8s.namespace.name".into(), &self.namespace);
+        push(["k8s.cluster.name", "", ""], self.cluster.as_deref());
+        push(["k8s.namespace.name", "", ""], self.namespace.as_deref());
         if let Some((kind, name)) = &self.workload {
             let kind = kind.to_ascii_lowercase();
             if !kind.is_empty() && kind.bytes().all(|b| b.is_ascii_alphanumeric()) {
-                push(format!("k8s.{kind}.name"), &Some(name.clone()));
+                push(["k8s.", &kind, ".name"], Some(name));
             }
         }
-        push("service.name".into(), &self.service_name);
-        push("service.version".into(), &self.service_version);
-        HeaderValue::try_from(members.join(",")).expect("encoded baggage is a valid header")
+        push(["service.name", "", ""], self.service_name.as_deref());
+        push(["service.version", "", ""], self.service_version.as_deref());
+        HeaderValue::try_from(out).expect("encoded baggage is a valid header")
     }
 }
 
-fn encode_baggage_value(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
+/// Appends `value` to `out`, percent-encoding what W3C Baggage does not allow as is.
+fn encode_baggage_value(value: &str, out: &mut String) {
     for b in value.bytes() {
         let plain = b.is_ascii_alphanumeric() || b"-._~!#$&'*+^`|/:?@".contains(&b);
         if plain {
             out.push(b as char);
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            out.push('%');
+            out.push(char::from(HEX_UPPER[usize::from(b >> 4)]));
+            out.push(char::from(HEX_UPPER[usize::from(b & 0xf)]));
         }
     }
-    out
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+const HEX_LOWER: &[u8; 16] = b"0123456789abcdef";
+const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
+
+/// Writes `bytes` as hex digits into `out` (twice as long as `bytes`).
+fn hex_into(bytes: &[u8], out: &mut [u8], digits: &[u8; 16]) {
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = digits[usize::from(b >> 4)];
+        pair[1] = digits[usize::from(b & 0xf)];
+    }
 }
 
 #[cfg(test)]
@@ -155,6 +174,24 @@ mod tests {
             (parts[0], parts[1].len(), parts[2].len(), parts[3]),
             ("00", 32, 16, "00")
         );
+        // W3C Trace Context: lower-case hex, and no all-zero id.
+        for id in &parts[1..3] {
+            assert!(
+                id.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+                "{text}"
+            );
+            assert!(id.bytes().any(|b| b != b'0'), "{text}");
+        }
+    }
+
+    #[test]
+    fn hex_digits_follow_the_bytes() {
+        let mut out = [0u8; 6];
+        hex_into(&[0x00, 0xa5, 0xff], &mut out, HEX_LOWER);
+        assert_eq!(&out, b"00a5ff");
+        hex_into(&[0x0f, 0x10, 0x9c], &mut out, HEX_UPPER);
+        assert_eq!(&out, b"0F109C");
     }
 
     #[test]
@@ -164,12 +201,17 @@ mod tests {
             namespace: Some("default".into()),
             workload: Some(("Deployment".into(), "sleep".into())),
             service_name: Some("sleep".into()),
-            service_version: Some("v 1".into()),
+            service_version: Some("v 1,é".into()),
         };
         assert_eq!(
             b.to_header(),
-            "k8s.cluster.name=Kubernetes,k8s.namespace.name=default,k8s.deployment.name=sleep,service.name=sleep,service.version=v%201"
+            "k8s.cluster.name=Kubernetes,k8s.namespace.name=default,k8s.deployment.name=sleep,service.name=sleep,service.version=v%201%2C%C3%A9"
         );
+        let only_version = Baggage {
+            service_version: Some("2".into()),
+            ..Baggage::default()
+        };
+        assert_eq!(only_version.to_header(), "service.version=2");
         assert_eq!(Baggage::default().to_header(), "");
     }
 }

@@ -149,6 +149,19 @@ pub enum WorkloadType {
     Job,
 }
 
+impl WorkloadType {
+    /// The kind in lower case, as in Istio's baggage key `k8s.<kind>.name` (`deployment`,
+    /// `cronjob`, `pod`, `job`).
+    pub fn kind(self) -> &'static str {
+        match self {
+            WorkloadType::Deployment => "deployment",
+            WorkloadType::CronJob => "cronjob",
+            WorkloadType::Pod => "pod",
+            WorkloadType::Job => "job",
+        }
+    }
+}
+
 /// A resource that could not be used, with the reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{what}: {reason}")]

@@ -395,7 +395,7 @@ fn request_headers(source: &Workload, client: ClientAddr) -> HeaderMap {
         cluster: Some(source.cluster_id.clone()).filter(|s| !s.is_empty()),
         namespace: Some(source.namespace.clone()),
         workload: Some((
-            format!("{:?}", source.workload_type).to_ascii_lowercase(),
+            source.workload_type.kind().to_owned(),
             source.workload_name.clone(),
         )),
         service_name: Some(source.canonical_name.clone()).filter(|s| !s.is_empty()),
