@@ -5,6 +5,7 @@
 
 mod cli;
 mod cmd;
+mod logfmt;
 
 use clap::Parser;
 
@@ -78,6 +79,7 @@ fn init_logging(level: &str, json: bool) -> cmd::LogControl {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let plain = (!json).then(|| {
         tracing_subscriber::fmt::layer()
+            .fmt_fields(logfmt::PlainFields)
             .with_writer(std::io::stderr)
             .with_ansi(ansi)
     });
