@@ -14,6 +14,8 @@
 //! ztunnel keeps every series for ever).
 
 use std::collections::{HashMap, HashSet};
+
+use foldhash::fast::RandomState;
 use std::fmt::Write as _;
 use std::io;
 use std::pin::Pin;
@@ -212,7 +214,7 @@ pub struct Series {
     open: AtomicI64,
     last_used: Mutex<Instant>,
     /// Uids of the source and destination workloads seen in it.
-    uids: Mutex<(HashSet<String>, HashSet<String>)>,
+    uids: Mutex<(HashSet<String, RandomState>, HashSet<String, RandomState>)>,
 }
 
 impl Default for Series {
@@ -254,7 +256,10 @@ impl Series {
 /// All series.
 #[derive(Debug)]
 pub struct Metrics {
-    series: Mutex<HashMap<Labels, Arc<Series>>>,
+    /// Hashed with foldhash (seeded per process), not SipHash: the labels of every new
+    /// connection are hashed here, and SipHash over its 15 strings was the biggest part of the
+    /// lookup (label values are workload metadata and CA-issued identities, not free input).
+    series: Mutex<HashMap<Labels, Arc<Series>, RandomState>>,
     /// How long a series of gone pods, with nothing open, is kept.
     pub expiry: Duration,
 }
@@ -363,7 +368,7 @@ impl Metrics {
                 return true;
             }
             let uids = lock(&s.uids);
-            let gone = |set: &HashSet<String>| {
+            let gone = |set: &HashSet<String, RandomState>| {
                 !set.is_empty() && set.iter().all(|u| state.workload(u).is_none())
             };
             !(gone(&uids.0) || gone(&uids.1))
