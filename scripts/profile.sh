@@ -4,13 +4,22 @@
 # for each side. Outside CI (needs root, perf, iperf3, python3; a release build).
 #
 #   scripts/profile.sh [iperf|crr|crr8] [SECONDS]
+#   scripts/profile.sh [count-rr|count-crr] [COUNT]
 #
 # iperf: one iperf3 stream through the pair. crr: sequential connect + 1 byte echo + close.
 # crr8: the same from 8 concurrent clients (a threaded echo server).
+# count-rr, count-crr: both proxies under valgrind's callgrind, counting the instructions each
+# spends per 1 KiB round trip on one connection (count-rr) or per connect + 1 byte echo + close
+# (count-crr), over COUNT of them after a warm-up. Instruction counts do not depend on how busy
+# the host is, so they show a change of a few percent that timing on a noisy machine cannot
+# (kernel work is not counted; needs valgrind). Reports `callgrind_annotate` files in OUT.
 # Env: ZT (our binary, default target/release/ztunnel), WORKERS (default 1), OUT (report dir).
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 LOAD="${1:-iperf}" SECS="${2:-10}"
+COUNT=""; case "$LOAD" in count-*) COUNT="$SECS" ;; esac
+# The counts include the access log (one line per connection), as the benchmark harness runs it.
+LOG=warn; [ -n "$COUNT" ] && LOG=info
 : "${ZT:=$REPO/target/release/ztunnel}" "${WORKERS:=1}" "${OUT:=$(mktemp -d)}"
 mkdir -p "$OUT"
 A=zprof-a B=zprof-b IP_A=10.77.0.1 IP_B=10.77.0.2
@@ -54,15 +63,17 @@ metadata: {name: web-api, namespace: default, labels: {app: web-api}}
 spec: {serviceAccountName: web-api, nodeName: node-b}
 status: {podIP: $IP_B}
 EOF
+VALGRIND=()
 proxy() { # NS SA NODE
-  ip netns exec "$1" env ${PROXY_ENV:-} ZTUNNEL_WORKER_THREADS=$WORKERS NODE_NAME="$3" RUST_LOG=warn "$ZT" proxy --mode dedicated \
+  [ -n "$COUNT" ] && VALGRIND=(valgrind --tool=callgrind --instr-atstart=no "--callgrind-out-file=$OUT/$2.callgrind")
+  ip netns exec "$1" env ${PROXY_ENV:-} ZTUNNEL_WORKER_THREADS=$WORKERS NODE_NAME="$3" RUST_LOG="$LOG" "${VALGRIND[@]}" "$ZT" proxy --mode dedicated \
     --workload "default/$2/$2" --local-manifests "$WORK/mesh.yaml" --cert "$WORK/$2/cert-chain.pem" \
     --key "$WORK/$2/key.pem" --ca "$WORK/$2/root-cert.pem" --admin-addr 127.0.0.1:15000 2>"$WORK/$2.log" &
 }
 proxy $A sleep node-a; CLIENT=$!
 proxy $B web-api node-b; SERVER=$!
 for n in $A $B; do
-  for _ in $(seq 100); do ip netns exec $n python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:15021/healthz/ready')" 2>/dev/null && break; sleep 0.1; done
+  for _ in $(seq 600); do ip netns exec $n python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:15021/healthz/ready')" 2>/dev/null && break; sleep 0.1; done
 done
 
 case "$LOAD" in
@@ -107,9 +118,51 @@ q=multiprocessing.Queue(); ps=[multiprocessing.Process(target=run,args=(q,)) for
 [p.start() for p in ps]; total=sum(q.get() for _ in ps); [p.join() for p in ps]
 print(total/$SECS, 'conn/s')" >"$OUT/load.txt" &
     ;;
-  *) echo "load: iperf, crr or crr8" >&2; exit 2 ;;
+  count-rr|count-crr)
+    ip netns exec $B python3 -c "
+import socket,threading
+l=socket.socket(); l.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1); l.bind(('$IP_B',8080)); l.listen(128)
+def echo(c):
+  while True:
+    d=c.recv(65536)
+    if not d: break
+    c.sendall(d)
+  c.close()
+while True:
+  c,_=l.accept(); threading.Thread(target=echo,args=(c,),daemon=True).start()" &
+    sleep 0.3
+    ip netns exec $A python3 -c "
+import socket,subprocess,sys
+def rr(s,n):
+  for _ in range(n):
+    s.sendall(b'x'*1024); got=0
+    while got < 1024: got+=len(s.recv(4096))
+def crr(n):
+  for _ in range(n):
+    s=socket.create_connection(('$IP_B',8080)); s.sendall(b'x'); s.recv(1); s.close()
+def instr(on):
+  for pid in ('$CLIENT','$SERVER'):
+    subprocess.run(['callgrind_control','-i',on,pid],check=True,capture_output=True)
+if '$LOAD'=='count-rr':
+  s=socket.create_connection(('$IP_B',8080)); rr(s,50); instr('on'); rr(s,$COUNT); instr('off'); s.close()
+else:
+  crr(20); instr('on'); crr($COUNT); instr('off')
+print('$COUNT', '$LOAD'[6:], 'measured')" >"$OUT/load.txt" &
+    ;;
+  *) echo "load: iperf, crr, crr8, count-rr or count-crr" >&2; exit 2 ;;
 esac
 LOADPID=$!
+if [ -n "$COUNT" ]; then
+  wait $LOADPID
+  kill -TERM $CLIENT $SERVER; wait $CLIENT $SERVER 2>/dev/null || true
+  unit=$([ "$LOAD" = count-rr ] && echo "1 KiB round trip" || echo connection)
+  for side in client server; do
+    total=$(sed -n 's/^totals: //p' "$OUT/$([ $side = client ] && echo sleep || echo web-api).callgrind")
+    echo "$side side: $((total / COUNT)) instructions per $unit ($total over $COUNT)"
+  done
+  echo "reports (callgrind_annotate): $OUT/sleep.callgrind (client) $OUT/web-api.callgrind (server)"
+  exit 0
+fi
 sleep 1
 perf record -F 499 --call-graph "${CALLGRAPH:-dwarf,32768}" -o "$OUT/client.data" -p $CLIENT -- sleep $((SECS - 2)) >/dev/null 2>&1 &
 perf record -F 499 --call-graph "${CALLGRAPH:-dwarf,32768}" -o "$OUT/server.data" -p $SERVER -- sleep $((SECS - 2)) >/dev/null 2>&1 &
