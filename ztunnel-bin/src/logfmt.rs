@@ -63,6 +63,21 @@ impl PlainVisitor<'_> {
         self.result = self.name(name).and_then(|()| self.writer.write_fmt(value));
     }
 
+    /// Writes `field` as `name=plain` when there is a `plain` text and the name allows it, skips
+    /// `log.*` fields (as the default does), and hands the rest to the default formatter.
+    fn field(
+        &mut self,
+        field: &Field,
+        plain: Option<fmt::Arguments<'_>>,
+        record: impl FnOnce(&mut DefaultVisitor<'_>),
+    ) {
+        match plain {
+            Some(value) if self.plain_name(field.name()) => self.value(field.name(), value),
+            _ if field.name().starts_with("log.") => {}
+            _ => self.delegate(record),
+        }
+    }
+
     /// Hands one field to the default formatter, writing into the same output.
     fn delegate(&mut self, record: impl FnOnce(&mut DefaultVisitor<'_>)) {
         if self.result.is_err() {
@@ -85,50 +100,39 @@ fn quotes_as_is(value: &str) -> bool {
 
 impl Visit for PlainVisitor<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        if self.plain_name(field.name()) && quotes_as_is(value) {
-            self.value(field.name(), format_args!("\"{value}\""));
-        } else if !field.name().starts_with("log.") {
-            self.delegate(|v| v.record_str(field, value));
-        }
+        let plain = quotes_as_is(value);
+        self.field(field, plain.then_some(format_args!("\"{value}\"")), |v| {
+            v.record_str(field, value)
+        });
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        if self.plain_name(field.name()) {
-            self.value(field.name(), format_args!("{value}"));
-        } else if !field.name().starts_with("log.") {
-            self.delegate(|v| v.record_u64(field, value));
-        }
+        self.field(field, Some(format_args!("{value}")), |v| {
+            v.record_u64(field, value)
+        });
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        if self.plain_name(field.name()) {
-            self.value(field.name(), format_args!("{value}"));
-        } else if !field.name().starts_with("log.") {
-            self.delegate(|v| v.record_i64(field, value));
-        }
+        self.field(field, Some(format_args!("{value}")), |v| {
+            v.record_i64(field, value)
+        });
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        if self.plain_name(field.name()) {
-            self.value(field.name(), format_args!("{value}"));
-        } else if !field.name().starts_with("log.") {
-            self.delegate(|v| v.record_bool(field, value));
-        }
+        self.field(field, Some(format_args!("{value}")), |v| {
+            v.record_bool(field, value)
+        });
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        if !field.name().starts_with("log.") {
-            self.delegate(|v| v.record_error(field, value));
-        }
+        self.field(field, None, |v| v.record_error(field, value));
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        if self.plain_name(field.name()) {
-            // What the default writes too (for `%value` fields, `Debug` is the `Display`).
-            self.value(field.name(), format_args!("{value:?}"));
-        } else if !field.name().starts_with("log.") {
-            self.delegate(|v| v.record_debug(field, value));
-        }
+        // What the default writes too (for `%value` fields, `Debug` is the `Display`).
+        self.field(field, Some(format_args!("{value:?}")), |v| {
+            v.record_debug(field, value)
+        });
     }
 }
 
