@@ -23,8 +23,10 @@ pub struct Config {
     pub max_concurrent_streams: u32,
     /// Bytes read from the socket per syscall, below TLS; 0 reads straight from the socket.
     /// rustls asks for one TLS record (~16 KiB) at a time, so without this buffer a bulk
-    /// transfer costs one `recvfrom` per record. The buffer is held only while bytes arrive:
-    /// a connection frees it when its socket has nothing more to read.
+    /// transfer costs one `recvfrom` per record. The buffer is held only during a burst (a
+    /// read that filled rustls's own buffer): the first read after a pause goes straight into
+    /// rustls, so a small message costs no buffer and no copy, and a connection frees the
+    /// buffer when its socket has nothing more to read.
     pub read_buffer: usize,
     /// Bytes of encrypted records rustls may queue for the socket (its buffer limit). Each
     /// write to the socket carries what is queued, several records in one `writev`, so a bulk
