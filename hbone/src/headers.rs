@@ -131,6 +131,7 @@ const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
 
 /// Writes `bytes` as hex digits into `out` (twice as long as `bytes`).
 fn hex_into(bytes: &[u8], out: &mut [u8], digits: &[u8; 16]) {
+    debug_assert_eq!(out.len(), 2 * bytes.len());
     for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
         pair[0] = digits[usize::from(b >> 4)];
         pair[1] = digits[usize::from(b & 0xf)];
