@@ -14,8 +14,6 @@
 //! ztunnel keeps every series for ever).
 
 use std::collections::{HashMap, HashSet};
-
-use foldhash::fast::RandomState;
 use std::fmt::Write as _;
 use std::io;
 use std::pin::Pin;
@@ -24,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use foldhash::fast::RandomState;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use xds_client::resources::{Service, Workload};
 

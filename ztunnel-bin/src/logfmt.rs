@@ -39,13 +39,12 @@ pub(crate) struct PlainVisitor<'a> {
 }
 
 impl PlainVisitor<'_> {
-    /// Whether `name` is written as `name=value` here (the default formatter treats `message`,
-    /// `log.*` and raw identifiers specially, and styles names when colours are on).
+    /// Whether `name` is written as `name=value` here (the default formatter treats `message`
+    /// and raw identifiers specially, and styles names when colours are on).
     fn plain_name(&self, name: &str) -> bool {
         self.result.is_ok()
             && !self.writer.has_ansi_escapes()
             && name != "message"
-            && !name.starts_with("log.")
             && !name.starts_with("r#")
     }
 
@@ -63,17 +62,19 @@ impl PlainVisitor<'_> {
         self.result = self.name(name).and_then(|()| self.writer.write_fmt(value));
     }
 
-    /// Writes `field` as `name=plain` when there is a `plain` text and the name allows it, skips
-    /// `log.*` fields (as the default does), and hands the rest to the default formatter.
+    /// Skips `log.*` fields (as the default does), writes `field` as `name=plain` when there is
+    /// a `plain` text and the name allows it, and hands the rest to the default formatter.
     fn field(
         &mut self,
         field: &Field,
         plain: Option<fmt::Arguments<'_>>,
         record: impl FnOnce(&mut DefaultVisitor<'_>),
     ) {
+        if field.name().starts_with("log.") {
+            return;
+        }
         match plain {
             Some(value) if self.plain_name(field.name()) => self.value(field.name(), value),
-            _ if field.name().starts_with("log.") => {}
             _ => self.delegate(record),
         }
     }
