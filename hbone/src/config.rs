@@ -82,28 +82,6 @@ impl Default for Config {
 }
 
 impl Config {
-    pub(crate) fn client_builder(&self) -> h2::client::Builder {
-        let mut b = h2::client::Builder::new();
-        b.initial_window_size(self.stream_window)
-            .initial_connection_window_size(self.connection_window)
-            .max_frame_size(self.clamped_frame_size())
-            .max_send_buffer_size(self.max_send_buffer)
-            .max_header_list_size(self.max_header_list_size)
-            .enable_push(false);
-        b
-    }
-
-    pub(crate) fn server_builder(&self) -> h2::server::Builder {
-        let mut b = h2::server::Builder::new();
-        b.initial_window_size(self.stream_window)
-            .initial_connection_window_size(self.connection_window)
-            .max_frame_size(self.clamped_frame_size())
-            .max_send_buffer_size(self.max_send_buffer)
-            .max_header_list_size(self.max_header_list_size)
-            .max_concurrent_streams(self.max_concurrent_streams);
-        b
-    }
-
     /// Sizes the buffers of a connection whose TLS handshake has just succeeded, on either side:
     /// the read buffer under TLS gets `read_buffer`, and rustls may queue `tls_write_buffer` of
     /// records (at least two full records, so that writes always make progress).
@@ -114,9 +92,5 @@ impl Config {
     ) {
         io.set_capacity(self.read_buffer);
         tls.set_buffer_limit(Some(self.tls_write_buffer.max(2 * (16 * 1024 + 256))));
-    }
-
-    fn clamped_frame_size(&self) -> u32 {
-        self.max_frame_size.clamp(16 * 1024, 16 * 1024 * 1024 - 1)
     }
 }

@@ -3,6 +3,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::wire::session::Failure;
+
 /// A boxed error from caller-supplied code (a [`Dialer`](crate::Dialer) or a TLS source).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -111,7 +113,7 @@ pub enum Error {
         peer: SocketAddr,
         /// The HTTP/2 error.
         #[source]
-        source: h2::Error,
+        source: Http2Error,
     },
     /// Caller-supplied code (the dialer's TLS config lookup) failed.
     #[error("HBONE client: no TLS configuration for the connection to {peer}: {source}")]
@@ -141,7 +143,7 @@ pub enum Error {
         authority: String,
         /// The HTTP/2 error.
         #[source]
-        source: h2::Error,
+        source: Http2Error,
     },
     /// Another task's dial for the same pool key, which this call waited for, failed.
     #[error("HBONE client: connection to {peer} failed: {reason}")]
@@ -172,7 +174,7 @@ pub enum Error {
         peer: SocketAddr,
         /// The HTTP/2 error.
         #[source]
-        source: h2::Error,
+        source: Http2Error,
     },
     /// The connection closed right after it was established, before it could be used.
     #[error("HBONE {side}: connection with {peer} closed before it could be used")]
@@ -181,15 +183,6 @@ pub enum Error {
         side: Side,
         /// The other end.
         peer: SocketAddr,
-    },
-    /// A header given to `connect` is not valid HTTP.
-    #[error("HBONE client: invalid request for CONNECT {authority}: {source}")]
-    Request {
-        /// The authority asked for.
-        authority: String,
-        /// What http rejected.
-        #[source]
-        source: http::Error,
     },
 }
 
@@ -237,5 +230,56 @@ impl Error {
             Error::Status { status, .. } => Some(*status),
             _ => None,
         }
+    }
+}
+
+/// An HTTP/2 failure on an HBONE connection or stream: a reset, a GOAWAY, a protocol violation,
+/// or the socket failing. Opaque; ask it with the `is_*` methods.
+#[derive(Debug, Clone)]
+pub struct Http2Error(pub(crate) Failure);
+
+impl Http2Error {
+    /// The stream was reset (RST_STREAM), by the peer or by us.
+    pub fn is_reset(&self) -> bool {
+        matches!(self.0, Failure::Reset { .. })
+    }
+
+    /// The connection is going away (GOAWAY), or the stream was beyond the peer's GOAWAY.
+    pub fn is_go_away(&self) -> bool {
+        matches!(self.0, Failure::GoAway { .. })
+    }
+
+    /// The peer broke the HTTP/2 protocol (we closed the connection with GOAWAY).
+    pub fn is_protocol(&self) -> bool {
+        matches!(self.0, Failure::Protocol { .. })
+    }
+
+    /// The socket failed or was closed.
+    pub fn is_io(&self) -> bool {
+        matches!(self.0, Failure::Io { .. })
+    }
+
+    /// The HTTP/2 error code of a reset, GOAWAY or protocol error (RFC 9113 §7).
+    pub fn code(&self) -> Option<u32> {
+        match &self.0 {
+            Failure::Reset { reason, .. }
+            | Failure::GoAway { reason, .. }
+            | Failure::Protocol { reason, .. } => Some(reason.0),
+            Failure::Io { .. } => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Http2Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Http2Error {}
+
+impl From<Failure> for Http2Error {
+    fn from(f: Failure) -> Self {
+        Http2Error(f)
     }
 }

@@ -79,6 +79,62 @@ pub fn fuzz_server_frames(data: &[u8]) -> usize {
     })
 }
 
+/// The body of the `client_frames` fuzz target: whatever a hostile server can send after the TLS
+/// layer goes to a real client connection that has sent one CONNECT and, if answered 200, writes
+/// and reads on the tunnel. The server side first sends an empty SETTINGS frame, then `data`,
+/// then closes. Panics if the client panics or has not finished 5 s after the server closed.
+/// Returns whether the CONNECT was answered 200.
+pub fn fuzz_client_frames(data: &[u8]) -> bool {
+    use crate::wire::conn::Connection;
+    use crate::wire::session::{Limits, Role};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a Tokio runtime");
+    runtime.block_on(async {
+        let (client_io, server) = tokio::io::duplex(64 * 1024);
+        let (mut server_rd, mut server_wr) = tokio::io::split(server);
+        let input = [&[0u8, 0, 0, 4, 0, 0, 0, 0, 0][..], data].concat();
+        tokio::spawn(async move {
+            let _ = server_wr.write_all(&input).await;
+            for _ in 0..64 {
+                tokio::task::yield_now().await;
+            }
+            let _ = server_wr.shutdown().await;
+            std::future::pending::<()>().await;
+        });
+        tokio::spawn(async move {
+            let mut sink = vec![0u8; 16 * 1024];
+            while matches!(server_rd.read(&mut sink).await, Ok(n) if n > 0) {}
+        });
+        let connection = Connection::new(
+            Role::Client,
+            Limits::from_config(&Config::default()),
+            client_io,
+        );
+        let driver = connection.clone();
+        tokio::spawn(async move { driver.drive().await });
+        let exchange = async {
+            let (head, stream) = connection
+                .connect("10.0.0.1:80", &http::HeaderMap::new())
+                .await
+                .ok()?;
+            if head.status != http::StatusCode::OK {
+                return Some(false);
+            }
+            let mut tunnel = crate::Tunnel::new(stream, None);
+            let _ = tunnel.write_all(b"hello").await;
+            let mut received = Vec::new();
+            let _ = tunnel.read_to_end(&mut received).await;
+            Some(true)
+        };
+        tokio::time::timeout(Duration::from_secs(5), exchange)
+            .await
+            .expect("the HBONE client did not finish after the server closed")
+            .unwrap_or(false)
+    })
+}
+
 /// A TLS configuration that is never used for a handshake (the fuzzer starts after TLS).
 fn no_certificate_tls() -> Arc<rustls::ServerConfig> {
     #[derive(Debug)]

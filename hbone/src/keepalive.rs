@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use h2::{Ping, PingPong};
+use crate::wire::conn::Connection;
+use crate::wire::session::Failure;
 
 /// Why a keepalive gave up on a connection.
 #[derive(Debug)]
@@ -11,7 +12,7 @@ pub(crate) enum KeepaliveFailure {
     /// No PONG within the timeout.
     Timeout(Duration),
     /// The connection could no longer send a PING.
-    Closed(h2::Error),
+    Closed(Failure),
 }
 
 impl std::fmt::Display for KeepaliveFailure {
@@ -25,14 +26,14 @@ impl std::fmt::Display for KeepaliveFailure {
 
 /// Pings every `interval`; resolves only when a PING is not answered within `timeout`.
 pub(crate) async fn keepalive(
-    mut ping: PingPong,
+    connection: &Connection,
     interval: Duration,
     timeout: Duration,
 ) -> KeepaliveFailure {
     loop {
         tokio::time::sleep(interval).await;
-        match tokio::time::timeout(timeout, ping.ping(Ping::opaque())).await {
-            Ok(Ok(_pong)) => {}
+        match tokio::time::timeout(timeout, connection.ping()).await {
+            Ok(Ok(())) => {}
             Ok(Err(e)) => return KeepaliveFailure::Closed(e),
             Err(_) => return KeepaliveFailure::Timeout(timeout),
         }

@@ -80,14 +80,15 @@ mod pool;
 mod read_buffer;
 mod server;
 mod tunnel;
+mod wire;
 
 pub use authority::{Authority, AuthorityError, fuzz_authority};
 pub use config::Config;
 pub use copy::{
     CopyError, Direction, Operation, Transferred, copy_bidirectional, copy_tunnel_bidirectional,
 };
-pub use error::{BoxError, Error, Side, Stage};
-pub use fuzz::fuzz_server_frames;
+pub use error::{BoxError, Error, Http2Error, Side, Stage};
+pub use fuzz::{fuzz_client_frames, fuzz_server_frames};
 pub use pool::{Dialer, Pool, StaticTls};
 pub use server::{ConnectHandler, InboundConnect, Server, ServerTls};
 pub use tunnel::Tunnel;

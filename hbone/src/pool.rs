@@ -23,8 +23,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use bytes::Bytes;
-use http::{HeaderMap, Method, Request, StatusCode, Version};
+use http::{HeaderMap, StatusCode};
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -33,9 +32,11 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::authority::Authority;
-use crate::error::{BoxError, Error, Side, Stage};
+use crate::error::{BoxError, Error, Http2Error, Side, Stage};
 use crate::keepalive::{KeepaliveFailure, keepalive};
 use crate::tunnel::Tunnel;
+use crate::wire::conn::Connection;
+use crate::wire::session::{Failure, Limits, Role};
 use crate::{Config, H2_ALPN};
 
 /// How the pool opens connections: which TLS settings a key uses, and how to open the socket.
@@ -146,7 +147,7 @@ enum DialOutcome {
 struct PooledConn {
     id: u64,
     peer: SocketAddr,
-    send: h2::client::SendRequest<Bytes>,
+    conn: Connection,
     active: AtomicUsize,
     cap: usize,
     dead: AtomicBool,
@@ -195,7 +196,7 @@ where
             match send_connect(&conn, slot, target, &authority, headers.clone(), timeout).await {
                 Ok(tunnel) => return Ok(tunnel),
                 Err(Error::Stream { source, .. })
-                    if reused && !retried && is_retryable(&source) =>
+                    if reused && !retried && source.0.is_retryable() =>
                 {
                     // The peer went away between checkout and CONNECT; nothing was sent on the
                     // tunnel yet, so one retry on another connection is safe.
@@ -375,35 +376,24 @@ where
             .await
             .map_err(|_| timed_out(Stage::Tls, cfg.tls_handshake_timeout))??;
         let h2_handshake = async {
-            let mut builder = cfg.client_builder();
-            builder.initial_max_send_streams(cfg.max_concurrent_streams as usize);
-            let (send, mut connection) =
-                builder
-                    .handshake::<_, Bytes>(tls)
-                    .await
-                    .map_err(|source| Error::H2Handshake {
-                        side: Side::Client,
-                        peer: target,
-                        source,
-                    })?;
+            let connection = Connection::new(Role::Client, Limits::from_config(cfg), tls);
             let conn = Arc::new(PooledConn {
                 id: self.inner.next_conn_id.fetch_add(1, Ordering::Relaxed),
                 peer: target,
-                send,
+                conn: connection,
                 active: AtomicUsize::new(0),
                 cap: cfg.max_concurrent_streams.max(1) as usize,
                 dead: AtomicBool::new(false),
                 last_active: Mutex::new(Instant::now()),
                 close: tokio::sync::Notify::new(),
             });
-            let ping = connection.ping_pong();
             let driver = ConnDriver {
                 pool: Arc::downgrade(&self.inner),
                 key: key.clone(),
                 conn: conn.clone(),
             };
             let (ready_tx, ready_rx) = oneshot::channel();
-            tokio::spawn(driver.run(connection, ping, ready_tx));
+            tokio::spawn(driver.run(ready_tx));
             // In TLS 1.3 the server judges our certificate after our handshake is done, and its
             // SETTINGS may still be in flight: wait for the answer to a first PING, so a refused
             // certificate is a dial error and the stream limit is known before first use.
@@ -412,7 +402,7 @@ where
                 Ok(Err(source)) => Err(Error::H2Handshake {
                     side: Side::Client,
                     peer: target,
-                    source,
+                    source: Http2Error(source),
                 }),
                 Err(_) => Err(Error::ConnectionLost {
                     side: Side::Client,
@@ -438,47 +428,26 @@ async fn send_connect(
     headers: HeaderMap,
     timeout: std::time::Duration,
 ) -> Result<Tunnel, Error> {
-    let stream_err = |source| Error::Stream {
-        peer: target,
-        authority: authority.to_owned(),
-        source,
-    };
-    let mut request = Request::builder()
-        .method(Method::CONNECT)
-        .uri(authority)
-        .version(Version::HTTP_2)
-        .body(())
-        .map_err(|source| Error::Request {
-            authority: authority.to_owned(),
-            source,
-        })?;
-    *request.headers_mut() = headers;
-    let exchange = async {
-        let mut sender = conn.send.clone().ready().await.map_err(stream_err)?;
-        let (response, send) = sender.send_request(request, false).map_err(stream_err)?;
-        let response = response.await.map_err(stream_err)?;
-        Ok::<_, Error>((response, send))
-    };
-    let (response, send) = tokio::time::timeout(timeout, exchange)
+    let (response, stream) = tokio::time::timeout(timeout, conn.conn.connect(authority, &headers))
         .await
         .map_err(|_| Error::ConnectTimeout {
             peer: target,
             authority: authority.to_owned(),
             after: timeout,
-        })??;
-    if response.status() != StatusCode::OK {
+        })?
+        .map_err(|source| Error::Stream {
+            peer: target,
+            authority: authority.to_owned(),
+            source: Http2Error(source),
+        })?;
+    if response.status != StatusCode::OK {
         return Err(Error::Status {
             peer: target,
             authority: authority.to_owned(),
-            status: response.status(),
+            status: response.status,
         });
     }
-    Ok(Tunnel::new(send, response.into_body(), Some(slot)))
-}
-
-/// An error on a reused connection that means the CONNECT never reached a handler.
-fn is_retryable(e: &h2::Error) -> bool {
-    e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM) || e.is_io()
+    Ok(Tunnel::new(stream, Some(slot)))
 }
 
 /// The error and its sources on one line, for tasks that shared a failed dial.
@@ -544,7 +513,10 @@ impl PooledConn {
         if self.is_dead() {
             return None;
         }
-        let limit = self.cap.min(self.send.current_max_send_streams());
+        if !self.conn.can_open() {
+            return None;
+        }
+        let limit = self.cap.min(self.conn.peer_max_streams() as usize);
         let mut current = self.active.load(Ordering::Acquire);
         loop {
             if current >= limit {
@@ -604,83 +576,75 @@ where
     K: Clone + Eq + Hash + Send + Sync + std::fmt::Debug + 'static,
     D: Send + Sync + 'static,
 {
-    async fn run<T>(
-        self,
-        connection: h2::client::Connection<T, Bytes>,
-        ping: Option<h2::PingPong>,
-        mut ready: oneshot::Sender<Result<(), h2::Error>>,
-    ) where
-        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
+    async fn run(self, mut ready: oneshot::Sender<Result<(), Failure>>) {
         let Some(config) = self.pool.upgrade().map(|pool| pool.config.clone()) else {
             return;
         };
         let id = self.conn.id;
         let peer = self.conn.peer;
-        tokio::pin!(connection);
+        let connection = self.conn.conn.clone();
+        let drive = connection.drive();
+        tokio::pin!(drive);
         // Startup: the first PING round trip, or the connection's early death.
-        let first_ping = async {
-            let mut ping = ping?;
-            Some(ping.ping(h2::Ping::opaque()).await.map(|_| ping))
-        };
         let started = tokio::select! {
             biased;
-            result = &mut connection => {
-                Err(result.and_then(|()| Err(h2::Error::from(h2::Reason::NO_ERROR))))
-            }
-            first = first_ping => match first {
-                Some(Ok(ping)) => Ok(Some(ping)),
-                Some(Err(e)) => Err(Err(e)),
-                None => Ok(None),
-            },
+            failure = &mut drive => Err(Some(failure)),
+            first = connection.ping() => first.map_err(Some),
             // The dialer gave up (its HTTP/2 handshake timeout): close the connection.
-            () = ready.closed() => Err(Ok(())),
+            () = ready.closed() => Err(None),
         };
-        let ping = match started {
-            Ok(ping) => {
+        match started {
+            Ok(()) => {
                 let _ = ready.send(Ok(()));
-                ping
             }
             Err(failure) => {
-                if let Err(e) = failure {
-                    let _ = ready.send(Err(e));
+                if let Some(failure) = failure {
+                    let _ = ready.send(Err(failure));
                 }
                 self.conn.dead.store(true, Ordering::Release);
+                connection.close();
                 return;
             }
-        };
+        }
         let keepalive = async {
-            match (config.keepalive_interval, ping) {
-                (Some(interval), Some(ping)) => {
-                    keepalive(ping, interval, config.keepalive_timeout).await
-                }
-                _ => std::future::pending().await,
+            match config.keepalive_interval {
+                Some(interval) => keepalive(&connection, interval, config.keepalive_timeout).await,
+                None => std::future::pending().await,
             }
         };
-        tokio::select! {
+        let ended = tokio::select! {
             biased;
-            result = &mut connection => match result {
-                Ok(()) => debug!(conn = id, %peer, "HBONE connection closed"),
-                Err(e) => debug!(conn = id, %peer, error = %e, "HBONE connection failed"),
-            },
-            failure = keepalive => match failure {
-                KeepaliveFailure::Timeout(_) => {
-                    warn!(conn = id, %peer, reason = %failure, "HBONE client: closing connection, peer is unresponsive");
+            failure = &mut drive => {
+                debug!(conn = id, %peer, reason = %failure, "HBONE connection ended");
+                true
+            }
+            failure = keepalive => {
+                match failure {
+                    KeepaliveFailure::Timeout(_) => {
+                        warn!(conn = id, %peer, reason = %failure, "HBONE client: closing connection, peer is unresponsive");
+                    }
+                    KeepaliveFailure::Closed(_) => {
+                        debug!(conn = id, %peer, reason = %failure, "HBONE connection closed");
+                    }
                 }
-                KeepaliveFailure::Closed(_) => {
-                    debug!(conn = id, %peer, reason = %failure, "HBONE connection closed");
-                }
-            },
+                false
+            }
             () = self.idle(config.idle_timeout) => {
                 debug!(conn = id, %peer, "HBONE connection closed after being idle");
+                false
             }
             () = self.conn.close.notified() => {
                 debug!(conn = id, %peer, "HBONE connection closed: the server allows no streams");
+                false
             }
-        }
-        // Dropping the connection (on return) fails every stream still on it.
+        };
         self.conn.dead.store(true, Ordering::Release);
         self.forget();
+        if !ended {
+            // GOAWAY, fail every stream still on it, and let the driver write it and close.
+            connection.close();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drive).await;
+        }
     }
 
     /// Resolves once the connection has had no tunnel for `timeout`; marks it dead then, under

@@ -12,10 +12,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use h2::RecvStream;
-use h2::server::SendResponse;
-use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http::{HeaderMap, StatusCode};
 use rustls::ServerConfig;
 use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -26,10 +23,12 @@ use tracing::{debug, info, warn};
 
 use crate::Config;
 use crate::authority::Authority;
-use crate::error::{Error, Side, Stage};
+use crate::error::{Error, Http2Error, Side, Stage};
 use crate::keepalive::{KeepaliveFailure, keepalive};
 use crate::pool::check_session;
-use crate::tunnel::{Tunnel, h2_to_io};
+use crate::tunnel::{Tunnel, failure_to_io};
+use crate::wire::conn::{Connection, Request, StreamRef};
+use crate::wire::session::{Failure, Limits, Role};
 
 /// Handles the CONNECT requests of an HBONE [`Server`].
 ///
@@ -157,8 +156,8 @@ struct ConnectParts {
     local_addr: SocketAddr,
     peer_addr: SocketAddr,
     peer: Arc<PeerInfo>,
-    body: Option<RecvStream>,
-    respond: Option<SendResponse<Bytes>>,
+    /// `None` once answered.
+    stream: Option<StreamRef>,
 }
 
 impl<H: ConnectHandler> Server<H> {
@@ -294,54 +293,75 @@ impl<H: ConnectHandler> Server<H> {
             certificates: certs,
             memo: std::sync::OnceLock::new(),
         });
-        let handshake = cfg.server_builder().handshake::<_, Bytes>(io);
-        let mut connection = tokio::time::timeout(cfg.h2_handshake_timeout, handshake)
-            .await
-            .map_err(|_| Error::HandshakeTimeout {
-                side: Side::Server,
-                peer,
-                stage: Stage::Http2,
-                after: cfg.h2_handshake_timeout,
-            })?
-            .map_err(|source| Error::H2Handshake {
-                side: Side::Server,
-                peer,
-                source,
-            })
-            .inspect_err(|e| info!(%peer, error = %e, "HBONE server: refused connection"))?;
-
-        let ping = connection.ping_pong();
+        let connection = Connection::new(Role::Server, Limits::from_config(cfg), io);
+        let drive = connection.drive();
+        tokio::pin!(drive);
+        // The client's preface and SETTINGS must arrive within the HTTP/2 handshake limit.
+        let handshake = async {
+            tokio::time::sleep(cfg.h2_handshake_timeout).await;
+            if !connection.got_settings() {
+                return;
+            }
+            std::future::pending::<()>().await
+        };
         let keepalive = async {
-            match (cfg.keepalive_interval, ping) {
-                (Some(interval), Some(ping)) => {
-                    keepalive(ping, interval, cfg.keepalive_timeout).await
-                }
-                _ => std::future::pending().await,
+            match cfg.keepalive_interval {
+                Some(interval) => keepalive(&connection, interval, cfg.keepalive_timeout).await,
+                None => std::future::pending().await,
             }
         };
-        tokio::pin!(keepalive);
-        loop {
+        tokio::pin!(handshake, keepalive);
+        let ended = loop {
             tokio::select! {
                 biased;
+                failure = &mut drive => break Err(failure),
                 next = connection.accept() => match next {
-                    Some(Ok((request, respond))) => {
-                        // Checked here, so the stream's task holds only the handler's future.
-                        if let Some(inbound) =
-                            check_stream(request, respond, local, peer, peer_info.clone())
-                        {
+                    // Checked here, so the stream's task holds only the handler's future.
+                    Some(request) => {
+                        if let Some(inbound) = check_stream(request, local, peer, peer_info.clone()) {
                             let server = self.clone();
                             tokio::spawn(async move { server.inner.handler.handle(inbound).await });
                         }
                     }
-                    Some(Err(source)) => {
-                        return Err(Error::Connection { side: Side::Server, peer, source });
-                    }
-                    None => return Ok(()),
+                    None => continue,
                 },
+                () = &mut handshake => {
+                    connection.close();
+                    let error = Error::HandshakeTimeout {
+                        side: Side::Server,
+                        peer,
+                        stage: Stage::Http2,
+                        after: cfg.h2_handshake_timeout,
+                    };
+                    info!(%peer, error = %error, "HBONE server: refused connection");
+                    break Ok(error);
+                }
                 failure = &mut keepalive => {
-                    return Err(keepalive_error(failure, Side::Server, peer));
+                    connection.close();
+                    break Ok(keepalive_error(failure, Side::Server, peer));
                 }
             }
+        };
+        match ended {
+            // Closed by us: give the driver a moment to send the GOAWAY.
+            Ok(error) => {
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drive).await;
+                Err(error)
+            }
+            // The client closed the connection: the normal end.
+            Err(Failure::Io {
+                kind: std::io::ErrorKind::UnexpectedEof,
+                ..
+            }) => Ok(()),
+            Err(Failure::GoAway {
+                remote: true,
+                reason,
+            }) if reason.0 == 0 => Ok(()),
+            Err(source) => Err(Error::Connection {
+                side: Side::Server,
+                peer,
+                source: Http2Error(source),
+            }),
         }
     }
 }
@@ -349,44 +369,39 @@ impl<H: ConnectHandler> Server<H> {
 /// Answers 400 to a stream that is not a CONNECT with a usable `:authority`; otherwise the
 /// request for the handler.
 fn check_stream(
-    request: Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
+    request: Request,
     local_addr: SocketAddr,
     peer_addr: SocketAddr,
     peer: Arc<PeerInfo>,
 ) -> Option<InboundConnect> {
-    if request.method() != Method::CONNECT {
-        debug!(%peer_addr, method = %request.method(), "HBONE server: 400, not a CONNECT");
-        send_status(&mut respond, StatusCode::BAD_REQUEST);
+    let Request { incoming, stream } = request;
+    let head = incoming.head;
+    if head.method != b"CONNECT" {
+        debug!(%peer_addr, method = %String::from_utf8_lossy(&head.method), "HBONE server: 400, not a CONNECT");
+        send_status(&stream, StatusCode::BAD_REQUEST);
         return None;
     }
-    let authority = match request
-        .uri()
-        .authority()
-        .map(|a| Authority::parse(a.as_str()))
-    {
+    let authority = match head.authority.as_deref().map(Authority::parse) {
         Some(Ok(authority)) => authority,
         Some(Err(e)) => {
             debug!(%peer_addr, error = %e, "HBONE server: 400, bad authority");
-            send_status(&mut respond, StatusCode::BAD_REQUEST);
+            send_status(&stream, StatusCode::BAD_REQUEST);
             return None;
         }
         None => {
             debug!(%peer_addr, "HBONE server: 400, CONNECT without :authority");
-            send_status(&mut respond, StatusCode::BAD_REQUEST);
+            send_status(&stream, StatusCode::BAD_REQUEST);
             return None;
         }
     };
-    let (parts, body) = request.into_parts();
     Some(InboundConnect {
         inner: Box::new(ConnectParts {
             authority,
-            headers: parts.headers,
+            headers: head.headers,
             local_addr,
             peer_addr,
             peer,
-            body: Some(body),
-            respond: Some(respond),
+            stream: Some(stream),
         }),
     })
 }
@@ -436,36 +451,33 @@ impl InboundConnect {
 
     /// Answers `200` with extra response headers and returns the tunnel.
     pub fn accept_with(mut self, headers: HeaderMap) -> std::io::Result<Tunnel> {
-        let mut respond = self.inner.respond.take().expect("answered once");
-        let body = self.inner.body.take().expect("answered once");
-        let mut response = Response::new(());
-        *response.headers_mut() = headers;
-        let send = respond.send_response(response, false).map_err(h2_to_io)?;
-        Ok(Tunnel::new(send, body, None))
+        let stream = self.inner.stream.take().expect("answered once");
+        stream
+            .respond(StatusCode::OK, &headers, false)
+            .map_err(failure_to_io)?;
+        Ok(Tunnel::new(stream, None))
     }
 
     /// Refuses the tunnel with `status` (for example 401 for a policy denial, 503 when the
     /// destination cannot be reached).
     pub fn reject(mut self, status: StatusCode) {
-        if let Some(mut respond) = self.inner.respond.take() {
-            send_status(&mut respond, status);
+        if let Some(stream) = self.inner.stream.take() {
+            send_status(&stream, status);
         }
     }
 }
 
 impl Drop for InboundConnect {
     fn drop(&mut self) {
-        if let Some(mut respond) = self.inner.respond.take() {
+        if let Some(stream) = self.inner.stream.take() {
             debug!(authority = %self.inner.authority, "HBONE server: handler dropped the request, 503");
-            send_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            send_status(&stream, StatusCode::SERVICE_UNAVAILABLE);
         }
     }
 }
 
-fn send_status(respond: &mut SendResponse<Bytes>, status: StatusCode) {
-    let mut response = Response::new(());
-    *response.status_mut() = status;
-    let _ = respond.send_response(response, true);
+fn send_status(stream: &StreamRef, status: StatusCode) {
+    let _ = stream.respond(status, &HeaderMap::new(), true);
 }
 
 /// The error for a connection whose keepalive gave up: a PING that went unanswered is a
@@ -476,7 +488,11 @@ fn keepalive_error(failure: KeepaliveFailure, side: Side, peer: SocketAddr) -> E
             warn!(%peer, %side, "HBONE: closing connection, peer is unresponsive");
             Error::KeepaliveTimeout { side, peer, after }
         }
-        KeepaliveFailure::Closed(source) => Error::Connection { side, peer, source },
+        KeepaliveFailure::Closed(source) => Error::Connection {
+            side,
+            peer,
+            source: Http2Error(source),
+        },
     }
 }
 
@@ -522,7 +538,10 @@ mod tests {
     fn a_ping_on_a_closed_connection_is_reported_as_closed_not_as_a_timeout() {
         let peer = SocketAddr::from(([127, 0, 0, 1], 15008));
         let closed = keepalive_error(
-            KeepaliveFailure::Closed(h2::Error::from(h2::Reason::NO_ERROR)),
+            KeepaliveFailure::Closed(Failure::GoAway {
+                reason: crate::wire::frame::Reason::NO_ERROR,
+                remote: true,
+            }),
             Side::Server,
             peer,
         );

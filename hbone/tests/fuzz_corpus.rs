@@ -30,3 +30,18 @@ fn server_frames_target_over_seed_corpus() {
     // Some seeds carry well-formed CONNECTs, so the handler path runs too.
     assert!(handled >= 3, "only {handled} CONNECTs reached the handler");
 }
+
+#[test]
+fn client_frames_target_over_seed_corpus() {
+    let files = seed_corpus::seeds("client_frames");
+    let answered = files
+        .iter()
+        .filter(|data| hbone::fuzz_client_frames(data))
+        .count();
+    // Some seeds answer 200, so the tunnel's read and write paths run too; others do not.
+    assert!(
+        answered >= 3 && answered < files.len(),
+        "{answered} of {} seeds answered 200",
+        files.len()
+    );
+}

@@ -1,0 +1,427 @@
+//! The I/O around a [`Session`]: one lock holds the session and the (TLS) byte stream, so a task
+//! that writes to a tunnel frames and encrypts its bytes itself and writes them to the socket in
+//! the same turn; no HTTP/2 connection task stands between a tunnel and its socket on the way out.
+//!
+//! Reading is the driver's job: [`Connection::drive`] (awaited by one task per connection) reads
+//! the socket, feeds the session, wakes the streams whose data arrived, and writes what the
+//! session queued (SETTINGS and PING answers, WINDOW_UPDATEs) and what a writer could not push
+//! because the socket was full. A writer that leaves bytes behind wakes the driver, which then
+//! owns the socket's write readiness until they are out.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::frame::Reason;
+use super::hpack::ResponseHead;
+use super::session::{Failure, Incoming, Limits, Recv, Role, Session};
+
+/// A byte stream a connection runs on (in production, TLS over TCP).
+pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// Frames queued in `out` above this stop the driver from reading more (and writers from adding
+/// DATA) until the socket takes them.
+const OUT_HIGH: usize = 64 * 1024;
+/// The smallest read the driver asks the byte stream for.
+const READ_MIN: usize = 16 * 1024;
+/// An empty read buffer larger than this is freed when the socket has nothing to read.
+const READ_KEEP: usize = 64 * 1024;
+/// Reads per driver turn before it yields to other tasks.
+const READS_PER_TURN: usize = 16;
+
+/// One HTTP/2 connection; clones share it.
+#[derive(Clone)]
+pub(crate) struct Connection {
+    shared: Arc<Mutex<State>>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("wire::Connection")
+    }
+}
+
+struct State {
+    session: Session,
+    /// `None` once the driver has finished: the socket is closed.
+    io: Option<Box<dyn Io>>,
+    rbuf: BytesMut,
+    driver: Option<Waker>,
+    /// Writers waiting for `out` to drain.
+    write_blocked: Vec<Waker>,
+}
+
+/// One stream of a [`Connection`]: a tunnel's half of the state.
+pub(crate) struct StreamRef {
+    conn: Connection,
+    id: u32,
+}
+
+impl std::fmt::Debug for StreamRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StreamRef({})", self.id)
+    }
+}
+
+/// A request the server received, with the stream to answer it on.
+pub(crate) struct Request {
+    pub(crate) incoming: Incoming,
+    pub(crate) stream: StreamRef,
+}
+
+impl Connection {
+    /// Starts HTTP/2 on `io`: our preface and SETTINGS are sent by the driver's first turn.
+    pub(crate) fn new(role: Role, limits: Limits, io: impl Io) -> Connection {
+        Connection {
+            shared: Arc::new(Mutex::new(State {
+                session: Session::new(role, limits),
+                io: Some(Box::new(io)),
+                rbuf: BytesMut::new(),
+                driver: None,
+                write_blocked: Vec::new(),
+            })),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Nothing in this module panics with the lock held; if something did, the state is still
+        // a consistent session, so keep going rather than poisoning every tunnel.
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs the connection until it fails or is closed; returns why it ended. Dropping the
+    /// future closes the connection too (its streams fail), as a dropped h2 connection would.
+    pub(crate) async fn drive(&self) -> Failure {
+        struct CloseOnDrop<'a>(&'a Connection);
+        impl Drop for CloseOnDrop<'_> {
+            fn drop(&mut self) {
+                let mut st = self.0.lock();
+                if st.io.is_some() {
+                    st.finish(closed());
+                }
+            }
+        }
+        let _guard = CloseOnDrop(self);
+        std::future::poll_fn(|cx| self.poll_drive(cx)).await
+    }
+
+    fn poll_drive(&self, cx: &mut Context<'_>) -> Poll<Failure> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        if !st.driver.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            st.driver = Some(cx.waker().clone());
+        }
+        for _ in 0..READS_PER_TURN {
+            let flushed = match st.poll_write_out(cx) {
+                Poll::Ready(Ok(())) => {
+                    for w in st.write_blocked.drain(..) {
+                        w.wake();
+                    }
+                    true
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(st.finish(io_failure(&e))),
+                Poll::Pending => false,
+            };
+            if let Some(f) = st.session.failure() {
+                // Best effort for our GOAWAY: one write attempt, then the socket closes.
+                let f = f.clone();
+                return Poll::Ready(st.finish(f));
+            }
+            if !flushed && st.session.out.len() > OUT_HIGH {
+                // The peer is not reading: stop reading from it until it does.
+                return Poll::Pending;
+            }
+            let Some(io) = st.io.as_mut() else {
+                return Poll::Ready(st.finish(closed()));
+            };
+            let want = st.session.wanted(&st.rbuf).max(READ_MIN);
+            st.rbuf.reserve(want);
+            match tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut st.rbuf) {
+                Poll::Ready(Ok(0)) => {
+                    let f = Failure::Io {
+                        kind: io::ErrorKind::UnexpectedEof,
+                        detail: "the peer closed the connection".to_owned(),
+                    };
+                    st.session.fail(f.clone());
+                    return Poll::Ready(st.finish(f));
+                }
+                Poll::Ready(Ok(_)) => {
+                    // A protocol error fails the session; the next turn sends the GOAWAY.
+                    let _ = st.session.recv(&mut st.rbuf);
+                }
+                Poll::Ready(Err(e)) => {
+                    let f = io_failure(&e);
+                    st.session.fail(f.clone());
+                    return Poll::Ready(st.finish(f));
+                }
+                Poll::Pending => {
+                    if st.rbuf.is_empty() && st.rbuf.capacity() > READ_KEEP {
+                        st.rbuf = BytesMut::new();
+                    }
+                    // Frames the session queued while reading (acks, window updates).
+                    if !st.session.out.is_empty()
+                        && let Poll::Ready(Err(e)) = st.poll_write_out(cx)
+                    {
+                        return Poll::Ready(st.finish(io_failure(&e)));
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+        // Plenty to read: let other tasks (the tunnels reading it) run, then continue.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Closes the connection with GOAWAY (NO_ERROR); its streams fail and the driver ends.
+    pub(crate) fn close(&self) {
+        let mut st = self.lock();
+        st.session.close(Reason::NO_ERROR);
+        st.wake_driver();
+    }
+
+    /// Whether the peer's first SETTINGS frame has arrived.
+    pub(crate) fn got_settings(&self) -> bool {
+        self.lock().session.got_settings()
+    }
+
+    /// The peer's limit on our concurrent streams.
+    pub(crate) fn peer_max_streams(&self) -> u32 {
+        self.lock().session.peer_max_streams()
+    }
+
+    /// Whether a new stream may be opened (no failure, no GOAWAY from the peer).
+    pub(crate) fn can_open(&self) -> bool {
+        self.lock().session.can_open()
+    }
+
+    /// Sends a PING and waits for its answer.
+    pub(crate) async fn ping(&self) -> Result<(), Failure> {
+        {
+            let mut st = self.lock();
+            st.session.send_ping();
+            st.wake_driver();
+        }
+        std::future::poll_fn(|cx| self.lock().session.poll_pong(cx)).await
+    }
+
+    /// Client: sends a CONNECT and waits for the response head.
+    pub(crate) async fn connect(
+        &self,
+        authority: &str,
+        headers: &HeaderMap,
+    ) -> Result<(ResponseHead, StreamRef), Failure> {
+        let id = {
+            let mut st = self.lock();
+            let id = st.session.open(authority, headers)?;
+            st.push_out();
+            id
+        };
+        // From here the stream is ours: dropping this future drops `stream`, which resets it.
+        let stream = StreamRef {
+            conn: self.clone(),
+            id,
+        };
+        let head = std::future::poll_fn(|cx| self.lock().session.poll_response(id, cx)).await?;
+        Ok((head, stream))
+    }
+
+    /// Server: the next request, or `None` once the connection has ended.
+    pub(crate) async fn accept(&self) -> Option<Request> {
+        let incoming = std::future::poll_fn(|cx| self.lock().session.poll_accept(cx)).await?;
+        let stream = StreamRef {
+            conn: self.clone(),
+            id: incoming.id,
+        };
+        Some(Request { incoming, stream })
+    }
+}
+
+impl State {
+    fn wake_driver(&mut self) {
+        if let Some(w) = &self.driver {
+            w.wake_by_ref();
+        }
+    }
+
+    /// Writes `out` and flushes the byte stream.
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(io) = self.io.as_mut() else {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the HBONE connection is closed",
+            )));
+        };
+        let out = &mut self.session.out;
+        while !out.is_empty() {
+            let n = ready!(Pin::new(&mut *io).poll_write(cx, out))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            out.advance(n);
+        }
+        Pin::new(io).poll_flush(cx)
+    }
+
+    /// Writes what the session queued, in the caller's turn; the driver finishes what the socket
+    /// does not take now.
+    fn push_out(&mut self) {
+        match self.poll_write_out(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => {
+                self.session.fail(io_failure(&e));
+                self.wake_driver();
+            }
+            Poll::Pending => self.wake_driver(),
+        }
+    }
+
+    /// Sends one DATA frame: header and payload in one vectored write when nothing is queued
+    /// before them, else after the queue.
+    fn write_data(&mut self, head: &[u8], data: &[u8]) {
+        let total = head.len() + data.len();
+        if self.session.out.is_empty()
+            && let Some(io) = self.io.as_mut()
+        {
+            let bufs = [io::IoSlice::new(head), io::IoSlice::new(data)];
+            let mut noop = Context::from_waker(Waker::noop());
+            match Pin::new(&mut **io).poll_write_vectored(&mut noop, &bufs) {
+                Poll::Ready(Ok(n)) if n >= total => {}
+                Poll::Ready(Ok(n)) => {
+                    if n < head.len() {
+                        self.session.out.extend_from_slice(&head[n..]);
+                        self.session.out.extend_from_slice(data);
+                    } else {
+                        self.session.out.extend_from_slice(&data[n - head.len()..]);
+                    }
+                }
+                Poll::Ready(Err(e)) => {
+                    self.session.fail(io_failure(&e));
+                    self.wake_driver();
+                    return;
+                }
+                Poll::Pending => {
+                    self.session.out.extend_from_slice(head);
+                    self.session.out.extend_from_slice(data);
+                }
+            }
+        } else {
+            self.session.out.extend_from_slice(head);
+            self.session.out.extend_from_slice(data);
+        }
+        self.push_out();
+    }
+
+    /// The driver is done: close the socket and report why.
+    fn finish(&mut self, failure: Failure) -> Failure {
+        if self.session.failure().is_none() {
+            self.session.fail(failure.clone());
+        }
+        self.io = None;
+        self.rbuf = BytesMut::new();
+        for w in self.write_blocked.drain(..) {
+            w.wake();
+        }
+        failure
+    }
+}
+
+impl StreamRef {
+    /// Server: answers the request. `end_stream` refuses it (no tunnel follows).
+    pub(crate) fn respond(
+        &self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        end_stream: bool,
+    ) -> Result<(), Failure> {
+        let mut st = self.conn.lock();
+        st.session.respond(self.id, status, headers, end_stream)?;
+        st.push_out();
+        Ok(())
+    }
+
+    /// The next chunk of received bytes; `None` at END_STREAM.
+    pub(crate) fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, Failure>> {
+        let mut st = self.conn.lock();
+        let chunk = match ready!(st.session.poll_recv(self.id, cx))? {
+            Recv::Data(chunk) => Some(chunk),
+            Recv::Eof => None,
+        };
+        if !st.session.out.is_empty() {
+            // A WINDOW_UPDATE for what we just took.
+            st.push_out();
+        }
+        Poll::Ready(Ok(chunk))
+    }
+
+    /// Sends up to one frame of `data` (as much as flow control allows); returns how much.
+    pub(crate) fn poll_send(
+        &self,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<Result<usize, Failure>> {
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let mut guard = self.conn.lock();
+        let st = &mut *guard;
+        let capacity = ready!(st.session.poll_send_capacity(self.id, cx))?;
+        if st.session.out.len() > OUT_HIGH {
+            st.write_blocked.push(cx.waker().clone());
+            st.wake_driver();
+            return Poll::Pending;
+        }
+        let n = capacity.min(data.len());
+        let head = st.session.take_send(self.id, n);
+        st.write_data(&head, &data[..n]);
+        match st.session.failure() {
+            Some(f) => Poll::Ready(Err(f.clone())),
+            None => Poll::Ready(Ok(n)),
+        }
+    }
+
+    /// Ends our half of the stream (END_STREAM).
+    pub(crate) fn send_end(&self) -> Result<(), Failure> {
+        let mut st = self.conn.lock();
+        st.session.send_end(self.id)?;
+        st.push_out();
+        Ok(())
+    }
+
+    /// Resets the stream with CANCEL.
+    pub(crate) fn cancel(&self) {
+        let mut st = self.conn.lock();
+        st.session.reset(self.id, Reason::CANCEL);
+        st.push_out();
+    }
+}
+
+impl Drop for StreamRef {
+    fn drop(&mut self) {
+        let mut st = self.conn.lock();
+        st.session.drop_stream(self.id);
+        if !st.session.out.is_empty() {
+            st.push_out();
+        }
+    }
+}
+
+fn io_failure(e: &io::Error) -> Failure {
+    Failure::Io {
+        kind: e.kind(),
+        detail: format!("HBONE connection I/O failed: {e}"),
+    }
+}
+
+fn closed() -> Failure {
+    Failure::Io {
+        kind: io::ErrorKind::NotConnected,
+        detail: "the HBONE connection is closed".to_owned(),
+    }
+}

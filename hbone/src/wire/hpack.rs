@@ -1,0 +1,409 @@
+//! Header blocks: our encoder (RFC 7541 literals, no dynamic table) and the checks on a decoded
+//! block (RFC 9113 §8.2-8.3) that turn it into a request or a response head.
+//!
+//! Why no dynamic table when sending: an HBONE CONNECT carries a handful of headers whose values
+//! change per tunnel (`:authority`, `traceparent`), so indexing them saves little and would make
+//! the peer keep state for us. Decoding uses `loona-hpack`, which supports everything a peer may
+//! send (dynamic table, Huffman strings).
+
+use bytes::{BufMut, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+/// The size of the decoder's dynamic table: the protocol default, which we never change.
+pub(crate) const TABLE_SIZE: usize = 4096;
+
+/// Static-table indices we refer to by name (RFC 7541 Appendix A).
+const AUTHORITY: usize = 1;
+const METHOD: usize = 2;
+const STATUS: usize = 8;
+
+/// Why a header block was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum HeadError {
+    /// The block could not be decoded: a connection error (COMPRESSION_ERROR).
+    #[error("undecodable header block: {0}")]
+    Compression(String),
+    /// The block is larger than `max_header_list_size` (as HTTP/2 counts: name + value + 32).
+    #[error("header list of more than {0} bytes")]
+    TooLarge(u32),
+    /// Decoded, but not a valid HTTP/2 message head: a stream error (PROTOCOL_ERROR).
+    #[error("malformed header block: {0}")]
+    Malformed(String),
+}
+
+/// A decoded request head.
+#[derive(Debug)]
+pub(crate) struct RequestHead {
+    pub(crate) method: Vec<u8>,
+    pub(crate) authority: Option<String>,
+    pub(crate) headers: HeaderMap,
+}
+
+/// A decoded response head. HBONE clients act on the status only; the headers are checked for
+/// form and dropped.
+#[derive(Debug)]
+pub(crate) struct ResponseHead {
+    pub(crate) status: StatusCode,
+}
+
+/// Encodes a CONNECT request head.
+pub(crate) fn encode_connect(out: &mut BytesMut, authority: &str, headers: &HeaderMap) {
+    put_indexed_name(out, METHOD, b"CONNECT");
+    put_indexed_name(out, AUTHORITY, authority.as_bytes());
+    put_headers(out, headers);
+}
+
+/// Encodes a response head.
+pub(crate) fn encode_response(out: &mut BytesMut, status: StatusCode, headers: &HeaderMap) {
+    match status.as_u16() {
+        // Fully indexed static entries (RFC 7541 Appendix A, 8-14).
+        200 => out.put_u8(0x80 | 8),
+        204 => out.put_u8(0x80 | 9),
+        400 => out.put_u8(0x80 | 12),
+        404 => out.put_u8(0x80 | 13),
+        500 => out.put_u8(0x80 | 14),
+        _ => put_indexed_name(out, STATUS, status.as_str().as_bytes()),
+    }
+    put_headers(out, headers);
+}
+
+fn put_headers(out: &mut BytesMut, headers: &HeaderMap) {
+    for (name, value) in headers {
+        // Literal without indexing, new name (RFC 7541 §6.2.2).
+        out.put_u8(0);
+        put_string(out, name.as_str().as_bytes());
+        put_string(out, value.as_bytes());
+    }
+}
+
+/// A literal without indexing whose name is static-table entry `index`.
+fn put_indexed_name(out: &mut BytesMut, index: usize, value: &[u8]) {
+    put_int(out, 0x00, 4, index);
+    put_string(out, value);
+}
+
+/// A string literal without Huffman coding.
+fn put_string(out: &mut BytesMut, s: &[u8]) {
+    put_int(out, 0x00, 7, s.len());
+    out.put_slice(s);
+}
+
+/// An integer with an `n`-bit prefix (RFC 7541 §5.1); `first` holds the bits above the prefix.
+fn put_int(out: &mut BytesMut, first: u8, n: u32, mut value: usize) {
+    let max = (1usize << n) - 1;
+    if value < max {
+        out.put_u8(first | value as u8);
+        return;
+    }
+    out.put_u8(first | max as u8);
+    value -= max;
+    while value >= 128 {
+        out.put_u8((value % 128) as u8 | 0x80);
+        value /= 128;
+    }
+    out.put_u8(value as u8);
+}
+
+/// One peer's decoding state (its dynamic table lives for the whole connection).
+pub(crate) struct Decoder {
+    inner: loona_hpack::Decoder<'static>,
+}
+
+impl std::fmt::Debug for Decoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("hpack::Decoder")
+    }
+}
+
+/// Pseudo-header fields and regular fields of a block, checked for order and form.
+struct Fields {
+    pseudo: Vec<(Vec<u8>, Vec<u8>)>,
+    headers: HeaderMap,
+}
+
+impl Decoder {
+    pub(crate) fn new() -> Decoder {
+        let mut inner = loona_hpack::Decoder::new();
+        inner.set_max_allowed_table_size(TABLE_SIZE);
+        Decoder { inner }
+    }
+
+    /// Decodes a request head; `Malformed` errors leave the decoder usable.
+    pub(crate) fn request(&mut self, block: &[u8], limit: u32) -> Result<RequestHead, HeadError> {
+        let fields = self.fields(block, limit)?;
+        let mut method = None;
+        let mut authority = None;
+        for (name, value) in fields.pseudo {
+            let slot = match name.as_slice() {
+                b":method" => &mut method,
+                b":authority" => &mut authority,
+                // Valid in requests; a CONNECT carrying them is refused by the caller's checks.
+                b":scheme" | b":path" | b":protocol" => continue,
+                other => return Err(malformed_pseudo(other)),
+            };
+            if slot.replace(value).is_some() {
+                return Err(HeadError::Malformed(format!(
+                    "{} appears twice",
+                    String::from_utf8_lossy(&name)
+                )));
+            }
+        }
+        let method = method.ok_or_else(|| HeadError::Malformed("no :method".to_owned()))?;
+        let authority = match authority {
+            Some(a) => Some(
+                String::from_utf8(a)
+                    .map_err(|_| HeadError::Malformed(":authority is not UTF-8".to_owned()))?,
+            ),
+            None => None,
+        };
+        Ok(RequestHead {
+            method,
+            authority,
+            headers: fields.headers,
+        })
+    }
+
+    /// Decodes a response head.
+    pub(crate) fn response(&mut self, block: &[u8], limit: u32) -> Result<ResponseHead, HeadError> {
+        let fields = self.fields(block, limit)?;
+        let mut status = None;
+        for (name, value) in fields.pseudo {
+            if name != b":status" {
+                return Err(malformed_pseudo(&name));
+            }
+            if status.replace(value).is_some() {
+                return Err(HeadError::Malformed(":status appears twice".to_owned()));
+            }
+        }
+        let status = status.ok_or_else(|| HeadError::Malformed("no :status".to_owned()))?;
+        let status = (status.len() == 3)
+            .then(|| StatusCode::from_bytes(&status).ok())
+            .flatten()
+            .ok_or_else(|| {
+                HeadError::Malformed(format!(
+                    "bad :status {:?}",
+                    String::from_utf8_lossy(&status)
+                ))
+            })?;
+        Ok(ResponseHead { status })
+    }
+
+    /// Decodes a block whose fields are only checked for form (trailers).
+    pub(crate) fn trailers(&mut self, block: &[u8], limit: u32) -> Result<(), HeadError> {
+        let fields = self.fields(block, limit)?;
+        match fields.pseudo.first() {
+            Some((name, _)) => Err(malformed_pseudo(name)),
+            None => Ok(()),
+        }
+    }
+
+    /// Decodes the whole block (the dynamic table must see all of it even when it is refused),
+    /// then checks the fields.
+    fn fields(&mut self, block: &[u8], limit: u32) -> Result<Fields, HeadError> {
+        let mut list = Vec::new();
+        let mut size = 0usize;
+        let mut too_large = false;
+        self.inner
+            .decode_with_cb(block, |name, value| {
+                size += name.len() + value.len() + 32;
+                if size > limit as usize {
+                    too_large = true;
+                    list.clear();
+                } else if !too_large {
+                    list.push((name.into_owned(), value.into_owned()));
+                }
+            })
+            .map_err(|e| HeadError::Compression(e.to_string()))?;
+        if too_large {
+            return Err(HeadError::TooLarge(limit));
+        }
+        let mut fields = Fields {
+            pseudo: Vec::new(),
+            headers: HeaderMap::with_capacity(list.len()),
+        };
+        for (name, value) in list {
+            if name.first() == Some(&b':') {
+                if !fields.headers.is_empty() {
+                    return Err(HeadError::Malformed(format!(
+                        "pseudo-header {} after a regular header",
+                        String::from_utf8_lossy(&name)
+                    )));
+                }
+                fields.pseudo.push((name, value));
+                continue;
+            }
+            fields
+                .headers
+                .append(check_name(&name)?, check_value(&name, &value)?);
+        }
+        Ok(fields)
+    }
+}
+
+fn malformed_pseudo(name: &[u8]) -> HeadError {
+    HeadError::Malformed(format!(
+        "unexpected pseudo-header {}",
+        String::from_utf8_lossy(name)
+    ))
+}
+
+/// A regular header name: lowercase, a valid token, not connection-specific (RFC 9113 §8.2).
+fn check_name(name: &[u8]) -> Result<HeaderName, HeadError> {
+    let bad = |why: &str| {
+        HeadError::Malformed(format!("header {:?} {why}", String::from_utf8_lossy(name)))
+    };
+    if name.iter().any(u8::is_ascii_uppercase) {
+        return Err(bad("has uppercase letters"));
+    }
+    if matches!(
+        name,
+        b"connection" | b"keep-alive" | b"proxy-connection" | b"transfer-encoding" | b"upgrade"
+    ) {
+        return Err(bad("is connection-specific"));
+    }
+    HeaderName::from_bytes(name).map_err(|_| bad("is not a valid name"))
+}
+
+fn check_value(name: &[u8], value: &[u8]) -> Result<HeaderValue, HeadError> {
+    let bad = |why: &str| {
+        HeadError::Malformed(format!("header {:?} {why}", String::from_utf8_lossy(name)))
+    };
+    if name == b"te" && value != b"trailers" {
+        return Err(bad("may only be \"trailers\""));
+    }
+    if value.first().is_some_and(|b| *b == b' ' || *b == b'\t')
+        || value.last().is_some_and(|b| *b == b' ' || *b == b'\t')
+    {
+        return Err(bad("has surrounding whitespace"));
+    }
+    HeaderValue::from_bytes(value).map_err(|_| bad("has a forbidden character"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header_map(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(n, v)| {
+                (
+                    HeaderName::from_static(n),
+                    HeaderValue::from_str(v).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_connect_we_encode_decodes_to_the_same_head() {
+        let mut out = BytesMut::new();
+        let headers = header_map(&[("baggage", "k8s.cluster.name=c"), ("forwarded", "for=1")]);
+        encode_connect(&mut out, "10.0.0.7:8080", &headers);
+        let head = Decoder::new().request(&out, 8192).unwrap();
+        assert_eq!(head.method, b"CONNECT");
+        assert_eq!(head.authority.as_deref(), Some("10.0.0.7:8080"));
+        assert_eq!(head.headers, headers);
+    }
+
+    #[test]
+    fn responses_use_the_static_table_and_decode_back() {
+        for code in [200u16, 204, 401, 503, 400] {
+            let mut out = BytesMut::new();
+            let status = StatusCode::from_u16(code).unwrap();
+            encode_response(&mut out, status, &header_map(&[("x-a", "b")]));
+            let head = Decoder::new().response(&out, 8192).unwrap();
+            assert_eq!(head.status, status);
+        }
+        let mut out = BytesMut::new();
+        encode_response(&mut out, StatusCode::OK, &HeaderMap::new());
+        assert_eq!(&out[..], [0x88]);
+    }
+
+    #[test]
+    fn long_values_use_multi_byte_lengths() {
+        let value = "v".repeat(300);
+        let mut out = BytesMut::new();
+        encode_connect(&mut out, "a:1", &header_map(&[("x-long", &value)]));
+        let head = Decoder::new().request(&out, 8192).unwrap();
+        assert_eq!(head.headers["x-long"], value.as_str());
+    }
+
+    /// Encodes raw (name, value) literals, for blocks our encoder would never produce.
+    fn raw(fields: &[(&[u8], &[u8])]) -> BytesMut {
+        let mut out = BytesMut::new();
+        for (n, v) in fields {
+            out.put_u8(0);
+            put_string(&mut out, n);
+            put_string(&mut out, v);
+        }
+        out
+    }
+
+    #[test]
+    fn malformed_heads_are_refused_with_the_reason() {
+        type Fields<'a> = &'a [(&'a [u8], &'a [u8])];
+        let cases: &[(Fields<'_>, &str)] = &[
+            (&[(b":authority", b"a:1")], "no :method"),
+            (&[(b":method", b"CONNECT"), (b":method", b"GET")], "twice"),
+            (
+                &[(b":method", b"CONNECT"), (b":status", b"200")],
+                "unexpected",
+            ),
+            (
+                &[
+                    (b":method", b"CONNECT"),
+                    (b"x", b"1"),
+                    (b":authority", b"a:1"),
+                ],
+                "after",
+            ),
+            (&[(b":method", b"CONNECT"), (b"X-Up", b"1")], "uppercase"),
+            (
+                &[(b":method", b"CONNECT"), (b"connection", b"close")],
+                "connection-specific",
+            ),
+            (&[(b":method", b"CONNECT"), (b"te", b"gzip")], "trailers"),
+            (&[(b":method", b"CONNECT"), (b"x", b"a\nb")], "forbidden"),
+            (&[(b":method", b"CONNECT"), (b"x", b" a")], "whitespace"),
+        ];
+        for (fields, why) in cases {
+            let err = Decoder::new().request(&raw(fields), 8192).unwrap_err();
+            assert!(
+                matches!(&err, HeadError::Malformed(m) if m.contains(why)),
+                "{fields:?}: {err}"
+            );
+        }
+        let err = Decoder::new()
+            .response(&raw(&[(b":status", b"20")]), 8192)
+            .unwrap_err();
+        assert!(err.to_string().contains("bad :status"), "{err}");
+    }
+
+    #[test]
+    fn the_size_limit_counts_as_http2_does() {
+        // 7 + 7 + 32 = 46 bytes for ":method: CONNECT".
+        let block = raw(&[(b":method", b"CONNECT")]);
+        assert!(Decoder::new().request(&block, 46).is_ok());
+        assert_eq!(
+            Decoder::new().request(&block, 45).unwrap_err(),
+            HeadError::TooLarge(45)
+        );
+    }
+
+    #[test]
+    fn garbage_is_a_compression_error_not_a_panic() {
+        for block in [
+            &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff][..],
+            &[0x80],
+            &[0x3f, 0xe1, 0x1f],
+            &[0x02],
+        ] {
+            let err = Decoder::new().request(block, 8192).unwrap_err();
+            assert!(
+                matches!(err, HeadError::Compression(_)),
+                "{block:?}: {err:?}"
+            );
+        }
+    }
+}
