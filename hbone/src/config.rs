@@ -16,7 +16,9 @@ pub struct Config {
     pub connection_window: u32,
     /// Largest DATA frame payload we accept (SETTINGS_MAX_FRAME_SIZE), 16 KiB to 16 MiB - 1.
     pub max_frame_size: u32,
-    /// Bytes one stream may queue for sending before writes wait for the socket.
+    /// Bytes of frames one connection may queue for a socket that is not taking them (beyond
+    /// what rustls queues, `tls_write_buffer`) before its tunnels' writes wait and it stops
+    /// reading from the peer. Bounds what a peer that does not read can make us hold.
     pub max_send_buffer: usize,
     /// Client: at most this many tunnels share one connection, even if the peer allows more.
     /// Server: the SETTINGS_MAX_CONCURRENT_STREAMS it advertises.

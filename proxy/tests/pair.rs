@@ -173,7 +173,7 @@ async fn a_service_vip_reaches_its_endpoint_through_hbone_with_the_source_identi
     assert_eq!(out.destination_uid.as_deref(), Some("web"));
     assert_eq!(out.hbone_target, Some(SocketAddr::new(ip(1, 2), 15008)));
     assert_eq!(out.bytes, (16, 16));
-    let inbound = mesh.inbound_log.lock().unwrap().last().cloned().unwrap();
+    let inbound = last_inbound(&mesh).await;
     assert_eq!(
         inbound.source_identity.as_deref(),
         Some(id("sleep").as_str())
@@ -185,6 +185,22 @@ async fn a_service_vip_reaches_its_endpoint_through_hbone_with_the_source_identi
     assert_eq!(got, b"direct", "{out:?}");
 }
 
+/// The inbound side's last outcome. It is recorded when its handler finishes, which may be just
+/// after the client has seen the answer (the refusal is on the wire first), so wait for it.
+async fn last_inbound(mesh: &Mesh) -> InboundOutcome {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(last) = mesh.inbound_log.lock().unwrap().last().cloned() {
+            return last;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the inbound side recorded no outcome within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_applies_to_the_source_workloads_own_identity() {
     let mesh = mesh(2).await;
@@ -193,7 +209,7 @@ async fn policy_applies_to_the_source_workloads_own_identity() {
     assert!(got.is_empty());
     let error = out.error.unwrap();
     assert!(error.contains("401"), "{error}");
-    let inbound = mesh.inbound_log.lock().unwrap().last().cloned().unwrap();
+    let inbound = last_inbound(&mesh).await;
     assert_eq!(
         inbound.source_identity.as_deref(),
         Some(id("notsleep").as_str())

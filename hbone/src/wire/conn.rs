@@ -25,9 +25,6 @@ use super::session::{Failure, Incoming, Limits, Recv, Role, Session};
 pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 
-/// Frames queued in `out` above this stop the driver from reading more (and writers from adding
-/// DATA) until the socket takes them.
-const OUT_HIGH: usize = 64 * 1024;
 /// The smallest read the driver asks the byte stream for.
 const READ_MIN: usize = 16 * 1024;
 /// An empty read buffer larger than this is freed when the socket has nothing to read.
@@ -133,7 +130,7 @@ impl Connection {
                 let f = f.clone();
                 return Poll::Ready(st.finish(f));
             }
-            if !flushed && st.session.out.len() > OUT_HIGH {
+            if !flushed && st.session.out_full() {
                 // The peer is not reading: stop reading from it until it does.
                 return Poll::Pending;
             }
@@ -372,7 +369,7 @@ impl StreamRef {
         let mut guard = self.conn.lock();
         let st = &mut *guard;
         let capacity = ready!(st.session.poll_send_capacity(self.id, cx))?;
-        if st.session.out.len() > OUT_HIGH {
+        if st.session.out_full() {
             st.write_blocked.push(cx.waker().clone());
             st.wake_driver();
             return Poll::Pending;
@@ -423,5 +420,57 @@ fn closed() -> Failure {
     Failure::Io {
         kind: io::ErrorKind::NotConnected,
         detail: "the HBONE connection is closed".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+    use crate::wire::frame::{self, flag, kind, setting};
+
+    #[tokio::test]
+    async fn a_peer_that_does_not_read_makes_writers_wait_instead_of_queueing() {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let limits = Limits {
+            stream_window: 1 << 20,
+            connection_window: 1 << 20,
+            max_frame_size: 1 << 16,
+            max_concurrent_streams: 10,
+            max_header_list_size: 8192,
+            max_send_buffer: 256 * 1024,
+        };
+        let conn = Connection::new(Role::Client, limits, ours);
+        let driver = conn.clone();
+        tokio::spawn(async move { driver.drive().await });
+        // A server that opens every window as far as it goes, answers 200, then reads nothing.
+        let (_rd, mut wr) = tokio::io::split(theirs);
+        let mut script = BytesMut::new();
+        frame::put_settings(
+            &mut script,
+            &[(setting::INITIAL_WINDOW_SIZE, (1 << 31) - 1)],
+        );
+        frame::put_window_update(&mut script, 0, (1 << 31) - 1 - 65_535);
+        frame::put_frame(&mut script, kind::HEADERS, flag::END_HEADERS, 1, &[0x88]);
+        wr.write_all(&script).await.unwrap();
+        let (head, stream) = conn
+            .connect("10.0.0.1:80", &HeaderMap::new())
+            .await
+            .unwrap();
+        assert_eq!(head.status, StatusCode::OK);
+        let mut tunnel = crate::Tunnel::new(stream, None);
+        let data = vec![7u8; 8 << 20];
+        let write = tokio::time::timeout(
+            std::time::Duration::from_millis(500),
+            tunnel.write_all(&data),
+        )
+        .await;
+        assert!(write.is_err(), "8 MiB written to a peer that reads nothing");
+        let queued = conn.lock().session.out.len();
+        assert!(
+            queued <= 256 * 1024 + (1 << 16) + frame::HEADER_LEN,
+            "{queued} bytes queued"
+        );
     }
 }
