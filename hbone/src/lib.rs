@@ -5,7 +5,9 @@
 //! (`AsyncRead + AsyncWrite`), and [`copy_bidirectional`] joins a tunnel to a socket with
 //! half-close and byte counts. The crate knows nothing of SPIFFE or policy: it takes rustls
 //! configurations and reports the peer's certificate chain. The wire protocol is specified in
-//! `SPEC.md` next to this crate.
+//! `SPEC.md` next to this crate. HTTP/2 is implemented here, the part of RFC 9113 that HBONE uses,
+//! so that a tunnel's writes are framed, encrypted and sent in the writer's own task; errors of
+//! that layer reach you as [`Http2Error`].
 //!
 //! ```
 //! # use std::sync::Arc;
