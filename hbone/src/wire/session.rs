@@ -175,6 +175,10 @@ impl Stream {
         self.failure.is_none() && self.send_failure.is_none() && !(self.recv_eof && self.send_eof)
     }
 
+    fn is_reset_by_peer(&self) -> bool {
+        matches!(self.failure, Some(Failure::Reset { remote: true, .. }))
+    }
+
     fn wake(&mut self) {
         if let Some(w) = self.read_waker.take() {
             w.wake();
@@ -677,10 +681,12 @@ impl Session {
             self.refuse(id, Refusal::Reset(Reason::PROTOCOL_ERROR));
             return Ok(());
         }
+        // Streams the client reset while their handlers still run count too: otherwise opening
+        // and resetting streams in a loop ("rapid reset") would start handlers without limit.
         let open = self
             .streams
             .values()
-            .filter(|s| !s.local && s.is_open())
+            .filter(|s| !s.local && (s.is_open() || s.is_reset_by_peer()))
             .count();
         if self.failure.is_some() || open >= self.limits.max_concurrent_streams as usize {
             self.refuse(id, Refusal::Reset(Reason::REFUSED_STREAM));
@@ -1407,6 +1413,31 @@ mod tests {
             client.poll_response(ids[2], &mut cx()),
             Poll::Ready(Err(f)) if f.is_retryable()
         ));
+    }
+
+    #[test]
+    fn streams_reset_by_the_client_count_until_their_handlers_let_go() {
+        let (mut client, mut server) = pair();
+        client.peer.max_concurrent_streams = u32::MAX;
+        // "Rapid reset": open and reset at once, again and again.
+        let mut accepted = Vec::new();
+        for _ in 0..5 {
+            let id = client.open("a:1", &HeaderMap::new()).unwrap();
+            client.reset(id, Reason::CANCEL);
+            client.drop_stream(id);
+            pump(&mut client, &mut server);
+            if let Poll::Ready(Some(incoming)) = server.poll_accept(&mut cx()) {
+                accepted.push(incoming.id);
+            }
+        }
+        assert_eq!(accepted.len(), 2, "the limit is 2 handlers at a time");
+        // Once the handlers are done with them, new streams are served again.
+        for id in accepted {
+            server.drop_stream(id);
+        }
+        let id = client.open("a:1", &HeaderMap::new()).unwrap();
+        pump(&mut client, &mut server);
+        assert_eq!(accept(&mut server).id, id);
     }
 
     #[test]
