@@ -11,6 +11,10 @@
 # are checked: Envoy's server side must log our client's SPIFFE id with status 200, our server side must log
 # Envoy's client's id, and our client side must have tunneled over mTLS. Envoy's HTTP/2 codec (oghttp2) is
 # strict, so this checks our own HTTP/2 (hbone/src/wire) against a second independent implementation.
+# Known: the harness's `hold` test (2,000 held connections) times out against Envoy's server side: Envoy
+# leaves some CONNECTs unanswered (its log: status 0, DR after 10 s), so our client gives up on them after
+# its connect timeout. The same happens with our build before our own HTTP/2 (the h2 crate), so it is
+# Envoy's configuration in the harness; the summary lists it under Errors.
 #
 # Usage (root, from this repository's root, after `cargo build --release -p ztunnel`):
 #   interop/envoy.sh        (ENVOY_BIN=/path/to/envoy to use another binary; OUR_BIN for another build of ours)
@@ -49,14 +53,7 @@ exec env ZTUNNEL_WORKER_THREADS=1 PACKET_MARK="$PROXY_MARK" NODE_NAME="$1" "$OUR
   --cert "$PKI/$2-chain.pem" --key "$PKI/$2-key.pem" --ca "$PKI/root-cert.pem"
 EOF
 
-run_pair() { # NAME CLIENT_CMD SERVER_CMD
-  OURS_DESCRIPTION="$1" OURS_CLIENT_CMD="$2" OURS_SERVER_CMD="$3" ROUNDS=1 OUT="$WORK/$1" \
-    bash "$BENCH/compare.sh" ours >"$WORK/$1.log" 2>&1 || { cat "$WORK/$1.log" >&2; exit 1; }
-}
-expect() { # FILE PATTERN WHAT
-  if grep -q "$2" "$1"; then echo "PASS: $3"; else echo "FAIL: $3 (no '$2' in $1)"; FAILED=1; fi
-}
-FAILED=0
+source "$REPO/interop/lib.sh"
 run_pair ours-to-envoy "bash $WORK/our-side.sh node-a sleep" "bash $WORK/envoy-side.sh server 15100"
 run_pair envoy-to-ours "bash $WORK/envoy-side.sh client 15101" "bash $WORK/our-side.sh node-b web-api"
 ID=spiffe://cluster.local/ns/default/sa
@@ -65,8 +62,5 @@ expect "$WORK/ours-to-envoy/run/ours/r1/server.log" "200 - peer=$ID/sleep" \
 expect "$WORK/ours-to-envoy/run/ours/r1/client.log" "mtls=true" "our client side tunneled over mTLS"
 expect "$WORK/envoy-to-ours/run/ours/r1/server.log" "src.identity=\"$ID/sleep\"" \
   "our server side saw Envoy's client's identity"
-for d in ours-to-envoy envoy-to-ours; do
-  echo "--- $d"; grep -E '^\| (iperf3 1 stream, Gbit/s|1 KiB RR back-to-back, p50|connect\+1 B echo\+close, sequential, conn/s) ' \
-    "$WORK/$d/results.md" | head -3
-done
+summarize ours-to-envoy envoy-to-ours
 exit $FAILED

@@ -69,14 +69,7 @@ istio() { # SA NODE
     "PROXY_MODE=dedicated PROXY_WORKLOAD_INFO=default/$1/$1 NODE_NAME=$2 ENABLE_ORIG_SRC=false PACKET_MARK=1337" \
     "ZTUNNEL_WORKER_THREADS=1 $ZTUNNEL_BIN"
 }
-run_pair() { # NAME CLIENT_CMD SERVER_CMD
-  OURS_DESCRIPTION="$1" OURS_CLIENT_CMD="$2" OURS_SERVER_CMD="$3" ROUNDS=1 OUT="$WORK/$1" \
-    bash "$BENCH/compare.sh" ours >"$WORK/$1.log" 2>&1 || { cat "$WORK/$1.log" >&2; exit 1; }
-}
-expect() { # FILE PATTERN WHAT
-  if grep -q "$2" "$1"; then echo "PASS: $3"; else echo "FAIL: $3 (no '$2' in $1)"; FAILED=1; fi
-}
-FAILED=0
+source "$REPO/interop/lib.sh"
 run_pair ours-to-istio "$(ours client node-a)" "$(istio server node-b)"
 run_pair istio-to-ours "$(istio client node-a)" "$(ours server node-b)"
 ID=spiffe://cluster.local/ns/default/sa
@@ -87,8 +80,5 @@ expect "$WORK/istio-to-ours/run/ours/r1/server.log" "src.identity=\"$ID/client\"
   "our server side saw Istio's client's identity"
 expect "$WORK/istio-to-ours/run/ours/r1/client.log" "dst.identity=\"$ID/server\"" \
   "Istio's client side verified our server's identity"
-for d in ours-to-istio istio-to-ours; do
-  echo "--- $d"; grep -E '^\| (iperf3 1 stream, Gbit/s|1 KiB RR back-to-back, p50|connect\+1 B echo\+close, sequential, conn/s) ' \
-    "$WORK/$d/results.md" | head -3
-done
+summarize ours-to-istio istio-to-ours
 exit $FAILED

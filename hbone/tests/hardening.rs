@@ -335,22 +335,11 @@ async fn server_gives_up_on_a_client_frozen_before_http2() {
 
 /// A TLS server that completes the TLS handshake and then never writes a byte.
 async fn silent_after_tls(pki: &Pki) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config());
-    tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                if let Ok(mut tls) = acceptor.accept(tcp).await {
-                    let mut sink = vec![0u8; 4096];
-                    while matches!(tls.read(&mut sink).await, Ok(n) if n > 0) {}
-                }
-            });
-        }
-    });
-    addr
+    support::serve_tls(pki, |mut tls| async move {
+        let mut sink = vec![0u8; 4096];
+        while matches!(tls.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,53 +12,47 @@ use hbone::{Authority, Config, Pool, StaticTls};
 use http::{HeaderMap, Response, StatusCode};
 use support::Pki;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 /// Serves every CONNECT with `h2`: answers 200 with an `x-echo` header and echoes the body,
 /// releasing flow-control capacity only as it echoes (the default 64 KiB windows).
 async fn h2_echo_server(pki: &Pki) -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config());
-    tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let tls = acceptor.accept(tcp).await.unwrap();
-                let mut conn = h2::server::handshake(tls).await.unwrap();
-                while let Some(Ok((request, mut respond))) = conn.accept().await {
-                    tokio::spawn(async move {
-                        assert_eq!(request.method(), http::Method::CONNECT);
-                        let mut body = request.into_body();
-                        let response = Response::builder()
-                            .status(StatusCode::OK)
-                            .header("x-echo", "1")
-                            .body(())
-                            .unwrap();
-                        let mut send = respond.send_response(response, false).unwrap();
-                        while let Some(chunk) = body.data().await {
-                            let chunk = chunk.unwrap();
-                            let n = chunk.len();
-                            let mut rest = chunk;
-                            while !rest.is_empty() {
-                                send.reserve_capacity(rest.len());
-                                let cap = std::future::poll_fn(|cx| send.poll_capacity(cx))
-                                    .await
-                                    .unwrap()
-                                    .unwrap();
-                                let part = rest.split_to(cap.min(rest.len()));
-                                send.send_data(part, false).unwrap();
-                            }
-                            body.flow_control().release_capacity(n).unwrap();
-                        }
-                        send.send_data(Bytes::new(), true).unwrap();
-                    });
-                }
-            });
+    support::serve_tls(pki, |tls| async move {
+        let mut conn = h2::server::handshake(tls).await.unwrap();
+        while let Some(Ok((request, respond))) = conn.accept().await {
+            tokio::spawn(echo_stream(request, respond));
         }
-    });
-    addr
+    })
+    .await
+}
+
+/// Answers one CONNECT and echoes its body within `h2`'s flow control.
+async fn echo_stream(
+    request: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+) {
+    assert_eq!(request.method(), http::Method::CONNECT);
+    let mut body = request.into_body();
+    let response = Response::builder()
+        .status(StatusCode::OK)
+        .header("x-echo", "1")
+        .body(())
+        .unwrap();
+    let mut send = respond.send_response(response, false).unwrap();
+    while let Some(chunk) = body.data().await {
+        let mut rest = chunk.unwrap();
+        let n = rest.len();
+        while !rest.is_empty() {
+            send.reserve_capacity(rest.len());
+            let cap = std::future::poll_fn(|cx| send.poll_capacity(cx))
+                .await
+                .unwrap()
+                .unwrap();
+            let part = rest.split_to(cap.min(rest.len()));
+            send.send_data(part, false).unwrap();
+        }
+        body.flow_control().release_capacity(n).unwrap();
+    }
+    send.send_data(Bytes::new(), true).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,8 +27,9 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 
 /// The smallest read the driver asks the byte stream for.
 const READ_MIN: usize = 16 * 1024;
-/// An empty read buffer larger than this is freed when the socket has nothing to read.
-const READ_KEEP: usize = 64 * 1024;
+/// An empty read buffer larger than this is freed when the socket has nothing to read, so a
+/// quiet connection keeps at most one small read's worth after a burst.
+const READ_KEEP: usize = READ_MIN;
 /// Reads per driver turn before it yields to other tasks.
 const READS_PER_TURN: usize = 16;
 

@@ -1265,6 +1265,17 @@ mod tests {
         }
     }
 
+    /// Opens a stream and has the server accept it with 200.
+    fn tunnel(client: &mut Session, server: &mut Session) -> u32 {
+        let id = client.open("a:1", &HeaderMap::new()).unwrap();
+        pump(client, server);
+        assert_eq!(accept(server).id, id);
+        server
+            .respond(id, StatusCode::OK, &HeaderMap::new(), false)
+            .unwrap();
+        id
+    }
+
     fn send(s: &mut Session, id: u32, data: &[u8]) {
         let n = match s.poll_send_capacity(id, &mut cx()) {
             Poll::Ready(Ok(n)) => n,
@@ -1322,12 +1333,7 @@ mod tests {
     #[test]
     fn dropping_an_open_stream_cancels_it_and_returns_its_window() {
         let (mut client, mut server) = pair();
-        let id = client.open("a:1", &HeaderMap::new()).unwrap();
-        pump(&mut client, &mut server);
-        accept(&mut server);
-        server
-            .respond(id, StatusCode::OK, &HeaderMap::new(), false)
-            .unwrap();
+        let id = tunnel(&mut client, &mut server);
         send(&mut server, id, &[1; 1000]);
         pump(&mut client, &mut server);
         client.drop_stream(id);
@@ -1345,12 +1351,7 @@ mod tests {
     #[test]
     fn a_reset_after_end_stream_leaves_the_received_bytes_readable() {
         let (mut client, mut server) = pair();
-        let id = client.open("a:1", &HeaderMap::new()).unwrap();
-        pump(&mut client, &mut server);
-        accept(&mut server);
-        server
-            .respond(id, StatusCode::OK, &HeaderMap::new(), false)
-            .unwrap();
+        let id = tunnel(&mut client, &mut server);
         send(&mut server, id, b"all of it");
         server.send_end(id).unwrap();
         server.drop_stream(id); // the client never ended its side: CANCEL
@@ -1369,12 +1370,7 @@ mod tests {
     #[test]
     fn data_beyond_the_stream_window_resets_only_that_stream() {
         let (mut client, mut server) = pair();
-        let id = client.open("a:1", &HeaderMap::new()).unwrap();
-        pump(&mut client, &mut server);
-        accept(&mut server);
-        server
-            .respond(id, StatusCode::OK, &HeaderMap::new(), false)
-            .unwrap();
+        let id = tunnel(&mut client, &mut server);
         // Ignore the window: 17 frames of 64 KiB against a 1 MiB window.
         for _ in 0..17 {
             let head = Head {
@@ -1543,9 +1539,7 @@ mod tests {
     #[test]
     fn padding_is_stripped_and_returned_at_once() {
         let (mut client, mut server) = pair();
-        let id = client.open("a:1", &HeaderMap::new()).unwrap();
-        pump(&mut client, &mut server);
-        accept(&mut server);
+        let id = tunnel(&mut client, &mut server);
         let mut payload = vec![3u8];
         payload.extend_from_slice(b"abc");
         payload.extend_from_slice(&[0; 3]);
