@@ -46,24 +46,7 @@ pub fn fuzz_server_frames(data: &[u8]) -> usize {
                 }
             }
         });
-        let (client, server_io) = tokio::io::duplex(64 * 1024);
-        let (mut client_rd, mut client_wr) = tokio::io::split(client);
-        let input = [PREFACE, data].concat();
-        tokio::spawn(async move {
-            let _ = client_wr.write_all(&input).await;
-            // Give the server (all in memory, on this one thread) turns to act on every frame
-            // before the close, as a peer that keeps its connection open would.
-            for _ in 0..64 {
-                tokio::task::yield_now().await;
-            }
-            let _ = client_wr.shutdown().await;
-            // Keep the read half's peer alive until the server is done.
-            std::future::pending::<()>().await;
-        });
-        tokio::spawn(async move {
-            let mut sink = vec![0u8; 16 * 1024];
-            while matches!(client_rd.read(&mut sink).await, Ok(n) if n > 0) {}
-        });
+        let server_io = scripted_peer([PREFACE, data].concat());
         let addr = SocketAddr::from(([127, 0, 0, 1], 15008));
         let certs: Arc<[CertificateDer<'static>]> =
             Arc::from(vec![CertificateDer::from(vec![0u8])]);
@@ -92,21 +75,8 @@ pub fn fuzz_client_frames(data: &[u8]) -> bool {
         .build()
         .expect("a Tokio runtime");
     runtime.block_on(async {
-        let (client_io, server) = tokio::io::duplex(64 * 1024);
-        let (mut server_rd, mut server_wr) = tokio::io::split(server);
-        let input = [&[0u8, 0, 0, 4, 0, 0, 0, 0, 0][..], data].concat();
-        tokio::spawn(async move {
-            let _ = server_wr.write_all(&input).await;
-            for _ in 0..64 {
-                tokio::task::yield_now().await;
-            }
-            let _ = server_wr.shutdown().await;
-            std::future::pending::<()>().await;
-        });
-        tokio::spawn(async move {
-            let mut sink = vec![0u8; 16 * 1024];
-            while matches!(server_rd.read(&mut sink).await, Ok(n) if n > 0) {}
-        });
+        // An empty SETTINGS frame first, as every server starts.
+        let client_io = scripted_peer([&[0u8, 0, 0, 4, 0, 0, 0, 0, 0][..], data].concat());
         let connection = Connection::new(
             Role::Client,
             Limits::from_config(&Config::default()),
@@ -133,6 +103,28 @@ pub fn fuzz_client_frames(data: &[u8]) -> bool {
             .expect("the HBONE client did not finish after the server closed")
             .unwrap_or(false)
     })
+}
+
+/// One end of an in-memory connection whose other end sends `input`, gives the side under test
+/// turns to act on every frame (all in memory, on this one thread) as a peer that keeps its
+/// connection open would, then closes its write side; it reads and drops whatever it receives.
+fn scripted_peer(input: Vec<u8>) -> tokio::io::DuplexStream {
+    let (ours, peer) = tokio::io::duplex(64 * 1024);
+    let (mut peer_rd, mut peer_wr) = tokio::io::split(peer);
+    tokio::spawn(async move {
+        let _ = peer_wr.write_all(&input).await;
+        for _ in 0..64 {
+            tokio::task::yield_now().await;
+        }
+        let _ = peer_wr.shutdown().await;
+        // Keep the read half's peer alive until the side under test is done.
+        std::future::pending::<()>().await;
+    });
+    tokio::spawn(async move {
+        let mut sink = vec![0u8; 16 * 1024];
+        while matches!(peer_rd.read(&mut sink).await, Ok(n) if n > 0) {}
+    });
+    ours
 }
 
 /// A TLS configuration that is never used for a handshake (the fuzzer starts after TLS).
