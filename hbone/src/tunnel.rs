@@ -151,10 +151,15 @@ impl AsyncWrite for Tunnel {
     }
 }
 
-/// Converts a stream's failure into the I/O error a tunnel user sees.
+/// Converts a stream's failure into the I/O error a tunnel user sees: as the module docs say, a
+/// reset or a lost connection is `ConnectionReset`; writing after our own shutdown is
+/// `BrokenPipe`.
 pub(crate) fn failure_to_io(f: Failure) -> io::Error {
     match f {
-        Failure::Io { kind, detail } => io::Error::new(kind, detail),
+        Failure::Io {
+            kind: io::ErrorKind::BrokenPipe,
+            detail,
+        } => io::Error::new(io::ErrorKind::BrokenPipe, detail),
         other => io::Error::new(
             io::ErrorKind::ConnectionReset,
             format!("HBONE tunnel: {other}"),
