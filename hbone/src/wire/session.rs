@@ -1106,7 +1106,8 @@ impl Session {
         Poll::Pending
     }
 
-    /// How many bytes `id` may send in its next DATA frame (at least 1), waiting for window.
+    /// How many bytes `id` may send now (at least 1: the lower of its window and the
+    /// connection's), waiting for window.
     pub(crate) fn poll_send_capacity(
         &mut self,
         id: u32,
@@ -1130,25 +1131,20 @@ impl Session {
             self.conn_send_waiters.push(cx.waker().clone());
             return Poll::Pending;
         }
-        let n = stream
-            .send_window
-            .min(self.send_window)
-            .min(self.peer.max_frame_size as i64);
-        Poll::Ready(Ok(n as usize))
+        Poll::Ready(Ok(stream.send_window.min(self.send_window) as usize))
     }
 
-    /// Charges `len` bytes (within the last capacity) to the windows; returns the DATA header.
-    pub(crate) fn take_send(&mut self, id: u32, len: usize) -> [u8; HEADER_LEN] {
+    /// The largest DATA payload the peer accepts in one frame.
+    pub(crate) fn peer_max_frame(&self) -> usize {
+        self.peer.max_frame_size as usize
+    }
+
+    /// Charges `len` bytes (within the last capacity) to the windows; the caller sends them as
+    /// DATA frames of at most [`Session::peer_max_frame`] each, headed by [`data_head`].
+    pub(crate) fn take_send(&mut self, id: u32, len: usize) {
         let stream = self.streams.get_mut(&id).expect("a live stream handle");
         stream.send_window -= len as i64;
         self.send_window -= len as i64;
-        Head {
-            len: len as u32,
-            kind: kind::DATA,
-            flags: 0,
-            stream: id,
-        }
-        .encode()
     }
 
     /// Ends our half of the stream (an empty DATA frame with END_STREAM, into `out`).
@@ -1205,6 +1201,17 @@ impl Session {
         self.ping.waker = Some(cx.waker().clone());
         Poll::Pending
     }
+}
+
+/// The header of a DATA frame of `len` bytes on stream `id`, without flags.
+pub(crate) fn data_head(id: u32, len: usize) -> [u8; HEADER_LEN] {
+    Head {
+        len: len as u32,
+        kind: kind::DATA,
+        flags: 0,
+        stream: id,
+    }
+    .encode()
 }
 
 fn proto(what: &str) -> (Reason, String) {
@@ -1282,8 +1289,8 @@ mod tests {
             other => panic!("no capacity: {other:?}"),
         };
         assert!(n >= data.len());
-        let head = s.take_send(id, data.len());
-        s.out.extend_from_slice(&head);
+        s.take_send(id, data.len());
+        s.out.extend_from_slice(&data_head(id, data.len()));
         s.out.extend_from_slice(data);
     }
 
