@@ -72,7 +72,7 @@ impl Tunnel {
         }
     }
 
-    /// Sends as much of `data` as flow control allows now (one DATA frame), advancing `data`;
+    /// Sends as much of `data` as flow control allows now (up to 16 DATA frames), advancing `data`;
     /// returns the bytes sent (at least one, unless `data` is empty).
     pub fn poll_send_chunk(
         &mut self,

@@ -144,22 +144,16 @@ impl Connection {
             st.rbuf.reserve(want);
             match tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut st.rbuf) {
                 Poll::Ready(Ok(0)) => {
-                    let f = Failure::Io {
+                    return Poll::Ready(st.finish(Failure::Io {
                         kind: io::ErrorKind::UnexpectedEof,
                         detail: "the peer closed the connection".to_owned(),
-                    };
-                    st.session.fail(f.clone());
-                    return Poll::Ready(st.finish(f));
+                    }));
                 }
                 Poll::Ready(Ok(_)) => {
                     // A protocol error fails the session; the next turn sends the GOAWAY.
                     let _ = st.session.recv(&mut st.rbuf);
                 }
-                Poll::Ready(Err(e)) => {
-                    let f = io_failure(&e);
-                    st.session.fail(f.clone());
-                    return Poll::Ready(st.finish(f));
-                }
+                Poll::Ready(Err(e)) => return Poll::Ready(st.finish(io_failure(&e))),
                 Poll::Pending => {
                     if st.rbuf.is_empty() && st.rbuf.capacity() > READ_KEEP {
                         st.rbuf = BytesMut::new();
@@ -359,7 +353,8 @@ impl StreamRef {
         Poll::Ready(Ok(chunk))
     }
 
-    /// Sends up to one frame of `data` (as much as flow control allows); returns how much.
+    /// Sends as much of `data` as flow control allows, in up to `MAX_FRAMES_PER_WRITE` DATA
+    /// frames; returns how much.
     pub(crate) fn poll_send(
         &self,
         cx: &mut Context<'_>,
@@ -456,6 +451,37 @@ mod tests {
     use super::*;
     use crate::wire::frame::{self, flag, kind, setting};
 
+    /// A client connection on `io` whose server, scripted on `theirs`, opens the stream and
+    /// connection windows to `window`, answers the first CONNECT 200 and reads nothing after;
+    /// returns the connection, the tunnel, and the server's read half (keep it to keep the
+    /// connection open).
+    async fn tunnel_to_scripted_server(
+        io: impl Io,
+        limits: Limits,
+        theirs: tokio::io::DuplexStream,
+        window: u32,
+    ) -> (
+        Connection,
+        crate::Tunnel,
+        tokio::io::ReadHalf<tokio::io::DuplexStream>,
+    ) {
+        let conn = Connection::new(Role::Client, limits, io);
+        let driver = conn.clone();
+        tokio::spawn(async move { driver.drive().await });
+        let (rd, mut wr) = tokio::io::split(theirs);
+        let mut script = BytesMut::new();
+        frame::put_settings(&mut script, &[(setting::INITIAL_WINDOW_SIZE, window)]);
+        frame::put_window_update(&mut script, 0, window - 65_535);
+        frame::put_frame(&mut script, kind::HEADERS, flag::END_HEADERS, 1, &[0x88]);
+        wr.write_all(&script).await.unwrap();
+        let (head, stream) = conn
+            .connect("10.0.0.1:80", &HeaderMap::new())
+            .await
+            .unwrap();
+        assert_eq!(head.status, StatusCode::OK);
+        (conn, crate::Tunnel::new(stream, None), rd)
+    }
+
     #[tokio::test]
     async fn a_peer_that_does_not_read_makes_writers_wait_instead_of_queueing() {
         let (ours, theirs) = tokio::io::duplex(64 * 1024);
@@ -467,25 +493,9 @@ mod tests {
             max_header_list_size: 8192,
             max_send_buffer: 256 * 1024,
         };
-        let conn = Connection::new(Role::Client, limits, ours);
-        let driver = conn.clone();
-        tokio::spawn(async move { driver.drive().await });
         // A server that opens every window as far as it goes, answers 200, then reads nothing.
-        let (_rd, mut wr) = tokio::io::split(theirs);
-        let mut script = BytesMut::new();
-        frame::put_settings(
-            &mut script,
-            &[(setting::INITIAL_WINDOW_SIZE, (1 << 31) - 1)],
-        );
-        frame::put_window_update(&mut script, 0, (1 << 31) - 1 - 65_535);
-        frame::put_frame(&mut script, kind::HEADERS, flag::END_HEADERS, 1, &[0x88]);
-        wr.write_all(&script).await.unwrap();
-        let (head, stream) = conn
-            .connect("10.0.0.1:80", &HeaderMap::new())
-            .await
-            .unwrap();
-        assert_eq!(head.status, StatusCode::OK);
-        let mut tunnel = crate::Tunnel::new(stream, None);
+        let (conn, mut tunnel, _rd) =
+            tunnel_to_scripted_server(ours, limits, theirs, (1 << 31) - 1).await;
         let data = vec![7u8; 8 << 20];
         let write = tokio::time::timeout(
             std::time::Duration::from_millis(500),
@@ -557,25 +567,9 @@ mod tests {
             inner: ours,
             writes: writes.clone(),
         };
-        let conn = Connection::new(
-            Role::Client,
-            Limits::from_config(&crate::Config::default()),
-            io,
-        );
-        let driver = conn.clone();
-        tokio::spawn(async move { driver.drive().await });
         // A server with the default 16 KiB frames and wide-open windows.
-        let (_rd, mut wr) = tokio::io::split(theirs);
-        let mut script = BytesMut::new();
-        frame::put_settings(&mut script, &[(setting::INITIAL_WINDOW_SIZE, 1 << 24)]);
-        frame::put_window_update(&mut script, 0, 1 << 24);
-        frame::put_frame(&mut script, kind::HEADERS, flag::END_HEADERS, 1, &[0x88]);
-        wr.write_all(&script).await.unwrap();
-        let (_, stream) = conn
-            .connect("10.0.0.1:80", &HeaderMap::new())
-            .await
-            .unwrap();
-        let mut tunnel = crate::Tunnel::new(stream, None);
+        let limits = Limits::from_config(&crate::Config::default());
+        let (_conn, mut tunnel, _rd) = tunnel_to_scripted_server(io, limits, theirs, 1 << 24).await;
         let before = writes.load(Ordering::Relaxed);
         tunnel.write_all(&[7u8; 256 * 1024]).await.unwrap();
         let made = writes.load(Ordering::Relaxed) - before;

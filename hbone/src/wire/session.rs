@@ -762,16 +762,14 @@ impl Session {
                 stream.wake();
                 Ok(())
             }
-            Some(stream) => {
-                // What was queued will never be read: return it to the connection window.
-                let queued = std::mem::take(&mut stream.queue);
-                let bytes = std::mem::take(&mut stream.queued) as u32;
-                drop(queued);
-                stream.fail(Failure::Reset {
-                    reason,
-                    remote: true,
-                });
-                self.release_connection(bytes);
+            Some(_) => {
+                self.abort_stream(
+                    head.stream,
+                    Failure::Reset {
+                        reason,
+                        remote: true,
+                    },
+                );
                 Ok(())
             }
             None if closed => Ok(()),
@@ -925,13 +923,22 @@ impl Session {
     /// Sends RST_STREAM and fails the stream locally.
     fn reset_stream(&mut self, id: u32, reason: Reason) {
         frame::put_reset(&mut self.out, id, reason);
+        self.abort_stream(
+            id,
+            Failure::Reset {
+                reason,
+                remote: false,
+            },
+        );
+    }
+
+    /// Fails a reset stream: what it had received will never be read, so those bytes go back to
+    /// the connection window.
+    fn abort_stream(&mut self, id: u32, failure: Failure) {
         if let Some(stream) = self.streams.get_mut(&id) {
             let bytes = std::mem::take(&mut stream.queued) as u32;
             stream.queue.clear();
-            stream.fail(Failure::Reset {
-                reason,
-                remote: false,
-            });
+            stream.fail(failure);
             self.release_connection(bytes);
         }
     }
