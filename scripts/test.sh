@@ -32,7 +32,8 @@ python3 -c "import h2" || { echo "cannot install the Python package h2 for the i
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --workspace 2>&1 | tee "$log"
+# --no-fail-fast: every failing test binary shows, and the closing line counts them all.
+cargo test --workspace --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line over all test binaries and doc-tests.

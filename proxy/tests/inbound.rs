@@ -79,22 +79,31 @@ fn client(ca: &DevCa, sa: &str) -> Pool<(), StaticTls> {
 /// inbound side recorded.
 async fn refused(node: &Node, sa: &str, authority: &str, status: StatusCode) -> String {
     let authority: Authority = authority.parse().unwrap();
+    let before = node.outcomes.lock().unwrap().len();
     let err = client(&node.ca, sa)
         .connect((), node.addr, &authority, HeaderMap::new())
         .await
         .unwrap_err();
     assert_eq!(err.status(), Some(status), "{err}");
-    last_outcome(node).await.error.unwrap_or_default()
+    outcome_after(node, before).await.error.unwrap_or_default()
 }
 
-async fn last_outcome(node: &Node) -> InboundOutcome {
-    for _ in 0..200 {
-        if let Some(o) = node.outcomes.lock().unwrap().last().cloned() {
+/// The first outcome recorded after the first `before` ones. The handler records it when it
+/// finishes, which may be just after the client has seen the answer (the refusal is on the wire
+/// first), so this waits for it rather than taking whatever was recorded last.
+async fn outcome_after(node: &Node, before: usize) -> InboundOutcome {
+    for _ in 0..500 {
+        if let Some(o) = node.outcomes.lock().unwrap().get(before).cloned() {
             return o;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!("no outcome recorded");
+    panic!("no outcome recorded after the first {before} within 5 s");
+}
+
+/// The first outcome a node records.
+async fn first_outcome(node: &Node) -> InboundOutcome {
+    outcome_after(node, 0).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,7 +121,7 @@ async fn an_allowed_client_gets_through_and_the_outcome_is_recorded() {
     t.read_to_end(&mut got).await.unwrap();
     assert_eq!(got, b"hello web");
     drop(t);
-    let o = last_outcome(&node).await;
+    let o = first_outcome(&node).await;
     assert_eq!(o.status, 200);
     assert_eq!(o.source_identity.as_deref(), Some(id("sleep").as_str()));
     assert_eq!(o.bytes, (9, 9));
@@ -136,7 +145,7 @@ async fn wrong_clients_and_wrong_destinations_are_refused_with_reasons() {
         why.contains("denied") && why.contains("default/allow-sleep"),
         "{why}"
     );
-    let o = last_outcome(&node).await;
+    let o = first_outcome(&node).await;
     assert_eq!(o.source_identity.as_deref(), Some(id("notsleep").as_str()));
     // Not an address of the workload served here.
     let elsewhere = format!("127.0.0.2:{}", app.port());
@@ -212,7 +221,7 @@ async fn a_policy_change_closes_a_connection_it_now_denies() {
         .await
         .expect("the connection stayed open after the policy change");
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
-    let o = last_outcome(&node).await;
+    let o = first_outcome(&node).await;
     assert!(o.error.unwrap().contains("policy change"));
     assert!(node.connections.is_empty());
 }
