@@ -17,22 +17,18 @@ pub struct Config {
     /// Largest DATA frame payload we accept (SETTINGS_MAX_FRAME_SIZE), 16 KiB to 16 MiB - 1.
     pub max_frame_size: u32,
     /// Bytes of frames one connection may queue for a socket that is not taking them (beyond
-    /// what rustls queues, `tls_write_buffer`) before its tunnels' writes wait and it stops
+    /// the TLS records queued, `tls_write_buffer`) before its tunnels' writes wait and it stops
     /// reading from the peer. Bounds what a peer that does not read can make us hold.
     pub max_send_buffer: usize,
     /// Client: at most this many tunnels share one connection, even if the peer allows more.
     /// Server: the SETTINGS_MAX_CONCURRENT_STREAMS it advertises.
     pub max_concurrent_streams: u32,
-    /// Bytes read from the socket per syscall, below TLS; 0 reads straight from the socket.
-    /// rustls asks for one TLS record (~16 KiB) at a time, so without this buffer a bulk
-    /// transfer costs one `recvfrom` per record. The buffer is held only during a burst (a
-    /// read that filled rustls's own buffer): the first read after a pause goes straight into
-    /// rustls, so a small message costs no buffer and no copy, and a connection frees the
-    /// buffer when its socket has nothing more to read.
+    /// Bytes read from the socket per syscall during a burst, below TLS (at least one TLS record,
+    /// ~16 KiB). A read after a pause asks for one record's worth, so a small message needs no
+    /// large buffer, and a buffer larger than one record is freed when it empties.
     pub read_buffer: usize,
-    /// Bytes of encrypted records rustls may queue for the socket (its buffer limit). Each
-    /// write to the socket carries what is queued, several records in one `writev`, so a bulk
-    /// transfer costs one syscall per this many bytes (rustls's own default is 64 KiB).
+    /// Bytes of sealed TLS records that may wait for the socket before writes wait (at least two
+    /// records). Each write to the socket carries what is queued, several records in one write.
     pub tls_write_buffer: usize,
     /// How often to send an HTTP/2 PING on a connection; `None` disables keepalive.
     pub keepalive_interval: Option<Duration>,
@@ -84,15 +80,12 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Sizes the buffers of a connection whose TLS handshake has just succeeded, on either side:
-    /// the read buffer under TLS gets `read_buffer`, and rustls may queue `tls_write_buffer` of
-    /// records (at least two full records, so that writes always make progress).
-    pub(crate) fn size_established<T, D>(
-        &self,
-        io: &mut crate::read_buffer::ReadBuffer<T>,
-        tls: &mut rustls::ConnectionCommon<D>,
-    ) {
-        io.set_capacity(self.read_buffer);
-        tls.set_buffer_limit(Some(self.tls_write_buffer.max(2 * (16 * 1024 + 256))));
+    /// The buffer sizes of our TLS record layer: reads of up to `read_buffer` during a burst,
+    /// `tls_write_buffer` of sealed records queued for the socket.
+    pub(crate) fn tls_sizes(&self) -> crate::record::Sizes {
+        crate::record::Sizes {
+            read_size: self.read_buffer,
+            write_limit: self.tls_write_buffer,
+        }
     }
 }

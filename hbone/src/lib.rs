@@ -79,7 +79,7 @@ mod fuzz;
 pub mod headers;
 mod keepalive;
 mod pool;
-mod read_buffer;
+mod record;
 mod server;
 mod tunnel;
 mod wire;

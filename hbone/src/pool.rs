@@ -358,18 +358,15 @@ where
             // HBONE needs no SNI; an IP server name makes rustls send none. Identity is checked
             // by the configuration's verifier (URI SANs), not by this name.
             let name = ServerName::IpAddress(target.ip().into());
-            // No read buffer under TLS until the handshake has succeeded, as on the server.
-            let mut tls = tokio_rustls::TlsConnector::from(tls_config)
-                .connect(name, crate::read_buffer::ReadBuffer::new(tcp, 0))
+            let tls = crate::record::connect(tls_config, name, tcp, cfg.tls_sizes())
                 .await
-                .map_err(|source| Error::Tls {
-                    side: Side::Client,
-                    peer: target,
-                    source,
-                })?;
-            check_session(tls.get_ref().1, Side::Client, target)?;
-            let (io, session) = tls.get_mut();
-            cfg.size_established(io, session);
+                .map_err(|source| tls_failure(Side::Client, target, source))?;
+            check_session(
+                tls.protocol_version(),
+                tls.alpn_protocol(),
+                Side::Client,
+                target,
+            )?;
             Ok(tls)
         };
         let tls = tokio::time::timeout(cfg.tls_handshake_timeout, tls_handshake)
@@ -465,13 +462,29 @@ fn error_chain(e: &Error) -> String {
     text
 }
 
+/// The error of a failed TLS handshake: [`Error::TlsVersion`] when it settled on a version other
+/// than 1.3, else [`Error::Tls`].
+pub(crate) fn tls_failure(side: Side, peer: SocketAddr, source: std::io::Error) -> Error {
+    match source
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<crate::record::NotTls13>())
+    {
+        Some(crate::record::NotTls13(version)) => Error::TlsVersion {
+            side,
+            peer,
+            version: version.map_or("no version".to_owned(), |v| format!("{v:?}")),
+        },
+        None => Error::Tls { side, peer, source },
+    }
+}
+
 /// Fails closed unless the session is TLS 1.3 with ALPN `h2`.
 pub(crate) fn check_session(
-    session: &rustls::CommonState,
+    version: Option<rustls::ProtocolVersion>,
+    alpn: Option<&[u8]>,
     side: Side,
     peer: SocketAddr,
 ) -> Result<(), Error> {
-    let version = session.protocol_version();
     if version != Some(rustls::ProtocolVersion::TLSv1_3) {
         return Err(Error::TlsVersion {
             side,
@@ -479,7 +492,6 @@ pub(crate) fn check_session(
             version: version.map_or("no version".to_owned(), |v| format!("{v:?}")),
         });
     }
-    let alpn = session.alpn_protocol();
     if alpn != Some(H2_ALPN) {
         return Err(Error::Alpn {
             side,

@@ -25,7 +25,7 @@ use crate::Config;
 use crate::authority::Authority;
 use crate::error::{Error, Http2Error, Side, Stage};
 use crate::keepalive::{KeepaliveFailure, keepalive};
-use crate::pool::check_session;
+use crate::pool::{check_session, tls_failure};
 use crate::tunnel::{Tunnel, failure_to_io};
 use crate::wire::conn::{Connection, Request, StreamRef};
 use crate::wire::session::{Failure, Limits, Role};
@@ -242,30 +242,22 @@ impl<H: ConnectHandler> Server<H> {
                 .acquire()
                 .await
                 .expect("the handshake semaphore is never closed");
-            let acceptor = tokio_rustls::TlsAcceptor::from(self.inner.tls.current());
-            // No read buffer until the handshake has succeeded: a connection that never finishes
-            // it costs only what rustls needs.
-            let mut tls = acceptor
-                .accept(crate::read_buffer::ReadBuffer::new(io, 0))
+            let tls = crate::record::accept(self.inner.tls.current(), io, cfg.tls_sizes())
                 .await
-                .map_err(|source| Error::Tls {
+                .map_err(|source| tls_failure(Side::Server, peer, source))?;
+            check_session(
+                tls.protocol_version(),
+                tls.alpn_protocol(),
+                Side::Server,
+                peer,
+            )?;
+            if tls.peer_certificates().is_empty() {
+                return Err(Error::NoPeerCertificate {
                     side: Side::Server,
                     peer,
-                    source,
-                })?;
-            let (_, session) = tls.get_ref();
-            check_session(session, Side::Server, peer)?;
-            let certs: Arc<[CertificateDer<'static>]> = match session.peer_certificates() {
-                Some(certs) if !certs.is_empty() => certs.iter().cloned().collect(),
-                _ => {
-                    return Err(Error::NoPeerCertificate {
-                        side: Side::Server,
-                        peer,
-                    });
-                }
-            };
-            let (io, session) = tls.get_mut();
-            cfg.size_established(io, session);
+                });
+            }
+            let certs: Arc<[CertificateDer<'static>]> = tls.peer_certificates().into();
             Ok((tls, certs))
         };
         let (tls, certs) = tokio::time::timeout(cfg.tls_handshake_timeout, tls_handshake)

@@ -109,6 +109,8 @@ fn build_client_config(
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_auth_cert(chain, key)?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // HBONE's record layer takes the traffic keys from rustls after the handshake.
+    config.enable_secret_extraction = true;
     Ok(config)
 }
 
@@ -153,6 +155,8 @@ pub fn server_config_with_resolver(
         .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // HBONE's record layer takes the traffic keys from rustls after the handshake.
+    config.enable_secret_extraction = true;
     Ok(config)
 }
 

@@ -1,0 +1,1185 @@
+//! Our TLS 1.3 record layer. rustls does the handshake (its unbuffered API) and keeps the key
+//! schedule afterwards (`rustls::kernel::KernelConnection`: key updates, session tickets); we seal
+//! and open the application records ourselves, in place in our own buffers.
+//!
+//! Why: through `tokio-rustls` every received byte was copied three times in user space (into
+//! rustls's deframer, into its plaintext queue, into the caller's buffer) and every record went
+//! through rustls's general message machinery. Here a record is read into one buffer, opened where
+//! it lies, and copied once to the caller; a write is copied once into the record buffer and
+//! sealed there (BENCHMARKS.md, issue 12, lever 19).
+//!
+//! What the layer does after the handshake, per RFC 8446:
+//! - application data records (inner type 23), with padding stripped, up to 2^14 bytes each;
+//! - alerts: `close_notify` ends the stream (reads return end of file), `user_canceled` is
+//!   ignored, any other alert fails the stream with its description;
+//! - post-handshake messages: `NewSessionTicket` (client side; rustls stores it for resumption),
+//!   `KeyUpdate` (the receive key moves on; when the peer asks, we answer with our own);
+//! - our send key moves on (a `KeyUpdate` of ours) before the suite's confidentiality limit;
+//! - `shutdown` sends `close_notify` before the TCP FIN; a connection that ends without one is an
+//!   error (`UnexpectedEof`), as it was with rustls.
+//!
+//! Anything else (a record too long, a bad tag, an unknown content type, a plaintext record after
+//! the handshake, a handshake message we do not expect) fails the stream with `InvalidData`.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
+use bytes::{Buf, BytesMut};
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::kernel::KernelConnection;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
+use rustls::{ClientConfig, ConnectionTrafficSecrets, ServerConfig};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+const HEADER_LEN: usize = 5;
+const TAG_LEN: usize = 16;
+/// The largest plaintext of one record (RFC 8446 §5.1).
+const MAX_PLAINTEXT: usize = 1 << 14;
+/// The largest protected record body: plaintext, content type, padding and tag (RFC 8446 §5.2).
+const MAX_CIPHERTEXT: usize = MAX_PLAINTEXT + 256;
+/// A whole record at most.
+const MAX_RECORD: usize = HEADER_LEN + MAX_CIPHERTEXT;
+/// The smallest read asked of the socket.
+const READ_MIN: usize = 16 * 1024;
+/// Buffers larger than this are freed when they empty, so a quiet connection keeps little.
+const KEEP: usize = MAX_RECORD;
+/// Post-handshake messages may span records; more than this pending is refused.
+const MAX_HANDSHAKE_PENDING: usize = 64 * 1024;
+
+const CHANGE_CIPHER_SPEC: u8 = 20;
+const ALERT: u8 = 21;
+const HANDSHAKE: u8 = 22;
+const APPLICATION_DATA: u8 = 23;
+
+const NEW_SESSION_TICKET: u8 = 4;
+const KEY_UPDATE: u8 = 24;
+
+const ALERT_CLOSE_NOTIFY: u8 = 0;
+const ALERT_USER_CANCELED: u8 = 90;
+
+/// One direction's key, IV and record sequence number.
+struct Keys {
+    key: LessSafeKey,
+    iv: [u8; 12],
+    seq: u64,
+}
+
+impl Keys {
+    fn new((seq, secrets): (u64, ConnectionTrafficSecrets)) -> io::Result<Keys> {
+        let (alg, key, iv) = match &secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv),
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+                (&aead::CHACHA20_POLY1305, key, iv)
+            }
+            other => {
+                return Err(invalid(format!(
+                    "TLS record layer: unsupported traffic secrets {:?}",
+                    std::mem::discriminant(other)
+                )));
+            }
+        };
+        let key = UnboundKey::new(alg, key.as_ref())
+            .map_err(|_| invalid("TLS record layer: a traffic key of the wrong length"))?;
+        let iv = iv
+            .as_ref()
+            .try_into()
+            .map_err(|_| invalid("TLS record layer: a traffic IV of the wrong length"))?;
+        Ok(Keys {
+            key: LessSafeKey::new(key),
+            iv,
+            seq,
+        })
+    }
+
+    /// The nonce of the next record (RFC 8446 §5.3), counting it.
+    fn next_nonce(&mut self) -> io::Result<Nonce> {
+        let mut nonce = self.iv;
+        for (n, s) in nonce[4..].iter_mut().zip(self.seq.to_be_bytes()) {
+            *n ^= s;
+        }
+        self.seq = self
+            .seq
+            .checked_add(1)
+            .ok_or_else(|| invalid("TLS record sequence number exhausted"))?;
+        Ok(Nonce::assume_unique_for_key(nonce))
+    }
+}
+
+/// rustls's side of the connection after the handshake.
+enum Kernel {
+    Client(KernelConnection<ClientConnectionData>),
+    Server(KernelConnection<ServerConnectionData>),
+}
+
+impl Kernel {
+    fn update_tx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
+        match self {
+            Kernel::Client(k) => k.update_tx_secret(),
+            Kernel::Server(k) => k.update_tx_secret(),
+        }
+    }
+
+    fn update_rx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
+        match self {
+            Kernel::Client(k) => k.update_rx_secret(),
+            Kernel::Server(k) => k.update_rx_secret(),
+        }
+    }
+
+    fn confidentiality_limit(&self) -> u64 {
+        let suite = match self {
+            Kernel::Client(k) => k.negotiated_cipher_suite(),
+            Kernel::Server(k) => k.negotiated_cipher_suite(),
+        };
+        suite
+            .tls13()
+            .map_or(u64::MAX, |s| s.common.confidentiality_limit)
+    }
+}
+
+/// A TLS 1.3 connection after its handshake: an `AsyncRead + AsyncWrite` byte stream over `T`.
+pub(crate) struct TlsStream<T> {
+    io: T,
+    kernel: Kernel,
+    tx: Keys,
+    rx: Keys,
+    /// Records the send key may protect before it must move on.
+    tx_limit: u64,
+    /// Received bytes: `rbuf[plain.0..plain.1]` is opened application data not yet read,
+    /// `rbuf[rpos..]` is what has not been opened yet.
+    rbuf: BytesMut,
+    rpos: usize,
+    plain: (usize, usize),
+    /// Sealed records not yet written, from `wpos`.
+    wbuf: Vec<u8>,
+    wpos: usize,
+    /// Sealed bytes beyond which writes wait for the socket.
+    write_limit: usize,
+    /// The most one read from the socket asks for, during a burst.
+    read_size: usize,
+    /// The last read filled the buffer: the next one may ask for `read_size`.
+    burst: bool,
+    /// A post-handshake message that continues in the next record.
+    handshake: Vec<u8>,
+    /// The peer sent `close_notify`.
+    read_closed: bool,
+    /// We sent `close_notify`.
+    write_closed: bool,
+    /// Why the stream failed, for every later call.
+    failed: Option<(io::ErrorKind, String)>,
+    peer_certificates: Vec<CertificateDer<'static>>,
+    alpn: Option<Vec<u8>>,
+    version: Option<rustls::ProtocolVersion>,
+}
+
+/// Buffer sizes of a [`TlsStream`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sizes {
+    /// The most one read from the socket asks for during a burst (at least one record). A read
+    /// after a pause asks for one record's worth, so a small message needs no large buffer.
+    pub(crate) read_size: usize,
+    /// Sealed bytes that may wait for the socket before writes wait (at least two records).
+    pub(crate) write_limit: usize,
+}
+
+/// What the handshake left for the record layer.
+struct Handshaken {
+    secrets: rustls::ExtractedSecrets,
+    kernel: Kernel,
+    /// Records received after the handshake's last message, not yet opened.
+    leftover: Vec<u8>,
+    /// Application data rustls already opened (it arrived with the handshake's last flight).
+    early_plain: Vec<u8>,
+    peer_certificates: Vec<CertificateDer<'static>>,
+    alpn: Option<Vec<u8>>,
+    version: Option<rustls::ProtocolVersion>,
+}
+
+/// The unbuffered connection types of both sides, for one handshake loop.
+trait Unbuffered {
+    type Data;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data>;
+    fn common(&self) -> &rustls::CommonState;
+}
+
+impl Unbuffered for UnbufferedClientConnection {
+    type Data = ClientConnectionData;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, ClientConnectionData> {
+        self.process_tls_records(incoming)
+    }
+    fn common(&self) -> &rustls::CommonState {
+        self
+    }
+}
+
+impl Unbuffered for UnbufferedServerConnection {
+    type Data = ServerConnectionData;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, ServerConnectionData> {
+        self.process_tls_records(incoming)
+    }
+    fn common(&self) -> &rustls::CommonState {
+        self
+    }
+}
+
+/// A rustls error as the I/O error tokio-rustls gave (kind `InvalidData`, the rustls error inside).
+fn tls_error(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+fn invalid(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+enum Step {
+    Transmit,
+    Read,
+    Done,
+    Failed(rustls::Error),
+}
+
+/// Drives `conn` through the handshake over `io`. Returns the bytes received after the
+/// handshake's last message and any application data rustls opened on the way.
+async fn handshake<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut C,
+    io: &mut T,
+) -> io::Result<(Vec<u8>, Vec<u8>)> {
+    let mut incoming = vec![0u8; READ_MIN];
+    let mut used = 0;
+    let mut outgoing: Vec<u8> = Vec::new();
+    let mut early_plain = Vec::new();
+    loop {
+        let UnbufferedStatus { mut discard, state } = conn.process(&mut incoming[..used]);
+        let step = match state {
+            Err(e) => Step::Failed(e),
+            Ok(ConnectionState::EncodeTlsData(mut s)) => {
+                let start = outgoing.len();
+                outgoing.resize(start + 4096, 0);
+                let encoded = match s.encode(&mut outgoing[start..]) {
+                    Err(EncodeError::InsufficientSize(need)) => {
+                        outgoing.resize(start + need.required_size, 0);
+                        s.encode(&mut outgoing[start..])
+                    }
+                    other => other,
+                };
+                match encoded {
+                    Ok(n) => {
+                        outgoing.truncate(start + n);
+                        Step::Transmit
+                    }
+                    Err(e) => {
+                        outgoing.truncate(start);
+                        Step::Failed(rustls::Error::General(format!(
+                            "encoding a handshake record: {e}"
+                        )))
+                    }
+                }
+            }
+            Ok(ConnectionState::TransmitTlsData(s)) => {
+                s.done();
+                Step::Transmit
+            }
+            Ok(ConnectionState::BlockedHandshake) => Step::Read,
+            Ok(ConnectionState::ReadTraffic(mut r)) => {
+                let mut failed = None;
+                while let Some(record) = r.next_record() {
+                    match record {
+                        Ok(record) => {
+                            discard += record.discard;
+                            early_plain.extend_from_slice(record.payload);
+                        }
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+                match failed {
+                    Some(e) => Step::Failed(e),
+                    None => Step::Transmit,
+                }
+            }
+            Ok(ConnectionState::WriteTraffic(_)) => Step::Done,
+            Ok(ConnectionState::ReadEarlyData(_)) => Step::Failed(rustls::Error::General(
+                "early data offered, but not enabled".into(),
+            )),
+            Ok(ConnectionState::PeerClosed) | Ok(ConnectionState::Closed) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed the TLS connection during the handshake",
+                ));
+            }
+            Ok(_) => Step::Failed(rustls::Error::General(
+                "an unknown state of the TLS handshake".into(),
+            )),
+        };
+        incoming.copy_within(discard..used, 0);
+        used -= discard;
+        match step {
+            Step::Transmit => {
+                if !outgoing.is_empty() {
+                    io.write_all(&outgoing).await?;
+                    outgoing.clear();
+                }
+            }
+            Step::Read => {
+                if !outgoing.is_empty() {
+                    io.write_all(&outgoing).await?;
+                    outgoing.clear();
+                }
+                if used == incoming.len() {
+                    if incoming.len() >= MAX_HANDSHAKE_PENDING + MAX_RECORD {
+                        return Err(invalid("a TLS handshake message too long"));
+                    }
+                    incoming.resize(incoming.len() * 2, 0);
+                }
+                let n = io.read(&mut incoming[used..]).await?;
+                if n == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "tls handshake eof",
+                    ));
+                }
+                used += n;
+            }
+            Step::Done => {
+                if conn.common().is_handshaking() {
+                    // Never hand over before the handshake (the peer's certificate above all) is
+                    // complete; rustls would refuse too.
+                    return Err(invalid(
+                        "TLS: application data allowed before the handshake completed",
+                    ));
+                }
+                if !outgoing.is_empty() {
+                    io.write_all(&outgoing).await?;
+                }
+                incoming.truncate(used);
+                return Ok((incoming, early_plain));
+            }
+            Step::Failed(e) => {
+                // Send the alert rustls queued for the peer, best effort.
+                let UnbufferedStatus { state, .. } = conn.process(&mut []);
+                if let Ok(ConnectionState::EncodeTlsData(mut s)) = state {
+                    let mut alert = vec![0u8; 64];
+                    if let Ok(n) = s.encode(&mut alert) {
+                        outgoing.extend_from_slice(&alert[..n]);
+                    }
+                }
+                if !outgoing.is_empty() {
+                    let _ = io.write_all(&outgoing).await;
+                    let _ = io.flush().await;
+                }
+                return Err(tls_error(e));
+            }
+        }
+    }
+}
+
+fn session_facts(
+    common: &rustls::CommonState,
+) -> (
+    Vec<CertificateDer<'static>>,
+    Option<Vec<u8>>,
+    Option<rustls::ProtocolVersion>,
+) {
+    (
+        common
+            .peer_certificates()
+            .map(|c| c.to_vec())
+            .unwrap_or_default(),
+        common.alpn_protocol().map(<[u8]>::to_vec),
+        common.protocol_version(),
+    )
+}
+
+/// With secret extraction enabled: the record layer needs the traffic keys. The configuration is
+/// copied (its caches and resolvers are shared) only when the caller's lacks it.
+fn client_config_with_secrets(config: Arc<ClientConfig>) -> Arc<ClientConfig> {
+    if config.enable_secret_extraction {
+        return config;
+    }
+    let mut c = (*config).clone();
+    c.enable_secret_extraction = true;
+    Arc::new(c)
+}
+
+fn server_config_with_secrets(config: Arc<ServerConfig>) -> Arc<ServerConfig> {
+    if config.enable_secret_extraction {
+        return config;
+    }
+    let mut c = (*config).clone();
+    c.enable_secret_extraction = true;
+    Arc::new(c)
+}
+
+/// The handshake ended in a version other than TLS 1.3, whose records this layer does not speak.
+#[derive(Debug)]
+pub(crate) struct NotTls13(pub(crate) Option<rustls::ProtocolVersion>);
+
+impl std::fmt::Display for NotTls13 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "negotiated {:?}, not TLS 1.3", self.0)
+    }
+}
+
+impl std::error::Error for NotTls13 {}
+
+fn require_tls13(common: &rustls::CommonState) -> io::Result<()> {
+    match common.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => Ok(()),
+        other => Err(io::Error::new(io::ErrorKind::InvalidData, NotTls13(other))),
+    }
+}
+
+/// Client side: the TLS handshake over `io`, then our record layer.
+pub(crate) async fn connect<T: AsyncRead + AsyncWrite + Unpin>(
+    config: Arc<ClientConfig>,
+    name: ServerName<'static>,
+    mut io: T,
+    sizes: Sizes,
+) -> io::Result<TlsStream<T>> {
+    let mut conn = UnbufferedClientConnection::new(client_config_with_secrets(config), name)
+        .map_err(tls_error)?;
+    let (leftover, early_plain) = handshake(&mut conn, &mut io).await?;
+    require_tls13(&conn)?;
+    let (peer_certificates, alpn, version) = session_facts(&conn);
+    let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(tls_error)?;
+    TlsStream::new(
+        io,
+        Handshaken {
+            secrets,
+            kernel: Kernel::Client(kernel),
+            leftover,
+            early_plain,
+            peer_certificates,
+            alpn,
+            version,
+        },
+        sizes,
+    )
+}
+
+/// Server side: the TLS handshake over `io`, then our record layer.
+pub(crate) async fn accept<T: AsyncRead + AsyncWrite + Unpin>(
+    config: Arc<ServerConfig>,
+    mut io: T,
+    sizes: Sizes,
+) -> io::Result<TlsStream<T>> {
+    let mut conn =
+        UnbufferedServerConnection::new(server_config_with_secrets(config)).map_err(tls_error)?;
+    let (leftover, early_plain) = handshake(&mut conn, &mut io).await?;
+    require_tls13(&conn)?;
+    let (peer_certificates, alpn, version) = session_facts(&conn);
+    let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(tls_error)?;
+    TlsStream::new(
+        io,
+        Handshaken {
+            secrets,
+            kernel: Kernel::Server(kernel),
+            leftover,
+            early_plain,
+            peer_certificates,
+            alpn,
+            version,
+        },
+        sizes,
+    )
+}
+
+impl<T> TlsStream<T> {
+    fn new(io: T, h: Handshaken, sizes: Sizes) -> io::Result<TlsStream<T>> {
+        let tx_limit = h.kernel.confidentiality_limit();
+        // rustls's opened application data first, then the records still to open.
+        let mut rbuf = BytesMut::from(&h.early_plain[..]);
+        let plain = (0, rbuf.len());
+        let rpos = rbuf.len();
+        rbuf.extend_from_slice(&h.leftover);
+        Ok(TlsStream {
+            io,
+            tx: Keys::new(h.secrets.tx)?,
+            rx: Keys::new(h.secrets.rx)?,
+            kernel: h.kernel,
+            tx_limit,
+            rbuf,
+            rpos,
+            plain,
+            wbuf: Vec::new(),
+            wpos: 0,
+            write_limit: sizes.write_limit.max(2 * MAX_RECORD),
+            read_size: sizes.read_size.max(MAX_RECORD),
+            burst: false,
+            handshake: Vec::new(),
+            read_closed: false,
+            write_closed: false,
+            failed: None,
+            peer_certificates: h.peer_certificates,
+            alpn: h.alpn,
+            version: h.version,
+        })
+    }
+
+    /// The certificates the peer presented, its own first.
+    pub(crate) fn peer_certificates(&self) -> &[CertificateDer<'static>] {
+        &self.peer_certificates
+    }
+
+    /// The negotiated ALPN protocol.
+    pub(crate) fn alpn_protocol(&self) -> Option<&[u8]> {
+        self.alpn.as_deref()
+    }
+
+    /// The negotiated TLS version.
+    pub(crate) fn protocol_version(&self) -> Option<rustls::ProtocolVersion> {
+        self.version
+    }
+
+    #[cfg(test)]
+    fn set_tx_limit(&mut self, limit: u64) {
+        self.tx_limit = limit;
+    }
+
+    fn fail(&mut self, e: io::Error) -> io::Error {
+        if self.failed.is_none() {
+            self.failed = Some((e.kind(), e.to_string()));
+        }
+        e
+    }
+
+    fn check_failed(&self) -> io::Result<()> {
+        match &self.failed {
+            Some((kind, msg)) => Err(io::Error::new(*kind, msg.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Seals `parts` (concatenated) as one record of `inner_type` at the end of `wbuf`.
+    fn seal_record(&mut self, inner_type: u8, parts: &[&[u8]]) -> io::Result<()> {
+        if self.tx.seq + 1 >= self.tx_limit && inner_type != HANDSHAKE {
+            self.update_tx_key()?;
+        }
+        let start = self.wbuf.len();
+        let len: usize = parts.iter().map(|p| p.len()).sum::<usize>() + 1 + TAG_LEN;
+        debug_assert!(len <= MAX_CIPHERTEXT);
+        self.wbuf.reserve(HEADER_LEN + len);
+        self.wbuf
+            .extend_from_slice(&[APPLICATION_DATA, 3, 3, (len >> 8) as u8, len as u8]);
+        for p in parts {
+            self.wbuf.extend_from_slice(p);
+        }
+        self.wbuf.push(inner_type);
+        let header: [u8; HEADER_LEN] = self.wbuf[start..start + HEADER_LEN]
+            .try_into()
+            .expect("five bytes");
+        let nonce = self.tx.next_nonce()?;
+        let tag = self
+            .tx
+            .key
+            .seal_in_place_separate_tag(
+                nonce,
+                Aad::from(header),
+                &mut self.wbuf[start + HEADER_LEN..],
+            )
+            .map_err(|_| invalid("TLS: sealing a record failed"))?;
+        self.wbuf.extend_from_slice(tag.as_ref());
+        Ok(())
+    }
+
+    /// Sends a KeyUpdate (not requesting one back) and moves our send key on.
+    fn update_tx_key(&mut self) -> io::Result<()> {
+        self.seal_record(HANDSHAKE, &[&[KEY_UPDATE, 0, 0, 1, 0]])?;
+        let next = self.kernel.update_tx().map_err(tls_error)?;
+        self.tx = Keys::new(next)?;
+        Ok(())
+    }
+
+    /// Seals up to `limit` bytes of `bufs` as application data records; returns how many.
+    fn seal_data(&mut self, bufs: &[io::IoSlice<'_>], limit: usize) -> io::Result<usize> {
+        let mut taken = 0;
+        let mut parts: Vec<&[u8]> = Vec::new();
+        let mut in_record = 0;
+        let mut slices = bufs.iter().map(|b| &b[..]).filter(|b| !b.is_empty());
+        let mut current: Option<&[u8]> = slices.next();
+        while let Some(slice) = current {
+            if taken == limit {
+                break;
+            }
+            let n = slice
+                .len()
+                .min(MAX_PLAINTEXT - in_record)
+                .min(limit - taken);
+            parts.push(&slice[..n]);
+            in_record += n;
+            taken += n;
+            current = if n < slice.len() {
+                Some(&slice[n..])
+            } else {
+                slices.next()
+            };
+            if in_record == MAX_PLAINTEXT {
+                self.seal_record(APPLICATION_DATA, &parts)?;
+                parts.clear();
+                in_record = 0;
+            }
+        }
+        if in_record > 0 {
+            self.seal_record(APPLICATION_DATA, &parts)?;
+        }
+        Ok(taken)
+    }
+
+    fn queued(&self) -> usize {
+        self.wbuf.len() - self.wpos
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
+    /// Writes sealed records until none are left.
+    fn poll_write_queued(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.wpos < self.wbuf.len() {
+            let n = match ready!(Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.wpos..])) {
+                Ok(0) => return Poll::Ready(Err(self.fail(io::ErrorKind::WriteZero.into()))),
+                Ok(n) => n,
+                Err(e) => return Poll::Ready(Err(self.fail(e))),
+            };
+            self.wpos += n;
+        }
+        self.wpos = 0;
+        if self.wbuf.capacity() > KEEP {
+            self.wbuf = Vec::new();
+        } else {
+            self.wbuf.clear();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Opens the record at `rpos` if it is whole; `Ok(false)` if more bytes are needed.
+    fn open_next(&mut self) -> io::Result<bool> {
+        let avail = &self.rbuf[self.rpos..];
+        if avail.len() < HEADER_LEN {
+            return Ok(false);
+        }
+        let header: [u8; HEADER_LEN] = avail[..HEADER_LEN].try_into().expect("five bytes");
+        let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+        match header[0] {
+            APPLICATION_DATA => {}
+            CHANGE_CIPHER_SPEC => {
+                return Err(invalid(
+                    "TLS: a change_cipher_spec record after the handshake",
+                ));
+            }
+            t => {
+                return Err(invalid(format!(
+                    "TLS: a record of content type {t} where only protected records may come"
+                )));
+            }
+        }
+        if len > MAX_CIPHERTEXT {
+            return Err(invalid(format!(
+                "TLS: a record of {len} bytes (at most {MAX_CIPHERTEXT})"
+            )));
+        }
+        if len < TAG_LEN + 1 {
+            return Err(invalid(format!("TLS: a protected record of {len} bytes")));
+        }
+        if avail.len() < HEADER_LEN + len {
+            return Ok(false);
+        }
+        let body = self.rpos + HEADER_LEN;
+        let nonce = self.rx.next_nonce()?;
+        let opened = self
+            .rx
+            .key
+            .open_in_place(nonce, Aad::from(header), &mut self.rbuf[body..body + len])
+            .map_err(|_| invalid("TLS: a record failed authentication (bad_record_mac)"))?;
+        let Some(end) = opened.iter().rposition(|b| *b != 0) else {
+            return Err(invalid("TLS: a record without a content type"));
+        };
+        let inner_type = opened[end];
+        self.rpos = body + len;
+        match inner_type {
+            APPLICATION_DATA => {
+                if !self.handshake.is_empty() {
+                    return Err(invalid(
+                        "TLS: application data inside a split handshake message",
+                    ));
+                }
+                self.plain = (body, body + end);
+            }
+            ALERT => {
+                let alert = &self.rbuf[body..body + end];
+                match alert {
+                    [_, ALERT_CLOSE_NOTIFY] => self.read_closed = true,
+                    [_, ALERT_USER_CANCELED] => {}
+                    [_, desc] => {
+                        return Err(tls_error(rustls::Error::AlertReceived(
+                            rustls::AlertDescription::from(*desc),
+                        )));
+                    }
+                    _ => return Err(invalid("TLS: a malformed alert")),
+                }
+            }
+            HANDSHAKE => {
+                let msg = self.rbuf[body..body + end].to_vec();
+                self.handshake_bytes(&msg)?;
+            }
+            t => {
+                return Err(invalid(format!(
+                    "TLS: a protected record of content type {t}"
+                )));
+            }
+        }
+        Ok(true)
+    }
+
+    /// Post-handshake messages: session tickets and key updates.
+    fn handshake_bytes(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if self.handshake.len() + bytes.len() > MAX_HANDSHAKE_PENDING {
+            return Err(invalid("TLS: a post-handshake message too long"));
+        }
+        self.handshake.extend_from_slice(bytes);
+        loop {
+            let [kind, a, b, c, ..] = self.handshake[..] else {
+                return Ok(());
+            };
+            let len = u32::from_be_bytes([0, a, b, c]) as usize;
+            if self.handshake.len() < 4 + len {
+                return Ok(());
+            }
+            let rest = self.handshake.split_off(4 + len);
+            let msg = std::mem::replace(&mut self.handshake, rest);
+            let payload = &msg[4..];
+            match (kind, &self.kernel) {
+                (NEW_SESSION_TICKET, Kernel::Client(_)) => {
+                    let Kernel::Client(k) = &mut self.kernel else {
+                        unreachable!("matched above")
+                    };
+                    k.handle_new_session_ticket(payload).map_err(tls_error)?;
+                }
+                (KEY_UPDATE, _) => {
+                    // A key update ends its record (RFC 8446 §5.1).
+                    if !self.handshake.is_empty() {
+                        return Err(invalid("TLS: a KeyUpdate not at the end of its record"));
+                    }
+                    let requested = match payload {
+                        [0] => false,
+                        [1] => true,
+                        _ => return Err(invalid("TLS: a malformed KeyUpdate")),
+                    };
+                    let next = self.kernel.update_rx().map_err(tls_error)?;
+                    self.rx = Keys::new(next)?;
+                    if requested && !self.write_closed {
+                        self.update_tx_key()?;
+                    }
+                }
+                (kind, _) => {
+                    return Err(invalid(format!(
+                        "TLS: an unexpected post-handshake message of type {kind}"
+                    )));
+                }
+            }
+        }
+    }
+
+    fn poll_read_inner(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if self.plain.0 < self.plain.1 {
+                let n = (self.plain.1 - self.plain.0).min(buf.remaining());
+                buf.put_slice(&self.rbuf[self.plain.0..self.plain.0 + n]);
+                self.plain.0 += n;
+                return Poll::Ready(Ok(()));
+            }
+            if self.read_closed {
+                return Poll::Ready(Ok(()));
+            }
+            if self.open_next()? {
+                if self.queued() > 0 {
+                    // A KeyUpdate of ours to send; the next flush finishes it.
+                    let _ =
+                        self.poll_write_queued(&mut Context::from_waker(std::task::Waker::noop()))?;
+                }
+                continue;
+            }
+            // Keep only the record in progress, at the front.
+            if self.rpos > 0 {
+                self.rbuf.advance(self.rpos);
+                self.rpos = 0;
+                self.plain = (0, 0);
+            }
+            if self.rbuf.is_empty() && self.rbuf.capacity() > KEEP {
+                self.rbuf = BytesMut::new();
+            }
+            let need = match self.rbuf.get(3..5) {
+                Some(l) => HEADER_LEN + usize::from(u16::from_be_bytes([l[0], l[1]])),
+                None => MAX_RECORD,
+            };
+            let size = if self.burst { self.read_size } else { READ_MIN };
+            self.rbuf
+                .reserve(need.max(size).saturating_sub(self.rbuf.len()));
+            let asked = self.rbuf.capacity() - self.rbuf.len();
+            let n = ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut self.io),
+                cx,
+                &mut self.rbuf
+            ))?;
+            self.burst = n == asked;
+            if n == 0 {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "peer closed connection without sending TLS close_notify",
+                )));
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.check_failed()?;
+        match this.poll_read_inner(cx, buf) {
+            Poll::Ready(Err(e)) => Poll::Ready(Err(this.fail(e))),
+            other => other,
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.check_failed()?;
+        if this.write_closed {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "TLS: write after close_notify",
+            )));
+        }
+        if this.queued() >= this.write_limit {
+            ready!(this.poll_write_queued(cx))?;
+        }
+        let room = this.write_limit - this.queued();
+        let n = this.seal_data(bufs, room).map_err(|e| this.fail(e))?;
+        // Out now if the socket takes it; `poll_flush` finishes the rest.
+        if let Poll::Ready(Err(e)) = this.poll_write_queued(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.check_failed()?;
+        ready!(this.poll_write_queued(cx))?;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.check_failed()?;
+        if !this.write_closed {
+            this.seal_record(ALERT, &[&[1, ALERT_CLOSE_NOTIFY]])
+                .map_err(|e| this.fail(e))?;
+            this.write_closed = true;
+        }
+        ready!(this.poll_write_queued(cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use rustls::RootCertStore;
+    use tokio::io::{DuplexStream, duplex};
+
+    /// A self-signed server certificate and configurations for both ends (no client auth: the
+    /// record layer is the same either way).
+    fn configs() -> (Arc<ServerConfig>, Arc<ClientConfig>) {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let der = cert.cert.der().clone();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
+        let server = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![der.clone()], key)
+            .unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(der).unwrap();
+        let client = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (Arc::new(server), Arc::new(client))
+    }
+
+    fn name() -> ServerName<'static> {
+        ServerName::try_from("localhost").unwrap()
+    }
+
+    fn sizes() -> Sizes {
+        Sizes {
+            read_size: 64 * 1024,
+            write_limit: 256 * 1024,
+        }
+    }
+
+    /// Our client against a rustls server (tokio-rustls) over an in-memory pipe.
+    async fn ours_to_rustls(
+        io_ours: DuplexStream,
+        io_theirs: DuplexStream,
+    ) -> (
+        TlsStream<DuplexStream>,
+        tokio_rustls::server::TlsStream<DuplexStream>,
+    ) {
+        let (server, client) = configs();
+        let theirs = tokio::spawn(tokio_rustls::TlsAcceptor::from(server).accept(io_theirs));
+        let ours = connect(client, name(), io_ours, sizes()).await.unwrap();
+        (ours, theirs.await.unwrap().unwrap())
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
+    }
+
+    async fn send_and_check<A, B>(from: &mut A, to: &mut B, data: &[u8])
+    where
+        A: AsyncWrite + Unpin,
+        B: AsyncRead + Unpin,
+    {
+        let (mut got, written) = tokio::join!(
+            async {
+                let mut got = vec![0u8; data.len()];
+                to.read_exact(&mut got).await.unwrap();
+                got
+            },
+            async {
+                from.write_all(data).await.unwrap();
+                from.flush().await.unwrap();
+            }
+        );
+        let () = written;
+        assert!(got == data, "{} bytes arrived changed", data.len());
+        got.clear();
+    }
+
+    #[tokio::test]
+    async fn data_crosses_both_ways_with_a_rustls_peer_in_records_of_every_size() {
+        let (a, b) = duplex(1 << 20);
+        let (mut ours, mut theirs) = ours_to_rustls(a, b).await;
+        for len in [
+            1,
+            100,
+            MAX_PLAINTEXT - 1,
+            MAX_PLAINTEXT,
+            MAX_PLAINTEXT + 1,
+            300_000,
+        ] {
+            send_and_check(&mut ours, &mut theirs, &pattern(len, 1)).await;
+            send_and_check(&mut theirs, &mut ours, &pattern(len, 2)).await;
+        }
+        // A vectored write of many slices, larger than one record.
+        let parts: Vec<Vec<u8>> = (0..40).map(|i| pattern(1000 + i, i as u8)).collect();
+        let slices: Vec<io::IoSlice<'_>> = parts.iter().map(|p| io::IoSlice::new(p)).collect();
+        let n = std::future::poll_fn(|cx| Pin::new(&mut ours).poll_write_vectored(cx, &slices))
+            .await
+            .unwrap();
+        let total: usize = parts.iter().map(Vec::len).sum();
+        assert_eq!(n, total);
+        ours.flush().await.unwrap();
+        let mut got = vec![0u8; total];
+        theirs.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, parts.concat());
+    }
+
+    #[tokio::test]
+    async fn key_updates_from_the_peer_and_our_own_keep_the_stream_going() {
+        let (a, b) = duplex(1 << 20);
+        let (mut ours, mut theirs) = ours_to_rustls(a, b).await;
+        send_and_check(&mut theirs, &mut ours, b"before").await;
+        // rustls asks for an update back: our receive key and then our send key move on.
+        theirs.get_mut().1.refresh_traffic_keys().unwrap();
+        send_and_check(&mut theirs, &mut ours, b"after their update").await;
+        assert_eq!(ours.rx.seq, 1, "the receive key was not updated");
+        send_and_check(&mut ours, &mut theirs, b"after our answer").await;
+        assert_eq!(ours.tx.seq, 1, "the send key was not updated");
+        // Our own limit: a KeyUpdate every 3 records, 10 updates in a row.
+        ours.set_tx_limit(3);
+        for i in 0..20u8 {
+            send_and_check(&mut ours, &mut theirs, &pattern(5000, i)).await;
+        }
+        assert!(ours.tx.seq < 3);
+        send_and_check(&mut theirs, &mut ours, b"still both ways").await;
+    }
+
+    #[tokio::test]
+    async fn our_server_takes_a_rustls_client_and_its_key_updates() {
+        let (server, client) = configs();
+        let (a, b) = duplex(1 << 20);
+        let theirs = tokio::spawn(async move {
+            tokio_rustls::TlsConnector::from(client)
+                .connect(name(), b)
+                .await
+                .unwrap()
+        });
+        let mut ours = accept(server, a, sizes()).await.unwrap();
+        let mut theirs = theirs.await.unwrap();
+        assert_eq!(
+            ours.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_3)
+        );
+        send_and_check(&mut theirs, &mut ours, &pattern(70_000, 3)).await;
+        send_and_check(&mut ours, &mut theirs, &pattern(70_000, 4)).await;
+        theirs.get_mut().1.refresh_traffic_keys().unwrap();
+        send_and_check(&mut theirs, &mut ours, b"x").await;
+        send_and_check(&mut ours, &mut theirs, b"y").await;
+        // close_notify both ways: each side reads a clean end of file.
+        ours.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        theirs.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        theirs.shutdown().await.unwrap();
+        assert_eq!(ours.read(&mut [0u8; 8]).await.unwrap(), 0);
+        // Writing after our close_notify is an error, not a silent loss.
+        assert!(ours.write_all(b"late").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn an_end_without_close_notify_is_an_error() {
+        let (a, b) = duplex(1 << 20);
+        let (mut ours, theirs) = ours_to_rustls(a, b).await;
+        drop(theirs);
+        let err = ours.read(&mut [0u8; 8]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
+        // And it stays failed.
+        assert!(ours.read(&mut [0u8; 8]).await.is_err());
+    }
+
+    /// Forwards bytes; while `corrupt` is set, flips a bit of what passes.
+    async fn relay(
+        mut from: impl AsyncRead + Unpin,
+        mut to: impl AsyncWrite + Unpin,
+        corrupt: Arc<AtomicBool>,
+    ) {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if corrupt.load(Ordering::SeqCst) {
+                buf[n - 1] ^= 1;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_changed_record_fails_the_stream_and_never_reaches_the_reader() {
+        let (ours_io, relay_ours) = duplex(1 << 20);
+        let (relay_theirs, theirs_io) = duplex(1 << 20);
+        let (from_ours, to_ours) = tokio::io::split(relay_ours);
+        let (from_theirs, to_theirs) = tokio::io::split(relay_theirs);
+        let corrupt = Arc::new(AtomicBool::new(false));
+        tokio::spawn(relay(from_theirs, to_ours, corrupt.clone()));
+        tokio::spawn(relay(from_ours, to_theirs, Arc::default()));
+        let (mut ours, mut theirs) = ours_to_rustls(ours_io, theirs_io).await;
+        send_and_check(&mut theirs, &mut ours, b"intact").await;
+        corrupt.store(true, Ordering::SeqCst);
+        theirs.write_all(b"changed on the way").await.unwrap();
+        theirs.flush().await.unwrap();
+        let mut buf = [0u8; 64];
+        let err = ours.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        assert!(err.to_string().contains("bad_record_mac"), "{err}");
+        assert_eq!(buf, [0u8; 64], "changed bytes reached the reader");
+    }
+
+    /// Our client and our server over an in-memory pipe.
+    async fn ours_to_ours() -> (TlsStream<DuplexStream>, TlsStream<DuplexStream>) {
+        let (server, client) = configs();
+        let (a, b) = duplex(1 << 20);
+        let server = tokio::spawn(accept(server, b, sizes()));
+        let client = connect(client, name(), a, sizes()).await.unwrap();
+        (client, server.await.unwrap().unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_fatal_alert_from_the_peer_is_named_and_close_notify_is_a_clean_end() {
+        let (mut client, mut server) = ours_to_ours().await;
+        send_and_check(&mut client, &mut server, &pattern(40_000, 5)).await;
+        send_and_check(&mut server, &mut client, &pattern(40_000, 6)).await;
+        // bad_certificate (42), as a server that refused a certificate would send it.
+        server.seal_record(ALERT, &[&[2, 42]]).unwrap();
+        server.flush().await.unwrap();
+        let err = client.read(&mut [0u8; 8]).await.unwrap_err();
+        assert!(err.to_string().contains("BadCertificate"), "{err}");
+        let (mut client, mut server) = ours_to_ours().await;
+        client.shutdown().await.unwrap();
+        assert_eq!(server.read(&mut [0u8; 8]).await.unwrap(), 0);
+        // The other direction still works after one side's close_notify.
+        send_and_check(&mut server, &mut client, b"half closed").await;
+    }
+
+    #[tokio::test]
+    async fn records_that_break_the_rules_are_refused_with_the_reason() {
+        for (bytes, reason) in [
+            (vec![23, 3, 3, 0x48, 0x01], "at most"),
+            (vec![22, 3, 3, 0, 5, 1, 2, 3, 4, 5], "content type 22"),
+            (vec![20, 3, 3, 0, 1, 1], "change_cipher_spec"),
+            (vec![23, 3, 3, 0, 3, 1, 2, 3], "protected record of 3 bytes"),
+        ] {
+            let (mut client, mut server) = ours_to_ours().await;
+            server.io.write_all(&bytes).await.unwrap();
+            let err = client.read(&mut [0u8; 8]).await.unwrap_err();
+            assert!(err.to_string().contains(reason), "{bytes:?}: {err}");
+            let _ = server.shutdown().await;
+        }
+    }
+}
