@@ -92,6 +92,7 @@ pub use copy::{
 pub use error::{BoxError, Error, Http2Error, Side, Stage};
 pub use fuzz::{fuzz_client_frames, fuzz_server_frames};
 pub use pool::{Dialer, Pool, StaticTls};
+pub use record::fuzz_tls_records;
 pub use server::{ConnectHandler, InboundConnect, Server, ServerTls};
 pub use tunnel::Tunnel;
 

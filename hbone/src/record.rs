@@ -62,21 +62,146 @@ const KEY_UPDATE: u8 = 24;
 const ALERT_CLOSE_NOTIFY: u8 = 0;
 const ALERT_USER_CANCELED: u8 = 90;
 
+/// Which implementation of the record AEAD (AES-GCM, ChaCha20-Poly1305) a connection uses.
+///
+/// Both are correct everywhere; they differ in speed by CPU. aws-lc has an AVX-512 AES-GCM that
+/// ring lacks; ring has a VAES-AVX2 AES-GCM that aws-lc lacks, 1.8x the speed of aws-lc's AES-NI
+/// code on CPUs with VAES but without AVX-512 (BENCHMARKS.md, issue 12, lever 20). So: aws-lc on
+/// x86-64 with AVX-512 VAES and on other architectures, ring on x86-64 without AVX-512.
+/// `HBONE_TLS_AEAD=ring` or `=aws-lc` overrides the choice (for measurements).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AeadImpl {
+    AwsLc,
+    Ring,
+}
+
+/// The implementation this process uses, chosen once.
+pub(crate) fn aead_impl() -> AeadImpl {
+    static CHOICE: std::sync::OnceLock<AeadImpl> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(|| {
+        match std::env::var("HBONE_TLS_AEAD").as_deref() {
+            Ok("ring") => return AeadImpl::Ring,
+            Ok("aws-lc") => return AeadImpl::AwsLc,
+            Ok(other) => tracing::warn!(
+                value = other,
+                "HBONE_TLS_AEAD: expected ring or aws-lc; choosing by CPU"
+            ),
+            Err(_) => {}
+        }
+        by_cpu()
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+fn by_cpu() -> AeadImpl {
+    if std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("vaes")
+        && std::arch::is_x86_feature_detected!("vpclmulqdq")
+    {
+        AeadImpl::AwsLc
+    } else {
+        AeadImpl::Ring
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn by_cpu() -> AeadImpl {
+    AeadImpl::AwsLc
+}
+
+/// One direction's AEAD key.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "ring's key holds its AES key schedule inline; one per direction per connection, \
+              read on every record, so no box"
+)]
+enum Cipher {
+    AwsLc(LessSafeKey),
+    Ring(ring::aead::LessSafeKey),
+}
+
+impl Cipher {
+    fn seal(
+        &self,
+        nonce: [u8; 12],
+        aad: [u8; HEADER_LEN],
+        in_out: &mut [u8],
+    ) -> io::Result<[u8; TAG_LEN]> {
+        let failed = || invalid("TLS: sealing a record failed");
+        let mut out = [0u8; TAG_LEN];
+        match self {
+            Cipher::AwsLc(k) => {
+                let tag = k
+                    .seal_in_place_separate_tag(
+                        Nonce::assume_unique_for_key(nonce),
+                        Aad::from(aad),
+                        in_out,
+                    )
+                    .map_err(|_| failed())?;
+                out.copy_from_slice(tag.as_ref());
+            }
+            Cipher::Ring(k) => {
+                let tag = k
+                    .seal_in_place_separate_tag(
+                        ring::aead::Nonce::assume_unique_for_key(nonce),
+                        ring::aead::Aad::from(aad),
+                        in_out,
+                    )
+                    .map_err(|_| failed())?;
+                out.copy_from_slice(tag.as_ref());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Opens `in_out` (ciphertext and tag) in place; the plaintext is its start.
+    fn open(&self, nonce: [u8; 12], aad: [u8; HEADER_LEN], in_out: &mut [u8]) -> io::Result<usize> {
+        let failed = || invalid("TLS: a record failed authentication (bad_record_mac)");
+        match self {
+            Cipher::AwsLc(k) => k
+                .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), in_out)
+                .map(|p| p.len())
+                .map_err(|_| failed()),
+            Cipher::Ring(k) => k
+                .open_in_place(
+                    ring::aead::Nonce::assume_unique_for_key(nonce),
+                    ring::aead::Aad::from(aad),
+                    in_out,
+                )
+                .map(|p| p.len())
+                .map_err(|_| failed()),
+        }
+    }
+}
+
 /// One direction's key, IV and record sequence number.
 struct Keys {
-    key: LessSafeKey,
+    cipher: Cipher,
     iv: [u8; 12],
     seq: u64,
 }
 
 impl Keys {
     fn new((seq, secrets): (u64, ConnectionTrafficSecrets)) -> io::Result<Keys> {
-        let (alg, key, iv) = match &secrets {
-            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv),
-            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv),
-            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
-                (&aead::CHACHA20_POLY1305, key, iv)
+        Keys::with(aead_impl(), (seq, secrets))
+    }
+
+    fn with(which: AeadImpl, (seq, secrets): (u64, ConnectionTrafficSecrets)) -> io::Result<Keys> {
+        let (aws, ring_alg, key, iv) = match &secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => {
+                (&aead::AES_128_GCM, &ring::aead::AES_128_GCM, key, iv)
             }
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => {
+                (&aead::AES_256_GCM, &ring::aead::AES_256_GCM, key, iv)
+            }
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (
+                &aead::CHACHA20_POLY1305,
+                &ring::aead::CHACHA20_POLY1305,
+                key,
+                iv,
+            ),
             other => {
                 return Err(invalid(format!(
                     "TLS record layer: unsupported traffic secrets {:?}",
@@ -84,21 +209,24 @@ impl Keys {
                 )));
             }
         };
-        let key = UnboundKey::new(alg, key.as_ref())
-            .map_err(|_| invalid("TLS record layer: a traffic key of the wrong length"))?;
+        let wrong_key = || invalid("TLS record layer: a traffic key of the wrong length");
+        let cipher = match which {
+            AeadImpl::AwsLc => Cipher::AwsLc(LessSafeKey::new(
+                UnboundKey::new(aws, key.as_ref()).map_err(|_| wrong_key())?,
+            )),
+            AeadImpl::Ring => Cipher::Ring(ring::aead::LessSafeKey::new(
+                ring::aead::UnboundKey::new(ring_alg, key.as_ref()).map_err(|_| wrong_key())?,
+            )),
+        };
         let iv = iv
             .as_ref()
             .try_into()
             .map_err(|_| invalid("TLS record layer: a traffic IV of the wrong length"))?;
-        Ok(Keys {
-            key: LessSafeKey::new(key),
-            iv,
-            seq,
-        })
+        Ok(Keys { cipher, iv, seq })
     }
 
     /// The nonce of the next record (RFC 8446 §5.3), counting it.
-    fn next_nonce(&mut self) -> io::Result<Nonce> {
+    fn next_nonce(&mut self) -> io::Result<[u8; 12]> {
         let mut nonce = self.iv;
         for (n, s) in nonce[4..].iter_mut().zip(self.seq.to_be_bytes()) {
             *n ^= s;
@@ -107,7 +235,7 @@ impl Keys {
             .seq
             .checked_add(1)
             .ok_or_else(|| invalid("TLS record sequence number exhausted"))?;
-        Ok(Nonce::assume_unique_for_key(nonce))
+        Ok(nonce)
     }
 }
 
@@ -588,14 +716,9 @@ impl<T> TlsStream<T> {
         let nonce = self.tx.next_nonce()?;
         let tag = self
             .tx
-            .key
-            .seal_in_place_separate_tag(
-                nonce,
-                Aad::from(header),
-                &mut self.wbuf[start + HEADER_LEN..],
-            )
-            .map_err(|_| invalid("TLS: sealing a record failed"))?;
-        self.wbuf.extend_from_slice(tag.as_ref());
+            .cipher
+            .seal(nonce, header, &mut self.wbuf[start + HEADER_LEN..])?;
+        self.wbuf.extend_from_slice(&tag);
         Ok(())
     }
 
@@ -701,14 +824,19 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
         }
         let body = self.rpos + HEADER_LEN;
         let nonce = self.rx.next_nonce()?;
-        let opened = self
+        let opened_len = self
             .rx
-            .key
-            .open_in_place(nonce, Aad::from(header), &mut self.rbuf[body..body + len])
-            .map_err(|_| invalid("TLS: a record failed authentication (bad_record_mac)"))?;
+            .cipher
+            .open(nonce, header, &mut self.rbuf[body..body + len])?;
+        let opened = &self.rbuf[body..body + opened_len];
         let Some(end) = opened.iter().rposition(|b| *b != 0) else {
             return Err(invalid("TLS: a record without a content type"));
         };
+        if end > MAX_PLAINTEXT {
+            return Err(invalid(format!(
+                "TLS: a record of {end} bytes of plaintext (at most {MAX_PLAINTEXT}): record_overflow"
+            )));
+        }
         let inner_type = opened[end];
         self.rpos = body + len;
         match inner_type {
@@ -924,6 +1052,115 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<T> {
     }
 }
 
+/// A self-signed certificate (`localhost`, valid until 2126) for the fuzz target's handshakes
+/// only; it is public and trusts nothing else.
+const FUZZ_CERT: &[u8] = include_bytes!("fuzz_cert/cert.pem");
+const FUZZ_KEY: &[u8] = include_bytes!("fuzz_cert/key.pem");
+
+fn fuzz_configs() -> (Arc<ServerConfig>, Arc<ClientConfig>) {
+    use rustls::pki_types::PrivateKeyDer;
+    use rustls::pki_types::pem::PemObject;
+    static CONFIGS: std::sync::OnceLock<(Arc<ServerConfig>, Arc<ClientConfig>)> =
+        std::sync::OnceLock::new();
+    CONFIGS
+        .get_or_init(|| {
+            let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+            let cert = CertificateDer::from_pem_slice(FUZZ_CERT).expect("the fuzz certificate");
+            let key = PrivateKeyDer::from_pem_slice(FUZZ_KEY).expect("the fuzz key");
+            let server = ServerConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .expect("TLS 1.3")
+                .with_no_client_auth()
+                .with_single_cert(vec![cert.clone()], key)
+                .expect("the fuzz certificate and key");
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(cert).expect("the fuzz certificate as a root");
+            let client = ClientConfig::builder_with_provider(provider)
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .expect("TLS 1.3")
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            (Arc::new(server), Arc::new(client))
+        })
+        .clone()
+}
+
+/// The body of the `tls_records` fuzz target: after a real handshake, a hostile peer sends our
+/// record layer (client side) what `data` says, and the reader must neither panic nor hang.
+///
+/// `data[0]` picks the mode: bit 0 clear, the rest goes to the socket as it is (record headers,
+/// lengths, content types, bad tags); bit 0 set, the rest is a script of records the peer seals
+/// with the right keys (`[inner content type][length][payload]`, so alerts, post-handshake
+/// messages, padding and content types are reached past the tag check; a well-formed KeyUpdate
+/// also moves the peer's key on). Bit 1 set, the peer ends without `close_notify`. Returns how
+/// many bytes of application data the reader got.
+pub fn fuzz_tls_records(data: &[u8]) -> usize {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a Tokio runtime");
+    runtime.block_on(async {
+        let (server_config, client_config) = fuzz_configs();
+        let sizes = Sizes {
+            read_size: 64 * 1024,
+            write_limit: 256 * 1024,
+        };
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let server = tokio::spawn(accept(server_config, b, sizes));
+        let name = ServerName::try_from("localhost").expect("a DNS name");
+        let mut client = connect(client_config, name, a, sizes)
+            .await
+            .expect("the fuzz handshake");
+        let mut peer = server
+            .await
+            .expect("the server task")
+            .expect("the fuzz handshake");
+        let (mode, script) = data.split_first().unwrap_or((&0, &[]));
+        let writer = async move {
+            if mode & 1 == 0 {
+                let _ = peer.io.write_all(script).await;
+            } else {
+                let mut rest = script;
+                while let [kind, len, tail @ ..] = rest {
+                    let n = usize::from(*len).min(tail.len());
+                    let (payload, more) = tail.split_at(n);
+                    rest = more;
+                    let sealed = if *kind == HANDSHAKE && payload == [KEY_UPDATE, 0, 0, 1, 0] {
+                        peer.update_tx_key()
+                    } else {
+                        peer.seal_record(*kind, &[payload])
+                    };
+                    if sealed.is_err() || peer.flush().await.is_err() {
+                        break;
+                    }
+                }
+            }
+            if mode & 2 == 0 {
+                let _ = peer.shutdown().await;
+            }
+        };
+        let reader = async {
+            let mut got = 0;
+            let mut buf = [0u8; 4096];
+            loop {
+                match tokio::time::timeout(std::time::Duration::from_secs(5), client.read(&mut buf))
+                    .await
+                    .expect("the record layer hung on its peer's input")
+                {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got += n,
+                }
+            }
+            got
+        };
+        let ((), got) = tokio::join!(writer, reader);
+        // A stream that ended or failed still answers writes and shutdown without panicking.
+        let _ = client.write_all(b"after").await;
+        let _ = client.shutdown().await;
+        got
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -935,11 +1172,18 @@ mod tests {
     /// A self-signed server certificate and configurations for both ends (no client auth: the
     /// record layer is the same either way).
     fn configs() -> (Arc<ServerConfig>, Arc<ClientConfig>) {
+        configs_with(rustls::crypto::aws_lc_rs::default_provider())
+    }
+
+    /// The same, with the client offering what `client` has.
+    fn configs_with(
+        client: rustls::crypto::CryptoProvider,
+    ) -> (Arc<ServerConfig>, Arc<ClientConfig>) {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
         let der = cert.cert.der().clone();
         let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
-        let server = ServerConfig::builder_with_provider(provider.clone())
+        let server = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
             .with_no_client_auth()
@@ -947,7 +1191,7 @@ mod tests {
             .unwrap();
         let mut roots = RootCertStore::empty();
         roots.add(der).unwrap();
-        let client = ClientConfig::builder_with_provider(provider)
+        let client = ClientConfig::builder_with_provider(Arc::new(client))
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
             .with_root_certificates(roots)
@@ -1181,5 +1425,69 @@ mod tests {
             assert!(err.to_string().contains(reason), "{bytes:?}: {err}");
             let _ = server.shutdown().await;
         }
+    }
+
+    #[test]
+    fn both_aead_implementations_open_what_the_other_seals() {
+        let secrets = |aes: bool| {
+            let key = rustls::crypto::cipher::AeadKey::from([9u8; 32]);
+            let iv = rustls::crypto::cipher::Iv::from([3u8; 12]);
+            if aes {
+                ConnectionTrafficSecrets::Aes256Gcm { key, iv }
+            } else {
+                ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv }
+            }
+        };
+        for aes in [true, false] {
+            for (from, to) in [
+                (AeadImpl::Ring, AeadImpl::AwsLc),
+                (AeadImpl::AwsLc, AeadImpl::Ring),
+            ] {
+                let mut sealer = Keys::with(from, (5, secrets(aes))).unwrap();
+                let mut opener = Keys::with(to, (5, secrets(aes))).unwrap();
+                for len in [0, 1, 1000, MAX_PLAINTEXT] {
+                    let plain = pattern(len, len as u8);
+                    let mut buf = plain.clone();
+                    let header = [APPLICATION_DATA, 3, 3, 0, 0];
+                    let nonce = sealer.next_nonce().unwrap();
+                    let tag = sealer.cipher.seal(nonce, header, &mut buf).unwrap();
+                    assert!(
+                        len == 0 || buf != plain,
+                        "{from:?} left {len} bytes in the clear"
+                    );
+                    buf.extend_from_slice(&tag);
+                    let nonce = opener.next_nonce().unwrap();
+                    let n = opener.cipher.open(nonce, header, &mut buf).unwrap();
+                    assert_eq!(
+                        &buf[..n],
+                        &plain[..],
+                        "{from:?} -> {to:?}, aes {aes}, {len}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn chacha20_poly1305_with_a_rustls_peer() {
+        let mut only_chacha = rustls::crypto::aws_lc_rs::default_provider();
+        only_chacha
+            .cipher_suites
+            .retain(|s| s.suite() == rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256);
+        let (server, client) = configs_with(only_chacha);
+        let (a, b) = duplex(1 << 20);
+        let theirs = tokio::spawn(tokio_rustls::TlsAcceptor::from(server).accept(b));
+        let mut ours = connect(client, name(), a, sizes()).await.unwrap();
+        let mut theirs = theirs.await.unwrap().unwrap();
+        assert_eq!(
+            theirs
+                .get_ref()
+                .1
+                .negotiated_cipher_suite()
+                .map(|s| s.suite()),
+            Some(rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256)
+        );
+        send_and_check(&mut ours, &mut theirs, &pattern(50_000, 7)).await;
+        send_and_check(&mut theirs, &mut ours, &pattern(50_000, 8)).await;
     }
 }

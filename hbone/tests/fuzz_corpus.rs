@@ -45,3 +45,19 @@ fn client_frames_target_over_seed_corpus() {
         files.len()
     );
 }
+
+#[test]
+fn tls_records_target_over_seed_corpus() {
+    let files = seed_corpus::seeds("tls_records");
+    let delivered = files
+        .iter()
+        .filter(|data| hbone::fuzz_tls_records(data) > 0)
+        .count();
+    // Some seeds deliver application data (past padding, key updates, tickets), others are
+    // refused before any does.
+    assert!(
+        delivered >= 4 && delivered < files.len(),
+        "{delivered} of {} seeds delivered data",
+        files.len()
+    );
+}

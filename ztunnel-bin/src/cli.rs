@@ -55,6 +55,11 @@ pub(crate) enum Command {
     /// over on `--inpod-uds`; dedicated mode serves one workload in the current netns. Admin on
     /// 127.0.0.1:15000 (/config_dump, /logging?level=, POST /quitquitquit), metrics on :15020
     /// (/metrics, /stats/prometheus), readiness on :15021 (/healthz/ready).
+    #[command(
+        after_long_help = "Environment without a flag:\n  HBONE_TLS_AEAD=ring|aws-lc  which \
+                           implementation seals and opens HBONE's TLS records (default: aws-lc \
+                           where the CPU has AVX-512 VAES or is not x86-64, else ring)"
+    )]
     Proxy(Box<ProxyArgs>),
 }
 
