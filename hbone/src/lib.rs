@@ -7,7 +7,11 @@
 //! configurations and reports the peer's certificate chain. The wire protocol is specified in
 //! `SPEC.md` next to this crate. HTTP/2 is implemented here, the part of RFC 9113 that HBONE uses,
 //! so that a tunnel's writes are framed, encrypted and sent in the writer's own task; errors of
-//! that layer reach you as [`Http2Error`].
+//! that layer reach you as [`Http2Error`]. TLS is rustls's handshake followed by our own TLS 1.3
+//! record layer (records sealed and opened in place; key updates, session tickets and
+//! `close_notify` handled): the configurations you pass get `enable_secret_extraction` (a copy is
+//! made if yours lacks it). `HBONE_TLS_AEAD=ring|aws-lc` overrides which AEAD implementation
+//! seals the records (by default the faster one for the CPU).
 //!
 //! ```
 //! # use std::sync::Arc;
