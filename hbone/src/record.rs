@@ -375,6 +375,9 @@ fn invalid(msg: impl Into<String>) -> io::Error {
 }
 
 enum Step {
+    /// Ask rustls for its next state.
+    Continue,
+    /// Send what was encoded (one flight, one write).
     Transmit,
     Read,
     Done,
@@ -408,7 +411,7 @@ async fn handshake<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin>(
                 match encoded {
                     Ok(n) => {
                         outgoing.truncate(start + n);
-                        Step::Transmit
+                        Step::Continue
                     }
                     Err(e) => {
                         outgoing.truncate(start);
@@ -439,7 +442,7 @@ async fn handshake<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin>(
                 }
                 match failed {
                     Some(e) => Step::Failed(e),
-                    None => Step::Transmit,
+                    None => Step::Continue,
                 }
             }
             Ok(ConnectionState::WriteTraffic(_)) => Step::Done,
@@ -458,7 +461,15 @@ async fn handshake<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin>(
         };
         incoming.copy_within(discard..used, 0);
         used -= discard;
+        // A server that may send before the client's Finished (no client authentication, half-RTT
+        // data allowed) is still waiting for it: the record layer takes over only after the whole
+        // handshake.
+        let step = match step {
+            Step::Done if conn.common().is_handshaking() => Step::Read,
+            other => other,
+        };
         match step {
+            Step::Continue => {}
             Step::Transmit => {
                 if !outgoing.is_empty() {
                     io.write_all(&outgoing).await?;
@@ -486,13 +497,6 @@ async fn handshake<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin>(
                 used += n;
             }
             Step::Done => {
-                if conn.common().is_handshaking() {
-                    // Never hand over before the handshake (the peer's certificate above all) is
-                    // complete; rustls would refuse too.
-                    return Err(invalid(
-                        "TLS: application data allowed before the handshake completed",
-                    ));
-                }
                 if !outgoing.is_empty() {
                     io.write_all(&outgoing).await?;
                 }
@@ -578,47 +582,49 @@ fn require_tls13(common: &rustls::CommonState) -> io::Result<()> {
 pub(crate) async fn connect<T: AsyncRead + AsyncWrite + Unpin>(
     config: Arc<ClientConfig>,
     name: ServerName<'static>,
-    mut io: T,
+    io: T,
     sizes: Sizes,
 ) -> io::Result<TlsStream<T>> {
-    let mut conn = UnbufferedClientConnection::new(client_config_with_secrets(config), name)
+    let conn = UnbufferedClientConnection::new(client_config_with_secrets(config), name)
         .map_err(tls_error)?;
-    let (leftover, early_plain) = handshake(&mut conn, &mut io).await?;
-    require_tls13(&conn)?;
-    let (peer_certificates, alpn, version) = session_facts(&conn);
-    let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(tls_error)?;
-    TlsStream::new(
-        io,
-        Handshaken {
-            secrets,
-            kernel: Kernel::Client(kernel),
-            leftover,
-            early_plain,
-            peer_certificates,
-            alpn,
-            version,
-        },
-        sizes,
-    )
+    establish(conn, io, sizes, |c| {
+        let (secrets, kernel) = c.dangerous_into_kernel_connection()?;
+        Ok((secrets, Kernel::Client(kernel)))
+    })
+    .await
 }
 
 /// Server side: the TLS handshake over `io`, then our record layer.
 pub(crate) async fn accept<T: AsyncRead + AsyncWrite + Unpin>(
     config: Arc<ServerConfig>,
-    mut io: T,
+    io: T,
     sizes: Sizes,
 ) -> io::Result<TlsStream<T>> {
-    let mut conn =
+    let conn =
         UnbufferedServerConnection::new(server_config_with_secrets(config)).map_err(tls_error)?;
+    establish(conn, io, sizes, |c| {
+        let (secrets, kernel) = c.dangerous_into_kernel_connection()?;
+        Ok((secrets, Kernel::Server(kernel)))
+    })
+    .await
+}
+
+/// The handshake, then rustls hands the keys (`into_kernel`) to our record layer.
+async fn establish<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin>(
+    mut conn: C,
+    mut io: T,
+    sizes: Sizes,
+    into_kernel: impl FnOnce(C) -> Result<(rustls::ExtractedSecrets, Kernel), rustls::Error>,
+) -> io::Result<TlsStream<T>> {
     let (leftover, early_plain) = handshake(&mut conn, &mut io).await?;
-    require_tls13(&conn)?;
-    let (peer_certificates, alpn, version) = session_facts(&conn);
-    let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(tls_error)?;
+    require_tls13(conn.common())?;
+    let (peer_certificates, alpn, version) = session_facts(conn.common());
+    let (secrets, kernel) = into_kernel(conn).map_err(tls_error)?;
     TlsStream::new(
         io,
         Handshaken {
             secrets,
-            kernel: Kernel::Server(kernel),
+            kernel,
             leftover,
             early_plain,
             peer_certificates,
@@ -697,19 +703,30 @@ impl<T> TlsStream<T> {
 
     /// Seals `parts` (concatenated) as one record of `inner_type` at the end of `wbuf`.
     fn seal_record(&mut self, inner_type: u8, parts: &[&[u8]]) -> io::Result<()> {
-        if self.tx.seq + 1 >= self.tx_limit && inner_type != HANDSHAKE {
-            self.update_tx_key()?;
-        }
-        let start = self.wbuf.len();
-        let len: usize = parts.iter().map(|p| p.len()).sum::<usize>() + 1 + TAG_LEN;
-        debug_assert!(len <= MAX_CIPHERTEXT);
-        self.wbuf.reserve(HEADER_LEN + len);
-        self.wbuf
-            .extend_from_slice(&[APPLICATION_DATA, 3, 3, (len >> 8) as u8, len as u8]);
+        let start = self.begin_record()?;
         for p in parts {
             self.wbuf.extend_from_slice(p);
         }
+        self.end_record(start, inner_type)
+    }
+
+    /// Starts a record at the end of `wbuf` (moving our key on first if its limit is near);
+    /// returns where. Its plaintext follows; [`Self::end_record`] seals it.
+    fn begin_record(&mut self) -> io::Result<usize> {
+        if self.tx.seq + 1 >= self.tx_limit {
+            self.update_tx_key()?;
+        }
+        let start = self.wbuf.len();
+        self.wbuf.extend_from_slice(&[APPLICATION_DATA, 3, 3, 0, 0]);
+        Ok(start)
+    }
+
+    /// Seals the record begun at `start`: its content type, length and tag.
+    fn end_record(&mut self, start: usize, inner_type: u8) -> io::Result<()> {
         self.wbuf.push(inner_type);
+        let len = self.wbuf.len() - start - HEADER_LEN + TAG_LEN;
+        debug_assert!(len <= MAX_CIPHERTEXT);
+        self.wbuf[start + 3..start + HEADER_LEN].copy_from_slice(&(len as u16).to_be_bytes());
         let header: [u8; HEADER_LEN] = self.wbuf[start..start + HEADER_LEN]
             .try_into()
             .expect("five bytes");
@@ -724,43 +741,46 @@ impl<T> TlsStream<T> {
 
     /// Sends a KeyUpdate (not requesting one back) and moves our send key on.
     fn update_tx_key(&mut self) -> io::Result<()> {
-        self.seal_record(HANDSHAKE, &[&[KEY_UPDATE, 0, 0, 1, 0]])?;
+        let start = self.wbuf.len();
+        self.wbuf.extend_from_slice(&[APPLICATION_DATA, 3, 3, 0, 0]);
+        self.wbuf.extend_from_slice(&[KEY_UPDATE, 0, 0, 1, 0]);
+        self.end_record(start, HANDSHAKE)?;
         let next = self.kernel.update_tx().map_err(tls_error)?;
         self.tx = Keys::new(next)?;
         Ok(())
     }
 
-    /// Seals up to `limit` bytes of `bufs` as application data records; returns how many.
+    /// Seals up to `limit` bytes of `bufs` as application data records of up to 2^14 bytes each,
+    /// copying them once, into `wbuf`; returns how many.
     fn seal_data(&mut self, bufs: &[io::IoSlice<'_>], limit: usize) -> io::Result<usize> {
+        let total = bufs.iter().map(|b| b.len()).sum::<usize>().min(limit);
+        let records = total.div_ceil(MAX_PLAINTEXT);
+        self.wbuf
+            .reserve(total + records * (HEADER_LEN + 1 + TAG_LEN));
         let mut taken = 0;
-        let mut parts: Vec<&[u8]> = Vec::new();
-        let mut in_record = 0;
-        let mut slices = bufs.iter().map(|b| &b[..]).filter(|b| !b.is_empty());
-        let mut current: Option<&[u8]> = slices.next();
-        while let Some(slice) = current {
-            if taken == limit {
-                break;
-            }
-            let n = slice
-                .len()
-                .min(MAX_PLAINTEXT - in_record)
-                .min(limit - taken);
-            parts.push(&slice[..n]);
-            in_record += n;
-            taken += n;
-            current = if n < slice.len() {
-                Some(&slice[n..])
-            } else {
-                slices.next()
-            };
-            if in_record == MAX_PLAINTEXT {
-                self.seal_record(APPLICATION_DATA, &parts)?;
-                parts.clear();
-                in_record = 0;
+        // The record being filled: where it starts and how much plaintext it holds.
+        let mut open: Option<(usize, usize)> = None;
+        for buf in bufs {
+            let mut rest: &[u8] = buf;
+            while !rest.is_empty() && taken < total {
+                let (start, filled) = match open {
+                    Some(r) => r,
+                    None => (self.begin_record()?, 0),
+                };
+                let n = rest.len().min(MAX_PLAINTEXT - filled).min(total - taken);
+                self.wbuf.extend_from_slice(&rest[..n]);
+                rest = &rest[n..];
+                taken += n;
+                open = if filled + n == MAX_PLAINTEXT {
+                    self.end_record(start, APPLICATION_DATA)?;
+                    None
+                } else {
+                    Some((start, filled + n))
+                };
             }
         }
-        if in_record > 0 {
-            self.seal_record(APPLICATION_DATA, &parts)?;
+        if let Some((start, _)) = open {
+            self.end_record(start, APPLICATION_DATA)?;
         }
         Ok(taken)
     }
