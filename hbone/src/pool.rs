@@ -469,12 +469,20 @@ pub(crate) fn tls_failure(side: Side, peer: SocketAddr, source: std::io::Error) 
         .get_ref()
         .and_then(|e| e.downcast_ref::<crate::record::NotTls13>())
     {
-        Some(crate::record::NotTls13(version)) => Error::TlsVersion {
-            side,
-            peer,
-            version: version.map_or("no version".to_owned(), |v| format!("{v:?}")),
-        },
+        Some(crate::record::NotTls13(version)) => version_refused(side, peer, *version),
         None => Error::Tls { side, peer, source },
+    }
+}
+
+fn version_refused(
+    side: Side,
+    peer: SocketAddr,
+    version: Option<rustls::ProtocolVersion>,
+) -> Error {
+    Error::TlsVersion {
+        side,
+        peer,
+        version: version.map_or("no version".to_owned(), |v| format!("{v:?}")),
     }
 }
 
@@ -486,11 +494,7 @@ pub(crate) fn check_session(
     peer: SocketAddr,
 ) -> Result<(), Error> {
     if version != Some(rustls::ProtocolVersion::TLSv1_3) {
-        return Err(Error::TlsVersion {
-            side,
-            peer,
-            version: version.map_or("no version".to_owned(), |v| format!("{v:?}")),
-        });
+        return Err(version_refused(side, peer, version));
     }
     if alpn != Some(H2_ALPN) {
         return Err(Error::Alpn {

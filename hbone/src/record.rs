@@ -301,7 +301,7 @@ pub(crate) struct TlsStream<T> {
     write_closed: bool,
     /// Why the stream failed, for every later call.
     failed: Option<(io::ErrorKind, String)>,
-    peer_certificates: Vec<CertificateDer<'static>>,
+    peer_certificates: Arc<[CertificateDer<'static>]>,
     alpn: Option<Vec<u8>>,
     version: Option<rustls::ProtocolVersion>,
 }
@@ -324,7 +324,7 @@ struct Handshaken {
     leftover: Vec<u8>,
     /// Application data rustls already opened (it arrived with the handshake's last flight).
     early_plain: Vec<u8>,
-    peer_certificates: Vec<CertificateDer<'static>>,
+    peer_certificates: Arc<[CertificateDer<'static>]>,
     alpn: Option<Vec<u8>>,
     version: Option<rustls::ProtocolVersion>,
 }
@@ -468,19 +468,14 @@ async fn handshake<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin>(
             Step::Done if conn.common().is_handshaking() => Step::Read,
             other => other,
         };
+        // A flight goes out before we wait for the peer's answer, and before we hand over.
+        if matches!(step, Step::Transmit | Step::Read | Step::Done) && !outgoing.is_empty() {
+            io.write_all(&outgoing).await?;
+            outgoing.clear();
+        }
         match step {
-            Step::Continue => {}
-            Step::Transmit => {
-                if !outgoing.is_empty() {
-                    io.write_all(&outgoing).await?;
-                    outgoing.clear();
-                }
-            }
+            Step::Continue | Step::Transmit => {}
             Step::Read => {
-                if !outgoing.is_empty() {
-                    io.write_all(&outgoing).await?;
-                    outgoing.clear();
-                }
                 if used == incoming.len() {
                     if incoming.len() >= MAX_HANDSHAKE_PENDING + MAX_RECORD {
                         return Err(invalid("a TLS handshake message too long"));
@@ -497,9 +492,6 @@ async fn handshake<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin>(
                 used += n;
             }
             Step::Done => {
-                if !outgoing.is_empty() {
-                    io.write_all(&outgoing).await?;
-                }
                 incoming.truncate(used);
                 return Ok((incoming, early_plain));
             }
@@ -525,15 +517,12 @@ async fn handshake<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin>(
 fn session_facts(
     common: &rustls::CommonState,
 ) -> (
-    Vec<CertificateDer<'static>>,
+    Arc<[CertificateDer<'static>]>,
     Option<Vec<u8>>,
     Option<rustls::ProtocolVersion>,
 ) {
     (
-        common
-            .peer_certificates()
-            .map(|c| c.to_vec())
-            .unwrap_or_default(),
+        common.peer_certificates().unwrap_or_default().into(),
         common.alpn_protocol().map(<[u8]>::to_vec),
         common.protocol_version(),
     )
@@ -668,7 +657,7 @@ impl<T> TlsStream<T> {
     }
 
     /// The certificates the peer presented, its own first.
-    pub(crate) fn peer_certificates(&self) -> &[CertificateDer<'static>] {
+    pub(crate) fn peer_certificates(&self) -> &Arc<[CertificateDer<'static>]> {
         &self.peer_certificates
     }
 
@@ -716,9 +705,14 @@ impl<T> TlsStream<T> {
         if self.tx.seq + 1 >= self.tx_limit {
             self.update_tx_key()?;
         }
+        Ok(self.push_header())
+    }
+
+    /// Appends a record header whose length [`Self::end_record`] fills in; returns where.
+    fn push_header(&mut self) -> usize {
         let start = self.wbuf.len();
         self.wbuf.extend_from_slice(&[APPLICATION_DATA, 3, 3, 0, 0]);
-        Ok(start)
+        start
     }
 
     /// Seals the record begun at `start`: its content type, length and tag.
@@ -741,8 +735,8 @@ impl<T> TlsStream<T> {
 
     /// Sends a KeyUpdate (not requesting one back) and moves our send key on.
     fn update_tx_key(&mut self) -> io::Result<()> {
-        let start = self.wbuf.len();
-        self.wbuf.extend_from_slice(&[APPLICATION_DATA, 3, 3, 0, 0]);
+        // Not `begin_record`: this is what moves the key on when its limit is near.
+        let start = self.push_header();
         self.wbuf.extend_from_slice(&[KEY_UPDATE, 0, 0, 1, 0]);
         self.end_record(start, HANDSHAKE)?;
         let next = self.kernel.update_tx().map_err(tls_error)?;
@@ -911,14 +905,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
             let rest = self.handshake.split_off(4 + len);
             let msg = std::mem::replace(&mut self.handshake, rest);
             let payload = &msg[4..];
-            match (kind, &self.kernel) {
-                (NEW_SESSION_TICKET, Kernel::Client(_)) => {
-                    let Kernel::Client(k) = &mut self.kernel else {
-                        unreachable!("matched above")
-                    };
-                    k.handle_new_session_ticket(payload).map_err(tls_error)?;
-                }
-                (KEY_UPDATE, _) => {
+            if kind == NEW_SESSION_TICKET
+                && let Kernel::Client(k) = &mut self.kernel
+            {
+                k.handle_new_session_ticket(payload).map_err(tls_error)?;
+                continue;
+            }
+            match kind {
+                KEY_UPDATE => {
                     // A key update ends its record (RFC 8446 §5.1).
                     if !self.handshake.is_empty() {
                         return Err(invalid("TLS: a KeyUpdate not at the end of its record"));
@@ -934,7 +928,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
                         self.update_tx_key()?;
                     }
                 }
-                (kind, _) => {
+                kind => {
                     return Err(invalid(format!(
                         "TLS: an unexpected post-handshake message of type {kind}"
                     )));
@@ -1072,36 +1066,43 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<T> {
     }
 }
 
-/// A self-signed certificate (`localhost`, valid until 2126) for the fuzz target's handshakes
-/// only; it is public and trusts nothing else.
+/// A self-signed certificate (`localhost`, valid until 2126) for the handshakes of the fuzz target
+/// and of this module's tests only; it is public and trusts nothing else.
 const FUZZ_CERT: &[u8] = include_bytes!("fuzz_cert/cert.pem");
 const FUZZ_KEY: &[u8] = include_bytes!("fuzz_cert/key.pem");
 
-fn fuzz_configs() -> (Arc<ServerConfig>, Arc<ClientConfig>) {
+/// A server presenting the certificate above (TLS 1.3, no client authentication: the record layer
+/// is the same either way) and a client trusting it that offers what `client` has.
+fn self_signed_configs(
+    client: rustls::crypto::CryptoProvider,
+) -> (Arc<ServerConfig>, Arc<ClientConfig>) {
     use rustls::pki_types::PrivateKeyDer;
     use rustls::pki_types::pem::PemObject;
+    let cert = CertificateDer::from_pem_slice(FUZZ_CERT).expect("the fuzz certificate");
+    let key = PrivateKeyDer::from_pem_slice(FUZZ_KEY).expect("the fuzz key");
+    let server = ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .expect("TLS 1.3")
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.clone()], key)
+    .expect("the fuzz certificate and key");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert).expect("the fuzz certificate as a root");
+    let client = ClientConfig::builder_with_provider(Arc::new(client))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    (Arc::new(server), Arc::new(client))
+}
+
+fn fuzz_configs() -> (Arc<ServerConfig>, Arc<ClientConfig>) {
     static CONFIGS: std::sync::OnceLock<(Arc<ServerConfig>, Arc<ClientConfig>)> =
         std::sync::OnceLock::new();
     CONFIGS
-        .get_or_init(|| {
-            let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-            let cert = CertificateDer::from_pem_slice(FUZZ_CERT).expect("the fuzz certificate");
-            let key = PrivateKeyDer::from_pem_slice(FUZZ_KEY).expect("the fuzz key");
-            let server = ServerConfig::builder_with_provider(provider.clone())
-                .with_protocol_versions(&[&rustls::version::TLS13])
-                .expect("TLS 1.3")
-                .with_no_client_auth()
-                .with_single_cert(vec![cert.clone()], key)
-                .expect("the fuzz certificate and key");
-            let mut roots = rustls::RootCertStore::empty();
-            roots.add(cert).expect("the fuzz certificate as a root");
-            let client = ClientConfig::builder_with_provider(provider)
-                .with_protocol_versions(&[&rustls::version::TLS13])
-                .expect("TLS 1.3")
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            (Arc::new(server), Arc::new(client))
-        })
+        .get_or_init(|| self_signed_configs(rustls::crypto::aws_lc_rs::default_provider()))
         .clone()
 }
 
@@ -1121,10 +1122,7 @@ pub fn fuzz_tls_records(data: &[u8]) -> usize {
         .expect("a Tokio runtime");
     runtime.block_on(async {
         let (server_config, client_config) = fuzz_configs();
-        let sizes = Sizes {
-            read_size: 64 * 1024,
-            write_limit: 256 * 1024,
-        };
+        let sizes = crate::Config::default().tls_sizes();
         let (a, b) = tokio::io::duplex(1 << 20);
         let server = tokio::spawn(accept(server_config, b, sizes));
         let name = ServerName::try_from("localhost").expect("a DNS name");
@@ -1186,48 +1184,14 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    use rustls::RootCertStore;
     use tokio::io::{DuplexStream, duplex};
-
-    /// A self-signed server certificate and configurations for both ends (no client auth: the
-    /// record layer is the same either way).
-    fn configs() -> (Arc<ServerConfig>, Arc<ClientConfig>) {
-        configs_with(rustls::crypto::aws_lc_rs::default_provider())
-    }
-
-    /// The same, with the client offering what `client` has.
-    fn configs_with(
-        client: rustls::crypto::CryptoProvider,
-    ) -> (Arc<ServerConfig>, Arc<ClientConfig>) {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-        let der = cert.cert.der().clone();
-        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
-        let server = ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![der.clone()], key)
-            .unwrap();
-        let mut roots = RootCertStore::empty();
-        roots.add(der).unwrap();
-        let client = ClientConfig::builder_with_provider(Arc::new(client))
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        (Arc::new(server), Arc::new(client))
-    }
 
     fn name() -> ServerName<'static> {
         ServerName::try_from("localhost").unwrap()
     }
 
     fn sizes() -> Sizes {
-        Sizes {
-            read_size: 64 * 1024,
-            write_limit: 256 * 1024,
-        }
+        crate::Config::default().tls_sizes()
     }
 
     /// Our client against a rustls server (tokio-rustls) over an in-memory pipe.
@@ -1238,7 +1202,7 @@ mod tests {
         TlsStream<DuplexStream>,
         tokio_rustls::server::TlsStream<DuplexStream>,
     ) {
-        let (server, client) = configs();
+        let (server, client) = fuzz_configs();
         let theirs = tokio::spawn(tokio_rustls::TlsAcceptor::from(server).accept(io_theirs));
         let ours = connect(client, name(), io_ours, sizes()).await.unwrap();
         (ours, theirs.await.unwrap().unwrap())
@@ -1322,7 +1286,7 @@ mod tests {
 
     #[tokio::test]
     async fn our_server_takes_a_rustls_client_and_its_key_updates() {
-        let (server, client) = configs();
+        let (server, client) = fuzz_configs();
         let (a, b) = duplex(1 << 20);
         let theirs = tokio::spawn(async move {
             tokio_rustls::TlsConnector::from(client)
@@ -1407,7 +1371,7 @@ mod tests {
 
     /// Our client and our server over an in-memory pipe.
     async fn ours_to_ours() -> (TlsStream<DuplexStream>, TlsStream<DuplexStream>) {
-        let (server, client) = configs();
+        let (server, client) = fuzz_configs();
         let (a, b) = duplex(1 << 20);
         let server = tokio::spawn(accept(server, b, sizes()));
         let client = connect(client, name(), a, sizes()).await.unwrap();
@@ -1494,7 +1458,7 @@ mod tests {
         only_chacha
             .cipher_suites
             .retain(|s| s.suite() == rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256);
-        let (server, client) = configs_with(only_chacha);
+        let (server, client) = self_signed_configs(only_chacha);
         let (a, b) = duplex(1 << 20);
         let theirs = tokio::spawn(tokio_rustls::TlsAcceptor::from(server).accept(b));
         let mut ours = connect(client, name(), a, sizes()).await.unwrap();

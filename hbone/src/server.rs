@@ -257,7 +257,7 @@ impl<H: ConnectHandler> Server<H> {
                     peer,
                 });
             }
-            let certs: Arc<[CertificateDer<'static>]> = tls.peer_certificates().into();
+            let certs = tls.peer_certificates().clone();
             Ok((tls, certs))
         };
         let (tls, certs) = tokio::time::timeout(cfg.tls_handshake_timeout, tls_handshake)
