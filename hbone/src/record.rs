@@ -4,9 +4,12 @@
 //!
 //! Why: through `tokio-rustls` every received byte was copied three times in user space (into
 //! rustls's deframer, into its plaintext queue, into the caller's buffer) and every record went
-//! through rustls's general message machinery. Here a record is read into one buffer, opened where
-//! it lies, and copied once to the caller; a write is copied once into the record buffer and
-//! sealed there (BENCHMARKS.md, issue 12, lever 19).
+//! through rustls's general message machinery. Here the HTTP/2 connection's reads go straight
+//! into its own frame buffer and each record is opened where it lies, its plaintext moved down
+//! over the record headers and tags while it is decrypted (ring) or just after (aws-lc):
+//! [`TlsStream::poll_read_into`]; only the part of a record that a read leaves unfinished is
+//! copied. A write is copied once into the record buffer and sealed there (BENCHMARKS.md,
+//! issue 12, levers 19 and 21). `AsyncRead` works too, with one copy to the caller's buffer.
 //!
 //! What the layer does after the handshake, per RFC 8446:
 //! - application data records (inner type 23), with padding stripped, up to 2^14 bytes each;
@@ -46,6 +49,9 @@ const MAX_CIPHERTEXT: usize = MAX_PLAINTEXT + 256;
 const MAX_RECORD: usize = HEADER_LEN + MAX_CIPHERTEXT;
 /// The smallest read asked of the socket.
 const READ_MIN: usize = 16 * 1024;
+/// Reads that a new buffer of `poll_read_into` has room for during a burst: what is left unread
+/// when a buffer fills (the start of the next frame and record) is copied to the next one.
+const READS_PER_BUFFER: usize = 4;
 /// Buffers larger than this are freed when they empty, so a quiet connection keeps little.
 const KEEP: usize = MAX_RECORD;
 /// Post-handshake messages may span records; more than this pending is refused.
@@ -156,19 +162,32 @@ impl Cipher {
         Ok(out)
     }
 
-    /// Opens `in_out` (ciphertext and tag) in place; the plaintext is its start.
-    fn open(&self, nonce: [u8; 12], aad: [u8; HEADER_LEN], in_out: &mut [u8]) -> io::Result<usize> {
+    /// Opens the ciphertext and tag at `buf[src..]`; the plaintext goes to the start of `buf`
+    /// (ring moves it there while decrypting; aws-lc opens in place and moves it after).
+    fn open_within(
+        &self,
+        nonce: [u8; 12],
+        aad: [u8; HEADER_LEN],
+        buf: &mut [u8],
+        src: usize,
+    ) -> io::Result<usize> {
         let failed = || invalid("TLS: a record failed authentication (bad_record_mac)");
         match self {
             Cipher::AwsLc(k) => k
-                .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), in_out)
+                .open_within(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::from(aad),
+                    buf,
+                    src..,
+                )
                 .map(|p| p.len())
                 .map_err(|_| failed()),
             Cipher::Ring(k) => k
-                .open_in_place(
+                .open_within(
                     ring::aead::Nonce::assume_unique_for_key(nonce),
                     ring::aead::Aad::from(aad),
-                    in_out,
+                    buf,
+                    src..,
                 )
                 .map(|p| p.len())
                 .map_err(|_| failed()),
@@ -293,6 +312,9 @@ pub(crate) struct TlsStream<T> {
     read_size: usize,
     /// The last read filled the buffer: the next one may ask for `read_size`.
     burst: bool,
+    /// The unfinished record at the end of the last `poll_read_into`, split off the reader's
+    /// buffer (it still shares that buffer's allocation, so it can rejoin it without a copy).
+    pending: BytesMut,
     /// A post-handshake message that continues in the next record.
     handshake: Vec<u8>,
     /// The peer sent `close_notify`.
@@ -368,6 +390,13 @@ impl Unbuffered for UnbufferedServerConnection {
 /// A rustls error as the I/O error tokio-rustls gave (kind `InvalidData`, the rustls error inside).
 fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+fn eof_without_close_notify() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "peer closed connection without sending TLS close_notify",
+    )
 }
 
 fn invalid(msg: impl Into<String>) -> io::Error {
@@ -646,6 +675,7 @@ impl<T> TlsStream<T> {
             write_limit: sizes.write_limit.max(2 * MAX_RECORD),
             read_size: sizes.read_size.max(MAX_RECORD),
             burst: false,
+            pending: BytesMut::new(),
             handshake: Vec::new(),
             read_closed: false,
             write_closed: false,
@@ -804,11 +834,36 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
         Poll::Ready(Ok(()))
     }
 
-    /// Opens the record at `rpos` if it is whole; `Ok(false)` if more bytes are needed.
+    /// Opens the record at `rpos` if it is whole, in place; `Ok(false)` if more bytes are needed.
     fn open_next(&mut self) -> io::Result<bool> {
-        let avail = &self.rbuf[self.rpos..];
-        if avail.len() < HEADER_LEN {
+        let mut buf = std::mem::take(&mut self.rbuf);
+        let body = self.rpos + HEADER_LEN;
+        let opened = self.open_record(&mut buf, self.rpos, body);
+        self.rbuf = buf;
+        let Some((end, data)) = opened? else {
             return Ok(false);
+        };
+        self.rpos = end;
+        if data > 0 {
+            self.plain = (body, body + data);
+        }
+        Ok(true)
+    }
+
+    /// Opens the record whose header is at `buf[r..]` if it is whole, writing its plaintext to
+    /// `buf[w..]` (`w` at most the record's body, so the plaintext never overtakes the
+    /// ciphertext). Returns `None` if more bytes are needed, else where the record ends and how
+    /// many bytes of application data it put at `w` (0 for an alert or a handshake message, which
+    /// are handled here).
+    fn open_record(
+        &mut self,
+        buf: &mut [u8],
+        r: usize,
+        w: usize,
+    ) -> io::Result<Option<(usize, usize)>> {
+        let avail = &buf[r..];
+        if avail.len() < HEADER_LEN {
+            return Ok(None);
         }
         let header: [u8; HEADER_LEN] = avail[..HEADER_LEN].try_into().expect("five bytes");
         let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
@@ -834,49 +889,46 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
             return Err(invalid(format!("TLS: a protected record of {len} bytes")));
         }
         if avail.len() < HEADER_LEN + len {
-            return Ok(false);
+            return Ok(None);
         }
-        let body = self.rpos + HEADER_LEN;
+        let body = r + HEADER_LEN;
+        let end = body + len;
         let nonce = self.rx.next_nonce()?;
         let opened_len = self
             .rx
             .cipher
-            .open(nonce, header, &mut self.rbuf[body..body + len])?;
-        let opened = &self.rbuf[body..body + opened_len];
-        let Some(end) = opened.iter().rposition(|b| *b != 0) else {
+            .open_within(nonce, header, &mut buf[w..end], body - w)?;
+        let opened = &buf[w..w + opened_len];
+        let Some(last) = opened.iter().rposition(|b| *b != 0) else {
             return Err(invalid("TLS: a record without a content type"));
         };
-        if end > MAX_PLAINTEXT {
+        if last > MAX_PLAINTEXT {
             return Err(invalid(format!(
-                "TLS: a record of {end} bytes of plaintext (at most {MAX_PLAINTEXT}): record_overflow"
+                "TLS: a record of {last} bytes of plaintext (at most {MAX_PLAINTEXT}): record_overflow"
             )));
         }
-        let inner_type = opened[end];
-        self.rpos = body + len;
-        match inner_type {
+        let content = &opened[..last];
+        match opened[last] {
             APPLICATION_DATA => {
                 if !self.handshake.is_empty() {
                     return Err(invalid(
                         "TLS: application data inside a split handshake message",
                     ));
                 }
-                self.plain = (body, body + end);
+                return Ok(Some((end, last)));
             }
-            ALERT => {
-                let alert = &self.rbuf[body..body + end];
-                match alert {
-                    [_, ALERT_CLOSE_NOTIFY] => self.read_closed = true,
-                    [_, ALERT_USER_CANCELED] => {}
-                    [_, desc] => {
-                        return Err(tls_error(rustls::Error::AlertReceived(
-                            rustls::AlertDescription::from(*desc),
-                        )));
-                    }
-                    _ => return Err(invalid("TLS: a malformed alert")),
+            ALERT => match content {
+                [_, ALERT_CLOSE_NOTIFY] => self.read_closed = true,
+                [_, ALERT_USER_CANCELED] => {}
+                [_, desc] => {
+                    return Err(tls_error(rustls::Error::AlertReceived(
+                        rustls::AlertDescription::from(*desc),
+                    )));
                 }
-            }
+                _ => return Err(invalid("TLS: a malformed alert")),
+            },
             HANDSHAKE => {
-                let msg = self.rbuf[body..body + end].to_vec();
+                let msg = content.to_vec();
                 self.handshake_bytes(&msg)?;
             }
             t => {
@@ -885,7 +937,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
                 )));
             }
         }
-        Ok(true)
+        Ok(Some((end, 0)))
     }
 
     /// Post-handshake messages: session tickets and key updates.
@@ -942,6 +994,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if !self.pending.is_empty() {
+            // An unfinished record left by `poll_read_into`.
+            self.rbuf.extend_from_slice(&self.pending);
+            self.pending = BytesMut::new();
+        }
         loop {
             if self.plain.0 < self.plain.1 {
                 let n = (self.plain.1 - self.plain.0).min(buf.remaining());
@@ -953,11 +1010,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
                 return Poll::Ready(Ok(()));
             }
             if self.open_next()? {
-                if self.queued() > 0 {
-                    // A KeyUpdate of ours to send; the next flush finishes it.
-                    let _ =
-                        self.poll_write_queued(&mut Context::from_waker(std::task::Waker::noop()))?;
-                }
+                self.send_key_update()?;
                 continue;
             }
             // Keep only the record in progress, at the front.
@@ -969,10 +1022,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
             if self.rbuf.is_empty() && self.rbuf.capacity() > KEEP {
                 self.rbuf = BytesMut::new();
             }
-            let need = match self.rbuf.get(3..5) {
-                Some(l) => HEADER_LEN + usize::from(u16::from_be_bytes([l[0], l[1]])),
-                None => MAX_RECORD,
-            };
+            let need = self.record_need();
             let size = if self.burst { self.read_size } else { READ_MIN };
             self.rbuf
                 .reserve(need.max(size).saturating_sub(self.rbuf.len()));
@@ -984,11 +1034,154 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
             ))?;
             self.burst = n == asked;
             if n == 0 {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "peer closed connection without sending TLS close_notify",
-                )));
+                return Poll::Ready(Err(eof_without_close_notify()));
             }
+        }
+    }
+
+    /// The length of the record at the front of `rbuf` (header included), or of the longest
+    /// record while its header has not arrived.
+    fn record_need(&self) -> usize {
+        match self.rbuf.get(3..5) {
+            Some(l) => HEADER_LEN + usize::from(u16::from_be_bytes([l[0], l[1]])),
+            None => MAX_RECORD,
+        }
+    }
+
+    /// Starts sending a KeyUpdate of ours that opening a record queued (the peer asked for it);
+    /// the next flush finishes it.
+    fn send_key_update(&mut self) -> io::Result<()> {
+        if self.queued() > 0
+            && let Poll::Ready(Err(e)) =
+                self.poll_write_queued(&mut Context::from_waker(std::task::Waker::noop()))
+        {
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Reads from the socket and appends the application data of every whole record to `dst`,
+    /// opened where it arrived: the plaintext moves down over the record headers and tags while
+    /// it is decrypted (ring) or just after (aws-lc), so the bytes read are not copied again;
+    /// only the part of a record that a read leaves unfinished waits here for the next one.
+    /// `want` is how much more plaintext the reader needs (the rest of its frame), so a new
+    /// buffer can hold it whole. `Ok(0)` is the end of the stream (`close_notify`).
+    pub(crate) fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut BytesMut,
+        want: usize,
+    ) -> Poll<io::Result<usize>> {
+        self.check_failed()?;
+        match self.poll_read_into_inner(cx, dst, want) {
+            Poll::Ready(Err(e)) => Poll::Ready(Err(self.fail(e))),
+            other => other,
+        }
+    }
+
+    fn poll_read_into_inner(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut BytesMut,
+        want: usize,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            // Opened earlier (with the handshake, or by `poll_read`): that goes first.
+            if self.plain.0 < self.plain.1 {
+                let n = self.plain.1 - self.plain.0;
+                dst.extend_from_slice(&self.rbuf[self.plain.0..self.plain.1]);
+                self.plain.0 = self.plain.1;
+                return Poll::Ready(Ok(n));
+            }
+            if self.read_closed {
+                return Poll::Ready(Ok(0));
+            }
+            if self.open_next()? {
+                self.send_key_update()?;
+                continue;
+            }
+            // At most part of one record is left in `rbuf` (from the handshake, or `poll_read`):
+            // it joins the unfinished record of the last call (there is none then).
+            if self.rpos < self.rbuf.len() {
+                self.pending.extend_from_slice(&self.rbuf[self.rpos..]);
+            }
+            if !self.rbuf.is_empty() {
+                self.rbuf = BytesMut::new();
+                self.rpos = 0;
+                self.plain = (0, 0);
+            }
+            // The unfinished record goes back behind `dst`'s end, where the last call split it
+            // off: unless the reader moved `dst` since, that joins them without a copy.
+            let base = dst.len();
+            if !self.pending.is_empty() {
+                dst.unsplit(std::mem::take(&mut self.pending));
+            }
+            let need = match dst.get(base + 3..base + 5) {
+                Some(l) => HEADER_LEN + usize::from(u16::from_be_bytes([l[0], l[1]])),
+                None => MAX_RECORD,
+            };
+            let size = if self.burst { self.read_size } else { READ_MIN };
+            let room = need.max(size).saturating_sub(dst.len() - base);
+            if dst.capacity() - dst.len() < room && !dst.try_reclaim(room) {
+                // A new buffer for the next few reads and the rest of the reader's frame, with
+                // only what is still unread copied over: `reserve` would grow the old
+                // allocation, copying all of it, read or not.
+                // The frame's rest arrives in records of 22 bytes more each (header, type,
+                // tag); counted as if they were as small as 512 bytes.
+                let frame = want + want / 512 * 22;
+                let ahead = if self.burst {
+                    (frame + room).max(READS_PER_BUFFER * room)
+                } else {
+                    frame + room
+                };
+                let mut fresh = BytesMut::with_capacity(dst.len() + ahead);
+                fresh.extend_from_slice(dst);
+                *dst = fresh;
+            }
+            let asked = dst.capacity() - dst.len();
+            let n = match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, dst) {
+                Poll::Ready(Ok(n)) if n > 0 => n,
+                other => {
+                    if dst.len() > base {
+                        self.pending = dst.split_off(base);
+                    }
+                    ready!(other)?;
+                    return Poll::Ready(Err(eof_without_close_notify()));
+                }
+            };
+            self.burst = n == asked;
+            let (mut r, mut w) = (base, base);
+            while !self.read_closed {
+                match self.open_record(dst, r, w) {
+                    Ok(Some((end, data))) => {
+                        r = end;
+                        w += data;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        // What opened before the bad record is delivered; the error comes with
+                        // the next call.
+                        dst.truncate(w);
+                        let e = self.fail(e);
+                        return Poll::Ready(if w > base { Ok(w - base) } else { Err(e) });
+                    }
+                }
+            }
+            // The unfinished record moves down to follow the plaintext, and is split off there
+            // (keeping the buffer's room after it for the next read).
+            let unfinished = dst.len() - r;
+            if unfinished > 0 {
+                dst.copy_within(r.., w);
+                dst.truncate(w + unfinished);
+                self.pending = dst.split_off(w);
+            } else {
+                dst.truncate(w);
+            }
+            self.send_key_update()?;
+            if w > base {
+                return Poll::Ready(Ok(w - base));
+            }
+            // Only part of a record, an alert or a handshake message: read on.
         }
     }
 }
@@ -1113,7 +1306,9 @@ fn fuzz_configs() -> (Arc<ServerConfig>, Arc<ClientConfig>) {
 /// lengths, content types, bad tags); bit 0 set, the rest is a script of records the peer seals
 /// with the right keys (`[inner content type][length][payload]`, so alerts, post-handshake
 /// messages, padding and content types are reached past the tag check; a well-formed KeyUpdate
-/// also moves the peer's key on). Bit 1 set, the peer ends without `close_notify`. Returns how
+/// also moves the peer's key on). Bit 1 set, the peer ends without `close_notify`. Bit 2 set,
+/// the reader takes records opened in its own buffer (`poll_read_into`, as the HTTP/2
+/// connection reads), else it reads through `AsyncRead`; both must deliver the same. Returns how
 /// many bytes of application data the reader got.
 pub fn fuzz_tls_records(data: &[u8]) -> usize {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -1160,8 +1355,23 @@ pub fn fuzz_tls_records(data: &[u8]) -> usize {
         let reader = async {
             let mut got = 0;
             let mut buf = [0u8; 4096];
+            let mut opened_here = BytesMut::new();
             loop {
-                match tokio::time::timeout(std::time::Duration::from_secs(5), client.read(&mut buf))
+                // Bit 2 of the mode: records opened in the reader's buffer (as the HTTP/2
+                // connection reads), else copied out through `AsyncRead`.
+                let read = async {
+                    if mode & 4 == 0 {
+                        client.read(&mut buf).await
+                    } else {
+                        let n = std::future::poll_fn(|cx| {
+                            client.poll_read_into(cx, &mut opened_here, 0)
+                        })
+                        .await;
+                        opened_here.clear();
+                        n
+                    }
+                };
+                match tokio::time::timeout(std::time::Duration::from_secs(5), read)
                     .await
                     .expect("the record layer hung on its peer's input")
                 {
@@ -1262,6 +1472,112 @@ mod tests {
         let mut got = vec![0u8; total];
         theirs.read_exact(&mut got).await.unwrap();
         assert_eq!(got, parts.concat());
+    }
+
+    /// Forwards bytes in pieces of at most the given sizes, in turn (what has arrived, if less),
+    /// so records arrive split anywhere (inside a header, a body, a tag) and several at once.
+    async fn chop(
+        mut from: impl AsyncRead + Unpin,
+        mut to: impl AsyncWrite + Unpin,
+        pieces: &[usize],
+    ) {
+        let mut buf = vec![0u8; pieces.iter().copied().max().unwrap_or(1)];
+        for size in pieces.iter().cycle() {
+            match from.read(&mut buf[..*size]).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = to.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn records_opened_in_the_readers_buffer_arrive_whole_and_in_order() {
+        let (ours_io, near) = duplex(1 << 20);
+        let (far, theirs_io) = duplex(1 << 20);
+        let (mut near_read, mut near_write) = tokio::io::split(near);
+        let (far_read, mut far_write) = tokio::io::split(far);
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut near_read, &mut far_write).await;
+            let _ = far_write.shutdown().await;
+        });
+        tokio::spawn(async move {
+            chop(
+                far_read,
+                &mut near_write,
+                &[1, 3, 7, 4096, 5, 16_389, 70_000, 2, 30_000],
+            )
+            .await;
+        });
+        let (server, client) = fuzz_configs();
+        let theirs = tokio::spawn(tokio_rustls::TlsAcceptor::from(server).accept(theirs_io));
+        let mut ours = connect(client, name(), ours_io, sizes()).await.unwrap();
+        let mut theirs = theirs.await.unwrap().unwrap();
+
+        let messages: Vec<Vec<u8>> = [
+            1,
+            100,
+            MAX_PLAINTEXT,
+            MAX_PLAINTEXT + 1,
+            0,
+            300_000,
+            5,
+            77_777,
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, len)| pattern(*len, i as u8))
+        .collect();
+        let sent = messages.concat();
+        let writer = async {
+            for (i, m) in messages.iter().enumerate() {
+                theirs.write_all(m).await.unwrap();
+                theirs.flush().await.unwrap();
+                if i == 3 {
+                    // A KeyUpdate in the middle (rustls asks for ours back); what follows opens
+                    // only with the next key.
+                    theirs.get_mut().1.refresh_traffic_keys().unwrap();
+                }
+            }
+            theirs.shutdown().await.unwrap();
+            theirs
+        };
+        let reader = async {
+            // The reader keeps part of what it got before each read, as the HTTP/2 layer keeps
+            // the start of an unfinished frame: new data is appended after it.
+            let (mut taken, mut buf) = (Vec::new(), BytesMut::new());
+            let mut reads = 0;
+            loop {
+                let n = std::future::poll_fn(|cx| ours.poll_read_into(cx, &mut buf, 0))
+                    .await
+                    .unwrap();
+                if n == 0 {
+                    break;
+                }
+                let keep = buf.len() / 3;
+                taken.extend_from_slice(&buf.split_to(buf.len() - keep));
+                reads += 1;
+                if reads % 2 == 0 {
+                    // Now and then the reader moves what it keeps to a new buffer: an
+                    // unfinished record can no longer rejoin it in place.
+                    buf = BytesMut::from(&buf[..]);
+                }
+            }
+            taken.extend_from_slice(&buf);
+            taken
+        };
+        let (_theirs, got) = tokio::join!(writer, reader);
+        assert_eq!(got.len(), sent.len());
+        assert!(got == sent, "the bytes arrived changed");
+        assert!(
+            ours.rbuf.is_empty(),
+            "{} bytes left unopened",
+            ours.rbuf.len()
+        );
     }
 
     #[tokio::test]
@@ -1429,23 +1745,30 @@ mod tests {
             ] {
                 let mut sealer = Keys::with(from, (5, secrets(aes))).unwrap();
                 let mut opener = Keys::with(to, (5, secrets(aes))).unwrap();
-                for len in [0, 1, 1000, MAX_PLAINTEXT] {
+                // Opened in place, and moved down by a header, by a header and a tag, and by
+                // a great deal (the plaintext goes to the start while the ciphertext lies later).
+                for (len, shift) in [(0, 0), (1, 5), (1000, 21), (MAX_PLAINTEXT, 0), (4097, 5000)] {
                     let plain = pattern(len, len as u8);
-                    let mut buf = plain.clone();
+                    let mut sealed = plain.clone();
                     let header = [APPLICATION_DATA, 3, 3, 0, 0];
                     let nonce = sealer.next_nonce().unwrap();
-                    let tag = sealer.cipher.seal(nonce, header, &mut buf).unwrap();
+                    let tag = sealer.cipher.seal(nonce, header, &mut sealed).unwrap();
                     assert!(
-                        len == 0 || buf != plain,
+                        len == 0 || sealed != plain,
                         "{from:?} left {len} bytes in the clear"
                     );
+                    let mut buf = vec![0xee; shift];
+                    buf.extend_from_slice(&sealed);
                     buf.extend_from_slice(&tag);
                     let nonce = opener.next_nonce().unwrap();
-                    let n = opener.cipher.open(nonce, header, &mut buf).unwrap();
+                    let n = opener
+                        .cipher
+                        .open_within(nonce, header, &mut buf, shift)
+                        .unwrap();
                     assert_eq!(
                         &buf[..n],
                         &plain[..],
-                        "{from:?} -> {to:?}, aes {aes}, {len}"
+                        "{from:?} -> {to:?}, aes {aes}, {len} moved by {shift}"
                     );
                 }
             }

@@ -278,7 +278,7 @@ impl<H: ConnectHandler> Server<H> {
         certs: Arc<[CertificateDer<'static>]>,
     ) -> Result<(), Error>
     where
-        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        T: crate::wire::conn::Io,
     {
         let cfg = &self.inner.config;
         let peer_info = Arc::new(PeerInfo {

@@ -22,14 +22,41 @@ use super::hpack::ResponseHead;
 use super::session::{Failure, Incoming, Limits, Recv, Role, Session, data_head};
 
 /// A byte stream a connection runs on (in production, TLS over TCP).
-pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+    /// Appends what the stream has to `buf`; `Ok(0)` at its end. `want` is how many more bytes
+    /// the frame at the front of `buf` needs (0 if none is begun).
+    fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        want: usize,
+    ) -> Poll<io::Result<usize>> {
+        buf.reserve(want.max(READ_MIN));
+        tokio_util::io::poll_read_buf(Pin::new(self), cx, buf)
+    }
+}
+
+/// Our TLS stream opens its records right in `buf` instead of copying their plaintext there.
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for crate::record::TlsStream<T> {
+    fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        want: usize,
+    ) -> Poll<io::Result<usize>> {
+        crate::record::TlsStream::poll_read_into(self, cx, buf, want)
+    }
+}
+
+/// An in-memory pipe (tests and the fuzz targets).
+impl Io for tokio::io::DuplexStream {}
 
 /// The smallest read the driver asks the byte stream for.
 const READ_MIN: usize = 16 * 1024;
 /// An empty read buffer larger than this is freed when the socket has nothing to read, so a
-/// quiet connection keeps at most one small read's worth after a burst.
-const READ_KEEP: usize = READ_MIN;
+/// quiet connection keeps at most one small read's worth after a burst: one TLS record read in
+/// place (16 KiB of plaintext with its header, content type, padding and tag) fits.
+const READ_KEEP: usize = READ_MIN + 1024;
 /// DATA frames one tunnel write may put in a single vectored write.
 const MAX_FRAMES_PER_WRITE: usize = 16;
 /// Reads per driver turn before it yields to other tasks.
@@ -140,9 +167,8 @@ impl Connection {
             let Some(io) = st.io.as_mut() else {
                 return Poll::Ready(st.finish(closed()));
             };
-            let want = st.session.wanted(&st.rbuf).max(READ_MIN);
-            st.rbuf.reserve(want);
-            match tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut st.rbuf) {
+            let want = st.session.wanted(&st.rbuf);
+            match io.poll_read_into(cx, &mut st.rbuf, want) {
                 Poll::Ready(Ok(0)) => {
                     return Poll::Ready(st.finish(Failure::Io {
                         kind: io::ErrorKind::UnexpectedEof,
@@ -558,6 +584,8 @@ mod tests {
             Pin::new(&mut self.inner).poll_shutdown(cx)
         }
     }
+
+    impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for CountingWrites<T> {}
 
     #[tokio::test]
     async fn a_large_write_to_a_peer_with_small_frames_is_one_write_to_the_socket() {
