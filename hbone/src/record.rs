@@ -7,7 +7,7 @@
 //! through rustls's general message machinery. Here the HTTP/2 connection's reads go straight
 //! into its own frame buffer and each record is opened where it lies, its plaintext moved down
 //! over the record headers and tags while it is decrypted (ring) or just after (aws-lc):
-//! [`TlsStream::poll_read_into`]; only the part of a record that a read leaves unfinished is
+//! `Io::poll_read_into`; only the part of a record that a read leaves unfinished is
 //! copied. A write is copied once into the record buffer and sealed there (BENCHMARKS.md,
 //! issue 12, levers 19 and 21). `AsyncRead` works too, with one copy to the caller's buffer.
 //!
@@ -38,6 +38,8 @@ use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
 use rustls::{ClientConfig, ConnectionTrafficSecrets, ServerConfig};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use crate::wire::conn::Io;
 
 const HEADER_LEN: usize = 5;
 const TAG_LEN: usize = 16;
@@ -390,6 +392,15 @@ impl Unbuffered for UnbufferedServerConnection {
 /// A rustls error as the I/O error tokio-rustls gave (kind `InvalidData`, the rustls error inside).
 fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// The length of the record at the front of `buf` (header included), or of the longest record
+/// while its header has not arrived.
+fn record_need(buf: &[u8]) -> usize {
+    match buf.get(3..5) {
+        Some(l) => HEADER_LEN + usize::from(u16::from_be_bytes([l[0], l[1]])),
+        None => MAX_RECORD,
+    }
 }
 
 fn eof_without_close_notify() -> io::Error {
@@ -1022,7 +1033,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
             if self.rbuf.is_empty() && self.rbuf.capacity() > KEEP {
                 self.rbuf = BytesMut::new();
             }
-            let need = self.record_need();
+            let need = record_need(&self.rbuf);
             let size = if self.burst { self.read_size } else { READ_MIN };
             self.rbuf
                 .reserve(need.max(size).saturating_sub(self.rbuf.len()));
@@ -1039,15 +1050,6 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
         }
     }
 
-    /// The length of the record at the front of `rbuf` (header included), or of the longest
-    /// record while its header has not arrived.
-    fn record_need(&self) -> usize {
-        match self.rbuf.get(3..5) {
-            Some(l) => HEADER_LEN + usize::from(u16::from_be_bytes([l[0], l[1]])),
-            None => MAX_RECORD,
-        }
-    }
-
     /// Starts sending a KeyUpdate of ours that opening a record queued (the peer asked for it);
     /// the next flush finishes it.
     fn send_key_update(&mut self) -> io::Result<()> {
@@ -1058,25 +1060,6 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
             return Err(e);
         }
         Ok(())
-    }
-
-    /// Reads from the socket and appends the application data of every whole record to `dst`,
-    /// opened where it arrived: the plaintext moves down over the record headers and tags while
-    /// it is decrypted (ring) or just after (aws-lc), so the bytes read are not copied again;
-    /// only the part of a record that a read leaves unfinished waits here for the next one.
-    /// `want` is how much more plaintext the reader needs (the rest of its frame), so a new
-    /// buffer can hold it whole. `Ok(0)` is the end of the stream (`close_notify`).
-    pub(crate) fn poll_read_into(
-        &mut self,
-        cx: &mut Context<'_>,
-        dst: &mut BytesMut,
-        want: usize,
-    ) -> Poll<io::Result<usize>> {
-        self.check_failed()?;
-        match self.poll_read_into_inner(cx, dst, want) {
-            Poll::Ready(Err(e)) => Poll::Ready(Err(self.fail(e))),
-            other => other,
-        }
     }
 
     fn poll_read_into_inner(
@@ -1116,10 +1099,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
             if !self.pending.is_empty() {
                 dst.unsplit(std::mem::take(&mut self.pending));
             }
-            let need = match dst.get(base + 3..base + 5) {
-                Some(l) => HEADER_LEN + usize::from(u16::from_be_bytes([l[0], l[1]])),
-                None => MAX_RECORD,
-            };
+            let need = record_need(&dst[base..]);
             let size = if self.burst { self.read_size } else { READ_MIN };
             let room = need.max(size).saturating_sub(dst.len() - base);
             if dst.capacity() - dst.len() < room && !dst.try_reclaim(room) {
@@ -1182,6 +1162,27 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
                 return Poll::Ready(Ok(w - base));
             }
             // Only part of a record, an alert or a handshake message: read on.
+        }
+    }
+}
+
+/// Reads from the socket and appends the application data of every whole record to the
+/// reader's buffer, opened where it arrived: the plaintext moves down over the record headers and
+/// tags while it is decrypted (ring) or just after (aws-lc), so the bytes read are not copied
+/// again; only the part of a record that a read leaves unfinished waits here for the next one.
+/// `want` (the rest of the reader's frame) sizes a new buffer so the frame fits whole. `Ok(0)` is
+/// the end of the stream (`close_notify`).
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for TlsStream<T> {
+    fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut BytesMut,
+        want: usize,
+    ) -> Poll<io::Result<usize>> {
+        self.check_failed()?;
+        match self.poll_read_into_inner(cx, dst, want) {
+            Poll::Ready(Err(e)) => Poll::Ready(Err(self.fail(e))),
+            other => other,
         }
     }
 }

@@ -36,18 +36,6 @@ pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {
     }
 }
 
-/// Our TLS stream opens its records right in `buf` instead of copying their plaintext there.
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for crate::record::TlsStream<T> {
-    fn poll_read_into(
-        &mut self,
-        cx: &mut Context<'_>,
-        buf: &mut BytesMut,
-        want: usize,
-    ) -> Poll<io::Result<usize>> {
-        crate::record::TlsStream::poll_read_into(self, cx, buf, want)
-    }
-}
-
 /// An in-memory pipe (tests and the fuzz targets).
 impl Io for tokio::io::DuplexStream {}
 
