@@ -48,7 +48,7 @@ const MAX_PLAINTEXT: usize = 1 << 14;
 /// The largest protected record body: plaintext, content type, padding and tag (RFC 8446 §5.2).
 const MAX_CIPHERTEXT: usize = MAX_PLAINTEXT + 256;
 /// A whole record at most.
-const MAX_RECORD: usize = HEADER_LEN + MAX_CIPHERTEXT;
+pub(crate) const MAX_RECORD: usize = HEADER_LEN + MAX_CIPHERTEXT;
 /// The smallest read asked of the socket.
 const READ_MIN: usize = 16 * 1024;
 /// Reads that a new buffer of `poll_read_into` has room for during a burst: what is left unread
@@ -392,15 +392,6 @@ impl Unbuffered for UnbufferedServerConnection {
 /// A rustls error as the I/O error tokio-rustls gave (kind `InvalidData`, the rustls error inside).
 fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
-}
-
-/// The length of the record at the front of `buf` (header included), or of the longest record
-/// while its header has not arrived.
-fn record_need(buf: &[u8]) -> usize {
-    match buf.get(3..5) {
-        Some(l) => HEADER_LEN + usize::from(u16::from_be_bytes([l[0], l[1]])),
-        None => MAX_RECORD,
-    }
 }
 
 fn eof_without_close_notify() -> io::Error {
@@ -1033,10 +1024,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
             if self.rbuf.is_empty() && self.rbuf.capacity() > KEEP {
                 self.rbuf = BytesMut::new();
             }
-            let need = record_need(&self.rbuf);
-            let size = if self.burst { self.read_size } else { READ_MIN };
-            self.rbuf
-                .reserve(need.max(size).saturating_sub(self.rbuf.len()));
+            self.rbuf.reserve(self.read_room(&self.rbuf));
             let asked = self.rbuf.capacity() - self.rbuf.len();
             let n = ready!(tokio_util::io::poll_read_buf(
                 Pin::new(&mut self.io),
@@ -1048,6 +1036,18 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
                 return Poll::Ready(Err(eof_without_close_notify()));
             }
         }
+    }
+
+    /// How much the next socket read should have room for after `unfinished` (the start of a
+    /// record): the rest of that record (or of the longest one while its header is missing), and
+    /// at least one small read, or `read_size` during a burst.
+    fn read_room(&self, unfinished: &[u8]) -> usize {
+        let record = match unfinished.get(3..5) {
+            Some(l) => HEADER_LEN + usize::from(u16::from_be_bytes([l[0], l[1]])),
+            None => MAX_RECORD,
+        };
+        let size = if self.burst { self.read_size } else { READ_MIN };
+        record.max(size).saturating_sub(unfinished.len())
     }
 
     /// Starts sending a KeyUpdate of ours that opening a record queued (the peer asked for it);
@@ -1099,9 +1099,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
             if !self.pending.is_empty() {
                 dst.unsplit(std::mem::take(&mut self.pending));
             }
-            let need = record_need(&dst[base..]);
-            let size = if self.burst { self.read_size } else { READ_MIN };
-            let room = need.max(size).saturating_sub(dst.len() - base);
+            let room = self.read_room(&dst[base..]);
             if dst.capacity() - dst.len() < room && !dst.try_reclaim(room) {
                 // A new buffer for the next few reads and the rest of the reader's frame, with
                 // only what is still unread copied over: `reserve` would grow the old

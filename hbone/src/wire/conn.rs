@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::frame::{HEADER_LEN, Reason};
 use super::hpack::ResponseHead;
 use super::session::{Failure, Incoming, Limits, Recv, Role, Session, data_head};
+use crate::record::MAX_RECORD;
 
 /// A byte stream a connection runs on (in production, TLS over TCP).
 pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {
@@ -42,9 +43,13 @@ impl Io for tokio::io::DuplexStream {}
 /// The smallest read the driver asks the byte stream for.
 const READ_MIN: usize = 16 * 1024;
 /// An empty read buffer larger than this is freed when the socket has nothing to read, so a
-/// quiet connection keeps at most one small read's worth after a burst: one TLS record read in
-/// place (16 KiB of plaintext with its header, content type, padding and tag) fits.
-const READ_KEEP: usize = READ_MIN + 1024;
+/// quiet connection keeps at most one small read's worth after a burst, or one whole TLS record
+/// (a record is read and opened in this buffer).
+const READ_KEEP: usize = if READ_MIN > MAX_RECORD {
+    READ_MIN
+} else {
+    MAX_RECORD
+};
 /// DATA frames one tunnel write may put in a single vectored write.
 const MAX_FRAMES_PER_WRITE: usize = 16;
 /// Reads per driver turn before it yields to other tasks.
