@@ -3,21 +3,30 @@
 # harness sets them up), one load at a time, under `perf record -g`; prints the top of the report
 # for each side. Outside CI (needs root, perf, iperf3, python3; a release build).
 #
-#   scripts/profile.sh [iperf|crr|crr8] [SECONDS]
+#   scripts/profile.sh [iperf|crr|crr8|rr1000] [SECONDS]
 #   scripts/profile.sh [count-rr|count-crr] [COUNT]
+#   scripts/profile.sh order
 #
 # iperf: one iperf3 stream through the pair. crr: sequential connect + 1 byte echo + close.
-# crr8: the same from 8 concurrent clients (a threaded echo server).
+# crr8: the same from 8 concurrent clients (a threaded echo server). rr1000: 1 KiB round trips on
+# one connection at 1,000 per second (the harness's CPU row).
 # count-rr, count-crr: both proxies under valgrind's callgrind, counting the instructions each
 # spends per 1 KiB round trip on one connection (count-rr) or per connect + 1 byte echo + close
 # (count-crr), over COUNT of them after a warm-up. Instruction counts do not depend on how busy
 # the host is, so they show a change of a few percent that timing on a noisy machine cannot
 # (kernel work is not counted; needs valgrind). Reports `callgrind_annotate` files in OUT.
-# Env: ZT (our binary, default target/release/ztunnel), WORKERS (default 1), OUT (report dir).
+# order: both proxies under callgrind from their start, through readiness, idle, connections,
+# round trips and a bulk transfer; writes the functions they ran (linker names, hottest first) to
+# ztunnel-bin/symbol-order.txt, the list the `ztunnel` binary is linked in the order of
+# (ztunnel-bin/build.rs). Run it on a `dist` build (`ZT=target/dist/ztunnel`): names differ
+# between profiles.
+# Env: ZT (our binary, default target/release/ztunnel), WORKERS (default 1), OUT (report dir),
+# SYSCALLS=1 (iperf, crr, crr8, rr1000: count each proxy's system calls with `strace -f -c` instead of
+# sampling with perf; strace slows the proxies, so read the counts, not the rate).
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 LOAD="${1:-iperf}" SECS="${2:-10}"
-COUNT=""; case "$LOAD" in count-*) COUNT="$SECS" ;; esac
+COUNT=""; case "$LOAD" in count-*) COUNT="$SECS" ;; order) COUNT=1 ;; esac
 # The counts include the access log (one line per connection), as the benchmark harness runs it.
 LOG=warn; [ -n "$COUNT" ] && LOG=info
 : "${ZT:=$REPO/target/release/ztunnel}" "${WORKERS:=1}" "${OUT:=$(mktemp -d)}"
@@ -66,6 +75,7 @@ EOF
 VALGRIND=()
 proxy() { # NS SA NODE
   [ -n "$COUNT" ] && VALGRIND=(valgrind --tool=callgrind --instr-atstart=no "--callgrind-out-file=$OUT/$2.callgrind")
+  [ "$LOAD" = order ] && VALGRIND=(valgrind --tool=callgrind --demangle=no "--callgrind-out-file=$OUT/$2.callgrind")
   ip netns exec "$1" env ${PROXY_ENV:-} ZTUNNEL_WORKER_THREADS=$WORKERS NODE_NAME="$3" RUST_LOG="$LOG" "${VALGRIND[@]}" "$ZT" proxy --mode dedicated \
     --workload "default/$2/$2" --local-manifests "$WORK/mesh.yaml" --cert "$WORK/$2/cert-chain.pem" \
     --key "$WORK/$2/key.pem" --ca "$WORK/$2/root-cert.pem" --admin-addr 127.0.0.1:15000 2>"$WORK/$2.log" &
@@ -75,6 +85,11 @@ proxy $B web-api node-b; SERVER=$!
 for n in $A $B; do
   for _ in $(seq 600); do ip netns exec $n python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:15021/healthz/ready')" 2>/dev/null && break; sleep 0.1; done
 done
+if [ "$LOAD" = order ]; then
+  # What ran until ready and idle is one part of the profile, the traffic's code another.
+  sleep 2
+  for pid in $CLIENT $SERVER; do callgrind_control -d "$pid" >/dev/null 2>&1; done
+fi
 
 case "$LOAD" in
   iperf)
@@ -118,7 +133,26 @@ q=multiprocessing.Queue(); ps=[multiprocessing.Process(target=run,args=(q,)) for
 [p.start() for p in ps]; total=sum(q.get() for _ in ps); [p.join() for p in ps]
 print(total/$SECS, 'conn/s')" >"$OUT/load.txt" &
     ;;
-  count-rr|count-crr)
+  rr1000)
+    ip netns exec $B python3 -c "
+import socket
+l=socket.socket(); l.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1); l.bind(('$IP_B',8080)); l.listen(8)
+c,_=l.accept()
+while True:
+  d=c.recv(65536)
+  if not d: break
+  c.sendall(d)" &
+    sleep 0.3
+    ip netns exec $A python3 -c "
+import socket,time
+s=socket.create_connection(('$IP_B',8080)); t=time.time(); n=0
+while time.time()-t < $SECS:
+  s.sendall(b'x'*1024); got=0
+  while got < 1024: got+=len(s.recv(4096))
+  n+=1; time.sleep(max(0,t+n/1000-time.time()))
+print(n, 'round trips of 1 KiB at 1000/s')" >"$OUT/load.txt" &
+    ;;
+  count-rr|count-crr|order)
     ip netns exec $B python3 -c "
 import socket,threading
 l=socket.socket(); l.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1); l.bind(('$IP_B',8080)); l.listen(128)
@@ -143,18 +177,76 @@ def crr(n):
 def instr(on):
   for pid in ('$CLIENT','$SERVER'):
     subprocess.run(['callgrind_control','-i',on,pid],check=True,capture_output=True)
-if '$LOAD'=='count-rr':
+if '$LOAD'=='order':
+  crr(30); s=socket.create_connection(('$IP_B',8080)); rr(s,300)
+  s.sendall(b'y'*(4<<20)); got=0
+  while got < 4<<20: got+=len(s.recv(1<<20))
+  s.close(); crr(10)
+  import time; time.sleep(2)
+elif '$LOAD'=='count-rr':
   s=socket.create_connection(('$IP_B',8080)); rr(s,50); instr('on'); rr(s,$COUNT); instr('off'); s.close()
 else:
   crr(20); instr('on'); crr($COUNT); instr('off')
 print('$COUNT', '$LOAD'[6:], 'measured')" >"$OUT/load.txt" &
     ;;
-  *) echo "load: iperf, crr, crr8, count-rr or count-crr" >&2; exit 2 ;;
+  *) echo "load: iperf, crr, crr8, rr1000, count-rr or count-crr" >&2; exit 2 ;;
 esac
 LOADPID=$!
 if [ -n "$COUNT" ]; then
   wait $LOADPID
   kill -TERM $CLIENT $SERVER; wait $CLIENT $SERVER 2>/dev/null || true
+  if [ "$LOAD" = order ]; then
+    LIST="$REPO/ztunnel-bin/symbol-order.txt"
+    python3 - "$ZT" "$LIST" "$OUT" <<'PY'
+import glob, re, subprocess, sys
+binary, out, dumps = sys.argv[1], sys.argv[2], sys.argv[3]
+# Functions of this binary (text symbols), by linker name.
+ours = set()
+for line in subprocess.run(["nm", "--defined-only", binary], capture_output=True, text=True,
+                           check=True).stdout.splitlines():
+    f = line.split()
+    if len(f) == 3 and f[1] in "tTwW":
+        ours.add(f[2])
+# Self cost per function over both proxies. Callgrind names a function once as "fn=(id) name"
+# and later by "(id)" alone; cost lines follow their fn= line.
+def self_cost(files):
+    cost = {}
+    for path in files:
+        names, current, call_cost = {}, None, False
+        for line in open(path, errors="replace"):
+            m = re.match(r"(c?fn)=\((\d+)\)(?: (.*))?$", line.rstrip("\n"))
+            if m:
+                if m.group(3):
+                    names[m.group(2)] = m.group(3)
+                if m.group(1) == "fn":
+                    current = names.get(m.group(2))
+                    cost.setdefault(current, 0)
+            elif line.startswith("calls="):
+                call_cost = True  # the next cost line is the call's inclusive cost
+            elif line[:1].isdigit() or line[:1] in "+-*":
+                f = line.split()
+                if call_cost:
+                    call_cost = False
+                elif current and len(f) >= 2 and f[1].isdigit():
+                    cost[current] += int(f[1])
+    return cost
+# Part 1 of each proxy's profile: start until ready and idle; the rest: traffic and shutdown.
+# What an idle proxy runs comes first, so its pages are the first ones and no more; the
+# forwarding path follows, hottest first.
+parts = sorted(glob.glob(f"{dumps}/*.callgrind*"))
+first = self_cost([p for p in parts if p.endswith(".1")])
+rest = self_cost([p for p in parts if not p.endswith(".1")])
+if not first or not rest:
+    sys.exit(f"expected two profile parts per proxy in {dumps}, found {parts}")
+start = sorted((n for n in first if n in ours), key=lambda n: -first[n])
+seen = set(start)
+ran = start + sorted((n for n in rest if n in ours and n not in seen), key=lambda n: -rest[n])
+with open(out, "w") as f:
+    f.write("\n".join(ran) + "\n")
+print(f"{len(ran)} functions ({len(start)} run by the time a proxy is ready) written to {out}")
+PY
+    exit 0
+  fi
   unit=$([ "$LOAD" = count-rr ] && echo "1 KiB round trip" || echo connection)
   for side in client server; do
     total=$(sed -n 's/^totals: //p' "$OUT/$([ $side = client ] && echo sleep || echo web-api).callgrind")
@@ -164,6 +256,15 @@ if [ -n "$COUNT" ]; then
   exit 0
 fi
 sleep 1
+if [ -n "${SYSCALLS:-}" ]; then
+  strace -f -c -o "$OUT/client.strace" -p $CLIENT 2>/dev/null & ST1=$!
+  strace -f -c -o "$OUT/server.strace" -p $SERVER 2>/dev/null & ST2=$!
+  wait $LOADPID || true
+  kill -INT $ST1 $ST2; wait $ST1 $ST2 2>/dev/null || true
+  tail -4 "$OUT/load.txt"
+  for side in client server; do echo "=== $side side, system calls"; head -25 "$OUT/$side.strace"; done
+  exit 0
+fi
 perf record -F 499 --call-graph "${CALLGRAPH:-dwarf,32768}" -o "$OUT/client.data" -p $CLIENT -- sleep $((SECS - 2)) >/dev/null 2>&1 &
 perf record -F 499 --call-graph "${CALLGRAPH:-dwarf,32768}" -o "$OUT/server.data" -p $SERVER -- sleep $((SECS - 2)) >/dev/null 2>&1 &
 wait $LOADPID || true
