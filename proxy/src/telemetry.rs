@@ -14,31 +14,104 @@ use crate::inbound::InboundOutcome;
 use crate::outbound::OutboundOutcome;
 use crate::state::State;
 
-/// What the access log says about one side of a connection.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Peer {
+/// What the access log says about one side of a connection, borrowed from its workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer<'a> {
     /// Workload name (`-` when unknown).
-    pub workload: String,
+    pub workload: &'a str,
     /// Namespace.
-    pub namespace: String,
+    pub namespace: &'a str,
     /// SPIFFE id.
-    pub identity: String,
+    pub identity: &'a str,
 }
 
-impl Peer {
-    fn of(w: Option<&Arc<Workload>>) -> Self {
+impl<'a> Peer<'a> {
+    fn of(w: Option<&'a Arc<Workload>>) -> Self {
         match w {
             Some(w) => Peer {
-                workload: w.workload_name.clone(),
-                namespace: w.namespace.clone(),
-                identity: w.identity.to_string(),
+                workload: &w.workload_name,
+                namespace: &w.namespace,
+                identity: w.identity.as_str(),
             },
             None => Peer {
-                workload: "-".into(),
-                namespace: "-".into(),
-                identity: "-".into(),
+                workload: "-",
+                namespace: "-",
+                identity: "-",
             },
         }
+    }
+}
+
+/// A socket address as text, written without the formatting machinery (an access-log line
+/// carries two or three of them, and `SocketAddr`'s `Display` was a fifth of the line's cost).
+struct AddrText {
+    buf: [u8; 64],
+    len: usize,
+}
+
+impl AddrText {
+    fn new(addr: SocketAddr) -> Self {
+        let mut text = AddrText {
+            buf: [0; 64],
+            len: 0,
+        };
+        match addr {
+            SocketAddr::V4(v4) => {
+                for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+                    if i > 0 {
+                        text.push(b'.');
+                    }
+                    text.push_decimal(octet.into());
+                }
+                text.push(b':');
+                text.push_decimal(v4.port());
+            }
+            SocketAddr::V6(v6) => {
+                use std::fmt::Write;
+                // `[addr]:port` is at most 58 bytes (with a scope id), within the buffer.
+                let _ = write!(text, "{v6}");
+            }
+        }
+        text
+    }
+
+    fn push(&mut self, b: u8) {
+        self.buf[self.len] = b;
+        self.len += 1;
+    }
+
+    fn push_decimal(&mut self, n: u16) {
+        let mut digits = [0u8; 5];
+        let mut i = digits.len();
+        let mut n = n;
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        for &d in &digits[i..] {
+            self.push(d);
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        // Only ASCII digits, dots, colons, brackets, hex digits and `%` were written.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("-")
+    }
+}
+
+impl std::fmt::Write for AddrText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        if end > self.buf.len() {
+            return Err(std::fmt::Error);
+        }
+        self.buf[self.len..end].copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
     }
 }
 
@@ -50,16 +123,18 @@ fn workload_at(state: &State, addr: SocketAddr) -> Option<&Arc<Workload>> {
 pub fn log_outbound(state: &State, o: &OutboundOutcome) {
     let src = Peer::of(state.workload(&o.source_uid));
     let dst = Peer::of(o.destination_uid.as_deref().and_then(|u| state.workload(u)));
-    let dst_identity = if o.mtls { dst.identity.as_str() } else { "-" };
+    let dst_identity = if o.mtls { dst.identity } else { "-" };
+    let (src_addr, dst_addr) = (AddrText::new(o.source.0), AddrText::new(o.destination.0));
+    let hbone_addr = o.hbone_target.map(AddrText::new);
     tracing::info!(
         target: "access",
         direction = "outbound",
-        src.addr = %o.source,
+        src.addr = %src_addr.as_str(),
         src.workload = %src.workload,
         src.namespace = %src.namespace,
-        src.identity = src.identity.as_str(),
-        dst.addr = %o.destination,
-        dst.hbone_addr = %o.hbone_target.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
+        src.identity = src.identity,
+        dst.addr = %dst_addr.as_str(),
+        dst.hbone_addr = %hbone_addr.as_ref().map_or("-", AddrText::as_str),
         dst.workload = %dst.workload,
         dst.namespace = %dst.namespace,
         dst.identity = dst_identity,
@@ -76,17 +151,18 @@ pub fn log_outbound(state: &State, o: &OutboundOutcome) {
 pub fn log_inbound(state: &State, o: &InboundOutcome) {
     let src = Peer::of(workload_at(state, o.source));
     let dst = Peer::of(o.destination_uid.as_deref().and_then(|u| state.workload(u)));
+    let src_addr = AddrText::new(o.source);
     tracing::info!(
         target: "access",
         direction = "inbound",
-        src.addr = %o.source,
+        src.addr = %src_addr.as_str(),
         src.workload = %src.workload,
         src.namespace = %src.namespace,
         src.identity = o.source_identity.as_deref().unwrap_or("-"),
         dst.addr = %o.destination,
         dst.workload = %dst.workload,
         dst.namespace = %dst.namespace,
-        dst.identity = dst.identity.as_str(),
+        dst.identity = dst.identity,
         status = o.status,
         bytes_recv = o.bytes.0,
         bytes_sent = o.bytes.1,
@@ -94,4 +170,25 @@ pub fn log_inbound(state: &State, o: &InboundOutcome) {
         error = o.error.as_deref().unwrap_or("-"),
         "connection complete"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_read_as_their_display() {
+        for addr in [
+            "0.0.0.0:0",
+            "10.0.0.1:8080",
+            "255.255.255.255:65535",
+            "192.168.100.7:15008",
+            "[::1]:443",
+            "[fd00:10:244::1c]:15008",
+            "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff%4294967295]:65535",
+        ] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            assert_eq!(AddrText::new(addr).as_str(), addr.to_string());
+        }
+    }
 }
