@@ -83,7 +83,9 @@ where
 
 /// Like [`copy_bidirectional`] with a [`Tunnel`] on one side (`a`), but without staging copies:
 /// received tunnel chunks are written to `stream` as they are, and bytes read from `stream` go
-/// into the tunnel in the buffer they were read into. A proxy should prefer this.
+/// into the tunnel in the buffer they were read into. When `stream` ends right behind its last
+/// bytes (a FIN that came with them), they leave with END_STREAM in one DATA frame and one
+/// write, so the peer wakes once. A proxy should prefer this.
 pub fn copy_tunnel_bidirectional<'a, S>(
     tunnel: &'a mut Tunnel,
     stream: &'a mut S,
@@ -226,6 +228,10 @@ struct IntoTunnel {
     read_size: usize,
     /// Whether the last heap read filled `read_size` (the source is still ahead of us).
     last_read_full: bool,
+    /// Whether the last read returned less than it asked for: the socket was drained then.
+    last_read_short: bool,
+    /// An error the end-of-stream check after a read met; the next read reports it.
+    read_error: Option<io::Error>,
     eof: bool,
     finished: bool,
     amount: u64,
@@ -245,6 +251,9 @@ impl IntoTunnel {
         cx: &mut Context<'_>,
         reader: &mut R,
     ) -> Poll<io::Result<bool>> {
+        if let Some(e) = self.read_error.take() {
+            return Poll::Ready(Err(e));
+        }
         if self.read_size == 0 {
             let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); STACK_READ];
             let mut read_buf = ReadBuf::uninit(&mut stack);
@@ -254,6 +263,7 @@ impl IntoTunnel {
                 self.read_size = MAX_TUNNEL_READ;
                 self.last_read_full = true;
             }
+            self.last_read_short = filled.len() < STACK_READ;
             self.staged = Bytes::copy_from_slice(filled);
             return Poll::Ready(Ok(!filled.is_empty()));
         }
@@ -271,10 +281,41 @@ impl IntoTunnel {
             Poll::Ready(n) => n?,
         };
         self.last_read_full = n >= self.read_size;
+        self.last_read_short = !self.last_read_full;
         self.staged = self.buf.split().freeze();
         Poll::Ready(Ok(n > 0))
     }
+
+    /// After a short read: whether the source has ended too (its FIN came with the data), so
+    /// that the data and END_STREAM leave in one frame and one write, and the peer wakes once.
+    /// tokio takes a short read as the socket drained, so this makes no system call unless the
+    /// socket has reported its end. Bytes that arrived meanwhile join `staged`; an error is
+    /// kept for the next read, after `staged` is sent.
+    fn poll_peek_end<R: AsyncRead + Unpin + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+    ) {
+        let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); PEEK_READ];
+        let mut read_buf = ReadBuf::uninit(&mut stack);
+        match Pin::new(&mut *reader).poll_read(cx, &mut read_buf) {
+            Poll::Pending => {}
+            Poll::Ready(Ok(())) if read_buf.filled().is_empty() => self.eof = true,
+            Poll::Ready(Ok(())) => {
+                let more = read_buf.filled();
+                let mut joined = BytesMut::with_capacity(self.staged.len() + more.len());
+                joined.extend_from_slice(&self.staged);
+                joined.extend_from_slice(more);
+                self.staged = joined.freeze();
+            }
+            Poll::Ready(Err(e)) => self.read_error = Some(e),
+        }
+    }
 }
+
+/// The read that checks for the end of the source after a short read; more bytes than this
+/// are left for the next ordinary read.
+const PEEK_READ: usize = 4 * 1024;
 
 impl<R: AsyncRead + Unpin + ?Sized> Pump<R, Tunnel> for IntoTunnel {
     fn amount(&self) -> u64 {
@@ -294,10 +335,17 @@ impl<R: AsyncRead + Unpin + ?Sized> Pump<R, Tunnel> for IntoTunnel {
             if self.staged.is_empty() && !self.eof {
                 let more = ready!(self.poll_fill(cx, reader)).map_err(|e| (Operation::Read, e))?;
                 self.eof = !more;
+                if more && self.last_read_short {
+                    self.poll_peek_end(cx, reader);
+                }
             }
             while !self.staged.is_empty() {
-                let n = ready!(tunnel.poll_send_chunk(cx, &mut self.staged))
-                    .map_err(|e| (Operation::Write, e))?;
+                let sent = if self.eof {
+                    tunnel.poll_send_last(cx, &mut self.staged)
+                } else {
+                    tunnel.poll_send_chunk(cx, &mut self.staged)
+                };
+                let n = ready!(sent).map_err(|e| (Operation::Write, e))?;
                 self.amount += n as u64;
             }
             if self.eof {
@@ -494,5 +542,46 @@ mod tests {
         assert_eq!(fill(&mut pump, &mut reader), Poll::Ready(STACK_READ));
         assert_eq!(fill(&mut pump, &mut reader), Poll::Ready(256 * 1024));
         assert_eq!(fill(&mut pump, &mut reader), Poll::Ready(256 * 1024));
+    }
+
+    /// Reads `data` once, then fails with a reset once, then reads as ended (as a TCP socket
+    /// does after reporting a reset).
+    struct ThenReset(Option<&'static [u8]>, bool);
+
+    impl AsyncRead for ThenReset {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if let Some(data) = self.0.take() {
+                buf.put_slice(data);
+                return Poll::Ready(Ok(()));
+            }
+            if std::mem::replace(&mut self.1, false) {
+                return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn a_reset_right_after_the_last_bytes_fails_the_next_read_not_the_bytes() {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut pump = IntoTunnel::default();
+        let mut reader = ThenReset(Some(b"bye"), true);
+        assert!(matches!(
+            pump.poll_fill(&mut cx, &mut reader),
+            Poll::Ready(Ok(true))
+        ));
+        assert!(pump.last_read_short);
+        pump.poll_peek_end(&mut cx, &mut reader);
+        assert!(!pump.eof, "a reset is not the end of the stream");
+        assert_eq!(&pump.staged[..], b"bye");
+        pump.staged = Bytes::new();
+        match pump.poll_fill(&mut cx, &mut reader) {
+            Poll::Ready(Err(e)) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset),
+            other => panic!("the reset was lost: {other:?}"),
+        }
     }
 }

@@ -84,14 +84,44 @@ impl Tunnel {
         Poll::Ready(Ok(n))
     }
 
+    /// Like [`Tunnel::poll_send_chunk`], for the last bytes of the stream: the call that sends
+    /// the rest of `data` also ends the tunnel's write half (END_STREAM on the last DATA frame,
+    /// the same write, as [`AsyncWrite::poll_shutdown`] would after it). Once `data` is empty,
+    /// the write half is closed; an empty `data` closes it at once.
+    pub fn poll_send_last(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        if data.is_empty() {
+            ready!(Pin::new(&mut *self).poll_shutdown(cx))?;
+            return Poll::Ready(Ok(0));
+        }
+        let n = ready!(self.poll_send_inner(cx, data, true))?;
+        data.advance(n);
+        if data.is_empty() {
+            self.write_closed = true;
+        }
+        Poll::Ready(Ok(n))
+    }
+
     fn poll_send(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        self.poll_send_inner(cx, data, false)
+    }
+
+    fn poll_send_inner(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &[u8],
+        end: bool,
+    ) -> Poll<io::Result<usize>> {
         if self.write_closed {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
                 "HBONE tunnel: write after shutdown",
             )));
         }
-        self.stream.poll_send(cx, data).map_err(failure_to_io)
+        self.stream.poll_send(cx, data, end).map_err(failure_to_io)
     }
 }
 

@@ -373,11 +373,13 @@ impl StreamRef {
     }
 
     /// Sends as much of `data` as flow control allows, in up to `MAX_FRAMES_PER_WRITE` DATA
-    /// frames; returns how much.
+    /// frames; returns how much. With `end`, a call that sends all of `data` ends our half of
+    /// the stream with it (END_STREAM on the last frame, in the same write).
     pub(crate) fn poll_send(
         &self,
         cx: &mut Context<'_>,
         data: &[u8],
+        end: bool,
     ) -> Poll<Result<usize, Failure>> {
         if data.is_empty() {
             return Poll::Ready(Ok(0));
@@ -401,16 +403,17 @@ impl StreamRef {
             1
         };
         let n = capacity.min(data.len()).min(frame.saturating_mul(frames));
-        st.session.take_send(self.id, n);
+        let last = end && n == data.len();
+        st.session.take_send(self.id, n, last);
         if n <= frame {
-            let head = data_head(self.id, n);
+            let head = data_head(self.id, n, last);
             st.write_frames(&[io::IoSlice::new(&head), io::IoSlice::new(&data[..n])]);
             return st.sent(n);
         }
         let count = n.div_ceil(frame);
         let mut heads = [[0u8; HEADER_LEN]; MAX_FRAMES_PER_WRITE];
-        for (head, chunk) in heads.iter_mut().zip(data[..n].chunks(frame)) {
-            *head = data_head(self.id, chunk.len());
+        for (i, (head, chunk)) in heads.iter_mut().zip(data[..n].chunks(frame)).enumerate() {
+            *head = data_head(self.id, chunk.len(), last && i + 1 == count);
         }
         let mut slices = [io::IoSlice::new(&[]); 2 * MAX_FRAMES_PER_WRITE];
         for (i, chunk) in data[..n].chunks(frame).enumerate() {
@@ -595,5 +598,64 @@ mod tests {
         tunnel.write_all(&[7u8; 256 * 1024]).await.unwrap();
         let made = writes.load(Ordering::Relaxed) - before;
         assert_eq!(made, 1, "256 KiB in 16 KiB frames took {made} writes");
+    }
+
+    /// The DATA frames on stream 1 in what a client wrote: (payload, END_STREAM).
+    fn data_frames(wire: &[u8]) -> Vec<(Vec<u8>, bool)> {
+        let mut frames = Vec::new();
+        let mut rest = &wire[24..]; // the client preface
+        while rest.len() >= HEADER_LEN {
+            let len = u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
+            let (kind_, flags) = (rest[3], rest[4]);
+            let stream = u32::from_be_bytes([rest[5], rest[6], rest[7], rest[8]]) & 0x7fff_ffff;
+            if rest.len() < HEADER_LEN + len {
+                break;
+            }
+            if kind_ == kind::DATA && stream == 1 {
+                let payload = rest[HEADER_LEN..HEADER_LEN + len].to_vec();
+                frames.push((payload, flags & flag::END_STREAM != 0));
+            }
+            rest = &rest[HEADER_LEN + len..];
+        }
+        frames
+    }
+
+    #[tokio::test]
+    async fn bytes_followed_by_the_sources_end_leave_in_one_frame_and_one_write() {
+        use tokio::io::AsyncReadExt;
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let writes = Arc::new(AtomicUsize::new(0));
+        let io = CountingWrites {
+            inner: ours,
+            writes: writes.clone(),
+        };
+        let limits = Limits::from_config(&crate::Config::default());
+        let (_conn, mut tunnel, mut rd) =
+            tunnel_to_scripted_server(io, limits, theirs, 1 << 20).await;
+        // The app wrote its last bytes and closed before the copy read anything.
+        let (mut app, mut app_peer) = tokio::io::duplex(1 << 16);
+        app_peer.write_all(b"last words").await.unwrap();
+        app_peer.shutdown().await.unwrap();
+        let before = writes.load(Ordering::Relaxed);
+        let copy = tokio::spawn(async move {
+            let _ = crate::copy_tunnel_bidirectional(&mut tunnel, &mut app).await;
+        });
+        let mut wire = Vec::new();
+        let frames = loop {
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout(std::time::Duration::from_secs(5), rd.read(&mut chunk))
+                .await
+                .expect("the tunnel's data and end")
+                .unwrap();
+            wire.extend_from_slice(&chunk[..n]);
+            let frames = data_frames(&wire);
+            if frames.iter().any(|(_, end)| *end) {
+                break frames;
+            }
+        };
+        copy.abort();
+        assert_eq!(frames, vec![(b"last words".to_vec(), true)]);
+        let made = writes.load(Ordering::Relaxed) - before;
+        assert_eq!(made, 1, "the data and END_STREAM took {made} writes");
     }
 }

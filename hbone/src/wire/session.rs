@@ -1147,10 +1147,12 @@ impl Session {
     }
 
     /// Charges `len` bytes (within the last capacity) to the windows; the caller sends them as
-    /// DATA frames of at most [`Session::peer_max_frame`] each, headed by [`data_head`].
-    pub(crate) fn take_send(&mut self, id: u32, len: usize) {
+    /// DATA frames of at most [`Session::peer_max_frame`] each, headed by [`data_head`]. With
+    /// `end`, the last of those frames carries END_STREAM: our half of the stream is closed.
+    pub(crate) fn take_send(&mut self, id: u32, len: usize, end: bool) {
         let stream = self.streams.get_mut(&id).expect("a live stream handle");
         stream.send_window -= len as i64;
+        stream.send_eof |= end;
         self.send_window -= len as i64;
     }
 
@@ -1210,12 +1212,12 @@ impl Session {
     }
 }
 
-/// The header of a DATA frame of `len` bytes on stream `id`, without flags.
-pub(crate) fn data_head(id: u32, len: usize) -> [u8; HEADER_LEN] {
+/// The header of a DATA frame of `len` bytes on stream `id`, with END_STREAM if `end`.
+pub(crate) fn data_head(id: u32, len: usize, end: bool) -> [u8; HEADER_LEN] {
     Head {
         len: len as u32,
         kind: kind::DATA,
-        flags: 0,
+        flags: if end { flag::END_STREAM } else { 0 },
         stream: id,
     }
     .encode()
@@ -1296,8 +1298,8 @@ mod tests {
             other => panic!("no capacity: {other:?}"),
         };
         assert!(n >= data.len());
-        s.take_send(id, data.len());
-        s.out.extend_from_slice(&data_head(id, data.len()));
+        s.take_send(id, data.len(), false);
+        s.out.extend_from_slice(&data_head(id, data.len(), false));
         s.out.extend_from_slice(data);
     }
 
