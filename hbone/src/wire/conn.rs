@@ -605,15 +605,14 @@ mod tests {
         let mut frames = Vec::new();
         let mut rest = &wire[24..]; // the client preface
         while rest.len() >= HEADER_LEN {
-            let len = u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
-            let (kind_, flags) = (rest[3], rest[4]);
-            let stream = u32::from_be_bytes([rest[5], rest[6], rest[7], rest[8]]) & 0x7fff_ffff;
+            let head = frame::Head::parse(rest);
+            let len = head.len as usize;
             if rest.len() < HEADER_LEN + len {
                 break;
             }
-            if kind_ == kind::DATA && stream == 1 {
+            if head.kind == kind::DATA && head.stream == 1 {
                 let payload = rest[HEADER_LEN..HEADER_LEN + len].to_vec();
-                frames.push((payload, flags & flag::END_STREAM != 0));
+                frames.push((payload, head.has(flag::END_STREAM)));
             }
             rest = &rest[HEADER_LEN + len..];
         }
