@@ -18,8 +18,9 @@
 # order: both proxies under callgrind from their start, through readiness, idle, connections,
 # round trips and a bulk transfer; writes the functions they ran (linker names, hottest first) to
 # ztunnel-bin/symbol-order.txt, the list the `ztunnel` binary is linked in the order of
-# (ztunnel-bin/build.rs). Run it on a `dist` build (`ZT=target/dist/ztunnel`): names differ
-# between profiles.
+# (ztunnel-bin/build.rs). Run it on the shipped build (`scripts/dist.sh`, then
+# `ZT=target/dist/ztunnel`): names differ between profiles, and only a static build lists the C
+# library's functions.
 # Env: ZT (our binary, default target/release/ztunnel), WORKERS (default 1), OUT (report dir),
 # SYSCALLS=1 (iperf, crr, crr8, rr1000: count each proxy's system calls with `strace -f -c` instead of
 # sampling with perf; strace slows the proxies, so read the counts, not the rate).
@@ -205,7 +206,8 @@ ours = set()
 for line in subprocess.run(["nm", "--defined-only", binary], capture_output=True, text=True,
                            check=True).stdout.splitlines():
     f = line.split()
-    if len(f) == 3 and f[1] in "tTwW":
+    # i: the resolvers of a statically linked libc's IFUNCs, run at start by its self-relocation.
+    if len(f) == 3 and f[1] in "tTwWiI":
         ours.add(f[2])
 # Self cost per function over both proxies. Callgrind names a function once as "fn=(id) name"
 # and later by "(id)" alone; cost lines follow their fn= line.
@@ -238,9 +240,33 @@ first = self_cost([p for p in parts if p.endswith(".1")])
 rest = self_cost([p for p in parts if not p.endswith(".1")])
 if not first or not rest:
     sys.exit(f"expected two profile parts per proxy in {dumps}, found {parts}")
-start = sorted((n for n in first if n in ours), key=lambda n: -first[n])
+# Valgrind calls the C library's entry "(below main)"; give it its linker names.
+for part in (first, rest):
+    if "(below main)" in part:
+        for name in ("_start", "__libc_start_call_main", "__libc_start_main_impl", "__libc_start_main"):
+            part[name] = part["(below main)"]
+# A statically linked libc picks each string and memory function's variant by the CPU, and
+# valgrind's CPU has no AVX-512: next to each variant that ran, list its siblings, so the one
+# the real CPU picks (an EVEX or AVX-512 one) lies in the same block.
+variant = re.compile(r"^(__[a-z0-9]+?)_(sse2|ssse3|sse4_1|sse4_2|sse42|avx|avx2|evex|evex512|avx512)(_.*)?$")
+families = {}
+for name in sorted(ours):
+    m = variant.match(name)
+    if m:
+        families.setdefault(m.group(1), []).append(name)
+def with_siblings(names):
+    out, seen = [], set()
+    for n in names:
+        m = variant.match(n)
+        for s in [n] + (families.get(m.group(1), []) if m else []):
+            if s not in seen:
+                seen.add(s)
+                out.append(s)
+    return out
+start = with_siblings(sorted((n for n in first if n in ours), key=lambda n: -first[n]))
 seen = set(start)
-ran = start + sorted((n for n in rest if n in ours and n not in seen), key=lambda n: -rest[n])
+ran = start + with_siblings(sorted((n for n in rest if n in ours and n not in seen), key=lambda n: -rest[n]))
+ran = list(dict.fromkeys(ran))
 with open(out, "w") as f:
     f.write("\n".join(ran) + "\n")
 print(f"{len(ran)} functions ({len(start)} run by the time a proxy is ready) written to {out}")
