@@ -145,6 +145,20 @@ pub enum Error {
         #[source]
         source: Http2Error,
     },
+    /// The tunnel was accepted, but the client's first bytes that did not go with the CONNECT
+    /// could not be sent after it ([`crate::Pool::connect_with_data`]).
+    #[error(
+        "HBONE client: sending the first bytes on CONNECT {authority} to {peer} failed: {source}"
+    )]
+    FirstBytes {
+        /// The server.
+        peer: SocketAddr,
+        /// The authority asked for.
+        authority: String,
+        /// Why the stream could not carry them.
+        #[source]
+        source: std::io::Error,
+    },
     /// Another task's dial for the same pool key, which this call waited for, failed.
     #[error("HBONE client: connection to {peer} failed: {reason}")]
     SharedDial {

@@ -85,8 +85,8 @@ pub fn fuzz_client_frames(data: &[u8]) -> bool {
         let driver = connection.clone();
         tokio::spawn(async move { driver.drive().await });
         let exchange = async {
-            let (head, stream) = connection
-                .connect("10.0.0.1:80", &http::HeaderMap::new())
+            let (head, stream, _) = connection
+                .connect("10.0.0.1:80", &http::HeaderMap::new(), &[])
                 .await
                 .ok()?;
             if head.status != http::StatusCode::OK {

@@ -831,3 +831,81 @@ async fn bulk_data_leaves_in_writes_of_several_records() {
         "the largest write to the socket carried {largest} bytes"
     );
 }
+
+/// A server whose windows and frames are small, so a client's first bytes do not all fit in
+/// the CONNECT's write.
+fn small_windows() -> Config {
+    let mut config = Config::default();
+    config.stream_window = 16 * 1024;
+    config.connection_window = 256 * 1024;
+    config.max_frame_size = 16 * 1024;
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_bytes_beyond_the_window_follow_the_response_in_order() {
+    let pki = Pki::new();
+    let server = EchoServer::start(&pki, small_windows()).await;
+    let pool = pool(&pki, Config::default());
+    let first: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let tunnel = pool
+        .connect_with_data(
+            "k",
+            server.addr,
+            &authority(),
+            HeaderMap::new(),
+            bytes::Bytes::from(first.clone()),
+        )
+        .await
+        .unwrap();
+    let (mut rd, mut wr) = tokio::io::split(tunnel);
+    let writer = async {
+        wr.write_all(b" and then the rest").await.unwrap();
+        wr.shutdown().await.unwrap();
+    };
+    let reader = async {
+        let mut out = Vec::new();
+        rd.read_to_end(&mut out).await.unwrap();
+        out
+    };
+    let ((), out) = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::join!(writer, reader)
+    })
+    .await
+    .expect("the echo");
+    let mut want = first;
+    want.extend_from_slice(b" and then the rest");
+    assert_eq!(out.len(), want.len());
+    assert!(out == want, "echoed bytes differ");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_tunnels_drop_their_first_bytes_and_give_the_window_back() {
+    let pki = Pki::new();
+    let server = EchoServer::start(&pki, small_windows()).await;
+    let pool = pool(&pki, Config::default());
+    let denied: Authority = "10.0.0.1:401".parse().unwrap();
+    // 40 refusals of 16 KiB each: 640 KiB, over twice the server's connection window.
+    for _ in 0..40 {
+        let connect = pool.connect_with_data(
+            "k",
+            server.addr,
+            &denied,
+            HeaderMap::new(),
+            bytes::Bytes::from(vec![9u8; 16 * 1024]),
+        );
+        let err = tokio::time::timeout(Duration::from_secs(5), connect)
+            .await
+            .expect("an answer")
+            .unwrap_err();
+        assert_eq!(err.status(), Some(StatusCode::UNAUTHORIZED), "{err}");
+    }
+    let echoed = tokio::time::timeout(
+        Duration::from_secs(5),
+        echo_round_trip(&pool, &server, b"still here"),
+    )
+    .await
+    .expect("the connection's window came back");
+    assert_eq!(echoed, b"still here");
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 1);
+}

@@ -435,6 +435,14 @@ pub struct Counted<S> {
 }
 
 impl<S> Counted<S> {
+    /// Counts `n` bytes read from the stream before it was wrapped (the client's first bytes,
+    /// sent along with the CONNECT).
+    pub fn count_read(&self, n: usize) {
+        if n > 0 {
+            self.add(self.reads, n);
+        }
+    }
+
     fn add(&self, flow: Flow, n: usize) {
         let counter = match flow {
             Flow::Received => &self.series.received,

@@ -16,6 +16,7 @@ use identity::{DevCa, SpiffeId, WorkloadCert};
 use proxy::addr::{ClientAddr, OrigDst};
 use proxy::connections::Connections;
 use proxy::inbound::{DirectConnector, Inbound, InboundOutcome};
+use proxy::metrics::Metrics;
 use proxy::outbound::{Certificates, Outbound, OutboundOutcome};
 use proxy::state::{State, StateStore};
 use rustls::RootCertStore;
@@ -52,6 +53,7 @@ impl Certificates for DevCerts {
 
 struct Mesh {
     outbound: Arc<Outbound<DevCerts>>,
+    metrics: Arc<Metrics>,
     inbound_log: Arc<Mutex<Vec<InboundOutcome>>>,
     app: SocketAddr,
     test: u8,
@@ -114,14 +116,14 @@ async fn mesh(test: u8) -> Mesh {
         .await
         .unwrap();
     tokio::spawn(async move { server.serve(listener).await });
-    let outbound = Arc::new(Outbound::new(
-        store,
-        Arc::new(DevCerts(ca)),
-        Config::default(),
-        None,
-    ));
+    let metrics = Metrics::new(Duration::from_secs(300));
+    let outbound = Arc::new(
+        Outbound::new(store, Arc::new(DevCerts(ca)), Config::default(), None)
+            .with_metrics(metrics.clone()),
+    );
     Mesh {
         outbound,
+        metrics,
         inbound_log,
         app,
         test,
@@ -183,6 +185,45 @@ async fn a_service_vip_reaches_its_endpoint_through_hbone_with_the_source_identi
     // The pod's own address works too.
     let (got, out) = call(&mesh, "sleep", 1, mesh.app, b"direct").await;
     assert_eq!(got, b"direct", "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_sent_before_the_route_is_known_go_with_the_connect_and_are_counted() {
+    let mesh = mesh(4).await;
+    let capture = TcpListener::bind(SocketAddr::new(ip(mesh.test, 1), 0))
+        .await
+        .unwrap();
+    let mut app_side = TcpStream::connect(capture.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (captured, peer) = capture.accept().await.unwrap();
+    // The client has spoken and closed its side before the proxy looks at the connection.
+    app_side.write_all(b"spoke first").await.unwrap();
+    app_side.shutdown().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let out = tokio::time::timeout(
+        Duration::from_secs(5),
+        mesh.outbound.serve(
+            captured,
+            ClientAddr(peer),
+            OrigDst(mesh.app),
+            &proxy::state::LocalWorkload::from("sleep"),
+        ),
+    )
+    .await
+    .expect("the outbound connection did not end");
+    let mut got = Vec::new();
+    app_side.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"spoke first", "{out:?}");
+    assert!(out.error.is_none(), "{out:?}");
+    assert_eq!(out.bytes, (11, 11));
+    assert_eq!(last_inbound(&mesh).await.bytes, (11, 11));
+    let text = mesh.metrics.render();
+    let received = text
+        .lines()
+        .find(|l| l.starts_with("istio_tcp_received_bytes_total{"))
+        .unwrap_or_else(|| panic!("no received bytes in\n{text}"));
+    assert!(received.ends_with(" 11"), "{received}");
 }
 
 /// The inbound side's last outcome. It is recorded when its handler finishes, which may be just

@@ -224,17 +224,24 @@ impl Connection {
         std::future::poll_fn(|cx| self.lock().session.poll_pong(cx)).await
     }
 
-    /// Client: sends a CONNECT and waits for the response head.
+    /// Client: sends a CONNECT, with as much of `first` as the windows take right behind it in
+    /// the same write, and waits for the response head. Returns how many bytes of `first` went.
     pub(crate) async fn connect(
         &self,
         authority: &str,
         headers: &HeaderMap,
-    ) -> Result<(ResponseHead, StreamRef), Failure> {
-        let id = {
+        first: &[u8],
+    ) -> Result<(ResponseHead, StreamRef, usize), Failure> {
+        let (id, sent) = {
             let mut st = self.lock();
             let id = st.session.open(authority, headers)?;
+            let sent = if first.is_empty() {
+                0
+            } else {
+                st.session.send_first(id, first)
+            };
             st.push_out();
-            id
+            (id, sent)
         };
         // From here the stream is ours: dropping this future drops `stream`, which resets it.
         let stream = StreamRef {
@@ -242,7 +249,7 @@ impl Connection {
             id,
         };
         let head = std::future::poll_fn(|cx| self.lock().session.poll_response(id, cx)).await?;
-        Ok((head, stream))
+        Ok((head, stream, sent))
     }
 
     /// Server: the next request, or `None` once the connection has ended.
@@ -496,8 +503,8 @@ mod tests {
         frame::put_window_update(&mut script, 0, window - 65_535);
         frame::put_frame(&mut script, kind::HEADERS, flag::END_HEADERS, 1, &[0x88]);
         wr.write_all(&script).await.unwrap();
-        let (head, stream) = conn
-            .connect("10.0.0.1:80", &HeaderMap::new())
+        let (head, stream, _) = conn
+            .connect("10.0.0.1:80", &HeaderMap::new(), &[])
             .await
             .unwrap();
         assert_eq!(head.status, StatusCode::OK);
@@ -617,6 +624,94 @@ mod tests {
             rest = &rest[HEADER_LEN + len..];
         }
         frames
+    }
+
+    /// A frame as the tests read it: kind, flags, stream, payload.
+    type Frame = (u8, u8, u32, Vec<u8>);
+
+    /// The frames in what a client wrote, after its preface.
+    fn frames(wire: &[u8]) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        let mut rest = wire.get(24..).unwrap_or_default();
+        while rest.len() >= HEADER_LEN {
+            let head = frame::Head::parse(rest);
+            let len = head.len as usize;
+            if rest.len() < HEADER_LEN + len {
+                break;
+            }
+            let payload = rest[HEADER_LEN..HEADER_LEN + len].to_vec();
+            frames.push((head.kind, head.flags, head.stream, payload));
+            rest = &rest[HEADER_LEN + len..];
+        }
+        frames
+    }
+
+    #[tokio::test]
+    async fn first_bytes_leave_with_the_connect_in_one_write() {
+        use tokio::io::AsyncReadExt;
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let writes = Arc::new(AtomicUsize::new(0));
+        let io = CountingWrites {
+            inner: ours,
+            writes: writes.clone(),
+        };
+        let conn = Connection::new(
+            Role::Client,
+            Limits::from_config(&crate::Config::default()),
+            io,
+        );
+        let driver = conn.clone();
+        tokio::spawn(async move { driver.drive().await });
+        let (mut rd, mut wr) = tokio::io::split(theirs);
+        let mut script = BytesMut::new();
+        frame::put_settings(&mut script, &[]);
+        wr.write_all(&script).await.unwrap();
+        let mut wire = Vec::new();
+        let mut read_until = async |wire: &mut Vec<u8>, seen: &dyn Fn(&[Frame]) -> bool| {
+            while !seen(&frames(wire)) {
+                let mut chunk = [0u8; 4096];
+                let n =
+                    tokio::time::timeout(std::time::Duration::from_secs(5), rd.read(&mut chunk))
+                        .await
+                        .expect("the client's frames")
+                        .unwrap();
+                wire.extend_from_slice(&chunk[..n]);
+            }
+        };
+        // The client's preface, SETTINGS, and its ACK of ours.
+        read_until(&mut wire, &|f| {
+            f.iter()
+                .any(|(k, fl, _, _)| *k == kind::SETTINGS && fl & flag::ACK != 0)
+        })
+        .await;
+        let settled = frames(&wire).len();
+        let before = writes.load(Ordering::Relaxed);
+        let client = conn.clone();
+        let connect = tokio::spawn(async move {
+            let (head, _stream, sent) = client
+                .connect("10.0.0.1:80", &HeaderMap::new(), b"hello, first")
+                .await
+                .unwrap();
+            (head.status, sent)
+        });
+        read_until(&mut wire, &|f| f.iter().any(|(k, ..)| *k == kind::DATA)).await;
+        let made = writes.load(Ordering::Relaxed) - before;
+        let sent: Vec<_> = frames(&wire)[settled..]
+            .iter()
+            .map(|(k, fl, id, payload)| (*k, *fl, *id, payload.clone()))
+            .collect();
+        assert_eq!(sent.len(), 2, "{sent:?}");
+        assert_eq!((sent[0].0, sent[0].2), (kind::HEADERS, 1));
+        assert_eq!(sent[1], (kind::DATA, 0, 1, b"hello, first".to_vec()));
+        assert_eq!(
+            made, 1,
+            "the CONNECT and the first bytes took {made} writes"
+        );
+        // Only now does the server answer.
+        let mut answer = BytesMut::new();
+        frame::put_frame(&mut answer, kind::HEADERS, flag::END_HEADERS, 1, &[0x88]);
+        wr.write_all(&answer).await.unwrap();
+        assert_eq!(connect.await.unwrap(), (StatusCode::OK, 12));
     }
 
     #[tokio::test]

@@ -1156,6 +1156,25 @@ impl Session {
         self.send_window -= len as i64;
     }
 
+    /// Queues the first of `data` that the windows take now (at most one frame) as a DATA frame
+    /// into `out`, right behind whatever is queued (the stream's HEADERS, when called after
+    /// [`Session::open`]); returns how many bytes it took.
+    pub(crate) fn send_first(&mut self, id: u32, data: &[u8]) -> usize {
+        let stream = self.streams.get(&id).expect("a live stream handle");
+        let room = stream
+            .send_window
+            .min(self.send_window)
+            .min(self.peer.max_frame_size as i64)
+            .max(0) as usize;
+        let n = data.len().min(room);
+        if n > 0 {
+            self.take_send(id, n, false);
+            self.out.extend_from_slice(&data_head(id, n, false));
+            self.out.extend_from_slice(&data[..n]);
+        }
+        n
+    }
+
     /// Ends our half of the stream (an empty DATA frame with END_STREAM, into `out`).
     pub(crate) fn send_end(&mut self, id: u32) -> Result<(), Failure> {
         let stream = self.streams.get_mut(&id).expect("a live stream handle");

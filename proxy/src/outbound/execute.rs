@@ -8,6 +8,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -217,12 +218,18 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
         // Used in place: moving the parts out would keep them twice in the task.
         let result = match &mut flowing {
             Err(e) => Err(std::mem::take(e)),
-            Ok(Flowing::Hbone { tunnel, client, .. }) => {
+            Ok(Flowing::Hbone {
+                tunnel,
+                client,
+                first,
+                ..
+            }) => {
+                let first = *first;
                 hbone::copy_tunnel_bidirectional(tunnel, client)
                     .await
-                    .map(|t| (t.b_to_a, t.a_to_b))
+                    .map(|t| (first + t.b_to_a, t.a_to_b))
                     .map_err(|e| {
-                        outcome.bytes = (e.transferred.b_to_a, e.transferred.a_to_b);
+                        outcome.bytes = (first + e.transferred.b_to_a, e.transferred.a_to_b);
                         e.to_string()
                     })
             }
@@ -306,18 +313,33 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
                     expected: expected.clone(),
                 };
                 let authority = Authority::Addr(authority.0);
-                let connect = self.pool.connect(
+                let first = match first_bytes(&client) {
+                    Ok(first) => first,
+                    Err(e) => {
+                        // Read now or never: the socket reports its error once, and the copy
+                        // would then take the connection for cleanly closed.
+                        self.metrics.failed(SOURCE, ends, "-");
+                        let why = format!("reading the client's first bytes: {e}");
+                        return (outcome, Err(why));
+                    }
+                };
+                let first_len = first.len() as u64;
+                let connect = self.pool.connect_with_data(
                     key,
                     target.0,
                     &authority,
                     request_headers(&workload, source_addr),
+                    first,
                 );
                 match connect.await {
                     Ok(tunnel) => {
                         let open = self.metrics.opened(SOURCE, ends);
+                        let client = open.count(client, Flow::Received);
+                        client.count_read(first_len as usize);
                         Ok(Flowing::Hbone {
                             tunnel,
-                            client: open.count(client, Flow::Received),
+                            client,
+                            first: first_len,
                             _open: open,
                         })
                     }
@@ -377,6 +399,8 @@ enum Flowing {
     Hbone {
         tunnel: hbone::Tunnel,
         client: Counted<TcpStream>,
+        /// How many of the client's bytes went with the CONNECT.
+        first: u64,
         _open: Open,
     },
     /// Straight to the destination (passthrough).
@@ -385,6 +409,28 @@ enum Flowing {
         upstream: TcpStream,
         _open: Open,
     },
+}
+
+/// The most the CONNECT carries of what the client sent first: one DATA frame of the smallest
+/// size HTTP/2 allows every peer (`SETTINGS_MAX_FRAME_SIZE` is at least 16,384).
+const FIRST_BYTES: usize = 16 * 1024;
+
+/// What the client has already sent, without waiting (empty when nothing has arrived, or when it
+/// has only closed its side: the copy sees that end). A client that speaks first (a request,
+/// a TLS ClientHello) has usually sent by the time its connection is accepted, and its bytes go
+/// with the CONNECT instead of a round trip between the proxies later. Reads the socket itself:
+/// tokio would report a socket its reactor has not yet polled as not ready without trying.
+fn first_bytes(client: &TcpStream) -> std::io::Result<bytes::Bytes> {
+    use nix::sys::socket::{MsgFlags, recv};
+    let mut buf = [0u8; FIRST_BYTES];
+    loop {
+        match recv(client.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+            Ok(n) => return Ok(bytes::Bytes::copy_from_slice(&buf[..n])),
+            Err(nix::errno::Errno::EAGAIN) => return Ok(bytes::Bytes::new()),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// The CONNECT headers Istio's ztunnel sends: `forwarded`, `baggage`, `traceparent`.
