@@ -130,6 +130,20 @@ async fn mesh(test: u8) -> Mesh {
     }
 }
 
+/// A connection from an application at host `source_host` of the test's network, as the proxy
+/// would take it from its capture: the application's end, the proxy's end, and the
+/// application's address.
+async fn captured(mesh: &Mesh, source_host: u8) -> (TcpStream, TcpStream, SocketAddr) {
+    let capture = TcpListener::bind(SocketAddr::new(ip(mesh.test, source_host), 0))
+        .await
+        .unwrap();
+    let app_side = TcpStream::connect(capture.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (captured, peer) = capture.accept().await.unwrap();
+    (app_side, captured, peer)
+}
+
 /// Plays a captured client of `source` calling `destination`: sends `data`, half-closes, and
 /// returns what came back and the outbound outcome.
 async fn call(
@@ -139,13 +153,7 @@ async fn call(
     destination: SocketAddr,
     data: &[u8],
 ) -> (Vec<u8>, OutboundOutcome) {
-    let capture = TcpListener::bind(SocketAddr::new(ip(mesh.test, source_host), 0))
-        .await
-        .unwrap();
-    let mut app_side = TcpStream::connect(capture.local_addr().unwrap())
-        .await
-        .unwrap();
-    let (captured, peer) = capture.accept().await.unwrap();
+    let (mut app_side, captured, peer) = captured(mesh, source_host).await;
     let outbound = mesh.outbound.clone();
     let source = proxy::state::LocalWorkload::from(source);
     let task = tokio::spawn(async move {
@@ -190,13 +198,7 @@ async fn a_service_vip_reaches_its_endpoint_through_hbone_with_the_source_identi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_sent_before_the_route_is_known_go_with_the_connect_and_are_counted() {
     let mesh = mesh(4).await;
-    let capture = TcpListener::bind(SocketAddr::new(ip(mesh.test, 1), 0))
-        .await
-        .unwrap();
-    let mut app_side = TcpStream::connect(capture.local_addr().unwrap())
-        .await
-        .unwrap();
-    let (captured, peer) = capture.accept().await.unwrap();
+    let (mut app_side, captured, peer) = captured(&mesh, 1).await;
     // The client has spoken and closed its side before the proxy looks at the connection.
     app_side.write_all(b"spoke first").await.unwrap();
     app_side.shutdown().await.unwrap();

@@ -588,16 +588,24 @@ mod tests {
         }
     }
 
+    impl<T> CountingWrites<T> {
+        /// `inner`, counted, and the count.
+        fn wrap(inner: T) -> (Self, Arc<AtomicUsize>) {
+            let writes = Arc::new(AtomicUsize::new(0));
+            let io = CountingWrites {
+                inner,
+                writes: writes.clone(),
+            };
+            (io, writes)
+        }
+    }
+
     impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for CountingWrites<T> {}
 
     #[tokio::test]
     async fn a_large_write_to_a_peer_with_small_frames_is_one_write_to_the_socket() {
         let (ours, theirs) = tokio::io::duplex(4 << 20);
-        let writes = Arc::new(AtomicUsize::new(0));
-        let io = CountingWrites {
-            inner: ours,
-            writes: writes.clone(),
-        };
+        let (io, writes) = CountingWrites::wrap(ours);
         // A server with the default 16 KiB frames and wide-open windows.
         let limits = Limits::from_config(&crate::Config::default());
         let (_conn, mut tunnel, _rd) = tunnel_to_scripted_server(io, limits, theirs, 1 << 24).await;
@@ -650,11 +658,7 @@ mod tests {
     async fn first_bytes_leave_with_the_connect_in_one_write() {
         use tokio::io::AsyncReadExt;
         let (ours, theirs) = tokio::io::duplex(1 << 20);
-        let writes = Arc::new(AtomicUsize::new(0));
-        let io = CountingWrites {
-            inner: ours,
-            writes: writes.clone(),
-        };
+        let (io, writes) = CountingWrites::wrap(ours);
         let conn = Connection::new(
             Role::Client,
             Limits::from_config(&crate::Config::default()),
@@ -718,11 +722,7 @@ mod tests {
     async fn bytes_followed_by_the_sources_end_leave_in_one_frame_and_one_write() {
         use tokio::io::AsyncReadExt;
         let (ours, theirs) = tokio::io::duplex(1 << 20);
-        let writes = Arc::new(AtomicUsize::new(0));
-        let io = CountingWrites {
-            inner: ours,
-            writes: writes.clone(),
-        };
+        let (io, writes) = CountingWrites::wrap(ours);
         let limits = Limits::from_config(&crate::Config::default());
         let (_conn, mut tunnel, mut rd) =
             tunnel_to_scripted_server(io, limits, theirs, 1 << 20).await;
