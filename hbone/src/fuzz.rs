@@ -63,8 +63,9 @@ pub fn fuzz_server_frames(data: &[u8]) -> usize {
 }
 
 /// The body of the `client_frames` fuzz target: whatever a hostile server can send after the TLS
-/// layer goes to a real client connection that has sent one CONNECT and, if answered 200, writes
-/// and reads on the tunnel. The server side first sends an empty SETTINGS frame, then `data`,
+/// layer goes to a real client connection that has sent one CONNECT with its first bytes right
+/// behind it (as the proxy sends what its client spoke first) and, if answered 200, writes and
+/// reads on the tunnel. The server side first sends an empty SETTINGS frame, then `data`,
 /// then closes. Panics if the client panics or has not finished 5 s after the server closed.
 /// Returns whether the CONNECT was answered 200.
 pub fn fuzz_client_frames(data: &[u8]) -> bool {
@@ -86,7 +87,7 @@ pub fn fuzz_client_frames(data: &[u8]) -> bool {
         tokio::spawn(async move { driver.drive().await });
         let exchange = async {
             let (head, stream, _) = connection
-                .connect("10.0.0.1:80", &http::HeaderMap::new(), &[])
+                .connect("10.0.0.1:80", &http::HeaderMap::new(), b"spoke first")
                 .await
                 .ok()?;
             if head.status != http::StatusCode::OK {
