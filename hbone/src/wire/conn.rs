@@ -615,25 +615,6 @@ mod tests {
         assert_eq!(made, 1, "256 KiB in 16 KiB frames took {made} writes");
     }
 
-    /// The DATA frames on stream 1 in what a client wrote: (payload, END_STREAM).
-    fn data_frames(wire: &[u8]) -> Vec<(Vec<u8>, bool)> {
-        let mut frames = Vec::new();
-        let mut rest = &wire[24..]; // the client preface
-        while rest.len() >= HEADER_LEN {
-            let head = frame::Head::parse(rest);
-            let len = head.len as usize;
-            if rest.len() < HEADER_LEN + len {
-                break;
-            }
-            if head.kind == kind::DATA && head.stream == 1 {
-                let payload = rest[HEADER_LEN..HEADER_LEN + len].to_vec();
-                frames.push((payload, head.has(flag::END_STREAM)));
-            }
-            rest = &rest[HEADER_LEN + len..];
-        }
-        frames
-    }
-
     /// A frame as the tests read it: kind, flags, stream, payload.
     type Frame = (u8, u8, u32, Vec<u8>);
 
@@ -654,9 +635,35 @@ mod tests {
         frames
     }
 
+    /// The DATA frames on stream 1 in what a client wrote: (payload, END_STREAM).
+    fn data_frames(wire: &[u8]) -> Vec<(Vec<u8>, bool)> {
+        frames(wire)
+            .into_iter()
+            .filter(|(k, _, id, _)| *k == kind::DATA && *id == 1)
+            .map(|(_, flags, _, payload)| (payload, flags & flag::END_STREAM != 0))
+            .collect()
+    }
+
+    /// Reads what the client writes, onto `wire`, until `seen` holds for its frames (within 5 s
+    /// per read).
+    async fn read_until(
+        rd: &mut (impl AsyncRead + Unpin),
+        wire: &mut Vec<u8>,
+        seen: impl Fn(&[Frame]) -> bool,
+    ) {
+        use tokio::io::AsyncReadExt;
+        while !seen(&frames(wire)) {
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout(std::time::Duration::from_secs(5), rd.read(&mut chunk))
+                .await
+                .expect("the client's frames")
+                .unwrap();
+            wire.extend_from_slice(&chunk[..n]);
+        }
+    }
+
     #[tokio::test]
     async fn first_bytes_leave_with_the_connect_in_one_write() {
-        use tokio::io::AsyncReadExt;
         let (ours, theirs) = tokio::io::duplex(1 << 20);
         let (io, writes) = CountingWrites::wrap(ours);
         let conn = Connection::new(
@@ -671,19 +678,8 @@ mod tests {
         frame::put_settings(&mut script, &[]);
         wr.write_all(&script).await.unwrap();
         let mut wire = Vec::new();
-        let mut read_until = async |wire: &mut Vec<u8>, seen: &dyn Fn(&[Frame]) -> bool| {
-            while !seen(&frames(wire)) {
-                let mut chunk = [0u8; 4096];
-                let n =
-                    tokio::time::timeout(std::time::Duration::from_secs(5), rd.read(&mut chunk))
-                        .await
-                        .expect("the client's frames")
-                        .unwrap();
-                wire.extend_from_slice(&chunk[..n]);
-            }
-        };
         // The client's preface, SETTINGS, and its ACK of ours.
-        read_until(&mut wire, &|f| {
+        read_until(&mut rd, &mut wire, |f| {
             f.iter()
                 .any(|(k, fl, _, _)| *k == kind::SETTINGS && fl & flag::ACK != 0)
         })
@@ -698,12 +694,12 @@ mod tests {
                 .unwrap();
             (head.status, sent)
         });
-        read_until(&mut wire, &|f| f.iter().any(|(k, ..)| *k == kind::DATA)).await;
+        read_until(&mut rd, &mut wire, |f| {
+            f.iter().any(|(k, ..)| *k == kind::DATA)
+        })
+        .await;
         let made = writes.load(Ordering::Relaxed) - before;
-        let sent: Vec<_> = frames(&wire)[settled..]
-            .iter()
-            .map(|(k, fl, id, payload)| (*k, *fl, *id, payload.clone()))
-            .collect();
+        let sent = frames(&wire).split_off(settled);
         assert_eq!(sent.len(), 2, "{sent:?}");
         assert_eq!((sent[0].0, sent[0].2), (kind::HEADERS, 1));
         assert_eq!(sent[1], (kind::DATA, 0, 1, b"hello, first".to_vec()));
@@ -720,7 +716,6 @@ mod tests {
 
     #[tokio::test]
     async fn bytes_followed_by_the_sources_end_leave_in_one_frame_and_one_write() {
-        use tokio::io::AsyncReadExt;
         let (ours, theirs) = tokio::io::duplex(1 << 20);
         let (io, writes) = CountingWrites::wrap(ours);
         let limits = Limits::from_config(&crate::Config::default());
@@ -735,20 +730,13 @@ mod tests {
             let _ = crate::copy_tunnel_bidirectional(&mut tunnel, &mut app).await;
         });
         let mut wire = Vec::new();
-        let frames = loop {
-            let mut chunk = [0u8; 4096];
-            let n = tokio::time::timeout(std::time::Duration::from_secs(5), rd.read(&mut chunk))
-                .await
-                .expect("the tunnel's data and end")
-                .unwrap();
-            wire.extend_from_slice(&chunk[..n]);
-            let frames = data_frames(&wire);
-            if frames.iter().any(|(_, end)| *end) {
-                break frames;
-            }
-        };
+        read_until(&mut rd, &mut wire, |f| {
+            f.iter()
+                .any(|(k, fl, id, _)| *k == kind::DATA && *id == 1 && fl & flag::END_STREAM != 0)
+        })
+        .await;
         copy.abort();
-        assert_eq!(frames, vec![(b"last words".to_vec(), true)]);
+        assert_eq!(data_frames(&wire), vec![(b"last words".to_vec(), true)]);
         let made = writes.load(Ordering::Relaxed) - before;
         assert_eq!(made, 1, "the data and END_STREAM took {made} writes");
     }
