@@ -263,10 +263,10 @@ def with_siblings(names):
                 seen.add(s)
                 out.append(s)
     return out
-start = with_siblings(sorted((n for n in first if n in ours), key=lambda n: -first[n]))
-seen = set(start)
-ran = start + with_siblings(sorted((n for n in rest if n in ours and n not in seen), key=lambda n: -rest[n]))
-ran = list(dict.fromkeys(ran))
+def by_cost(part):
+    return sorted((n for n in part if n in ours), key=lambda n: -part[n])
+start = with_siblings(by_cost(first))
+ran = with_siblings(start + by_cost(rest))
 with open(out, "w") as f:
     f.write("\n".join(ran) + "\n")
 print(f"{len(ran)} functions ({len(start)} run by the time a proxy is ready) written to {out}")
