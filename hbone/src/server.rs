@@ -437,6 +437,11 @@ impl InboundConnect {
     }
 
     /// Answers `200` and returns the tunnel.
+    ///
+    /// The answer is written when the calling task next waits, or with the tunnel's first write
+    /// if that comes sooner: a handler that hands the bytes which came with the CONNECT to its
+    /// destination in the same turn gets them there before the answer's write, and an answer
+    /// and the first reply in the same turn share one write.
     pub fn accept(self) -> std::io::Result<Tunnel> {
         self.accept_with(HeaderMap::new())
     }

@@ -188,7 +188,6 @@ impl<C: Connector> Inbound<C> {
         };
         let open = self.metrics.opened(DESTINATION, ends);
         drop(state);
-        let _ = app.set_nodelay(true);
         let tunnel = match req.accept() {
             Ok(t) => t,
             Err(e) => {

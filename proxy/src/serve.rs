@@ -145,7 +145,7 @@ pub(crate) async fn serve_outbound<
         let _ = stream.set_nodelay(true);
         let (outbound, local, state) = (outbound.clone(), local.clone(), state.clone());
         tracker.spawn_counted(async move {
-            let destination = match crate::sockets::original_dst(&stream) {
+            let destination = match crate::sockets::original_dst(&stream, peer) {
                 Ok(d) if Some(d.0) == own => {
                     warn!(src = %peer, "outbound: refusing a connection to the proxy itself");
                     return;

@@ -12,8 +12,10 @@ use tokio::net::{TcpSocket, TcpStream};
 use crate::addr::OrigDst;
 
 /// Where a redirected connection was originally going (its destination before the REDIRECT).
-pub fn original_dst(stream: &TcpStream) -> io::Result<OrigDst> {
-    let addr = if stream.local_addr()?.is_ipv4() {
+/// `peer` is the client's address as the accept returned it: its family is the socket's (one
+/// system call per connection less than asking the socket for its own address).
+pub fn original_dst(stream: &TcpStream, peer: SocketAddr) -> io::Result<OrigDst> {
+    let addr = if peer.is_ipv4() {
         let raw = getsockopt(stream, sockopt::OriginalDst).map_err(io::Error::from)?;
         SocketAddr::V4(SocketAddrV4::new(
             Ipv4Addr::from(u32::from_be(raw.sin_addr.s_addr)),
@@ -41,7 +43,8 @@ pub async fn connect_marked(to: SocketAddr, mark: Option<u32>) -> io::Result<Tcp
 /// How the proxy opens its outgoing TCP connections (to the app, to a peer proxy, to a
 /// passthrough destination): from the current network namespace, or from a pod's in shared mode.
 pub trait Connector: Send + Sync + 'static {
-    /// Connects to `to`.
+    /// Connects to `to`. The stream comes with `TCP_NODELAY` set (callers do not set it again:
+    /// one system call per connection less).
     fn connect(&self, to: SocketAddr) -> impl Future<Output = io::Result<TcpStream>> + Send;
 }
 

@@ -352,7 +352,11 @@ impl State {
 }
 
 impl StreamRef {
-    /// Server: answers the request. `end_stream` refuses it (no tunnel follows).
+    /// Server: answers the request. `end_stream` refuses it (no tunnel follows): that answer
+    /// leaves at once. An acceptance leaves when the caller's task next yields (the driver
+    /// writes it), or with the tunnel's first write, whichever comes first: bytes that came with
+    /// the CONNECT reach the destination before the answer's write, and the client is not told
+    /// any later than it would be after that one write.
     pub(crate) fn respond(
         &self,
         status: StatusCode,
@@ -361,19 +365,24 @@ impl StreamRef {
     ) -> Result<(), Failure> {
         let mut st = self.conn.lock();
         st.session.respond(self.id, status, headers, end_stream)?;
-        st.push_out();
+        if end_stream {
+            st.push_out();
+        } else {
+            st.wake_driver();
+        }
         Ok(())
     }
 
     /// The next chunk of received bytes; `None` at END_STREAM.
     pub(crate) fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, Failure>> {
         let mut st = self.conn.lock();
+        let queued = st.session.out.len();
         let chunk = match ready!(st.session.poll_recv(self.id, cx))? {
             Recv::Data(chunk) => Some(chunk),
             Recv::Eof => None,
         };
-        if !st.session.out.is_empty() {
-            // A WINDOW_UPDATE for what we just took.
+        if st.session.out.len() > queued {
+            // A WINDOW_UPDATE for what we just took (what was queued before, the driver writes).
             st.push_out();
         }
         Poll::Ready(Ok(chunk))
@@ -479,6 +488,7 @@ mod tests {
 
     use super::*;
     use crate::wire::frame::{self, flag, kind, setting};
+    use crate::wire::hpack;
 
     /// A client connection on `io` whose server, scripted on `theirs`, opens the stream and
     /// connection windows to `window`, answers the first CONNECT 200 and reads nothing after;
@@ -618,10 +628,10 @@ mod tests {
     /// A frame as the tests read it: kind, flags, stream, payload.
     type Frame = (u8, u8, u32, Vec<u8>);
 
-    /// The frames in what a client wrote, after its preface.
+    /// The frames in what a client (after its preface) or a server wrote.
     fn frames(wire: &[u8]) -> Vec<Frame> {
         let mut frames = Vec::new();
-        let mut rest = wire.get(24..).unwrap_or_default();
+        let mut rest = wire.strip_prefix(frame::PREFACE).unwrap_or(wire);
         while rest.len() >= HEADER_LEN {
             let head = frame::Head::parse(rest);
             let len = head.len as usize;
@@ -739,5 +749,99 @@ mod tests {
         assert_eq!(data_frames(&wire), vec![(b"last words".to_vec(), true)]);
         let made = writes.load(Ordering::Relaxed) - before;
         assert_eq!(made, 1, "the data and END_STREAM took {made} writes");
+    }
+
+    /// A server connection on `io` whose client, scripted on the returned halves, has sent a
+    /// CONNECT for stream 1 and `first` with it; returns the connection and the request.
+    async fn request_from_scripted_client(
+        io: impl Io,
+        theirs: tokio::io::DuplexStream,
+        first: &[u8],
+    ) -> (
+        Connection,
+        Request,
+        tokio::io::ReadHalf<tokio::io::DuplexStream>,
+        tokio::io::WriteHalf<tokio::io::DuplexStream>,
+    ) {
+        let conn = Connection::new(
+            Role::Server,
+            Limits::from_config(&crate::Config::default()),
+            io,
+        );
+        let driver = conn.clone();
+        tokio::spawn(async move { driver.drive().await });
+        let (rd, mut wr) = tokio::io::split(theirs);
+        let mut script = BytesMut::from(frame::PREFACE);
+        frame::put_settings(&mut script, &[]);
+        let mut block = BytesMut::new();
+        hpack::encode_connect(&mut block, "10.0.0.2:80", &HeaderMap::new());
+        frame::put_frame(&mut script, kind::HEADERS, flag::END_HEADERS, 1, &block);
+        if !first.is_empty() {
+            frame::put_frame(&mut script, kind::DATA, 0, 1, first);
+        }
+        wr.write_all(&script).await.unwrap();
+        let request = conn.accept().await.expect("the CONNECT");
+        (conn, request, rd, wr)
+    }
+
+    #[tokio::test]
+    async fn the_answer_waits_for_the_tunnels_first_write_within_the_same_turn() {
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let (io, writes) = CountingWrites::wrap(ours);
+        let (_conn, request, mut rd, _wr) =
+            request_from_scripted_client(io, theirs, b"request").await;
+        let mut wire = Vec::new();
+        // Our SETTINGS and the ACK of the client's.
+        read_until(&mut rd, &mut wire, |f| {
+            f.iter()
+                .any(|(k, fl, _, _)| *k == kind::SETTINGS && fl & flag::ACK != 0)
+        })
+        .await;
+        let settled = frames(&wire).len();
+        let before = writes.load(Ordering::Relaxed);
+        // In one turn, as a handler does: answer, hand the CONNECT's bytes on, send the reply.
+        let stream = request.stream;
+        stream
+            .respond(StatusCode::OK, &HeaderMap::new(), false)
+            .unwrap();
+        let got = std::future::poll_fn(|cx| stream.poll_recv(cx))
+            .await
+            .unwrap();
+        assert_eq!(got.as_deref(), Some(&b"request"[..]));
+        assert_eq!(
+            writes.load(Ordering::Relaxed),
+            before,
+            "the answer left alone"
+        );
+        let sent = std::future::poll_fn(|cx| stream.poll_send(cx, b"reply", false)).await;
+        assert_eq!(sent.unwrap(), 5);
+        read_until(&mut rd, &mut wire, |f| {
+            f.iter().any(|(k, ..)| *k == kind::DATA)
+        })
+        .await;
+        let sent = frames(&wire).split_off(settled);
+        assert_eq!(sent.len(), 2, "{sent:?}");
+        assert_eq!((sent[0].0, sent[0].2), (kind::HEADERS, 1));
+        assert_eq!(sent[1], (kind::DATA, 0, 1, b"reply".to_vec()));
+        let made = writes.load(Ordering::Relaxed) - before;
+        assert_eq!(made, 1, "the answer and the reply took {made} writes");
+    }
+
+    #[tokio::test]
+    async fn the_answer_leaves_once_the_handler_waits() {
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let (_conn, request, mut rd, _wr) = request_from_scripted_client(ours, theirs, b"").await;
+        request
+            .stream
+            .respond(StatusCode::OK, &HeaderMap::new(), false)
+            .unwrap();
+        // The handler now waits (for its destination); the answer must not wait with it.
+        let mut wire = Vec::new();
+        read_until(&mut rd, &mut wire, |f| {
+            f.iter()
+                .any(|(k, _, id, _)| *k == kind::HEADERS && *id == 1)
+        })
+        .await;
+        drop(request.stream);
     }
 }

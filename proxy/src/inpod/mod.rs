@@ -308,7 +308,7 @@ impl<C: Certificates> SharedProxy<C> {
         let serve_plain = accept_loop(plain_listener, "inbound plaintext", move |stream, peer| {
             let (plain, state) = (plain.clone(), state.clone());
             t.spawn_counted(async move {
-                let destination = match crate::sockets::original_dst(&stream) {
+                let destination = match crate::sockets::original_dst(&stream, peer) {
                     Ok(d) => d,
                     Err(e) => {
                         warn!(src = %peer, error = %e, "inbound plaintext: no original destination");
