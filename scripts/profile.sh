@@ -16,7 +16,9 @@
 # the host is, so they show a change of a few percent that timing on a noisy machine cannot
 # (kernel work is not counted; needs valgrind). Reports `callgrind_annotate` files in OUT.
 # order: both proxies under callgrind from their start, through readiness, idle, connections,
-# round trips and a bulk transfer; writes the functions they ran (linker names, hottest first) to
+# round trips and a bulk transfer (the client side starts without a policy, the server side with
+# one); writes the functions they ran (linker names; the client side's start, then what the
+# server side's start added, then the traffic's, each hottest first) to
 # ztunnel-bin/symbol-order.txt, the list the `ztunnel` binary is linked in the order of
 # (ztunnel-bin/build.rs). Run it on the shipped build (`scripts/dist.sh`, then
 # `ZT=target/dist/ztunnel`): names differ between profiles, and only a static build lists the C
