@@ -672,6 +672,17 @@ mod tests {
         }
     }
 
+    /// Reads what the other side writes, onto `wire`, up to its ACK of our SETTINGS (the
+    /// exchange every connection starts with); returns how many frames that was.
+    async fn read_past_settings(rd: &mut (impl AsyncRead + Unpin), wire: &mut Vec<u8>) -> usize {
+        read_until(rd, wire, |f| {
+            f.iter()
+                .any(|(k, fl, _, _)| *k == kind::SETTINGS && fl & flag::ACK != 0)
+        })
+        .await;
+        frames(wire).len()
+    }
+
     #[tokio::test]
     async fn first_bytes_leave_with_the_connect_in_one_write() {
         let (ours, theirs) = tokio::io::duplex(1 << 20);
@@ -689,12 +700,7 @@ mod tests {
         wr.write_all(&script).await.unwrap();
         let mut wire = Vec::new();
         // The client's preface, SETTINGS, and its ACK of ours.
-        read_until(&mut rd, &mut wire, |f| {
-            f.iter()
-                .any(|(k, fl, _, _)| *k == kind::SETTINGS && fl & flag::ACK != 0)
-        })
-        .await;
-        let settled = frames(&wire).len();
+        let settled = read_past_settings(&mut rd, &mut wire).await;
         let before = writes.load(Ordering::Relaxed);
         let client = conn.clone();
         let connect = tokio::spawn(async move {
@@ -792,12 +798,7 @@ mod tests {
             request_from_scripted_client(io, theirs, b"request").await;
         let mut wire = Vec::new();
         // Our SETTINGS and the ACK of the client's.
-        read_until(&mut rd, &mut wire, |f| {
-            f.iter()
-                .any(|(k, fl, _, _)| *k == kind::SETTINGS && fl & flag::ACK != 0)
-        })
-        .await;
-        let settled = frames(&wire).len();
+        let settled = read_past_settings(&mut rd, &mut wire).await;
         let before = writes.load(Ordering::Relaxed);
         // In one turn, as a handler does: answer, hand the CONNECT's bytes on, send the reply.
         let stream = request.stream;
