@@ -418,11 +418,14 @@ const FIRST_BYTES: usize = 16 * 1024;
 /// What the client has already sent, without waiting (empty when nothing has arrived, or when it
 /// has only closed its side: the copy sees that end). A client that speaks first (a request,
 /// a TLS ClientHello) has usually sent by the time its connection is accepted, and its bytes go
-/// with the CONNECT instead of a round trip between the proxies later. Reads the socket itself:
-/// tokio would report a socket its reactor has not yet polled as not ready without trying.
+/// with the CONNECT instead of a round trip between the proxies later. Reads the socket itself,
+/// whatever tokio assumes of a socket its reactor has not yet polled, then tells tokio what the
+/// read showed: a read short of the buffer drained the socket, so the copy's first read waits
+/// for the next event instead of finding nothing (tokio takes an accepted socket for readable;
+/// one `recvfrom` per connection fewer). Bytes or an end that arrive later raise a new event.
 fn first_bytes(client: &TcpStream) -> std::io::Result<bytes::Bytes> {
     use nix::sys::socket::{MsgFlags, recv};
-    FIRST_BUF.with_borrow_mut(|buf| {
+    let first = FIRST_BUF.with_borrow_mut(|buf| -> std::io::Result<bytes::Bytes> {
         loop {
             match recv(client.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
                 Ok(n) => return Ok(bytes::Bytes::copy_from_slice(&buf[..n])),
@@ -431,7 +434,14 @@ fn first_bytes(client: &TcpStream) -> std::io::Result<bytes::Bytes> {
                 Err(e) => return Err(e.into()),
             }
         }
-    })
+    })?;
+    if first.len() < FIRST_BYTES {
+        // Clears only the readiness tokio holds now, never a closed state it saw.
+        let _ = client.try_io(tokio::io::Interest::READABLE, || {
+            Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+        });
+    }
+    Ok(first)
 }
 
 thread_local! {
@@ -484,5 +494,41 @@ fn describe_dial_error(e: &hbone::Error) -> String {
             )
         }
         _ => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::first_bytes;
+
+    #[tokio::test]
+    async fn first_bytes_leave_a_drained_socket_waiting_for_its_next_bytes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut app = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        app.write_all(b"hello").await.unwrap();
+        let (mut client, _) = listener.accept().await.unwrap();
+        let mut peeked = [0u8; 5];
+        while client.peek(&mut peeked).await.unwrap() < 5 {}
+        assert_eq!(&first_bytes(&client).unwrap()[..], b"hello");
+        // Drained: a reader now waits for an event instead of trying the socket for nothing.
+        let waited =
+            tokio::time::timeout(Duration::from_millis(50), client.ready(Interest::READABLE)).await;
+        assert!(waited.is_err(), "still taken for readable: {waited:?}");
+        // What comes later wakes it, and so does the end.
+        app.write_all(b" again").await.unwrap();
+        app.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest))
+            .await
+            .expect("the later bytes and the end")
+            .unwrap();
+        assert_eq!(rest, b" again");
     }
 }
