@@ -490,6 +490,14 @@ mod tests {
     use crate::wire::frame::{self, flag, kind, setting};
     use crate::wire::hpack;
 
+    /// A connection on `io` in `role`, its driver running in a task of its own.
+    fn driven(role: Role, limits: Limits, io: impl Io) -> Connection {
+        let conn = Connection::new(role, limits, io);
+        let driver = conn.clone();
+        tokio::spawn(async move { driver.drive().await });
+        conn
+    }
+
     /// A client connection on `io` whose server, scripted on `theirs`, opens the stream and
     /// connection windows to `window`, answers the first CONNECT 200 and reads nothing after;
     /// returns the connection, the tunnel, and the server's read half (keep it to keep the
@@ -504,9 +512,7 @@ mod tests {
         crate::Tunnel,
         tokio::io::ReadHalf<tokio::io::DuplexStream>,
     ) {
-        let conn = Connection::new(Role::Client, limits, io);
-        let driver = conn.clone();
-        tokio::spawn(async move { driver.drive().await });
+        let conn = driven(Role::Client, limits, io);
         let (rd, mut wr) = tokio::io::split(theirs);
         let mut script = BytesMut::new();
         frame::put_settings(&mut script, &[(setting::INITIAL_WINDOW_SIZE, window)]);
@@ -654,8 +660,8 @@ mod tests {
             .collect()
     }
 
-    /// Reads what the client writes, onto `wire`, until `seen` holds for its frames (within 5 s
-    /// per read).
+    /// Reads what the connection under test writes (a client's or a server's), onto `wire`,
+    /// until `seen` holds for its frames (within 5 s per read).
     async fn read_until(
         rd: &mut (impl AsyncRead + Unpin),
         wire: &mut Vec<u8>,
@@ -666,7 +672,7 @@ mod tests {
             let mut chunk = [0u8; 4096];
             let n = tokio::time::timeout(std::time::Duration::from_secs(5), rd.read(&mut chunk))
                 .await
-                .expect("the client's frames")
+                .expect("the connection's frames")
                 .unwrap();
             wire.extend_from_slice(&chunk[..n]);
         }
@@ -687,13 +693,11 @@ mod tests {
     async fn first_bytes_leave_with_the_connect_in_one_write() {
         let (ours, theirs) = tokio::io::duplex(1 << 20);
         let (io, writes) = CountingWrites::wrap(ours);
-        let conn = Connection::new(
+        let conn = driven(
             Role::Client,
             Limits::from_config(&crate::Config::default()),
             io,
         );
-        let driver = conn.clone();
-        tokio::spawn(async move { driver.drive().await });
         let (mut rd, mut wr) = tokio::io::split(theirs);
         let mut script = BytesMut::new();
         frame::put_settings(&mut script, &[]);
@@ -769,13 +773,11 @@ mod tests {
         tokio::io::ReadHalf<tokio::io::DuplexStream>,
         tokio::io::WriteHalf<tokio::io::DuplexStream>,
     ) {
-        let conn = Connection::new(
+        let conn = driven(
             Role::Server,
             Limits::from_config(&crate::Config::default()),
             io,
         );
-        let driver = conn.clone();
-        tokio::spawn(async move { driver.drive().await });
         let (rd, mut wr) = tokio::io::split(theirs);
         let mut script = BytesMut::from(frame::PREFACE);
         frame::put_settings(&mut script, &[]);
