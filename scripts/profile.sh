@@ -3,16 +3,18 @@
 # harness sets them up), one load at a time, under `perf record -g`; prints the top of the report
 # for each side. Outside CI (needs root, perf, iperf3, python3; a release build).
 #
-#   scripts/profile.sh [iperf|crr|crr8|rr1000] [SECONDS]
-#   scripts/profile.sh [count-rr|count-crr] [COUNT]
+#   scripts/profile.sh [iperf|crr|crr8|rr1000|cpu-bulk] [SECONDS]
+#   scripts/profile.sh [count-rr|count-crr|count-bulk] [COUNT]
 #   scripts/profile.sh order
 #
 # iperf: one iperf3 stream through the pair. crr: sequential connect + 1 byte echo + close.
 # crr8: the same from 8 concurrent clients (a threaded echo server). rr1000: 1 KiB round trips on
-# one connection at 1,000 per second (the harness's CPU row).
-# count-rr, count-crr: both proxies under valgrind's callgrind, counting the instructions each
+# one connection at 1,000 per second (the harness's CPU row). cpu-bulk: one iperf3 stream at a
+# fixed rate (RATE, default 3G) without perf; prints each proxy's CPU time per GB moved.
+# count-rr, count-crr, count-bulk: both proxies under valgrind's callgrind, counting the instructions each
 # spends per 1 KiB round trip on one connection (count-rr) or per connect + 1 byte echo + close
-# (count-crr), over COUNT of them after a warm-up. Instruction counts do not depend on how busy
+# (count-crr), or per MiB sent through them and echoed back (count-bulk, COUNT MiB each way), over
+# COUNT of them after a warm-up. Instruction counts do not depend on how busy
 # the host is, so they show a change of a few percent that timing on a noisy machine cannot
 # (kernel work is not counted; needs valgrind). Reports `callgrind_annotate` files in OUT.
 # order: both proxies under callgrind from their start, through readiness, idle, connections,
@@ -111,6 +113,25 @@ if [ "$LOAD" = order ]; then
 fi
 
 case "$LOAD" in
+  cpu-bulk)
+    # The proxies' CPU time per byte at a fixed rate, below what saturates this machine: less
+    # at the mercy of the other processes than the harness's throughput row.
+    ip netns exec $B iperf3 -s -1 -p 5201 >/dev/null &
+    sleep 0.3
+    ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+    c0=$(ticks $CLIENT) s0=$(ticks $SERVER)
+    ip netns exec $A iperf3 -c $IP_B -p 5201 -t "$SECS" -b "${RATE:-3G}" -J >"$OUT/load.json"
+    c1=$(ticks $CLIENT) s1=$(ticks $SERVER)
+    python3 - "$OUT/load.json" $((c1 - c0)) $((s1 - s0)) "$(getconf CLK_TCK)" <<'PY'
+import json, sys
+end = json.load(open(sys.argv[1]))["end"]["sum_received"]
+gb, hz = end["bytes"] / 1e9, int(sys.argv[4])
+print(f"{end['bits_per_second'] / 1e9:.2f} Gbit/s, {gb:.2f} GB received")
+for side, ticks in (("client", int(sys.argv[2])), ("server", int(sys.argv[3]))):
+    print(f"{side} side: {1000 * ticks / hz / gb:.0f} ms of CPU per GB")
+PY
+    exit 0
+    ;;
   iperf)
     ip netns exec $B iperf3 -s -1 -p 5201 >/dev/null &
     sleep 0.3
@@ -171,7 +192,7 @@ while time.time()-t < $SECS:
   n+=1; time.sleep(max(0,t+n/1000-time.time()))
 print(n, 'round trips of 1 KiB at 1000/s')" >"$OUT/load.txt" &
     ;;
-  count-rr|count-crr|order)
+  count-rr|count-crr|count-bulk|order)
     ip netns exec $B python3 -c "
 import socket,threading
 l=socket.socket(); l.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1); l.bind(('$IP_B',8080)); l.listen(128)
@@ -202,13 +223,24 @@ if '$LOAD'=='order':
   while got < 4<<20: got+=len(s.recv(1<<20))
   s.close(); crr(10)
   import time; time.sleep(2)
+elif '$LOAD'=='count-bulk':
+  import threading
+  s=socket.create_connection(('$IP_B',8080))
+  def bulk(mib):
+    def back():
+      got=0
+      while got < mib<<20: got+=len(s.recv(1<<20))
+    t=threading.Thread(target=back); t.start()
+    for _ in range(mib): s.sendall(b'z'*(1<<20))
+    t.join()
+  bulk(4); instr('on'); bulk($COUNT); instr('off'); s.close()
 elif '$LOAD'=='count-rr':
   s=socket.create_connection(('$IP_B',8080)); rr(s,50); instr('on'); rr(s,$COUNT); instr('off'); s.close()
 else:
   crr(20); instr('on'); crr($COUNT); instr('off')
 print('$COUNT', '$LOAD'[6:], 'measured')" >"$OUT/load.txt" &
     ;;
-  *) echo "load: iperf, crr, crr8, rr1000, count-rr or count-crr" >&2; exit 2 ;;
+  *) echo "load: iperf, crr, crr8, rr1000, cpu-bulk, count-rr, count-crr or count-bulk" >&2; exit 2 ;;
 esac
 LOADPID=$!
 if [ -n "$COUNT" ]; then
@@ -303,7 +335,7 @@ print(f"{len(ran)} functions ({len(start)} run by the time a proxy is ready) wri
 PY
     exit 0
   fi
-  unit=$([ "$LOAD" = count-rr ] && echo "1 KiB round trip" || echo connection)
+  case "$LOAD" in count-rr) unit="1 KiB round trip" ;; count-bulk) unit="MiB echoed" ;; *) unit=connection ;; esac
   for side in client server; do
     total=$(sed -n 's/^totals: //p' "$OUT/$([ $side = client ] && echo sleep || echo web-api).callgrind")
     echo "$side side: $((total / COUNT)) instructions per $unit ($total over $COUNT)"

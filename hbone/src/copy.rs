@@ -267,6 +267,9 @@ impl IntoTunnel {
             self.staged = Bytes::copy_from_slice(filled);
             return Poll::Ready(Ok(!filled.is_empty()));
         }
+        // `staged` (sent by now) still shares the last read's allocation: let go of it first,
+        // so that `reserve` takes that allocation back instead of asking for a new one.
+        self.staged = Bytes::new();
         self.buf.reserve(self.read_size);
         let n = match tokio_util::io::poll_read_buf(Pin::new(&mut *reader), cx, &mut self.buf) {
             Poll::Pending => {
@@ -533,6 +536,36 @@ mod tests {
         assert_eq!(fill(&mut pump, &mut reader), Poll::Pending);
         assert_eq!(pump.buf.capacity(), 0, "the paused flow kept its buffer");
         assert_eq!(pump.read_size, 0);
+    }
+
+    #[test]
+    fn a_bulk_flow_reads_into_the_same_buffer_while_it_lasts() {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut pump = IntoTunnel::default();
+        let mut reader = Script(VecDeque::from([
+            vec![1; STACK_READ],
+            vec![2; 3 * MAX_TUNNEL_READ],
+        ]));
+        let mut starts = Vec::new();
+        for _ in 0..4 {
+            assert!(matches!(
+                pump.poll_fill(&mut cx, &mut reader),
+                Poll::Ready(Ok(true))
+            ));
+            starts.push(pump.staged.as_ptr());
+            // Sent, as `poll_send_chunk` leaves it: the handle stays, empty.
+            let n = pump.staged.len();
+            pump.staged.advance(n);
+        }
+        // starts[0] is the stack read's copy; the three heap reads share one allocation.
+        assert_eq!(
+            starts[1], starts[2],
+            "the second read allocated a new buffer"
+        );
+        assert_eq!(
+            starts[2], starts[3],
+            "the third read allocated a new buffer"
+        );
     }
 
     #[test]

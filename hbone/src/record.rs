@@ -59,6 +59,14 @@ const KEEP: usize = MAX_RECORD;
 /// Post-handshake messages may span records; more than this pending is refused.
 const MAX_HANDSHAKE_PENDING: usize = 64 * 1024;
 
+thread_local! {
+    /// The last large write buffer that emptied on this thread, for the next bulk write of any
+    /// connection here: a bulk sender empties and refills its buffer thousands of times a second,
+    /// and allocating it anew each time took the allocator's large-size path (BENCHMARKS.md,
+    /// issue 12, lever 32). A thread keeps at most one; connections keep none while they wait.
+    static SPARE_WBUF: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 const CHANGE_CIPHER_SPEC: u8 = 20;
 const ALERT: u8 = 21;
 const HANDSHAKE: u8 = 22;
@@ -781,8 +789,11 @@ impl<T> TlsStream<T> {
     fn seal_data(&mut self, bufs: &[io::IoSlice<'_>], limit: usize) -> io::Result<usize> {
         let total = bufs.iter().map(|b| b.len()).sum::<usize>().min(limit);
         let records = total.div_ceil(MAX_PLAINTEXT);
-        self.wbuf
-            .reserve(total + records * (HEADER_LEN + 1 + TAG_LEN));
+        let need = total + records * (HEADER_LEN + 1 + TAG_LEN);
+        if self.wbuf.capacity() == 0 && need > KEEP {
+            self.wbuf = SPARE_WBUF.take();
+        }
+        self.wbuf.reserve(need);
         let mut taken = 0;
         // The record being filled: where it starts and how much plaintext it holds.
         let mut open: Option<(usize, usize)> = None;
@@ -828,10 +839,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
             self.wpos += n;
         }
         self.wpos = 0;
+        self.wbuf.clear();
         if self.wbuf.capacity() > KEEP {
-            self.wbuf = Vec::new();
-        } else {
-            self.wbuf.clear();
+            // Not kept by the connection; the thread's spare (replacing an older one).
+            SPARE_WBUF.set(std::mem::take(&mut self.wbuf));
         }
         Poll::Ready(Ok(()))
     }
@@ -1471,6 +1482,34 @@ mod tests {
         let mut got = vec![0u8; total];
         theirs.read_exact(&mut got).await.unwrap();
         assert_eq!(got, parts.concat());
+    }
+
+    #[tokio::test]
+    async fn a_bulk_writer_reuses_the_threads_spare_buffer_and_a_quiet_connection_keeps_none() {
+        let (a, b) = duplex(1 << 20);
+        let (mut ours, mut theirs) = ours_to_rustls(a, b).await;
+        drop(SPARE_WBUF.take());
+        send_and_check(&mut ours, &mut theirs, &pattern(300_000, 1)).await;
+        assert_eq!(
+            ours.wbuf.capacity(),
+            0,
+            "a quiet connection kept its write buffer"
+        );
+        let spare = SPARE_WBUF.take();
+        assert!(
+            spare.capacity() > KEEP,
+            "the emptied buffer was freed, not kept as the spare"
+        );
+        let at = spare.as_ptr();
+        SPARE_WBUF.set(spare);
+        send_and_check(&mut ours, &mut theirs, &pattern(300_000, 2)).await;
+        assert_eq!(ours.wbuf.capacity(), 0);
+        let spare = SPARE_WBUF.take();
+        assert_eq!(
+            spare.as_ptr(),
+            at,
+            "the next bulk write allocated a buffer of its own"
+        );
     }
 
     /// Forwards bytes in pieces of at most the given sizes, in turn (what has arrived, if less),
