@@ -1237,7 +1237,16 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<T> {
             ready!(this.poll_write_queued(cx))?;
         }
         let room = this.write_limit - this.queued();
-        let n = this.seal_data(bufs, room).map_err(|e| this.fail(e))?;
+        // Less than a record over the limit is sealed too, rather than left for a write of its
+        // own: a 256 KiB DATA frame and its 9-byte header (or 16 frames of 16 KiB and their
+        // headers) leave in one system call, not a second one for a 9-byte record.
+        let offered: usize = bufs.iter().map(|b| b.len()).sum();
+        let limit = if offered - offered.min(room) < MAX_PLAINTEXT {
+            offered
+        } else {
+            room
+        };
+        let n = this.seal_data(bufs, limit).map_err(|e| this.fail(e))?;
         // Out now if the socket takes it; `poll_flush` finishes the rest.
         if let Poll::Ready(Err(e)) = this.poll_write_queued(cx) {
             return Poll::Ready(Err(e));
@@ -1482,6 +1491,38 @@ mod tests {
         let mut got = vec![0u8; total];
         theirs.read_exact(&mut got).await.unwrap();
         assert_eq!(got, parts.concat());
+    }
+
+    #[tokio::test]
+    async fn a_write_less_than_a_record_over_the_limit_is_sealed_whole() {
+        let (a, b) = duplex(4 << 20);
+        let (mut ours, mut theirs) = ours_to_rustls(a, b).await;
+        let limit = ours.write_limit;
+        let head = pattern(9, 1);
+        let body = pattern(limit, 2);
+        async fn write(ours: &mut TlsStream<DuplexStream>, head: &[u8], body: &[u8]) -> usize {
+            let slices = [io::IoSlice::new(head), io::IoSlice::new(body)];
+            std::future::poll_fn(|cx| Pin::new(&mut *ours).poll_write_vectored(cx, &slices))
+                .await
+                .unwrap()
+        }
+        // A frame header and a body of the limit: all of it, in one go.
+        let n = write(&mut ours, &head, &body).await;
+        assert_eq!(n, limit + 9, "the last 9 bytes were left for another write");
+        // A record or more over the limit: up to the limit, as before.
+        let over = pattern(limit + MAX_PLAINTEXT, 3);
+        let m = write(&mut ours, &head, &over).await;
+        assert_eq!(
+            m, limit,
+            "a write a record over the limit was not held to it"
+        );
+        ours.flush().await.unwrap();
+        let mut got = vec![0u8; n + m];
+        theirs.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..9], &head[..]);
+        assert_eq!(&got[9..n], &body[..]);
+        assert_eq!(&got[n..n + 9], &head[..]);
+        assert_eq!(&got[n + 9..], &over[..m - 9]);
     }
 
     #[tokio::test]
