@@ -28,7 +28,9 @@ pub struct Config {
     /// large buffer, and a buffer larger than one record is freed when it empties.
     pub read_buffer: usize,
     /// Bytes of sealed TLS records that may wait for the socket before writes wait (at least two
-    /// records). Each write to the socket carries what is queued, several records in one write.
+    /// records). Each write to the socket carries what is queued, several records in one write;
+    /// a write that would leave less than one record's worth over the limit is taken whole (so a
+    /// DATA frame of this size and its header leave together).
     pub tls_write_buffer: usize,
     /// How often to send an HTTP/2 PING on a connection; `None` disables keepalive.
     pub keepalive_interval: Option<Duration>,

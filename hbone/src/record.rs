@@ -316,7 +316,8 @@ pub(crate) struct TlsStream<T> {
     /// Sealed records not yet written, from `wpos`.
     wbuf: Vec<u8>,
     wpos: usize,
-    /// Sealed bytes beyond which writes wait for the socket.
+    /// Sealed bytes beyond which writes wait for the socket (a write is taken whole if it goes
+    /// less than a record over).
     write_limit: usize,
     /// The most one read from the socket asks for, during a burst.
     read_size: usize,
