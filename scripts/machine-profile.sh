@@ -54,7 +54,10 @@ if [ -z "${REPORT_ONLY:-}" ]; then
   env ROUNDS=1 RATE_SECS=1 RR_N=500 HOLD_N=0 CRR_CONC_N=200 "${TUNE[@]}" OUT="$OUT/harness" \
     "$BENCH/compare.sh" "${PROXIES[@]}" > "$OUT/harness.log" 2>&1 \
     || { tail -20 "$OUT/harness.log" >&2; exit 1; }
-  wait $WATCHER || true
+  # A recording may outlast the harness by a few seconds; a load that never started must not
+  # keep the watcher (and this script) waiting.
+  for _ in $(seq $((SECS * 10 + 30))); do kill -0 $WATCHER 2>/dev/null || break; sleep 0.1; done
+  kill $WATCHER 2>/dev/null || true
 fi
 
 for p in "${PROXIES[@]}"; do
