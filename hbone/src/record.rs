@@ -785,10 +785,9 @@ impl<T> TlsStream<T> {
         Ok(())
     }
 
-    /// Seals up to `limit` bytes of `bufs` as application data records of up to 2^14 bytes each,
-    /// copying them once, into `wbuf`; returns how many.
-    fn seal_data(&mut self, bufs: &[io::IoSlice<'_>], limit: usize) -> io::Result<usize> {
-        let total = bufs.iter().map(|b| b.len()).sum::<usize>().min(limit);
+    /// Seals the first `total` bytes of `bufs` (at most all of them) as application data records
+    /// of up to 2^14 bytes each, copying them once, into `wbuf`; returns `total`.
+    fn seal_data(&mut self, bufs: &[io::IoSlice<'_>], total: usize) -> io::Result<usize> {
         let records = total.div_ceil(MAX_PLAINTEXT);
         let need = total + records * (HEADER_LEN + 1 + TAG_LEN);
         if self.wbuf.capacity() == 0 && need > KEEP {
@@ -1242,12 +1241,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<T> {
         // own: a 256 KiB DATA frame and its 9-byte header (or 16 frames of 16 KiB and their
         // headers) leave in one system call, not a second one for a 9-byte record.
         let offered: usize = bufs.iter().map(|b| b.len()).sum();
-        let limit = if offered - offered.min(room) < MAX_PLAINTEXT {
+        let total = if offered.saturating_sub(room) < MAX_PLAINTEXT {
             offered
         } else {
             room
         };
-        let n = this.seal_data(bufs, limit).map_err(|e| this.fail(e))?;
+        let n = this.seal_data(bufs, total).map_err(|e| this.fail(e))?;
         // Out now if the socket takes it; `poll_flush` finishes the rest.
         if let Poll::Ready(Err(e)) = this.poll_write_queued(cx) {
             return Poll::Ready(Err(e));
