@@ -17,7 +17,10 @@
 # between network namespaces, wake-ups) lands on the function that turns them back on
 # (`_raw_spin_unlock_irqrestore`, `handle_softirqs`).
 # Env: BENCH (harness dir, default ../shared/bench), SECS (default 6), OUT (default a new temp dir),
-# CRR_N (crr: default 12000), REPORT_ONLY=1 (report an earlier run's OUT again, without running);
+# CRR_N (crr: default 12000), REPORT_ONLY=1 (report an earlier run's OUT again, without running),
+# STRACE=1 (instead of perf: count each proxy process's system calls with `strace -f -c` for SECS
+# seconds, and print them per GiB that crossed the veth between the pods meanwhile (iperf) or per
+# connection (crr); strace slows the proxies, so read the counts, not the rate);
 # the harness's own (ZTUNNEL_BIN, OUR_ZTUNNEL, ...) pass through.
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -25,7 +28,8 @@ LOAD="${1:-}"; shift || true
 [ $# -gt 0 ] || { echo "usage: $0 iperf|crr PROXY..." >&2; exit 2; }
 : "${BENCH:=$REPO/../shared/bench}" "${SECS:=6}" "${OUT:=$(mktemp -d)}" "${CRR_N:=12000}"
 BENCH="$(cd "$BENCH" && pwd)"
-for t in perf python3; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 1; }; done
+TOOLS=(perf python3); [ -n "${STRACE:-}" ] && TOOLS=(strace python3)
+for t in "${TOOLS[@]}"; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 1; }; done
 case "$LOAD" in
   iperf) MATCH='iperf3 -c .* -P 1 '; TUNE=(TPUT_SECS=$((4 * SECS)) CRR_N=200) ;;
   crr) MATCH='bench.py crr .* 1$'; TUNE=(TPUT_SECS=1 CRR_N="$CRR_N") ;;
@@ -34,6 +38,22 @@ esac
 mkdir -p "$OUT"
 PROXIES=("$@")
 
+# STRACE=1: both sides' proxy processes (whatever runs in the harness's namespaces but its tools)
+# under `strace -f -c` for SECS seconds, with the bytes they read meanwhile.
+trace() {
+  local side pid
+  veth_rx() { ip -n hbb-b -s -j link show | python3 -c 'import json, sys
+print(sum(l["stats64"]["rx"]["bytes"] for l in json.load(sys.stdin) if l["ifname"] != "lo"))'; }
+  local rx0; rx0=$(veth_rx)
+  for side in a b; do
+    for pid in $(ip netns pids "hbb-$side"); do
+      grep -qE '^(iperf3|python3|sleep|strace|timeout|bash|perf)$' "/proc/$pid/comm" 2>/dev/null && continue
+      timeout -s INT "$SECS" strace -f -c -o "$OUT/$1.$side.$pid.strace" -p "$pid" >/dev/null 2>&1 &
+    done
+  done
+  wait
+  echo $(( $(veth_rx) - rx0 )) > "$OUT/$1.veth-bytes"
+}
 # The watcher: the n-th time the load starts is the n-th proxy's turn (one round, in order).
 watch() {
   local n=0 pid
@@ -41,7 +61,9 @@ watch() {
     pid=$(pgrep -f "$MATCH" | head -1 || true)
     if [ -n "$pid" ]; then
       sleep 0.5
-      perf record -a -g -o "$OUT/${PROXIES[$n]}.data" -- sleep "$SECS" >/dev/null 2>&1
+      if [ -n "${STRACE:-}" ]; then trace "${PROXIES[$n]}"; else
+        perf record -a -g -o "$OUT/${PROXIES[$n]}.data" -- sleep "$SECS" >/dev/null 2>&1
+      fi
       n=$((n + 1))
       while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
     fi
@@ -60,6 +82,46 @@ if [ -z "${REPORT_ONLY:-}" ]; then
   kill $WATCHER 2>/dev/null || true
 fi
 
+if [ -n "${STRACE:-}" ]; then
+  for p in "${PROXIES[@]}"; do
+    ls "$OUT/$p".*.strace >/dev/null 2>&1 || { echo "no system calls for $p (did its load run?)" >&2; exit 1; }
+    echo "=== $p"
+    case "$LOAD" in
+      iperf) grep -E '^\| iperf3 1 stream' "$OUT/harness/results.md" | head -1 ;;
+      crr) grep -E '^\| connect\+1 B echo\+close, sequential, conn/s' "$OUT/harness/results.md" | head -1 ;;
+    esac
+    for f in "$OUT/$p".*.strace; do
+      python3 - "$f" "$OUT/$p.veth-bytes" "$LOAD" "$SECS" <<'PY'
+import sys
+path, moved, load, secs = sys.argv[1], int(open(sys.argv[2]).read()), sys.argv[3], float(sys.argv[4])
+side = path.rsplit(".", 3)[1]
+calls, failed = {}, {}
+for line in open(path):
+    f = line.split()
+    if len(f) >= 5 and f[0][0].isdigit() and f[-1] != "total":
+        calls[f[-1]] = int(f[3])
+        failed[f[-1]] = int(f[4]) if len(f) == 6 else 0
+total = sum(calls.values())
+if load == "iperf":
+    unit, per = "GiB through the tunnel", moved / 2**30
+else:
+    # A connection is one accept that succeeded on the client side, one connect (to the app) on
+    # the server side.
+    unit = "connection"
+    ok = lambda name: calls.get(name, 0) - failed.get(name, 0)
+    per = ok("accept4") + ok("accept") if side == "a" else calls.get("connect", 0)
+if not per:
+    sys.exit(f"{path}: nothing moved while traced")
+print(f"  {'client' if side == 'a' else 'server'} side: {moved / 2**30:.2f} GiB crossed the veth in {secs:g} s, "
+      f"system calls per {unit}: {total / per:,.0f}")
+for name, n in sorted(calls.items(), key=lambda kv: -kv[1])[:10]:
+    print(f"    {n / per:10,.1f}  {name}" + (f" ({failed[name] / per:,.1f} failed)" if failed[name] else ""))
+PY
+    done
+  done
+  echo "system call counts and the harness run: $OUT"
+  exit 0
+fi
 for p in "${PROXIES[@]}"; do
   [ -s "$OUT/$p.data" ] || { echo "no profile for $p (did its load run?)" >&2; exit 1; }
   echo "=== $p"

@@ -120,7 +120,7 @@ case "$LOAD" in
     sleep 0.3
     ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
     c0=$(ticks $CLIENT) s0=$(ticks $SERVER)
-    ip netns exec $A iperf3 -c $IP_B -p 5201 -t "$SECS" -b "${RATE:-3G}" -J >"$OUT/load.json"
+    ip netns exec $A iperf3 -c $IP_B -p 5201 -t "$SECS" -P "${STREAMS:-1}" -b "${RATE:-3G}" -J >"$OUT/load.json"
     c1=$(ticks $CLIENT) s1=$(ticks $SERVER)
     python3 - "$OUT/load.json" $((c1 - c0)) $((s1 - s0)) "$(getconf CLK_TCK)" <<'PY'
 import json, sys
