@@ -68,7 +68,7 @@ impl Default for Config {
             max_send_buffer: 1024 * 1024,
             max_concurrent_streams: 100,
             read_buffer: 64 * 1024,
-            tls_write_buffer: 256 * 1024,
+            tls_write_buffer: 512 * 1024,
             keepalive_interval: Some(Duration::from_secs(10)),
             keepalive_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
