@@ -39,16 +39,20 @@ mkdir -p "$OUT"
 PROXIES=("$@")
 
 # STRACE=1: both sides' proxy processes (whatever runs in the harness's namespaces but its tools)
-# under `strace -f -c` for SECS seconds, with the bytes they read meanwhile.
+# under `strace -f -c` for SECS seconds, and the bytes the server pod's veth received meanwhile.
+NS_A="${NS_A:-hbb-a}" NS_B="${NS_B:-hbb-b}"
+veth_rx() {
+  ip -n "$NS_B" -s -j link show | python3 -c 'import json, sys
+print(sum(l["stats64"]["rx"]["bytes"] for l in json.load(sys.stdin) if l["ifname"] != "lo"))'
+}
 trace() {
-  local side pid
-  veth_rx() { ip -n hbb-b -s -j link show | python3 -c 'import json, sys
-print(sum(l["stats64"]["rx"]["bytes"] for l in json.load(sys.stdin) if l["ifname"] != "lo"))'; }
-  local rx0; rx0=$(veth_rx)
-  for side in a b; do
-    for pid in $(ip netns pids "hbb-$side"); do
+  local ns pid rx0
+  rx0=$(veth_rx)
+  for ns in "$NS_A" "$NS_B"; do
+    for pid in $(ip netns pids "$ns"); do
       grep -qE '^(iperf3|python3|sleep|strace|timeout|bash|perf)$' "/proc/$pid/comm" 2>/dev/null && continue
-      timeout -s INT "$SECS" strace -f -c -o "$OUT/$1.$side.$pid.strace" -p "$pid" >/dev/null 2>&1 &
+      timeout -s INT "$SECS" strace -f -c -o "$OUT/$1.$([ "$ns" = "$NS_A" ] && echo a || echo b).$pid.strace" \
+        -p "$pid" >/dev/null 2>&1 &
     done
   done
   wait
@@ -112,8 +116,8 @@ else:
     per = ok("accept4") + ok("accept") if side == "a" else calls.get("connect", 0)
 if not per:
     sys.exit(f"{path}: nothing moved while traced")
-print(f"  {'client' if side == 'a' else 'server'} side: {moved / 2**30:.2f} GiB crossed the veth in {secs:g} s, "
-      f"system calls per {unit}: {total / per:,.0f}")
+moved_note = f"{moved / 2**30:.2f} GiB crossed the veth in {secs:g} s, " if load == "iperf" else ""
+print(f"  {'client' if side == 'a' else 'server'} side: {moved_note}system calls per {unit}: {total / per:,.0f}")
 for name, n in sorted(calls.items(), key=lambda kv: -kv[1])[:10]:
     print(f"    {n / per:10,.1f}  {name}" + (f" ({failed[name] / per:,.1f} failed)" if failed[name] else ""))
 PY

@@ -9,8 +9,9 @@
 #
 # iperf: one iperf3 stream through the pair. crr: sequential connect + 1 byte echo + close.
 # crr8: the same from 8 concurrent clients (a threaded echo server). rr1000: 1 KiB round trips on
-# one connection at 1,000 per second (the harness's CPU row). cpu-bulk: one iperf3 stream at a
-# fixed rate (RATE, default 3G) without perf; prints each proxy's CPU time per GB moved.
+# one connection at 1,000 per second (the harness's CPU row). cpu-bulk: iperf3 at a fixed rate
+# (RATE per stream, default 3G; 0 for as fast as it goes) over STREAMS streams (default 1),
+# without perf; prints each proxy's CPU time per GB moved.
 # count-rr, count-crr, count-bulk: both proxies under valgrind's callgrind, counting the instructions each
 # spends per 1 KiB round trip on one connection (count-rr) or per connect + 1 byte echo + close
 # (count-crr), or per MiB sent through them and echoed back (count-bulk, COUNT MiB each way), over
