@@ -781,7 +781,7 @@ impl tokio::io::AsyncWrite for WriteSizes {
 }
 
 /// A bulk download is written to the socket several TLS records per syscall: with the default
-/// `tls_write_buffer` (256 KiB) some writes carry more than 128 KiB, where rustls's own 64 KiB
+/// `tls_write_buffer` (512 KiB) some writes carry more than 128 KiB, where rustls's own 64 KiB
 /// limit would cap every write near 64 KiB.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_data_leaves_in_writes_of_several_records() {
