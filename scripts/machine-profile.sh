@@ -86,14 +86,17 @@ if [ -z "${REPORT_ONLY:-}" ]; then
   kill $WATCHER 2>/dev/null || true
 fi
 
+# The harness's own rows for the load (one round, so each proxy's value is that round's).
+harness_rows() {
+  case "$LOAD" in
+    iperf) grep -E '^\| (iperf3 1 stream|proxy CPU ms per Gbit)' "$OUT/harness/results.md" | head -2 ;;
+    crr) grep -E '^\| connect\+1 B echo\+close, sequential, conn/s' "$OUT/harness/results.md" | head -1 ;;
+  esac
+}
 if [ -n "${STRACE:-}" ]; then
   for p in "${PROXIES[@]}"; do
     ls "$OUT/$p".*.strace >/dev/null 2>&1 || { echo "no system calls for $p (did its load run?)" >&2; exit 1; }
-    echo "=== $p"
-    case "$LOAD" in
-      iperf) grep -E '^\| iperf3 1 stream' "$OUT/harness/results.md" | head -1 ;;
-      crr) grep -E '^\| connect\+1 B echo\+close, sequential, conn/s' "$OUT/harness/results.md" | head -1 ;;
-    esac
+    echo "=== $p"; harness_rows
     for f in "$OUT/$p".*.strace; do
       python3 - "$f" "$OUT/$p.veth-bytes" "$LOAD" "$SECS" <<'PY'
 import sys
@@ -128,11 +131,7 @@ PY
 fi
 for p in "${PROXIES[@]}"; do
   [ -s "$OUT/$p.data" ] || { echo "no profile for $p (did its load run?)" >&2; exit 1; }
-  echo "=== $p"
-  case "$LOAD" in
-    iperf) grep -E '^\| (iperf3 1 stream|proxy CPU ms per Gbit)' "$OUT/harness/results.md" | head -2 ;;
-    crr) grep -E '^\| connect\+1 B echo\+close, sequential, conn/s' "$OUT/harness/results.md" | head -1 ;;
-  esac
+  echo "=== $p"; harness_rows
   perf script -i "$OUT/$p.data" -F pid,comm,ip,sym 2>/dev/null | python3 -c '
 import collections, re, sys
 blocks = sys.stdin.read().split("\n\n")

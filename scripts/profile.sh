@@ -207,7 +207,7 @@ while True:
   c,_=l.accept(); threading.Thread(target=echo,args=(c,),daemon=True).start()" &
     sleep 0.3
     ip netns exec $A python3 -c "
-import socket,subprocess,sys
+import socket,subprocess,sys,threading
 def rr(s,n):
   for _ in range(n):
     s.sendall(b'x'*1024); got=0
@@ -215,26 +215,22 @@ def rr(s,n):
 def crr(n):
   for _ in range(n):
     s=socket.create_connection(('$IP_B',8080)); s.sendall(b'x'); s.recv(1); s.close()
+def bulk(s,mib):
+  def back():
+    got=0
+    while got < mib<<20: got+=len(s.recv(1<<20))
+  t=threading.Thread(target=back); t.start()
+  for _ in range(mib): s.sendall(b'z'*(1<<20))
+  t.join()
 def instr(on):
   for pid in ('$CLIENT','$SERVER'):
     subprocess.run(['callgrind_control','-i',on,pid],check=True,capture_output=True)
 if '$LOAD'=='order':
-  crr(30); s=socket.create_connection(('$IP_B',8080)); rr(s,300)
-  s.sendall(b'y'*(4<<20)); got=0
-  while got < 4<<20: got+=len(s.recv(1<<20))
+  crr(30); s=socket.create_connection(('$IP_B',8080)); rr(s,300); bulk(s,4)
   s.close(); crr(10)
   import time; time.sleep(2)
 elif '$LOAD'=='count-bulk':
-  import threading
-  s=socket.create_connection(('$IP_B',8080))
-  def bulk(mib):
-    def back():
-      got=0
-      while got < mib<<20: got+=len(s.recv(1<<20))
-    t=threading.Thread(target=back); t.start()
-    for _ in range(mib): s.sendall(b'z'*(1<<20))
-    t.join()
-  bulk(4); instr('on'); bulk($COUNT); instr('off'); s.close()
+  s=socket.create_connection(('$IP_B',8080)); bulk(s,4); instr('on'); bulk(s,$COUNT); instr('off'); s.close()
 elif '$LOAD'=='count-rr':
   s=socket.create_connection(('$IP_B',8080)); rr(s,50); instr('on'); rr(s,$COUNT); instr('off'); s.close()
 else:

@@ -1238,8 +1238,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<T> {
         }
         let room = this.write_limit - this.queued();
         // Less than a record over the limit is sealed too, rather than left for a write of its
-        // own: a 256 KiB DATA frame and its 9-byte header (or 16 frames of 16 KiB and their
-        // headers) leave in one system call, not a second one for a 9-byte record.
+        // own: a DATA frame as large as the limit and its 9-byte header (or 16 frames of 16 KiB
+        // and their headers) leave in one system call, not a second one for a 9-byte record.
         let offered: usize = bufs.iter().map(|b| b.len()).sum();
         let total = if offered.saturating_sub(room) < MAX_PLAINTEXT {
             offered
