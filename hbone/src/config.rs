@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+pub use crate::wire::budget::Allowance;
+
 /// HTTP/2 and connection-management settings for a [`Pool`](crate::Pool) or a
 /// [`Server`](crate::Server).
 #[derive(Debug, Clone)]
@@ -53,10 +55,25 @@ pub struct Config {
     /// in a CONNECT request (server) or its response (client). HBONE needs a few hundred bytes;
     /// a request over the limit is refused before the handler sees it.
     pub max_header_list_size: u32,
-    /// Server: at most this many connections are in their TLS handshake at once; the others wait
-    /// (within `tls_handshake_timeout`) for a slot. Bounds the CPU and memory a flood of new or
-    /// stalled connections can take.
+    /// Server: at most this many connections compute their TLS handshake at once; the others wait
+    /// (within `tls_handshake_timeout`) for a slot. A connection holds a slot only while rustls
+    /// works on bytes it sent, never while we wait for its next bytes, so silent or slow clients
+    /// take none. Bounds the CPU a flood of new connections can take.
     pub max_concurrent_handshakes: usize,
+    /// Part of the misbehaviour budget (both sides): streams that end badly because of the peer.
+    /// Each costs one: a stream the peer resets before it was answered, a stream we reset
+    /// because the peer broke the rules on it (flow control, a WINDOW_UPDATE of 0, DATA after
+    /// its end), a stream we refuse (over the stream limit, malformed, headers too large). Past
+    /// it, GOAWAY ENHANCE_YOUR_CALM and the connection closes ("rapid reset", CVE-2023-44487;
+    /// "MadeYouReset", CVE-2025-8671).
+    pub stream_error_allowance: Allowance,
+    /// Part of the misbehaviour budget (both sides): frames that cost us work and move nothing
+    /// forward. Each costs one: PING, SETTINGS, PRIORITY, a frame of an unknown type,
+    /// RST_STREAM or WINDOW_UPDATE for a stream that is gone, a WINDOW_UPDATE of less than
+    /// 1 KiB, a second GOAWAY, an empty DATA frame without END_STREAM, an empty HEADERS frame
+    /// that does not end its header block (CVE-2019-9512, -9513, -9515, -9518). Past it,
+    /// GOAWAY ENHANCE_YOUR_CALM.
+    pub control_frame_allowance: Allowance,
 }
 
 impl Default for Config {
@@ -77,6 +94,8 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(10),
             max_header_list_size: 8 * 1024,
             max_concurrent_handshakes: 256,
+            stream_error_allowance: Allowance::new(200, 20),
+            control_frame_allowance: Allowance::new(1000, 100),
         }
     }
 }

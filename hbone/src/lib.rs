@@ -89,7 +89,7 @@ mod tunnel;
 mod wire;
 
 pub use authority::{Authority, AuthorityError, fuzz_authority};
-pub use config::Config;
+pub use config::{Allowance, Config};
 pub use copy::{
     CopyError, Direction, Operation, Transferred, copy_bidirectional, copy_tunnel_bidirectional,
 };

@@ -424,17 +424,37 @@ enum Step {
     Failed(rustls::Error),
 }
 
-/// Drives `conn` through the handshake over `io`. Returns the bytes received after the
-/// handshake's last message and any application data rustls opened on the way.
+/// Drives `conn` through the handshake over `io`, starting with `first` (bytes already read).
+/// Returns the bytes received after the handshake's last message and any application data
+/// rustls opened on the way.
+///
+/// With `slots`, rustls works on the peer's bytes only while holding one of its permits, and
+/// lets go of it before waiting for the peer again: the permits bound the handshakes computed at
+/// once, and a peer that sends slowly, or nothing, holds none (slowloris).
 async fn handshake<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut C,
     io: &mut T,
+    first: &[u8],
+    slots: Option<&tokio::sync::Semaphore>,
 ) -> io::Result<(Vec<u8>, Vec<u8>)> {
-    let mut incoming = vec![0u8; READ_MIN];
-    let mut used = 0;
+    let mut incoming = vec![0u8; READ_MIN.max(first.len())];
+    incoming[..first.len()].copy_from_slice(first);
+    let mut used = first.len();
+    let mut permit = None;
     let mut outgoing: Vec<u8> = Vec::new();
     let mut early_plain = Vec::new();
     loop {
+        if permit.is_none()
+            && used > 0
+            && let Some(slots) = slots
+        {
+            permit = Some(
+                slots
+                    .acquire()
+                    .await
+                    .map_err(|_| io::Error::other("the handshake slots are closed"))?,
+            );
+        }
         let UnbufferedStatus { mut discard, state } = conn.process(&mut incoming[..used]);
         let step = match state {
             Err(e) => Step::Failed(e),
@@ -508,6 +528,10 @@ async fn handshake<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin>(
             Step::Done if conn.common().is_handshaking() => Step::Read,
             other => other,
         };
+        if matches!(step, Step::Transmit | Step::Read | Step::Done) {
+            // About to wait on the socket: the slot goes to the next connection meanwhile.
+            permit = None;
+        }
         // A flight goes out before we wait for the peer's answer, and before we hand over.
         if matches!(step, Step::Transmit | Step::Read | Step::Done) && !outgoing.is_empty() {
             io.write_all(&outgoing).await?;
@@ -616,22 +640,26 @@ pub(crate) async fn connect<T: AsyncRead + AsyncWrite + Unpin>(
 ) -> io::Result<TlsStream<T>> {
     let conn = UnbufferedClientConnection::new(client_config_with_secrets(config), name)
         .map_err(tls_error)?;
-    establish(conn, io, sizes, |c| {
+    establish(conn, io, sizes, &[], None, |c| {
         let (secrets, kernel) = c.dangerous_into_kernel_connection()?;
         Ok((secrets, Kernel::Client(kernel)))
     })
     .await
 }
 
-/// Server side: the TLS handshake over `io`, then our record layer.
+/// Server side: the TLS handshake over `io`, whose first bytes (`first`) the caller has read,
+/// then our record layer. rustls works on the client's bytes only while it holds one of `slots`
+/// (see [`handshake`]).
 pub(crate) async fn accept<T: AsyncRead + AsyncWrite + Unpin>(
     config: Arc<ServerConfig>,
     io: T,
+    first: &[u8],
     sizes: Sizes,
+    slots: Option<&tokio::sync::Semaphore>,
 ) -> io::Result<TlsStream<T>> {
     let conn =
         UnbufferedServerConnection::new(server_config_with_secrets(config)).map_err(tls_error)?;
-    establish(conn, io, sizes, |c| {
+    establish(conn, io, sizes, first, slots, |c| {
         let (secrets, kernel) = c.dangerous_into_kernel_connection()?;
         Ok((secrets, Kernel::Server(kernel)))
     })
@@ -643,9 +671,11 @@ async fn establish<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin>(
     mut conn: C,
     mut io: T,
     sizes: Sizes,
+    first: &[u8],
+    slots: Option<&tokio::sync::Semaphore>,
     into_kernel: impl FnOnce(C) -> Result<(rustls::ExtractedSecrets, Kernel), rustls::Error>,
 ) -> io::Result<TlsStream<T>> {
-    let (leftover, early_plain) = handshake(&mut conn, &mut io).await?;
+    let (leftover, early_plain) = handshake(&mut conn, &mut io, first, slots).await?;
     require_tls13(conn.common())?;
     let (peer_certificates, alpn, version) = session_facts(conn.common());
     let (secrets, kernel) = into_kernel(conn).map_err(tls_error)?;
@@ -1338,7 +1368,7 @@ pub fn fuzz_tls_records(data: &[u8]) -> usize {
         let (server_config, client_config) = fuzz_configs();
         let sizes = crate::Config::default().tls_sizes();
         let (a, b) = tokio::io::duplex(1 << 20);
-        let server = tokio::spawn(accept(server_config, b, sizes));
+        let server = tokio::spawn(accept(server_config, b, &[], sizes, None));
         let name = ServerName::try_from("localhost").expect("a DNS name");
         let mut client = connect(client_config, name, a, sizes)
             .await
@@ -1689,7 +1719,7 @@ mod tests {
                 .await
                 .unwrap()
         });
-        let mut ours = accept(server, a, sizes()).await.unwrap();
+        let mut ours = accept(server, a, &[], sizes(), None).await.unwrap();
         let mut theirs = theirs.await.unwrap();
         assert_eq!(
             ours.protocol_version(),
@@ -1768,7 +1798,7 @@ mod tests {
     async fn ours_to_ours() -> (TlsStream<DuplexStream>, TlsStream<DuplexStream>) {
         let (server, client) = fuzz_configs();
         let (a, b) = duplex(1 << 20);
-        let server = tokio::spawn(accept(server, b, sizes()));
+        let server = tokio::spawn(accept(server, b, &[], sizes(), None));
         let client = connect(client, name(), a, sizes()).await.unwrap();
         (client, server.await.unwrap().unwrap())
     }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use http::{HeaderMap, StatusCode};
 use rustls::ServerConfig;
 use rustls_pki_types::CertificateDer;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -29,6 +29,9 @@ use crate::pool::{check_session, tls_failure};
 use crate::tunnel::{Tunnel, failure_to_io};
 use crate::wire::conn::{Connection, Request, StreamRef};
 use crate::wire::session::{Failure, Limits, Role};
+
+/// A TLS record header: what the server reads of a new connection before it allocates anything.
+const TLS_RECORD_HEADER: usize = 5;
 
 /// Handles the CONNECT requests of an HBONE [`Server`].
 ///
@@ -111,7 +114,7 @@ struct ServerInner<H> {
     config: Config,
     tls: ServerTls,
     handler: H,
-    /// One permit per TLS handshake in progress (`Config::max_concurrent_handshakes`).
+    /// One permit per TLS handshake being computed (`Config::max_concurrent_handshakes`).
     handshakes: Semaphore,
 }
 
@@ -175,8 +178,8 @@ impl<H: ConnectHandler> Server<H> {
         }
     }
 
-    /// How many connections are in their TLS handshake right now (at most
-    /// `Config::max_concurrent_handshakes`; the others wait for a slot).
+    /// How many connections hold a handshake slot right now: rustls is working on their bytes (at
+    /// most `Config::max_concurrent_handshakes`; the others wait for a slot).
     pub fn handshakes_in_progress(&self) -> usize {
         self.inner.config.max_concurrent_handshakes.max(1)
             - self.inner.handshakes.available_permits()
@@ -233,16 +236,34 @@ impl<H: ConnectHandler> Server<H> {
             stage,
             after,
         };
+        let deadline = tokio::time::Instant::now() + cfg.tls_handshake_timeout;
+        let refused = |e: Error| {
+            info!(%peer, error = %e, "HBONE server: refused connection");
+            e
+        };
+        // Until the client's first bytes arrive, a connection costs this small future and its
+        // socket: no buffer, no TLS state, no handshake slot (slowloris). Its other phases are
+        // boxed, so they take memory only once they start.
+        let mut first = [0u8; TLS_RECORD_HEADER];
+        let mut io = io;
+        let n = match tokio::time::timeout_at(deadline, io.read(&mut first)).await {
+            Err(_) => return Err(refused(timed_out(Stage::Tls, cfg.tls_handshake_timeout))),
+            Ok(Err(source)) => return Err(refused(tls_failure(Side::Server, peer, source))),
+            Ok(Ok(0)) => {
+                let source = std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the client closed the connection before the TLS handshake",
+                );
+                return Err(refused(tls_failure(Side::Server, peer, source)));
+            }
+            Ok(Ok(n)) => n,
+        };
         let tls_handshake = async {
-            // Waiting for a handshake slot counts against the TLS limit: a flood of stalled
-            // connections delays new ones at most that long, never forever.
-            let _permit = self
-                .inner
-                .handshakes
-                .acquire()
-                .await
-                .expect("the handshake semaphore is never closed");
-            let tls = crate::record::accept(self.inner.tls.current(), io, cfg.tls_sizes())
+            // A slot is held only while rustls computes on the client's bytes, never while we
+            // wait for them; waiting for a slot counts against the TLS limit.
+            let slots = Some(&self.inner.handshakes);
+            let config = self.inner.tls.current();
+            let tls = crate::record::accept(config, io, &first[..n], cfg.tls_sizes(), slots)
                 .await
                 .map_err(|source| tls_failure(Side::Server, peer, source))?;
             check_session(
@@ -260,12 +281,12 @@ impl<H: ConnectHandler> Server<H> {
             let certs = tls.peer_certificates().clone();
             Ok((tls, certs))
         };
-        let (tls, certs) = tokio::time::timeout(cfg.tls_handshake_timeout, tls_handshake)
+        let (tls, certs) = Box::pin(tokio::time::timeout_at(deadline, tls_handshake))
             .await
             .map_err(|_| timed_out(Stage::Tls, cfg.tls_handshake_timeout))
             .and_then(|r| r)
-            .inspect_err(|e| info!(%peer, error = %e, "HBONE server: refused connection"))?;
-        self.serve_h2(tls, local, peer, certs).await
+            .map_err(refused)?;
+        Box::pin(self.serve_h2(tls, local, peer, certs)).await
     }
 
     /// Serves HTTP/2 CONNECT streams over an established (decrypted) byte stream whose client

@@ -170,7 +170,7 @@ impl Connection {
                 }
                 Poll::Ready(Ok(_)) => {
                     // A protocol error fails the session; the next turn sends the GOAWAY.
-                    let _ = st.session.recv(&mut st.rbuf);
+                    let _ = st.session.recv(&mut st.rbuf, std::time::Instant::now());
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(st.finish(io_failure(&e))),
                 Poll::Pending => {
@@ -537,6 +537,7 @@ mod tests {
             max_concurrent_streams: 10,
             max_header_list_size: 8192,
             max_send_buffer: 256 * 1024,
+            ..Limits::from_config(&crate::Config::default())
         };
         // A server that opens every window as far as it goes, answers 200, then reads nothing.
         let (conn, mut tunnel, _rd) =

@@ -12,6 +12,10 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 /// The size of the decoder's dynamic table: the protocol default, which we never change.
 pub(crate) const TABLE_SIZE: usize = 4096;
 
+/// A block that decodes to more than this many times the header list limit ends the connection,
+/// as `h2` does (its `MAX_HEADER_LIST_ABUSE_MULTIPLIER`); up to it, only the stream is refused.
+pub(crate) const ABUSE_FACTOR: u64 = 4;
+
 /// Static-table indices we refer to by name (RFC 7541 Appendix A).
 const AUTHORITY: usize = 1;
 const METHOD: usize = 2;
@@ -23,9 +27,14 @@ pub(crate) enum HeadError {
     /// The block could not be decoded: a connection error (COMPRESSION_ERROR).
     #[error("undecodable header block: {0}")]
     Compression(String),
-    /// The block is larger than `max_header_list_size` (as HTTP/2 counts: name + value + 32).
+    /// The block is larger than `max_header_list_size` (as HTTP/2 counts: name + value + 32):
+    /// the stream is refused, the connection goes on.
     #[error("header list of more than {0} bytes")]
     TooLarge(u32),
+    /// The block decodes to more than [`ABUSE_FACTOR`] times `max_header_list_size`: no peer
+    /// sends that by mistake (an HPACK bomb), so the connection ends (ENHANCE_YOUR_CALM).
+    #[error("a header block that decodes to more than {0} bytes (an HPACK bomb)")]
+    Abusive(u64),
     /// Decoded, but not a valid HTTP/2 message head: a stream error (PROTOCOL_ERROR).
     #[error("malformed header block: {0}")]
     Malformed(String),
@@ -128,17 +137,26 @@ impl Decoder {
         Decoder { inner }
     }
 
-    /// Decodes a request head; `Malformed` errors leave the decoder usable.
+    /// Decodes a request head; `Malformed` and `TooLarge` errors leave the decoder usable.
+    ///
+    /// A CONNECT (the only request HBONE serves) must carry `:authority` and must not carry
+    /// `:scheme`, `:path` (RFC 9113 §8.5) or `:protocol` (extended CONNECT, RFC 8441, which we
+    /// do not offer); any other request must carry `:scheme` and a non-empty `:path` (§8.3.1).
+    /// `:authority` must be a valid URI authority, as `h2` requires.
     pub(crate) fn request(&mut self, block: &[u8], limit: u32) -> Result<RequestHead, HeadError> {
         let fields = self.fields(block, limit)?;
         let mut method = None;
         let mut authority = None;
+        let mut scheme = None;
+        let mut path = None;
+        let mut protocol = None;
         for (name, value) in fields.pseudo {
             let slot = match name.as_slice() {
                 b":method" => &mut method,
                 b":authority" => &mut authority,
-                // Valid in requests; a CONNECT carrying them is refused by the caller's checks.
-                b":scheme" | b":path" | b":protocol" => continue,
+                b":scheme" => &mut scheme,
+                b":path" => &mut path,
+                b":protocol" => &mut protocol,
                 other => return Err(malformed_pseudo(other)),
             };
             if slot.replace(value).is_some() {
@@ -149,11 +167,30 @@ impl Decoder {
             }
         }
         let method = method.ok_or_else(|| HeadError::Malformed("no :method".to_owned()))?;
+        let malformed = |why: &str| Err(HeadError::Malformed(why.to_owned()));
+        if protocol.is_some() {
+            return malformed(":protocol without SETTINGS_ENABLE_CONNECT_PROTOCOL");
+        }
+        if method == b"CONNECT" {
+            if scheme.is_some() || path.is_some() {
+                return malformed("a CONNECT with :scheme or :path");
+            }
+            if authority.is_none() {
+                return malformed("a CONNECT without :authority");
+            }
+        } else if scheme.is_none() || path.as_ref().is_none_or(Vec::is_empty) {
+            return malformed("a request without :scheme or :path");
+        }
         let authority = match authority {
-            Some(a) => Some(
-                String::from_utf8(a)
-                    .map_err(|_| HeadError::Malformed(":authority is not UTF-8".to_owned()))?,
-            ),
+            Some(a) => {
+                if http::uri::Authority::try_from(a.as_slice()).is_err() {
+                    return malformed(":authority is not a valid authority");
+                }
+                Some(
+                    String::from_utf8(a)
+                        .map_err(|_| HeadError::Malformed(":authority is not UTF-8".to_owned()))?,
+                )
+            }
             None => None,
         };
         Ok(RequestHead {
@@ -197,29 +234,49 @@ impl Decoder {
         }
     }
 
-    /// Decodes the whole block (the dynamic table must see all of it even when it is refused),
-    /// then checks the fields.
-    fn fields(&mut self, block: &[u8], limit: u32) -> Result<Fields, HeadError> {
-        let mut list = Vec::new();
-        let mut size = 0usize;
-        let mut too_large = false;
+    /// Decodes a block nobody will read (a response to a stream we dropped), only so the dynamic
+    /// table stays in step with the peer's: nothing is kept, and a block that decodes to more than
+    /// [`ABUSE_FACTOR`] times `limit` is `Abusive` all the same.
+    pub(crate) fn discard(&mut self, block: &[u8], limit: u32) -> Result<(), HeadError> {
+        let abusive = ABUSE_FACTOR * u64::from(limit);
+        let mut size = 0u64;
         self.inner
             .decode_with_cb(block, |name, value| {
-                size += name.len() + value.len() + 32;
-                if size > limit as usize {
-                    too_large = true;
-                    list.clear();
-                } else if !too_large {
+                size += (name.len() + value.len() + 32) as u64;
+            })
+            .map_err(|e| HeadError::Compression(e.to_string()))?;
+        if size > abusive {
+            return Err(HeadError::Abusive(abusive));
+        }
+        Ok(())
+    }
+
+    /// Decodes the whole block (the dynamic table must see all of it even when it is refused),
+    /// keeping fields only while the list is within `limit`, then checks them.
+    fn fields(&mut self, block: &[u8], limit: u32) -> Result<Fields, HeadError> {
+        let abusive = ABUSE_FACTOR * u64::from(limit);
+        let mut list = Vec::new();
+        let mut size = 0u64;
+        self.inner
+            .decode_with_cb(block, |name, value| {
+                size += (name.len() + value.len() + 32) as u64;
+                if size <= u64::from(limit) {
                     list.push((name.into_owned(), value.into_owned()));
                 }
             })
             .map_err(|e| HeadError::Compression(e.to_string()))?;
-        if too_large {
+        if size > abusive {
+            return Err(HeadError::Abusive(abusive));
+        }
+        if size > u64::from(limit) {
             return Err(HeadError::TooLarge(limit));
         }
         let mut fields = Fields {
             pseudo: Vec::new(),
-            headers: HeaderMap::with_capacity(list.len()),
+            // At most `limit / 32` fields are kept; `try_` all the same, so no limit a caller
+            // configures can make the map's capacity overflow (a panic).
+            headers: HeaderMap::try_with_capacity(list.len())
+                .map_err(|_| HeadError::TooLarge(limit))?,
         };
         for (name, value) in list {
             if name.first() == Some(&b':') {
@@ -234,7 +291,8 @@ impl Decoder {
             }
             fields
                 .headers
-                .append(check_name(&name)?, check_value(&name, &value)?);
+                .try_append(check_name(&name)?, check_value(&name, &value)?)
+                .map_err(|_| HeadError::TooLarge(limit))?;
         }
         Ok(fields)
     }
@@ -382,13 +440,18 @@ mod tests {
 
     #[test]
     fn the_size_limit_counts_as_http2_does() {
-        // 7 + 7 + 32 = 46 bytes for ":method: CONNECT".
-        let block = raw(&[(b":method", b"CONNECT")]);
-        assert!(Decoder::new().request(&block, 46).is_ok());
+        // 7 + 7 + 32 = 46 bytes for ":method: CONNECT", 10 + 3 + 32 = 45 for ":authority: a:1".
+        let block = raw(&[(b":method", b"CONNECT"), (b":authority", b"a:1")]);
+        assert!(Decoder::new().request(&block, 91).is_ok());
         assert_eq!(
-            Decoder::new().request(&block, 45).unwrap_err(),
-            HeadError::TooLarge(45)
+            Decoder::new().request(&block, 90).unwrap_err(),
+            HeadError::TooLarge(90)
         );
+        // Four times the limit decoded is no mistake: the connection ends.
+        assert!(matches!(
+            Decoder::new().request(&block, 22),
+            Err(HeadError::Abusive(88))
+        ));
     }
 
     #[test]

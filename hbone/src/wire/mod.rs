@@ -8,9 +8,11 @@
 //! message than AES does (BENCHMARKS.md, issue 12). The wire format is unchanged: interop with
 //! Istio's ztunnel, Envoy and the Python peer is checked by `interop/`.
 //!
-//! Layers: [`frame`] (bytes of one frame), [`hpack`] (header blocks), [`session`] (the connection
-//! state machine, no I/O), [`conn`] (the session plus the byte stream, shared by the tunnels).
+//! Layers: [`frame`] (bytes of one frame), [`hpack`] (header blocks), [`budget`] (what a peer may
+//! do without progress), [`session`] (the connection state machine, no I/O), [`conn`] (the session
+//! plus the byte stream, shared by the tunnels).
 
+pub(crate) mod budget;
 pub(crate) mod conn;
 pub(crate) mod frame;
 pub(crate) mod hpack;

@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::task::{Context, Poll, Waker};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, StatusCode};
@@ -16,6 +17,7 @@ use super::frame::{
     self, DEFAULT_MAX_FRAME, DEFAULT_WINDOW, HEADER_LEN, Head, MAX_WINDOW, Reason, flag, kind,
     setting,
 };
+use super::budget::{Allowance, Bucket};
 use super::hpack::{self, HeadError, RequestHead, ResponseHead};
 
 /// Which end of the connection we are.
@@ -36,6 +38,10 @@ pub(crate) struct Limits {
     pub(crate) max_header_list_size: u32,
     /// Bytes of frames queued for a socket that is not taking them before writers wait.
     pub(crate) max_send_buffer: usize,
+    /// Streams that may end badly because of the peer (see `Config::stream_error_allowance`).
+    pub(crate) stream_errors: Allowance,
+    /// Frames without progress the peer may send (see `Config::control_frame_allowance`).
+    pub(crate) control_frames: Allowance,
 }
 
 impl Limits {
@@ -47,9 +53,39 @@ impl Limits {
             max_concurrent_streams: c.max_concurrent_streams,
             max_header_list_size: c.max_header_list_size,
             max_send_buffer: c.max_send_buffer.max(16 * 1024),
+            stream_errors: c.stream_error_allowance,
+            control_frames: c.control_frame_allowance,
         }
     }
+
+    /// The largest encoded header block (HEADERS plus CONTINUATION payloads) we read: four
+    /// times the largest header list we accept (a list's encoded form is seldom larger than its
+    /// size as HTTP/2 counts it), and at least one default frame. A HEADERS or CONTINUATION
+    /// frame that would go past it is refused as soon as its frame header arrives.
+    pub(crate) fn block_cap(&self) -> usize {
+        (self.max_header_list_size as usize)
+            .saturating_mul(hpack::ABUSE_FACTOR as usize)
+            .max(DEFAULT_MAX_FRAME as usize)
+    }
+
+    /// CONTINUATION frames one header block may take: as many as the block cap needs at the
+    /// peer's smallest frame size, a quarter more for poorly packed frames, and at least 5, as
+    /// `h2` computes it (CVE-2024-27316: a block of endless, empty CONTINUATION frames).
+    pub(crate) fn max_continuations(&self) -> usize {
+        let frames = (self.max_header_list_size as usize / DEFAULT_MAX_FRAME as usize).max(1);
+        (frames + frames / 4).max(5)
+    }
 }
+
+/// A DATA payload shorter than this, arriving while its stream already holds unread bytes, is
+/// copied onto the stream's tail instead of kept as a slice of the read buffer: a slice keeps its
+/// whole buffer (up to several hundred KiB) alive, so small frames left unread could hold many
+/// times their size, and a stream of tiny frames would cost a queue entry each.
+const COPY_BELOW: usize = 64 * 1024;
+
+/// A WINDOW_UPDATE smaller than this moves so little that it counts against the control-frame
+/// allowance (CVE-2019-9511, "data dribble": tiny windows that make us send tiny frames).
+const SMALL_WINDOW_UPDATE: i64 = 1024;
 
 /// Why a stream or the whole connection stopped working.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,7 +172,10 @@ struct Stream {
     local: bool,
     head: HeadState,
     queue: VecDeque<Bytes>,
-    /// Bytes in `queue`.
+    /// Small payloads that arrived while `queue` held unread bytes, copied together; they come
+    /// after everything in `queue` (see `COPY_BELOW`).
+    tail: BytesMut,
+    /// Bytes in `queue` and `tail`.
     queued: usize,
     recv_eof: bool,
     recv_window: i64,
@@ -157,6 +196,7 @@ impl Stream {
             local,
             head: HeadState::Waiting,
             queue: VecDeque::new(),
+            tail: BytesMut::new(),
             queued: 0,
             recv_eof: false,
             recv_window: recv_window as i64,
@@ -170,13 +210,45 @@ impl Stream {
         }
     }
 
-    /// Still counts against a concurrency limit (RFC 9113 §5.1.2: open or half-closed).
+    /// Open or half-closed (RFC 9113 §5.1.2): neither reset nor ended both ways.
     fn is_open(&self) -> bool {
         self.failure.is_none() && self.send_failure.is_none() && !(self.recv_eof && self.send_eof)
     }
 
-    fn is_reset_by_peer(&self) -> bool {
-        matches!(self.failure, Some(Failure::Reset { remote: true, .. }))
+    /// Counts against our limit of concurrent peer streams: every stream still held (its handler
+    /// runs: it is in the map until its handle is dropped), except one that ended cleanly both
+    /// ways, whose handler is finishing (the peer may open another at once). A reset stream
+    /// counts until its handler lets go, whoever reset it: otherwise opening and resetting
+    /// ("rapid reset"), or making us reset ("MadeYouReset"), would start handlers without limit.
+    fn counts_against_limit(&self) -> bool {
+        !self.local && (self.failure.is_some() || self.send_failure.is_some() || self.is_open())
+    }
+
+    /// Queues received bytes for the reader: in place when the stream has nothing unread or the
+    /// payload is large, else copied onto the tail (`COPY_BELOW`).
+    fn push_data(&mut self, payload: BytesMut) {
+        self.queued += payload.len();
+        if self.queue.is_empty() && self.tail.is_empty() {
+            self.queue.push_back(payload.freeze());
+        } else if payload.len() < COPY_BELOW {
+            self.tail.extend_from_slice(&payload);
+        } else {
+            if !self.tail.is_empty() {
+                self.queue.push_back(std::mem::take(&mut self.tail).freeze());
+            }
+            self.queue.push_back(payload.freeze());
+        }
+    }
+
+    /// The next unread chunk, oldest first.
+    fn pop_data(&mut self) -> Option<Bytes> {
+        let chunk = match self.queue.pop_front() {
+            Some(chunk) => chunk,
+            None if !self.tail.is_empty() => std::mem::take(&mut self.tail).freeze(),
+            None => return None,
+        };
+        self.queued -= chunk.len();
+        Some(chunk)
     }
 
     fn wake(&mut self) {
@@ -202,6 +274,8 @@ struct Block {
     stream: u32,
     end_stream: bool,
     bytes: Vec<u8>,
+    /// CONTINUATION frames received so far.
+    continuations: usize,
 }
 
 /// The peer's SETTINGS that matter to us.
@@ -250,6 +324,11 @@ pub(crate) struct Session {
     goaway_received: Option<u32>,
     failure: Option<Failure>,
     ping: PingState,
+    /// The misbehaviour budget (`Limits::stream_errors`, `Limits::control_frames`).
+    stream_errors: Bucket,
+    control_frames: Bucket,
+    /// The time `recv` was called with, for the budget.
+    now: Instant,
 }
 
 /// A stream's receive state as the handle sees it.
@@ -311,6 +390,9 @@ impl Session {
             goaway_received: None,
             failure: None,
             ping: PingState::default(),
+            stream_errors: Bucket::new(limits.stream_errors),
+            control_frames: Bucket::new(limits.control_frames),
+            now: Instant::now(),
             limits,
         }
     }
@@ -371,13 +453,15 @@ impl Session {
         }
     }
 
-    /// Consumes every whole frame at the front of `buf`. On a protocol error the GOAWAY is in
-    /// `out`, the session has failed, and the error is returned.
-    pub(crate) fn recv(&mut self, buf: &mut BytesMut) -> Result<(), Failure> {
+    /// Consumes every whole frame at the front of `buf`, received at `now`. On a protocol error
+    /// (or a misbehaviour budget spent) the GOAWAY is in `out`, the session has failed, and the
+    /// error is returned.
+    pub(crate) fn recv(&mut self, buf: &mut BytesMut, now: Instant) -> Result<(), Failure> {
         if let Some(f) = &self.failure {
             buf.clear();
             return Err(f.clone());
         }
+        self.now = now;
         match self.recv_frames(buf) {
             Ok(()) => Ok(()),
             Err((reason, detail)) => {
@@ -427,6 +511,17 @@ impl Session {
                     ),
                 ));
             }
+            if matches!(head.kind, kind::HEADERS | kind::CONTINUATION) {
+                // Refused on its frame header: a block that big is never read.
+                let so_far = self.block.as_ref().map_or(0, |b| b.bytes.len());
+                let cap = self.limits.block_cap();
+                if so_far + head.len as usize > cap {
+                    return Err((
+                        Reason::ENHANCE_YOUR_CALM,
+                        format!("a header block of more than {cap} bytes"),
+                    ));
+                }
+            }
             let total = HEADER_LEN + head.len as usize;
             if buf.len() < total {
                 break;
@@ -458,7 +553,8 @@ impl Session {
                 if payload.len() != 5 {
                     return Err(frame_size("PRIORITY"));
                 }
-                Ok(())
+                // Priorities are not used (RFC 9113 §5.3.2): nothing to do, which is the cost.
+                self.control_frame("PRIORITY frames")
             }
             kind::RST_STREAM => self.on_reset(head, &payload),
             kind::SETTINGS => self.on_settings(head, &payload),
@@ -466,8 +562,8 @@ impl Session {
             kind::PING => self.on_ping(head, &payload),
             kind::GOAWAY => self.on_goaway(head, &payload),
             kind::WINDOW_UPDATE => self.on_window_update(head, &payload),
-            // Unknown frame types are ignored (RFC 9113 §4.1).
-            _ => Ok(()),
+            // Unknown frame types are ignored (RFC 9113 §4.1), within the budget.
+            _ => self.control_frame("frames of unknown types"),
         }
     }
 
@@ -479,6 +575,43 @@ impl Session {
         } else {
             id <= self.last_peer_id
         }
+    }
+
+    /// Charges one frame without progress to the peer's allowance; past it, ENHANCE_YOUR_CALM.
+    fn control_frame(&mut self, what: &str) -> Result<(), (Reason, String)> {
+        if self.control_frames.take(self.now) {
+            return Ok(());
+        }
+        let a = self.limits.control_frames;
+        Err((
+            Reason::ENHANCE_YOUR_CALM,
+            format!(
+                "too many {what} and other frames without progress (allowance: {} at once, {} a second)",
+                a.burst, a.per_second
+            ),
+        ))
+    }
+
+    /// Charges one stream that ended badly because of the peer; past the allowance,
+    /// ENHANCE_YOUR_CALM.
+    fn stream_error(&mut self, what: &str) -> Result<(), (Reason, String)> {
+        if self.stream_errors.take(self.now) {
+            return Ok(());
+        }
+        let a = self.limits.stream_errors;
+        Err((
+            Reason::ENHANCE_YOUR_CALM,
+            format!(
+                "too many {what} and other streams ended by the peer's doing (allowance: {} at once, {} a second)",
+                a.burst, a.per_second
+            ),
+        ))
+    }
+
+    /// Resets a stream because the peer broke the rules on it, charging the peer for it.
+    fn provoked_reset(&mut self, id: u32, reason: Reason) -> Result<(), (Reason, String)> {
+        self.reset_stream(id, reason);
+        self.stream_error("streams reset for breaking the rules")
     }
 
     fn on_data(&mut self, head: Head, mut payload: BytesMut) -> Result<(), (Reason, String)> {
@@ -501,6 +634,9 @@ impl Session {
             let _ = payload.split_to(1);
             payload.truncate(payload.len() - pad);
         }
+        if payload.is_empty() && !head.has(flag::END_STREAM) {
+            self.control_frame("empty DATA frames")?;
+        }
         let data_len = payload.len() as u32;
         let Some(stream) = self.streams.get_mut(&head.stream) else {
             if !self.is_closed_id(head.stream) {
@@ -514,19 +650,17 @@ impl Session {
             let was_open = stream.failure.is_none();
             self.release_connection(len);
             if was_open {
-                self.reset_stream(head.stream, Reason::STREAM_CLOSED);
+                self.provoked_reset(head.stream, Reason::STREAM_CLOSED)?;
             }
             return Ok(());
         }
         stream.recv_window -= len as i64;
         if stream.recv_window < 0 {
             self.release_connection(len);
-            self.reset_stream(head.stream, Reason::FLOW_CONTROL_ERROR);
-            return Ok(());
+            return self.provoked_reset(head.stream, Reason::FLOW_CONTROL_ERROR);
         }
         if !payload.is_empty() {
-            stream.queued += payload.len();
-            stream.queue.push_back(payload.freeze());
+            stream.push_data(payload);
         }
         if head.has(flag::END_STREAM) {
             stream.recv_eof = true;
@@ -569,26 +703,30 @@ impl Session {
         if head.has(flag::END_HEADERS) {
             return self.on_block(head.stream, end_stream, fragment);
         }
+        if fragment.is_empty() {
+            self.control_frame("empty HEADERS frames")?;
+        }
         self.block = Some(Block {
             stream: head.stream,
             end_stream,
             bytes: fragment.to_vec(),
+            continuations: 0,
         });
         Ok(())
     }
 
     fn on_continuation(&mut self, head: Head, payload: &[u8]) -> Result<(), (Reason, String)> {
+        let max = self.limits.max_continuations();
         let Some(block) = &mut self.block else {
             return Err(proto("CONTINUATION without HEADERS"));
         };
-        // A peer may not make us buffer an endless block: well over the largest list we accept.
-        let cap = (self.limits.max_header_list_size as usize)
-            .saturating_mul(2)
-            .max(64 * 1024);
-        if block.bytes.len() + payload.len() > cap {
+        // The block's size was checked against the cap on each frame header (`recv_frames`);
+        // this bounds the frames, empty ones included.
+        block.continuations += 1;
+        if block.continuations > max && !head.has(flag::END_HEADERS) {
             return Err((
                 Reason::ENHANCE_YOUR_CALM,
-                format!("a header block of more than {cap} bytes"),
+                format!("a header block of more than {max} CONTINUATION frames"),
             ));
         }
         block.bytes.extend_from_slice(payload);
@@ -599,7 +737,9 @@ impl Session {
         self.on_block(block.stream, block.end_stream, &block.bytes)
     }
 
-    /// A complete header block: a request (server), a response (client), or trailers.
+    /// A complete header block: a request (server), a response (client), or trailers. Every
+    /// block is decoded within the header list limit, whatever stream it names, or not at all
+    /// when it ends the connection anyway.
     fn on_block(
         &mut self,
         id: u32,
@@ -614,21 +754,17 @@ impl Session {
                 return self.on_response(id, end_stream, block);
             }
             // Trailers: must end the stream and carry no pseudo-headers.
-            let result = self.decoder.trailers(block, limit);
-            return match result {
-                Err(HeadError::Compression(e)) => Err((Reason::COMPRESSION_ERROR, e)),
-                Err(_) => {
-                    self.reset_stream(id, Reason::PROTOCOL_ERROR);
-                    Ok(())
-                }
-                Ok(()) if !end_stream => {
-                    self.reset_stream(id, Reason::PROTOCOL_ERROR);
-                    Ok(())
-                }
+            return match self.decoder.trailers(block, limit) {
+                Err(e @ (HeadError::Compression(_) | HeadError::Abusive(_))) => Err(head_error(e)),
+                Err(_) => self.provoked_reset(id, Reason::PROTOCOL_ERROR),
+                Ok(()) if !end_stream => self.provoked_reset(id, Reason::PROTOCOL_ERROR),
                 Ok(()) => {
                     let stream = self.streams.get_mut(&id).expect("looked up above");
                     if stream.recv_eof || stream.failure.is_some() {
-                        self.reset_stream(id, Reason::STREAM_CLOSED);
+                        let was_open = stream.failure.is_none();
+                        if was_open {
+                            return self.provoked_reset(id, Reason::STREAM_CLOSED);
+                        }
                     } else {
                         stream.recv_eof = true;
                         if let Some(w) = stream.read_waker.take() {
@@ -647,22 +783,29 @@ impl Session {
             if !self.is_closed_id(id) {
                 return Err(proto("HEADERS on a stream that was never opened"));
             }
-            // A response to a stream we have dropped: decode it for the table, then ignore it.
-            return match self.decoder.trailers(block, u32::MAX) {
-                Err(HeadError::Compression(e)) => Err((Reason::COMPRESSION_ERROR, e)),
-                _ => Ok(()),
+            // A response to a stream we have dropped: decoded for the table, within the limit,
+            // then ignored.
+            return match self.decoder.discard(block, limit) {
+                Err(e) => Err(head_error(e)),
+                Ok(()) => Ok(()),
             };
         }
         if id <= self.last_peer_id {
-            let _ = self.decoder.trailers(block, u32::MAX);
+            // Not decoded: the connection ends. A new stream's id must be above every id the
+            // peer used before (RFC 9113 §5.1.1); this one is closed, or was skipped.
             return Err((
-                Reason::STREAM_CLOSED,
-                format!("HEADERS on closed stream {id}"),
+                Reason::PROTOCOL_ERROR,
+                format!(
+                    "HEADERS on stream {id}, not above the last stream the client opened ({})",
+                    self.last_peer_id
+                ),
             ));
         }
         self.last_peer_id = id;
         let head = match self.decoder.request(block, limit) {
-            Err(HeadError::Compression(e)) => return Err((Reason::COMPRESSION_ERROR, e)),
+            Err(e @ (HeadError::Compression(_) | HeadError::Abusive(_))) => {
+                return Err(head_error(e));
+            }
             Err(e) => {
                 tracing::debug!(stream = id, error = %e, "HBONE server: refusing a request");
                 let refusal = match e {
@@ -671,26 +814,21 @@ impl Session {
                     }
                     _ => Refusal::Reset(Reason::PROTOCOL_ERROR),
                 };
-                self.refuse(id, refusal);
-                return Ok(());
+                return self.refuse(id, refusal);
             }
             Ok(head) => head,
         };
         if end_stream && head.method == b"CONNECT" {
             // A CONNECT that ends its stream at once is malformed (RFC 9113 §8.5).
-            self.refuse(id, Refusal::Reset(Reason::PROTOCOL_ERROR));
-            return Ok(());
+            return self.refuse(id, Refusal::Reset(Reason::PROTOCOL_ERROR));
         }
-        // Streams the client reset while their handlers still run count too: otherwise opening
-        // and resetting streams in a loop ("rapid reset") would start handlers without limit.
-        let open = self
+        let held = self
             .streams
             .values()
-            .filter(|s| !s.local && (s.is_open() || s.is_reset_by_peer()))
+            .filter(|s| s.counts_against_limit())
             .count();
-        if self.failure.is_some() || open >= self.limits.max_concurrent_streams as usize {
-            self.refuse(id, Refusal::Reset(Reason::REFUSED_STREAM));
-            return Ok(());
+        if self.failure.is_some() || held >= self.limits.max_concurrent_streams as usize {
+            return self.refuse(id, Refusal::Reset(Reason::REFUSED_STREAM));
         }
         let mut stream = Stream::new(false, self.limits.stream_window, self.peer.initial_window);
         stream.recv_eof = end_stream;
@@ -702,13 +840,15 @@ impl Session {
         Ok(())
     }
 
-    fn refuse(&mut self, id: u32, refusal: Refusal) {
+    /// Refuses a request the handler never sees, charging the peer for it.
+    fn refuse(&mut self, id: u32, refusal: Refusal) -> Result<(), (Reason, String)> {
         match refusal {
             Refusal::Reset(reason) => frame::put_reset(&mut self.out, id, reason),
             Refusal::Status(status) => self.put_head(id, true, |out| {
                 hpack::encode_response(out, status, &HeaderMap::new())
             }),
         }
+        self.stream_error("refused streams")
     }
 
     fn on_response(
@@ -721,20 +861,21 @@ impl Session {
             .decoder
             .response(block, self.limits.max_header_list_size)
         {
-            Err(HeadError::Compression(e)) => return Err((Reason::COMPRESSION_ERROR, e)),
+            Err(e @ (HeadError::Compression(_) | HeadError::Abusive(_))) => {
+                return Err(head_error(e));
+            }
             Err(e) => {
                 tracing::debug!(stream = id, error = %e, "HBONE client: refusing a response");
-                self.reset_stream(id, Reason::PROTOCOL_ERROR);
-                return Ok(());
+                return self.provoked_reset(id, Reason::PROTOCOL_ERROR);
             }
             Ok(head) => head,
         };
         let stream = self.streams.get_mut(&id).expect("the caller looked it up");
         if head.status.is_informational() {
             if end_stream {
-                self.reset_stream(id, Reason::PROTOCOL_ERROR);
+                return self.provoked_reset(id, Reason::PROTOCOL_ERROR);
             }
-            return Ok(());
+            return self.control_frame("informational responses");
         }
         stream.head = HeadState::Ready(head);
         stream.recv_eof |= end_stream;
@@ -762,7 +903,10 @@ impl Session {
                 stream.wake();
                 Ok(())
             }
-            Some(_) => {
+            Some(stream) => {
+                // Reset before its answer: the work it started is wasted (a handler, a dial).
+                let premature =
+                    stream.failure.is_none() && matches!(stream.head, HeadState::Waiting);
                 self.abort_stream(
                     head.stream,
                     Failure::Reset {
@@ -770,8 +914,13 @@ impl Session {
                         remote: true,
                     },
                 );
+                if premature {
+                    self.stream_error("streams reset before their answer")?;
+                }
                 Ok(())
             }
+            // A stream that is gone (a reset crossing our END_STREAM or our own reset): nothing
+            // to do.
             None if closed => Ok(()),
             None => Err(proto("RST_STREAM on a stream that was never opened")),
         }
@@ -832,7 +981,7 @@ impl Session {
         }
         self.got_settings = true;
         frame::put_frame(&mut self.out, kind::SETTINGS, flag::ACK, 0, &[]);
-        Ok(())
+        self.control_frame("SETTINGS frames")
     }
 
     fn on_ping(&mut self, head: Head, payload: &[u8]) -> Result<(), (Reason, String)> {
@@ -842,14 +991,17 @@ impl Session {
         let data: [u8; 8] = payload.try_into().map_err(|_| frame_size("PING"))?;
         if !head.has(flag::ACK) {
             frame::put_frame(&mut self.out, kind::PING, flag::ACK, 0, &data);
-        } else if self.ping.outstanding == Some(data) {
+            return self.control_frame("PING frames");
+        }
+        if self.ping.outstanding == Some(data) {
             self.ping.outstanding = None;
             self.ping.answered = true;
             if let Some(w) = self.ping.waker.take() {
                 w.wake();
             }
+            return Ok(());
         }
-        Ok(())
+        self.control_frame("unsolicited PING answers")
     }
 
     fn on_goaway(&mut self, head: Head, payload: &[u8]) -> Result<(), (Reason, String)> {
@@ -861,6 +1013,7 @@ impl Session {
         }
         let last = frame::u32_at(payload, 0) & 0x7fff_ffff;
         let reason = Reason(frame::u32_at(payload, 4));
+        let again = self.goaway_received.is_some();
         let last = self.goaway_received.map_or(last, |prev| prev.min(last));
         self.goaway_received = Some(last);
         for (id, stream) in &mut self.streams {
@@ -873,6 +1026,9 @@ impl Session {
         }
         if reason != Reason::NO_ERROR {
             tracing::debug!(%reason, last_stream = last, "HBONE: the peer sent GOAWAY");
+        }
+        if again {
+            return self.control_frame("GOAWAY frames");
         }
         Ok(())
     }
@@ -896,6 +1052,9 @@ impl Session {
             for w in self.conn_send_waiters.drain(..) {
                 w.wake();
             }
+            if increment < SMALL_WINDOW_UPDATE {
+                return self.control_frame("small WINDOW_UPDATE frames");
+            }
             return Ok(());
         }
         let Some(stream) = self.streams.get_mut(&head.stream) else {
@@ -906,16 +1065,17 @@ impl Session {
             };
         };
         if increment == 0 {
-            self.reset_stream(head.stream, Reason::PROTOCOL_ERROR);
-            return Ok(());
+            return self.provoked_reset(head.stream, Reason::PROTOCOL_ERROR);
         }
         stream.send_window += increment;
         if stream.send_window > MAX_WINDOW {
-            self.reset_stream(head.stream, Reason::FLOW_CONTROL_ERROR);
-            return Ok(());
+            return self.provoked_reset(head.stream, Reason::FLOW_CONTROL_ERROR);
         }
         if let Some(w) = stream.send_waker.take() {
             w.wake();
+        }
+        if increment < SMALL_WINDOW_UPDATE {
+            return self.control_frame("small WINDOW_UPDATE frames");
         }
         Ok(())
     }
@@ -938,6 +1098,7 @@ impl Session {
         if let Some(stream) = self.streams.get_mut(&id) {
             let bytes = std::mem::take(&mut stream.queued) as u32;
             stream.queue.clear();
+            stream.tail = BytesMut::new();
             stream.fail(failure);
             self.release_connection(bytes);
         }
@@ -1099,8 +1260,7 @@ impl Session {
         if let Some(f) = &stream.failure {
             return Poll::Ready(Err(f.clone()));
         }
-        if let Some(chunk) = stream.queue.pop_front() {
-            stream.queued -= chunk.len();
+        if let Some(chunk) = stream.pop_data() {
             let n = chunk.len() as u32;
             self.release_stream(id, n);
             self.release_connection(n);
@@ -1242,6 +1402,16 @@ pub(crate) fn data_head(id: u32, len: usize, end: bool) -> [u8; HEADER_LEN] {
     .encode()
 }
 
+/// The connection error a header block's decoding ended in.
+fn head_error(e: HeadError) -> (Reason, String) {
+    let reason = match e {
+        HeadError::Abusive(_) => Reason::ENHANCE_YOUR_CALM,
+        HeadError::Compression(_) => Reason::COMPRESSION_ERROR,
+        HeadError::TooLarge(_) | HeadError::Malformed(_) => Reason::PROTOCOL_ERROR,
+    };
+    (reason, e.to_string())
+}
+
 fn proto(what: &str) -> (Reason, String) {
     (Reason::PROTOCOL_ERROR, what.to_owned())
 }
@@ -1265,6 +1435,7 @@ mod tests {
             max_concurrent_streams: 2,
             max_header_list_size: 8192,
             max_send_buffer: 1 << 20,
+            ..Limits::from_config(&crate::Config::default())
         }
     }
 
@@ -1275,9 +1446,9 @@ mod tests {
                 return;
             }
             let mut ab = a.out.split();
-            let _ = b.recv(&mut ab);
+            let _ = b.recv(&mut ab, Instant::now());
             let mut ba = b.out.split();
-            let _ = a.recv(&mut ba);
+            let _ = a.recv(&mut ba, Instant::now());
         }
     }
 
@@ -1546,7 +1717,7 @@ mod tests {
         ];
         for (bytes, reason) in cases {
             let (_client, mut server) = pair();
-            let err = server.recv(&mut BytesMut::from(*bytes)).unwrap_err();
+            let err = server.recv(&mut BytesMut::from(*bytes), Instant::now()).unwrap_err();
             assert!(
                 matches!(&err, Failure::Protocol { reason: r, .. } if r == reason),
                 "{bytes:?}: {err}"
@@ -1561,13 +1732,13 @@ mod tests {
     fn the_server_checks_the_preface_and_the_first_frame() {
         let mut server = Session::new(Role::Server, limits());
         let err = server
-            .recv(&mut BytesMut::from(&b"GET / HTTP/1.1\r\n"[..]))
+            .recv(&mut BytesMut::from(&b"GET / HTTP/1.1\r\n"[..]), Instant::now())
             .unwrap_err();
         assert!(err.to_string().contains("preface"), "{err}");
         let mut server = Session::new(Role::Server, limits());
         let mut bytes = BytesMut::from(frame::PREFACE);
         frame::put_frame(&mut bytes, kind::PING, 0, 0, &[0; 8]);
-        let err = server.recv(&mut bytes).unwrap_err();
+        let err = server.recv(&mut bytes, Instant::now()).unwrap_err();
         assert!(err.to_string().contains("first frame"), "{err}");
     }
 

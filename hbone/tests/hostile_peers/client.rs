@@ -1,0 +1,1 @@
+//! Hostile servers against the client pool.

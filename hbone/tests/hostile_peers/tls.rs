@@ -1,0 +1,1 @@
+//! Hostile TLS peers: raw records against our record layer.
