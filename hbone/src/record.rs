@@ -78,6 +78,19 @@ const KEY_UPDATE: u8 = 24;
 const ALERT_CLOSE_NOTIFY: u8 = 0;
 const ALERT_USER_CANCELED: u8 = 90;
 
+/// The fatal alerts we send (RFC 8446 §6.2).
+const ALERT_UNEXPECTED_MESSAGE: u8 = 10;
+const ALERT_BAD_RECORD_MAC: u8 = 20;
+const ALERT_RECORD_OVERFLOW: u8 = 22;
+const ALERT_ILLEGAL_PARAMETER: u8 = 47;
+const ALERT_DECODE_ERROR: u8 = 50;
+
+/// KeyUpdates the peer may send between two records of data, as rustls (and BoringSSL) allow: a
+/// KeyUpdate costs a key derivation each, and nothing else moves meanwhile.
+const MAX_KEY_UPDATES_IN_A_ROW: u8 = 32;
+/// Empty data records the peer may send in a row, as rustls allows.
+const MAX_EMPTY_RECORDS_IN_A_ROW: u8 = 32;
+
 /// Which implementation of the record AEAD (AES-GCM, ChaCha20-Poly1305) a connection uses.
 ///
 /// Both are correct everywhere; they differ in speed by CPU. aws-lc has an AVX-512 AES-GCM that
@@ -181,7 +194,12 @@ impl Cipher {
         buf: &mut [u8],
         src: usize,
     ) -> io::Result<usize> {
-        let failed = || invalid("TLS: a record failed authentication (bad_record_mac)");
+        let failed = || {
+            fatal(
+                ALERT_BAD_RECORD_MAC,
+                "TLS: a record failed authentication (bad_record_mac)",
+            )
+        };
         match self {
             Cipher::AwsLc(k) => k
                 .open_within(
@@ -330,6 +348,14 @@ pub(crate) struct TlsStream<T> {
     handshake: Vec<u8>,
     /// The peer sent `close_notify`.
     read_closed: bool,
+    /// A KeyUpdate we sent because the peer asked is still queued (not yet written): a
+    /// further request gets no answer of its own (RFC 8446 §4.6.3: one update answers all the
+    /// requests made while we were silent; rustls keeps at most one pending too).
+    answer_pending: bool,
+    /// KeyUpdates received since the last record of data (`MAX_KEY_UPDATES_IN_A_ROW`).
+    key_updates_in_a_row: u8,
+    /// Empty data records received in a row (`MAX_EMPTY_RECORDS_IN_A_ROW`).
+    empty_in_a_row: u8,
     /// We sent `close_notify`.
     write_closed: bool,
     /// Why the stream failed, for every later call.
@@ -414,6 +440,46 @@ fn invalid(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
+/// The peer broke the record protocol: we answer with a fatal `alert` before closing, as RFC
+/// 8446 §5.2 and §6 require (and rustls does).
+#[derive(Debug)]
+struct Fatal {
+    alert: u8,
+    what: String,
+}
+
+impl std::fmt::Display for Fatal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.what)
+    }
+}
+
+impl std::error::Error for Fatal {}
+
+fn fatal(alert: u8, what: impl Into<String>) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        Fatal {
+            alert,
+            what: what.into(),
+        },
+    )
+}
+
+/// The alert a read error calls for, if it is one of the peer's making.
+fn alert_for(e: &io::Error) -> Option<u8> {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<Fatal>())
+        .map(|f| f.alert)
+}
+
+/// Where the first whole record of `buf` ends, if it holds one.
+fn record_end(buf: &[u8]) -> Option<usize> {
+    let header = buf.get(..HEADER_LEN)?;
+    let end = HEADER_LEN + usize::from(u16::from_be_bytes([header[3], header[4]]));
+    (end <= buf.len()).then_some(end)
+}
+
 enum Step {
     /// Ask rustls for its next state.
     Continue,
@@ -427,6 +493,13 @@ enum Step {
 /// Drives `conn` through the handshake over `io`, starting with `first` (bytes already read).
 /// Returns the bytes received after the handshake's last message and any application data
 /// rustls opened on the way.
+///
+/// rustls is given one record at a time, and none once the handshake is complete, so it never
+/// reads past the handshake's last message: what follows (data, a KeyUpdate, a ticket) is the
+/// record layer's. (Given all it had, rustls would act on a KeyUpdate that came right behind the
+/// peer's Finished: it moves its own key on at once and queues the answer for its next data
+/// record, which never comes; the handover drops it, and our records would be sealed with a key
+/// the peer never heard of.)
 ///
 /// With `slots`, rustls works on the peer's bytes only while holding one of its permits, and
 /// lets go of it before waiting for the peer again: the permits bound the handshakes computed at
@@ -455,7 +528,14 @@ async fn handshake<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin>(
                     .map_err(|_| io::Error::other("the handshake slots are closed"))?,
             );
         }
-        let UnbufferedStatus { mut discard, state } = conn.process(&mut incoming[..used]);
+        let fed = if conn.common().is_handshaking() {
+            record_end(&incoming[..used]).unwrap_or(used)
+        } else {
+            // Done: rustls may still have a flight to send (our Finished, its tickets), but
+            // every record left is the record layer's.
+            0
+        };
+        let UnbufferedStatus { mut discard, state } = conn.process(&mut incoming[..fed]);
         let step = match state {
             Err(e) => Step::Failed(e),
             Ok(ConnectionState::EncodeTlsData(mut s)) => {
@@ -540,6 +620,10 @@ async fn handshake<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin>(
         match step {
             Step::Continue | Step::Transmit => {}
             Step::Read => {
+                if discard > 0 && record_end(&incoming[..used]).is_some() {
+                    // rustls took the record it was given and wants more: the next one is here.
+                    continue;
+                }
                 if used == incoming.len() {
                     if incoming.len() >= MAX_HANDSHAKE_PENDING + MAX_RECORD {
                         return Err(invalid("a TLS handshake message too long"));
@@ -719,6 +803,9 @@ impl<T> TlsStream<T> {
             pending: BytesMut::new(),
             handshake: Vec::new(),
             read_closed: false,
+            answer_pending: false,
+            key_updates_in_a_row: 0,
+            empty_in_a_row: 0,
             write_closed: false,
             failed: None,
             peer_certificates: h.peer_certificates,
@@ -858,6 +945,22 @@ impl<T> TlsStream<T> {
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
+    /// Fails the stream for an error met while reading; if the peer broke the protocol, first
+    /// sends it the fatal alert that says how (best effort: what the socket takes now), and
+    /// nothing more after it.
+    fn fail_read(&mut self, e: io::Error) -> io::Error {
+        if self.failed.is_none()
+            && !self.write_closed
+            && let Some(alert) = alert_for(&e)
+        {
+            self.write_closed = true;
+            if self.seal_record(ALERT, &[&[2, alert]]).is_ok() {
+                let _ = self.poll_write_queued(&mut Context::from_waker(std::task::Waker::noop()));
+            }
+        }
+        self.fail(e)
+    }
+
     /// Writes sealed records until none are left.
     fn poll_write_queued(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.wpos < self.wbuf.len() {
@@ -870,6 +973,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
         }
         self.wpos = 0;
         self.wbuf.clear();
+        self.answer_pending = false;
         if self.wbuf.capacity() > KEEP {
             // Not kept by the connection; the thread's spare (replacing an older one).
             SPARE_WBUF.set(std::mem::take(&mut self.wbuf));
@@ -913,23 +1017,31 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
         match header[0] {
             APPLICATION_DATA => {}
             CHANGE_CIPHER_SPEC => {
-                return Err(invalid(
+                return Err(fatal(
+                    ALERT_UNEXPECTED_MESSAGE,
                     "TLS: a change_cipher_spec record after the handshake",
                 ));
             }
             t => {
-                return Err(invalid(format!(
-                    "TLS: a record of content type {t} where only protected records may come"
-                )));
+                return Err(fatal(
+                    ALERT_UNEXPECTED_MESSAGE,
+                    format!(
+                        "TLS: a record of content type {t} where only protected records may come"
+                    ),
+                ));
             }
         }
         if len > MAX_CIPHERTEXT {
-            return Err(invalid(format!(
-                "TLS: a record of {len} bytes (at most {MAX_CIPHERTEXT})"
-            )));
+            return Err(fatal(
+                ALERT_RECORD_OVERFLOW,
+                format!("TLS: a record of {len} bytes (at most {MAX_CIPHERTEXT}): record_overflow"),
+            ));
         }
         if len < TAG_LEN + 1 {
-            return Err(invalid(format!("TLS: a protected record of {len} bytes")));
+            return Err(fatal(
+                ALERT_BAD_RECORD_MAC,
+                format!("TLS: a protected record of {len} bytes"),
+            ));
         }
         if avail.len() < HEADER_LEN + len {
             return Ok(None);
@@ -943,20 +1055,41 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
             .open_within(nonce, header, &mut buf[w..end], body - w)?;
         let opened = &buf[w..w + opened_len];
         let Some(last) = opened.iter().rposition(|b| *b != 0) else {
-            return Err(invalid("TLS: a record without a content type"));
+            return Err(fatal(
+                ALERT_UNEXPECTED_MESSAGE,
+                "TLS: a record without a content type",
+            ));
         };
         if last > MAX_PLAINTEXT {
-            return Err(invalid(format!(
-                "TLS: a record of {last} bytes of plaintext (at most {MAX_PLAINTEXT}): record_overflow"
-            )));
+            return Err(fatal(
+                ALERT_RECORD_OVERFLOW,
+                format!(
+                    "TLS: a record of {last} bytes of plaintext (at most {MAX_PLAINTEXT}): record_overflow"
+                ),
+            ));
         }
         let content = &opened[..last];
         match opened[last] {
             APPLICATION_DATA => {
                 if !self.handshake.is_empty() {
-                    return Err(invalid(
+                    return Err(fatal(
+                        ALERT_UNEXPECTED_MESSAGE,
                         "TLS: application data inside a split handshake message",
                     ));
+                }
+                if last == 0 {
+                    self.empty_in_a_row += 1;
+                    if self.empty_in_a_row > MAX_EMPTY_RECORDS_IN_A_ROW {
+                        return Err(fatal(
+                            ALERT_UNEXPECTED_MESSAGE,
+                            format!(
+                                "TLS: more than {MAX_EMPTY_RECORDS_IN_A_ROW} empty records in a row"
+                            ),
+                        ));
+                    }
+                } else {
+                    self.empty_in_a_row = 0;
+                    self.key_updates_in_a_row = 0;
                 }
                 return Ok(Some((end, last)));
             }
@@ -968,16 +1101,17 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
                         rustls::AlertDescription::from(*desc),
                     )));
                 }
-                _ => return Err(invalid("TLS: a malformed alert")),
+                _ => return Err(fatal(ALERT_DECODE_ERROR, "TLS: a malformed alert")),
             },
             HANDSHAKE => {
                 let msg = content.to_vec();
                 self.handshake_bytes(&msg)?;
             }
             t => {
-                return Err(invalid(format!(
-                    "TLS: a protected record of content type {t}"
-                )));
+                return Err(fatal(
+                    ALERT_UNEXPECTED_MESSAGE,
+                    format!("TLS: a protected record of content type {t}"),
+                ));
             }
         }
         Ok(Some((end, 0)))
@@ -986,7 +1120,16 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
     /// Post-handshake messages: session tickets and key updates.
     fn handshake_bytes(&mut self, bytes: &[u8]) -> io::Result<()> {
         if self.handshake.len() + bytes.len() > MAX_HANDSHAKE_PENDING {
-            return Err(invalid("TLS: a post-handshake message too long"));
+            return Err(fatal(
+                ALERT_UNEXPECTED_MESSAGE,
+                "TLS: a post-handshake message too long",
+            ));
+        }
+        if bytes.is_empty() {
+            return Err(fatal(
+                ALERT_UNEXPECTED_MESSAGE,
+                "TLS: an empty handshake record",
+            ));
         }
         self.handshake.extend_from_slice(bytes);
         loop {
@@ -1003,30 +1146,51 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
             if kind == NEW_SESSION_TICKET
                 && let Kernel::Client(k) = &mut self.kernel
             {
-                k.handle_new_session_ticket(payload).map_err(tls_error)?;
+                k.handle_new_session_ticket(payload)
+                    .map_err(|e| fatal(ALERT_DECODE_ERROR, format!("TLS: {e}")))?;
                 continue;
             }
             match kind {
                 KEY_UPDATE => {
                     // A key update ends its record (RFC 8446 §5.1).
                     if !self.handshake.is_empty() {
-                        return Err(invalid("TLS: a KeyUpdate not at the end of its record"));
+                        return Err(fatal(
+                            ALERT_UNEXPECTED_MESSAGE,
+                            "TLS: a KeyUpdate not at the end of its record",
+                        ));
                     }
                     let requested = match payload {
                         [0] => false,
                         [1] => true,
-                        _ => return Err(invalid("TLS: a malformed KeyUpdate")),
+                        [_] => {
+                            return Err(fatal(
+                                ALERT_ILLEGAL_PARAMETER,
+                                "TLS: a KeyUpdate asking neither yes nor no",
+                            ));
+                        }
+                        _ => return Err(fatal(ALERT_DECODE_ERROR, "TLS: a malformed KeyUpdate")),
                     };
+                    self.key_updates_in_a_row += 1;
+                    if self.key_updates_in_a_row > MAX_KEY_UPDATES_IN_A_ROW {
+                        return Err(fatal(
+                            ALERT_UNEXPECTED_MESSAGE,
+                            format!(
+                                "TLS: more than {MAX_KEY_UPDATES_IN_A_ROW} KeyUpdates without data between them"
+                            ),
+                        ));
+                    }
                     let next = self.kernel.update_rx().map_err(tls_error)?;
                     self.rx = Keys::new(next)?;
-                    if requested && !self.write_closed {
+                    if requested && !self.write_closed && !self.answer_pending {
                         self.update_tx_key()?;
+                        self.answer_pending = true;
                     }
                 }
                 kind => {
-                    return Err(invalid(format!(
-                        "TLS: an unexpected post-handshake message of type {kind}"
-                    )));
+                    return Err(fatal(
+                        ALERT_UNEXPECTED_MESSAGE,
+                        format!("TLS: an unexpected post-handshake message of type {kind}"),
+                    ));
                 }
             }
         }
@@ -1181,7 +1345,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
                         // What opened before the bad record is delivered; the error comes with
                         // the next call.
                         dst.truncate(w);
-                        let e = self.fail(e);
+                        let e = self.fail_read(e);
                         return Poll::Ready(if w > base { Ok(w - base) } else { Err(e) });
                     }
                 }
@@ -1220,7 +1384,7 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for TlsStream<T> {
     ) -> Poll<io::Result<usize>> {
         self.check_failed()?;
         match self.poll_read_into_inner(cx, dst, want) {
-            Poll::Ready(Err(e)) => Poll::Ready(Err(self.fail(e))),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(self.fail_read(e))),
             other => other,
         }
     }
@@ -1235,7 +1399,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<T> {
         let this = self.get_mut();
         this.check_failed()?;
         match this.poll_read_inner(cx, buf) {
-            Poll::Ready(Err(e)) => Poll::Ready(Err(this.fail(e))),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(this.fail_read(e))),
             other => other,
         }
     }

@@ -468,7 +468,12 @@ impl Drop for StreamRef {
 
 fn io_failure(e: &io::Error) -> Failure {
     Failure::Io {
-        kind: e.kind(),
+        // An end of the byte stream that is an error (TLS without `close_notify`) was cut
+        // short: an abort, not the peer's clean close (which reads as 0 bytes).
+        kind: match e.kind() {
+            io::ErrorKind::UnexpectedEof => io::ErrorKind::ConnectionAborted,
+            kind => kind,
+        },
         detail: format!("HBONE connection I/O failed: {e}"),
     }
 }

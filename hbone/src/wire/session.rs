@@ -13,11 +13,11 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, StatusCode};
 
+use super::budget::{Allowance, Bucket};
 use super::frame::{
     self, DEFAULT_MAX_FRAME, DEFAULT_WINDOW, HEADER_LEN, Head, MAX_WINDOW, Reason, flag, kind,
     setting,
 };
-use super::budget::{Allowance, Bucket};
 use super::hpack::{self, HeadError, RequestHead, ResponseHead};
 
 /// Which end of the connection we are.
@@ -234,7 +234,8 @@ impl Stream {
             self.tail.extend_from_slice(&payload);
         } else {
             if !self.tail.is_empty() {
-                self.queue.push_back(std::mem::take(&mut self.tail).freeze());
+                self.queue
+                    .push_back(std::mem::take(&mut self.tail).freeze());
             }
             self.queue.push_back(payload.freeze());
         }
@@ -1717,7 +1718,9 @@ mod tests {
         ];
         for (bytes, reason) in cases {
             let (_client, mut server) = pair();
-            let err = server.recv(&mut BytesMut::from(*bytes), Instant::now()).unwrap_err();
+            let err = server
+                .recv(&mut BytesMut::from(*bytes), Instant::now())
+                .unwrap_err();
             assert!(
                 matches!(&err, Failure::Protocol { reason: r, .. } if r == reason),
                 "{bytes:?}: {err}"
@@ -1732,7 +1735,10 @@ mod tests {
     fn the_server_checks_the_preface_and_the_first_frame() {
         let mut server = Session::new(Role::Server, limits());
         let err = server
-            .recv(&mut BytesMut::from(&b"GET / HTTP/1.1\r\n"[..]), Instant::now())
+            .recv(
+                &mut BytesMut::from(&b"GET / HTTP/1.1\r\n"[..]),
+                Instant::now(),
+            )
             .unwrap_err();
         assert!(err.to_string().contains("preface"), "{err}");
         let mut server = Session::new(Role::Server, limits());

@@ -101,7 +101,10 @@ async fn an_hpack_bomb_on_a_new_stream_is_refused_within_the_header_list_limit()
     // Decoded, the block is 16 MiB: far past any list we accept.
     assert_eq!(heard.goaway(), Some(ENHANCE_YOUR_CALM), "{heard:?}");
     // Stream 1 may or may not reach its handler before the connection ends; stream 3 never.
-    assert!(t.stats.started() <= 1, "the bomb's stream reached the handler");
+    assert!(
+        t.stats.started() <= 1,
+        "the bomb's stream reached the handler"
+    );
     legit_round_trip(&t).await;
 }
 
@@ -233,7 +236,11 @@ async fn a_connect_with_path_scheme_or_protocol_is_malformed() {
         ],
         "{heard:?}"
     );
-    assert_eq!(t.stats.started(), 0, "a malformed CONNECT reached the handler");
+    assert_eq!(
+        t.stats.started(),
+        0,
+        "a malformed CONNECT reached the handler"
+    );
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -339,7 +346,11 @@ async fn the_2019_family_each_ends_in_a_goaway_with_bounded_memory() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_reset_flood_provoked_without_reading_is_bounded_and_ends_the_connection() {
     // CVE-2019-9514: frames that make the server reset streams, their RST_STREAMs never read.
-    let t = target(Config::default(), Behaviour::SlowDial(Duration::from_millis(10))).await;
+    let t = target(
+        Config::default(),
+        Behaviour::SlowDial(Duration::from_millis(10)),
+    )
+    .await;
     let (addr, tls) = (t.addr, t.pki.client_config());
     let base = alloc::reset();
     let heard = elsewhere(move || async move {
@@ -471,7 +482,11 @@ async fn stream_id_misuse_is_a_connection_error() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn window_overflow_is_a_flow_control_error() {
-    let t = target(Config::default(), Behaviour::SlowDial(Duration::from_secs(1))).await;
+    let t = target(
+        Config::default(),
+        Behaviour::SlowDial(Duration::from_secs(1)),
+    )
+    .await;
     let (addr, tls) = (t.addr, t.pki.client_config());
     let heard = elsewhere(move || async move {
         let mut c = RawH2::connect(addr, tls).await;
@@ -513,17 +528,29 @@ async fn malformed_connects_are_reset_and_never_reach_the_handler() {
     let cases: Vec<(&str, Fields, u8)> = vec![
         (
             "uppercase name",
-            vec![(b":method", b"CONNECT"), (b":authority", a), (b"X-Up", b"1")],
+            vec![
+                (b":method", b"CONNECT"),
+                (b":authority", a),
+                (b"X-Up", b"1"),
+            ],
             0,
         ),
         (
             "connection-specific",
-            vec![(b":method", b"CONNECT"), (b":authority", a), (b"connection", b"x")],
+            vec![
+                (b":method", b"CONNECT"),
+                (b":authority", a),
+                (b"connection", b"x"),
+            ],
             0,
         ),
         (
             "te other than trailers",
-            vec![(b":method", b"CONNECT"), (b":authority", a), (b"te", b"gzip")],
+            vec![
+                (b":method", b"CONNECT"),
+                (b":authority", a),
+                (b"te", b"gzip"),
+            ],
             0,
         ),
         (
@@ -533,24 +560,32 @@ async fn malformed_connects_are_reset_and_never_reach_the_handler() {
         ),
         (
             "repeated pseudo",
-            vec![(b":method", b"CONNECT"), (b":authority", a), (b":authority", a)],
+            vec![
+                (b":method", b"CONNECT"),
+                (b":authority", a),
+                (b":authority", a),
+            ],
             0,
         ),
         (
             "unknown pseudo",
-            vec![(b":method", b"CONNECT"), (b":authority", a), (b":foo", b"1")],
+            vec![
+                (b":method", b"CONNECT"),
+                (b":authority", a),
+                (b":foo", b"1"),
+            ],
             0,
         ),
         (
             "response pseudo",
-            vec![(b":method", b"CONNECT"), (b":authority", a), (b":status", b"200")],
+            vec![
+                (b":method", b"CONNECT"),
+                (b":authority", a),
+                (b":status", b"200"),
+            ],
             0,
         ),
-        (
-            "no method",
-            vec![(b":authority", a)],
-            0,
-        ),
+        ("no method", vec![(b":authority", a)], 0),
         (
             "CONNECT ending its stream",
             vec![(b":method", b"CONNECT"), (b":authority", a)],
@@ -563,12 +598,20 @@ async fn malformed_connects_are_reset_and_never_reach_the_handler() {
         ),
         (
             "newline in a value",
-            vec![(b":method", b"CONNECT"), (b":authority", a), (b"x", b"a\nb")],
+            vec![
+                (b":method", b"CONNECT"),
+                (b":authority", a),
+                (b"x", b"a\nb"),
+            ],
             0,
         ),
         (
             "GET without :path",
-            vec![(b":method", b"GET"), (b":scheme", b"https"), (b":authority", a)],
+            vec![
+                (b":method", b"GET"),
+                (b":scheme", b"https"),
+                (b":authority", a),
+            ],
             0,
         ),
     ];
@@ -727,4 +770,60 @@ async fn slowloris_after_tls_delays_no_one() {
     );
     let _ = hold_tx.send(());
     attacker.await.unwrap();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn framing_errors_get_the_error_code_rfc_9113_names() {
+    let t = target(
+        Config::default(),
+        Behaviour::SlowDial(Duration::from_millis(500)),
+    )
+    .await;
+    let open = headers(1, 0, &connect_block("10.0.0.1:80", &[]));
+    let cases: Vec<(&str, Vec<u8>, u32)> = vec![
+        (
+            "a frame over SETTINGS_MAX_FRAME_SIZE",
+            frame(DATA, 0, 1, &vec![0; (256 << 10) + 1]),
+            FRAME_SIZE_ERROR,
+        ),
+        (
+            "a PING of 7 bytes",
+            frame(PING, 0, 0, &[0; 7]),
+            FRAME_SIZE_ERROR,
+        ),
+        (
+            "an undecodable header block",
+            headers(3, 0, &[0xff, 0xff, 0xff, 0xff, 0xff]),
+            COMPRESSION_ERROR,
+        ),
+        (
+            "PUSH_PROMISE from a client",
+            frame(0x5, END_HEADERS, 1, &[0, 0, 0, 2, 0x82]),
+            PROTOCOL_ERROR,
+        ),
+    ];
+    for (what, bytes, code) in cases {
+        let (addr, tls) = (t.addr, t.pki.client_config());
+        let open = open.clone();
+        let heard = elsewhere(move || async move {
+            let mut c = RawH2::connect(addr, tls).await;
+            c.send(&open).await;
+            c.send(&bytes).await;
+            c.listen(QUIET).await
+        })
+        .await;
+        assert_eq!(heard.goaway(), Some(code), "{what}: {heard:?}");
+    }
+    // DATA after the client's END_STREAM closes that stream only (RFC 9113 §5.1, half-closed).
+    let (addr, tls) = (t.addr, t.pki.client_config());
+    let heard = elsewhere(move || async move {
+        let mut c = RawH2::connect(addr, tls).await;
+        c.send(&open).await;
+        c.send(&frame(DATA, END_STREAM, 1, b"last")).await;
+        c.send(&frame(DATA, 0, 1, b"after the end")).await;
+        c.listen(QUIET).await
+    })
+    .await;
+    assert_eq!(heard.resets(), vec![(1, STREAM_CLOSED)], "{heard:?}");
+    assert!(heard.goaway().is_none(), "{heard:?}");
 }

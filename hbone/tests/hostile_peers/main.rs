@@ -7,6 +7,9 @@
 //! the attacker on other threads, so the counting allocator (`alloc`) measures the side under
 //! attack alone.
 
+// A test binary: its items are public only to its own modules.
+#![allow(missing_docs, unreachable_pub)]
+
 #[path = "../support/mod.rs"]
 mod support;
 

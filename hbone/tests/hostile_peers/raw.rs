@@ -11,6 +11,7 @@ use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use rustls::ConnectionTrafficSecrets;
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
 use rustls::kernel::KernelConnection;
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -235,11 +236,17 @@ impl RawH2<tokio_rustls::client::TlsStream<TcpStream>> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> RawH2<S> {
-    pub fn over(io: S) -> Self {
-        RawH2 {
+    /// The server side of `io`: reads the client's preface, sends an empty SETTINGS frame.
+    pub async fn serve(mut io: S) -> Self {
+        let mut preface = [0u8; 24];
+        io.read_exact(&mut preface).await.unwrap();
+        assert_eq!(&preface[..], PREFACE);
+        let mut raw = RawH2 {
             io,
             rbuf: Vec::new(),
-        }
+        };
+        raw.send(&settings(&[])).await;
+        raw
     }
 
     /// Writes `bytes`; a server that already closed is not an error (the test reads why).
@@ -251,7 +258,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawH2<S> {
     pub async fn next(&mut self, wait: Duration) -> Result<Frame, bool> {
         loop {
             if self.rbuf.len() >= 9 {
-                let len = u32::from_be_bytes([0, self.rbuf[0], self.rbuf[1], self.rbuf[2]]) as usize;
+                let len =
+                    u32::from_be_bytes([0, self.rbuf[0], self.rbuf[1], self.rbuf[2]]) as usize;
                 if self.rbuf.len() >= 9 + len {
                     let f = Frame {
                         kind: self.rbuf[3],
@@ -358,11 +366,33 @@ impl Keys {
     }
 }
 
-/// A TLS 1.3 client that completes rustls's handshake and then writes records itself: valid
-/// ones, or broken in a chosen way.
+/// rustls's side of a raw connection after the handshake (it derives the next keys).
+enum Kernel {
+    Client(KernelConnection<ClientConnectionData>),
+    Server(KernelConnection<ServerConnectionData>),
+}
+
+impl Kernel {
+    fn update_tx(&mut self) -> (u64, ConnectionTrafficSecrets) {
+        match self {
+            Kernel::Client(k) => k.update_tx_secret().unwrap(),
+            Kernel::Server(k) => k.update_tx_secret().unwrap(),
+        }
+    }
+
+    fn update_rx(&mut self) -> (u64, ConnectionTrafficSecrets) {
+        match self {
+            Kernel::Client(k) => k.update_rx_secret().unwrap(),
+            Kernel::Server(k) => k.update_rx_secret().unwrap(),
+        }
+    }
+}
+
+/// A TLS 1.3 peer (client or server) that completes rustls's handshake and then writes records
+/// itself: valid ones, or broken in a chosen way.
 pub struct RawTls {
     pub io: TcpStream,
-    kernel: KernelConnection<ClientConnectionData>,
+    kernel: Kernel,
     tx: Keys,
     rx: Keys,
     rbuf: Vec<u8>,
@@ -380,6 +410,16 @@ pub enum Record {
 impl RawTls {
     /// Connects and completes the handshake with `config` (which needs secret extraction).
     pub async fn connect(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> RawTls {
+        Self::connect_then(addr, config, |_| Vec::new()).await
+    }
+
+    /// Like [`RawTls::connect`], with the records `early` makes sent in the same write as the
+    /// client's last handshake flight (so the server reads them together with its Finished).
+    pub async fn connect_then(
+        addr: SocketAddr,
+        config: Arc<rustls::ClientConfig>,
+        early: impl FnOnce(&mut RawTls) -> Vec<u8>,
+    ) -> RawTls {
         let mut config = (*config).clone();
         config.enable_secret_extraction = true;
         let name = ServerName::IpAddress(addr.ip().into());
@@ -407,11 +447,8 @@ impl RawTls {
                     };
                     outgoing.truncate(start + n);
                 }
-                ConnectionState::TransmitTlsData(s) => {
-                    io.write_all(&outgoing).await.unwrap();
-                    outgoing.clear();
-                    s.done();
-                }
+                // Written before the next read, or with the records after the handshake.
+                ConnectionState::TransmitTlsData(s) => s.done(),
                 ConnectionState::BlockedHandshake => read = true,
                 ConnectionState::ReadTraffic(mut r) => {
                     while let Some(rec) = r.next_record() {
@@ -427,8 +464,112 @@ impl RawTls {
                 break;
             }
             if read {
+                io.write_all(&outgoing).await.unwrap();
+                outgoing.clear();
                 let n = io.read(&mut incoming[used..]).await.unwrap();
                 assert!(n > 0, "the server closed during the handshake");
+                used += n;
+            }
+        }
+        let (secrets, kernel) = conn.dangerous_into_kernel_connection().unwrap();
+        let mut raw = RawTls {
+            io,
+            kernel: Kernel::Client(kernel),
+            tx: Keys::new(secrets.tx),
+            rx: Keys::new(secrets.rx),
+            rbuf: incoming[..used].to_vec(),
+        };
+        outgoing.extend(early(&mut raw));
+        if !outgoing.is_empty() {
+            raw.io.write_all(&outgoing).await.unwrap();
+        }
+        raw
+    }
+
+    /// Sends the HTTP/2 preface and SETTINGS and waits for the server's first data record:
+    /// from then on, our records reach the server's record layer (not rustls's handshake).
+    pub async fn h2_hello(&mut self) {
+        let mut hello = PREFACE.to_vec();
+        hello.extend(settings(&[]));
+        let record = self.seal(APPLICATION_DATA, &hello);
+        self.send(&record).await.unwrap();
+        loop {
+            match self.next_record(Duration::from_secs(5)).await {
+                Some(Record::Data(_)) => return,
+                Some(_) => {}
+                None => panic!("the server said nothing after the preface"),
+            }
+        }
+    }
+
+    /// The server side: accepts `io` with `config` (which needs secret extraction); the client's
+    /// records after its Finished are left for `next_record`.
+    pub async fn accept(mut io: TcpStream, config: Arc<rustls::ServerConfig>) -> RawTls {
+        let mut config = (*config).clone();
+        config.enable_secret_extraction = true;
+        // No tickets: nothing of ours comes before the first record the test writes.
+        config.send_tls13_tickets = 0;
+        let mut conn = UnbufferedServerConnection::new(Arc::new(config)).unwrap();
+        io.set_nodelay(true).unwrap();
+        let mut incoming = vec![0u8; 64 * 1024];
+        let mut used = 0;
+        let mut outgoing = Vec::new();
+        loop {
+            // One record at a time: what follows the client's Finished stays ours.
+            let fed = if conn.is_handshaking() {
+                match incoming[..used].get(3..5) {
+                    Some(l) if used >= 5 + u16::from_be_bytes([l[0], l[1]]) as usize => {
+                        5 + u16::from_be_bytes([l[0], l[1]]) as usize
+                    }
+                    _ => used,
+                }
+            } else {
+                0
+            };
+            let UnbufferedStatus { discard, state } =
+                conn.process_tls_records(&mut incoming[..fed]);
+            let mut read = false;
+            let mut done = false;
+            match state.unwrap() {
+                ConnectionState::EncodeTlsData(mut s) => {
+                    let start = outgoing.len();
+                    outgoing.resize(start + 16 * 1024, 0);
+                    let n = match s.encode(&mut outgoing[start..]) {
+                        Err(EncodeError::InsufficientSize(need)) => {
+                            outgoing.resize(start + need.required_size, 0);
+                            s.encode(&mut outgoing[start..]).unwrap()
+                        }
+                        other => other.unwrap(),
+                    };
+                    outgoing.truncate(start + n);
+                }
+                ConnectionState::TransmitTlsData(s) => {
+                    io.write_all(&outgoing).await.unwrap();
+                    outgoing.clear();
+                    s.done();
+                }
+                ConnectionState::BlockedHandshake => read = true,
+                ConnectionState::WriteTraffic(_) => done = true,
+                other => panic!("unexpected handshake state {other:?}"),
+            }
+            incoming.copy_within(discard..used, 0);
+            used -= discard;
+            if done && conn.is_handshaking() {
+                // Its first flight sent, a server waits for the client's Finished.
+                done = false;
+                read = true;
+            }
+            if done {
+                break;
+            }
+            if read {
+                let has_record = matches!(incoming[..used].get(3..5),
+                    Some(l) if used >= 5 + u16::from_be_bytes([l[0], l[1]]) as usize);
+                if discard > 0 && has_record {
+                    continue;
+                }
+                let n = io.read(&mut incoming[used..]).await.unwrap();
+                assert!(n > 0, "the client closed during the handshake");
                 used += n;
             }
         }
@@ -438,7 +579,7 @@ impl RawTls {
         let (secrets, kernel) = conn.dangerous_into_kernel_connection().unwrap();
         RawTls {
             io,
-            kernel,
+            kernel: Kernel::Server(kernel),
             tx: Keys::new(secrets.tx),
             rx: Keys::new(secrets.rx),
             rbuf: incoming[..used].to_vec(),
@@ -464,7 +605,7 @@ impl RawTls {
     /// A KeyUpdate record (under the current key); our key moves on after it.
     pub fn key_update(&mut self, requested: bool) -> Vec<u8> {
         let record = self.seal(HANDSHAKE, &[24, 0, 0, 1, u8::from(requested)]);
-        self.tx = Keys::new(self.kernel.update_tx_secret().unwrap());
+        self.tx = Keys::new(self.kernel.update_tx());
         record
     }
 
@@ -495,7 +636,7 @@ impl RawTls {
                         ALERT => Record::Alert(content[0], content[1]),
                         _ => {
                             if content.first() == Some(&24) {
-                                self.rx = Keys::new(self.kernel.update_rx_secret().unwrap());
+                                self.rx = Keys::new(self.kernel.update_rx());
                             }
                             Record::Handshake(content)
                         }
