@@ -223,8 +223,13 @@ impl<C: Connector> Inbound<C> {
             registered,
             ..
         } = &mut established;
-        let copy = std::pin::pin!(hbone::copy_tunnel_bidirectional(tunnel, app));
-        copy_until_closed(copy, registered, &mut outcome).await;
+        let aborted = {
+            let copy = std::pin::pin!(hbone::copy_tunnel_bidirectional(tunnel, &mut *app));
+            copy_until_closed(copy, registered, &mut outcome).await
+        };
+        if aborted {
+            crate::sockets::reset_on_close(app.get_ref());
+        }
         outcome.duration = started.elapsed();
         outcome
     }
@@ -248,22 +253,29 @@ pub(crate) async fn dial_app<C: Connector>(
 
 /// Runs an inbound connection's `copy` until it ends or a policy change closes the connection,
 /// recording the bytes moved and why it ended in `outcome`. `copy` is pinned by the caller, so the
-/// copy's state is stored once, in the caller's future.
+/// copy's state is stored once, in the caller's future. Returns whether the connection was
+/// aborted (the copy failed, or the policy change closed it): its sockets are then reset, not
+/// closed (`sockets::reset_on_close`).
 pub(crate) async fn copy_until_closed(
     copy: std::pin::Pin<&mut impl Future<Output = Result<hbone::Transferred, hbone::CopyError>>>,
     registered: &Registered,
     outcome: &mut InboundOutcome,
-) {
+) -> bool {
     tokio::select! {
         copied = copy => match copied {
-            Ok(t) => outcome.bytes = (t.a_to_b, t.b_to_a),
+            Ok(t) => {
+                outcome.bytes = (t.a_to_b, t.b_to_a);
+                false
+            }
             Err(e) => {
                 outcome.bytes = (e.transferred.a_to_b, e.transferred.b_to_a);
                 outcome.error = Some(e.to_string());
+                true
             }
         },
         reason = registered.closed() => {
             outcome.error = Some(format!("connection closed due to policy change: {reason}"));
+            true
         }
     }
 }

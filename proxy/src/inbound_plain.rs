@@ -129,8 +129,14 @@ impl<C: Connector> PlainInbound<C> {
         drop(state);
         let mut app = open.count(app, Flow::Sent);
         outcome.status = 200;
-        let copy = std::pin::pin!(hbone::copy_bidirectional(&mut client, &mut app));
-        copy_until_closed(copy, &registered, &mut outcome).await;
+        let aborted = {
+            let copy = std::pin::pin!(hbone::copy_bidirectional(&mut client, &mut app));
+            copy_until_closed(copy, &registered, &mut outcome).await
+        };
+        if aborted {
+            crate::sockets::reset_on_close(&client);
+            crate::sockets::reset_on_close(app.get_ref());
+        }
         outcome.duration = started.elapsed();
         outcome
     }

@@ -435,6 +435,11 @@ pub struct Counted<S> {
 }
 
 impl<S> Counted<S> {
+    /// The stream counted.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
     /// Counts `n` bytes read from the stream before it was wrapped (the client's first bytes,
     /// sent along with the CONNECT).
     pub fn count_read(&self, n: usize) {

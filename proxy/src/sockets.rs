@@ -33,6 +33,16 @@ pub fn original_dst(stream: &TcpStream, peer: SocketAddr) -> io::Result<OrigDst>
     Ok(OrigDst(addr))
 }
 
+/// Makes `socket` end with a TCP reset instead of a FIN when it is closed: for a connection
+/// whose other half was aborted (a tunnel reset by its peer, an HBONE connection lost, the other
+/// socket reset, a policy change), so its application sees an error, never a clean end it could
+/// take a truncated transfer for. (`SO_LINGER` of zero; the close does not block.)
+pub fn reset_on_close(socket: &TcpStream) {
+    if let Err(e) = socket.set_zero_linger() {
+        tracing::debug!(error = %e, "cannot make a socket reset on close");
+    }
+}
+
 /// Connects to `to` from a socket carrying `mark` (when set), so capture rules skip it.
 pub async fn connect_marked(to: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
     let stream = marked_socket(to, mark)?.connect(to).await?;

@@ -225,3 +225,108 @@ async fn a_policy_change_closes_a_connection_it_now_denies() {
     assert!(o.error.unwrap().contains("policy change"));
     assert!(node.connections.is_empty());
 }
+
+/// An app that reads until its connection ends and reports how: `Ok(bytes)` for a clean end
+/// (FIN), `Err(kind)` for a reset.
+async fn recording_app(
+    at: IpAddr,
+) -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<Result<Vec<u8>, std::io::ErrorKind>>,
+) {
+    let listener = TcpListener::bind(SocketAddr::new(at, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let end = match tcp.read_to_end(&mut got).await {
+                    Ok(_) => Ok(got),
+                    Err(e) => Err(e.kind()),
+                };
+                let _ = tx.send(end);
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Dials plain TCP and keeps a handle on each socket, so a test can cut the HBONE connection.
+#[derive(Clone, Default)]
+struct Cuttable(Arc<Mutex<Vec<std::net::TcpStream>>>);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_that_aborts_resets_the_apps_connection_instead_of_ending_it() {
+    let (app, mut ends) = recording_app(LOOPBACK).await;
+    let node = node(&["default/allow-sleep"]).await;
+    let authority: Authority = app.to_string().parse().unwrap();
+    // The client resets its tunnel half-way (RST_STREAM): the app must not take the half it got
+    // for all of it.
+    let mut t = client(&node.ca, "sleep")
+        .connect((), node.addr, &authority, HeaderMap::new())
+        .await
+        .unwrap();
+    t.write_all(b"half of it").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    t.abort();
+    let end = tokio::time::timeout(Duration::from_secs(5), ends.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset), "{end:?}");
+    // The whole HBONE connection is cut (no close_notify, no GOAWAY): the same.
+    let sockets = Cuttable::default();
+    let creds = node.ca.issue(&id("sleep"), HOUR).unwrap();
+    let tls =
+        identity::tls::client_config(creds.chain, creds.key, node.ca.roots(), vec![id("web")])
+            .unwrap();
+    let pool = Pool::new(Config::default(), CutDialer(Arc::new(tls), sockets.clone()));
+    let mut t = pool
+        .connect((), node.addr, &authority, HeaderMap::new())
+        .await
+        .unwrap();
+    t.write_all(b"half of it").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for s in sockets.0.lock().unwrap().iter() {
+        s.shutdown(std::net::Shutdown::Both).unwrap();
+    }
+    let end = tokio::time::timeout(Duration::from_secs(5), ends.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset), "{end:?}");
+    // And a clean end stays clean.
+    let mut t = client(&node.ca, "sleep")
+        .connect((), node.addr, &authority, HeaderMap::new())
+        .await
+        .unwrap();
+    t.write_all(b"all of it").await.unwrap();
+    t.shutdown().await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(5), ends.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(end, Ok(b"all of it".to_vec()));
+}
+
+/// A dialer with one TLS configuration that keeps a handle on every socket it opens.
+struct CutDialer(Arc<rustls::ClientConfig>, Cuttable);
+
+impl hbone::Dialer<()> for CutDialer {
+    async fn client_config(&self, _: &()) -> Result<Arc<rustls::ClientConfig>, hbone::BoxError> {
+        Ok(self.0.clone())
+    }
+
+    async fn connect_tcp(
+        &self,
+        _: &(),
+        target: SocketAddr,
+    ) -> std::io::Result<tokio::net::TcpStream> {
+        let tcp = tokio::net::TcpStream::connect(target).await?.into_std()?;
+        self.1.0.lock().unwrap().push(tcp.try_clone()?);
+        tokio::net::TcpStream::from_std(tcp)
+    }
+}

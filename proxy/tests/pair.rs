@@ -273,3 +273,42 @@ async fn outside_the_mesh_is_a_passthrough_and_a_dead_hbone_port_is_explained() 
     let error = out.error.unwrap();
     assert!(error.contains(&format!("{}:15008", ip(3, 3))), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_that_resets_its_connection_resets_the_clients_too() {
+    // The destination app resets after reading the request: its proxy resets the tunnel, and
+    // the client's proxy must reset the client's connection, not end it cleanly.
+    let mesh = mesh(5).await;
+    let resetting = TcpListener::bind(SocketAddr::new(ip(5, 2), 0)).await.unwrap();
+    let destination = resetting.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = resetting.accept().await.unwrap();
+            let mut buf = [0u8; 5];
+            let _ = tcp.read_exact(&mut buf).await;
+            tcp.set_zero_linger().unwrap();
+            drop(tcp);
+        }
+    });
+    let (mut app_side, captured, peer) = captured(&mesh, 1).await;
+    let outbound = mesh.outbound.clone();
+    let task = tokio::spawn(async move {
+        let source = proxy::state::LocalWorkload::from("sleep");
+        outbound
+            .serve(captured, ClientAddr(peer), OrigDst(destination), &source)
+            .await
+    });
+    app_side.write_all(b"hello").await.unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), app_side.read_to_end(&mut got))
+        .await
+        .expect("the client's connection did not end");
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the client saw a clean end after {} bytes",
+        got.len()
+    );
+    let outcome = task.await.unwrap();
+    assert!(outcome.error.is_some(), "{outcome:?}");
+}

@@ -313,3 +313,101 @@ fn labelling_back_releases_the_pods_without_restarting_them() {
     assert!(ok, "{err}");
     assert_eq!(mesh.traces(), Vec::<String>::new());
 }
+
+#[test]
+fn long_lived_streams_beside_short_calls_never_stall() {
+    // 20 echo streams of 100 KB/s each from sleep to web-api's pod, every byte checked on its
+    // way back, beside HTTP calls from sleep to web-api:8080 (-> recommendation ->
+    // purchase-history) at 100 a second: no call may take 2 s, no stream may sit 2 s with bytes
+    // outstanding. (The outbound proxy's first read of a new connection once lost the wake-up
+    // for bytes that arrived during it: 1 call in about 4,300 of this mix waited for its
+    // timeout.)
+    let mesh = Local::new(6);
+    mesh.up();
+    let (ok, _, err) = mesh.run(&[
+        "label",
+        "namespace",
+        "default",
+        "istio.io/dataplane-mode=ambient",
+    ]);
+    assert!(ok, "{err}");
+    let captured = |pod: &str| {
+        let (_, out, _) = mesh.run(&["status"]);
+        out.lines()
+            .any(|l| l.contains(&format!("default/{pod}-0 ")) && l.contains(": captured"))
+    };
+    mesh.wait("sleep and web-api captured", || {
+        captured("sleep") && captured("web-api")
+    });
+    let web_ns = format!("{}-pod-default-web-api-0", mesh.prefix);
+    let addr = Command::new("ip")
+        .args(["-n", &web_ns, "-4", "-o", "addr", "show"])
+        .output()
+        .unwrap();
+    let web_ip = String::from_utf8_lossy(&addr.stdout)
+        .split_whitespace()
+        .find_map(|w| {
+            w.split('/')
+                .next()
+                .filter(|ip| ip.starts_with(&format!("{}.", mesh.subnet)))
+                .map(str::to_owned)
+        })
+        .expect("web-api's pod address");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mix_load.py");
+    let mut echo = common::Running(
+        Command::new("ip")
+            .args(["netns", "exec", &web_ns, "python3", script, "echo", "9090"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut ready = String::new();
+    BufReader::new(echo.0.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(ready.trim(), "ready", "the echo server did not start");
+    let echo_addr = format!("{web_ip}:9090");
+    let (ok, out, err) = mesh.run(&[
+        "exec",
+        "sleep",
+        "--",
+        "python3",
+        script,
+        "load",
+        "--echo",
+        &echo_addr,
+        "--http",
+        "web-api:8080",
+        "--streams",
+        "20",
+        "--stream-rate",
+        "100000",
+        "--rate",
+        "100",
+        "--seconds",
+        "30",
+    ]);
+    assert!(ok, "the load did not run: {err}");
+    let stats: serde_json::Value = serde_json::from_str(out.trim()).expect(&out);
+    eprintln!("mixed load: {stats}");
+    for key in [
+        "call_failures",
+        "call_stalls",
+        "echo_mismatches",
+        "stream_stalls",
+        "stream_failures",
+        "stream_short",
+    ] {
+        assert_eq!(stats[key], 0, "{key}: {stats}");
+    }
+    assert!(stats["calls"].as_u64().unwrap() >= 2_500, "{stats}");
+    // 20 streams for 30 s at 100 KB/s each: about 60 MB echoed.
+    assert!(
+        stats["echo_bytes"].as_u64().unwrap() >= 40_000_000,
+        "{stats}"
+    );
+    drop(echo);
+    let (ok, _, err) = mesh.run(&["down"]);
+    assert!(ok, "{err}");
+    assert_eq!(mesh.traces(), Vec::<String>::new());
+}

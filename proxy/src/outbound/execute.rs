@@ -245,7 +245,23 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
         };
         match result {
             Ok(bytes) => outcome.bytes = bytes,
-            Err(e) => outcome.error = Some(e),
+            Err(e) => {
+                // Aborted (the tunnel reset, the connection lost, a socket reset): the client
+                // and the destination see a reset, not a clean end.
+                match &flowing {
+                    Ok(Flowing::Hbone { client, .. }) => {
+                        crate::sockets::reset_on_close(client.get_ref())
+                    }
+                    Ok(Flowing::Direct {
+                        client, upstream, ..
+                    }) => {
+                        crate::sockets::reset_on_close(client.get_ref());
+                        crate::sockets::reset_on_close(upstream);
+                    }
+                    Err(_) => {}
+                }
+                outcome.error = Some(e);
+            }
         }
         outcome.duration = started.elapsed();
         debug!(?outcome, "outbound connection done");
@@ -419,29 +435,77 @@ const FIRST_BYTES: usize = 16 * 1024;
 /// has only closed its side: the copy sees that end). A client that speaks first (a request,
 /// a TLS ClientHello) has usually sent by the time its connection is accepted, and its bytes go
 /// with the CONNECT instead of a round trip between the proxies later. Reads the socket itself,
-/// whatever tokio assumes of a socket its reactor has not yet polled, then tells tokio what the
+/// whatever tokio assumes of a socket its reactor has not yet polled, and tells tokio what the
 /// read showed: a read short of the buffer drained the socket, so the copy's first read waits
-/// for the next event instead of finding nothing (tokio takes an accepted socket for readable;
-/// one `recvfrom` per connection fewer). Bytes or an end that arrive later raise a new event.
+/// for the next event instead of finding nothing (one `recvfrom` per connection fewer), while
+/// bytes or an end that arrive during or after the read are never taken for seen (see
+/// [`read_first`]).
 fn first_bytes(client: &TcpStream) -> std::io::Result<bytes::Bytes> {
+    read_first(client, || {})
+}
+
+/// [`first_bytes`], running `between` after the read and before tokio's readiness is cleared
+/// (for the test of that race).
+///
+/// The read runs inside tokio's `try_io` whenever tokio already holds the socket for readable:
+/// tokio notes its readiness before the read, and a read that comes back short (or finds
+/// nothing) clears only that readiness, so an event for bytes that arrive during the read (the
+/// reactor may take it on another thread meanwhile) stands. (Reading first and clearing after, the
+/// clear took such an event with it: the bytes sat in the socket, unannounced, until the client
+/// sent more, which a client waiting for its answer never does.) When tokio has not yet seen the
+/// socket readable, the read is made directly and nothing is cleared.
+fn read_first(client: &TcpStream, between: impl FnOnce()) -> std::io::Result<bytes::Bytes> {
+    let mut between = Some(between);
+    let mut short = None;
+    let through_tokio = client.try_io(tokio::io::Interest::READABLE, || {
+        let read = recv_now(client);
+        if let Some(between) = between.take() {
+            between();
+        }
+        match read {
+            // Short of the buffer: the socket was drained; tokio may clear what it noted.
+            Ok(Some(bytes)) if !bytes.is_empty() && bytes.len() < FIRST_BYTES => {
+                short = Some(bytes);
+                Err(std::io::ErrorKind::WouldBlock.into())
+            }
+            // Nothing there: cleared the same way.
+            Ok(None) => Err(std::io::ErrorKind::WouldBlock.into()),
+            // A full buffer (more may wait) or the end (for the copy to read): kept.
+            Ok(Some(bytes)) => Ok(bytes),
+            Err(e) => Err(e),
+        }
+    });
+    match through_tokio {
+        Ok(bytes) => Ok(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => match (short, between) {
+            (Some(bytes), _) => Ok(bytes),
+            // The read ran and found nothing.
+            (None, None) => Ok(bytes::Bytes::new()),
+            // tokio has not seen the socket readable yet: read it anyway, clearing nothing.
+            (None, Some(between)) => {
+                let read = recv_now(client);
+                between();
+                Ok(read?.unwrap_or_default())
+            }
+        },
+        Err(e) => Err(e),
+    }
+}
+
+/// One non-blocking read of up to `FIRST_BYTES`; `Ok(Some(empty))` is the end of the stream,
+/// `Ok(None)` means nothing was there.
+fn recv_now(client: &TcpStream) -> std::io::Result<Option<bytes::Bytes>> {
     use nix::sys::socket::{MsgFlags, recv};
-    let first = FIRST_BUF.with_borrow_mut(|buf| -> std::io::Result<bytes::Bytes> {
+    FIRST_BUF.with_borrow_mut(|buf| {
         loop {
             match recv(client.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
-                Ok(n) => return Ok(bytes::Bytes::copy_from_slice(&buf[..n])),
-                Err(nix::errno::Errno::EAGAIN) => return Ok(bytes::Bytes::new()),
+                Ok(n) => return Ok(Some(bytes::Bytes::copy_from_slice(&buf[..n]))),
+                Err(nix::errno::Errno::EAGAIN) => return Ok(None),
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => return Err(e.into()),
             }
         }
-    })?;
-    if first.len() < FIRST_BYTES {
-        // Clears only the readiness tokio holds now, never a closed state it saw.
-        let _ = client.try_io(tokio::io::Interest::READABLE, || {
-            Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
-        });
-    }
-    Ok(first)
+    })
 }
 
 thread_local! {
@@ -530,5 +594,34 @@ mod tests {
             .expect("the later bytes and the end")
             .unwrap();
         assert_eq!(rest, b" again");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bytes_that_arrive_while_the_first_read_runs_wake_the_copy() {
+        // The client's request arrives just after the first read found nothing, and the reactor
+        // (on the other worker) takes its event before the first read's end: that event must not
+        // be forgotten, or the request waits for the client's next bytes, which never come
+        // (1 request in about 4,300 stalled this way under load).
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut client, _) = listener.accept().await.unwrap();
+        // Let the reactor see the new socket first, as it usually has.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let first = super::read_first(&client, || {
+            use std::io::Write;
+            (&app).write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        })
+        .unwrap();
+        let mut got = first.to_vec();
+        while got.len() < 18 {
+            let mut buf = [0u8; 64];
+            let n = tokio::time::timeout(Duration::from_secs(2), client.read(&mut buf))
+                .await
+                .expect("the request's bytes, which arrived during the first read")
+                .unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, b"GET / HTTP/1.1\r\n\r\n");
     }
 }
