@@ -139,7 +139,7 @@ impl fmt::Display for Authority {
 ///
 /// Checks the parser's invariants on arbitrary bytes: it never panics, and whatever it accepts
 /// prints back to a string that parses to the same value.
-#[doc(hidden)]
+#[cfg(feature = "fuzzing")]
 pub fn fuzz_authority(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;

@@ -79,6 +79,7 @@ mod authority;
 mod config;
 mod copy;
 mod error;
+#[cfg(feature = "fuzzing")]
 mod fuzz;
 pub mod headers;
 mod keepalive;
@@ -88,14 +89,18 @@ mod server;
 mod tunnel;
 mod wire;
 
-pub use authority::{Authority, AuthorityError, fuzz_authority};
+pub use authority::{Authority, AuthorityError};
+#[cfg(feature = "fuzzing")]
+pub use authority::fuzz_authority;
 pub use config::{Allowance, Config};
 pub use copy::{
     CopyError, Direction, Operation, Transferred, copy_bidirectional, copy_tunnel_bidirectional,
 };
 pub use error::{BoxError, Error, Http2Error, Side, Stage};
-pub use fuzz::{fuzz_client_frames, fuzz_server_frames};
+#[cfg(feature = "fuzzing")]
+pub use fuzz::{Differential, fuzz_client_frames, fuzz_h2_differential, fuzz_server_frames};
 pub use pool::{Dialer, Pool, StaticTls};
+#[cfg(feature = "fuzzing")]
 pub use record::fuzz_tls_records;
 pub use server::{ConnectHandler, InboundConnect, Server, ServerTls};
 pub use tunnel::Tunnel;

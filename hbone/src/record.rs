@@ -1474,11 +1474,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<T> {
 
 /// A self-signed certificate (`localhost`, valid until 2126) for the handshakes of the fuzz target
 /// and of this module's tests only; it is public and trusts nothing else.
+#[cfg(any(test, feature = "fuzzing"))]
 const FUZZ_CERT: &[u8] = include_bytes!("fuzz_cert/cert.pem");
+#[cfg(any(test, feature = "fuzzing"))]
 const FUZZ_KEY: &[u8] = include_bytes!("fuzz_cert/key.pem");
 
 /// A server presenting the certificate above (TLS 1.3, no client authentication: the record layer
 /// is the same either way) and a client trusting it that offers what `client` has.
+#[cfg(any(test, feature = "fuzzing"))]
 fn self_signed_configs(
     client: rustls::crypto::CryptoProvider,
 ) -> (Arc<ServerConfig>, Arc<ClientConfig>) {
@@ -1504,6 +1507,7 @@ fn self_signed_configs(
     (Arc::new(server), Arc::new(client))
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
 fn fuzz_configs() -> (Arc<ServerConfig>, Arc<ClientConfig>) {
     static CONFIGS: std::sync::OnceLock<(Arc<ServerConfig>, Arc<ClientConfig>)> =
         std::sync::OnceLock::new();
@@ -1523,6 +1527,7 @@ fn fuzz_configs() -> (Arc<ServerConfig>, Arc<ClientConfig>) {
 /// the reader takes records opened in its own buffer (`poll_read_into`, as the HTTP/2
 /// connection reads), else it reads through `AsyncRead`; both must deliver the same. Returns how
 /// many bytes of application data the reader got.
+#[cfg(feature = "fuzzing")]
 pub fn fuzz_tls_records(data: &[u8]) -> usize {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -68,3 +68,14 @@ fn tls_records_target_over_seed_corpus() {
         files.len()
     );
 }
+
+#[test]
+fn h2_differential_target_over_seed_corpus() {
+    let files = seed_corpus::seeds("h2_differential");
+    let mut forwarded = 0;
+    for data in &files {
+        forwarded += hbone::fuzz_h2_differential(data).ours;
+    }
+    // Some seeds carry well-formed CONNECTs, so the comparison runs on forwarded streams too.
+    assert!(forwarded >= 3, "only {forwarded} CONNECTs forwarded");
+}

@@ -330,6 +330,9 @@ pub(crate) struct Session {
     control_frames: Bucket,
     /// The time `recv` was called with, for the budget.
     now: Instant,
+    /// Requests refused as malformed (RFC 9113 §8.1.1) so far: where `h2` ends the whole
+    /// connection instead, the differential fuzz target stops comparing.
+    malformed: u32,
 }
 
 /// A stream's receive state as the handle sees it.
@@ -394,6 +397,7 @@ impl Session {
             stream_errors: Bucket::new(limits.stream_errors),
             control_frames: Bucket::new(limits.control_frames),
             now: Instant::now(),
+            malformed: 0,
             limits,
         }
     }
@@ -406,6 +410,12 @@ impl Session {
     /// Whether `out` holds more than a socket that is not taking it may make us queue.
     pub(crate) fn out_full(&self) -> bool {
         self.out.len() > self.limits.max_send_buffer
+    }
+
+    /// How many requests were refused as malformed.
+    #[cfg(feature = "fuzzing")]
+    pub(crate) fn malformed(&self) -> u32 {
+        self.malformed
     }
 
     /// Whether the peer's first SETTINGS frame has arrived.
@@ -813,7 +823,10 @@ impl Session {
                     HeadError::TooLarge(_) => {
                         Refusal::Status(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
                     }
-                    _ => Refusal::Reset(Reason::PROTOCOL_ERROR),
+                    _ => {
+                        self.malformed += 1;
+                        Refusal::Reset(Reason::PROTOCOL_ERROR)
+                    }
                 };
                 return self.refuse(id, refusal);
             }
