@@ -221,7 +221,8 @@ fn before_first_malformed(chunks: &[&[u8]]) -> usize {
         let _ = session.recv(&mut buf, std::time::Instant::now());
         while let std::task::Poll::Ready(Some(_)) =
             session.poll_accept(&mut std::task::Context::from_waker(std::task::Waker::noop()))
-        {}
+        {
+        }
         if session.malformed() > 0 {
             return i;
         }

@@ -89,9 +89,9 @@ mod server;
 mod tunnel;
 mod wire;
 
-pub use authority::{Authority, AuthorityError};
 #[cfg(feature = "fuzzing")]
 pub use authority::fuzz_authority;
+pub use authority::{Authority, AuthorityError};
 pub use config::{Allowance, Config};
 pub use copy::{
     CopyError, Direction, Operation, Transferred, copy_bidirectional, copy_tunnel_bidirectional,

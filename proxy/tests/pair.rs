@@ -279,7 +279,9 @@ async fn a_destination_that_resets_its_connection_resets_the_clients_too() {
     // The destination app resets after reading the request: its proxy resets the tunnel, and
     // the client's proxy must reset the client's connection, not end it cleanly.
     let mesh = mesh(5).await;
-    let resetting = TcpListener::bind(SocketAddr::new(ip(5, 2), 0)).await.unwrap();
+    let resetting = TcpListener::bind(SocketAddr::new(ip(5, 2), 0))
+        .await
+        .unwrap();
     let destination = resetting.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
