@@ -22,7 +22,10 @@
 //!   error (`UnexpectedEof`), as it was with rustls.
 //!
 //! Anything else (a record too long, a bad tag, an unknown content type, a plaintext record after
-//! the handshake, a handshake message we do not expect) fails the stream with `InvalidData`.
+//! the handshake, a handshake message we do not expect) fails the stream with `InvalidData`, after
+//! the fatal alert RFC 8446 §6 names for it is sent (best effort: what the socket takes at once).
+//! As rustls does, a peer may have at most one KeyUpdate answer of ours pending and may send at
+//! most 32 KeyUpdates, or 32 empty records, in a row without data between them.
 
 use std::io;
 use std::pin::Pin;

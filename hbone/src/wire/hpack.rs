@@ -439,6 +439,73 @@ mod tests {
     }
 
     #[test]
+    fn a_connect_is_malformed_with_scheme_path_or_protocol_or_without_authority() {
+        let a: &[u8] = b"10.0.0.1:80";
+        type Fields<'a> = &'a [(&'a [u8], &'a [u8])];
+        let cases: &[(Fields<'_>, &str)] = &[
+            (
+                &[
+                    (b":method", b"CONNECT"),
+                    (b":authority", a),
+                    (b":path", b"/"),
+                ],
+                ":path",
+            ),
+            (
+                &[
+                    (b":method", b"CONNECT"),
+                    (b":authority", a),
+                    (b":scheme", b"https"),
+                ],
+                ":scheme",
+            ),
+            (
+                &[
+                    (b":method", b"CONNECT"),
+                    (b":authority", a),
+                    (b":protocol", b"ws"),
+                ],
+                ":protocol",
+            ),
+            (&[(b":method", b"CONNECT")], "without :authority"),
+            (
+                &[(b":method", b"CONNECT"), (b":authority", b"a b:1")],
+                "authority",
+            ),
+            (
+                &[(b":method", b"GET"), (b":authority", a)],
+                "without :scheme",
+            ),
+        ];
+        for (fields, why) in cases {
+            let err = Decoder::new().request(&raw(fields), 8192).unwrap_err();
+            assert!(
+                matches!(&err, HeadError::Malformed(m) if m.contains(why)),
+                "{fields:?}: {err}"
+            );
+        }
+        let get = raw(&[
+            (b":method", b"GET"),
+            (b":scheme", b"https"),
+            (b":path", b"/"),
+        ]);
+        assert_eq!(Decoder::new().request(&get, 8192).unwrap().method, b"GET");
+    }
+
+    #[test]
+    fn a_discarded_block_keeps_nothing_and_still_has_a_limit() {
+        let mut d = Decoder::new();
+        // 100 fields of 33 bytes: within 4 times 1,000; 200 are not.
+        let mut block = BytesMut::new();
+        for _ in 0..100 {
+            block.extend_from_slice(&raw(&[(b"x", b"")]));
+        }
+        assert!(d.discard(&block, 1000).is_ok());
+        block.extend_from_slice(&block.clone());
+        assert_eq!(d.discard(&block, 1000), Err(HeadError::Abusive(4000)));
+    }
+
+    #[test]
     fn the_size_limit_counts_as_http2_does() {
         // 7 + 7 + 32 = 46 bytes for ":method: CONNECT", 10 + 3 + 32 = 45 for ":authority: a:1".
         let block = raw(&[(b":method", b"CONNECT"), (b":authority", b"a:1")]);

@@ -1762,6 +1762,33 @@ mod tests {
     }
 
     #[test]
+    fn small_frames_left_unread_are_copied_together_in_order() {
+        let (mut client, mut server) = pair();
+        let id = tunnel(&mut client, &mut server);
+        // A first frame, then 10,000 one-byte frames and a large one, none of them read yet.
+        let mut sent = Vec::new();
+        let mut frame_of = |s: &mut Session, data: &[u8]| {
+            send(s, id, data);
+            sent.extend_from_slice(data);
+        };
+        frame_of(&mut client, b"first");
+        for i in 0..10_000u32 {
+            frame_of(&mut client, &[(i % 251) as u8]);
+        }
+        frame_of(&mut client, &[9u8; COPY_BELOW]);
+        frame_of(&mut client, b"last");
+        pump(&mut client, &mut server);
+        let stream = &server.streams[&id];
+        // The first in place, the small ones in one copy, the large one in place, then "last".
+        assert_eq!(stream.queue.len(), 3, "queue entries for 10,003 frames");
+        assert_eq!(stream.tail.len(), 4);
+        assert_eq!(stream.queued, sent.len());
+        let (got, _) = recv_all(&mut server, id);
+        assert_eq!(got, sent, "the bytes arrived changed or out of order");
+        assert_eq!(server.streams[&id].queued, 0);
+    }
+
+    #[test]
     fn padding_is_stripped_and_returned_at_once() {
         let (mut client, mut server) = pair();
         let id = tunnel(&mut client, &mut server);
