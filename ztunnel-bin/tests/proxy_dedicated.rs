@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Netns, Running, TempDir, call, python, run, wait, ztunnel};
+use common::{Netns, Running, TempDir, call, python, run, veth, wait, ztunnel};
 
 fn ready(ns: &Netns) -> bool {
     let out = python(
@@ -58,19 +58,7 @@ fn a_captured_connection_crosses_two_dedicated_proxies_with_the_clients_identity
     let octet = std::process::id() % 200 + 20;
     let (ip_a, ip_b) = (format!("10.79.{octet}.1"), format!("10.79.{octet}.2"));
     let (veth_a, veth_b) = (format!("zpa{octet}"), format!("zpb{octet}"));
-    assert!(run(
-        "ip",
-        &[
-            "link", "add", &veth_a, "type", "veth", "peer", "name", &veth_b
-        ]
-    ));
-    assert!(run("ip", &["link", "set", &veth_a, "netns", &a.0]));
-    assert!(run("ip", &["link", "set", &veth_b, "netns", &b.0]));
-    for (ns, dev, ip) in [(&a, &veth_a, &ip_a), (&b, &veth_b, &ip_b)] {
-        assert!(ns.exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", dev]));
-        assert!(ns.exec(&["ip", "link", "set", dev, "up"]));
-        assert!(ns.exec(&["ip", "link", "set", "lo", "up"]));
-    }
+    veth(Some(&a), &b, (&veth_a, &ip_a), (&veth_b, &ip_b));
     // The client pod's outbound TCP goes to its proxy, except the proxy's own (marked) sockets.
     assert!(a.exec(&[
         "iptables",

@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Netns, Running, TempDir, python, run, wait, ztunnel};
+use common::{Netns, Running, TempDir, python, veth, wait, ztunnel};
 use hbone::{Config, Pool, StaticTls};
 use http::HeaderMap;
 use raw::*;
@@ -25,6 +25,14 @@ fn id(sa: &str) -> identity::SpiffeId {
     format!("spiffe://cluster.local/ns/default/sa/{sa}")
         .parse()
         .unwrap()
+}
+
+/// Connects with a valid client certificate, sends `bytes` (after the preface and SETTINGS) and
+/// listens until the proxy closes the connection or is quiet for 2 s.
+async fn hear(addr: SocketAddr, tls: &Arc<rustls::ClientConfig>, bytes: &[u8]) -> Heard {
+    let mut c = RawH2::connect(addr, tls.clone()).await;
+    c.send(bytes).await;
+    c.listen(Duration::from_secs(2)).await
 }
 
 /// The proxy's resident memory, from /proc.
@@ -44,28 +52,7 @@ async fn the_proxys_port_15008_holds_against_hostile_peers() {
     let octet = std::process::id() % 200 + 20;
     let (host_ip, pod_ip) = (format!("10.76.{octet}.1"), format!("10.76.{octet}.2"));
     let (veth_host, veth_pod) = (format!("zhh{octet}"), format!("zhp{octet}"));
-    assert!(run(
-        "ip",
-        &[
-            "link", "add", &veth_host, "type", "veth", "peer", "name", &veth_pod
-        ]
-    ));
-    assert!(run("ip", &["link", "set", &veth_pod, "netns", &ns.0]));
-    assert!(run(
-        "ip",
-        &["addr", "add", &format!("{host_ip}/24"), "dev", &veth_host]
-    ));
-    assert!(run("ip", &["link", "set", &veth_host, "up"]));
-    assert!(ns.exec(&[
-        "ip",
-        "addr",
-        "add",
-        &format!("{pod_ip}/24"),
-        "dev",
-        &veth_pod
-    ]));
-    assert!(ns.exec(&["ip", "link", "set", &veth_pod, "up"]));
-    assert!(ns.exec(&["ip", "link", "set", "lo", "up"]));
+    veth(None, &ns, (&veth_host, &host_ip), (&veth_pod, &pod_ip));
 
     let dir = TempDir::new("proxy-hostile");
     let ca = identity::DevCa::generate("cluster.local").unwrap();
@@ -126,6 +113,14 @@ async fn the_proxys_port_15008_holds_against_hostile_peers() {
         .status
         .success()
     });
+    wait("the app", || {
+        python(
+            &ns,
+            &format!("import socket\nsocket.create_connection(('{pod_ip}', 8080), timeout=1)"),
+        )
+        .status
+        .success()
+    });
     let addr: SocketAddr = format!("{pod_ip}:15008").parse().unwrap();
     let app = format!("{pod_ip}:8080");
     let creds = ca.issue(&id("sleep"), Duration::from_secs(3600)).unwrap();
@@ -157,94 +152,56 @@ async fn the_proxys_port_15008_holds_against_hostile_peers() {
     let baseline = rss_kib(pid);
     let quiet = Duration::from_secs(2);
     let connect = |authority: &str| connect_block(authority, &[]);
+    let goaway = async |bytes: Vec<u8>| hear(addr, &tls, &bytes).await.goaway();
 
     // An HPACK bomb on a skipped stream: refused unread.
-    let mut c = RawH2::connect(addr, tls.clone()).await;
     let mut seed = connect(&app);
     literal_indexed(&mut seed, b"x-bomb", &[b'a'; 4000]);
-    let mut refs = Vec::new();
-    for _ in 0..16_000 {
-        indexed(&mut refs, 62);
-    }
-    c.send(&headers(5, 0, &seed)).await;
-    c.send(&headers(3, 0, &refs)).await;
-    assert_eq!(
-        c.listen(quiet).await.goaway(),
-        Some(PROTOCOL_ERROR),
-        "HPACK bomb"
-    );
+    let refs: Vec<u8> = std::iter::repeat_n(0x80 | 62, 16_000).collect();
+    let bomb = [headers(5, 0, &seed), headers(3, 0, &refs)].concat();
+    assert_eq!(goaway(bomb).await, Some(PROTOCOL_ERROR), "HPACK bomb");
 
     // The same bomb as a new stream's request: decoded within the limit, then the connection ends.
-    let mut c = RawH2::connect(addr, tls.clone()).await;
-    let mut block = connect(&app);
-    block.extend_from_slice(&refs[..4096]);
-    c.send(&headers(1, 0, &seed)).await;
-    c.send(&headers(3, 0, &block)).await;
+    let block = [connect(&app), refs[..4096].to_vec()].concat();
+    let bomb = [headers(1, 0, &seed), headers(3, 0, &block)].concat();
     assert_eq!(
-        c.listen(quiet).await.goaway(),
+        goaway(bomb).await,
         Some(ENHANCE_YOUR_CALM),
-        "HPACK bomb on a new stream"
+        "HPACK bomb, new stream"
     );
 
     // A header block past the cap (the binary's frames are 1 MiB): refused on its frame header.
-    let mut c = RawH2::connect(addr, tls.clone()).await;
     let mut big = connect(&app);
     while big.len() < 250 * 1024 {
         literal(&mut big, b"x-pad", &[b'p'; 1000]);
     }
-    c.send(&headers(1, 0, &big)).await;
     assert_eq!(
-        c.listen(quiet).await.goaway(),
+        goaway(headers(1, 0, &big)).await,
         Some(ENHANCE_YOUR_CALM),
         "big block"
     );
 
     // MadeYouReset and rapid reset: the budget ends the connection.
-    for (what, unit) in [
-        ("MadeYouReset", window_update(0, 0)),
-        ("rapid reset", rst(0, CANCEL)),
+    for (what, then) in [
+        ("MadeYouReset", window_update as fn(u32, u32) -> Vec<u8>),
+        ("rapid reset", rst),
     ] {
-        let mut c = RawH2::connect(addr, tls.clone()).await;
-        let mut burst = Vec::new();
-        for i in 0..500u32 {
-            let id = 2 * i + 1;
-            burst.extend(headers(id, 0, &connect(&app)));
-            let mut u = unit.clone();
-            u[5..9].copy_from_slice(&id.to_be_bytes());
-            burst.extend(u);
-        }
-        c.send(&burst).await;
-        assert_eq!(
-            c.listen(quiet).await.goaway(),
-            Some(ENHANCE_YOUR_CALM),
-            "{what}"
-        );
+        let arg = if what == "rapid reset" { CANCEL } else { 0 };
+        let burst: Vec<u8> = (0..500u32)
+            .flat_map(|i| [headers(2 * i + 1, 0, &connect(&app)), then(2 * i + 1, arg)].concat())
+            .collect();
+        assert_eq!(goaway(burst).await, Some(ENHANCE_YOUR_CALM), "{what}");
     }
 
     // A malformed CONNECT is reset.
-    let mut c = RawH2::connect(addr, tls.clone()).await;
     let mut block = connect(&app);
     literal(&mut block, b":path", b"/");
-    c.send(&headers(1, 0, &block)).await;
-    assert_eq!(
-        c.listen(quiet).await.resets(),
-        vec![(1, PROTOCOL_ERROR)],
-        ":path"
-    );
+    let heard = hear(addr, &tls, &headers(1, 0, &block)).await;
+    assert_eq!(heard.resets(), vec![(1, PROTOCOL_ERROR)], ":path");
 
     // A ping flood without reading.
-    let mut c = RawH2::connect(addr, tls.clone()).await;
-    let flood = frame(PING, 0, 0, &[7; 8]).repeat(50_000);
-    for _ in 0..4 {
-        if !c.send(&flood).await {
-            break;
-        }
-    }
-    assert_eq!(
-        c.listen(quiet).await.goaway(),
-        Some(ENHANCE_YOUR_CALM),
-        "ping flood"
-    );
+    let flood = frame(PING, 0, 0, &[7; 8]).repeat(200_000);
+    assert_eq!(goaway(flood).await, Some(ENHANCE_YOUR_CALM), "ping flood");
 
     // TLS: a changed record gets bad_record_mac; a KeyUpdate flood is cut off.
     let mut c = RawTls::connect(addr, tls.clone()).await;

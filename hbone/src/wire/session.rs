@@ -590,33 +590,25 @@ impl Session {
 
     /// Charges one frame without progress to the peer's allowance; past it, ENHANCE_YOUR_CALM.
     fn control_frame(&mut self, what: &str) -> Result<(), (Reason, String)> {
-        if self.control_frames.take(self.now) {
-            return Ok(());
-        }
-        let a = self.limits.control_frames;
-        Err((
-            Reason::ENHANCE_YOUR_CALM,
-            format!(
-                "too many {what} and other frames without progress (allowance: {} at once, {} a second)",
-                a.burst, a.per_second
-            ),
-        ))
+        let spent = !self.control_frames.take(self.now);
+        calm_if(
+            spent,
+            self.limits.control_frames,
+            what,
+            "frames without progress",
+        )
     }
 
     /// Charges one stream that ended badly because of the peer; past the allowance,
     /// ENHANCE_YOUR_CALM.
     fn stream_error(&mut self, what: &str) -> Result<(), (Reason, String)> {
-        if self.stream_errors.take(self.now) {
-            return Ok(());
-        }
-        let a = self.limits.stream_errors;
-        Err((
-            Reason::ENHANCE_YOUR_CALM,
-            format!(
-                "too many {what} and other streams ended by the peer's doing (allowance: {} at once, {} a second)",
-                a.burst, a.per_second
-            ),
-        ))
+        let spent = !self.stream_errors.take(self.now);
+        calm_if(
+            spent,
+            self.limits.stream_errors,
+            what,
+            "streams ended by the peer's doing",
+        )
     }
 
     /// Resets a stream because the peer broke the rules on it, charging the peer for it.
@@ -1414,6 +1406,25 @@ pub(crate) fn data_head(id: u32, len: usize, end: bool) -> [u8; HEADER_LEN] {
         stream: id,
     }
     .encode()
+}
+
+/// ENHANCE_YOUR_CALM, naming what the peer did too much of, if it `spent` its `allowance`.
+fn calm_if(
+    spent: bool,
+    allowance: Allowance,
+    what: &str,
+    kind: &str,
+) -> Result<(), (Reason, String)> {
+    if !spent {
+        return Ok(());
+    }
+    Err((
+        Reason::ENHANCE_YOUR_CALM,
+        format!(
+            "too many {what} and other {kind} (allowance: {} at once, {} a second)",
+            allowance.burst, allowance.per_second
+        ),
+    ))
 }
 
 /// The connection error a header block's decoding ended in.

@@ -17,18 +17,17 @@ use crate::{alloc, mib};
 
 type ServerTls = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
 
-/// A hostile HBONE server on a thread of its own: each accepted connection gets TLS and the
-/// HTTP/2 preface, then `script`.
-fn hostile<F, Fut>(pki: &Pki, script: F) -> SocketAddr
+/// A server on a thread of its own (with its own runtime): each accepted connection goes to
+/// `serve` in a task of its own.
+fn spawn_server<F, Fut>(serve: F) -> SocketAddr
 where
-    F: Fn(RawH2<ServerTls>) -> Fut + Send + Sync + 'static,
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config());
     let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     std_listener.set_nonblocking(true).unwrap();
     let addr = std_listener.local_addr().unwrap();
-    let script = Arc::new(script);
+    let serve = Arc::new(serve);
     std::thread::spawn(move || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -36,21 +35,30 @@ where
             .unwrap()
             .block_on(async move {
                 let listener = TcpListener::from_std(std_listener).unwrap();
-                loop {
-                    let Ok((tcp, _)) = listener.accept().await else {
-                        return;
-                    };
-                    let acceptor = acceptor.clone();
-                    let script = script.clone();
-                    tokio::spawn(async move {
-                        if let Ok(tls) = acceptor.accept(tcp).await {
-                            script(RawH2::serve(tls).await).await;
-                        }
-                    });
+                while let Ok((tcp, _)) = listener.accept().await {
+                    tokio::spawn(serve(tcp));
                 }
             });
     });
     addr
+}
+
+/// A hostile HBONE server: each connection gets TLS and the HTTP/2 preface, then `script`.
+fn hostile<F, Fut>(pki: &Pki, script: F) -> SocketAddr
+where
+    F: Fn(RawH2<ServerTls>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config());
+    let script = Arc::new(script);
+    spawn_server(move |tcp| {
+        let (acceptor, script) = (acceptor.clone(), script.clone());
+        async move {
+            if let Ok(tls) = acceptor.accept(tcp).await {
+                script(RawH2::serve(tls).await).await;
+            }
+        }
+    })
 }
 
 /// Answers SETTINGS and PINGs until the client's CONNECT arrives; its stream id.
@@ -300,28 +308,11 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     let config = pki.server_config();
-    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    std_listener.set_nonblocking(true).unwrap();
-    let addr = std_listener.local_addr().unwrap();
     let script = Arc::new(script);
-    std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(async move {
-                let listener = TcpListener::from_std(std_listener).unwrap();
-                loop {
-                    let Ok((tcp, _)) = listener.accept().await else {
-                        return;
-                    };
-                    let config = config.clone();
-                    let script = script.clone();
-                    tokio::spawn(async move { script(RawTls::accept(tcp, config).await).await });
-                }
-            });
-    });
-    addr
+    spawn_server(move |tcp| {
+        let (config, script) = (config.clone(), script.clone());
+        async move { script(RawTls::accept(tcp, config).await).await }
+    })
 }
 
 /// Reads the client's records until its CONNECT (answering SETTINGS and PING as it comes).

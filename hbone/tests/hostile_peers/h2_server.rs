@@ -5,9 +5,33 @@ use std::time::{Duration, Instant};
 use hbone::Config;
 
 use crate::raw::*;
-use crate::{Behaviour, alloc, elsewhere, legit_round_trip, mib, target};
+use crate::{Behaviour, alloc, elsewhere, hear, legit_round_trip, mib, target};
 
 const QUIET: Duration = Duration::from_secs(2);
+
+/// The HEADERS frame of a well-formed CONNECT (to 10.0.0.1:80) opening stream `id`.
+fn open(id: u32) -> Vec<u8> {
+    headers(id, 0, &connect_block("10.0.0.1:80", &[]))
+}
+
+/// `n` streams opened (ids 1, 3, 5, ...), each followed at once by what `then` makes for it.
+fn streams_then(n: u32, then: impl Fn(u32) -> Vec<u8>) -> Vec<u8> {
+    (0..n)
+        .flat_map(|i| [open(2 * i + 1), then(2 * i + 1)].concat())
+        .collect()
+}
+
+/// Asserts that no more than `limit` handlers ran at once, that the connection ended with
+/// ENHANCE_YOUR_CALM, and that the server still serves.
+async fn calmed_with_bounded_handlers(t: &crate::Target, heard: &Heard, limit: usize) {
+    assert!(
+        t.stats.peak() <= limit,
+        "{} handlers ran at once on one connection (limit {limit})",
+        t.stats.peak()
+    );
+    assert_eq!(heard.goaway(), Some(ENHANCE_YOUR_CALM), "{heard:?}");
+    legit_round_trip(t).await;
+}
 
 /// A config with a small stream limit, so that limit tests need few streams.
 fn ten_streams() -> Config {
@@ -31,15 +55,14 @@ fn bomb(refs: usize) -> (Vec<u8>, Vec<u8>) {
 #[tokio::test(flavor = "current_thread")]
 async fn an_hpack_bomb_on_a_skipped_stream_is_refused_unread() {
     let t = target(Config::default(), Behaviour::Echo).await;
-    let (addr, tls) = (t.addr, t.pki.client_config());
     let base = alloc::reset();
-    let heard = elsewhere(move || async move {
-        let mut c = RawH2::connect(addr, tls).await;
+    let heard = hear(&t, move || {
+        let mut out = Vec::new();
         let (seed, refs) = bomb(16 * 1024 - 64);
-        c.send(&headers(5, 0, &seed)).await;
+        out.extend_from_slice(&headers(5, 0, &seed));
         // Stream 3 was skipped: it can never be opened now (RFC 9113 5.1.1).
-        c.send(&headers(3, 0, &refs)).await;
-        c.listen(QUIET).await
+        out.extend_from_slice(&headers(3, 0, &refs));
+        out
     })
     .await;
     let peak = alloc::peak_above(base);
@@ -55,16 +78,15 @@ async fn an_hpack_bomb_on_a_skipped_stream_is_refused_unread() {
 #[tokio::test(flavor = "current_thread")]
 async fn an_hpack_bomb_on_a_closed_stream_costs_little_and_the_server_survives() {
     let t = target(Config::default(), Behaviour::Echo).await;
-    let (addr, tls) = (t.addr, t.pki.client_config());
     let base = alloc::reset();
-    let heard = elsewhere(move || async move {
-        let mut c = RawH2::connect(addr, tls).await;
+    let heard = hear(&t, move || {
+        let mut out = Vec::new();
         let (seed, refs) = bomb(255 * 1024);
-        c.send(&headers(1, 0, &seed)).await;
-        c.send(&rst(1, CANCEL)).await;
+        out.extend_from_slice(&headers(1, 0, &seed));
+        out.extend_from_slice(&rst(1, CANCEL));
         // 255 KiB of references (a gibibyte decoded) on the stream just closed.
-        c.send(&headers(1, 0, &refs)).await;
-        c.listen(QUIET).await
+        out.extend_from_slice(&headers(1, 0, &refs));
+        out
     })
     .await;
     let peak = alloc::peak_above(base);
@@ -80,16 +102,15 @@ async fn an_hpack_bomb_on_a_closed_stream_costs_little_and_the_server_survives()
 #[tokio::test(flavor = "current_thread")]
 async fn an_hpack_bomb_on_a_new_stream_is_refused_within_the_header_list_limit() {
     let t = target(Config::default(), Behaviour::Echo).await;
-    let (addr, tls) = (t.addr, t.pki.client_config());
     let base = alloc::reset();
-    let heard = elsewhere(move || async move {
-        let mut c = RawH2::connect(addr, tls).await;
+    let heard = hear(&t, move || {
+        let mut out = Vec::new();
         let (seed, refs) = bomb(4 * 1024);
-        c.send(&headers(1, 0, &seed)).await;
+        out.extend_from_slice(&headers(1, 0, &seed));
         let mut block = connect_block("10.0.0.1:80", &[]);
         block.extend_from_slice(&refs);
-        c.send(&headers(3, 0, &block)).await;
-        c.listen(QUIET).await
+        out.extend_from_slice(&headers(3, 0, &block));
+        out
     })
     .await;
     let peak = alloc::peak_above(base);
@@ -111,17 +132,15 @@ async fn an_hpack_bomb_on_a_new_stream_is_refused_within_the_header_list_limit()
 #[tokio::test(flavor = "current_thread")]
 async fn thirty_two_thousand_fields_on_a_closed_stream_do_not_panic_the_connection() {
     let t = target(Config::default(), Behaviour::Echo).await;
-    let (addr, tls) = (t.addr, t.pki.client_config());
-    let heard = elsewhere(move || async move {
-        let mut c = RawH2::connect(addr, tls).await;
-        c.send(&headers(1, 0, &connect_block("10.0.0.1:80", &[])))
-            .await;
-        c.send(&rst(1, CANCEL)).await;
+    let heard = hear(&t, move || {
+        let mut out = Vec::new();
+        out.extend_from_slice(&open(1));
+        out.extend_from_slice(&rst(1, CANCEL));
         // 32,769 one-byte fields (`:method: GET`, static index 2): one more than an
         // `http::HeaderMap` can hold.
         let fields = vec![0x82u8; 32_769];
-        c.send(&headers(1, 0, &fields)).await;
-        c.listen(QUIET).await
+        out.extend_from_slice(&headers(1, 0, &fields));
+        out
     })
     .await;
     // A connection task that panics sends nothing: the GOAWAY shows it handled the frame.
@@ -132,16 +151,15 @@ async fn thirty_two_thousand_fields_on_a_closed_stream_do_not_panic_the_connecti
 #[tokio::test(flavor = "current_thread")]
 async fn thirty_two_thousand_fields_on_a_new_stream_are_refused() {
     let t = target(Config::default(), Behaviour::Echo).await;
-    let (addr, tls) = (t.addr, t.pki.client_config());
-    let heard = elsewhere(move || async move {
-        let mut c = RawH2::connect(addr, tls).await;
+    let heard = hear(&t, move || {
+        let mut out = Vec::new();
         let mut block = connect_block("10.0.0.1:80", &[]);
         // `x: ` literals, 3 bytes each, 32 + 1 bytes each as HTTP/2 counts them.
         for _ in 0..32_769 {
             block.extend_from_slice(&[0x40, 1, b'x', 0][..]);
         }
-        c.send(&headers(1, 0, &block)).await;
-        c.listen(QUIET).await
+        out.extend_from_slice(&headers(1, 0, &block));
+        out
     })
     .await;
     assert!(
@@ -157,73 +175,36 @@ async fn made_you_reset_cannot_start_more_handlers_than_the_stream_limit() {
     // CVE-2025-8671: each CONNECT is followed by a WINDOW_UPDATE of 0, so the server resets the
     // stream itself, while its handler goes on dialing.
     let t = target(ten_streams(), Behaviour::SlowDial(Duration::from_secs(2))).await;
-    let (addr, tls) = (t.addr, t.pki.client_config());
-    let heard = elsewhere(move || async move {
-        let mut c = RawH2::connect(addr, tls).await;
-        let mut burst = Vec::new();
-        for i in 0..300u32 {
-            let id = 2 * i + 1;
-            burst.extend(headers(id, 0, &connect_block("10.0.0.1:80", &[])));
-            burst.extend(window_update(id, 0));
-        }
-        c.send(&burst).await;
-        c.listen(QUIET).await
-    })
-    .await;
-    assert!(
-        t.stats.peak() <= 10,
-        "{} handlers ran at once on one connection (limit 10)",
-        t.stats.peak()
-    );
-    assert_eq!(heard.goaway(), Some(ENHANCE_YOUR_CALM), "{heard:?}");
-    legit_round_trip(&t).await;
+    let heard = hear(&t, || streams_then(300, |id| window_update(id, 0))).await;
+    calmed_with_bounded_handlers(&t, &heard, 10).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn rapid_reset_cannot_start_more_handlers_than_the_stream_limit() {
     // CVE-2023-44487: open and reset, again and again.
     let t = target(ten_streams(), Behaviour::SlowDial(Duration::from_secs(2))).await;
-    let (addr, tls) = (t.addr, t.pki.client_config());
-    let heard = elsewhere(move || async move {
-        let mut c = RawH2::connect(addr, tls).await;
-        let mut burst = Vec::new();
-        for i in 0..1000u32 {
-            let id = 2 * i + 1;
-            burst.extend(headers(id, 0, &connect_block("10.0.0.1:80", &[])));
-            burst.extend(rst(id, CANCEL));
-        }
-        c.send(&burst).await;
-        c.listen(QUIET).await
-    })
-    .await;
-    assert!(
-        t.stats.peak() <= 10,
-        "{} handlers ran at once on one connection (limit 10)",
-        t.stats.peak()
-    );
-    assert_eq!(heard.goaway(), Some(ENHANCE_YOUR_CALM), "{heard:?}");
-    legit_round_trip(&t).await;
+    let heard = hear(&t, || streams_then(1000, |id| rst(id, CANCEL))).await;
+    calmed_with_bounded_handlers(&t, &heard, 10).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_connect_with_path_scheme_or_protocol_is_malformed() {
     let t = target(Config::default(), Behaviour::Echo).await;
-    let (addr, tls) = (t.addr, t.pki.client_config());
-    let heard = elsewhere(move || async move {
-        let mut c = RawH2::connect(addr, tls).await;
+    let heard = hear(&t, move || {
+        let mut out = Vec::new();
         let pseudo: [&[u8]; 3] = [b":path", b":scheme", b":protocol"];
         for (i, name) in pseudo.iter().enumerate() {
             let mut block = Vec::new();
             literal(&mut block, b":method", b"CONNECT");
             literal(&mut block, name, b"x");
             literal(&mut block, b":authority", b"10.0.0.1:80");
-            c.send(&headers(2 * i as u32 + 1, 0, &block)).await;
+            out.extend_from_slice(&headers(2 * i as u32 + 1, 0, &block));
         }
         // And one without :authority.
         let mut block = Vec::new();
         literal(&mut block, b":method", b"CONNECT");
-        c.send(&headers(7, 0, &block)).await;
-        c.listen(QUIET).await
+        out.extend_from_slice(&headers(7, 0, &block));
+        out
     })
     .await;
     assert_eq!(
@@ -247,16 +228,10 @@ async fn a_connect_with_path_scheme_or_protocol_is_malformed() {
 async fn a_continuation_flood_of_empty_frames_ends_the_connection() {
     // CVE-2024-27316: a header block that never ends.
     let t = target(Config::default(), Behaviour::Echo).await;
-    let (addr, tls) = (t.addr, t.pki.client_config());
     let started = Instant::now();
-    let heard = elsewhere(move || async move {
-        let mut c = RawH2::connect(addr, tls).await;
-        let mut flood = frame(HEADERS, 0, 1, &connect_block("10.0.0.1:80", &[]));
-        for _ in 0..100_000 {
-            flood.extend(frame(CONTINUATION, 0, 1, &[]));
-        }
-        c.send(&flood).await;
-        c.listen(QUIET).await
+    let heard = hear(&t, || {
+        let head = frame(HEADERS, 0, 1, &connect_block("10.0.0.1:80", &[]));
+        [head, frame(CONTINUATION, 0, 1, &[]).repeat(100_000)].concat()
     })
     .await;
     assert_eq!(heard.goaway(), Some(ENHANCE_YOUR_CALM), "{heard:?}");
@@ -267,16 +242,15 @@ async fn a_continuation_flood_of_empty_frames_ends_the_connection() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_header_block_larger_than_the_cap_is_refused_before_it_is_read() {
     let t = target(Config::default(), Behaviour::Echo).await;
-    let (addr, tls) = (t.addr, t.pki.client_config());
     let base = alloc::reset();
-    let heard = elsewhere(move || async move {
-        let mut c = RawH2::connect(addr, tls).await;
+    let heard = hear(&t, move || {
+        let mut out = Vec::new();
         let mut block = connect_block("10.0.0.1:80", &[]);
         while block.len() < 250 * 1024 {
             literal(&mut block, b"x-pad", &[b'p'; 1000]);
         }
-        c.send(&headers(1, 0, &block)).await;
-        c.listen(QUIET).await
+        out.extend_from_slice(&headers(1, 0, &block));
+        out
     })
     .await;
     assert_eq!(heard.goaway(), Some(ENHANCE_YOUR_CALM), "{heard:?}");
@@ -288,16 +262,7 @@ async fn a_header_block_larger_than_the_cap_is_refused_before_it_is_read() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_lower_stream_id_after_a_higher_one_is_a_protocol_error() {
     let t = target(Config::default(), Behaviour::Echo).await;
-    let (addr, tls) = (t.addr, t.pki.client_config());
-    let heard = elsewhere(move || async move {
-        let mut c = RawH2::connect(addr, tls).await;
-        c.send(&headers(5, 0, &connect_block("10.0.0.1:80", &[])))
-            .await;
-        c.send(&headers(3, 0, &connect_block("10.0.0.1:80", &[])))
-            .await;
-        c.listen(QUIET).await
-    })
-    .await;
+    let heard = hear(&t, move || [open(5), open(3)].concat()).await;
     assert_eq!(heard.goaway(), Some(PROTOCOL_ERROR), "{heard:?}");
 }
 
@@ -306,7 +271,7 @@ async fn the_2019_family_each_ends_in_a_goaway_with_bounded_memory() {
     // CVE-2019-9512 ping flood, -9513 resource loop (priorities), -9515 settings flood, -9518
     // empty frames: each frame is legal once; a flood of them, unread answers and all, must cost
     // a bounded amount and end the connection.
-    let open = headers(1, 0, &connect_block("10.0.0.1:80", &[]));
+    let first = open(1);
     let floods: Vec<(&str, Vec<u8>)> = vec![
         ("ping", frame(PING, 0, 0, &[7; 8])),
         ("priority", frame(PRIORITY, 0, 1, &[0, 0, 0, 3, 16])),
@@ -316,22 +281,10 @@ async fn the_2019_family_each_ends_in_a_goaway_with_bounded_memory() {
     ];
     for (name, unit) in floods {
         let t = target(Config::default(), Behaviour::Echo).await;
-        let (addr, tls) = (t.addr, t.pki.client_config());
-        let open = open.clone();
+        let first = first.clone();
         let base = alloc::reset();
-        let heard = elsewhere(move || async move {
-            let mut c = RawH2::connect(addr, tls).await;
-            c.send(&open).await;
-            // 200,000 frames, written without reading a byte of what comes back.
-            let burst: Vec<u8> = unit.repeat(20_000);
-            for _ in 0..10 {
-                if !c.send(&burst).await {
-                    break;
-                }
-            }
-            c.listen(QUIET).await
-        })
-        .await;
+        // 200,000 frames, written without reading a byte of what comes back.
+        let heard = hear(&t, move || [first, unit.repeat(200_000)].concat()).await;
         let peak = alloc::peak_above(base);
         assert_eq!(heard.goaway(), Some(ENHANCE_YOUR_CALM), "{name}: {heard:?}");
         assert!(
@@ -351,20 +304,19 @@ async fn a_reset_flood_provoked_without_reading_is_bounded_and_ends_the_connecti
         Behaviour::SlowDial(Duration::from_millis(10)),
     )
     .await;
-    let (addr, tls) = (t.addr, t.pki.client_config());
     let base = alloc::reset();
-    let heard = elsewhere(move || async move {
-        let mut c = RawH2::connect(addr, tls).await;
+    let heard = hear(&t, move || {
+        let mut out = Vec::new();
         let mut burst = Vec::new();
         for i in 0..5_000u32 {
             let id = 2 * i + 1;
-            burst.extend(headers(id, 0, &connect_block("10.0.0.1:80", &[])));
+            burst.extend(open(id));
             // Over the stream's window: FLOW_CONTROL_ERROR.
             burst.extend(frame(DATA, 0, id, &[0; 16]));
             burst.extend(window_update(id, 0x7fff_ffff));
         }
-        c.send(&burst).await;
-        c.listen(QUIET).await
+        out.extend_from_slice(&burst);
+        out
     })
     .await;
     let peak = alloc::peak_above(base);
@@ -378,18 +330,16 @@ async fn a_reset_flood_provoked_without_reading_is_bounded_and_ends_the_connecti
 async fn a_data_dribble_through_tiny_windows_ends_the_connection() {
     // CVE-2019-9511: a window opened a byte at a time, so the server sends a frame per byte.
     let t = target(Config::default(), Behaviour::Send(1 << 20)).await;
-    let (addr, tls) = (t.addr, t.pki.client_config());
-    let heard = elsewhere(move || async move {
-        let mut c = RawH2::connect(addr, tls).await;
-        c.send(&settings(&[(0x4, 1)])).await;
-        c.send(&headers(1, 0, &connect_block("10.0.0.1:8000", &[])))
-            .await;
+    let heard = hear(&t, move || {
+        let mut out = Vec::new();
+        out.extend_from_slice(&settings(&[(0x4, 1)]));
+        out.extend_from_slice(&headers(1, 0, &connect_block("10.0.0.1:8000", &[])));
         let mut burst = Vec::new();
         for _ in 0..5_000 {
             burst.extend(window_update(1, 1));
         }
-        c.send(&burst).await;
-        c.listen(QUIET).await
+        out.extend_from_slice(&burst);
+        out
     })
     .await;
     assert_eq!(heard.goaway(), Some(ENHANCE_YOUR_CALM), "{heard:?}");
@@ -400,16 +350,15 @@ async fn a_data_dribble_through_tiny_windows_ends_the_connection() {
 async fn zero_length_header_fields_count_toward_the_list_limit() {
     // CVE-2019-9516: fields of nothing still cost 32 bytes each as HTTP/2 counts them.
     let t = target(Config::default(), Behaviour::Echo).await;
-    let (addr, tls) = (t.addr, t.pki.client_config());
     let base = alloc::reset();
-    let heard = elsewhere(move || async move {
-        let mut c = RawH2::connect(addr, tls).await;
+    let heard = hear(&t, move || {
+        let mut out = Vec::new();
         let mut block = connect_block("10.0.0.1:80", &[]);
         for _ in 0..500 {
             literal(&mut block, b"x", b"");
         }
-        c.send(&headers(1, 0, &block)).await;
-        c.listen(QUIET).await
+        out.extend_from_slice(&headers(1, 0, &block));
+        out
     })
     .await;
     let peak = alloc::peak_above(base);
@@ -450,14 +399,8 @@ async fn a_client_that_does_not_read_holds_a_bounded_amount_of_the_servers_memor
 #[tokio::test(flavor = "current_thread")]
 async fn stream_id_misuse_is_a_connection_error() {
     let cases: Vec<(&str, Vec<u8>)> = vec![
-        (
-            "an even (server) stream id",
-            headers(2, 0, &connect_block("10.0.0.1:80", &[])),
-        ),
-        (
-            "stream 0",
-            headers(0, 0, &connect_block("10.0.0.1:80", &[])),
-        ),
+        ("an even (server) stream id", open(2)),
+        ("stream 0", open(0)),
         ("DATA on an idle stream", frame(DATA, 0, 9, b"x")),
         ("RST_STREAM on an idle stream", rst(9, CANCEL)),
         ("WINDOW_UPDATE on an idle stream", window_update(9, 10)),
@@ -468,13 +411,7 @@ async fn stream_id_misuse_is_a_connection_error() {
     ];
     let t = target(Config::default(), Behaviour::Echo).await;
     for (what, bytes) in cases {
-        let (addr, tls) = (t.addr, t.pki.client_config());
-        let heard = elsewhere(move || async move {
-            let mut c = RawH2::connect(addr, tls).await;
-            c.send(&bytes).await;
-            c.listen(QUIET).await
-        })
-        .await;
+        let heard = hear(&t, move || bytes).await;
         assert_eq!(heard.goaway(), Some(PROTOCOL_ERROR), "{what}: {heard:?}");
     }
     legit_round_trip(&t).await;
@@ -490,8 +427,7 @@ async fn window_overflow_is_a_flow_control_error() {
     let (addr, tls) = (t.addr, t.pki.client_config());
     let heard = elsewhere(move || async move {
         let mut c = RawH2::connect(addr, tls).await;
-        c.send(&headers(1, 0, &connect_block("10.0.0.1:80", &[])))
-            .await;
+        c.send(&open(1)).await;
         // The stream's window past 2^31-1: that stream is reset.
         c.send(&window_update(1, 0x7fff_ffff)).await;
         let reset = c.until(QUIET, |f| f.kind == RST_STREAM).await;
@@ -506,14 +442,13 @@ async fn window_overflow_is_a_flow_control_error() {
     );
     assert_eq!(heard.1.goaway(), Some(FLOW_CONTROL_ERROR), "{:?}", heard.1);
     // And through SETTINGS: an initial window that overflows an open stream's.
-    let (addr, tls) = (t.addr, t.pki.client_config());
-    let heard = elsewhere(move || async move {
-        let mut c = RawH2::connect(addr, tls).await;
-        c.send(&headers(1, 0, &connect_block("10.0.0.1:80", &[])))
-            .await;
-        c.send(&window_update(1, 0x7fff_0000)).await;
-        c.send(&settings(&[(0x4, 0x7fff_ffff)])).await;
-        c.listen(QUIET).await
+    let heard = hear(&t, || {
+        [
+            open(1),
+            window_update(1, 0x7fff_0000),
+            settings(&[(0x4, 0x7fff_ffff)]),
+        ]
+        .concat()
     })
     .await;
     assert_eq!(heard.goaway(), Some(FLOW_CONTROL_ERROR), "{heard:?}");
@@ -523,86 +458,46 @@ async fn window_overflow_is_a_flow_control_error() {
 async fn malformed_connects_are_reset_and_never_reach_the_handler() {
     // RFC 9113 §8.2-8.5; what h2 resets with PROTOCOL_ERROR, we reset the same way.
     let t = target(Config::default(), Behaviour::Echo).await;
-    let a: &[u8] = b"10.0.0.1:80";
+    let a: &'static [u8] = b"10.0.0.1:80";
     type Fields = Vec<(&'static [u8], &'static [u8])>;
+    // A well-formed CONNECT's two fields, then what breaks it.
+    let connect_and = |more: Fields| -> Fields {
+        [
+            vec![(&b":method"[..], &b"CONNECT"[..]), (b":authority", a)],
+            more,
+        ]
+        .concat()
+    };
     let cases: Vec<(&str, Fields, u8)> = vec![
-        (
-            "uppercase name",
-            vec![
-                (b":method", b"CONNECT"),
-                (b":authority", a),
-                (b"X-Up", b"1"),
-            ],
-            0,
-        ),
+        ("uppercase name", connect_and(vec![(b"X-Up", b"1")]), 0),
         (
             "connection-specific",
-            vec![
-                (b":method", b"CONNECT"),
-                (b":authority", a),
-                (b"connection", b"x"),
-            ],
+            connect_and(vec![(b"connection", b"x")]),
             0,
         ),
         (
             "te other than trailers",
-            vec![
-                (b":method", b"CONNECT"),
-                (b":authority", a),
-                (b"te", b"gzip"),
-            ],
+            connect_and(vec![(b"te", b"gzip")]),
             0,
         ),
+        ("repeated pseudo", connect_and(vec![(b":authority", a)]), 0),
+        ("unknown pseudo", connect_and(vec![(b":foo", b"1")]), 0),
+        (
+            "response pseudo",
+            connect_and(vec![(b":status", b"200")]),
+            0,
+        ),
+        ("newline in a value", connect_and(vec![(b"x", b"a\nb")]), 0),
+        ("CONNECT ending its stream", connect_and(vec![]), END_STREAM),
         (
             "pseudo after regular",
             vec![(b":method", b"CONNECT"), (b"x", b"1"), (b":authority", a)],
             0,
         ),
-        (
-            "repeated pseudo",
-            vec![
-                (b":method", b"CONNECT"),
-                (b":authority", a),
-                (b":authority", a),
-            ],
-            0,
-        ),
-        (
-            "unknown pseudo",
-            vec![
-                (b":method", b"CONNECT"),
-                (b":authority", a),
-                (b":foo", b"1"),
-            ],
-            0,
-        ),
-        (
-            "response pseudo",
-            vec![
-                (b":method", b"CONNECT"),
-                (b":authority", a),
-                (b":status", b"200"),
-            ],
-            0,
-        ),
         ("no method", vec![(b":authority", a)], 0),
-        (
-            "CONNECT ending its stream",
-            vec![(b":method", b"CONNECT"), (b":authority", a)],
-            END_STREAM,
-        ),
         (
             "authority with a space",
             vec![(b":method", b"CONNECT"), (b":authority", b"10.0.0.1 :80")],
-            0,
-        ),
-        (
-            "newline in a value",
-            vec![
-                (b":method", b"CONNECT"),
-                (b":authority", a),
-                (b"x", b"a\nb"),
-            ],
             0,
         ),
         (
@@ -615,18 +510,17 @@ async fn malformed_connects_are_reset_and_never_reach_the_handler() {
             0,
         ),
     ];
-    let (addr, tls) = (t.addr, t.pki.client_config());
     let n = cases.len();
-    let heard = elsewhere(move || async move {
-        let mut c = RawH2::connect(addr, tls).await;
+    let heard = hear(&t, move || {
+        let mut out = Vec::new();
         for (i, (_, fields, flags)) in cases.iter().enumerate() {
             let mut block = Vec::new();
             for (name, value) in fields {
                 literal(&mut block, name, value);
             }
-            c.send(&headers(2 * i as u32 + 1, *flags, &block)).await;
+            out.extend_from_slice(&headers(2 * i as u32 + 1, *flags, &block));
         }
-        c.listen(QUIET).await
+        out
     })
     .await;
     let expected: Vec<(u32, u32)> = (0..n).map(|i| (2 * i as u32 + 1, PROTOCOL_ERROR)).collect();
@@ -648,17 +542,7 @@ async fn malformed_connects_are_reset_and_never_reach_the_handler() {
 #[tokio::test(flavor = "current_thread")]
 async fn streams_past_the_limit_are_refused_then_the_connection_calmed() {
     let t = target(ten_streams(), Behaviour::SlowDial(Duration::from_secs(3))).await;
-    let (addr, tls) = (t.addr, t.pki.client_config());
-    let heard = elsewhere(move || async move {
-        let mut c = RawH2::connect(addr, tls).await;
-        let mut burst = Vec::new();
-        for i in 0..400u32 {
-            burst.extend(headers(2 * i + 1, 0, &connect_block("10.0.0.1:80", &[])));
-        }
-        c.send(&burst).await;
-        c.listen(QUIET).await
-    })
-    .await;
+    let heard = hear(&t, || (0..400u32).flat_map(|i| open(2 * i + 1)).collect()).await;
     // The connection may end (its refusals spent) before the ten accepted reach their handlers.
     assert!(t.stats.peak() <= 10, "{} handlers at once", t.stats.peak());
     let refused = heard
@@ -779,7 +663,7 @@ async fn framing_errors_get_the_error_code_rfc_9113_names() {
         Behaviour::SlowDial(Duration::from_millis(500)),
     )
     .await;
-    let open = headers(1, 0, &connect_block("10.0.0.1:80", &[]));
+    let first = open(1);
     let cases: Vec<(&str, Vec<u8>, u32)> = vec![
         (
             "a frame over SETTINGS_MAX_FRAME_SIZE",
@@ -803,25 +687,18 @@ async fn framing_errors_get_the_error_code_rfc_9113_names() {
         ),
     ];
     for (what, bytes, code) in cases {
-        let (addr, tls) = (t.addr, t.pki.client_config());
-        let open = open.clone();
-        let heard = elsewhere(move || async move {
-            let mut c = RawH2::connect(addr, tls).await;
-            c.send(&open).await;
-            c.send(&bytes).await;
-            c.listen(QUIET).await
-        })
-        .await;
+        let first = first.clone();
+        let heard = hear(&t, move || [first, bytes].concat()).await;
         assert_eq!(heard.goaway(), Some(code), "{what}: {heard:?}");
     }
     // DATA after the client's END_STREAM closes that stream only (RFC 9113 §5.1, half-closed).
-    let (addr, tls) = (t.addr, t.pki.client_config());
-    let heard = elsewhere(move || async move {
-        let mut c = RawH2::connect(addr, tls).await;
-        c.send(&open).await;
-        c.send(&frame(DATA, END_STREAM, 1, b"last")).await;
-        c.send(&frame(DATA, 0, 1, b"after the end")).await;
-        c.listen(QUIET).await
+    let heard = hear(&t, move || {
+        [
+            first,
+            frame(DATA, END_STREAM, 1, b"last"),
+            frame(DATA, 0, 1, b"after the end"),
+        ]
+        .concat()
     })
     .await;
     assert_eq!(heard.resets(), vec![(1, STREAM_CLOSED)], "{heard:?}");

@@ -192,6 +192,22 @@ pub async fn legit_round_trip(target: &Target) -> Duration {
     .await
 }
 
+/// Connects to `target` from another thread with a valid client certificate, sends what
+/// `script` makes there (after the preface and SETTINGS), and listens until the server closes the
+/// connection or says nothing for 2 s; what it heard.
+pub async fn hear(
+    target: &Target,
+    script: impl FnOnce() -> Vec<u8> + Send + 'static,
+) -> raw::Heard {
+    let (addr, tls) = (target.addr, target.pki.client_config());
+    elsewhere(move || async move {
+        let mut c = raw::RawH2::connect(addr, tls).await;
+        c.send(&script()).await;
+        c.listen(Duration::from_secs(2)).await
+    })
+    .await
+}
+
 /// Mebibytes, for messages.
 pub fn mib(bytes: usize) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)

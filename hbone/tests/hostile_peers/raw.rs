@@ -366,6 +366,20 @@ impl Keys {
     }
 }
 
+/// Appends what rustls encodes (one handshake message) to `outgoing`.
+fn encode(outgoing: &mut Vec<u8>, mut encode: impl FnMut(&mut [u8]) -> Result<usize, EncodeError>) {
+    let start = outgoing.len();
+    outgoing.resize(start + 16 * 1024, 0);
+    let n = match encode(&mut outgoing[start..]) {
+        Err(EncodeError::InsufficientSize(need)) => {
+            outgoing.resize(start + need.required_size, 0);
+            encode(&mut outgoing[start..]).unwrap()
+        }
+        other => other.unwrap(),
+    };
+    outgoing.truncate(start + n);
+}
+
 /// rustls's side of a raw connection after the handshake (it derives the next keys).
 enum Kernel {
     Client(KernelConnection<ClientConnectionData>),
@@ -436,16 +450,7 @@ impl RawTls {
             let mut done = false;
             match state.unwrap() {
                 ConnectionState::EncodeTlsData(mut s) => {
-                    let start = outgoing.len();
-                    outgoing.resize(start + 16 * 1024, 0);
-                    let n = match s.encode(&mut outgoing[start..]) {
-                        Err(EncodeError::InsufficientSize(need)) => {
-                            outgoing.resize(start + need.required_size, 0);
-                            s.encode(&mut outgoing[start..]).unwrap()
-                        }
-                        other => other.unwrap(),
-                    };
-                    outgoing.truncate(start + n);
+                    encode(&mut outgoing, |out| s.encode(out));
                 }
                 // Written before the next read, or with the records after the handshake.
                 ConnectionState::TransmitTlsData(s) => s.done(),
@@ -532,16 +537,7 @@ impl RawTls {
             let mut done = false;
             match state.unwrap() {
                 ConnectionState::EncodeTlsData(mut s) => {
-                    let start = outgoing.len();
-                    outgoing.resize(start + 16 * 1024, 0);
-                    let n = match s.encode(&mut outgoing[start..]) {
-                        Err(EncodeError::InsufficientSize(need)) => {
-                            outgoing.resize(start + need.required_size, 0);
-                            s.encode(&mut outgoing[start..]).unwrap()
-                        }
-                        other => other.unwrap(),
-                    };
-                    outgoing.truncate(start + n);
+                    encode(&mut outgoing, |out| s.encode(out));
                 }
                 ConnectionState::TransmitTlsData(s) => {
                     io.write_all(&outgoing).await.unwrap();
@@ -649,6 +645,26 @@ impl RawTls {
                 _ => return None,
             }
         }
+    }
+
+    /// Reads until application data holding `marker` arrives (or the connection ends, or
+    /// `wait` passes without a record); how many KeyUpdates came on the way, and the data.
+    pub async fn key_updates_until(&mut self, marker: &[u8], wait: Duration) -> (usize, Vec<u8>) {
+        let mut answers = 0;
+        let mut got = Vec::new();
+        while let Some(r) = self.next_record(wait).await {
+            match r {
+                Record::Handshake(m) if m.first() == Some(&24) => answers += 1,
+                Record::Data(d) => {
+                    got.extend(d);
+                    if got.windows(marker.len()).any(|w| w == marker) {
+                        break;
+                    }
+                }
+                Record::Handshake(_) | Record::Alert(..) => {}
+            }
+        }
+        (answers, got)
     }
 
     /// Reads until an alert arrives or the connection ends; the alert's description.

@@ -99,21 +99,7 @@ async fn key_updates_both_ways_keep_the_connection_going() {
         // And data under the newest key still opens.
         bytes.extend(c.seal(APPLICATION_DATA, &frame(PING, 0, 0, b"pingpong")));
         c.send(&bytes).await.unwrap();
-        let mut answers = 0;
-        let mut got = Vec::new();
-        while let Some(r) = c.next_record(WAIT).await {
-            match r {
-                Record::Handshake(m) if m.first() == Some(&24) => answers += 1,
-                Record::Data(d) => {
-                    got.extend(d);
-                    if got.windows(8).any(|w| w == b"pingpong") {
-                        break;
-                    }
-                }
-                _ => {}
-            }
-        }
-        (answers, got)
+        c.key_updates_until(b"pingpong", WAIT).await
     })
     .await;
     assert_eq!(
@@ -291,21 +277,7 @@ async fn a_key_update_that_comes_with_the_clients_finished_is_answered() {
             bytes
         })
         .await;
-        let mut answers = 0;
-        let mut got = Vec::new();
-        while let Some(r) = c.next_record(WAIT).await {
-            match r {
-                Record::Handshake(m) if m.first() == Some(&24) => answers += 1,
-                Record::Data(d) => {
-                    got.extend(d);
-                    if got.windows(8).any(|w| w == b"pingpong") {
-                        break;
-                    }
-                }
-                _ => {}
-            }
-        }
-        (answers, got)
+        c.key_updates_until(b"pingpong", WAIT).await
     })
     .await;
     assert!(

@@ -145,6 +145,35 @@ impl Drop for Netns {
     }
 }
 
+/// Joins `a` (a network namespace, or this one) and `b` with a veth pair, `dev_a` at `ip_a` and
+/// `dev_b` at `ip_b` (both /24), everything up, loopback too. The pair goes with the namespace.
+pub fn veth(
+    a: Option<&Netns>,
+    b: &Netns,
+    (dev_a, ip_a): (&str, &str),
+    (dev_b, ip_b): (&str, &str),
+) {
+    assert!(run(
+        "ip",
+        &["link", "add", dev_a, "type", "veth", "peer", "name", dev_b]
+    ));
+    let in_ns = |ns: Option<&Netns>, args: &[&str]| match ns {
+        Some(ns) => ns.exec(args),
+        None => run(args[0], &args[1..]),
+    };
+    for (ns, dev, ip) in [(a, dev_a, ip_a), (Some(b), dev_b, ip_b)] {
+        if let Some(ns) = ns {
+            assert!(run("ip", &["link", "set", dev, "netns", &ns.0]));
+            assert!(ns.exec(&["ip", "link", "set", "lo", "up"]));
+        }
+        assert!(in_ns(
+            ns,
+            &["ip", "addr", "add", &format!("{ip}/24"), "dev", dev]
+        ));
+        assert!(in_ns(ns, &["ip", "link", "set", dev, "up"]));
+    }
+}
+
 pub fn run(cmd: &str, args: &[&str]) -> bool {
     Command::new(cmd)
         .args(args)
