@@ -497,8 +497,8 @@ enum Step {
 /// Returns the bytes received after the handshake's last message and any application data
 /// rustls opened on the way.
 ///
-/// rustls is given one record at a time, and none once the handshake is complete, so it never
-/// reads past the handshake's last message: what follows (data, a KeyUpdate, a ticket) is the
+/// rustls is given one more record at a time (with those of a message it has begun), and none once
+/// the handshake is complete, so it never reads past the handshake's last message: what follows (data, a KeyUpdate, a ticket) is the
 /// record layer's. (Given all it had, rustls would act on a KeyUpdate that came right behind the
 /// peer's Finished: it moves its own key on at once and queues the answer for its next data
 /// record, which never comes; the handover drops it, and our records would be sealed with a key
@@ -517,6 +517,7 @@ async fn handshake<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin>(
     incoming[..first.len()].copy_from_slice(first);
     let mut used = first.len();
     let mut permit = None;
+    let mut kept = 0;
     let mut outgoing: Vec<u8> = Vec::new();
     let mut early_plain = Vec::new();
     loop {
@@ -531,12 +532,14 @@ async fn handshake<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin>(
                     .map_err(|_| io::Error::other("the handshake slots are closed"))?,
             );
         }
+        // rustls keeps the records of a message it has not finished (`kept`, at the front);
+        // it gets those and the next whole record, or what there is of it.
         let fed = if conn.common().is_handshaking() {
-            record_end(&incoming[..used]).unwrap_or(used)
+            kept + record_end(&incoming[kept..used]).unwrap_or(used - kept)
         } else {
             // Done: rustls may still have a flight to send (our Finished, its tickets), but
             // every record left is the record layer's.
-            0
+            kept
         };
         let UnbufferedStatus { mut discard, state } = conn.process(&mut incoming[..fed]);
         let step = match state {
@@ -604,6 +607,7 @@ async fn handshake<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin>(
         };
         incoming.copy_within(discard..used, 0);
         used -= discard;
+        kept = fed - discard;
         // A server that may send before the client's Finished (no client authentication, half-RTT
         // data allowed) is still waiting for it: the record layer takes over only after the whole
         // handshake.
@@ -623,8 +627,8 @@ async fn handshake<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin>(
         match step {
             Step::Continue | Step::Transmit => {}
             Step::Read => {
-                if discard > 0 && record_end(&incoming[..used]).is_some() {
-                    // rustls took the record it was given and wants more: the next one is here.
+                if record_end(&incoming[kept..used]).is_some() {
+                    // rustls wants more, and a whole record it has not seen is here.
                     continue;
                 }
                 if used == incoming.len() {
@@ -2054,6 +2058,63 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[tokio::test]
+    async fn handshake_messages_that_span_records_both_ways() {
+        // Certificates of 40 KB each (a large extension): each side's Certificate message spans
+        // three records, which rustls joins across the records it is given.
+        let big = |name: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+            params
+                .custom_extensions
+                .push(rcgen::CustomExtension::from_oid_content(
+                    &[1, 3, 6, 1, 4, 1, 99999, 1],
+                    vec![0x04; 40_000],
+                ));
+            let cert = params.self_signed(&key).unwrap();
+            let der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+            (cert.der().clone(), der)
+        };
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let (server_cert, server_key) = big("localhost");
+        let (client_cert, client_key) = big("client");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(server_cert.clone()).unwrap();
+        let mut client_roots = rustls::RootCertStore::empty();
+        client_roots.add(client_cert.clone()).unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(client_roots),
+            provider.clone(),
+        )
+        .build()
+        .unwrap();
+        let server = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(vec![server_cert], server_key)
+            .unwrap();
+        let client = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(vec![client_cert], client_key)
+            .unwrap();
+        let (a, b) = duplex(1 << 20);
+        let server = tokio::spawn(accept(Arc::new(server), b, &[], sizes(), None));
+        let handshakes = async {
+            let client = connect(Arc::new(client), name(), a, sizes()).await;
+            (client, server.await.unwrap())
+        };
+        let (client, server) = tokio::time::timeout(std::time::Duration::from_secs(5), handshakes)
+            .await
+            .expect("the handshake stalled");
+        let (mut client, mut server) = (client.unwrap(), server.unwrap());
+        assert_eq!(server.peer_certificates().len(), 1);
+        send_and_check(&mut client, &mut server, b"through").await;
+        send_and_check(&mut server, &mut client, b"and back").await;
     }
 
     #[tokio::test]
