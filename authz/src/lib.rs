@@ -61,6 +61,7 @@ pub use yaml::{
 /// corpus: parsing arbitrary text, and deciding and explaining connections against whatever
 /// parses, never panics, and explanations agree with decisions.
 #[doc(hidden)]
+#[cfg(feature = "fuzzing")]
 pub fn fuzz_yaml(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;

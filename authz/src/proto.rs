@@ -186,6 +186,7 @@ pub fn decode(bytes: &[u8]) -> Result<Policy, ProtoError> {
 /// Body of the `authz_proto` fuzz target: decoding arbitrary bytes never panics, and whatever is
 /// accepted converts back to the same policy.
 #[doc(hidden)]
+#[cfg(feature = "fuzzing")]
 pub fn fuzz_decode(data: &[u8]) {
     if let Ok(policy) = decode(data) {
         let again = from_proto(&to_proto(&policy)).expect("a converted policy converts back");

@@ -251,6 +251,7 @@ impl WorkloadCert {
 /// Body of the `cert_chain` fuzz target, kept here so an ordinary test runs it over the seed
 /// corpus: PEM or DER input must never panic the parsers.
 #[doc(hidden)]
+#[cfg(feature = "fuzzing")]
 pub fn fuzz_cert_chain(data: &[u8]) {
     if let Ok(chain) = parse_pem_chain(data, "fuzz input") {
         for cert in &chain {

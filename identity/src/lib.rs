@@ -36,15 +36,15 @@ mod secrets;
 mod spiffe;
 pub mod tls;
 
-pub use cert::{
-    CertInfo, Credentials, KeyAndCsr, WorkloadCert, fuzz_cert_chain, parse_pem_chain, uri_sans,
-};
+#[cfg(feature = "fuzzing")]
+pub use cert::fuzz_cert_chain;
+pub use cert::{CertInfo, Credentials, KeyAndCsr, WorkloadCert, parse_pem_chain, uri_sans};
 pub use dev_ca::{DevCa, DevCaSource};
 pub use error::Error;
 pub use secrets::{SecretManager, SecretManagerConfig};
-pub use spiffe::{
-    MAX_ID_LEN, MAX_TRUST_DOMAIN_LEN, SpiffeId, SpiffeIdError, SpiffeIdErrorKind, fuzz_spiffe_id,
-};
+#[cfg(feature = "fuzzing")]
+pub use spiffe::fuzz_spiffe_id;
+pub use spiffe::{MAX_ID_LEN, MAX_TRUST_DOMAIN_LEN, SpiffeId, SpiffeIdError, SpiffeIdErrorKind};
 
 /// Formats a time as seconds since the Unix epoch, for messages (no calendar dependency).
 /// `t` as an RFC 3339 UTC timestamp (`2026-12-01T20:00:00Z`), for logs and dumps.

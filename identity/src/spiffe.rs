@@ -187,6 +187,7 @@ impl SpiffeId {
 /// Body of the `spiffe_id` fuzz target, kept here so an ordinary test runs it over the seed
 /// corpus. Checks: no panic; whatever is accepted prints back to itself and obeys the rules.
 #[doc(hidden)]
+#[cfg(feature = "fuzzing")]
 pub fn fuzz_spiffe_id(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;

@@ -698,6 +698,7 @@ impl Mesh {
 /// manifests, hosts files and rules can all be computed without panicking, and whose rendered
 /// manifests are YAML again.
 #[doc(hidden)]
+#[cfg(feature = "fuzzing")]
 pub fn fuzz_manifests(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;

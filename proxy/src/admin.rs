@@ -323,6 +323,7 @@ pub fn config_dump(
 /// any bytes as a request head are parsed without panicking, and what parses has a method, a
 /// path starting with `/`, and lookups in its query that never panic.
 #[doc(hidden)]
+#[cfg(feature = "fuzzing")]
 pub fn fuzz_request(data: &[u8]) {
     if let Ok(r) = parse_request_line(data) {
         assert!(!r.method.is_empty() && r.path.starts_with('/'));

@@ -213,6 +213,7 @@ pub fn encode_address(address: &Address) -> Vec<u8> {
 /// Body of the `xds_resources` fuzz target: decoding arbitrary bytes as either resource type
 /// never panics, and what decodes re-encodes to the same value.
 #[doc(hidden)]
+#[cfg(feature = "fuzzing")]
 pub fn fuzz_resources(data: &[u8]) {
     if let Ok(address) = decode_address(data) {
         let again = decode_address(&encode_address(&address)).expect("re-encoded address decodes");
