@@ -43,10 +43,20 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), Error> {
         ca.roots(),
         TRUST_DOMAIN,
     )?;
+    // Each stream's line is printed by its handler once it is done, which may be just after
+    // the client has read the last echoed byte: the demo waits for all of them (below).
+    let handled = Arc::new(tokio::sync::Semaphore::new(0));
+    let done = handled.clone();
     let server = Server::new(
         Config::default(),
         Arc::new(server_tls),
-        |req: InboundConnect| super::hbone_cli::forward(req, None),
+        move |req: InboundConnect| {
+            let done = done.clone();
+            async move {
+                super::hbone_cli::forward(req, None).await;
+                done.add_permits(1);
+            }
+        },
     );
     let listener = bind().await?;
     let server_addr = listener
@@ -75,6 +85,15 @@ pub(crate) async fn run(args: DemoArgs) -> Result<(), Error> {
         result.map_err(|e| Error::Demo(format!("stream task failed: {e}")))??;
     }
     let elapsed = start.elapsed();
+    let streams = u32::try_from(args.streams).unwrap_or(u32::MAX);
+    match tokio::time::timeout(Duration::from_secs(5), handled.acquire_many(streams)).await {
+        Ok(Ok(permits)) => permits.forget(),
+        _ => {
+            return Err(Error::Demo(
+                "the server did not finish every stream within 5 s of the client".into(),
+            ));
+        }
+    }
     let total = (args.streams * args.bytes * 2) as f64;
     println!(
         "{} tunnels echoed {} bytes each over {} HBONE connection(s) in {:?} ({:.1} MiB/s both ways)",
