@@ -949,6 +949,10 @@ impl Session {
                 setting::ENABLE_PUSH if value > 1 || (value == 1 && self.role == Role::Client) => {
                     return Err(proto("SETTINGS_ENABLE_PUSH from a server, or above 1"));
                 }
+                // RFC 8441 §3: any value but 0 or 1 is a connection error (h2 checks it too).
+                setting::ENABLE_CONNECT_PROTOCOL if value > 1 => {
+                    return Err(proto("SETTINGS_ENABLE_CONNECT_PROTOCOL above 1"));
+                }
                 setting::MAX_CONCURRENT_STREAMS => self.peer.max_concurrent_streams = value,
                 setting::INITIAL_WINDOW_SIZE => {
                     if value as i64 > MAX_WINDOW {
@@ -1737,6 +1741,11 @@ mod tests {
             // A WINDOW_UPDATE of 0 on the connection.
             (
                 &[0, 0, 4, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                Reason::PROTOCOL_ERROR,
+            ),
+            // SETTINGS_ENABLE_CONNECT_PROTOCOL of 2 (found by the differential fuzz target).
+            (
+                &[0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 2],
                 Reason::PROTOCOL_ERROR,
             ),
         ];
