@@ -833,7 +833,12 @@ impl Session {
             .values()
             .filter(|s| s.counts_against_limit())
             .count();
-        if self.failure.is_some() || held >= self.limits.max_concurrent_streams as usize {
+        // A peer that sent GOAWAY is closing the connection: it opens no more streams here (h2
+        // stops handing them out too; found by the differential fuzz target).
+        if self.failure.is_some()
+            || self.goaway_received.is_some()
+            || held >= self.limits.max_concurrent_streams as usize
+        {
             return self.refuse(id, Refusal::Reset(Reason::REFUSED_STREAM));
         }
         let mut stream = Stream::new(false, self.limits.stream_window, self.peer.initial_window);
@@ -1694,6 +1699,32 @@ mod tests {
             client.poll_response(second, &mut cx()),
             Poll::Ready(Err(f)) if f.is_retryable()
         ));
+    }
+
+    #[test]
+    fn a_client_that_sent_goaway_opens_no_more_streams() {
+        let (mut client, mut server) = pair();
+        let first = client.open("a:1", &HeaderMap::new()).unwrap();
+        frame::put_goaway(&mut client.out, 0, Reason::NO_ERROR);
+        pump(&mut client, &mut server);
+        assert_eq!(accept(&mut server).id, first);
+        // Past its own GOAWAY (our session would not send it; a hostile client does).
+        let late = client.next_local_id;
+        client.next_local_id += 2;
+        let mut block = BytesMut::new();
+        hpack::encode_connect(&mut block, "a:1", &HeaderMap::new());
+        frame::put_frame(
+            &mut client.out,
+            kind::HEADERS,
+            flag::END_HEADERS,
+            late,
+            &block,
+        );
+        pump(&mut client, &mut server);
+        assert!(
+            server.poll_accept(&mut cx()).is_pending(),
+            "a stream after GOAWAY"
+        );
     }
 
     #[test]
