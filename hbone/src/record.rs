@@ -498,8 +498,11 @@ enum Step {
 /// rustls opened on the way.
 ///
 /// rustls is given one more record at a time (with those of a message it has begun), and none once
-/// the handshake is complete, so it never reads past the handshake's last message: what follows (data, a KeyUpdate, a ticket) is the
-/// record layer's. (Given all it had, rustls would act on a KeyUpdate that came right behind the
+/// the handshake is complete, so it never reads past the handshake's last message: what follows
+/// (data, a KeyUpdate, a ticket) is the record layer's. A record not wholly here is given as far
+/// as it goes (rustls refuses a bad header at once); where the next record starts is counted
+/// from the record headers (`given`), never from how much rustls was given, which may end
+/// inside a record. (Given all it had, rustls would act on a KeyUpdate that came right behind the
 /// peer's Finished: it moves its own key on at once and queues the answer for its next data
 /// record, which never comes; the handover drops it, and our records would be sealed with a key
 /// the peer never heard of.)
@@ -517,7 +520,8 @@ async fn handshake<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin>(
     incoming[..first.len()].copy_from_slice(first);
     let mut used = first.len();
     let mut permit = None;
-    let mut kept = 0;
+    // The end of the records rustls has been given whole (those it has not discarded yet).
+    let mut given = 0;
     let mut outgoing: Vec<u8> = Vec::new();
     let mut early_plain = Vec::new();
     loop {
@@ -532,14 +536,15 @@ async fn handshake<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin>(
                     .map_err(|_| io::Error::other("the handshake slots are closed"))?,
             );
         }
-        // rustls keeps the records of a message it has not finished (`kept`, at the front);
-        // it gets those and the next whole record, or what there is of it.
+        // rustls keeps the records of a message it has not finished (up to `given`, at the
+        // front); it gets those and the next record: whole, or what there is of it.
+        let whole = record_end(&incoming[given..used]).map(|end| given + end);
         let fed = if conn.common().is_handshaking() {
-            kept + record_end(&incoming[kept..used]).unwrap_or(used - kept)
+            whole.unwrap_or(used)
         } else {
             // Done: rustls may still have a flight to send (our Finished, its tickets), but
             // every record left is the record layer's.
-            kept
+            given
         };
         let UnbufferedStatus { mut discard, state } = conn.process(&mut incoming[..fed]);
         let step = match state {
@@ -607,7 +612,11 @@ async fn handshake<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin>(
         };
         incoming.copy_within(discard..used, 0);
         used -= discard;
-        kept = fed - discard;
+        // rustls discards whole records only, and none it was given a part of.
+        if fed > given {
+            given = whole.unwrap_or(given);
+        }
+        given = given.saturating_sub(discard);
         // A server that may send before the client's Finished (no client authentication, half-RTT
         // data allowed) is still waiting for it: the record layer takes over only after the whole
         // handshake.
@@ -627,7 +636,7 @@ async fn handshake<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin>(
         match step {
             Step::Continue | Step::Transmit => {}
             Step::Read => {
-                if record_end(&incoming[kept..used]).is_some() {
+                if record_end(&incoming[given..used]).is_some() {
                     // rustls wants more, and a whole record it has not seen is here.
                     continue;
                 }
@@ -2102,19 +2111,34 @@ mod tests {
             .with_root_certificates(roots)
             .with_client_auth_cert(vec![client_cert], client_key)
             .unwrap();
-        let (a, b) = duplex(1 << 20);
-        let server = tokio::spawn(accept(Arc::new(server), b, &[], sizes(), None));
-        let handshakes = async {
-            let client = connect(Arc::new(client), name(), a, sizes()).await;
-            (client, server.await.unwrap())
-        };
-        let (client, server) = tokio::time::timeout(std::time::Duration::from_secs(5), handshakes)
-            .await
-            .expect("the handshake stalled");
-        let (mut client, mut server) = (client.unwrap(), server.unwrap());
-        assert_eq!(server.peer_certificates().len(), 1);
-        send_and_check(&mut client, &mut server, b"through").await;
-        send_and_check(&mut server, &mut client, b"and back").await;
+        // Every round a full handshake, certificates and all.
+        let mut client = client;
+        client.resumption = rustls::client::Resumption::disabled();
+        let (server, client) = (Arc::new(server), Arc::new(client));
+        // Pipes of a few sizes: each read ends somewhere inside a record, so rustls is given
+        // records in part, and where the next one starts must come from the record headers (a
+        // stall once, when the ciphertext under a guessed header read as a short record).
+        for (round, pipe) in [1 << 20, 40_000, 20_000, 12_000]
+            .into_iter()
+            .cycle()
+            .take(32)
+            .enumerate()
+        {
+            let (a, b) = duplex(pipe);
+            let server = tokio::spawn(accept(server.clone(), b, &[], sizes(), None));
+            let handshakes = async {
+                let client = connect(client.clone(), name(), a, sizes()).await;
+                (client, server.await.unwrap())
+            };
+            let (client, server) =
+                tokio::time::timeout(std::time::Duration::from_secs(5), handshakes)
+                    .await
+                    .unwrap_or_else(|_| panic!("handshake {round} stalled, pipe of {pipe} bytes"));
+            let (mut client, mut server) = (client.unwrap(), server.unwrap());
+            assert_eq!(server.peer_certificates().len(), 1);
+            send_and_check(&mut client, &mut server, b"through").await;
+            send_and_check(&mut server, &mut client, b"and back").await;
+        }
     }
 
     #[tokio::test]
