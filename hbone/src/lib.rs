@@ -101,7 +101,7 @@ pub use error::{BoxError, Error, Http2Error, Side, Stage};
 pub use fuzz::{Differential, fuzz_client_frames, fuzz_h2_differential, fuzz_server_frames};
 pub use pool::{Dialer, Pool, StaticTls};
 #[cfg(feature = "fuzzing")]
-pub use record::fuzz_tls_records;
+pub use record::{HandshakeProgress, fuzz_tls_handshake, fuzz_tls_records};
 pub use server::{ConnectHandler, InboundConnect, Server, ServerTls};
 pub use tunnel::Tunnel;
 

@@ -500,7 +500,7 @@ enum Step {
 /// rustls is given one more record at a time (with those of a message it has begun), and none once
 /// the handshake is complete, so it never reads past the handshake's last message: what follows
 /// (data, a KeyUpdate, a ticket) is the record layer's. A record not wholly here is given as far
-/// as it goes (rustls refuses a bad header at once); where the next record starts is counted
+/// as it goes (rustls refuses a bad header at once, and can act on nothing else of it); where the next record starts is counted
 /// from the record headers (`given`), never from how much rustls was given, which may end
 /// inside a record. (Given all it had, rustls would act on a KeyUpdate that came right behind the
 /// peer's Finished: it moves its own key on at once and queues the answer for its next data
@@ -537,16 +537,22 @@ async fn handshake<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin>(
             );
         }
         // rustls keeps the records of a message it has not finished (up to `given`, at the
-        // front); it gets those and the next record: whole, or what there is of it.
+        // front); it gets those and the next record: whole, or what there is of it. Behind a
+        // whole one, a record not wholly here is given too (rustls can act on none of it, but
+        // refuses a bad header at once, as it does given everything).
         let whole = record_end(&incoming[given..used]).map(|end| given + end);
         let fed = if conn.common().is_handshaking() {
-            whole.unwrap_or(used)
+            match whole {
+                Some(end) if record_end(&incoming[end..used]).is_some() => end,
+                _ => used,
+            }
         } else {
             // Done: rustls may still have a flight to send (our Finished, its tickets), but
             // every record left is the record layer's.
             given
         };
         let UnbufferedStatus { mut discard, state } = conn.process(&mut incoming[..fed]);
+
         let step = match state {
             Err(e) => Step::Failed(e),
             Ok(ConnectionState::EncodeTlsData(mut s)) => {
@@ -610,6 +616,8 @@ async fn handshake<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin>(
                 "an unknown state of the TLS handshake".into(),
             )),
         };
+        // What rustls holds of what it was given: each call must give it at least that again.
+        let held = fed.saturating_sub(discard);
         incoming.copy_within(discard..used, 0);
         used -= discard;
         // rustls discards whole records only, and none it was given a part of.
@@ -660,8 +668,9 @@ async fn handshake<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin>(
                 return Ok((incoming, early_plain));
             }
             Step::Failed(e) => {
-                // Send the alert rustls queued for the peer, best effort.
-                let UnbufferedStatus { state, .. } = conn.process(&mut []);
+                // Send the alert rustls queued for the peer, best effort. rustls is given again
+                // what it holds (given less, it would panic on its own record of how far it got).
+                let UnbufferedStatus { state, .. } = conn.process(&mut incoming[..held]);
                 if let Ok(ConnectionState::EncodeTlsData(mut s)) = state {
                     let mut alert = vec![0u8; 64];
                     if let Ok(n) = s.encode(&mut alert) {
@@ -1621,6 +1630,106 @@ pub fn fuzz_tls_records(data: &[u8]) -> usize {
         let _ = client.shutdown().await;
         got
     })
+}
+
+/// How a handshake stood once a hostile client's bytes were all in (see [`fuzz_tls_handshake`]).
+#[cfg(feature = "fuzzing")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeProgress {
+    /// The server refused the bytes (an error; an alert may have gone out).
+    Refused,
+    /// The server answered (its first flight went out) and waits for more.
+    Answered,
+    /// The server waits for more without having answered.
+    Waiting,
+}
+
+/// The body of the `tls_handshake` fuzz target: a hostile client sends our server's handshake
+/// driver what `data` says, and the driver must get exactly as far as rustls's own (buffered)
+/// server given the same bytes at once: refuse what it refuses, answer what it answers, and wait
+/// only where it waits (a driver that loses track of where a record starts stalls here, which a
+/// client that keeps its connection open sees as a hung handshake). No panic, no hang.
+///
+/// `data[0]` is the mode: its low 7 bits, when not 0, are the size of the pieces the rest
+/// arrives in (the driver runs between pieces); bit 7 set, the first 5 bytes are handed over as
+/// already read, as our server does once it has seen a record header. The rest (at most
+/// 32 KiB) is the client's bytes: records, plaintext as a ClientHello is, or not.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_tls_handshake(data: &[u8]) -> HandshakeProgress {
+    use std::task::Waker;
+    let (mode, rest) = data.split_first().unwrap_or((&0, &[]));
+    let rest = &rest[..rest.len().min(32 * 1024)];
+    let (server_config, _) = fuzz_configs();
+
+    // rustls's own server, given everything at once.
+    let reference = {
+        let mut conn =
+            rustls::ServerConnection::new(server_config_with_secrets(server_config.clone()))
+                .expect("a rustls server");
+        let mut input = rest;
+        let mut refused = false;
+        while !input.is_empty() && !refused {
+            match conn.read_tls(&mut input) {
+                Ok(0) => break,
+                Ok(_) => refused = conn.process_new_packets().is_err(),
+                Err(_) => refused = true,
+            }
+        }
+        match (refused, conn.wants_write()) {
+            (true, _) => HandshakeProgress::Refused,
+            (false, true) => HandshakeProgress::Answered,
+            (false, false) => HandshakeProgress::Waiting,
+        }
+    };
+
+    // Ours, polled by hand between pieces: everything is in memory, so one poll runs the driver
+    // until it needs bytes that are not there.
+    let mut cx = Context::from_waker(Waker::noop());
+    let (mut client, server_io) = tokio::io::duplex(1 << 20);
+    let sizes = crate::Config::default().tls_sizes();
+    let (first, rest) = if mode & 0x80 != 0 {
+        rest.split_at(rest.len().min(HEADER_LEN))
+    } else {
+        (&[][..], rest)
+    };
+    let mut server = Box::pin(accept(server_config, server_io, first, sizes, None));
+    let piece = match usize::from(mode & 0x7f) {
+        0 => rest.len().max(1),
+        n => n,
+    };
+    let mut outcome = Poll::Pending;
+    for chunk in std::iter::once(&[][..]).chain(rest.chunks(piece)) {
+        let mut written = 0;
+        while written < chunk.len() {
+            match Pin::new(&mut client).poll_write(&mut cx, &chunk[written..]) {
+                Poll::Ready(Ok(n)) if n > 0 => written += n,
+                other => panic!("the in-memory pipe refused a write: {other:?}"),
+            }
+        }
+        outcome = server.as_mut().poll(&mut cx);
+        if outcome.is_ready() {
+            break;
+        }
+    }
+    let ours = match outcome {
+        Poll::Ready(Err(_)) => HandshakeProgress::Refused,
+        Poll::Ready(Ok(_)) => panic!("a handshake completed with a fuzzer's bytes"),
+        Poll::Pending => {
+            let mut answer = [0u8; 1];
+            let mut buf = ReadBuf::new(&mut answer);
+            match Pin::new(&mut client).poll_read(&mut cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => HandshakeProgress::Answered,
+                _ => HandshakeProgress::Waiting,
+            }
+        }
+    };
+    assert_eq!(
+        ours,
+        reference,
+        "our handshake driver and rustls's server disagree on {} bytes in pieces of {piece}",
+        rest.len()
+    );
+    ours
 }
 
 #[cfg(test)]
