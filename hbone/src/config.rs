@@ -103,8 +103,8 @@ impl Default for Config {
 impl Config {
     /// The buffer sizes of our TLS record layer: reads of up to `read_buffer` during a burst,
     /// `tls_write_buffer` of sealed records queued for the socket.
-    pub(crate) fn tls_sizes(&self) -> crate::record::Sizes {
-        crate::record::Sizes {
+    pub(crate) fn tls_sizes(&self) -> crate::tls::Sizes {
+        crate::tls::Sizes {
             read_size: self.read_buffer,
             write_limit: self.tls_write_buffer,
         }

@@ -84,8 +84,9 @@ mod fuzz;
 pub mod headers;
 mod keepalive;
 mod pool;
-mod record;
 mod server;
+mod tls;
+mod transport;
 mod tunnel;
 mod wire;
 
@@ -100,9 +101,9 @@ pub use error::{BoxError, Error, Http2Error, Side, Stage};
 #[cfg(feature = "fuzzing")]
 pub use fuzz::{Differential, fuzz_client_frames, fuzz_h2_differential, fuzz_server_frames};
 pub use pool::{Dialer, Pool, StaticTls};
-#[cfg(feature = "fuzzing")]
-pub use record::{HandshakeProgress, fuzz_tls_handshake, fuzz_tls_records};
 pub use server::{ConnectHandler, InboundConnect, Server, ServerTls};
+#[cfg(feature = "fuzzing")]
+pub use tls::{HandshakeProgress, fuzz_tls_handshake, fuzz_tls_records};
 pub use tunnel::Tunnel;
 
 /// The ALPN protocol id HBONE requires: HTTP/2 over TLS.

@@ -390,7 +390,7 @@ where
             // HBONE needs no SNI; an IP server name makes rustls send none. Identity is checked
             // by the configuration's verifier (URI SANs), not by this name.
             let name = ServerName::IpAddress(target.ip().into());
-            let tls = crate::record::connect(tls_config, name, tcp, cfg.tls_sizes())
+            let tls = crate::tls::connect(tls_config, name, tcp, cfg.tls_sizes())
                 .await
                 .map_err(|source| tls_failure(Side::Client, target, source))?;
             check_session(
@@ -512,9 +512,9 @@ fn error_chain(e: &Error) -> String {
 pub(crate) fn tls_failure(side: Side, peer: SocketAddr, source: std::io::Error) -> Error {
     match source
         .get_ref()
-        .and_then(|e| e.downcast_ref::<crate::record::NotTls13>())
+        .and_then(|e| e.downcast_ref::<crate::tls::NotTls13>())
     {
-        Some(crate::record::NotTls13(version)) => version_refused(side, peer, *version),
+        Some(crate::tls::NotTls13(version)) => version_refused(side, peer, *version),
         None => Error::Tls { side, peer, source },
     }
 }

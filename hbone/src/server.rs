@@ -263,7 +263,7 @@ impl<H: ConnectHandler> Server<H> {
             // wait for them; waiting for a slot counts against the TLS limit.
             let slots = Some(&self.inner.handshakes);
             let config = self.inner.tls.current();
-            let tls = crate::record::accept(config, io, &first[..n], cfg.tls_sizes(), slots)
+            let tls = crate::tls::accept(config, io, &first[..n], cfg.tls_sizes(), slots)
                 .await
                 .map_err(|source| tls_failure(Side::Server, peer, source))?;
             check_session(
@@ -299,7 +299,7 @@ impl<H: ConnectHandler> Server<H> {
         certs: Arc<[CertificateDer<'static>]>,
     ) -> Result<(), Error>
     where
-        T: crate::wire::conn::Io,
+        T: crate::transport::Io,
     {
         let cfg = &self.inner.config;
         let peer_info = Arc::new(PeerInfo {

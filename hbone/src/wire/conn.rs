@@ -15,30 +15,13 @@ use std::task::{Context, Poll, Waker, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, StatusCode};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::AsyncWrite;
 
 use super::frame::{HEADER_LEN, Reason};
 use super::hpack::ResponseHead;
 use super::session::{Failure, Incoming, Limits, Recv, Role, Session, data_head};
-use crate::record::MAX_RECORD;
-
-/// A byte stream a connection runs on (in production, TLS over TCP).
-pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {
-    /// Appends what the stream has to `buf`; `Ok(0)` at its end. `want` is how many more bytes
-    /// the frame at the front of `buf` needs (0 if none is begun).
-    fn poll_read_into(
-        &mut self,
-        cx: &mut Context<'_>,
-        buf: &mut BytesMut,
-        want: usize,
-    ) -> Poll<io::Result<usize>> {
-        buf.reserve(want.max(READ_MIN));
-        tokio_util::io::poll_read_buf(Pin::new(self), cx, buf)
-    }
-}
-
-/// An in-memory pipe (tests and the fuzz targets).
-impl Io for tokio::io::DuplexStream {}
+use crate::tls::MAX_RECORD;
+use crate::transport::Io;
 
 /// The smallest read the driver asks the byte stream for.
 const READ_MIN: usize = 16 * 1024;
@@ -489,9 +472,10 @@ fn closed() -> Failure {
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncRead, AsyncWriteExt};
 
     use super::*;
+    use crate::transport::Io;
     use crate::wire::frame::{self, flag, kind, setting};
     use crate::wire::hpack;
 

@@ -235,27 +235,38 @@ async fn a_server_refusing_every_stream_costs_one_retry() {
 #[tokio::test(flavor = "current_thread")]
 async fn data_beyond_the_window_and_window_overflow_from_a_server_are_refused() {
     let pki = Pki::new();
-    let addr = hostile(&pki, |mut s| async move {
-        let Some(id) = until_connect(&mut s).await else {
-            return;
-        };
-        s.send(&frame(HEADERS, END_HEADERS, id, &[0x88])).await;
-        // 5 MiB against the client's 4 MiB stream window.
-        let chunk = frame(DATA, 0, id, &vec![0u8; 64 * 1024]);
-        for _ in 0..80 {
-            s.send(&chunk).await;
+    // The tunnel is read only once the overflow is refused: a reader that kept up would give
+    // the server window as it went, and nothing would overflow.
+    let refused = Arc::new(tokio::sync::Notify::new());
+    let told = refused.clone();
+    let addr = hostile(&pki, move |mut s| {
+        let told = told.clone();
+        async move {
+            let Some(id) = until_connect(&mut s).await else {
+                return;
+            };
+            s.send(&frame(HEADERS, END_HEADERS, id, &[0x88])).await;
+            // 5 MiB against the client's 4 MiB stream window.
+            let chunk = frame(DATA, 0, id, &vec![0u8; 64 * 1024]);
+            for _ in 0..80 {
+                s.send(&chunk).await;
+            }
+            let reset = s
+                .until(Duration::from_secs(5), |f| f.kind == RST_STREAM)
+                .await;
+            assert_eq!(reset.code(), Some(FLOW_CONTROL_ERROR));
+            told.notify_one();
+            // The connection's send window past 2^31-1.
+            s.send(&window_update(0, 0x7fff_ffff)).await;
+            let heard = s.listen(Duration::from_secs(2)).await;
+            assert_eq!(heard.goaway(), Some(FLOW_CONTROL_ERROR), "{heard:?}");
         }
-        let reset = s
-            .until(Duration::from_secs(5), |f| f.kind == RST_STREAM)
-            .await;
-        assert_eq!(reset.code(), Some(FLOW_CONTROL_ERROR));
-        // The connection's send window past 2^31-1.
-        s.send(&window_update(0, 0x7fff_ffff)).await;
-        let heard = s.listen(Duration::from_secs(2)).await;
-        assert_eq!(heard.goaway(), Some(FLOW_CONTROL_ERROR), "{heard:?}");
     });
     let pool = pool(&pki, quick());
     let mut tunnel = connect(&pool, addr).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), refused.notified())
+        .await
+        .expect("the client never reset the overflowing stream");
     let mut sink = Vec::new();
     let err = tunnel.read_to_end(&mut sink).await.unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
