@@ -35,7 +35,7 @@ use tracing::{debug, warn};
 use crate::authority::Authority;
 use crate::error::{BoxError, Error, Http2Error, Side, Stage};
 use crate::keepalive::{KeepaliveFailure, keepalive};
-use crate::tunnel::Tunnel;
+use crate::tunnel::{Slot, StreamSlot, Tunnel};
 use crate::wire::conn::Connection;
 use crate::wire::session::{Failure, Limits, Role};
 use crate::{Config, H2_ALPN};
@@ -93,12 +93,6 @@ impl<K, D> std::fmt::Debug for Pool<K, D> {
             .field("config", &self.inner.config)
             .finish_non_exhaustive()
     }
-}
-
-/// Holds one stream slot of a pooled connection for as long as a tunnel lives.
-#[derive(Debug)]
-pub(crate) struct StreamSlot {
-    conn: Arc<PooledConn>,
 }
 
 struct PoolInner<K, D> {
@@ -591,7 +585,7 @@ impl PooledConn {
             ) {
                 Ok(_) => {
                     *lock_time(&self.last_active) = Instant::now();
-                    return Some(StreamSlot { conn: self.clone() });
+                    return Some(StreamSlot::new(self.clone()));
                 }
                 Err(actual) => current = actual,
             }
@@ -599,10 +593,11 @@ impl PooledConn {
     }
 }
 
-impl Drop for StreamSlot {
-    fn drop(&mut self) {
-        *lock_time(&self.conn.last_active) = Instant::now();
-        self.conn.active.fetch_sub(1, Ordering::AcqRel);
+/// A tunnel's stream slot on this connection, given back when the tunnel is gone.
+impl Slot for PooledConn {
+    fn release(&self) {
+        *lock_time(&self.last_active) = Instant::now();
+        self.active.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

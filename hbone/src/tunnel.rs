@@ -7,12 +7,12 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::pool::StreamSlot;
 use crate::wire::conn::StreamRef;
 use crate::wire::session::Failure;
 
@@ -194,5 +194,29 @@ pub(crate) fn failure_to_io(f: Failure) -> io::Error {
             io::ErrorKind::ConnectionReset,
             format!("HBONE tunnel: {other}"),
         ),
+    }
+}
+
+/// A stream slot of a pooled client connection, given back when the tunnel holding it is gone.
+/// The pool implements it; a tunnel knows only that it holds one.
+pub(crate) trait Slot: Send + Sync + std::fmt::Debug {
+    /// Gives the slot back to its connection.
+    fn release(&self);
+}
+
+/// Holds a [`Slot`] for as long as a tunnel lives.
+#[derive(Debug)]
+pub(crate) struct StreamSlot(Arc<dyn Slot>);
+
+impl StreamSlot {
+    /// Holds `slot` (already taken from its connection) until this is dropped.
+    pub(crate) fn new(slot: Arc<dyn Slot>) -> StreamSlot {
+        StreamSlot(slot)
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.release();
     }
 }
