@@ -338,7 +338,7 @@ pub(crate) async fn connect<T: AsyncRead + AsyncWrite + Unpin>(
 
 /// Server side: the TLS handshake over `io`, whose first bytes (`first`) the caller has read,
 /// then our record layer. rustls works on the client's bytes only while it holds one of `slots`
-/// (see [`handshake`]).
+/// (see [`handshake()`]).
 pub(crate) async fn accept<T: AsyncRead + AsyncWrite + Unpin>(
     config: Arc<ServerConfig>,
     io: T,
