@@ -1,9 +1,47 @@
 //! `ztunnel ca init` and `ztunnel ca issue`: the development CA on disk.
 
+use crate::cli::parse_duration;
+use clap::{Args, Subcommand};
 use identity::{DevCa, SpiffeId};
+use std::path::PathBuf;
 
 use super::Error;
-use crate::cli::{CaInitArgs, CaIssueArgs};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum CaCommand {
+    /// Create a development root CA in DIR (`root-cert.pem`, and `root-key.pem` readable by its
+    /// owner only). Refuses to overwrite an existing one.
+    Init(CaInitArgs),
+    /// Issue a workload certificate from the CA in DIR; writes `cert-chain.pem`, `key.pem` and
+    /// `root-cert.pem` into OUT.
+    Issue(CaIssueArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CaInitArgs {
+    /// Directory for the CA files (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) dir: PathBuf,
+    /// Trust domain of the mesh; recorded as the root's O= and checked by `issue`.
+    #[arg(long, default_value = "cluster.local")]
+    pub(crate) trust_domain: String,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CaIssueArgs {
+    /// Directory of the CA made by `ztunnel ca init`.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) dir: PathBuf,
+    /// The workload's SPIFFE id, e.g. `spiffe://cluster.local/ns/default/sa/sleep`.
+    #[arg(long, value_name = "SPIFFE_ID")]
+    pub(crate) id: String,
+    /// Lifetime: a number with a unit, `s`, `m`, `h` or `d` (e.g. `90s`, `24h`, `7d`).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub(crate) ttl: std::time::Duration,
+    /// Directory for the workload's files (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) out: PathBuf,
+}
 
 pub(crate) fn init(args: CaInitArgs) -> Result<(), Error> {
     let ca = DevCa::init(&args.dir, &args.trust_domain)?;

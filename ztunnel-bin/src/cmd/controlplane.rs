@@ -1,5 +1,9 @@
 //! `ztunnel controlplane`: the local istiod stand-in.
 
+use crate::cli::parse_duration;
+use clap::Args;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +14,33 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tracing::{info, warn};
 
 use super::Error;
-use crate::cli::ControlplaneArgs;
+
+#[derive(Debug, Args)]
+pub(crate) struct ControlplaneArgs {
+    /// Directory of Kubernetes YAML (Namespace, Pod, Deployment, Service, AuthorizationPolicy).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) manifests: PathBuf,
+    /// Address to serve on.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15012")]
+    pub(crate) listen: SocketAddr,
+    /// Development CA directory (created with a new root if missing); default `DIR/.ca`.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) ca_dir: Option<PathBuf>,
+    /// Directory of per-node bearer tokens (`<node>.token`, created for every node a pod runs
+    /// on); default `DIR/.node-tokens`. A node's proxy must present its node's token on xDS and
+    /// CA calls (`AUTH_TOKEN`); the CA signs only identities of pods on the caller's node.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) node_tokens: Option<PathBuf>,
+    /// Extra DNS names or IPs for the serving certificate (besides istiod.istio-system.svc).
+    #[arg(long, value_name = "NAME")]
+    pub(crate) tls_name: Vec<String>,
+    /// Serve plaintext gRPC instead of TLS (tests and local experiments only).
+    #[arg(long)]
+    pub(crate) plaintext: bool,
+    /// Longest certificate lifetime the CA grants.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub(crate) max_cert_ttl: Duration,
+}
 
 /// The DNS name proxies expect in istiod's serving certificate.
 const ISTIOD_NAME: &str = "istiod.istio-system.svc";

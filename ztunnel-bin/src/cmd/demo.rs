@@ -5,6 +5,8 @@
 //! tunnels that insist on the server's identity. Then it shows that a client expecting another
 //! identity is refused. Exits non-zero if anything differs from what is expected.
 
+use clap::Args;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +16,20 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use super::Error;
-use crate::cli::DemoArgs;
+
+#[derive(Debug, Args)]
+pub(crate) struct DemoArgs {
+    /// Concurrent tunnels to open.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) streams: usize,
+    /// Bytes each tunnel sends (and gets echoed back).
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    pub(crate) bytes: usize,
+    /// Also write the demo's CA and the client/server certificates here, for use with
+    /// `ztunnel hbone serve|connect` (subfolders `server/` and `client/`).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) write_certs: Option<PathBuf>,
+}
 
 const TRUST_DOMAIN: &str = "cluster.local";
 const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/web-api";

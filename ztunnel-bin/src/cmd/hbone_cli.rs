@@ -1,6 +1,8 @@
 //! `ztunnel hbone serve` and `ztunnel hbone connect`.
 
+use clap::{Args, Subcommand};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,7 +13,68 @@ use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 use super::Error;
-use crate::cli::{ConnectArgs, ServeArgs, TlsFiles};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum HboneCommand {
+    /// Terminate HBONE: accept mTLS + HTTP/2 CONNECT and forward each stream over TCP.
+    ///
+    /// Prints one line per stream on stdout: peer identity (URI SAN), authority, upstream,
+    /// status, bytes each way, duration.
+    Serve(ServeArgs),
+    /// Open an HBONE tunnel: from stdin/stdout (like `nc`), or for each TCP connection accepted
+    /// on `--listen`.
+    Connect(ConnectArgs),
+}
+
+/// Certificate files shared by both ends.
+#[derive(Debug, Args)]
+pub(crate) struct TlsFiles {
+    /// PEM certificate chain to present, leaf first.
+    #[arg(long, value_name = "PEM")]
+    pub(crate) cert: PathBuf,
+    /// PEM private key of the leaf certificate.
+    #[arg(long, value_name = "PEM")]
+    pub(crate) key: PathBuf,
+    /// PEM trust roots; the peer's chain must verify against them.
+    #[arg(long, value_name = "PEM")]
+    pub(crate) ca: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// Address to listen on, e.g. `0.0.0.0:15008`.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) listen: SocketAddr,
+    #[command(flatten)]
+    pub(crate) tls: TlsFiles,
+    /// Forward every stream to this address instead of the stream's `:authority`.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) forward_to: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ConnectArgs {
+    /// The HBONE server to dial, `ip:port` or `host:port`.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) to: String,
+    /// The tunnel's destination, sent as the CONNECT `:authority` (`ip:port`, `[v6]:port`,
+    /// `host:port`).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(crate) authority: String,
+    #[command(flatten)]
+    pub(crate) tls: TlsFiles,
+    /// The SPIFFE id the server must present (repeat to accept any of several). Required unless
+    /// --insecure-any-san is given.
+    #[arg(long, value_name = "URI", required_unless_present = "insecure_any_san")]
+    pub(crate) expect_san: Vec<String>,
+    /// INSECURE, for debugging: accept a server with any identity issued under --ca (any
+    /// workload of the mesh could then pose as the destination). Says so on stderr.
+    #[arg(long, conflicts_with = "expect_san")]
+    pub(crate) insecure_any_san: bool,
+    /// Accept plain TCP here and tunnel each connection, instead of using stdin/stdout.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) listen: Option<SocketAddr>,
+}
 
 /// How long `serve` waits for the upstream TCP connect before answering 503.
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,6 +1,9 @@
 //! `ztunnel local`: the local mesh (the `localmesh` crate); this file only maps verbs to it.
 
+use crate::cli::CaptureBackend;
+use clap::{Args, Subcommand};
 use std::path::Path;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,7 +13,157 @@ use localmesh::plan::{Doc, parse_docs};
 use localmesh::{Config, Error as LocalError, mesh};
 
 use super::Error;
-use crate::cli::{LocalArgs, LocalCommand};
+
+#[derive(Debug, Args)]
+pub(crate) struct LocalArgs {
+    /// Run directory: state, manifests, logs, sockets (`ZTUNNEL_LOCAL_DIR`).
+    #[arg(
+        long,
+        global = true,
+        env = "ZTUNNEL_LOCAL_DIR",
+        default_value = "/run/ztunnel-local"
+    )]
+    pub(crate) run_dir: PathBuf,
+    /// Prefix of every network namespace and link the mesh makes.
+    #[arg(long, global = true, default_value = "zl")]
+    pub(crate) prefix: String,
+    /// First two octets of the mesh's addresses (nodes in A.B.0.0/24, node i's pods in
+    /// A.B.(1+i).0/24).
+    #[arg(long, global = true, default_value = "10.250", value_parser = parse_subnet)]
+    pub(crate) subnet: [u8; 2],
+    /// Capture rules of the node agents.
+    #[arg(long, global = true, value_enum, default_value_t = CaptureBackend::Iptables)]
+    pub(crate) backend: CaptureBackend,
+    #[command(subcommand)]
+    pub(crate) command: LocalCommand,
+}
+
+/// What `ztunnel local label` labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum LabelKind {
+    /// A namespace.
+    #[value(alias = "ns")]
+    Namespace,
+}
+
+/// A part of the mesh whose log `ztunnel local logs` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Part {
+    /// The node proxies.
+    Ztunnel,
+    /// The node agents.
+    NodeAgent,
+    /// The control plane.
+    Controlplane,
+}
+
+impl Part {
+    /// The part's name as the mesh's run directory names its logs.
+    fn as_str(self) -> &'static str {
+        match self {
+            Part::Ztunnel => "ztunnel",
+            Part::NodeAgent => "node-agent",
+            Part::Controlplane => "controlplane",
+        }
+    }
+}
+
+fn parse_subnet(text: &str) -> Result<[u8; 2], String> {
+    let parts: Vec<&str> = text.split('.').collect();
+    match parts.as_slice() {
+        [a, b] => match (a.parse::<u8>(), b.parse::<u8>()) {
+            (Ok(a), Ok(b)) => Ok([a, b]),
+            _ => Err(format!("{text:?}: expected two octets such as 10.250")),
+        },
+        _ => Err(format!("{text:?}: expected two octets such as 10.250")),
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum LocalCommand {
+    /// Create the nodes and pods and start everything (cleans up a crashed mesh first); returns
+    /// once every proxy is ready.
+    Up {
+        /// Kubernetes YAML to run (a file or a directory of them); default: the walkthrough's
+        /// workloads (examples/ambient-walkthrough/apps.yaml, built in).
+        #[arg(long, value_name = "PATH")]
+        manifests: Option<PathBuf>,
+    },
+    /// Stop everything and remove every namespace, link, rule, process and file the mesh made.
+    Down,
+    /// Set (`k=v`) or remove (`k-`) labels: `ztunnel local label namespace default
+    /// istio.io/dataplane-mode=ambient`.
+    Label {
+        /// What is labelled: only a namespace (`namespace` or `ns`).
+        #[arg(value_enum)]
+        kind: LabelKind,
+        /// The namespace.
+        name: String,
+        /// Changes.
+        #[arg(required = true)]
+        labels: Vec<String>,
+    },
+    /// Add or replace documents (Namespace, ServiceAccount, Deployment, Service,
+    /// AuthorizationPolicy).
+    Apply {
+        /// A file or directory of Kubernetes YAML.
+        #[arg(short = 'f', long = "filename", value_name = "PATH")]
+        file: PathBuf,
+    },
+    /// Remove the documents a file names.
+    Delete {
+        /// A file or directory of Kubernetes YAML.
+        #[arg(short = 'f', long = "filename", value_name = "PATH")]
+        file: PathBuf,
+    },
+    /// Run a command inside a pod's network namespace (`NAME` in `default`, or `NS/NAME`).
+    Exec {
+        /// The pod.
+        pod: String,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Print a part's log.
+    Logs {
+        /// Whose log.
+        #[arg(value_enum)]
+        part: Part,
+        /// Only this node.
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Nodes, proxies, pods (captured or not, certificates), services.
+    Status,
+    /// Replay the ambient walkthrough on a fresh mesh, checking every step; removes the mesh at
+    /// the end. Exit 0 only if every observation matched.
+    Tutorial,
+    /// A built-in app (what the mesh runs in a pod).
+    #[command(hide = true)]
+    App {
+        /// The app's name (answers carry it).
+        #[arg(long)]
+        name: String,
+        /// Port.
+        #[arg(long)]
+        port: u16,
+        /// URL to call first.
+        #[arg(long)]
+        upstream: Option<String>,
+        /// Gateway routes, `host=url`.
+        #[arg(long)]
+        route: Vec<String>,
+    },
+    /// GET a URL and print the body (exit 1 unless 200): `ztunnel local exec sleep -- ztunnel
+    /// local get http://web-api:8080/`.
+    Get {
+        /// `http://host[:port]/path`.
+        url: String,
+        /// Host header.
+        #[arg(long)]
+        host: Option<String>,
+    },
+}
 
 fn config(args: &LocalArgs) -> Result<Config, Error> {
     let exe = std::env::current_exe().map_err(|source| Error::Io {
@@ -21,7 +174,7 @@ fn config(args: &LocalArgs) -> Result<Config, Error> {
     c.run_dir = args.run_dir.clone();
     c.prefix = args.prefix.clone();
     c.base = args.subnet;
-    c.backend = args.backend.clone();
+    c.backend = args.backend.as_str().to_owned();
     Ok(c)
 }
 
@@ -111,7 +264,10 @@ pub(crate) async fn run(args: LocalArgs) -> Result<ExitCode, Error> {
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
         }
         LocalCommand::Logs { part, node } => {
-            print!("{}", mesh::logs(&c, &part, node.as_deref()).map_err(local)?);
+            print!(
+                "{}",
+                mesh::logs(&c, part.as_str(), node.as_deref()).map_err(local)?
+            );
             Ok(ExitCode::SUCCESS)
         }
         LocalCommand::Status => {

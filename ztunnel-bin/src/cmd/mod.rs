@@ -12,7 +12,70 @@ mod redirect_cli;
 
 use std::process::ExitCode;
 
-use crate::cli::{CaCommand, Command, HboneCommand, PolicyCommand, RedirectCommand};
+use clap::Subcommand;
+
+use ca::CaCommand;
+use controlplane::ControlplaneArgs;
+use demo::DemoArgs;
+use hbone_cli::HboneCommand;
+use local::LocalArgs;
+use node_agent::NodeAgentArgs;
+use policy::PolicyCommand;
+use proxy::ProxyArgs;
+use redirect_cli::RedirectCommand;
+
+/// Every subcommand, with its arguments (each defined next to its code).
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Poke HBONE by hand: terminate tunnels or open them.
+    #[command(subcommand)]
+    Hbone(HboneCommand),
+    /// Development certificate authority: create a root, issue workload certificates.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// L4 AuthorizationPolicy tools: decide a connection, lint policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Run a local control plane: Kubernetes YAML in a directory, served as istiod serves ambient
+    /// proxies (delta ADS and the Istio CA on one gRPC listener); edits are pushed within a second.
+    Controlplane(ControlplaneArgs),
+    /// Traffic capture rules inside a pod's network namespace.
+    #[command(subcommand)]
+    Redirect(RedirectCommand),
+    /// Run the node agent: capture this node's pods whose namespace is in ambient mode.
+    NodeAgent(NodeAgentArgs),
+    /// Run a self-contained HBONE demo on loopback (development CA, server, client, traffic).
+    Demo(DemoArgs),
+    /// A whole ambient mesh on this machine (nodes and pods in network namespaces, the control
+    /// plane, node agents, proxies, built-in apps), and the ambient walkthrough as a tutorial.
+    Local(LocalArgs),
+    /// Run the node proxy. Every flag can also be given by the environment variable Istio's
+    /// ztunnel reads (named in each flag's help).
+    ///
+    /// State comes from xDS (`--xds-address`) or local manifests (`--local-manifests`);
+    /// certificates from a CA (`--ca-address`), an in-process development CA (`--ca-dir`) or, in
+    /// dedicated mode, files (`--cert/--key/--ca`). Shared mode serves the pods a node agent hands
+    /// over on `--inpod-uds`; dedicated mode serves one workload in the current netns. Admin on
+    /// 127.0.0.1:15000 (/config_dump, /logging?level=, POST /quitquitquit), metrics on :15020
+    /// (/metrics, /stats/prometheus), readiness on :15021 (/healthz/ready).
+    #[command(
+        after_long_help = "Environment without a flag:\n  HBONE_TLS_AEAD=ring|aws-lc  which \
+                           implementation seals and opens HBONE's TLS records (default: aws-lc \
+                           where the CPU has AVX-512 VAES or is not x86-64, else ring)"
+    )]
+    Proxy(Box<ProxyArgs>),
+}
+
+impl Command {
+    /// The data path's worker threads this command asks for (the proxy's
+    /// `--worker-threads`); `None` for the tools, which take the runtime's default.
+    pub(crate) fn worker_threads(&self) -> Option<u16> {
+        match self {
+            Command::Proxy(args) => Some(args.worker_threads),
+            _ => None,
+        }
+    }
+}
 
 /// Errors a command reports before exiting non-zero.
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +123,6 @@ pub(crate) enum Error {
     Demo(String),
 }
 
-/// Runs a command; `Ok` carries the exit code of a verdict (0, or 1 for DENY / warnings).
 /// Binds a TCP listener, naming the address when it cannot.
 async fn listen(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, Error> {
     tokio::net::TcpListener::bind(addr)
@@ -71,10 +133,11 @@ async fn listen(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, E
         })
 }
 
-/// Changes the process's log filter at runtime; returns the new filter or why it was refused.
-pub(crate) type LogControl = std::sync::Arc<dyn Fn(&str) -> Result<String, String> + Send + Sync>;
-
-pub(crate) async fn run(command: Command, log_control: LogControl) -> Result<ExitCode, Error> {
+/// Runs a command; `Ok` carries the exit code of a verdict (0, or 1 for DENY / warnings).
+pub(crate) async fn run(
+    command: Command,
+    log_control: crate::logging::LogControl,
+) -> Result<ExitCode, Error> {
     let ok = |r: Result<(), Error>| r.map(|()| ExitCode::SUCCESS);
     match command {
         Command::Hbone(HboneCommand::Serve(args)) => ok(hbone_cli::serve(args).await),

@@ -1,5 +1,7 @@
 //! `ztunnel node-agent`: capture this node's ambient pods.
 
+use crate::cli::CaptureBackend;
+use clap::Args;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -10,7 +12,26 @@ use redirect::zds::ZdsServer;
 use redirect::{Backend, RuleSet};
 
 use super::Error;
-use crate::cli::NodeAgentArgs;
+
+#[derive(Debug, Args)]
+pub(crate) struct NodeAgentArgs {
+    /// Where pods come from: `manifests:DIR` (the local mesh's manifests; a pod's network
+    /// namespace is given by its `ambient.local/netns` annotation, else found by its IP) or `kube`
+    /// (watch the API server configured by KUBECONFIG, ~/.kube/config or the in-cluster account;
+    /// namespaces found by pod IP).
+    #[arg(long, value_name = "SOURCE")]
+    pub(crate) source: String,
+    /// This node's name (pods' `spec.nodeName`).
+    #[arg(long, value_name = "NAME")]
+    pub(crate) node: String,
+    /// Rule engine.
+    #[arg(long, value_enum, default_value_t = CaptureBackend::Iptables)]
+    pub(crate) backend: CaptureBackend,
+    /// Also hand each captured pod's network namespace to the proxy over Istio's ZDS protocol,
+    /// listening on this Unix socket (Istio's default: /var/run/ztunnel/ztunnel.sock).
+    #[arg(long, value_name = "PATH")]
+    pub(crate) zds_socket: Option<PathBuf>,
+}
 
 /// Pods from a directory of manifests (the same parser as the local control plane).
 ///
@@ -64,7 +85,7 @@ impl PodSource for ManifestSource {
 }
 
 pub(crate) async fn run(args: NodeAgentArgs) -> Result<(), Error> {
-    let backend: Backend = args.backend.parse().expect("clap restricts the values");
+    let backend: Backend = args.backend.into();
     if args.source == "kube" {
         let source = KubeSource::connect(&args.node)
             .await

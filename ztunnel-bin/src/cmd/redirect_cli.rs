@@ -1,14 +1,41 @@
 //! `ztunnel redirect apply|remove|check|reconcile`.
 
+use crate::cli::CaptureBackend;
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use redirect::{Backend, RuleSet};
 
 use super::Error;
-use crate::cli::RedirectArgs;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum RedirectCommand {
+    /// Install (or replace) the capture rules; idempotent.
+    Apply(RedirectArgs),
+    /// Remove exactly the rules `apply` installed.
+    Remove(RedirectArgs),
+    /// Report drift between the live rules and what `apply` installs; exit 1 on drift.
+    Check(RedirectArgs),
+    /// Repair drift (reapply when `check` would report any).
+    Reconcile(RedirectArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RedirectArgs {
+    /// The pod's network namespace: `/var/run/netns/NAME` or `/proc/PID/ns/net`.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) netns: PathBuf,
+    /// Rule engine.
+    #[arg(long, value_enum, default_value_t = CaptureBackend::Iptables)]
+    pub(crate) backend: CaptureBackend,
+    /// Install IPv4 rules only.
+    #[arg(long)]
+    pub(crate) ipv4_only: bool,
+}
 
 fn parts(args: &RedirectArgs) -> (Backend, RuleSet) {
-    let backend = args.backend.parse().expect("clap restricts the values");
+    let backend = args.backend.into();
     let mut rules = RuleSet::default();
     rules.ipv6 = !args.ipv4_only;
     (backend, rules)
