@@ -76,18 +76,14 @@ pub fn parse_policies(
     root_namespace: &str,
 ) -> Result<Translation, ParseError> {
     let mut out = Translation::default();
-    for (document, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (document, value) in common::k8s::documents(text) {
         let error = |path: String, message: String| ParseError {
             source_name: source_name.to_owned(),
-            document: document + 1,
+            document,
             path,
             message,
         };
-        let value: serde_yaml::Value = serde_yaml::Value::deserialize(de)
-            .map_err(|e| error("(document)".into(), e.to_string()))?;
-        if value.is_null() {
-            continue;
-        }
+        let value = value.map_err(|e| error("(document)".into(), e.to_string()))?;
         let kind = value
             .get("kind")
             .and_then(|k| k.as_str())

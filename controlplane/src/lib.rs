@@ -46,7 +46,7 @@ pub use serve::{CaService, LocalControlPlane, Reload, TwoServices, fingerprint, 
 use xds_client::resources::{self as xds, PortMapping, WorkloadType};
 
 /// The label that puts a namespace in the mesh (`ambient`) or takes a pod out (`none`).
-pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+pub use common::k8s::DATAPLANE_MODE_LABEL;
 
 /// Mesh-wide settings of the computation.
 #[derive(Debug, Clone)]

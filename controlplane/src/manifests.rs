@@ -52,7 +52,7 @@ pub struct Pod {
 
 /// The annotation with which the local mesh tells the node agent where a pod's network
 /// namespace is (a path such as `/var/run/netns/NAME`).
-pub const NETNS_ANNOTATION: &str = "ambient.local/netns";
+pub use common::k8s::NETNS_ANNOTATION;
 
 /// A deployment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -205,16 +205,13 @@ impl Manifests {
 
     /// Adds the objects of one multi-document YAML text.
     pub fn add(&mut self, text: &str, source_name: &str) -> Result<(), ManifestError> {
-        for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        for (document, value) in common::k8s::documents(text) {
             let err = |message: String| ManifestError {
                 source_name: source_name.to_owned(),
-                document: i + 1,
+                document,
                 message,
             };
-            let value = serde_yaml::Value::deserialize(de).map_err(|e| err(e.to_string()))?;
-            if value.is_null() {
-                continue;
-            }
+            let value = value.map_err(|e| err(e.to_string()))?;
             let kind = value
                 .get("kind")
                 .and_then(|k| k.as_str())

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use rustls::RootCertStore;
 use rustls::server::ParsedCertificate;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::Channel;
 
 use crate::{CertInfo, Credentials, DevCa, Error, KeyAndCsr, SpiffeId, WorkloadCert};
 
@@ -99,33 +99,17 @@ impl IstioCaClient {
             address: config.address.clone(),
             reason,
         };
-        let mut endpoint = Endpoint::from_shared(config.address.clone())
-            .map_err(|e| bad(e.to_string()))?
-            .timeout(config.request_timeout)
-            .connect_timeout(config.request_timeout);
-        match (&config.ca_root_pem, config.address.starts_with("https://")) {
-            (Some(root), true) => {
-                let mut tls = ClientTlsConfig::new()
-                    .ca_certificate(tonic::transport::Certificate::from_pem(root));
-                if let Some(name) = &config.tls_server_name {
-                    tls = tls.domain_name(name.clone());
-                }
-                endpoint = endpoint.tls_config(tls).map_err(|e| bad(e.to_string()))?;
-            }
-            (None, false) if config.address.starts_with("http://") => {}
-            (None, _) => {
-                return Err(bad(
-                    "an https:// CA needs a root to verify it (ca_root_pem)".into(),
-                ));
-            }
-            (Some(_), false) => {
-                return Err(bad(
-                    "a CA root was given but the address is not https://".into()
-                ));
-            }
-        }
+        let channel = crate::grpc::control_plane_channel(&crate::grpc::ChannelSpec {
+            address: &config.address,
+            root_pem: config.ca_root_pem.as_deref(),
+            tls_server_name: config.tls_server_name.as_deref(),
+            connect_timeout: config.request_timeout,
+            request_timeout: Some(config.request_timeout),
+            keep_alive: None,
+        })
+        .map_err(|reason| bad(format!("{reason} (ca_root_pem)")))?;
         Ok(IstioCaClient {
-            channel: endpoint.connect_lazy(),
+            channel,
             config: Arc::new(config),
         })
     }

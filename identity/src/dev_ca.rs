@@ -339,20 +339,10 @@ fn write(path: &Path, text: &str) -> Result<(), Error> {
 
 /// Writes a private key readable by its owner only.
 fn write_private(path: &Path, text: &str) -> Result<(), Error> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let err = |source| Error::Write {
+    common::fs::write_private(path, text).map_err(|source| Error::Write {
         path: path.to_owned(),
         source,
-    };
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(err)?;
-    file.write_all(text.as_bytes()).map_err(err)
+    })
 }
 
 /// A [`CertificateSource`](crate::ca::CertificateSource) that issues from a [`DevCa`] in

@@ -31,6 +31,7 @@ pub mod ca;
 mod cert;
 mod dev_ca;
 mod error;
+pub mod grpc;
 pub mod pem;
 mod secrets;
 mod spiffe;

@@ -316,7 +316,7 @@ fn build(
         check_cancel(cancel)?;
         progress(&format!("starting {node}: node agent and proxy"));
         start_node(config, node)?;
-        let ready = SocketAddr::from((mesh.node_ip(i), 15021));
+        let ready = SocketAddr::from((mesh.node_ip(i), common::ports::READINESS));
         wait_for(
             cancel,
             &format!("{node}'s proxy"),
@@ -347,16 +347,7 @@ fn rand_u128() -> u128 {
 }
 
 fn write_private(path: &Path, text: &str) -> Result<(), Error> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io(format!("writing {}", path.display())))?;
-    f.write_all(format!("{text}\n").as_bytes())
+    common::fs::write_private(path, &format!("{text}\n"))
         .map_err(io(format!("writing {}", path.display())))
 }
 
@@ -740,7 +731,10 @@ pub fn status(config: &Config) -> Result<String, Error> {
     ));
     let mut served: Vec<(String, serde_json::Value)> = Vec::new();
     for (i, node) in config.nodes.iter().enumerate() {
-        let ready = http_get(SocketAddr::from((mesh.node_ip(i), 15021)), "/healthz/ready");
+        let ready = http_get(
+            SocketAddr::from((mesh.node_ip(i), common::ports::READINESS)),
+            "/healthz/ready",
+        );
         out.push_str(&format!(
             "node {node} ({}): proxy {}\n",
             mesh.node_ip(i),

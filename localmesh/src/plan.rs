@@ -13,10 +13,8 @@ use std::net::Ipv4Addr;
 
 use serde_yaml::Value;
 
-/// The label that puts a namespace (or, to opt out, a pod) in or out of ambient mode.
-pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 /// The annotation the node agent reads a pod's network namespace from.
-pub const NETNS_ANNOTATION: &str = "ambient.local/netns";
+pub use common::k8s::NETNS_ANNOTATION;
 
 /// A malformed or unsupported document.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -62,17 +60,13 @@ pub const KINDS: [&str; 5] = [
 /// Parses a multi-document YAML text (empty documents are skipped).
 pub fn parse_docs(text: &str, source_name: &str) -> Result<Vec<Doc>, ManifestError> {
     let mut docs = Vec::new();
-    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (index, value) in common::k8s::documents(text) {
         let err = |reason: String| ManifestError {
             source_name: source_name.to_owned(),
-            index: i + 1,
+            index,
             reason,
         };
-        let value = <Value as serde::Deserialize>::deserialize(de)
-            .map_err(|e| err(format!("not YAML: {e}")))?;
-        if value.is_null() {
-            continue;
-        }
+        let value = value.map_err(|e| err(format!("not YAML: {e}")))?;
         let kind = str_at(&value, &["kind"])
             .ok_or_else(|| err("no kind".into()))?
             .to_owned();

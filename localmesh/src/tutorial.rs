@@ -314,9 +314,12 @@ fn steps(config: &Config, cancel: &AtomicBool, out: Progress<'_>) -> Result<(), 
         },
     )?;
     let i = mesh.node_index(&web_node).unwrap_or(0);
-    let metrics = mesh::http_get(SocketAddr::from((mesh.node_ip(i), 15020)), "/metrics")
-        .map(|(_, body)| body)
-        .unwrap_or_default();
+    let metrics = mesh::http_get(
+        SocketAddr::from((mesh.node_ip(i), common::ports::STATS)),
+        "/metrics",
+    )
+    .map(|(_, body)| body)
+    .unwrap_or_default();
     let counted: Vec<&str> = metrics
         .lines()
         .filter(|l| {

@@ -5,11 +5,11 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
 /// The HBONE port every mesh workload's node proxy listens on (in the pod's netns).
-pub const HBONE_PORT: u16 = 15008;
+pub use common::ports::HBONE as HBONE_PORT;
 
 /// The proxy's own data-path ports in a pod (outbound capture, inbound plaintext, HBONE): a
 /// tunnel to one of them would reach the proxy itself, so it is refused.
-pub const PROXY_PORTS: [u16; 3] = [15001, 15006, HBONE_PORT];
+pub use common::ports::PROXY_PORTS;
 
 macro_rules! address_type {
     ($(#[$doc:meta])* $name:ident) => {

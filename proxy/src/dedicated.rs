@@ -4,6 +4,7 @@
 //! certificate, readiness on 15021 (`/healthz/ready`: 200 once policies are synced, the workload
 //! is known and its certificate is valid).
 
+use common::ports;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,10 +47,10 @@ impl DedicatedConfig {
     pub fn new(workload_uid: &str) -> Self {
         DedicatedConfig {
             workload_uid: workload_uid.to_owned(),
-            outbound: SocketAddr::from(([127, 0, 0, 1], 15001)),
-            inbound: SocketAddr::from(([0, 0, 0, 0], 15008)),
-            readiness: SocketAddr::from(([0, 0, 0, 0], 15021)),
-            mark: Some(0x539),
+            outbound: SocketAddr::from(([127, 0, 0, 1], ports::OUTBOUND)),
+            inbound: SocketAddr::from(([0, 0, 0, 0], ports::HBONE)),
+            readiness: SocketAddr::from(([0, 0, 0, 0], ports::READINESS)),
+            mark: Some(common::PACKET_MARK),
             hbone: hbone::Config::default(),
             metrics: crate::metrics::Metrics::new(Duration::from_secs(300)),
         }

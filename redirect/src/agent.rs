@@ -25,7 +25,7 @@ use tracing::{info, warn};
 use crate::{Backend, RuleSet, apply, fd_path, remove};
 
 /// The label that puts a namespace in the mesh (`ambient`) or takes a pod out (`none`).
-pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+pub use common::k8s::DATAPLANE_MODE_LABEL;
 
 /// What the agent knows about a pod.
 #[derive(Debug, Clone, PartialEq, Eq)]

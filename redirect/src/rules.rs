@@ -60,10 +60,10 @@ pub struct RuleSet {
 impl Default for RuleSet {
     fn default() -> Self {
         RuleSet {
-            outbound_port: 15001,
-            inbound_port: 15006,
-            hbone_port: 15008,
-            skip_mark: 0x539,
+            outbound_port: common::ports::OUTBOUND,
+            inbound_port: common::ports::INBOUND_PLAINTEXT,
+            hbone_port: common::ports::HBONE,
+            skip_mark: common::PACKET_MARK,
             mark_mask: 0xfff,
             probe_sources: vec![IpAddr::from([169, 254, 7, 127])],
             ipv6: true,

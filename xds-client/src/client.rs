@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use crate::proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
@@ -195,28 +195,19 @@ impl XdsClient {
             address: config.address.clone(),
             reason,
         };
-        let mut endpoint = Endpoint::from_shared(config.address.clone())
-            .map_err(|e| bad(e.to_string()))?
-            .connect_timeout(Duration::from_secs(10))
-            .http2_keep_alive_interval(Duration::from_secs(30));
-        if config.address.starts_with("https://") {
-            let root = config
-                .ca_root_pem
-                .as_ref()
-                .ok_or_else(|| bad("an https:// server needs a root to verify it".into()))?;
-            let mut tls = ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(root));
-            if let Some(name) = &config.tls_server_name {
-                tls = tls.domain_name(name.clone());
-            }
-            endpoint = endpoint.tls_config(tls).map_err(|e| bad(e.to_string()))?;
-        } else if !config.address.starts_with("http://") {
-            return Err(bad("the address must start with http:// or https://".into()));
-        }
+        let channel = identity::grpc::control_plane_channel(&identity::grpc::ChannelSpec {
+            address: &config.address,
+            root_pem: config.ca_root_pem.as_deref(),
+            tls_server_name: config.tls_server_name.as_deref(),
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: None,
+            keep_alive: Some(Duration::from_secs(30)),
+        })
+        .map_err(bad)?;
         let (synced_tx, _) = watch::channel(false);
         let (commands_tx, commands_rx) = mpsc::unbounded_channel();
         Ok(XdsClient {
-            channel: endpoint.connect_lazy(),
+            channel,
             config,
             types: Vec::new(),
             synced_tx,

@@ -280,7 +280,7 @@ fn waypoint_from_proto(g: &pb::GatewayAddress, what: &str) -> Result<Waypoint, D
         }
     };
     let hbone_port = match port(g.hbone_mtls_port, &format!("{what} hbone_mtls_port"))? {
-        0 => 15008,
+        0 => common::ports::HBONE,
         p => p,
     };
     Ok(Waypoint {

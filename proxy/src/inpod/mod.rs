@@ -78,12 +78,12 @@ impl SharedConfig {
         SharedConfig {
             node: node.to_owned(),
             trust_domain: trust_domain.to_owned(),
-            mark: Some(0x539),
+            mark: Some(common::PACKET_MARK),
             hbone: hbone::Config::default(),
             termination_deadline: Duration::from_secs(5),
-            outbound_port: 15001,
-            inbound_plain_port: 15006,
-            inbound_port: crate::addr::HBONE_PORT,
+            outbound_port: common::ports::OUTBOUND,
+            inbound_plain_port: common::ports::INBOUND_PLAINTEXT,
+            inbound_port: common::ports::HBONE,
         }
     }
 }

@@ -1,0 +1,98 @@
+//! The gRPC channel to the control plane (istiod, or `ztunnel controlplane`), built one way for
+//! every client of it: the CA client here and the xDS client in `xds-client`.
+//!
+//! The address must say `https://` or `http://`. An `https://` server is verified against the
+//! root given (there is no system trust store fallback: a mesh's control plane is signed by the
+//! mesh's own root); an `http://` one is plaintext (local use), and a root given with it is
+//! refused as the mistake it is rather than silently ignored.
+
+use std::time::Duration;
+
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+/// How to reach the control plane.
+#[derive(Debug, Clone, Copy)]
+pub struct ChannelSpec<'a> {
+    /// `https://host:port` or `http://host:port`.
+    pub address: &'a str,
+    /// PEM root the server's TLS certificate must chain to (required for `https://`, refused
+    /// for `http://`).
+    pub root_pem: Option<&'a str>,
+    /// DNS name to expect in the server's certificate (default: the host of `address`).
+    pub tls_server_name: Option<&'a str>,
+    /// Limit on establishing the connection.
+    pub connect_timeout: Duration,
+    /// Limit on each request, when one applies (a unary call; not a stream that stays open).
+    pub request_timeout: Option<Duration>,
+    /// HTTP/2 PINGs at this interval keep a quiet stream's connection checked.
+    pub keep_alive: Option<Duration>,
+}
+
+/// A channel that connects on first use. The error says what is wrong with the spec.
+pub fn control_plane_channel(spec: &ChannelSpec<'_>) -> Result<Channel, String> {
+    let https = spec.address.starts_with("https://");
+    if !https && !spec.address.starts_with("http://") {
+        return Err("the address must start with https:// or http://".into());
+    }
+    let mut endpoint = Endpoint::from_shared(spec.address.to_owned())
+        .map_err(|e| e.to_string())?
+        .connect_timeout(spec.connect_timeout);
+    if let Some(timeout) = spec.request_timeout {
+        endpoint = endpoint.timeout(timeout);
+    }
+    if let Some(interval) = spec.keep_alive {
+        endpoint = endpoint.http2_keep_alive_interval(interval);
+    }
+    match (spec.root_pem, https) {
+        (Some(root), true) => {
+            let mut tls = ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(root));
+            if let Some(name) = spec.tls_server_name {
+                tls = tls.domain_name(name);
+            }
+            endpoint = endpoint.tls_config(tls).map_err(|e| e.to_string())?;
+        }
+        (None, true) => return Err("an https:// server needs a root to verify it".into()),
+        (Some(_), false) => {
+            return Err("a root was given but the address is not https://".into());
+        }
+        (None, false) => {}
+    }
+    Ok(endpoint.connect_lazy())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(address: &str, root: Option<&'static str>) -> Result<Channel, String> {
+        control_plane_channel(&ChannelSpec {
+            address,
+            root_pem: root,
+            tls_server_name: None,
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: None,
+            keep_alive: None,
+        })
+    }
+
+    #[tokio::test]
+    async fn the_address_and_the_root_must_agree() {
+        assert!(spec("http://127.0.0.1:15012", None).is_ok());
+        assert!(
+            spec("istiod:15012", None)
+                .unwrap_err()
+                .contains("https:// or http://")
+        );
+        assert!(
+            spec("https://istiod:15012", None)
+                .unwrap_err()
+                .contains("needs a root")
+        );
+        assert!(
+            spec("http://istiod:15012", Some("x"))
+                .unwrap_err()
+                .contains("not https://")
+        );
+    }
+}
