@@ -3,6 +3,7 @@
 
 use crate::cli::parse_duration;
 use clap::Args;
+use common::ports;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -48,7 +49,7 @@ pub(crate) struct ProxyArgs {
     #[arg(long, value_name = "PEM")]
     pub(crate) ca: Option<PathBuf>,
     /// The mark (`SO_MARK`) on the proxy's own sockets, which capture rules skip.
-    #[arg(long, env = "PACKET_MARK", default_value = "1337", value_parser = parse_u32)]
+    #[arg(long, env = "PACKET_MARK", default_value_t = common::PACKET_MARK, value_parser = parse_u32)]
     pub(crate) packet_mark: u32,
     /// This node's name (pods' `spec.nodeName`; in dedicated mode it picks the workload when
     /// several share a name).
@@ -126,13 +127,13 @@ pub(crate) struct ProxyArgs {
     #[arg(long, env = "HTTP2_FRAME_SIZE", default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u32).range(16_384..=16_777_215))]
     pub(crate) http2_frame_size: u32,
     /// Admin endpoint.
-    #[arg(long, default_value = "127.0.0.1:15000")]
+    #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], ports::ADMIN)))]
     pub(crate) admin_addr: SocketAddr,
     /// Metrics endpoint.
-    #[arg(long, default_value = "0.0.0.0:15020")]
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], ports::STATS)))]
     pub(crate) stats_addr: SocketAddr,
     /// Readiness endpoint.
-    #[arg(long, default_value = "0.0.0.0:15021")]
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], ports::READINESS)))]
     pub(crate) readiness_addr: SocketAddr,
     /// Series of gone pods are dropped from the metrics after this long without connections.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
