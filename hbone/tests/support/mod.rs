@@ -6,9 +6,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use hbone::{Config, InboundConnect, Server};
+use hbone::{Authority, Config, InboundConnect, Pool, Server, StaticTls};
+use http::HeaderMap;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::AsyncReadExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -228,4 +230,47 @@ where
         }
     });
     addr
+}
+
+pub fn authority() -> Authority {
+    "10.0.0.1:8080".parse().unwrap()
+}
+
+pub fn pool(pki: &Pki, config: Config) -> Pool<&'static str, StaticTls> {
+    Pool::new(config, StaticTls(pki.client_config()))
+}
+
+pub async fn echo_round_trip(
+    pool: &Pool<&'static str, StaticTls>,
+    server: &EchoServer,
+    data: &[u8],
+) -> Vec<u8> {
+    let tunnel = pool
+        .connect("k", server.addr, &authority(), HeaderMap::new())
+        .await
+        .unwrap();
+    let (mut rd, mut wr) = tokio::io::split(tunnel);
+    let writer = async {
+        wr.write_all(data).await.unwrap();
+        wr.shutdown().await.unwrap();
+    };
+    let reader = async {
+        let mut out = Vec::new();
+        rd.read_to_end(&mut out).await.unwrap();
+        out
+    };
+    let ((), out) = tokio::join!(writer, reader);
+    out
+}
+
+pub async fn round_trip(pool: &Pool<&'static str, StaticTls>, target: SocketAddr) -> Vec<u8> {
+    let mut t = pool
+        .connect("k", target, &authority(), HeaderMap::new())
+        .await
+        .unwrap();
+    t.write_all(b"hi").await.unwrap();
+    t.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    t.read_to_end(&mut out).await.unwrap();
+    out
 }
