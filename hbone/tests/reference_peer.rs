@@ -1,7 +1,7 @@
 //! Our client against an independent HTTP/2 implementation: the `h2` crate's server, with its
 //! own flow control (default 64 KiB windows, so our sender must wait for its WINDOW_UPDATEs) and
 //! its own frame sizes. The server direction is covered by the tests that drive our server with
-//! `h2`'s client (tunnel.rs, hardening.rs) and by the Python peer (ztunnel-bin/tests/interop.rs).
+//! `h2`'s client (server.rs) and by the Python peer (ztunnel-bin/tests/interop.rs).
 
 mod support;
 
