@@ -101,3 +101,8 @@ pub fn fuzz_yaml(data: &[u8]) {
         }
     }
 }
+
+/// The README's example, compiled and run as a doctest so it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -7,7 +7,7 @@
 //! plane and the local mesh can all take these from here instead of repeating them.
 //!
 //! ```
-//! use ambient_common::{PACKET_MARK, k8s, ports};
+//! use common::{PACKET_MARK, k8s, ports};
 //!
 //! assert_eq!(ports::HBONE, 15008);
 //! assert_eq!(PACKET_MARK, 1337);
@@ -24,3 +24,8 @@ pub mod ports;
 /// The mark (`SO_MARK`) on the proxy's own sockets: capture rules let marked packets pass, so
 /// the proxy's connections are not captured again. Istio's value (`0x539`, 1337).
 pub const PACKET_MARK: u32 = 0x539;
+
+/// The README's example, compiled and run as a doctest so it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -204,3 +204,8 @@ pub fn compute(m: &Manifests, config: &ComputeConfig) -> Result<Computed, authz:
     }
     Ok(out)
 }
+
+/// The README's example, compiled and run as a doctest so it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

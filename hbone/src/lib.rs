@@ -108,3 +108,8 @@ pub use tunnel::Tunnel;
 
 /// The ALPN protocol id HBONE requires: HTTP/2 over TLS.
 pub const H2_ALPN: &[u8] = b"h2";
+
+/// The README's example, compiled and run as a doctest so it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -84,3 +84,8 @@ mod time_tests {
         assert_eq!(at(1_795_985_999), "2026-11-29T20:59:59Z");
     }
 }
+
+/// The README's example, compiled and run as a doctest so it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

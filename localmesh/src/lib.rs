@@ -136,3 +136,8 @@ pub fn write_atomic(path: &Path, text: &str) -> Result<(), Error> {
             source,
         })
 }
+
+/// The README's example, compiled and run as a doctest so it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

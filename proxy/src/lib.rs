@@ -1,14 +1,14 @@
 //! The ambient node proxy as a library: what it knows (workloads, services, policies) and how it
 //! routes captured connections.
 //!
-//! So far: [`state`] (an immutable snapshot the data path reads without locks, updated from xDS
+//! Its parts: [`state`] (an immutable snapshot the data path reads without locks, updated from xDS
 //! resources), [`outbound::decide`], the pure route decision of a captured outbound connection
 //! (service VIP -> healthy endpoint -> HBONE or passthrough) and its execution
 //! ([`outbound::Outbound`]: HBONE with the source workload's own certificate, or passthrough),
 //! [`inbound::Inbound`], the HBONE handler of a local workload (authority check, L4 policy with
 //! the client's SPIFFE id, app connect, copy), and [`connections`], which closes connections a
-//! policy change now denies. The in-pod listeners, telemetry and `ztunnel proxy` come next
-//! (issue 10).
+//! policy change now denies; [`inpod`] (the listeners of each pod the node agent hands over) and
+//! [`dedicated`] (one workload in the proxy's own namespace); metrics and the access log.
 //!
 //! ```
 //! use proxy::addr::OrigDst;
@@ -81,3 +81,8 @@ pub(crate) fn authz_workload(w: &xds_client::resources::Workload) -> authz::Work
         policies: w.authorization_policies.clone(),
     }
 }
+
+/// The README's example, compiled and run as a doctest so it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

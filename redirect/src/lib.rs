@@ -44,3 +44,8 @@ pub fn reconcile(
     }
     Ok(drift)
 }
+
+/// The README's example, compiled and run as a doctest so it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
