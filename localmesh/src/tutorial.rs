@@ -21,12 +21,11 @@ use crate::plan::{Mesh, parse_docs};
 use crate::{Config, Error};
 
 /// The walkthrough's workloads.
-pub const APPS: &str = include_str!("../../examples/ambient-walkthrough/apps.yaml");
+pub const APPS: &str = include_str!("../walkthrough/apps.yaml");
 /// Step 4's policy.
-pub const ALLOW_NOTHING: &str =
-    include_str!("../../examples/ambient-walkthrough/allow-nothing.yaml");
+pub const ALLOW_NOTHING: &str = include_str!("../walkthrough/allow-nothing.yaml");
 /// Step 5's policies.
-pub const ALLOW_CHAIN: &str = include_str!("../../examples/ambient-walkthrough/allow-chain.yaml");
+pub const ALLOW_CHAIN: &str = include_str!("../walkthrough/allow-chain.yaml");
 
 const SLEEP_ID: &str = "spiffe://cluster.local/ns/default/sa/sleep";
 const NOTSLEEP_ID: &str = "spiffe://cluster.local/ns/default/sa/notsleep";
@@ -168,7 +167,7 @@ fn check(step: u8, ok: bool, what: impl FnOnce() -> String) -> Result<(), Error>
 
 fn steps(config: &Config, cancel: &AtomicBool, out: Progress<'_>) -> Result<(), Error> {
     out("step 1: two nodes, the walkthrough's workloads, not in the mesh yet");
-    let docs = parse_docs(APPS, "examples/ambient-walkthrough/apps.yaml")?;
+    let docs = parse_docs(APPS, "localmesh/walkthrough/apps.yaml")?;
     let mesh = mesh::up(config, docs, cancel, out)?;
     for p in mesh.pods() {
         out(&format!(
