@@ -11,14 +11,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
-use identity::{SpiffeId, WorkloadCert};
-use rustls::RootCertStore;
 use tokio::net::TcpListener;
 use tracing::info;
 
+use crate::certs::StaticCert;
 use crate::connections::Connections;
 use crate::inbound::{DirectConnector, Inbound};
-use crate::outbound::{Certificates, Outbound};
+use crate::outbound::Outbound;
 use crate::serve::{Tracker, serve_hbone, serve_outbound};
 use crate::state::StateStore;
 
@@ -54,49 +53,6 @@ impl DedicatedConfig {
             hbone: hbone::Config::default(),
             metrics: crate::metrics::Metrics::new(Duration::from_secs(300)),
         }
-    }
-}
-
-/// One fixed certificate (from files) and the trust roots.
-#[derive(Debug, Clone)]
-pub struct StaticCert {
-    /// The workload's certificate.
-    pub cert: Arc<WorkloadCert>,
-    /// The mesh's roots.
-    pub roots: Arc<RootCertStore>,
-}
-
-impl Certificates for StaticCert {
-    fn get(
-        &self,
-        id: &SpiffeId,
-    ) -> impl Future<Output = Result<Arc<WorkloadCert>, identity::Error>> + Send {
-        let result = if self.cert.id() != id {
-            Err(identity::Error::NoCertificate {
-                id: id.clone(),
-                reason: format!(
-                    "this proxy only holds the certificate of {}",
-                    self.cert.id()
-                ),
-            })
-        } else if !self.cert.is_valid_at(SystemTime::now()) {
-            Err(identity::Error::NoCertificate {
-                id: id.clone(),
-                reason: "the certificate file has expired".into(),
-            })
-        } else {
-            Ok(self.cert.clone())
-        };
-        std::future::ready(result)
-    }
-
-    fn roots(&self) -> Arc<RootCertStore> {
-        self.roots.clone()
-    }
-
-    fn watch(&self, id: &SpiffeId) -> crate::outbound::CertWatch {
-        let held = (self.cert.id() == id).then(|| self.cert.clone());
-        tokio::sync::watch::channel(held).1
     }
 }
 

@@ -61,10 +61,10 @@
 
 pub mod addr;
 pub mod admin;
+pub mod certs;
 pub mod connections;
 pub mod dedicated;
 pub mod inbound;
-pub mod inbound_plain;
 pub mod inpod;
 pub mod metrics;
 pub mod outbound;

@@ -127,10 +127,7 @@ pub(crate) async fn serve_hbone<H: hbone::ConnectHandler>(
 /// Serves the outbound listener: each captured connection (its original destination from
 /// `SO_ORIGINAL_DST`) is routed by `outbound` as workload `local`'s, counted by `tracker` and
 /// logged. A connection to the listener itself (not redirected, or a loop) is refused.
-pub(crate) async fn serve_outbound<
-    C: crate::outbound::Certificates,
-    N: crate::sockets::Connector,
->(
+pub(crate) async fn serve_outbound<C: crate::certs::Certificates, N: crate::sockets::Connector>(
     listener: TcpListener,
     outbound: Arc<crate::outbound::Outbound<C, N>>,
     local: crate::state::LocalWorkload,

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use identity::{DevCa, DevCaSource, SecretManager, SecretManagerConfig};
+use proxy::certs::Managed;
 use proxy::inpod::{SharedConfig, SharedProxy};
 use proxy::metrics::Metrics;
-use proxy::outbound::Managed;
 use proxy::state::{State, StateStore};
 use redirect::zds::ZdsTestAgent;
 use redirect::zds::proto::{AddWorkload, KeepWorkload, Payload, SnapshotSent, WorkloadInfo};

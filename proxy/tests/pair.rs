@@ -14,10 +14,11 @@ use std::time::Duration;
 use hbone::{Config, Server};
 use identity::{DevCa, SpiffeId, WorkloadCert};
 use proxy::addr::{ClientAddr, OrigDst};
+use proxy::certs::Certificates;
 use proxy::connections::Connections;
 use proxy::inbound::{DirectConnector, Inbound, InboundOutcome};
 use proxy::metrics::Metrics;
-use proxy::outbound::{Certificates, Outbound, OutboundOutcome};
+use proxy::outbound::{Outbound, OutboundOutcome};
 use proxy::state::{State, StateStore};
 use rustls::RootCertStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -44,7 +45,7 @@ impl Certificates for DevCerts {
         self.0.roots()
     }
 
-    fn watch(&self, id: &SpiffeId) -> proxy::outbound::CertWatch {
+    fn watch(&self, id: &SpiffeId) -> proxy::certs::CertWatch {
         let cert = self.0.issue(id, HOUR).ok();
         let cert = cert.and_then(|c| WorkloadCert::new(id.clone(), c).ok());
         tokio::sync::watch::channel(cert.map(Arc::new)).1

@@ -41,11 +41,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::addr::{ClientAddr, OrigDst};
+use crate::certs::{CertWatch, Certificates};
 use crate::connections::Connections;
 use crate::inbound::Inbound;
-use crate::inbound_plain::PlainInbound;
 use crate::metrics::Metrics;
-use crate::outbound::{CertWatch, Certificates, Outbound};
+use crate::outbound::Outbound;
 use crate::serve::{Tracker, accept_loop, serve_hbone, serve_outbound};
 use crate::state::{LocalWorkload, StateStore};
 use netns::{InPodConnector, PodNetns};
@@ -273,16 +273,7 @@ impl<C: Certificates> SharedProxy<C> {
         )
         .with_metrics(self.metrics.clone());
         let draining = inbound.drain_switch();
-        let plain = Arc::new(
-            PlainInbound::new(
-                self.state.clone(),
-                connections.clone(),
-                local.clone(),
-                connector.clone(),
-                draining.clone(),
-            )
-            .with_metrics(self.metrics.clone()),
-        );
+        let plain = Arc::new(inbound.plain());
         let server = hbone::Server::new(self.config.hbone.clone(), Arc::new(tls), inbound);
         let outbound = Arc::new(
             Outbound::with_connector(

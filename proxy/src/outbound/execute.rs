@@ -15,69 +15,17 @@ use std::time::{Duration, Instant};
 use hbone::headers::{Baggage, forwarded_for, traceparent};
 use hbone::{Authority, BoxError, Dialer, Pool};
 use http::HeaderMap;
-use identity::{SpiffeId, WorkloadCert};
-use rustls::RootCertStore;
+use identity::SpiffeId;
 use tokio::net::TcpStream;
 use tracing::debug;
 use xds_client::resources::Workload;
 
 use super::route::{Route, decide};
 use crate::addr::{ClientAddr, OrigDst};
+use crate::certs::Certificates;
 use crate::metrics::{Counted, Ends, Flow, Metrics, Open};
 use crate::sockets::{Connector, Marked};
 use crate::state::{LocalWorkload, StateStore};
-
-/// Where the proxy gets workload certificates (a [`identity::SecretManager`] fed by a CA, fixed
-/// files, or an in-process development CA) and the mesh's trust roots.
-pub trait Certificates: Send + Sync + 'static {
-    /// The current certificate of `id` (never an expired one).
-    fn get(
-        &self,
-        id: &SpiffeId,
-    ) -> impl Future<Output = Result<Arc<WorkloadCert>, identity::Error>> + Send;
-    /// The roots peers' chains must verify against.
-    fn roots(&self) -> Arc<RootCertStore>;
-    /// Follows the certificates of `id` (starting a fetch if it is new): what a server presenting
-    /// that identity serves at each handshake (`None` or an expired certificate: no handshake).
-    fn watch(&self, id: &SpiffeId) -> CertWatch;
-    /// Stops refreshing `id` (its last local pod is gone). Nothing by default.
-    fn forget(&self, id: &SpiffeId) {
-        let _ = id;
-    }
-}
-
-/// The current certificate of one identity, as it rotates.
-pub type CertWatch = tokio::sync::watch::Receiver<Option<Arc<WorkloadCert>>>;
-
-/// Certificates from a [`identity::SecretManager`] (fetched once, rotated before expiry).
-#[derive(Debug, Clone)]
-pub struct Managed {
-    /// The secret manager.
-    pub manager: identity::SecretManager,
-    /// The mesh's roots.
-    pub roots: Arc<RootCertStore>,
-}
-
-impl Certificates for Managed {
-    fn get(
-        &self,
-        id: &SpiffeId,
-    ) -> impl Future<Output = Result<Arc<WorkloadCert>, identity::Error>> + Send {
-        self.manager.get(id)
-    }
-
-    fn roots(&self) -> Arc<RootCertStore> {
-        self.roots.clone()
-    }
-
-    fn watch(&self, id: &SpiffeId) -> CertWatch {
-        self.manager.subscribe(id)
-    }
-
-    fn forget(&self, id: &SpiffeId) {
-        self.manager.forget(id);
-    }
-}
 
 /// What pooled HBONE connections are shared by (besides the destination address).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -5,7 +5,5 @@
 mod execute;
 mod route;
 
-pub use execute::{
-    CertWatch, Certificates, IdentityDialer, Managed, Outbound, OutboundOutcome, PoolKey,
-};
+pub use execute::{IdentityDialer, Outbound, OutboundOutcome, PoolKey};
 pub use route::{Route, RouteError, decide};

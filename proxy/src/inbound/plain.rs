@@ -1,7 +1,7 @@
 //! The plaintext inbound path (port 15006): a connection to a local workload that did not come
 //! through HBONE (a client outside the mesh), redirected here by the pod's capture rules. Policy
 //! decides with no client identity (so only policies that do not need one can allow it), then
-//! the bytes go to the app. The checks are the HBONE path's ([`crate::inbound`]); the outcome is
+//! the bytes go to the app. The admission is the HBONE path's ([`super::admit`]); the outcome is
 //! reported with the status HBONE would have answered (200, 400, 401, 503).
 
 use std::sync::Arc;
@@ -10,24 +10,25 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 
+use super::{
+    DESTINATION, InboundOutcome, Refusal, admit, copy_until_closed, dial_app, log_refusal,
+};
 use crate::addr::{ClientAddr, OrigDst};
 use crate::connections::Connections;
-use crate::inbound::{
-    DESTINATION, InboundOutcome, authorize, copy_until_closed, dial_app, failure_flags,
-};
 use crate::metrics::{Ends, Flow, Metrics};
 use crate::sockets::Connector;
 use crate::state::{LocalWorkload, StateStore};
 
-/// The plaintext inbound path of one local workload.
+/// The plaintext inbound path of one local workload; made by [`super::Inbound::plain`], beside
+/// the HBONE path of the same workload.
 pub struct PlainInbound<C> {
-    state: Arc<StateStore>,
-    connections: Arc<Connections>,
-    local: LocalWorkload,
-    connector: C,
-    connect_timeout: Duration,
-    draining: Arc<AtomicBool>,
-    metrics: Arc<Metrics>,
+    pub(super) state: Arc<StateStore>,
+    pub(super) connections: Arc<Connections>,
+    pub(super) local: LocalWorkload,
+    pub(super) connector: C,
+    pub(super) connect_timeout: Duration,
+    pub(super) draining: Arc<AtomicBool>,
+    pub(super) metrics: Arc<Metrics>,
 }
 
 impl<C> std::fmt::Debug for PlainInbound<C> {
@@ -39,32 +40,6 @@ impl<C> std::fmt::Debug for PlainInbound<C> {
 }
 
 impl<C: Connector> PlainInbound<C> {
-    /// Serves `local`, reaching its app through `connector`; `draining` set means new
-    /// connections are refused (the HBONE path's drain switch).
-    pub fn new(
-        state: Arc<StateStore>,
-        connections: Arc<Connections>,
-        local: LocalWorkload,
-        connector: C,
-        draining: Arc<AtomicBool>,
-    ) -> Self {
-        PlainInbound {
-            state,
-            connections,
-            local,
-            connector,
-            connect_timeout: Duration::from_secs(10),
-            draining,
-            metrics: Metrics::new(Duration::from_secs(300)),
-        }
-    }
-
-    /// Counts connections into `metrics` (reporter `destination`).
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
-        self.metrics = metrics;
-        self
-    }
-
     /// Checks and forwards one redirected connection from `source` that was going to
     /// `destination`, until both sides are done (or a policy change closes it).
     pub async fn serve(
@@ -84,15 +59,14 @@ impl<C: Connector> PlainInbound<C> {
             bytes: (0, 0),
             duration: Duration::ZERO,
         };
-        let refuse = |mut outcome: InboundOutcome, status: u16, why: String| {
-            outcome.status = status;
-            outcome.error = Some(why);
+        let refuse = |mut outcome: InboundOutcome, refusal: Refusal| {
+            outcome.status = refusal.status().as_u16();
+            outcome.error = Some(refusal.to_string());
             outcome.duration = started.elapsed();
             outcome
         };
         if self.draining.load(Ordering::SeqCst) {
-            let why = "the proxy is draining (shutting down)".to_owned();
-            return refuse(outcome, 503, why);
+            return refuse(outcome, Refusal::Draining);
         }
         let state = self.state.snapshot();
         let source_workload = state.workload_at("", source.ip()).cloned();
@@ -101,15 +75,15 @@ impl<C: Connector> PlainInbound<C> {
             destination: state.local(&self.local).map(|w| &**w),
             ..Ends::default()
         };
-        let (local, connection) =
-            match authorize(&state, &self.local, source.0, destination.0, None) {
-                Ok(allowed) => allowed,
-                Err((status, why)) => {
-                    self.metrics
-                        .failed(DESTINATION, ends, failure_flags(status));
-                    return refuse(outcome, status.as_u16(), why);
-                }
-            };
+        let (local, connection) = match admit(&state, &self.local, source.0, destination.0, None) {
+            Ok(admitted) => (admitted.workload, admitted.connection),
+            Err(refusal) => {
+                log_refusal(&refusal, source.0, destination.0, None);
+                self.metrics
+                    .failed(DESTINATION, ends, refusal.response_flags());
+                return refuse(outcome, refusal);
+            }
+        };
         ends.destination = Some(&local);
         outcome.destination_uid = Some(local.uid.clone());
         let registered = self.connections.register(connection, &local.uid);
@@ -120,9 +94,10 @@ impl<C: Connector> PlainInbound<C> {
         ));
         let app = match connect.await {
             Ok(app) => app,
-            Err(why) => {
-                self.metrics.failed(DESTINATION, ends, "CONNECT");
-                return refuse(outcome, 503, why);
+            Err(refusal) => {
+                self.metrics
+                    .failed(DESTINATION, ends, refusal.response_flags());
+                return refuse(outcome, refusal);
             }
         };
         let open = self.metrics.opened(DESTINATION, ends);

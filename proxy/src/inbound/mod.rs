@@ -1,0 +1,116 @@
+//! The inbound paths of one local workload: HBONE (port 15008, [`Inbound`]) and plaintext from
+//! outside the mesh (port 15006, [`PlainInbound`]). Both admit a connection by the same pure
+//! decision ([`admit`]: the workload is known, the destination is one of its addresses and not a
+//! proxy port, L4 policy allows it), then dial the app and copy, while the connection stays
+//! registered so a policy change can close it.
+//!
+//! One [`Inbound`] serves one local workload (a pod's listener in shared mode, the workload in
+//! dedicated mode), whose certificate the TLS layer presents. For each CONNECT:
+//! 1. the `:authority` must be an `ip:port` of that workload, not one of the proxy's own ports
+//!    (anything else: 400, logged);
+//! 2. the client's SPIFFE id comes from its verified certificate (the TLS layer already required
+//!    the mesh's roots and trust domain);
+//! 3. L4 policy decides with that identity, the client's address and the authority (deny: 401,
+//!    logged with the source identity and the deciding policy);
+//! 4. the app is dialed (failure or no answer within the limit: 503), the tunnel accepted and
+//!    the bytes copied with half-close, while the connection stays registered so a policy change
+//!    can close it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tracing::warn;
+
+use crate::connections::Registered;
+use crate::sockets::Connector;
+
+mod admission;
+mod connect;
+mod plain;
+
+pub use admission::{Admitted, Refusal, admit};
+pub use connect::Inbound;
+pub use plain::PlainInbound;
+
+/// The inbound path reaches the app from the current network namespace, without a mark, unless
+/// it is given another [`Connector`] (shared mode: a socket made inside the pod's netns).
+pub type DirectConnector = crate::sockets::Marked;
+
+/// What one inbound connection did, for the access log and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundOutcome {
+    /// The client's address (its pod, or its node proxy).
+    pub source: SocketAddr,
+    /// The client's SPIFFE id, when it presented a usable one.
+    pub source_identity: Option<String>,
+    /// The CONNECT authority (for plaintext inbound: the original destination).
+    pub destination: String,
+    /// The local workload's uid, once known.
+    pub destination_uid: Option<String>,
+    /// The HTTP status answered (200, 400, 401, 503).
+    pub status: u16,
+    /// Why it was refused or ended early, if it was.
+    pub error: Option<String>,
+    /// Bytes from the client to the app, and back.
+    pub bytes: (u64, u64),
+    /// How long it lasted.
+    pub duration: Duration,
+}
+
+/// Dials the app at `destination` through `connector`, giving up after `timeout`.
+async fn dial_app<C: Connector>(
+    connector: &C,
+    destination: SocketAddr,
+    timeout: Duration,
+) -> Result<tokio::net::TcpStream, Refusal> {
+    match tokio::time::timeout(timeout, connector.connect(destination)).await {
+        Ok(Ok(app)) => Ok(app),
+        Ok(Err(e)) => Err(Refusal::AppUnreachable(format!(
+            "cannot connect to the app at {destination}: {e}"
+        ))),
+        Err(_) => Err(Refusal::AppUnreachable(format!(
+            "the app at {destination} did not accept within {timeout:?}"
+        ))),
+    }
+}
+
+/// Runs an inbound connection's `copy` until it ends or a policy change closes the connection,
+/// recording the bytes moved and why it ended in `outcome`. `copy` is pinned by the caller, so the
+/// copy's state is stored once, in the caller's future. Returns whether the connection was
+/// aborted (the copy failed, or the policy change closed it): its sockets are then reset, not
+/// closed (`sockets::reset_on_close`).
+async fn copy_until_closed(
+    copy: std::pin::Pin<&mut impl Future<Output = Result<hbone::Transferred, hbone::CopyError>>>,
+    registered: &Registered,
+    outcome: &mut InboundOutcome,
+) -> bool {
+    tokio::select! {
+        copied = copy => match copied {
+            Ok(t) => {
+                outcome.bytes = (t.a_to_b, t.b_to_a);
+                false
+            }
+            Err(e) => {
+                outcome.bytes = (e.transferred.a_to_b, e.transferred.b_to_a);
+                outcome.error = Some(e.to_string());
+                true
+            }
+        },
+        reason = registered.closed() => {
+            outcome.error = Some(format!("connection closed due to policy change: {reason}"));
+            true
+        }
+    }
+}
+
+/// The reporter label of the inbound side.
+const DESTINATION: &str = "destination";
+
+/// Logs a refusal that an operator should see at warning level (a policy denial), with the
+/// client's identity when it has one.
+fn log_refusal(refusal: &Refusal, source: SocketAddr, destination: SocketAddr, peer: Option<&str>) {
+    if let Refusal::Denied(reason) = refusal {
+        let src_identity = peer.unwrap_or("-");
+        warn!(src = %source, src_identity, dst = %destination, reason = %reason, "connection denied by policy");
+    }
+}
