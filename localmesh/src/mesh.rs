@@ -16,7 +16,7 @@
 //! control plane's manifests (which the control plane and the node agents watch), and makes or
 //! removes pods and rules to match.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -24,13 +24,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::net::{self, run, run_in};
-use crate::plan::{App, Mesh, PodPlan};
+use crate::plan::{Mesh, NetStep, PodPlan, Process};
 use crate::{Config, Error, write_atomic};
 
 /// The nat chain of the nodes' service rules.
 const SERVICES_CHAIN: &str = "ZL-SERVICES";
-/// The control plane's port on the host's fabric address.
-const CONTROLPLANE_PORT: u16 = 15012;
 
 /// Progress lines for the terminal.
 pub type Progress<'a> = &'a mut dyn FnMut(&str);
@@ -38,52 +36,6 @@ pub type Progress<'a> = &'a mut dyn FnMut(&str);
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let what = what.into();
     move |source| Error::Io { what, source }
-}
-
-impl Config {
-    fn state_file(&self) -> PathBuf {
-        self.run_dir.join("mesh.json")
-    }
-
-    fn manifests_dir(&self) -> PathBuf {
-        self.run_dir.join("manifests")
-    }
-
-    /// The log file of a part: `controlplane`, or `ztunnel`/`node-agent` of a node, or a pod.
-    pub fn log_file(&self, part: &str, node: Option<&str>) -> PathBuf {
-        match node {
-            Some(n) => self
-                .run_dir
-                .join("logs")
-                .join(n)
-                .join(format!("{part}.log")),
-            None => self.run_dir.join("logs").join(format!("{part}.log")),
-        }
-    }
-
-    fn node_ns(&self, node: &str) -> String {
-        format!("{}-{node}", self.prefix)
-    }
-
-    fn fabric_ns(&self) -> String {
-        format!("{}-fabric", self.prefix)
-    }
-
-    fn host_link(&self) -> String {
-        format!("{}-host", self.prefix)
-    }
-
-    fn controlplane_pid_file(&self) -> PathBuf {
-        self.run_dir.join("controlplane.pid")
-    }
-
-    /// The control plane's address.
-    pub fn controlplane_addr(&self) -> SocketAddr {
-        SocketAddr::from((
-            Ipv4Addr::new(self.base[0], self.base[1], 0, 1),
-            CONTROLPLANE_PORT,
-        ))
-    }
 }
 
 /// Reads the running mesh's state.
@@ -182,90 +134,10 @@ fn build(
     save(config, &mesh)?;
 
     progress("creating the network: fabric and nodes");
-    let fabric = config.fabric_ns();
-    net::add_namespace(&fabric)?;
-    net::ip(&fabric, &["link", "add", "br0", "type", "bridge"])?;
-    net::ip(&fabric, &["link", "set", "br0", "up"])?;
-    let host = config.host_link();
-    run(
-        "ip",
-        &[
-            "link", "add", &host, "type", "veth", "peer", "name", "uplink", "netns", &fabric,
-        ],
-    )?;
-    net::ip(&fabric, &["link", "set", "uplink", "master", "br0", "up"])?;
-    run(
-        "ip",
-        &[
-            "addr",
-            "add",
-            &format!("{}/24", mesh.host_ip()),
-            "dev",
-            &host,
-        ],
-    )?;
-    run("ip", &["link", "set", &host, "up"])?;
-    for (i, node) in config.nodes.iter().enumerate() {
+    execute(&mesh.fabric_steps(config))?;
+    for i in 0..config.nodes.len() {
         check_cancel(cancel)?;
-        let ns = config.node_ns(node);
-        net::add_namespace(&ns)?;
-        let port = format!("n{i}");
-        net::ip(
-            &fabric,
-            &[
-                "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-            ],
-        )?;
-        net::ip(&fabric, &["link", "set", &port, "master", "br0", "up"])?;
-        net::ip(
-            &ns,
-            &[
-                "addr",
-                "add",
-                &format!("{}/24", mesh.node_ip(i)),
-                "dev",
-                "eth0",
-            ],
-        )?;
-        net::ip(&ns, &["link", "set", "eth0", "up"])?;
-        net::ip(&ns, &["link", "add", "cni0", "type", "bridge"])?;
-        net::ip(
-            &ns,
-            &[
-                "addr",
-                "add",
-                &format!("{}/24", mesh.pod_gateway(i)),
-                "dev",
-                "cni0",
-            ],
-        )?;
-        net::ip(&ns, &["link", "set", "cni0", "up"])?;
-        net::enable_forwarding(&ns)?;
-        let pod_subnet = |j: usize| format!("{}.{}.{}.0/24", config.base[0], config.base[1], 1 + j);
-        for (j, _) in config.nodes.iter().enumerate().filter(|(j, _)| *j != i) {
-            net::ip(
-                &ns,
-                &[
-                    "route",
-                    "add",
-                    &pod_subnet(j),
-                    "via",
-                    &mesh.node_ip(j).to_string(),
-                ],
-            )?;
-        }
-        run(
-            "ip",
-            &[
-                "route",
-                "add",
-                &pod_subnet(i),
-                "via",
-                &mesh.node_ip(i).to_string(),
-                "dev",
-                &host,
-            ],
-        )?;
+        execute(&mesh.node_steps(config, i))?;
     }
     for pod in mesh.pods() {
         check_cancel(cancel)?;
@@ -273,39 +145,21 @@ fn build(
             "creating pod {}/{} on {} ({})",
             pod.placement.namespace, pod.placement.name, pod.placement.node, pod.placement.ip
         ));
-        create_pod(config, &mesh, &pod)?;
+        execute(&mesh.pod_steps(config, &pod))?;
     }
     refresh(config, &mesh)?;
 
     check_cancel(cancel)?;
     progress("starting the control plane");
     for node in &config.nodes {
-        let token = config.run_dir.join("tokens").join(format!("{node}.token"));
+        let token = config.token_file(node);
         let secret = format!("{:032x}{:032x}", rand_u128(), rand_u128());
         write_private(&token, &secret)?;
     }
     let addr = config.controlplane_addr();
-    let cp = spawn(
-        config,
-        None,
-        &[
-            "controlplane",
-            "--manifests",
-            &config.manifests_dir().to_string_lossy(),
-            "--listen",
-            &addr.to_string(),
-            "--tls-name",
-            &addr.ip().to_string(),
-            "--ca-dir",
-            &config.run_dir.join("ca").to_string_lossy(),
-            "--node-tokens",
-            &config.run_dir.join("tokens").to_string_lossy(),
-        ],
-        &[],
-        &config.log_file("controlplane", None),
-    )?;
+    let cp = spawn(config, &mesh.controlplane_process(config))?;
     write_atomic(&config.controlplane_pid_file(), &cp.to_string())?;
-    let root = config.run_dir.join("ca").join("root-cert.pem");
+    let root = config.root_cert();
     wait_for(
         cancel,
         "the control plane",
@@ -315,7 +169,8 @@ fn build(
     for (i, node) in config.nodes.iter().enumerate() {
         check_cancel(cancel)?;
         progress(&format!("starting {node}: node agent and proxy"));
-        start_node(config, node)?;
+        spawn(config, &mesh.node_agent_process(config, node))?;
+        spawn(config, &mesh.proxy_process(config, node))?;
         let ready = SocketAddr::from((mesh.node_ip(i), common::ports::READINESS));
         wait_for(
             cancel,
@@ -326,7 +181,9 @@ fn build(
     }
     for pod in mesh.pods() {
         check_cancel(cancel)?;
-        start_app(config, &pod)?;
+        if let Some(app) = mesh.app_process(config, &pod) {
+            spawn(config, &app)?;
+        }
     }
     Ok(mesh)
 }
@@ -373,13 +230,10 @@ fn wait_for(
 
 /// Starts `exe args` (in network namespace `ns` when given) in its own process group, output to
 /// `log`; returns its pid.
-fn spawn(
-    config: &Config,
-    ns: Option<&str>,
-    args: &[&str],
-    env: &[(&str, String)],
-    log: &Path,
-) -> Result<u32, Error> {
+/// Starts a process of the plan in its own process group (so it outlives this command), with
+/// its output appended to its log; returns its pid.
+fn spawn(config: &Config, process: &Process) -> Result<u32, Error> {
+    let log = &process.log;
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -388,7 +242,7 @@ fn spawn(
     let err = out
         .try_clone()
         .map_err(io("duplicating a log descriptor"))?;
-    let mut cmd = match ns {
+    let mut cmd = match &process.netns {
         Some(ns) => {
             let mut c = Command::new("ip");
             c.args(["netns", "exec", ns]).arg(&config.exe);
@@ -396,135 +250,34 @@ fn spawn(
         }
         None => Command::new(&config.exe),
     };
-    cmd.args(args)
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+    cmd.args(&process.args)
+        .envs(process.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
         .process_group(0);
     let child = cmd.spawn().map_err(|e| Error::Command {
-        command: format!("{} {}", config.exe.display(), args.join(" ")),
+        command: format!("{} {}", config.exe.display(), process.args.join(" ")),
         reason: format!("cannot start it: {e}"),
     })?;
     Ok(child.id())
 }
 
-fn start_node(config: &Config, node: &str) -> Result<(), Error> {
-    let ns = config.node_ns(node);
-    let socket = config.run_dir.join(format!("{node}.sock"));
-    let manifests = format!("manifests:{}", config.manifests_dir().display());
-    spawn(
-        config,
-        Some(&ns),
-        &[
-            "node-agent",
-            "--source",
-            &manifests,
-            "--node",
-            node,
-            "--backend",
-            &config.backend,
-            "--zds-socket",
-            &socket.to_string_lossy(),
-        ],
-        &[],
-        &config.log_file("node-agent", Some(node)),
-    )?;
-    let url = format!("https://{}", config.controlplane_addr());
-    let root = config.run_dir.join("ca").join("root-cert.pem");
-    let root = root.to_string_lossy();
-    let token = config.run_dir.join("tokens").join(format!("{node}.token"));
-    spawn(
-        config,
-        Some(&ns),
-        &[
-            "proxy",
-            "--mode",
-            "shared",
-            "--xds-address",
-            &url,
-            "--ca-address",
-            &url,
-            "--xds-root-ca",
-            &root,
-            "--ca-root-ca",
-            &root,
-            "--auth-token",
-            &token.to_string_lossy(),
-            "--inpod-uds",
-            &socket.to_string_lossy(),
-        ],
-        &[
-            ("NODE_NAME", node.to_owned()),
-            ("CONNECTION_TERMINATION_DEADLINE", "2s".to_owned()),
-        ],
-        &config.log_file("ztunnel", Some(node)),
-    )?;
-    Ok(())
-}
-
-fn create_pod(config: &Config, mesh: &Mesh, pod: &PodPlan) -> Result<(), Error> {
-    let p = &pod.placement;
-    let i = mesh.node_index(&p.node).unwrap_or(0);
-    let node_ns = config.node_ns(&p.node);
-    let ns = Mesh::pod_netns(&config.prefix, p);
-    net::add_namespace(&ns)?;
-    let port = format!("p{}", p.ip.octets()[3]);
-    net::ip(
-        &node_ns,
-        &[
-            "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-        ],
-    )?;
-    net::ip(&node_ns, &["link", "set", &port, "master", "cni0", "up"])?;
-    net::ip(
-        &ns,
-        &["addr", "add", &format!("{}/24", p.ip), "dev", "eth0"],
-    )?;
-    net::ip(&ns, &["link", "set", "eth0", "up"])?;
-    net::ip(
-        &ns,
-        &[
-            "route",
-            "add",
-            "default",
-            "via",
-            &mesh.pod_gateway(i).to_string(),
-        ],
-    )?;
-    Ok(())
-}
-
-fn start_app(config: &Config, pod: &PodPlan) -> Result<(), Error> {
-    let p = &pod.placement;
-    let ns = Mesh::pod_netns(&config.prefix, p);
-    let log = config
-        .run_dir
-        .join("logs")
-        .join(format!("pod-{}-{}.log", p.namespace, p.name));
-    let mut args: Vec<String> = vec![
-        "local".into(),
-        "app".into(),
-        "--name".into(),
-        p.deployment.clone(),
-    ];
-    match &pod.app {
-        App::Idle => return Ok(()),
-        App::Http { port, upstream } => {
-            args.extend(["--port".into(), port.to_string()]);
-            if let Some(u) = upstream {
-                args.extend(["--upstream".into(), u.clone()]);
+/// Runs network steps of the plan, in order.
+fn execute(steps: &[NetStep]) -> Result<(), Error> {
+    for step in steps {
+        match step {
+            NetStep::Namespace(ns) => net::add_namespace(ns)?,
+            NetStep::Ip { netns, args } => {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                match netns {
+                    Some(ns) => net::ip(ns, &args).map(drop)?,
+                    None => run("ip", &args).map(drop)?,
+                }
             }
-        }
-        App::Gateway { port, routes } => {
-            args.extend(["--port".into(), port.to_string()]);
-            for (host, url) in routes {
-                args.extend(["--route".into(), format!("{host}={url}")]);
-            }
+            NetStep::Forwarding(ns) => net::enable_forwarding(ns)?,
         }
     }
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    spawn(config, Some(&ns), &refs, &[], &log)?;
     Ok(())
 }
 
@@ -595,12 +348,14 @@ pub fn apply(
             "creating pod {}/{} on {} ({})",
             pod.placement.namespace, pod.placement.name, pod.placement.node, pod.placement.ip
         ));
-        create_pod(config, &mesh, pod)?;
+        execute(&mesh.pod_steps(config, pod))?;
     }
     save(config, &mesh)?;
     refresh(config, &mesh)?;
     for pod in new {
-        start_app(config, pod)?;
+        if let Some(app) = mesh.app_process(config, pod) {
+            spawn(config, &app)?;
+        }
     }
     for c in changes {
         progress(&c);
