@@ -4,22 +4,23 @@
 //! certificate, readiness on 15021 (`/healthz/ready`: 200 once policies are synced, the workload
 //! is known and its certificate is valid).
 
-use common::ports;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
+use common::ports;
 use tokio::net::TcpListener;
 use tracing::info;
 
+use crate::assembly::{Assembled, Listeners, Parts, assemble};
 use crate::certs::StaticCert;
 use crate::connections::Connections;
-use crate::inbound::{DirectConnector, Inbound};
-use crate::outbound::Outbound;
-use crate::serve::{Tracker, serve_hbone, serve_outbound};
-use crate::state::StateStore;
+use crate::inbound::DirectConnector;
+use crate::serve::Tracker;
+use crate::sockets::Marked;
+use crate::state::{LocalWorkload, StateStore};
 
 /// Settings of a dedicated-mode proxy.
 #[derive(Debug, Clone)]
@@ -167,34 +168,22 @@ pub async fn start(
         certs.roots.clone(),
         certs.cert.id().trust_domain(),
     )?;
-    let inbound_connections = Connections::new();
-    let log_state = state.clone();
-    let inbound = Inbound::new(
-        state.clone(),
-        inbound_connections.clone(),
-        config.workload_uid.as_str(),
-        DirectConnector::default(),
-        move |o| crate::telemetry::log_inbound(&log_state.snapshot(), &o),
-    )
-    .with_metrics(config.metrics.clone());
-    let draining = inbound.drain_switch();
-    let server = hbone::Server::new(config.hbone.clone(), Arc::new(tls), inbound);
-    let outbound = Arc::new(
-        Outbound::new(
-            state.clone(),
-            Arc::new(certs.clone()),
-            config.hbone.clone(),
-            config.mark,
-        )
-        .with_metrics(config.metrics.clone()),
-    );
-    let tracker = Tracker::default();
-    let serve_outbound = serve_outbound(
-        outbound_listener,
-        outbound,
-        crate::state::LocalWorkload::Uid(config.workload_uid.clone()),
-        state.clone(),
-        tracker.clone(),
+    let assembled = assemble(
+        Parts {
+            state: state.clone(),
+            certificates: Arc::new(certs.clone()),
+            local: LocalWorkload::Uid(config.workload_uid.clone()),
+            tls: Arc::new(tls),
+            hbone: config.hbone.clone(),
+            metrics: config.metrics.clone(),
+            app_connector: DirectConnector::default(),
+            peer_connector: Marked { mark: config.mark },
+        },
+        Listeners {
+            outbound: outbound_listener,
+            inbound: inbound_listener,
+            plain: None,
+        },
     );
     let uid = config.workload_uid.clone();
     let cert = certs.cert.clone();
@@ -214,25 +203,21 @@ pub async fn start(
             }
         }),
     );
-    // Connections run in tasks of their own, so closing the listener (at a drain) leaves them.
-    let serve_inbound = serve_hbone(inbound_listener, server, tracker.clone());
-    // Every state change (a manifest or xDS update) re-checks the open inbound connections.
-    let mut changes = state.subscribe();
-    let (recheck_state, recheck_connections) = (state.clone(), inbound_connections.clone());
-    let recheck = async move {
-        while changes.changed().await.is_ok() {
-            recheck_connections.reauthorize(&recheck_state.snapshot());
-        }
-    };
+    let Assembled {
+        serve,
+        tracker,
+        connections,
+        draining,
+    } = assembled;
     let serve = async move {
-        tokio::join!(serve_outbound, serve_inbound, serve_readiness, recheck);
+        tokio::join!(serve, serve_readiness);
     };
     Ok((
         bound,
         Running {
             serve: Box::pin(serve),
             tracker,
-            inbound: inbound_connections,
+            inbound: connections,
             draining,
         },
     ))

@@ -61,6 +61,7 @@
 
 pub mod addr;
 pub mod admin;
+mod assembly;
 pub mod certs;
 pub mod connections;
 pub mod dedicated;

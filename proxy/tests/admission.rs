@@ -52,7 +52,13 @@ fn each_refusal_has_its_status() {
     // Plaintext (no identity) cannot pass an ALLOW that names principals.
     let plain = admit(&s, &web, src, "10.0.0.2:8080".parse().unwrap(), None).unwrap_err();
     assert!(matches!(plain, Refusal::Denied(_)), "{plain}");
-    let admitted = admit(&s, &web, src, "10.0.0.3:8080".parse().unwrap(), peer("sleep").as_ref());
+    let admitted = admit(
+        &s,
+        &web,
+        src,
+        "10.0.0.3:8080".parse().unwrap(),
+        peer("sleep").as_ref(),
+    );
     assert_eq!(admitted.unwrap().workload.uid, "web");
     // An unsynced policy store refuses even what policy would allow.
     let unsynced = state(&["default/allow-sleep"], false);

@@ -40,13 +40,11 @@ use redirect::zds::proto::{Payload, WorkloadInfo, WorkloadRequest};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::addr::{ClientAddr, OrigDst};
+use crate::assembly::{Assembled, Listeners, Parts, assemble};
 use crate::certs::{CertWatch, Certificates};
 use crate::connections::Connections;
-use crate::inbound::Inbound;
 use crate::metrics::Metrics;
-use crate::outbound::Outbound;
-use crate::serve::{Tracker, accept_loop, serve_hbone, serve_outbound};
+use crate::serve::Tracker;
 use crate::state::{LocalWorkload, StateStore};
 use netns::{InPodConnector, PodNetns};
 
@@ -262,74 +260,34 @@ impl<C: Certificates> SharedProxy<C> {
             netns: netns.clone(),
             mark,
         };
-        let connections = Connections::new();
-        let log_state = self.state.clone();
-        let inbound = Inbound::new(
-            self.state.clone(),
-            connections.clone(),
-            local.clone(),
-            connector.clone(),
-            move |o| crate::telemetry::log_inbound(&log_state.snapshot(), &o),
-        )
-        .with_metrics(self.metrics.clone());
-        let draining = inbound.drain_switch();
-        let plain = Arc::new(inbound.plain());
-        let server = hbone::Server::new(self.config.hbone.clone(), Arc::new(tls), inbound);
-        let outbound = Arc::new(
-            Outbound::with_connector(
-                self.state.clone(),
-                self.certificates.clone(),
-                self.config.hbone.clone(),
-                connector,
-            )
-            .with_metrics(self.metrics.clone()),
+        let Assembled {
+            serve,
+            tracker,
+            connections,
+            draining,
+        } = assemble(
+            Parts {
+                state: self.state.clone(),
+                certificates: self.certificates.clone(),
+                local,
+                tls: Arc::new(tls),
+                hbone: self.config.hbone.clone(),
+                metrics: self.metrics.clone(),
+                app_connector: connector.clone(),
+                peer_connector: connector,
+            },
+            Listeners {
+                outbound: outbound_listener,
+                inbound: inbound_listener,
+                plain: Some(plain_listener),
+            },
         );
-        let tracker = Tracker::default();
         let stop = CancellationToken::new();
-
-        let serve_outbound = serve_outbound(
-            outbound_listener,
-            outbound,
-            local,
-            self.state.clone(),
-            tracker.clone(),
-        );
-        let t = tracker.clone();
-        let state = self.state.clone();
-        let serve_plain = accept_loop(plain_listener, "inbound plaintext", move |stream, peer| {
-            let (plain, state) = (plain.clone(), state.clone());
-            t.spawn_counted(async move {
-                let destination = match crate::sockets::original_dst(&stream, peer) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        warn!(src = %peer, error = %e, "inbound plaintext: no original destination");
-                        return;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let o = plain.serve(stream, ClientAddr(peer), OrigDst(destination.0)).await;
-                crate::telemetry::log_inbound(&state.snapshot(), &o);
-            });
-        });
-        let serve_inbound = serve_hbone(inbound_listener, server, tracker.clone());
         let stopped = stop.clone();
         tokio::spawn(async move {
             tokio::select! {
-                _ = async { tokio::join!(serve_outbound, serve_plain, serve_inbound) } => {}
+                () = serve => {}
                 () = stopped.cancelled() => {}
-            }
-        });
-        // Every state change re-checks the pod's open inbound connections.
-        let mut changes = self.state.subscribe();
-        let (recheck_state, recheck) = (self.state.clone(), connections.clone());
-        let stopped = stop.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    changed = changes.changed() => if changed.is_err() { break },
-                    () = stopped.cancelled() => break,
-                }
-                recheck.reauthorize(&recheck_state.snapshot());
             }
         });
         info!(pod = %label, uid, identity = %id, netns = netns.inode(), "pod added: listening on 15001, 15006 and 15008 in its namespace");

@@ -1,0 +1,156 @@
+//! One workload's data path, assembled the same way in both modes: the inbound handler with its
+//! access log, the drain switch, the HBONE server, outbound, the connection tracker, the accept
+//! loops (outbound, inbound HBONE, and inbound plaintext where there is a listener for it) and
+//! the loop that re-checks open connections when the state changes. Dedicated mode
+//! ([`crate::dedicated`]) assembles its one workload; shared mode ([`crate::inpod`]) one per pod
+//! handed over. What differs between them comes in as data: the listeners, how sockets are made,
+//! the TLS configuration.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use tokio::net::TcpListener;
+use tracing::warn;
+
+use crate::addr::{ClientAddr, OrigDst};
+use crate::certs::Certificates;
+use crate::connections::Connections;
+use crate::inbound::Inbound;
+use crate::metrics::Metrics;
+use crate::outbound::Outbound;
+use crate::serve::{Tracker, accept_loop, serve_hbone, serve_outbound};
+use crate::sockets::Connector;
+use crate::state::{LocalWorkload, StateStore};
+
+/// What one workload's data path is made of.
+pub(crate) struct Parts<C, A, P> {
+    /// The state every decision reads.
+    pub(crate) state: Arc<StateStore>,
+    /// Where the workload's certificates come from (outbound presents them).
+    pub(crate) certificates: Arc<C>,
+    /// The workload served.
+    pub(crate) local: LocalWorkload,
+    /// The TLS configuration of the inbound HBONE server (the workload's identity).
+    pub(crate) tls: Arc<rustls::ServerConfig>,
+    /// HBONE settings, both directions.
+    pub(crate) hbone: hbone::Config,
+    /// Where connections are counted.
+    pub(crate) metrics: Arc<Metrics>,
+    /// How the inbound paths reach the app.
+    pub(crate) app_connector: A,
+    /// How outbound reaches peers (HBONE and passthrough).
+    pub(crate) peer_connector: P,
+}
+
+/// Where the workload's connections arrive.
+pub(crate) struct Listeners {
+    /// Captured outbound connections (15001).
+    pub(crate) outbound: TcpListener,
+    /// Inbound HBONE (15008).
+    pub(crate) inbound: TcpListener,
+    /// Inbound plaintext (15006), in shared mode.
+    pub(crate) plain: Option<TcpListener>,
+}
+
+/// An assembled data path: `serve` runs its accept loops and the policy re-check until dropped;
+/// the rest is what a drain needs.
+pub(crate) struct Assembled {
+    /// The accept loops and the re-check loop.
+    pub(crate) serve: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// The live connection tasks.
+    pub(crate) tracker: Tracker,
+    /// The open inbound connections (re-checked on policy change).
+    pub(crate) connections: Arc<Connections>,
+    /// Set: new inbound connections are refused (draining).
+    pub(crate) draining: Arc<AtomicBool>,
+}
+
+/// Wires `parts` to `listeners`.
+pub(crate) fn assemble<C, A, P>(parts: Parts<C, A, P>, listeners: Listeners) -> Assembled
+where
+    C: Certificates,
+    A: Connector + Clone,
+    P: Connector,
+{
+    let Parts {
+        state,
+        certificates,
+        local,
+        tls,
+        hbone,
+        metrics,
+        app_connector,
+        peer_connector,
+    } = parts;
+    let connections = Connections::new();
+    let log_state = state.clone();
+    let inbound = Inbound::new(
+        state.clone(),
+        connections.clone(),
+        local.clone(),
+        app_connector,
+        move |o| crate::telemetry::log_inbound(&log_state.snapshot(), &o),
+    )
+    .with_metrics(metrics.clone());
+    let draining = inbound.drain_switch();
+    let plain = listeners.plain.map(|l| (l, Arc::new(inbound.plain())));
+    let server = hbone::Server::new(hbone.clone(), tls, inbound);
+    let outbound = Arc::new(
+        Outbound::with_connector(state.clone(), certificates, hbone, peer_connector)
+            .with_metrics(metrics),
+    );
+    let tracker = Tracker::default();
+    let serve_outbound = serve_outbound(
+        listeners.outbound,
+        outbound,
+        local,
+        state.clone(),
+        tracker.clone(),
+    );
+    // Connections run in tasks of their own, so closing the listeners (at a drain) leaves them.
+    let serve_inbound = serve_hbone(listeners.inbound, server, tracker.clone());
+    let serve_plain = plain.map(|(listener, plain)| {
+        let (t, state) = (tracker.clone(), state.clone());
+        accept_loop(listener, "inbound plaintext", move |stream, peer| {
+            let (plain, state) = (plain.clone(), state.clone());
+            t.spawn_counted(async move {
+                let destination = match crate::sockets::original_dst(&stream, peer) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        warn!(src = %peer, error = %e, "inbound plaintext: no original destination");
+                        return;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let o = plain
+                    .serve(stream, ClientAddr(peer), OrigDst(destination.0))
+                    .await;
+                crate::telemetry::log_inbound(&state.snapshot(), &o);
+            });
+        })
+    });
+    // Every state change (an xDS or manifest update) re-checks the open inbound connections.
+    let mut changes = state.subscribe();
+    let recheck_connections = connections.clone();
+    let recheck = async move {
+        while changes.changed().await.is_ok() {
+            recheck_connections.reauthorize(&state.snapshot());
+        }
+    };
+    let serve = async move {
+        let plain = async {
+            if let Some(serve_plain) = serve_plain {
+                serve_plain.await;
+            }
+        };
+        tokio::join!(serve_outbound, serve_inbound, plain, recheck);
+    };
+    Assembled {
+        serve: Box::pin(serve),
+        tracker,
+        connections,
+        draining,
+    }
+}
