@@ -85,13 +85,12 @@ where
         peer_connector,
     } = parts;
     let connections = Connections::new();
-    let log_state = state.clone();
     let inbound = Inbound::new(
         state.clone(),
         connections.clone(),
         local.clone(),
         app_connector,
-        move |o| crate::telemetry::log_inbound(&log_state.snapshot(), &o),
+        |o| crate::telemetry::log_inbound(&o),
     )
     .with_metrics(metrics.clone());
     let draining = inbound.drain_switch();
@@ -102,19 +101,13 @@ where
             .with_metrics(metrics),
     );
     let tracker = Tracker::default();
-    let serve_outbound = serve_outbound(
-        listeners.outbound,
-        outbound,
-        local,
-        state.clone(),
-        tracker.clone(),
-    );
+    let serve_outbound = serve_outbound(listeners.outbound, outbound, local, tracker.clone());
     // Connections run in tasks of their own, so closing the listeners (at a drain) leaves them.
     let serve_inbound = serve_hbone(listeners.inbound, server, tracker.clone());
     let serve_plain = plain.map(|(listener, plain)| {
-        let (t, state) = (tracker.clone(), state.clone());
+        let t = tracker.clone();
         accept_loop(listener, "inbound plaintext", move |stream, peer| {
-            let (plain, state) = (plain.clone(), state.clone());
+            let plain = plain.clone();
             t.spawn_counted(async move {
                 let destination = match crate::sockets::original_dst(&stream, peer) {
                     Ok(d) => d,
@@ -127,7 +120,7 @@ where
                 let o = plain
                     .serve(stream, ClientAddr(peer), OrigDst(destination.0))
                     .await;
-                crate::telemetry::log_inbound(&state.snapshot(), &o);
+                crate::telemetry::log_inbound(&o);
             });
         })
     });

@@ -131,7 +131,6 @@ pub(crate) async fn serve_outbound<C: crate::certs::Certificates, N: crate::sock
     listener: TcpListener,
     outbound: Arc<crate::outbound::Outbound<C, N>>,
     local: crate::state::LocalWorkload,
-    state: Arc<crate::state::StateStore>,
     tracker: Tracker,
 ) {
     let own = listener.local_addr().ok();
@@ -140,7 +139,7 @@ pub(crate) async fn serve_outbound<C: crate::certs::Certificates, N: crate::sock
     accept_loop(listener, "outbound", move |stream, peer| {
         // Small writes back to the app must not wait for Nagle.
         let _ = stream.set_nodelay(true);
-        let (outbound, local, state) = (outbound.clone(), local.clone(), state.clone());
+        let (outbound, local) = (outbound.clone(), local.clone());
         tracker.spawn_counted(async move {
             let destination = match crate::sockets::original_dst(&stream, peer) {
                 Ok(d) if Some(d.0) == own => {
@@ -156,7 +155,7 @@ pub(crate) async fn serve_outbound<C: crate::certs::Certificates, N: crate::sock
             let o = outbound
                 .serve(stream, crate::addr::ClientAddr(peer), destination, &local)
                 .await;
-            crate::telemetry::log_outbound(&state.snapshot(), &o);
+            crate::telemetry::log_outbound(&o);
         });
     })
     .await

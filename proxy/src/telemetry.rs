@@ -1,9 +1,10 @@
 //! The access log: one line per finished connection, with DESIGN.md's fields, through `tracing`
 //! (target `access`), so the binary's log format (plain or JSON, `LOG_FORMAT`) applies to it.
 //!
-//! Workload names come from the state at the end of the connection: the source of an inbound
-//! connection is the workload at its address (in shared mode the peer proxy dials from inside
-//! the source pod), the destination of an outbound one the workload the route chose.
+//! Workload names come from the connection's own record, as they were found when it was set up
+//! (no lookup in a later state): the source of an inbound connection is the workload at its
+//! address (in shared mode the peer proxy dials from inside the source pod), the destination of
+//! an outbound one the workload the route chose.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,7 +13,6 @@ use xds_client::resources::Workload;
 
 use crate::inbound::InboundOutcome;
 use crate::outbound::OutboundOutcome;
-use crate::state::State;
 
 /// What the access log says about one side of a connection, borrowed from its workload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,14 +115,10 @@ impl std::fmt::Write for AddrText {
     }
 }
 
-fn workload_at(state: &State, addr: SocketAddr) -> Option<&Arc<Workload>> {
-    state.workload_at("", addr.ip())
-}
-
 /// Logs a finished outbound connection.
-pub fn log_outbound(state: &State, o: &OutboundOutcome) {
-    let src = Peer::of(state.workload(&o.source_uid));
-    let dst = Peer::of(o.destination_uid.as_deref().and_then(|u| state.workload(u)));
+pub fn log_outbound(o: &OutboundOutcome) {
+    let src = Peer::of(o.source_workload.as_ref());
+    let dst = Peer::of(o.destination_workload.as_ref());
     let dst_identity = if o.mtls { dst.identity } else { "-" };
     let (src_addr, dst_addr) = (AddrText::new(o.source.0), AddrText::new(o.destination.0));
     let hbone_addr = o.hbone_target.map(AddrText::new);
@@ -148,9 +144,9 @@ pub fn log_outbound(state: &State, o: &OutboundOutcome) {
 }
 
 /// Logs a finished inbound connection (HBONE or plaintext).
-pub fn log_inbound(state: &State, o: &InboundOutcome) {
-    let src = Peer::of(workload_at(state, o.source));
-    let dst = Peer::of(o.destination_uid.as_deref().and_then(|u| state.workload(u)));
+pub fn log_inbound(o: &InboundOutcome) {
+    let src = Peer::of(o.source_workload.as_ref());
+    let dst = Peer::of(o.destination_workload.as_ref());
     let src_addr = AddrText::new(o.source);
     tracing::info!(
         target: "access",

@@ -181,7 +181,10 @@ async fn a_service_vip_reaches_its_endpoint_through_hbone_with_the_source_identi
     assert_eq!(got, b"through the mesh", "{out:?}");
     assert!(out.error.is_none(), "{out:?}");
     assert!(out.mtls);
-    assert_eq!(out.destination_uid.as_deref(), Some("web"));
+    assert_eq!(
+        out.destination_workload.as_ref().map(|w| w.uid.as_str()),
+        Some("web")
+    );
     assert_eq!(out.hbone_target, Some(SocketAddr::new(ip(1, 2), 15008)));
     assert_eq!(out.bytes, (16, 16));
     let inbound = last_inbound(&mesh).await;

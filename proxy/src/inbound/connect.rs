@@ -99,7 +99,8 @@ impl<C: Connector> Inbound<C> {
             source: req.peer_addr(),
             source_identity: None,
             destination: req.authority().to_string(),
-            destination_uid: None,
+            source_workload: None,
+            destination_workload: None,
             status: 0,
             error: None,
             bytes: (0, 0),
@@ -112,6 +113,10 @@ impl<C: Connector> Inbound<C> {
             outcome.duration = started.elapsed();
             outcome
         };
+        // The client's workload is named in the access log whatever happens next.
+        let state = self.state.snapshot();
+        let source = state.workload_at("", req.peer_addr().ip()).cloned();
+        outcome.source_workload = source.clone();
         if self.draining.load(Ordering::SeqCst) {
             return Err(refuse(req, outcome, Refusal::Draining));
         }
@@ -128,8 +133,6 @@ impl<C: Connector> Inbound<C> {
             let refusal = Refusal::BadAuthority(req.authority().to_string());
             return Err(refuse(req, outcome, refusal));
         };
-        let state = self.state.snapshot();
-        let source = state.workload_at("", req.peer_addr().ip()).cloned();
         let mut ends = Ends {
             source: source.as_deref(),
             source_identity: Some(peer.as_str()),
@@ -154,7 +157,7 @@ impl<C: Connector> Inbound<C> {
             }
         };
         ends.destination = Some(&local);
-        outcome.destination_uid = Some(local.uid.clone());
+        outcome.destination_workload = Some(local.clone());
         let registered = self.connections.register(connection, &local.uid);
         let app = match dial_app(&self.connector, destination, self.connect_timeout).await {
             Ok(app) => app,

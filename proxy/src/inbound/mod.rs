@@ -17,9 +17,11 @@
 //!    can close it.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::warn;
+use xds_client::resources::Workload;
 
 use crate::connections::Registered;
 use crate::sockets::Connector;
@@ -45,8 +47,10 @@ pub struct InboundOutcome {
     pub source_identity: Option<String>,
     /// The CONNECT authority (for plaintext inbound: the original destination).
     pub destination: String,
-    /// The local workload's uid, once known.
-    pub destination_uid: Option<String>,
+    /// The client's workload (the one at its address), as found when the connection was set up.
+    pub source_workload: Option<Arc<Workload>>,
+    /// The local workload, once known.
+    pub destination_workload: Option<Arc<Workload>>,
     /// The HTTP status answered (200, 400, 401, 503).
     pub status: u16,
     /// Why it was refused or ended early, if it was.

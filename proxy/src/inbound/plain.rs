@@ -53,7 +53,8 @@ impl<C: Connector> PlainInbound<C> {
             source: source.0,
             source_identity: None,
             destination: destination.to_string(),
-            destination_uid: None,
+            source_workload: None,
+            destination_workload: None,
             status: 0,
             error: None,
             bytes: (0, 0),
@@ -65,11 +66,13 @@ impl<C: Connector> PlainInbound<C> {
             outcome.duration = started.elapsed();
             outcome
         };
+        // The client's workload is named in the access log whatever happens next.
+        let state = self.state.snapshot();
+        let source_workload = state.workload_at("", source.ip()).cloned();
+        outcome.source_workload = source_workload.clone();
         if self.draining.load(Ordering::SeqCst) {
             return refuse(outcome, Refusal::Draining);
         }
-        let state = self.state.snapshot();
-        let source_workload = state.workload_at("", source.ip()).cloned();
         let mut ends = Ends {
             source: source_workload.as_deref(),
             destination: state.local(&self.local).map(|w| &**w),
@@ -85,7 +88,7 @@ impl<C: Connector> PlainInbound<C> {
             }
         };
         ends.destination = Some(&local);
-        outcome.destination_uid = Some(local.uid.clone());
+        outcome.destination_workload = Some(local.clone());
         let registered = self.connections.register(connection, &local.uid);
         let connect = Box::pin(dial_app(
             &self.connector,

@@ -69,12 +69,12 @@ impl<C: Certificates, N: Connector> Dialer<PoolKey> for IdentityDialer<C, N> {
 pub struct OutboundOutcome {
     /// The captured client.
     pub source: ClientAddr,
-    /// The source workload's uid.
-    pub source_uid: String,
+    /// The source workload, as found when the connection was set up.
+    pub source_workload: Option<Arc<Workload>>,
     /// Where the client meant to go.
     pub destination: OrigDst,
-    /// The destination workload's uid, when it is a known workload.
-    pub destination_uid: Option<String>,
+    /// The destination workload, when it is a known one (as the route found it).
+    pub destination_workload: Option<Arc<Workload>>,
     /// The HBONE target, for tunneled connections.
     pub hbone_target: Option<SocketAddr>,
     /// Whether it was tunneled with mutual TLS.
@@ -227,9 +227,9 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
     ) -> (OutboundOutcome, Result<Flowing, String>) {
         let mut outcome = OutboundOutcome {
             source: source_addr,
-            source_uid: source.to_string(),
+            source_workload: None,
             destination,
-            destination_uid: None,
+            destination_workload: None,
             hbone_target: None,
             mtls: false,
             error: None,
@@ -241,7 +241,7 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
             let why = format!("unknown source workload {source}");
             return (outcome, Err(why));
         };
-        outcome.source_uid = workload.uid.clone();
+        outcome.source_workload = Some(workload.clone());
         let route = decide(&state, &workload, destination, &mut |n| {
             rand::random_range(0..n.max(1))
         });
@@ -261,7 +261,7 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
                 destination: dst,
                 service,
             }) => {
-                outcome.destination_uid = Some(dst.uid.clone());
+                outcome.destination_workload = Some(dst.clone());
                 outcome.hbone_target = Some(target.0);
                 outcome.mtls = true;
                 expected.sort();
@@ -323,7 +323,7 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
                 destination: dst,
                 service,
             }) => {
-                outcome.destination_uid = dst.as_ref().map(|w| w.uid.clone());
+                outcome.destination_workload = dst.clone();
                 let ends = Ends {
                     destination: dst.as_deref(),
                     service: service.as_deref(),
