@@ -169,7 +169,7 @@ pub fn readiness(ready: impl Fn() -> Result<(), String> + Send + Sync + 'static)
 }
 
 /// Metrics (`:15020`): `/metrics` and `/stats/prometheus`.
-pub fn metrics(metrics: Arc<crate::metrics::Metrics>) -> Handler {
+pub fn metrics(metrics: Arc<crate::telemetry::metrics::Metrics>) -> Handler {
     Arc::new(move |r: &Request| match r.path.as_str() {
         "/metrics" | "/stats/prometheus" => Response {
             status: 200,

@@ -18,11 +18,11 @@ use crate::addr::{ClientAddr, OrigDst};
 use crate::certs::Certificates;
 use crate::connections::Connections;
 use crate::inbound::Inbound;
-use crate::metrics::Metrics;
 use crate::outbound::Outbound;
 use crate::serve::{Tracker, accept_loop, serve_hbone, serve_outbound};
 use crate::sockets::Connector;
 use crate::state::{LocalWorkload, StateStore};
+use crate::telemetry::metrics::Metrics;
 
 /// What one workload's data path is made of.
 pub(crate) struct Parts<C, A, P> {
@@ -90,7 +90,7 @@ where
         connections.clone(),
         local.clone(),
         app_connector,
-        |o| crate::telemetry::log_inbound(&o),
+        |o| crate::telemetry::access_log::log_inbound(&o),
     )
     .with_metrics(metrics.clone());
     let draining = inbound.drain_switch();
@@ -120,7 +120,7 @@ where
                 let o = plain
                     .serve(stream, ClientAddr(peer), OrigDst(destination.0))
                     .await;
-                crate::telemetry::log_inbound(&o);
+                crate::telemetry::access_log::log_inbound(&o);
             });
         })
     });

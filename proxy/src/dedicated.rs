@@ -39,7 +39,7 @@ pub struct DedicatedConfig {
     /// HBONE settings.
     pub hbone: hbone::Config,
     /// Where connections are counted.
-    pub metrics: Arc<crate::metrics::Metrics>,
+    pub metrics: Arc<crate::telemetry::metrics::Metrics>,
 }
 
 impl DedicatedConfig {
@@ -52,7 +52,7 @@ impl DedicatedConfig {
             readiness: SocketAddr::from(([0, 0, 0, 0], ports::READINESS)),
             mark: Some(common::PACKET_MARK),
             hbone: hbone::Config::default(),
-            metrics: crate::metrics::Metrics::new(Duration::from_secs(300)),
+            metrics: crate::telemetry::metrics::Metrics::new(Duration::from_secs(300)),
         }
     }
 }

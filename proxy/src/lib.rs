@@ -67,7 +67,6 @@ pub mod connections;
 pub mod dedicated;
 pub mod inbound;
 pub mod inpod;
-pub mod metrics;
 pub mod outbound;
 mod serve;
 pub mod sockets;

@@ -155,7 +155,7 @@ pub(crate) async fn serve_outbound<C: crate::certs::Certificates, N: crate::sock
             let o = outbound
                 .serve(stream, crate::addr::ClientAddr(peer), destination, &local)
                 .await;
-            crate::telemetry::log_outbound(&o);
+            crate::telemetry::access_log::log_outbound(&o);
         });
     })
     .await

@@ -10,8 +10,8 @@ use std::time::Duration;
 use identity::{DevCa, DevCaSource, SecretManager, SecretManagerConfig};
 use proxy::certs::Managed;
 use proxy::inpod::{SharedConfig, SharedProxy};
-use proxy::metrics::Metrics;
 use proxy::state::{State, StateStore};
+use proxy::telemetry::metrics::Metrics;
 use redirect::zds::ZdsTestAgent;
 use redirect::zds::proto::{AddWorkload, KeepWorkload, Payload, SnapshotSent, WorkloadInfo};
 

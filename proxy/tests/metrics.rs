@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::workload;
-use proxy::metrics::{Ends, Flow, Metrics};
 use proxy::state::{State, StateStore};
+use proxy::telemetry::metrics::{Ends, Flow, Metrics};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use xds_client::resources::Address;
 

@@ -12,9 +12,10 @@ use super::{
     dial_app, log_refusal,
 };
 use crate::connections::{Connections, Registered};
-use crate::metrics::{Counted, Ends, Flow, Metrics, Open};
 use crate::sockets::Connector;
 use crate::state::{LocalWorkload, StateStore};
+use crate::telemetry::Counted;
+use crate::telemetry::metrics::{Ends, Flow, Metrics, Open};
 
 /// The inbound handler of one local workload.
 pub struct Inbound<C = DirectConnector> {

@@ -15,9 +15,9 @@ use super::{
 };
 use crate::addr::{ClientAddr, OrigDst};
 use crate::connections::Connections;
-use crate::metrics::{Ends, Flow, Metrics};
 use crate::sockets::Connector;
 use crate::state::{LocalWorkload, StateStore};
+use crate::telemetry::metrics::{Ends, Flow, Metrics};
 
 /// The plaintext inbound path of one local workload; made by [`super::Inbound::plain`], beside
 /// the HBONE path of the same workload.

@@ -43,9 +43,9 @@ use tracing::{info, warn};
 use crate::assembly::{Assembled, Listeners, Parts, assemble};
 use crate::certs::{CertWatch, Certificates};
 use crate::connections::Connections;
-use crate::metrics::Metrics;
 use crate::serve::Tracker;
 use crate::state::{LocalWorkload, StateStore};
+use crate::telemetry::metrics::Metrics;
 use netns::{InPodConnector, PodNetns};
 
 /// Settings of a shared-mode proxy.

@@ -23,9 +23,10 @@ use xds_client::resources::Workload;
 use super::route::{Route, decide};
 use crate::addr::{ClientAddr, OrigDst};
 use crate::certs::Certificates;
-use crate::metrics::{Counted, Ends, Flow, Metrics, Open};
 use crate::sockets::{Connector, Marked};
 use crate::state::{LocalWorkload, StateStore};
+use crate::telemetry::Counted;
+use crate::telemetry::metrics::{Ends, Flow, Metrics, Open};
 
 /// What pooled HBONE connections are shared by (besides the destination address).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -15,17 +15,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
-use std::io;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use foldhash::fast::RandomState;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use xds_client::resources::{Service, Workload};
 
+use super::Counted;
 use crate::state::State;
 
 /// The label set of one series (values `unknown` when not known, as Istio writes them).
@@ -208,8 +205,8 @@ pub struct Series {
     opened: AtomicU64,
     closed: AtomicU64,
     failed: AtomicU64,
-    received: AtomicU64,
-    sent: AtomicU64,
+    pub(super) received: AtomicU64,
+    pub(super) sent: AtomicU64,
     open: AtomicI64,
     last_used: Mutex<Instant>,
     /// Uids of the source and destination workloads seen in it.
@@ -281,11 +278,7 @@ impl Open {
     /// Wraps `stream` so the bytes read from it count as `reads` and the bytes written to it as
     /// the other direction.
     pub fn count<S>(&self, stream: S, reads: Flow) -> Counted<S> {
-        Counted {
-            inner: stream,
-            series: self.series.clone(),
-            reads,
-        }
+        Counted::new(stream, self.series.clone(), reads)
     }
 }
 
@@ -425,95 +418,3 @@ impl Metrics {
 
 /// A metric family: name, help text, and the counter of a series it reports.
 type Family = (&'static str, &'static str, fn(&Series) -> u64);
-
-/// A stream whose bytes are counted into a series as they move.
-#[derive(Debug)]
-pub struct Counted<S> {
-    inner: S,
-    series: Arc<Series>,
-    reads: Flow,
-}
-
-impl<S> Counted<S> {
-    /// The stream counted.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// Counts `n` bytes read from the stream before it was wrapped (the client's first bytes,
-    /// sent along with the CONNECT).
-    pub fn count_read(&self, n: usize) {
-        if n > 0 {
-            self.add(self.reads, n);
-        }
-    }
-
-    fn add(&self, flow: Flow, n: usize) {
-        let counter = match flow {
-            Flow::Received => &self.series.received,
-            Flow::Sent => &self.series.sent,
-        };
-        counter.fetch_add(n as u64, Ordering::Relaxed);
-    }
-
-    fn writes(&self) -> Flow {
-        match self.reads {
-            Flow::Received => Flow::Sent,
-            Flow::Sent => Flow::Received,
-        }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            self.add(self.reads, n);
-        }
-        polled
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &polled {
-            self.add(self.writes(), *n);
-        }
-        polled
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = &polled {
-            self.add(self.writes(), *n);
-        }
-        polled
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
