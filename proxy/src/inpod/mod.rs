@@ -179,16 +179,32 @@ impl<C: Certificates> SharedProxy<C> {
             .collect()
     }
 
-    /// Whether every pod holds a valid certificate (and there is state to serve them with).
-    pub fn ready(&self) -> bool {
+    /// Ready (`/healthz/ready`) once there is state to serve the pods with and every pod holds a
+    /// valid certificate; otherwise why not.
+    pub fn readiness(&self) -> Result<(), String> {
+        if !self.state.snapshot().is_synced() {
+            return Err("no workloads and policies received yet".into());
+        }
         let now = SystemTime::now();
-        self.state.snapshot().is_synced()
-            && self.lock().values().all(|pod| {
-                pod.cert
-                    .borrow()
-                    .as_ref()
-                    .is_some_and(|c| c.is_valid_at(now))
-            })
+        let pods = self.lock();
+        let waiting = pods.values().find(|pod| {
+            !pod.cert
+                .borrow()
+                .as_ref()
+                .is_some_and(|c| c.is_valid_at(now))
+        });
+        match waiting {
+            Some(pod) => Err(format!(
+                "pod {}/{} has no valid certificate for {} yet",
+                pod.info.namespace, pod.info.name, pod.id
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Answers readiness probes on `listener` (port 15021) from [`SharedProxy::readiness`].
+    pub async fn serve_readiness(self: Arc<Self>, listener: tokio::net::TcpListener) {
+        crate::admin::serve(listener, crate::admin::readiness(move || self.readiness())).await;
     }
 
     fn local_of(&self, info: &WorkloadInfo) -> LocalWorkload {

@@ -304,17 +304,36 @@ fn certificates(args: &ProxyArgs) -> Result<Managed, Error> {
     })
 }
 
-/// Binds the metrics and admin listeners (both modes).
-async fn serve_operations(
+/// The operations side of both modes: binds the metrics and admin listeners, drops the metric
+/// series of gone pods now and then, and returns what resolves when the proxy is asked to stop
+/// (SIGTERM, Ctrl-C or `/quitquitquit`).
+async fn operations(
     args: &ProxyArgs,
     metrics: Arc<Metrics>,
-    hooks: AdminHooks,
-) -> Result<(), Error> {
+    store: Arc<StateStore>,
+    log_control: LogControl,
+    config_dump: Box<dyn Fn() -> String + Send + Sync>,
+) -> Result<impl Future<Output = ()> + use<>, Error> {
+    let quit = CancellationToken::new();
     let stats = super::listen(args.stats_addr).await?;
     let admin = super::listen(args.admin_addr).await?;
-    tokio::spawn(proxy::admin::serve(stats, proxy::admin::metrics(metrics)));
+    let hooks = AdminHooks {
+        config_dump,
+        set_log_level: Box::new(move |level| log_control(level)),
+        quit: quit.clone(),
+    };
+    tokio::spawn(proxy::admin::serve(
+        stats,
+        proxy::admin::metrics(metrics.clone()),
+    ));
     tokio::spawn(proxy::admin::serve(admin, proxy::admin::admin(hooks)));
-    Ok(())
+    tokio::spawn(expire_metrics(metrics, store));
+    Ok(async move {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            () = quit.cancelled() => info!("/quitquitquit: draining"),
+        }
+    })
 }
 
 /// Drops metric series of gone pods now and then.
@@ -344,57 +363,38 @@ async fn run_shared(
     let shared = SharedProxy::new(config, store.clone(), certs.clone(), metrics.clone());
 
     let readiness = super::listen(args.readiness_addr).await?;
-    let (ready_store, ready_proxy) = (store.clone(), shared.clone());
-    tokio::spawn(proxy::admin::serve(
-        readiness,
-        proxy::admin::readiness(move || {
-            if !ready_store.snapshot().is_synced() {
-                return Err("no workloads and policies received yet".into());
-            }
-            if !ready_proxy.ready() {
-                return Err("a local pod has no valid certificate yet".into());
-            }
-            Ok(())
-        }),
-    ));
-    let quit = CancellationToken::new();
+    tokio::spawn(shared.clone().serve_readiness(readiness));
     let (dump_store, dump_proxy, dump_certs) = (store.clone(), shared.clone(), certs.clone());
-    serve_operations(
+    let stop = operations(
         &args,
-        metrics.clone(),
-        AdminHooks {
-            config_dump: Box::new(move || {
-                let held: Vec<_> = dump_certs
-                    .manager
-                    .identities()
-                    .into_iter()
-                    .map(|id| {
-                        let expiry = dump_certs
-                            .manager
-                            .subscribe(&id)
-                            .borrow()
-                            .as_ref()
-                            .map(|c| c.not_after());
-                        (id.to_string(), expiry)
-                    })
-                    .collect();
-                proxy::admin::config_dump(&dump_store.snapshot(), &held, &dump_proxy.pods())
-            }),
-            set_log_level: Box::new(move |level| log_control(level)),
-            quit: quit.clone(),
-        },
+        metrics,
+        store.clone(),
+        log_control,
+        Box::new(move || {
+            let held: Vec<_> = dump_certs
+                .manager
+                .identities()
+                .into_iter()
+                .map(|id| {
+                    let expiry = dump_certs
+                        .manager
+                        .subscribe(&id)
+                        .borrow()
+                        .as_ref()
+                        .map(|c| c.not_after());
+                    (id.to_string(), expiry)
+                })
+                .collect();
+            proxy::admin::config_dump(&dump_store.snapshot(), &held, &dump_proxy.pods())
+        }),
     )
     .await?;
-    tokio::spawn(expire_metrics(metrics, store.clone()));
     tokio::spawn(shared.clone().run_zds(args.inpod_uds.clone()));
     info!(
         node = %args.node_name, inpod_uds = %args.inpod_uds.display(), admin = %args.admin_addr,
         stats = %args.stats_addr, readiness = %args.readiness_addr, "proxy started (shared mode)"
     );
-    tokio::select! {
-        () = shutdown_signal() => {}
-        () = quit.cancelled() => info!("/quitquitquit: draining"),
-    }
+    stop.await;
     let cut = shared.drain_all().await;
     info!(cut, "proxy stopped");
     Ok(())
@@ -488,31 +488,19 @@ async fn run_dedicated(
                 what: "starting the proxy".into(),
                 source: std::io::Error::other(e),
             })?;
-    let quit = CancellationToken::new();
     let dump_store = store.clone();
-    serve_operations(
+    let stop = operations(
         &args,
-        metrics.clone(),
-        AdminHooks {
-            config_dump: Box::new(move || {
-                proxy::admin::config_dump(&dump_store.snapshot(), &held, &[])
-            }),
-            set_log_level: Box::new(move |level| log_control(level)),
-            quit: quit.clone(),
-        },
+        metrics,
+        store.clone(),
+        log_control,
+        Box::new(move || proxy::admin::config_dump(&dump_store.snapshot(), &held, &[])),
     )
     .await?;
-    tokio::spawn(expire_metrics(metrics, store.clone()));
     info!(
         workload = %local.uid, identity = %id, outbound = %bound.outbound, inbound = %bound.inbound,
         readiness = %bound.readiness, "proxy ready (dedicated mode)"
     );
-    let stop = async {
-        tokio::select! {
-            () = shutdown_signal() => {}
-            () = quit.cancelled() => info!("/quitquitquit: draining"),
-        }
-    };
     let drained = running
         .run_until(stop, args.connection_termination_deadline)
         .await;
