@@ -183,6 +183,26 @@ pub fn metrics(metrics: Arc<crate::telemetry::metrics::Metrics>) -> Handler {
 /// Changes the log filter; returns the new filter or why it was refused.
 pub type LogLevelHook = Box<dyn Fn(&str) -> Result<String, String> + Send + Sync>;
 
+/// What the config dump says about one pod handed over to a shared proxy
+/// ([`SharedProxy::pods`](crate::inpod::SharedProxy::pods)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodStatus {
+    /// The agent's uid for it.
+    pub uid: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// The identity its certificate carries.
+    pub identity: String,
+    /// The xDS workload it resolved to, if any yet.
+    pub workload_uid: Option<String>,
+    /// When its current certificate expires (`None`: none yet).
+    pub cert_expiry: Option<std::time::SystemTime>,
+    /// Connections open now.
+    pub open_connections: usize,
+}
+
 /// What the admin endpoint (`localhost:15000`) can do.
 pub struct AdminHooks {
     /// The `/config_dump` body (JSON).
@@ -253,7 +273,7 @@ fn percent_decode(s: &str) -> String {
 pub fn config_dump(
     state: &crate::state::State,
     certificates: &[(String, Option<std::time::SystemTime>)],
-    pods: &[crate::inpod::PodStatus],
+    pods: &[PodStatus],
 ) -> String {
     use serde_json::json;
     let mut workloads: Vec<_> = state

@@ -1,7 +1,7 @@
 //! Logging: set up once, on stderr, in the format asked for, with a filter that the proxy's
 //! admin endpoint can change at runtime.
 
-use crate::cli::LogFormat;
+use crate::args::LogFormat;
 
 /// Changes the process's log filter at runtime; returns the new filter or why it was refused.
 pub(crate) type LogControl = std::sync::Arc<dyn Fn(&str) -> Result<String, String> + Send + Sync>;

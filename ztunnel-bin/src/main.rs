@@ -1,9 +1,10 @@
 //! `ztunnel`: the node proxy of an ambient mesh, and tools to poke its parts by hand.
 //!
 //! This file only assembles: parse the command line (`cli`, each subcommand's arguments in
-//! `cmd/`), set up logging (`logging`), run the command on its runtime (`runtime`).
+//! `cmd/`, shared values in `args`), set up logging (`logging`), run the command on its runtime (`runtime`).
 #![forbid(unsafe_code)]
 
+mod args;
 mod cli;
 mod cmd;
 mod logfmt;

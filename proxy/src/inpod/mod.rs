@@ -40,6 +40,7 @@ use redirect::zds::proto::{Payload, WorkloadInfo, WorkloadRequest};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::admin::PodStatus;
 use crate::assembly::{Assembled, Listeners, Parts, assemble};
 use crate::certs::{CertWatch, Certificates};
 use crate::connections::Connections;
@@ -96,25 +97,6 @@ struct Pod {
     tracker: Tracker,
     connections: Arc<Connections>,
     draining: Arc<AtomicBool>,
-}
-
-/// What [`SharedProxy::pods`] reports about one pod.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodStatus {
-    /// The agent's uid for it.
-    pub uid: String,
-    /// Namespace.
-    pub namespace: String,
-    /// Name.
-    pub name: String,
-    /// The identity its certificate carries.
-    pub identity: String,
-    /// The xDS workload it resolved to, if any yet.
-    pub workload_uid: Option<String>,
-    /// When its current certificate expires (`None`: none yet).
-    pub cert_expiry: Option<SystemTime>,
-    /// Connections open now.
-    pub open_connections: usize,
 }
 
 /// The shared-mode proxy: the pods handed over, and what serves them.

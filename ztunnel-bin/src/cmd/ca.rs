@@ -1,6 +1,6 @@
 //! `ztunnel ca init` and `ztunnel ca issue`: the development CA on disk.
 
-use crate::cli::parse_duration;
+use crate::args::parse_duration;
 use clap::{Args, Subcommand};
 use identity::{DevCa, SpiffeId};
 use std::path::PathBuf;

@@ -1,6 +1,6 @@
 //! `ztunnel controlplane`: the local istiod stand-in.
 
-use crate::cli::parse_duration;
+use crate::args::parse_duration;
 use clap::Args;
 use std::net::SocketAddr;
 use std::path::PathBuf;

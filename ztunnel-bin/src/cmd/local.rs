@@ -1,6 +1,6 @@
 //! `ztunnel local`: the local mesh (the `localmesh` crate); this file only maps verbs to it.
 
-use crate::cli::CaptureBackend;
+use crate::args::CaptureBackend;
 use clap::{Args, Subcommand};
 use std::path::Path;
 use std::path::PathBuf;

@@ -1,6 +1,6 @@
 //! `ztunnel node-agent`: capture this node's ambient pods.
 
-use crate::cli::CaptureBackend;
+use crate::args::CaptureBackend;
 use clap::Args;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! `ztunnel proxy`: the node proxy, shared or dedicated mode. The proxy itself lives in the
 //! `proxy` crate; this file only loads configuration and assembles.
 
-use crate::cli::parse_duration;
+use crate::args::parse_duration;
 use clap::Args;
 use common::ports;
 use std::net::SocketAddr;

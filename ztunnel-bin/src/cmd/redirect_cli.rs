@@ -1,6 +1,6 @@
 //! `ztunnel redirect apply|remove|check|reconcile`.
 
-use crate::cli::CaptureBackend;
+use crate::args::CaptureBackend;
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
