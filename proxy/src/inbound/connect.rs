@@ -96,23 +96,10 @@ impl<C: Connector> Inbound<C> {
         req: InboundConnect,
         started: Instant,
     ) -> Result<(InboundOutcome, Established), InboundOutcome> {
-        let mut outcome = InboundOutcome {
-            source: req.peer_addr(),
-            source_identity: None,
-            destination: req.authority().to_string(),
-            source_workload: None,
-            destination_workload: None,
-            status: 0,
-            error: None,
-            bytes: (0, 0),
-            duration: Duration::ZERO,
-        };
-        let refuse = |req: InboundConnect, mut outcome: InboundOutcome, refusal: Refusal| {
+        let mut outcome = InboundOutcome::new(req.peer_addr(), req.authority().to_string());
+        let refuse = |req: InboundConnect, outcome: InboundOutcome, refusal: Refusal| {
             req.reject(refusal.status());
-            outcome.status = refusal.status().as_u16();
-            outcome.error = Some(refusal.to_string());
-            outcome.duration = started.elapsed();
-            outcome
+            outcome.refused(&refusal, started)
         };
         // The client's workload is named in the access log whatever happens next.
         let state = self.state.snapshot();

@@ -61,6 +61,31 @@ pub struct InboundOutcome {
     pub duration: Duration,
 }
 
+impl InboundOutcome {
+    /// A connection from `source` to `destination` that has only just arrived.
+    fn new(source: SocketAddr, destination: String) -> InboundOutcome {
+        InboundOutcome {
+            source,
+            source_identity: None,
+            destination,
+            source_workload: None,
+            destination_workload: None,
+            status: 0,
+            error: None,
+            bytes: (0, 0),
+            duration: Duration::ZERO,
+        }
+    }
+
+    /// This outcome, ended by `refusal` after the time since `started`.
+    fn refused(mut self, refusal: &Refusal, started: std::time::Instant) -> InboundOutcome {
+        self.status = refusal.status().as_u16();
+        self.error = Some(refusal.to_string());
+        self.duration = started.elapsed();
+        self
+    }
+}
+
 /// Dials the app at `destination` through `connector`, giving up after `timeout`.
 async fn dial_app<C: Connector>(
     connector: &C,

@@ -49,23 +49,8 @@ impl<C: Connector> PlainInbound<C> {
         destination: OrigDst,
     ) -> InboundOutcome {
         let started = Instant::now();
-        let mut outcome = InboundOutcome {
-            source: source.0,
-            source_identity: None,
-            destination: destination.to_string(),
-            source_workload: None,
-            destination_workload: None,
-            status: 0,
-            error: None,
-            bytes: (0, 0),
-            duration: Duration::ZERO,
-        };
-        let refuse = |mut outcome: InboundOutcome, refusal: Refusal| {
-            outcome.status = refusal.status().as_u16();
-            outcome.error = Some(refusal.to_string());
-            outcome.duration = started.elapsed();
-            outcome
-        };
+        let mut outcome = InboundOutcome::new(source.0, destination.to_string());
+        let refuse = |outcome: InboundOutcome, refusal: Refusal| outcome.refused(&refusal, started);
         // The client's workload is named in the access log whatever happens next.
         let state = self.state.snapshot();
         let source_workload = state.workload_at("", source.ip()).cloned();
