@@ -16,6 +16,7 @@ use identity::DevCa;
 use proxy::connections::Connections;
 use proxy::inbound::{DirectConnector, Inbound, InboundOutcome};
 use proxy::state::{State, StateStore};
+use proxy::telemetry::metrics::Metrics;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use xds_client::resources::{Address, Workload};
@@ -31,6 +32,7 @@ struct Node {
     store: Arc<StateStore>,
     connections: Arc<Connections>,
     outcomes: Arc<Mutex<Vec<InboundOutcome>>>,
+    metrics: Arc<Metrics>,
     addr: SocketAddr,
 }
 
@@ -45,13 +47,15 @@ async fn node(policies: &[&str]) -> Node {
     let connections = Connections::new();
     let outcomes: Arc<Mutex<Vec<InboundOutcome>>> = Arc::default();
     let sink = outcomes.clone();
+    let metrics = Metrics::new(HOUR);
     let inbound = Inbound::new(
         store.clone(),
         connections.clone(),
         "web",
         DirectConnector::default(),
         move |o| sink.lock().unwrap().push(o),
-    );
+    )
+    .with_metrics(metrics.clone());
     let creds = ca.issue(&id("web"), HOUR).unwrap();
     let tls =
         identity::tls::server_config(creds.chain, creds.key, ca.roots(), "cluster.local").unwrap();
@@ -64,6 +68,7 @@ async fn node(policies: &[&str]) -> Node {
         store,
         connections,
         outcomes,
+        metrics,
         addr,
     }
 }
@@ -184,6 +189,68 @@ async fn wrong_clients_and_wrong_destinations_are_refused_with_reasons() {
             .is_err()
     );
     assert_eq!(node.outcomes.lock().unwrap().len(), before);
+}
+
+/// The `istio_tcp_connections_failed_total` lines of `metrics` with `flags`, as rendered.
+fn failed_lines(metrics: &Metrics, flags: &str) -> Vec<String> {
+    let flags = format!(r#"response_flags="{flags}""#);
+    metrics
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("istio_tcp_connections_failed_total{") && l.contains(&flags))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refusal_is_counted_as_failed_with_the_ends_its_outcome_names() {
+    let app = echo_app(LOOPBACK).await;
+    let node = node(&["default/allow-sleep"]).await;
+    // Refused before admission (the authority names no address): counted all the same, with the
+    // client's identity from its certificate, as the access log has it.
+    refused(
+        &node,
+        "sleep",
+        "web.default.svc:80",
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    let o = first_outcome(&node).await;
+    assert_eq!(o.source_identity.as_deref(), Some(id("sleep").as_str()));
+    let lines = failed_lines(&node.metrics, "CONNECT");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].ends_with(" 1"), "{}", lines[0]);
+    assert!(
+        lines[0].contains(r#"source_principal="cluster.local/ns/default/sa/sleep""#),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[0].contains(r#"connection_security_policy="mutual_tls""#),
+        "{}",
+        lines[0]
+    );
+    // Denied by policy: once, with the workload the outcome names as the destination.
+    refused(
+        &node,
+        "notsleep",
+        &app.to_string(),
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+    let denied = failed_lines(&node.metrics, "DENY");
+    assert_eq!(denied.len(), 1, "{denied:?}");
+    assert!(denied[0].ends_with(" 1"), "{}", denied[0]);
+    assert!(
+        denied[0].contains(r#"destination_workload="web""#),
+        "{}",
+        denied[0]
+    );
+    assert!(
+        denied[0].contains(r#"source_principal="cluster.local/ns/default/sa/notsleep""#),
+        "{}",
+        denied[0]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -262,6 +262,57 @@ async fn policy_applies_to_the_source_workloads_own_identity() {
         Some(id("notsleep").as_str())
     );
     assert!(inbound.error.unwrap().contains("denied"));
+    // The outbound record names what the route found; the metrics count its failure from it.
+    assert_eq!(
+        out.service.as_ref().map(|s| s.hostname.as_str()),
+        Some("web.default.svc.cluster.local")
+    );
+    assert_eq!(out.destination_identity, Some(id("web")));
+    assert_eq!(out.response_flags, Some("DENY"));
+    let failed = failed_lines(&mesh, "DENY");
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    for label in [
+        r#"reporter="source""#,
+        r#"source_workload="notsleep""#,
+        r#"destination_service="web.default.svc.cluster.local""#,
+        r#"destination_principal="cluster.local/ns/default/sa/web""#,
+        r#"connection_security_policy="mutual_tls""#,
+    ] {
+        assert!(
+            failed[0].contains(label),
+            "{label} missing in {}",
+            failed[0]
+        );
+    }
+    assert!(failed[0].ends_with(" 1"), "{}", failed[0]);
+}
+
+/// The `istio_tcp_connections_failed_total` lines of the mesh's outbound metrics with `flags`.
+fn failed_lines(mesh: &Mesh, flags: &str) -> Vec<String> {
+    let flags = format!(r#"response_flags="{flags}""#);
+    mesh.metrics
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("istio_tcp_connections_failed_total{") && l.contains(&flags))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_the_state_does_not_know_is_refused_and_counted() {
+    let mesh = mesh(6).await;
+    let (got, out) = call(&mesh, "ghost", 1, mesh.app, b"who am I").await;
+    assert!(got.is_empty());
+    let error = out.error.unwrap();
+    assert!(error.contains("unknown source workload ghost"), "{error}");
+    assert_eq!(out.response_flags, Some("CONNECT"));
+    let failed = failed_lines(&mesh, "CONNECT");
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(
+        failed[0].contains(r#"source_workload="unknown""#),
+        "{}",
+        failed[0]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,14 +8,14 @@ use hbone::{ConnectHandler, InboundConnect};
 use tracing::info;
 
 use super::{
-    DESTINATION, DirectConnector, InboundOutcome, PlainInbound, Refusal, admit, copy_until_closed,
-    dial_app, log_refusal,
+    DirectConnector, InboundOutcome, PlainInbound, Refusal, admit, copy_until_closed, dial_app,
+    log_refusal,
 };
 use crate::connections::{Connections, Registered};
 use crate::sockets::Connector;
 use crate::state::{LocalWorkload, StateStore};
 use crate::telemetry::Counted;
-use crate::telemetry::metrics::{Ends, Flow, Metrics, Open};
+use crate::telemetry::metrics::{Flow, Metrics, Open};
 
 /// The inbound handler of one local workload.
 pub struct Inbound<C = DirectConnector> {
@@ -96,15 +96,15 @@ impl<C: Connector> Inbound<C> {
         req: InboundConnect,
         started: Instant,
     ) -> Result<(InboundOutcome, Established), InboundOutcome> {
-        let mut outcome = InboundOutcome::new(req.peer_addr(), req.authority().to_string());
+        let mut outcome = InboundOutcome::new(req.peer_addr(), req.authority().to_string(), true);
         let refuse = |req: InboundConnect, outcome: InboundOutcome, refusal: Refusal| {
             req.reject(refusal.status());
             outcome.refused(&refusal, started)
         };
-        // The client's workload is named in the access log whatever happens next.
+        // Both ends are named in the record (the access log, the metrics) whatever happens next.
         let state = self.state.snapshot();
-        let source = state.workload_at("", req.peer_addr().ip()).cloned();
-        outcome.source_workload = source.clone();
+        outcome.source_workload = state.workload_at("", req.peer_addr().ip()).cloned();
+        outcome.destination_workload = state.local(&self.local).cloned();
         if self.draining.load(Ordering::SeqCst) {
             return Err(refuse(req, outcome, Refusal::Draining));
         }
@@ -121,13 +121,6 @@ impl<C: Connector> Inbound<C> {
             let refusal = Refusal::BadAuthority(req.authority().to_string());
             return Err(refuse(req, outcome, refusal));
         };
-        let mut ends = Ends {
-            source: source.as_deref(),
-            source_identity: Some(peer.as_str()),
-            destination: state.local(&self.local).map(|w| &**w),
-            mtls: true,
-            ..Ends::default()
-        };
         let (local, connection) = match admit(
             &state,
             &self.local,
@@ -139,23 +132,16 @@ impl<C: Connector> Inbound<C> {
             Err(refusal) => {
                 let source = req.peer_addr();
                 log_refusal(&refusal, source, destination, Some(peer.as_str()));
-                self.metrics
-                    .failed(DESTINATION, ends, refusal.response_flags());
                 return Err(refuse(req, outcome, refusal));
             }
         };
-        ends.destination = Some(&local);
         outcome.destination_workload = Some(local.clone());
         let registered = self.connections.register(connection, &local.uid);
         let app = match dial_app(&self.connector, destination, self.connect_timeout).await {
             Ok(app) => app,
-            Err(refusal) => {
-                self.metrics
-                    .failed(DESTINATION, ends, refusal.response_flags());
-                return Err(refuse(req, outcome, refusal));
-            }
+            Err(refusal) => return Err(refuse(req, outcome, refusal)),
         };
-        let open = self.metrics.opened(DESTINATION, ends);
+        let open = self.metrics.open(&outcome);
         drop(state);
         let tunnel = match req.accept() {
             Ok(t) => t,
@@ -218,6 +204,7 @@ impl<C: Connector> ConnectHandler for Inbound<C> {
         if let Some(error) = &outcome.error {
             info!(src = %outcome.source, dst = %outcome.destination, status = outcome.status, %error, "inbound connection ended");
         }
+        self.metrics.finished(&outcome);
         (self.on_done)(outcome);
     }
 }

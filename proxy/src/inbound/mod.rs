@@ -25,6 +25,8 @@ use xds_client::resources::Workload;
 
 use crate::connections::Registered;
 use crate::sockets::Connector;
+use crate::telemetry::Record;
+use crate::telemetry::metrics::Ends;
 
 mod admission;
 mod connect;
@@ -51,8 +53,12 @@ pub struct InboundOutcome {
     pub source_workload: Option<Arc<Workload>>,
     /// The local workload, once known.
     pub destination_workload: Option<Arc<Workload>>,
+    /// Whether it came through HBONE (mutual TLS), not the plaintext port.
+    pub mtls: bool,
     /// The HTTP status answered (200, 400, 401, 503).
     pub status: u16,
+    /// Istio's `response_flags` when it was refused (`DENY`, `CONNECT`), else `None`.
+    pub response_flags: Option<&'static str>,
     /// Why it was refused or ended early, if it was.
     pub error: Option<String>,
     /// Bytes from the client to the app, and back.
@@ -62,15 +68,18 @@ pub struct InboundOutcome {
 }
 
 impl InboundOutcome {
-    /// A connection from `source` to `destination` that has only just arrived.
-    fn new(source: SocketAddr, destination: String) -> InboundOutcome {
+    /// A connection from `source` to `destination` that has only just arrived (through HBONE
+    /// when `mtls`).
+    fn new(source: SocketAddr, destination: String, mtls: bool) -> InboundOutcome {
         InboundOutcome {
             source,
             source_identity: None,
             destination,
             source_workload: None,
             destination_workload: None,
+            mtls,
             status: 0,
+            response_flags: None,
             error: None,
             bytes: (0, 0),
             duration: Duration::ZERO,
@@ -80,9 +89,29 @@ impl InboundOutcome {
     /// This outcome, ended by `refusal` after the time since `started`.
     fn refused(mut self, refusal: &Refusal, started: std::time::Instant) -> InboundOutcome {
         self.status = refusal.status().as_u16();
+        self.response_flags = Some(refusal.response_flags());
         self.error = Some(refusal.to_string());
         self.duration = started.elapsed();
         self
+    }
+}
+
+impl Record for InboundOutcome {
+    const REPORTER: &'static str = DESTINATION;
+
+    fn ends(&self) -> Ends<'_> {
+        Ends {
+            source: self.source_workload.as_deref(),
+            source_identity: self.source_identity.as_deref(),
+            destination: self.destination_workload.as_deref(),
+            destination_identity: None,
+            service: None,
+            mtls: self.mtls,
+        }
+    }
+
+    fn failure(&self) -> Option<&'static str> {
+        self.response_flags
     }
 }
 

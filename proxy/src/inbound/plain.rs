@@ -10,14 +10,12 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 
-use super::{
-    DESTINATION, InboundOutcome, Refusal, admit, copy_until_closed, dial_app, log_refusal,
-};
+use super::{InboundOutcome, Refusal, admit, copy_until_closed, dial_app, log_refusal};
 use crate::addr::{ClientAddr, OrigDst};
 use crate::connections::Connections;
 use crate::sockets::Connector;
 use crate::state::{LocalWorkload, StateStore};
-use crate::telemetry::metrics::{Ends, Flow, Metrics};
+use crate::telemetry::metrics::{Flow, Metrics};
 
 /// The plaintext inbound path of one local workload; made by [`super::Inbound::plain`], beside
 /// the HBONE path of the same workload.
@@ -44,35 +42,38 @@ impl<C: Connector> PlainInbound<C> {
     /// `destination`, until both sides are done (or a policy change closes it).
     pub async fn serve(
         &self,
+        client: TcpStream,
+        source: ClientAddr,
+        destination: OrigDst,
+    ) -> InboundOutcome {
+        let outcome = self.forward(client, source, destination).await;
+        self.metrics.finished(&outcome);
+        outcome
+    }
+
+    async fn forward(
+        &self,
         mut client: TcpStream,
         source: ClientAddr,
         destination: OrigDst,
     ) -> InboundOutcome {
         let started = Instant::now();
-        let mut outcome = InboundOutcome::new(source.0, destination.to_string());
+        let mut outcome = InboundOutcome::new(source.0, destination.to_string(), false);
         let refuse = |outcome: InboundOutcome, refusal: Refusal| outcome.refused(&refusal, started);
-        // The client's workload is named in the access log whatever happens next.
+        // Both ends are named in the record (the access log, the metrics) whatever happens next.
         let state = self.state.snapshot();
-        let source_workload = state.workload_at("", source.ip()).cloned();
-        outcome.source_workload = source_workload.clone();
+        outcome.source_workload = state.workload_at("", source.ip()).cloned();
+        outcome.destination_workload = state.local(&self.local).cloned();
         if self.draining.load(Ordering::SeqCst) {
             return refuse(outcome, Refusal::Draining);
         }
-        let mut ends = Ends {
-            source: source_workload.as_deref(),
-            destination: state.local(&self.local).map(|w| &**w),
-            ..Ends::default()
-        };
         let (local, connection) = match admit(&state, &self.local, source.0, destination.0, None) {
             Ok(admitted) => (admitted.workload, admitted.connection),
             Err(refusal) => {
                 log_refusal(&refusal, source.0, destination.0, None);
-                self.metrics
-                    .failed(DESTINATION, ends, refusal.response_flags());
                 return refuse(outcome, refusal);
             }
         };
-        ends.destination = Some(&local);
         outcome.destination_workload = Some(local.clone());
         let registered = self.connections.register(connection, &local.uid);
         let connect = Box::pin(dial_app(
@@ -82,13 +83,9 @@ impl<C: Connector> PlainInbound<C> {
         ));
         let app = match connect.await {
             Ok(app) => app,
-            Err(refusal) => {
-                self.metrics
-                    .failed(DESTINATION, ends, refusal.response_flags());
-                return refuse(outcome, refusal);
-            }
+            Err(refusal) => return refuse(outcome, refusal),
         };
-        let open = self.metrics.opened(DESTINATION, ends);
+        let open = self.metrics.open(&outcome);
         drop(state);
         let mut app = open.count(app, Flow::Sent);
         outcome.status = 200;

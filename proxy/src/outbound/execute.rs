@@ -18,15 +18,15 @@ use http::HeaderMap;
 use identity::SpiffeId;
 use tokio::net::TcpStream;
 use tracing::debug;
-use xds_client::resources::Workload;
+use xds_client::resources::{Service, Workload};
 
 use super::route::{Route, decide};
 use crate::addr::{ClientAddr, OrigDst};
 use crate::certs::Certificates;
 use crate::sockets::{Connector, Marked};
 use crate::state::{LocalWorkload, StateStore};
-use crate::telemetry::Counted;
 use crate::telemetry::metrics::{Ends, Flow, Metrics, Open};
+use crate::telemetry::{Counted, Record};
 
 /// What pooled HBONE connections are shared by (besides the destination address).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -78,14 +78,40 @@ pub struct OutboundOutcome {
     pub destination_workload: Option<Arc<Workload>>,
     /// The HBONE target, for tunneled connections.
     pub hbone_target: Option<SocketAddr>,
+    /// The identity the destination had to prove, when the route expected exactly one.
+    pub destination_identity: Option<SpiffeId>,
+    /// The service it was reached through, if any.
+    pub service: Option<Arc<Service>>,
     /// Whether it was tunneled with mutual TLS.
     pub mtls: bool,
     /// Why it failed, if it did.
     pub error: Option<String>,
+    /// Istio's `response_flags` when it was never established (`DENY`, `CONNECT`, or `-` when
+    /// the client's socket failed first), else `None`.
+    pub response_flags: Option<&'static str>,
     /// Bytes from the client, and to it.
     pub bytes: (u64, u64),
     /// How long it lasted.
     pub duration: Duration,
+}
+
+impl Record for OutboundOutcome {
+    const REPORTER: &'static str = SOURCE;
+
+    fn ends(&self) -> Ends<'_> {
+        Ends {
+            source: self.source_workload.as_deref(),
+            source_identity: None,
+            destination: self.destination_workload.as_deref(),
+            destination_identity: self.destination_identity.as_ref().map(SpiffeId::as_str),
+            service: self.service.as_deref(),
+            mtls: self.mtls,
+        }
+    }
+
+    fn failure(&self) -> Option<&'static str> {
+        self.response_flags
+    }
 }
 
 /// The outbound path of one proxy (dedicated mode) or one pod (shared mode).
@@ -213,6 +239,7 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
             }
         }
         outcome.duration = started.elapsed();
+        self.metrics.finished(&outcome);
         debug!(?outcome, "outbound connection done");
         outcome
     }
@@ -232,27 +259,27 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
             destination,
             destination_workload: None,
             hbone_target: None,
+            destination_identity: None,
+            service: None,
             mtls: false,
             error: None,
+            response_flags: None,
             bytes: (0, 0),
             duration: Duration::ZERO,
         };
         let state = self.state.snapshot();
         let Some(workload) = state.local(source).cloned() else {
             let why = format!("unknown source workload {source}");
+            outcome.response_flags = Some("CONNECT");
             return (outcome, Err(why));
         };
         outcome.source_workload = Some(workload.clone());
         let route = decide(&state, &workload, destination, &mut |n| {
             rand::random_range(0..n.max(1))
         });
-        let source_ends = Ends {
-            source: Some(&workload),
-            ..Ends::default()
-        };
         let flowing = match route {
             Err(e) => {
-                self.metrics.failed(SOURCE, source_ends, "CONNECT");
+                outcome.response_flags = Some("CONNECT");
                 Err(e.to_string())
             }
             Ok(Route::Hbone {
@@ -262,17 +289,14 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
                 destination: dst,
                 service,
             }) => {
-                outcome.destination_workload = Some(dst.clone());
+                outcome.destination_workload = Some(dst);
                 outcome.hbone_target = Some(target.0);
+                outcome.service = service;
                 outcome.mtls = true;
                 expected.sort();
-                let ends = Ends {
-                    destination: Some(&dst),
-                    destination_identity: (expected.len() == 1).then(|| expected[0].as_str()),
-                    service: service.as_deref(),
-                    mtls: true,
-                    ..source_ends
-                };
+                if let [only] = expected.as_slice() {
+                    outcome.destination_identity = Some(only.clone());
+                }
                 let key = PoolKey {
                     source: workload.identity.clone(),
                     expected: expected.clone(),
@@ -283,7 +307,7 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
                     Err(e) => {
                         // Read now or never: the socket reports its error once, and the copy
                         // would then take the connection for cleanly closed.
-                        self.metrics.failed(SOURCE, ends, "-");
+                        outcome.response_flags = Some("-");
                         let why = format!("reading the client's first bytes: {e}");
                         return (outcome, Err(why));
                     }
@@ -298,7 +322,7 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
                 );
                 match connect.await {
                     Ok(tunnel) => {
-                        let open = self.metrics.opened(SOURCE, ends);
+                        let open = self.metrics.open(&outcome);
                         let client = open.count(client, Flow::Received);
                         client.count_read(first_len as usize);
                         Ok(Flowing::Hbone {
@@ -314,7 +338,7 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
                         } else {
                             "CONNECT"
                         };
-                        self.metrics.failed(SOURCE, ends, flags);
+                        outcome.response_flags = Some(flags);
                         Err(describe_dial_error(&e))
                     }
                 }
@@ -324,16 +348,12 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
                 destination: dst,
                 service,
             }) => {
-                outcome.destination_workload = dst.clone();
-                let ends = Ends {
-                    destination: dst.as_deref(),
-                    service: service.as_deref(),
-                    ..source_ends
-                };
+                outcome.destination_workload = dst;
+                outcome.service = service;
                 let connect = self.connector.connect(to.0);
                 match tokio::time::timeout(self.connect_timeout, connect).await {
                     Ok(Ok(upstream)) => {
-                        let open = self.metrics.opened(SOURCE, ends);
+                        let open = self.metrics.open(&outcome);
                         Ok(Flowing::Direct {
                             client: open.count(client, Flow::Received),
                             upstream,
@@ -341,11 +361,11 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
                         })
                     }
                     Ok(Err(e)) => {
-                        self.metrics.failed(SOURCE, ends, "CONNECT");
+                        outcome.response_flags = Some("CONNECT");
                         Err(format!("connect to {to}: {e}"))
                     }
                     Err(_) => {
-                        self.metrics.failed(SOURCE, ends, "CONNECT");
+                        outcome.response_flags = Some("CONNECT");
                         Err(format!(
                             "connect to {to} did not finish within {:?}",
                             self.connect_timeout

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use foldhash::fast::RandomState;
 use xds_client::resources::{Service, Workload};
 
-use super::Counted;
+use super::{Counted, Record};
 use crate::state::State;
 
 /// The label set of one series (values `unknown` when not known, as Istio writes them).
@@ -316,6 +316,19 @@ impl Metrics {
         }
         drop(uids);
         series
+    }
+
+    /// Counts the connection of `record` as established (opened now, closed when the guard
+    /// drops).
+    pub fn open<R: Record>(&self, record: &R) -> Open {
+        self.opened(R::REPORTER, record.ends())
+    }
+
+    /// Counts the connection of `record`, which has ended, as failed if it did.
+    pub fn finished<R: Record>(&self, record: &R) {
+        if let Some(flags) = record.failure() {
+            self.failed(R::REPORTER, record.ends(), flags);
+        }
     }
 
     /// Counts an established connection (opened now, closed when the guard drops).
