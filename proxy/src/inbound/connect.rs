@@ -1,16 +1,13 @@
 //! The HBONE inbound path (port 15008): each CONNECT admitted, then joined to the app.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use hbone::{ConnectHandler, InboundConnect};
 use tracing::info;
 
-use super::{
-    DirectConnector, InboundOutcome, PlainInbound, Refusal, admit, copy_until_closed, dial_app,
-    log_refusal,
-};
+use super::{DirectConnector, InboundOutcome, PlainInbound, Refusal, Serving, copy_until_closed};
 use crate::connections::{Connections, Registered};
 use crate::sockets::Connector;
 use crate::state::{LocalWorkload, StateStore};
@@ -19,20 +16,14 @@ use crate::telemetry::metrics::{Flow, Metrics, Open};
 
 /// The inbound handler of one local workload.
 pub struct Inbound<C = DirectConnector> {
-    state: Arc<StateStore>,
-    connections: Arc<Connections>,
-    local: LocalWorkload,
-    connector: C,
-    connect_timeout: Duration,
+    serving: Serving<C>,
     on_done: Box<dyn Fn(InboundOutcome) + Send + Sync>,
-    draining: Arc<AtomicBool>,
-    metrics: Arc<Metrics>,
 }
 
 impl<C> std::fmt::Debug for Inbound<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Inbound")
-            .field("local", &self.local)
+            .field("local", &self.serving.local)
             .finish_non_exhaustive()
     }
 }
@@ -48,20 +39,22 @@ impl<C: Connector> Inbound<C> {
         on_done: impl Fn(InboundOutcome) + Send + Sync + 'static,
     ) -> Self {
         Inbound {
-            state,
-            connections,
-            local: local.into(),
-            connector,
-            connect_timeout: Duration::from_secs(10),
+            serving: Serving {
+                state,
+                connections,
+                local: local.into(),
+                connector,
+                connect_timeout: Duration::from_secs(10),
+                draining: Arc::default(),
+                metrics: Metrics::new(Duration::from_secs(300)),
+            },
             on_done: Box::new(on_done),
-            draining: Arc::default(),
-            metrics: Metrics::new(Duration::from_secs(300)),
         }
     }
 
     /// Counts connections into `metrics` (reporter `destination`) instead of a private registry.
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
-        self.metrics = metrics;
+        self.serving.metrics = metrics;
         self
     }
 
@@ -72,20 +65,14 @@ impl<C: Connector> Inbound<C> {
         C: Clone,
     {
         PlainInbound {
-            state: self.state.clone(),
-            connections: self.connections.clone(),
-            local: self.local.clone(),
-            connector: self.connector.clone(),
-            connect_timeout: self.connect_timeout,
-            draining: self.draining.clone(),
-            metrics: self.metrics.clone(),
+            serving: self.serving.clone(),
         }
     }
 
     /// A switch that, once set, makes every new CONNECT (also on connections already open) a
     /// 503: the proxy is draining. Tunnels already established continue.
     pub fn drain_switch(&self) -> Arc<AtomicBool> {
-        self.draining.clone()
+        self.serving.draining.clone()
     }
 
     /// Checks the CONNECT, dials the app and accepts the tunnel. Kept apart from the copy (and
@@ -101,13 +88,10 @@ impl<C: Connector> Inbound<C> {
             req.reject(refusal.status());
             outcome.refused(&refusal, started)
         };
-        // Both ends are named in the record (the access log, the metrics) whatever happens next.
-        let state = self.state.snapshot();
-        outcome.source_workload = state.workload_at("", req.peer_addr().ip()).cloned();
-        outcome.destination_workload = state.local(&self.local).cloned();
-        if self.draining.load(Ordering::SeqCst) {
-            return Err(refuse(req, outcome, Refusal::Draining));
-        }
+        let state = match self.serving.begin(&mut outcome) {
+            Ok(state) => state,
+            Err(refusal) => return Err(refuse(req, outcome, refusal)),
+        };
         // Parsed once per HBONE connection (7% of the server's cycles with 8 clients connecting
         // in a loop, when it was parsed for every CONNECT).
         let peer = match req
@@ -121,27 +105,15 @@ impl<C: Connector> Inbound<C> {
             let refusal = Refusal::BadAuthority(req.authority().to_string());
             return Err(refuse(req, outcome, refusal));
         };
-        let (local, connection) = match admit(
-            &state,
-            &self.local,
-            req.peer_addr(),
-            destination,
-            Some(&peer),
-        ) {
-            Ok(admitted) => (admitted.workload, admitted.connection),
-            Err(refusal) => {
-                let source = req.peer_addr();
-                log_refusal(&refusal, source, destination, Some(peer.as_str()));
-                return Err(refuse(req, outcome, refusal));
-            }
-        };
-        outcome.destination_workload = Some(local.clone());
-        let registered = self.connections.register(connection, &local.uid);
-        let app = match dial_app(&self.connector, destination, self.connect_timeout).await {
-            Ok(app) => app,
+        let admitted = self
+            .serving
+            .admit_and_dial(&state, &mut outcome, destination, Some(&peer))
+            .await;
+        let (registered, app) = match admitted {
+            Ok(admitted) => admitted,
             Err(refusal) => return Err(refuse(req, outcome, refusal)),
         };
-        let open = self.metrics.open(&outcome);
+        let open = self.serving.metrics.open(&outcome);
         drop(state);
         let tunnel = match req.accept() {
             Ok(t) => t,
@@ -204,7 +176,7 @@ impl<C: Connector> ConnectHandler for Inbound<C> {
         if let Some(error) = &outcome.error {
             info!(src = %outcome.source, dst = %outcome.destination, status = outcome.status, %error, "inbound connection ended");
         }
-        self.metrics.finished(&outcome);
+        self.serving.metrics.finished(&outcome);
         (self.on_done)(outcome);
     }
 }

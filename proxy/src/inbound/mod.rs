@@ -18,15 +18,19 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use identity::SpiffeId;
+use tokio::net::TcpStream;
 use tracing::warn;
 use xds_client::resources::Workload;
 
-use crate::connections::Registered;
+use crate::connections::{Connections, Registered};
 use crate::sockets::Connector;
+use crate::state::{LocalWorkload, State, StateStore};
 use crate::telemetry::Record;
-use crate::telemetry::metrics::Ends;
+use crate::telemetry::metrics::{Ends, Metrics};
 
 mod admission;
 mod connect;
@@ -115,12 +119,61 @@ impl Record for InboundOutcome {
     }
 }
 
+/// What the HBONE and the plaintext inbound paths of one workload hold alike, and the steps
+/// they take alike.
+#[derive(Clone)]
+struct Serving<C> {
+    state: Arc<StateStore>,
+    connections: Arc<Connections>,
+    local: LocalWorkload,
+    connector: C,
+    connect_timeout: Duration,
+    draining: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+}
+
+impl<C: Connector> Serving<C> {
+    /// Names both ends of `outcome` as the current state has them (the record names them
+    /// whatever happens next), and refuses while draining. Returns that state.
+    fn begin(&self, outcome: &mut InboundOutcome) -> Result<Arc<State>, Refusal> {
+        let state = self.state.snapshot();
+        outcome.source_workload = state.workload_at("", outcome.source.ip()).cloned();
+        outcome.destination_workload = state.local(&self.local).cloned();
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(Refusal::Draining);
+        }
+        Ok(state)
+    }
+
+    /// Admits the connection from `outcome.source` (with the client's identity `peer`, through
+    /// HBONE) to `destination` by [`admit`], registers it for the re-checks a policy change
+    /// makes, and dials the app.
+    async fn admit_and_dial(
+        &self,
+        state: &State,
+        outcome: &mut InboundOutcome,
+        destination: SocketAddr,
+        peer: Option<&SpiffeId>,
+    ) -> Result<(Registered, TcpStream), Refusal> {
+        let source = outcome.source;
+        let admitted = admit(state, &self.local, source, destination, peer).inspect_err(|r| {
+            log_refusal(r, source, destination, peer.map(SpiffeId::as_str));
+        })?;
+        outcome.destination_workload = Some(admitted.workload.clone());
+        let registered = self
+            .connections
+            .register(admitted.connection, &admitted.workload.uid);
+        let app = dial_app(&self.connector, destination, self.connect_timeout).await?;
+        Ok((registered, app))
+    }
+}
+
 /// Dials the app at `destination` through `connector`, giving up after `timeout`.
 async fn dial_app<C: Connector>(
     connector: &C,
     destination: SocketAddr,
     timeout: Duration,
-) -> Result<tokio::net::TcpStream, Refusal> {
+) -> Result<TcpStream, Refusal> {
     match tokio::time::timeout(timeout, connector.connect(destination)).await {
         Ok(Ok(app)) => Ok(app),
         Ok(Err(e)) => Err(Refusal::AppUnreachable(format!(

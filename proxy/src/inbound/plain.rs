@@ -4,35 +4,25 @@
 //! the bytes go to the app. The admission is the HBONE path's ([`super::admit`]); the outcome is
 //! reported with the status HBONE would have answered (200, 400, 401, 503).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::net::TcpStream;
 
-use super::{InboundOutcome, Refusal, admit, copy_until_closed, dial_app, log_refusal};
+use super::{InboundOutcome, Refusal, Serving, copy_until_closed};
 use crate::addr::{ClientAddr, OrigDst};
-use crate::connections::Connections;
 use crate::sockets::Connector;
-use crate::state::{LocalWorkload, StateStore};
-use crate::telemetry::metrics::{Flow, Metrics};
+use crate::telemetry::metrics::Flow;
 
 /// The plaintext inbound path of one local workload; made by [`super::Inbound::plain`], beside
 /// the HBONE path of the same workload.
 pub struct PlainInbound<C> {
-    pub(super) state: Arc<StateStore>,
-    pub(super) connections: Arc<Connections>,
-    pub(super) local: LocalWorkload,
-    pub(super) connector: C,
-    pub(super) connect_timeout: Duration,
-    pub(super) draining: Arc<AtomicBool>,
-    pub(super) metrics: Arc<Metrics>,
+    pub(super) serving: Serving<C>,
 }
 
 impl<C> std::fmt::Debug for PlainInbound<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PlainInbound")
-            .field("local", &self.local)
+            .field("local", &self.serving.local)
             .finish_non_exhaustive()
     }
 }
@@ -47,7 +37,7 @@ impl<C: Connector> PlainInbound<C> {
         destination: OrigDst,
     ) -> InboundOutcome {
         let outcome = self.forward(client, source, destination).await;
-        self.metrics.finished(&outcome);
+        self.serving.metrics.finished(&outcome);
         outcome
     }
 
@@ -60,32 +50,19 @@ impl<C: Connector> PlainInbound<C> {
         let started = Instant::now();
         let mut outcome = InboundOutcome::new(source.0, destination.to_string(), false);
         let refuse = |outcome: InboundOutcome, refusal: Refusal| outcome.refused(&refusal, started);
-        // Both ends are named in the record (the access log, the metrics) whatever happens next.
-        let state = self.state.snapshot();
-        outcome.source_workload = state.workload_at("", source.ip()).cloned();
-        outcome.destination_workload = state.local(&self.local).cloned();
-        if self.draining.load(Ordering::SeqCst) {
-            return refuse(outcome, Refusal::Draining);
-        }
-        let (local, connection) = match admit(&state, &self.local, source.0, destination.0, None) {
-            Ok(admitted) => (admitted.workload, admitted.connection),
-            Err(refusal) => {
-                log_refusal(&refusal, source.0, destination.0, None);
-                return refuse(outcome, refusal);
-            }
-        };
-        outcome.destination_workload = Some(local.clone());
-        let registered = self.connections.register(connection, &local.uid);
-        let connect = Box::pin(dial_app(
-            &self.connector,
-            destination.0,
-            self.connect_timeout,
-        ));
-        let app = match connect.await {
-            Ok(app) => app,
+        let state = match self.serving.begin(&mut outcome) {
+            Ok(state) => state,
             Err(refusal) => return refuse(outcome, refusal),
         };
-        let open = self.metrics.open(&outcome);
+        let admitted = self
+            .serving
+            .admit_and_dial(&state, &mut outcome, destination.0, None)
+            .await;
+        let (registered, app) = match admitted {
+            Ok(admitted) => admitted,
+            Err(refusal) => return refuse(outcome, refusal),
+        };
+        let open = self.serving.metrics.open(&outcome);
         drop(state);
         let mut app = open.count(app, Flow::Sent);
         outcome.status = 200;

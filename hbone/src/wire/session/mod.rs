@@ -4,7 +4,8 @@
 //! Received bytes go in through [`Session::recv`]; frames to send collect in [`Session::out`]
 //! (the I/O layer writes them before any DATA it sends); DATA frames themselves are written by
 //! the I/O layer straight from the caller's buffer, after [`Session::take_send`] has charged the
-//! windows. Tasks waiting on a stream are woken from here, so the I/O layer only moves bytes.
+//! windows. Tasks waiting on a stream are woken from here, so the I/O layer only moves bytes
+//! (why the wakers are held here and not by the I/O layer: the README's decisions).
 //!
 //! Split by concern, as `h2` splits its `proto/`: this file holds the session, what it is made
 //! of and how received frames are dispatched and budgeted; `headers` (header blocks, requests and
