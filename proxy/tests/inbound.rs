@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 
 mod common;
 
-use common::{HOUR, allow, echo_app, id, workload};
+use common::{HOUR, allow, echo_app, failed_lines, id, workload};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -189,17 +189,6 @@ async fn wrong_clients_and_wrong_destinations_are_refused_with_reasons() {
             .is_err()
     );
     assert_eq!(node.outcomes.lock().unwrap().len(), before);
-}
-
-/// The `istio_tcp_connections_failed_total` lines of `metrics` with `flags`, as rendered.
-fn failed_lines(metrics: &Metrics, flags: &str) -> Vec<String> {
-    let flags = format!(r#"response_flags="{flags}""#);
-    metrics
-        .render()
-        .lines()
-        .filter(|l| l.starts_with("istio_tcp_connections_failed_total{") && l.contains(&flags))
-        .map(str::to_owned)
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

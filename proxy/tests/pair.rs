@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 
 mod common;
 
-use common::{HOUR, allow, echo_app, id, workload};
+use common::{HOUR, allow, echo_app, failed_lines, id, workload};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -269,7 +269,7 @@ async fn policy_applies_to_the_source_workloads_own_identity() {
     );
     assert_eq!(out.destination_identity, Some(id("web")));
     assert_eq!(out.response_flags, Some("DENY"));
-    let failed = failed_lines(&mesh, "DENY");
+    let failed = failed_lines(&mesh.metrics, "DENY");
     assert_eq!(failed.len(), 1, "{failed:?}");
     for label in [
         r#"reporter="source""#,
@@ -287,17 +287,6 @@ async fn policy_applies_to_the_source_workloads_own_identity() {
     assert!(failed[0].ends_with(" 1"), "{}", failed[0]);
 }
 
-/// The `istio_tcp_connections_failed_total` lines of the mesh's outbound metrics with `flags`.
-fn failed_lines(mesh: &Mesh, flags: &str) -> Vec<String> {
-    let flags = format!(r#"response_flags="{flags}""#);
-    mesh.metrics
-        .render()
-        .lines()
-        .filter(|l| l.starts_with("istio_tcp_connections_failed_total{") && l.contains(&flags))
-        .map(str::to_owned)
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_the_state_does_not_know_is_refused_and_counted() {
     let mesh = mesh(6).await;
@@ -306,7 +295,7 @@ async fn a_source_the_state_does_not_know_is_refused_and_counted() {
     let error = out.error.unwrap();
     assert!(error.contains("unknown source workload ghost"), "{error}");
     assert_eq!(out.response_flags, Some("CONNECT"));
-    let failed = failed_lines(&mesh, "CONNECT");
+    let failed = failed_lines(&mesh.metrics, "CONNECT");
     assert_eq!(failed.len(), 1, "{failed:?}");
     assert!(
         failed[0].contains(r#"source_workload="unknown""#),

@@ -1,5 +1,5 @@
 //! Fixtures shared by the proxy's tests: identities, workloads, an xDS-form ALLOW policy, an
-//! echo app.
+//! echo app, the failed-connection lines of a metrics registry.
 #![allow(dead_code, unreachable_pub)]
 
 use std::collections::BTreeMap;
@@ -73,4 +73,16 @@ pub async fn echo_app(at: IpAddr) -> SocketAddr {
         }
     });
     addr
+}
+
+/// The `istio_tcp_connections_failed_total` lines of `metrics` with `response_flags` `flags`,
+/// as rendered.
+pub fn failed_lines(metrics: &proxy::telemetry::metrics::Metrics, flags: &str) -> Vec<String> {
+    let flags = format!(r#"response_flags="{flags}""#);
+    metrics
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("istio_tcp_connections_failed_total{") && l.contains(&flags))
+        .map(str::to_owned)
+        .collect()
 }
