@@ -1,15 +1,11 @@
 //! `ztunnel proxy`: the node proxy, shared or dedicated mode. The proxy itself lives in the
 //! `proxy` crate; this file only loads configuration and assembles.
 
-use crate::args::parse_duration;
-use clap::Args;
-use common::ports;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use controlplane::{ComputeConfig, Manifests, compute};
+use controlplane::ComputeConfig;
 use identity::ca::{CaClientConfig, IstioCaClient};
 use identity::{DevCa, DevCaSource, SecretManager, SecretManagerConfig};
 use proxy::admin::AdminHooks;
@@ -22,142 +18,16 @@ use proxy::telemetry::metrics::Metrics;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use xds_client::client::ClientConfig;
-use xds_client::resources::Address;
 
 use super::Error;
 use crate::logging::LogControl;
 
-#[derive(Debug, Args)]
-pub(crate) struct ProxyArgs {
-    /// How many workloads this proxy serves.
-    #[arg(long, env = "PROXY_MODE", value_enum, default_value_t = Mode::Shared)]
-    pub(crate) mode: Mode,
-    /// Dedicated mode: the workload this proxy serves, `NAMESPACE/NAME/SERVICE_ACCOUNT`.
-    #[arg(long, env = "PROXY_WORKLOAD_INFO", value_name = "NS/NAME/SA")]
-    pub(crate) workload: Option<String>,
-    /// A Kubernetes YAML file or directory (Namespace, Pod, Deployment, Service,
-    /// AuthorizationPolicy), read as `ztunnel controlplane` reads it, instead of xDS; watched for
-    /// changes (a file that fails to parse keeps the last good state).
-    #[arg(long, env = "LOCAL_MANIFESTS", value_name = "PATH")]
-    pub(crate) local_manifests: Option<PathBuf>,
-    /// Dedicated mode: PEM certificate chain of the workload's identity (leaf first).
-    #[arg(long, value_name = "PEM", requires_all = ["key", "ca"])]
-    pub(crate) cert: Option<PathBuf>,
-    /// PEM private key of `--cert`.
-    #[arg(long, value_name = "PEM", requires = "cert")]
-    pub(crate) key: Option<PathBuf>,
-    /// PEM trust roots of the mesh (with `--cert`, or with `--ca-address`).
-    #[arg(long, value_name = "PEM")]
-    pub(crate) ca: Option<PathBuf>,
-    /// The mark (`SO_MARK`) on the proxy's own sockets, which capture rules skip.
-    #[arg(long, env = "PACKET_MARK", default_value_t = common::PACKET_MARK, value_parser = parse_u32)]
-    pub(crate) packet_mark: u32,
-    /// This node's name (pods' `spec.nodeName`; in dedicated mode it picks the workload when
-    /// several share a name).
-    #[arg(long, env = "NODE_NAME", default_value = "")]
-    pub(crate) node_name: String,
-    /// Threads of the data path. With 1, the proxy runs everything on its main thread (tokio's
-    /// single-threaded scheduler, the cheapest per message); with more, a work-stealing pool.
-    #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
-    pub(crate) worker_threads: u16,
-    /// Trust domain of the identities computed from local manifests.
-    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
-    pub(crate) trust_domain: String,
-    /// Cluster id (workload uids and telemetry).
-    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
-    pub(crate) cluster_id: String,
-    /// On SIGTERM (or Ctrl-C): stop accepting, then wait this long for open connections to
-    /// finish before exiting 0 (e.g. `5s`, `1m`). Also how long a deleted pod's connections may
-    /// finish (shared mode).
-    #[arg(long, env = "CONNECTION_TERMINATION_DEADLINE", default_value = "5s", value_parser = parse_duration)]
-    pub(crate) connection_termination_deadline: Duration,
-    /// Shared mode: the node agent's ZDS socket (ours: `ztunnel node-agent --zds-socket`; Istio's
-    /// istio-cni uses the default).
-    #[arg(
-        long,
-        env = "INPOD_UDS",
-        value_name = "PATH",
-        default_value = "/var/run/ztunnel/ztunnel.sock"
-    )]
-    pub(crate) inpod_uds: PathBuf,
-    /// A development CA directory (`root-cert.pem`, `root-key.pem`; created with a new root if
-    /// missing): every local pod's certificate is issued in process from it, no CA server.
-    #[arg(long, value_name = "DIR", conflicts_with = "ca_address")]
-    pub(crate) ca_dir: Option<PathBuf>,
-    /// The xDS server (istiod, or `ztunnel controlplane`), `https://host:port` or `http://...`
-    /// (plaintext, local use only).
-    #[arg(
-        long,
-        env = "XDS_ADDRESS",
-        value_name = "URL",
-        conflicts_with = "local_manifests"
-    )]
-    pub(crate) xds_address: Option<String>,
-    /// The CA (istiod's, or `ztunnel controlplane`'s), `https://host:port` or `http://...`.
-    #[arg(long, env = "CA_ADDRESS", value_name = "URL")]
-    pub(crate) ca_address: Option<String>,
-    /// PEM root that the xDS server's TLS certificate must chain to.
-    #[arg(long, env = "XDS_ROOT_CA", value_name = "PEM")]
-    pub(crate) xds_root_ca: Option<PathBuf>,
-    /// PEM root that the CA's TLS certificate must chain to; also the mesh's trust root when
-    /// `--ca` is not given.
-    #[arg(long, env = "CA_ROOT_CA", value_name = "PEM")]
-    pub(crate) ca_root_ca: Option<PathBuf>,
-    /// File holding the bearer token sent on xDS and CA calls (read again on each connection).
-    #[arg(long, env = "AUTH_TOKEN", value_name = "PATH")]
-    pub(crate) auth_token: Option<PathBuf>,
-    /// This node's network (workload addresses are looked up in it).
-    #[arg(long, env = "NETWORK", default_value = "")]
-    pub(crate) network: String,
-    /// Lifetime asked for workload certificates (rotated at half of it).
-    #[arg(long, env = "SECRET_TTL", default_value = "24h", value_parser = parse_duration)]
-    pub(crate) secret_ttl: Duration,
-    /// Tunnels sharing one pooled HBONE connection, at most.
-    #[arg(long, env = "POOL_MAX_STREAMS_PER_CONNECTION", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
-    pub(crate) pool_max_streams_per_connection: u32,
-    /// A pooled HBONE connection without tunnels is closed after this long.
-    #[arg(long, env = "POOL_UNUSED_RELEASE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
-    pub(crate) pool_unused_release_timeout: Duration,
-    /// HTTP/2 initial window of each tunnel, bytes.
-    #[arg(long, env = "HTTP2_STREAM_WINDOW_SIZE", default_value_t = 4 * 1024 * 1024, value_parser = clap::value_parser!(u32).range(65_535..=2_147_483_647))]
-    pub(crate) http2_stream_window_size: u32,
-    /// HTTP/2 window of each connection, bytes.
-    #[arg(long, env = "HTTP2_CONNECTION_WINDOW_SIZE", default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u32).range(65_535..=2_147_483_647))]
-    pub(crate) http2_connection_window_size: u32,
-    /// Largest HTTP/2 frame payload accepted, bytes.
-    #[arg(long, env = "HTTP2_FRAME_SIZE", default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u32).range(16_384..=16_777_215))]
-    pub(crate) http2_frame_size: u32,
-    /// Admin endpoint.
-    #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], ports::ADMIN)))]
-    pub(crate) admin_addr: SocketAddr,
-    /// Metrics endpoint.
-    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], ports::STATS)))]
-    pub(crate) stats_addr: SocketAddr,
-    /// Readiness endpoint.
-    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], ports::READINESS)))]
-    pub(crate) readiness_addr: SocketAddr,
-    /// Series of gone pods are dropped from the metrics after this long without connections.
-    #[arg(long, default_value = "5m", value_parser = parse_duration)]
-    pub(crate) metrics_expiry: Duration,
-}
+mod args;
+mod manifests;
 
-/// How many workloads one proxy serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub(crate) enum Mode {
-    /// One proxy per node; the node agent hands it each captured pod (ZDS).
-    Shared,
-    /// One workload, in the proxy's own network namespace.
-    Dedicated,
-}
-
-/// A number in decimal or `0x` hexadecimal.
-fn parse_u32(text: &str) -> Result<u32, String> {
-    let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
-        Some(hex) => u32::from_str_radix(hex, 16),
-        None => text.parse(),
-    };
-    parsed.map_err(|_| format!("{text:?} is not a number (decimal or 0x hex)"))
-}
+use args::Mode;
+pub(crate) use args::ProxyArgs;
+use manifests::{load, watch};
 
 pub(crate) async fn run(args: ProxyArgs, log_control: LogControl) -> Result<(), Error> {
     let metrics = Metrics::new(args.metrics_expiry);
@@ -542,80 +412,5 @@ fn parse_workload(text: &str) -> Result<[String; 3], Error> {
             value: text.to_owned(),
             reason: "expected NAMESPACE/NAME/SERVICE_ACCOUNT".into(),
         }),
-    }
-}
-
-/// Reads the manifests (a file, or the `*.yaml`/`*.yml` files of a directory) and replaces the
-/// store's workloads, services and policies with what they describe; marks it synced. Any
-/// unreadable or malformed file is an error and changes nothing.
-fn load(store: &StateStore, path: &Path, config: &ComputeConfig) -> Result<(), Error> {
-    let mut manifests = Manifests::default();
-    for file in manifest_files(path)? {
-        let text = std::fs::read_to_string(&file).map_err(|source| Error::Io {
-            what: format!("cannot read {}", file.display()),
-            source,
-        })?;
-        manifests
-            .add(&text, &file.display().to_string())
-            .map_err(|e| Error::Io {
-                what: "local manifests".into(),
-                source: std::io::Error::other(e),
-            })?;
-    }
-    let computed = compute(&manifests, config)?;
-    // Exactly what xDS would deliver: selector policies are named by the workloads they select.
-    let policies = computed
-        .policies
-        .iter()
-        .map(|p| authz::proto::from_proto(&authz::proto::to_proto(p)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Error::Io {
-            what: "local manifests".into(),
-            source: std::io::Error::other(e),
-        })?;
-    store.update(|state| {
-        let mut next = State::new(&config.root_namespace);
-        for w in computed.workloads {
-            next.insert_address(Address::Workload(w));
-        }
-        for s in computed.services {
-            next.insert_address(Address::Service(s));
-        }
-        for p in policies {
-            next.insert_policy(p);
-        }
-        next.set_synced(true);
-        *state = next;
-    });
-    Ok(())
-}
-
-fn manifest_files(path: &Path) -> Result<Vec<PathBuf>, Error> {
-    if !path.exists() {
-        return Err(Error::Io {
-            what: format!("cannot read the manifests at {}", path.display()),
-            source: std::io::Error::from(std::io::ErrorKind::NotFound),
-        });
-    }
-    Ok(controlplane::manifest_files(path))
-}
-
-/// Reloads the manifests when a file changes (checked every 250 ms); a broken edit is logged and
-/// the last good state kept.
-async fn watch(store: Arc<StateStore>, path: PathBuf, config: ComputeConfig) {
-    let mut last = controlplane::fingerprint(&path);
-    loop {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        let now = controlplane::fingerprint(&path);
-        if now == last {
-            continue;
-        }
-        last = now;
-        match load(&store, &path, &config) {
-            Ok(()) => info!(manifests = %path.display(), "local manifests reloaded"),
-            Err(e) => {
-                warn!(error = %e, "local manifests not reloaded; keeping the last good state")
-            }
-        }
     }
 }
