@@ -418,3 +418,74 @@ fn proxy_configuration_is_validated_at_start_naming_the_flag() {
         );
     }
 }
+
+#[test]
+fn istios_chart_arguments_and_environment_are_understood() {
+    // (environment, the text the error must hold): each after `proxy ztunnel`, as the chart runs it.
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+    let cases: [Case<'_>; 7] = [
+        (&[("PROXY_MODE", "dedicated")], &["--mode", "proxy ztunnel"]),
+        (
+            &[("XDS_ADDRESS", "grpc://istiod:15012")],
+            &["--xds-address", "\"grpc\""],
+        ),
+        // No scheme is TLS: without a root to check istiod's certificate, nothing is sent.
+        (
+            &[("XDS_ADDRESS", "istiod.istio-system.svc:15012")],
+            &[
+                "--xds-address",
+                "https://istiod.istio-system.svc:15012",
+                "needs a root",
+            ],
+        ),
+        (
+            &[
+                ("XDS_ADDRESS", "istiod.istio-system.svc:15012"),
+                ("XDS_ROOT_CA", "/nonexistent/root-cert.pem"),
+            ],
+            &["--xds-root-ca", "SYSTEM"],
+        ),
+        (&[("ZTUNNEL_WORKER_THREADS", "0%")], &["--worker-threads"]),
+        (&[("ZTUNNEL_CPU_LIMIT", "lots")], &["--cpu-limit"]),
+        (
+            &[("TERMINATION_GRACE_PERIOD_SECONDS", "soon")],
+            &["--termination-grace-period-seconds"],
+        ),
+    ];
+    for (env, expected) in cases {
+        let out = ztunnel()
+            .args(["proxy", "ztunnel"])
+            .envs(env.iter().copied())
+            .env_remove("LOCAL_MANIFESTS")
+            .env("INPOD_UDS", "/nonexistent/ztunnel.sock")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{env:?}: {stderr}");
+        for text in expected {
+            assert!(stderr.contains(text), "{env:?} should say {text}: {stderr}");
+        }
+    }
+    // Every variable the chart sets is documented.
+    let help = ztunnel().args(["proxy", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for var in [
+        "CA_ADDRESS",
+        "XDS_ADDRESS",
+        "ISTIO_META_CLUSTER_ID",
+        "POD_NAME",
+        "POD_NAMESPACE",
+        "NODE_NAME",
+        "INSTANCE_IP",
+        "TERMINATION_GRACE_PERIOD_SECONDS",
+        "ZTUNNEL_CPU_LIMIT",
+        "ZTUNNEL_WORKER_THREADS",
+        "LOG_FORMAT",
+        "NETWORK",
+        "/var/run/secrets/tokens/istio-token",
+        "/var/run/secrets/istio/root-cert.pem",
+    ] {
+        assert!(help.contains(var), "--help does not mention {var}");
+    }
+}

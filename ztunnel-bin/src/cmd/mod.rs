@@ -71,7 +71,7 @@ impl Command {
     /// `--worker-threads`); `None` for the tools, which take the runtime's default.
     pub(crate) fn worker_threads(&self) -> Option<u16> {
         match self {
-            Command::Proxy(args) => Some(args.worker_threads),
+            Command::Proxy(args) => Some(args.worker_thread_count()),
             _ => None,
         }
     }

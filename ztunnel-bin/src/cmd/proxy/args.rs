@@ -8,10 +8,16 @@ use std::time::Duration;
 use clap::Args;
 use common::ports;
 
+use super::istio;
 use crate::args::parse_duration;
+use crate::cmd::Error;
 
 #[derive(Debug, Args)]
 pub(crate) struct ProxyArgs {
+    /// `ztunnel`, as Istio's chart passes it (`args: [proxy, ztunnel]`): the node proxy, shared
+    /// mode.
+    #[arg(value_enum, value_name = "KIND")]
+    pub(crate) kind: Option<ProxyKind>,
     /// How many workloads this proxy serves.
     #[arg(long, env = "PROXY_MODE", value_enum, default_value_t = Mode::Shared)]
     pub(crate) mode: Mode,
@@ -39,21 +45,44 @@ pub(crate) struct ProxyArgs {
     /// several share a name).
     #[arg(long, env = "NODE_NAME", default_value = "")]
     pub(crate) node_name: String,
-    /// Threads of the data path. With 1, the proxy runs everything on its main thread (tokio's
-    /// single-threaded scheduler, the cheapest per message); with more, a work-stealing pool.
-    #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
-    pub(crate) worker_threads: u16,
+    /// Threads of the data path: a number (1 to 256; 0 for one per CPU) or a percentage of the
+    /// CPUs (`50%`); unset, a quarter of the CPUs, at least 2. With 1, the proxy runs everything
+    /// on its main thread (tokio's single-threaded scheduler, the cheapest per message); with
+    /// more, a work-stealing pool.
+    #[arg(long, env = "ZTUNNEL_WORKER_THREADS", value_name = "N|P%", value_parser = istio::parse_worker_threads)]
+    pub(crate) worker_threads: Option<istio::WorkerThreads>,
+    /// The CPUs the proxy may use, a Kubernetes quantity (`2`, `1500m`; Istio's chart passes the
+    /// container's `limits.cpu`); the worker threads are counted against it. Default: the CPUs
+    /// this process may run on.
+    #[arg(long, env = "ZTUNNEL_CPU_LIMIT", value_name = "CPUS", value_parser = istio::parse_cpu_quantity)]
+    pub(crate) cpu_limit: Option<u32>,
     /// Trust domain of the identities computed from local manifests.
     #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
     pub(crate) trust_domain: String,
-    /// Cluster id (workload uids and telemetry).
-    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
-    pub(crate) cluster_id: String,
+    /// Cluster id (workload uids, telemetry, the `clusterid` header and node metadata on xDS
+    /// and CA calls). From `ISTIO_META_CLUSTER_ID` (Istio's chart), else `CLUSTER_ID`, else
+    /// `Kubernetes`.
+    #[arg(long, env = "ISTIO_META_CLUSTER_ID", value_name = "ID")]
+    pub(crate) cluster_id: Option<String>,
+    /// This proxy's pod name (Istio's chart: the downward API), in its xDS node id.
+    #[arg(long, env = "POD_NAME", default_value = "")]
+    pub(crate) pod_name: String,
+    /// This proxy's namespace, in its xDS node id (istiod checks it against the token's).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "")]
+    pub(crate) pod_namespace: String,
+    /// This proxy's IP, in its xDS node id.
+    #[arg(long, env = "INSTANCE_IP", default_value = "")]
+    pub(crate) instance_ip: String,
     /// On SIGTERM (or Ctrl-C): stop accepting, then wait this long for open connections to
     /// finish before exiting 0 (e.g. `5s`, `1m`). Also how long a deleted pod's connections may
-    /// finish (shared mode).
-    #[arg(long, env = "CONNECTION_TERMINATION_DEADLINE", default_value = "5s", value_parser = parse_duration)]
-    pub(crate) connection_termination_deadline: Duration,
+    /// finish (shared mode). Default: the pod's termination grace period less 5 s (less 1 s
+    /// when it is 10 s or shorter), else 5s.
+    #[arg(long, env = "CONNECTION_TERMINATION_DEADLINE", value_parser = parse_duration)]
+    pub(crate) connection_termination_deadline: Option<Duration>,
+    /// The pod's `terminationGracePeriodSeconds` (Istio's chart passes it), from which the
+    /// drain is derived when `CONNECTION_TERMINATION_DEADLINE` is not given.
+    #[arg(long, env = "TERMINATION_GRACE_PERIOD_SECONDS", value_name = "SECONDS")]
+    pub(crate) termination_grace_period_seconds: Option<u64>,
     /// Shared mode: the node agent's ZDS socket (ours: `ztunnel node-agent --zds-socket`; Istio's
     /// istio-cni uses the default).
     #[arg(
@@ -67,8 +96,8 @@ pub(crate) struct ProxyArgs {
     /// missing): every local pod's certificate is issued in process from it, no CA server.
     #[arg(long, value_name = "DIR", conflicts_with = "ca_address")]
     pub(crate) ca_dir: Option<PathBuf>,
-    /// The xDS server (istiod, or `ztunnel controlplane`), `https://host:port` or `http://...`
-    /// (plaintext, local use only).
+    /// The xDS server (istiod, or `ztunnel controlplane`): `host:port` (TLS, as Istio's chart
+    /// writes it), `https://host:port`, or `http://...` (plaintext, local use only).
     #[arg(
         long,
         env = "XDS_ADDRESS",
@@ -76,17 +105,23 @@ pub(crate) struct ProxyArgs {
         conflicts_with = "local_manifests"
     )]
     pub(crate) xds_address: Option<String>,
-    /// The CA (istiod's, or `ztunnel controlplane`'s), `https://host:port` or `http://...`.
+    /// The CA (istiod's, or `ztunnel controlplane`'s): `host:port` (TLS), `https://host:port`
+    /// or `http://...`.
     #[arg(long, env = "CA_ADDRESS", value_name = "URL")]
     pub(crate) ca_address: Option<String>,
-    /// PEM root that the xDS server's TLS certificate must chain to.
-    #[arg(long, env = "XDS_ROOT_CA", value_name = "PEM")]
-    pub(crate) xds_root_ca: Option<PathBuf>,
-    /// PEM root that the CA's TLS certificate must chain to; also the mesh's trust root when
-    /// `--ca` is not given.
-    #[arg(long, env = "CA_ROOT_CA", value_name = "PEM")]
-    pub(crate) ca_root_ca: Option<PathBuf>,
+    /// The root that the xDS server's TLS certificate must chain to: a PEM file, `SYSTEM` (the
+    /// system's trust store) or the PEM itself. Default: /var/run/secrets/istio/root-cert.pem
+    /// (Istio's chart mounts the mesh root there) when it exists.
+    #[arg(long, env = "XDS_ROOT_CA", value_name = "FILE|SYSTEM|PEM")]
+    pub(crate) xds_root_ca: Option<String>,
+    /// The root that the CA's TLS certificate must chain to (a PEM file, `SYSTEM` or the PEM
+    /// itself); also the mesh's trust root when `--ca` is not given. Default:
+    /// /var/run/secrets/istio/root-cert.pem when it exists.
+    #[arg(long, env = "CA_ROOT_CA", value_name = "FILE|SYSTEM|PEM")]
+    pub(crate) ca_root_ca: Option<String>,
     /// File holding the bearer token sent on xDS and CA calls (read again on each connection).
+    /// Default: /var/run/secrets/tokens/istio-token (the projected token Istio's chart mounts)
+    /// when it exists.
     #[arg(long, env = "AUTH_TOKEN", value_name = "PATH")]
     pub(crate) auth_token: Option<PathBuf>,
     /// This node's network (workload addresses are looked up in it).
@@ -124,6 +159,13 @@ pub(crate) struct ProxyArgs {
     pub(crate) metrics_expiry: Duration,
 }
 
+/// What Istio's chart asks for in the argument after `proxy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum ProxyKind {
+    /// The node proxy (Istio's `proxy ztunnel`): shared mode.
+    Ztunnel,
+}
+
 /// How many workloads one proxy serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum Mode {
@@ -140,4 +182,76 @@ fn parse_u32(text: &str) -> Result<u32, String> {
         None => text.parse(),
     };
     parsed.map_err(|_| format!("{text:?} is not a number (decimal or 0x hex)"))
+}
+
+impl ProxyArgs {
+    /// The cluster id: `--cluster-id` (`ISTIO_META_CLUSTER_ID`), else `CLUSTER_ID`, else
+    /// `Kubernetes`.
+    pub(crate) fn cluster(&self) -> String {
+        let plain = std::env::var("CLUSTER_ID").ok();
+        istio::cluster_id(self.cluster_id.as_deref(), plain.as_deref())
+    }
+
+    /// How long to drain on SIGTERM.
+    pub(crate) fn drain(&self) -> Duration {
+        istio::drain_deadline(
+            self.connection_termination_deadline,
+            self.termination_grace_period_seconds,
+        )
+    }
+
+    /// The data path's threads, counted against `--cpu-limit` or the CPUs this process may run
+    /// on.
+    pub(crate) fn worker_thread_count(&self) -> u16 {
+        let cpus = self.cpu_limit.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+        });
+        istio::worker_threads(self.worker_threads, cpus)
+    }
+
+    /// The bearer token file: `--auth-token`, else Istio's projected token when mounted.
+    pub(crate) fn token_file(&self) -> Option<PathBuf> {
+        istio::token_file(self.auth_token.as_deref(), istio::DEFAULT_TOKEN)
+    }
+
+    /// `--xds-address` as a URL (`https://` when it has no scheme).
+    pub(crate) fn xds_url(&self) -> Result<Option<String>, Error> {
+        url(self.xds_address.as_deref(), "--xds-address")
+    }
+
+    /// `--ca-address` as a URL (`https://` when it has no scheme).
+    pub(crate) fn ca_url(&self) -> Result<Option<String>, Error> {
+        url(self.ca_address.as_deref(), "--ca-address")
+    }
+
+    /// Where the root for the TLS to `url` (the xDS server or the CA) comes from: `value`
+    /// (`--xds-root-ca`, `--ca-root-ca`), else the chart's mounted root for an `https://` URL.
+    pub(crate) fn control_plane_root(
+        url: &str,
+        value: Option<&str>,
+        flag: &'static str,
+    ) -> Result<Option<istio::RootSource>, Error> {
+        let https = url.starts_with("https://");
+        if value.is_none() && !https {
+            return Ok(None);
+        }
+        istio::root_source(value, istio::DEFAULT_ROOT).map_err(|reason| Error::Flag {
+            flag,
+            value: value.unwrap_or_default().to_owned(),
+            reason,
+        })
+    }
+}
+
+fn url(value: Option<&str>, flag: &'static str) -> Result<Option<String>, Error> {
+    value
+        .map(|v| {
+            istio::control_plane_url(v).map_err(|reason| Error::Flag {
+                flag,
+                value: v.to_owned(),
+                reason,
+            })
+        })
+        .transpose()
 }

@@ -23,13 +23,20 @@ use super::Error;
 use crate::logging::LogControl;
 
 mod args;
+pub(crate) mod istio;
 mod manifests;
 
-use args::Mode;
 pub(crate) use args::ProxyArgs;
+use args::{Mode, ProxyKind};
 use manifests::{load, watch};
 
 pub(crate) async fn run(args: ProxyArgs, log_control: LogControl) -> Result<(), Error> {
+    if args.kind == Some(ProxyKind::Ztunnel) && args.mode == Mode::Dedicated {
+        return Err(flag(
+            "--mode",
+            "`proxy ztunnel` (Istio's chart) is the node proxy, shared mode; --mode dedicated (PROXY_MODE) contradicts it",
+        ));
+    }
     let metrics = Metrics::new(args.metrics_expiry);
     match args.mode {
         Mode::Dedicated => run_dedicated(args, metrics, log_control).await,
@@ -59,43 +66,40 @@ fn hbone_config(args: &ProxyArgs) -> hbone::Config {
 fn compute_config(args: &ProxyArgs) -> ComputeConfig {
     let mut c = ComputeConfig::default();
     c.trust_domain = args.trust_domain.clone();
-    c.cluster_id = args.cluster_id.clone();
+    c.cluster_id = args.cluster();
     c
 }
 
 /// Loads the state from local manifests (and watches them) or starts following xDS.
 fn state_source(args: &ProxyArgs, store: &Arc<StateStore>) -> Result<(), Error> {
-    match (&args.local_manifests, &args.xds_address) {
+    match (&args.local_manifests, args.xds_url()?) {
         (Some(manifests), _) => {
             let config = compute_config(args);
             load(store, manifests, &config)?;
             tokio::spawn(watch(store.clone(), manifests.clone(), config));
             Ok(())
         }
-        (None, Some(address)) => {
-            let node_id = format!(
-                "ztunnel~0.0.0.0~{}.istio-system~istio-system.svc.cluster.local",
-                if args.node_name.is_empty() {
-                    "ztunnel"
-                } else {
-                    &args.node_name
-                }
-            );
-            let mut config = ClientConfig::new(address.clone(), node_id);
-            config.ca_root_pem = read_pem_text(args.xds_root_ca.as_deref(), "--xds-root-ca")?;
-            config.token_file = args.auth_token.clone();
-            config
-                .node_metadata
-                .insert("NODE_NAME".into(), args.node_name.clone());
+        (None, Some(url)) => {
+            let cluster = args.cluster();
+            let pod = istio::ProxyPod {
+                name: &args.pod_name,
+                namespace: &args.pod_namespace,
+                ip: &args.instance_ip,
+                node: &args.node_name,
+            };
+            let (node_id, metadata) = istio::xds_node(&pod, &cluster, std::env::vars());
+            let mut config = ClientConfig::new(url.clone(), node_id);
+            let root =
+                ProxyArgs::control_plane_root(&url, args.xds_root_ca.as_deref(), "--xds-root-ca")?;
+            config.ca_root_pem = root_pem(root, "--xds-root-ca")?;
+            config.token_file = args.token_file();
+            config.node_metadata = metadata;
             config
                 .node_metadata
                 .insert("NETWORK".into(), args.network.clone());
-            config
-                .node_metadata
-                .insert("CLUSTER_ID".into(), args.cluster_id.clone());
             proxy::state::follow(store.clone(), config).map_err(|e| Error::Flag {
                 flag: "--xds-address",
-                value: address.clone(),
+                value: url,
                 reason: e.to_string(),
             })?;
             Ok(())
@@ -115,6 +119,22 @@ fn read_pem_text(path: Option<&Path>, what: &'static str) -> Result<Option<Strin
         })
     })
     .transpose()
+}
+
+/// The PEM text of a root for the TLS to the control plane.
+fn root_pem(
+    source: Option<istio::RootSource>,
+    what: &'static str,
+) -> Result<Option<String>, Error> {
+    match source {
+        None => Ok(None),
+        Some(istio::RootSource::Inline(pem)) => Ok(Some(pem)),
+        Some(istio::RootSource::File(path)) => read_pem_text(Some(&path), what),
+        Some(istio::RootSource::System) => Err(flag(
+            what,
+            "SYSTEM (the system's trust store) is not supported yet: name the root's file, or give its PEM",
+        )),
+    }
 }
 
 /// Where pods' certificates come from: an in-process development CA or a CA server.
@@ -145,33 +165,67 @@ fn certificates(args: &ProxyArgs) -> Result<Managed, Error> {
             roots,
         });
     }
-    let Some(address) = &args.ca_address else {
+    let Some(url) = args.ca_url()? else {
         return Err(flag(
             "--ca-address",
             "the proxy needs certificates: --ca-address (CA_ADDRESS) or --ca-dir (a development CA)",
         ));
     };
-    let roots_file = args
-        .ca
-        .as_deref()
-        .or(args.ca_root_ca.as_deref())
-        .ok_or_else(|| {
-            flag(
-                "--ca",
-                "with a CA server the mesh's trust root is needed: --ca ROOT, or CA_ROOT_CA",
-            )
-        })?;
-    let roots = Arc::new(identity::pem::read_roots(roots_file)?);
-    let mut ca_config = CaClientConfig::new(address.clone(), roots.clone());
-    ca_config.ca_root_pem = read_pem_text(args.ca_root_ca.as_deref(), "--ca-root-ca")?;
-    ca_config.token_file = args.auth_token.clone();
-    ca_config.cluster_id = Some(args.cluster_id.clone());
+    let ca_root = ProxyArgs::control_plane_root(&url, args.ca_root_ca.as_deref(), "--ca-root-ca")?;
+    let roots = Arc::new(mesh_roots(args.ca.as_deref(), ca_root.as_ref())?);
+    let mut ca_config = CaClientConfig::new(url, roots.clone());
+    ca_config.ca_root_pem = root_pem(ca_root, "--ca-root-ca")?;
+    ca_config.token_file = args.token_file();
+    ca_config.cluster_id = Some(args.cluster());
     ca_config.cert_lifetime = args.secret_ttl;
     let client = IstioCaClient::new(ca_config)?;
     Ok(Managed {
         manager: SecretManager::new(Arc::new(client), config),
         roots,
     })
+}
+
+/// The mesh's trust roots with a CA server: `--ca`, else the CA's root when it is a file or
+/// PEM (Istio's chart: the mounted `istio-ca-root-cert`), else the chart's mount itself. The
+/// system's trust store is never the mesh's root.
+fn mesh_roots(
+    ca: Option<&Path>,
+    ca_root: Option<&istio::RootSource>,
+) -> Result<rustls::RootCertStore, Error> {
+    if let Some(path) = ca {
+        return Ok(identity::pem::read_roots(path)?);
+    }
+    match ca_root {
+        Some(istio::RootSource::File(path)) => Ok(identity::pem::read_roots(path)?),
+        Some(istio::RootSource::Inline(pem)) => {
+            let mut roots = rustls::RootCertStore::empty();
+            let certs = <rustls_pki_types::CertificateDer<'_> as rustls_pki_types::pem::PemObject>::pem_slice_iter(pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| flag("--ca-root-ca", &format!("malformed PEM: {e}")))?;
+            if certs.is_empty() {
+                return Err(flag(
+                    "--ca-root-ca",
+                    "no CERTIFICATE block in the PEM given",
+                ));
+            }
+            for (i, cert) in certs.into_iter().enumerate() {
+                roots.add(cert).map_err(|e| {
+                    flag(
+                        "--ca-root-ca",
+                        &format!("certificate {i} is not a usable trust root: {e}"),
+                    )
+                })?;
+            }
+            Ok(roots)
+        }
+        Some(istio::RootSource::System) | None if istio::mounted(istio::DEFAULT_ROOT) => {
+            Ok(identity::pem::read_roots(Path::new(istio::DEFAULT_ROOT))?)
+        }
+        _ => Err(flag(
+            "--ca",
+            "with a CA server the mesh's trust root is needed: --ca ROOT, CA_ROOT_CA (a file or PEM), or Istio's mount at /var/run/secrets/istio/root-cert.pem",
+        )),
+    }
 }
 
 /// The operations side of both modes: binds the metrics and admin listeners, drops the metric
@@ -229,7 +283,7 @@ async fn run_shared(
     let mut config = SharedConfig::new(&args.node_name, &args.trust_domain);
     config.mark = Some(args.packet_mark);
     config.hbone = hbone_config(&args);
-    config.termination_deadline = args.connection_termination_deadline;
+    config.termination_deadline = args.drain();
     let shared = SharedProxy::new(config, store.clone(), certs.clone(), metrics.clone());
 
     let readiness = super::listen(args.readiness_addr).await?;
@@ -371,9 +425,7 @@ async fn run_dedicated(
         workload = %local.uid, identity = %id, outbound = %bound.outbound, inbound = %bound.inbound,
         readiness = %bound.readiness, "proxy ready (dedicated mode)"
     );
-    let drained = running
-        .run_until(stop, args.connection_termination_deadline)
-        .await;
+    let drained = running.run_until(stop, args.drain()).await;
     info!(cut = drained.cut, "proxy stopped");
     Ok(())
 }
