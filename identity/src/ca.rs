@@ -48,9 +48,9 @@ pub trait CertificateSource: Send + Sync + 'static {
 pub struct CaClientConfig {
     /// The CA's URL, e.g. `https://istiod.istio-system.svc:15012`.
     pub address: String,
-    /// PEM root that the CA's own TLS certificate must chain to. `None` means plaintext, which
-    /// is allowed only for `http://` addresses (local use).
-    pub ca_root_pem: Option<String>,
+    /// What the CA's own TLS certificate must chain to. `None` means plaintext, which is allowed
+    /// only for `http://` addresses (local use).
+    pub server_root: Option<crate::grpc::TrustRoot>,
     /// DNS name to expect in the CA's TLS certificate (default: the host of `address`).
     pub tls_server_name: Option<String>,
     /// File holding the bearer token, read again for every request.
@@ -73,7 +73,7 @@ impl CaClientConfig {
     pub fn new(address: impl Into<String>, trust_roots: Arc<RootCertStore>) -> Self {
         CaClientConfig {
             address: address.into(),
-            ca_root_pem: None,
+            server_root: None,
             tls_server_name: None,
             token_file: None,
             cluster_id: None,
@@ -101,13 +101,13 @@ impl IstioCaClient {
         };
         let channel = crate::grpc::control_plane_channel(&crate::grpc::ChannelSpec {
             address: &config.address,
-            root_pem: config.ca_root_pem.as_deref(),
+            root: config.server_root.as_ref(),
             tls_server_name: config.tls_server_name.as_deref(),
             connect_timeout: config.request_timeout,
             request_timeout: Some(config.request_timeout),
             keep_alive: None,
         })
-        .map_err(|reason| bad(format!("{reason} (ca_root_pem)")))?;
+        .map_err(|reason| bad(format!("{reason} (server_root)")))?;
         Ok(IstioCaClient {
             channel,
             config: Arc::new(config),

@@ -2,22 +2,33 @@
 //! every client of it: the CA client here and the xDS client in `xds-client`.
 //!
 //! The address must say `https://` or `http://`. An `https://` server is verified against the
-//! root given (there is no system trust store fallback: a mesh's control plane is signed by the
-//! mesh's own root); an `http://` one is plaintext (local use), and a root given with it is
-//! refused as the mistake it is rather than silently ignored.
+//! root given: a PEM root (a mesh's control plane is signed by the mesh's own root), or the
+//! system's trust store when asked for by name ([`TrustRoot::System`], Istio's `SYSTEM`: a
+//! control plane behind a publicly signed certificate); there is no fallback from one to the
+//! other. An `http://` one is plaintext (local use), and a root given with it is refused as the
+//! mistake it is rather than silently ignored.
 
 use std::time::Duration;
 
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+/// What an `https://` control plane's certificate must chain to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrustRoot {
+    /// These PEM certificates.
+    Pem(String),
+    /// The system's trust store (Istio's `SYSTEM`).
+    System,
+}
 
 /// How to reach the control plane.
 #[derive(Debug, Clone, Copy)]
 pub struct ChannelSpec<'a> {
     /// `https://host:port` or `http://host:port`.
     pub address: &'a str,
-    /// PEM root the server's TLS certificate must chain to (required for `https://`, refused
-    /// for `http://`).
-    pub root_pem: Option<&'a str>,
+    /// What the server's TLS certificate must chain to (required for `https://`, refused for
+    /// `http://`).
+    pub root: Option<&'a TrustRoot>,
     /// DNS name to expect in the server's certificate (default: the host of `address`).
     pub tls_server_name: Option<&'a str>,
     /// Limit on establishing the connection.
@@ -43,10 +54,13 @@ pub fn control_plane_channel(spec: &ChannelSpec<'_>) -> Result<Channel, String> 
     if let Some(interval) = spec.keep_alive {
         endpoint = endpoint.http2_keep_alive_interval(interval);
     }
-    match (spec.root_pem, https) {
+    match (spec.root, https) {
         (Some(root), true) => {
-            let mut tls = ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(root));
+            let mut tls = match root {
+                TrustRoot::Pem(pem) => ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+                TrustRoot::System => ClientTlsConfig::new().with_native_roots(),
+            };
             if let Some(name) = spec.tls_server_name {
                 tls = tls.domain_name(name);
             }
@@ -65,10 +79,10 @@ pub fn control_plane_channel(spec: &ChannelSpec<'_>) -> Result<Channel, String> 
 mod tests {
     use super::*;
 
-    fn spec(address: &str, root: Option<&'static str>) -> Result<Channel, String> {
+    fn spec(address: &str, root: Option<&TrustRoot>) -> Result<Channel, String> {
         control_plane_channel(&ChannelSpec {
             address,
-            root_pem: root,
+            root,
             tls_server_name: None,
             connect_timeout: Duration::from_secs(1),
             request_timeout: None,
@@ -90,9 +104,15 @@ mod tests {
                 .contains("needs a root")
         );
         assert!(
-            spec("http://istiod:15012", Some("x"))
+            spec("http://istiod:15012", Some(&TrustRoot::Pem("x".into())))
                 .unwrap_err()
                 .contains("not https://")
         );
+        assert!(
+            spec("http://istiod:15012", Some(&TrustRoot::System))
+                .unwrap_err()
+                .contains("not https://")
+        );
+        assert!(spec("https://istiod:15012", Some(&TrustRoot::System)).is_ok());
     }
 }

@@ -56,7 +56,7 @@ where
 
 fn client_config(ca: &DevCa, address: &str) -> CaClientConfig {
     let mut config = CaClientConfig::new(address, ca.roots());
-    config.ca_root_pem = Some(ca.root_pem().to_owned());
+    config.server_root = Some(identity::grpc::TrustRoot::Pem(ca.root_pem().to_owned()));
     config.tls_server_name = Some(CA_NAME.to_owned());
     config.cert_lifetime = HOUR;
     config.request_timeout = Duration::from_secs(5);
@@ -356,6 +356,33 @@ async fn chain_from_another_root_is_rejected() {
             .contains("does not verify against our trust roots"),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_system_trust_store_does_not_vouch_for_the_meshs_own_root() {
+    // Istio's `SYSTEM`: the CA's certificate is checked against the system's roots, which do
+    // not hold a mesh's private root; nothing is signed.
+    let ca = Arc::new(DevCa::generate("cluster.local").unwrap());
+    let (address, _server) = serve(
+        &ca,
+        CaServer::new(ca.clone(), |_: &SignRequest<'_>| Ok(()), HOUR).into_service(),
+    )
+    .await;
+    let mut config = client_config(&ca, &address);
+    config.server_root = Some(identity::grpc::TrustRoot::System);
+    let err = IstioCaClient::new(config)
+        .unwrap()
+        .sign(&sleep_id())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("UnknownIssuer"), "{err}");
+    // The same server, checked against its own root, signs.
+    let signed = IstioCaClient::new(client_config(&ca, &address))
+        .unwrap()
+        .sign(&sleep_id())
+        .await;
+    assert!(signed.is_ok(), "{:?}", signed.err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

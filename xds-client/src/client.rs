@@ -94,18 +94,24 @@ pub enum Subscription {
     Names(Vec<String>),
 }
 
+/// The default of [`ClientConfig::max_response_bytes`].
+pub const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
+
 /// Client settings.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ClientConfig {
     /// `http://host:port` (plaintext, local use) or `https://host:port`.
     pub address: String,
-    /// PEM root the server's certificate must chain to (required for https).
-    pub ca_root_pem: Option<String>,
+    /// What the server's certificate must chain to (required for https): a PEM root, or the
+    /// system's trust store.
+    pub server_root: Option<identity::grpc::TrustRoot>,
     /// DNS name to expect in the server's certificate (default: the host of `address`).
     pub tls_server_name: Option<String>,
     /// Bearer token file, read again on every (re)connection.
     pub token_file: Option<PathBuf>,
+    /// The cluster this client is in, sent as the `clusterid` header (istiod checks it).
+    pub cluster_id: Option<String>,
     /// Node id, `ztunnel~<ip>~<pod>.<ns>~<ns>.svc.cluster.local` for a ztunnel.
     pub node_id: String,
     /// Node metadata (strings).
@@ -114,8 +120,9 @@ pub struct ClientConfig {
     pub initial_backoff: Duration,
     /// Longest reconnection delay.
     pub max_backoff: Duration,
-    /// The largest response accepted, in bytes (default 64 MiB: a first wildcard push of a large
-    /// cluster is tens of MiB). A larger one fails the stream, which is retried with backoff.
+    /// The largest response accepted, in bytes (default [`MAX_RESPONSE_BYTES`], 256 MiB: istiod
+    /// sends a whole cluster's workloads in its first response, and Istio's ztunnel accepts 200
+    /// MiB). A larger one fails the stream, which is retried with backoff.
     pub max_response_bytes: usize,
 }
 
@@ -124,14 +131,15 @@ impl ClientConfig {
     pub fn new(address: impl Into<String>, node_id: impl Into<String>) -> Self {
         ClientConfig {
             address: address.into(),
-            ca_root_pem: None,
+            server_root: None,
             tls_server_name: None,
             token_file: None,
+            cluster_id: None,
             node_id: node_id.into(),
             node_metadata: BTreeMap::new(),
             initial_backoff: Duration::from_millis(10),
             max_backoff: Duration::from_secs(15),
-            max_response_bytes: 64 * 1024 * 1024,
+            max_response_bytes: MAX_RESPONSE_BYTES,
         }
     }
 }
@@ -197,7 +205,7 @@ impl XdsClient {
         };
         let channel = identity::grpc::control_plane_channel(&identity::grpc::ChannelSpec {
             address: &config.address,
-            root_pem: config.ca_root_pem.as_deref(),
+            root: config.server_root.as_ref(),
             tls_server_name: config.tls_server_name.as_deref(),
             connect_timeout: Duration::from_secs(10),
             request_timeout: None,
@@ -327,6 +335,14 @@ impl XdsClient {
                 )
             })?;
             request.metadata_mut().insert("authorization", value);
+        }
+        if let Some(cluster) = &self.config.cluster_id {
+            let value = cluster
+                .parse()
+                .map_err(|_| format!("the cluster id {cluster:?} is not a valid header value"))?;
+            request
+                .metadata_mut()
+                .insert(crate::server::CLUSTER_ID_HEADER, value);
         }
         let mut client = AggregatedDiscoveryServiceClient::new(self.channel.clone())
             .max_decoding_message_size(self.config.max_response_bytes)

@@ -88,6 +88,9 @@ pub struct AckRecord {
 pub struct StreamCredentials<'a> {
     /// The bearer token of the `authorization` header, without `Bearer `.
     pub bearer_token: Option<&'a str>,
+    /// The `clusterid` header: the cluster the client says it is in (Istio's ztunnel sends its
+    /// `ISTIO_META_CLUSTER_ID`; istiod refuses a cluster it does not serve).
+    pub cluster_id: Option<&'a str>,
     /// The client's address, when known.
     pub remote_addr: Option<std::net::SocketAddr>,
 }
@@ -117,6 +120,9 @@ impl Authenticator for InsecureAcceptAny {
         Ok("anyone (InsecureAcceptAny)".to_owned())
     }
 }
+
+/// The gRPC header naming the client's cluster.
+pub const CLUSTER_ID_HEADER: &str = "clusterid";
 
 /// How many recent ACK/NACK records the server keeps (counters keep the totals).
 pub const ACK_LOG: usize = 1024;
@@ -325,8 +331,13 @@ impl AggregatedDiscoveryService for AdsServer {
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim());
+        let cluster_id = request
+            .metadata()
+            .get(CLUSTER_ID_HEADER)
+            .and_then(|v| v.to_str().ok());
         let credentials = StreamCredentials {
             bearer_token,
+            cluster_id,
             remote_addr: request.remote_addr(),
         };
         let who = match self.authenticator.authenticate(&credentials) {

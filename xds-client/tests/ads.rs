@@ -250,12 +250,16 @@ async fn typed_handler_and_bearer_token() {
     use xds_client::client::Decoding;
     use xds_client::resources::{Address, decode_address, encode_address};
 
-    // Only streams that present the token are served.
-    let server = AdsServer::new(|c: &StreamCredentials<'_>| match c.bearer_token {
-        Some("secret-token") => Ok("node-a".to_owned()),
-        Some(_) => Err("unknown token".to_owned()),
-        None => Err("no bearer token".to_owned()),
-    });
+    // Only streams that present the token, from the expected cluster, are served (istiod
+    // checks the `clusterid` header against the cluster it serves).
+    let server = AdsServer::new(
+        |c: &StreamCredentials<'_>| match (c.bearer_token, c.cluster_id) {
+            (Some("secret-token"), Some("east")) => Ok("node-a".to_owned()),
+            (Some("secret-token"), other) => Err(format!("cluster {other:?}")),
+            (Some(_), _) => Err("unknown token".to_owned()),
+            (None, _) => Err("no bearer token".to_owned()),
+        },
+    );
     let w = xds_client::resources::Workload {
         uid: "u1".into(),
         name: "p".into(),
@@ -291,6 +295,7 @@ async fn typed_handler_and_bearer_token() {
     );
     let mut config = ClientConfig::new(format!("http://{addr}"), "node");
     config.token_file = Some(token.clone());
+    config.cluster_id = Some("east".into());
     let client =
         XdsClient::new(config)
             .unwrap()
@@ -314,14 +319,27 @@ async fn typed_handler_and_bearer_token() {
         nack.starts_with("garbage: Address: not a valid protobuf"),
         "{nack}"
     );
-    // Without the token, or with another one, nothing is served.
+    // Without the token, with another one, or without the cluster id, nothing is served.
     let acks_before = server.ack_counts();
-    for token_text in [None, Some("wrong-token")] {
+    let mut written = Vec::new();
+    for (case, (token_text, cluster)) in [
+        (None, Some("east")),
+        (Some("wrong-token"), Some("east")),
+        (Some("secret-token"), None),
+        (Some("secret-token"), Some("west")),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let mut config = ClientConfig::new(format!("http://{addr}"), "node");
+        config.cluster_id = cluster.map(str::to_owned);
         if let Some(text) = token_text {
-            let path = std::env::temp_dir().join(format!("xds-wrong-{}", std::process::id()));
+            // A file of its own: the refused clients keep retrying, reading their file again.
+            let path =
+                std::env::temp_dir().join(format!("xds-wrong-{}-{case}", std::process::id()));
             std::fs::write(&path, text).unwrap();
-            config.token_file = Some(path);
+            config.token_file = Some(path.clone());
+            written.push(path);
         }
         let store = Arc::new(Store::default());
         let client =
@@ -337,7 +355,9 @@ async fn typed_handler_and_bearer_token() {
         assert!(store.names().is_empty());
     }
     assert_eq!(server.ack_counts(), acks_before);
-    let _ = std::fs::remove_file(token);
+    for path in written.into_iter().chain([token]) {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// Records the order in which resources of both types reach the client.

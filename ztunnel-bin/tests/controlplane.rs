@@ -61,7 +61,7 @@ async fn controlplane_serves_over_tls_and_follows_the_directory() {
         format!("https://127.0.0.1:{}", listen.port()),
         "ztunnel~10.0.0.1~ztunnel.istio-system~istio-system.svc.cluster.local",
     );
-    config.ca_root_pem = Some(ca_root);
+    config.server_root = Some(identity::grpc::TrustRoot::Pem(ca_root));
     config.tls_server_name = Some("istiod.istio-system.svc".into());
     // The control plane made a token for each node with pods; a node proxy presents its own.
     config.token_file = Some(dir.0.join(".node-tokens/node-a.token"));

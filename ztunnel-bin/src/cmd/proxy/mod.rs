@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use controlplane::ComputeConfig;
 use identity::ca::{CaClientConfig, IstioCaClient};
+use identity::grpc::TrustRoot;
 use identity::{DevCa, DevCaSource, SecretManager, SecretManagerConfig};
 use proxy::admin::AdminHooks;
 use proxy::certs::Managed;
@@ -91,8 +92,9 @@ fn state_source(args: &ProxyArgs, store: &Arc<StateStore>) -> Result<(), Error> 
             let mut config = ClientConfig::new(url.clone(), node_id);
             let root =
                 ProxyArgs::control_plane_root(&url, args.xds_root_ca.as_deref(), "--xds-root-ca")?;
-            config.ca_root_pem = root_pem(root, "--xds-root-ca")?;
+            config.server_root = server_root(root, "--xds-root-ca")?;
             config.token_file = args.token_file();
+            config.cluster_id = Some(cluster);
             config.node_metadata = metadata;
             config
                 .node_metadata
@@ -121,20 +123,19 @@ fn read_pem_text(path: Option<&Path>, what: &'static str) -> Result<Option<Strin
     .transpose()
 }
 
-/// The PEM text of a root for the TLS to the control plane.
-fn root_pem(
+/// What the control plane's TLS certificate must chain to.
+fn server_root(
     source: Option<istio::RootSource>,
     what: &'static str,
-) -> Result<Option<String>, Error> {
-    match source {
-        None => Ok(None),
-        Some(istio::RootSource::Inline(pem)) => Ok(Some(pem)),
-        Some(istio::RootSource::File(path)) => read_pem_text(Some(&path), what),
-        Some(istio::RootSource::System) => Err(flag(
-            what,
-            "SYSTEM (the system's trust store) is not supported yet: name the root's file, or give its PEM",
-        )),
-    }
+) -> Result<Option<TrustRoot>, Error> {
+    Ok(match source {
+        None => None,
+        Some(istio::RootSource::Inline(pem)) => Some(TrustRoot::Pem(pem)),
+        Some(istio::RootSource::File(path)) => {
+            read_pem_text(Some(&path), what)?.map(TrustRoot::Pem)
+        }
+        Some(istio::RootSource::System) => Some(TrustRoot::System),
+    })
 }
 
 /// Where pods' certificates come from: an in-process development CA or a CA server.
@@ -174,7 +175,7 @@ fn certificates(args: &ProxyArgs) -> Result<Managed, Error> {
     let ca_root = ProxyArgs::control_plane_root(&url, args.ca_root_ca.as_deref(), "--ca-root-ca")?;
     let roots = Arc::new(mesh_roots(args.ca.as_deref(), ca_root.as_ref())?);
     let mut ca_config = CaClientConfig::new(url, roots.clone());
-    ca_config.ca_root_pem = root_pem(ca_root, "--ca-root-ca")?;
+    ca_config.server_root = server_root(ca_root, "--ca-root-ca")?;
     ca_config.token_file = args.token_file();
     ca_config.cluster_id = Some(args.cluster());
     ca_config.cert_lifetime = args.secret_ttl;
