@@ -89,3 +89,32 @@ pub fn marked_socket(to: SocketAddr, mark: Option<u32>) -> io::Result<TcpSocket>
     }
     Ok(socket)
 }
+
+/// A listening socket on `addr` (non-blocking, `SO_REUSEADDR` as std sets it), with
+/// `SO_REUSEPORT` when `reuse_port`; made on the calling thread, so in its network namespace.
+pub fn listener(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, bind, listen, socket,
+    };
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    if reuse_port {
+        setsockopt(&fd, sockopt::ReusePort, &true)?;
+    }
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrStorage::from(addr),
+    )?;
+    listen(&fd, Backlog::new(1024)?)?;
+    Ok(std::net::TcpListener::from(fd))
+}

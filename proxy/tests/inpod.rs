@@ -171,3 +171,84 @@ async fn pods_come_and_go_over_zds_and_bad_messages_are_refused() {
     let (_one, _two, _agent) = result.unwrap();
     assert_eq!(uids(&proxy), vec!["u1".to_owned()]);
 }
+
+/// A shared proxy over `store` with certificates from a fresh development CA.
+fn proxy_over(store: Arc<StateStore>) -> Arc<SharedProxy<Managed>> {
+    let ca = Arc::new(DevCa::generate("cluster.local").unwrap());
+    let roots = ca.roots();
+    let manager = SecretManager::new(
+        Arc::new(DevCaSource::new(ca, Duration::from_secs(3600))),
+        SecretManagerConfig::default(),
+    );
+    let mut config = SharedConfig::new("node-a", "cluster.local");
+    config.termination_deadline = Duration::from_millis(200);
+    SharedProxy::new(
+        config,
+        store,
+        Arc::new(Managed { manager, roots }),
+        Metrics::new(Duration::from_secs(60)),
+    )
+}
+
+/// Waits up to 5 s for `proxy` to be ready; the last reason if it is not.
+async fn ready_within(proxy: &SharedProxy<Managed>) -> Result<(), String> {
+    let mut last = Ok(());
+    for _ in 0..250 {
+        last = proxy.readiness();
+        if last.is_ok() {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    last
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_proxy_serves_a_pod_beside_the_old_one_and_is_ready_after_the_snapshot() {
+    // A rolling update (`maxSurge: 1`): the new proxy binds the pod's ports beside the old one's
+    // (SO_REUSEPORT) and is not ready until the agent's first snapshot is served.
+    let pod = Netns::new("surge");
+    let dir = std::env::temp_dir().join(format!("ztip-surge-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (old_path, new_path) = (dir.join("old.sock"), dir.join("new.sock"));
+    let mut old_agent = ZdsTestAgent::bind(&old_path).unwrap();
+    let mut new_agent = ZdsTestAgent::bind(&new_path).unwrap();
+    let store = Arc::new(StateStore::new(State::new("istio-system")));
+    store.update(|s| s.set_synced(true));
+    let (old, new) = (proxy_over(store.clone()), proxy_over(store));
+    tokio::spawn(old.clone().run_zds(old_path));
+    tokio::spawn(new.clone().run_zds(new_path));
+    let why = new.readiness().unwrap_err();
+    assert!(why.contains("snapshot"), "{why}");
+
+    let pod_file = pod.file();
+    let (pod, old_agent, new_agent) = tokio::task::spawn_blocking(move || {
+        let second = Duration::from_secs(5);
+        for agent in [&mut old_agent, &mut new_agent] {
+            assert_eq!(agent.accept(second).unwrap(), 1, "hello V1");
+            assert_eq!(
+                agent.send(add("u1", "web", true), Some(&pod_file)).unwrap(),
+                "",
+                "the pod is served by both proxies"
+            );
+        }
+        assert!(pod.listening(15008) && pod.listening(15006) && pod.listening(15001));
+        assert_eq!(
+            new_agent
+                .send(Payload::SnapshotSent(SnapshotSent {}), None)
+                .unwrap(),
+            ""
+        );
+        (pod, old_agent, new_agent)
+    })
+    .await
+    .unwrap();
+    ready_within(&new).await.unwrap();
+    assert!(
+        old.readiness().is_err(),
+        "the old proxy has had no snapshot"
+    );
+    assert_eq!(uids(&old), uids(&new));
+    drop((pod, old_agent, new_agent));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -69,6 +69,10 @@ pub struct SharedConfig {
     pub inbound_plain_port: u16,
     /// HBONE inbound.
     pub inbound_port: u16,
+    /// Bind the in-pod listeners with `SO_REUSEPORT` (Istio's `INPOD_PORT_REUSE`, default on), so
+    /// a new proxy can serve a pod beside the old one during a rolling update; the kernel spreads
+    /// new connections over both until the old one closes its listeners.
+    pub port_reuse: bool,
 }
 
 impl SharedConfig {
@@ -83,6 +87,7 @@ impl SharedConfig {
             outbound_port: common::ports::OUTBOUND,
             inbound_plain_port: common::ports::INBOUND_PLAINTEXT,
             inbound_port: common::ports::HBONE,
+            port_reuse: true,
         }
     }
 }
@@ -106,6 +111,9 @@ pub struct SharedProxy<C> {
     certificates: Arc<C>,
     pods: Mutex<BTreeMap<String, Pod>>,
     metrics: Arc<Metrics>,
+    /// Whether a node agent has sent its snapshot (`SnapshotSent`): until then the pods it will
+    /// hand over are not all served, and the proxy is not ready.
+    snapshot_served: AtomicBool,
 }
 
 impl<C> std::fmt::Debug for SharedProxy<C> {
@@ -130,6 +138,7 @@ impl<C: Certificates> SharedProxy<C> {
             certificates,
             pods: Mutex::default(),
             metrics,
+            snapshot_served: AtomicBool::new(false),
         })
     }
 
@@ -161,11 +170,18 @@ impl<C: Certificates> SharedProxy<C> {
             .collect()
     }
 
-    /// Ready (`/healthz/ready`) once there is state to serve the pods with and every pod holds a
-    /// valid certificate; otherwise why not.
+    /// Ready (`/healthz/ready`) once there is state to serve the pods with, the node agent has
+    /// handed over every pod of the node (its first snapshot, `SnapshotSent`, is served), and
+    /// every pod holds a valid certificate; otherwise why not. A rolling update waits on it
+    /// before it stops the old proxy.
     pub fn readiness(&self) -> Result<(), String> {
         if !self.state.snapshot().is_synced() {
             return Err("no workloads and policies received yet".into());
+        }
+        if !self.snapshot_served.load(Ordering::Acquire) {
+            return Err(
+                "waiting for the node agent's first snapshot of this node's pods (ZDS)".into(),
+            );
         }
         let now = SystemTime::now();
         let pods = self.lock();
@@ -228,6 +244,7 @@ impl<C: Certificates> SharedProxy<C> {
             return Ok(());
         }
         let mark = self.config.mark;
+        let reuse = self.config.port_reuse;
         let bind = |port: u16, loopback: bool| {
             let (netns, label) = (netns.clone(), label.clone());
             async move {
@@ -237,7 +254,7 @@ impl<C: Certificates> SharedProxy<C> {
                     [0, 0, 0, 0]
                 };
                 let addr = SocketAddr::from((ip, port));
-                netns.listen(addr).await.map_err(|e| {
+                netns.listen(addr, reuse).await.map_err(|e| {
                     format!("pod {label}: cannot listen on {addr} in its namespace: {e}")
                 })
             }
@@ -483,6 +500,9 @@ impl<C: Certificates> SharedProxy<C> {
                     info!(uid, "ZDS: pod not in the agent's snapshot: removing it");
                     self.remove_pod(uid);
                 }
+                // Every pod of the snapshot was served (or refused, with the reason acked) as
+                // its message came: the node's pods are all here.
+                self.snapshot_served.store(true, Ordering::Release);
                 info!(
                     pods = self.lock().len(),
                     dropped = stale.len(),

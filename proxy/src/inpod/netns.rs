@@ -81,14 +81,11 @@ impl PodNetns {
         rx.await.map_err(|_| gone())
     }
 
-    /// A listener bound to `addr` inside the namespace.
-    pub async fn listen(&self, addr: SocketAddr) -> io::Result<TcpListener> {
+    /// A listener bound to `addr` inside the namespace; with `reuse_port`, `SO_REUSEPORT`, so
+    /// another proxy may bind the same port beside it.
+    pub async fn listen(&self, addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
         let listener = self
-            .run(move || {
-                let l = std::net::TcpListener::bind(addr)?;
-                l.set_nonblocking(true)?;
-                Ok::<_, io::Error>(l)
-            })
+            .run(move || crate::sockets::listener(addr, reuse_port))
             .await??;
         TcpListener::from_std(listener)
     }

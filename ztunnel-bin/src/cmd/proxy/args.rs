@@ -92,6 +92,11 @@ pub(crate) struct ProxyArgs {
         default_value = "/var/run/ztunnel/ztunnel.sock"
     )]
     pub(crate) inpod_uds: PathBuf,
+    /// Shared mode: bind each pod's listeners with `SO_REUSEPORT`, so a new proxy can serve the
+    /// pods beside the old one during a rolling update (Istio's chart rolls out with
+    /// `maxSurge: 1, maxUnavailable: 0`).
+    #[arg(long, env = "INPOD_PORT_REUSE", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub(crate) inpod_port_reuse: bool,
     /// A development CA directory (`root-cert.pem`, `root-key.pem`; created with a new root if
     /// missing): every local pod's certificate is issued in process from it, no CA server.
     #[arg(long, value_name = "DIR", conflicts_with = "ca_address")]

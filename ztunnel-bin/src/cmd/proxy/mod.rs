@@ -285,6 +285,7 @@ async fn run_shared(
     config.mark = Some(args.packet_mark);
     config.hbone = hbone_config(&args);
     config.termination_deadline = args.drain();
+    config.port_reuse = args.inpod_port_reuse;
     let shared = SharedProxy::new(config, store.clone(), certs.clone(), metrics.clone());
 
     let readiness = super::listen(args.readiness_addr).await?;
