@@ -100,3 +100,17 @@ pub(crate) fn set_recv_timeout(sock: &OwnedFd, timeout: std::time::Duration) -> 
     );
     nix::sys::socket::setsockopt(sock, nix::sys::socket::sockopt::ReceiveTimeout, &tv).map_err(io)
 }
+
+/// Whether the peer of an idle connection has gone (closed its end) or sent something unasked,
+/// checked without waiting. Either way the connection is over.
+pub(crate) fn idle_peer_gone(sock: &OwnedFd) -> bool {
+    let mut byte = [0u8; 1];
+    !matches!(
+        nix::sys::socket::recv(
+            sock.as_raw_fd(),
+            &mut byte,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+        ),
+        Err(nix::Error::EAGAIN | nix::Error::EINTR)
+    )
+}

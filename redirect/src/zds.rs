@@ -6,6 +6,12 @@
 //! attached (SCM_RIGHTS), then `SnapshotSent`, then streams adds and deletes; after each message
 //! it waits for the proxy's `WorkloadResponse{Ack}` before sending the next.
 //!
+//! Several proxies may be connected at once (a rolling update starts the new proxy before the
+//! old one stops). Each connecting proxy gets the whole snapshot; a pod captured afterwards goes
+//! to the newest proxy only, as istio-cni hands it; a deletion goes to every proxy. When the
+//! newest proxy leaves, the one now newest is sent every captured pod again (it keeps those it
+//! already serves), so no pod is left to a proxy that is gone.
+//!
 //! Never reported as done when it is not: an ack carrying an error means the pod was not handed
 //! off (logged, sent again with backoff); a proxy that does not acknowledge within
 //! [`ZdsConfig::ack_timeout`] is disconnected, releasing everything queued for it.
@@ -14,7 +20,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -124,6 +130,9 @@ use proto::{
 /// Messages are small; Istio keeps each under 1024 bytes.
 const MAX_MESSAGE: usize = 1024;
 
+/// How often an idle connection checks that its proxy is still there.
+const IDLE_CHECK: Duration = Duration::from_millis(200);
+
 /// Timing of a [`ZdsServer`].
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -156,8 +165,49 @@ enum Event {
 #[derive(Default)]
 struct Inner {
     pods: Mutex<BTreeMap<String, (WorkloadInfo, Arc<File>)>>,
-    connections: Mutex<Vec<mpsc::Sender<Event>>>,
+    /// The connected proxies' event queues, oldest first, each with its connection's number.
+    connections: Mutex<Vec<(u64, mpsc::Sender<Event>)>>,
+    next_connection: AtomicU64,
     live: AtomicUsize,
+}
+
+impl Inner {
+    /// Sends `make()` to the newest connected proxy (the one a rolling update brought up last:
+    /// new pods are its to serve, as istio-cni hands them). Called with the pods lock held.
+    fn to_newest(&self, make: impl Fn() -> Event) {
+        let mut connections = self.connections.lock().expect("lock");
+        while let Some((_, tx)) = connections.last() {
+            if tx.send(make()).is_ok() {
+                return;
+            }
+            connections.pop();
+        }
+    }
+
+    /// Sends `make()` to every connected proxy (a pod's deletion concerns whoever serves it).
+    /// Called with the pods lock held.
+    fn to_all(&self, make: impl Fn() -> Event) {
+        self.connections
+            .lock()
+            .expect("lock")
+            .retain(|(_, tx)| tx.send(make()).is_ok());
+    }
+
+    /// Connection `id` has ended: it gets no more events, and when it was the newest, the proxy
+    /// now newest is sent every captured pod (those added while the other one was newest reached
+    /// only that one; a pod it already serves is kept as it is).
+    fn leave(&self, id: u64) {
+        let pods = self.pods.lock().expect("lock");
+        let mut connections = self.connections.lock().expect("lock");
+        let was_newest = connections.last().is_some_and(|(newest, _)| *newest == id);
+        connections.retain(|(c, _)| *c != id);
+        drop(connections);
+        if was_newest {
+            for (uid, (info, file)) in pods.iter() {
+                self.to_newest(|| Event::Add(uid.clone(), info.clone(), file.clone()));
+            }
+        }
+    }
 }
 
 /// The agent side of the handoff: a [`Handoff`] that serves proxies on a Unix socket.
@@ -194,9 +244,11 @@ impl ZdsServer {
                         let config = config.clone();
                         std::thread::spawn(move || {
                             inner.live.fetch_add(1, Ordering::SeqCst);
-                            if let Err(e) = serve(&inner, &conn, &config) {
+                            let id = inner.next_connection.fetch_add(1, Ordering::SeqCst);
+                            if let Err(e) = serve(&inner, id, &conn, &config) {
                                 info!(error = %e, "ZDS: proxy connection ended");
                             }
+                            inner.leave(id);
                             inner.live.fetch_sub(1, Ordering::SeqCst);
                         });
                     }
@@ -214,16 +266,6 @@ impl ZdsServer {
     pub fn connections(&self) -> usize {
         self.inner.live.load(Ordering::SeqCst)
     }
-
-    /// Sends `make()` to every connection. Called with the pods lock held, so a proxy that is
-    /// connecting sees each change either in its snapshot or as an event, never both or neither.
-    fn broadcast(&self, make: impl Fn() -> Event) {
-        self.inner
-            .connections
-            .lock()
-            .expect("lock")
-            .retain(|tx| tx.send(make()).is_ok());
-    }
 }
 
 impl Handoff for ZdsServer {
@@ -235,13 +277,16 @@ impl Handoff for ZdsServer {
         };
         let mut pods = self.inner.pods.lock().expect("lock");
         pods.insert(pod.uid.clone(), (info.clone(), netns.clone()));
-        self.broadcast(|| Event::Add(pod.uid.clone(), info.clone(), netns.clone()));
+        // Under the pods lock, so a proxy that is connecting sees the pod either in its
+        // snapshot or as an event, never both or neither.
+        self.inner
+            .to_newest(|| Event::Add(pod.uid.clone(), info.clone(), netns.clone()));
     }
 
     fn remove(&self, uid: &str) {
         let mut pods = self.inner.pods.lock().expect("lock");
         pods.remove(uid);
-        self.broadcast(|| Event::Del(uid.to_owned()));
+        self.inner.to_all(|| Event::Del(uid.to_owned()));
     }
 }
 
@@ -256,7 +301,7 @@ struct Pending {
 /// One proxy connection: hello, snapshot, then live events, each acknowledged within the ack
 /// timeout. Adds the proxy refuses are sent again with backoff until it accepts them or the pod
 /// is deleted.
-fn serve(inner: &Inner, conn: &OwnedFd, config: &ZdsConfig) -> std::io::Result<()> {
+fn serve(inner: &Inner, id: u64, conn: &OwnedFd, config: &ZdsConfig) -> std::io::Result<()> {
     sys::set_recv_timeout(conn, config.ack_timeout)?;
     let mut buf = [0u8; MAX_MESSAGE];
     let (n, _) = sys::recv(conn, &mut buf).map_err(|e| timed_out(e, config))?;
@@ -272,7 +317,7 @@ fn serve(inner: &Inner, conn: &OwnedFd, config: &ZdsConfig) -> std::io::Result<(
     let (tx, rx) = mpsc::channel();
     let snapshot: Vec<(String, WorkloadInfo, Arc<File>)> = {
         let pods = inner.pods.lock().expect("lock");
-        inner.connections.lock().expect("lock").push(tx);
+        inner.connections.lock().expect("lock").push((id, tx));
         pods.iter()
             .map(|(uid, (info, file))| (uid.clone(), info.clone(), file.clone()))
             .collect()
@@ -289,30 +334,35 @@ fn serve(inner: &Inner, conn: &OwnedFd, config: &ZdsConfig) -> std::io::Result<(
         warn!(error = %refusal, "ZDS: the proxy reported an error for the end of the snapshot");
     }
     loop {
+        // Idle, the proxy is checked now and then, so one that has gone is noticed (and, when it
+        // was the newest, its pods go to the next) without waiting for the next event.
         let wait = pending
             .values()
             .map(|p| p.due.saturating_duration_since(Instant::now()))
-            .min();
-        let event = match wait {
-            None => rx.recv().map_err(|_| ()),
-            Some(wait) => match rx.recv_timeout(wait) {
-                Ok(event) => Ok(event),
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    let now = Instant::now();
-                    let due: Vec<String> = pending
-                        .iter()
-                        .filter(|(_, p)| p.due <= now)
-                        .map(|(uid, _)| uid.clone())
-                        .collect();
-                    for uid in due {
-                        let p = pending.remove(&uid).expect("present");
-                        info!(%uid, attempt = p.attempts + 1, "ZDS: sending a refused pod again");
-                        retry_add(conn, config, &mut pending, uid, p)?;
-                    }
-                    continue;
+            .min()
+            .unwrap_or(IDLE_CHECK)
+            .min(IDLE_CHECK);
+        let event = match rx.recv_timeout(wait) {
+            Ok(event) => Ok(event),
+            Err(mpsc::RecvTimeoutError::Timeout) if sys::idle_peer_gone(conn) => {
+                info!("ZDS: the proxy closed its connection");
+                return Ok(());
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let now = Instant::now();
+                let due: Vec<String> = pending
+                    .iter()
+                    .filter(|(_, p)| p.due <= now)
+                    .map(|(uid, _)| uid.clone())
+                    .collect();
+                for uid in due {
+                    let p = pending.remove(&uid).expect("present");
+                    info!(%uid, attempt = p.attempts + 1, "ZDS: sending a refused pod again");
+                    retry_add(conn, config, &mut pending, uid, p)?;
                 }
-                Err(mpsc::RecvTimeoutError::Disconnected) => Err(()),
-            },
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(()),
         };
         let Ok(event) = event else {
             return Ok(());

@@ -110,10 +110,60 @@ fn replays_snapshot_then_streams_adds_and_deletes_with_netns_descriptors() {
     );
     assert_eq!(next(&rx2), Seen::Snapshot);
 
-    // Both connected proxies see the next event.
+    // A deletion reaches every connected proxy.
     server.remove("uid-b");
     assert_eq!(next(&rx), Seen::Del("uid-b".into()));
     assert_eq!(next(&rx2), Seen::Del("uid-b".into()));
+    let _ = std::fs::remove_file(&path);
+}
+
+/// A proxy that handles `n` requests (the snapshot's end counts), then disconnects; what it saw.
+fn peer_for(path: PathBuf, n: usize) -> mpsc::Receiver<Seen> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let client = redirect::zds::ZdsClient::connect(&path).unwrap();
+        for _ in 0..n {
+            let Ok(Some((request, fd))) = client.recv() else {
+                return;
+            };
+            let _ = tx.send(describe(request, fd));
+            client.ack("").unwrap();
+        }
+    });
+    rx
+}
+
+#[test]
+fn new_pods_go_to_the_newest_proxy_and_back_to_the_older_one_when_it_leaves() {
+    // A rolling update: the old proxy keeps its pods, the new one takes every pod captured after
+    // it connected; if the new one goes away, nothing is left with it.
+    let (d, e, f) = (Netns::new("nd"), Netns::new("ne"), Netns::new("nf"));
+    let path = socket_path("newest");
+    let server = ZdsServer::bind(&path).unwrap();
+    let old = peer(path.clone());
+    assert_eq!(next(&old), Seen::Snapshot);
+    let new = peer_for(path.clone(), 3);
+    assert_eq!(next(&new), Seen::Snapshot);
+    let add =
+        |uid: &str, n: &Netns| Seen::Add(uid.into(), format!("default/{uid}-name"), n.inode());
+    server.add(&pod("uid-d", &d), &open(&d));
+    assert_eq!(next(&new), add("uid-d", &d));
+    assert!(
+        old.recv_timeout(Duration::from_millis(300)).is_err(),
+        "a new pod also went to the older proxy"
+    );
+    // The new proxy takes one more and leaves: both pods go to the old one.
+    server.add(&pod("uid-e", &e), &open(&e));
+    assert_eq!(next(&new), add("uid-e", &e));
+    let mut resent = vec![next(&old), next(&old)];
+    resent.sort_by_key(|s| format!("{s:?}"));
+    assert_eq!(resent, vec![add("uid-d", &d), add("uid-e", &e)]);
+    // The old proxy is the newest now.
+    server.add(&pod("uid-f", &f), &open(&f));
+    assert_eq!(next(&old), add("uid-f", &f));
+    server.remove("uid-e");
+    assert_eq!(next(&old), Seen::Del("uid-e".into()));
+    assert!(old.recv_timeout(Duration::from_millis(200)).is_err());
     let _ = std::fs::remove_file(&path);
 }
 
@@ -221,7 +271,7 @@ fn a_proxy_that_stops_acknowledging_is_disconnected() {
 }
 
 #[test]
-fn a_pod_added_while_a_proxy_connects_is_sent_exactly_once() {
+fn a_pod_added_while_proxies_connect_reaches_the_newest_exactly_once() {
     let a = Netns::new("once");
     let netns = open(&a);
     let path = socket_path("once");
@@ -257,22 +307,29 @@ fn a_pod_added_while_a_proxy_connects_is_sent_exactly_once() {
     }
     adder.join().unwrap();
     server.add(&pod("uid-end", &a), &netns);
-    for rx in peers {
-        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-        loop {
-            if let Seen::Add(uid, ..) = next(&rx) {
-                let done = uid == "uid-end";
-                *counts.entry(uid).or_default() += 1;
-                if done {
-                    break;
+    // The proxy that connected last gets every pod exactly once (from its snapshot or as it
+    // was added); the older ones each pod at most once (those captured before a newer one
+    // connected), and none of the pods added after the last one connected.
+    let counts: Vec<BTreeMap<String, usize>> = peers
+        .into_iter()
+        .map(|rx| {
+            let mut counts = BTreeMap::new();
+            while let Ok(seen) = rx.recv_timeout(Duration::from_secs(1)) {
+                if let Seen::Add(uid, ..) = seen {
+                    *counts.entry(uid).or_default() += 1;
                 }
             }
-        }
-        assert_eq!(counts.len(), 201, "a pod was never sent");
-        assert!(
-            counts.values().all(|&n| n == 1),
-            "a pod was sent twice: {counts:?}"
-        );
+            counts
+        })
+        .collect();
+    let newest: Vec<_> = counts
+        .iter()
+        .filter(|c| c.contains_key("uid-end"))
+        .collect();
+    assert_eq!(newest.len(), 1, "uid-end went to {} proxies", newest.len());
+    assert_eq!(newest[0].len(), 201, "a pod never reached the newest proxy");
+    for c in &counts {
+        assert!(c.values().all(|&n| n == 1), "a pod was sent twice: {c:?}");
     }
     let _ = std::fs::remove_file(&path);
 }

@@ -342,7 +342,7 @@ impl XdsClient {
                 .map_err(|_| format!("the cluster id {cluster:?} is not a valid header value"))?;
             request
                 .metadata_mut()
-                .insert(crate::server::CLUSTER_ID_HEADER, value);
+                .insert(identity::ca::CLUSTER_ID_HEADER, value);
         }
         let mut client = AggregatedDiscoveryServiceClient::new(self.channel.clone())
             .max_decoding_message_size(self.config.max_response_bytes)

@@ -121,9 +121,6 @@ impl Authenticator for InsecureAcceptAny {
     }
 }
 
-/// The gRPC header naming the client's cluster.
-pub const CLUSTER_ID_HEADER: &str = "clusterid";
-
 /// How many recent ACK/NACK records the server keeps (counters keep the totals).
 pub const ACK_LOG: usize = 1024;
 
@@ -333,7 +330,7 @@ impl AggregatedDiscoveryService for AdsServer {
             .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim());
         let cluster_id = request
             .metadata()
-            .get(CLUSTER_ID_HEADER)
+            .get(identity::ca::CLUSTER_ID_HEADER)
             .and_then(|v| v.to_str().ok());
         let credentials = StreamCredentials {
             bearer_token,
