@@ -489,3 +489,32 @@ fn istios_chart_arguments_and_environment_are_understood() {
         assert!(help.contains(var), "--help does not mention {var}");
     }
 }
+
+#[test]
+fn the_charts_values_overlay_names_our_image_and_a_surge_rollout() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/values-ztunnel.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let docs: Vec<_> = common_yaml(&text);
+    assert_eq!(docs.len(), 1, "{}: one document", path.display());
+    let values = &docs[0];
+    let image = values["image"].as_str().unwrap();
+    assert!(
+        image.contains('/'),
+        "the chart takes an image with a / whole: {image}"
+    );
+    assert_eq!(
+        values["updateStrategy"]["rollingUpdate"]["maxUnavailable"].as_u64(),
+        Some(0)
+    );
+    assert_eq!(
+        values["updateStrategy"]["rollingUpdate"]["maxSurge"].as_u64(),
+        Some(1)
+    );
+    assert!(values["terminationGracePeriodSeconds"].as_u64().is_some());
+}
+
+fn common_yaml(text: &str) -> Vec<serde_yaml::Value> {
+    ::common::k8s::documents(text)
+        .map(|(i, doc)| doc.unwrap_or_else(|e| panic!("document {i}: {e}")))
+        .collect()
+}
