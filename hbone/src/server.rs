@@ -116,7 +116,12 @@ struct ServerInner<H> {
     handler: H,
     /// One permit per TLS handshake being computed (`Config::max_concurrent_handshakes`).
     handshakes: Semaphore,
+    /// Set by [`Server::go_away`]: every connection goes away gracefully.
+    going_away: watch::Sender<bool>,
 }
+
+/// How often a connection that has gone away checks whether its last stream is done.
+const GONE_AWAY_CHECK: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// The client of one HBONE connection: its certificate chain, and one value derived from it.
 #[derive(Debug)]
@@ -174,8 +179,19 @@ impl<H: ConnectHandler> Server<H> {
                 tls: tls.into(),
                 handler,
                 handshakes,
+                going_away: watch::Sender::new(false),
             }),
         }
+    }
+
+    /// Asks every connection, open now or accepted later, to go away gracefully: each sends
+    /// GOAWAY (NO_ERROR) naming the last stream its client opened; those streams go on, later
+    /// ones are refused unprocessed (REFUSED_STREAM, which a client may send again on a new
+    /// connection, as the pool does), and the connection closes once its streams are done. For
+    /// a server that is being replaced: its clients move their new tunnels elsewhere while the
+    /// tunnels they have finish here.
+    pub fn go_away(&self) {
+        self.inner.going_away.send_replace(true);
     }
 
     /// How many connections hold a handshake slot right now: rustls is working on their bytes (at
@@ -323,11 +339,24 @@ impl<H: ConnectHandler> Server<H> {
                 None => std::future::pending().await,
             }
         };
-        tokio::pin!(handshake, keepalive);
+        // Going away: GOAWAY once, then the connection closes when its last stream is done.
+        let mut going_away = self.inner.going_away.subscribe();
+        let go_away = async {
+            let _ = going_away.wait_for(|away| *away).await;
+            connection.go_away();
+            while connection.open_streams() > 0 {
+                tokio::time::sleep(GONE_AWAY_CHECK).await;
+            }
+        };
+        tokio::pin!(handshake, keepalive, go_away);
         let ended = loop {
             tokio::select! {
                 biased;
                 failure = &mut drive => break Err(failure),
+                () = &mut go_away => {
+                    connection.close();
+                    break Ok(None);
+                }
                 next = connection.accept() => match next {
                     // Checked here, so the stream's task holds only the handler's future.
                     Some(request) => {
@@ -347,19 +376,24 @@ impl<H: ConnectHandler> Server<H> {
                         after: cfg.h2_handshake_timeout,
                     };
                     info!(%peer, error = %error, "HBONE server: refused connection");
-                    break Ok(error);
+                    break Ok(Some(error));
                 }
                 failure = &mut keepalive => {
                     connection.close();
-                    break Ok(keepalive_error(failure, Side::Server, peer));
+                    break Ok(Some(keepalive_error(failure, Side::Server, peer)));
                 }
             }
         };
         match ended {
             // Closed by us: give the driver a moment to send the GOAWAY.
-            Ok(error) => {
+            Ok(Some(error)) => {
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drive).await;
                 Err(error)
+            }
+            // Gone away with every stream done: a normal end.
+            Ok(None) => {
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drive).await;
+                Ok(())
             }
             // The client closed the connection: the normal end.
             Err(Failure::Io {

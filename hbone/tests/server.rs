@@ -382,3 +382,76 @@ async fn a_socket_without_a_peer_address_is_not_reported_as_tls() {
     assert!(!text.contains("0.0.0.0"), "{text}");
     assert!(!matches!(err, Error::Tls { .. }), "{text}");
 }
+
+/// Serves `listener` with `server`, each connection in a task of its own (so stopping the
+/// accept loop leaves the connections), until the returned task is aborted.
+fn accept_loop(
+    server: Server<fn(InboundConnect) -> EchoFuture>,
+    listener: TcpListener,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let server = server.clone();
+            tokio::spawn(async move {
+                let _ = server.serve_connection(tcp).await;
+            });
+        }
+    })
+}
+
+type EchoFuture = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+fn boxed_echo(req: InboundConnect) -> EchoFuture {
+    Box::pin(echo(req))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_going_away_lets_its_tunnels_finish_while_new_ones_go_to_its_successor() {
+    // A server being replaced (a rolling update): told to go away, it stops taking tunnels on
+    // its connections; the client opens a new connection (to the successor now listening) for
+    // each new tunnel, none refused, while the tunnel the old one carries goes on to its end;
+    // then the old connection closes.
+    let pki = Pki::new();
+    let handler: fn(InboundConnect) -> EchoFuture = boxed_echo;
+    let old = Server::new(Config::default(), pki.server_config(), handler);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let old_accepting = accept_loop(old.clone(), listener);
+    let pool = pool_for_default(&pki);
+    let mut held = pool
+        .connect("k", addr, &authority(), HeaderMap::new())
+        .await
+        .unwrap();
+    held.write_all(b"before").await.unwrap();
+    let mut buf = [0u8; 6];
+    held.read_exact(&mut buf).await.unwrap();
+    assert_eq!(pool.connection_count(), 1);
+
+    old.go_away();
+    old_accepting.abort();
+    let _ = old_accepting.await;
+    let new = Server::new(Config::default(), pki.server_config(), handler);
+    let _new_accepting = accept_loop(new, TcpListener::bind(addr).await.unwrap());
+    for _ in 0..20 {
+        assert_eq!(round_trip(&pool, addr).await, b"hi");
+    }
+    assert_eq!(pool.connection_count(), 2, "old (held tunnel) and new");
+    held.write_all(b"after!").await.unwrap();
+    held.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"after!");
+    held.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    held.read_to_end(&mut rest).await.unwrap();
+    drop(held);
+    // Its last tunnel done, the old connection closes; the new one serves on.
+    let start = Instant::now();
+    while pool.connection_count() > 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the connection that went away is still open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(round_trip(&pool, addr).await, b"hi");
+}

@@ -175,6 +175,18 @@ impl Connection {
         Poll::Pending
     }
 
+    /// Goes away gracefully (see `Session::go_away`): its streams go on, new ones are refused.
+    pub(crate) fn go_away(&self) {
+        let mut st = self.lock();
+        st.session.go_away();
+        st.wake_driver();
+    }
+
+    /// The streams still open.
+    pub(crate) fn open_streams(&self) -> usize {
+        self.lock().session.open_streams()
+    }
+
     /// Closes the connection with GOAWAY (NO_ERROR); its streams fail and the driver ends.
     pub(crate) fn close(&self) {
         let mut st = self.lock();

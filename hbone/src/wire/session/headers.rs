@@ -178,15 +178,13 @@ impl Session {
             // A CONNECT that ends its stream at once is malformed (RFC 9113 §8.5).
             return self.refuse(id, Refusal::Reset(Reason::PROTOCOL_ERROR));
         }
-        let held = self
-            .streams
-            .values()
-            .filter(|s| s.counts_against_limit())
-            .count();
+        let held = self.open_streams();
         // A peer that sent GOAWAY is closing the connection: it opens no more streams here (h2
-        // stops handing them out too; found by the differential fuzz target).
+        // stops handing them out too; found by the differential fuzz target). After our own
+        // graceful GOAWAY, a stream the peer opened before it heard it is refused unprocessed.
         if self.failure.is_some()
             || self.goaway_received.is_some()
+            || self.going_away
             || held >= self.limits.max_concurrent_streams as usize
         {
             return self.refuse(id, Refusal::Reset(Reason::REFUSED_STREAM));

@@ -187,6 +187,9 @@ pub(crate) struct Session {
     /// Streams waiting for connection-level send window.
     conn_send_waiters: Vec<Waker>,
     goaway_received: Option<u32>,
+    /// We sent a graceful GOAWAY: the streams the peer opened before go on, later ones are
+    /// refused.
+    going_away: bool,
     failure: Option<Failure>,
     ping: PingState,
     /// The misbehaviour budget (`Limits::stream_errors`, `Limits::control_frames`).
@@ -256,6 +259,7 @@ impl Session {
             accept_waker: None,
             conn_send_waiters: Vec::new(),
             goaway_received: None,
+            going_away: false,
             failure: None,
             ping: PingState::default(),
             stream_errors: Bucket::new(limits.stream_errors),
@@ -315,6 +319,24 @@ impl Session {
         if let Some(w) = self.ping.waker.take() {
             w.wake();
         }
+    }
+
+    /// Goes away gracefully: a GOAWAY (NO_ERROR) naming the last stream the peer opened; the
+    /// streams open now go on, later ones are refused with REFUSED_STREAM (never processed, so
+    /// the peer may send them again on another connection). Once is enough.
+    pub(crate) fn go_away(&mut self) {
+        if self.failure.is_none() && !self.going_away {
+            frame::put_goaway(&mut self.out, self.last_peer_id, Reason::NO_ERROR);
+            self.going_away = true;
+        }
+    }
+
+    /// The streams still open (those that count against the concurrency limit).
+    pub(crate) fn open_streams(&self) -> usize {
+        self.streams
+            .values()
+            .filter(|s| s.counts_against_limit())
+            .count()
     }
 
     /// Closes the connection from our side with GOAWAY (`reason`) and fails every stream.

@@ -244,6 +244,34 @@ fn goaway_fails_the_streams_it_does_not_cover_as_retryable() {
 }
 
 #[test]
+fn a_server_going_away_keeps_its_streams_and_refuses_later_ones_as_retryable() {
+    let (mut client, mut server) = pair();
+    let first = client.open("a:1", &HeaderMap::new()).unwrap();
+    pump(&mut client, &mut server);
+    assert_eq!(accept(&mut server).id, first);
+    assert_eq!(server.open_streams(), 1);
+    // The client opens another before it hears the GOAWAY.
+    let crossing = client.open("a:1", &HeaderMap::new()).unwrap();
+    server.go_away();
+    pump(&mut client, &mut server);
+    assert!(!client.can_open(), "the client heard the GOAWAY");
+    assert!(
+        server.poll_accept(&mut cx()).is_pending(),
+        "a stream after our GOAWAY was accepted"
+    );
+    assert!(matches!(
+        client.poll_response(crossing, &mut cx()),
+        Poll::Ready(Err(f)) if f.is_retryable()
+    ));
+    // The stream accepted before goes on.
+    assert!(client.poll_response(first, &mut cx()).is_pending());
+    assert_eq!(server.open_streams(), 1);
+    // Going away twice sends one GOAWAY.
+    server.go_away();
+    assert!(server.out.is_empty());
+}
+
+#[test]
 fn a_client_that_sent_goaway_opens_no_more_streams() {
     let (mut client, mut server) = pair();
     let first = client.open("a:1", &HeaderMap::new()).unwrap();
