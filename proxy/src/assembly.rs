@@ -65,6 +65,9 @@ pub(crate) struct Assembled {
     pub(crate) connections: Arc<Connections>,
     /// Set: new inbound connections are refused (draining).
     pub(crate) draining: Arc<AtomicBool>,
+    /// Tells every inbound HBONE connection to go away gracefully (`hbone::Server::go_away`):
+    /// clients open their new tunnels elsewhere, the tunnels here finish.
+    pub(crate) go_away: Box<dyn Fn() + Send + Sync>,
 }
 
 /// Wires `parts` to `listeners`.
@@ -96,6 +99,8 @@ where
     let draining = inbound.drain_switch();
     let plain = listeners.plain.map(|l| (l, Arc::new(inbound.plain())));
     let server = hbone::Server::new(hbone.clone(), tls, inbound);
+    let going = server.clone();
+    let go_away = Box::new(move || going.go_away());
     let outbound = Arc::new(
         Outbound::with_connector(state.clone(), certificates, hbone, peer_connector)
             .with_metrics(metrics),
@@ -145,5 +150,6 @@ where
         tracker,
         connections,
         draining,
+        go_away,
     }
 }

@@ -92,6 +92,7 @@ pub struct Running {
     tracker: Tracker,
     inbound: Arc<Connections>,
     draining: Arc<AtomicBool>,
+    go_away: Box<dyn Fn() + Send + Sync>,
 }
 
 impl std::fmt::Debug for Running {
@@ -122,12 +123,15 @@ impl Running {
             tracker,
             inbound,
             draining,
+            go_away,
         } = self;
         tokio::select! {
             () = serve => {}
             () = shutdown => {}
         }
-        // New CONNECTs on HBONE connections that stay open are refused from now on.
+        // Clients open their next tunnels elsewhere (GOAWAY); a CONNECT that crosses it on an
+        // HBONE connection that stays open is refused.
+        go_away();
         draining.store(true, Ordering::SeqCst);
         let open = || tracker.active() + inbound.len();
         info!(
@@ -208,6 +212,7 @@ pub async fn start(
         tracker,
         connections,
         draining,
+        go_away,
     } = assembled;
     let serve = async move {
         tokio::join!(serve, serve_readiness);
@@ -219,6 +224,7 @@ pub async fn start(
             tracker,
             inbound: connections,
             draining,
+            go_away,
         },
     ))
 }

@@ -233,6 +233,18 @@ async fn a_new_proxy_serves_a_pod_beside_the_old_one_and_is_ready_after_the_snap
             );
         }
         assert!(pod.listening(15008) && pod.listening(15006) && pod.listening(15001));
+        // A closing listener's queued connections move to the other proxy's, not reset.
+        let migrate = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &pod.0,
+                "cat",
+                "/proc/sys/net/ipv4/tcp_migrate_req",
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&migrate.stdout).trim(), "1");
         assert_eq!(
             new_agent
                 .send(Payload::SnapshotSent(SnapshotSent {}), None)

@@ -38,7 +38,7 @@ use identity::SpiffeId;
 use redirect::zds::ZdsClient;
 use redirect::zds::proto::{Payload, WorkloadInfo, WorkloadRequest};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::admin::PodStatus;
 use crate::assembly::{Assembled, Listeners, Parts, assemble};
@@ -92,6 +92,18 @@ impl SharedConfig {
     }
 }
 
+/// Why a pod stops being served here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drain {
+    /// The pod was deleted (or handed over again with another namespace): CONNECTs that still
+    /// arrive for it are refused (503).
+    PodGone,
+    /// This proxy is stopping (a rolling update: the pod stays, served by the new proxy). Its
+    /// connections go away gracefully and every tunnel they carry is still served, until the
+    /// termination deadline.
+    ProxyStopping,
+}
+
 /// One served pod.
 struct Pod {
     info: WorkloadInfo,
@@ -102,6 +114,7 @@ struct Pod {
     tracker: Tracker,
     connections: Arc<Connections>,
     draining: Arc<AtomicBool>,
+    go_away: Box<dyn Fn() + Send + Sync>,
 }
 
 /// The shared-mode proxy: the pods handed over, and what serves them.
@@ -262,6 +275,18 @@ impl<C: Certificates> SharedProxy<C> {
         let outbound_listener = bind(self.config.outbound_port, true).await?;
         let plain_listener = bind(self.config.inbound_plain_port, false).await?;
         let inbound_listener = bind(self.config.inbound_port, false).await?;
+        if reuse {
+            // When a proxy's listener closes, the connections still in its accept queue move to
+            // another listener of the port instead of being reset (Linux 5.14+; per network
+            // namespace). Best effort: where /proc/sys is read-only (a container), the node
+            // agent or the node's configuration sets it.
+            let migrate = netns
+                .run(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1"))
+                .await;
+            if let Ok(Err(e)) | Err(e) = migrate {
+                debug!(pod = %label, error = %e, "cannot set net.ipv4.tcp_migrate_req in the pod's namespace");
+            }
+        }
 
         let local = self.local_of(&info);
         let cert = self.certificates.watch(&id);
@@ -280,6 +305,7 @@ impl<C: Certificates> SharedProxy<C> {
             tracker,
             connections,
             draining,
+            go_away,
         } = assemble(
             Parts {
                 state: self.state.clone(),
@@ -315,6 +341,7 @@ impl<C: Certificates> SharedProxy<C> {
             tracker,
             connections,
             draining,
+            go_away,
         };
         let replaced = self.lock().insert(uid.to_owned(), pod);
         if let Some(old) = replaced {
@@ -322,7 +349,7 @@ impl<C: Certificates> SharedProxy<C> {
                 uid,
                 "pod handed over with a new namespace: draining the old one"
             );
-            drop(self.drain(uid.to_owned(), old));
+            drop(self.drain(uid.to_owned(), old, Drain::PodGone));
         }
         Ok(())
     }
@@ -333,17 +360,22 @@ impl<C: Certificates> SharedProxy<C> {
         let Some(pod) = self.lock().remove(uid) else {
             return false;
         };
-        drop(self.drain(uid.to_owned(), pod));
+        drop(self.drain(uid.to_owned(), pod, Drain::PodGone));
         true
     }
 
-    fn drain(&self, uid: String, pod: Pod) -> tokio::task::JoinHandle<usize> {
+    fn drain(&self, uid: String, pod: Pod, why: Drain) -> tokio::task::JoinHandle<usize> {
         // The identity's certificate is no longer refreshed once no local pod has it.
         if !self.lock().values().any(|p| p.id == pod.id) {
             self.certificates.forget(&pod.id);
         }
         pod.stop.cancel();
-        pod.draining.store(true, Ordering::SeqCst);
+        // Clients with a connection to this pod open their next tunnels elsewhere: the proxy
+        // that replaces this one, or nowhere for a pod that is gone.
+        (pod.go_away)();
+        if why == Drain::PodGone {
+            pod.draining.store(true, Ordering::SeqCst);
+        }
         let deadline = self.config.termination_deadline;
         let label = format!("{}/{}", pod.info.namespace, pod.info.name);
         tokio::spawn(async move {
@@ -362,7 +394,7 @@ impl<C: Certificates> SharedProxy<C> {
         let pods = std::mem::take(&mut *self.lock());
         let drains: Vec<_> = pods
             .into_iter()
-            .map(|(uid, pod)| self.drain(uid, pod))
+            .map(|(uid, pod)| self.drain(uid, pod, Drain::ProxyStopping))
             .collect();
         let mut cut = 0;
         for d in drains {
