@@ -79,6 +79,7 @@ async fn pods_come_and_go_over_zds_and_bad_messages_are_refused() {
         SecretManagerConfig::default(),
     );
     let store = Arc::new(StateStore::new(State::new("istio-system")));
+    store.update(|s| s.set_synced(true));
     let mut config = SharedConfig::new("node-a", "cluster.local");
     config.termination_deadline = Duration::from_millis(200);
     let proxy = SharedProxy::new(

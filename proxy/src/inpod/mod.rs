@@ -73,6 +73,9 @@ pub struct SharedConfig {
     /// a new proxy can serve a pod beside the old one during a rolling update; the kernel spreads
     /// new connections over both until the old one closes its listeners.
     pub port_reuse: bool,
+    /// How long a pod handed over waits for its certificate before its listeners are bound
+    /// anyway (the ack to the node agent waits as long).
+    pub certificate_wait: Duration,
 }
 
 impl SharedConfig {
@@ -88,6 +91,7 @@ impl SharedConfig {
             inbound_plain_port: common::ports::INBOUND_PLAINTEXT,
             inbound_port: common::ports::HBONE,
             port_reuse: true,
+            certificate_wait: Duration::from_secs(5),
         }
     }
 }
@@ -258,6 +262,23 @@ impl<C: Certificates> SharedProxy<C> {
         }
         let mark = self.config.mark;
         let reuse = self.config.port_reuse;
+        // The pod's certificate first: with SO_REUSEPORT the kernel hands a listener its share
+        // of new connections as soon as it is bound, and beside an older proxy (a rolling
+        // update) this one must not take connections it cannot yet serve. Bounded, so a CA
+        // that does not answer does not hold the agent's handoff: the pod is then served as
+        // soon as the certificate comes.
+        let cert = self.certificates.watch(&id);
+        let mut arriving = cert.clone();
+        let valid = async {
+            arriving
+                .wait_for(|c| c.as_ref().is_some_and(|c| c.is_valid_at(SystemTime::now())))
+                .await
+                .is_ok()
+        };
+        let waited = tokio::time::timeout(self.config.certificate_wait, valid).await;
+        if !matches!(waited, Ok(true)) {
+            warn!(pod = %label, uid, identity = %id, waited = ?self.config.certificate_wait, "no certificate yet: serving the pod without one until it comes");
+        }
         let bind = |port: u16, loopback: bool| {
             let (netns, label) = (netns.clone(), label.clone());
             async move {
@@ -289,7 +310,6 @@ impl<C: Certificates> SharedProxy<C> {
         }
 
         let local = self.local_of(&info);
-        let cert = self.certificates.watch(&id);
         let tls = identity::tls::server_config_with_resolver(
             Arc::new(identity::tls::WatchResolver::new(cert.clone())),
             self.certificates.roots(),
@@ -406,6 +426,18 @@ impl<C: Certificates> SharedProxy<C> {
     /// Serves the agent at `path` for ever: connects (retrying with backoff while it is not
     /// there), follows its requests, and reconnects when the connection ends.
     pub async fn run_zds(self: Arc<Self>, path: PathBuf) {
+        // Pods are taken only once there are workloads and policies to serve them with: beside
+        // an older proxy (SO_REUSEPORT), a pod served before would have its connections refused
+        // (the source or the destination unknown) instead of served by the older one.
+        let mut changes = self.state.subscribe();
+        if !self.state.snapshot().is_synced() {
+            info!(socket = %path.display(), "ZDS: waiting for workloads and policies before taking pods");
+            while !self.state.snapshot().is_synced() {
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
         let mut backoff = Duration::from_millis(100);
         loop {
             match self.clone().zds_session(path.clone()).await {
