@@ -12,7 +12,10 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Netns, Running, TempDir, call, free_port, python, run, wait, ztunnel};
+use common::{
+    Fabric, Netns, Running, TempDir, call, echo_app, free_port, http_get, python, run, wait,
+    ztunnel,
+};
 
 struct Pod {
     name: &'static str,
@@ -72,21 +75,9 @@ const PODS: [Pod; 5] = [
     },
 ];
 
-/// HTTP GET on the host's loopback: (status, body), or `None` when nothing answers.
-fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let status = text.split(' ').nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-    Some((status, body))
-}
-
 /// The sum of the `metric` samples on `addr`'s /metrics whose labels contain every `filter`.
 fn metric(addr: SocketAddr, metric: &str, filters: &[&str]) -> u64 {
-    let (_, body) = get(addr, "/metrics").expect("metrics answer");
+    let (_, body) = http_get(addr, "/metrics").expect("metrics answer");
     body.lines()
         .filter(|l| l.starts_with(&format!("{metric}{{")))
         .filter(|l| filters.iter().all(|f| l.contains(f)))
@@ -129,22 +120,6 @@ fn policy(allowed_sa: &str) -> String {
     )
 }
 
-/// An app in `ns` on `ports`: greets with `name:` then echoes until the client half-closes.
-fn app(ns: &Netns, name: &str, ports: &[u16]) -> Running {
-    let ports: Vec<String> = ports.iter().map(|p| p.to_string()).collect();
-    Running(
-        Command::new("ip")
-            .args(["netns", "exec", &ns.0, "python3", "-c"])
-            .arg(format!(
-                "import socket,threading\ndef h(c):\n  c.sendall(b'{name}:')\n  while True:\n    d=c.recv(65536)\n    if not d: break\n    c.sendall(d)\n  c.close()\ndef serve(p):\n  l=socket.socket()\n  l.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n  l.bind(('0.0.0.0',p))\n  l.listen(64)\n  while True:\n    c,_=l.accept()\n    threading.Thread(target=h,args=(c,),daemon=True).start()\nts=[threading.Thread(target=serve,args=(p,)) for p in [{}]]\n[t.start() for t in ts]\n[t.join() for t in ts]",
-                ports.join(",")
-            ))
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
-}
-
 /// A connection from `ns` to `to` held open: sends `first`, reads the answer, then waits for the
 /// peer to close (printing `closed <seconds>`), at most `hold` seconds.
 fn hold(ns: &Netns, to: &str, first: &str, hold: u32) -> Child {
@@ -174,43 +149,17 @@ struct Node {
 fn shared_mode_proxies_carry_pods_traffic_between_nodes_with_their_identities() {
     let pid = std::process::id();
     let ip = move |host: u8| format!("10.{}.{}.{host}", 100 + pid % 100, (pid / 100) % 250);
-    let fabric = Netns::new("sh-fabric");
-    assert!(fabric.exec(&["ip", "link", "add", "br0", "type", "bridge"]));
-    assert!(fabric.exec(&[
-        "ip",
-        "addr",
-        "add",
-        &format!("{}/24", ip(254)),
-        "dev",
-        "br0"
-    ]));
-    assert!(fabric.exec(&["ip", "link", "set", "br0", "up"]));
-    let mut pods = Vec::new();
-    for (i, p) in PODS.iter().enumerate() {
-        let ns = Netns::new(&format!("sh-{}", p.name));
+    let hosts: Vec<(&str, u8)> = PODS.iter().map(|p| (p.name, p.host)).collect();
+    let fabric = Fabric::new("sh", &hosts, &ip);
+    for (ns, p) in fabric.pods.iter().zip(&PODS) {
         assert_eq!(ns.0, pod_netns(p));
-        let veth = format!("zs{}{i}", pid % 100_000);
-        assert!(fabric.exec(&[
-            "ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns.0
-        ]));
-        assert!(fabric.exec(&["ip", "link", "set", &veth, "master", "br0", "up"]));
-        assert!(ns.exec(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{}/24", ip(p.host)),
-            "dev",
-            "eth0"
-        ]));
-        assert!(ns.exec(&["ip", "link", "set", "eth0", "up"]));
-        assert!(ns.exec(&["ip", "link", "set", "lo", "up"]));
-        pods.push(ns);
     }
+    let pods = &fabric.pods;
     let ns = |name: &str| &pods[PODS.iter().position(|p| p.name == name).unwrap()];
     let _apps: Vec<Running> = PODS
         .iter()
         .filter(|p| !p.ports.is_empty())
-        .map(|p| app(ns(p.name), p.name, p.ports))
+        .map(|p| echo_app(ns(p.name), p.name, p.ports))
         .collect();
 
     let dir = TempDir::new("proxy-shared");
@@ -282,10 +231,10 @@ fn shared_mode_proxies_carry_pods_traffic_between_nodes_with_their_identities() 
 
     // Readiness waits for xDS: no control plane yet, so 503.
     wait("node-a's readiness endpoint", || {
-        get(a.readiness, "/healthz/ready").is_some()
+        http_get(a.readiness, "/healthz/ready").is_some()
     });
     std::thread::sleep(Duration::from_millis(500));
-    let (status, body) = get(a.readiness, "/healthz/ready").unwrap();
+    let (status, body) = http_get(a.readiness, "/healthz/ready").unwrap();
     assert_eq!(status, 503, "{body}");
     let _controlplane = Running(
         ztunnel()
@@ -299,7 +248,7 @@ fn shared_mode_proxies_carry_pods_traffic_between_nodes_with_their_identities() 
     );
     for (node, n) in [("node-a", a), ("node-b", b)] {
         wait(&format!("{node}'s readiness"), || {
-            get(n.readiness, "/healthz/ready").is_some_and(|(s, _)| s == 200)
+            http_get(n.readiness, "/healthz/ready").is_some_and(|(s, _)| s == 200)
         });
     }
     // Every meshed pod is in its node's proxy before any call (a pod left out would reach the
@@ -488,7 +437,7 @@ fn shared_mode_proxies_carry_pods_traffic_between_nodes_with_their_identities() 
     let connect = |who: &str, authority: &str| {
         let c = certs.join(who);
         let out = Command::new("ip")
-            .args(["netns", "exec", &fabric.0])
+            .args(["netns", "exec", &fabric.bridge.0])
             .arg(ztunnel().get_program())
             .args([
                 "hbone",
@@ -542,7 +491,7 @@ fn shared_mode_proxies_carry_pods_traffic_between_nodes_with_their_identities() 
     assert_eq!(first.trim(), "web-1:bye");
     let listening = |addr: &str| {
         python(
-            &fabric,
+            &fabric.bridge,
             &format!(
                 "import socket\ntry:\n  socket.create_connection(('{addr}',15008),timeout=2).close()\n  print('open')\nexcept Exception:\n  print('closed')"
             ),
@@ -567,7 +516,7 @@ fn shared_mode_proxies_carry_pods_traffic_between_nodes_with_their_identities() 
 
     // Admin: the config dump shows the state, the pods and their certificates; the log level
     // changes at runtime; /quitquitquit drains node-b like SIGTERM.
-    let (status, dump) = get(a.admin, "/config_dump").unwrap();
+    let (status, dump) = http_get(a.admin, "/config_dump").unwrap();
     assert_eq!(status, 200);
     let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
     let pods = dump["pods"].as_array().unwrap();
@@ -588,7 +537,7 @@ fn shared_mode_proxies_carry_pods_traffic_between_nodes_with_their_identities() 
     assert!(dump["synced"].as_bool().unwrap());
     assert!(dump["policies"].as_array().unwrap().len() >= 2, "{dump}");
     assert!(!log_of(&a.log).contains("DEBUG"));
-    assert_eq!(get(a.admin, "/logging?level=debug").unwrap().0, 200);
+    assert_eq!(http_get(a.admin, "/logging?level=debug").unwrap().0, 200);
     assert_eq!(
         call(ns("sleep"), &format!("{}:8080", ip(4)), "dbg"),
         "web-2:dbg"
@@ -596,8 +545,8 @@ fn shared_mode_proxies_carry_pods_traffic_between_nodes_with_their_identities() 
     wait("debug lines after /logging", || {
         log_of(&a.log).contains("DEBUG")
     });
-    assert_eq!(get(a.admin, "/logging?level=info").unwrap().0, 200);
-    let (status, body) = get(a.admin, "/logging?level=nonsense[").unwrap();
+    assert_eq!(http_get(a.admin, "/logging?level=info").unwrap().0, 200);
+    let (status, body) = http_get(a.admin, "/logging?level=nonsense[").unwrap();
     assert_eq!(status, 400, "{body}");
     let mut quit = TcpStream::connect(b.admin).unwrap();
     write!(quit, "POST /quitquitquit HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();

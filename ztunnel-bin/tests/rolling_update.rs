@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Netns, Running, TempDir, free_port, ztunnel};
+use common::{Fabric, Running, TempDir, echo_app, free_port, http_get, ztunnel};
 
 const HOSTS: [(&str, &str, u8); 2] = [("sleep", "sleep", 1), ("web", "web", 2)];
 
@@ -27,17 +27,6 @@ fn manifests(ip: &dyn Fn(u8) -> String, netns: &dyn Fn(&str) -> String) -> Strin
         ));
     }
     text
-}
-
-/// HTTP GET on the host's loopback: the status, or `None` when nothing answers.
-fn status(addr: std::net::SocketAddr, path: &str) -> Option<u16> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.split(' ').nth(1)?.parse().ok()
 }
 
 struct Proxy {
@@ -105,47 +94,13 @@ fn a_rolling_update_of_the_node_proxy_refuses_no_connection() {
     let pid = std::process::id();
     let ip = move |host: u8| format!("10.{}.{}.{host}", 100 + pid % 100, 250 - (pid / 100) % 50);
     let netns_name = move |name: &str| format!("ztpd-{pid}-ru-{name}");
-    let fabric = Netns::new("ru-fabric");
-    assert!(fabric.exec(&["ip", "link", "add", "br0", "type", "bridge"]));
-    assert!(fabric.exec(&[
-        "ip",
-        "addr",
-        "add",
-        &format!("{}/24", ip(254)),
-        "dev",
-        "br0"
-    ]));
-    assert!(fabric.exec(&["ip", "link", "set", "br0", "up"]));
-    let mut pods = Vec::new();
-    for (i, (name, _, host)) in HOSTS.iter().enumerate() {
-        let ns = Netns::new(&format!("ru-{name}"));
+    let hosts: Vec<(&str, u8)> = HOSTS.iter().map(|(name, _, host)| (*name, *host)).collect();
+    let fabric = Fabric::new("ru", &hosts, &ip);
+    for (ns, (name, _, _)) in fabric.pods.iter().zip(HOSTS) {
         assert_eq!(ns.0, netns_name(name));
-        let veth = format!("zr{}{i}", pid % 100_000);
-        assert!(fabric.exec(&[
-            "ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns.0
-        ]));
-        assert!(fabric.exec(&["ip", "link", "set", &veth, "master", "br0", "up"]));
-        assert!(ns.exec(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{}/24", ip(*host)),
-            "dev",
-            "eth0"
-        ]));
-        assert!(ns.exec(&["ip", "link", "set", "eth0", "up"]));
-        assert!(ns.exec(&["ip", "link", "set", "lo", "up"]));
-        pods.push(ns);
     }
-    let (sleep, web) = (&pods[0], &pods[1]);
-    let _app = Running(
-        Command::new("ip")
-            .args(["netns", "exec", &web.0, "python3", "-c"])
-            .arg("import socket,threading\ndef h(c):\n  c.sendall(b'web:')\n  while True:\n    d=c.recv(65536)\n    if not d: break\n    c.sendall(d)\n  c.close()\nl=socket.socket()\nl.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\nl.bind(('0.0.0.0',8080))\nl.listen(256)\nwhile True:\n  c,_=l.accept()\n  threading.Thread(target=h,args=(c,),daemon=True).start()")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let (sleep, web) = (&fabric.pods[0], &fabric.pods[1]);
+    let _app = echo_app(web, "web", &[8080]);
 
     let dir = TempDir::new("rolling-update");
     std::fs::write(dir.0.join("mesh.yaml"), manifests(&ip, &netns_name)).unwrap();
@@ -181,7 +136,7 @@ fn a_rolling_update_of_the_node_proxy_refuses_no_connection() {
             .unwrap(),
     );
     let old = start_proxy(&dir.0, &socket, xds, "old");
-    let ready = |p: &Proxy| status(p.readiness, "/healthz/ready") == Some(200);
+    let ready = |p: &Proxy| http_get(p.readiness, "/healthz/ready").is_some_and(|(s, _)| s == 200);
     let start = Instant::now();
     while !ready(&old) {
         assert!(

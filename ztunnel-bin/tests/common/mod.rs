@@ -211,3 +211,81 @@ pub fn call(ns: &Netns, to: &str, data: &str) -> String {
     );
     String::from_utf8_lossy(&python(ns, &code).stdout).into_owned()
 }
+
+/// Pods on one bridge: a "fabric" namespace holding the bridge at `ip(254)`, and one namespace per
+/// pod, `ztpd-<pid>-<tag>-<name>`, joined to it by a veth whose pod end is `eth0` at `ip(host)`.
+/// Dropped after everything running in it (declare the `Running` guards after it).
+pub struct Fabric {
+    pub bridge: Netns,
+    pub pods: Vec<Netns>,
+}
+
+impl Fabric {
+    pub fn new(tag: &str, pods: &[(&str, u8)], ip: &dyn Fn(u8) -> String) -> Self {
+        let pid = std::process::id();
+        let bridge = Netns::new(&format!("{tag}-fabric"));
+        assert!(bridge.exec(&["ip", "link", "add", "br0", "type", "bridge"]));
+        assert!(bridge.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/24", ip(254)),
+            "dev",
+            "br0"
+        ]));
+        assert!(bridge.exec(&["ip", "link", "set", "br0", "up"]));
+        let prefix: String = tag.chars().take(2).collect();
+        let mut namespaces = Vec::new();
+        for (i, (name, host)) in pods.iter().enumerate() {
+            let ns = Netns::new(&format!("{tag}-{name}"));
+            let veth = format!("z{prefix}{}{i}", pid % 100_000);
+            assert!(bridge.exec(&[
+                "ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns.0
+            ]));
+            assert!(bridge.exec(&["ip", "link", "set", &veth, "master", "br0", "up"]));
+            assert!(ns.exec(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("{}/24", ip(*host)),
+                "dev",
+                "eth0"
+            ]));
+            assert!(ns.exec(&["ip", "link", "set", "eth0", "up"]));
+            assert!(ns.exec(&["ip", "link", "set", "lo", "up"]));
+            namespaces.push(ns);
+        }
+        Fabric {
+            bridge,
+            pods: namespaces,
+        }
+    }
+}
+
+/// An app in `ns` on `ports`: greets with `name:` then echoes until the client half-closes.
+pub fn echo_app(ns: &Netns, name: &str, ports: &[u16]) -> Running {
+    let ports: Vec<String> = ports.iter().map(|p| p.to_string()).collect();
+    Running(
+        Command::new("ip")
+            .args(["netns", "exec", &ns.0, "python3", "-c"])
+            .arg(format!(
+                "import socket,threading\ndef h(c):\n  c.sendall(b'{name}:')\n  while True:\n    d=c.recv(65536)\n    if not d: break\n    c.sendall(d)\n  c.close()\ndef serve(p):\n  l=socket.socket()\n  l.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n  l.bind(('0.0.0.0',p))\n  l.listen(256)\n  while True:\n    c,_=l.accept()\n    threading.Thread(target=h,args=(c,),daemon=True).start()\nts=[threading.Thread(target=serve,args=(p,)) for p in [{}]]\n[t.start() for t in ts]\n[t.join() for t in ts]",
+                ports.join(",")
+            ))
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// HTTP GET on the host's loopback: (status, body), or `None` when nothing answers.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((status, body))
+}
