@@ -13,8 +13,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    Fabric, Netns, Running, TempDir, call, echo_app, free_port, http_get, python, run, wait,
-    ztunnel,
+    Fabric, Netns, Running, TempDir, call, echo_app, free_port, http_get, plaintext_controlplane,
+    python, run, wait, ztunnel,
 };
 
 struct Pod {
@@ -236,16 +236,7 @@ fn shared_mode_proxies_carry_pods_traffic_between_nodes_with_their_identities() 
     std::thread::sleep(Duration::from_millis(500));
     let (status, body) = http_get(a.readiness, "/healthz/ready").unwrap();
     assert_eq!(status, 503, "{body}");
-    let _controlplane = Running(
-        ztunnel()
-            .args(["controlplane", "--plaintext", "--manifests"])
-            .arg(&dir.0)
-            .args(["--listen", &xds.to_string()])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.0.join("controlplane.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let _controlplane = plaintext_controlplane(&dir.0, xds);
     for (node, n) in [("node-a", a), ("node-b", b)] {
         wait(&format!("{node}'s readiness"), || {
             http_get(n.readiness, "/healthz/ready").is_some_and(|(s, _)| s == 200)

@@ -11,7 +11,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Fabric, Running, TempDir, echo_app, free_port, http_get, ztunnel};
+use common::{
+    Fabric, Running, TempDir, echo_app, free_port, http_get, plaintext_controlplane, ztunnel,
+};
 
 const HOSTS: [(&str, &str, u8); 2] = [("sleep", "sleep", 1), ("web", "web", 2)];
 
@@ -113,16 +115,7 @@ fn a_rolling_update_of_the_node_proxy_refuses_no_connection() {
             .success()
     );
     let xds = free_port();
-    let _controlplane = Running(
-        ztunnel()
-            .args(["controlplane", "--plaintext", "--manifests"])
-            .arg(&dir.0)
-            .args(["--listen", &xds.to_string()])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.0.join("controlplane.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let _controlplane = plaintext_controlplane(&dir.0, xds);
     let socket = dir.0.join("node-a.sock");
     let _agent = Running(
         ztunnel()

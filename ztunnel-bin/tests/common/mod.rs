@@ -289,3 +289,18 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
     Some((status, body))
 }
+
+/// `ztunnel controlplane` in plaintext on `listen`, serving the manifests of `dir` (its log in
+/// `dir/controlplane.log`).
+pub fn plaintext_controlplane(dir: &Path, listen: SocketAddr) -> Running {
+    Running(
+        ztunnel()
+            .args(["controlplane", "--plaintext", "--manifests"])
+            .arg(dir)
+            .args(["--listen", &listen.to_string()])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("controlplane.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
