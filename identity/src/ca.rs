@@ -130,22 +130,13 @@ impl IstioCaClient {
             }),
         });
         if let Some(path) = &self.config.token_file {
-            let token = tokio::fs::read_to_string(path)
-                .await
-                .map_err(|source| Error::Read {
-                    path: path.clone(),
-                    source,
-                })?;
             let value =
-                MetadataValue::try_from(format!("Bearer {}", token.trim())).map_err(|_| {
-                    Error::CaConfig {
+                crate::grpc::bearer_header(path)
+                    .await
+                    .map_err(|reason| Error::CaConfig {
                         address: self.config.address.clone(),
-                        reason: format!(
-                            "the token in {} is not a valid header value",
-                            path.display()
-                        ),
-                    }
-                })?;
+                        reason,
+                    })?;
             request.metadata_mut().insert("authorization", value);
         }
         if let Some(cluster) = &self.config.cluster_id {

@@ -75,6 +75,28 @@ pub fn control_plane_channel(spec: &ChannelSpec<'_>) -> Result<Channel, String> 
     Ok(endpoint.connect_lazy())
 }
 
+/// The `authorization` header for a bearer token kept in `path` (Istio's projected
+/// service-account token, rotated by the kubelet: read again for each new connection or call).
+/// An unreadable or empty file, or one whose text cannot be a header value, is an error naming
+/// the file: nothing is sent without the token it was meant to carry.
+pub async fn bearer_header(
+    path: &std::path::Path,
+) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>, String> {
+    let token = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|e| format!("cannot read the token file {}: {e}", path.display()))?;
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(format!("the token file {} is empty", path.display()));
+    }
+    format!("Bearer {token}").parse().map_err(|_| {
+        format!(
+            "the token in {} is not a valid header value",
+            path.display()
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,5 +136,34 @@ mod tests {
                 .contains("not https://")
         );
         assert!(spec("https://istiod:15012", Some(&TrustRoot::System)).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_bearer_token_is_read_whole_and_an_empty_one_is_refused() {
+        let dir = std::env::temp_dir().join(format!("bearer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("istio-token");
+        std::fs::write(&file, "eyJhbGciOi.x.y\n").unwrap();
+        assert_eq!(
+            bearer_header(&file).await.unwrap().to_str().unwrap(),
+            "Bearer eyJhbGciOi.x.y"
+        );
+        std::fs::write(&file, " \n").unwrap();
+        assert!(bearer_header(&file).await.unwrap_err().contains("is empty"));
+        std::fs::write(&file, "a\u{1}b").unwrap();
+        assert!(
+            bearer_header(&file)
+                .await
+                .unwrap_err()
+                .contains("not a valid header value")
+        );
+        let missing = dir.join("missing");
+        assert!(
+            bearer_header(&missing)
+                .await
+                .unwrap_err()
+                .contains("cannot read the token file")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -325,15 +325,7 @@ impl XdsClient {
         }
         let mut request = tonic::Request::new(UnboundedReceiverStream::new(rx));
         if let Some(path) = &self.config.token_file {
-            let token = tokio::fs::read_to_string(path)
-                .await
-                .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
-            let value = format!("Bearer {}", token.trim()).parse().map_err(|_| {
-                format!(
-                    "the token in {} is not a valid header value",
-                    path.display()
-                )
-            })?;
+            let value = identity::grpc::bearer_header(path).await?;
             request.metadata_mut().insert("authorization", value);
         }
         if let Some(cluster) = &self.config.cluster_id {
