@@ -14,7 +14,6 @@ use std::time::{Duration, SystemTime};
 use rustls::RootCertStore;
 use rustls::server::ParsedCertificate;
 use tonic::metadata::MetadataValue;
-use tonic::transport::Channel;
 
 use crate::{CertInfo, Credentials, DevCa, Error, KeyAndCsr, SpiffeId, WorkloadCert};
 
@@ -89,7 +88,7 @@ impl CaClientConfig {
 #[derive(Debug, Clone)]
 pub struct IstioCaClient {
     config: Arc<CaClientConfig>,
-    channel: Channel,
+    channel: Arc<crate::grpc::FollowedChannel>,
 }
 
 impl IstioCaClient {
@@ -99,7 +98,7 @@ impl IstioCaClient {
             address: config.address.clone(),
             reason,
         };
-        let channel = crate::grpc::control_plane_channel(&crate::grpc::ChannelSpec {
+        let channel = crate::grpc::FollowedChannel::new(&crate::grpc::ChannelSpec {
             address: &config.address,
             root: config.server_root.as_ref(),
             tls_server_name: config.tls_server_name.as_deref(),
@@ -109,7 +108,7 @@ impl IstioCaClient {
         })
         .map_err(|reason| bad(format!("{reason} (server_root)")))?;
         Ok(IstioCaClient {
-            channel,
+            channel: Arc::new(channel),
             config: Arc::new(config),
         })
     }
@@ -146,10 +145,12 @@ impl IstioCaClient {
             })?;
             request.metadata_mut().insert(CLUSTER_ID_HEADER, value);
         }
+        let channel = self.channel.channel().map_err(|reason| Error::CaConfig {
+            address: self.config.address.clone(),
+            reason,
+        })?;
         let mut client =
-            proto::istio_certificate_service_client::IstioCertificateServiceClient::new(
-                self.channel.clone(),
-            );
+            proto::istio_certificate_service_client::IstioCertificateServiceClient::new(channel);
         let response = client
             .create_certificate(request)
             .await

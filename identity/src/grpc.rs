@@ -17,6 +17,10 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 pub enum TrustRoot {
     /// These PEM certificates.
     Pem(String),
+    /// The PEM certificates in this file, read again for each new connection (with
+    /// [`FollowedChannel`]): a root rotated in place, as the kubelet updates the mounted
+    /// `istio-ca-root-cert` ConfigMap, is used without a restart.
+    File(std::path::PathBuf),
     /// The system's trust store (Istio's `SYSTEM`).
     System,
 }
@@ -59,6 +63,8 @@ pub fn control_plane_channel(spec: &ChannelSpec<'_>) -> Result<Channel, String> 
             let mut tls = match root {
                 TrustRoot::Pem(pem) => ClientTlsConfig::new()
                     .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+                TrustRoot::File(path) => ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(read_root(path)?)),
                 TrustRoot::System => ClientTlsConfig::new().with_native_roots(),
             };
             if let Some(name) = spec.tls_server_name {
@@ -73,6 +79,74 @@ pub fn control_plane_channel(spec: &ChannelSpec<'_>) -> Result<Channel, String> 
         (None, false) => {}
     }
     Ok(endpoint.connect_lazy())
+}
+
+fn read_root(path: &std::path::Path) -> Result<String, String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the root {}: {e}", path.display()))
+}
+
+/// A control-plane channel that follows a root file ([`TrustRoot::File`]): each
+/// [`channel`](Self::channel) reads the file again and, when it changed, builds the channel
+/// anew with the new root, so the next connection checks the server against it. With any other
+/// root it is the channel [`control_plane_channel`] builds.
+#[derive(Debug)]
+pub struct FollowedChannel {
+    address: String,
+    root: Option<TrustRoot>,
+    tls_server_name: Option<String>,
+    connect_timeout: Duration,
+    request_timeout: Option<Duration>,
+    keep_alive: Option<Duration>,
+    /// The root's text the channel was built with, and the channel.
+    built: std::sync::Mutex<(Option<String>, Channel)>,
+}
+
+impl FollowedChannel {
+    /// Builds the channel `spec` describes (reading a root file now: an unreadable one is an
+    /// error here, at start).
+    pub fn new(spec: &ChannelSpec<'_>) -> Result<Self, String> {
+        let mut followed = FollowedChannel {
+            address: spec.address.to_owned(),
+            root: spec.root.cloned(),
+            tls_server_name: spec.tls_server_name.map(str::to_owned),
+            connect_timeout: spec.connect_timeout,
+            request_timeout: spec.request_timeout,
+            keep_alive: spec.keep_alive,
+            built: std::sync::Mutex::new((None, control_plane_channel(spec)?)),
+        };
+        if let Some(TrustRoot::File(path)) = &followed.root {
+            let pem = read_root(path)?;
+            let channel = followed.build(&TrustRoot::Pem(pem.clone()))?;
+            followed.built = std::sync::Mutex::new((Some(pem), channel));
+        }
+        Ok(followed)
+    }
+
+    /// The channel to use now: built anew when the root file's content has changed.
+    pub fn channel(&self) -> Result<Channel, String> {
+        let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(TrustRoot::File(path)) = &self.root {
+            let pem = read_root(path)?;
+            if built.0.as_deref() != Some(pem.as_str()) {
+                let channel = self.build(&TrustRoot::Pem(pem.clone()))?;
+                tracing::info!(root = %path.display(), address = %self.address, "control plane: the root changed; new connections check the server against it");
+                *built = (Some(pem), channel);
+            }
+        }
+        Ok(built.1.clone())
+    }
+
+    fn build(&self, root: &TrustRoot) -> Result<Channel, String> {
+        control_plane_channel(&ChannelSpec {
+            address: &self.address,
+            root: Some(root),
+            tls_server_name: self.tls_server_name.as_deref(),
+            connect_timeout: self.connect_timeout,
+            request_timeout: self.request_timeout,
+            keep_alive: self.keep_alive,
+        })
+    }
 }
 
 /// The `authorization` header for a bearer token kept in `path` (Istio's projected

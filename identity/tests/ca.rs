@@ -385,6 +385,81 @@ async fn the_system_trust_store_does_not_vouch_for_the_meshs_own_root() {
     assert!(signed.is_ok(), "{:?}", signed.err());
 }
 
+/// Serves `service` over TLS with a certificate from `ca` on `listener` until `stop` resolves;
+/// then its connections close.
+fn serve_until<S>(
+    ca: &DevCa,
+    service: IstioCertificateServiceServer<S>,
+    listener: TcpListener,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<()>
+where
+    S: IstioCertificateService,
+{
+    let creds = ca.issue_server(&[CA_NAME], HOUR).unwrap();
+    let cert_pem = identity::pem::certs_to_pem(&creds.chain);
+    let key_pem = identity::pem::key_to_pem(&creds.key);
+    tokio::spawn(async move {
+        Server::builder()
+            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem)))
+            .unwrap()
+            .serve_with_incoming_shutdown(service, TcpIncoming::from(listener), stop)
+            .await
+            .unwrap();
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_rotated_in_its_file_is_used_without_a_restart() {
+    // The CA's root file is rewritten in place (the kubelet updating the mounted
+    // istio-ca-root-cert ConfigMap) when the CA's certificate moves to a new root: the same
+    // client checks the next connection against the new root.
+    let (old_root, new_root) = (
+        Arc::new(DevCa::generate("cluster.local").unwrap()),
+        Arc::new(DevCa::generate("cluster.local").unwrap()),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let address = format!("https://{addr}");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let old_server = serve_until(
+        &old_root,
+        CaServer::new(old_root.clone(), |_: &SignRequest<'_>| Ok(()), HOUR).into_service(),
+        listener,
+        async move {
+            let _ = stopped.await;
+        },
+    );
+    let root_file = TempFile(std::env::temp_dir().join(format!("ca-root-{}", std::process::id())));
+    std::fs::write(&root_file.0, old_root.root_pem()).unwrap();
+    let mut config = client_config(&old_root, &address);
+    config.server_root = Some(identity::grpc::TrustRoot::File(root_file.0.clone()));
+    // Issued chains of either root are trusted by the mesh during the rotation.
+    let mut mesh = rustls::RootCertStore::empty();
+    for ca in [&old_root, &new_root] {
+        mesh.roots.extend(ca.roots().roots.iter().cloned());
+    }
+    config.trust_roots = Arc::new(mesh);
+    let client = IstioCaClient::new(config).unwrap();
+    assert!(client.sign(&sleep_id()).await.is_ok());
+
+    // The CA comes back with a certificate from the new root, on the same address; the client
+    // still checks against the old root until the file changes.
+    stop.send(()).unwrap();
+    old_server.await.unwrap();
+    let _new_server = serve_until(
+        &new_root,
+        CaServer::new(new_root.clone(), |_: &SignRequest<'_>| Ok(()), HOUR).into_service(),
+        TcpListener::bind(addr).await.unwrap(),
+        std::future::pending(),
+    );
+    let err = client.sign(&sleep_id()).await.unwrap_err().to_string();
+    assert!(err.contains("UnknownIssuer"), "{err}");
+    std::fs::write(&root_file.0, new_root.root_pem()).unwrap();
+    let signed = client.sign(&sleep_id()).await;
+    assert!(signed.is_ok(), "{:?}", signed.err());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_ca_is_an_error_not_a_hang() {
     let ca = DevCa::generate("cluster.local").unwrap();

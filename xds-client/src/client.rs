@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use crate::proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
@@ -161,7 +160,7 @@ pub enum ClientError {
 /// The client: register handlers, then [`XdsClient::run`].
 pub struct XdsClient {
     config: ClientConfig,
-    channel: Channel,
+    channel: identity::grpc::FollowedChannel,
     types: Vec<(String, Subscription, Arc<dyn Handler>)>,
     synced_tx: watch::Sender<bool>,
     commands_tx: mpsc::UnboundedSender<(String, Vec<String>)>,
@@ -203,7 +202,7 @@ impl XdsClient {
             address: config.address.clone(),
             reason,
         };
-        let channel = identity::grpc::control_plane_channel(&identity::grpc::ChannelSpec {
+        let channel = identity::grpc::FollowedChannel::new(&identity::grpc::ChannelSpec {
             address: &config.address,
             root: config.server_root.as_ref(),
             tls_server_name: config.tls_server_name.as_deref(),
@@ -336,7 +335,7 @@ impl XdsClient {
                 .metadata_mut()
                 .insert(identity::ca::CLUSTER_ID_HEADER, value);
         }
-        let mut client = AggregatedDiscoveryServiceClient::new(self.channel.clone())
+        let mut client = AggregatedDiscoveryServiceClient::new(self.channel.channel()?)
             .max_decoding_message_size(self.config.max_response_bytes)
             .max_encoding_message_size(usize::MAX);
         let mut responses = client

@@ -92,7 +92,7 @@ fn state_source(args: &ProxyArgs, store: &Arc<StateStore>) -> Result<(), Error> 
             let mut config = ClientConfig::new(url.clone(), node_id);
             let root =
                 ProxyArgs::control_plane_root(&url, args.xds_root_ca.as_deref(), "--xds-root-ca")?;
-            config.server_root = server_root(root, "--xds-root-ca")?;
+            config.server_root = server_root(root);
             config.token_file = args.token_file();
             config.cluster_id = Some(cluster);
             config.node_metadata = metadata;
@@ -113,28 +113,13 @@ fn state_source(args: &ProxyArgs, store: &Arc<StateStore>) -> Result<(), Error> 
     }
 }
 
-fn read_pem_text(path: Option<&Path>, what: &'static str) -> Result<Option<String>, Error> {
-    path.map(|p| {
-        std::fs::read_to_string(p).map_err(|source| Error::Io {
-            what: format!("{what}: cannot read {}", p.display()),
-            source,
-        })
-    })
-    .transpose()
-}
-
-/// What the control plane's TLS certificate must chain to.
-fn server_root(
-    source: Option<istio::RootSource>,
-    what: &'static str,
-) -> Result<Option<TrustRoot>, Error> {
-    Ok(match source {
-        None => None,
-        Some(istio::RootSource::Inline(pem)) => Some(TrustRoot::Pem(pem)),
-        Some(istio::RootSource::File(path)) => {
-            read_pem_text(Some(&path), what)?.map(TrustRoot::Pem)
-        }
-        Some(istio::RootSource::System) => Some(TrustRoot::System),
+/// What the control plane's TLS certificate must chain to (a file is read again for each new
+/// connection, so a root rotated in place is used without a restart).
+fn server_root(source: Option<istio::RootSource>) -> Option<TrustRoot> {
+    source.map(|source| match source {
+        istio::RootSource::Inline(pem) => TrustRoot::Pem(pem),
+        istio::RootSource::File(path) => TrustRoot::File(path),
+        istio::RootSource::System => TrustRoot::System,
     })
 }
 
@@ -175,7 +160,7 @@ fn certificates(args: &ProxyArgs) -> Result<Managed, Error> {
     let ca_root = ProxyArgs::control_plane_root(&url, args.ca_root_ca.as_deref(), "--ca-root-ca")?;
     let roots = Arc::new(mesh_roots(args.ca.as_deref(), ca_root.as_ref())?);
     let mut ca_config = CaClientConfig::new(url, roots.clone());
-    ca_config.server_root = server_root(ca_root, "--ca-root-ca")?;
+    ca_config.server_root = server_root(ca_root);
     ca_config.token_file = args.token_file();
     ca_config.cluster_id = Some(args.cluster());
     ca_config.cert_lifetime = args.secret_ttl;
