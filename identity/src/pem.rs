@@ -10,16 +10,21 @@ use crate::Error;
 
 /// Reads every `CERTIFICATE` block of a PEM file, in order (a chain: leaf first).
 pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
-    let data = read(path)?;
-    let certs = CertificateDer::pem_slice_iter(&data)
+    parse_certs(&read(path)?, path)
+}
+
+/// Every `CERTIFICATE` block of PEM text, in order; errors name `source` (the file, or where
+/// the text was given).
+pub fn parse_certs(data: &[u8], source: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let certs = CertificateDer::pem_slice_iter(data)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| Error::Pem {
-            path: path.to_owned(),
+            path: source.to_owned(),
             what: format!("malformed PEM: {e}"),
         })?;
     if certs.is_empty() {
         return Err(Error::Pem {
-            path: path.to_owned(),
+            path: source.to_owned(),
             what: "no CERTIFICATE block found".into(),
         });
     }
@@ -37,10 +42,15 @@ pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
 
 /// Reads trust roots: every certificate of a PEM file.
 pub fn read_roots(path: &Path) -> Result<RootCertStore, Error> {
+    parse_roots(&read(path)?, path)
+}
+
+/// Trust roots from PEM text: every certificate in it; errors name `source`.
+pub fn parse_roots(data: &[u8], source: &Path) -> Result<RootCertStore, Error> {
     let mut roots = RootCertStore::empty();
-    for (i, cert) in read_certs(path)?.into_iter().enumerate() {
+    for (i, cert) in parse_certs(data, source)?.into_iter().enumerate() {
         roots.add(cert).map_err(|e| Error::Pem {
-            path: path.to_owned(),
+            path: source.to_owned(),
             what: format!("certificate {i} is not a usable trust root: {e}"),
         })?;
     }
@@ -136,6 +146,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("missing.pem"), "{err}");
+        // PEM given as text: errors name where it was given.
+        let err = parse_roots(b"nothing here", Path::new("CA_ROOT_CA"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("CA_ROOT_CA") && err.contains("no CERTIFICATE"),
+            "{err}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -183,27 +183,10 @@ fn mesh_roots(
     }
     match ca_root {
         Some(istio::RootSource::File(path)) => Ok(identity::pem::read_roots(path)?),
-        Some(istio::RootSource::Inline(pem)) => {
-            let mut roots = rustls::RootCertStore::empty();
-            let certs = <rustls_pki_types::CertificateDer<'_> as rustls_pki_types::pem::PemObject>::pem_slice_iter(pem.as_bytes())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| flag("--ca-root-ca", &format!("malformed PEM: {e}")))?;
-            if certs.is_empty() {
-                return Err(flag(
-                    "--ca-root-ca",
-                    "no CERTIFICATE block in the PEM given",
-                ));
-            }
-            for (i, cert) in certs.into_iter().enumerate() {
-                roots.add(cert).map_err(|e| {
-                    flag(
-                        "--ca-root-ca",
-                        &format!("certificate {i} is not a usable trust root: {e}"),
-                    )
-                })?;
-            }
-            Ok(roots)
-        }
+        Some(istio::RootSource::Inline(pem)) => Ok(identity::pem::parse_roots(
+            pem.as_bytes(),
+            Path::new("CA_ROOT_CA (PEM given in the variable)"),
+        )?),
         Some(istio::RootSource::System) | None if istio::mounted(istio::DEFAULT_ROOT) => {
             Ok(identity::pem::read_roots(Path::new(istio::DEFAULT_ROOT))?)
         }
