@@ -106,21 +106,28 @@ impl FollowedChannel {
     /// Builds the channel `spec` describes (reading a root file now: an unreadable one is an
     /// error here, at start).
     pub fn new(spec: &ChannelSpec<'_>) -> Result<Self, String> {
-        let mut followed = FollowedChannel {
+        // A root file is read once here, and the text kept to tell when it changes.
+        let (pem, channel) = match spec.root {
+            Some(TrustRoot::File(path)) => {
+                let pem = read_root(path)?;
+                let root = TrustRoot::Pem(pem.clone());
+                let channel = control_plane_channel(&ChannelSpec {
+                    root: Some(&root),
+                    ..*spec
+                })?;
+                (Some(pem), channel)
+            }
+            _ => (None, control_plane_channel(spec)?),
+        };
+        Ok(FollowedChannel {
             address: spec.address.to_owned(),
             root: spec.root.cloned(),
             tls_server_name: spec.tls_server_name.map(str::to_owned),
             connect_timeout: spec.connect_timeout,
             request_timeout: spec.request_timeout,
             keep_alive: spec.keep_alive,
-            built: std::sync::Mutex::new((None, control_plane_channel(spec)?)),
-        };
-        if let Some(TrustRoot::File(path)) = &followed.root {
-            let pem = read_root(path)?;
-            let channel = followed.build(&TrustRoot::Pem(pem.clone()))?;
-            followed.built = std::sync::Mutex::new((Some(pem), channel));
-        }
-        Ok(followed)
+            built: std::sync::Mutex::new((pem, channel)),
+        })
     }
 
     /// The channel to use now: built anew when the root file's content has changed.
