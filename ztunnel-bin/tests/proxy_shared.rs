@@ -13,8 +13,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    Fabric, Netns, Running, TempDir, call, echo_app, free_port, http_get, plaintext_controlplane,
-    python, run, wait, ztunnel,
+    Fabric, Netns, Running, TempDir, ca_init, call, echo_app, free_port, http_get,
+    plaintext_controlplane, python, run, wait, ztunnel,
 };
 
 struct Pod {
@@ -167,14 +167,7 @@ fn shared_mode_proxies_carry_pods_traffic_between_nodes_with_their_identities() 
     write_atomic(&dir.0.join("mesh.yaml"), &manifests(&ip, &all));
     let xds = free_port();
     // The mesh's root exists before anything starts (the control plane uses it as it finds it).
-    assert!(
-        ztunnel()
-            .args(["ca", "init", "--dir"])
-            .arg(dir.0.join(".ca"))
-            .status()
-            .unwrap()
-            .success()
-    );
+    ca_init(&dir.0.join(".ca"));
     let mut nodes = Vec::new();
     let mut running = Vec::new();
     for node in ["node-a", "node-b"] {
@@ -404,14 +397,7 @@ fn shared_mode_proxies_carry_pods_traffic_between_nodes_with_their_identities() 
     issue(&dir.0.join(".ca"), "sleep");
     issue(&dir.0.join(".ca"), "notsleep");
     let other_ca = dir.0.join("other-ca");
-    assert!(
-        ztunnel()
-            .args(["ca", "init", "--dir"])
-            .arg(&other_ca)
-            .status()
-            .unwrap()
-            .success()
-    );
+    ca_init(&other_ca);
     std::fs::create_dir_all(certs.join("other")).unwrap();
     let out = ztunnel()
         .args(["ca", "issue", "--dir"])

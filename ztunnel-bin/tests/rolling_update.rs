@@ -12,7 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    Fabric, Running, TempDir, echo_app, free_port, http_get, plaintext_controlplane, ztunnel,
+    Fabric, Running, TempDir, ca_init, echo_app, free_port, http_get, plaintext_controlplane,
+    ztunnel,
 };
 
 const HOSTS: [(&str, &str, u8); 2] = [("sleep", "sleep", 1), ("web", "web", 2)];
@@ -106,14 +107,7 @@ fn a_rolling_update_of_the_node_proxy_refuses_no_connection() {
 
     let dir = TempDir::new("rolling-update");
     std::fs::write(dir.0.join("mesh.yaml"), manifests(&ip, &netns_name)).unwrap();
-    assert!(
-        ztunnel()
-            .args(["ca", "init", "--dir"])
-            .arg(dir.0.join(".ca"))
-            .status()
-            .unwrap()
-            .success()
-    );
+    ca_init(&dir.0.join(".ca"));
     let xds = free_port();
     let _controlplane = plaintext_controlplane(&dir.0, xds);
     let socket = dir.0.join("node-a.sock");

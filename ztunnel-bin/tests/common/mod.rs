@@ -304,3 +304,17 @@ pub fn plaintext_controlplane(dir: &Path, listen: SocketAddr) -> Running {
             .unwrap(),
     )
 }
+
+/// `ztunnel ca init --dir DIR`: a development CA with a new root, which must succeed.
+pub fn ca_init(dir: &Path) {
+    assert!(
+        ztunnel()
+            .args(["ca", "init", "--dir"])
+            .arg(dir)
+            .status()
+            .unwrap()
+            .success(),
+        "ztunnel ca init --dir {}",
+        dir.display()
+    );
+}
