@@ -1,5 +1,6 @@
-//! `istio.security.Authorization`, the xDS form of a policy: protobuf messages (prost, written
-//! from the field numbers in DESIGN.md) and conversions to and from the model.
+//! `istio.security.Authorization`, the xDS form of a policy: the protobuf messages (generated
+//! from `proto/authorization.proto`, Istio's schema) and conversions to and from the model.
+//! `extensions` (on a policy or a match) are carried, not acted on, as in Istio's ztunnel.
 //!
 //! Decoding checks what the wire format cannot: known enum values, 4- or 16-byte addresses with a
 //! prefix length that fits, ports that fit in 16 bits, and string matches that say what to match.
@@ -12,154 +13,26 @@ use prost::Message;
 
 use crate::model::{Action, Clause, Match, Policy, Rule, Scope, ServiceAccountMatch, StringMatch};
 
-/// `istio.security.Authorization`.
-#[derive(Clone, PartialEq, Message)]
-pub struct Authorization {
-    /// Policy name.
-    #[prost(string, tag = "1")]
-    pub name: String,
-    /// Policy namespace.
-    #[prost(string, tag = "2")]
-    pub namespace: String,
-    /// [`ProtoScope`] value.
-    #[prost(enumeration = "ProtoScope", tag = "3")]
-    pub scope: i32,
-    /// [`ProtoAction`] value.
-    #[prost(enumeration = "ProtoAction", tag = "4")]
-    pub action: i32,
-    /// Rules, OR-ed.
-    #[prost(message, repeated, tag = "5")]
-    pub rules: Vec<ProtoRule>,
-    /// Evaluate but do not enforce.
-    #[prost(bool, tag = "6")]
-    pub dry_run: bool,
+/// The generated messages: `istio.security` (from `proto/authorization.proto`) and the one
+/// `istio.workload` message it uses, by `cargo run -p protogen` into `src/generated/`.
+#[allow(missing_docs, unreachable_pub, unused_qualifications, clippy::all)]
+pub mod generated {
+    /// `istio.security`.
+    pub mod security {
+        include!("generated/istio.security.rs");
+    }
+    /// `istio.workload.Extension`, which policies may carry (not acted on).
+    pub mod workload {
+        include!("generated/istio.workload.rs");
+    }
 }
 
-/// `istio.security.Rule`: clauses, AND-ed.
-#[derive(Clone, PartialEq, Message)]
-pub struct ProtoRule {
-    /// The clauses.
-    #[prost(message, repeated, tag = "1")]
-    pub clauses: Vec<ProtoClause>,
-}
-
-/// `istio.security.Clause`: matches, OR-ed.
-#[derive(Clone, PartialEq, Message)]
-pub struct ProtoClause {
-    /// The matches.
-    #[prost(message, repeated, tag = "2")]
-    pub matches: Vec<ProtoMatch>,
-}
-
-/// `istio.security.Match`.
-#[derive(Clone, PartialEq, Message)]
-pub struct ProtoMatch {
-    /// Source namespaces.
-    #[prost(message, repeated, tag = "1")]
-    pub namespaces: Vec<ProtoStringMatch>,
-    /// Negated source namespaces.
-    #[prost(message, repeated, tag = "2")]
-    pub not_namespaces: Vec<ProtoStringMatch>,
-    /// Source principals.
-    #[prost(message, repeated, tag = "3")]
-    pub principals: Vec<ProtoStringMatch>,
-    /// Negated source principals.
-    #[prost(message, repeated, tag = "4")]
-    pub not_principals: Vec<ProtoStringMatch>,
-    /// Source addresses.
-    #[prost(message, repeated, tag = "5")]
-    pub source_ips: Vec<ProtoAddress>,
-    /// Negated source addresses.
-    #[prost(message, repeated, tag = "6")]
-    pub not_source_ips: Vec<ProtoAddress>,
-    /// Destination addresses.
-    #[prost(message, repeated, tag = "7")]
-    pub destination_ips: Vec<ProtoAddress>,
-    /// Negated destination addresses.
-    #[prost(message, repeated, tag = "8")]
-    pub not_destination_ips: Vec<ProtoAddress>,
-    /// Destination ports.
-    #[prost(uint32, repeated, tag = "9")]
-    pub destination_ports: Vec<u32>,
-    /// Negated destination ports.
-    #[prost(uint32, repeated, tag = "10")]
-    pub not_destination_ports: Vec<u32>,
-    /// Source service accounts.
-    #[prost(message, repeated, tag = "11")]
-    pub service_accounts: Vec<ProtoServiceAccountMatch>,
-    /// Negated source service accounts.
-    #[prost(message, repeated, tag = "12")]
-    pub not_service_accounts: Vec<ProtoServiceAccountMatch>,
-}
-
-/// `istio.security.Address`: raw address bytes and a prefix length.
-#[derive(Clone, PartialEq, Message)]
-pub struct ProtoAddress {
-    /// 4 or 16 bytes.
-    #[prost(bytes = "vec", tag = "1")]
-    pub address: Vec<u8>,
-    /// Prefix length.
-    #[prost(uint32, tag = "2")]
-    pub length: u32,
-}
-
-/// `istio.security.ServiceAccountMatch`.
-#[derive(Clone, PartialEq, Message)]
-pub struct ProtoServiceAccountMatch {
-    /// Namespace.
-    #[prost(string, tag = "1")]
-    pub namespace: String,
-    /// Service account name.
-    #[prost(string, tag = "2")]
-    pub service_account: String,
-}
-
-/// `istio.security.StringMatch`.
-#[derive(Clone, PartialEq, Message)]
-pub struct ProtoStringMatch {
-    /// Which kind of match.
-    #[prost(oneof = "MatchType", tags = "1, 2, 3, 4")]
-    pub match_type: Option<MatchType>,
-}
-
-/// The oneof of [`ProtoStringMatch`].
-#[derive(Clone, PartialEq, prost::Oneof)]
-pub enum MatchType {
-    /// Exact.
-    #[prost(string, tag = "1")]
-    Exact(String),
-    /// Prefix.
-    #[prost(string, tag = "2")]
-    Prefix(String),
-    /// Suffix.
-    #[prost(string, tag = "3")]
-    Suffix(String),
-    /// Presence (`google.protobuf.Empty`).
-    #[prost(message, tag = "4")]
-    Presence(()),
-}
-
-/// `istio.security.Scope`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
-#[repr(i32)]
-pub enum ProtoScope {
-    /// All workloads.
-    Global = 0,
-    /// The namespace's workloads.
-    Namespace = 1,
-    /// Workloads that name the policy.
-    WorkloadSelector = 2,
-}
-
-/// `istio.security.Action`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
-#[repr(i32)]
-pub enum ProtoAction {
-    /// Allow.
-    Allow = 0,
-    /// Deny.
-    Deny = 1,
-}
+pub use generated::security::string_match::MatchType;
+pub use generated::security::{
+    Action as ProtoAction, Address as ProtoAddress, Authorization, Clause as ProtoClause,
+    Match as ProtoMatch, Rule as ProtoRule, Scope as ProtoScope,
+    ServiceAccountMatch as ProtoServiceAccountMatch, StringMatch as ProtoStringMatch,
+};
 
 /// A resource that is not a usable policy.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -222,6 +95,7 @@ pub fn to_proto(policy: &Policy) -> Authorization {
             })
             .collect(),
         dry_run: policy.dry_run,
+        extensions: Vec::new(),
     }
 }
 
@@ -260,6 +134,7 @@ fn match_to_proto(m: &Match) -> ProtoMatch {
         not_destination_ports: ports(&m.not_destination_ports),
         service_accounts: sas(&m.service_accounts),
         not_service_accounts: sas(&m.not_service_accounts),
+        extensions: Vec::new(),
     }
 }
 

@@ -48,6 +48,7 @@ fn xds_policy(
                 .collect(),
         }],
         dry_run: false,
+        extensions: Vec::new(),
     }
 }
 

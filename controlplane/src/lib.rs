@@ -28,7 +28,7 @@
 //! "#, "example.yaml")?;
 //! let computed = compute(&manifests, &ComputeConfig::default()).unwrap();
 //! let sleep = &computed.workloads[0];
-//! assert!(sleep.hbone);
+//! assert!(sleep.hbone());
 //! assert_eq!(sleep.identity.as_str(), "spiffe://cluster.local/ns/default/sa/sleep");
 //! # Ok::<(), controlplane::ManifestError>(())
 //! ```
@@ -165,7 +165,11 @@ pub fn compute(m: &Manifests, config: &ComputeConfig) -> Result<Computed, authz:
             namespace: pod.namespace.clone(),
             addresses: pod.ips.clone(),
             network: String::new(),
-            hbone: ambient_ns && !opted_out,
+            tunnel: if ambient_ns && !opted_out {
+                xds::Tunnel::Hbone
+            } else {
+                xds::Tunnel::None
+            },
             identity,
             node: pod.node.clone(),
             canonical_name,
@@ -178,6 +182,12 @@ pub fn compute(m: &Manifests, config: &ComputeConfig) -> Result<Computed, authz:
             hostname: String::new(),
             services,
             waypoint: None,
+            network_gateway: None,
+            network_mode: xds::NetworkMode::Standard,
+            locality: Default::default(),
+            capacity: 1,
+            native_tunnel: false,
+            application_tunnel: None,
         });
     }
     for s in &m.services {
@@ -200,6 +210,7 @@ pub fn compute(m: &Manifests, config: &ComputeConfig) -> Result<Computed, authz:
                 .collect(),
             subject_alt_names: Vec::new(),
             waypoint: None,
+            ..Default::default()
         });
     }
     Ok(out)

@@ -27,7 +27,7 @@ fn tutorial_namespace_golden() {
                 "{} {} hbone={} id={} node={} type={:?}/{} canonical={}/{} policies={:?} services={:?} ips={:?}",
                 w.uid,
                 w.name,
-                w.hbone,
+                w.hbone(),
                 w.identity,
                 w.node,
                 w.workload_type,
@@ -104,14 +104,14 @@ fn namespace_label_flips_tunnel_protocol() {
         .unwrap()
         .remove("istio.io/dataplane-mode");
     let computed = compute(&m, &ComputeConfig::default()).unwrap();
-    assert!(computed.workloads.iter().all(|w| !w.hbone));
+    assert!(computed.workloads.iter().all(|w| !w.hbone()));
     m.namespaces
         .get_mut("default")
         .unwrap()
         .insert("istio.io/dataplane-mode".into(), "ambient".into());
     let computed = compute(&m, &ComputeConfig::default()).unwrap();
     assert_eq!(
-        computed.workloads.iter().filter(|w| w.hbone).count(),
+        computed.workloads.iter().filter(|w| w.hbone()).count(),
         4,
         "all but the opted-out pod"
     );

@@ -17,10 +17,11 @@ use tonic::metadata::MetadataValue;
 
 use crate::{CertInfo, Credentials, DevCa, Error, KeyAndCsr, SpiffeId, WorkloadCert};
 
-/// Generated protobuf and gRPC code for `istio.v1.auth` (from `proto/istio_ca.proto`).
+/// Generated protobuf and gRPC code for `istio.v1.auth` (from `proto/istio_ca.proto`, by
+/// `cargo run -p protogen`).
 #[allow(missing_docs, unreachable_pub, unused_qualifications, clippy::all)]
 pub mod proto {
-    tonic::include_proto!("istio.v1.auth");
+    include!("generated/istio.v1.auth.rs");
 }
 
 /// The metadata key Istio uses to ask for a certificate on a pod's behalf.

@@ -282,7 +282,7 @@ pub fn config_dump(
             json!({
                 "uid": w.uid, "name": w.name, "namespace": w.namespace,
                 "addresses": w.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-                "network": w.network, "protocol": if w.hbone { "HBONE" } else { "TCP" },
+                "network": w.network, "protocol": if w.hbone() { "HBONE" } else { "TCP" },
                 "identity": w.identity.as_str(), "node": w.node, "workloadName": w.workload_name,
                 "canonicalName": w.canonical_name, "canonicalRevision": w.canonical_revision,
                 "authorizationPolicies": w.authorization_policies, "healthy": w.healthy,

@@ -14,7 +14,7 @@
 //! use proxy::addr::OrigDst;
 //! use proxy::outbound::{Route, decide};
 //! use proxy::state::{State, StateStore};
-//! use xds_client::resources::{Address, Workload, WorkloadType};
+//! use xds_client::resources::{Address, NetworkMode, Tunnel, Workload, WorkloadType};
 //!
 //! let pod = |uid: &str, ip: [u8; 4], sa: &str, hbone: bool| Workload {
 //!     uid: uid.into(),
@@ -22,7 +22,7 @@
 //!     namespace: "default".into(),
 //!     addresses: vec![ip.into()],
 //!     network: String::new(),
-//!     hbone,
+//!     tunnel: if hbone { Tunnel::Hbone } else { Tunnel::None },
 //!     identity: format!("spiffe://cluster.local/ns/default/sa/{sa}").parse().unwrap(),
 //!     node: "node-a".into(),
 //!     canonical_name: uid.into(),
@@ -35,6 +35,12 @@
 //!     hostname: String::new(),
 //!     services: Default::default(),
 //!     waypoint: None,
+//!     network_gateway: None,
+//!     network_mode: NetworkMode::Standard,
+//!     locality: Default::default(),
+//!     capacity: 1,
+//!     native_tunnel: false,
+//!     application_tunnel: None,
 //! };
 //! let store = StateStore::new(State::new("istio-system"));
 //! store.update(|s| {

@@ -95,6 +95,7 @@ async fn mesh(test: u8) -> Mesh {
             }],
             subject_alt_names: vec![],
             waypoint: None,
+            ..Default::default()
         }));
         let p = allow("allow-sleep", "sleep");
         s.insert_policy(p);

@@ -10,7 +10,7 @@ use proxy::addr::OrigDst;
 use proxy::outbound::{Route, RouteError, decide};
 use proxy::state::{State, StateStore};
 use xds_client::resources::{
-    Address, PortMapping, Service, Waypoint, WaypointAddress, Workload, WorkloadType,
+    Address, PortMapping, Service, Tunnel, Waypoint, WaypointAddress, Workload, WorkloadType,
 };
 
 fn ip(text: &str) -> IpAddr {
@@ -24,7 +24,7 @@ fn workload(uid: &str, addr: &str, sa: &str) -> Workload {
         namespace: "default".into(),
         addresses: vec![ip(addr)],
         network: String::new(),
-        hbone: true,
+        tunnel: Tunnel::Hbone,
         identity: format!("spiffe://cluster.local/ns/default/sa/{sa}")
             .parse()
             .unwrap(),
@@ -39,6 +39,12 @@ fn workload(uid: &str, addr: &str, sa: &str) -> Workload {
         hostname: String::new(),
         services: BTreeMap::new(),
         waypoint: None,
+        network_gateway: None,
+        network_mode: xds_client::resources::NetworkMode::Standard,
+        locality: Default::default(),
+        capacity: 1,
+        native_tunnel: false,
+        application_tunnel: None,
     }
 }
 
@@ -71,6 +77,7 @@ fn service(name: &str, vip: &str, ports: &[(u16, u16)]) -> Service {
             .collect(),
         subject_alt_names: vec![],
         waypoint: None,
+        ..Default::default()
     }
 }
 
@@ -116,7 +123,7 @@ fn mesh() -> State {
         &[],
     )));
     let mut outside = workload("legacy", "10.0.0.20", "legacy");
-    outside.hbone = false;
+    outside.tunnel = Tunnel::None;
     s.insert_address(Address::Workload(outside));
     s.insert_address(Address::Service(service(
         "web",
@@ -375,7 +382,7 @@ fn build(ops: &[Op]) -> (State, Vec<Workload>, Vec<Service>) {
                     &format!("sa{id}"),
                 );
                 w.network = if *network { "n2".into() } else { String::new() };
-                w.hbone = *hbone;
+                w.tunnel = if *hbone { Tunnel::Hbone } else { Tunnel::None };
                 w.healthy = *healthy;
                 // Every workload belongs to service s{id % 3}, with these port maps.
                 let key = format!("default/s{}.default.svc.cluster.local", id % 3);
@@ -443,7 +450,7 @@ fn oracle(
         if port == 0 {
             return Err("no target port");
         }
-        let kind = if w.hbone { "hbone" } else { "pass" };
+        let kind = if w.hbone() { "hbone" } else { "pass" };
         return Ok((
             kind,
             Some(w.uid.clone()),
@@ -455,7 +462,7 @@ fn oracle(
         .rev()
         .find(|w| w.network == source_network && w.addresses.contains(&dst.ip()));
     Ok(match holder {
-        Some(w) if w.hbone => ("hbone", Some(w.uid.clone()), dst),
+        Some(w) if w.hbone() => ("hbone", Some(w.uid.clone()), dst),
         Some(w) => ("pass", Some(w.uid.clone()), dst),
         None => ("pass", None, dst),
     })

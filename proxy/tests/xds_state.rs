@@ -22,7 +22,7 @@ fn workload(uid: &str, ip: [u8; 4], policies: &[&str]) -> Workload {
         namespace: "default".into(),
         addresses: vec![ip.into()],
         network: String::new(),
-        hbone: true,
+        tunnel: xds_client::resources::Tunnel::Hbone,
         identity: format!("spiffe://cluster.local/ns/default/sa/{uid}")
             .parse()
             .unwrap(),
@@ -37,6 +37,12 @@ fn workload(uid: &str, ip: [u8; 4], policies: &[&str]) -> Workload {
         hostname: String::new(),
         services: BTreeMap::new(),
         waypoint: None,
+        network_gateway: None,
+        network_mode: xds_client::resources::NetworkMode::Standard,
+        locality: Default::default(),
+        capacity: 1,
+        native_tunnel: false,
+        application_tunnel: None,
     }
 }
 

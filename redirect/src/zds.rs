@@ -31,97 +31,16 @@ use tracing::{info, warn};
 use crate::agent::{Handoff, PodInfo};
 use crate::sys;
 
-/// The ZDS messages (field numbers from Istio's `zds.proto`, as DESIGN.md lists them).
-#[allow(missing_docs)]
+/// The ZDS messages (`istio.workload.zds`), generated from `proto/zds.proto` (Istio's schema)
+/// by `cargo run -p protogen`; [`Payload`](proto::Payload) is the request's oneof.
+#[allow(missing_docs, unreachable_pub, unused_qualifications, clippy::all)]
 pub mod proto {
-    /// Sent by the proxy first.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct ZdsHello {
-        #[prost(enumeration = "Version", tag = "1")]
-        pub version: i32,
-    }
+    include!("generated/istio.workload.zds.rs");
 
-    /// Protocol version.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
-    #[repr(i32)]
-    pub enum Version {
-        NotUsed = 0,
-        V1 = 1,
-    }
-
-    /// Who the pod is.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct WorkloadInfo {
-        #[prost(string, tag = "1")]
-        pub name: String,
-        #[prost(string, tag = "2")]
-        pub namespace: String,
-        #[prost(string, tag = "3")]
-        pub service_account: String,
-    }
-
-    /// A captured pod; its netns descriptor travels with the message.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct AddWorkload {
-        #[prost(string, tag = "1")]
-        pub uid: String,
-        #[prost(message, optional, tag = "2")]
-        pub workload_info: Option<WorkloadInfo>,
-    }
-
-    /// A released pod.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct DelWorkload {
-        #[prost(string, tag = "2")]
-        pub uid: String,
-    }
-
-    /// End of the initial replay.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct SnapshotSent {}
-
-    /// Keep a pod the proxy already has (before the snapshot ends).
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct KeepWorkload {
-        #[prost(string, tag = "1")]
-        pub uid: String,
-    }
-
-    /// One request from the agent.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct WorkloadRequest {
-        #[prost(oneof = "Payload", tags = "1, 2, 3, 5")]
-        pub payload: Option<Payload>,
-    }
-
-    /// The request's payload.
-    #[derive(Clone, PartialEq, prost::Oneof)]
-    pub enum Payload {
-        #[prost(message, tag = "1")]
-        Add(AddWorkload),
-        #[prost(message, tag = "2")]
-        Del(DelWorkload),
-        #[prost(message, tag = "3")]
-        SnapshotSent(SnapshotSent),
-        #[prost(message, tag = "5")]
-        Keep(KeepWorkload),
-    }
-
-    /// The proxy's answer.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct WorkloadResponse {
-        #[prost(message, optional, tag = "1")]
-        pub ack: Option<Ack>,
-    }
-
-    /// Empty error = success.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Ack {
-        #[prost(string, tag = "1")]
-        pub error: String,
-    }
+    pub use workload_request::Payload;
 }
 
+use proto::workload_response::Payload::Ack;
 use proto::{
     AddWorkload, DelWorkload, Payload, SnapshotSent, WorkloadInfo, WorkloadRequest,
     WorkloadResponse,
@@ -454,9 +373,9 @@ fn request(
         ));
     }
     let response = WorkloadResponse::decode(&buf[..n]).map_err(invalid)?;
-    match response.ack {
-        Some(ack) if ack.error.is_empty() => Ok(Ok(())),
-        Some(ack) => Ok(Err(ack.error)),
+    match response.payload {
+        Some(Ack(ack)) if ack.error.is_empty() => Ok(Ok(())),
+        Some(Ack(ack)) => Ok(Err(ack.error)),
         None => Err(invalid("response without ack".to_owned())),
     }
 }
@@ -523,9 +442,9 @@ impl ZdsClient {
     /// that reason.
     pub fn ack(&self, error: &str) -> std::io::Result<()> {
         let ack = WorkloadResponse {
-            ack: Some(proto::Ack {
+            payload: Some(Ack(proto::Ack {
                 error: error.to_owned(),
-            }),
+            })),
         };
         sys::send(&self.conn, &ack.encode_to_vec(), &[])
     }
@@ -582,10 +501,10 @@ impl ZdsTestAgent {
             ));
         }
         let response = WorkloadResponse::decode(&buf[..n]).map_err(invalid)?;
-        response
-            .ack
-            .map(|a| a.error)
-            .ok_or_else(|| invalid("response without ack"))
+        match response.payload {
+            Some(Ack(ack)) => Ok(ack.error),
+            None => Err(invalid("response without ack")),
+        }
     }
 
     /// Sends one request and returns the ack's error text.

@@ -89,7 +89,7 @@ fn workload(i: usize) -> Workload {
             i as u8,
         ])],
         network: String::new(),
-        hbone: true,
+        tunnel: xds_client::resources::Tunnel::Hbone,
         identity: identity::SpiffeId::istio(
             "cluster.local",
             &format!("ns-{}", i % 100),
@@ -119,6 +119,12 @@ fn workload(i: usize) -> Workload {
         )]
         .into(),
         waypoint: None,
+        network_gateway: None,
+        network_mode: xds_client::resources::NetworkMode::Standard,
+        locality: Default::default(),
+        capacity: 1,
+        native_tunnel: false,
+        application_tunnel: None,
     }
 }
 
@@ -142,6 +148,7 @@ fn main() {
                 ports: vec![PortMapping { service_port: 80, target_port: 8080 }],
                 subject_alt_names: vec![],
                 waypoint: None,
+                ..Default::default()
             });
             server.set(ADDRESS_TYPE_URL, &a.key(), encode_address(&a));
         }

@@ -300,6 +300,7 @@ impl XdsClient {
                     })
                     .collect(),
             }),
+            build_version: concat!("ambient-rs ", env!("CARGO_PKG_VERSION")).to_owned(),
         };
         let mut first = true;
         // Authorization first: the server answers in request order, so policies arrive before

@@ -11,7 +11,8 @@
 //!   `istio.security.Authorization` through the `authz` crate); a bad resource is a per-resource
 //!   rejection, never a panic.
 //!
-//! Messages are compiled from `proto/` with protox (no `protoc` needed).
+//! Messages are generated from `proto/` (Istio's schema, checked field by field) into
+//! `src/generated/` by `cargo run -p protogen`; building needs no protobuf compiler.
 //!
 //! ```
 //! use xds_client::resources::decode_address;
@@ -27,16 +28,16 @@ pub mod resources;
 #[cfg(feature = "server")]
 pub mod server;
 
-/// Generated protobuf and gRPC code.
+/// Generated protobuf and gRPC code (`src/generated/`, from `proto/`).
 #[allow(missing_docs, unreachable_pub, unused_qualifications, clippy::all)]
 pub mod proto {
     /// `envoy.service.discovery.v3`: delta ADS.
     pub mod discovery {
-        tonic::include_proto!("envoy.service.discovery.v3");
+        include!("generated/envoy.service.discovery.v3.rs");
     }
     /// `istio.workload`: workloads and services.
     pub mod workload {
-        tonic::include_proto!("istio.workload");
+        include!("generated/istio.workload.rs");
     }
 }
 

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use identity::SpiffeId;
+use ipnet::IpNet;
 use prost::Message;
 
 use crate::proto::workload as pb;
@@ -30,6 +31,9 @@ pub fn push_order(type_url: &str) -> (u8, &str) {
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
 /// An `istio.workload.Address`: a workload or a service.
+// Addresses are transient (decoded, then moved into the proxy's state), so the size of the
+// larger variant costs a copy per update, not memory held.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Address {
     /// A workload (a pod).
@@ -51,8 +55,8 @@ pub struct Workload {
     pub addresses: Vec<IpAddr>,
     /// Network, empty for the default one.
     pub network: String,
-    /// Whether the workload is in the mesh and speaks HBONE (via its node's proxy).
-    pub hbone: bool,
+    /// How it is reached: plain TCP, HBONE, or a sidecar's mutual TLS.
+    pub tunnel: Tunnel,
     /// Its identity: `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
     pub identity: SpiffeId,
     /// Node it runs on.
@@ -77,6 +81,69 @@ pub struct Workload {
     pub services: BTreeMap<String, Vec<PortMapping>>,
     /// The waypoint all traffic to it must go through, if any.
     pub waypoint: Option<Waypoint>,
+    /// How it is reached from another network, if it is in one (not carried yet: such
+    /// destinations are refused with a reason).
+    pub network_gateway: Option<Waypoint>,
+    /// Whether it has its own address or shares its node's.
+    pub network_mode: NetworkMode,
+    /// Where it runs, for locality-aware endpoint choice.
+    pub locality: Locality,
+    /// Its weight in endpoint choice (1 when the resource leaves it unset; 0 is never chosen).
+    pub capacity: u32,
+    /// Whether it terminates HBONE itself (no node proxy in front of it).
+    pub native_tunnel: bool,
+    /// How the tunnel's end hands connections to the application, when not plain TCP.
+    pub application_tunnel: Option<ApplicationTunnel>,
+}
+
+impl Workload {
+    /// Whether it is in the mesh and reached over HBONE.
+    pub fn hbone(&self) -> bool {
+        self.tunnel == Tunnel::Hbone
+    }
+}
+
+/// How a workload is reached (`TunnelProtocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Tunnel {
+    /// Plain TCP: not in the mesh.
+    #[default]
+    None,
+    /// HBONE (via its node's proxy, or its own).
+    Hbone,
+    /// A sidecar's mutual TLS on the application port (not carried by this proxy: refused).
+    LegacyIstioMtls,
+}
+
+/// Whether a workload has its own network namespace (`NetworkMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum NetworkMode {
+    /// Its own address.
+    #[default]
+    Standard,
+    /// Its node's address, shared with every host-network pod of the node: never looked up by
+    /// address.
+    HostNetwork,
+}
+
+/// Region, zone and subzone (empty: not known).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct Locality {
+    /// Region.
+    pub region: String,
+    /// Zone.
+    pub zone: String,
+    /// Subzone.
+    pub subzone: String,
+}
+
+/// A workload's application tunnel (`ApplicationTunnel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ApplicationTunnel {
+    /// Whether a PROXY protocol header comes first (`PROXY`), or plain TCP (`NONE`).
+    pub proxy_protocol: bool,
+    /// The application's port for it (0: the connection's own target port).
+    pub port: u16,
 }
 
 /// A waypoint proxy (Istio's `GatewayAddress`): where tunnels to a workload or service that uses
@@ -108,8 +175,9 @@ pub enum WaypointAddress {
     },
 }
 
-/// A service.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A service. `Default` is a start for building one (an empty service is not valid on the wire:
+/// it needs a namespace and a hostname).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Service {
     /// Service name.
     pub name: String,
@@ -119,12 +187,95 @@ pub struct Service {
     pub hostname: String,
     /// Addresses per network.
     pub addresses: Vec<(String, IpAddr)>,
+    /// Address ranges per network (addresses with a prefix shorter than the address): any
+    /// address in one is this service.
+    pub ranges: Vec<(String, IpNet)>,
     /// Ports.
     pub ports: Vec<PortMapping>,
     /// Identities to expect instead of per-workload ones, if set.
     pub subject_alt_names: Vec<String>,
     /// The waypoint all traffic to it must go through, if any.
     pub waypoint: Option<Waypoint>,
+    /// Waypoints with weights; when any weight is above 0, one is chosen by weight for each
+    /// connection in place of `waypoint`.
+    pub weighted_waypoints: Vec<(Waypoint, u32)>,
+    /// How its endpoints are chosen (`None`: at random among healthy ones, by capacity).
+    pub load_balancing: Option<LoadBalancing>,
+    /// Which address family of an endpoint is dialed.
+    pub ip_families: IpFamilies,
+    /// Whether it is the canonical service for its hostname (name resolution).
+    pub canonical: bool,
+    /// Whether traffic from an ingress gateway also goes through the waypoint (used by
+    /// gateways; Istio's ztunnel does not act on it either).
+    pub ingress_use_waypoint: bool,
+    /// Who may resolve it by name.
+    pub visibility: Visibility,
+}
+
+/// Who may resolve a service by name (`Service.Visibility`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Visibility {
+    /// Everyone.
+    #[default]
+    Public,
+    /// Clients in its own namespace.
+    Namespace,
+}
+
+/// Which address family of an endpoint is dialed (`IPFamilies`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum IpFamilies {
+    /// The family of the address the client dialed, when the endpoint has one; else its first.
+    #[default]
+    Automatic,
+    /// IPv4 only: endpoints without an IPv4 address are not chosen.
+    Ipv4Only,
+    /// IPv6 only: endpoints without an IPv6 address are not chosen.
+    Ipv6Only,
+    /// Both (chosen as for `Automatic`).
+    Dual,
+}
+
+/// Locality-aware endpoint choice (`LoadBalancing`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LoadBalancing {
+    /// Scopes in order of preference; an endpoint's rank is how many of them, from the first,
+    /// it shares with the client.
+    pub routing_preference: Vec<LocalityScope>,
+    /// What the rank decides.
+    pub mode: LoadBalancingMode,
+    /// Whether unhealthy endpoints may be chosen (`ALLOW_ALL`).
+    pub allow_unhealthy: bool,
+}
+
+/// What a client and an endpoint are compared on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LocalityScope {
+    /// Same region.
+    Region,
+    /// Same zone.
+    Zone,
+    /// Same subzone.
+    Subzone,
+    /// Same node.
+    Node,
+    /// Same cluster.
+    Cluster,
+    /// Same network.
+    Network,
+}
+
+/// What an endpoint's rank decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LoadBalancingMode {
+    /// Nothing: any endpoint (`UNSPECIFIED_MODE`).
+    Standard,
+    /// Only endpoints that share every scope.
+    Strict,
+    /// The endpoints of the highest rank present.
+    Failover,
+    /// No choice: the connection goes to the address the client dialed.
+    Passthrough,
 }
 
 /// A service port and the port it forwards to.
@@ -296,6 +447,7 @@ fn waypoint_to_proto(w: &Waypoint) -> pb::GatewayAddress {
                 pb::gateway_address::Destination::Address(pb::NetworkAddress {
                     network: network.clone(),
                     address: ip_bytes(ip),
+                    length: None,
                 })
             }
             WaypointAddress::Hostname {
@@ -350,8 +502,43 @@ fn workload_from_proto(w: pb::Workload) -> Result<Workload, DecodeError> {
     };
     let identity = SpiffeId::istio(trust_domain, &w.namespace, service_account)
         .map_err(|e| err(format!("no valid identity: {e}")))?;
-    let tunnel = pb::TunnelProtocol::try_from(w.tunnel_protocol)
-        .map_err(|_| err(format!("unknown tunnel_protocol {}", w.tunnel_protocol)))?;
+    let tunnel = match pb::TunnelProtocol::try_from(w.tunnel_protocol) {
+        Ok(pb::TunnelProtocol::None) => Tunnel::None,
+        Ok(pb::TunnelProtocol::Hbone) => Tunnel::Hbone,
+        Ok(pb::TunnelProtocol::LegacyIstioMtls) => Tunnel::LegacyIstioMtls,
+        Err(_) => {
+            return Err(err(format!(
+                "unknown tunnel_protocol {}",
+                w.tunnel_protocol
+            )));
+        }
+    };
+    let network_mode = match pb::NetworkMode::try_from(w.network_mode) {
+        Ok(pb::NetworkMode::Standard) => NetworkMode::Standard,
+        Ok(pb::NetworkMode::HostNetwork) => NetworkMode::HostNetwork,
+        Err(_) => return Err(err(format!("unknown network_mode {}", w.network_mode))),
+    };
+    let application_tunnel = match &w.application_tunnel {
+        None => None,
+        Some(t) => Some(ApplicationTunnel {
+            proxy_protocol: match pb::application_tunnel::Protocol::try_from(t.protocol) {
+                Ok(pb::application_tunnel::Protocol::None) => false,
+                Ok(pb::application_tunnel::Protocol::Proxy) => true,
+                Err(_) => {
+                    return Err(err(format!(
+                        "unknown application_tunnel protocol {}",
+                        t.protocol
+                    )));
+                }
+            },
+            port: port(t.port, &format!("{what} application_tunnel.port"))?,
+        }),
+    };
+    let network_gateway = w
+        .network_gateway
+        .as_ref()
+        .map(|g| waypoint_from_proto(g, &format!("{what} network_gateway")))
+        .transpose()?;
     let workload_type = match pb::WorkloadType::try_from(w.workload_type) {
         Ok(pb::WorkloadType::Deployment) => WorkloadType::Deployment,
         Ok(pb::WorkloadType::Cronjob) => WorkloadType::CronJob,
@@ -382,7 +569,7 @@ fn workload_from_proto(w: pb::Workload) -> Result<Workload, DecodeError> {
         namespace: w.namespace,
         addresses,
         network: w.network,
-        hbone: tunnel == pb::TunnelProtocol::Hbone,
+        tunnel,
         identity,
         node: w.node,
         canonical_name: w.canonical_name,
@@ -395,6 +582,19 @@ fn workload_from_proto(w: pb::Workload) -> Result<Workload, DecodeError> {
         hostname: w.hostname,
         services,
         waypoint,
+        network_gateway,
+        network_mode,
+        locality: w
+            .locality
+            .map(|l| Locality {
+                region: l.region,
+                zone: l.zone,
+                subzone: l.subzone,
+            })
+            .unwrap_or_default(),
+        capacity: w.capacity.unwrap_or(1),
+        native_tunnel: w.native_tunnel,
+        application_tunnel,
     })
 }
 
@@ -411,10 +611,10 @@ fn workload_to_proto(w: &Workload) -> pb::Workload {
             })
             .collect(),
         network: w.network.clone(),
-        tunnel_protocol: if w.hbone {
-            pb::TunnelProtocol::Hbone
-        } else {
-            pb::TunnelProtocol::None
+        tunnel_protocol: match w.tunnel {
+            Tunnel::None => pb::TunnelProtocol::None,
+            Tunnel::Hbone => pb::TunnelProtocol::Hbone,
+            Tunnel::LegacyIstioMtls => pb::TunnelProtocol::LegacyIstioMtls,
         } as i32,
         trust_domain: w.identity.trust_domain().to_owned(),
         service_account: w.identity.service_account().unwrap_or_default().to_owned(),
@@ -450,6 +650,27 @@ fn workload_to_proto(w: &Workload) -> pb::Workload {
                 )
             })
             .collect(),
+        network_gateway: w.network_gateway.as_ref().map(waypoint_to_proto),
+        native_tunnel: w.native_tunnel,
+        application_tunnel: w.application_tunnel.map(|t| pb::ApplicationTunnel {
+            protocol: if t.proxy_protocol {
+                pb::application_tunnel::Protocol::Proxy
+            } else {
+                pb::application_tunnel::Protocol::None
+            } as i32,
+            port: u32::from(t.port),
+        }),
+        locality: (w.locality != Locality::default()).then(|| pb::Locality {
+            region: w.locality.region.clone(),
+            zone: w.locality.zone.clone(),
+            subzone: w.locality.subzone.clone(),
+        }),
+        network_mode: match w.network_mode {
+            NetworkMode::Standard => pb::NetworkMode::Standard,
+            NetworkMode::HostNetwork => pb::NetworkMode::HostNetwork,
+        } as i32,
+        extensions: Vec::new(),
+        capacity: (w.capacity != 1).then_some(w.capacity),
     }
 }
 
@@ -458,34 +679,76 @@ fn ports_to_proto(list: &[PortMapping]) -> Vec<pb::Port> {
         .map(|p| pb::Port {
             service_port: u32::from(p.service_port),
             target_port: u32::from(p.target_port),
+            app_protocol: pb::AppProtocol::Unknown as i32,
         })
         .collect()
 }
 
 fn service_from_proto(s: pb::Service) -> Result<Service, DecodeError> {
     let what = format!("Service {}/{}", s.namespace, s.hostname);
+    let err = |reason: String| DecodeError {
+        what: what.clone(),
+        reason,
+    };
     if s.namespace.is_empty() || s.hostname.is_empty() {
-        return Err(DecodeError {
-            what,
-            reason: "namespace and hostname must be set".into(),
-        });
+        return Err(err("namespace and hostname must be set".into()));
     }
-    let addresses = s
-        .addresses
-        .iter()
-        .enumerate()
-        .map(|(i, a)| {
-            Ok((
-                a.network.clone(),
-                ip(&a.address, &format!("{what} addresses[{i}]"))?,
-            ))
-        })
-        .collect::<Result<Vec<_>, DecodeError>>()?;
+    let mut addresses = Vec::new();
+    let mut ranges = Vec::new();
+    for (i, a) in s.addresses.iter().enumerate() {
+        let at = format!("{what} addresses[{i}]");
+        let ip = ip(&a.address, &at)?;
+        let full = if ip.is_ipv4() { 32 } else { 128 };
+        match a.length {
+            None => addresses.push((a.network.clone(), ip)),
+            Some(length) if length == full => addresses.push((a.network.clone(), ip)),
+            Some(length) => {
+                let net = u8::try_from(length)
+                    .ok()
+                    .and_then(|l| IpNet::new(ip, l).ok())
+                    .ok_or_else(|| DecodeError {
+                        what: at.clone(),
+                        reason: format!("prefix length {length} does not fit {ip}"),
+                    })?;
+                ranges.push((a.network.clone(), net.trunc()));
+            }
+        }
+    }
     let waypoint = s
         .waypoint
         .as_ref()
         .map(|g| waypoint_from_proto(g, &format!("{what} waypoint")))
         .transpose()?;
+    let weighted_waypoints = s
+        .weighted_waypoints
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let at = format!("{what} weighted_waypoints[{i}]");
+            let destination = w.destination.as_ref().ok_or_else(|| DecodeError {
+                what: at.clone(),
+                reason: "no destination".into(),
+            })?;
+            Ok((waypoint_from_proto(destination, &at)?, w.weight))
+        })
+        .collect::<Result<Vec<_>, DecodeError>>()?;
+    let load_balancing = s
+        .load_balancing
+        .as_ref()
+        .map(|lb| load_balancing_from_proto(lb, &format!("{what} load_balancing")))
+        .transpose()?;
+    let ip_families = match pb::IpFamilies::try_from(s.ip_families) {
+        Ok(pb::IpFamilies::Automatic) => IpFamilies::Automatic,
+        Ok(pb::IpFamilies::Ipv4Only) => IpFamilies::Ipv4Only,
+        Ok(pb::IpFamilies::Ipv6Only) => IpFamilies::Ipv6Only,
+        Ok(pb::IpFamilies::Dual) => IpFamilies::Dual,
+        Err(_) => return Err(err(format!("unknown ip_families {}", s.ip_families))),
+    };
+    let visibility = match pb::service::Visibility::try_from(s.visibility) {
+        Ok(pb::service::Visibility::Public) => Visibility::Public,
+        Ok(pb::service::Visibility::Namespace) => Visibility::Namespace,
+        Err(_) => return Err(err(format!("unknown visibility {}", s.visibility))),
+    };
     Ok(Service {
         waypoint,
         ports: ports(&s.ports, &format!("{what} ports"))?,
@@ -493,8 +756,90 @@ fn service_from_proto(s: pb::Service) -> Result<Service, DecodeError> {
         namespace: s.namespace,
         hostname: s.hostname,
         addresses,
+        ranges,
         subject_alt_names: s.subject_alt_names,
+        weighted_waypoints,
+        load_balancing,
+        ip_families,
+        canonical: s.canonical,
+        ingress_use_waypoint: s.ingress_use_waypoint,
+        visibility,
     })
+}
+
+fn load_balancing_from_proto(
+    lb: &pb::LoadBalancing,
+    what: &str,
+) -> Result<LoadBalancing, DecodeError> {
+    use pb::load_balancing::{HealthPolicy, Mode, Scope};
+    let err = |reason: String| DecodeError {
+        what: what.to_owned(),
+        reason,
+    };
+    let routing_preference = lb
+        .routing_preference
+        .iter()
+        .map(|v| match Scope::try_from(*v) {
+            Ok(Scope::Region) => Ok(LocalityScope::Region),
+            Ok(Scope::Zone) => Ok(LocalityScope::Zone),
+            Ok(Scope::Subzone) => Ok(LocalityScope::Subzone),
+            Ok(Scope::Node) => Ok(LocalityScope::Node),
+            Ok(Scope::Cluster) => Ok(LocalityScope::Cluster),
+            Ok(Scope::Network) => Ok(LocalityScope::Network),
+            Ok(Scope::UnspecifiedScope) | Err(_) => {
+                Err(err(format!("routing_preference {v} is not a scope")))
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mode = match Mode::try_from(lb.mode) {
+        Ok(Mode::UnspecifiedMode) => LoadBalancingMode::Standard,
+        Ok(Mode::Strict) => LoadBalancingMode::Strict,
+        Ok(Mode::Failover) => LoadBalancingMode::Failover,
+        Ok(Mode::Passthrough) => LoadBalancingMode::Passthrough,
+        Err(_) => return Err(err(format!("unknown mode {}", lb.mode))),
+    };
+    let allow_unhealthy = match HealthPolicy::try_from(lb.health_policy) {
+        Ok(HealthPolicy::OnlyHealthy) => false,
+        Ok(HealthPolicy::AllowAll) => true,
+        Err(_) => return Err(err(format!("unknown health_policy {}", lb.health_policy))),
+    };
+    Ok(LoadBalancing {
+        routing_preference,
+        mode,
+        allow_unhealthy,
+    })
+}
+
+fn load_balancing_to_proto(lb: &LoadBalancing) -> pb::LoadBalancing {
+    use pb::load_balancing::{HealthPolicy, Mode, Scope};
+    pb::LoadBalancing {
+        routing_preference: lb
+            .routing_preference
+            .iter()
+            .map(|s| {
+                let scope = match s {
+                    LocalityScope::Region => Scope::Region,
+                    LocalityScope::Zone => Scope::Zone,
+                    LocalityScope::Subzone => Scope::Subzone,
+                    LocalityScope::Node => Scope::Node,
+                    LocalityScope::Cluster => Scope::Cluster,
+                    LocalityScope::Network => Scope::Network,
+                };
+                scope as i32
+            })
+            .collect(),
+        mode: match lb.mode {
+            LoadBalancingMode::Standard => Mode::UnspecifiedMode,
+            LoadBalancingMode::Strict => Mode::Strict,
+            LoadBalancingMode::Failover => Mode::Failover,
+            LoadBalancingMode::Passthrough => Mode::Passthrough,
+        } as i32,
+        health_policy: if lb.allow_unhealthy {
+            HealthPolicy::AllowAll
+        } else {
+            HealthPolicy::OnlyHealthy
+        } as i32,
+    }
 }
 
 fn service_to_proto(s: &Service) -> pb::Service {
@@ -507,14 +852,39 @@ fn service_to_proto(s: &Service) -> pb::Service {
             .iter()
             .map(|(network, a)| pb::NetworkAddress {
                 network: network.clone(),
-                address: match a {
-                    IpAddr::V4(v4) => v4.octets().to_vec(),
-                    IpAddr::V6(v6) => v6.octets().to_vec(),
-                },
+                address: ip_bytes(a),
+                length: None,
             })
+            .chain(s.ranges.iter().map(|(network, net)| pb::NetworkAddress {
+                network: network.clone(),
+                address: ip_bytes(&net.addr()),
+                length: Some(u32::from(net.prefix_len())),
+            }))
             .collect(),
         ports: ports_to_proto(&s.ports),
         subject_alt_names: s.subject_alt_names.clone(),
         waypoint: s.waypoint.as_ref().map(waypoint_to_proto),
+        load_balancing: s.load_balancing.as_ref().map(load_balancing_to_proto),
+        ip_families: match s.ip_families {
+            IpFamilies::Automatic => pb::IpFamilies::Automatic,
+            IpFamilies::Ipv4Only => pb::IpFamilies::Ipv4Only,
+            IpFamilies::Ipv6Only => pb::IpFamilies::Ipv6Only,
+            IpFamilies::Dual => pb::IpFamilies::Dual,
+        } as i32,
+        extensions: Vec::new(),
+        canonical: s.canonical,
+        ingress_use_waypoint: s.ingress_use_waypoint,
+        weighted_waypoints: s
+            .weighted_waypoints
+            .iter()
+            .map(|(w, weight)| pb::WeightedWaypoint {
+                destination: Some(waypoint_to_proto(w)),
+                weight: *weight,
+            })
+            .collect(),
+        visibility: match s.visibility {
+            Visibility::Public => pb::service::Visibility::Public,
+            Visibility::Namespace => pb::service::Visibility::Namespace,
+        } as i32,
     }
 }

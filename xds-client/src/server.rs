@@ -67,6 +67,8 @@ impl Versioned {
                 value: self.body.clone(),
             }),
             aliases: Vec::new(),
+            ttl: None,
+            cache_control: None,
         }
     }
 }

@@ -266,7 +266,7 @@ async fn typed_handler_and_bearer_token() {
         namespace: "default".into(),
         addresses: vec!["10.0.0.9".parse().unwrap()],
         network: String::new(),
-        hbone: true,
+        tunnel: xds_client::resources::Tunnel::Hbone,
         identity: "spiffe://cluster.local/ns/default/sa/p".parse().unwrap(),
         node: String::new(),
         canonical_name: String::new(),
@@ -279,6 +279,12 @@ async fn typed_handler_and_bearer_token() {
         hostname: String::new(),
         services: Default::default(),
         waypoint: None,
+        network_gateway: None,
+        network_mode: xds_client::resources::NetworkMode::Standard,
+        locality: Default::default(),
+        capacity: 1,
+        native_tunnel: false,
+        application_tunnel: None,
     };
     server.set(T, "u1", encode_address(&Address::Workload(w.clone())));
     server.set(T, "garbage", vec![0x0a, 0x05, 0x0a]);

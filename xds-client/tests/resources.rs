@@ -18,7 +18,7 @@ fn workload() -> Workload {
         namespace: "default".into(),
         addresses: vec!["10.244.0.7".parse().unwrap(), "fd00::7".parse().unwrap()],
         network: String::new(),
-        hbone: true,
+        tunnel: xds_client::resources::Tunnel::Hbone,
         identity: "spiffe://cluster.local/ns/default/sa/sleep"
             .parse()
             .unwrap(),
@@ -39,6 +39,12 @@ fn workload() -> Workload {
             }],
         )]),
         waypoint: None,
+        network_gateway: None,
+        network_mode: xds_client::resources::NetworkMode::Standard,
+        locality: Default::default(),
+        capacity: 1,
+        native_tunnel: false,
+        application_tunnel: None,
     }
 }
 
@@ -58,6 +64,7 @@ fn workloads_and_services_round_trip() {
         }],
         subject_alt_names: vec![],
         waypoint: None,
+        ..Default::default()
     });
     assert_eq!(decode_address(&encode_address(&s)).unwrap(), s);
     assert_eq!(s.key(), "default/web.default.svc.cluster.local");
@@ -79,7 +86,7 @@ fn elided_trust_domain_and_service_account_take_istio_defaults() {
         w.identity.as_str(),
         "spiffe://cluster.local/ns/prod/sa/default"
     );
-    assert!(!w.hbone);
+    assert!(!w.hbone());
 }
 
 #[test]
@@ -126,6 +133,7 @@ fn bad_resources_are_rejected_with_a_reason() {
                 ports: vec![pb::Port {
                     service_port: 70000,
                     target_port: 1,
+                    ..Default::default()
                 }],
             },
         )]

@@ -188,7 +188,7 @@ fn via_service(
 }
 
 fn to_workload(w: &Arc<Workload>, upstream: SocketAddr, service: Option<Arc<Service>>) -> Route {
-    if !w.hbone {
+    if !w.hbone() {
         return Route::Passthrough {
             to: Upstream(upstream),
             destination: Some(w.clone()),

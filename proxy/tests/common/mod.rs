@@ -28,7 +28,11 @@ pub fn workload(uid: &str, addr: IpAddr, hbone: bool, policies: &[&str]) -> Work
         namespace: "default".into(),
         addresses: vec![addr],
         network: String::new(),
-        hbone,
+        tunnel: if hbone {
+            xds_client::resources::Tunnel::Hbone
+        } else {
+            xds_client::resources::Tunnel::None
+        },
         identity: id(uid),
         node: "node-a".into(),
         canonical_name: uid.into(),
@@ -41,6 +45,12 @@ pub fn workload(uid: &str, addr: IpAddr, hbone: bool, policies: &[&str]) -> Work
         hostname: String::new(),
         services: BTreeMap::new(),
         waypoint: None,
+        network_gateway: None,
+        network_mode: xds_client::resources::NetworkMode::Standard,
+        locality: Default::default(),
+        capacity: 1,
+        native_tunnel: false,
+        application_tunnel: None,
     }
 }
 
