@@ -42,6 +42,8 @@ pub struct CertInfo {
     pub spki: Vec<u8>,
     /// Whether the certificate is a CA (basicConstraints cA = true).
     pub is_ca: bool,
+    /// The serial number, in decimal.
+    pub serial_number: String,
 }
 
 impl CertInfo {
@@ -89,6 +91,7 @@ impl CertInfo {
             not_after: time(&validity.not_after),
             spki: parsed.public_key().raw.to_vec(),
             is_ca,
+            serial_number: parsed.serial.to_str_radix(10),
         })
     }
 

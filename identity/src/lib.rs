@@ -42,7 +42,7 @@ pub use cert::fuzz_cert_chain;
 pub use cert::{CertInfo, Credentials, KeyAndCsr, WorkloadCert, parse_pem_chain, uri_sans};
 pub use dev_ca::{DevCa, DevCaSource};
 pub use error::Error;
-pub use secrets::{SecretManager, SecretManagerConfig};
+pub use secrets::{HeldCertificate, SecretManager, SecretManagerConfig};
 #[cfg(feature = "fuzzing")]
 pub use spiffe::fuzz_spiffe_id;
 pub use spiffe::{MAX_ID_LEN, MAX_TRUST_DOMAIN_LEN, SpiffeId, SpiffeIdError, SpiffeIdErrorKind};

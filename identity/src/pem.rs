@@ -47,8 +47,16 @@ pub fn read_roots(path: &Path) -> Result<RootCertStore, Error> {
 
 /// Trust roots from PEM text: every certificate in it; errors name `source`.
 pub fn parse_roots(data: &[u8], source: &Path) -> Result<RootCertStore, Error> {
+    root_store(parse_certs(data, source)?, source)
+}
+
+/// A trust store of `certs`; errors name `source` (where they came from).
+pub fn root_store(
+    certs: Vec<CertificateDer<'static>>,
+    source: &Path,
+) -> Result<RootCertStore, Error> {
     let mut roots = RootCertStore::empty();
-    for (i, cert) in parse_certs(data, source)?.into_iter().enumerate() {
+    for (i, cert) in certs.into_iter().enumerate() {
         roots.add(cert).map_err(|e| Error::Pem {
             path: source.to_owned(),
             what: format!("certificate {i} is not a usable trust root: {e}"),

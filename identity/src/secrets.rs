@@ -25,6 +25,17 @@ use tracing::{info, warn};
 use crate::ca::CertificateSource;
 use crate::{Error, SpiffeId, WorkloadCert};
 
+/// What a [`SecretManager`] holds for one identity ([`SecretManager::held`]).
+#[derive(Debug, Clone)]
+pub struct HeldCertificate {
+    /// The identity.
+    pub id: SpiffeId,
+    /// Its current certificate (`None` before the first arrives).
+    pub cert: Option<Arc<WorkloadCert>>,
+    /// Why the last fetch failed, when it did.
+    pub last_error: Option<String>,
+}
+
 /// Refresh and retry timing of a [`SecretManager`].
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -170,6 +181,22 @@ impl SecretManager {
             .collect();
         ids.sort();
         ids
+    }
+
+    /// Every managed identity (in order) with its current certificate and the error of its
+    /// last failed fetch, if the last fetch failed; starts nothing.
+    pub fn held(&self) -> Vec<HeldCertificate> {
+        let entries = self.inner.entries.lock().expect("lock");
+        let mut held: Vec<_> = entries
+            .iter()
+            .map(|(id, entry)| HeldCertificate {
+                id: id.clone(),
+                cert: entry.tx.borrow().clone(),
+                last_error: lock(&entry.last_error).clone(),
+            })
+            .collect();
+        held.sort_by(|a, b| a.id.cmp(&b.id));
+        held
     }
 
     fn watch(&self, id: &SpiffeId) -> (CertWatch, SharedError, Arc<Notify>) {

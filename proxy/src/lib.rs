@@ -69,6 +69,7 @@ pub mod addr;
 pub mod admin;
 mod assembly;
 pub mod certs;
+pub mod config_dump;
 pub mod connections;
 pub mod dedicated;
 pub mod inbound;

@@ -10,7 +10,7 @@ use common::{allow, id, workload};
 use proptest::prelude::*;
 use proxy::inbound::{Refusal, admit};
 use proxy::state::{LocalWorkload, State};
-use xds_client::resources::Address;
+use xds_client::resources::{Address, ApplicationTunnel};
 
 fn ip(last: u8) -> IpAddr {
     IpAddr::from([10, 0, 0, last])
@@ -65,6 +65,35 @@ fn each_refusal_has_its_status() {
     let dst = "10.0.0.2:8080".parse().unwrap();
     let refusal = admit(&unsynced, &web, src, dst, peer("sleep").as_ref()).unwrap_err();
     assert!(matches!(refusal, Refusal::Denied(_)), "{refusal}");
+}
+
+#[test]
+fn a_workload_that_asks_for_an_application_tunnel_is_refused_after_policy() {
+    let mut s = state(&["default/allow-sleep"], true);
+    let mut web = (**s.workload("web").unwrap()).clone();
+    web.application_tunnel = Some(ApplicationTunnel {
+        proxy_protocol: true,
+        port: 15088,
+    });
+    s.insert_address(Address::Workload(web));
+    let local = LocalWorkload::from("web");
+    let src = SocketAddr::new(ip(1), 40000);
+    let dst = "10.0.0.2:8080".parse().unwrap();
+    let refusal = admit(&s, &local, src, dst, Some(&id("sleep"))).unwrap_err();
+    assert!(
+        matches!(refusal, Refusal::ApplicationTunnelNotCarried { .. }),
+        "{refusal}"
+    );
+    assert_eq!(refusal.status(), 503);
+    assert!(
+        refusal
+            .to_string()
+            .contains("default/web asks for an application tunnel (PROXY protocol to port 15088)"),
+        "{refusal}"
+    );
+    // Policy still decides first: a denied client is told it is denied.
+    let denied = admit(&s, &local, src, dst, Some(&id("notsleep"))).unwrap_err();
+    assert!(matches!(denied, Refusal::Denied(_)), "{denied}");
 }
 
 proptest! {

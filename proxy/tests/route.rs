@@ -10,7 +10,8 @@ use proxy::addr::OrigDst;
 use proxy::outbound::{Route, RouteError, decide};
 use proxy::state::{State, StateStore};
 use xds_client::resources::{
-    Address, PortMapping, Service, Tunnel, Waypoint, WaypointAddress, Workload, WorkloadType,
+    Address, IpFamilies, LoadBalancing, LoadBalancingMode, Locality, LocalityScope, NetworkMode,
+    PortMapping, Service, Tunnel, Waypoint, WaypointAddress, Workload, WorkloadType,
 };
 
 fn ip(text: &str) -> IpAddr {
@@ -40,7 +41,7 @@ fn workload(uid: &str, addr: &str, sa: &str) -> Workload {
         services: BTreeMap::new(),
         waypoint: None,
         network_gateway: None,
-        network_mode: xds_client::resources::NetworkMode::Standard,
+        network_mode: NetworkMode::Standard,
         locality: Default::default(),
         capacity: 1,
         native_tunnel: false,
@@ -611,4 +612,324 @@ fn an_unknown_waypoint_is_an_error_not_a_bypass() {
     let e = route(&s, "10.96.0.10:80", 0).unwrap_err();
     assert!(matches!(e, RouteError::NoWaypoint { .. }), "{e:?}");
     assert!(e.to_string().contains("10.0.0.99"), "{e}");
+}
+
+// ---- The fields of istio.workload that change where a connection goes. ----
+
+/// The uid of the workload a route reaches (HBONE or passthrough), or the error's text.
+fn reached(r: Result<Route, RouteError>) -> String {
+    match r {
+        Ok(Route::Hbone { destination, .. }) => destination.uid.clone(),
+        Ok(Route::Passthrough {
+            destination: Some(w),
+            ..
+        }) => w.uid.clone(),
+        Ok(Route::Passthrough { to, .. }) => format!("passthrough {to}"),
+        Err(e) => format!("error: {e}"),
+    }
+}
+
+/// `sleep` at region r1, zone z1, node node-a, and a service `lb` (10.96.0.50:80 -> 8080) with
+/// the given endpoints (uid, region, zone, node).
+fn locality_mesh(lb: Option<LoadBalancing>, endpoints: &[(&str, &str, &str, &str)]) -> State {
+    let mut s = State::new("istio-system");
+    let mut sleep = workload("sleep", "10.0.0.1", "sleep");
+    sleep.locality = Locality {
+        region: "r1".into(),
+        zone: "z1".into(),
+        subzone: String::new(),
+    };
+    s.insert_address(Address::Workload(sleep));
+    let key = "default/lb.default.svc.cluster.local";
+    for (i, (uid, region, zone, node)) in endpoints.iter().enumerate() {
+        let mut w = member(workload(uid, &format!("10.0.2.{}", i + 1), "lb"), key, &[]);
+        w.locality = Locality {
+            region: (*region).into(),
+            zone: (*zone).into(),
+            subzone: String::new(),
+        };
+        w.node = (*node).into();
+        s.insert_address(Address::Workload(w));
+    }
+    let mut svc = service("lb", "10.96.0.50", &[(80, 8080)]);
+    svc.load_balancing = lb;
+    s.insert_address(Address::Service(svc));
+    s
+}
+
+fn lb(mode: LoadBalancingMode, preference: &[LocalityScope]) -> Option<LoadBalancing> {
+    Some(LoadBalancing {
+        routing_preference: preference.to_vec(),
+        mode,
+        allow_unhealthy: false,
+    })
+}
+
+#[test]
+fn failover_prefers_the_endpoints_that_share_the_most_scopes_in_order() {
+    use LocalityScope::{Region, Zone};
+    let endpoints = [
+        ("other-zone", "r1", "z2", "node-b"),
+        ("same-zone", "r1", "z1", "node-c"),
+        ("other-region", "r2", "z1", "node-a"),
+    ];
+    let s = locality_mesh(lb(LoadBalancingMode::Failover, &[Region, Zone]), &endpoints);
+    // Whatever the pick, the one endpoint sharing region and zone.
+    for pick in 0..3 {
+        assert_eq!(reached(route(&s, "10.96.0.50:80", pick)), "same-zone");
+    }
+    // Without it, those sharing the region; without those, anyone.
+    let s = locality_mesh(
+        lb(LoadBalancingMode::Failover, &[Region, Zone]),
+        &[endpoints[0], endpoints[2]],
+    );
+    for pick in 0..2 {
+        assert_eq!(reached(route(&s, "10.96.0.50:80", pick)), "other-zone");
+    }
+    let s = locality_mesh(
+        lb(LoadBalancingMode::Failover, &[Region, Zone]),
+        &[endpoints[2]],
+    );
+    assert_eq!(reached(route(&s, "10.96.0.50:80", 0)), "other-region");
+    // A zone match alone does not count: the order of preference is a prefix. other-region
+    // shares the zone, not the region (rank 0), so it ties with a stranger.
+    let s = locality_mesh(
+        lb(LoadBalancingMode::Failover, &[Region, Zone]),
+        &[endpoints[2], ("stranger", "r3", "z3", "node-z")],
+    );
+    assert_eq!(reached(route(&s, "10.96.0.50:80", 1)), "stranger");
+}
+
+#[test]
+fn strict_refuses_rather_than_leave_the_locality_and_node_scope_compares_nodes() {
+    use LocalityScope::{Node, Region, Zone};
+    let endpoints = [
+        ("other-zone", "r1", "z2", "node-b"),
+        ("same-zone", "r1", "z1", "node-c"),
+        ("same-node", "r9", "z9", "node-a"),
+    ];
+    let s = locality_mesh(lb(LoadBalancingMode::Strict, &[Region, Zone]), &endpoints);
+    for pick in 0..3 {
+        assert_eq!(reached(route(&s, "10.96.0.50:80", pick)), "same-zone");
+    }
+    let s = locality_mesh(
+        lb(LoadBalancingMode::Strict, &[Region, Zone]),
+        &[endpoints[0], endpoints[2]],
+    );
+    let e = reached(route(&s, "10.96.0.50:80", 0));
+    assert!(e.contains("no healthy endpoint (of 2)"), "{e}");
+    let s = locality_mesh(lb(LoadBalancingMode::Strict, &[Node]), &endpoints);
+    assert_eq!(reached(route(&s, "10.96.0.50:80", 1)), "same-node");
+    // No load_balancing at all: any endpoint, by the pick (uid order).
+    let s = locality_mesh(None, &endpoints);
+    assert_eq!(reached(route(&s, "10.96.0.50:80", 0)), "other-zone");
+    assert_eq!(reached(route(&s, "10.96.0.50:80", 1)), "same-node");
+    assert_eq!(reached(route(&s, "10.96.0.50:80", 2)), "same-zone");
+}
+
+#[test]
+fn health_policy_allow_all_may_choose_unhealthy_endpoints_and_passthrough_mode_chooses_none() {
+    let mut s = mesh();
+    // mesh(): web-0 is unhealthy, and never chosen.
+    assert_eq!(reached(route(&s, "10.96.0.10:80", 0)), "web-1");
+    let mut web = service("web", "10.96.0.10", &[(80, 8080), (81, 0)]);
+    web.load_balancing = Some(LoadBalancing {
+        routing_preference: vec![],
+        mode: LoadBalancingMode::Standard,
+        allow_unhealthy: true,
+    });
+    s.insert_address(Address::Service(web.clone()));
+    assert_eq!(reached(route(&s, "10.96.0.10:80", 0)), "web-0");
+    web.load_balancing = lb(LoadBalancingMode::Passthrough, &[]);
+    s.insert_address(Address::Service(web));
+    let r = route(&s, "10.96.0.10:80", 0).unwrap();
+    assert!(
+        matches!(&r, Route::Passthrough { to, destination: None, service: Some(s) }
+            if to.to_string() == "10.96.0.10:80" && s.name == "web"),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn capacity_weights_the_choice_and_zero_is_never_chosen() {
+    let mut s = locality_mesh(
+        None,
+        &[
+            ("big", "", "", "n"),
+            ("small", "", "", "n"),
+            ("off", "", "", "n"),
+        ],
+    );
+    let set = |s: &mut State, uid: &str, capacity: u32| {
+        let mut w = (**s.workload(uid).unwrap()).clone();
+        w.capacity = capacity;
+        s.insert_address(Address::Workload(w));
+    };
+    set(&mut s, "big", 3);
+    set(&mut s, "off", 0);
+    // Weight units laid end to end, in uid order: big 0..3, off none, small 3.
+    for pick in 0..3 {
+        assert_eq!(reached(route(&s, "10.96.0.50:80", pick)), "big");
+    }
+    assert_eq!(reached(route(&s, "10.96.0.50:80", 3)), "small");
+    set(&mut s, "big", 0);
+    set(&mut s, "small", 0);
+    let e = reached(route(&s, "10.96.0.50:80", 0));
+    assert!(e.contains("no healthy endpoint (of 3)"), "{e}");
+}
+
+#[test]
+fn ip_families_choose_the_address_dialed() {
+    let mut s = State::new("istio-system");
+    s.insert_address(Address::Workload(workload("sleep", "10.0.0.1", "sleep")));
+    let key = "default/dual.default.svc.cluster.local";
+    let mut both = member(workload("both", "10.0.3.1", "dual"), key, &[]);
+    both.addresses.push(ip("fd00::3:1"));
+    s.insert_address(Address::Workload(both));
+    let mut svc = service("dual", "10.96.0.60", &[(80, 8080)]);
+    svc.addresses.push((String::new(), ip("fd00::60")));
+    s.insert_address(Address::Service(svc.clone()));
+    let authority = |s: &State, to: &str| hbone_parts(&route(s, to, 0).unwrap()).1;
+    // AUTOMATIC: the family dialed.
+    assert_eq!(authority(&s, "10.96.0.60:80"), "10.0.3.1:8080");
+    assert_eq!(authority(&s, "[fd00::60]:80"), "[fd00::3:1]:8080");
+    // IPV6_ONLY: v6 whatever was dialed; an endpoint without v6 is not chosen.
+    svc.ip_families = IpFamilies::Ipv6Only;
+    s.insert_address(Address::Service(svc.clone()));
+    assert_eq!(authority(&s, "10.96.0.60:80"), "[fd00::3:1]:8080");
+    let mut both = (**s.workload("both").unwrap()).clone();
+    both.addresses.truncate(1);
+    s.insert_address(Address::Workload(both));
+    let e = reached(route(&s, "10.96.0.60:80", 0));
+    assert!(e.contains("no healthy endpoint (of 1)"), "{e}");
+    svc.ip_families = IpFamilies::Ipv4Only;
+    s.insert_address(Address::Service(svc));
+    assert_eq!(authority(&s, "[fd00::60]:80"), "10.0.3.1:8080");
+}
+
+#[test]
+fn host_network_workloads_are_not_found_by_their_shared_address() {
+    let mut s = mesh();
+    let mut host = member(
+        workload("host-pod", "192.168.1.5", "host"),
+        "default/hostsvc.default.svc.cluster.local",
+        &[],
+    );
+    host.network_mode = NetworkMode::HostNetwork;
+    s.insert_address(Address::Workload(host.clone()));
+    s.insert_address(Address::Service(service(
+        "hostsvc",
+        "10.96.0.70",
+        &[(80, 8080)],
+    )));
+    // By address: the node, not the pod (outside the mesh: passthrough).
+    assert!(s.workload_at("", ip("192.168.1.5")).is_none());
+    assert_eq!(
+        reached(route(&s, "192.168.1.5:8080", 0)),
+        "passthrough 192.168.1.5:8080"
+    );
+    // Through its service: still an endpoint.
+    assert_eq!(reached(route(&s, "10.96.0.70:80", 0)), "host-pod");
+    // The same pod with its own network namespace is found by address.
+    host.network_mode = NetworkMode::Standard;
+    s.insert_address(Address::Workload(host));
+    assert_eq!(reached(route(&s, "192.168.1.5:8080", 0)), "host-pod");
+}
+
+#[test]
+fn a_service_range_holds_the_addresses_no_vip_holds_longest_prefix_first() {
+    let mut s = mesh();
+    let key = "default/wide.default.svc.cluster.local";
+    s.insert_address(Address::Workload(member(
+        workload("wide-0", "10.0.4.1", "wide"),
+        key,
+        &[],
+    )));
+    let narrow_key = "default/narrow.default.svc.cluster.local";
+    s.insert_address(Address::Workload(member(
+        workload("narrow-0", "10.0.4.2", "narrow"),
+        narrow_key,
+        &[],
+    )));
+    // The narrow range first: the longer prefix wins, not the later range.
+    let mut narrow = service("narrow", "10.96.0.81", &[(80, 8080)]);
+    narrow.ranges = vec![(String::new(), "240.1.2.0/24".parse().unwrap())];
+    s.insert_address(Address::Service(narrow));
+    let mut wide = service("wide", "10.96.0.80", &[(80, 8080)]);
+    wide.ranges = vec![(String::new(), "240.1.0.0/16".parse().unwrap())];
+    s.insert_address(Address::Service(wide));
+    assert_eq!(reached(route(&s, "240.1.9.9:80", 0)), "wide-0");
+    assert_eq!(reached(route(&s, "240.1.2.3:80", 0)), "narrow-0");
+    // An exact VIP inside a range is its own service's.
+    assert_eq!(reached(route(&s, "10.96.0.10:80", 0)), "web-1");
+    // Outside every range: passthrough. Removed: the range is released.
+    assert_eq!(
+        reached(route(&s, "240.2.0.1:80", 0)),
+        "passthrough 240.2.0.1:80"
+    );
+    s.remove_address(narrow_key);
+    assert_eq!(reached(route(&s, "240.1.2.3:80", 0)), "wide-0");
+}
+
+#[test]
+fn endpoints_only_behind_a_network_gateway_and_sidecar_mtls_are_refused_with_the_reason() {
+    let mut s = mesh();
+    let mut far = member(
+        workload("far-0", "10.9.0.1", "far"),
+        "default/far.default.svc.cluster.local",
+        &[],
+    );
+    far.network = "west".into();
+    far.network_gateway = Some(waypoint_at("203.0.113.7", 15008));
+    s.insert_address(Address::Workload(far));
+    s.insert_address(Address::Service(service(
+        "far",
+        "10.96.0.90",
+        &[(80, 8080)],
+    )));
+    let e = reached(route(&s, "10.96.0.90:80", 0));
+    assert!(
+        e.contains("only in network \"west\", behind network gateway 203.0.113.7"),
+        "{e}"
+    );
+    let mut sidecar = workload("sidecar", "10.0.5.1", "sidecar");
+    sidecar.tunnel = Tunnel::LegacyIstioMtls;
+    s.insert_address(Address::Workload(sidecar));
+    let e = reached(route(&s, "10.0.5.1:8080", 0));
+    assert!(
+        e.contains("sidecar's mutual TLS (LEGACY_ISTIO_MTLS)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn weighted_waypoints_are_chosen_by_weight_in_place_of_the_waypoint() {
+    let mut s = mesh_with_waypoint(
+        waypoint_at("10.0.0.30", 15008),
+        waypoint_at("10.0.0.30", 15008),
+    );
+    s.insert_address(Address::Workload(workload("canary", "10.0.0.31", "canary")));
+    let mut web = (**s.service(WEB).unwrap()).clone();
+    web.weighted_waypoints = vec![
+        (waypoint_at("10.0.0.30", 15008), 1),
+        (waypoint_at("10.0.0.31", 15008), 3),
+    ];
+    s.insert_address(Address::Service(web.clone()));
+    assert_eq!(
+        hbone_parts(&route(&s, "10.96.0.10:80", 0).unwrap()).0,
+        "10.0.0.30:15008"
+    );
+    for pick in 1..4 {
+        assert_eq!(
+            hbone_parts(&route(&s, "10.96.0.10:80", pick).unwrap()).0,
+            "10.0.0.31:15008"
+        );
+    }
+    // Weights that add up to 0: the waypoint field.
+    web.weighted_waypoints = vec![(waypoint_at("10.0.0.31", 15008), 0)];
+    s.insert_address(Address::Service(web));
+    assert_eq!(
+        hbone_parts(&route(&s, "10.96.0.10:80", 3).unwrap()).0,
+        "10.0.0.30:15008"
+    );
 }

@@ -167,3 +167,290 @@ fn xds_resources_target_over_seed_corpus() {
         seeds.len()
     );
 }
+
+/// Encodes one resource the way istiod would (from the generated message, not our model).
+fn from_istiod(r#type: pb::address::Type) -> Result<Address, String> {
+    decode_address(
+        &pb::Address {
+            r#type: Some(r#type),
+        }
+        .encode_to_vec(),
+    )
+    .map_err(|e| e.to_string())
+}
+
+#[test]
+fn every_workload_field_a_proxy_acts_on_is_decoded() {
+    use xds_client::resources::{
+        ApplicationTunnel, Locality, NetworkMode, Tunnel, WaypointAddress,
+    };
+    let gateway = pb::GatewayAddress {
+        destination: Some(pb::gateway_address::Destination::Address(
+            pb::NetworkAddress {
+                network: "west".into(),
+                address: vec![203, 0, 113, 7],
+                length: None,
+            },
+        )),
+        hbone_mtls_port: 15009,
+    };
+    let Address::Workload(w) = from_istiod(pb::address::Type::Workload(pb::Workload {
+        uid: "u1".into(),
+        namespace: "default".into(),
+        network: "west".into(),
+        tunnel_protocol: pb::TunnelProtocol::LegacyIstioMtls as i32,
+        network_gateway: Some(gateway),
+        network_mode: pb::NetworkMode::HostNetwork as i32,
+        locality: Some(pb::Locality {
+            region: "eu".into(),
+            zone: "eu-1".into(),
+            subzone: "rack-4".into(),
+        }),
+        capacity: Some(7),
+        native_tunnel: true,
+        application_tunnel: Some(pb::ApplicationTunnel {
+            protocol: pb::application_tunnel::Protocol::Proxy as i32,
+            port: 15088,
+        }),
+        ..Default::default()
+    }))
+    .unwrap() else {
+        panic!("a workload")
+    };
+    assert_eq!(w.tunnel, Tunnel::LegacyIstioMtls);
+    let gw = w.network_gateway.as_ref().unwrap();
+    assert_eq!(gw.hbone_port, 15009);
+    assert!(
+        matches!(&gw.destination, WaypointAddress::Ip { network, ip } if network == "west" && ip.to_string() == "203.0.113.7")
+    );
+    assert_eq!(w.network_mode, NetworkMode::HostNetwork);
+    assert_eq!(
+        w.locality,
+        Locality {
+            region: "eu".into(),
+            zone: "eu-1".into(),
+            subzone: "rack-4".into()
+        }
+    );
+    assert_eq!(w.capacity, 7);
+    assert!(w.native_tunnel);
+    assert_eq!(
+        w.application_tunnel,
+        Some(ApplicationTunnel {
+            proxy_protocol: true,
+            port: 15088
+        })
+    );
+    // Our encoding carries all of it back.
+    assert_eq!(
+        decode_address(&encode_address(&Address::Workload(w.clone()))).unwrap(),
+        Address::Workload(w)
+    );
+    // Unset capacity is 1.
+    let Address::Workload(w) = from_istiod(pb::address::Type::Workload(pb::Workload {
+        uid: "u2".into(),
+        namespace: "default".into(),
+        ..Default::default()
+    }))
+    .unwrap() else {
+        panic!("a workload")
+    };
+    assert_eq!(w.capacity, 1);
+}
+
+#[test]
+fn every_service_field_a_proxy_acts_on_is_decoded() {
+    use pb::load_balancing::{HealthPolicy, Mode, Scope};
+    use xds_client::resources::{
+        IpFamilies, LoadBalancing, LoadBalancingMode, LocalityScope, Visibility,
+    };
+    let waypoint = |last: u8| pb::GatewayAddress {
+        destination: Some(pb::gateway_address::Destination::Address(
+            pb::NetworkAddress {
+                network: String::new(),
+                address: vec![10, 0, 0, last],
+                length: None,
+            },
+        )),
+        hbone_mtls_port: 0,
+    };
+    let Address::Service(s) = from_istiod(pb::address::Type::Service(pb::Service {
+        name: "wide".into(),
+        namespace: "default".into(),
+        hostname: "wide.example".into(),
+        addresses: vec![
+            pb::NetworkAddress {
+                network: String::new(),
+                address: vec![10, 96, 0, 1],
+                length: Some(32),
+            },
+            pb::NetworkAddress {
+                network: String::new(),
+                address: vec![240, 1, 2, 3],
+                length: Some(16),
+            },
+        ],
+        load_balancing: Some(pb::LoadBalancing {
+            routing_preference: vec![Scope::Region as i32, Scope::Node as i32],
+            mode: Mode::Failover as i32,
+            health_policy: HealthPolicy::AllowAll as i32,
+        }),
+        ip_families: pb::IpFamilies::Ipv6Only as i32,
+        canonical: true,
+        ingress_use_waypoint: true,
+        weighted_waypoints: vec![
+            pb::WeightedWaypoint {
+                destination: Some(waypoint(30)),
+                weight: 1,
+            },
+            pb::WeightedWaypoint {
+                destination: Some(waypoint(31)),
+                weight: 9,
+            },
+        ],
+        visibility: pb::service::Visibility::Namespace as i32,
+        ..Default::default()
+    }))
+    .unwrap() else {
+        panic!("a service")
+    };
+    // A full-length prefix is one address; a shorter one a range (its network address).
+    assert_eq!(
+        s.addresses,
+        vec![(String::new(), "10.96.0.1".parse().unwrap())]
+    );
+    assert_eq!(
+        s.ranges,
+        vec![(String::new(), "240.1.0.0/16".parse().unwrap())]
+    );
+    assert_eq!(
+        s.load_balancing,
+        Some(LoadBalancing {
+            routing_preference: vec![LocalityScope::Region, LocalityScope::Node],
+            mode: LoadBalancingMode::Failover,
+            allow_unhealthy: true,
+        })
+    );
+    assert_eq!(s.ip_families, IpFamilies::Ipv6Only);
+    assert!(s.canonical && s.ingress_use_waypoint);
+    assert_eq!(s.visibility, Visibility::Namespace);
+    assert_eq!(
+        s.weighted_waypoints
+            .iter()
+            .map(|(w, weight)| (w.hbone_port, *weight))
+            .collect::<Vec<_>>(),
+        vec![(15008, 1), (15008, 9)]
+    );
+    assert_eq!(
+        decode_address(&encode_address(&Address::Service(s.clone()))).unwrap(),
+        Address::Service(s)
+    );
+}
+
+#[test]
+fn values_of_the_new_fields_that_mean_nothing_are_rejected_with_the_field() {
+    let workload = |w: pb::Workload| {
+        from_istiod(pb::address::Type::Workload(pb::Workload {
+            uid: "u1".into(),
+            namespace: "default".into(),
+            ..w
+        }))
+        .unwrap_err()
+    };
+    let e = workload(pb::Workload {
+        network_mode: 5,
+        ..Default::default()
+    });
+    assert!(e.contains("Workload u1: unknown network_mode 5"), "{e}");
+    let e = workload(pb::Workload {
+        application_tunnel: Some(pb::ApplicationTunnel {
+            protocol: 9,
+            port: 1,
+        }),
+        ..Default::default()
+    });
+    assert!(e.contains("unknown application_tunnel protocol 9"), "{e}");
+    let e = workload(pb::Workload {
+        application_tunnel: Some(pb::ApplicationTunnel {
+            protocol: 1,
+            port: 70000,
+        }),
+        ..Default::default()
+    });
+    assert!(
+        e.contains("application_tunnel.port: port 70000 is out of range"),
+        "{e}"
+    );
+    let e = workload(pb::Workload {
+        network_gateway: Some(pb::GatewayAddress::default()),
+        ..Default::default()
+    });
+    assert!(e.contains("Workload u1 network_gateway"), "{e}");
+    let service = |s: pb::Service| {
+        from_istiod(pb::address::Type::Service(pb::Service {
+            namespace: "default".into(),
+            hostname: "x.example".into(),
+            ..s
+        }))
+        .unwrap_err()
+    };
+    let e = service(pb::Service {
+        addresses: vec![pb::NetworkAddress {
+            network: String::new(),
+            address: vec![10, 0, 0, 1],
+            length: Some(33),
+        }],
+        ..Default::default()
+    });
+    assert!(
+        e.contains(
+            "Service default/x.example addresses[0]: prefix length 33 does not fit 10.0.0.1"
+        ),
+        "{e}"
+    );
+    let e = service(pb::Service {
+        load_balancing: Some(pb::LoadBalancing {
+            routing_preference: vec![0],
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    assert!(
+        e.contains("load_balancing: routing_preference 0 is not a scope"),
+        "{e}"
+    );
+    let e = service(pb::Service {
+        load_balancing: Some(pb::LoadBalancing {
+            mode: 8,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    assert!(e.contains("unknown mode 8"), "{e}");
+    let e = service(pb::Service {
+        load_balancing: Some(pb::LoadBalancing {
+            health_policy: 4,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    assert!(e.contains("unknown health_policy 4"), "{e}");
+    let e = service(pb::Service {
+        ip_families: 6,
+        ..Default::default()
+    });
+    assert!(e.contains("unknown ip_families 6"), "{e}");
+    let e = service(pb::Service {
+        visibility: 3,
+        ..Default::default()
+    });
+    assert!(e.contains("unknown visibility 3"), "{e}");
+    let e = service(pb::Service {
+        weighted_waypoints: vec![pb::WeightedWaypoint {
+            destination: None,
+            weight: 1,
+        }],
+        ..Default::default()
+    });
+    assert!(e.contains("weighted_waypoints[0]: no destination"), "{e}");
+}

@@ -44,15 +44,28 @@ pub enum Refusal {
     /// The app did not accept the connection (503).
     #[error("{0}")]
     AppUnreachable(String),
+    /// The workload served here asks for an application tunnel (a PROXY protocol header, or a
+    /// port of its own), which this proxy does not carry yet (503).
+    #[error(
+        "{workload} asks for an application tunnel ({what}), which is not carried; refused \
+         rather than handed over in a form it did not ask for"
+    )]
+    ApplicationTunnelNotCarried {
+        /// `namespace/name` of the workload served here.
+        workload: String,
+        /// The tunnel it asks for.
+        what: String,
+    },
 }
 
 impl Refusal {
     /// The HTTP status an HBONE client is answered.
     pub fn status(&self) -> StatusCode {
         match self {
-            Refusal::Draining | Refusal::UnknownLocal(_) | Refusal::AppUnreachable(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Refusal::Draining
+            | Refusal::UnknownLocal(_)
+            | Refusal::AppUnreachable(_)
+            | Refusal::ApplicationTunnelNotCarried { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::NoPeerIdentity(_) | Refusal::Denied(_) => StatusCode::UNAUTHORIZED,
             Refusal::BadAuthority(_) | Refusal::ProxyPort(_) | Refusal::NotLocal { .. } => {
                 StatusCode::BAD_REQUEST
@@ -81,7 +94,8 @@ pub struct Admitted {
 
 /// Decides whether a connection from `source` (with the client's identity `peer`, if it came
 /// through HBONE) to `destination` may reach the local workload `local`: the workload is known,
-/// `destination` is one of its addresses and not a proxy port, and L4 policy allows it.
+/// `destination` is one of its addresses and not a proxy port, L4 policy allows it, and the
+/// workload does not ask for an application tunnel (not carried yet).
 pub fn admit(
     state: &State,
     local: &LocalWorkload,
@@ -111,6 +125,16 @@ pub fn admit(
         .decide(&connection, &crate::authz_workload(&workload));
     if !decision.allowed {
         return Err(Refusal::Denied(decision.reason));
+    }
+    if let Some(tunnel) = workload.application_tunnel {
+        return Err(Refusal::ApplicationTunnelNotCarried {
+            workload: format!("{}/{}", workload.namespace, workload.name),
+            what: match (tunnel.proxy_protocol, tunnel.port) {
+                (true, 0) => "PROXY protocol".to_owned(),
+                (true, port) => format!("PROXY protocol to port {port}"),
+                (false, port) => format!("plain TCP to port {port}"),
+            },
+        });
     }
     Ok(Admitted {
         workload,

@@ -9,12 +9,19 @@
 //! Address conflicts: when two workloads (or services) claim the same (network, IP) — a pod
 //! deleted and its IP reused before the removal arrives — the one applied last holds the address;
 //! when it goes, the address falls back to the earlier claimant.
+//!
+//! Host-network workloads share their node's address with every other host-network pod of the
+//! node, so they are never found by address (a connection to that address is to the node, not
+//! to one of them). A service address with a prefix (a range, such as a ServiceEntry's CIDR)
+//! holds every address in it that no exact VIP holds; the longest prefix wins, then the range
+//! applied last.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
 
-use xds_client::resources::{Address, PortMapping, Service, Workload};
+use ipnet::IpNet;
+use xds_client::resources::{Address, NetworkMode, PortMapping, Service, Workload};
 
 mod xds;
 
@@ -95,6 +102,8 @@ pub struct State {
     services: HashMap<String, Arc<Service>>,
     /// Claimants of each VIP, oldest first; the last one holds it.
     by_vip: HashMap<NetworkAddr, Vec<String>>,
+    /// Service ranges: (network, range, service key), in the order applied.
+    ranges: Vec<(String, IpNet, String)>,
     /// Service key -> workload uid -> that workload's port mappings for the service.
     endpoints: HashMap<String, BTreeMap<String, Vec<PortMapping>>>,
     /// (namespace, pod name) -> workload uids.
@@ -124,6 +133,7 @@ impl State {
             by_addr: HashMap::new(),
             services: HashMap::new(),
             by_vip: HashMap::new(),
+            ranges: Vec::new(),
             endpoints: HashMap::new(),
             by_pod: HashMap::new(),
             address_kinds: HashMap::new(),
@@ -137,8 +147,10 @@ impl State {
         self.remove_address(&key);
         match address {
             Address::Workload(w) => {
-                for ip in &w.addresses {
-                    claim(&mut self.by_addr, NetworkAddr::new(&w.network, *ip), &key);
+                if w.network_mode != NetworkMode::HostNetwork {
+                    for ip in &w.addresses {
+                        claim(&mut self.by_addr, NetworkAddr::new(&w.network, *ip), &key);
+                    }
                 }
                 for (service, ports) in &w.services {
                     self.endpoints
@@ -158,6 +170,9 @@ impl State {
                 for (network, ip) in &s.addresses {
                     claim(&mut self.by_vip, NetworkAddr::new(network, *ip), &key);
                 }
+                for (network, range) in &s.ranges {
+                    self.ranges.push((network.clone(), *range, key.clone()));
+                }
                 self.address_kinds.insert(key.clone(), AddressKind::Service);
                 self.services.insert(key, Arc::new(s));
             }
@@ -171,6 +186,7 @@ impl State {
                 let Some(w) = self.workloads.remove(key) else {
                     return;
                 };
+                // Releasing what was never claimed (a host-network workload) is a no-op.
                 for ip in &w.addresses {
                     release(&mut self.by_addr, NetworkAddr::new(&w.network, *ip), key);
                 }
@@ -197,6 +213,7 @@ impl State {
                 for (network, ip) in &s.addresses {
                     release(&mut self.by_vip, NetworkAddr::new(network, *ip), key);
                 }
+                self.ranges.retain(|(_, _, k)| k != key);
             }
             None => {}
         }
@@ -235,12 +252,23 @@ impl State {
             .and_then(|uid| self.workloads.get(uid))
     }
 
-    /// The service whose VIP is `ip` in `network`.
+    /// The service whose VIP is `ip` in `network`, else the one with the longest range that
+    /// holds it (of equal ranges, the one applied last).
     pub fn service_at(&self, network: &str, ip: IpAddr) -> Option<&Arc<Service>> {
-        self.by_vip
+        if let Some(service) = self
+            .by_vip
             .get(&NetworkAddr::new(network, ip))
             .and_then(|keys| keys.last())
             .and_then(|key| self.services.get(key))
+        {
+            return Some(service);
+        }
+        self.ranges
+            .iter()
+            .enumerate()
+            .filter(|(_, (n, range, _))| n == network && range.contains(&ip))
+            .max_by_key(|(order, (_, range, _))| (range.prefix_len(), *order))
+            .and_then(|(_, (_, _, key))| self.services.get(key))
     }
 
     /// The service with this key (`namespace/hostname`).

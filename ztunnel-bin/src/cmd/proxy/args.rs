@@ -215,6 +215,37 @@ impl ProxyArgs {
         istio::worker_threads(self.worker_threads, cpus)
     }
 
+    /// The effective settings, for `/config_dump`'s `config` (Istio's key names where it has
+    /// the setting; no secrets: token and root paths only).
+    pub(crate) fn dump_config(&self) -> serde_json::Value {
+        serde_json::json!({
+            "proxyMode": format!("{:?}", self.mode),
+            "clusterId": self.cluster(),
+            "localNode": self.node_name,
+            "network": self.network,
+            "trustDomain": self.trust_domain,
+            "xdsAddress": self.xds_address,
+            "caAddress": self.ca_address,
+            "authToken": self.token_file(),
+            "adminAddr": self.admin_addr,
+            "statsAddr": self.stats_addr,
+            "readinessAddr": self.readiness_addr,
+            "inpodUds": self.inpod_uds,
+            "inpodPortReuse": self.inpod_port_reuse,
+            "numWorkerThreads": self.worker_thread_count(),
+            "packetMark": self.packet_mark,
+            "poolMaxStreamsPerConn": self.pool_max_streams_per_connection,
+            "poolUnusedReleaseTimeout": format!("{:?}", self.pool_unused_release_timeout),
+            "terminationGracePeriod": format!("{:?}", self.drain()),
+            "secretTtl": format!("{:?}", self.secret_ttl),
+            "proxyMetadata": {
+                "POD_NAME": self.pod_name,
+                "POD_NAMESPACE": self.pod_namespace,
+                "INSTANCE_IP": self.instance_ip,
+            },
+        })
+    }
+
     /// The bearer token file: `--auth-token`, else Istio's projected token when mounted.
     pub(crate) fn token_file(&self) -> Option<PathBuf> {
         istio::token_file(self.auth_token.as_deref(), istio::DEFAULT_TOKEN)

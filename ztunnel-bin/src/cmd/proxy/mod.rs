@@ -12,10 +12,12 @@ use identity::{DevCa, DevCaSource, SecretManager, SecretManagerConfig};
 use proxy::admin::AdminHooks;
 use proxy::certs::Managed;
 use proxy::certs::StaticCert;
+use proxy::config_dump::{CertificateDump, DumpContext};
 use proxy::dedicated::DedicatedConfig;
 use proxy::inpod::{SharedConfig, SharedProxy};
 use proxy::state::{State, StateStore};
 use proxy::telemetry::metrics::Metrics;
+use rustls_pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use xds_client::client::ClientConfig;
@@ -123,8 +125,9 @@ fn server_root(source: Option<istio::RootSource>) -> Option<TrustRoot> {
     })
 }
 
-/// Where pods' certificates come from: an in-process development CA or a CA server.
-fn certificates(args: &ProxyArgs) -> Result<Managed, Error> {
+/// Where pods' certificates come from: an in-process development CA or a CA server; with the
+/// mesh's root certificates (for `/config_dump`).
+fn certificates(args: &ProxyArgs) -> Result<(Managed, Vec<CertificateDer<'static>>), Error> {
     let config = SecretManagerConfig::default();
     if let Some(dir) = &args.ca_dir {
         let ca = if dir.join("root-cert.pem").exists() {
@@ -144,12 +147,13 @@ fn certificates(args: &ProxyArgs) -> Result<Managed, Error> {
             });
         }
         let ca = Arc::new(ca);
-        let roots = ca.roots();
+        let (roots, root_certs) = (ca.roots(), vec![ca.root()]);
         let source = DevCaSource::new(ca, args.secret_ttl);
-        return Ok(Managed {
+        let managed = Managed {
             manager: SecretManager::new(Arc::new(source), config),
             roots,
-        });
+        };
+        return Ok((managed, root_certs));
     }
     let Some(url) = args.ca_url()? else {
         return Err(flag(
@@ -158,43 +162,51 @@ fn certificates(args: &ProxyArgs) -> Result<Managed, Error> {
         ));
     };
     let ca_root = ProxyArgs::control_plane_root(&url, args.ca_root_ca.as_deref(), "--ca-root-ca")?;
-    let roots = Arc::new(mesh_roots(args.ca.as_deref(), ca_root.as_ref())?);
+    let (root_certs, roots) = mesh_roots(args.ca.as_deref(), ca_root.as_ref())?;
+    let roots = Arc::new(roots);
     let mut ca_config = CaClientConfig::new(url, roots.clone());
     ca_config.server_root = server_root(ca_root);
     ca_config.token_file = args.token_file();
     ca_config.cluster_id = Some(args.cluster());
     ca_config.cert_lifetime = args.secret_ttl;
     let client = IstioCaClient::new(ca_config)?;
-    Ok(Managed {
+    let managed = Managed {
         manager: SecretManager::new(Arc::new(client), config),
         roots,
-    })
+    };
+    Ok((managed, root_certs))
 }
 
 /// The mesh's trust roots with a CA server: `--ca`, else the CA's root when it is a file or
 /// PEM (Istio's chart: the mounted `istio-ca-root-cert`), else the chart's mount itself. The
-/// system's trust store is never the mesh's root.
+/// system's trust store is never the mesh's root. The certificates, for `/config_dump`, and
+/// the store made of them.
 fn mesh_roots(
     ca: Option<&Path>,
     ca_root: Option<&istio::RootSource>,
-) -> Result<rustls::RootCertStore, Error> {
-    if let Some(path) = ca {
-        return Ok(identity::pem::read_roots(path)?);
-    }
-    match ca_root {
-        Some(istio::RootSource::File(path)) => Ok(identity::pem::read_roots(path)?),
-        Some(istio::RootSource::Inline(pem)) => Ok(identity::pem::parse_roots(
-            pem.as_bytes(),
-            Path::new("CA_ROOT_CA (PEM given in the variable)"),
-        )?),
-        Some(istio::RootSource::System) | None if istio::mounted(istio::DEFAULT_ROOT) => {
-            Ok(identity::pem::read_roots(Path::new(istio::DEFAULT_ROOT))?)
+) -> Result<(Vec<CertificateDer<'static>>, rustls::RootCertStore), Error> {
+    let inline = Path::new("CA_ROOT_CA (PEM given in the variable)");
+    let (certs, source) = match (ca, ca_root) {
+        (Some(path), _) => (identity::pem::read_certs(path)?, path),
+        (None, Some(istio::RootSource::File(path))) => {
+            (identity::pem::read_certs(path)?, path.as_path())
         }
-        _ => Err(flag(
-            "--ca",
-            "with a CA server the mesh's trust root is needed: --ca ROOT, CA_ROOT_CA (a file or PEM), or Istio's mount at /var/run/secrets/istio/root-cert.pem",
-        )),
-    }
+        (None, Some(istio::RootSource::Inline(pem))) => {
+            (identity::pem::parse_certs(pem.as_bytes(), inline)?, inline)
+        }
+        (None, Some(istio::RootSource::System) | None) if istio::mounted(istio::DEFAULT_ROOT) => {
+            let path = Path::new(istio::DEFAULT_ROOT);
+            (identity::pem::read_certs(path)?, path)
+        }
+        _ => {
+            return Err(flag(
+                "--ca",
+                "with a CA server the mesh's trust root is needed: --ca ROOT, CA_ROOT_CA (a file or PEM), or Istio's mount at /var/run/secrets/istio/root-cert.pem",
+            ));
+        }
+    };
+    let store = identity::pem::root_store(certs.clone(), source)?;
+    Ok((certs, store))
 }
 
 /// The operations side of both modes: binds the metrics and admin listeners, drops the metric
@@ -248,7 +260,8 @@ async fn run_shared(
     let root_namespace = compute_config(&args).root_namespace;
     let store = Arc::new(StateStore::new(State::new(&root_namespace)));
     state_source(&args, &store)?;
-    let certs = Arc::new(certificates(&args)?);
+    let (certs, root_certs) = certificates(&args)?;
+    let certs = Arc::new(certs);
     let mut config = SharedConfig::new(&args.node_name, &args.trust_domain);
     config.mark = Some(args.packet_mark);
     config.hbone = hbone_config(&args);
@@ -259,27 +272,33 @@ async fn run_shared(
     let readiness = super::listen(args.readiness_addr).await?;
     tokio::spawn(shared.clone().serve_readiness(readiness));
     let (dump_store, dump_proxy, dump_certs) = (store.clone(), shared.clone(), certs.clone());
+    let dump_config = args.dump_config();
     let stop = operations(
         &args,
         metrics,
         store.clone(),
         log_control,
         Box::new(move || {
-            let held: Vec<_> = dump_certs
+            let certificates = dump_certs
                 .manager
-                .identities()
+                .held()
                 .into_iter()
-                .map(|id| {
-                    let expiry = dump_certs
-                        .manager
-                        .subscribe(&id)
-                        .borrow()
-                        .as_ref()
-                        .map(|c| c.not_after());
-                    (id.to_string(), expiry)
+                .map(|held| CertificateDump {
+                    identity: held.id.to_string(),
+                    chain: held
+                        .cert
+                        .map(|c| c.credentials().chain.clone())
+                        .unwrap_or_default(),
+                    roots: root_certs.clone(),
+                    error: held.last_error,
                 })
                 .collect();
-            proxy::admin::config_dump(&dump_store.snapshot(), &held, &dump_proxy.pods())
+            let context = DumpContext {
+                certificates,
+                pods: dump_proxy.pods(),
+                config: dump_config.clone(),
+            };
+            proxy::config_dump::config_dump(&dump_store.snapshot(), &context)
         }),
     )
     .await?;
@@ -374,7 +393,16 @@ async fn run_dedicated(
     config.hbone = hbone_config(&args);
     config.readiness = args.readiness_addr;
     config.metrics = metrics.clone();
-    let held = vec![(id.to_string(), Some(cert.not_after()))];
+    let context = DumpContext {
+        certificates: vec![CertificateDump {
+            identity: id.to_string(),
+            chain: cert.credentials().chain.clone(),
+            roots: identity::pem::read_certs(ca)?,
+            error: None,
+        }],
+        pods: Vec::new(),
+        config: args.dump_config(),
+    };
     let (bound, running) =
         proxy::dedicated::start(config, store.clone(), StaticCert { cert, roots })
             .await
@@ -388,7 +416,7 @@ async fn run_dedicated(
         metrics,
         store.clone(),
         log_control,
-        Box::new(move || proxy::admin::config_dump(&dump_store.snapshot(), &held, &[])),
+        Box::new(move || proxy::config_dump::config_dump(&dump_store.snapshot(), &context)),
     )
     .await?;
     info!(
