@@ -99,8 +99,10 @@ impl NodeTokens {
             .mode(0o600)
             .open(&path)
         {
+            // No trailing newline, as a projected service-account token has none: Istio's
+            // ztunnel sends the file's bytes as they are, and a newline is not a header value.
             Ok(mut file) => {
-                file.write_all(format!("{token}\n").as_bytes())
+                file.write_all(token.as_bytes())
                     .map_err(|source| TokenError::Io {
                         path: path.clone(),
                         source,

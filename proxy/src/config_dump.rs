@@ -140,11 +140,9 @@ fn workload(w: &Workload) -> Value {
     o.insert("networkMode".into(), mode.into());
     o.insert("name".into(), w.name.clone().into());
     o.insert("namespace".into(), w.namespace.clone().into());
-    // istiod elides the default trust domain, and Istio's dump then shows none.
-    let trust_domain = w.identity.trust_domain();
-    if trust_domain != xds_client::resources::DEFAULT_TRUST_DOMAIN {
-        o.insert("trustDomain".into(), trust_domain.into());
-    }
+    // Always: the model fills in the default an elided trust domain stands for (where Istio
+    // shows none, we show `cluster.local`).
+    o.insert("trustDomain".into(), w.identity.trust_domain().into());
     put_nonempty(
         &mut o,
         "serviceAccount",
@@ -187,6 +185,12 @@ fn workload(w: &Workload) -> Value {
         put_nonempty(&mut locality, "subzone", &l.subzone);
         o.insert("locality".into(), Value::Object(locality));
     }
+    if !w.services.is_empty() {
+        o.insert(
+            "services".into(),
+            w.services.keys().cloned().collect::<Vec<_>>().into(),
+        );
+    }
     o.insert("capacity".into(), w.capacity.into());
     Value::Object(o)
 }
@@ -226,8 +230,14 @@ fn service(state: &State, s: &Service) -> Value {
         );
     }
     o.insert("ports".into(), port_map(&s.ports));
+    // The endpoints a connection may be sent to: healthy ones, or all under `ALLOW_ALL`.
+    let allow_unhealthy = s
+        .load_balancing
+        .as_ref()
+        .is_some_and(|lb| lb.allow_unhealthy);
     let endpoints: Map<String, Value> = state
         .endpoints(&key)
+        .filter(|(w, _)| w.healthy || allow_unhealthy)
         .map(|(w, ports)| {
             (
                 w.uid.clone(),

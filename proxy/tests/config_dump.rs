@@ -178,6 +178,7 @@ fn workloads_are_written_as_istio_writes_them() {
                 "networkMode": "Standard",
                 "name": "web-0",
                 "namespace": "default",
+                "trustDomain": "cluster.local",
                 "serviceAccount": "web",
                 "workloadName": "web",
                 "workloadType": "deployment",
@@ -188,6 +189,7 @@ fn workloads_are_written_as_istio_writes_them() {
                 "status": "Unhealthy",
                 "clusterId": "c1",
                 "locality": {"region": "r1", "zone": "z1", "subzone": "s1"},
+                "services": ["default/web.default.svc.cluster.local"],
                 "capacity": 3
             }
         ])
@@ -249,6 +251,14 @@ fn services_and_policies_are_written_as_istio_writes_them() {
         }])
     );
     assert_eq!(dump["synced"], true);
+    // Without ALLOW_ALL, an unhealthy endpoint is not one a connection may go to, and is not
+    // listed (as Istio's ztunnel leaves it out).
+    let mut s = state();
+    let mut web = (**s.service(WEB).unwrap()).clone();
+    web.load_balancing = None;
+    s.insert_address(Address::Service(web));
+    let dump: Value = serde_json::from_str(&config_dump(&s, &DumpContext::default())).unwrap();
+    assert_eq!(dump["services"][0]["endpoints"], json!({}));
 }
 
 #[test]
