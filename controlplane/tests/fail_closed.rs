@@ -166,7 +166,7 @@ async fn the_ca_signs_only_for_a_node_and_only_its_own_pods() {
     let ca = Arc::new(identity::DevCa::generate("cluster.local").unwrap());
     let addr = serve(&cp, ca.clone()).await;
     let client = |token: Option<std::path::PathBuf>, impersonate: bool| {
-        let mut config = CaClientConfig::new(format!("http://{addr}"), ca.roots());
+        let mut config = CaClientConfig::new(format!("http://{addr}"), Arc::new(ca.trust_roots()));
         config.token_file = token;
         config.impersonate = impersonate;
         config.cert_lifetime = Duration::from_secs(600);

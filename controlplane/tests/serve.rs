@@ -163,7 +163,7 @@ async fn serves_the_manifests_and_follows_edits() {
     .await;
 
     // The CA on the same listener signs identities of pods in the manifests, and only those.
-    let mut config = CaClientConfig::new(format!("http://{addr}"), ca.roots());
+    let mut config = CaClientConfig::new(format!("http://{addr}"), Arc::new(ca.trust_roots()));
     config.cert_lifetime = Duration::from_secs(600);
     config.token_file = Some(tokens.path("node-a"));
     let ca_client = IstioCaClient::new(config).unwrap();

@@ -11,7 +11,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use rustls::RootCertStore;
 use rustls::server::ParsedCertificate;
 use tonic::metadata::MetadataValue;
 
@@ -62,15 +61,16 @@ pub struct CaClientConfig {
     pub impersonate: bool,
     /// Lifetime to ask for.
     pub cert_lifetime: Duration,
-    /// Roots the issued chains must verify against (the mesh's trust roots).
-    pub trust_roots: Arc<RootCertStore>,
+    /// Roots the issued chains must verify against (the mesh's trust roots, as they are at each
+    /// answer: a followed root file that changes is used for the next one).
+    pub trust_roots: Arc<crate::roots::TrustRoots>,
     /// Limit on one request, connection included.
     pub request_timeout: Duration,
 }
 
 impl CaClientConfig {
     /// Settings with defaults: 24 h certificates, impersonation on, 10 s timeout, no token.
-    pub fn new(address: impl Into<String>, trust_roots: Arc<RootCertStore>) -> Self {
+    pub fn new(address: impl Into<String>, trust_roots: Arc<crate::roots::TrustRoots>) -> Self {
         CaClientConfig {
             address: address.into(),
             server_root: None,
@@ -219,7 +219,7 @@ fn check_answer(
     let parsed = ParsedCertificate::try_from(leaf).map_err(|e| reject(e.to_string()))?;
     rustls::client::verify_server_cert_signed_by_trust_anchor(
         &parsed,
-        &config.trust_roots,
+        &config.trust_roots.store(),
         &chain[1..],
         rustls::pki_types::UnixTime::now(),
         crate::tls::provider().signature_verification_algorithms.all,

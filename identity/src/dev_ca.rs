@@ -172,6 +172,12 @@ impl DevCa {
         Arc::new(roots)
     }
 
+    /// The root as fixed [`TrustRoots`](crate::roots::TrustRoots).
+    pub fn trust_roots(&self) -> crate::roots::TrustRoots {
+        crate::roots::TrustRoots::fixed(vec![self.root()], Path::new("the CA's root"))
+            .expect("a generated or loaded CA certificate is a valid trust anchor")
+    }
+
     /// Issues a workload certificate (new P-256 key) whose only SAN is `id`, valid for `ttl`.
     pub fn issue(&self, id: &SpiffeId, ttl: Duration) -> Result<Credentials, Error> {
         let key = KeyPair::generate()?;

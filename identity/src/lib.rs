@@ -33,6 +33,7 @@ mod dev_ca;
 mod error;
 pub mod grpc;
 pub mod pem;
+pub mod roots;
 mod secrets;
 mod spiffe;
 pub mod tls;
@@ -47,7 +48,6 @@ pub use secrets::{HeldCertificate, SecretManager, SecretManagerConfig};
 pub use spiffe::fuzz_spiffe_id;
 pub use spiffe::{MAX_ID_LEN, MAX_TRUST_DOMAIN_LEN, SpiffeId, SpiffeIdError, SpiffeIdErrorKind};
 
-/// Formats a time as seconds since the Unix epoch, for messages (no calendar dependency).
 /// `t` as an RFC 3339 UTC timestamp (`2026-12-01T20:00:00Z`), for logs and dumps.
 pub fn fmt_time(t: std::time::SystemTime) -> String {
     let Ok(d) = t.duration_since(std::time::UNIX_EPOCH) else {

@@ -10,7 +10,7 @@
 //! certificate and a missing client certificate are rustls's own `UnknownIssuer`, `Expired` and
 //! `NoCertificatesPresented`.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
@@ -122,13 +122,18 @@ pub fn server_config(
     roots: Arc<RootCertStore>,
     trust_domain: &str,
 ) -> Result<ServerConfig, Error> {
+    server_config_with_resolver(single_cert(chain, key)?, roots, trust_domain)
+}
+
+/// A resolver that always presents `chain`/`key` (for [`server_config_with_resolver`] and
+/// [`server_config_following`]).
+pub fn single_cert(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<dyn ResolvesServerCert>, Error> {
     let key = provider().key_provider.load_private_key(key)?;
     let certified = Arc::new(rustls::sign::CertifiedKey::new(chain, key));
-    server_config_with_resolver(
-        Arc::new(rustls::sign::SingleCertAndKey::from(certified)),
-        roots,
-        trust_domain,
-    )
+    Ok(Arc::new(rustls::sign::SingleCertAndKey::from(certified)))
 }
 
 /// Like [`server_config`], with the certificate chosen for each connection by `resolver` (the
@@ -159,6 +164,122 @@ pub fn server_config_with_resolver(
     config.enable_secret_extraction = true;
     Ok(config)
 }
+
+/// Like [`server_config_with_resolver`], with client chains verified against `roots` as they
+/// are at each handshake: a followed root file that changes is used by the next handshake,
+/// without a new configuration ([`TrustRoots`](crate::roots::TrustRoots)).
+pub fn server_config_following(
+    resolver: Arc<dyn ResolvesServerCert>,
+    roots: Arc<crate::roots::TrustRoots>,
+    trust_domain: &str,
+) -> Result<ServerConfig, Error> {
+    SpiffeId::parse(&format!("spiffe://{trust_domain}"))?;
+    let verifier = FollowingVerifier {
+        trust_domain: trust_domain.to_owned(),
+        built: Mutex::new(None),
+        algorithms: provider().signature_verification_algorithms,
+        roots,
+    };
+    // Built once now, so that roots that cannot make a verifier fail here, not at a handshake.
+    verifier
+        .verifier()
+        .map_err(|e| Error::Roots(e.to_string()))?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // HBONE's record layer takes the traffic keys from rustls after the handshake.
+    config.enable_secret_extraction = true;
+    Ok(config)
+}
+
+/// Client verification against the roots as they are now: a [`TrustDomainVerifier`] made of the
+/// current roots, made again when they change.
+#[derive(Debug)]
+struct FollowingVerifier {
+    roots: Arc<crate::roots::TrustRoots>,
+    trust_domain: String,
+    /// The roots the verifier was made of, and the verifier.
+    built: Mutex<Option<(Arc<crate::roots::LoadedRoots>, Arc<TrustDomainVerifier>)>>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl FollowingVerifier {
+    fn verifier(&self) -> Result<Arc<TrustDomainVerifier>, rustls::Error> {
+        let now = self.roots.current();
+        let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((roots, verifier)) = built.as_ref()
+            && Arc::ptr_eq(roots, &now)
+        {
+            return Ok(verifier.clone());
+        }
+        let inner = WebPkiClientVerifier::builder_with_provider(now.store.clone(), provider())
+            .build()
+            .map_err(|e| other(RootsUnusable(e.to_string())))?;
+        let verifier = Arc::new(TrustDomainVerifier {
+            inner,
+            trust_domain: self.trust_domain.clone(),
+        });
+        *built = Some((now, verifier.clone()));
+        Ok(verifier)
+    }
+}
+
+impl ClientCertVerifier for FollowingVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // No hints: they would be those of roots that may change under the configuration.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.verifier()?
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// The roots cannot make a client verifier.
+#[derive(Debug)]
+struct RootsUnusable(String);
+
+impl std::fmt::Display for RootsUnusable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the mesh's trust roots cannot verify clients: {}",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for RootsUnusable {}
 
 /// The SPIFFE id of a peer from its verified chain (leaf first), as a finished handshake reports
 /// it (`peer_certificates()`).

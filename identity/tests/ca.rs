@@ -14,6 +14,7 @@ use identity::ca::proto::{IstioCertificateRequest, IstioCertificateResponse};
 use identity::ca::{
     CaClientConfig, CaServer, CertificateSource, FetchFuture, IstioCaClient, Refusal, SignRequest,
 };
+use identity::roots::TrustRoots;
 use identity::{DevCa, Error, SecretManager, SecretManagerConfig, SpiffeId, WorkloadCert};
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
@@ -55,7 +56,7 @@ where
 }
 
 fn client_config(ca: &DevCa, address: &str) -> CaClientConfig {
-    let mut config = CaClientConfig::new(address, ca.roots());
+    let mut config = CaClientConfig::new(address, Arc::new(ca.trust_roots()));
     config.server_root = Some(identity::grpc::TrustRoot::Pem(ca.root_pem().to_owned()));
     config.tls_server_name = Some(CA_NAME.to_owned());
     config.cert_lifetime = HOUR;
@@ -255,10 +256,9 @@ impl TwoLevelCa {
         }
     }
 
-    fn roots(&self) -> Arc<rustls::RootCertStore> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.root.der().clone()).unwrap();
-        Arc::new(roots)
+    fn roots(&self) -> Arc<TrustRoots> {
+        let root = self.root.der().clone();
+        Arc::new(TrustRoots::fixed(vec![root], std::path::Path::new("two-level root")).unwrap())
     }
 }
 
@@ -309,7 +309,7 @@ async fn intermediates_are_kept_and_only_a_trailing_self_signed_root_is_dropped(
         let server_tls = identity::tls::server_config(
             chain.clone(),
             cert.credentials().key.clone_key(),
-            roots.clone(),
+            roots.store(),
             "cluster.local",
         )
         .unwrap();
@@ -319,7 +319,7 @@ async fn intermediates_are_kept_and_only_a_trailing_self_signed_root_is_dropped(
         let peer = identity::tls::client_config(
             peer_creds.chain,
             peer_creds.key,
-            roots.clone(),
+            roots.store(),
             vec![sleep_id()],
         )
         .unwrap();
@@ -345,7 +345,7 @@ async fn chain_from_another_root_is_rejected() {
     .await;
     // TLS to the rogue CA is trusted, but issued chains must verify against the mesh roots.
     let mut config = client_config(&rogue, &address);
-    config.trust_roots = mesh.roots();
+    config.trust_roots = Arc::new(mesh.trust_roots());
     let err = IstioCaClient::new(config)
         .unwrap()
         .sign(&sleep_id())
@@ -435,11 +435,9 @@ async fn a_root_rotated_in_its_file_is_used_without_a_restart() {
     let mut config = client_config(&old_root, &address);
     config.server_root = Some(identity::grpc::TrustRoot::File(root_file.0.clone()));
     // Issued chains of either root are trusted by the mesh during the rotation.
-    let mut mesh = rustls::RootCertStore::empty();
-    for ca in [&old_root, &new_root] {
-        mesh.roots.extend(ca.roots().roots.iter().cloned());
-    }
-    config.trust_roots = Arc::new(mesh);
+    let both = vec![old_root.root(), new_root.root()];
+    config.trust_roots =
+        Arc::new(TrustRoots::fixed(both, std::path::Path::new("both roots")).unwrap());
     let client = IstioCaClient::new(config).unwrap();
     assert!(client.sign(&sleep_id()).await.is_ok());
 
@@ -477,8 +475,16 @@ async fn unreachable_ca_is_an_error_not_a_hang() {
     );
     assert!(started.elapsed() < Duration::from_secs(5));
     // Misconfiguration is caught before any request.
-    assert!(IstioCaClient::new(CaClientConfig::new("https://x:1", ca.roots())).is_err());
-    assert!(IstioCaClient::new(CaClientConfig::new("not a url", ca.roots())).is_err());
+    assert!(
+        IstioCaClient::new(CaClientConfig::new(
+            "https://x:1",
+            Arc::new(ca.trust_roots())
+        ))
+        .is_err()
+    );
+    assert!(
+        IstioCaClient::new(CaClientConfig::new("not a url", Arc::new(ca.trust_roots()))).is_err()
+    );
 }
 
 /// A certificate source backed by a DevCa that counts calls and can be told to fail.

@@ -7,6 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use identity::roots::TrustRoots;
 use identity::{SpiffeId, WorkloadCert};
 use rustls::RootCertStore;
 
@@ -18,8 +19,12 @@ pub trait Certificates: Send + Sync + 'static {
         &self,
         id: &SpiffeId,
     ) -> impl Future<Output = Result<Arc<WorkloadCert>, identity::Error>> + Send;
-    /// The roots peers' chains must verify against.
-    fn roots(&self) -> Arc<RootCertStore>;
+    /// The mesh's trust roots (followed from their file, where they come from one).
+    fn trust_roots(&self) -> &Arc<TrustRoots>;
+    /// The roots peers' chains must verify against now.
+    fn roots(&self) -> Arc<RootCertStore> {
+        self.trust_roots().store()
+    }
     /// Follows the certificates of `id` (starting a fetch if it is new): what a server presenting
     /// that identity serves at each handshake (`None` or an expired certificate: no handshake).
     fn watch(&self, id: &SpiffeId) -> CertWatch;
@@ -38,7 +43,7 @@ pub struct Managed {
     /// The secret manager.
     pub manager: identity::SecretManager,
     /// The mesh's roots.
-    pub roots: Arc<RootCertStore>,
+    pub roots: Arc<TrustRoots>,
 }
 
 impl Certificates for Managed {
@@ -49,8 +54,8 @@ impl Certificates for Managed {
         self.manager.get(id)
     }
 
-    fn roots(&self) -> Arc<RootCertStore> {
-        self.roots.clone()
+    fn trust_roots(&self) -> &Arc<TrustRoots> {
+        &self.roots
     }
 
     fn watch(&self, id: &SpiffeId) -> CertWatch {
@@ -68,7 +73,7 @@ pub struct StaticCert {
     /// The workload's certificate.
     pub cert: Arc<WorkloadCert>,
     /// The mesh's roots.
-    pub roots: Arc<RootCertStore>,
+    pub roots: Arc<TrustRoots>,
 }
 
 impl Certificates for StaticCert {
@@ -95,8 +100,8 @@ impl Certificates for StaticCert {
         std::future::ready(result)
     }
 
-    fn roots(&self) -> Arc<RootCertStore> {
-        self.roots.clone()
+    fn trust_roots(&self) -> &Arc<TrustRoots> {
+        &self.roots
     }
 
     fn watch(&self, id: &SpiffeId) -> CertWatch {

@@ -166,9 +166,8 @@ pub async fn start(
         readiness: local(&readiness_listener, config.readiness),
     };
     let creds = certs.cert.credentials();
-    let tls = identity::tls::server_config(
-        creds.chain.clone(),
-        creds.key.clone_key(),
+    let tls = identity::tls::server_config_following(
+        identity::tls::single_cert(creds.chain.clone(), creds.key.clone_key())?,
         certs.roots.clone(),
         certs.cert.id().trust_domain(),
     )?;

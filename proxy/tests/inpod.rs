@@ -73,7 +73,7 @@ async fn pods_come_and_go_over_zds_and_bad_messages_are_refused() {
     let mut agent = ZdsTestAgent::bind(&path).unwrap();
 
     let ca = Arc::new(DevCa::generate("cluster.local").unwrap());
-    let roots = ca.roots();
+    let roots = Arc::new(ca.trust_roots());
     let manager = SecretManager::new(
         Arc::new(DevCaSource::new(ca, Duration::from_secs(3600))),
         SecretManagerConfig::default(),
@@ -176,7 +176,7 @@ async fn pods_come_and_go_over_zds_and_bad_messages_are_refused() {
 /// A shared proxy over `store` with certificates from a fresh development CA.
 fn proxy_over(store: Arc<StateStore>) -> Arc<SharedProxy<Managed>> {
     let ca = Arc::new(DevCa::generate("cluster.local").unwrap());
-    let roots = ca.roots();
+    let roots = Arc::new(ca.trust_roots());
     let manager = SecretManager::new(
         Arc::new(DevCaSource::new(ca, Duration::from_secs(3600))),
         SecretManagerConfig::default(),

@@ -20,7 +20,6 @@ use proxy::inbound::{DirectConnector, Inbound, InboundOutcome};
 use proxy::outbound::{Outbound, OutboundOutcome};
 use proxy::state::{State, StateStore};
 use proxy::telemetry::metrics::Metrics;
-use rustls::RootCertStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use xds_client::resources::{Address, PortMapping, Service};
@@ -33,7 +32,7 @@ fn ip(test: u8, host: u8) -> IpAddr {
 }
 
 /// Certificates issued on demand by a development CA.
-struct DevCerts(DevCa);
+struct DevCerts(DevCa, Arc<identity::roots::TrustRoots>);
 
 impl Certificates for DevCerts {
     async fn get(&self, id: &SpiffeId) -> Result<Arc<WorkloadCert>, identity::Error> {
@@ -41,8 +40,8 @@ impl Certificates for DevCerts {
         Ok(Arc::new(WorkloadCert::new(id.clone(), creds)?))
     }
 
-    fn roots(&self) -> Arc<RootCertStore> {
-        self.0.roots()
+    fn trust_roots(&self) -> &Arc<identity::roots::TrustRoots> {
+        &self.1
     }
 
     fn watch(&self, id: &SpiffeId) -> proxy::certs::CertWatch {
@@ -120,8 +119,16 @@ async fn mesh(test: u8) -> Mesh {
     tokio::spawn(async move { server.serve(listener).await });
     let metrics = Metrics::new(Duration::from_secs(300));
     let outbound = Arc::new(
-        Outbound::new(store, Arc::new(DevCerts(ca)), Config::default(), None)
-            .with_metrics(metrics.clone()),
+        Outbound::new(
+            store,
+            {
+                let roots = Arc::new(ca.trust_roots());
+                Arc::new(DevCerts(ca, roots))
+            },
+            Config::default(),
+            None,
+        )
+        .with_metrics(metrics.clone()),
     );
     Mesh {
         outbound,

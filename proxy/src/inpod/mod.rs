@@ -310,9 +310,9 @@ impl<C: Certificates> SharedProxy<C> {
         }
 
         let local = self.local_of(&info);
-        let tls = identity::tls::server_config_with_resolver(
+        let tls = identity::tls::server_config_following(
             Arc::new(identity::tls::WatchResolver::new(cert.clone())),
-            self.certificates.roots(),
+            self.certificates.trust_roots().clone(),
             &self.config.trust_domain,
         )
         .map_err(|e| format!("pod {label}: {e}"))?;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use controlplane::ComputeConfig;
 use identity::ca::{CaClientConfig, IstioCaClient};
 use identity::grpc::TrustRoot;
+use identity::roots::TrustRoots;
 use identity::{DevCa, DevCaSource, SecretManager, SecretManagerConfig};
 use proxy::admin::AdminHooks;
 use proxy::certs::Managed;
@@ -17,7 +18,6 @@ use proxy::dedicated::DedicatedConfig;
 use proxy::inpod::{SharedConfig, SharedProxy};
 use proxy::state::{State, StateStore};
 use proxy::telemetry::metrics::Metrics;
-use rustls_pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use xds_client::client::ClientConfig;
@@ -125,9 +125,8 @@ fn server_root(source: Option<istio::RootSource>) -> Option<TrustRoot> {
     })
 }
 
-/// Where pods' certificates come from: an in-process development CA or a CA server; with the
-/// mesh's root certificates (for `/config_dump`).
-fn certificates(args: &ProxyArgs) -> Result<(Managed, Vec<CertificateDer<'static>>), Error> {
+/// Where pods' certificates come from: an in-process development CA or a CA server.
+fn certificates(args: &ProxyArgs) -> Result<Managed, Error> {
     let config = SecretManagerConfig::default();
     if let Some(dir) = &args.ca_dir {
         let ca = if dir.join("root-cert.pem").exists() {
@@ -147,13 +146,12 @@ fn certificates(args: &ProxyArgs) -> Result<(Managed, Vec<CertificateDer<'static
             });
         }
         let ca = Arc::new(ca);
-        let (roots, root_certs) = (ca.roots(), vec![ca.root()]);
+        let roots = Arc::new(ca.trust_roots());
         let source = DevCaSource::new(ca, args.secret_ttl);
-        let managed = Managed {
+        return Ok(Managed {
             manager: SecretManager::new(Arc::new(source), config),
             roots,
-        };
-        return Ok((managed, root_certs));
+        });
     }
     let Some(url) = args.ca_url()? else {
         return Err(flag(
@@ -162,51 +160,42 @@ fn certificates(args: &ProxyArgs) -> Result<(Managed, Vec<CertificateDer<'static
         ));
     };
     let ca_root = ProxyArgs::control_plane_root(&url, args.ca_root_ca.as_deref(), "--ca-root-ca")?;
-    let (root_certs, roots) = mesh_roots(args.ca.as_deref(), ca_root.as_ref())?;
-    let roots = Arc::new(roots);
+    let roots = Arc::new(mesh_roots(args.ca.as_deref(), ca_root.as_ref())?);
     let mut ca_config = CaClientConfig::new(url, roots.clone());
     ca_config.server_root = server_root(ca_root);
     ca_config.token_file = args.token_file();
     ca_config.cluster_id = Some(args.cluster());
     ca_config.cert_lifetime = args.secret_ttl;
     let client = IstioCaClient::new(ca_config)?;
-    let managed = Managed {
+    Ok(Managed {
         manager: SecretManager::new(Arc::new(client), config),
         roots,
-    };
-    Ok((managed, root_certs))
+    })
 }
 
 /// The mesh's trust roots with a CA server: `--ca`, else the CA's root when it is a file or
 /// PEM (Istio's chart: the mounted `istio-ca-root-cert`), else the chart's mount itself. The
-/// system's trust store is never the mesh's root. The certificates, for `/config_dump`, and
-/// the store made of them.
-fn mesh_roots(
-    ca: Option<&Path>,
-    ca_root: Option<&istio::RootSource>,
-) -> Result<(Vec<CertificateDer<'static>>, rustls::RootCertStore), Error> {
-    let inline = Path::new("CA_ROOT_CA (PEM given in the variable)");
-    let (certs, source) = match (ca, ca_root) {
-        (Some(path), _) => (identity::pem::read_certs(path)?, path),
-        (None, Some(istio::RootSource::File(path))) => {
-            (identity::pem::read_certs(path)?, path.as_path())
-        }
+/// system's trust store is never the mesh's root. A file is followed: a root rotated in place
+/// is used by the next handshake and the next certificate check, without a restart.
+fn mesh_roots(ca: Option<&Path>, ca_root: Option<&istio::RootSource>) -> Result<TrustRoots, Error> {
+    match (ca, ca_root) {
+        (Some(path), _) => Ok(TrustRoots::follow(path)?),
+        (None, Some(istio::RootSource::File(path))) => Ok(TrustRoots::follow(path)?),
         (None, Some(istio::RootSource::Inline(pem))) => {
-            (identity::pem::parse_certs(pem.as_bytes(), inline)?, inline)
+            let inline = Path::new("CA_ROOT_CA (PEM given in the variable)");
+            Ok(TrustRoots::fixed(
+                identity::pem::parse_certs(pem.as_bytes(), inline)?,
+                inline,
+            )?)
         }
         (None, Some(istio::RootSource::System) | None) if istio::mounted(istio::DEFAULT_ROOT) => {
-            let path = Path::new(istio::DEFAULT_ROOT);
-            (identity::pem::read_certs(path)?, path)
+            Ok(TrustRoots::follow(Path::new(istio::DEFAULT_ROOT))?)
         }
-        _ => {
-            return Err(flag(
-                "--ca",
-                "with a CA server the mesh's trust root is needed: --ca ROOT, CA_ROOT_CA (a file or PEM), or Istio's mount at /var/run/secrets/istio/root-cert.pem",
-            ));
-        }
-    };
-    let store = identity::pem::root_store(certs.clone(), source)?;
-    Ok((certs, store))
+        _ => Err(flag(
+            "--ca",
+            "with a CA server the mesh's trust root is needed: --ca ROOT, CA_ROOT_CA (a file or PEM), or Istio's mount at /var/run/secrets/istio/root-cert.pem",
+        )),
+    }
 }
 
 /// The operations side of both modes: binds the metrics and admin listeners, drops the metric
@@ -260,8 +249,7 @@ async fn run_shared(
     let root_namespace = compute_config(&args).root_namespace;
     let store = Arc::new(StateStore::new(State::new(&root_namespace)));
     state_source(&args, &store)?;
-    let (certs, root_certs) = certificates(&args)?;
-    let certs = Arc::new(certs);
+    let certs = Arc::new(certificates(&args)?);
     let mut config = SharedConfig::new(&args.node_name, &args.trust_domain);
     config.mark = Some(args.packet_mark);
     config.hbone = hbone_config(&args);
@@ -289,7 +277,7 @@ async fn run_shared(
                         .cert
                         .map(|c| c.credentials().chain.clone())
                         .unwrap_or_default(),
-                    roots: root_certs.clone(),
+                    roots: dump_certs.roots.current().certs.clone(),
                     error: held.last_error,
                 })
                 .collect();
@@ -351,7 +339,7 @@ async fn run_dedicated(
     };
     let chain = identity::pem::read_certs(cert)?;
     let key = identity::pem::read_key(key)?;
-    let roots = Arc::new(identity::pem::read_roots(ca)?);
+    let roots = Arc::new(TrustRoots::follow(ca)?);
     let id = identity::tls::peer_spiffe_id(&chain)?;
     let cert = Arc::new(identity::WorkloadCert::new(
         id.clone(),
@@ -393,16 +381,7 @@ async fn run_dedicated(
     config.hbone = hbone_config(&args);
     config.readiness = args.readiness_addr;
     config.metrics = metrics.clone();
-    let context = DumpContext {
-        certificates: vec![CertificateDump {
-            identity: id.to_string(),
-            chain: cert.credentials().chain.clone(),
-            roots: identity::pem::read_certs(ca)?,
-            error: None,
-        }],
-        pods: Vec::new(),
-        config: args.dump_config(),
-    };
+    let (dump_cert, dump_roots, dump_config) = (cert.clone(), roots.clone(), args.dump_config());
     let (bound, running) =
         proxy::dedicated::start(config, store.clone(), StaticCert { cert, roots })
             .await
@@ -416,7 +395,19 @@ async fn run_dedicated(
         metrics,
         store.clone(),
         log_control,
-        Box::new(move || proxy::config_dump::config_dump(&dump_store.snapshot(), &context)),
+        Box::new(move || {
+            let context = DumpContext {
+                certificates: vec![CertificateDump {
+                    identity: dump_cert.id().to_string(),
+                    chain: dump_cert.credentials().chain.clone(),
+                    roots: dump_roots.current().certs.clone(),
+                    error: None,
+                }],
+                pods: Vec::new(),
+                config: dump_config.clone(),
+            };
+            proxy::config_dump::config_dump(&dump_store.snapshot(), &context)
+        }),
     )
     .await?;
     info!(
