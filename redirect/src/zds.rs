@@ -467,9 +467,12 @@ impl ZdsTestAgent {
         })
     }
 
-    /// Waits for a proxy (dropping the previous one) and returns the version of its hello.
+    /// Waits at most `timeout` for a proxy (dropping the previous one), and as long again for
+    /// its hello; returns the hello's version.
     pub fn accept(&mut self, timeout: Duration) -> std::io::Result<i32> {
         self.conn = None;
+        // Linux applies a receive timeout to accept(2) as well.
+        sys::set_recv_timeout(&self.listener, timeout)?;
         let conn = sys::accept_conn(&self.listener)?;
         sys::set_recv_timeout(&conn, timeout)?;
         let mut buf = [0u8; MAX_MESSAGE];

@@ -102,6 +102,21 @@ pub trait Authenticator: Send + Sync + 'static {
     /// `Ok(who)` (a name for the logs, such as a node) or `Err(reason)`: the stream is refused
     /// with `UNAUTHENTICATED` and the reason.
     fn authenticate(&self, credentials: &StreamCredentials<'_>) -> Result<String, String>;
+
+    /// Decides on the node the client says it is (the `node` of its first request; `None` when
+    /// it sent none), once its stream is authenticated as `who`, the same credentials at hand:
+    /// `Err(reason)` ends the stream with `PERMISSION_DENIED` before anything is sent (istiod
+    /// refuses a proxy whose node id names another namespace than its token). Accepts any by
+    /// default.
+    fn admit_node(
+        &self,
+        who: &str,
+        credentials: &StreamCredentials<'_>,
+        node: Option<&crate::proto::discovery::Node>,
+    ) -> Result<(), String> {
+        let _ = (who, credentials, node);
+        Ok(())
+    }
 }
 
 impl<F> Authenticator for F
@@ -339,6 +354,12 @@ impl AggregatedDiscoveryService for AdsServer {
             cluster_id,
             remote_addr: request.remote_addr(),
         };
+        // For the node check on the first request, after the request has been consumed.
+        let (token, cluster, remote) = (
+            bearer_token.map(str::to_owned),
+            cluster_id.map(str::to_owned),
+            credentials.remote_addr,
+        );
         let who = match self.authenticator.authenticate(&credentials) {
             Ok(who) => who,
             Err(reason) => {
@@ -355,6 +376,7 @@ impl AggregatedDiscoveryService for AdsServer {
             let mut changes = server.watch_changes();
             // Initial answers are full diffs; later pushes need only what changed since.
             let mut seen = *changes.borrow_and_update();
+            let mut first = true;
             loop {
                 tokio::select! {
                     message = inbound.message() => {
@@ -366,6 +388,21 @@ impl AggregatedDiscoveryService for AdsServer {
                                 break;
                             }
                         };
+                        if std::mem::take(&mut first) {
+                            let credentials = StreamCredentials {
+                                bearer_token: token.as_deref(),
+                                cluster_id: cluster.as_deref(),
+                                remote_addr: remote,
+                            };
+                            let node = request.node.as_ref();
+                            if let Err(reason) =
+                                server.authenticator.admit_node(&who, &credentials, node)
+                            {
+                                warn!(%who, node = ?node.map(|n| &n.id), %reason, "ADS: node refused");
+                                let _ = tx.send(Err(tonic::Status::permission_denied(reason))).await;
+                                break;
+                            }
+                        }
                         if let Some(response) = server.on_request(&mut types, request)
                             && tx.send(Ok(response)).await.is_err()
                         {
