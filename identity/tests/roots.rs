@@ -43,9 +43,10 @@ fn accepted(server: &ServerConfig, client_ca: &DevCa, server_ca: &DevCa) -> Resu
     handshake(client, server.clone())
 }
 
-#[test]
-fn a_rotated_root_file_is_used_by_the_next_handshake_and_a_broken_one_is_not() {
-    let dir = std::env::temp_dir().join(format!("identity-roots-{}", std::process::id()));
+/// A scratch directory named after `tag`, a root file in it holding `old`'s root, and two CAs,
+/// `old` and `new`.
+fn rotation(tag: &str) -> (std::path::PathBuf, std::path::PathBuf, DevCa, DevCa) {
+    let dir = std::env::temp_dir().join(format!("identity-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("root-cert.pem");
     let (old, new) = (
@@ -53,6 +54,12 @@ fn a_rotated_root_file_is_used_by_the_next_handshake_and_a_broken_one_is_not() {
         DevCa::generate("cluster.local").unwrap(),
     );
     std::fs::write(&file, old.root_pem()).unwrap();
+    (dir, file, old, new)
+}
+
+#[test]
+fn a_rotated_root_file_is_used_by_the_next_handshake_and_a_broken_one_is_not() {
+    let (dir, file, old, new) = rotation("roots");
     let roots = Arc::new(
         TrustRoots::follow(&file)
             .unwrap()
@@ -90,14 +97,7 @@ fn a_rotated_root_file_is_used_by_the_next_handshake_and_a_broken_one_is_not() {
 
 #[test]
 fn a_followed_file_is_looked_at_once_per_interval() {
-    let dir = std::env::temp_dir().join(format!("identity-roots-slow-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("root-cert.pem");
-    let (old, new) = (
-        DevCa::generate("cluster.local").unwrap(),
-        DevCa::generate("cluster.local").unwrap(),
-    );
-    std::fs::write(&file, old.root_pem()).unwrap();
+    let (dir, file, old, new) = rotation("roots-slow");
     let roots = TrustRoots::follow(&file)
         .unwrap()
         .with_check_interval(Duration::from_secs(3600));
