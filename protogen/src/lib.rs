@@ -4,7 +4,7 @@
 //!
 //! - [`SETS`] lists which `.proto` files belong to which crate.
 //! - [`generate`] produces a crate's files in memory; [`stale`] compares them with what the
-//!   repository holds (the test `tests/generated.rs` fails on any difference); [`write`] replaces
+//!   repository holds (the test `tests/generated.rs` fails on any difference); [`write()`] replaces
 //!   them (`cargo run -p protogen`).
 //! - [`schema`] compares our `.proto` files with Istio's, message by message and field by
 //!   field (`cargo run -p protogen -- compare <istio proto dir>`; interop/proto_schema.sh).

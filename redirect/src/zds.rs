@@ -32,7 +32,7 @@ use crate::agent::{Handoff, PodInfo};
 use crate::sys;
 
 /// The ZDS messages (`istio.workload.zds`), generated from `proto/zds.proto` (Istio's schema)
-/// by `cargo run -p protogen`; [`Payload`](proto::Payload) is the request's oneof.
+/// by `cargo run -p protogen`; [`Payload`] is the request's oneof.
 #[allow(missing_docs, unreachable_pub, unused_qualifications, clippy::all)]
 pub mod proto {
     include!("generated/istio.workload.zds.rs");
