@@ -25,13 +25,40 @@ fn seqpacket_socket() -> io::Result<OwnedFd> {
     .map_err(io)
 }
 
-/// A listening SOCK_SEQPACKET socket at `path` (a stale socket file there is replaced).
+/// A listening SOCK_SEQPACKET socket at `path` (a stale socket file there is replaced), its
+/// file mode 0600 whatever the umask: it is bound under a temporary name, made 0600, and only
+/// then renamed to `path`, so no one can connect while it is more open.
 pub(crate) fn seqpacket_listener(path: &Path) -> io::Result<OwnedFd> {
-    let _ = std::fs::remove_file(path);
+    use std::os::unix::fs::PermissionsExt;
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::other(format!("{}: not a file path", path.display())))?;
+    let temporary = path.with_file_name(format!(
+        ".{}.{}.binding",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&temporary);
     let fd = seqpacket_socket()?;
-    bind(fd.as_raw_fd(), &UnixAddr::new(path).map_err(io)?).map_err(io)?;
-    listen(&fd, Backlog::new(16).map_err(io)?).map_err(io)?;
+    bind(fd.as_raw_fd(), &UnixAddr::new(&temporary).map_err(io)?).map_err(io)?;
+    let placed = std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| {
+            listen(&fd, Backlog::new(16).map_err(io)?).map_err(io)?;
+            std::fs::rename(&temporary, path)
+        });
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(e);
+    }
     Ok(fd)
+}
+
+/// The process id and user id of the peer of a connected Unix socket, as they were when it
+/// connected (`SO_PEERCRED`).
+pub(crate) fn peer_credentials(conn: &OwnedFd) -> io::Result<(i32, u32)> {
+    let creds = nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(io)?;
+    Ok((creds.pid(), creds.uid()))
 }
 
 /// Accepts one connection.

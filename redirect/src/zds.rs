@@ -64,6 +64,10 @@ pub struct ZdsConfig {
     pub retry_first: Duration,
     /// Longest such delay.
     pub retry_max: Duration,
+    /// Users besides root whose processes may connect (the socket hands out pods' network
+    /// namespaces: a peer whose `SO_PEERCRED` uid is neither root's nor one of these is refused
+    /// and logged, whatever the socket file's mode).
+    pub allowed_uids: Vec<u32>,
 }
 
 impl Default for ZdsConfig {
@@ -72,6 +76,7 @@ impl Default for ZdsConfig {
             ack_timeout: Duration::from_secs(10),
             retry_first: Duration::from_millis(100),
             retry_max: Duration::from_secs(10),
+            allowed_uids: Vec::new(),
         }
     }
 }
@@ -88,6 +93,8 @@ struct Inner {
     connections: Mutex<Vec<(u64, mpsc::Sender<Event>)>>,
     next_connection: AtomicU64,
     live: AtomicUsize,
+    /// Peers refused for their credentials.
+    refused: AtomicU64,
 }
 
 impl Inner {
@@ -142,8 +149,10 @@ impl std::fmt::Debug for ZdsServer {
 }
 
 impl ZdsServer {
-    /// Listens at `path` (Istio's default: `/var/run/ztunnel/ztunnel.sock`) and serves every
-    /// proxy that connects, each on its own thread, with the default [`ZdsConfig`].
+    /// Listens at `path` (Istio's default: `/var/run/ztunnel/ztunnel.sock`; the socket file is
+    /// made mode 0600 whatever the umask) and serves every proxy that connects as root (or as
+    /// one of [`ZdsConfig::allowed_uids`]), each on its own thread, with the default
+    /// [`ZdsConfig`].
     pub fn bind(path: &Path) -> std::io::Result<Self> {
         Self::bind_with(path, ZdsConfig::default())
     }
@@ -159,6 +168,23 @@ impl ZdsServer {
             loop {
                 match sys::accept_conn(&listener) {
                     Ok(conn) => {
+                        match sys::peer_credentials(&conn) {
+                            Ok((_, uid)) if uid == 0 || config.allowed_uids.contains(&uid) => {}
+                            Ok((pid, uid)) => {
+                                inner.refused.fetch_add(1, Ordering::SeqCst);
+                                warn!(
+                                    pid,
+                                    uid,
+                                    "ZDS: refused a peer that is neither root nor an allowed user (it would be handed pods' network namespaces)"
+                                );
+                                continue;
+                            }
+                            Err(e) => {
+                                inner.refused.fetch_add(1, Ordering::SeqCst);
+                                warn!(error = %e, "ZDS: refused a peer whose credentials cannot be read");
+                                continue;
+                            }
+                        }
                         let inner = inner.clone();
                         let config = config.clone();
                         std::thread::spawn(move || {
@@ -184,6 +210,11 @@ impl ZdsServer {
     /// How many proxy connections are being served now.
     pub fn connections(&self) -> usize {
         self.inner.live.load(Ordering::SeqCst)
+    }
+
+    /// How many peers were refused for their credentials so far.
+    pub fn refused_peers(&self) -> u64 {
+        self.inner.refused.load(Ordering::SeqCst)
     }
 }
 

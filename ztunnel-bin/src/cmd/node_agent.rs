@@ -8,7 +8,7 @@ use std::time::Duration;
 use controlplane::{Manifests, NETNS_ANNOTATION};
 use redirect::agent::{Handoff, NoHandoff, NodeAgent, PodInfo, PodSource};
 use redirect::k8s::KubeSource;
-use redirect::zds::ZdsServer;
+use redirect::zds::{ZdsConfig, ZdsServer};
 use redirect::{Backend, RuleSet};
 
 use super::Error;
@@ -31,6 +31,17 @@ pub(crate) struct NodeAgentArgs {
     /// listening on this Unix socket (Istio's default: /var/run/ztunnel/ztunnel.sock).
     #[arg(long, value_name = "PATH")]
     pub(crate) zds_socket: Option<PathBuf>,
+    /// A user besides root whose processes may connect to the ZDS socket (repeat for several;
+    /// comma-separated in the variable). The socket file is mode 0600 and every peer's
+    /// credentials (SO_PEERCRED) are checked: anyone else is refused and logged, since the
+    /// socket hands out pods' network namespaces.
+    #[arg(
+        long,
+        value_name = "UID",
+        env = "ZDS_ALLOWED_UIDS",
+        value_delimiter = ','
+    )]
+    pub(crate) zds_allowed_uid: Vec<u32>,
 }
 
 /// Pods from a directory of manifests (the same parser as the local control plane).
@@ -129,11 +140,13 @@ async fn with_handoff<S: PodSource + 'static>(
             .await
         }
         Some(path) => {
-            let server = ZdsServer::bind(path).map_err(|source| Error::Io {
+            let mut config = ZdsConfig::default();
+            config.allowed_uids = args.zds_allowed_uid.clone();
+            let server = ZdsServer::bind_with(path, config).map_err(|source| Error::Io {
                 what: format!("ZDS socket {}", path.display()),
                 source,
             })?;
-            tracing::info!(socket = %path.display(), "serving the netns handoff (ZDS)");
+            tracing::info!(socket = %path.display(), allowed_uids = ?args.zds_allowed_uid, "serving the netns handoff (ZDS) to root and the allowed users");
             drive(NodeAgent::new(
                 &args.node,
                 backend,
