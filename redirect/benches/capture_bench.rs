@@ -114,6 +114,7 @@ fn label_flips(backend: Backend, paths: &[PathBuf]) -> [Duration; 4] {
             node: "node-a".into(),
             netns: Some(path.clone()),
             ips: Vec::new(),
+            annotations: BTreeMap::new(),
         })
         .collect();
     let source = Source(Arc::new(Mutex::new(pods)));

@@ -1,8 +1,9 @@
-//! The node agent: captures the pods of this node whose namespace is in ambient mode.
+//! The node agent: captures the pods of this node that are in ambient mode.
 //!
-//! It looks at the pods a [`PodSource`] reports, decides which must be captured (namespace label
-//! `istio.io/dataplane-mode=ambient`, pod not labelled `istio.io/dataplane-mode=none`, on this
-//! node, network namespace known), and converges: rules applied in newly captured pods, removed
+//! It looks at the pods a [`PodSource`] reports, decides which must be captured ([`Enablement`],
+//! istio-cni's rules: on this node, not in an excluded namespace (`kube-system` by default), no
+//! sidecar, not labelled `istio.io/dataplane-mode=none`, and labelled `ambient` itself or in a
+//! namespace labelled so; network namespace known), and converges: rules applied in newly captured pods, removed
 //! from released ones, and every capture and release reported to a [`Handoff`] (the proxy). At
 //! start-up it reconciles every captured pod (applying is idempotent), so a restarted agent
 //! neither duplicates rules nor forgets pods.
@@ -49,26 +50,92 @@ pub struct PodInfo {
     pub netns: Option<PathBuf>,
     /// The pod's IPs (`status.podIPs`).
     pub ips: Vec<IpAddr>,
+    /// The pod's annotations (a sidecar's `sidecar.istio.io/status` keeps it out).
+    pub annotations: BTreeMap<String, String>,
 }
 
 impl PodInfo {
-    /// Whether the pod must be captured on `node`.
+    /// Whether the pod must be captured on `node` under the default [`Enablement`].
     pub fn wants_capture(&self, node: &str) -> bool {
         self.netns.is_some() && self.in_ambient(node)
     }
 
-    /// Whether the pod is on `node` in an ambient namespace and not opted out (its network
-    /// namespace aside).
+    /// Whether the default [`Enablement`] admits the pod on `node` (its network namespace
+    /// aside).
     pub fn in_ambient(&self, node: &str) -> bool {
-        self.node == node
-            && self
-                .namespace_labels
-                .get(DATAPLANE_MODE_LABEL)
-                .is_some_and(|v| v == "ambient")
-            && self
-                .labels
-                .get(DATAPLANE_MODE_LABEL)
-                .is_none_or(|v| v != "none")
+        Enablement::default().admits(self, node).is_ok()
+    }
+}
+
+/// The annotation a pod with an Istio sidecar carries; such a pod is never captured.
+pub const SIDECAR_STATUS_ANNOTATION: &str = "sidecar.istio.io/status";
+
+/// The namespaces never captured unless configured otherwise (istio-cni's default).
+pub const DEFAULT_EXCLUDED_NAMESPACES: &[&str] = &["kube-system"];
+
+/// The `istio.io/dataplane-mode` label among `labels`.
+fn mode(labels: &BTreeMap<String, String>) -> Option<&str> {
+    labels.get(DATAPLANE_MODE_LABEL).map(String::as_str)
+}
+
+/// Which pods join the mesh, as istio-cni decides it for ambient mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enablement {
+    /// Namespaces whose pods are never captured (`EXCLUDE_NAMESPACES`).
+    pub excluded_namespaces: std::collections::BTreeSet<String>,
+}
+
+impl Default for Enablement {
+    fn default() -> Self {
+        Enablement {
+            excluded_namespaces: DEFAULT_EXCLUDED_NAMESPACES
+                .iter()
+                .map(|n| (*n).to_owned())
+                .collect(),
+        }
+    }
+}
+
+/// Why a pod is not captured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Skip {
+    /// It runs on another node.
+    #[error("the pod runs on another node")]
+    OtherNode,
+    /// Its namespace is excluded.
+    #[error("its namespace is excluded")]
+    ExcludedNamespace,
+    /// It has an Istio sidecar.
+    #[error("the pod has a sidecar")]
+    Sidecar,
+    /// It is labelled `istio.io/dataplane-mode=none`.
+    #[error("the pod opted out (istio.io/dataplane-mode=none)")]
+    OptedOut,
+    /// Neither it nor its namespace is labelled `istio.io/dataplane-mode=ambient`.
+    #[error("neither the pod nor its namespace is labelled istio.io/dataplane-mode=ambient")]
+    NotEnabled,
+}
+
+impl Enablement {
+    /// `Ok` when `pod` is to be captured on `node`, in this order of precedence: on `node`, not
+    /// in an excluded namespace, no sidecar, not opted out, then labelled `ambient` itself or
+    /// in a namespace labelled so.
+    pub fn admits(&self, pod: &PodInfo, node: &str) -> Result<(), Skip> {
+        if pod.node != node {
+            Err(Skip::OtherNode)
+        } else if self.excluded_namespaces.contains(&pod.namespace) {
+            Err(Skip::ExcludedNamespace)
+        } else if pod.annotations.contains_key(SIDECAR_STATUS_ANNOTATION) {
+            Err(Skip::Sidecar)
+        } else if mode(&pod.labels) == Some("none") {
+            Err(Skip::OptedOut)
+        } else if mode(&pod.labels) == Some("ambient")
+            || mode(&pod.namespace_labels) == Some("ambient")
+        {
+            Ok(())
+        } else {
+            Err(Skip::NotEnabled)
+        }
     }
 }
 
@@ -129,6 +196,8 @@ pub struct NodeAgent<S, H> {
     unresolved: HashMap<String, String>,
     /// Backoff of failed captures and releases, by uid.
     retries: HashMap<String, Retry>,
+    /// Which pods join the mesh.
+    enablement: Enablement,
 }
 
 /// First and longest delay before a failed capture or release is tried again.
@@ -144,10 +213,17 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
             rules,
             source,
             handoff,
+            enablement: Enablement::default(),
             captured: HashMap::new(),
             unresolved: HashMap::new(),
             retries: HashMap::new(),
         }
+    }
+
+    /// Which pods join the mesh (default: [`Enablement::default`]).
+    pub fn with_enablement(mut self, enablement: Enablement) -> Self {
+        self.enablement = enablement;
+        self
     }
 
     /// The pods captured now, by uid (including those whose release is being retried).
@@ -165,7 +241,7 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
         let now = Instant::now();
         let wanted: HashMap<&str, &PodInfo> = pods
             .iter()
-            .filter(|p| p.wants_capture(&self.node))
+            .filter(|p| p.netns.is_some() && self.enablement.admits(p, &self.node).is_ok())
             .map(|p| (p.uid.as_str(), p))
             .collect();
         // A wanted pod's namespace is compared by identity (a stat, no descriptor) with the one
@@ -325,7 +401,7 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
         let mut scan: Option<HashMap<IpAddr, Vec<PathBuf>>> = None;
         for pod in pods
             .iter_mut()
-            .filter(|p| p.netns.is_none() && p.in_ambient(&self.node))
+            .filter(|p| p.netns.is_none() && self.enablement.admits(p, &self.node).is_ok())
         {
             if let Some(known) = self
                 .captured

@@ -60,6 +60,7 @@ pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "default".into()),
         labels: meta.labels.clone().unwrap_or_default(),
+        annotations: meta.annotations.clone().unwrap_or_default(),
         namespace_labels: BTreeMap::new(),
         node: spec.node_name.clone()?,
         netns: None,

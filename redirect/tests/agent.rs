@@ -21,6 +21,7 @@ fn pod(name: &str, netns: &Netns, node: &str) -> PodInfo {
         node: node.into(),
         netns: Some(netns.path()),
         ips: Vec::new(),
+        annotations: BTreeMap::new(),
     }
 }
 

@@ -103,6 +103,7 @@ fn ambient_pod(name: &str, netns: &Path) -> PodInfo {
         node: "node-a".into(),
         netns: Some(netns.to_owned()),
         ips: Vec::new(),
+        annotations: BTreeMap::new(),
     }
 }
 

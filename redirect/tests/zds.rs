@@ -32,6 +32,7 @@ fn pod(uid: &str, netns: &Netns) -> PodInfo {
         node: "node-a".to_owned(),
         netns: Some(netns.path()),
         ips: Vec::new(),
+        annotations: BTreeMap::new(),
     }
 }
 
@@ -293,6 +294,7 @@ fn a_pod_added_while_proxies_connect_reaches_the_newest_exactly_once() {
                     node: "node-a".into(),
                     netns: Some(a_path.clone()),
                     ips: Vec::new(),
+                    annotations: BTreeMap::new(),
                 };
                 server.add(&p, &netns);
                 p.netns = None;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use controlplane::{Manifests, NETNS_ANNOTATION};
-use redirect::agent::{Handoff, NoHandoff, NodeAgent, PodInfo, PodSource};
+use redirect::agent::{Enablement, Handoff, NoHandoff, NodeAgent, PodInfo, PodSource};
 use redirect::k8s::KubeSource;
 use redirect::zds::{ZdsConfig, ZdsServer};
 use redirect::{Backend, RuleSet};
@@ -42,6 +42,16 @@ pub(crate) struct NodeAgentArgs {
         value_delimiter = ','
     )]
     pub(crate) zds_allowed_uid: Vec<u32>,
+    /// Namespaces whose pods are never captured, even labelled (istio-cni's setting; an empty
+    /// value excludes none).
+    #[arg(
+        long,
+        value_name = "NAMESPACES",
+        env = "EXCLUDE_NAMESPACES",
+        value_delimiter = ',',
+        default_value = "kube-system"
+    )]
+    pub(crate) exclude_namespaces: Vec<String>,
 }
 
 /// Pods from a directory of manifests (the same parser as the local control plane).
@@ -90,8 +100,21 @@ impl PodSource for ManifestSource {
                     .get(NETNS_ANNOTATION)
                     .map(|s| Path::new(s).to_owned()),
                 ips: p.ips.clone(),
+                annotations: p.annotations.clone(),
             })
             .collect())
+    }
+}
+
+/// Which pods join the mesh: istio-cni's rules, with `--exclude-namespaces`.
+fn enablement(args: &NodeAgentArgs) -> Enablement {
+    Enablement {
+        excluded_namespaces: args
+            .exclude_namespaces
+            .iter()
+            .filter(|n| !n.is_empty())
+            .cloned()
+            .collect(),
     }
 }
 
@@ -130,13 +153,10 @@ async fn with_handoff<S: PodSource + 'static>(
     tracing::info!(node = %args.node, backend = %args.backend, source = %args.source, "node agent running");
     match &args.zds_socket {
         None => {
-            drive(NodeAgent::new(
-                &args.node,
-                backend,
-                RuleSet::default(),
-                source,
-                NoHandoff,
-            ))
+            drive(
+                NodeAgent::new(&args.node, backend, RuleSet::default(), source, NoHandoff)
+                    .with_enablement(enablement(args)),
+            )
             .await
         }
         Some(path) => {
@@ -147,13 +167,10 @@ async fn with_handoff<S: PodSource + 'static>(
                 source,
             })?;
             tracing::info!(socket = %path.display(), allowed_uids = ?args.zds_allowed_uid, "serving the netns handoff (ZDS) to root and the allowed users");
-            drive(NodeAgent::new(
-                &args.node,
-                backend,
-                RuleSet::default(),
-                source,
-                server,
-            ))
+            drive(
+                NodeAgent::new(&args.node, backend, RuleSet::default(), source, server)
+                    .with_enablement(enablement(args)),
+            )
             .await
         }
     }
