@@ -21,6 +21,7 @@
 
 pub mod agent;
 mod apply;
+pub mod cni;
 #[cfg(feature = "kube")]
 pub mod k8s;
 pub mod netns;

@@ -1,0 +1,234 @@
+//! `ztunnel-cni` invoked as a container runtime invokes it (the binary, its environment, the
+//! network configuration on stdin), against a test agent on a real Unix socket.
+
+use std::io::Write;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+
+use redirect::cni::{CniAnswer, CniEvent, CniRequest};
+use serde_json::{Value, json};
+
+struct Dir(PathBuf);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn dir(tag: &str) -> Dir {
+    let path = std::env::temp_dir().join(format!("ztunnel-cni-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&path);
+    std::fs::create_dir_all(&path).unwrap();
+    Dir(path)
+}
+
+/// A test agent at `path`: answers each request with `answer(request)`, and records it.
+fn agent(
+    path: &Path,
+    answer: impl Fn(&CniRequest) -> CniAnswer + Send + 'static,
+) -> Arc<Mutex<Vec<CniRequest>>> {
+    let listener = UnixListener::bind(path).unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let mut conn = conn.unwrap();
+            let body = redirect::cni::read_bounded(&mut conn).unwrap();
+            let request: CniRequest = serde_json::from_slice(&body).unwrap();
+            let reply = serde_json::to_vec(&answer(&request)).unwrap();
+            record.lock().unwrap().push(request);
+            conn.write_all(&reply).unwrap();
+        }
+    });
+    seen
+}
+
+fn config(socket: &Path, version: &str) -> Value {
+    json!({
+        "cniVersion": version,
+        "name": "k8s-pod-network",
+        "type": "ztunnel-cni",
+        "agent_socket": socket.display().to_string(),
+        "prevResult": {
+            "cniVersion": version,
+            "interfaces": [{"name": "eth0", "sandbox": "/var/run/netns/cni-1234"}],
+            "ips": [{"address": "10.244.1.7/24", "gateway": "10.244.1.1", "interface": 0},
+                    {"address": "fd00::7/64", "interface": 0}]
+        }
+    })
+}
+
+/// Runs the plugin with `command`, the pod `namespace/name` (none: not a Kubernetes pod) and
+/// `stdin`.
+fn invoke(command: &str, pod: Option<(&str, &str)>, stdin: &[u8]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ztunnel-cni"));
+    cmd.env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", "5f3e0c1d")
+        .env("CNI_NETNS", "/var/run/netns/cni-1234")
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/opt/cni/bin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some((namespace, name)) = pod {
+        cmd.env(
+            "CNI_ARGS",
+            format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID=5f3e0c1d;K8S_POD_UID=uid-{name}"
+            ),
+        );
+    }
+    let mut child = cmd.spawn().unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn json_out(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+#[test]
+fn add_waits_for_the_agent_and_passes_the_primary_result_on() {
+    let d = dir("add");
+    let socket = d.0.join("cni.sock");
+    let seen = agent(&socket, |r| match r.pod_name.as_str() {
+        "web" => CniAnswer::Captured,
+        "batch" => CniAnswer::NotInMesh {
+            reason: "its namespace is not in the mesh".into(),
+        },
+        _ => CniAnswer::Refused {
+            reason: "the proxy did not acknowledge the pod".into(),
+        },
+    });
+    for version in ["1.0.0", "0.4.0"] {
+        let config = config(&socket, version);
+        let out = invoke(
+            "ADD",
+            Some(("default", "web")),
+            config.to_string().as_bytes(),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert_eq!(json_out(&out), config["prevResult"]);
+    }
+    let request = seen.lock().unwrap()[0].clone();
+    assert_eq!(
+        request,
+        CniRequest {
+            event: CniEvent::Add,
+            container_id: "5f3e0c1d".into(),
+            netns: "/var/run/netns/cni-1234".into(),
+            pod_name: "web".into(),
+            pod_namespace: "default".into(),
+            pod_uid: Some("uid-web".into()),
+            ips: vec!["10.244.1.7".parse().unwrap(), "fd00::7".parse().unwrap()],
+        }
+    );
+    let config = config(&socket, "1.0.0").to_string();
+    // A pod the agent says is outside the mesh starts as it is.
+    let out = invoke("ADD", Some(("jobs", "batch")), config.as_bytes());
+    assert!(out.status.success());
+    // A refusal fails the pod's network setup, with the reason.
+    let out = invoke("ADD", Some(("default", "stuck")), config.as_bytes());
+    assert_eq!(out.status.code(), Some(1));
+    let error = json_out(&out);
+    assert_eq!(error["code"], ztunnel_cni::REFUSED);
+    assert_eq!(error["cniVersion"], "1.0.0");
+    assert!(
+        error["msg"].as_str().unwrap().contains("pod default/stuck"),
+        "{error}"
+    );
+    assert_eq!(error["details"], "the proxy did not acknowledge the pod");
+    // Deletions reach the agent.
+    let out = invoke("DEL", Some(("default", "web")), config.as_bytes());
+    assert!(out.status.success());
+    assert!(out.stdout.is_empty());
+    assert!(
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|r| r.event == CniEvent::Del && r.pod_name == "web")
+    );
+}
+
+#[test]
+fn without_the_agent_add_fails_and_del_succeeds() {
+    let d = dir("down");
+    let config = config(&d.0.join("nobody-listens.sock"), "1.0.0").to_string();
+    let out = invoke("ADD", Some(("default", "web")), config.as_bytes());
+    assert_eq!(out.status.code(), Some(1));
+    let error = json_out(&out);
+    assert_eq!(error["code"], ztunnel_cni::TRY_AGAIN_LATER);
+    assert!(
+        error["msg"]
+            .as_str()
+            .unwrap()
+            .contains("nobody-listens.sock"),
+        "{error}"
+    );
+    let out = invoke("DEL", Some(("default", "web")), config.as_bytes());
+    assert!(out.status.success());
+    // Not a Kubernetes pod: passed through without asking anyone.
+    let out = invoke("ADD", None, config.as_bytes());
+    assert!(out.status.success());
+}
+
+#[test]
+fn version_and_bad_input_answer_as_the_specification_says() {
+    let out = invoke("VERSION", None, b"");
+    assert!(out.status.success());
+    let version = json_out(&out);
+    assert_eq!(version["cniVersion"], "1.0.0");
+    assert!(
+        version["supportedVersions"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("0.4.0"))
+    );
+    let code = |out: &Output| json_out(out)["code"].as_u64().unwrap();
+    let d = dir("bad");
+    let socket = d.0.join("cni.sock");
+    assert_eq!(
+        code(&invoke("ADD", Some(("default", "web")), b"{not json")),
+        u64::from(ztunnel_cni::DECODING_FAILURE)
+    );
+    let mut unchained = config(&socket, "1.0.0");
+    unchained.as_object_mut().unwrap().remove("prevResult");
+    assert_eq!(
+        code(&invoke(
+            "ADD",
+            Some(("default", "web")),
+            unchained.to_string().as_bytes()
+        )),
+        u64::from(ztunnel_cni::INVALID_CONFIGURATION)
+    );
+    assert_eq!(
+        code(&invoke(
+            "ADD",
+            Some(("default", "web")),
+            config(&socket, "9.9.9").to_string().as_bytes()
+        )),
+        u64::from(ztunnel_cni::INCOMPATIBLE_VERSION)
+    );
+    let mut bad_ip = config(&socket, "1.0.0");
+    bad_ip["prevResult"]["ips"][0]["address"] = json!("not-an-ip/24");
+    let out = invoke(
+        "ADD",
+        Some(("default", "web")),
+        bad_ip.to_string().as_bytes(),
+    );
+    assert_eq!(code(&out), u64::from(ztunnel_cni::INVALID_CONFIGURATION));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("prevResult.ips[0].address"));
+}
