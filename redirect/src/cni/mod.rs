@@ -100,3 +100,5 @@ pub fn read_bounded(stream: &mut impl Read) -> std::io::Result<Vec<u8>> {
     }
     Ok(buf)
 }
+
+pub mod install;
