@@ -47,6 +47,7 @@ use xds_client::resources::{self as xds, PortMapping, WorkloadType};
 
 /// The label that puts a namespace in the mesh (`ambient`) or takes a pod out (`none`).
 pub use common::k8s::DATAPLANE_MODE_LABEL;
+use common::k8s::Enablement;
 
 /// Mesh-wide settings of the computation.
 #[derive(Debug, Clone)]
@@ -100,15 +101,18 @@ pub fn compute(m: &Manifests, config: &ComputeConfig) -> Result<Computed, authz:
     };
     let hostname = |s: &Service| format!("{}.{}.svc.cluster.local", s.name, s.namespace);
     for pod in &m.pods {
-        let ambient_ns = m
-            .namespaces
-            .get(&pod.namespace)
-            .and_then(|l| l.get(DATAPLANE_MODE_LABEL))
-            .is_some_and(|v| v == "ambient");
-        let opted_out = pod
-            .labels
-            .get(DATAPLANE_MODE_LABEL)
-            .is_some_and(|v| v == "none");
+        // In the mesh (HBONE) as the node agent decides capture: istio-cni's rules.
+        let in_mesh = Enablement::default()
+            .admits(
+                &pod.namespace,
+                &pod.labels,
+                &pod.annotations,
+                &m.namespaces
+                    .get(&pod.namespace)
+                    .cloned()
+                    .unwrap_or_default(),
+            )
+            .is_ok();
         let Ok(identity) =
             identity::SpiffeId::istio(&config.trust_domain, &pod.namespace, &pod.service_account)
         else {
@@ -165,7 +169,7 @@ pub fn compute(m: &Manifests, config: &ComputeConfig) -> Result<Computed, authz:
             namespace: pod.namespace.clone(),
             addresses: pod.ips.clone(),
             network: String::new(),
-            tunnel: if ambient_ns && !opted_out {
+            tunnel: if in_mesh {
                 xds::Tunnel::Hbone
             } else {
                 xds::Tunnel::None

@@ -63,79 +63,25 @@ impl PodInfo {
     /// Whether the default [`Enablement`] admits the pod on `node` (its network namespace
     /// aside).
     pub fn in_ambient(&self, node: &str) -> bool {
-        Enablement::default().admits(self, node).is_ok()
+        self.admitted_by(&Enablement::default(), node).is_ok()
     }
 }
 
-/// The annotation a pod with an Istio sidecar carries; such a pod is never captured.
-pub const SIDECAR_STATUS_ANNOTATION: &str = "sidecar.istio.io/status";
+pub use common::k8s::{DEFAULT_EXCLUDED_NAMESPACES, Enablement, SIDECAR_STATUS_ANNOTATION, Skip};
 
-/// The namespaces never captured unless configured otherwise (istio-cni's default).
-pub const DEFAULT_EXCLUDED_NAMESPACES: &[&str] = &["kube-system"];
-
-/// The `istio.io/dataplane-mode` label among `labels`.
-fn mode(labels: &BTreeMap<String, String>) -> Option<&str> {
-    labels.get(DATAPLANE_MODE_LABEL).map(String::as_str)
-}
-
-/// Which pods join the mesh, as istio-cni decides it for ambient mode.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Enablement {
-    /// Namespaces whose pods are never captured (`EXCLUDE_NAMESPACES`).
-    pub excluded_namespaces: std::collections::BTreeSet<String>,
-}
-
-impl Default for Enablement {
-    fn default() -> Self {
-        Enablement {
-            excluded_namespaces: DEFAULT_EXCLUDED_NAMESPACES
-                .iter()
-                .map(|n| (*n).to_owned())
-                .collect(),
+impl PodInfo {
+    /// Whether `enablement` admits this pod on `node` ([`Skip::OtherNode`] first, then
+    /// [`Enablement::admits`]).
+    pub fn admitted_by(&self, enablement: &Enablement, node: &str) -> Result<(), Skip> {
+        if self.node != node {
+            return Err(Skip::OtherNode);
         }
-    }
-}
-
-/// Why a pod is not captured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum Skip {
-    /// It runs on another node.
-    #[error("the pod runs on another node")]
-    OtherNode,
-    /// Its namespace is excluded.
-    #[error("its namespace is excluded")]
-    ExcludedNamespace,
-    /// It has an Istio sidecar.
-    #[error("the pod has a sidecar")]
-    Sidecar,
-    /// It is labelled `istio.io/dataplane-mode=none`.
-    #[error("the pod opted out (istio.io/dataplane-mode=none)")]
-    OptedOut,
-    /// Neither it nor its namespace is labelled `istio.io/dataplane-mode=ambient`.
-    #[error("neither the pod nor its namespace is labelled istio.io/dataplane-mode=ambient")]
-    NotEnabled,
-}
-
-impl Enablement {
-    /// `Ok` when `pod` is to be captured on `node`, in this order of precedence: on `node`, not
-    /// in an excluded namespace, no sidecar, not opted out, then labelled `ambient` itself or
-    /// in a namespace labelled so.
-    pub fn admits(&self, pod: &PodInfo, node: &str) -> Result<(), Skip> {
-        if pod.node != node {
-            Err(Skip::OtherNode)
-        } else if self.excluded_namespaces.contains(&pod.namespace) {
-            Err(Skip::ExcludedNamespace)
-        } else if pod.annotations.contains_key(SIDECAR_STATUS_ANNOTATION) {
-            Err(Skip::Sidecar)
-        } else if mode(&pod.labels) == Some("none") {
-            Err(Skip::OptedOut)
-        } else if mode(&pod.labels) == Some("ambient")
-            || mode(&pod.namespace_labels) == Some("ambient")
-        {
-            Ok(())
-        } else {
-            Err(Skip::NotEnabled)
-        }
+        enablement.admits(
+            &self.namespace,
+            &self.labels,
+            &self.annotations,
+            &self.namespace_labels,
+        )
     }
 }
 
@@ -241,7 +187,7 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
         let now = Instant::now();
         let wanted: HashMap<&str, &PodInfo> = pods
             .iter()
-            .filter(|p| p.netns.is_some() && self.enablement.admits(p, &self.node).is_ok())
+            .filter(|p| p.netns.is_some() && p.admitted_by(&self.enablement, &self.node).is_ok())
             .map(|p| (p.uid.as_str(), p))
             .collect();
         // A wanted pod's namespace is compared by identity (a stat, no descriptor) with the one
@@ -401,7 +347,7 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
         let mut scan: Option<HashMap<IpAddr, Vec<PathBuf>>> = None;
         for pod in pods
             .iter_mut()
-            .filter(|p| p.netns.is_none() && self.enablement.admits(p, &self.node).is_ok())
+            .filter(|p| p.netns.is_none() && p.admitted_by(&self.enablement, &self.node).is_ok())
         {
             if let Some(known) = self
                 .captured

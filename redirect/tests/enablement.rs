@@ -30,7 +30,7 @@ fn pod(namespace: &str, pod_mode: Option<&str>, ns_mode: Option<&str>) -> PodInf
 #[test]
 fn each_rule_and_its_precedence() {
     let rules = Enablement::default();
-    let verdict = |p: &PodInfo| rules.admits(p, "node-a");
+    let verdict = |p: &PodInfo| p.admitted_by(&rules, "node-a");
     // Joined by its namespace, or by its own label in an unlabelled namespace.
     assert_eq!(verdict(&pod("default", None, Some("ambient"))), Ok(()));
     assert_eq!(verdict(&pod("default", Some("ambient"), None)), Ok(()));
@@ -57,7 +57,7 @@ fn each_rule_and_its_precedence() {
     );
     // Another node's pod is not ours.
     assert_eq!(
-        rules.admits(&pod("default", Some("ambient"), None), "node-b"),
+        pod("default", Some("ambient"), None).admitted_by(&rules, "node-b"),
         Err(Skip::OtherNode)
     );
     // The excluded namespaces are configurable (EXCLUDE_NAMESPACES).
@@ -65,11 +65,11 @@ fn each_rule_and_its_precedence() {
         excluded_namespaces: ["tools".to_owned()].into(),
     };
     assert_eq!(
-        custom.admits(&pod("kube-system", Some("ambient"), None), "node-a"),
+        pod("kube-system", Some("ambient"), None).admitted_by(&custom, "node-a"),
         Ok(())
     );
     assert_eq!(
-        custom.admits(&pod("tools", Some("ambient"), None), "node-a"),
+        pod("tools", Some("ambient"), None).admitted_by(&custom, "node-a"),
         Err(Skip::ExcludedNamespace)
     );
 }
