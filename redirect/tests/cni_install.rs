@@ -2,28 +2,17 @@
 //! or a single plugin made a list), again after the primary CNI rewrites its file, removed when
 //! handing the node back; the binary copied executable.
 
+mod common;
+
+use common::TempDir;
+
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use redirect::cni::install::{
     InstallError, PLUGIN_TYPE, chain, install_binary, plugin_entry, unchain,
 };
 use serde_json::{Value, json};
-
-struct Dir(PathBuf);
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn dir(tag: &str) -> Dir {
-    let path = std::env::temp_dir().join(format!("cni-install-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&path);
-    std::fs::create_dir_all(&path).unwrap();
-    Dir(path)
-}
 
 fn read(path: &Path) -> Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
@@ -47,7 +36,7 @@ fn calico() -> Value {
 
 #[test]
 fn chained_into_the_first_list_once_and_again_after_a_rewrite() {
-    let d = dir("list");
+    let d = TempDir::new("cni-list");
     let first = d.0.join("10-calico.conflist");
     std::fs::write(&first, calico().to_string()).unwrap();
     std::fs::write(
@@ -85,7 +74,7 @@ fn chained_into_the_first_list_once_and_again_after_a_rewrite() {
 
 #[test]
 fn a_single_plugin_becomes_a_list_of_it_and_ours() {
-    let d = dir("single");
+    let d = TempDir::new("cni-single");
     let conf = d.0.join("10-flannel.conf");
     std::fs::write(&conf, r#"{"cniVersion":"0.4.0","name":"cbr0","type":"flannel","delegate":{"isDefaultGateway":true}}"#).unwrap();
     let entry = plugin_entry(Path::new("/var/run/ztunnel/cni.sock"), None);
@@ -105,7 +94,7 @@ fn a_single_plugin_becomes_a_list_of_it_and_ours() {
 
 #[test]
 fn nothing_to_chain_into_or_a_broken_file_is_an_error_that_names_it() {
-    let d = dir("errors");
+    let d = TempDir::new("cni-errors");
     let entry = plugin_entry(Path::new("/var/run/ztunnel/cni.sock"), None);
     assert!(matches!(
         chain(&d.0, &entry),
@@ -125,7 +114,7 @@ fn nothing_to_chain_into_or_a_broken_file_is_an_error_that_names_it() {
 
 #[test]
 fn the_binary_is_copied_executable() {
-    let d = dir("bin");
+    let d = TempDir::new("cni-bin");
     let source = d.0.join("built");
     std::fs::write(&source, b"#!/bin/sh\n").unwrap();
     let bin = d.0.join("bin");

@@ -3,30 +3,16 @@
 //! (`SO_PEERCRED`) are neither root's nor an allowed user's is refused, even through a socket
 //! file someone made wider. Needs root (to act as another user).
 
+mod common;
+
+use common::TempDir;
+
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use redirect::zds::{ZdsConfig, ZdsServer};
-
-struct Dir(PathBuf);
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn dir(tag: &str) -> Dir {
-    let path = std::env::temp_dir().join(format!("zds-socket-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&path);
-    std::fs::create_dir_all(&path).unwrap();
-    // Other users may reach the socket file, so only its own mode and the credentials check
-    // stand between them and the pods.
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    Dir(path)
-}
 
 fn root() {
     assert!(
@@ -85,7 +71,7 @@ fn wait_for(mut ok: impl FnMut() -> bool) -> bool {
 #[test]
 fn the_socket_is_0600_whatever_the_umask_and_strangers_are_refused() {
     root();
-    let d = dir("strangers");
+    let d = TempDir::new("zds-strangers");
     let path = d.0.join("ztunnel.sock");
     // The most permissive umask there is, for this bind only.
     let before = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
@@ -109,7 +95,7 @@ fn the_socket_is_0600_whatever_the_umask_and_strangers_are_refused() {
 #[test]
 fn an_allowed_user_is_served() {
     root();
-    let d = dir("allowed");
+    let d = TempDir::new("zds-allowed");
     let path = d.0.join("ztunnel.sock");
     let mut config = ZdsConfig::default();
     config.allowed_uids = vec![65534];
