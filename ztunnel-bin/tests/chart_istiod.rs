@@ -23,7 +23,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Fabric, Running, TempDir, echo_app, python, wait, ztunnel};
+use common::{Fabric, Running, TempDir, echo_app, python, tls_args, wait, with_stdin, ztunnel};
 use identity::ca::{CaServer, Refusal, SignRequest};
 use identity::{DevCa, SpiffeId};
 use prost::Message;
@@ -438,34 +438,24 @@ fn the_charts_proxy_reaches_istiod_as_istio_does_and_serves_a_handed_over_pod() 
     // The pod is served: sleep (from the recorded policy) reaches the app through its 15008;
     // another identity is denied.
     let call = |sa: &str| {
-        let certs = dir.0.join(sa);
         mesh.issue_to_dir(
             &format!("spiffe://cluster.local/ns/default/sa/{sa}")
                 .parse::<SpiffeId>()
                 .unwrap(),
             HOUR,
-            &certs,
+            &dir.0.join(sa),
         )
         .unwrap();
-        let out = Command::new("ip")
+        let mut connect = Command::new("ip");
+        connect
             .args(["netns", "exec", &node.0])
             .arg(ztunnel().get_program())
             .args(["hbone", "connect", "--to", &format!("{}:15008", ip(2))])
             .args(["--authority", &format!("{}:8080", ip(2))])
-            .arg("--cert")
-            .arg(certs.join("cert-chain.pem"))
-            .arg("--key")
-            .arg(certs.join("key.pem"))
-            .arg("--ca")
-            .arg(certs.join("root-cert.pem"))
-            .args(["--expect-san", "spiffe://cluster.local/ns/default/sa/web"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let output = exchange(out, b"through the chart's proxy");
-        String::from_utf8_lossy(&output).into_owned()
+            .args(tls_args(&dir.0, sa))
+            .args(["--expect-san", "spiffe://cluster.local/ns/default/sa/web"]);
+        let out = with_stdin(connect, b"through the chart's proxy");
+        String::from_utf8_lossy(&out.stdout).into_owned()
     };
     assert_eq!(
         call("sleep"),
@@ -542,24 +532,4 @@ fn the_charts_proxy_reaches_istiod_as_istio_does_and_serves_a_handed_over_pod() 
 
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
-}
-
-/// Writes `input` to the child, closes its stdin, and returns what it wrote (within 10 s).
-fn exchange(mut child: std::process::Child, input: &[u8]) -> Vec<u8> {
-    use std::io::Write;
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(input).unwrap();
-    drop(stdin);
-    let (tx, rx) = std::sync::mpsc::channel();
-    let id = child.id();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(Duration::from_secs(10)) {
-        Ok(out) => out.unwrap().stdout,
-        Err(_) => {
-            let _ = Command::new("kill").arg(id.to_string()).status();
-            Vec::new()
-        }
-    }
 }
