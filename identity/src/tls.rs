@@ -182,9 +182,18 @@ pub fn server_config_with_resolver(
         inner,
         trust_domain: trust_domain.to_owned(),
     };
+    hbone_server_config(provider, Arc::new(verifier), resolver)
+}
+
+/// TLS 1.3 only, ALPN `h2`, the traffic keys handed to HBONE's record layer.
+fn hbone_server_config(
+    provider: Arc<CryptoProvider>,
+    verifier: Arc<dyn ClientCertVerifier>,
+    resolver: Arc<dyn ResolvesServerCert>,
+) -> Result<ServerConfig, Error> {
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(Arc::new(verifier))
+        .with_client_cert_verifier(verifier)
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     // HBONE's record layer takes the traffic keys from rustls after the handshake.
@@ -201,24 +210,18 @@ pub fn server_config_following(
     trust_domain: &str,
 ) -> Result<ServerConfig, Error> {
     SpiffeId::parse(&format!("spiffe://{trust_domain}"))?;
+    let provider = provider();
     let verifier = FollowingVerifier {
         trust_domain: trust_domain.to_owned(),
         built: Mutex::new(None),
-        algorithms: provider().signature_verification_algorithms,
+        algorithms: provider.signature_verification_algorithms,
         roots,
     };
     // Built once now, so that roots that cannot make a verifier fail here, not at a handshake.
     verifier
         .verifier()
         .map_err(|e| Error::Roots(e.to_string()))?;
-    let mut config = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(Arc::new(verifier))
-        .with_cert_resolver(resolver);
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
-    // HBONE's record layer takes the traffic keys from rustls after the handshake.
-    config.enable_secret_extraction = true;
-    Ok(config)
+    hbone_server_config(provider, Arc::new(verifier), resolver)
 }
 
 /// Client verification against the roots as they are now: a [`TrustDomainVerifier`] made of the
