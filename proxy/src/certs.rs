@@ -46,6 +46,27 @@ pub struct Managed {
     pub roots: Arc<TrustRoots>,
 }
 
+impl Managed {
+    /// Every identity held, with its chain (or why there is none) and the current roots, for
+    /// `/config_dump`.
+    pub fn dump(&self) -> Vec<crate::config_dump::CertificateDump> {
+        let roots = self.roots.current();
+        self.manager
+            .held()
+            .into_iter()
+            .map(|held| crate::config_dump::CertificateDump {
+                identity: held.id.to_string(),
+                chain: held
+                    .cert
+                    .map(|c| c.credentials().chain.clone())
+                    .unwrap_or_default(),
+                roots: roots.certs.clone(),
+                error: held.last_error,
+            })
+            .collect()
+    }
+}
+
 impl Certificates for Managed {
     fn get(
         &self,
@@ -74,6 +95,18 @@ pub struct StaticCert {
     pub cert: Arc<WorkloadCert>,
     /// The mesh's roots.
     pub roots: Arc<TrustRoots>,
+}
+
+impl StaticCert {
+    /// The one certificate, with the current roots, for `/config_dump`.
+    pub fn dump(&self) -> Vec<crate::config_dump::CertificateDump> {
+        vec![crate::config_dump::CertificateDump {
+            identity: self.cert.id().to_string(),
+            chain: self.cert.credentials().chain.clone(),
+            roots: self.roots.current().certs.clone(),
+            error: None,
+        }]
+    }
 }
 
 impl Certificates for StaticCert {

@@ -13,7 +13,7 @@ use identity::{DevCa, DevCaSource, SecretManager, SecretManagerConfig};
 use proxy::admin::AdminHooks;
 use proxy::certs::Managed;
 use proxy::certs::StaticCert;
-use proxy::config_dump::{CertificateDump, DumpContext};
+use proxy::config_dump::DumpContext;
 use proxy::dedicated::DedicatedConfig;
 use proxy::inpod::{SharedConfig, SharedProxy};
 use proxy::state::{State, StateStore};
@@ -267,22 +267,8 @@ async fn run_shared(
         store.clone(),
         log_control,
         Box::new(move || {
-            let certificates = dump_certs
-                .manager
-                .held()
-                .into_iter()
-                .map(|held| CertificateDump {
-                    identity: held.id.to_string(),
-                    chain: held
-                        .cert
-                        .map(|c| c.credentials().chain.clone())
-                        .unwrap_or_default(),
-                    roots: dump_certs.roots.current().certs.clone(),
-                    error: held.last_error,
-                })
-                .collect();
             let context = DumpContext {
-                certificates,
+                certificates: dump_certs.dump(),
                 pods: dump_proxy.pods(),
                 config: dump_config.clone(),
             };
@@ -381,14 +367,14 @@ async fn run_dedicated(
     config.hbone = hbone_config(&args);
     config.readiness = args.readiness_addr;
     config.metrics = metrics.clone();
-    let (dump_cert, dump_roots, dump_config) = (cert.clone(), roots.clone(), args.dump_config());
-    let (bound, running) =
-        proxy::dedicated::start(config, store.clone(), StaticCert { cert, roots })
-            .await
-            .map_err(|e| Error::Io {
-                what: "starting the proxy".into(),
-                source: std::io::Error::other(e),
-            })?;
+    let certs = StaticCert { cert, roots };
+    let (dump_certs, dump_config) = (certs.clone(), args.dump_config());
+    let (bound, running) = proxy::dedicated::start(config, store.clone(), certs)
+        .await
+        .map_err(|e| Error::Io {
+            what: "starting the proxy".into(),
+            source: std::io::Error::other(e),
+        })?;
     let dump_store = store.clone();
     let stop = operations(
         &args,
@@ -397,12 +383,7 @@ async fn run_dedicated(
         log_control,
         Box::new(move || {
             let context = DumpContext {
-                certificates: vec![CertificateDump {
-                    identity: dump_cert.id().to_string(),
-                    chain: dump_cert.credentials().chain.clone(),
-                    roots: dump_roots.current().certs.clone(),
-                    error: None,
-                }],
+                certificates: dump_certs.dump(),
                 pods: Vec::new(),
                 config: dump_config.clone(),
             };
