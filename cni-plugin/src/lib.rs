@@ -237,6 +237,13 @@ pub fn run(
     }
 }
 
+/// An environment variable that must be set and not empty.
+fn required(env: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<String, CniError> {
+    env(name)
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| CniError::new(MISSING_ENVIRONMENT, format!("{name} is not set"), ""))
+}
+
 /// The request for this invocation's pod; `None` when it is not a Kubernetes pod.
 fn request(
     env: &dyn Fn(&str) -> Option<String>,
@@ -285,15 +292,8 @@ fn add(
         }
         result.to_string()
     };
-    for name in ["CNI_CONTAINERID", "CNI_NETNS"] {
-        if env(name).filter(|v| !v.is_empty()).is_none() {
-            return Err(CniError::new(
-                MISSING_ENVIRONMENT,
-                format!("{name} is not set"),
-                "",
-            ));
-        }
-    }
+    required(env, "CNI_CONTAINERID")?;
+    required(env, "CNI_NETNS")?;
     let Some(request) = request(env, CniEvent::Add, result_ips(prev)?)? else {
         return Ok(passed());
     };

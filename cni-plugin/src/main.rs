@@ -10,10 +10,6 @@ fn main() -> ExitCode {
         .take(redirect::cni::MAX_MESSAGE as u64 + 1)
         .read_to_end(&mut stdin);
     let env = |name: &str| std::env::var(name).ok();
-    let version = serde_json::from_slice::<serde_json::Value>(&stdin)
-        .ok()
-        .and_then(|v| v.get("cniVersion")?.as_str().map(str::to_owned))
-        .unwrap_or_else(|| "1.0.0".to_owned());
     let outcome = match read {
         Err(e) => Err(ztunnel_cni::CniError {
             code: ztunnel_cni::DECODING_FAILURE,
@@ -30,6 +26,11 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(error) => {
+            // The error in the caller's version, when its configuration says which.
+            let version = serde_json::from_slice::<serde_json::Value>(&stdin)
+                .ok()
+                .and_then(|v| v.get("cniVersion")?.as_str().map(str::to_owned))
+                .unwrap_or_else(|| "1.0.0".to_owned());
             println!("{}", error.to_json(&version));
             eprintln!("ztunnel-cni: {}: {}", error.msg, error.details);
             ExitCode::FAILURE
