@@ -602,14 +602,7 @@ fn workload_to_proto(w: &Workload) -> pb::Workload {
     pb::Workload {
         name: w.name.clone(),
         namespace: w.namespace.clone(),
-        addresses: w
-            .addresses
-            .iter()
-            .map(|a| match a {
-                IpAddr::V4(v4) => v4.octets().to_vec(),
-                IpAddr::V6(v6) => v6.octets().to_vec(),
-            })
-            .collect(),
+        addresses: w.addresses.iter().map(ip_bytes).collect(),
         network: w.network.clone(),
         tunnel_protocol: match w.tunnel {
             Tunnel::None => pb::TunnelProtocol::None,

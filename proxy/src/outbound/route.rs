@@ -217,11 +217,7 @@ fn choose<'o, T>(
 
 /// The address of `w` to dial for a connection to `dialed` under `families`: the first of the
 /// allowed family; with `Automatic`/`Dual`, the first of `dialed`'s family, else the first.
-pub(crate) fn endpoint_address(
-    w: &Workload,
-    dialed: IpAddr,
-    families: IpFamilies,
-) -> Option<IpAddr> {
+fn endpoint_address(w: &Workload, dialed: IpAddr, families: IpFamilies) -> Option<IpAddr> {
     let first_v4 = || w.addresses.iter().copied().find(IpAddr::is_ipv4);
     let first_v6 = || w.addresses.iter().copied().find(IpAddr::is_ipv6);
     match families {
