@@ -138,51 +138,58 @@ pub struct Stale {
 pub fn stale(workspace: &Path) -> Result<Vec<Stale>, Error> {
     let mut out = Vec::new();
     for set in SETS {
-        let dir = generated_dir(workspace, set);
         let fresh = generate(workspace, set)?;
-        let held = if dir.exists() {
-            read_dir(&dir)?
-        } else {
-            BTreeMap::new()
-        };
-        for (name, text) in &fresh {
-            match held.get(name) {
-                None => out.push(Stale {
-                    path: dir.join(name),
-                    reason: "missing",
-                }),
-                Some(h) if h != text => out.push(Stale {
-                    path: dir.join(name),
-                    reason: "differs from what its .proto files generate",
-                }),
-                Some(_) => {}
-            }
-        }
-        for name in held.keys().filter(|n| !fresh.contains_key(*n)) {
-            out.push(Stale {
+        out.extend(differences(&generated_dir(workspace, set), &fresh)?);
+    }
+    Ok(out)
+}
+
+/// How what `dir` holds differs from `fresh` (file name -> contents).
+fn differences(dir: &Path, fresh: &BTreeMap<String, String>) -> Result<Vec<Stale>, Error> {
+    let held = if dir.exists() {
+        read_dir(dir)?
+    } else {
+        BTreeMap::new()
+    };
+    let mut out = Vec::new();
+    for (name, text) in fresh {
+        match held.get(name) {
+            None => out.push(Stale {
                 path: dir.join(name),
-                reason: "no .proto file generates it any more",
-            });
+                reason: "missing",
+            }),
+            Some(h) if h != text => out.push(Stale {
+                path: dir.join(name),
+                reason: "differs from what its .proto files generate",
+            }),
+            Some(_) => {}
         }
+    }
+    for name in held.keys().filter(|n| !fresh.contains_key(*n)) {
+        out.push(Stale {
+            path: dir.join(name),
+            reason: "no .proto file generates it any more",
+        });
     }
     Ok(out)
 }
 
 /// Regenerates every set into the repository; returns the files written or removed.
 pub fn write(workspace: &Path) -> Result<Vec<PathBuf>, Error> {
-    let changed = stale(workspace)?;
+    let mut changed = Vec::new();
     for set in SETS {
         let dir = generated_dir(workspace, set);
-        std::fs::create_dir_all(&dir).map_err(|e| Error(format!("{}: {e}", dir.display())))?;
         let fresh = generate(workspace, set)?;
-        for entry in read_dir(&dir)?.keys().filter(|n| !fresh.contains_key(*n)) {
-            let path = dir.join(entry);
-            std::fs::remove_file(&path).map_err(|e| Error(format!("{}: {e}", path.display())))?;
+        let stale = differences(&dir, &fresh)?;
+        std::fs::create_dir_all(&dir).map_err(|e| Error(format!("{}: {e}", dir.display())))?;
+        for file in &stale {
+            let result = match file.path.file_name().and_then(|n| fresh.get(n.to_str()?)) {
+                Some(text) => std::fs::write(&file.path, text),
+                None => std::fs::remove_file(&file.path),
+            };
+            result.map_err(|e| Error(format!("{}: {e}", file.path.display())))?;
         }
-        for (name, text) in fresh {
-            let path = dir.join(name);
-            std::fs::write(&path, text).map_err(|e| Error(format!("{}: {e}", path.display())))?;
-        }
+        changed.extend(stale.into_iter().map(|s| s.path));
     }
-    Ok(changed.into_iter().map(|s| s.path).collect())
+    Ok(changed)
 }
