@@ -207,12 +207,7 @@ pub fn run(
     stdin: &[u8],
     agent: &dyn Agent,
 ) -> Result<String, CniError> {
-    let required = |name: &str| {
-        env(name)
-            .filter(|v| !v.is_empty())
-            .ok_or_else(|| CniError::new(MISSING_ENVIRONMENT, format!("{name} is not set"), ""))
-    };
-    let command = required("CNI_COMMAND")?;
+    let command = required(env, "CNI_COMMAND")?;
     if command == "VERSION" {
         return Ok(
             json!({"cniVersion": "1.0.0", "supportedVersions": SUPPORTED_VERSIONS}).to_string(),

@@ -12,7 +12,7 @@
 //! (rules go in and come out through that descriptor); an ambiguous namespace is never guessed;
 //! a failed capture or release is retried with backoff and never reported as done.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::net::IpAddr;
 use std::os::fd::AsFd as _;
@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
+use crate::cni::server::{Posted, Stage};
+use crate::cni::{CniAnswer, CniBoard, CniEvent};
 use crate::{Backend, RuleSet, apply, fd_path, remove};
 
 /// The label that puts a namespace in the mesh (`ambient`) or takes a pod out (`none`).
@@ -97,6 +99,9 @@ pub trait Handoff: Send + Sync {
     /// as the pod is captured (hand this descriptor on, never re-open the pod's path: a path can
     /// come to name another namespace).
     fn add(&self, pod: &PodInfo, netns: &Arc<File>);
+    /// Whether the pod `uid`, last [`add`](Self::add)ed, is served (its proxy acknowledged
+    /// it): the CNI plugin lets a new pod start only then.
+    fn served(&self, uid: &str) -> bool;
     /// A pod was released (its rules are gone).
     fn remove(&self, uid: &str);
 }
@@ -107,6 +112,10 @@ pub struct NoHandoff;
 
 impl Handoff for NoHandoff {
     fn add(&self, _pod: &PodInfo, _netns: &Arc<File>) {}
+    /// Rules only: a captured pod counts as served.
+    fn served(&self, _uid: &str) -> bool {
+        true
+    }
     fn remove(&self, _uid: &str) {}
 }
 
@@ -144,6 +153,8 @@ pub struct NodeAgent<S, H> {
     retries: HashMap<String, Retry>,
     /// Which pods join the mesh.
     enablement: Enablement,
+    /// The CNI plugin's requests, when the agent serves it.
+    cni: Option<Arc<CniBoard>>,
 }
 
 /// First and longest delay before a failed capture or release is tried again.
@@ -160,6 +171,7 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
             source,
             handoff,
             enablement: Enablement::default(),
+            cni: None,
             captured: HashMap::new(),
             unresolved: HashMap::new(),
             retries: HashMap::new(),
@@ -169,6 +181,15 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
     /// Which pods join the mesh (default: [`Enablement::default`]).
     pub fn with_enablement(mut self, enablement: Enablement) -> Self {
         self.enablement = enablement;
+        self
+    }
+
+    /// Works off the CNI plugin's requests posted on `board` (by a
+    /// [`crate::cni::CniServer`]): a pod the runtime announces is captured in the network
+    /// namespace the runtime gives, and a pod it deletes is released. [`run`](Self::run) then
+    /// wakes for each new request.
+    pub fn with_cni(mut self, board: Arc<CniBoard>) -> Self {
+        self.cni = Some(board);
         self
     }
 
@@ -182,14 +203,21 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
     /// pod stays captured and handed off (never announced as released). A failing source changes
     /// nothing.
     pub fn sync(&mut self) -> Result<(), String> {
+        let posted = self.cni.as_ref().map(|b| b.take()).unwrap_or_default();
         let mut pods = self.source.pods()?;
+        let deleted = self.apply_posted(&posted, &mut pods);
         self.resolve_netns(&mut pods);
         let now = Instant::now();
         let wanted: HashMap<&str, &PodInfo> = pods
             .iter()
-            .filter(|p| p.netns.is_some() && p.admitted_by(&self.enablement, &self.node).is_ok())
+            .filter(|p| {
+                p.netns.is_some()
+                    && p.admitted_by(&self.enablement, &self.node).is_ok()
+                    && !deleted.contains(&p.uid)
+            })
             .map(|p| (p.uid.as_str(), p))
             .collect();
+        let mut capture_errors: HashMap<String, String> = HashMap::new();
         // A wanted pod's namespace is compared by identity (a stat, no descriptor) with the one
         // captured; only a capture opens it, and from then on the rules go into (and later come
         // out of) that very namespace, whatever its path names. Never the agent's own.
@@ -311,13 +339,153 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
                 Err(e) => {
                     let retry = self.failed(&pod.uid, now);
                     warn!(pod = %pod.name, error = %e, retry_in = ?retry, "could not capture pod; will retry");
+                    capture_errors.insert(pod.uid.clone(), e.to_string());
                 }
             }
         }
         // Forget the backoff of pods that are neither wanted nor captured any more.
         self.retries
             .retain(|uid, _| wanted.contains_key(uid.as_str()) || self.captured.contains_key(uid));
+        if let Some(board) = &self.cni {
+            board.update(|key, now_posted| {
+                match posted.get(key) {
+                    Some(seen) if seen.seq == now_posted.seq => {
+                        self.judge(key, now_posted, &pods, &capture_errors)
+                    }
+                    // Posted after this pass began: the next pass sees it.
+                    _ => true,
+                }
+            });
+        }
         Ok(())
+    }
+
+    /// The CNI plugin's requests, applied to the source's pods: an announced pod that joins
+    /// the mesh takes the runtime's network namespace (and addresses, when the source has none
+    /// yet); the uids of deleted pods are returned (they are not captured, whatever the source
+    /// says, until the runtime announces them again).
+    fn apply_posted(
+        &self,
+        posted: &BTreeMap<(String, String), Posted>,
+        pods: &mut [PodInfo],
+    ) -> HashSet<String> {
+        let mut deleted = HashSet::new();
+        for pod in pods.iter_mut() {
+            let Some(request) = posted_for(posted, pod) else {
+                continue;
+            };
+            match request.event {
+                CniEvent::Del => {
+                    deleted.insert(pod.uid.clone());
+                }
+                CniEvent::Add if pod.admitted_by(&self.enablement, &self.node).is_ok() => {
+                    pod.netns = Some(request.netns.clone());
+                    if pod.ips.is_empty() {
+                        pod.ips = request.ips.clone();
+                    }
+                }
+                CniEvent::Add => {}
+            }
+        }
+        deleted
+    }
+
+    /// Where a CNI request stands after a pass; `false` when it no longer matters (its pod has
+    /// gone from the source and it was answered in an earlier pass).
+    fn judge(
+        &self,
+        key: &(String, String),
+        request: &mut Posted,
+        pods: &[PodInfo],
+        capture_errors: &HashMap<String, String>,
+    ) -> bool {
+        let pod = pods.iter().find(|p| {
+            (&p.namespace, &p.name) == (&key.0, &key.1)
+                && request.uid.as_ref().is_none_or(|uid| *uid == p.uid)
+        });
+        let answered = matches!(request.stage, Stage::Done(_) | Stage::Captured(_));
+        let captured_under_key =
+            |c: &&Captured| (&c.pod.namespace, &c.pod.name) == (&key.0, &key.1);
+        match (request.event, pod) {
+            (CniEvent::Add, None) => !answered,
+            (CniEvent::Add, Some(pod)) => {
+                match pod.admitted_by(&self.enablement, &self.node) {
+                    Err(Skip::OtherNode) => {
+                        request.stage = Stage::Done(CniAnswer::Refused {
+                            reason: format!(
+                                "the pod source places pod {}/{} on node {:?}, not {:?}",
+                                pod.namespace, pod.name, pod.node, self.node
+                            ),
+                        })
+                    }
+                    Err(skip) => {
+                        request.stage = Stage::Done(CniAnswer::NotInMesh {
+                            reason: skip.to_string(),
+                        })
+                    }
+                    Ok(()) => {
+                        let identity = std::fs::metadata(&request.netns)
+                            .ok()
+                            .map(|m| (m.dev(), m.ino()));
+                        let here = self
+                            .captured
+                            .get(&pod.uid)
+                            .is_some_and(|c| Some(c.identity) == identity);
+                        if here && request.stage == Stage::Waiting {
+                            request.stage = Stage::Captured(pod.uid.clone());
+                        } else if let Some(error) = capture_errors.get(&pod.uid) {
+                            request.last_error = Some(error.clone());
+                        }
+                    }
+                }
+                true
+            }
+            (CniEvent::Del, pod) => {
+                if !self.captured.values().any(|c| captured_under_key(&c)) {
+                    request.stage = Stage::Done(CniAnswer::Released);
+                }
+                pod.is_some() || !answered
+            }
+        }
+    }
+
+    /// Between passes: a captured pod whose proxy has acknowledged it is answered.
+    fn settle_cni(&self) {
+        if let Some(board) = &self.cni {
+            board.update(|_, request| {
+                if let Stage::Captured(uid) = &request.stage
+                    && self.handoff.served(uid)
+                {
+                    request.stage = Stage::Done(CniAnswer::Captured);
+                }
+                true
+            });
+        }
+    }
+
+    /// Waits `interval` before the next pass, or less when the CNI plugin posts a request;
+    /// while a captured pod awaits its proxy's acknowledgement, looks every few milliseconds.
+    fn pause(&self, interval: Duration) {
+        let Some(board) = &self.cni else {
+            std::thread::sleep(interval);
+            return;
+        };
+        let deadline = Instant::now() + interval;
+        loop {
+            self.settle_cni();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            let step = if board.awaits_proxy() {
+                left.min(Duration::from_millis(10))
+            } else {
+                left
+            };
+            if board.wait_for_request(step) {
+                return;
+            }
+        }
     }
 
     /// Whether `uid`'s next attempt is due (no failure pending, or its backoff elapsed).
@@ -396,9 +564,16 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
 
     /// Converges every `interval`, forever (blocking; run it on its own thread).
     /// A failing source is logged when its error first appears or changes, not on every pass.
-    pub fn run(mut self, interval: Duration) -> ! {
+    pub fn run(self, interval: Duration) -> ! {
+        self.run_while(interval, || true);
+        unreachable!("run_while returns only when told to stop")
+    }
+
+    /// Like [`run`](Self::run), while `keep_going()` says so (checked after each pass); returns
+    /// the agent (its captures still in place).
+    pub fn run_while(mut self, interval: Duration, keep_going: impl Fn() -> bool) -> Self {
         let mut last_error: Option<String> = None;
-        loop {
+        while keep_going() {
             match self.sync() {
                 Err(e) if last_error.as_ref() != Some(&e) => {
                     warn!(error = %e, "pod source failed; keeping the current captures");
@@ -411,9 +586,20 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
                     }
                 }
             }
-            std::thread::sleep(interval);
+            self.pause(interval);
         }
+        self
     }
+}
+
+/// The CNI request posted for `pod` (by namespace and name, and uid when the runtime gave one).
+fn posted_for<'a>(
+    posted: &'a BTreeMap<(String, String), Posted>,
+    pod: &PodInfo,
+) -> Option<&'a Posted> {
+    posted
+        .get(&(pod.namespace.clone(), pod.name.clone()))
+        .filter(|p| p.uid.as_ref().is_none_or(|uid| *uid == pod.uid))
 }
 
 /// How many pods' rules are changed at once.

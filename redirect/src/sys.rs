@@ -15,20 +15,24 @@ fn io(e: nix::Error) -> io::Error {
     io::Error::from_raw_os_error(e as i32)
 }
 
-fn seqpacket_socket() -> io::Result<OwnedFd> {
-    socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(io)
+fn unix_socket(kind: SockType) -> io::Result<OwnedFd> {
+    socket(AddressFamily::Unix, kind, SockFlag::SOCK_CLOEXEC, None).map_err(io)
 }
 
-/// A listening SOCK_SEQPACKET socket at `path` (a stale socket file there is replaced), its
+/// A listening SOCK_SEQPACKET socket at `path` (see [`private_listener`]).
+pub(crate) fn seqpacket_listener(path: &Path) -> io::Result<OwnedFd> {
+    private_listener(path, SockType::SeqPacket)
+}
+
+/// A listening SOCK_STREAM socket at `path` (see [`private_listener`]).
+pub(crate) fn stream_listener(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
+    private_listener(path, SockType::Stream).map(Into::into)
+}
+
+/// A listening Unix socket of `kind` at `path` (a stale socket file there is replaced), its
 /// file mode 0600 whatever the umask: it is bound under a temporary name, made 0600, and only
 /// then renamed to `path`, so no one can connect while it is more open.
-pub(crate) fn seqpacket_listener(path: &Path) -> io::Result<OwnedFd> {
+fn private_listener(path: &Path, kind: SockType) -> io::Result<OwnedFd> {
     use std::os::unix::fs::PermissionsExt;
     let name = path
         .file_name()
@@ -39,7 +43,7 @@ pub(crate) fn seqpacket_listener(path: &Path) -> io::Result<OwnedFd> {
         std::process::id()
     ));
     let _ = std::fs::remove_file(&temporary);
-    let fd = seqpacket_socket()?;
+    let fd = unix_socket(kind)?;
     bind(fd.as_raw_fd(), &UnixAddr::new(&temporary).map_err(io)?).map_err(io)?;
     let placed = std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o600))
         .and_then(|()| {
@@ -55,7 +59,7 @@ pub(crate) fn seqpacket_listener(path: &Path) -> io::Result<OwnedFd> {
 
 /// The process id and user id of the peer of a connected Unix socket, as they were when it
 /// connected (`SO_PEERCRED`).
-pub(crate) fn peer_credentials(conn: &OwnedFd) -> io::Result<(i32, u32)> {
+pub(crate) fn peer_credentials(conn: &impl AsFd) -> io::Result<(i32, u32)> {
     let creds = nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::PeerCredentials)
         .map_err(io)?;
     Ok((creds.pid(), creds.uid()))
@@ -70,7 +74,7 @@ pub(crate) fn accept_conn(listener: &OwnedFd) -> io::Result<OwnedFd> {
 
 /// Connects to a SOCK_SEQPACKET socket at `path`.
 pub(crate) fn seqpacket_connect(path: &Path) -> io::Result<OwnedFd> {
-    let fd = seqpacket_socket()?;
+    let fd = unix_socket(SockType::SeqPacket)?;
     connect(fd.as_raw_fd(), &UnixAddr::new(path).map_err(io)?).map_err(io)?;
     Ok(fd)
 }

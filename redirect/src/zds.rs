@@ -95,6 +95,8 @@ struct Inner {
     live: AtomicUsize,
     /// Peers refused for their credentials.
     refused: AtomicU64,
+    /// For each pod, the connections whose proxy acknowledged its current namespace.
+    served: Mutex<BTreeMap<String, Vec<u64>>>,
 }
 
 impl Inner {
@@ -128,6 +130,10 @@ impl Inner {
         let was_newest = connections.last().is_some_and(|(newest, _)| *newest == id);
         connections.retain(|(c, _)| *c != id);
         drop(connections);
+        self.served.lock().expect("lock").retain(|_, by| {
+            by.retain(|c| *c != id);
+            !by.is_empty()
+        });
         if was_newest {
             for (uid, (info, file)) in pods.iter() {
                 self.to_newest(|| Event::Add(uid.clone(), info.clone(), file.clone()));
@@ -216,6 +222,12 @@ impl ZdsServer {
     pub fn refused_peers(&self) -> u64 {
         self.inner.refused.load(Ordering::SeqCst)
     }
+
+    /// Whether a connected proxy acknowledged the pod `uid` in the namespace it was last added
+    /// with (an add that is refused, pending or sent to a proxy that has gone does not count).
+    pub fn serves(&self, uid: &str) -> bool {
+        self.inner.served.lock().expect("lock").contains_key(uid)
+    }
 }
 
 impl Handoff for ZdsServer {
@@ -227,15 +239,22 @@ impl Handoff for ZdsServer {
         };
         let mut pods = self.inner.pods.lock().expect("lock");
         pods.insert(pod.uid.clone(), (info.clone(), netns.clone()));
+        // A new namespace has to be acknowledged afresh.
+        self.inner.served.lock().expect("lock").remove(&pod.uid);
         // Under the pods lock, so a proxy that is connecting sees the pod either in its
         // snapshot or as an event, never both or neither.
         self.inner
             .to_newest(|| Event::Add(pod.uid.clone(), info.clone(), netns.clone()));
     }
 
+    fn served(&self, uid: &str) -> bool {
+        self.serves(uid)
+    }
+
     fn remove(&self, uid: &str) {
         let mut pods = self.inner.pods.lock().expect("lock");
         pods.remove(uid);
+        self.inner.served.lock().expect("lock").remove(uid);
         self.inner.to_all(|| Event::Del(uid.to_owned()));
     }
 }
@@ -278,7 +297,7 @@ fn serve(inner: &Inner, id: u64, conn: &OwnedFd, config: &ZdsConfig) -> std::io:
     );
     let mut pending: BTreeMap<String, Pending> = BTreeMap::new();
     for (uid, info, file) in snapshot {
-        send_add(conn, config, &mut pending, uid, info, file)?;
+        send_add(inner, id, conn, config, &mut pending, uid, info, file)?;
     }
     if let Err(refusal) = request(conn, config, Payload::SnapshotSent(SnapshotSent {}), None)? {
         warn!(error = %refusal, "ZDS: the proxy reported an error for the end of the snapshot");
@@ -308,7 +327,7 @@ fn serve(inner: &Inner, id: u64, conn: &OwnedFd, config: &ZdsConfig) -> std::io:
                 for uid in due {
                     let p = pending.remove(&uid).expect("present");
                     info!(%uid, attempt = p.attempts + 1, "ZDS: sending a refused pod again");
-                    retry_add(conn, config, &mut pending, uid, p)?;
+                    retry_add(inner, id, conn, config, &mut pending, uid, p)?;
                 }
                 continue;
             }
@@ -320,7 +339,7 @@ fn serve(inner: &Inner, id: u64, conn: &OwnedFd, config: &ZdsConfig) -> std::io:
         match event {
             Event::Add(uid, info, file) => {
                 pending.remove(&uid);
-                send_add(conn, config, &mut pending, uid, info, file)?;
+                send_add(inner, id, conn, config, &mut pending, uid, info, file)?;
             }
             Event::Del(uid) => {
                 // A pod the proxy never accepted needs no delete.
@@ -339,7 +358,10 @@ fn serve(inner: &Inner, id: u64, conn: &OwnedFd, config: &ZdsConfig) -> std::io:
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn send_add(
+    inner: &Inner,
+    id: u64,
     conn: &OwnedFd,
     config: &ZdsConfig,
     pending: &mut BTreeMap<String, Pending>,
@@ -353,11 +375,14 @@ fn send_add(
         attempts: 0,
         due: Instant::now(),
     };
-    retry_add(conn, config, pending, uid, first)
+    retry_add(inner, id, conn, config, pending, uid, first)
 }
 
-/// Sends an add; if the proxy refuses it, schedules the next attempt.
+/// Sends an add; if the proxy refuses it, schedules the next attempt; if it accepts it, records
+/// that connection `id` serves the pod (unless the pod was deleted or added anew meanwhile).
 fn retry_add(
+    inner: &Inner,
+    id: u64,
     conn: &OwnedFd,
     config: &ZdsConfig,
     pending: &mut BTreeMap<String, Pending>,
@@ -368,7 +393,21 @@ fn retry_add(
         uid: uid.clone(),
         workload_info: Some(p.info.clone()),
     };
-    if let Err(refusal) = request(conn, config, Payload::Add(add), Some(&p.netns))? {
+    let outcome = request(conn, config, Payload::Add(add), Some(&p.netns))?;
+    if outcome.is_ok() {
+        let pods = inner.pods.lock().expect("lock");
+        if pods
+            .get(&uid)
+            .is_some_and(|(_, current)| Arc::ptr_eq(current, &p.netns))
+        {
+            let mut served = inner.served.lock().expect("lock");
+            let by = served.entry(uid.clone()).or_default();
+            if !by.contains(&id) {
+                by.push(id);
+            }
+        }
+    }
+    if let Err(refusal) = outcome {
         p.attempts += 1;
         let delay = config
             .retry_first

@@ -107,3 +107,56 @@ fn an_allowed_user_is_served() {
     // Root is always allowed.
     assert_eq!(hello_as(0, &path), "2");
 }
+
+/// Connects to the CNI socket as user `uid`, sends a DEL for a pod and prints what comes back
+/// (`hung up` for nothing).
+fn cni_as(uid: u32, socket: &Path) -> String {
+    let code = format!(
+        "import socket\ns=socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\ns.settimeout(5)\ntry:\n  s.connect({socket:?})\nexcept Exception as e:\n  print('connect:', type(e).__name__); raise SystemExit\ntry:\n  s.sendall(b'{{\"event\":\"DEL\",\"container_id\":\"c\",\"netns\":\"\",\"pod_name\":\"p\",\"pod_namespace\":\"default\",\"pod_uid\":null,\"ips\":[]}}')\n  s.shutdown(socket.SHUT_WR)\n  d=s.recv(1024)\n  print(d.decode() if d else 'hung up')\nexcept (BrokenPipeError, ConnectionResetError):\n  print('hung up')",
+        socket = socket.display().to_string()
+    );
+    let out = Command::new("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+            SYSTEM_PYTHON,
+            "-c",
+            &code,
+        ])
+        .output()
+        .unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    )
+}
+
+#[test]
+fn the_cni_socket_is_0600_whatever_the_umask_and_strangers_are_refused() {
+    use redirect::cni::{CniBoard, CniServer, CniServerConfig};
+    use std::sync::Arc;
+    root();
+    let d = TempDir::new("cni-strangers");
+    let path = d.0.join("cni.sock");
+    let before = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+    let board = Arc::new(CniBoard::default());
+    let server = CniServer::bind(&path, CniServerConfig::default(), board.clone());
+    nix::sys::stat::umask(before);
+    let server = server.unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
+    assert_eq!(cni_as(65534, &path), "connect: PermissionError");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    assert_eq!(cni_as(65534, &path), "hung up");
+    assert!(wait_for(|| server.refused_peers() == 1));
+    // Root is served (no agent works the board here: a DEL of a pod nobody captured is
+    // answered once the board's wait ends; a short one keeps the test quick).
+    let mut config = CniServerConfig::default();
+    config.answer_within = Duration::from_millis(200);
+    let path2 = d.0.join("cni2.sock");
+    CniServer::bind(&path2, config, board).unwrap();
+    let answer = cni_as(0, &path2);
+    assert!(answer.contains("outcome"), "{answer}");
+}

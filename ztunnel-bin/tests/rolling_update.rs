@@ -8,12 +8,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    Fabric, Running, TempDir, ca_init, echo_app, free_port, http_get, plaintext_controlplane,
-    ztunnel,
+    Fabric, Proxy, Running, TempDir, ca_init, echo_app, free_port, http_get,
+    plaintext_controlplane, start_proxy, ztunnel,
 };
 
 const HOSTS: [(&str, &str, u8); 2] = [("sleep", "sleep", 1), ("web", "web", 2)];
@@ -30,43 +30,6 @@ fn manifests(ip: &dyn Fn(u8) -> String, netns: &dyn Fn(&str) -> String) -> Strin
         ));
     }
     text
-}
-
-struct Proxy {
-    child: Child,
-    readiness: std::net::SocketAddr,
-    log: std::path::PathBuf,
-}
-
-fn start_proxy(dir: &Path, socket: &Path, xds: std::net::SocketAddr, tag: &str) -> Proxy {
-    let (admin, stats, readiness) = (free_port(), free_port(), free_port());
-    let log = dir.join(format!("proxy-{tag}.log"));
-    let child = ztunnel()
-        .args(["proxy", "ztunnel", "--inpod-uds"])
-        .arg(socket)
-        .arg("--xds-address")
-        .arg(format!("http://{xds}"))
-        .arg("--ca-address")
-        .arg(format!("http://{xds}"))
-        .arg("--ca")
-        .arg(dir.join(".ca/root-cert.pem"))
-        .arg("--auth-token")
-        .arg(dir.join(".node-tokens/node-a.token"))
-        .args(["--admin-addr", &admin.to_string()])
-        .args(["--stats-addr", &stats.to_string()])
-        .args(["--readiness-addr", &readiness.to_string()])
-        .env("NODE_NAME", "node-a")
-        .env("ZTUNNEL_WORKER_THREADS", "1")
-        .env("CONNECTION_TERMINATION_DEADLINE", "3s")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    Proxy {
-        child,
-        readiness,
-        log,
-    }
 }
 
 /// The lines of a proxy's log that report a connection ending badly, or a warning.

@@ -102,3 +102,6 @@ pub fn read_bounded(stream: &mut impl Read) -> std::io::Result<Vec<u8>> {
 }
 
 pub mod install;
+pub mod server;
+
+pub use server::{CniBoard, CniServer, CniServerConfig};

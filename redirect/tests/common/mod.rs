@@ -42,6 +42,9 @@ impl Handoff for Recorder {
     fn add(&self, pod: &PodInfo, _netns: &Arc<std::fs::File>) {
         self.0.lock().unwrap().push(format!("add {}", pod.name));
     }
+    fn served(&self, _uid: &str) -> bool {
+        true
+    }
     fn remove(&self, uid: &str) {
         self.0.lock().unwrap().push(format!("remove {uid}"));
     }

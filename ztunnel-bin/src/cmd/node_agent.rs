@@ -3,10 +3,13 @@
 use crate::args::CaptureBackend;
 use clap::Args;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use controlplane::{Manifests, NETNS_ANNOTATION};
 use redirect::agent::{Enablement, Handoff, NoHandoff, NodeAgent, PodInfo, PodSource};
+use redirect::cni::install::{chain, install_binary, keep_chained, plugin_entry};
+use redirect::cni::{CniBoard, CniServer, CniServerConfig};
 use redirect::k8s::KubeSource;
 use redirect::zds::{ZdsConfig, ZdsServer};
 use redirect::{Backend, RuleSet};
@@ -52,6 +55,26 @@ pub(crate) struct NodeAgentArgs {
         default_value = "kube-system"
     )]
     pub(crate) exclude_namespaces: Vec<String>,
+    /// Serve the CNI plugin (`ztunnel-cni`) on this Unix socket (mode 0600, root only): a new
+    /// pod's network setup then waits until the agent has captured it and the proxy
+    /// acknowledged it (the plugin's default: /var/run/ztunnel/cni.sock).
+    #[arg(long, value_name = "PATH", env = "ZTUNNEL_CNI_SOCKET")]
+    pub(crate) cni_socket: Option<PathBuf>,
+    /// Install the CNI plugin on this node: copy `ztunnel-cni` into BIN_DIR and chain it into
+    /// the first network configuration in CONF_DIR, chaining again whenever the primary CNI
+    /// rewrites it (needs --cni-socket: a chained plugin with no agent behind it fails every new
+    /// pod of the mesh). Paths as this process sees them (in a DaemonSet, the host's
+    /// directories mounted, e.g. /host/opt/cni/bin,/host/etc/cni/net.d).
+    #[arg(long, value_name = "BIN_DIR,CONF_DIR", env = "ZTUNNEL_INSTALL_CNI")]
+    pub(crate) install_cni: Option<String>,
+    /// The plugin binary --install-cni copies (default: `ztunnel-cni` beside this binary).
+    #[arg(long, value_name = "PATH")]
+    pub(crate) cni_plugin: Option<PathBuf>,
+    /// Where the host's root file system is mounted in this process's view (a DaemonSet mounts
+    /// it at /host): the network-namespace paths the runtime passes to the plugin are read under
+    /// it.
+    #[arg(long, value_name = "DIR", env = "HOST_ROOT", default_value = "/")]
+    pub(crate) host_root: PathBuf,
 }
 
 /// Pods from a directory of manifests (the same parser as the local control plane).
@@ -145,18 +168,93 @@ pub(crate) async fn run(args: NodeAgentArgs) -> Result<(), Error> {
     }
 }
 
+/// `--install-cni BIN_DIR,CONF_DIR`.
+fn install_dirs(args: &NodeAgentArgs) -> Result<Option<(PathBuf, PathBuf)>, Error> {
+    let Some(value) = &args.install_cni else {
+        return Ok(None);
+    };
+    let bad = |reason: &str| Error::Flag {
+        flag: "--install-cni",
+        value: value.clone(),
+        reason: reason.into(),
+    };
+    let (bin, conf) = value
+        .split_once(',')
+        .filter(|(b, c)| !b.is_empty() && !c.is_empty())
+        .ok_or_else(|| bad("expected BIN_DIR,CONF_DIR"))?;
+    if args.cni_socket.is_none() {
+        return Err(bad(
+            "needs --cni-socket: a chained plugin with no agent behind it would fail every new pod of the mesh",
+        ));
+    }
+    Ok(Some((PathBuf::from(bin), PathBuf::from(conf))))
+}
+
+/// Serves the CNI socket when asked to, and installs the plugin (only once the socket serves).
+fn serve_cni(args: &NodeAgentArgs) -> Result<Option<Arc<CniBoard>>, Error> {
+    let install = install_dirs(args)?;
+    let Some(socket) = &args.cni_socket else {
+        return Ok(None);
+    };
+    let board = Arc::new(CniBoard::default());
+    let mut config = CniServerConfig::default();
+    config.host_root = args.host_root.clone();
+    CniServer::bind(socket, config, board.clone()).map_err(|source| Error::Io {
+        what: format!("CNI socket {}", socket.display()),
+        source,
+    })?;
+    tracing::info!(socket = %socket.display(), host_root = %args.host_root.display(), "serving the CNI plugin");
+    if let Some((bin_dir, conf_dir)) = install {
+        let binary = match &args.cni_plugin {
+            Some(path) => path.clone(),
+            None => std::env::current_exe()
+                .map_err(|source| Error::Io {
+                    what: "this binary's path".into(),
+                    source,
+                })?
+                .with_file_name("ztunnel-cni"),
+        };
+        let installed = install_binary(&binary, &bin_dir).map_err(|e| Error::Flag {
+            flag: "--install-cni",
+            value: bin_dir.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let entry = plugin_entry(socket, None);
+        // Chained once here, so a configuration that cannot be chained stops the start.
+        let chained = chain(&conf_dir, &entry).map_err(|e| Error::Flag {
+            flag: "--install-cni",
+            value: conf_dir.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        tracing::info!(binary = %installed.display(), conf_dir = %conf_dir.display(), chained = ?chained, "CNI plugin installed");
+        std::thread::spawn(move || keep_chained(&conf_dir, &entry, Duration::from_secs(1)));
+    }
+    Ok(Some(board))
+}
+
 async fn with_handoff<S: PodSource + 'static>(
     args: &NodeAgentArgs,
     backend: Backend,
     source: S,
 ) -> Result<(), Error> {
     tracing::info!(node = %args.node, backend = %args.backend, source = %args.source, "node agent running");
+    let board = serve_cni(args)?;
+    fn with_cni<S: PodSource, H: Handoff>(
+        agent: NodeAgent<S, H>,
+        board: &Option<Arc<CniBoard>>,
+    ) -> NodeAgent<S, H> {
+        match board {
+            Some(board) => agent.with_cni(board.clone()),
+            None => agent,
+        }
+    }
     match &args.zds_socket {
         None => {
-            drive(
+            drive(with_cni(
                 NodeAgent::new(&args.node, backend, RuleSet::default(), source, NoHandoff)
                     .with_enablement(enablement(args)),
-            )
+                &board,
+            ))
             .await
         }
         Some(path) => {
@@ -167,10 +265,11 @@ async fn with_handoff<S: PodSource + 'static>(
                 source,
             })?;
             tracing::info!(socket = %path.display(), allowed_uids = ?args.zds_allowed_uid, "serving the netns handoff (ZDS) to root and the allowed users");
-            drive(
+            drive(with_cni(
                 NodeAgent::new(&args.node, backend, RuleSet::default(), source, server)
                     .with_enablement(enablement(args)),
-            )
+                &board,
+            ))
             .await
         }
     }

@@ -318,3 +318,45 @@ pub fn ca_init(dir: &Path) {
         dir.display()
     );
 }
+
+/// A `ztunnel proxy` started by [`start_proxy`].
+pub struct Proxy {
+    pub child: Child,
+    pub readiness: SocketAddr,
+    pub log: PathBuf,
+}
+
+/// `ztunnel proxy ztunnel` for node-a, taking pods from the ZDS `socket` and its workloads and
+/// certificates from the plaintext control plane at `xds`, with the development CA of
+/// `dir/.ca` and node-a's token (as `ztunnel controlplane` writes them); its log in
+/// `dir/proxy-TAG.log`.
+pub fn start_proxy(dir: &Path, socket: &Path, xds: SocketAddr, tag: &str) -> Proxy {
+    let (admin, stats, readiness) = (free_port(), free_port(), free_port());
+    let log = dir.join(format!("proxy-{tag}.log"));
+    let child = ztunnel()
+        .args(["proxy", "ztunnel", "--inpod-uds"])
+        .arg(socket)
+        .arg("--xds-address")
+        .arg(format!("http://{xds}"))
+        .arg("--ca-address")
+        .arg(format!("http://{xds}"))
+        .arg("--ca")
+        .arg(dir.join(".ca/root-cert.pem"))
+        .arg("--auth-token")
+        .arg(dir.join(".node-tokens/node-a.token"))
+        .args(["--admin-addr", &admin.to_string()])
+        .args(["--stats-addr", &stats.to_string()])
+        .args(["--readiness-addr", &readiness.to_string()])
+        .env("NODE_NAME", "node-a")
+        .env("ZTUNNEL_WORKER_THREADS", "1")
+        .env("CONNECTION_TERMINATION_DEADLINE", "3s")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    Proxy {
+        child,
+        readiness,
+        log,
+    }
+}

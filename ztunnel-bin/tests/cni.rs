@@ -1,0 +1,216 @@
+//! The CNI plugin as a container runtime runs it (the `ztunnel-cni` binary, its environment,
+//! the network configuration on stdin), against `ztunnel node-agent --cni-socket` and a real
+//! `ztunnel proxy` on real network namespaces (root needed).
+//!
+//! `ztunnel-cni` is another package's binary: `cargo test --workspace` builds it beside
+//! `ztunnel`; run alone, build it first (`cargo build -p ztunnel-cni`).
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{
+    Fabric, Netns, Running, TempDir, ca_init, echo_app, free_port, plaintext_controlplane,
+    start_proxy, ztunnel,
+};
+
+fn plugin_binary() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_ztunnel")).with_file_name("ztunnel-cni");
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build -p ztunnel-cni` (cargo test --workspace does)",
+        path.display()
+    );
+    path
+}
+
+/// The runtime's invocation of the plugin for pod `namespace/name` in `netns` at `ip`.
+fn plugin(command: &str, socket: &Path, pod: (&str, &str), netns: &Netns, ip: &str) -> Child {
+    let mut child = Command::new(plugin_binary())
+        .env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", format!("sandbox-{}", pod.1))
+        .env("CNI_NETNS", format!("/var/run/netns/{}", netns.0))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/opt/cni/bin")
+        .env(
+            "CNI_ARGS",
+            format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID=sandbox",
+                pod.0, pod.1
+            ),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let config = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "k8s-pod-network",
+        "type": "ztunnel-cni",
+        "agent_socket": socket.display().to_string(),
+        "prevResult": {
+            "cniVersion": "1.0.0",
+            "interfaces": [{"name": "eth0", "sandbox": format!("/var/run/netns/{}", netns.0)}],
+            "ips": [{"address": format!("{ip}/24"), "interface": 0}]
+        }
+    });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(config.to_string().as_bytes())
+        .unwrap();
+    child
+}
+
+fn finish(child: Child) -> Output {
+    child.wait_with_output().unwrap()
+}
+
+/// Whether something in `ns` listens on TCP `port`.
+fn listens(ns: &Netns, port: u16) -> bool {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "ss", "-Hltn"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).contains(&format!(":{port} "))
+}
+
+fn has_rules(ns: &Netns) -> bool {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "nft", "list", "ruleset"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).contains("redirect to :15001")
+}
+
+#[test]
+fn add_returns_only_once_the_pod_is_captured_and_served_and_del_releases() {
+    let pid = std::process::id();
+    let ip = move |host: u8| format!("10.{}.{}.{host}", 100 + pid % 100, 200 - (pid / 100) % 50);
+    let fabric = Fabric::new("cn", &[("web", 2), ("plain", 3)], &ip);
+    let (web, plain) = (&fabric.pods[0], &fabric.pods[1]);
+    let _app = echo_app(web, "web", &[8080]);
+    let dir = TempDir::new("cni-e2e");
+    // The pods as the API server would list them when the runtime sets up their sandboxes:
+    // scheduled here, no address yet (so nothing but the runtime's word says where they are).
+    std::fs::write(
+        dir.0.join("mesh.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {istio.io/dataplane-mode: ambient}}\n\
+         ---\napiVersion: v1\nkind: Namespace\nmetadata: {name: other}\n\
+         ---\napiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: default, uid: uid-web}\nspec: {serviceAccountName: web, nodeName: node-a}\n\
+         ---\napiVersion: v1\nkind: Pod\nmetadata: {name: plain, namespace: other, uid: uid-plain}\nspec: {nodeName: node-a}\n",
+    )
+    .unwrap();
+    ca_init(&dir.0.join(".ca"));
+    let xds = free_port();
+    let _controlplane = plaintext_controlplane(&dir.0, xds);
+    let zds = dir.0.join("ztunnel.sock");
+    let cni = dir.0.join("cni.sock");
+    let agent = |log: &str| {
+        Running(
+            ztunnel()
+                .args(["node-agent", "--source"])
+                .arg(format!("manifests:{}", dir.0.display()))
+                .args(["--node", "node-a", "--backend", "nftables", "--zds-socket"])
+                .arg(&zds)
+                .arg("--cni-socket")
+                .arg(&cni)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.0.join(log)).unwrap())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let mut running_agent = Some(agent("agent.log"));
+    let start = Instant::now();
+    while !cni.exists() {
+        assert!(start.elapsed() < Duration::from_secs(10), "no CNI socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // No proxy yet: the ADD of a mesh pod waits (its rules go in, but nobody serves it).
+    let add = plugin("ADD", &cni, ("default", "web"), web, &ip(2));
+    std::thread::sleep(Duration::from_secs(2));
+    let start = Instant::now();
+    while !has_rules(web) {
+        assert!(start.elapsed() < Duration::from_secs(5), "no rules in web");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!listens(web, 15008));
+    let mut add = add;
+    assert!(
+        add.try_wait().unwrap().is_none(),
+        "ADD returned before any proxy served the pod"
+    );
+    // The proxy comes: the ADD returns once it listens in the pod, with the primary's result.
+    let proxy = start_proxy(&dir.0, &zds, xds, "p");
+    let _proxy = Running(proxy.child);
+    let out = finish(add);
+    assert!(
+        out.status.success(),
+        "ADD failed: {}\n{}\nagent:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(dir.0.join("agent.log")).unwrap_or_default()
+    );
+    assert!(
+        listens(web, 15008) && listens(web, 15001) && listens(web, 15006),
+        "ADD returned but the proxy does not serve the pod"
+    );
+    assert!(has_rules(web));
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["ips"][0]["address"], format!("{}/24", ip(2)));
+
+    // A pod outside the mesh passes at once, untouched.
+    let out = finish(plugin("ADD", &cni, ("other", "plain"), plain, &ip(3)));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!has_rules(plain));
+
+    // DEL releases: rules out, the proxy stops serving the pod.
+    let out = finish(plugin("DEL", &cni, ("default", "web"), web, &ip(2)));
+    assert!(out.status.success());
+    assert!(!has_rules(web), "DEL returned with the rules still in");
+    let start = Instant::now();
+    while listens(web, 15008) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the proxy still serves web"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The agent down: a mesh pod's ADD fails (the kubelet will try again), nothing captured.
+    drop(running_agent.take());
+    let out = finish(plugin("ADD", &cni, ("default", "web"), web, &ip(2)));
+    assert!(!out.status.success());
+    let error: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(error["code"], 11, "{error}");
+    assert!(!has_rules(web));
+
+    // Back up: the ADD succeeds again.
+    let _agent = agent("agent2.log");
+    let start = Instant::now();
+    let out = loop {
+        let out = finish(plugin("ADD", &cni, ("default", "web"), web, &ip(2)));
+        if out.status.success() || start.elapsed() > Duration::from_secs(20) {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(has_rules(web) && listens(web, 15008));
+}
