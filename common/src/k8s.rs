@@ -9,6 +9,29 @@ pub const DATAPLANE_MODE_AMBIENT: &str = "ambient";
 /// (a path such as `/var/run/netns/NAME`): a node without a container runtime has no other way.
 pub const NETNS_ANNOTATION: &str = "ambient.local/netns";
 
+/// The pod annotation that tells istiod a pod's traffic is redirected to the node proxy (it then
+/// advertises the pod as an HBONE workload); written through `pods/status` by the node agent.
+pub const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
+
+/// Values of [`REDIRECTION_ANNOTATION`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Redirection {
+    /// The pod's rules are in and the node proxy acknowledged it.
+    Enabled,
+    /// The pod's rules are in, but no node proxy has acknowledged it yet.
+    Pending,
+}
+
+impl Redirection {
+    /// The annotation's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Redirection::Enabled => "enabled",
+            Redirection::Pending => "pending",
+        }
+    }
+}
+
 /// The annotation a pod with an Istio sidecar carries; such a pod never joins the ambient mesh.
 pub const SIDECAR_STATUS_ANNOTATION: &str = "sidecar.istio.io/status";
 

@@ -1027,6 +1027,19 @@ fn patch(
     let Some(current) = state.objects.get(&key).cloned() else {
         return status(404, "NotFound", format!("{resource} {name:?} not found"));
     };
+    // A uid in the patch is a precondition, as the real server takes it.
+    if let Some(uid) = body["metadata"]["uid"].as_str()
+        && current["metadata"]["uid"].as_str() != Some(uid)
+    {
+        return status(
+            409,
+            "Conflict",
+            format!(
+                "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                current["metadata"]["uid"].as_str().unwrap_or("")
+            ),
+        );
+    }
     let mut patched = current.clone();
     merge(&mut patched, &body);
     // What the real server keeps whatever the patch says.

@@ -91,7 +91,17 @@ impl PodInfo {
 pub trait PodSource: Send + Sync {
     /// The current pods (of every node; the agent filters).
     fn pods(&self) -> Result<Vec<PodInfo>, String>;
+
+    /// Records on `pod` whether its traffic is redirected ([`REDIRECTION_ANNOTATION`]; `None`
+    /// removes it). The agent calls it when the annotation the source last reported differs
+    /// from the pod's state, so a source must tolerate repeats until its view catches up. The
+    /// default records nothing (sources with no place for it, such as manifests).
+    fn annotate(&self, pod: &PodInfo, redirection: Option<Redirection>) {
+        let _ = (pod, redirection);
+    }
 }
+
+pub use common::k8s::{REDIRECTION_ANNOTATION, Redirection};
 
 /// Receives the captured pods' network namespaces (the proxy, in process or over a socket).
 pub trait Handoff: Send + Sync {
@@ -346,6 +356,7 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
         // Forget the backoff of pods that are neither wanted nor captured any more.
         self.retries
             .retain(|uid, _| wanted.contains_key(uid.as_str()) || self.captured.contains_key(uid));
+        self.annotate(&pods);
         if let Some(board) = &self.cni {
             board.update(|key, now_posted| {
                 match posted.get(key) {
@@ -445,6 +456,28 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
                     request.stage = Stage::Done(CniAnswer::Released);
                 }
                 pod.is_some() || !answered
+            }
+        }
+    }
+
+    /// Brings each pod's redirection annotation (as the source reports it) to its state here:
+    /// `enabled` once captured and served, `pending` while captured and not (yet) served, none
+    /// when not captured. Only this node's pods.
+    fn annotate(&self, pods: &[PodInfo]) {
+        for pod in pods.iter().filter(|p| p.node == self.node) {
+            let desired = self.captured.get(&pod.uid).map(|_| {
+                if self.handoff.served(&pod.uid) {
+                    Redirection::Enabled
+                } else {
+                    Redirection::Pending
+                }
+            });
+            let current = pod
+                .annotations
+                .get(REDIRECTION_ANNOTATION)
+                .map(String::as_str);
+            if current != desired.map(Redirection::as_str) {
+                self.source.annotate(pod, desired);
             }
         }
     }

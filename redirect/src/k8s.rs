@@ -14,15 +14,17 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
-use tracing::warn;
+use tracing::{info, warn};
 
-use crate::agent::{PodInfo, PodSource};
+use crate::agent::{PodInfo, PodSource, REDIRECTION_ANNOTATION, Redirection};
 
 /// The pod as the agent needs it, or `None` when it is not a candidate for capture (host network,
 /// finished, not scheduled, no uid). Namespace labels are filled in later from the Namespace.
@@ -180,11 +182,29 @@ fn pod_key(pod: &Pod) -> String {
     )
 }
 
-/// Pods from a Kubernetes API server.
-#[derive(Clone, Debug)]
+/// Pods from a Kubernetes API server; the redirection annotation written back through
+/// `pods/status` (a merge patch, as istio-cni writes it; RBAC: `patch` on `pods/status`).
+#[derive(Clone)]
 pub struct KubeSource {
     state: Arc<Mutex<KubeState>>,
+    client: Client,
+    runtime: tokio::runtime::Handle,
+    /// Patches sent and not yet seen in the watch: by uid, the value and when it was sent (sent
+    /// again after [`PATCH_PATIENCE`] if the watch still shows otherwise).
+    patched: Arc<Mutex<Patched>>,
 }
+
+/// By pod uid: the annotation value last patched and when.
+type Patched = HashMap<String, (Option<Redirection>, Instant)>;
+
+impl std::fmt::Debug for KubeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeSource").finish_non_exhaustive()
+    }
+}
+
+/// How long a patch is given to show in the watch before it is sent again.
+const PATCH_PATIENCE: Duration = Duration::from_secs(5);
 
 impl KubeSource {
     /// Connects with the default configuration (`KUBECONFIG`, `~/.kube/config`, or the in-cluster
@@ -199,7 +219,7 @@ impl KubeSource {
     pub fn start(client: Client, node: &str) -> Self {
         let state = Arc::new(Mutex::new(KubeState::default()));
         let namespaces: Api<Namespace> = Api::all(client.clone());
-        let pods: Api<Pod> = Api::all(client);
+        let pods: Api<Pod> = Api::all(client.clone());
         let pod_config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
 
         let st = state.clone();
@@ -224,13 +244,53 @@ impl KubeSource {
                 }
             }
         });
-        KubeSource { state }
+        KubeSource {
+            state,
+            client,
+            runtime: tokio::runtime::Handle::current(),
+            patched: Arc::default(),
+        }
     }
 }
 
 impl PodSource for KubeSource {
     fn pods(&self) -> Result<Vec<PodInfo>, String> {
         self.state.lock().expect("lock").pods()
+    }
+
+    fn annotate(&self, pod: &PodInfo, redirection: Option<Redirection>) {
+        {
+            let mut patched = self.patched.lock().expect("lock");
+            if let Some((value, sent)) = patched.get(&pod.uid)
+                && *value == redirection
+                && sent.elapsed() < PATCH_PATIENCE
+            {
+                return;
+            }
+            patched.insert(pod.uid.clone(), (redirection, Instant::now()));
+            // Forget patches of other pods that are long done.
+            patched.retain(|_, (_, sent)| sent.elapsed() < PATCH_PATIENCE * 4);
+        }
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
+        let (name, uid) = (pod.name.clone(), pod.uid.clone());
+        let value = redirection.map(Redirection::as_str);
+        let patched = self.patched.clone();
+        self.runtime.spawn(async move {
+            // The uid as a precondition: a pod recreated under the same name is not touched.
+            let patch = serde_json::json!({
+                "metadata": {"uid": uid, "annotations": {REDIRECTION_ANNOTATION: value}}
+            });
+            match api
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => info!(pod = %name, annotation = ?value, "pod annotated ({REDIRECTION_ANNOTATION})"),
+                Err(e) => {
+                    warn!(pod = %name, error = %e, "cannot annotate the pod ({REDIRECTION_ANNOTATION}); will retry");
+                    patched.lock().expect("lock").remove(&uid);
+                }
+            }
+        });
     }
 }
 
