@@ -11,9 +11,12 @@
 //!   when the agent says the pod is captured (its rules are in and the proxy acknowledged it) or
 //!   not in the mesh. A refusal, or an agent that cannot be reached, fails the ADD with a CNI
 //!   error (the kubelet tries again): a pod never starts uncaptured. Invocations that are not
-//!   for a Kubernetes pod pass through. (While the agent is down every pod's ADD fails; telling
-//!   the pods outside the mesh apart through the API server, with the kubeconfig the plugin's
-//!   configuration names, is the next step of issue 28.)
+//!   for a Kubernetes pod pass through. While the agent cannot be reached, the plugin reads the
+//!   pod and its namespace from the API server with the kubeconfig its configuration names
+//!   (`"kubernetes": {"kubeconfig": PATH}`, written by the agent's installer) and lets a pod
+//!   outside the mesh start (istio-cni's rules, with the configuration's `exclude_namespaces`,
+//!   default `kube-system`); a pod in the mesh, or any pod when the API server cannot tell,
+//!   fails.
 //! - `DEL`: tells the agent, if it can be reached, and succeeds (a deletion must not fail).
 //! - `CHECK`: succeeds when the configuration is well formed.
 //! - `VERSION`: the versions this plugin speaks.
@@ -29,6 +32,9 @@
 //! impl Agent for Refuses {
 //!     fn ask(&self, _: &std::path::Path, _: &CniRequest) -> std::io::Result<CniAnswer> {
 //!         Ok(CniAnswer::Refused { reason: "no certificate yet".into() })
+//!     }
+//!     fn pod(&self, _: &std::path::Path, _: &str, _: &str) -> Result<ztunnel_cni::PodView, String> {
+//!         Err("no API server here".into())
 //!     }
 //! }
 //! let env = |k: &str| match k {
@@ -46,10 +52,12 @@
 //! ```
 #![forbid(unsafe_code)]
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::k8s::Enablement;
 use redirect::cni::{CniAnswer, CniEvent, CniRequest, DEFAULT_CNI_SOCKET};
 use serde_json::{Value, json};
 
@@ -75,19 +83,72 @@ pub const BAD_ANSWER: u32 = 101;
 /// acknowledgement, which includes its certificate.
 pub const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How the plugin reaches the agent (a Unix socket in production, anything in tests).
+/// What the plugin reads of a pod from the API server: its labels and annotations and its
+/// namespace's labels.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodView {
+    /// The pod's labels.
+    pub labels: BTreeMap<String, String>,
+    /// The pod's annotations.
+    pub annotations: BTreeMap<String, String>,
+    /// Its namespace's labels.
+    pub namespace_labels: BTreeMap<String, String>,
+}
+
+/// How the plugin reaches the agent (a Unix socket in production, anything in tests), and the
+/// API server when the agent cannot be reached.
 pub trait Agent {
     /// Sends `request` to the agent at `socket`.
     fn ask(&self, socket: &Path, request: &CniRequest) -> std::io::Result<CniAnswer>;
+
+    /// Reads pod `namespace/name` and its namespace with the kubeconfig at `kubeconfig`.
+    fn pod(&self, kubeconfig: &Path, namespace: &str, name: &str) -> Result<PodView, String>;
 }
 
-/// The agent over its Unix socket.
+/// The agent over its Unix socket; the API server through the kube client.
 #[derive(Debug, Clone, Copy)]
 pub struct SocketAgent;
+
+/// How long the plugin waits for the API server.
+pub const API_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Agent for SocketAgent {
     fn ask(&self, socket: &Path, request: &CniRequest) -> std::io::Result<CniAnswer> {
         redirect::cni::ask(socket, request, AGENT_TIMEOUT)
+    }
+
+    fn pod(&self, kubeconfig: &Path, namespace: &str, name: &str) -> Result<PodView, String> {
+        use k8s_openapi::api::core::v1::{Namespace, Pod};
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        runtime.block_on(async {
+            let config = kube::config::Kubeconfig::read_from(kubeconfig)
+                .map_err(|e| format!("kubeconfig {}: {e}", kubeconfig.display()))?;
+            let config = kube::Config::from_custom_kubeconfig(config, &Default::default())
+                .await
+                .map_err(|e| format!("kubeconfig {}: {e}", kubeconfig.display()))?;
+            let client = kube::Client::try_from(config).map_err(|e| e.to_string())?;
+            let lookup = async {
+                let pod = kube::Api::<Pod>::namespaced(client.clone(), namespace)
+                    .get(name)
+                    .await
+                    .map_err(|e| format!("pod {namespace}/{name}: {e}"))?;
+                let ns = kube::Api::<Namespace>::all(client)
+                    .get(namespace)
+                    .await
+                    .map_err(|e| format!("namespace {namespace}: {e}"))?;
+                Ok(PodView {
+                    labels: pod.metadata.labels.unwrap_or_default(),
+                    annotations: pod.metadata.annotations.unwrap_or_default(),
+                    namespace_labels: ns.metadata.labels.unwrap_or_default(),
+                })
+            };
+            tokio::time::timeout(API_TIMEOUT, lookup)
+                .await
+                .map_err(|_| format!("the API server did not answer within {API_TIMEOUT:?}"))?
+        })
     }
 }
 
@@ -124,6 +185,10 @@ struct Config {
     version: String,
     agent_socket: PathBuf,
     prev_result: Option<Value>,
+    /// `kubernetes.kubeconfig`: how to read a pod while the agent is down.
+    kubeconfig: Option<PathBuf>,
+    /// `exclude_namespaces` (default `kube-system`), as the agent's.
+    enablement: Enablement,
 }
 
 fn config(stdin: &[u8]) -> Result<Config, CniError> {
@@ -163,10 +228,47 @@ fn config(stdin: &[u8]) -> Result<Config, CniError> {
             ));
         }
     };
+    let kubeconfig = match value.pointer("/kubernetes/kubeconfig") {
+        None => None,
+        Some(Value::String(path)) if !path.is_empty() => Some(PathBuf::from(path)),
+        Some(other) => {
+            return Err(CniError::new(
+                INVALID_CONFIGURATION,
+                "kubernetes.kubeconfig must be a path",
+                other.to_string(),
+            ));
+        }
+    };
+    let mut enablement = Enablement::default();
+    match value.get("exclude_namespaces") {
+        None => {}
+        Some(Value::Array(names)) => {
+            enablement.excluded_namespaces = names
+                .iter()
+                .map(|n| n.as_str().map(str::to_owned))
+                .collect::<Option<_>>()
+                .ok_or_else(|| {
+                    CniError::new(
+                        INVALID_CONFIGURATION,
+                        "exclude_namespaces must be a list of names",
+                        Value::Array(names.clone()).to_string(),
+                    )
+                })?;
+        }
+        Some(other) => {
+            return Err(CniError::new(
+                INVALID_CONFIGURATION,
+                "exclude_namespaces must be a list of names",
+                other.to_string(),
+            ));
+        }
+    }
     Ok(Config {
         version,
         agent_socket,
         prev_result: value.get("prevResult").cloned(),
+        kubeconfig,
+        enablement,
     })
 }
 
@@ -305,13 +407,48 @@ fn add(
             format!("the ambient node agent answered {other:?} to an ADD for pod {pod}"),
             "",
         )),
-        Err(e) => Err(CniError::new(
-            TRY_AGAIN_LATER,
-            format!(
+        Err(e) => {
+            let unreachable = format!(
                 "the ambient node agent cannot be reached at {}",
                 config.agent_socket.display()
-            ),
-            format!("pod {pod}: {e}"),
-        )),
+            );
+            // Whether the pod needs the agent at all, from the API server.
+            let Some(kubeconfig) = &config.kubeconfig else {
+                return Err(CniError::new(
+                    TRY_AGAIN_LATER,
+                    unreachable,
+                    format!(
+                        "pod {pod}: {e} (and no kubernetes.kubeconfig to tell whether the pod is in the mesh)"
+                    ),
+                ));
+            };
+            let view = agent
+                .pod(kubeconfig, &request.pod_namespace, &request.pod_name)
+                .map_err(|lookup| {
+                    CniError::new(
+                        TRY_AGAIN_LATER,
+                        unreachable.clone(),
+                        format!("pod {pod}: {e}; and the API server cannot tell whether the pod is in the mesh: {lookup}"),
+                    )
+                })?;
+            match config.enablement.admits(
+                &request.pod_namespace,
+                &view.labels,
+                &view.annotations,
+                &view.namespace_labels,
+            ) {
+                Err(skip) => {
+                    eprintln!(
+                        "ztunnel-cni: pod {pod} is not in the mesh ({skip}); the agent is down: {e}"
+                    );
+                    Ok(passed())
+                }
+                Ok(()) => Err(CniError::new(
+                    TRY_AGAIN_LATER,
+                    unreachable,
+                    format!("pod {pod} is in the ambient mesh and cannot start uncaptured: {e}"),
+                )),
+            }
+        }
     }
 }

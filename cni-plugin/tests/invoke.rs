@@ -232,3 +232,99 @@ fn version_and_bad_input_answer_as_the_specification_says() {
     assert_eq!(code(&out), u64::from(ztunnel_cni::INVALID_CONFIGURATION));
     assert!(String::from_utf8_lossy(&out.stdout).contains("prevResult.ips[0].address"));
 }
+
+/// The agent's RBAC as `deploy/` grants it (the installer gives the plugin the agent's token).
+fn rbac() -> String {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/node-agent/rbac.yaml"
+    );
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+#[test]
+fn with_the_agent_down_only_pods_outside_the_mesh_start_as_the_api_server_tells() {
+    use kube_emulator::ApiServer;
+    let d = dir("agent-down");
+    let server = ApiServer::start().unwrap();
+    server.load_rbac(&rbac()).unwrap();
+    let ambient = json!({"istio.io/dataplane-mode": "ambient"});
+    server.put(json!({"kind": "Namespace", "metadata": {"name": "shop", "labels": ambient}}));
+    server.put(json!({"kind": "Namespace", "metadata": {"name": "default"}}));
+    server.put(json!({"kind": "Namespace", "metadata": {"name": "kube-system"}}));
+    for (name, namespace, labels) in [
+        ("web", "shop", json!({})),
+        ("batch", "shop", json!({"istio.io/dataplane-mode": "none"})),
+        ("api", "default", ambient.clone()),
+        ("plain", "default", json!({})),
+        ("coredns", "kube-system", ambient.clone()),
+    ] {
+        server.put(json!({"kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "spec": {"nodeName": "node-a"}}));
+    }
+    let kubeconfig = d.0.join("kubeconfig");
+    let token = server.token_for("istio-system", "ztunnel-node-agent");
+    server.kubeconfig(&kubeconfig, &token).unwrap();
+    // No agent listens on this socket.
+    let mut config = config(&d.0.join("no-agent.sock"), "1.0.0");
+    config["kubernetes"] = json!({"kubeconfig": kubeconfig.display().to_string()});
+    let stdin = config.to_string();
+    for (namespace, name, starts) in [
+        ("shop", "web", false),
+        ("shop", "batch", true),
+        ("default", "api", false),
+        ("default", "plain", true),
+        ("kube-system", "coredns", true),
+        // Unknown to the API server: nothing says it may start uncaptured.
+        ("shop", "ghost", false),
+    ] {
+        let out = invoke("ADD", Some((namespace, name)), stdin.as_bytes());
+        assert_eq!(
+            out.status.success(),
+            starts,
+            "{namespace}/{name}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let result = json_out(&out);
+        if starts {
+            assert_eq!(result, config["prevResult"]);
+        } else {
+            assert_eq!(result["code"], 11, "{result}");
+        }
+    }
+    // The API server unreachable too: every pod fails.
+    let dead = d.0.join("dead-kubeconfig");
+    let text = std::fs::read_to_string(&kubeconfig)
+        .unwrap()
+        .replace(&server.url(), "https://127.0.0.1:1");
+    std::fs::write(&dead, text).unwrap();
+    config["kubernetes"] = json!({"kubeconfig": dead.display().to_string()});
+    let out = invoke(
+        "ADD",
+        Some(("default", "plain")),
+        config.to_string().as_bytes(),
+    );
+    assert!(!out.status.success());
+    assert_eq!(json_out(&out)["code"], 11);
+    // A token the RBAC does not cover: refused by the server, so the pod fails too.
+    let stranger = d.0.join("stranger-kubeconfig");
+    server
+        .kubeconfig(&stranger, &server.token_for("default", "app"))
+        .unwrap();
+    config["kubernetes"] = json!({"kubeconfig": stranger.display().to_string()});
+    let out = invoke(
+        "ADD",
+        Some(("default", "plain")),
+        config.to_string().as_bytes(),
+    );
+    assert!(!out.status.success());
+    assert!(
+        json_out(&out)["details"]
+            .as_str()
+            .unwrap()
+            .contains("forbidden"),
+        "{}",
+        json_out(&out)
+    );
+}
