@@ -214,3 +214,110 @@ fn add_returns_only_once_the_pod_is_captured_and_served_and_del_releases() {
     );
     assert!(has_rules(web) && listens(web, 15008));
 }
+
+#[test]
+fn install_cni_copies_the_plugin_chains_it_with_a_kubeconfig_and_chains_again() {
+    let dir = TempDir::new("cni-install");
+    let (bin, conf) = (dir.0.join("bin"), dir.0.join("net.d"));
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(&conf).unwrap();
+    let primary = serde_json::json!({"cniVersion": "1.0.0", "name": "k8s-pod-network",
+        "plugins": [{"type": "bridge", "bridge": "cni0"}]});
+    std::fs::write(conf.join("10-bridge.conflist"), primary.to_string()).unwrap();
+    let given = dir.0.join("kubeconfig");
+    std::fs::write(&given, "apiVersion: v1\nkind: Config\n").unwrap();
+    std::fs::create_dir_all(dir.0.join("manifests")).unwrap();
+    let cni = dir.0.join("cni.sock");
+    let agent = |extra: &[&str]| {
+        let mut cmd = ztunnel();
+        cmd.args(["node-agent", "--source"])
+            .arg(format!("manifests:{}", dir.0.join("manifests").display()))
+            .args(["--node", "node-a", "--backend", "nftables"])
+            .arg("--install-cni")
+            .arg(format!("{},{}", bin.display(), conf.display()))
+            .arg("--cni-plugin")
+            .arg(plugin_binary())
+            .arg("--cni-kubeconfig")
+            .arg(&given)
+            .args(extra)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        cmd
+    };
+    // Without the socket, installing is refused: the plugin would fail every mesh pod.
+    let out = agent(&[]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs --cni-socket"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let _agent = Running(
+        agent(&["--cni-socket", cni.to_str().unwrap()])
+            .stderr(std::fs::File::create(dir.0.join("agent.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let chained = || -> Option<serde_json::Value> {
+        let text = std::fs::read_to_string(conf.join("10-bridge.conflist")).ok()?;
+        let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+        config["plugins"]
+            .as_array()?
+            .iter()
+            .find(|p| p["type"] == "ztunnel-cni")
+            .cloned()
+    };
+    let start = Instant::now();
+    while chained().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "never chained: {}",
+            std::fs::read_to_string(dir.0.join("agent.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let entry = chained().unwrap();
+    assert_eq!(entry["agent_socket"], cni.display().to_string());
+    let kubeconfig = PathBuf::from(entry["kubernetes"]["kubeconfig"].as_str().unwrap());
+    assert_eq!(kubeconfig, conf.join("ZZZ-ztunnel-cni-kubeconfig"));
+    assert_eq!(
+        std::fs::read_to_string(&kubeconfig).unwrap(),
+        std::fs::read_to_string(&given).unwrap()
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&kubeconfig).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let mode = std::fs::metadata(bin.join("ztunnel-cni"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o755);
+    }
+    // The primary CNI rewrites its file: chained again.
+    std::fs::write(conf.join("10-bridge.conflist"), primary.to_string()).unwrap();
+    let start = Instant::now();
+    while chained().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "not chained again"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The kubeconfig it was given changes (a rotated token): written again.
+    std::fs::write(&given, "apiVersion: v1\nkind: Config\n# rotated\n").unwrap();
+    let start = Instant::now();
+    while !std::fs::read_to_string(&kubeconfig)
+        .unwrap()
+        .contains("rotated")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "kubeconfig not refreshed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -188,10 +188,54 @@ pub fn unchain(conf_dir: &Path) -> Result<Vec<PathBuf>, InstallError> {
     Ok(changed)
 }
 
+/// The file name of the kubeconfig the installer writes for the plugin in the CNI
+/// configuration directory (sorting last, so the runtime never takes it for a network
+/// configuration; it does not end in `.conf`, `.conflist` or `.json` anyway).
+pub const KUBECONFIG_NAME: &str = "ZZZ-ztunnel-cni-kubeconfig";
+
+/// A kubeconfig for the plugin: the API server at `server` (`https://HOST:PORT`), trusted
+/// through `ca_pem`, with a bearer `token`.
+pub fn plugin_kubeconfig(server: &str, ca_pem: &str, token: &str) -> String {
+    use base64::Engine as _;
+    let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\nusers:\n- name: ztunnel-cni\n  user:\n    token: {}\ncontexts:\n- name: ztunnel-cni-context\n  context:\n    cluster: local\n    user: ztunnel-cni\ncurrent-context: ztunnel-cni-context\n",
+        token.trim()
+    )
+}
+
+/// Writes `text` as the plugin's kubeconfig in `conf_dir` (mode 0600, through a temporary
+/// file renamed into place) when it differs from what is there; returns its path and whether
+/// it was written.
+pub fn write_kubeconfig(conf_dir: &Path, text: &str) -> Result<(PathBuf, bool), InstallError> {
+    let path = conf_dir.join(KUBECONFIG_NAME);
+    if std::fs::read_to_string(&path).is_ok_and(|old| old == text) {
+        return Ok((path, false));
+    }
+    let temporary = conf_dir.join(format!(".{KUBECONFIG_NAME}.{}.new", std::process::id()));
+    common::fs::write_private(&temporary, text)
+        .and_then(|()| std::fs::rename(&temporary, &path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&temporary);
+            InstallError::Io {
+                path: path.clone(),
+                source: e,
+            }
+        })?;
+    Ok((path, true))
+}
+
 /// Chains `entry` now and again whenever the first configuration loses it, every `interval`,
-/// forever (a thread's body). Failures are logged and tried again.
-pub fn keep_chained(conf_dir: &Path, entry: &Value, interval: Duration) -> ! {
+/// forever (a thread's body), calling `each` first every time (to refresh the plugin's
+/// kubeconfig). Failures are logged and tried again.
+pub fn keep_chained(
+    conf_dir: &Path,
+    entry: &Value,
+    interval: Duration,
+    mut each: impl FnMut(),
+) -> ! {
     loop {
+        each();
         match chain(conf_dir, entry) {
             Ok(Some(file)) => {
                 tracing::info!(file = %file.display(), "CNI: ztunnel-cni chained into the node's network configuration")

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use controlplane::{Manifests, NETNS_ANNOTATION};
 use redirect::agent::{Enablement, Handoff, NoHandoff, NodeAgent, PodInfo, PodSource};
-use redirect::cni::install::{chain, install_binary, keep_chained, plugin_entry};
+use redirect::cni::install::{
+    chain, install_binary, keep_chained, plugin_entry, plugin_kubeconfig, write_kubeconfig,
+};
 use redirect::cni::{CniBoard, CniServer, CniServerConfig};
 use redirect::k8s::KubeSource;
 use redirect::zds::{ZdsConfig, ZdsServer};
@@ -67,6 +69,12 @@ pub(crate) struct NodeAgentArgs {
     /// directories mounted, e.g. /host/opt/cni/bin,/host/etc/cni/net.d).
     #[arg(long, value_name = "BIN_DIR,CONF_DIR", env = "ZTUNNEL_INSTALL_CNI")]
     pub(crate) install_cni: Option<String>,
+    /// The kubeconfig --install-cni gives the plugin (copied into CONF_DIR), with which it tells
+    /// pods outside the mesh apart while the agent is down. Default: in a cluster, one made
+    /// from this pod's service account (server, CA, token; rewritten when the token rotates);
+    /// elsewhere none (then, while the agent is down, every pod's network setup fails).
+    #[arg(long, value_name = "PATH")]
+    pub(crate) cni_kubeconfig: Option<PathBuf>,
     /// The plugin binary --install-cni copies (default: `ztunnel-cni` beside this binary).
     #[arg(long, value_name = "PATH")]
     pub(crate) cni_plugin: Option<PathBuf>,
@@ -190,6 +198,29 @@ fn install_dirs(args: &NodeAgentArgs) -> Result<Option<(PathBuf, PathBuf)>, Erro
     Ok(Some((PathBuf::from(bin), PathBuf::from(conf))))
 }
 
+/// Where a pod's service account is mounted.
+const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// The plugin's kubeconfig: a copy of `from`, or made from the in-cluster service account;
+/// `None` when neither exists.
+fn plugin_kubeconfig_text(from: Option<&Path>) -> Option<Result<String, String>> {
+    if let Some(path) = from {
+        return Some(std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display())));
+    }
+    let host = std::env::var("KUBERNETES_SERVICE_HOST").ok()?;
+    let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
+    let dir = Path::new(SERVICE_ACCOUNT_DIR);
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.join(name))
+            .map_err(|e| format!("{}: {e}", dir.join(name).display()))
+    };
+    let server = match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(ip)) => format!("https://[{ip}]:{port}"),
+        _ => format!("https://{host}:{port}"),
+    };
+    Some(read("token").and_then(|token| Ok(plugin_kubeconfig(&server, &read("ca.crt")?, &token))))
+}
+
 /// Serves the CNI socket when asked to, and installs the plugin (only once the socket serves).
 fn serve_cni(args: &NodeAgentArgs) -> Result<Option<Arc<CniBoard>>, Error> {
     let install = install_dirs(args)?;
@@ -219,7 +250,44 @@ fn serve_cni(args: &NodeAgentArgs) -> Result<Option<Arc<CniBoard>>, Error> {
             value: bin_dir.display().to_string(),
             reason: e.to_string(),
         })?;
-        let entry = plugin_entry(socket, None);
+        let kubeconfig_text = {
+            let from = args.cni_kubeconfig.clone();
+            move || plugin_kubeconfig_text(from.as_deref())
+        };
+        let kubeconfig = match kubeconfig_text() {
+            Some(Ok(text)) => {
+                let (path, _) = write_kubeconfig(&conf_dir, &text).map_err(|e| Error::Flag {
+                    flag: "--install-cni",
+                    value: conf_dir.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+                Some(path)
+            }
+            Some(Err(reason)) => {
+                return Err(Error::Flag {
+                    flag: "--cni-kubeconfig",
+                    value: args
+                        .cni_kubeconfig
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|| "(in-cluster)".into()),
+                    reason,
+                });
+            }
+            None => {
+                tracing::warn!(
+                    "CNI: no kubeconfig for the plugin (not in a cluster, no --cni-kubeconfig): while the agent is down, every pod's network setup fails"
+                );
+                None
+            }
+        };
+        // The plugin runs on the host: the path as the host sees it.
+        let on_host = kubeconfig.as_ref().map(|path| {
+            path.strip_prefix(&args.host_root)
+                .map(|rest| Path::new("/").join(rest))
+                .unwrap_or_else(|_| path.clone())
+        });
+        let entry = plugin_entry(socket, on_host.as_deref());
         // Chained once here, so a configuration that cannot be chained stops the start.
         let chained = chain(&conf_dir, &entry).map_err(|e| Error::Flag {
             flag: "--install-cni",
@@ -227,7 +295,17 @@ fn serve_cni(args: &NodeAgentArgs) -> Result<Option<Arc<CniBoard>>, Error> {
             reason: e.to_string(),
         })?;
         tracing::info!(binary = %installed.display(), conf_dir = %conf_dir.display(), chained = ?chained, "CNI plugin installed");
-        std::thread::spawn(move || keep_chained(&conf_dir, &entry, Duration::from_secs(1)));
+        std::thread::spawn(move || {
+            let dir = conf_dir.clone();
+            keep_chained(&conf_dir, &entry, Duration::from_secs(1), move || {
+                // A rotated token is written again (the plugin reads it on each ADD).
+                if let Some(Ok(text)) = kubeconfig_text()
+                    && let Err(e) = write_kubeconfig(&dir, &text)
+                {
+                    tracing::warn!(error = %e, "CNI: cannot refresh the plugin's kubeconfig");
+                }
+            })
+        });
     }
     Ok(Some(board))
 }
