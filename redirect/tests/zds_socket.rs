@@ -39,6 +39,11 @@ fn hello_as(uid: u32, socket: &Path) -> String {
         "import socket\ns=socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\ns.settimeout(5)\ntry:\n  s.connect({socket:?})\nexcept Exception as e:\n  print('connect:', type(e).__name__); raise SystemExit\ntry:\n  s.send(b'\\x08\\x01')\n  d=s.recv(1024)\n  print(len(d) if d else 'hung up')\nexcept (BrokenPipeError, ConnectionResetError):\n  print('hung up')",
         socket = socket.display().to_string()
     );
+    python_as(uid, &code)
+}
+
+/// Runs Python `code` as user `uid` (setpriv); what it printed, stdout then stderr, trimmed.
+fn python_as(uid: u32, code: &str) -> String {
     let out = Command::new("setpriv")
         .args([
             &format!("--reuid={uid}"),
@@ -46,7 +51,7 @@ fn hello_as(uid: u32, socket: &Path) -> String {
             "--clear-groups",
             SYSTEM_PYTHON,
             "-c",
-            &code,
+            code,
         ])
         .output()
         .unwrap();
@@ -115,22 +120,7 @@ fn cni_as(uid: u32, socket: &Path) -> String {
         "import socket\ns=socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\ns.settimeout(5)\ntry:\n  s.connect({socket:?})\nexcept Exception as e:\n  print('connect:', type(e).__name__); raise SystemExit\ntry:\n  s.sendall(b'{{\"event\":\"DEL\",\"container_id\":\"c\",\"netns\":\"\",\"pod_name\":\"p\",\"pod_namespace\":\"default\",\"pod_uid\":null,\"ips\":[]}}')\n  s.shutdown(socket.SHUT_WR)\n  d=s.recv(1024)\n  print(d.decode() if d else 'hung up')\nexcept (BrokenPipeError, ConnectionResetError):\n  print('hung up')",
         socket = socket.display().to_string()
     );
-    let out = Command::new("setpriv")
-        .args([
-            &format!("--reuid={uid}"),
-            &format!("--regid={uid}"),
-            "--clear-groups",
-            SYSTEM_PYTHON,
-            "-c",
-            &code,
-        ])
-        .output()
-        .unwrap();
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout).trim(),
-        String::from_utf8_lossy(&out.stderr).trim()
-    )
+    python_as(uid, &code)
 }
 
 #[test]
