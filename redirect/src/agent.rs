@@ -12,9 +12,9 @@
 //! (rules go in and come out through that descriptor); an ambiguous namespace is never guessed;
 //! a failed capture or release is retried with backoff and never reported as done.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::File;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsFd as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::PathBuf;
@@ -25,6 +25,7 @@ use tracing::{info, warn};
 
 use crate::cni::server::{Posted, Stage};
 use crate::cni::{CniAnswer, CniBoard, CniEvent};
+use crate::host::{PROBE_SOURCE, ProbeSnat};
 use crate::{Backend, RuleSet, apply, fd_path, remove};
 
 /// The label that puts a namespace in the mesh (`ambient`) or takes a pod out (`none`).
@@ -165,7 +166,23 @@ pub struct NodeAgent<S, H> {
     enablement: Enablement,
     /// The CNI plugin's requests, when the agent serves it.
     cni: Option<Arc<CniBoard>>,
+    /// The node's kubelet-probe rewrite, when the agent keeps it.
+    probes: Option<Probes>,
 }
+
+/// The probe rewrite and what the agent last put in place.
+struct Probes {
+    snat: ProbeSnat,
+    /// The pods last applied (`None`: unknown, apply at the next pass).
+    applied: Option<BTreeSet<Ipv4Addr>>,
+    /// When the live rules were last compared with what was applied.
+    checked: Instant,
+    /// After a failure, not before this.
+    retry_at: Option<Instant>,
+}
+
+/// How often the node's probe rules are compared with what the agent applied (repairing drift).
+const PROBE_CHECK: Duration = Duration::from_secs(10);
 
 /// First and longest delay before a failed capture or release is tried again.
 const RETRY_FIRST: Duration = Duration::from_millis(250);
@@ -182,6 +199,7 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
             handoff,
             enablement: Enablement::default(),
             cni: None,
+            probes: None,
             captured: HashMap::new(),
             unresolved: HashMap::new(),
             retries: HashMap::new(),
@@ -201,6 +219,30 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
     pub fn with_cni(mut self, board: Arc<CniBoard>) -> Self {
         self.cni = Some(board);
         self
+    }
+
+    /// Keeps the node's kubelet-probe rewrite ([`ProbeSnat`]) naming exactly the captured pods'
+    /// IPv4 addresses: applied when they change, compared with the live rules every 10 s and
+    /// repaired, removed by [`shutdown`](Self::shutdown).
+    pub fn with_probe_snat(mut self, snat: ProbeSnat) -> Self {
+        self.probes = Some(Probes {
+            snat,
+            applied: None,
+            checked: Instant::now(),
+            retry_at: None,
+        });
+        self
+    }
+
+    /// Stops keeping node-level rules: removes the probe rewrite (the pods' own rules stay, so
+    /// a restarted agent finds its pods captured). Call it when the agent exits.
+    pub fn shutdown(&mut self) {
+        if let Some(probes) = self.probes.take() {
+            match probes.snat.remove() {
+                Ok(()) => info!("removed the node's kubelet-probe rules"),
+                Err(e) => warn!(error = %e, "could not remove the node's kubelet-probe rules"),
+            }
+        }
     }
 
     /// The pods captured now, by uid (including those whose release is being retried).
@@ -357,6 +399,7 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
         self.retries
             .retain(|uid, _| wanted.contains_key(uid.as_str()) || self.captured.contains_key(uid));
         self.annotate(&pods);
+        self.keep_probes(&pods);
         if let Some(board) = &self.cni {
             board.update(|key, now_posted| {
                 match posted.get(key) {
@@ -478,6 +521,60 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
                 .map(String::as_str);
             if current != desired.map(Redirection::as_str) {
                 self.source.annotate(pod, desired);
+            }
+        }
+    }
+
+    /// The probe rewrite names the captured pods' IPv4 addresses (as the source lists them now,
+    /// else as they were when captured).
+    fn keep_probes(&mut self, pods: &[PodInfo]) {
+        let Some(probes) = &mut self.probes else {
+            return;
+        };
+        let wanted: BTreeSet<Ipv4Addr> = self
+            .captured
+            .iter()
+            .flat_map(|(uid, c)| {
+                let ips = pods
+                    .iter()
+                    .find(|p| &p.uid == uid && !p.ips.is_empty())
+                    .map_or(&c.pod.ips, |p| &p.ips);
+                ips.iter().filter_map(|ip| match ip {
+                    IpAddr::V4(v4) => Some(*v4),
+                    IpAddr::V6(_) => None,
+                })
+            })
+            .collect();
+        if probes.applied.as_ref() == Some(&wanted) && probes.checked.elapsed() < PROBE_CHECK
+            || probes.retry_at.is_some_and(|at| Instant::now() < at)
+        {
+            return;
+        }
+        if probes.applied.as_ref() == Some(&wanted) {
+            probes.checked = Instant::now();
+            match probes.snat.live() {
+                Ok(Some(live)) if live == wanted => return,
+                Ok(_) => warn!("the node's kubelet-probe rules drifted; putting them back"),
+                Err(e) => {
+                    warn!(error = %e, "cannot read the node's kubelet-probe rules");
+                    return;
+                }
+            }
+        }
+        match probes.snat.apply(&wanted) {
+            Ok(()) => {
+                info!(
+                    pods = wanted.len(),
+                    "kubelet probes to the captured pods are rewritten to {PROBE_SOURCE}"
+                );
+                probes.applied = Some(wanted);
+                probes.checked = Instant::now();
+                probes.retry_at = None;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot set the node's kubelet-probe rules; will retry in 2 s");
+                probes.applied = None;
+                probes.retry_at = Some(Instant::now() + Duration::from_secs(2));
             }
         }
     }

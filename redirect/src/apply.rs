@@ -283,7 +283,7 @@ fn write_ours(current: &str, ours: &[String]) -> String {
     script.join("\n") + "\n"
 }
 
-fn ipt_save(netns: &Path, v6: bool, limit: Duration) -> Result<String, Error> {
+pub(crate) fn ipt_save(netns: &Path, v6: bool, limit: Duration) -> Result<String, Error> {
     let tool = if v6 {
         "ip6tables-save"
     } else {
@@ -292,7 +292,12 @@ fn ipt_save(netns: &Path, v6: bool, limit: Duration) -> Result<String, Error> {
     run(netns, tool, &["-t", "nat"], None, limit)
 }
 
-fn ipt_restore_noflush(netns: &Path, v6: bool, text: &str, limit: Duration) -> Result<(), Error> {
+pub(crate) fn ipt_restore_noflush(
+    netns: &Path,
+    v6: bool,
+    text: &str,
+    limit: Duration,
+) -> Result<(), Error> {
     let tool = if v6 {
         "ip6tables-restore"
     } else {
@@ -312,7 +317,7 @@ fn exists(netns: &Path) -> Result<(), Error> {
 }
 
 /// Runs `tool args` inside `netns`, feeding `stdin`, returning stdout; killed after `limit`.
-fn run(
+pub(crate) fn run(
     netns: &Path,
     tool: &'static str,
     args: &[&str],

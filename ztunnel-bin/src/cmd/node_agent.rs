@@ -4,6 +4,7 @@ use crate::args::CaptureBackend;
 use clap::Args;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use controlplane::{Manifests, NETNS_ANNOTATION};
@@ -12,6 +13,7 @@ use redirect::cni::install::{
     chain, install_binary, keep_chained, plugin_entry, plugin_kubeconfig, write_kubeconfig,
 };
 use redirect::cni::{CniBoard, CniServer, CniServerConfig};
+use redirect::host::ProbeSnat;
 use redirect::k8s::KubeSource;
 use redirect::zds::{ZdsConfig, ZdsServer};
 use redirect::{Backend, RuleSet};
@@ -83,6 +85,13 @@ pub(crate) struct NodeAgentArgs {
     /// it.
     #[arg(long, value_name = "DIR", env = "HOST_ROOT", default_value = "/")]
     pub(crate) host_root: PathBuf,
+    /// Rewrite the source of connections this node opens to captured pods (the kubelet's
+    /// probes) to 169.254.7.127, which the pods' rules let through to the app, as istio-cni
+    /// does: iptables or nftables rules in this process's network namespace (the node's, on the
+    /// host network), kept naming exactly the captured pods and removed on exit (SIGTERM,
+    /// SIGINT). Off unless asked for: it changes the node's own rules.
+    #[arg(long, env = "KUBELET_PROBE_SNAT")]
+    pub(crate) kubelet_probe_snat: bool,
 }
 
 /// Pods from a directory of manifests (the same parser as the local control plane).
@@ -317,10 +326,16 @@ async fn with_handoff<S: PodSource + 'static>(
 ) -> Result<(), Error> {
     tracing::info!(node = %args.node, backend = %args.backend, source = %args.source, "node agent running");
     let board = serve_cni(args)?;
-    fn with_cni<S: PodSource, H: Handoff>(
+    let probes = args.kubelet_probe_snat.then(|| ProbeSnat::new(backend));
+    fn configured<S: PodSource, H: Handoff>(
         agent: NodeAgent<S, H>,
         board: &Option<Arc<CniBoard>>,
+        probes: &Option<ProbeSnat>,
     ) -> NodeAgent<S, H> {
+        let agent = match probes {
+            Some(probes) => agent.with_probe_snat(probes.clone()),
+            None => agent,
+        };
         match board {
             Some(board) => agent.with_cni(board.clone()),
             None => agent,
@@ -328,10 +343,11 @@ async fn with_handoff<S: PodSource + 'static>(
     }
     match &args.zds_socket {
         None => {
-            drive(with_cni(
+            drive(configured(
                 NodeAgent::new(&args.node, backend, RuleSet::default(), source, NoHandoff)
                     .with_enablement(enablement(args)),
                 &board,
+                &probes,
             ))
             .await
         }
@@ -343,25 +359,49 @@ async fn with_handoff<S: PodSource + 'static>(
                 source,
             })?;
             tracing::info!(socket = %path.display(), allowed_uids = ?args.zds_allowed_uid, "serving the netns handoff (ZDS) to root and the allowed users");
-            drive(with_cni(
+            drive(configured(
                 NodeAgent::new(&args.node, backend, RuleSet::default(), source, server)
                     .with_enablement(enablement(args)),
                 &board,
+                &probes,
             ))
             .await
         }
     }
 }
 
+/// Runs the agent until SIGTERM or SIGINT, then removes its node-level rules.
 async fn drive<S: PodSource + 'static, H: Handoff + 'static>(
     agent: NodeAgent<S, H>,
 ) -> Result<(), Error> {
-    tokio::task::spawn_blocking(move || agent.run(Duration::from_millis(250)))
-        .await
-        .map_err(|e| Error::Io {
-            what: "node agent".into(),
-            source: std::io::Error::other(e),
-        })
+    use tokio::signal::unix::{SignalKind, signal};
+    let stop = Arc::new(AtomicBool::new(false));
+    let keep = stop.clone();
+    let mut task = tokio::task::spawn_blocking(move || {
+        let mut agent =
+            agent.run_while(Duration::from_millis(250), || !keep.load(Ordering::SeqCst));
+        agent.shutdown();
+    });
+    let io = |source| Error::Io {
+        what: "signal handler".into(),
+        source,
+    };
+    let (mut term, mut int) = (
+        signal(SignalKind::terminate()).map_err(io)?,
+        signal(SignalKind::interrupt()).map_err(io)?,
+    );
+    let joined = tokio::select! {
+        joined = &mut task => joined,
+        _ = term.recv() => { stop.store(true, Ordering::SeqCst); task.await }
+        _ = int.recv() => { stop.store(true, Ordering::SeqCst); task.await }
+    };
+    if stop.load(Ordering::SeqCst) {
+        tracing::info!("node agent stopped");
+    }
+    joined.map_err(|e| Error::Io {
+        what: "node agent".into(),
+        source: std::io::Error::other(e),
+    })
 }
 
 #[cfg(test)]
