@@ -168,6 +168,34 @@ pub struct NodeAgent<S, H> {
     cni: Option<Arc<CniBoard>>,
     /// The node's kubelet-probe rewrite, when the agent keeps it.
     probes: Option<Probes>,
+    /// How a pod's network namespace is found when nothing names it.
+    lookup: NetnsLookup,
+}
+
+/// How the agent finds the network namespace of a pod that its source and the runtime did not
+/// name (a pod that was running before the agent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetnsLookup {
+    /// The one namespace that holds the pod's IP ([`crate::netns::addresses_under`]): for
+    /// namespaces no container runtime made (the local mesh).
+    ByIp {
+        /// Where the host's file system is (`/`, or `/host` in a container).
+        root: PathBuf,
+    },
+    /// The namespace of the processes whose cgroup names the pod's uid, checked to hold the
+    /// pod's IP ([`crate::netns::find_by_uid`]): as istio-cni does in a cluster.
+    ByUid {
+        /// Where the host's file system is (`/`, or `/host` in a container).
+        root: PathBuf,
+    },
+}
+
+impl Default for NetnsLookup {
+    fn default() -> Self {
+        NetnsLookup::ByIp {
+            root: PathBuf::from("/"),
+        }
+    }
 }
 
 /// The probe rewrite and what the agent last put in place.
@@ -200,6 +228,7 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
             enablement: Enablement::default(),
             cni: None,
             probes: None,
+            lookup: NetnsLookup::default(),
             captured: HashMap::new(),
             unresolved: HashMap::new(),
             retries: HashMap::new(),
@@ -231,6 +260,13 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
             checked: Instant::now(),
             retry_at: None,
         });
+        self
+    }
+
+    /// How pods' network namespaces are found when nothing names them (default: by IP, on
+    /// this process's view of the host).
+    pub fn with_netns_lookup(mut self, lookup: NetnsLookup) -> Self {
+        self.lookup = lookup;
         self
     }
 
@@ -659,26 +695,31 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
             if pod.ips.is_empty() {
                 continue;
             }
-            let all = scan.get_or_insert_with(crate::netns::addresses);
-            let outcome = crate::netns::choose(all, &pod.ips);
+            let outcome = match &self.lookup {
+                NetnsLookup::ByIp { root } => {
+                    let all = scan.get_or_insert_with(|| crate::netns::addresses_under(root));
+                    crate::netns::choose(all, &pod.ips).map_err(crate::netns::Unresolved::from)
+                }
+                NetnsLookup::ByUid { root } => crate::netns::find_by_uid(root, &pod.uid, &pod.ips),
+            };
             let cause = match &outcome {
                 Ok(Some(path)) => {
                     info!(
                         pod = %pod.name, netns = %path.display(),
-                        "found the pod's network namespace by its IP"
+                        "found the pod's network namespace"
                     );
                     pod.netns = Some(path.clone());
                     self.unresolved.remove(&pod.uid);
                     continue;
                 }
                 Ok(None) => "none".to_owned(),
-                Err(ambiguous) => ambiguous.to_string(),
+                Err(unresolved) => unresolved.to_string(),
             };
             if self.unresolved.get(&pod.uid) != Some(&cause) {
                 match &outcome {
-                    Err(ambiguous) => warn!(
-                        pod = %pod.name, error = %ambiguous,
-                        "not capturing the pod: its network namespace is ambiguous"
+                    Err(unresolved) => warn!(
+                        pod = %pod.name, error = %unresolved,
+                        "not capturing the pod: its network namespace is not certain"
                     ),
                     _ => warn!(
                         pod = %pod.name, ips = ?pod.ips,

@@ -22,11 +22,30 @@ pub const NAMED_NETNS_DIR: &str = "/var/run/netns";
 ///
 /// Unreadable candidates (processes that exit mid-scan, namespaces removed meanwhile) are skipped.
 pub fn addresses() -> HashMap<IpAddr, Vec<PathBuf>> {
-    let own = std::fs::metadata("/proc/self/ns/net").map(|m| m.ino()).ok();
-    let mut seen: HashSet<u64> = own.into_iter().collect();
+    addresses_under(Path::new("/"))
+}
+
+/// The namespaces never taken for a pod's: this process's and, under a host root, the host's
+/// (its PID 1's).
+fn host_namespaces(root: &Path) -> HashSet<u64> {
+    [
+        PathBuf::from("/proc/self/ns/net"),
+        root.join("proc/1/ns/net"),
+    ]
+    .iter()
+    .filter_map(|p| std::fs::metadata(p).ok())
+    .map(|m| m.ino())
+    .collect()
+}
+
+/// Like [`addresses`], looking under `root` (where the host's file system is mounted, e.g.
+/// `/host`: its `proc` and `var/run/netns`).
+pub fn addresses_under(root: &Path) -> HashMap<IpAddr, Vec<PathBuf>> {
+    let mut seen: HashSet<u64> = host_namespaces(root);
     let mut found: HashMap<IpAddr, Vec<PathBuf>> = HashMap::new();
     let mut named: Vec<(u64, PathBuf)> = Vec::new();
-    if let Ok(dir) = std::fs::read_dir(NAMED_NETNS_DIR) {
+    let named_dir = root.join(NAMED_NETNS_DIR.trim_start_matches('/'));
+    if let Ok(dir) = std::fs::read_dir(named_dir) {
         for entry in dir.flatten() {
             let path = entry.path();
             if let Ok(meta) = std::fs::metadata(&path)
@@ -37,13 +56,8 @@ pub fn addresses() -> HashMap<IpAddr, Vec<PathBuf>> {
         }
     }
     let mut by_process: HashMap<u64, PathBuf> = HashMap::new();
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for entry in dir.flatten() {
-            let name = entry.file_name();
-            if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
-                continue;
-            }
-            let proc_dir = entry.path();
+    {
+        for proc_dir in processes(root) {
             if let Ok(meta) = std::fs::metadata(proc_dir.join("ns/net"))
                 && (named.iter().any(|(ino, _)| *ino == meta.ino()) || seen.insert(meta.ino()))
             {
@@ -68,6 +82,97 @@ pub fn addresses() -> HashMap<IpAddr, Vec<PathBuf>> {
         }
     }
     found
+}
+
+/// The process directories under `root`'s `proc` (`/proc/<pid>`).
+fn processes(root: &Path) -> impl Iterator<Item = PathBuf> {
+    std::fs::read_dir(root.join("proc"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit())
+        })
+        .map(|entry| entry.path())
+}
+
+/// Why a pod's network namespace was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unresolved {
+    /// More than one namespace could be the pod's.
+    #[error(transparent)]
+    Ambiguous(#[from] Ambiguous),
+    /// The pod's processes are in more than one namespace.
+    #[error("the processes of pod {uid} are in {} network namespaces: {}; not guessing", candidates.len(), list(candidates))]
+    Scattered {
+        /// The pod's uid.
+        uid: String,
+        /// Each namespace.
+        candidates: Vec<PathBuf>,
+    },
+    /// The namespace of the pod's processes does not hold the pod's address.
+    #[error("the network namespace of the pod's processes ({}) holds none of its IPs {}; not capturing", netns.display(), ips.iter().map(IpAddr::to_string).collect::<Vec<_>>().join(", "))]
+    WrongAddress {
+        /// The namespace found by the pod's uid.
+        netns: PathBuf,
+        /// The pod's addresses.
+        ips: Vec<IpAddr>,
+    },
+}
+
+/// The network namespace of the pod whose uid is `uid`, found as istio-cni finds a running
+/// pod's in a cluster: the processes under `root`'s `proc` whose cgroup path names the pod
+/// (`pod<uid>`, or with `_` for `-` as the systemd driver writes it), all in one namespace other
+/// than the host's, which must hold one of the pod's `ips`. `None` while no such process runs or
+/// the pod has no address yet; an error when the pod's processes are in several namespaces or
+/// theirs does not hold the pod's address (a pod is never captured by a guess).
+pub fn find_by_uid(root: &Path, uid: &str, ips: &[IpAddr]) -> Result<Option<PathBuf>, Unresolved> {
+    if uid.is_empty() || ips.is_empty() {
+        return Ok(None);
+    }
+    let needles = [format!("pod{uid}"), format!("pod{}", uid.replace('-', "_"))];
+    let host = host_namespaces(root);
+    let mut found: Vec<(u64, PathBuf)> = Vec::new();
+    for proc_dir in processes(root) {
+        let Ok(cgroup) = std::fs::read_to_string(proc_dir.join("cgroup")) else {
+            continue;
+        };
+        if !needles.iter().any(|n| cgroup.contains(n.as_str())) {
+            continue;
+        }
+        let Ok(meta) = std::fs::metadata(proc_dir.join("ns/net")) else {
+            continue;
+        };
+        if host.contains(&meta.ino()) || found.iter().any(|(ino, _)| *ino == meta.ino()) {
+            continue;
+        }
+        found.push((meta.ino(), proc_dir));
+    }
+    match found.as_slice() {
+        [] => Ok(None),
+        [(_, proc_dir)] => {
+            let netns = proc_dir.join("ns/net");
+            let mut text = read_proc_net(proc_dir);
+            if text.is_empty() {
+                text = read_through_nsenter(&netns);
+            }
+            let held = parse_addresses(&text);
+            if ips.iter().any(|ip| held.contains(ip)) {
+                Ok(Some(netns))
+            } else {
+                Err(Unresolved::WrongAddress {
+                    netns,
+                    ips: ips.to_vec(),
+                })
+            }
+        }
+        many => Err(Unresolved::Scattered {
+            uid: uid.to_owned(),
+            candidates: many.iter().map(|(_, p)| p.join("ns/net")).collect(),
+        }),
+    }
 }
 
 /// More than one network namespace holds the pod's addresses: which one is the pod's cannot be

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use controlplane::{Manifests, NETNS_ANNOTATION};
-use redirect::agent::{Enablement, Handoff, NoHandoff, NodeAgent, PodInfo, PodSource};
+use redirect::agent::{Enablement, Handoff, NetnsLookup, NoHandoff, NodeAgent, PodInfo, PodSource};
 use redirect::cni::install::{
     chain, install_binary, keep_chained, plugin_entry, plugin_kubeconfig, write_kubeconfig,
 };
@@ -28,8 +28,8 @@ pub(crate) struct NodeAgentArgs {
     /// namespaces found by pod IP).
     #[arg(long, value_name = "SOURCE")]
     pub(crate) source: String,
-    /// This node's name (pods' `spec.nodeName`).
-    #[arg(long, value_name = "NAME")]
+    /// This node's name (pods' `spec.nodeName`; a DaemonSet passes it as NODE_NAME).
+    #[arg(long, value_name = "NAME", env = "NODE_NAME")]
     pub(crate) node: String,
     /// Rule engine.
     #[arg(long, value_enum, default_value_t = CaptureBackend::Iptables)]
@@ -81,8 +81,11 @@ pub(crate) struct NodeAgentArgs {
     #[arg(long, value_name = "PATH")]
     pub(crate) cni_plugin: Option<PathBuf>,
     /// Where the host's root file system is mounted in this process's view (a DaemonSet mounts
-    /// it at /host): the network-namespace paths the runtime passes to the plugin are read under
-    /// it.
+    /// it at /host): the network-namespace paths the runtime passes to the plugin, and the
+    /// host's `proc` and `var/run/netns` where running pods' namespaces are looked for, are read
+    /// under it. With `--source kube` a running pod's namespace is the one of the processes
+    /// whose cgroup names the pod's uid, checked to hold the pod's IP; with manifests, the one
+    /// namespace that holds the pod's IP.
     #[arg(long, value_name = "DIR", env = "HOST_ROOT", default_value = "/")]
     pub(crate) host_root: PathBuf,
     /// Rewrite the source of connections this node opens to captured pods (the kubelet's
@@ -327,11 +330,19 @@ async fn with_handoff<S: PodSource + 'static>(
     tracing::info!(node = %args.node, backend = %args.backend, source = %args.source, "node agent running");
     let board = serve_cni(args)?;
     let probes = args.kubelet_probe_snat.then(|| ProbeSnat::new(backend));
+    let root = args.host_root.clone();
+    let lookup = if args.source == "kube" {
+        NetnsLookup::ByUid { root }
+    } else {
+        NetnsLookup::ByIp { root }
+    };
     fn configured<S: PodSource, H: Handoff>(
         agent: NodeAgent<S, H>,
         board: &Option<Arc<CniBoard>>,
         probes: &Option<ProbeSnat>,
+        lookup: &NetnsLookup,
     ) -> NodeAgent<S, H> {
+        let agent = agent.with_netns_lookup(lookup.clone());
         let agent = match probes {
             Some(probes) => agent.with_probe_snat(probes.clone()),
             None => agent,
@@ -348,6 +359,7 @@ async fn with_handoff<S: PodSource + 'static>(
                     .with_enablement(enablement(args)),
                 &board,
                 &probes,
+                &lookup,
             ))
             .await
         }
@@ -364,6 +376,7 @@ async fn with_handoff<S: PodSource + 'static>(
                     .with_enablement(enablement(args)),
                 &board,
                 &probes,
+                &lookup,
             ))
             .await
         }
