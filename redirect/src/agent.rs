@@ -19,6 +19,7 @@ use std::os::fd::AsFd as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
@@ -170,6 +171,8 @@ pub struct NodeAgent<S, H> {
     probes: Option<Probes>,
     /// How a pod's network namespace is found when nothing names it.
     lookup: NetnsLookup,
+    /// What the agent reports about itself.
+    status: Arc<AgentStatus>,
 }
 
 /// How the agent finds the network namespace of a pod that its source and the runtime did not
@@ -195,6 +198,85 @@ impl Default for NetnsLookup {
         NetnsLookup::ByIp {
             root: PathBuf::from("/"),
         }
+    }
+}
+
+/// What the agent reports about itself (readiness and metrics), updated on every pass; shared
+/// with whoever serves it ([`NodeAgent::status`]).
+#[derive(Debug, Default)]
+pub struct AgentStatus {
+    synced: AtomicBool,
+    captured: AtomicU64,
+    captures: AtomicU64,
+    capture_failures: AtomicU64,
+    releases: AtomicU64,
+    release_failures: AtomicU64,
+    source_failures: AtomicU64,
+}
+
+impl AgentStatus {
+    /// Whether a pass has completed with the source's full view (the agent is in charge).
+    pub fn synced(&self) -> bool {
+        self.synced.load(Ordering::SeqCst)
+    }
+
+    /// How many pods are captured now.
+    pub fn captured(&self) -> u64 {
+        self.captured.load(Ordering::SeqCst)
+    }
+
+    /// The Prometheus text of these numbers (metric names `ztunnel_node_agent_*`).
+    pub fn render(&self) -> String {
+        let get = |a: &AtomicU64| a.load(Ordering::SeqCst);
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+            out.push_str(&format!(
+                "# HELP ztunnel_node_agent_{name} {help}\n# TYPE ztunnel_node_agent_{name} {kind}\nztunnel_node_agent_{name} {value}\n"
+            ));
+        };
+        metric(
+            "synced",
+            "gauge",
+            "1 once a pass completed with the pod source's full view.",
+            u64::from(self.synced()),
+        );
+        metric(
+            "pods_captured",
+            "gauge",
+            "Pods captured now.",
+            self.captured(),
+        );
+        metric(
+            "captures_total",
+            "counter",
+            "Pods captured.",
+            get(&self.captures),
+        );
+        metric(
+            "capture_failures_total",
+            "counter",
+            "Failed attempts to capture a pod.",
+            get(&self.capture_failures),
+        );
+        metric(
+            "releases_total",
+            "counter",
+            "Pods released.",
+            get(&self.releases),
+        );
+        metric(
+            "release_failures_total",
+            "counter",
+            "Failed attempts to release a pod.",
+            get(&self.release_failures),
+        );
+        metric(
+            "source_failures_total",
+            "counter",
+            "Passes the pod source could not serve.",
+            get(&self.source_failures),
+        );
+        out
     }
 }
 
@@ -229,6 +311,7 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
             cni: None,
             probes: None,
             lookup: NetnsLookup::default(),
+            status: Arc::default(),
             captured: HashMap::new(),
             unresolved: HashMap::new(),
             retries: HashMap::new(),
@@ -263,6 +346,11 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
         self
     }
 
+    /// Readiness and metrics, updated on every pass.
+    pub fn status(&self) -> Arc<AgentStatus> {
+        self.status.clone()
+    }
+
     /// How pods' network namespaces are found when nothing names them (default: by IP, on
     /// this process's view of the host).
     pub fn with_netns_lookup(mut self, lookup: NetnsLookup) -> Self {
@@ -292,7 +380,9 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
     /// nothing.
     pub fn sync(&mut self) -> Result<(), String> {
         let posted = self.cni.as_ref().map(|b| b.take()).unwrap_or_default();
-        let mut pods = self.source.pods()?;
+        let mut pods = self.source.pods().inspect_err(|_| {
+            self.status.source_failures.fetch_add(1, Ordering::SeqCst);
+        })?;
         let deleted = self.apply_posted(&posted, &mut pods);
         self.resolve_netns(&mut pods);
         let now = Instant::now();
@@ -386,6 +476,7 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
                 Ok(()) => {
                     let c = self.captured.remove(uid).expect("present");
                     self.retries.remove(uid);
+                    self.status.releases.fetch_add(1, Ordering::SeqCst);
                     info!(
                         "Removing pod '{}/{}' ({}) from ambient",
                         c.pod.name, c.pod.namespace, c.pod.uid
@@ -395,6 +486,7 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
                     }
                 }
                 Err(e) => {
+                    self.status.release_failures.fetch_add(1, Ordering::SeqCst);
                     let retry = self.failed(uid, now);
                     warn!(pod = %self.captured[uid].pod.name, error = %e, retry_in = ?retry, "could not remove capture rules; the pod stays captured, will retry");
                 }
@@ -414,6 +506,7 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
                         pod.name, pod.namespace, pod.uid
                     );
                     self.retries.remove(&pod.uid);
+                    self.status.captures.fetch_add(1, Ordering::SeqCst);
                     self.handoff.add(pod, &file);
                     self.captured.insert(
                         pod.uid.clone(),
@@ -425,6 +518,7 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
                     );
                 }
                 Err(e) => {
+                    self.status.capture_failures.fetch_add(1, Ordering::SeqCst);
                     let retry = self.failed(&pod.uid, now);
                     warn!(pod = %pod.name, error = %e, retry_in = ?retry, "could not capture pod; will retry");
                     capture_errors.insert(pod.uid.clone(), e.to_string());
@@ -436,6 +530,10 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
             .retain(|uid, _| wanted.contains_key(uid.as_str()) || self.captured.contains_key(uid));
         self.annotate(&pods);
         self.keep_probes(&pods);
+        self.status
+            .captured
+            .store(self.captured.len() as u64, Ordering::SeqCst);
+        self.status.synced.store(true, Ordering::SeqCst);
         if let Some(board) = &self.cni {
             board.update(|key, now_posted| {
                 match posted.get(key) {
@@ -788,7 +886,7 @@ fn in_parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec
                 scope.spawn(|| {
                     let mut done = Vec::new();
                     loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(item) = items.get(i) else { break };
                         done.push((i, f(item)));
                     }

@@ -223,6 +223,16 @@ impl ZdsServer {
         self.inner.refused.load(Ordering::SeqCst)
     }
 
+    /// The Prometheus text of the connected proxies and the peers refused
+    /// (`ztunnel_node_agent_zds_*`).
+    pub fn render(&self) -> String {
+        format!(
+            "# HELP ztunnel_node_agent_zds_connections Proxies connected to the ZDS socket.\n# TYPE ztunnel_node_agent_zds_connections gauge\nztunnel_node_agent_zds_connections {}\n# HELP ztunnel_node_agent_zds_refused_peers_total Peers refused on the ZDS socket for their credentials.\n# TYPE ztunnel_node_agent_zds_refused_peers_total counter\nztunnel_node_agent_zds_refused_peers_total {}\n",
+            self.connections(),
+            self.refused_peers()
+        )
+    }
+
     /// Whether a connected proxy acknowledged the pod `uid` in the namespace it was last added
     /// with (an add that is refused, pending or sent to a proxy that has gone does not count).
     pub fn serves(&self, uid: &str) -> bool {

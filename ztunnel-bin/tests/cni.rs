@@ -13,8 +13,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    Fabric, Netns, Running, TempDir, ca_init, echo_app, free_port, plaintext_controlplane,
-    start_proxy, ztunnel,
+    Fabric, Netns, Running, TempDir, ca_init, echo_app, free_port, http_get,
+    plaintext_controlplane, start_proxy, ztunnel,
 };
 
 fn plugin_binary() -> PathBuf {
@@ -112,6 +112,7 @@ fn add_returns_only_once_the_pod_is_captured_and_served_and_del_releases() {
     let _controlplane = plaintext_controlplane(&dir.0, xds);
     let zds = dir.0.join("ztunnel.sock");
     let cni = dir.0.join("cni.sock");
+    let (health, metrics) = (free_port(), free_port());
     let agent = |log: &str| {
         Running(
             ztunnel()
@@ -121,6 +122,8 @@ fn add_returns_only_once_the_pod_is_captured_and_served_and_del_releases() {
                 .arg(&zds)
                 .arg("--cni-socket")
                 .arg(&cni)
+                .args(["--health-addr", &health.to_string()])
+                .args(["--metrics-addr", &metrics.to_string()])
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(dir.0.join(log)).unwrap())
                 .spawn()
@@ -166,6 +169,21 @@ fn add_returns_only_once_the_pod_is_captured_and_served_and_del_releases() {
     assert!(has_rules(web));
     let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(result["ips"][0]["address"], format!("{}/24", ip(2)));
+    // The agent's readiness and metrics say so.
+    assert_eq!(
+        http_get(health, "/healthz/ready").map(|(s, _)| s),
+        Some(200)
+    );
+    let (status, text) = http_get(metrics, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    for line in [
+        "ztunnel_node_agent_pods_captured 1",
+        "ztunnel_node_agent_cni_requests_total{event=\"ADD\",outcome=\"captured\"} 1",
+        "ztunnel_node_agent_zds_connections 1",
+        "ztunnel_node_agent_synced 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+    }
 
     // A pod outside the mesh passes at once, untouched.
     let out = finish(plugin("ADD", &cni, ("other", "plain"), plain, &ip(3)));

@@ -196,6 +196,32 @@ impl CniBoard {
 #[derive(Debug, Clone)]
 pub struct CniServer {
     refused: Arc<AtomicU64>,
+    answered: Arc<Answered>,
+}
+
+/// Answers given, by event and outcome.
+#[derive(Debug, Default)]
+struct Answered(Mutex<BTreeMap<(&'static str, &'static str), u64>>);
+
+impl Answered {
+    fn count(&self, event: CniEvent, answer: &CniAnswer) {
+        let event = match event {
+            CniEvent::Add => "ADD",
+            CniEvent::Del => "DEL",
+        };
+        let outcome = match answer {
+            CniAnswer::Captured => "captured",
+            CniAnswer::NotInMesh { .. } => "not_in_mesh",
+            CniAnswer::Refused { .. } => "refused",
+            CniAnswer::Released => "released",
+        };
+        *self
+            .0
+            .lock()
+            .expect("lock")
+            .entry((event, outcome))
+            .or_default() += 1;
+    }
 }
 
 impl CniServer {
@@ -208,8 +234,10 @@ impl CniServer {
     ) -> std::io::Result<Self> {
         let listener = sys::stream_listener(path)?;
         let refused = Arc::new(AtomicU64::new(0));
+        let answered = Arc::new(Answered::default());
         let server = CniServer {
             refused: refused.clone(),
+            answered: answered.clone(),
         };
         std::thread::spawn(move || {
             for conn in listener.incoming() {
@@ -237,9 +265,8 @@ impl CniServer {
                         continue;
                     }
                 }
-                let board = board.clone();
-                let config = config.clone();
-                std::thread::spawn(move || serve(conn, &config, &board));
+                let (board, config, answered) = (board.clone(), config.clone(), answered.clone());
+                std::thread::spawn(move || serve(conn, &config, &board, &answered));
             }
         });
         Ok(server)
@@ -249,10 +276,28 @@ impl CniServer {
     pub fn refused_peers(&self) -> u64 {
         self.refused.load(Ordering::SeqCst)
     }
+
+    /// The Prometheus text of the requests answered, by event and outcome
+    /// (`ztunnel_node_agent_cni_requests_total`), and of the peers refused.
+    pub fn render(&self) -> String {
+        let mut out = String::from(
+            "# HELP ztunnel_node_agent_cni_requests_total CNI plugin requests answered, by event and outcome.\n# TYPE ztunnel_node_agent_cni_requests_total counter\n",
+        );
+        for ((event, outcome), n) in self.answered.0.lock().expect("lock").iter() {
+            out.push_str(&format!(
+                "ztunnel_node_agent_cni_requests_total{{event=\"{event}\",outcome=\"{outcome}\"}} {n}\n"
+            ));
+        }
+        out.push_str(&format!(
+            "# HELP ztunnel_node_agent_cni_refused_peers_total Peers refused on the CNI socket for their credentials.\n# TYPE ztunnel_node_agent_cni_refused_peers_total counter\nztunnel_node_agent_cni_refused_peers_total {}\n",
+            self.refused_peers()
+        ));
+        out
+    }
 }
 
 /// One plugin connection: one request, one answer.
-fn serve(mut conn: UnixStream, config: &CniServerConfig, board: &CniBoard) {
+fn serve(mut conn: UnixStream, config: &CniServerConfig, board: &CniBoard, answered: &Answered) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
     let request = read_bounded(&mut conn).and_then(|body| {
         serde_json::from_slice::<CniRequest>(&body).map_err(|e| {
@@ -269,7 +314,11 @@ fn serve(mut conn: UnixStream, config: &CniServerConfig, board: &CniBoard) {
                 reason: format!("unreadable request: {e}"),
             }
         }
-        Ok(request) => answer(&request, config, board),
+        Ok(request) => {
+            let answer = answer(&request, config, board);
+            answered.count(request.event, &answer);
+            answer
+        }
     };
     let body = serde_json::to_vec(&answer).expect("answers serialize");
     if let Err(e) = conn.write_all(&body) {

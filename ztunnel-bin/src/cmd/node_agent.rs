@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use controlplane::{Manifests, NETNS_ANNOTATION};
-use redirect::agent::{Enablement, Handoff, NetnsLookup, NoHandoff, NodeAgent, PodInfo, PodSource};
+use redirect::agent::{
+    AgentStatus, Enablement, Handoff, NetnsLookup, NoHandoff, NodeAgent, PodInfo, PodSource,
+};
 use redirect::cni::install::{
     chain, install_binary, keep_chained, plugin_entry, plugin_kubeconfig, write_kubeconfig,
 };
@@ -95,6 +97,15 @@ pub(crate) struct NodeAgentArgs {
     /// SIGINT). Off unless asked for: it changes the node's own rules.
     #[arg(long, env = "KUBELET_PROBE_SNAT")]
     pub(crate) kubelet_probe_snat: bool,
+    /// Serve readiness here (`GET /healthz/ready` or `/readyz`: 200 once a pass completed with
+    /// the pod source's full view, else 503 with the reason), e.g. 0.0.0.0:8000 in a DaemonSet.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) health_addr: Option<std::net::SocketAddr>,
+    /// Serve Prometheus metrics here (`GET /metrics`: pods captured, captures and releases and
+    /// their failures, CNI requests by outcome, ZDS connections, refused peers), e.g.
+    /// 0.0.0.0:15014.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Pods from a directory of manifests (the same parser as the local control plane).
@@ -234,7 +245,7 @@ fn plugin_kubeconfig_text(from: Option<&Path>) -> Option<Result<String, String>>
 }
 
 /// Serves the CNI socket when asked to, and installs the plugin (only once the socket serves).
-fn serve_cni(args: &NodeAgentArgs) -> Result<Option<Arc<CniBoard>>, Error> {
+fn serve_cni(args: &NodeAgentArgs) -> Result<Option<(Arc<CniBoard>, CniServer)>, Error> {
     let install = install_dirs(args)?;
     let Some(socket) = &args.cni_socket else {
         return Ok(None);
@@ -242,7 +253,7 @@ fn serve_cni(args: &NodeAgentArgs) -> Result<Option<Arc<CniBoard>>, Error> {
     let board = Arc::new(CniBoard::default());
     let mut config = CniServerConfig::default();
     config.host_root = args.host_root.clone();
-    CniServer::bind(socket, config, board.clone()).map_err(|source| Error::Io {
+    let server = CniServer::bind(socket, config, board.clone()).map_err(|source| Error::Io {
         what: format!("CNI socket {}", socket.display()),
         source,
     })?;
@@ -319,7 +330,61 @@ fn serve_cni(args: &NodeAgentArgs) -> Result<Option<Arc<CniBoard>>, Error> {
             })
         });
     }
-    Ok(Some(board))
+    Ok(Some((board, server)))
+}
+
+/// Serves `--health-addr` and `--metrics-addr` (each on the current runtime).
+async fn serve_status(
+    args: &NodeAgentArgs,
+    status: Arc<AgentStatus>,
+    extra: Vec<Arc<dyn Fn() -> String + Send + Sync>>,
+) -> Result<(), Error> {
+    use proxy::admin::{Request, Response, serve};
+    let bind = |addr: std::net::SocketAddr, flag: &'static str| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::Flag {
+                flag,
+                value: addr.to_string(),
+                reason: e.to_string(),
+            })
+    };
+    if let Some(addr) = args.health_addr {
+        let listener = bind(addr, "--health-addr").await?;
+        let status = status.clone();
+        tokio::spawn(serve(
+            listener,
+            Arc::new(move |r: &Request| match r.path.as_str() {
+                "/healthz/ready" | "/readyz" if status.synced() => Response::text(200, "ready\n"),
+                "/healthz/ready" | "/readyz" => Response::text(
+                    503,
+                    "not ready: the pod source has not given its full view yet\n",
+                ),
+                path => Response::not_found(path),
+            }),
+        ));
+    }
+    if let Some(addr) = args.metrics_addr {
+        let listener = bind(addr, "--metrics-addr").await?;
+        tokio::spawn(serve(
+            listener,
+            Arc::new(move |r: &Request| match r.path.as_str() {
+                "/metrics" | "/stats/prometheus" => {
+                    let mut text = status.render();
+                    for render in &extra {
+                        text.push_str(&render());
+                    }
+                    Response {
+                        status: 200,
+                        content_type: "text/plain; version=0.0.4",
+                        body: text,
+                    }
+                }
+                path => Response::not_found(path),
+            }),
+        ));
+    }
+    Ok(())
 }
 
 async fn with_handoff<S: PodSource + 'static>(
@@ -328,7 +393,13 @@ async fn with_handoff<S: PodSource + 'static>(
     source: S,
 ) -> Result<(), Error> {
     tracing::info!(node = %args.node, backend = %args.backend, source = %args.source, "node agent running");
-    let board = serve_cni(args)?;
+    let cni = serve_cni(args)?;
+    let mut extra: Vec<Arc<dyn Fn() -> String + Send + Sync>> = Vec::new();
+    if let Some((_, server)) = &cni {
+        let server = server.clone();
+        extra.push(Arc::new(move || server.render()));
+    }
+    let board = cni.map(|(board, _)| board);
     let probes = args.kubelet_probe_snat.then(|| ProbeSnat::new(backend));
     let root = args.host_root.clone();
     let lookup = if args.source == "kube" {
@@ -354,13 +425,17 @@ async fn with_handoff<S: PodSource + 'static>(
     }
     match &args.zds_socket {
         None => {
-            drive(configured(
-                NodeAgent::new(&args.node, backend, RuleSet::default(), source, NoHandoff)
-                    .with_enablement(enablement(args)),
-                &board,
-                &probes,
-                &lookup,
-            ))
+            drive(
+                configured(
+                    NodeAgent::new(&args.node, backend, RuleSet::default(), source, NoHandoff)
+                        .with_enablement(enablement(args)),
+                    &board,
+                    &probes,
+                    &lookup,
+                ),
+                args,
+                extra,
+            )
             .await
         }
         Some(path) => {
@@ -371,13 +446,19 @@ async fn with_handoff<S: PodSource + 'static>(
                 source,
             })?;
             tracing::info!(socket = %path.display(), allowed_uids = ?args.zds_allowed_uid, "serving the netns handoff (ZDS) to root and the allowed users");
-            drive(configured(
-                NodeAgent::new(&args.node, backend, RuleSet::default(), source, server)
-                    .with_enablement(enablement(args)),
-                &board,
-                &probes,
-                &lookup,
-            ))
+            let zds = server.clone();
+            extra.push(Arc::new(move || zds.render()));
+            drive(
+                configured(
+                    NodeAgent::new(&args.node, backend, RuleSet::default(), source, server)
+                        .with_enablement(enablement(args)),
+                    &board,
+                    &probes,
+                    &lookup,
+                ),
+                args,
+                extra,
+            )
             .await
         }
     }
@@ -386,8 +467,11 @@ async fn with_handoff<S: PodSource + 'static>(
 /// Runs the agent until SIGTERM or SIGINT, then removes its node-level rules.
 async fn drive<S: PodSource + 'static, H: Handoff + 'static>(
     agent: NodeAgent<S, H>,
+    args: &NodeAgentArgs,
+    extra: Vec<Arc<dyn Fn() -> String + Send + Sync>>,
 ) -> Result<(), Error> {
     use tokio::signal::unix::{SignalKind, signal};
+    serve_status(args, agent.status(), extra).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let keep = stop.clone();
     let mut task = tokio::task::spawn_blocking(move || {
