@@ -173,6 +173,8 @@ pub struct NodeAgent<S, H> {
     lookup: NetnsLookup,
     /// What the agent reports about itself.
     status: Arc<AgentStatus>,
+    /// Remove istio-cni's rules from a pod before capturing it.
+    take_over: bool,
 }
 
 /// How the agent finds the network namespace of a pod that its source and the runtime did not
@@ -312,6 +314,7 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
             probes: None,
             lookup: NetnsLookup::default(),
             status: Arc::default(),
+            take_over: false,
             captured: HashMap::new(),
             unresolved: HashMap::new(),
             retries: HashMap::new(),
@@ -344,6 +347,65 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
             retry_at: None,
         });
         self
+    }
+
+    /// Takes pods over from istio-cni: before a pod is captured, istio-cni's rules are removed
+    /// from its namespace ([`crate::takeover::remove_istio_pod_rules`]), so no pod holds two
+    /// rule sets. (The node's own istio-cni rules and plugin are the caller's to remove, once.)
+    pub fn with_takeover(mut self, take_over: bool) -> Self {
+        self.take_over = take_over;
+        self
+    }
+
+    /// Hands the node back (to istio-cni): removes our rules from every pod of this node the
+    /// source lists whose namespace can be found (whether or not it is captured now), tells the
+    /// handoff each captured pod is gone, and removes the node-level rules. Returns how many
+    /// pods were gone through; the errors met (each pod is tried).
+    pub fn hand_back(&mut self) -> Result<usize, Vec<String>> {
+        let mut pods = self.source.pods().map_err(|e| vec![e])?;
+        pods.retain(|p| p.node == self.node);
+        // Every pod of the node, whatever its labels say now: look for each one's namespace.
+        let everyone = std::mem::replace(
+            &mut self.enablement,
+            Enablement {
+                excluded_namespaces: Default::default(),
+            },
+        );
+        for pod in pods.iter_mut() {
+            pod.labels
+                .insert(DATAPLANE_MODE_LABEL.to_owned(), "ambient".to_owned());
+            pod.annotations.remove(SIDECAR_STATUS_ANNOTATION);
+        }
+        self.resolve_netns(&mut pods);
+        self.enablement = everyone;
+        let mut errors = Vec::new();
+        let mut released = 0;
+        let mut namespaces: Vec<(String, PathBuf)> = pods
+            .iter()
+            .filter_map(|p| p.netns.clone().map(|n| (p.uid.clone(), n)))
+            .collect();
+        for (uid, c) in &self.captured {
+            namespaces.push((uid.clone(), fd_path(c.netns.as_fd())));
+        }
+        namespaces.sort();
+        namespaces.dedup();
+        for (uid, path) in namespaces {
+            // Removing is exact and idempotent: a pod without our rules is left as it is.
+            match remove(&path, self.backend, &self.rules) {
+                Ok(()) => released += 1,
+                Err(e) => errors.push(format!("pod {uid}: {e}")),
+            }
+        }
+        for uid in self.captured.keys() {
+            self.handoff.remove(uid);
+        }
+        self.captured.clear();
+        self.shutdown();
+        if errors.is_empty() {
+            Ok(released)
+        } else {
+            Err(errors)
+        }
     }
 
     /// Readiness and metrics, updated on every pass.
@@ -495,8 +557,15 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
         // A pod whose old namespace still has rules is not captured anew until they are gone.
         to_capture
             .retain(|(p, _, _)| !self.captured.contains_key(&p.uid) || !released.contains(&p.uid));
-        let results = in_parallel(&to_capture, |(_, file, _)| {
-            apply(&fd_path(file.as_fd()), self.backend, &self.rules)
+        let results = in_parallel(&to_capture, |(pod, file, _)| {
+            let path = fd_path(file.as_fd());
+            if self.take_over {
+                let removed = crate::takeover::remove_istio_pod_rules(&path)?;
+                if !removed.is_empty() {
+                    info!(pod = %pod.name, removed = ?removed, "took the pod over from istio-cni: its rules removed");
+                }
+            }
+            apply(&path, self.backend, &self.rules)
         });
         for ((pod, file, identity), result) in to_capture.into_iter().zip(results) {
             match result {

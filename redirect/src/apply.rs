@@ -284,12 +284,22 @@ fn write_ours(current: &str, ours: &[String]) -> String {
 }
 
 pub(crate) fn ipt_save(netns: &Path, v6: bool, limit: Duration) -> Result<String, Error> {
+    ipt_save_table(netns, v6, "nat", limit)
+}
+
+/// `iptables-save -t TABLE` (or ip6tables-save) inside `netns`.
+pub(crate) fn ipt_save_table(
+    netns: &Path,
+    v6: bool,
+    table: &str,
+    limit: Duration,
+) -> Result<String, Error> {
     let tool = if v6 {
         "ip6tables-save"
     } else {
         "iptables-save"
     };
-    run(netns, tool, &["-t", "nat"], None, limit)
+    run(netns, tool, &["-t", table], None, limit)
 }
 
 pub(crate) fn ipt_restore_noflush(
@@ -326,6 +336,7 @@ pub(crate) fn run(
 ) -> Result<String, Error> {
     let package = match tool {
         "nft" => "nftables",
+        "ipset" => "ipset",
         _ => "iptables",
     };
     let mut command = Command::new("nsenter");

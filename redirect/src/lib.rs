@@ -29,6 +29,7 @@ pub mod netns;
 mod process;
 mod rules;
 mod sys;
+pub mod takeover;
 pub mod zds;
 
 pub use apply::{Drift, Error, apply, check, fd_path, remove};

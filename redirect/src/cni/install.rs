@@ -111,8 +111,15 @@ fn write_json(path: &Path, value: &Value) -> Result<(), InstallError> {
 }
 
 fn is_ours(plugin: &Value) -> bool {
-    plugin.get("type").and_then(Value::as_str) == Some(PLUGIN_TYPE)
+    is_type(plugin, PLUGIN_TYPE)
 }
+
+fn is_type(plugin: &Value, plugin_type: &str) -> bool {
+    plugin.get("type").and_then(Value::as_str) == Some(plugin_type)
+}
+
+/// The plugin type istio-cni chains (taken out when the agent takes a node over from it).
+pub const ISTIO_CNI_TYPE: &str = "istio-cni";
 
 /// Chains `entry` into the first configuration of `conf_dir`. Returns the file written, or
 /// `None` when it already held an entry of ours (replaced by `entry` if it differed).
@@ -170,6 +177,12 @@ pub fn chain(conf_dir: &Path, entry: &Value) -> Result<Option<PathBuf>, InstallE
 /// Removes every entry of ours from the configurations of `conf_dir`; returns the files
 /// rewritten.
 pub fn unchain(conf_dir: &Path) -> Result<Vec<PathBuf>, InstallError> {
+    unchain_type(conf_dir, PLUGIN_TYPE)
+}
+
+/// Removes every entry of type `plugin_type` (ours, or [`ISTIO_CNI_TYPE`] when taking a node
+/// over) from the configurations of `conf_dir`; returns the files rewritten.
+pub fn unchain_type(conf_dir: &Path, plugin_type: &str) -> Result<Vec<PathBuf>, InstallError> {
     let mut changed = Vec::new();
     for path in configurations(conf_dir)? {
         let Ok(mut config) = read_json(&path) else {
@@ -179,7 +192,7 @@ pub fn unchain(conf_dir: &Path) -> Result<Vec<PathBuf>, InstallError> {
             continue;
         };
         let before = plugins.len();
-        plugins.retain(|p| !is_ours(p));
+        plugins.retain(|p| !is_type(p, plugin_type));
         if plugins.len() != before {
             write_json(&path, &config)?;
             changed.push(path);

@@ -12,7 +12,8 @@ use redirect::agent::{
     AgentStatus, Enablement, Handoff, NetnsLookup, NoHandoff, NodeAgent, PodInfo, PodSource,
 };
 use redirect::cni::install::{
-    chain, install_binary, keep_chained, plugin_entry, plugin_kubeconfig, write_kubeconfig,
+    ISTIO_CNI_TYPE, KUBECONFIG_NAME, chain, install_binary, keep_chained, plugin_entry,
+    plugin_kubeconfig, unchain, unchain_type, write_kubeconfig,
 };
 use redirect::cni::{CniBoard, CniServer, CniServerConfig};
 use redirect::host::ProbeSnat;
@@ -106,6 +107,17 @@ pub(crate) struct NodeAgentArgs {
     /// 0.0.0.0:15014.
     #[arg(long, value_name = "ADDR")]
     pub(crate) metrics_addr: Option<std::net::SocketAddr>,
+    /// Take the node over from istio-cni: at start, its node rules (the probe chain, its
+    /// ipsets, its nftables table) and its chained plugin (in --install-cni's CONF_DIR) are
+    /// removed, and each pod's istio-cni rules are removed before the pod is captured with
+    /// ours, so no pod holds two rule sets. Stop istio-cni's DaemonSet on the node first.
+    #[arg(long, env = "TAKE_OVER_ISTIO_CNI", conflicts_with = "hand_back")]
+    pub(crate) take_over: bool,
+    /// Hand the node back and exit: our plugin unchained from --install-cni's CONF_DIR, our
+    /// kubeconfig and node rules removed, and our rules removed from every pod of the node the
+    /// source lists; then start istio-cni, which captures the pods with its own.
+    #[arg(long)]
+    pub(crate) hand_back: bool,
 }
 
 /// Pods from a directory of manifests (the same parser as the local control plane).
@@ -213,7 +225,7 @@ fn install_dirs(args: &NodeAgentArgs) -> Result<Option<(PathBuf, PathBuf)>, Erro
         .split_once(',')
         .filter(|(b, c)| !b.is_empty() && !c.is_empty())
         .ok_or_else(|| bad("expected BIN_DIR,CONF_DIR"))?;
-    if args.cni_socket.is_none() {
+    if args.cni_socket.is_none() && !args.hand_back {
         return Err(bad(
             "needs --cni-socket: a chained plugin with no agent behind it would fail every new pod of the mesh",
         ));
@@ -392,51 +404,10 @@ async fn with_handoff<S: PodSource + 'static>(
     backend: Backend,
     source: S,
 ) -> Result<(), Error> {
-    tracing::info!(node = %args.node, backend = %args.backend, source = %args.source, "node agent running");
-    let cni = serve_cni(args)?;
-    let mut extra: Vec<Arc<dyn Fn() -> String + Send + Sync>> = Vec::new();
-    if let Some((_, server)) = &cni {
-        let server = server.clone();
-        extra.push(Arc::new(move || server.render()));
-    }
-    let board = cni.map(|(board, _)| board);
-    let probes = args.kubelet_probe_snat.then(|| ProbeSnat::new(backend));
-    let root = args.host_root.clone();
-    let lookup = if args.source == "kube" {
-        NetnsLookup::ByUid { root }
-    } else {
-        NetnsLookup::ByIp { root }
-    };
-    fn configured<S: PodSource, H: Handoff>(
-        agent: NodeAgent<S, H>,
-        board: &Option<Arc<CniBoard>>,
-        probes: &Option<ProbeSnat>,
-        lookup: &NetnsLookup,
-    ) -> NodeAgent<S, H> {
-        let agent = agent.with_netns_lookup(lookup.clone());
-        let agent = match probes {
-            Some(probes) => agent.with_probe_snat(probes.clone()),
-            None => agent,
-        };
-        match board {
-            Some(board) => agent.with_cni(board.clone()),
-            None => agent,
-        }
-    }
     match &args.zds_socket {
         None => {
-            drive(
-                configured(
-                    NodeAgent::new(&args.node, backend, RuleSet::default(), source, NoHandoff)
-                        .with_enablement(enablement(args)),
-                    &board,
-                    &probes,
-                    &lookup,
-                ),
-                args,
-                extra,
-            )
-            .await
+            let agent = NodeAgent::new(&args.node, backend, RuleSet::default(), source, NoHandoff);
+            configure_and_run(agent, args, backend, Vec::new()).await
         }
         Some(path) => {
             let mut config = ZdsConfig::default();
@@ -447,20 +418,119 @@ async fn with_handoff<S: PodSource + 'static>(
             })?;
             tracing::info!(socket = %path.display(), allowed_uids = ?args.zds_allowed_uid, "serving the netns handoff (ZDS) to root and the allowed users");
             let zds = server.clone();
-            extra.push(Arc::new(move || zds.render()));
-            drive(
-                configured(
-                    NodeAgent::new(&args.node, backend, RuleSet::default(), source, server)
-                        .with_enablement(enablement(args)),
-                    &board,
-                    &probes,
-                    &lookup,
-                ),
-                args,
-                extra,
-            )
-            .await
+            let extra: Vec<Render> = vec![Arc::new(move || zds.render())];
+            let agent = NodeAgent::new(&args.node, backend, RuleSet::default(), source, server);
+            configure_and_run(agent, args, backend, extra).await
         }
+    }
+}
+
+/// More Prometheus text for `--metrics-addr`.
+type Render = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Applies the flags to `agent`, then hands the node back (`--hand-back`) or runs it.
+async fn configure_and_run<S: PodSource + 'static, H: Handoff + 'static>(
+    agent: NodeAgent<S, H>,
+    args: &NodeAgentArgs,
+    backend: Backend,
+    mut extra: Vec<Render>,
+) -> Result<(), Error> {
+    let root = args.host_root.clone();
+    let lookup = if args.source == "kube" {
+        NetnsLookup::ByUid { root }
+    } else {
+        NetnsLookup::ByIp { root }
+    };
+    let mut agent = agent
+        .with_enablement(enablement(args))
+        .with_netns_lookup(lookup)
+        .with_takeover(args.take_over);
+    if args.kubelet_probe_snat || args.hand_back {
+        agent = agent.with_probe_snat(ProbeSnat::new(backend));
+    }
+    if args.hand_back {
+        return hand_back(agent, args).await;
+    }
+    if args.take_over {
+        take_over_node(args)?;
+    }
+    tracing::info!(node = %args.node, backend = %args.backend, source = %args.source, "node agent running");
+    if let Some((board, server)) = serve_cni(args)? {
+        extra.push(Arc::new(move || server.render()));
+        agent = agent.with_cni(board);
+    }
+    drive(agent, args, extra).await
+}
+
+/// `--take-over`: istio-cni's node rules and chained plugin out, once, before anything runs.
+fn take_over_node(args: &NodeAgentArgs) -> Result<(), Error> {
+    let own = PathBuf::from(format!("/proc/{}/ns/net", std::process::id()));
+    let removed = redirect::takeover::remove_istio_host_rules(&own).map_err(|e| Error::Flag {
+        flag: "--take-over",
+        value: "node rules".into(),
+        reason: e.to_string(),
+    })?;
+    tracing::info!(removed = ?removed, "took the node over from istio-cni: its node rules removed");
+    if let Some((_, conf_dir)) = install_dirs(args)? {
+        let files = unchain_type(&conf_dir, ISTIO_CNI_TYPE).map_err(|e| Error::Flag {
+            flag: "--take-over",
+            value: conf_dir.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        tracing::info!(files = ?files, "istio-cni's plugin unchained");
+    }
+    Ok(())
+}
+
+/// `--hand-back`: our plugin, our node rules and our rules in every pod of the node out, then
+/// exit (istio-cni, started again, captures the pods with its own).
+async fn hand_back<S: PodSource + 'static, H: Handoff + 'static>(
+    mut agent: NodeAgent<S, H>,
+    args: &NodeAgentArgs,
+) -> Result<(), Error> {
+    if let Some((_, conf_dir)) = install_dirs(args)? {
+        let files = unchain(&conf_dir).map_err(|e| Error::Flag {
+            flag: "--hand-back",
+            value: conf_dir.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let _ = std::fs::remove_file(conf_dir.join(KUBECONFIG_NAME));
+        tracing::info!(files = ?files, "ztunnel-cni unchained");
+    }
+    // A Kubernetes source needs its first list: try for a while.
+    let outcome = tokio::task::spawn_blocking(move || {
+        let start = std::time::Instant::now();
+        loop {
+            match agent.hand_back() {
+                Err(errors)
+                    if start.elapsed() < Duration::from_secs(30)
+                        && errors.len() == 1
+                        && !errors[0].starts_with("pod ") =>
+                {
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                outcome => return outcome,
+            }
+        }
+    })
+    .await
+    .map_err(|e| Error::Io {
+        what: "hand-back".into(),
+        source: std::io::Error::other(e),
+    })?;
+    match outcome {
+        Ok(pods) => {
+            tracing::info!(
+                pods,
+                "handed the node back: our rules are out of its pods and the node"
+            );
+            Ok(())
+        }
+        Err(errors) => Err(Error::Flag {
+            flag: "--hand-back",
+            value: args.node.clone(),
+            reason: errors.join("; "),
+        }),
     }
 }
 
@@ -468,7 +538,7 @@ async fn with_handoff<S: PodSource + 'static>(
 async fn drive<S: PodSource + 'static, H: Handoff + 'static>(
     agent: NodeAgent<S, H>,
     args: &NodeAgentArgs,
-    extra: Vec<Arc<dyn Fn() -> String + Send + Sync>>,
+    extra: Vec<Render>,
 ) -> Result<(), Error> {
     use tokio::signal::unix::{SignalKind, signal};
     serve_status(args, agent.status(), extra).await?;
