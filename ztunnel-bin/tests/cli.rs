@@ -5,7 +5,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Output, Stdio};
+use std::process::{Command, Output, Stdio};
 
 use common::{
     Running, TempDir, free_port, serve_hbone, tls_args, upper_backend, wait_for_listener,
@@ -517,4 +517,71 @@ fn common_yaml(text: &str) -> Vec<serde_yaml::Value> {
     ::common::k8s::documents(text)
         .map(|(i, doc)| doc.unwrap_or_else(|e| panic!("document {i}: {e}")))
         .collect()
+}
+
+/// `deploy/node-agent/daemonset.yaml` names only flags and variables `ztunnel node-agent` has
+/// (a renamed flag would crash-loop every node's agent), and its boolean variables parse.
+#[test]
+fn the_node_agent_daemonset_names_only_what_the_agent_understands() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/node-agent/daemonset.yaml"
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let container = &doc["spec"]["template"]["spec"]["containers"][0];
+    let help = ztunnel().args(["node-agent", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    let args: Vec<&str> = container["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(args[0], "node-agent");
+    for arg in &args[1..] {
+        let flag = arg.split('=').next().unwrap();
+        assert!(
+            help.contains(&format!("{flag} ")) || help.contains(&format!("{flag}\n")),
+            "{flag} is not a node-agent flag"
+        );
+    }
+    let mut env = Vec::new();
+    for var in container["env"].as_sequence().unwrap() {
+        let name = var["name"].as_str().unwrap();
+        if name != "RUST_LOG" {
+            assert!(
+                help.contains(&format!("env: {name}")),
+                "{name} is not a node-agent variable"
+            );
+        }
+        if let Some(value) = var["value"].as_str() {
+            env.push((name.to_owned(), value.to_owned()));
+        }
+    }
+    // The variables as the DaemonSet sets them, with --hand-back and an empty manifest
+    // directory: accepted (TAKE_OVER_ISTIO_CNI=false is false). In a namespace of the test's,
+    // since handing back removes node rules.
+    let node = common::Netns::new("ds-env");
+    let dir = std::env::temp_dir().join(format!("ds-env-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &node.0])
+        .arg(env!("CARGO_BIN_EXE_ztunnel"))
+        .args(["node-agent", "--source"])
+        .arg(format!("manifests:{}", dir.display()))
+        .args(["--node", "n", "--hand-back", "--backend", "nftables"])
+        .envs(
+            env.iter()
+                .filter(|(k, _)| k == "TAKE_OVER_ISTIO_CNI" || k == "EXCLUDE_NAMESPACES")
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        )
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -111,7 +111,7 @@ pub(crate) struct NodeAgentArgs {
     /// ipsets, its nftables table) and its chained plugin (in --install-cni's CONF_DIR) are
     /// removed, and each pod's istio-cni rules are removed before the pod is captured with
     /// ours, so no pod holds two rule sets. Stop istio-cni's DaemonSet on the node first.
-    #[arg(long, env = "TAKE_OVER_ISTIO_CNI", conflicts_with = "hand_back")]
+    #[arg(long, env = "TAKE_OVER_ISTIO_CNI")]
     pub(crate) take_over: bool,
     /// Hand the node back and exit: our plugin unchained from --install-cni's CONF_DIR, our
     /// kubeconfig and node rules removed, and our rules removed from every pod of the node the
@@ -447,6 +447,14 @@ async fn configure_and_run<S: PodSource + 'static, H: Handoff + 'static>(
         .with_takeover(args.take_over);
     if args.kubelet_probe_snat || args.hand_back {
         agent = agent.with_probe_snat(ProbeSnat::new(backend));
+    }
+    if args.hand_back && args.take_over {
+        return Err(Error::Flag {
+            flag: "--hand-back",
+            value: "with --take-over".into(),
+            reason: "taking the node over and handing it back at once means nothing; choose one"
+                .into(),
+        });
     }
     if args.hand_back {
         return hand_back(agent, args).await;
