@@ -53,15 +53,15 @@ pub(crate) struct NodeAgentArgs {
     )]
     pub(crate) zds_allowed_uid: Vec<u32>,
     /// Namespaces whose pods are never captured, even labelled (istio-cni's setting; an empty
-    /// value excludes none).
+    /// value excludes none). Without the flag or EXCLUDE_NAMESPACES, istio-cni's chart's
+    /// EXCLUDED_NAMESPACES is read; without any, kube-system.
     #[arg(
         long,
         value_name = "NAMESPACES",
         env = "EXCLUDE_NAMESPACES",
-        value_delimiter = ',',
-        default_value = "kube-system"
+        value_delimiter = ','
     )]
-    pub(crate) exclude_namespaces: Vec<String>,
+    pub(crate) exclude_namespaces: Option<Vec<String>>,
     /// Serve the CNI plugin (`ztunnel-cni`) on this Unix socket (mode 0600, root only): a new
     /// pod's network setup then waits until the agent has captured it and the proxy
     /// acknowledged it (the plugin's default: /var/run/ztunnel/cni.sock).
@@ -172,15 +172,27 @@ impl PodSource for ManifestSource {
     }
 }
 
-/// Which pods join the mesh: istio-cni's rules, with `--exclude-namespaces`.
+/// The variable istio-cni's chart sets for the same list (its ConfigMap's `EXCLUDED_NAMESPACES`),
+/// read when neither the flag nor `EXCLUDE_NAMESPACES` is given.
+const CHART_EXCLUDED_NAMESPACES: &str = "EXCLUDED_NAMESPACES";
+
+/// Which pods join the mesh: istio-cni's rules, with `--exclude-namespaces` (or
+/// `EXCLUDE_NAMESPACES`, or istio-cni's chart's `EXCLUDED_NAMESPACES`; default `kube-system`).
 fn enablement(args: &NodeAgentArgs) -> Enablement {
+    excluding(&args.exclude_namespaces, |name| std::env::var(name).ok())
+}
+
+/// [`enablement`] with the environment given.
+fn excluding(flag: &Option<Vec<String>>, env: impl Fn(&str) -> Option<String>) -> Enablement {
+    let names: Vec<String> = match flag {
+        Some(names) => names.clone(),
+        None => match env(CHART_EXCLUDED_NAMESPACES) {
+            Some(list) => list.split(',').map(|n| n.trim().to_owned()).collect(),
+            None => return Enablement::default(),
+        },
+    };
     Enablement {
-        excluded_namespaces: args
-            .exclude_namespaces
-            .iter()
-            .filter(|n| !n.is_empty())
-            .cloned()
-            .collect(),
+        excluded_namespaces: names.into_iter().filter(|n| !n.is_empty()).collect(),
     }
 }
 
@@ -582,6 +594,19 @@ async fn drive<S: PodSource + 'static, H: Handoff + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn excluded_namespaces_come_from_the_flag_then_istio_cnis_chart_variable_then_the_default() {
+        let names = |e: Enablement| e.excluded_namespaces.into_iter().collect::<Vec<_>>();
+        let chart =
+            |name: &str| (name == "EXCLUDED_NAMESPACES").then(|| "kube-system, infra".to_owned());
+        let flag = Some(vec!["batch".to_owned()]);
+        assert_eq!(names(excluding(&flag, chart)), ["batch"]);
+        assert_eq!(names(excluding(&None, chart)), ["infra", "kube-system"]);
+        assert_eq!(names(excluding(&None, |_| None)), ["kube-system"]);
+        // An empty value excludes none.
+        assert!(names(excluding(&Some(vec![String::new()]), |_| None)).is_empty());
+    }
 
     #[test]
     fn a_broken_or_unreadable_file_fails_the_pass() {
