@@ -15,8 +15,8 @@
 //!   pod and its namespace from the API server with the kubeconfig its configuration names
 //!   (`"kubernetes": {"kubeconfig": PATH}`, written by the agent's installer) and lets a pod
 //!   outside the mesh start (istio-cni's rules, with the configuration's `exclude_namespaces`,
-//!   default `kube-system`); a pod in the mesh, or any pod when the API server cannot tell,
-//!   fails.
+//!   default `kube-system`, and `enablement_selectors`, which the installer copies from the
+//!   agent's settings); a pod in the mesh, or any pod when the API server cannot tell, fails.
 //! - `DEL`: tells the agent, if it can be reached, and succeeds (a deletion must not fail).
 //! - `CHECK`: succeeds when the configuration is well formed.
 //! - `VERSION`: the versions this plugin speaks.
@@ -187,7 +187,7 @@ struct Config {
     prev_result: Option<Value>,
     /// `kubernetes.kubeconfig`: how to read a pod while the agent is down.
     kubeconfig: Option<PathBuf>,
-    /// `exclude_namespaces` (default `kube-system`), as the agent's.
+    /// `exclude_namespaces` (default `kube-system`) and `enablement_selectors`, as the agent's.
     enablement: Enablement,
 }
 
@@ -261,6 +261,20 @@ fn config(stdin: &[u8]) -> Result<Config, CniError> {
                 "exclude_namespaces must be a list of names",
                 other.to_string(),
             ));
+        }
+    }
+    match value.get("enablement_selectors") {
+        None | Some(Value::Null) => {}
+        Some(selectors) => {
+            enablement.selectors = Some(
+                common::k8s::parse_enablement_selectors(&selectors.to_string()).map_err(|e| {
+                    CniError::new(
+                        INVALID_CONFIGURATION,
+                        "enablement_selectors are not valid",
+                        e,
+                    )
+                })?,
+            );
         }
     }
     Ok(Config {

@@ -293,6 +293,38 @@ fn with_the_agent_down_only_pods_outside_the_mesh_start_as_the_api_server_tells(
             assert_eq!(result["code"], 11, "{result}");
         }
     }
+    // The agent's own selectors, copied into the configuration by the installer: a namespace
+    // labelled team=pay joins without the ambient label, and nothing else does.
+    server
+        .put(json!({"kind": "Namespace", "metadata": {"name": "pay", "labels": {"team": "pay"}}}));
+    server.put(
+        json!({"kind": "Pod", "metadata": {"name": "ledger", "namespace": "pay"},
+        "spec": {"nodeName": "node-a"}}),
+    );
+    let mut selecting = config.clone();
+    selecting["enablement_selectors"] =
+        json!([{"namespaceSelector": {"matchLabels": {"team": "pay"}}}]);
+    for (namespace, name, starts) in [("pay", "ledger", false), ("shop", "web", true)] {
+        let out = invoke(
+            "ADD",
+            Some((namespace, name)),
+            selecting.to_string().as_bytes(),
+        );
+        assert_eq!(out.status.success(), starts, "{namespace}/{name}");
+    }
+    selecting["enablement_selectors"] =
+        json!([{"podSelector": {"matchExpressions": [{"key": "a", "operator": "In"}]}}]);
+    let out = invoke(
+        "ADD",
+        Some(("pay", "ledger")),
+        selecting.to_string().as_bytes(),
+    );
+    assert_eq!(
+        json_out(&out)["code"],
+        7,
+        "a selector that means nothing is a bad configuration"
+    );
+
     // The API server unreachable too: every pod fails.
     let dead = d.0.join("dead-kubeconfig");
     let text = std::fs::read_to_string(&kubeconfig)

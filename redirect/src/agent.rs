@@ -364,16 +364,16 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
     pub fn hand_back(&mut self) -> Result<usize, Vec<String>> {
         let mut pods = self.source.pods().map_err(|e| vec![e])?;
         pods.retain(|p| p.node == self.node);
-        // Every pod of the node, whatever its labels say now: look for each one's namespace.
+        // Every pod of the node, whatever its labels say now: look for each one's namespace
+        // (an empty selector matches every pod; sidecars' pods are looked at too).
         let everyone = std::mem::replace(
             &mut self.enablement,
             Enablement {
                 excluded_namespaces: Default::default(),
+                selectors: Some(vec![Default::default()]),
             },
         );
         for pod in pods.iter_mut() {
-            pod.labels
-                .insert(DATAPLANE_MODE_LABEL.to_owned(), "ambient".to_owned());
             pod.annotations.remove(SIDECAR_STATUS_ANNOTATION);
         }
         self.resolve_netns(&mut pods);

@@ -63,6 +63,7 @@ fn each_rule_and_its_precedence() {
     // The excluded namespaces are configurable (EXCLUDE_NAMESPACES).
     let custom = Enablement {
         excluded_namespaces: ["tools".to_owned()].into(),
+        ..Enablement::default()
     };
     assert_eq!(
         pod("kube-system", Some("ambient"), None).admitted_by(&custom, "node-a"),

@@ -585,3 +585,27 @@ fn the_node_agent_daemonset_names_only_what_the_agent_understands() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn enablement_selectors_that_mean_nothing_stop_the_agent_naming_the_flag() {
+    let out = ztunnel()
+        .args([
+            "node-agent",
+            "--source",
+            "manifests:/nonexistent",
+            "--node",
+            "n",
+        ])
+        .args([
+            "--enablement-selectors",
+            "- podSelector: {matchExpressions: [{key: team, operator: In}]}",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--enablement-selectors") && stderr.contains("need values"),
+        "{stderr}"
+    );
+}

@@ -298,6 +298,11 @@ fn install_cni_copies_the_plugin_chains_it_with_a_kubeconfig_and_chains_again() 
     }
     let entry = chained().unwrap();
     assert_eq!(entry["agent_socket"], cni.display().to_string());
+    // The plugin decides as the agent does while the agent is down.
+    assert_eq!(
+        entry["exclude_namespaces"],
+        serde_json::json!(["kube-system"])
+    );
     let kubeconfig = PathBuf::from(entry["kubernetes"]["kubeconfig"].as_str().unwrap());
     assert_eq!(kubeconfig, conf.join("ZZZ-ztunnel-cni-kubeconfig"));
     assert_eq!(

@@ -60,6 +60,16 @@ pub fn plugin_entry(agent_socket: &Path, kubeconfig: Option<&Path>) -> Value {
     entry
 }
 
+/// Writes into our `entry` which pods join (`exclude_namespaces`, and `enablement_selectors`
+/// when configured; istio-cni's plugin field names), so the plugin decides as the agent does
+/// while the agent is down.
+pub fn add_enablement(entry: &mut Value, enablement: &common::k8s::Enablement) {
+    entry["exclude_namespaces"] = json!(enablement.excluded_namespaces);
+    if let Some(selectors) = &enablement.selectors {
+        entry["enablement_selectors"] = json!(selectors);
+    }
+}
+
 /// Copies `binary` into `bin_dir` as [`PLUGIN_TYPE`], mode 0755, through a temporary file
 /// renamed into place (a runtime running the old copy is not disturbed).
 pub fn install_binary(binary: &Path, bin_dir: &Path) -> Result<PathBuf, InstallError> {

@@ -7,13 +7,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use common::k8s::parse_enablement_selectors;
 use controlplane::{Manifests, NETNS_ANNOTATION};
 use redirect::agent::{
     AgentStatus, Enablement, Handoff, NetnsLookup, NoHandoff, NodeAgent, PodInfo, PodSource,
 };
 use redirect::cni::install::{
-    ISTIO_CNI_TYPE, KUBECONFIG_NAME, chain, install_binary, keep_chained, plugin_entry,
-    plugin_kubeconfig, unchain, unchain_type, write_kubeconfig,
+    ISTIO_CNI_TYPE, KUBECONFIG_NAME, add_enablement, chain, install_binary, keep_chained,
+    plugin_entry, plugin_kubeconfig, unchain, unchain_type, write_kubeconfig,
 };
 use redirect::cni::{CniBoard, CniServer, CniServerConfig};
 use redirect::host::ProbeSnat;
@@ -62,6 +63,18 @@ pub(crate) struct NodeAgentArgs {
         value_delimiter = ','
     )]
     pub(crate) exclude_namespaces: Option<Vec<String>>,
+    /// Which pods join, as istio-cni's enablement selectors (its chart's
+    /// AMBIENT_ENABLEMENT_SELECTOR): a YAML or JSON list of `{podSelector, namespaceSelector}`
+    /// Kubernetes label selectors; a pod joins when any entry's two selectors match it and its
+    /// namespace (excluded namespaces and sidecars' pods never do). Default: the pod labelled
+    /// istio.io/dataplane-mode=ambient, or its namespace labelled so and the pod not `none`.
+    #[arg(
+        long,
+        value_name = "YAML",
+        env = "AMBIENT_ENABLEMENT_SELECTOR",
+        allow_hyphen_values = true
+    )]
+    pub(crate) enablement_selectors: Option<String>,
     /// Serve the CNI plugin (`ztunnel-cni`) on this Unix socket (mode 0600, root only): a new
     /// pod's network setup then waits until the agent has captured it and the proxy
     /// acknowledged it (the plugin's default: /var/run/ztunnel/cni.sock).
@@ -178,8 +191,23 @@ const CHART_EXCLUDED_NAMESPACES: &str = "EXCLUDED_NAMESPACES";
 
 /// Which pods join the mesh: istio-cni's rules, with `--exclude-namespaces` (or
 /// `EXCLUDE_NAMESPACES`, or istio-cni's chart's `EXCLUDED_NAMESPACES`; default `kube-system`).
-fn enablement(args: &NodeAgentArgs) -> Enablement {
-    excluding(&args.exclude_namespaces, |name| std::env::var(name).ok())
+fn enablement(args: &NodeAgentArgs) -> Result<Enablement, Error> {
+    let mut enablement = excluding(&args.exclude_namespaces, |name| std::env::var(name).ok());
+    if let Some(text) = args
+        .enablement_selectors
+        .as_deref()
+        .filter(|t| !t.trim().is_empty())
+    {
+        enablement.selectors =
+            Some(
+                parse_enablement_selectors(text).map_err(|reason| Error::Flag {
+                    flag: "--enablement-selectors",
+                    value: text.to_owned(),
+                    reason,
+                })?,
+            );
+    }
+    Ok(enablement)
 }
 
 /// [`enablement`] with the environment given.
@@ -193,6 +221,7 @@ fn excluding(flag: &Option<Vec<String>>, env: impl Fn(&str) -> Option<String>) -
     };
     Enablement {
         excluded_namespaces: names.into_iter().filter(|n| !n.is_empty()).collect(),
+        ..Enablement::default()
     }
 }
 
@@ -334,7 +363,8 @@ fn serve_cni(args: &NodeAgentArgs) -> Result<Option<(Arc<CniBoard>, CniServer)>,
                 .map(|rest| Path::new("/").join(rest))
                 .unwrap_or_else(|_| path.clone())
         });
-        let entry = plugin_entry(socket, on_host.as_deref());
+        let mut entry = plugin_entry(socket, on_host.as_deref());
+        add_enablement(&mut entry, &enablement(args)?);
         // Chained once here, so a configuration that cannot be chained stops the start.
         let chained = chain(&conf_dir, &entry).map_err(|e| Error::Flag {
             flag: "--install-cni",
@@ -454,7 +484,7 @@ async fn configure_and_run<S: PodSource + 'static, H: Handoff + 'static>(
         NetnsLookup::ByIp { root }
     };
     let mut agent = agent
-        .with_enablement(enablement(args))
+        .with_enablement(enablement(args)?)
         .with_netns_lookup(lookup)
         .with_takeover(args.take_over);
     if args.kubelet_probe_snat || args.hand_back {
