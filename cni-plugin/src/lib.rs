@@ -466,3 +466,38 @@ fn add(
         }
     }
 }
+
+/// The `cni_config` fuzz target's body: `data` as the network configuration of an ADD, a DEL
+/// and a CHECK for a Kubernetes pod, with an agent that cannot be reached and an API server
+/// that answers nothing. Whatever `data` is, the plugin answers with a result or a CNI error
+/// whose JSON is well formed, and never panics.
+pub fn fuzz_config(data: &[u8]) {
+    struct Nobody;
+    impl Agent for Nobody {
+        fn ask(&self, _: &Path, _: &CniRequest) -> std::io::Result<CniAnswer> {
+            Err(std::io::Error::other("no agent"))
+        }
+        fn pod(&self, _: &Path, _: &str, _: &str) -> Result<PodView, String> {
+            Err("no API server".into())
+        }
+    }
+    for command in ["ADD", "DEL", "CHECK"] {
+        let env = |name: &str| match name {
+            "CNI_COMMAND" => Some(command.to_owned()),
+            "CNI_CONTAINERID" => Some("c".to_owned()),
+            "CNI_NETNS" => Some("/var/run/netns/x".to_owned()),
+            "CNI_ARGS" => Some("K8S_POD_NAMESPACE=default;K8S_POD_NAME=web".to_owned()),
+            _ => None,
+        };
+        match run(&env, data, &Nobody) {
+            Ok(out) if !out.is_empty() => {
+                serde_json::from_str::<Value>(&out).expect("a result is JSON");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                serde_json::from_str::<Value>(&e.to_json("1.0.0")).expect("an error is JSON");
+            }
+        }
+    }
+    let _ = common::k8s::parse_enablement_selectors(&String::from_utf8_lossy(data));
+}
