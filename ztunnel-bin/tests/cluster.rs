@@ -6,14 +6,12 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Output, Stdio};
 
 use common::{
-    Fabric, Netns, Running, TempDir, ca_init, free_port, plaintext_controlplane, start_proxy,
-    ztunnel,
+    Fabric, Netns, Running, TempDir, ca_init, free_port, has_capture_rules, invoke_plugin,
+    plaintext_controlplane, start_proxy, wait, ztunnel,
 };
 use kube_emulator::ApiServer;
 use serde_json::{Value, json};
@@ -21,68 +19,16 @@ use serde_json::{Value, json};
 const REDIRECTION: &str = "ambient.istio.io/redirection";
 
 fn plugin(socket: &Path, kubeconfig: &Path, pod: (&str, &str), netns: &Netns, ip: &str) -> Output {
-    let binary = Path::new(env!("CARGO_BIN_EXE_ztunnel")).with_file_name("ztunnel-cni");
-    assert!(
-        binary.exists(),
-        "build ztunnel-cni first (cargo build -p ztunnel-cni)"
-    );
-    let mut child = Command::new(binary)
-        .env_clear()
-        .env("CNI_COMMAND", "ADD")
-        .env("CNI_CONTAINERID", format!("sandbox-{}", pod.1))
-        .env("CNI_NETNS", format!("/var/run/netns/{}", netns.0))
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", "/opt/cni/bin")
-        .env(
-            "CNI_ARGS",
-            format!(
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_UID=uid-{}",
-                pod.0, pod.1, pod.1
-            ),
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let config = json!({
-        "cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "ztunnel-cni",
-        "agent_socket": socket.display().to_string(),
-        "kubernetes": {"kubeconfig": kubeconfig.display().to_string()},
-        "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": format!("{ip}/24")}]}
-    });
-    child
-        .stdin
-        .take()
+    let extra = json!({"kubernetes": {"kubeconfig": kubeconfig.display().to_string()}});
+    invoke_plugin("ADD", socket, pod, netns, ip, extra)
+        .wait_with_output()
         .unwrap()
-        .write_all(config.to_string().as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
 }
 
 fn annotation(server: &ApiServer, namespace: &str, name: &str) -> Option<String> {
     server.get("pods", Some(namespace), name)?["metadata"]["annotations"][REDIRECTION]
         .as_str()
         .map(str::to_owned)
-}
-
-fn has_rules(ns: &Netns) -> bool {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.0, "nft", "list", "ruleset"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).contains("redirect to :15001")
-}
-
-fn wait(what: &str, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "timed out: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -207,12 +153,12 @@ fn in_a_cluster_new_pods_are_captured_annotated_and_released_and_others_left_alo
         );
     }
     // Only web joined; the API server says so.
-    assert!(has_rules(netns("web")));
+    assert!(has_capture_rules(netns("web")));
     wait("web annotated enabled", || {
         annotation(&server, "shop", "web").as_deref() == Some("enabled")
     });
     for (namespace, name, _, _) in &pods[1..] {
-        assert!(!has_rules(netns(name)), "{name} was captured");
+        assert!(!has_capture_rules(netns(name)), "{name} was captured");
         assert_eq!(annotation(&server, namespace, name), None, "{name}");
     }
     // Every call the agent made was its own, allowed by the deployed RBAC.
@@ -227,7 +173,7 @@ fn in_a_cluster_new_pods_are_captured_annotated_and_released_and_others_left_alo
     // Its namespace leaves the mesh: released, and the annotation removed.
     server.put(json!({"kind": "Namespace", "metadata": {"name": "shop"}}));
     wait("web released and its annotation removed", || {
-        !has_rules(netns("web")) && annotation(&server, "shop", "web").is_none()
+        !has_capture_rules(netns("web")) && annotation(&server, "shop", "web").is_none()
     });
     server.put(json!({"kind": "Namespace", "metadata": {"name": "shop", "labels": ambient}}));
 

@@ -7,86 +7,22 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    Fabric, Netns, Running, TempDir, ca_init, echo_app, free_port, http_get,
-    plaintext_controlplane, start_proxy, ztunnel,
+    Fabric, Netns, Running, TempDir, ca_init, echo_app, free_port, has_capture_rules, http_get,
+    invoke_plugin, listens, plaintext_controlplane, plugin_binary, start_proxy, ztunnel,
 };
-
-fn plugin_binary() -> PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_ztunnel")).with_file_name("ztunnel-cni");
-    assert!(
-        path.exists(),
-        "{} is missing: build it with `cargo build -p ztunnel-cni` (cargo test --workspace does)",
-        path.display()
-    );
-    path
-}
 
 /// The runtime's invocation of the plugin for pod `namespace/name` in `netns` at `ip`.
 fn plugin(command: &str, socket: &Path, pod: (&str, &str), netns: &Netns, ip: &str) -> Child {
-    let mut child = Command::new(plugin_binary())
-        .env_clear()
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", format!("sandbox-{}", pod.1))
-        .env("CNI_NETNS", format!("/var/run/netns/{}", netns.0))
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", "/opt/cni/bin")
-        .env(
-            "CNI_ARGS",
-            format!(
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID=sandbox",
-                pod.0, pod.1
-            ),
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let config = serde_json::json!({
-        "cniVersion": "1.0.0",
-        "name": "k8s-pod-network",
-        "type": "ztunnel-cni",
-        "agent_socket": socket.display().to_string(),
-        "prevResult": {
-            "cniVersion": "1.0.0",
-            "interfaces": [{"name": "eth0", "sandbox": format!("/var/run/netns/{}", netns.0)}],
-            "ips": [{"address": format!("{ip}/24"), "interface": 0}]
-        }
-    });
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(config.to_string().as_bytes())
-        .unwrap();
-    child
+    invoke_plugin(command, socket, pod, netns, ip, serde_json::json!({}))
 }
 
 fn finish(child: Child) -> Output {
     child.wait_with_output().unwrap()
-}
-
-/// Whether something in `ns` listens on TCP `port`.
-fn listens(ns: &Netns, port: u16) -> bool {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.0, "ss", "-Hltn"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).contains(&format!(":{port} "))
-}
-
-fn has_rules(ns: &Netns) -> bool {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.0, "nft", "list", "ruleset"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).contains("redirect to :15001")
 }
 
 #[test]
@@ -141,7 +77,7 @@ fn add_returns_only_once_the_pod_is_captured_and_served_and_del_releases() {
     let add = plugin("ADD", &cni, ("default", "web"), web, &ip(2));
     std::thread::sleep(Duration::from_secs(2));
     let start = Instant::now();
-    while !has_rules(web) {
+    while !has_capture_rules(web) {
         assert!(start.elapsed() < Duration::from_secs(5), "no rules in web");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -166,7 +102,7 @@ fn add_returns_only_once_the_pod_is_captured_and_served_and_del_releases() {
         listens(web, 15008) && listens(web, 15001) && listens(web, 15006),
         "ADD returned but the proxy does not serve the pod"
     );
-    assert!(has_rules(web));
+    assert!(has_capture_rules(web));
     let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(result["ips"][0]["address"], format!("{}/24", ip(2)));
     // The agent's readiness and metrics say so.
@@ -192,12 +128,15 @@ fn add_returns_only_once_the_pod_is_captured_and_served_and_del_releases() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    assert!(!has_rules(plain));
+    assert!(!has_capture_rules(plain));
 
     // DEL releases: rules out, the proxy stops serving the pod.
     let out = finish(plugin("DEL", &cni, ("default", "web"), web, &ip(2)));
     assert!(out.status.success());
-    assert!(!has_rules(web), "DEL returned with the rules still in");
+    assert!(
+        !has_capture_rules(web),
+        "DEL returned with the rules still in"
+    );
     let start = Instant::now();
     while listens(web, 15008) {
         assert!(
@@ -213,7 +152,7 @@ fn add_returns_only_once_the_pod_is_captured_and_served_and_del_releases() {
     assert!(!out.status.success());
     let error: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(error["code"], 11, "{error}");
-    assert!(!has_rules(web));
+    assert!(!has_capture_rules(web));
 
     // Back up: the ADD succeeds again.
     let _agent = agent("agent2.log");
@@ -230,7 +169,7 @@ fn add_returns_only_once_the_pod_is_captured_and_served_and_del_releases() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    assert!(has_rules(web) && listens(web, 15008));
+    assert!(has_capture_rules(web) && listens(web, 15008));
 }
 
 #[test]

@@ -11,8 +11,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    Fabric, Netns, Running, TempDir, ca_init, call, echo_app, free_port, plaintext_controlplane,
-    start_proxy,
+    Fabric, Netns, Running, TempDir, ca_init, call, echo_app, free_port, listens,
+    plaintext_controlplane, start_proxy,
 };
 
 fn node_table(fabric: &Netns) -> bool {
@@ -30,14 +30,6 @@ fn node_table(fabric: &Netns) -> bool {
         .output()
         .unwrap();
     out.status.success() && String::from_utf8_lossy(&out.stdout).contains("169.254.7.127")
-}
-
-fn listens(ns: &Netns, port: u16) -> bool {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.0, "ss", "-Hltn"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).contains(&format!(":{port} "))
 }
 
 fn wait(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {

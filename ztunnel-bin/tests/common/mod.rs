@@ -360,3 +360,86 @@ pub fn start_proxy(dir: &Path, socket: &Path, xds: SocketAddr, tag: &str) -> Pro
         log,
     }
 }
+
+/// The `ztunnel-cni` binary beside `ztunnel` (`cargo test --workspace` builds it; alone, build
+/// it with `cargo build -p ztunnel-cni`).
+pub fn plugin_binary() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_ztunnel")).with_file_name("ztunnel-cni");
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build -p ztunnel-cni` (cargo test --workspace does)",
+        path.display()
+    );
+    path
+}
+
+/// `ztunnel-cni` started as a container runtime runs it: `command` for pod `namespace/name`
+/// (uid `uid-NAME`) in the named namespace `netns`, the primary plugin's result giving `ip`,
+/// the agent at `socket`; `extra` fields are added to the plugin's configuration.
+pub fn invoke_plugin(
+    command: &str,
+    socket: &Path,
+    pod: (&str, &str),
+    netns: &Netns,
+    ip: &str,
+    extra: serde_json::Value,
+) -> Child {
+    let mut child = Command::new(plugin_binary())
+        .env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", format!("sandbox-{}", pod.1))
+        .env("CNI_NETNS", format!("/var/run/netns/{}", netns.0))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/opt/cni/bin")
+        .env(
+            "CNI_ARGS",
+            format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_UID=uid-{};K8S_POD_INFRA_CONTAINER_ID=sandbox",
+                pod.0, pod.1, pod.1
+            ),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut config = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "k8s-pod-network",
+        "type": "ztunnel-cni",
+        "agent_socket": socket.display().to_string(),
+        "prevResult": {
+            "cniVersion": "1.0.0",
+            "interfaces": [{"name": "eth0", "sandbox": format!("/var/run/netns/{}", netns.0)}],
+            "ips": [{"address": format!("{ip}/24"), "interface": 0}]
+        }
+    });
+    if let (Some(config), serde_json::Value::Object(extra)) = (config.as_object_mut(), extra) {
+        config.extend(extra);
+    }
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(config.to_string().as_bytes())
+        .unwrap();
+    child
+}
+
+/// Whether something in `ns` listens on TCP `port`.
+pub fn listens(ns: &Netns, port: u16) -> bool {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "ss", "-Hltn"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).contains(&format!(":{port} "))
+}
+
+/// Whether `ns` holds our capture rules (nftables backend).
+pub fn has_capture_rules(ns: &Netns) -> bool {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "nft", "list", "ruleset"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).contains("redirect to :15001")
+}
