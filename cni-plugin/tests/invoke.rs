@@ -263,9 +263,24 @@ fn with_the_agent_down_only_pods_outside_the_mesh_start_as_the_api_server_tells(
             "metadata": {"name": name, "namespace": namespace, "labels": labels},
             "spec": {"nodeName": "node-a"}}));
     }
-    let kubeconfig = d.0.join("kubeconfig");
+    // The kubeconfig as the agent's installer writes it from its service account (server, CA,
+    // token), into the CNI configuration directory.
     let token = server.token_for("istio-system", "ztunnel-node-agent");
-    server.kubeconfig(&kubeconfig, &token).unwrap();
+    let text = redirect::cni::install::plugin_kubeconfig(&server.url(), server.ca_pem(), &token);
+    let (kubeconfig, written) = redirect::cni::install::write_kubeconfig(&d.0, &text).unwrap();
+    assert!(written);
+    assert_eq!(kubeconfig, d.0.join("ZZZ-ztunnel-cni-kubeconfig"));
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&kubeconfig).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the kubeconfig holds a token");
+    }
+    // Unchanged: not written again.
+    assert!(
+        !redirect::cni::install::write_kubeconfig(&d.0, &text)
+            .unwrap()
+            .1
+    );
     // No agent listens on this socket.
     let mut config = config(&d.0.join("no-agent.sock"), "1.0.0");
     config["kubernetes"] = json!({"kubeconfig": kubeconfig.display().to_string()});
