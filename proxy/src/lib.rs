@@ -72,6 +72,7 @@ pub mod certs;
 pub mod config_dump;
 pub mod connections;
 pub mod dedicated;
+pub mod dns;
 pub mod inbound;
 pub mod inpod;
 pub mod outbound;

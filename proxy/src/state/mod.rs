@@ -110,6 +110,8 @@ pub struct State {
     by_pod: HashMap<(String, String), Vec<String>>,
     /// What each xDS Address key names, for removals.
     address_kinds: HashMap<String, AddressKind>,
+    /// Lowercased hostname -> keys of the services with that hostname (name resolution).
+    by_host: HashMap<String, Vec<String>>,
     policies: authz::PolicyStore,
 }
 
@@ -137,6 +139,7 @@ impl State {
             endpoints: HashMap::new(),
             by_pod: HashMap::new(),
             address_kinds: HashMap::new(),
+            by_host: HashMap::new(),
             policies,
         }
     }
@@ -174,6 +177,10 @@ impl State {
                     self.ranges.push((network.clone(), *range, key.clone()));
                 }
                 self.address_kinds.insert(key.clone(), AddressKind::Service);
+                self.by_host
+                    .entry(s.hostname.to_ascii_lowercase())
+                    .or_default()
+                    .push(key.clone());
                 self.services.insert(key, Arc::new(s));
             }
         }
@@ -214,6 +221,13 @@ impl State {
                     release(&mut self.by_vip, NetworkAddr::new(network, *ip), key);
                 }
                 self.ranges.retain(|(_, _, k)| k != key);
+                let host = s.hostname.to_ascii_lowercase();
+                if let Some(keys) = self.by_host.get_mut(&host) {
+                    keys.retain(|k| k != key);
+                    if keys.is_empty() {
+                        self.by_host.remove(&host);
+                    }
+                }
             }
             None => {}
         }
@@ -287,6 +301,16 @@ impl State {
             .into_iter()
             .flatten()
             .filter_map(|(uid, ports)| Some((self.workloads.get(uid)?, ports.as_slice())))
+    }
+
+    /// The services whose hostname is `host` (compared without regard to ASCII case; several
+    /// namespaces may define the same host, e.g. ServiceEntries).
+    pub fn services_named(&self, host: &str) -> impl Iterator<Item = &Arc<Service>> {
+        self.by_host
+            .get(&host.to_ascii_lowercase())
+            .into_iter()
+            .flatten()
+            .filter_map(|key| self.services.get(key))
     }
 
     /// The workload a pod handed over by the node agent is: found by name, namespace, service
