@@ -118,3 +118,40 @@ pub fn listener(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpL
     listen(&fd, Backlog::new(1024)?)?;
     Ok(std::net::TcpListener::from(fd))
 }
+
+/// A UDP socket bound to `addr` (non-blocking), with `SO_REUSEPORT` when `reuse_port` and
+/// `SO_MARK` when `mark` is set; made on the calling thread, so in its network namespace.
+pub fn udp_socket(
+    addr: SocketAddr,
+    reuse_port: bool,
+    mark: Option<u32>,
+) -> io::Result<std::net::UdpSocket> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, bind, socket};
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(
+        family,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    if reuse_port {
+        setsockopt(&fd, sockopt::ReusePort, &true)?;
+    }
+    if let Some(mark) = mark {
+        setsockopt(&fd, sockopt::Mark, &mark).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("cannot set SO_MARK {mark:#x} (needs CAP_NET_ADMIN): {e}"),
+            )
+        })?;
+    }
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrStorage::from(addr),
+    )?;
+    Ok(std::net::UdpSocket::from(fd))
+}

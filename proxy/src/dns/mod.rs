@@ -37,6 +37,10 @@ use xds_client::resources::{IpFamilies, Service, Visibility};
 
 use crate::state::State;
 
+pub mod server;
+
+pub use server::{DnsMetrics, DnsServer, Upstream};
+
 /// How names are answered.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
