@@ -10,6 +10,8 @@ pub const INBOUND_PLAINTEXT: u16 = 15006;
 /// Inbound HBONE (mutual TLS, HTTP/2 CONNECT), in each captured pod's network namespace, and the
 /// port a tunnel is sent to on the destination's node.
 pub const HBONE: u16 = 15008;
+/// The DNS proxy, in each captured pod (the node agent's DNS capture sends port 53 here).
+pub const DNS: u16 = 15053;
 /// The proxy's listeners in a captured pod, which capture rules leave alone.
 pub const PROXY_PORTS: [u16; 3] = [OUTBOUND, INBOUND_PLAINTEXT, HBONE];
 /// The admin endpoint (on localhost).

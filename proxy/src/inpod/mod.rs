@@ -76,6 +76,43 @@ pub struct SharedConfig {
     /// How long a pod handed over waits for its certificate before its listeners are bound
     /// anyway (the ack to the node agent waits as long).
     pub certificate_wait: Duration,
+    /// The DNS proxy served in each pod (on 127.0.0.1, UDP and TCP, where the node agent's DNS
+    /// capture sends the pod's queries), or none.
+    pub dns: Option<DnsSettings>,
+}
+
+/// The DNS proxy of each pod.
+#[derive(Debug, Clone)]
+pub struct DnsSettings {
+    /// The port (Istio: 15053).
+    pub port: u16,
+    /// How names are answered.
+    pub config: crate::dns::DnsConfig,
+    /// Where other names go (the node's resolvers).
+    pub upstream: crate::dns::Upstream,
+    /// Search domains besides the pod's own (`<ns>.svc.<domain>`, `svc.<domain>`, `<domain>`).
+    pub search_domains: Vec<String>,
+}
+
+impl DnsSettings {
+    /// Who asks, for a pod of `namespace`.
+    fn asker(&self, namespace: &str) -> crate::dns::Asker {
+        let domain = self.config.cluster_domain.trim_end_matches('.');
+        let mut search_domains = vec![
+            format!("{namespace}.svc.{domain}"),
+            format!("svc.{domain}"),
+            domain.to_owned(),
+        ];
+        for extra in &self.search_domains {
+            if !search_domains.contains(extra) {
+                search_domains.push(extra.clone());
+            }
+        }
+        crate::dns::Asker {
+            namespace: namespace.to_owned(),
+            search_domains,
+        }
+    }
 }
 
 impl SharedConfig {
@@ -92,6 +129,7 @@ impl SharedConfig {
             inbound_port: common::ports::HBONE,
             port_reuse: true,
             certificate_wait: Duration::from_secs(5),
+            dns: None,
         }
     }
 }
@@ -344,6 +382,37 @@ impl<C: Certificates> SharedProxy<C> {
             },
         );
         let stop = CancellationToken::new();
+        if let Some(dns) = &self.config.dns {
+            // Bound before the pod is acknowledged: the agent's DNS capture sends the pod's
+            // queries here from then on.
+            let addr = SocketAddr::from(([127, 0, 0, 1], dns.port));
+            let sockets = netns
+                .run(move || {
+                    Ok::<_, std::io::Error>((
+                        crate::sockets::udp_socket(addr, reuse, None)?,
+                        crate::sockets::listener(addr, reuse)?,
+                    ))
+                })
+                .await
+                .and_then(|r| r)
+                .and_then(|(udp, tcp)| {
+                    Ok((
+                        tokio::net::UdpSocket::from_std(udp)?,
+                        tokio::net::TcpListener::from_std(tcp)?,
+                    ))
+                })
+                .map_err(|e| {
+                    format!("pod {label}: cannot serve DNS on {addr} in its namespace: {e}")
+                })?;
+            let server = crate::dns::DnsServer::new(
+                self.state.clone(),
+                dns.config.clone(),
+                dns.upstream.clone(),
+                dns.asker(&info.namespace),
+                self.metrics.dns.clone(),
+            );
+            tokio::spawn(server.serve(sockets.0, sockets.1, stop.clone()));
+        }
         let stopped = stop.clone();
         tokio::spawn(async move {
             tokio::select! {

@@ -258,6 +258,8 @@ pub struct Metrics {
     series: Mutex<HashMap<Labels, Arc<Series>, RandomState>>,
     /// How long a series of gone pods, with nothing open, is kept.
     pub expiry: Duration,
+    /// The DNS proxy's counts (rendered once it has had a query).
+    pub dns: Arc<crate::dns::DnsMetrics>,
 }
 
 /// An open connection's place in its series: counted as opened now and as closed when dropped.
@@ -297,6 +299,7 @@ impl Metrics {
         Arc::new(Metrics {
             series: Mutex::default(),
             expiry,
+            dns: Arc::default(),
         })
     }
 
@@ -424,6 +427,9 @@ impl Metrics {
                 labels.write(&mut out);
                 let _ = writeln!(out, " {}", value(series));
             }
+        }
+        if self.dns.requests() > 0 {
+            out.push_str(&self.dns.render());
         }
         out
     }

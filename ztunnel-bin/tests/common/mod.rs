@@ -323,6 +323,7 @@ pub fn ca_init(dir: &Path) {
 pub struct Proxy {
     pub child: Child,
     pub readiness: SocketAddr,
+    pub stats: SocketAddr,
     pub log: PathBuf,
 }
 
@@ -331,10 +332,23 @@ pub struct Proxy {
 /// `dir/.ca` and node-a's token (as `ztunnel controlplane` writes them); its log in
 /// `dir/proxy-TAG.log`.
 pub fn start_proxy(dir: &Path, socket: &Path, xds: SocketAddr, tag: &str) -> Proxy {
+    start_proxy_with(dir, socket, xds, tag, &[])
+}
+
+/// [`start_proxy`] with more arguments; its stats address in `Proxy::stats`.
+pub fn start_proxy_with(
+    dir: &Path,
+    socket: &Path,
+    xds: SocketAddr,
+    tag: &str,
+    extra: &[&str],
+) -> Proxy {
     let (admin, stats, readiness) = (free_port(), free_port(), free_port());
     let log = dir.join(format!("proxy-{tag}.log"));
     let child = ztunnel()
-        .args(["proxy", "ztunnel", "--inpod-uds"])
+        .args(["proxy", "ztunnel"])
+        .args(extra)
+        .arg("--inpod-uds")
         .arg(socket)
         .arg("--xds-address")
         .arg(format!("http://{xds}"))
@@ -357,6 +371,7 @@ pub fn start_proxy(dir: &Path, socket: &Path, xds: SocketAddr, tag: &str) -> Pro
     Proxy {
         child,
         readiness,
+        stats,
         log,
     }
 }

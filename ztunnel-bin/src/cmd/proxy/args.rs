@@ -97,6 +97,27 @@ pub(crate) struct ProxyArgs {
     /// `maxSurge: 1, maxUnavailable: 0`).
     #[arg(long, env = "INPOD_PORT_REUSE", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub(crate) inpod_port_reuse: bool,
+    /// Shared mode: serve each pod's DNS on 127.0.0.1:15053 in its namespace (UDP and TCP, where
+    /// the node agent's DNS capture sends port 53): names of the mesh's services answered from
+    /// xDS, the rest forwarded to the resolvers of --dns-resolv-conf (Istio's
+    /// ISTIO_META_DNS_CAPTURE).
+    #[arg(long, env = "ISTIO_META_DNS_CAPTURE", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub(crate) dns_proxy: bool,
+    /// Where the DNS proxy forwards names that are not the mesh's: the `nameserver` lines of
+    /// this file (its `search` domains are added to each pod's own).
+    #[arg(long, value_name = "PATH", default_value = "/etc/resolv.conf")]
+    pub(crate) dns_resolv_conf: PathBuf,
+    /// How long a forwarded DNS query may take per upstream resolver.
+    #[arg(long, value_parser = parse_duration, default_value = "5s", value_name = "DURATION")]
+    pub(crate) dns_upstream_timeout: Duration,
+    /// The cluster's DNS domain (`<svc>.<ns>.svc.<domain>`).
+    #[arg(
+        long,
+        env = "CLUSTER_DOMAIN",
+        default_value = "cluster.local",
+        value_name = "DOMAIN"
+    )]
+    pub(crate) cluster_domain: String,
     /// A development CA directory (`root-cert.pem`, `root-key.pem`; created with a new root if
     /// missing): every local pod's certificate is issued in process from it, no CA server.
     #[arg(long, value_name = "DIR", conflicts_with = "ca_address")]
@@ -232,6 +253,8 @@ impl ProxyArgs {
             "readinessAddr": self.readiness_addr,
             "inpodUds": self.inpod_uds,
             "inpodPortReuse": self.inpod_port_reuse,
+            "dnsProxy": self.dns_proxy,
+            "clusterDomain": self.cluster_domain,
             "numWorkerThreads": self.worker_thread_count(),
             "packetMark": self.packet_mark,
             "poolMaxStreamsPerConn": self.pool_max_streams_per_connection,

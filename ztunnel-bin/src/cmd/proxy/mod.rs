@@ -241,6 +241,38 @@ async fn expire_metrics(metrics: Arc<Metrics>, store: Arc<StateStore>) {
     }
 }
 
+/// The per-pod DNS proxy's settings (`--dns-proxy`), its upstream read from
+/// `--dns-resolv-conf`: a file that cannot be read or parsed stops the start, naming it; one
+/// without `nameserver` lines leaves only the mesh's names answered (the rest refused, logged).
+fn dns_settings(args: &ProxyArgs) -> Result<Option<proxy::inpod::DnsSettings>, Error> {
+    if !args.dns_proxy {
+        return Ok(None);
+    }
+    let path = &args.dns_resolv_conf;
+    let bad = |reason: String| Error::Flag {
+        flag: "--dns-resolv-conf",
+        value: path.display().to_string(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let (servers, search_domains) = proxy::dns::Upstream::from_resolv_conf(&text).map_err(bad)?;
+    if servers.is_empty() {
+        tracing::warn!(file = %path.display(), "DNS proxy: no nameserver to forward to; names outside the mesh will be refused");
+    }
+    let mut config = proxy::dns::DnsConfig::default();
+    config.cluster_domain = args.cluster_domain.trim_end_matches('.').to_owned();
+    Ok(Some(proxy::inpod::DnsSettings {
+        port: common::ports::DNS,
+        config,
+        upstream: proxy::dns::Upstream {
+            servers,
+            timeout: args.dns_upstream_timeout,
+            mark: Some(args.packet_mark),
+        },
+        search_domains,
+    }))
+}
+
 async fn run_shared(
     args: ProxyArgs,
     metrics: Arc<Metrics>,
@@ -255,6 +287,7 @@ async fn run_shared(
     config.hbone = hbone_config(&args);
     config.termination_deadline = args.drain();
     config.port_reuse = args.inpod_port_reuse;
+    config.dns = dns_settings(&args)?;
     let shared = SharedProxy::new(config, store.clone(), certs.clone(), metrics.clone());
 
     let readiness = super::listen(args.readiness_addr).await?;
