@@ -6,7 +6,9 @@
 //! What is captured (DESIGN.md, "Capture rules"): outbound TCP not marked with the proxy's mark
 //! and not to loopback goes to the outbound port (15001); inbound TCP to the HBONE port (15008) is
 //! accepted as is; inbound TCP from the node's health-probe address is left alone, so kubelet
-//! probes keep working; other inbound TCP goes to the inbound plaintext port (15006).
+//! probes keep working; other inbound TCP goes to the inbound plaintext port (15006). DNS (UDP
+//! and TCP to port 53, not marked, not to the pod's own loopback) goes to the DNS proxy (15053)
+//! unless [`RuleSet::dns_port`] is `None`.
 
 use std::net::IpAddr;
 
@@ -50,6 +52,10 @@ pub struct RuleSet {
     /// Source addresses whose inbound traffic is never captured (kubelet health probes; Istio's
     /// CNI SNATs probes to 169.254.7.127).
     pub probe_sources: Vec<IpAddr>,
+    /// Where the pod's DNS (UDP and TCP to port 53, not marked) is redirected (Istio: 15053, the
+    /// proxy's DNS proxy), or `None` to leave DNS alone. UDP to the loopback interface and TCP
+    /// to loopback addresses (a resolver inside the pod) are left alone.
+    pub dns_port: Option<u16>,
     /// Whether to install IPv6 rules too.
     pub ipv6: bool,
     /// How long each tool (`iptables-restore`, `nft`, ... run through `nsenter`) may take before
@@ -66,6 +72,7 @@ impl Default for RuleSet {
             skip_mark: common::PACKET_MARK,
             mark_mask: 0xfff,
             probe_sources: vec![IpAddr::from([169, 254, 7, 127])],
+            dns_port: Some(common::ports::DNS),
             ipv6: true,
             tool_timeout: std::time::Duration::from_secs(30),
         }
@@ -91,6 +98,17 @@ impl RuleSet {
             format!("-A PREROUTING -j {IPT_PREROUTING}"),
             format!("-A OUTPUT -j {IPT_OUTPUT}"),
             format!("-A {IPT_OUTPUT} -m mark --mark {mark} -j RETURN"),
+        ];
+        if let Some(dns) = self.dns_port {
+            let local = if v6 { "::1/128" } else { "127.0.0.1/32" };
+            lines.push(format!(
+                "-A {IPT_OUTPUT} ! -o lo -p udp -m udp --dport 53 -j REDIRECT --to-ports {dns}"
+            ));
+            lines.push(format!(
+                "-A {IPT_OUTPUT} ! -d {local} -p tcp -m tcp --dport 53 -j REDIRECT --to-ports {dns}"
+            ));
+        }
+        lines.extend([
             format!("-A {IPT_OUTPUT} -o lo -j RETURN"),
             format!("-A {IPT_OUTPUT} -d {loopback} -j RETURN"),
             format!(
@@ -98,7 +116,7 @@ impl RuleSet {
                 self.outbound_port
             ),
             format!("-A {IPT_PREROUTING} -i lo -j RETURN"),
-        ];
+        ]);
         for source in self.probe_sources.iter().filter(|s| s.is_ipv6() == v6) {
             let len = if v6 { 128 } else { 32 };
             lines.push(format!(
@@ -144,6 +162,19 @@ impl RuleSet {
             "        meta mark & 0x{:08x} == 0x{:08x} return\n",
             self.mark_mask, self.skip_mark
         ));
+        if let Some(dns) = self.dns_port {
+            out.push_str(&format!(
+                "        oifname != \"lo\" udp dport 53 redirect to :{dns}\n"
+            ));
+            out.push_str(&format!(
+                "        ip daddr != 127.0.0.1 tcp dport 53 redirect to :{dns}\n"
+            ));
+            if self.ipv6 {
+                out.push_str(&format!(
+                    "        ip6 daddr != ::1 tcp dport 53 redirect to :{dns}\n"
+                ));
+            }
+        }
         out.push_str("        oifname \"lo\" return\n");
         out.push_str("        ip daddr 127.0.0.0/8 return\n");
         if self.ipv6 {
@@ -203,6 +234,25 @@ mod tests {
         assert!(script.contains("meta mark & 0x00000fff == 0x00000539 return"));
         assert!(script.contains("redirect to :15001") && script.contains("redirect to :15006"));
         assert!(script.contains("tcp dport 15008 return"));
+    }
+
+    #[test]
+    fn dns_is_captured_after_the_mark_exception_and_can_be_left_alone() {
+        let lines = RuleSet::default().iptables_lines(false);
+        let pos = |s: &str| lines.iter().position(|l| l.contains(s)).unwrap();
+        assert!(pos("--mark") < pos("-p udp -m udp --dport 53 -j REDIRECT --to-ports 15053"));
+        assert!(pos("! -d 127.0.0.1/32 -p tcp -m tcp --dport 53") < pos("-o lo -j RETURN"));
+        let v6 = RuleSet::default().iptables_lines(true).join("\n");
+        assert!(v6.contains("! -d ::1/128 -p tcp -m tcp --dport 53"), "{v6}");
+        let nft = RuleSet::default().nft_table();
+        assert!(nft.contains("oifname != \"lo\" udp dport 53 redirect to :15053"));
+        assert!(nft.contains("ip6 daddr != ::1 tcp dport 53 redirect to :15053"));
+        let off = RuleSet {
+            dns_port: None,
+            ..RuleSet::default()
+        };
+        assert!(!off.iptables_lines(false).join("\n").contains("dport 53"));
+        assert!(!off.nft_table().contains("dport 53"));
     }
 
     #[test]

@@ -16,6 +16,11 @@ use common::{
 /// Asks 127.0.0.1:15053 in `ns` over UDP (or TCP) for the A record of `name`; prints
 /// `rcode ip...`.
 fn dig(ns: &Netns, name: &str, tcp: bool) -> String {
+    dig_at(ns, "127.0.0.1", 15053, name, tcp)
+}
+
+/// Asks `server:port` in `ns`.
+fn dig_at(ns: &Netns, server: &str, port: u16, name: &str, tcp: bool) -> String {
     let code = format!(
         r#"import socket, struct
 def q(name):
@@ -25,7 +30,7 @@ def q(name):
     return out + b'\x00' + struct.pack('>HH', 1, 1)
 msg = q('{name}')
 if {tcp}:
-    s = socket.create_connection(('127.0.0.1', 15053), timeout=5)
+    s = socket.create_connection(('{server}', {port}), timeout=5)
     s.sendall(struct.pack('>H', len(msg)) + msg)
     n = struct.unpack('>H', s.recv(2))[0]
     d = b''
@@ -33,8 +38,10 @@ if {tcp}:
 else:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.settimeout(5)
-    s.sendto(msg, ('127.0.0.1', 15053))
-    d = s.recv(65535)
+    s.sendto(msg, ('{server}', {port}))
+    d, src = s.recvfrom(65535)
+    if src != ('{server}', {port}):
+        print('answered from', src); raise SystemExit
 rcode = d[3] & 0x0f
 ancount = struct.unpack('>H', d[6:8])[0]
 ips = []
@@ -117,6 +124,17 @@ fn a_captured_pods_dns_is_answered_by_the_node_proxy() {
     assert_eq!(dig(sleep, "web-api", false), "0 10.96.7.7");
     assert_eq!(
         dig(sleep, "web-api.default.svc.cluster.local", true),
+        "0 10.96.7.7"
+    );
+    // The pod's resolver asks its nameserver on port 53 (any address): the capture sends it to
+    // the proxy, over UDP and TCP, and the answer comes back from the address asked.
+    let nameserver = ip(254);
+    assert_eq!(
+        dig_at(sleep, &nameserver, 53, "web-api", false),
+        "0 10.96.7.7"
+    );
+    assert_eq!(
+        dig_at(sleep, &nameserver, 53, "web-api", true),
         "0 10.96.7.7"
     );
     // Not a mesh name, and no upstream: REFUSED (5), with the reason in the log.

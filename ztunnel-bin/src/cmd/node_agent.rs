@@ -104,6 +104,10 @@ pub(crate) struct NodeAgentArgs {
     /// namespace that holds the pod's IP.
     #[arg(long, value_name = "DIR", env = "HOST_ROOT", default_value = "/")]
     pub(crate) host_root: PathBuf,
+    /// Capture each pod's DNS (UDP and TCP to port 53) to the node proxy's DNS proxy on port
+    /// 15053, as istio-cni does by default (AMBIENT_DNS_CAPTURE, its chart's setting).
+    #[arg(long, env = "AMBIENT_DNS_CAPTURE", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub(crate) dns_capture: bool,
     /// Rewrite the source of connections this node opens to captured pods (the kubelet's
     /// probes) to 169.254.7.127, which the pods' rules let through to the app, as istio-cni
     /// does: iptables or nftables rules in this process's network namespace (the node's, on the
@@ -448,7 +452,7 @@ async fn with_handoff<S: PodSource + 'static>(
 ) -> Result<(), Error> {
     match &args.zds_socket {
         None => {
-            let agent = NodeAgent::new(&args.node, backend, RuleSet::default(), source, NoHandoff);
+            let agent = NodeAgent::new(&args.node, backend, rules(args), source, NoHandoff);
             configure_and_run(agent, args, backend, Vec::new()).await
         }
         Some(path) => {
@@ -461,10 +465,19 @@ async fn with_handoff<S: PodSource + 'static>(
             tracing::info!(socket = %path.display(), allowed_uids = ?args.zds_allowed_uid, "serving the netns handoff (ZDS) to root and the allowed users");
             let zds = server.clone();
             let extra: Vec<Render> = vec![Arc::new(move || zds.render())];
-            let agent = NodeAgent::new(&args.node, backend, RuleSet::default(), source, server);
+            let agent = NodeAgent::new(&args.node, backend, rules(args), source, server);
             configure_and_run(agent, args, backend, extra).await
         }
     }
+}
+
+/// The pods' capture rules: Istio's, DNS capture per `--dns-capture`.
+fn rules(args: &NodeAgentArgs) -> RuleSet {
+    let mut rules = RuleSet::default();
+    if !args.dns_capture {
+        rules.dns_port = None;
+    }
+    rules
 }
 
 /// More Prometheus text for `--metrics-addr`.
