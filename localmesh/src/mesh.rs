@@ -291,6 +291,7 @@ fn refresh(config: &Config, mesh: &Mesh) -> Result<(), Error> {
     for pod in mesh.pods() {
         let ns = Mesh::pod_netns(&config.prefix, &pod.placement);
         net::write_hosts(&ns, &mesh.hosts_file(&pod.placement.namespace))?;
+        net::write_resolv_conf(&ns, &mesh.resolv_conf(&pod.placement))?;
     }
     let rules = mesh.service_rules(SERVICES_CHAIN);
     for node in &config.nodes {

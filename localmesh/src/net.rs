@@ -129,6 +129,21 @@ pub fn write_hosts(ns: &str, text: &str) -> Result<(), Error> {
     })
 }
 
+/// Writes `/etc/netns/<ns>/resolv.conf`, which `ip netns exec` shows to commands in `ns` as
+/// `/etc/resolv.conf` (in place, as [`write_hosts`]).
+pub fn write_resolv_conf(ns: &str, text: &str) -> Result<(), Error> {
+    let dir = Path::new("/etc/netns").join(ns);
+    std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
+        what: format!("creating {}", dir.display()),
+        source,
+    })?;
+    let path = dir.join("resolv.conf");
+    std::fs::write(&path, text).map_err(|source| Error::Io {
+        what: format!("writing {}", path.display()),
+        source,
+    })
+}
+
 /// Turns on IPv4 forwarding inside namespace `ns` (a node routes for its pods), writing its
 /// `/proc/sys` from a thread that entered the namespace (no `sysctl` binary needed).
 pub fn enable_forwarding(ns: &str) -> Result<(), Error> {

@@ -411,3 +411,48 @@ fn long_lived_streams_beside_short_calls_never_stall() {
     assert!(ok, "{err}");
     assert_eq!(mesh.traces(), Vec::<String>::new());
 }
+
+#[test]
+fn a_pods_own_resolver_is_answered_by_the_node_proxy() {
+    let mesh = Local::new(7);
+    mesh.up();
+    let (ok, _, err) = mesh.run(&[
+        "label",
+        "namespace",
+        "default",
+        "istio.io/dataplane-mode=ambient",
+    ]);
+    assert!(ok, "{err}");
+    mesh.wait("sleep captured", || {
+        let (_, out, _) = mesh.run(&["status"]);
+        out.lines()
+            .any(|l| l.contains("default/sleep-0 ") && l.contains(": captured"))
+    });
+    // From sleep: ask the nameserver of the pod's resolv.conf, on port 53 as any resolver does;
+    // the DNS capture sends it to the node proxy, which answers with the service's address (the
+    // one the pod's hosts file also names).
+    let code = r#"import socket, struct
+ns = [l.split()[1] for l in open('/etc/resolv.conf') if l.startswith('nameserver')][0]
+hosts = [l.split()[0] for l in open('/etc/hosts') if ' web-api.default.svc.cluster.local' in ' ' + l]
+name = 'web-api.default.svc.cluster.local'
+msg = struct.pack('>HHHHHH', 0x1717, 0x0100, 1, 0, 0, 0)
+for l in name.split('.'):
+    msg += bytes([len(l)]) + l.encode()
+msg += b'\x00' + struct.pack('>HH', 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.sendto(msg, (ns, 53))
+d, src = s.recvfrom(65535)
+ip = socket.inet_ntoa(d[-4:]) if struct.unpack('>H', d[6:8])[0] else '-'
+print(d[3] & 0x0f, ip, hosts[0] if hosts else '?', src[0] == ns)"#;
+    let (ok, out, err) = mesh.run(&["exec", "sleep", "--", "python3", "-c", code]);
+    assert!(ok, "{err}");
+    let fields: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(fields.len(), 4, "{out}");
+    assert_eq!(fields[0], "0", "rcode: {out}");
+    assert_eq!(
+        fields[1], fields[2],
+        "the proxy's answer and the hosts file differ: {out}"
+    );
+    assert_eq!(fields[3], "True", "answered from another address: {out}");
+}

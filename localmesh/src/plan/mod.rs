@@ -416,6 +416,20 @@ impl Mesh {
         out
     }
 
+    /// `/etc/resolv.conf` for a pod: its node's bridge as the nameserver (the node agent's DNS
+    /// capture sends port 53 to the node proxy's DNS proxy whatever the address), and the search
+    /// domains of a Kubernetes pod in its namespace.
+    pub fn resolv_conf(&self, pod: &Placement) -> String {
+        let gateway = self
+            .node_index(&pod.node)
+            .map(|i| self.pod_gateway(i).to_string())
+            .unwrap_or_else(|| "127.0.0.53".to_owned());
+        format!(
+            "nameserver {gateway}\nsearch {ns}.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n",
+            ns = pod.namespace
+        )
+    }
+
     /// `/etc/hosts` for a pod in `ns`: every service by its full name, `name.ns`, and (in the
     /// pod's own namespace) its short name, as the cluster DNS search path would resolve them.
     pub fn hosts_file(&self, ns: &str) -> String {
