@@ -11,7 +11,9 @@
 #      serves the pod);
 #   2. Istio's ztunnel starts: the ADD returns success, and Istio's ztunnel listens in the pod
 #      (15001, 15006, 15008): our agent waited for its acknowledgement;
-#   3. DEL: our rules leave the pod and Istio's ztunnel stops serving it.
+#   3. a DNS query from the pod to any address on port 53 is captured (our rules) and answered
+#      by Istio's ztunnel's DNS proxy with the service's address;
+#   4. DEL: our rules leave the pod and Istio's ztunnel stops serving it.
 #
 # Usage (root, from this repository's root, after
 # `cargo build --release -p ztunnel -p ztunnel-cni`):
@@ -59,6 +61,11 @@ kind: Pod
 metadata: {name: web, namespace: default, uid: uid-web, labels: {app: web}}
 spec: {serviceAccountName: web, nodeName: node-a}
 status: {podIP: 10.79.0.2, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec: {clusterIP: 10.96.9.9, selector: {app: web}, ports: [{port: 80}]}
 EOF
 grep -v podIP "$WORK/cp/mesh.yaml" >"$WORK/agent/mesh.yaml"
 
@@ -98,6 +105,17 @@ ip netns exec "$NODE" unshare --mount --propagation private bash -c '
 if wait "$ADD"; then pass "ADD returned success once Istio's ztunnel came"; else fail "ADD failed: $(cat "$WORK/add.out")"; fi
 if serves; then pass "Istio's ztunnel serves the pod when ADD returns"; else fail "ADD returned but Istio's ztunnel does not serve the pod"; fi
 grep -q '10.79.0.2/24' "$WORK/add.out" && pass "ADD passed the primary plugin's result on" || fail "ADD's output: $(cat "$WORK/add.out")"
+# Our DNS capture with Istio's DNS proxy: the pod asks the node's address on port 53.
+ANSWER=$(ip netns exec "$POD" python3 -c '
+import socket, struct
+msg = struct.pack(">HHHHHH", 7, 0x0100, 1, 0, 0, 0)
+for l in "web.default.svc.cluster.local".split("."):
+    msg += bytes([len(l)]) + l.encode()
+msg += b"\x00" + struct.pack(">HH", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)
+s.sendto(msg, ("10.79.0.1", 53)); d = s.recv(65535)
+print(socket.inet_ntoa(d[-4:]) if struct.unpack(">H", d[6:8])[0] else "none")' 2>&1 || true)
+if [ "$ANSWER" = 10.96.9.9 ]; then pass "our DNS capture reaches Istio's DNS proxy, which answers the service"; else fail "DNS through our capture: $ANSWER"; fi
 
 # 3. DEL.
 cni DEL >/dev/null 2>&1 && pass "DEL succeeded" || fail "DEL failed"
