@@ -115,29 +115,24 @@ pub fn host_link_exists(name: &str) -> bool {
 /// Writes `/etc/netns/<ns>/hosts`, which `ip netns exec` shows to commands in `ns` as
 /// `/etc/hosts`.
 pub fn write_hosts(ns: &str, text: &str) -> Result<(), Error> {
-    let dir = Path::new("/etc/netns").join(ns);
-    std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
-        what: format!("creating {}", dir.display()),
-        source,
-    })?;
-    // Written in place: `ip netns exec` bind-mounts this very file, so a running app sees
-    // updates only if the file keeps its inode.
-    let path = dir.join("hosts");
-    std::fs::write(&path, text).map_err(|source| Error::Io {
-        what: format!("writing {}", path.display()),
-        source,
-    })
+    write_netns_file(ns, "hosts", text)
 }
 
 /// Writes `/etc/netns/<ns>/resolv.conf`, which `ip netns exec` shows to commands in `ns` as
-/// `/etc/resolv.conf` (in place, as [`write_hosts`]).
+/// `/etc/resolv.conf`.
 pub fn write_resolv_conf(ns: &str, text: &str) -> Result<(), Error> {
+    write_netns_file(ns, "resolv.conf", text)
+}
+
+/// Writes `/etc/netns/<ns>/<name>` in place: `ip netns exec` bind-mounts this very file, so a
+/// running app sees updates only if the file keeps its inode.
+fn write_netns_file(ns: &str, name: &str, text: &str) -> Result<(), Error> {
     let dir = Path::new("/etc/netns").join(ns);
     std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
         what: format!("creating {}", dir.display()),
         source,
     })?;
-    let path = dir.join("resolv.conf");
+    let path = dir.join(name);
     std::fs::write(&path, text).map_err(|source| Error::Io {
         what: format!("writing {}", path.display()),
         source,

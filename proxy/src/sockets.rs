@@ -93,20 +93,8 @@ pub fn marked_socket(to: SocketAddr, mark: Option<u32>) -> io::Result<TcpSocket>
 /// A listening socket on `addr` (non-blocking, `SO_REUSEADDR` as std sets it), with
 /// `SO_REUSEPORT` when `reuse_port`; made on the calling thread, so in its network namespace.
 pub fn listener(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
-    use nix::sys::socket::{
-        AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, bind, listen, socket,
-    };
-    let family = if addr.is_ipv4() {
-        AddressFamily::Inet
-    } else {
-        AddressFamily::Inet6
-    };
-    let fd = socket(
-        family,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )?;
+    use nix::sys::socket::{Backlog, SockType, SockaddrStorage, bind, listen};
+    let fd = new_socket(addr, SockType::Stream)?;
     setsockopt(&fd, sockopt::ReuseAddr, &true)?;
     if reuse_port {
         setsockopt(&fd, sockopt::ReusePort, &true)?;
@@ -126,18 +114,8 @@ pub fn udp_socket(
     reuse_port: bool,
     mark: Option<u32>,
 ) -> io::Result<std::net::UdpSocket> {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, bind, socket};
-    let family = if addr.is_ipv4() {
-        AddressFamily::Inet
-    } else {
-        AddressFamily::Inet6
-    };
-    let fd = socket(
-        family,
-        SockType::Datagram,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )?;
+    use nix::sys::socket::{SockType, SockaddrStorage, bind};
+    let fd = new_socket(addr, SockType::Datagram)?;
     if reuse_port {
         setsockopt(&fd, sockopt::ReusePort, &true)?;
     }
@@ -154,4 +132,23 @@ pub fn udp_socket(
         &SockaddrStorage::from(addr),
     )?;
     Ok(std::net::UdpSocket::from(fd))
+}
+
+/// A non-blocking, close-on-exec socket of `kind` for `addr`'s family.
+fn new_socket(
+    addr: SocketAddr,
+    kind: nix::sys::socket::SockType,
+) -> io::Result<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{AddressFamily, SockFlag, socket};
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    Ok(socket(
+        family,
+        kind,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?)
 }

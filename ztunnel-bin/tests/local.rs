@@ -125,6 +125,27 @@ impl Local {
         found
     }
 
+    /// Labels `default` ambient and waits until each of `pods` (`<name>-0`) is captured.
+    fn label_default_ambient(&self, pods: &[&str]) {
+        let (ok, _, err) = self.run(&[
+            "label",
+            "namespace",
+            "default",
+            "istio.io/dataplane-mode=ambient",
+        ]);
+        assert!(ok, "{err}");
+        self.wait("the pods captured", || {
+            pods.iter().all(|pod| self.captured(pod))
+        });
+    }
+
+    /// Whether `status` says `default/<pod>-0` is captured.
+    fn captured(&self, pod: &str) -> bool {
+        let (_, out, _) = self.run(&["status"]);
+        out.lines()
+            .any(|l| l.contains(&format!("default/{pod}-0 ")) && l.contains(": captured"))
+    }
+
     fn wait(&self, what: &str, mut ok: impl FnMut() -> bool) {
         let start = Instant::now();
         while !ok() {
@@ -270,21 +291,8 @@ fn labelling_back_releases_the_pods_without_restarting_them() {
     };
     let before = web_pids();
     assert!(!before.is_empty());
-    let captured = |pod: &str| {
-        let (_, out, _) = mesh.run(&["status"]);
-        out.lines()
-            .any(|l| l.contains(&format!("default/{pod}-0 ")) && l.contains(": captured"))
-    };
-    let (ok, _, err) = mesh.run(&[
-        "label",
-        "namespace",
-        "default",
-        "istio.io/dataplane-mode=ambient",
-    ]);
-    assert!(ok, "{err}");
-    mesh.wait("sleep and web-api captured", || {
-        captured("sleep") && captured("web-api")
-    });
+    let captured = |pod: &str| mesh.captured(pod);
+    mesh.label_default_ambient(&["sleep", "web-api"]);
     let (ok, body) = mesh.get("sleep", "http://web-api:8080/");
     assert!(ok && body.contains("purchase-history"), "{body}");
     let (_, logs, _) = mesh.run(&["logs", "ztunnel", "--node", "node-b"]);
@@ -416,18 +424,7 @@ fn long_lived_streams_beside_short_calls_never_stall() {
 fn a_pods_own_resolver_is_answered_by_the_node_proxy() {
     let mesh = Local::new(7);
     mesh.up();
-    let (ok, _, err) = mesh.run(&[
-        "label",
-        "namespace",
-        "default",
-        "istio.io/dataplane-mode=ambient",
-    ]);
-    assert!(ok, "{err}");
-    mesh.wait("sleep captured", || {
-        let (_, out, _) = mesh.run(&["status"]);
-        out.lines()
-            .any(|l| l.contains("default/sleep-0 ") && l.contains(": captured"))
-    });
+    mesh.label_default_ambient(&["sleep"]);
     // From sleep: ask the nameserver of the pod's resolv.conf, on port 53 as any resolver does;
     // the DNS capture sends it to the node proxy, which answers with the service's address (the
     // one the pod's hosts file also names).
