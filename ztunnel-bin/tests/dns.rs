@@ -150,3 +150,62 @@ fn a_captured_pods_dns_is_answered_by_the_node_proxy() {
         "{metrics}"
     );
 }
+
+#[test]
+fn dedicated_mode_serves_dns_on_dns_proxy_addr() {
+    let ns = Netns::new("dnsded");
+    assert!(ns.exec(&["ip", "link", "set", "lo", "up"]));
+    let dir = TempDir::new("dns-dedicated");
+    std::fs::write(
+        dir.0.join("mesh.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {istio.io/dataplane-mode: ambient}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: sleep, namespace: default}\nspec: {serviceAccountName: sleep, nodeName: node-a}\nstatus: {podIP: 10.77.1.1}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web-api, namespace: default}\nspec: {clusterIP: 10.96.7.8, ports: [{port: 80}]}\n",
+    )
+    .unwrap();
+    let ca = identity::DevCa::generate("cluster.local").unwrap();
+    ca.issue_to_dir(
+        &"spiffe://cluster.local/ns/default/sa/sleep"
+            .parse()
+            .unwrap(),
+        Duration::from_secs(3600),
+        &dir.0.join("sleep"),
+    )
+    .unwrap();
+    let resolv = dir.0.join("resolv.conf");
+    std::fs::write(&resolv, "").unwrap();
+    let certs = dir.0.join("sleep");
+    let _proxy = Running(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &ns.0])
+            .arg(ztunnel().get_program())
+            .args([
+                "proxy",
+                "--mode",
+                "dedicated",
+                "--workload",
+                "default/sleep/sleep",
+            ])
+            .arg("--local-manifests")
+            .arg(dir.0.join("mesh.yaml"))
+            .arg("--cert")
+            .arg(certs.join("cert-chain.pem"))
+            .arg("--key")
+            .arg(certs.join("key.pem"))
+            .arg("--ca")
+            .arg(certs.join("root-cert.pem"))
+            .arg("--dns-resolv-conf")
+            .arg(&resolv)
+            // Istio's form of the address.
+            .env("DNS_PROXY_ADDR", "localhost:15053")
+            .env("NODE_NAME", "node-a")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.0.join("proxy.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait("the dedicated proxy serves DNS", || listens(&ns, 15053));
+    assert_eq!(dig(&ns, "web-api", false), "0 10.96.7.8");
+    assert_eq!(
+        dig(&ns, "web-api.default.svc.cluster.local", true),
+        "0 10.96.7.8"
+    );
+}

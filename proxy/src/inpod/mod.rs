@@ -96,7 +96,7 @@ pub struct DnsSettings {
 
 impl DnsSettings {
     /// Who asks, for a pod of `namespace`.
-    fn asker(&self, namespace: &str) -> crate::dns::Asker {
+    pub fn asker(&self, namespace: &str) -> crate::dns::Asker {
         let domain = self.config.cluster_domain.trim_end_matches('.');
         let mut search_domains = vec![
             format!("{namespace}.svc.{domain}"),

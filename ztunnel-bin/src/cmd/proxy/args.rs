@@ -103,6 +103,12 @@ pub(crate) struct ProxyArgs {
     /// ISTIO_META_DNS_CAPTURE).
     #[arg(long, env = "ISTIO_META_DNS_CAPTURE", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub(crate) dns_proxy: bool,
+    /// Dedicated mode: serve the workload's DNS proxy on this address (UDP and TCP; Istio's
+    /// DNS_PROXY_ADDR, e.g. `127.0.0.1:15053` or `localhost:15053`). Without it dedicated mode
+    /// serves no DNS (the address is the pod's to choose; in shared mode each pod gets
+    /// 127.0.0.1:15053 in its own namespace).
+    #[arg(long, env = "DNS_PROXY_ADDR", value_parser = parse_dns_addr, value_name = "ADDR")]
+    pub(crate) dns_proxy_addr: Option<SocketAddr>,
     /// Where the DNS proxy forwards names that are not the mesh's: the `nameserver` lines of
     /// this file (its `search` domains are added to each pod's own).
     #[arg(long, value_name = "PATH", default_value = "/etc/resolv.conf")]
@@ -313,4 +319,16 @@ fn url(value: Option<&str>, flag: &'static str) -> Result<Option<String>, Error>
             })
         })
         .transpose()
+}
+
+/// `IP:PORT` or `localhost:PORT` (as Istio writes DNS_PROXY_ADDR).
+fn parse_dns_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Some(port) = text.strip_prefix("localhost:") {
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("{port:?} is not a port"))?;
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    text.parse()
+        .map_err(|_| format!("expected IP:PORT or localhost:PORT, got {text:?}"))
 }

@@ -408,6 +408,30 @@ async fn run_dedicated(
             what: "starting the proxy".into(),
             source: std::io::Error::other(e),
         })?;
+    let dns_stop = CancellationToken::new();
+    if let (Some(addr), Some(dns)) = (args.dns_proxy_addr, dns_settings(&args)?) {
+        let bind_error = |e: std::io::Error| Error::Flag {
+            flag: "--dns-proxy-addr",
+            value: addr.to_string(),
+            reason: e.to_string(),
+        };
+        let udp = tokio::net::UdpSocket::bind(addr)
+            .await
+            .map_err(bind_error)?;
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(bind_error)?;
+        let server = proxy::dns::DnsServer::new(
+            store.clone(),
+            dns.config.clone(),
+            dns.upstream.clone(),
+            dns.asker(&namespace),
+            metrics.dns.clone(),
+        );
+        tokio::spawn(server.serve(udp, tcp, dns_stop.clone()));
+        info!(%addr, "DNS proxy serving the workload");
+    }
+    let _dns_stop = dns_stop.drop_guard();
     let dump_store = store.clone();
     let stop = operations(
         &args,
