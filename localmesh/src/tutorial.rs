@@ -4,8 +4,10 @@
 //!    an ingress gateway in `istio-system`, on two nodes; not in the mesh yet (calls go direct).
 //! 2. `label namespace default istio.io/dataplane-mode=ambient`: the node agents add each pod to
 //!    ambient; no app restarts (same PIDs).
-//! 3. `sleep` calls `http://web-api:8080/` 100 times: all succeed through the chain; both nodes'
-//!    access logs show the SPIFFE identities; the L4 metrics count the bytes.
+//! 3. `sleep` resolves `web-api.default.svc.cluster.local` through its resolver: the node agent's
+//!    DNS capture sends the query to the node proxy, which answers with the service's address.
+//!    Then `sleep` calls `http://web-api:8080/` 100 times: all succeed through the chain; both
+//!    nodes' access logs show the SPIFFE identities; the L4 metrics count the bytes.
 //! 4. `allow-nothing`: the calls fail, and so does the request through the gateway.
 //! 5. The three ALLOW policies: `sleep` and the gateway get through again, `notsleep` is denied,
 //!    and the proxy logs the denial with the source identity and why.
@@ -79,6 +81,73 @@ fn from_pod(
         .join()
         .map_err(|_| Error::Usage("the in-pod client panicked".into()))?
         .map_err(Error::Usage)
+}
+
+/// Asks pod `pod`'s nameserver (its `resolv.conf`'s), on port 53 from inside the pod's network
+/// namespace as its resolver would, for the `A` records of `name`: the server asked and the
+/// addresses answered.
+fn resolve_in_pod(
+    config: &Config,
+    mesh: &Mesh,
+    pod: &str,
+    name: &str,
+) -> Result<(std::net::IpAddr, Vec<std::net::IpAddr>), Error> {
+    use hickory_proto::op::{Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    let (plan, netns) = mesh::find_pod(config, mesh, pod)?;
+    let server: std::net::IpAddr = mesh
+        .resolv_conf(&plan.placement)
+        .lines()
+        .find_map(|l| l.strip_prefix("nameserver "))
+        .and_then(|ip| ip.trim().parse().ok())
+        .ok_or_else(|| Error::Usage(format!("pod {pod} has no nameserver")))?;
+    let mut query = Message::new();
+    query
+        .set_id(0x2929)
+        .set_message_type(MessageType::Query)
+        .set_op_code(OpCode::Query)
+        .set_recursion_desired(true)
+        .add_query(Query::query(
+            Name::from_ascii(format!("{name}."))
+                .map_err(|e| Error::Usage(format!("{name}: {e}")))?,
+            RecordType::A,
+        ));
+    let bytes = query
+        .to_vec()
+        .map_err(|e| Error::Usage(format!("encoding the query: {e}")))?;
+    let path = format!("/var/run/netns/{netns}");
+    let worker = std::thread::spawn(move || -> Result<Vec<u8>, String> {
+        let file = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("entering {path}: {e}"))?;
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        socket
+            .send_to(&bytes, (server, 53))
+            .map_err(|e| format!("sending to {server}:53: {e}"))?;
+        let mut buf = vec![0u8; 65535];
+        let (n, _) = socket
+            .recv_from(&mut buf)
+            .map_err(|e| format!("no answer from {server}:53: {e}"))?;
+        Ok(buf[..n].to_vec())
+    });
+    let reply = worker
+        .join()
+        .map_err(|_| Error::Usage("the in-pod resolver panicked".into()))?
+        .map_err(Error::Usage)?;
+    let reply = Message::from_vec(&reply)
+        .map_err(|e| Error::Usage(format!("the DNS answer does not parse: {e}")))?;
+    let addresses = reply
+        .answers()
+        .iter()
+        .filter_map(|r| match r.data() {
+            RData::A(a) => Some(std::net::IpAddr::V4(a.0)),
+            _ => None,
+        })
+        .collect();
+    Ok((server, addresses))
 }
 
 fn blocking_get(target: SocketAddr, host: &str) -> Outcome {
@@ -256,6 +325,26 @@ fn steps(config: &Config, cancel: &AtomicBool, out: Progress<'_>) -> Result<(), 
         format!("app processes changed: {pids_before:?} -> {pids_after:?}")
     })?;
 
+    out("step 3: sleep resolves web-api.default.svc.cluster.local through its node proxy");
+    let asked = "web-api.default.svc.cluster.local";
+    let resolved = resolve_in_pod(config, &mesh, "sleep", asked)?;
+    out(&format!(
+        "  sleep's resolver ({}:53) answered {asked} -> {} (the service's address is {})",
+        resolved.0,
+        resolved
+            .1
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        web_api.ip()
+    ));
+    check(3, resolved.1 == [web_api.ip()], || {
+        format!(
+            "the DNS answer was {:?}, not the service's address",
+            resolved.1
+        )
+    })?;
     out("step 3: sleep sends 100 requests to http://web-api:8080/");
     let web_node = mesh
         .pod("default", "web-api")
