@@ -301,6 +301,24 @@ fn what_is_not_ours_is_forwarded() {
         None
     );
     assert_eq!(ask("private.shop.svc.cluster.local.", RecordType::A), None);
+    // A ServiceEntry host without addresses is the upstream's to answer (a Kubernetes headless
+    // service is ours: its endpoints).
+    let mut state = state();
+    state.insert_address(Address::Service(service(
+        "no-vip",
+        "default",
+        "novip.example.net",
+        &[],
+    )));
+    assert_eq!(
+        ask_with(
+            &state,
+            &DnsConfig::default(),
+            "novip.example.net.",
+            RecordType::A
+        ),
+        None
+    );
 }
 
 #[test]

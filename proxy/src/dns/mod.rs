@@ -14,8 +14,10 @@
 //!   answer found so starts with a CNAME from the asked name to the stripped one);
 //!
 //! each alias also as wildcards (`*.example.com` answers `www.example.com`, `*.com` too). A
-//! service is seen by every asker unless its visibility is its namespace's. Its addresses are its
-//! VIPs, or for a headless service its healthy endpoints' addresses; `A` takes the IPv4 ones,
+//! service is seen by every asker unless its visibility is its namespace's, and a service without
+//! VIPs counts only when it is a Kubernetes headless service (its host under `.svc.<domain>`; a
+//! ServiceEntry without addresses is forwarded). Its addresses are its VIPs, or for a headless
+//! service its healthy endpoints' addresses; `A` takes the IPv4 ones,
 //! `AAAA` the IPv6 ones (none when IPv6 is off or the service is IPv4-only, and the converse):
 //! a service found with no address of the asked family is answered with no records (NOERROR,
 //! not NXDOMAIN: the name exists). The answer is authoritative, with the configured TTL.
@@ -294,7 +296,7 @@ fn find(
     for alias in aliases(asked, asker, config) {
         let candidates: Vec<String> = wildcards(&alias.name).collect();
         for candidate in candidates {
-            if let Some(service) = best(state, asker, &candidate) {
+            if let Some(service) = best(state, asker, config, &candidate) {
                 return Some((service, alias));
             }
         }
@@ -302,11 +304,15 @@ fn find(
     None
 }
 
-/// Among the services named `host` that `asker` may see: the canonical one, else one in the
-/// asker's namespace, else the first by namespace.
-fn best(state: &State, asker: &Asker, host: &str) -> Option<Arc<Service>> {
+/// Among the services named `host` that `asker` may see and that have addresses to give (a VIP,
+/// or a Kubernetes headless service: its host under `.svc.<domain>`; a ServiceEntry without
+/// addresses is left to the upstream, as Istio's ztunnel leaves it): the canonical one, else
+/// one in the asker's namespace, else the first by namespace.
+fn best(state: &State, asker: &Asker, config: &DnsConfig, host: &str) -> Option<Arc<Service>> {
+    let kubernetes = format!(".svc.{}", config.cluster_domain.trim_end_matches('.'));
     let mut visible: Vec<&Arc<Service>> = state
         .services_named(host)
+        .filter(|s| !s.addresses.is_empty() || s.hostname.ends_with(&kubernetes))
         .filter(|s| s.visibility == Visibility::Public || s.namespace == asker.namespace)
         .collect();
     visible.sort_by(|a, b| {
