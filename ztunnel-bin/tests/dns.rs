@@ -110,7 +110,16 @@ fn a_captured_pods_dns_is_answered_by_the_node_proxy() {
     let stats = proxy.stats;
     let log = proxy.log.clone();
     let _proxy = Running(proxy.child);
-    wait("the proxy serves DNS in the pod", || listens(sleep, 15053));
+    let start = std::time::Instant::now();
+    while !listens(sleep, 15053) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the proxy does not serve DNS in the pod\nagent:\n{}\nproxy:\n{}",
+            std::fs::read_to_string(dir.0.join("agent.log")).unwrap_or_default(),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // Names of the mesh, in each form a pod's resolver sends, over UDP and TCP.
     let mut answered = String::new();
     for _ in 0..50 {

@@ -343,6 +343,19 @@ pub fn start_proxy_with(
     tag: &str,
     extra: &[&str],
 ) -> Proxy {
+    // Started once the control plane has written the node's token: before it, the proxy's xDS
+    // client fails and backs off (up to 15 s) before it tries again, which a loaded machine
+    // turns into a test timing out.
+    let token = dir.join(".node-tokens/node-a.token");
+    let start = Instant::now();
+    while !token.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the control plane never wrote {}",
+            token.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let (admin, stats, readiness) = (free_port(), free_port(), free_port());
     let log = dir.join(format!("proxy-{tag}.log"));
     let child = ztunnel()
