@@ -233,7 +233,13 @@ fn a_headless_service_answers_its_healthy_endpoints() {
         &[],
     )));
     let pod = |uid: &str, ip: &str, healthy: bool| -> Workload {
-        let mut w: Workload = serde_free_workload(uid, ip);
+        let mut w = Workload::new(
+            uid,
+            uid,
+            "default",
+            "spiffe://cluster.local/ns/default/sa/db".parse().unwrap(),
+        );
+        w.addresses = vec![ip.parse().unwrap()];
         w.healthy = healthy;
         w.services
             .insert("default/db.default.svc.cluster.local".into(), Vec::new());
@@ -254,37 +260,6 @@ fn a_headless_service_answers_its_healthy_endpoints() {
             "db.default.svc.cluster.local. A 10.244.0.7",
         ])
     );
-}
-
-/// A workload with only what the DNS answer reads set meaningfully.
-fn serde_free_workload(uid: &str, ip: &str) -> xds_client::resources::Workload {
-    use xds_client::resources::{NetworkMode, Tunnel, Workload, WorkloadType};
-    Workload {
-        uid: uid.into(),
-        name: uid.into(),
-        namespace: "default".into(),
-        addresses: vec![ip.parse().unwrap()],
-        network: String::new(),
-        tunnel: Tunnel::Hbone,
-        identity: "spiffe://cluster.local/ns/default/sa/db".parse().unwrap(),
-        node: "node-a".into(),
-        canonical_name: "db".into(),
-        canonical_revision: "latest".into(),
-        workload_type: WorkloadType::Pod,
-        workload_name: uid.into(),
-        authorization_policies: Vec::new(),
-        healthy: true,
-        cluster_id: "Kubernetes".into(),
-        hostname: String::new(),
-        services: Default::default(),
-        waypoint: None,
-        network_gateway: None,
-        network_mode: NetworkMode::Standard,
-        locality: Default::default(),
-        capacity: 1,
-        native_tunnel: false,
-        application_tunnel: None,
-    }
 }
 
 #[test]

@@ -1,7 +1,6 @@
 //! The outbound route decision: a table of the cases Istio's ztunnel distinguishes, and a
 //! property test against an independent, naive oracle over random states and destinations.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -19,34 +18,23 @@ fn ip(text: &str) -> IpAddr {
 }
 
 fn workload(uid: &str, addr: &str, sa: &str) -> Workload {
-    Workload {
-        uid: uid.into(),
-        name: uid.into(),
-        namespace: "default".into(),
-        addresses: vec![ip(addr)],
-        network: String::new(),
-        tunnel: Tunnel::Hbone,
-        identity: format!("spiffe://cluster.local/ns/default/sa/{sa}")
+    let mut w = Workload::new(
+        uid,
+        uid,
+        "default",
+        format!("spiffe://cluster.local/ns/default/sa/{sa}")
             .parse()
             .unwrap(),
-        node: "node-a".into(),
-        canonical_name: uid.into(),
-        canonical_revision: "latest".into(),
-        workload_type: WorkloadType::Pod,
-        workload_name: uid.into(),
-        authorization_policies: vec![],
-        healthy: true,
-        cluster_id: "Kubernetes".into(),
-        hostname: String::new(),
-        services: BTreeMap::new(),
-        waypoint: None,
-        network_gateway: None,
-        network_mode: NetworkMode::Standard,
-        locality: Default::default(),
-        capacity: 1,
-        native_tunnel: false,
-        application_tunnel: None,
-    }
+    );
+    w.addresses = vec![ip(addr)];
+    w.tunnel = Tunnel::Hbone;
+    w.node = "node-a".into();
+    w.canonical_name = uid.into();
+    w.canonical_revision = "latest".into();
+    w.workload_type = WorkloadType::Pod;
+    w.workload_name = uid.into();
+    w.cluster_id = "Kubernetes".into();
+    w
 }
 
 fn member(mut w: Workload, service: &str, ports: &[(u16, u16)]) -> Workload {

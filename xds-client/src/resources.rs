@@ -97,6 +97,38 @@ pub struct Workload {
 }
 
 impl Workload {
+    /// The workload a resource naming only `uid`, `name`, `namespace` and `identity` decodes to:
+    /// no addresses, plain TCP, a healthy Deployment with capacity 1, everything else empty.
+    /// For building workloads by hand (tests, embedders); set the other fields after.
+    pub fn new(uid: &str, name: &str, namespace: &str, identity: SpiffeId) -> Self {
+        Workload {
+            uid: uid.to_owned(),
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+            addresses: Vec::new(),
+            network: String::new(),
+            tunnel: Tunnel::None,
+            identity,
+            node: String::new(),
+            canonical_name: String::new(),
+            canonical_revision: String::new(),
+            workload_type: WorkloadType::Deployment,
+            workload_name: String::new(),
+            authorization_policies: Vec::new(),
+            healthy: true,
+            cluster_id: String::new(),
+            hostname: String::new(),
+            services: BTreeMap::new(),
+            waypoint: None,
+            network_gateway: None,
+            network_mode: NetworkMode::default(),
+            locality: Locality::default(),
+            capacity: 1,
+            native_tunnel: false,
+            application_tunnel: None,
+        }
+    }
+
     /// Whether it is in the mesh and reached over HBONE.
     pub fn hbone(&self) -> bool {
         self.tunnel == Tunnel::Hbone

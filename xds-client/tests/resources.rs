@@ -454,3 +454,26 @@ fn values_of_the_new_fields_that_mean_nothing_are_rejected_with_the_field() {
     });
     assert!(e.contains("weighted_waypoints[0]: no destination"), "{e}");
 }
+
+/// `Workload::new` is what a resource with only those fields decodes to.
+#[test]
+fn a_workload_built_by_hand_is_what_a_minimal_resource_decodes_to() {
+    let Address::Workload(decoded) = from_istiod(pb::address::Type::Workload(pb::Workload {
+        uid: "u1".into(),
+        name: "web-0".into(),
+        namespace: "default".into(),
+        trust_domain: "cluster.local".into(),
+        service_account: "web".into(),
+        ..Default::default()
+    }))
+    .unwrap() else {
+        panic!("not a workload")
+    };
+    let built = Workload::new(
+        "u1",
+        "web-0",
+        "default",
+        "spiffe://cluster.local/ns/default/sa/web".parse().unwrap(),
+    );
+    assert_eq!(built, decoded);
+}

@@ -390,7 +390,7 @@ pub fn fuzz_query(data: &[u8]) {
 /// A state with one service of each kind (VIP, headless, wildcard ServiceEntry host, namespace
 /// visibility), for the fuzz target and its seed test.
 fn fuzz_state() -> State {
-    use xds_client::resources::{Address, NetworkMode, Tunnel, Workload, WorkloadType};
+    use xds_client::resources::{Address, Workload};
     let mut state = State::new("istio-system");
     let service = |name: &str, ns: &str, host: &str, vips: &[&str]| Service {
         name: name.into(),
@@ -420,34 +420,15 @@ fn fuzz_state() -> State {
         "*.example.com",
         &["240.240.0.1"],
     )));
-    let mut w = Workload {
-        uid: "db-0".into(),
-        name: "db-0".into(),
-        namespace: "default".into(),
-        addresses: vec!["10.244.0.7".parse().expect("an address")],
-        network: String::new(),
-        tunnel: Tunnel::Hbone,
-        identity: "spiffe://cluster.local/ns/default/sa/db"
+    let mut w = Workload::new(
+        "db-0",
+        "db-0",
+        "default",
+        "spiffe://cluster.local/ns/default/sa/db"
             .parse()
             .expect("an identity"),
-        node: "node-a".into(),
-        canonical_name: "db".into(),
-        canonical_revision: "latest".into(),
-        workload_type: WorkloadType::Pod,
-        workload_name: "db-0".into(),
-        authorization_policies: Vec::new(),
-        healthy: true,
-        cluster_id: "Kubernetes".into(),
-        hostname: String::new(),
-        services: Default::default(),
-        waypoint: None,
-        network_gateway: None,
-        network_mode: NetworkMode::Standard,
-        locality: Default::default(),
-        capacity: 1,
-        native_tunnel: false,
-        application_tunnel: None,
-    };
+    );
+    w.addresses = vec!["10.244.0.7".parse().expect("an address")];
     w.services
         .insert("default/db.default.svc.cluster.local".into(), Vec::new());
     state.insert_address(Address::Workload(w));
