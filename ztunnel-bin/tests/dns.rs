@@ -9,8 +9,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::{
-    Fabric, Netns, Running, TempDir, ca_init, free_port, http_get, listens, plaintext_controlplane,
-    python, start_proxy_with, wait, ztunnel,
+    Fabric, Netns, Running, TempDir, ca_init, dedicated_proxy, free_port, http_get, listens,
+    plaintext_controlplane, python, start_proxy_with, wait, ztunnel,
 };
 
 /// Asks 127.0.0.1:15053 in `ns` over UDP (or TCP) for the A record of `name`; prints
@@ -181,35 +181,22 @@ fn dedicated_mode_serves_dns_on_dns_proxy_addr() {
     .unwrap();
     let resolv = dir.0.join("resolv.conf");
     std::fs::write(&resolv, "").unwrap();
-    let certs = dir.0.join("sleep");
     let _proxy = Running(
-        std::process::Command::new("ip")
-            .args(["netns", "exec", &ns.0])
-            .arg(ztunnel().get_program())
-            .args([
-                "proxy",
-                "--mode",
-                "dedicated",
-                "--workload",
-                "default/sleep/sleep",
-            ])
-            .arg("--local-manifests")
-            .arg(dir.0.join("mesh.yaml"))
-            .arg("--cert")
-            .arg(certs.join("cert-chain.pem"))
-            .arg("--key")
-            .arg(certs.join("key.pem"))
-            .arg("--ca")
-            .arg(certs.join("root-cert.pem"))
-            .arg("--dns-resolv-conf")
-            .arg(&resolv)
-            // Istio's form of the address.
-            .env("DNS_PROXY_ADDR", "localhost:15053")
-            .env("NODE_NAME", "node-a")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.0.join("proxy.log")).unwrap())
-            .spawn()
-            .unwrap(),
+        dedicated_proxy(
+            &ns,
+            &dir.0.join("mesh.yaml"),
+            &dir.0.join("sleep"),
+            "sleep",
+            "node-a",
+        )
+        .arg("--dns-resolv-conf")
+        .arg(&resolv)
+        // Istio's form of the address.
+        .env("DNS_PROXY_ADDR", "localhost:15053")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.0.join("proxy.log")).unwrap())
+        .spawn()
+        .unwrap(),
     );
     wait("the dedicated proxy serves DNS", || listens(&ns, 15053));
     assert_eq!(dig(&ns, "web-api", false), "0 10.96.7.8");

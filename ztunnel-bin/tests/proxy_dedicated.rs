@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Netns, Running, TempDir, call, python, run, veth, wait, ztunnel};
+use common::{Netns, Running, TempDir, call, dedicated_proxy, python, run, veth, wait};
 
 fn ready(ns: &Netns) -> bool {
     let out = python(
@@ -28,23 +28,9 @@ fn issue(ca: &identity::DevCa, sa: &str, dir: &Path) {
 }
 
 fn proxy(ns: &Netns, dir: &Path, sa: &str, node: &str, log: &Path) -> Running {
-    let certs = dir.join(sa);
     let stderr = std::fs::File::create(log).unwrap();
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &ns.0])
-        .arg(ztunnel().get_program())
-        .args(["proxy", "--mode", "dedicated", "--workload"])
-        .arg(format!("default/{sa}/{sa}"))
-        .arg("--local-manifests")
-        .arg(dir.join("mesh.yaml"))
-        .arg("--cert")
-        .arg(certs.join("cert-chain.pem"))
-        .arg("--key")
-        .arg(certs.join("key.pem"))
-        .arg("--ca")
-        .arg(certs.join("root-cert.pem"))
-        .env("NODE_NAME", node)
-        .env("ZTUNNEL_WORKER_THREADS", "1")
+    let mut cmd = dedicated_proxy(ns, &dir.join("mesh.yaml"), &dir.join(sa), sa, node);
+    cmd.env("ZTUNNEL_WORKER_THREADS", "1")
         .env("CONNECTION_TERMINATION_DEADLINE", "10s")
         .stdout(Stdio::null())
         .stderr(stderr);

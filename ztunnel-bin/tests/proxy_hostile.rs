@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Netns, Running, TempDir, python, veth, wait, ztunnel};
+use common::{Netns, Running, TempDir, dedicated_proxy, python, veth, wait};
 use hbone::{Config, Pool, StaticTls};
 use http::HeaderMap;
 use raw::*;
@@ -78,31 +78,18 @@ async fn the_proxys_port_15008_holds_against_hostile_peers() {
             .spawn()
             .unwrap(),
     );
-    let certs = dir.0.join("web-api");
     let proxy = Running(
-        Command::new("ip")
-            .args(["netns", "exec", &ns.0])
-            .arg(ztunnel().get_program())
-            .args([
-                "proxy",
-                "--mode",
-                "dedicated",
-                "--workload",
-                "default/web-api/web-api",
-            ])
-            .arg("--local-manifests")
-            .arg(dir.0.join("mesh.yaml"))
-            .arg("--cert")
-            .arg(certs.join("cert-chain.pem"))
-            .arg("--key")
-            .arg(certs.join("key.pem"))
-            .arg("--ca")
-            .arg(certs.join("root-cert.pem"))
-            .env("NODE_NAME", "node-b")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+        dedicated_proxy(
+            &ns,
+            &dir.0.join("mesh.yaml"),
+            &dir.0.join("web-api"),
+            "web-api",
+            "node-b",
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
     );
     let pid = proxy.0.id();
     wait("the proxy's readiness", || {

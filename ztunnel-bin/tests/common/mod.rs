@@ -471,3 +471,30 @@ pub fn has_capture_rules(ns: &Netns) -> bool {
         .unwrap();
     String::from_utf8_lossy(&out.stdout).contains("redirect to :15001")
 }
+
+/// `ztunnel proxy --mode dedicated` for `default/SA/SA` on `node`, run in `ns`, with the mesh of
+/// `manifests` and the certificate files of `certs` (`cert-chain.pem`, `key.pem`,
+/// `root-cert.pem`); the caller adds its own flags, environment and output.
+pub fn dedicated_proxy(
+    ns: &Netns,
+    manifests: &Path,
+    certs: &Path,
+    sa: &str,
+    node: &str,
+) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.0])
+        .arg(ztunnel().get_program())
+        .args(["proxy", "--mode", "dedicated", "--workload"])
+        .arg(format!("default/{sa}/{sa}"))
+        .arg("--local-manifests")
+        .arg(manifests)
+        .arg("--cert")
+        .arg(certs.join("cert-chain.pem"))
+        .arg("--key")
+        .arg(certs.join("key.pem"))
+        .arg("--ca")
+        .arg(certs.join("root-cert.pem"))
+        .env("NODE_NAME", node);
+    cmd
+}
