@@ -282,6 +282,27 @@ impl AgentStatus {
     }
 }
 
+/// Why [`NodeAgent::hand_back`] did not finish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandBackError {
+    /// The pod source could not list the pods (a Kubernetes source that has not listed yet):
+    /// nothing was changed.
+    Source(String),
+    /// These pods' rules could not be removed (one line each).
+    Pods(Vec<String>),
+}
+
+impl std::fmt::Display for HandBackError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandBackError::Source(e) => write!(f, "the pod source cannot list the pods: {e}"),
+            HandBackError::Pods(errors) => f.write_str(&errors.join("; ")),
+        }
+    }
+}
+
+impl std::error::Error for HandBackError {}
+
 /// The probe rewrite and what the agent last put in place.
 struct Probes {
     snat: ProbeSnat,
@@ -360,9 +381,10 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
     /// Hands the node back (to istio-cni): removes our rules from every pod of this node the
     /// source lists whose namespace can be found (whether or not it is captured now), tells the
     /// handoff each captured pod is gone, and removes the node-level rules. Returns how many
-    /// pods were gone through; the errors met (each pod is tried).
-    pub fn hand_back(&mut self) -> Result<usize, Vec<String>> {
-        let mut pods = self.source.pods().map_err(|e| vec![e])?;
+    /// pods were gone through, or why not: the source could not list the pods (nothing was
+    /// done; try again), or the pods whose rules could not be removed (every pod is tried).
+    pub fn hand_back(&mut self) -> Result<usize, HandBackError> {
+        let mut pods = self.source.pods().map_err(HandBackError::Source)?;
         pods.retain(|p| p.node == self.node);
         // Every pod of the node, whatever its labels say now: look for each one's namespace
         // (an empty selector matches every pod; sidecars' pods are looked at too).
@@ -404,7 +426,7 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
         if errors.is_empty() {
             Ok(released)
         } else {
-            Err(errors)
+            Err(HandBackError::Pods(errors))
         }
     }
 

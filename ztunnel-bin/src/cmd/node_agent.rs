@@ -10,7 +10,8 @@ use std::time::Duration;
 use common::k8s::parse_enablement_selectors;
 use controlplane::{Manifests, NETNS_ANNOTATION};
 use redirect::agent::{
-    AgentStatus, Enablement, Handoff, NetnsLookup, NoHandoff, NodeAgent, PodInfo, PodSource,
+    AgentStatus, Enablement, HandBackError, Handoff, NetnsLookup, NoHandoff, NodeAgent, PodInfo,
+    PodSource,
 };
 use redirect::cni::install::{
     ISTIO_CNI_TYPE, KUBECONFIG_NAME, add_enablement, chain, install_binary, keep_chained,
@@ -565,11 +566,7 @@ async fn hand_back<S: PodSource + 'static, H: Handoff + 'static>(
         let start = std::time::Instant::now();
         loop {
             match agent.hand_back() {
-                Err(errors)
-                    if start.elapsed() < Duration::from_secs(30)
-                        && errors.len() == 1
-                        && !errors[0].starts_with("pod ") =>
-                {
+                Err(HandBackError::Source(_)) if start.elapsed() < Duration::from_secs(30) => {
                     std::thread::sleep(Duration::from_millis(250));
                 }
                 outcome => return outcome,
@@ -589,10 +586,10 @@ async fn hand_back<S: PodSource + 'static, H: Handoff + 'static>(
             );
             Ok(())
         }
-        Err(errors) => Err(Error::Flag {
+        Err(e) => Err(Error::Flag {
             flag: "--hand-back",
             value: args.node.clone(),
-            reason: errors.join("; "),
+            reason: e.to_string(),
         }),
     }
 }
