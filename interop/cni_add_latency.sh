@@ -25,6 +25,7 @@ trap cleanup EXIT
 ip netns add "$NODE"
 ip -n "$NODE" link set lo up
 in_node() { ip netns exec "$NODE" "$@"; }
+source "$REPO/interop/lib.sh"
 
 mkdir -p "$WORK/cp" "$WORK/agent"
 printf 'apiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {istio.io/dataplane-mode: ambient}}\n' \
@@ -42,17 +43,7 @@ ROOT="$WORK/cp/.ca/root-cert.pem" TOKEN="$WORK/cp/.node-tokens/node-a.token"
 proxy() { # ours|istio
   local bin=("$OUR_BIN" proxy ztunnel)
   [ "$1" = istio ] && bin=("$ZTUNNEL_BIN" proxy ztunnel)
-  ip netns exec "$NODE" unshare --mount --propagation private bash -c '
-    mkdir -p /var/run/secrets/tokens /var/run/secrets/istio
-    mount -t tmpfs tmpfs /var/run/secrets/tokens && cp "$1" /var/run/secrets/tokens/istio-token
-    mount -t tmpfs tmpfs /var/run/secrets/istio && cp "$2" /var/run/secrets/istio/root-cert.pem
-    sock="$3"; shift 3
-    cd /
-    exec env -i PATH=/usr/bin:/bin HOME=/root RUST_LOG=warn \
-      XDS_ADDRESS=127.0.0.1:15012 CA_ADDRESS=127.0.0.1:15012 FAKE_CA=true \
-      ISTIO_META_CLUSTER_ID=Kubernetes NODE_NAME=node-a POD_NAME=ztunnel-x POD_NAMESPACE=istio-system \
-      INSTANCE_IP=127.0.0.1 SERVICE_ACCOUNT=ztunnel INPOD_ENABLED=true \
-      INPOD_UDS="$sock" ZTUNNEL_WORKER_THREADS=1 "$@"' _ "$TOKEN" "$ROOT" "$WORK/ztunnel.sock" "${bin[@]}" \
+  chart_proxy "$NODE" "$TOKEN" "$ROOT" "$WORK/ztunnel.sock" warn "${bin[@]}" \
     >"$WORK/proxy-$1.log" 2>&1 &
 }
 

@@ -42,6 +42,7 @@ ip -n "$NODE" link set "v$$" up
 ip -n "$POD" addr add 10.79.0.2/24 dev eth0
 ip -n "$POD" link set eth0 up
 in_node() { ip netns exec "$NODE" "$@"; }
+source "$REPO/interop/lib.sh"
 
 FAILED=0
 pass() { echo "PASS: $1"; }
@@ -91,16 +92,7 @@ if ip netns exec "$POD" iptables-save -t nat | grep -q ZTUNNEL_; then pass "the 
 
 # 2. Istio's ztunnel, as its chart runs it, taking pods from our agent.
 ROOT="$WORK/cp/.ca/root-cert.pem" TOKEN="$WORK/cp/.node-tokens/node-a.token"
-ip netns exec "$NODE" unshare --mount --propagation private bash -c '
-  mkdir -p /var/run/secrets/tokens /var/run/secrets/istio
-  mount -t tmpfs tmpfs /var/run/secrets/tokens && cp "$1" /var/run/secrets/tokens/istio-token
-  mount -t tmpfs tmpfs /var/run/secrets/istio && cp "$2" /var/run/secrets/istio/root-cert.pem
-  cd /
-  exec env -i PATH=/usr/bin:/bin HOME=/root RUST_LOG=info \
-    XDS_ADDRESS=127.0.0.1:15012 CA_ADDRESS=127.0.0.1:15012 FAKE_CA=true \
-    ISTIO_META_CLUSTER_ID=Kubernetes NODE_NAME=node-a POD_NAME=ztunnel-x POD_NAMESPACE=istio-system \
-    INSTANCE_IP=127.0.0.1 SERVICE_ACCOUNT=ztunnel INPOD_ENABLED=true \
-    INPOD_UDS="$3" ZTUNNEL_WORKER_THREADS=1 "$4" proxy ztunnel' _ "$TOKEN" "$ROOT" "$WORK/ztunnel.sock" "$ZTUNNEL_BIN" \
+chart_proxy "$NODE" "$TOKEN" "$ROOT" "$WORK/ztunnel.sock" info "$ZTUNNEL_BIN" proxy ztunnel \
   >"$WORK/istio.log" 2>&1 &
 if wait "$ADD"; then pass "ADD returned success once Istio's ztunnel came"; else fail "ADD failed: $(cat "$WORK/add.out")"; fi
 if serves; then pass "Istio's ztunnel serves the pod when ADD returns"; else fail "ADD returned but Istio's ztunnel does not serve the pod"; fi

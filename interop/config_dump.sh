@@ -23,6 +23,7 @@ cleanup() {
   ip netns del "$NS" 2>/dev/null || true
 }
 trap cleanup EXIT
+source "$REPO/interop/lib.sh"
 ip netns add "$NS"
 ip -n "$NS" link set lo up
 in_ns() { ip netns exec "$NS" "$@"; }
@@ -101,18 +102,7 @@ TOKEN="$WORK/manifests/.node-tokens/node-a.token"
 # and stops it.
 dump() {
   local name="$1"; shift
-  ip netns exec "$NS" unshare --mount --propagation private bash -c '
-    mkdir -p /var/run/secrets/tokens /var/run/secrets/istio
-    mount -t tmpfs tmpfs /var/run/secrets/tokens && cp "$1" /var/run/secrets/tokens/istio-token
-    mount -t tmpfs tmpfs /var/run/secrets/istio && cp "$2" /var/run/secrets/istio/root-cert.pem
-    shift 2
-    # Istio'"'"'s defaults are relative to the working directory, which is / in its image.
-    cd /
-    exec env -i PATH=/usr/bin:/bin HOME=/root RUST_LOG=info \
-      XDS_ADDRESS=127.0.0.1:15012 CA_ADDRESS=127.0.0.1:15012 FAKE_CA=true \
-      ISTIO_META_CLUSTER_ID=Kubernetes NODE_NAME=node-a POD_NAME=ztunnel-x POD_NAMESPACE=istio-system \
-      INSTANCE_IP=127.0.0.1 SERVICE_ACCOUNT=ztunnel TERMINATION_GRACE_PERIOD_SECONDS=6 \
-      INPOD_UDS=/tmp/'"$NS"'.sock ZTUNNEL_WORKER_THREADS=1 "$@"' _ "$TOKEN" "$ROOT" "$@" \
+  chart_proxy "$NS" "$TOKEN" "$ROOT" "/tmp/$NS.sock" info env TERMINATION_GRACE_PERIOD_SECONDS=6 "$@" \
     >"$WORK/$name.log" 2>&1 &
   disown
   for _ in $(seq 100); do
