@@ -4,7 +4,8 @@
 //!
 //! - An HTTP app answers `GET` with its name; with an upstream, it first calls the upstream and
 //!   appends the answer (`web-api -> recommendation -> purchase-history`), or answers 502 naming
-//!   the upstream that failed.
+//!   the upstream that failed. `GET /whoami` answers `remote=IP:PORT` (IPv6 in brackets), the
+//!   address the connection came from as the app sees it, without calling the upstream.
 //! - A gateway forwards a request whose `Host` it has a route for to that route's URL and relays
 //!   the status and body; 404 for other hosts.
 
@@ -120,7 +121,7 @@ pub enum Behaviour {
 pub async fn serve(addr: SocketAddr, behaviour: Behaviour) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     loop {
-        let (mut stream, _) = match listener.accept().await {
+        let (mut stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(_) => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -131,7 +132,7 @@ pub async fn serve(addr: SocketAddr, behaviour: Behaviour) -> std::io::Result<()
         tokio::spawn(async move {
             let answer =
                 match tokio::time::timeout(Duration::from_secs(5), read_head(&mut stream)).await {
-                    Ok(Ok((path, host))) => respond(&behaviour, &path, &host).await,
+                    Ok(Ok((path, host))) => respond(&behaviour, &path, &host, peer).await,
                     _ => Answer {
                         status: 400,
                         body: "bad request\n".into(),
@@ -155,8 +156,16 @@ pub async fn serve(addr: SocketAddr, behaviour: Behaviour) -> std::io::Result<()
     }
 }
 
-async fn respond(behaviour: &Behaviour, path: &str, host: &str) -> Answer {
+async fn respond(behaviour: &Behaviour, path: &str, host: &str, peer: SocketAddr) -> Answer {
     match behaviour {
+        Behaviour::Http { .. } if path == "/whoami" => Answer {
+            status: 200,
+            // An IPv4 client of a dual-stack listener shows as itself, not as ::ffff:a.b.c.d.
+            body: format!(
+                "remote={}\n",
+                SocketAddr::new(peer.ip().to_canonical(), peer.port())
+            ),
+        },
         Behaviour::Http { name, upstream } => match upstream {
             None => Answer {
                 status: 200,
@@ -305,5 +314,10 @@ mod tests {
         let a = get(&format!("http://{lonely}/"), None, t).await.unwrap();
         assert_eq!(a.status, 502);
         assert!(a.body.contains("upstream"), "{}", a.body);
+        // `/whoami` names the caller and never calls the (broken) upstream.
+        let mut stream = TcpStream::connect(lonely).await.unwrap();
+        let me = stream.local_addr().unwrap();
+        let a = exchange(&mut stream, "lonely", "/whoami").await.unwrap();
+        assert_eq!((a.status, a.body), (200, format!("remote={me}\n")));
     }
 }

@@ -7,7 +7,9 @@
 //! 3. `sleep` resolves `web-api.default.svc.cluster.local` through its resolver: the node agent's
 //!    DNS capture sends the query to the node proxy, which answers with the service's address.
 //!    Then `sleep` calls `http://web-api:8080/` 100 times: all succeed through the chain; both
-//!    nodes' access logs show the SPIFFE identities; the L4 metrics count the bytes.
+//!    nodes' access logs show the SPIFFE identities; the L4 metrics count the bytes. `sleep`
+//!    calls `http://web-api:8080/whoami`: web-api sees the connection come from sleep's own pod
+//!    address (the node proxy connects to the app from the client's address).
 //! 4. `allow-nothing`: the calls fail, and so does the request through the gateway.
 //! 5. The three ALLOW policies: `sleep` and the gateway get through again, `notsleep` is denied,
 //!    and the proxy logs the denial with the source identity and why.
@@ -68,14 +70,28 @@ fn from_pod(
     host: &str,
     n: usize,
 ) -> Result<Vec<Outcome>, Error> {
+    get_from_pod(config, mesh, pod, (target, host, "/"), n)
+}
+
+/// `n` GETs of (address, Host, path) from inside pod `pod`'s network namespace.
+fn get_from_pod(
+    config: &Config,
+    mesh: &Mesh,
+    pod: &str,
+    (target, host, request_path): (SocketAddr, &str, &str),
+    n: usize,
+) -> Result<Vec<Outcome>, Error> {
     let (_, netns) = mesh::find_pod(config, mesh, pod)?;
     let path = format!("/var/run/netns/{netns}");
     let host = host.to_owned();
+    let request_path = request_path.to_owned();
     let worker = std::thread::spawn(move || -> Result<Vec<Outcome>, String> {
         let file = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
         nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
             .map_err(|e| format!("entering {path}: {e}"))?;
-        Ok((0..n).map(|_| blocking_get(target, &host)).collect())
+        Ok((0..n)
+            .map(|_| blocking_get(target, &host, &request_path))
+            .collect())
     });
     worker
         .join()
@@ -150,13 +166,13 @@ fn resolve_in_pod(
     Ok((server, addresses))
 }
 
-fn blocking_get(target: SocketAddr, host: &str) -> Outcome {
+fn blocking_get(target: SocketAddr, host: &str, path: &str) -> Outcome {
     use std::io::{Read as _, Write as _};
     let mut s = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(3))
         .map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
-    s.write_all(crate::app::request(host, "/").as_bytes())
+    s.write_all(crate::app::request(host, path).as_bytes())
         .map_err(|e| format!("send: {e}"))?;
     let mut bytes = Vec::new();
     s.read_to_end(&mut bytes)
@@ -437,6 +453,32 @@ fn steps(config: &Config, cancel: &AtomicBool, out: Progress<'_>) -> Result<(), 
         || format!("metrics do not count the traffic: {counted:?}"),
     )?;
 
+    out("step 3: sleep calls http://web-api:8080/whoami: whom does web-api see?");
+    let pod_ip = |name: &str| {
+        mesh.pod("default", name)
+            .map(|p| std::net::IpAddr::from(p.placement.ip))
+    };
+    let (sleep_ip, web_api_ip) = (pod_ip("sleep"), pod_ip("web-api"));
+    let whoami = get_from_pod(config, &mesh, "sleep", (web_api, "web-api", "/whoami"), 1)?;
+    let seen = match whoami.first() {
+        Some(Ok(a)) if a.status == 200 => a.body.trim().to_owned(),
+        Some(Ok(a)) => format!("HTTP {}: {}", a.status, a.body.trim()),
+        Some(Err(e)) => e.clone(),
+        None => String::new(),
+    };
+    let seen_ip = seen
+        .strip_prefix("remote=")
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+        .map(|a| a.ip());
+    out(&format!(
+        "  web-api answered \"{seen}\" (sleep is {}, web-api itself {})",
+        sleep_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        web_api_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+    ));
+    check(3, seen_ip.is_some() && seen_ip == sleep_ip, || {
+        format!("web-api did not see sleep's own address: {seen}")
+    })?;
+
     out("step 4: ztunnel local apply -f allow-nothing.yaml");
     let (denied, outcomes) = apply_then_call(
         config,
@@ -515,7 +557,7 @@ fn steps(config: &Config, cancel: &AtomicBool, out: Progress<'_>) -> Result<(), 
 
 /// `curl -H "Host: istioexplained.io" http://GATEWAY_IP/` from the host, reported.
 fn gateway_get(addr: SocketAddr, out: Progress<'_>) -> Outcome {
-    let outcome = blocking_get(addr, "istioexplained.io");
+    let outcome = blocking_get(addr, "istioexplained.io", "/");
     out(&format!(
         "  curl -H \"Host: istioexplained.io\" http://{}/ -> {}",
         addr.ip(),

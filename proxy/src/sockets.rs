@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use nix::sys::socket::{getsockopt, setsockopt, sockopt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -56,6 +56,20 @@ pub trait Connector: Send + Sync + 'static {
     /// Connects to `to`. The stream comes with `TCP_NODELAY` set (callers do not set it again:
     /// one system call per connection less).
     fn connect(&self, to: SocketAddr) -> impl Future<Output = io::Result<TcpStream>> + Send;
+
+    /// Connects to the app at `to` for a client at `client`. A connector that preserves the
+    /// client's address (the in-pod one) connects from `client`; the others, as [`connect`]
+    /// (from their own address), which is what they are documented to do.
+    ///
+    /// [`connect`]: Connector::connect
+    fn connect_app(
+        &self,
+        client: IpAddr,
+        to: SocketAddr,
+    ) -> impl Future<Output = io::Result<TcpStream>> + Send {
+        let _ = client;
+        self.connect(to)
+    }
 }
 
 /// Connects from the current network namespace, marking the socket with `SO_MARK` when `mark`
@@ -87,6 +101,44 @@ pub fn marked_socket(to: SocketAddr, mark: Option<u32>) -> io::Result<TcpSocket>
             )
         })?;
     }
+    Ok(socket)
+}
+
+/// A new unconnected TCP socket for `to`, carrying `mark` when set, bound to `source` (port 0)
+/// with `IP_TRANSPARENT` / `IPV6_TRANSPARENT`, so it may be an address of another host (the
+/// client's): the connection then leaves from the client's address. Needs `CAP_NET_ADMIN`, and,
+/// for the replies to come back, the return route the node agent installs in the pod
+/// (`redirect::ReturnRoute`). `source` must be of `to`'s family.
+pub fn transparent_socket(
+    source: IpAddr,
+    to: SocketAddr,
+    mark: Option<u32>,
+) -> io::Result<TcpSocket> {
+    if source.is_ipv4() != to.is_ipv4() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("cannot connect to {to} from {source}: the families differ"),
+        ));
+    }
+    let socket = marked_socket(to, mark)?;
+    let sock = socket2::SockRef::from(&socket);
+    let transparent = if source.is_ipv4() {
+        sock.set_ip_transparent_v4(true)
+    } else {
+        sock.set_ip_transparent_v6(true)
+    };
+    transparent.map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot make a transparent socket to connect from {source} (needs CAP_NET_ADMIN): {e}"),
+        )
+    })?;
+    socket.bind(SocketAddr::new(source, 0)).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot bind to the client's address {source}: {e}"),
+        )
+    })?;
     Ok(socket)
 }
 

@@ -52,6 +52,12 @@ fn main() {
                 .unwrap()
                 .success();
             assert!(ok, "ip netns add {ns} failed (root needed)");
+            let ok = Command::new("ip")
+                .args(["-n", ns, "link", "set", "lo", "up"])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "ip -n {ns} link set lo up failed");
         }
         let paths: Vec<PathBuf> = namespaces
             .0

@@ -5,14 +5,17 @@
 //! namespace descriptor through [`fd_path`]). Every tool runs with a time limit
 //! ([`RuleSet::tool_timeout`]); one that does not finish is killed and reported.
 //!
-//! iptables: our two chains are written with `iptables-restore --noflush`, which touches only the
-//! chains a script names: declaring our chain flushes and refills it, and the jumps from
-//! PREROUTING/OUTPUT are added only when missing (extra copies deleted). Nothing else of the nat
-//! table is rewritten, so rules another program adds meanwhile are never lost. Applying twice
+//! iptables: our two chains (in the nat table, and with the return route in the mangle table) are
+//! written with `iptables-restore --noflush`, which touches only the chains a script names:
+//! declaring our chain flushes and refills it, and the jumps from PREROUTING/OUTPUT are added
+//! only when missing (extra copies deleted). Nothing else of a table is rewritten, so rules another program adds meanwhile are never lost. Applying twice
 //! leaves one copy; removing deletes our jumps and chains and nothing else (an empty nat table
 //! that iptables-nft created for us stays: deleting it could race with another writer). If the
 //! IPv6 step fails after IPv4 succeeded, IPv4 is put back as it was.
 //! nftables: our own `inet ztunnel` table, replaced or deleted in one `nft -f` transaction.
+//! Either way, the return route ([`RuleSet::return_route`]) adds one routing rule and one route
+//! in its own table per family, with `ip`; applying again adds nothing, removing deletes only
+//! those.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -79,40 +82,161 @@ pub fn apply(netns: &Path, backend: Backend, rules: &RuleSet) -> Result<(), Erro
     let limit = rules.tool_timeout;
     match backend {
         Backend::Iptables => {
-            // Per family (IPv4, then IPv6); if a later family fails, the earlier ones are put
-            // back as they were, so a failed apply leaves nothing half-installed.
-            let mut done: Vec<(bool, Vec<String>)> = Vec::new();
+            // Per family (IPv4, then IPv6) and table (nat, then mangle); if a later step fails,
+            // the earlier ones are put back as they were, so a failed apply leaves nothing
+            // half-installed.
+            let mut done: Vec<(bool, &'static str, Vec<String>)> = Vec::new();
             for v6 in families(rules) {
-                let step = ipt_save(netns, v6, limit).and_then(|current| {
-                    let script = write_ours(&current, &rules.iptables_lines(v6));
-                    ipt_restore_noflush(netns, v6, &script, limit).map(|()| ours_of(&current))
-                });
-                match step {
-                    Ok(previous) => done.push((v6, previous)),
-                    Err(e) => {
-                        for (v6, previous) in done.into_iter().rev() {
-                            let undone = if previous.is_empty() {
-                                remove_family(netns, v6, limit)
-                            } else {
-                                ipt_save(netns, v6, limit).and_then(|now| {
-                                    let script = write_ours(&now, &previous);
-                                    ipt_restore_noflush(netns, v6, &script, limit)
-                                })
-                            };
-                            if let Err(undo) = undone {
-                                tracing::warn!(error = %undo, "could not roll back a failed apply");
-                            }
+                for (table, lines) in tables(rules, v6) {
+                    let step = ipt_save_table(netns, v6, table, limit).and_then(|current| {
+                        if lines.is_empty() {
+                            // Nothing of ours belongs here: leftovers of an earlier rule set go.
+                            return remove_table(netns, v6, table, limit).map(|()| Vec::new());
                         }
-                        return Err(e);
+                        let script = write_ours(table, &current, &lines);
+                        ipt_restore_noflush(netns, v6, &script, limit).map(|()| ours_of(&current))
+                    });
+                    match step {
+                        Ok(previous) => done.push((v6, table, previous)),
+                        Err(e) => {
+                            rollback(netns, done, limit);
+                            return Err(e);
+                        }
                     }
                 }
+            }
+            if let Err(e) = apply_return_route(netns, rules) {
+                rollback(netns, done, limit);
+                return Err(e);
             }
             Ok(())
         }
         Backend::Nftables => {
-            run(netns, "nft", &["-f", "-"], Some(&rules.nft_script()), limit).map(drop)
+            run(netns, "nft", &["-f", "-"], Some(&rules.nft_script()), limit)?;
+            apply_return_route(netns, rules)
         }
     }
+}
+
+/// Puts back the iptables tables an [`apply`] changed before it failed.
+fn rollback(netns: &Path, done: Vec<(bool, &'static str, Vec<String>)>, limit: Duration) {
+    for (v6, table, previous) in done.into_iter().rev() {
+        let undone = if previous.is_empty() {
+            remove_table(netns, v6, table, limit)
+        } else {
+            ipt_save_table(netns, v6, table, limit).and_then(|now| {
+                let script = write_ours(table, &now, &previous);
+                ipt_restore_noflush(netns, v6, &script, limit)
+            })
+        };
+        if let Err(undo) = undone {
+            tracing::warn!(error = %undo, "could not roll back a failed apply");
+        }
+    }
+}
+
+/// The iptables tables we write for one family, with our lines in each (empty: none of ours
+/// belongs there).
+fn tables(rules: &RuleSet, v6: bool) -> [(&'static str, Vec<String>); 2] {
+    [
+        ("nat", rules.iptables_lines(v6)),
+        ("mangle", rules.iptables_mangle_lines()),
+    ]
+}
+
+/// `ip` with the family flag.
+fn ip(netns: &Path, v6: bool, args: &[&str], limit: Duration) -> Result<String, Error> {
+    let mut all = Vec::with_capacity(args.len() + 1);
+    if v6 {
+        all.push("-6");
+    }
+    all.extend_from_slice(args);
+    run(netns, "ip", &all, None, limit)
+}
+
+/// The return route's table and rule (when the rule set has one), in each family; idempotent.
+fn apply_return_route(netns: &Path, rules: &RuleSet) -> Result<(), Error> {
+    let (Some(ret), Some(selector)) = (rules.return_route, rules.return_rule()) else {
+        return Ok(());
+    };
+    let limit = rules.tool_timeout;
+    let table = ret.table.to_string();
+    let priority = ret.priority.to_string();
+    for v6 in families(rules) {
+        ip(
+            netns,
+            v6,
+            &[
+                "route", "replace", "local", "default", "dev", "lo", "table", &table,
+            ],
+            limit,
+        )?;
+        let live = ip(netns, v6, &["rule", "show", "pref", &priority], limit)?;
+        if !rule_listed(&live, &selector) {
+            let mut args = vec!["rule", "add", "pref", &priority];
+            args.extend(selector.split_whitespace().skip(2)); // without "from all"
+            ip(netns, v6, &args, limit)?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes the return route's rule and table route (when the rule set has one); what is not
+/// there is not an error.
+fn remove_return_route(netns: &Path, rules: &RuleSet) -> Result<(), Error> {
+    let (Some(ret), Some(selector)) = (rules.return_route, rules.return_rule()) else {
+        return Ok(());
+    };
+    let limit = rules.tool_timeout;
+    let table = ret.table.to_string();
+    let priority = ret.priority.to_string();
+    for v6 in families(rules) {
+        let live = ip(netns, v6, &["rule", "show", "pref", &priority], limit)?;
+        if rule_listed(&live, &selector) {
+            let mut args = vec!["rule", "del", "pref", &priority];
+            args.extend(selector.split_whitespace().skip(2));
+            ip(netns, v6, &args, limit)?;
+        }
+        let routes = ip(netns, v6, &["route", "show", "table", &table], limit)?;
+        if routes.lines().any(is_return_route) {
+            ip(
+                netns,
+                v6,
+                &[
+                    "route", "del", "local", "default", "dev", "lo", "table", &table,
+                ],
+                limit,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether IPv6 is off on the namespace's loopback interface (`disable_ipv6`, or no IPv6 in
+/// the kernel): then it carries no IPv6 connection to return, and takes no IPv6 route.
+fn ipv6_disabled(netns: &Path, limit: Duration) -> bool {
+    run(
+        netns,
+        "cat",
+        &["/proc/sys/net/ipv6/conf/lo/disable_ipv6"],
+        None,
+        limit,
+    )
+    .map_or(true, |v| v.trim() == "1")
+}
+
+/// Whether `ip rule show pref N` printed `selector`.
+fn rule_listed(live: &str, selector: &str) -> bool {
+    live.lines().any(|l| {
+        l.split_once(':').is_some_and(|(_, rest)| {
+            rest.split_whitespace().collect::<Vec<_>>().join(" ") == selector
+        })
+    })
+}
+
+/// Whether a line of `ip route show table N` is the return route.
+fn is_return_route(line: &str) -> bool {
+    line.starts_with("local default dev lo ")
 }
 
 /// A path through which the tools can enter the namespace open at `fd` (this process's
@@ -133,24 +257,26 @@ pub fn remove(netns: &Path, backend: Backend, rules: &RuleSet) -> Result<(), Err
     match backend {
         Backend::Iptables => {
             for v6 in families(rules) {
-                remove_family(netns, v6, limit)?;
+                for (table, _) in tables(rules, v6) {
+                    remove_table(netns, v6, table, limit)?;
+                }
             }
-            Ok(())
         }
         Backend::Nftables => {
             let script = format!("table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n");
-            run(netns, "nft", &["-f", "-"], Some(&script), limit).map(drop)
+            run(netns, "nft", &["-f", "-"], Some(&script), limit)?;
         }
     }
+    remove_return_route(netns, rules)
 }
 
-/// Removes our iptables jumps and chains of one family, touching nothing else.
-fn remove_family(netns: &Path, v6: bool, limit: Duration) -> Result<(), Error> {
-    let current = ipt_save(netns, v6, limit)?;
+/// Removes our iptables jumps and chains of one family from one table, touching nothing else.
+fn remove_table(netns: &Path, v6: bool, table: &str, limit: Duration) -> Result<(), Error> {
+    let current = ipt_save_table(netns, v6, table, limit)?;
     if !current.lines().any(is_ours) {
         return Ok(());
     }
-    let mut script = vec!["*nat".to_owned()];
+    let mut script = vec![format!("*{table}")];
     for (chain, ours) in [("PREROUTING", IPT_PREROUTING), ("OUTPUT", IPT_OUTPUT)] {
         let jump = format!("-A {chain} -j {ours}");
         for _ in current.lines().filter(|l| *l == jump) {
@@ -175,18 +301,16 @@ pub fn check(netns: &Path, backend: Backend, rules: &RuleSet) -> Result<Drift, E
     match backend {
         Backend::Iptables => {
             for v6 in families(rules) {
-                let current = ipt_save(netns, v6, limit)?;
-                let live: Vec<String> = current
-                    .lines()
-                    .filter(|l| is_ours(l))
-                    .map(normalize_decl)
-                    .collect();
-                let want: Vec<String> = rules
-                    .iptables_lines(v6)
-                    .iter()
-                    .map(|l| normalize_decl(l))
-                    .collect();
-                diff(&want, &live, &mut drift);
+                for (table, lines) in tables(rules, v6) {
+                    let current = ipt_save_table(netns, v6, table, limit)?;
+                    let live: Vec<String> = current
+                        .lines()
+                        .filter(|l| is_ours(l))
+                        .map(normalize_decl)
+                        .collect();
+                    let want: Vec<String> = lines.iter().map(|l| normalize_decl(l)).collect();
+                    diff(&want, &live, &mut drift);
+                }
             }
         }
         Backend::Nftables => {
@@ -205,6 +329,32 @@ pub fn check(netns: &Path, backend: Backend, rules: &RuleSet) -> Result<Drift, E
                     .collect()
             };
             diff(&norm(&rules.nft_table()), &norm(&live), &mut drift);
+        }
+    }
+    if let (Some(ret), Some(selector)) = (rules.return_route, rules.return_rule()) {
+        let table = ret.table.to_string();
+        for v6 in families(rules) {
+            if v6 && ipv6_disabled(netns, limit) {
+                continue;
+            }
+            let family = if v6 { "ip -6" } else { "ip" };
+            let live = ip(
+                netns,
+                v6,
+                &["rule", "show", "pref", &ret.priority.to_string()],
+                limit,
+            )?;
+            if !rule_listed(&live, &selector) {
+                drift
+                    .missing
+                    .push(format!("{family} rule {}: {selector}", ret.priority));
+            }
+            let routes = ip(netns, v6, &["route", "show", "table", &table], limit)?;
+            if !routes.lines().any(is_return_route) {
+                drift.missing.push(format!(
+                    "{family} route table {table}: local default dev lo"
+                ));
+            }
         }
     }
     Ok(drift)
@@ -254,12 +404,12 @@ fn ours_of(saved: &str) -> Vec<String> {
         .collect()
 }
 
-/// An `iptables-restore --noflush` script that makes our part of the nat table `ours` (chain
+/// An `iptables-restore --noflush` script that makes our part of `table` `ours` (chain
 /// declarations, rules and jumps as [`RuleSet::iptables_lines`] renders them), given the table
 /// as it is now: our chains are declared (which flushes them) and refilled, each jump is added
 /// when missing and deleted when doubled. Nothing else is named, so nothing else changes.
-fn write_ours(current: &str, ours: &[String]) -> String {
-    let mut script = vec!["*nat".to_owned()];
+fn write_ours(table: &str, current: &str, ours: &[String]) -> String {
+    let mut script = vec![format!("*{table}")];
     let (decls, rules): (Vec<&String>, Vec<&String>) =
         ours.iter().partition(|l| l.starts_with(':'));
     script.extend(decls.into_iter().cloned());
@@ -337,6 +487,8 @@ pub(crate) fn run(
     let package = match tool {
         "nft" => "nftables",
         "ipset" => "ipset",
+        "ip" => "iproute2",
+        "cat" => "coreutils",
         _ => "iptables",
     };
     let mut command = Command::new("nsenter");

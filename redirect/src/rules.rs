@@ -9,6 +9,14 @@
 //! probes keep working; other inbound TCP goes to the inbound plaintext port (15006). DNS (UDP
 //! and TCP to port 53, not marked, not to the pod's own loopback) goes to the DNS proxy (15053)
 //! unless [`RuleSet::dns_port`] is `None`.
+//!
+//! The client's address at the app ([`RuleSet::return_route`]): the proxy connects to the app
+//! from the client's address (a transparent socket carrying its mark). Such a connection is
+//! marked in conntrack when its first packet comes through the loopback interface, the app's
+//! packets of it get the connection's mark back on output, and a policy-routing rule sends
+//! packets with that mark to a table whose only route delivers everything locally: the app's
+//! replies reach the proxy instead of leaving for the client's real address. (Istio's
+//! istio-cni installs the same marks, table and rule, so either agent serves either proxy.)
 
 use std::net::IpAddr;
 
@@ -56,6 +64,9 @@ pub struct RuleSet {
     /// proxy's DNS proxy), or `None` to leave DNS alone. UDP to the loopback interface and TCP
     /// to loopback addresses (a resolver inside the pod) are left alone.
     pub dns_port: Option<u16>,
+    /// The return path of connections the proxy makes to the app from the client's address, or
+    /// `None` to install none (the proxy must then connect from the pod's own address).
+    pub return_route: Option<ReturnRoute>,
     /// Whether to install IPv6 rules too.
     pub ipv6: bool,
     /// How long each tool (`iptables-restore`, `nft`, ... run through `nsenter`) may take before
@@ -73,13 +84,38 @@ impl Default for RuleSet {
             mark_mask: 0xfff,
             probe_sources: vec![IpAddr::from([169, 254, 7, 127])],
             dns_port: Some(common::ports::DNS),
+            return_route: Some(ReturnRoute::default()),
             ipv6: true,
             tool_timeout: std::time::Duration::from_secs(30),
         }
     }
 }
 
-/// Our chain names in the nat table (iptables).
+/// How the app's packets of a connection the proxy made from the client's address come back to
+/// the proxy: the connection's conntrack mark, the routing table that delivers locally, and the
+/// priority of the rule that selects it (Istio's istio-cni: 0x111/0xfff and table 100).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReturnRoute {
+    /// Put in conntrack on the proxy's packets that come through the loopback interface, and
+    /// restored onto the connection's packets on output; compared under [`RuleSet::mark_mask`].
+    pub mark: u32,
+    /// The routing table holding only `local default dev lo`.
+    pub table: u32,
+    /// The priority of the rule `fwmark MARK/MASK iif lo lookup TABLE`.
+    pub priority: u32,
+}
+
+impl Default for ReturnRoute {
+    fn default() -> Self {
+        ReturnRoute {
+            mark: 0x111,
+            table: 100,
+            priority: 32764,
+        }
+    }
+}
+
+/// Our chain names in the nat table (iptables); the mangle table's chains have the same names.
 pub const IPT_PREROUTING: &str = "ZTUNNEL_PREROUTING";
 /// Our output chain (iptables).
 pub const IPT_OUTPUT: &str = "ZTUNNEL_OUTPUT";
@@ -132,6 +168,41 @@ impl RuleSet {
             self.inbound_port
         ));
         lines
+    }
+
+    /// Our part of `iptables-save -t mangle` for one family (empty without a
+    /// [`RuleSet::return_route`]): the conntrack mark of the proxy's connections to the app and
+    /// its restoring onto their packets on output.
+    pub fn iptables_mangle_lines(&self) -> Vec<String> {
+        let Some(ret) = self.return_route else {
+            return Vec::new();
+        };
+        let mask = self.mark_mask;
+        vec![
+            format!(":{IPT_OUTPUT} - [0:0]"),
+            format!(":{IPT_PREROUTING} - [0:0]"),
+            format!("-A PREROUTING -j {IPT_PREROUTING}"),
+            format!("-A OUTPUT -j {IPT_OUTPUT}"),
+            format!(
+                "-A {IPT_OUTPUT} -m connmark --mark 0x{:x}/0x{mask:x} -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff",
+                ret.mark
+            ),
+            format!(
+                "-A {IPT_PREROUTING} -i lo -m mark --mark 0x{:x}/0x{mask:x} -j CONNMARK --set-xmark 0x{:x}/0x{mask:x}",
+                self.skip_mark, ret.mark
+            ),
+        ]
+    }
+
+    /// The `ip rule` selector of the return route, as `ip rule add` takes it and `ip rule show`
+    /// prints it after the priority (`from all fwmark 0x111/0xfff iif lo lookup 100`).
+    pub fn return_rule(&self) -> Option<String> {
+        self.return_route.map(|r| {
+            format!(
+                "from all fwmark 0x{:x}/0x{:x} iif lo lookup {}",
+                r.mark, self.mark_mask, r.table
+            )
+        })
     }
 
     /// The nftables table, as one `nft -f` script that replaces any previous copy atomically.
@@ -189,8 +260,20 @@ impl RuleSet {
         } else {
             "        meta nfproto ipv6 return\n"
         };
+        let mut mangle = String::new();
+        if let Some(ret) = self.return_route {
+            // As `nft list` prints them (it folds the kept bits into the mask).
+            let mask = self.mark_mask;
+            mangle = format!(
+                "    chain mangle_prerouting {{\n        type filter hook prerouting priority mangle; policy accept;\n{v4_only}        iifname \"lo\" meta mark & 0x{mask:08x} == 0x{:08x} ct mark set ct mark & 0x{:08x} | 0x{:08x}\n    }}\n    chain mangle_output {{\n        type route hook output priority mangle; policy accept;\n{v4_only}        ct mark & 0x{mask:08x} == 0x{:08x} meta mark set ct mark\n    }}\n",
+                self.skip_mark,
+                !mask | ret.mark,
+                ret.mark,
+                ret.mark,
+            );
+        }
         format!(
-            "table inet {NFT_TABLE} {{\n    chain prerouting {{\n        type nat hook prerouting priority dstnat; policy accept;\n{v4_only}{pre}    }}\n    chain output {{\n        type nat hook output priority -100; policy accept;\n{v4_only}{out}    }}\n}}\n"
+            "table inet {NFT_TABLE} {{\n    chain prerouting {{\n        type nat hook prerouting priority dstnat; policy accept;\n{v4_only}{pre}    }}\n    chain output {{\n        type nat hook output priority -100; policy accept;\n{v4_only}{out}    }}\n{mangle}}}\n"
         )
     }
 }
@@ -253,6 +336,41 @@ mod tests {
         };
         assert!(!off.iptables_lines(false).join("\n").contains("dport 53"));
         assert!(!off.nft_table().contains("dport 53"));
+    }
+
+    #[test]
+    fn the_return_route_matches_istio_cni_and_can_be_left_out() {
+        let rules = RuleSet::default();
+        let mangle = rules.iptables_mangle_lines().join("\n");
+        assert!(mangle.contains(
+            "-A ZTUNNEL_PREROUTING -i lo -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff"
+        ), "{mangle}");
+        assert!(
+            mangle.contains(
+                "-A ZTUNNEL_OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark"
+            ),
+            "{mangle}"
+        );
+        assert_eq!(
+            rules.return_rule().as_deref(),
+            Some("from all fwmark 0x111/0xfff iif lo lookup 100")
+        );
+        let nft = rules.nft_table();
+        assert!(
+            nft.contains("type route hook output priority mangle"),
+            "{nft}"
+        );
+        assert!(
+            nft.contains("ct mark set ct mark & 0xfffff111 | 0x00000111"),
+            "{nft}"
+        );
+        let off = RuleSet {
+            return_route: None,
+            ..RuleSet::default()
+        };
+        assert!(off.iptables_mangle_lines().is_empty());
+        assert!(off.return_rule().is_none());
+        assert!(!off.nft_table().contains("mangle"));
     }
 
     #[test]

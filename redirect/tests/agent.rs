@@ -296,6 +296,13 @@ fn a_namespace_recreated_at_the_same_path_is_never_touched() {
             .unwrap()
             .success()
     );
+    assert!(
+        Command::new("ip")
+            .args(["-n", &first.0, "link", "set", "lo", "up"])
+            .status()
+            .unwrap()
+            .success()
+    );
     assert_ne!(first.inode(), old_inode);
     redirect::apply(&first.path(), Backend::Nftables, &rules).unwrap();
     let others = first.ruleset();

@@ -31,6 +31,11 @@ impl Netns {
             .status()
             .expect("run ip");
         assert!(status.success(), "ip netns add {name} failed");
+        let status = Command::new("ip")
+            .args(["-n", &name, "link", "set", "lo", "up"])
+            .status()
+            .expect("run ip");
+        assert!(status.success(), "ip -n {name} link set lo up failed");
         Netns { name }
     }
 
@@ -52,25 +57,32 @@ impl Netns {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// The namespace's whole rule state, without comments and counters.
+    /// The namespace's whole rule state (and its routing rules and the return route's table),
+    /// without comments and counters.
     fn state(&self, backend: Backend) -> String {
-        match backend {
-            Backend::Iptables => {
-                let mut text = String::new();
-                for tool in ["iptables-save", "ip6tables-save"] {
-                    for line in self.exec(&[tool]).lines().filter(|l| !l.starts_with('#')) {
-                        let line = match line.strip_prefix(':') {
-                            Some(rest) => format!(":{}", rest.split(" [").next().unwrap()),
-                            None => line.to_owned(),
-                        };
-                        text.push_str(&line);
-                        text.push('\n');
-                    }
-                }
-                text
-            }
-            Backend::Nftables => self.exec(&["nft", "list", "ruleset"]),
+        let mut routing = String::new();
+        for family in ["-4", "-6"] {
+            routing.push_str(&self.exec(&["ip", family, "rule", "show"]));
+            routing.push_str(&self.exec(&["ip", family, "route", "show", "table", "all"]));
         }
+        routing
+            + &match backend {
+                Backend::Iptables => {
+                    let mut text = String::new();
+                    for tool in ["iptables-save", "ip6tables-save"] {
+                        for line in self.exec(&[tool]).lines().filter(|l| !l.starts_with('#')) {
+                            let line = match line.strip_prefix(':') {
+                                Some(rest) => format!(":{}", rest.split(" [").next().unwrap()),
+                                None => line.to_owned(),
+                            };
+                            text.push_str(&line);
+                            text.push('\n');
+                        }
+                    }
+                    text
+                }
+                Backend::Nftables => self.exec(&["nft", "list", "ruleset"]),
+            }
     }
 }
 
@@ -137,6 +149,15 @@ fn apply_is_idempotent_and_remove_is_exact(backend: Backend) {
     apply(&ns.path(), backend, &rules).unwrap();
     let once = ns.state(backend);
     assert_ne!(once, before, "apply changed nothing");
+    for family in ["-4", "-6"] {
+        let rules = ns.exec(&["ip", family, "rule", "show"]);
+        assert!(
+            rules.contains("32764:\tfrom all fwmark 0x111/0xfff iif lo lookup 100"),
+            "{rules}"
+        );
+        let table = ns.exec(&["ip", family, "route", "show", "table", "100"]);
+        assert!(table.starts_with("local default dev lo"), "{table}");
+    }
     let drift = check(&ns.path(), backend, &rules).unwrap();
     assert!(drift.is_clean(), "{drift:?}\n{once}");
     apply(&ns.path(), backend, &rules).unwrap();
@@ -179,8 +200,26 @@ fn drift_is_reported_and_repaired(backend: Backend) {
             ns.exec(&["nft", "flush", "chain", "inet", "ztunnel", "output"]);
         }
     }
+    // The return route's rule, deleted by someone else, is drift too.
+    ns.exec(&[
+        "ip",
+        "rule",
+        "del",
+        "pref",
+        "32764",
+        "fwmark",
+        "0x111/0xfff",
+        "iif",
+        "lo",
+        "lookup",
+        "100",
+    ]);
     let drift = check(&ns.path(), backend, &rules).unwrap();
     assert!(!drift.missing.is_empty(), "deleted rule not reported");
+    assert!(
+        drift.missing.iter().any(|m| m.starts_with("ip rule 32764")),
+        "{drift:?}"
+    );
     let repaired = reconcile(&ns.path(), backend, &rules).unwrap();
     assert_eq!(repaired, drift);
     assert!(check(&ns.path(), backend, &rules).unwrap().is_clean());

@@ -384,8 +384,17 @@ fn the_charts_proxy_reaches_istiod_as_istio_does_and_serves_a_handed_over_pod() 
             read(&log)
         )
     });
-    // The pod, with its network namespace, then the end of the snapshot.
-    let netns = File::open(format!("/var/run/netns/{}", web.0)).unwrap();
+    // The pod, captured as a node agent captures it (the proxy calls the app from the client's
+    // address; the capture's return route brings the app's replies back), with its network
+    // namespace, then the end of the snapshot.
+    let path = format!("/var/run/netns/{}", web.0);
+    redirect::apply(
+        std::path::Path::new(&path),
+        redirect::Backend::Nftables,
+        &redirect::RuleSet::default(),
+    )
+    .unwrap();
+    let netns = File::open(&path).unwrap();
     let add = Payload::Add(AddWorkload {
         uid: "pod-uid-web".into(),
         workload_info: Some(WorkloadInfo {

@@ -453,3 +453,45 @@ print(d[3] & 0x0f, ip, hosts[0] if hosts else '?', src[0] == ns)"#;
     );
     assert_eq!(fields[3], "True", "answered from another address: {out}");
 }
+
+#[test]
+fn the_app_sees_its_callers_own_address_through_either_inbound_port() {
+    let mesh = Local::new(8);
+    mesh.up();
+    mesh.label_default_ambient(&["sleep", "web-api"]);
+    let (_, status, _) = mesh.run(&["status"]);
+    let ip_of = |pod: &str| -> String {
+        status
+            .lines()
+            .find(|l| l.contains(&format!("/{pod}-0 on ")))
+            .and_then(|l| l.split(" at ").nth(1))
+            .and_then(|rest| rest.split(':').next())
+            .unwrap_or_else(|| panic!("no address for {pod} in\n{status}"))
+            .to_owned()
+    };
+    let remote = |answer: &str| -> String {
+        answer
+            .trim()
+            .strip_prefix("remote=")
+            .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+            .map(|a| a.ip().to_string())
+            .unwrap_or_else(|| panic!("not a whoami answer: {answer}"))
+    };
+    // Through HBONE: sleep's tunnel ends in web-api's proxy, which calls the app from sleep's
+    // address, not from web-api's own.
+    let url = "http://web-api.default.svc.cluster.local:8080/whoami";
+    let (ok, answer) = mesh.get("sleep", url);
+    assert!(ok, "{answer}");
+    assert_eq!(
+        remote(&answer),
+        ip_of("sleep"),
+        "web-api is {}",
+        ip_of("web-api")
+    );
+    // Through the plaintext inbound port: the gateway is not in the mesh, its call is captured
+    // on web-api's side only; the app still sees the gateway's address.
+    let (ok, answer) = mesh.get("istio-system/istio-ingressgateway", url);
+    assert!(ok, "{answer}");
+    assert_eq!(remote(&answer), ip_of("istio-ingressgateway"));
+    assert_ne!(ip_of("istio-ingressgateway"), ip_of("web-api"));
+}

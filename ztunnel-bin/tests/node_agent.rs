@@ -75,6 +75,13 @@ fn node_agent_follows_labels() {
             .unwrap()
             .success()
     );
+    assert!(
+        Command::new("ip")
+            .args(["-n", &ns.0, "link", "set", "lo", "up"])
+            .status()
+            .unwrap()
+            .success()
+    );
     let dir = TempDir::new("node-agent");
     write_manifests(&dir.0, &ns.0, false, false);
     let socket = dir.0.join("zds.sock");

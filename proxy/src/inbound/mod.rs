@@ -163,18 +163,21 @@ impl<C: Connector> Serving<C> {
         let registered = self
             .connections
             .register(admitted.connection, &admitted.workload.uid);
-        let app = dial_app(&self.connector, destination, self.connect_timeout).await?;
+        let app = dial_app(&self.connector, source, destination, self.connect_timeout).await?;
         Ok((registered, app))
     }
 }
 
-/// Dials the app at `destination` through `connector`, giving up after `timeout`.
+/// Dials the app at `destination` through `connector` for the client at `source` (from its
+/// address where the connector preserves it), giving up after `timeout`.
 async fn dial_app<C: Connector>(
     connector: &C,
+    source: SocketAddr,
     destination: SocketAddr,
     timeout: Duration,
 ) -> Result<TcpStream, Refusal> {
-    match tokio::time::timeout(timeout, connector.connect(destination)).await {
+    let dial = connector.connect_app(source.ip(), destination);
+    match tokio::time::timeout(timeout, dial).await {
         Ok(Ok(app)) => Ok(app),
         Ok(Err(e)) => Err(Refusal::AppUnreachable(format!(
             "cannot connect to the app at {destination}: {e}"

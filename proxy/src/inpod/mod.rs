@@ -10,7 +10,9 @@
 //!   account), served by the HBONE listener and presented by the pod's outbound tunnels;
 //! - dials everything (tunnels, passthrough, the app) from inside the namespace, marked with
 //!   `SO_MARK` so the capture rules let it through; tunnels therefore leave from the pod's own
-//!   address;
+//!   address, and the app is called from the client's address (a transparent socket; the node
+//!   agent's return route brings the app's replies back), unless
+//!   [`SharedConfig::original_source`] is off;
 //! - finds the pod's xDS workload by name, namespace, service account and node at each
 //!   connection (the pod may reach the proxy before its workload reaches xDS; until then its
 //!   connections are refused).
@@ -73,6 +75,10 @@ pub struct SharedConfig {
     /// a new proxy can serve a pod beside the old one during a rolling update; the kernel spreads
     /// new connections over both until the old one closes its listeners.
     pub port_reuse: bool,
+    /// Connect to each pod's app from the client's address (Istio: on by default), which needs
+    /// the return route the node agent installs in the pod (`redirect::ReturnRoute`); when
+    /// false, from the pod's own address.
+    pub original_source: bool,
     /// How long a pod handed over waits for its certificate before its listeners are bound
     /// anyway (the ack to the node agent waits as long).
     pub certificate_wait: Duration,
@@ -128,6 +134,7 @@ impl SharedConfig {
             inbound_plain_port: common::ports::INBOUND_PLAINTEXT,
             inbound_port: common::ports::HBONE,
             port_reuse: true,
+            original_source: true,
             certificate_wait: Duration::from_secs(5),
             dns: None,
         }
@@ -357,6 +364,7 @@ impl<C: Certificates> SharedProxy<C> {
         let connector = InPodConnector {
             netns: netns.clone(),
             mark,
+            original_source: self.config.original_source,
         };
         let Assembled {
             serve,

@@ -8,7 +8,7 @@
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, mpsc};
 
@@ -98,6 +98,9 @@ pub struct InPodConnector {
     pub netns: Arc<PodNetns>,
     /// `SO_MARK` (Istio: 0x539).
     pub mark: Option<u32>,
+    /// Connect to the app from the client's address ([`Connector::connect_app`]); when false,
+    /// from the pod's own.
+    pub original_source: bool,
 }
 
 impl Connector for InPodConnector {
@@ -107,6 +110,34 @@ impl Connector for InPodConnector {
         async move {
             let socket = netns
                 .run(move || crate::sockets::marked_socket(to, mark))
+                .await??;
+            let stream = socket.connect(to).await?;
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+    }
+
+    fn connect_app(
+        &self,
+        client: IpAddr,
+        to: SocketAddr,
+    ) -> impl Future<Output = io::Result<TcpStream>> + Send {
+        let netns = self.netns.clone();
+        let mark = self.mark;
+        // The client's address when it can be the source of a connection to `to`: of the same
+        // family, and neither unspecified nor loopback (a client inside the pod itself).
+        let client = client.to_canonical();
+        let source = (self.original_source
+            && client.is_ipv4() == to.is_ipv4()
+            && !client.is_unspecified()
+            && !client.is_loopback())
+        .then_some(client);
+        async move {
+            let socket = netns
+                .run(move || match source {
+                    Some(source) => crate::sockets::transparent_socket(source, to, mark),
+                    None => crate::sockets::marked_socket(to, mark),
+                })
                 .await??;
             let stream = socket.connect(to).await?;
             let _ = stream.set_nodelay(true);

@@ -75,6 +75,15 @@ impl Netns {
                 .success(),
             "ip netns add {name} failed"
         );
+        // As a pod's: the runtime brings loopback up before any plugin runs.
+        assert!(
+            Command::new("ip")
+                .args(["-n", &name, "link", "set", "lo", "up"])
+                .status()
+                .unwrap()
+                .success(),
+            "ip -n {name} link set lo up failed"
+        );
         Netns(name)
     }
 

@@ -129,6 +129,8 @@ impl Netns {
         );
         let name = format!("ztpd-{}-{tag}", std::process::id());
         assert!(run("ip", &["netns", "add", &name]), "ip netns add {name}");
+        // As a pod's: the runtime brings loopback up before any plugin runs.
+        assert!(run("ip", &["-n", &name, "link", "set", "lo", "up"]));
         Netns(name)
     }
 

@@ -97,6 +97,12 @@ pub(crate) struct ProxyArgs {
     /// `maxSurge: 1, maxUnavailable: 0`).
     #[arg(long, env = "INPOD_PORT_REUSE", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub(crate) inpod_port_reuse: bool,
+    /// Shared mode: connect to each pod's app from the client's address (a transparent socket in
+    /// the pod's namespace), so the app sees who called it; needs the return route the node
+    /// agent installs in each pod (ours and Istio's istio-cni both do). `false`: the app sees
+    /// connections from its own pod address (Istio's ENABLE_ORIG_SRC).
+    #[arg(long, env = "ENABLE_ORIG_SRC", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub(crate) original_source: bool,
     /// Shared mode: serve each pod's DNS on 127.0.0.1:15053 in its namespace (UDP and TCP, where
     /// the node agent's DNS capture sends port 53): names of the mesh's services answered from
     /// xDS, the rest forwarded to the resolvers of --dns-resolv-conf (Istio's
@@ -259,6 +265,7 @@ impl ProxyArgs {
             "readinessAddr": self.readiness_addr,
             "inpodUds": self.inpod_uds,
             "inpodPortReuse": self.inpod_port_reuse,
+            "originalSource": self.original_source,
             "dnsProxy": self.dns_proxy,
             "clusterDomain": self.cluster_domain,
             "numWorkerThreads": self.worker_thread_count(),

@@ -287,6 +287,7 @@ async fn run_shared(
     config.hbone = hbone_config(&args);
     config.termination_deadline = args.drain();
     config.port_reuse = args.inpod_port_reuse;
+    config.original_source = args.original_source;
     config.dns = dns_settings(&args)?;
     let shared = SharedProxy::new(config, store.clone(), certs.clone(), metrics.clone());
 
