@@ -389,7 +389,7 @@ fn the_charts_proxy_reaches_istiod_as_istio_does_and_serves_a_handed_over_pod() 
     // namespace, then the end of the snapshot.
     let path = format!("/var/run/netns/{}", web.0);
     redirect::apply(
-        std::path::Path::new(&path),
+        Path::new(&path),
         redirect::Backend::Nftables,
         &redirect::RuleSet::default(),
     )
