@@ -33,13 +33,28 @@ pub fn split_url(url: &str) -> Result<(String, u16, String), String> {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) => (
-            h,
-            p.parse()
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        // An IPv6 address: `[addr]` or `[addr]:port`.
+        let (addr, after) = rest
+            .split_once(']')
+            .ok_or_else(|| format!("{url:?}: `[` without `]`"))?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p
+                .parse()
                 .map_err(|_| format!("{url:?}: port {p:?} is not a number"))?,
-        ),
-        None => (authority, 80),
+            None if after.is_empty() => 80,
+            None => return Err(format!("{url:?}: {after:?} after the address")),
+        };
+        (addr, port)
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (
+                h,
+                p.parse()
+                    .map_err(|_| format!("{url:?}: port {p:?} is not a number"))?,
+            ),
+            None => (authority, 80),
+        }
     };
     if host.is_empty() {
         return Err(format!("{url:?}: no host"));
@@ -119,7 +134,21 @@ pub enum Behaviour {
 
 /// Serves `behaviour` on `addr` until the process ends.
 pub async fn serve(addr: SocketAddr, behaviour: Behaviour) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
+    serve_on(TcpListener::bind(addr).await?, behaviour).await
+}
+
+/// Serves `behaviour` on `port` of every address of both families (one dual-stack socket on
+/// `[::]`), or of IPv4 alone where the pod has no IPv6, until the process ends.
+pub async fn serve_port(port: u16, behaviour: Behaviour) -> std::io::Result<()> {
+    let listener = match TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, port)).await {
+        Ok(l) => l,
+        Err(_) => TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, port)).await?,
+    };
+    serve_on(listener, behaviour).await
+}
+
+/// Serves `behaviour` on `listener` until the process ends.
+async fn serve_on(listener: TcpListener, behaviour: Behaviour) -> std::io::Result<()> {
     loop {
         let (mut stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -245,6 +274,17 @@ async fn read_head(stream: &mut TcpStream) -> Result<(String, String), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_urls_split() {
+        assert_eq!(
+            split_url("http://[fd7a:afa:ff96::a]:8080/whoami").unwrap(),
+            ("fd7a:afa:ff96::a".to_owned(), 8080, "/whoami".to_owned())
+        );
+        assert_eq!(split_url("http://[::1]/").unwrap().1, 80);
+        assert!(split_url("http://[::1/").is_err());
+        assert!(split_url("http://[::1]x/").is_err());
+    }
 
     #[test]
     fn urls_split_and_responses_parse() {

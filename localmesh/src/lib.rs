@@ -110,6 +110,9 @@ pub struct Config {
     pub exe: PathBuf,
     /// Capture backend of the node agents (`iptables` or `nftables`).
     pub backend: String,
+    /// The address families of pods and services, for `up` (a running mesh keeps the family it
+    /// was made with).
+    pub ip_family: plan::IpFamily,
 }
 
 impl Config {
@@ -122,6 +125,7 @@ impl Config {
             nodes: vec!["node-a".into(), "node-b".into()],
             exe,
             backend: "iptables".into(),
+            ip_family: plan::IpFamily::Ipv4,
         }
     }
 }

@@ -118,6 +118,7 @@ fn build(
 ) -> Result<Mesh, Error> {
     let nodes: Vec<&str> = config.nodes.iter().map(String::as_str).collect();
     let mut mesh = Mesh::new(config.base, &nodes);
+    mesh.ip_family = config.ip_family;
     mesh.apply(docs);
     for dir in [
         config.run_dir.clone(),
@@ -143,7 +144,10 @@ fn build(
         check_cancel(cancel)?;
         progress(&format!(
             "creating pod {}/{} on {} ({})",
-            pod.placement.namespace, pod.placement.name, pod.placement.node, pod.placement.ip
+            pod.placement.namespace,
+            pod.placement.name,
+            pod.placement.node,
+            addresses(&mesh, &pod.placement)
         ));
         execute(&mesh.pod_steps(config, &pod))?;
     }
@@ -293,22 +297,32 @@ fn refresh(config: &Config, mesh: &Mesh) -> Result<(), Error> {
         net::write_hosts(&ns, &mesh.hosts_file(&pod.placement.namespace))?;
         net::write_resolv_conf(&ns, &mesh.resolv_conf(&pod.placement))?;
     }
-    let rules = mesh.service_rules(SERVICES_CHAIN);
-    for node in &config.nodes {
-        let ns = config.node_ns(node);
-        net::iptables_restore_in(&ns, &rules)?;
-        if run_in(
-            &ns,
-            "iptables",
-            &["-t", "nat", "-C", "PREROUTING", "-j", SERVICES_CHAIN],
-        )
-        .is_err()
-        {
-            run_in(
+    let mut families = Vec::new();
+    if mesh.ip_family.v4() {
+        families.push(false);
+    }
+    if mesh.ip_family.v6() {
+        families.push(true);
+    }
+    for v6 in families {
+        let rules = mesh.service_rules(SERVICES_CHAIN, v6);
+        let tool = if v6 { "ip6tables" } else { "iptables" };
+        for node in &config.nodes {
+            let ns = config.node_ns(node);
+            net::iptables_restore_in(&ns, &rules, v6)?;
+            if run_in(
                 &ns,
-                "iptables",
-                &["-t", "nat", "-A", "PREROUTING", "-j", SERVICES_CHAIN],
-            )?;
+                tool,
+                &["-t", "nat", "-C", "PREROUTING", "-j", SERVICES_CHAIN],
+            )
+            .is_err()
+            {
+                run_in(
+                    &ns,
+                    tool,
+                    &["-t", "nat", "-A", "PREROUTING", "-j", SERVICES_CHAIN],
+                )?;
+            }
         }
     }
     Ok(())
@@ -347,7 +361,10 @@ pub fn apply(
     for pod in &new {
         progress(&format!(
             "creating pod {}/{} on {} ({})",
-            pod.placement.namespace, pod.placement.name, pod.placement.node, pod.placement.ip
+            pod.placement.namespace,
+            pod.placement.name,
+            pod.placement.node,
+            addresses(&mesh, &pod.placement)
         ));
         execute(&mesh.pod_steps(config, pod))?;
     }
@@ -525,7 +542,10 @@ pub fn status(config: &Config) -> Result<String, Error> {
         };
         out.push_str(&format!(
             "  {}/{} on {} at {}: {captured} {cert}\n",
-            p.namespace, p.name, p.node, p.ip
+            p.namespace,
+            p.name,
+            p.node,
+            addresses(&mesh, p)
         ));
     }
     out.push_str("services:\n");
@@ -579,4 +599,21 @@ pub fn logs(config: &Config, part: &str, node: Option<&str>) -> Result<String, E
         }
     }
     Ok(out)
+}
+
+/// A pod's addresses for people: the first, then the others in parentheses
+/// (`10.250.1.10 (fd7a:afa:1::a)`).
+fn addresses(mesh: &Mesh, p: &crate::plan::Placement) -> String {
+    let all = mesh.pod_addresses(p);
+    match all.split_first() {
+        None => p.ip.to_string(),
+        Some((first, [])) => first.to_string(),
+        Some((first, rest)) => format!(
+            "{first} ({})",
+            rest.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
 }

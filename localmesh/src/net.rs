@@ -44,12 +44,17 @@ pub fn run_in(ns: &str, program: &str, args: &[&str]) -> Result<String, Error> {
     run("ip", &all)
 }
 
-/// Runs `iptables-restore --noflush` with `input` inside `ns`.
-pub fn iptables_restore_in(ns: &str, input: &str) -> Result<(), Error> {
+/// Runs `iptables-restore --noflush` (`ip6tables-restore` when `v6`) with `input` inside `ns`.
+pub fn iptables_restore_in(ns: &str, input: &str, v6: bool) -> Result<(), Error> {
     use std::io::Write as _;
-    let command = format!("ip netns exec {ns} iptables-restore --noflush");
+    let tool = if v6 {
+        "ip6tables-restore"
+    } else {
+        "iptables-restore"
+    };
+    let command = format!("ip netns exec {ns} {tool} --noflush");
     let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, "iptables-restore", "--noflush"])
+        .args(["netns", "exec", ns, tool, "--noflush"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -139,8 +144,9 @@ fn write_netns_file(ns: &str, name: &str, text: &str) -> Result<(), Error> {
     })
 }
 
-/// Turns on IPv4 forwarding inside namespace `ns` (a node routes for its pods), writing its
-/// `/proc/sys` from a thread that entered the namespace (no `sysctl` binary needed).
+/// Turns on IPv4 and IPv6 forwarding inside namespace `ns` (a node routes for its pods), writing
+/// its `/proc/sys` from a thread that entered the namespace (no `sysctl` binary needed). IPv6
+/// forwarding is skipped where the kernel has no IPv6.
 pub fn enable_forwarding(ns: &str) -> Result<(), Error> {
     let path = format!("/var/run/netns/{ns}");
     let worker = std::thread::spawn(move || -> Result<(), String> {
@@ -148,13 +154,18 @@ pub fn enable_forwarding(ns: &str) -> Result<(), Error> {
         nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
             .map_err(|e| format!("entering {path}: {e}"))?;
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
-            .map_err(|e| format!("enabling forwarding: {e}"))
+            .map_err(|e| format!("enabling forwarding: {e}"))?;
+        let v6 = Path::new("/proc/sys/net/ipv6/conf/all/forwarding");
+        if v6.exists() {
+            std::fs::write(v6, "1").map_err(|e| format!("enabling IPv6 forwarding: {e}"))?;
+        }
+        Ok(())
     });
     worker
         .join()
         .map_err(|_| Error::Usage("the forwarding thread panicked".into()))?
         .map_err(|reason| Error::Command {
-            command: format!("net.ipv4.ip_forward=1 in {ns}"),
+            command: format!("net.ipv4.ip_forward=1 (and IPv6's) in {ns}"),
             reason,
         })
 }

@@ -44,14 +44,14 @@ pub(crate) struct Parts<C, A, P> {
     pub(crate) peer_connector: P,
 }
 
-/// Where the workload's connections arrive.
+/// Where the workload's connections arrive: one listener per address family served.
 pub(crate) struct Listeners {
     /// Captured outbound connections (15001).
-    pub(crate) outbound: TcpListener,
+    pub(crate) outbound: Vec<TcpListener>,
     /// Inbound HBONE (15008).
-    pub(crate) inbound: TcpListener,
-    /// Inbound plaintext (15006), in shared mode.
-    pub(crate) plain: Option<TcpListener>,
+    pub(crate) inbound: Vec<TcpListener>,
+    /// Inbound plaintext (15006), in shared mode (none in dedicated mode).
+    pub(crate) plain: Vec<TcpListener>,
 }
 
 /// An assembled data path: `serve` runs its accept loops and the policy re-check until dropped;
@@ -97,7 +97,7 @@ where
     )
     .with_metrics(metrics.clone());
     let draining = inbound.drain_switch();
-    let plain = listeners.plain.map(|l| (l, Arc::new(inbound.plain())));
+    let plain = Arc::new(inbound.plain());
     let server = hbone::Server::new(hbone.clone(), tls, inbound);
     let going = server.clone();
     let go_away = Box::new(move || going.go_away());
@@ -106,29 +106,47 @@ where
             .with_metrics(metrics),
     );
     let tracker = Tracker::default();
-    let serve_outbound = serve_outbound(listeners.outbound, outbound, local, tracker.clone());
     // Connections run in tasks of their own, so closing the listeners (at a drain) leaves them.
-    let serve_inbound = serve_hbone(listeners.inbound, server, tracker.clone());
-    let serve_plain = plain.map(|(listener, plain)| {
-        let t = tracker.clone();
-        accept_loop(listener, "inbound plaintext", move |stream, peer| {
-            let plain = plain.clone();
-            t.spawn_counted(async move {
-                let destination = match crate::sockets::original_dst(&stream, peer) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        warn!(src = %peer, error = %e, "inbound plaintext: no original destination");
-                        return;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let o = plain
-                    .serve(stream, ClientAddr(peer), OrigDst(destination.0))
-                    .await;
-                crate::telemetry::access_log::log_inbound(&o);
-            });
-        })
-    });
+    let mut loops: Vec<Pin<Box<dyn Future<Output = ()> + Send>>> = Vec::new();
+    for listener in listeners.outbound {
+        loops.push(Box::pin(serve_outbound(
+            listener,
+            outbound.clone(),
+            local.clone(),
+            tracker.clone(),
+        )));
+    }
+    for listener in listeners.inbound {
+        loops.push(Box::pin(serve_hbone(
+            listener,
+            server.clone(),
+            tracker.clone(),
+        )));
+    }
+    for listener in listeners.plain {
+        let (t, plain) = (tracker.clone(), plain.clone());
+        loops.push(Box::pin(accept_loop(
+            listener,
+            "inbound plaintext",
+            move |stream, peer| {
+                let plain = plain.clone();
+                t.spawn_counted(async move {
+                    let destination = match crate::sockets::original_dst(&stream, peer) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            warn!(src = %peer, error = %e, "inbound plaintext: no original destination");
+                            return;
+                        }
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let o = plain
+                        .serve(stream, ClientAddr(peer), OrigDst(destination.0))
+                        .await;
+                    crate::telemetry::access_log::log_inbound(&o);
+                });
+            },
+        )));
+    }
     // Every state change (an xDS or manifest update) re-checks the open inbound connections.
     let mut changes = state.subscribe();
     let recheck_connections = connections.clone();
@@ -137,14 +155,8 @@ where
             recheck_connections.reauthorize(&state.snapshot());
         }
     };
-    let serve = async move {
-        let plain = async {
-            if let Some(serve_plain) = serve_plain {
-                serve_plain.await;
-            }
-        };
-        tokio::join!(serve_outbound, serve_inbound, plain, recheck);
-    };
+    loops.push(Box::pin(recheck));
+    let serve = crate::serve::all(loops);
     Assembled {
         serve: Box::pin(serve),
         tracker,

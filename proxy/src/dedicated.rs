@@ -183,9 +183,9 @@ pub async fn start(
             peer_connector: Marked { mark: config.mark },
         },
         Listeners {
-            outbound: outbound_listener,
-            inbound: inbound_listener,
-            plain: None,
+            outbound: vec![outbound_listener],
+            inbound: vec![inbound_listener],
+            plain: Vec::new(),
         },
     );
     let uid = config.workload_uid.clone();

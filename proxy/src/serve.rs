@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -75,6 +76,20 @@ impl Tracker {
         self.cut.cancel();
         left
     }
+}
+
+/// Runs every future in `futures` to its end, polled together (the accept loops of each
+/// listener); dropping it drops them all.
+pub(crate) async fn all(mut futures: Vec<Pin<Box<dyn Future<Output = ()> + Send>>>) {
+    std::future::poll_fn(|cx| {
+        futures.retain_mut(|f| f.as_mut().poll(cx).is_pending());
+        if futures.is_empty() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
 }
 
 /// Accepts forever, handing each connection to `on_accept`; a failed accept (out of descriptors

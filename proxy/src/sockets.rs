@@ -144,6 +144,7 @@ pub fn transparent_socket(
 
 /// A listening socket on `addr` (non-blocking, `SO_REUSEADDR` as std sets it), with
 /// `SO_REUSEPORT` when `reuse_port`; made on the calling thread, so in its network namespace.
+/// An IPv6 address is IPv6 only (`IPV6_V6ONLY`), so `[::]` and `0.0.0.0` bind side by side.
 pub fn listener(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
     use nix::sys::socket::{Backlog, SockType, SockaddrStorage, bind, listen};
     let fd = new_socket(addr, SockType::Stream)?;
@@ -186,7 +187,8 @@ pub fn udp_socket(
     Ok(std::net::UdpSocket::from(fd))
 }
 
-/// A non-blocking, close-on-exec socket of `kind` for `addr`'s family.
+/// A non-blocking, close-on-exec socket of `kind` for `addr`'s family; IPv6 only for an IPv6
+/// address (`IPV6_V6ONLY`: an IPv4 socket of the same port serves IPv4).
 fn new_socket(
     addr: SocketAddr,
     kind: nix::sys::socket::SockType,
@@ -197,10 +199,14 @@ fn new_socket(
     } else {
         AddressFamily::Inet6
     };
-    Ok(socket(
+    let fd = socket(
         family,
         kind,
         SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
         None,
-    )?)
+    )?;
+    if addr.is_ipv6() {
+        setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+    }
+    Ok(fd)
 }

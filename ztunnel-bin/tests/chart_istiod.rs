@@ -418,6 +418,19 @@ fn the_charts_proxy_reaches_istiod_as_istio_does_and_serves_a_handed_over_pod() 
         .status
         .success()
     });
+    // The operations ports answer on both families, as Istio's chart probes and scrapes them:
+    // readiness and metrics on every address, admin on both loopbacks.
+    let both = python(
+        node,
+        "import urllib.request\nfor url in ['http://[::1]:15021/healthz/ready', 'http://[::1]:15020/metrics', 'http://127.0.0.1:15020/metrics', 'http://[::1]:15000/config_dump', 'http://127.0.0.1:15000/config_dump']:\n  print(url, urllib.request.urlopen(url, timeout=2).status)",
+    );
+    let printed = String::from_utf8_lossy(&both.stdout);
+    assert!(
+        both.status.success() && printed.lines().count() == 5,
+        "{printed}{}",
+        String::from_utf8_lossy(&both.stderr)
+    );
+    assert!(printed.lines().all(|l| l.ends_with(" 200")), "{printed}");
 
     // istiod saw Istio's node id for this pod of kube-system, with its metadata.
     let nodes = istiod.nodes.lock().unwrap().clone();

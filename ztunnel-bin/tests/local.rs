@@ -488,10 +488,87 @@ fn the_app_sees_its_callers_own_address_through_either_inbound_port() {
         "web-api is {}",
         ip_of("web-api")
     );
-    // Through the plaintext inbound port: the gateway is not in the mesh, its call is captured
-    // on web-api's side only; the app still sees the gateway's address.
-    let (ok, answer) = mesh.get("istio-system/istio-ingressgateway", url);
+    // Through the plaintext inbound port: the host is not in the mesh, its call to web-api's
+    // pod is captured on web-api's side only; the app still sees the host's address.
+    let host = format!("{}.0.1", mesh.subnet);
+    let out = mesh
+        .cmd(&["get", &format!("http://{}:8080/whoami", ip_of("web-api"))])
+        .output()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(remote(&answer), host);
+    let log = std::fs::read_to_string(mesh.run_dir.join("logs/node-b/ztunnel.log")).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("direction=\"inbound\"")
+            && l.contains(&format!("src.addr={host}:"))
+            && l.contains("src.identity=\"-\"")),
+        "the host's call did not go through web-api's plaintext inbound:\n{log}"
+    );
+}
+
+#[test]
+fn with_both_families_sleep_reaches_web_api_over_ipv6_through_hbone() {
+    let mesh = Local::new(9);
+    let (ok, _, err) = mesh.run(&["up", "--ip-family", "dual"]);
+    assert!(ok, "up failed: {err}");
+    mesh.label_default_ambient(&["sleep", "web-api"]);
+    let (_, status, _) = mesh.run(&["status"]);
+    // `default/web-api at 10.96.0.10 ports ...`: the IPv6 VIP goes with the IPv4 one.
+    let v6 = |v4: &str| -> String {
+        let o: Vec<u16> = v4.split('.').map(|x| x.parse().unwrap()).collect();
+        let base = (o[0] << 8) | o[1];
+        format!("fd7a:{base:x}:{:x}::{:x}", o[2], o[3])
+    };
+    let sleep6 = {
+        let line = status
+            .lines()
+            .find(|l| l.contains("default/sleep-0 on "))
+            .unwrap_or_else(|| panic!("{status}"));
+        let inner = line.split(" (").nth(1).and_then(|r| r.split(')').next());
+        inner
+            .unwrap_or_else(|| panic!("no IPv6 address: {line}"))
+            .to_owned()
+    };
+    let subnet: Vec<u16> = mesh.subnet.split('.').map(|x| x.parse().unwrap()).collect();
+    assert_eq!(
+        sleep6,
+        v6(&format!("{}.{}.1.10", subnet[0], subnet[1])),
+        "{status}"
+    );
+    let vip6 = format!("fd7a:{:x}:ff96::a", (subnet[0] << 8) | subnet[1]);
+    let (ok, answer) = mesh.get("sleep", &format!("http://[{vip6}]:8080/"));
     assert!(ok, "{answer}");
-    assert_eq!(remote(&answer), ip_of("istio-ingressgateway"));
-    assert_ne!(ip_of("istio-ingressgateway"), ip_of("web-api"));
+    assert_eq!(answer, "web-api -> recommendation -> purchase-history\n");
+    let (ok, answer) = mesh.get("sleep", &format!("http://[{vip6}]:8080/whoami"));
+    assert!(ok, "{answer}");
+    assert!(
+        answer.starts_with(&format!("remote=[{sleep6}]:")),
+        "web-api did not see sleep's IPv6 address: {answer}"
+    );
+    // The client's proxy tunnelled over IPv6 with mutual TLS.
+    let start = Instant::now();
+    loop {
+        let log = std::fs::read_to_string(mesh.run_dir.join("logs/node-a/ztunnel.log")).unwrap();
+        let tunnelled = log.lines().any(|l| {
+            l.contains("direction=\"outbound\"")
+                && l.contains(&format!("src.addr=[{sleep6}]:"))
+                && l.contains(&format!("dst.addr=[{vip6}]:8080"))
+                && l.contains("dst.hbone_addr=[fd7a:")
+                && l.contains("mtls=true")
+                && l.contains("dst.identity=\"spiffe://cluster.local/ns/default/sa/web-api\"")
+        });
+        if tunnelled {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no IPv6 HBONE line in node-a's access log:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

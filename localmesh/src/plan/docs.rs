@@ -2,7 +2,7 @@
 //! Deployment runs.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use serde_yaml::Value;
 
@@ -116,9 +116,30 @@ fn check(doc: &Doc) -> Result<(), String> {
                 }
             }
             if let Some(ip) = str_at(&doc.value, &["spec", "clusterIP"])
-                && ip.parse::<Ipv4Addr>().is_err()
+                && ip.parse::<IpAddr>().is_err()
             {
-                return Err(format!("{what}: clusterIP {ip:?} is not an IPv4 address"));
+                return Err(format!("{what}: clusterIP {ip:?} is not an IP address"));
+            }
+            let listed = doc.value.get("spec").and_then(|s| s.get("clusterIPs"));
+            if let Some(listed) = listed {
+                let ips = listed
+                    .as_sequence()
+                    .ok_or_else(|| format!("{what}: clusterIPs is not a list"))?;
+                let mut families = Vec::new();
+                for ip in ips {
+                    let parsed = ip.as_str().and_then(|s| s.parse::<IpAddr>().ok());
+                    let Some(parsed) = parsed else {
+                        return Err(format!(
+                            "{what}: clusterIPs entry {ip:?} is not an IP address"
+                        ));
+                    };
+                    if families.contains(&parsed.is_ipv6()) {
+                        return Err(format!(
+                            "{what}: clusterIPs holds two addresses of one family"
+                        ));
+                    }
+                    families.push(parsed.is_ipv6());
+                }
             }
             Ok(())
         }

@@ -7,9 +7,16 @@
 //! and node *i* at `.10+i`; node *i*'s pods live in `10.250.(1+i).0/24` behind its bridge at
 //! `.1`, from `.10` up. Services get VIPs in `10.96.0.0/16` (kept when a document sets
 //! `spec.clusterIP`). A pod's address never changes while it exists.
+//!
+//! IPv6 ([`IpFamily`]): the same layout under `fd7a:<A><B>::/32` (`fd7a:afa::` for `10.250`):
+//! the nodes' network `fd7a:afa::/64` (node *i* at `::<10+i>`), node *i*'s pods in
+//! `fd7a:afa:<1+i>::/64` behind its bridge at `::1`, a pod at the host number of its IPv4
+//! address; a service's IPv6 VIP is `fd7a:afa:ff96::<c>:<d>` for the IPv4 VIP `10.96.c.d`. The
+//! nodes keep talking IPv4 among themselves and to the control plane; the family is what pods
+//! and services get (`dual`: both, IPv4 first).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde_yaml::Value;
 
@@ -23,6 +30,58 @@ pub use docs::{App, Doc, KINDS, ManifestError, parse_docs};
 use docs::{app_spec, labels_at, str_at};
 pub use steps::{NetStep, Process};
 
+/// The address families of pods and services (`ztunnel local up --ip-family`).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum IpFamily {
+    /// IPv4 only (the default).
+    #[default]
+    Ipv4,
+    /// IPv6 only.
+    Ipv6,
+    /// Both, IPv4 first.
+    Dual,
+}
+
+impl IpFamily {
+    /// Whether pods and services get IPv4 addresses.
+    pub fn v4(self) -> bool {
+        self != IpFamily::Ipv6
+    }
+
+    /// Whether pods and services get IPv6 addresses.
+    pub fn v6(self) -> bool {
+        self != IpFamily::Ipv4
+    }
+}
+
+impl std::str::FromStr for IpFamily {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ipv4" => Ok(IpFamily::Ipv4),
+            "ipv6" => Ok(IpFamily::Ipv6),
+            "dual" => Ok(IpFamily::Dual),
+            other => Err(format!(
+                "unknown IP family {other:?}; expected ipv4, ipv6 or dual"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IpFamily::Ipv4 => "ipv4",
+            IpFamily::Ipv6 => "ipv6",
+            IpFamily::Dual => "dual",
+        })
+    }
+}
+
 /// Where one pod runs.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Placement {
@@ -34,7 +93,8 @@ pub struct Placement {
     pub deployment: String,
     /// Node name.
     pub node: String,
-    /// Its address.
+    /// Its IPv4 address (the pod's number on its node; with `--ip-family ipv6` the pod holds
+    /// only the IPv6 address made from it: [`Mesh::pod_addresses`]).
     pub ip: Ipv4Addr,
 }
 
@@ -58,12 +118,14 @@ pub struct ServicePlan {
     pub namespace: String,
     /// Name.
     pub name: String,
-    /// VIP.
-    pub vip: Ipv4Addr,
+    /// VIP (the first of `vips`).
+    pub vip: IpAddr,
+    /// Every VIP (`spec.clusterIPs`, or `spec.clusterIP`), one per family.
+    pub vips: Vec<IpAddr>,
     /// (port, target port).
     pub ports: Vec<(u16, u16)>,
-    /// Endpoint addresses (pods whose labels match the selector).
-    pub endpoints: Vec<Ipv4Addr>,
+    /// Endpoint addresses (every address of the pods whose labels match the selector).
+    pub endpoints: Vec<IpAddr>,
 }
 
 /// The whole mesh: documents and placements. Serialized into the run directory between
@@ -78,6 +140,9 @@ pub struct Mesh {
     docs: Vec<String>,
     /// Where each pod runs.
     pub placements: Vec<Placement>,
+    /// The address families of pods and services.
+    #[serde(default)]
+    pub ip_family: IpFamily,
 }
 
 impl Mesh {
@@ -88,7 +153,70 @@ impl Mesh {
             nodes: nodes.iter().map(|n| (*n).to_owned()).collect(),
             docs: Vec::new(),
             placements: Vec::new(),
+            ip_family: IpFamily::Ipv4,
         }
+    }
+
+    /// An IPv6 address of the mesh: `fd7a:<A><B>:<subnet>::<host>`.
+    fn v6(&self, subnet: u16, host: u16) -> Ipv6Addr {
+        Ipv6Addr::new(
+            0xfd7a,
+            u16::from_be_bytes(self.base),
+            subnet,
+            0,
+            0,
+            0,
+            0,
+            host,
+        )
+    }
+
+    /// Node `i`'s IPv6 address on the nodes' network.
+    pub fn node_ip6(&self, i: usize) -> Ipv6Addr {
+        self.v6(0, 10 + i as u16)
+    }
+
+    /// Node `i`'s IPv6 pod subnet gateway (its bridge).
+    pub fn pod_gateway6(&self, i: usize) -> Ipv6Addr {
+        self.v6(1 + i as u16, 1)
+    }
+
+    /// Node `i`'s IPv6 pod subnet, `fd7a:<A><B>:<1+i>::/64`.
+    pub fn pod_subnet6(&self, i: usize) -> String {
+        format!("{}/64", self.v6(1 + i as u16, 0))
+    }
+
+    /// The IPv6 address of the pod at IPv4 address `ip`.
+    pub fn pod_ip6(&self, ip: Ipv4Addr) -> Ipv6Addr {
+        let o = ip.octets();
+        self.v6(u16::from(o[2]), u16::from(o[3]))
+    }
+
+    /// The IPv6 VIP that goes with IPv4 VIP `vip`.
+    pub fn vip6(&self, vip: Ipv4Addr) -> Ipv6Addr {
+        let o = vip.octets();
+        Ipv6Addr::new(
+            0xfd7a,
+            u16::from_be_bytes(self.base),
+            0xff96,
+            0,
+            0,
+            0,
+            u16::from(o[2]),
+            u16::from(o[3]),
+        )
+    }
+
+    /// A pod's addresses under the mesh's family, IPv4 first.
+    pub fn pod_addresses(&self, p: &Placement) -> Vec<IpAddr> {
+        let mut out = Vec::new();
+        if self.ip_family.v4() {
+            out.push(IpAddr::V4(p.ip));
+        }
+        if self.ip_family.v6() {
+            out.push(IpAddr::V6(self.pod_ip6(p.ip)));
+        }
+        out
     }
 
     /// The documents.
@@ -144,8 +272,17 @@ impl Mesh {
         for mut doc in incoming {
             if doc.kind == "Service" && str_at(&doc.value, &["spec", "clusterIP"]).is_none() {
                 let vip = self.free_vip(&docs);
+                let vips: Vec<IpAddr> = match self.ip_family {
+                    IpFamily::Ipv4 => vec![vip.into()],
+                    IpFamily::Ipv6 => vec![self.vip6(vip).into()],
+                    IpFamily::Dual => vec![vip.into(), self.vip6(vip).into()],
+                };
                 if let Some(spec) = doc.value.get_mut("spec").and_then(Value::as_mapping_mut) {
-                    spec.insert("clusterIP".into(), vip.to_string().into());
+                    spec.insert("clusterIP".into(), vips[0].to_string().into());
+                    if self.ip_family != IpFamily::Ipv4 {
+                        let all = vips.iter().map(|v| Value::from(v.to_string())).collect();
+                        spec.insert("clusterIPs".into(), Value::Sequence(all));
+                    }
                 }
             }
             let verb = match docs.iter().position(|d| d.key() == doc.key()) {
@@ -234,13 +371,14 @@ impl Mesh {
     }
 
     fn free_vip(&self, docs: &[Doc]) -> Ipv4Addr {
-        let used: BTreeSet<String> = docs
+        let used: BTreeSet<IpAddr> = docs
             .iter()
-            .filter_map(|d| str_at(&d.value, &["spec", "clusterIP"]).map(str::to_owned))
+            .filter(|d| d.kind == "Service")
+            .flat_map(service_vips)
             .collect();
         (10..=u16::MAX)
             .map(|n| Ipv4Addr::new(10, 96, (n >> 8) as u8, n as u8))
-            .find(|ip| !used.contains(&ip.to_string()))
+            .find(|ip| !used.contains(&(*ip).into()) && !used.contains(&self.vip6(*ip).into()))
             .expect("a free VIP")
     }
 
@@ -343,7 +481,8 @@ impl Mesh {
             .iter()
             .filter(|d| d.kind == "Service")
             .filter_map(|d| {
-                let vip = str_at(&d.value, &["spec", "clusterIP"])?.parse().ok()?;
+                let vips = service_vips(d);
+                let vip = *vips.first()?;
                 let selector = labels_at(&d.value, &["spec", "selector"]);
                 let ports = d
                     .value
@@ -368,12 +507,13 @@ impl Mesh {
                             && !selector.is_empty()
                             && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
                     })
-                    .map(|p| p.placement.ip)
+                    .flat_map(|p| self.pod_addresses(&p.placement))
                     .collect();
                 Some(ServicePlan {
                     namespace: d.namespace.clone(),
                     name: d.name.clone(),
                     vip,
+                    vips,
                     ports,
                     endpoints,
                 })
@@ -402,15 +542,21 @@ impl Mesh {
                 .collect::<Vec<_>>()
                 .join(", ");
             let pl = &p.placement;
+            let addresses = self.pod_addresses(pl);
+            let pod_ips = addresses
+                .iter()
+                .map(|a| format!("{{ip: \"{a}\"}}"))
+                .collect::<Vec<_>>()
+                .join(", ");
             out.push_str(&format!(
-                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: {}\n  labels: {{{labels}}}\n  annotations: {{{NETNS_ANNOTATION}: /var/run/netns/{}}}\nspec: {{serviceAccountName: {}, nodeName: {}}}\nstatus: {{podIP: {}, conditions: [{{type: Ready, status: \"True\"}}]}}\n",
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: {}\n  labels: {{{labels}}}\n  annotations: {{{NETNS_ANNOTATION}: /var/run/netns/{}}}\nspec: {{serviceAccountName: {}, nodeName: {}}}\nstatus: {{podIP: \"{}\", podIPs: [{pod_ips}], conditions: [{{type: Ready, status: \"True\"}}]}}\n",
                 yaml_str(&pl.name),
                 yaml_str(&pl.namespace),
                 yaml_str(&format!("local-{}-{}", pl.namespace, pl.name)),
                 Self::pod_netns(prefix, pl),
                 yaml_str(&p.service_account),
                 yaml_str(&pl.node),
-                pl.ip
+                addresses.first().copied().unwrap_or(IpAddr::V4(pl.ip))
             ));
         }
         out
@@ -420,9 +566,16 @@ impl Mesh {
     /// capture sends port 53 to the node proxy's DNS proxy whatever the address), and the search
     /// domains of a Kubernetes pod in its namespace.
     pub fn resolv_conf(&self, pod: &Placement) -> String {
+        // Of the pod's first family: an IPv6-only pod has no route to an IPv4 nameserver.
         let gateway = self
             .node_index(&pod.node)
-            .map(|i| self.pod_gateway(i).to_string())
+            .map(|i| {
+                if self.ip_family.v4() {
+                    self.pod_gateway(i).to_string()
+                } else {
+                    self.pod_gateway6(i).to_string()
+                }
+            })
             .unwrap_or_else(|| "127.0.0.53".to_owned());
         format!(
             "nameserver {gateway}\nsearch {ns}.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n",
@@ -444,29 +597,37 @@ impl Mesh {
             if s.namespace == ns {
                 names.push(s.name.clone());
             }
-            out.push_str(&format!("{} {}\n", s.vip, names.join(" ")));
+            for vip in &s.vips {
+                out.push_str(&format!("{vip} {}\n", names.join(" ")));
+            }
         }
         out
     }
 
     /// The nodes' service rules (what kube-proxy does): `iptables-restore --noflush` input for
     /// the nat table, sending each VIP:port to an endpoint (spread evenly over several). Only
-    /// traffic outside the mesh needs them: a captured pod's proxy resolves VIPs itself.
-    pub fn service_rules(&self, chain: &str) -> String {
+    /// traffic outside the mesh needs them: a captured pod's proxy resolves VIPs itself. `v6`:
+    /// the IPv6 VIPs and endpoints, for `ip6tables-restore`.
+    pub fn service_rules(&self, chain: &str, v6: bool) -> String {
         let mut out = format!("*nat\n:{chain} - [0:0]\n-F {chain}\n");
         for s in self.services() {
-            for (port, target) in &s.ports {
-                let n = s.endpoints.len();
-                for (i, ep) in s.endpoints.iter().enumerate() {
-                    let spread = if n - i > 1 {
-                        format!(" -m statistic --mode nth --every {} --packet 0", n - i)
-                    } else {
-                        String::new()
-                    };
-                    out.push_str(&format!(
-                        "-A {chain} -d {}/32 -p tcp --dport {port}{spread} -j DNAT --to-destination {ep}:{target}\n",
-                        s.vip
-                    ));
+            let endpoints: Vec<&IpAddr> =
+                s.endpoints.iter().filter(|e| e.is_ipv6() == v6).collect();
+            for vip in s.vips.iter().filter(|v| v.is_ipv6() == v6) {
+                let len = if v6 { 128 } else { 32 };
+                for (port, target) in &s.ports {
+                    let n = endpoints.len();
+                    for (i, ep) in endpoints.iter().enumerate() {
+                        let spread = if n - i > 1 {
+                            format!(" -m statistic --mode nth --every {} --packet 0", n - i)
+                        } else {
+                            String::new()
+                        };
+                        let to = std::net::SocketAddr::new(**ep, *target);
+                        out.push_str(&format!(
+                            "-A {chain} -d {vip}/{len} -p tcp --dport {port}{spread} -j DNAT --to-destination {to}\n",
+                        ));
+                    }
                 }
             }
         }
@@ -496,12 +657,34 @@ pub fn fuzz_manifests(data: &[u8]) {
         <Value as serde::Deserialize>::deserialize(doc).expect("rendered manifests are YAML");
     }
     let _ = mesh.hosts_file("default");
-    let _ = mesh.service_rules("ZL-SERVICES");
+    let _ = mesh.service_rules("ZL-SERVICES", false);
+    let _ = mesh.service_rules("ZL-SERVICES", true);
     mesh.delete(&docs);
     assert!(
         mesh.pods().is_empty(),
         "deleting every document leaves no pod"
     );
+}
+
+/// A Service document's VIPs: `spec.clusterIPs`, else `spec.clusterIP` (what does not parse
+/// as an address, such as `None`, is no VIP).
+fn service_vips(d: &Doc) -> Vec<IpAddr> {
+    let listed: Vec<IpAddr> = d
+        .value
+        .get("spec")
+        .and_then(|s| s.get("clusterIPs"))
+        .and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str()?.parse().ok())
+        .collect();
+    if !listed.is_empty() {
+        return listed;
+    }
+    str_at(&d.value, &["spec", "clusterIP"])
+        .and_then(|v| v.parse().ok())
+        .into_iter()
+        .collect()
 }
 
 fn yaml_str(s: &str) -> String {

@@ -198,6 +198,18 @@ impl Mesh {
             let via = self.node_ip(j).to_string();
             steps.push(ip(n, &["route", "add", &self.pod_subnet(j), "via", &via]));
         }
+        if self.ip_family.v6() {
+            // `nodad`: usable at once, not after duplicate address detection's second or two.
+            let eth0 = format!("{}/64", self.node_ip6(i));
+            let cni0 = format!("{}/64", self.pod_gateway6(i));
+            steps.push(ip(n, &["-6", "addr", "add", &eth0, "dev", "eth0", "nodad"]));
+            steps.push(ip(n, &["-6", "addr", "add", &cni0, "dev", "cni0", "nodad"]));
+            for j in (0..self.nodes.len()).filter(|j| *j != i) {
+                let via = self.node_ip6(j).to_string();
+                let subnet = self.pod_subnet6(j);
+                steps.push(ip(n, &["-6", "route", "add", &subnet, "via", &via]));
+            }
+        }
         let via = self.node_ip(i).to_string();
         let host = config.host_link();
         steps.push(ip(
@@ -224,7 +236,7 @@ impl Mesh {
         let ns = Mesh::pod_netns(&config.prefix, p);
         let own = Some(ns.as_str());
         let port = format!("p{}", p.ip.octets()[3]);
-        vec![
+        let mut steps = vec![
             NetStep::Namespace(ns.clone()),
             ip(
                 node,
@@ -233,22 +245,24 @@ impl Mesh {
                 ],
             ),
             ip(node, &["link", "set", &port, "master", "cni0", "up"]),
-            ip(
-                own,
-                &["addr", "add", &format!("{}/24", p.ip), "dev", "eth0"],
-            ),
             ip(own, &["link", "set", "eth0", "up"]),
-            ip(
+        ];
+        if self.ip_family.v4() {
+            let addr = format!("{}/24", p.ip);
+            let gateway = self.pod_gateway(i).to_string();
+            steps.push(ip(own, &["addr", "add", &addr, "dev", "eth0"]));
+            steps.push(ip(own, &["route", "add", "default", "via", &gateway]));
+        }
+        if self.ip_family.v6() {
+            let addr = format!("{}/64", self.pod_ip6(p.ip));
+            let gateway = self.pod_gateway6(i).to_string();
+            steps.push(ip(
                 own,
-                &[
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    &self.pod_gateway(i).to_string(),
-                ],
-            ),
-        ]
+                &["-6", "addr", "add", &addr, "dev", "eth0", "nodad"],
+            ));
+            steps.push(ip(own, &["-6", "route", "add", "default", "via", &gateway]));
+        }
+        steps
     }
 
     /// The control plane: the manifests directory, served on the host's fabric address with the

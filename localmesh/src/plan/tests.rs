@@ -40,7 +40,7 @@ fn deployments_become_pods_spread_over_nodes_with_stable_addresses() {
 fn services_get_a_vip_endpoints_names_and_rules() {
     let m = mesh();
     let s = &m.services()[0];
-    assert_eq!(s.vip, Ipv4Addr::new(10, 96, 0, 10));
+    assert_eq!(s.vip, IpAddr::from([10, 96, 0, 10]));
     assert_eq!(s.ports, vec![(80, 8080)]);
     assert_eq!(s.endpoints.len(), 2);
     let hosts = m.hosts_file("default");
@@ -50,7 +50,7 @@ fn services_get_a_vip_endpoints_names_and_rules() {
         "{hosts}"
     );
     assert!(!m.hosts_file("other").contains(" web\n"));
-    let rules = m.service_rules("ZL-SERVICES");
+    let rules = m.service_rules("ZL-SERVICES", false);
     assert!(rules.contains("-A ZL-SERVICES -d 10.96.0.10/32 -p tcp --dport 80 -m statistic --mode nth --every 2 --packet 0 -j DNAT --to-destination 10.250.1.10:8080\n"), "{rules}");
     assert!(
         rules.contains("--dport 80 -j DNAT --to-destination 10.250.2.10:8080\n"),
@@ -63,7 +63,7 @@ fn services_get_a_vip_endpoints_names_and_rules() {
         "{manifests}"
     );
     assert!(
-        manifests.contains("status: {podIP: 10.250.1.10"),
+        manifests.contains("status: {podIP: \"10.250.1.10\""),
         "{manifests}"
     );
 }
@@ -105,7 +105,15 @@ fn bad_documents_are_refused_with_their_place() {
         ),
         (
             "kind: Service\nmetadata: {name: s}\nspec: {clusterIP: banana}\n",
-            "not an IPv4 address",
+            "not an IP address",
+        ),
+        (
+            "kind: Service\nmetadata: {name: s}\nspec: {clusterIPs: [10.96.0.1, 10.96.0.2]}\n",
+            "two addresses of one family",
+        ),
+        (
+            "kind: Service\nmetadata: {name: s}\nspec: {clusterIPs: [fd00::1, x]}\n",
+            "clusterIPs entry",
         ),
         (
             "kind: Deployment\nmetadata: {name: d}\nspec: {replicas: 99}\n",
@@ -196,4 +204,66 @@ fn each_process_is_planned_with_its_namespace_flags_and_log() {
     let app = mesh.app_process(&c, web).unwrap();
     assert_eq!(app.netns, Some(Mesh::pod_netns("zt", &web.placement)));
     assert_eq!(flag(&app, "--upstream"), "http://db:8080/");
+}
+
+#[test]
+fn dual_stack_gives_pods_and_services_both_families_and_ipv6_only_one() {
+    let mut m = Mesh::new([10, 250], &["node-a", "node-b"]);
+    m.ip_family = IpFamily::Dual;
+    m.apply(parse_docs(TEXT, "t").unwrap());
+    let pods = m.pods();
+    let v6: Ipv6Addr = "fd7a:afa:1::a".parse().unwrap();
+    assert_eq!(
+        m.pod_addresses(&pods[0].placement),
+        vec![IpAddr::from([10, 250, 1, 10]), IpAddr::from(v6)]
+    );
+    let s = &m.services()[0];
+    let vip6: IpAddr = "fd7a:afa:ff96::a".parse().unwrap();
+    assert_eq!(s.vips, vec![IpAddr::from([10, 96, 0, 10]), vip6]);
+    assert_eq!(s.endpoints.len(), 4, "{:?}", s.endpoints);
+    let hosts = m.hosts_file("default");
+    assert!(
+        hosts.contains("fd7a:afa:ff96::a web.default.svc.cluster.local"),
+        "{hosts}"
+    );
+    assert!(
+        hosts.contains("10.96.0.10 web.default.svc.cluster.local"),
+        "{hosts}"
+    );
+    let rules = m.service_rules("ZL-SERVICES", true);
+    assert!(
+        rules.contains("-d fd7a:afa:ff96::a/128 -p tcp --dport 80 -j DNAT --to-destination [fd7a:afa:2::a]:8080\n"),
+        "{rules}"
+    );
+    assert!(!rules.contains("10.96"), "{rules}");
+    let manifests = m.manifests_yaml("zl");
+    assert!(
+        manifests.contains("podIPs: [{ip: \"10.250.1.10\"}, {ip: \"fd7a:afa:1::a\"}]"),
+        "{manifests}"
+    );
+    let config = crate::Config::new("/bin/true".into());
+    let steps = format!("{:?}", m.pod_steps(&config, &pods[0]));
+    assert!(steps.contains("\"fd7a:afa:1::a/64\""), "{steps}");
+    assert!(steps.contains("\"10.250.1.10/24\""), "{steps}");
+    let node = format!("{:?}", m.node_steps(&config, 0));
+    assert!(
+        node.contains("\"fd7a:afa:2::/64\", \"via\", \"fd7a:afa::b\""),
+        "{node}"
+    );
+
+    let mut m = Mesh::new([10, 250], &["node-a", "node-b"]);
+    m.ip_family = IpFamily::Ipv6;
+    m.apply(parse_docs(TEXT, "t").unwrap());
+    let pods = m.pods();
+    assert_eq!(m.pod_addresses(&pods[0].placement), vec![IpAddr::from(v6)]);
+    let services = m.services();
+    assert_eq!(services.len(), 1, "{}", m.manifests_yaml("zl"));
+    assert_eq!(services[0].vips, vec![vip6]);
+    assert!(!m.hosts_file("default").contains("10.96"));
+    assert!(
+        m.resolv_conf(&pods[0].placement)
+            .starts_with("nameserver fd7a:afa:1::1\n")
+    );
+    assert!(!format!("{:?}", m.pod_steps(&config, &pods[0])).contains("10.250.1.10"));
+    assert!("dual".parse::<IpFamily>().is_ok() && "ipv5".parse::<IpFamily>().is_err());
 }

@@ -5,7 +5,8 @@
 //! proxy:
 //! - enters the namespace on a helper thread ([`netns::PodNetns`]) and binds there
 //!   127.0.0.1:15001 (outbound, behind the pod's capture rule), 0.0.0.0:15006 (plaintext
-//!   inbound) and 0.0.0.0:15008 (HBONE inbound);
+//!   inbound) and 0.0.0.0:15008 (HBONE inbound), and where the pod has IPv6 the same on `[::1]`
+//!   and `[::]` (IPv6 only: one socket per family);
 //! - starts fetching the pod's certificate (identity from the handoff's namespace and service
 //!   account), served by the HBONE listener and presented by the pod's outbound tunnels;
 //! - dials everything (tunnels, passthrough, the app) from inside the namespace, marked with
@@ -29,7 +30,7 @@
 pub mod netns;
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -139,6 +140,12 @@ impl SharedConfig {
             dns: None,
         }
     }
+}
+
+/// Whether the calling thread's network namespace has IPv6: its loopback holds `::1` (IPv6 is
+/// neither disabled there nor missing from the kernel). Run on a pod's namespace thread.
+fn pod_has_ipv6() -> bool {
+    std::net::UdpSocket::bind((std::net::Ipv6Addr::LOCALHOST, 0)).is_ok()
 }
 
 /// Why a pod stops being served here.
@@ -324,18 +331,26 @@ impl<C: Certificates> SharedProxy<C> {
         if !matches!(waited, Ok(true)) {
             warn!(pod = %label, uid, identity = %id, waited = ?self.config.certificate_wait, "no certificate yet: serving the pod without one until it comes");
         }
+        // IPv6 is served where the pod has it: its loopback holds ::1.
+        let ipv6 = netns.run(pod_has_ipv6).await.unwrap_or(false);
+        let families: &[bool] = if ipv6 { &[false, true] } else { &[false] };
         let bind = |port: u16, loopback: bool| {
             let (netns, label) = (netns.clone(), label.clone());
             async move {
-                let ip = if loopback {
-                    [127, 0, 0, 1]
-                } else {
-                    [0, 0, 0, 0]
-                };
-                let addr = SocketAddr::from((ip, port));
-                netns.listen(addr, reuse).await.map_err(|e| {
-                    format!("pod {label}: cannot listen on {addr} in its namespace: {e}")
-                })
+                let mut listeners = Vec::new();
+                for &v6 in families {
+                    let ip = match (loopback, v6) {
+                        (true, false) => IpAddr::from([127, 0, 0, 1]),
+                        (false, false) => IpAddr::from([0, 0, 0, 0]),
+                        (true, true) => IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+                        (false, true) => IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
+                    };
+                    let addr = SocketAddr::new(ip, port);
+                    listeners.push(netns.listen(addr, reuse).await.map_err(|e| {
+                        format!("pod {label}: cannot listen on {addr} in its namespace: {e}")
+                    })?);
+                }
+                Ok::<_, String>(listeners)
             }
         };
         let outbound_listener = bind(self.config.outbound_port, true).await?;
@@ -386,40 +401,47 @@ impl<C: Certificates> SharedProxy<C> {
             Listeners {
                 outbound: outbound_listener,
                 inbound: inbound_listener,
-                plain: Some(plain_listener),
+                plain: plain_listener,
             },
         );
         let stop = CancellationToken::new();
         if let Some(dns) = &self.config.dns {
             // Bound before the pod is acknowledged: the agent's DNS capture sends the pod's
             // queries here from then on.
-            let addr = SocketAddr::from(([127, 0, 0, 1], dns.port));
-            let sockets = netns
-                .run(move || {
-                    Ok::<_, std::io::Error>((
-                        crate::sockets::udp_socket(addr, reuse, None)?,
-                        crate::sockets::listener(addr, reuse)?,
-                    ))
-                })
-                .await
-                .and_then(|r| r)
-                .and_then(|(udp, tcp)| {
-                    Ok((
-                        tokio::net::UdpSocket::from_std(udp)?,
-                        tokio::net::TcpListener::from_std(tcp)?,
-                    ))
-                })
-                .map_err(|e| {
-                    format!("pod {label}: cannot serve DNS on {addr} in its namespace: {e}")
-                })?;
-            let server = crate::dns::DnsServer::new(
-                self.state.clone(),
-                dns.config.clone(),
-                dns.upstream.clone(),
-                dns.asker(&info.namespace),
-                self.metrics.dns.clone(),
-            );
-            tokio::spawn(server.serve(sockets.0, sockets.1, stop.clone()));
+            // On each family's loopback: the capture redirects a pod's IPv6 queries to ::1.
+            for &v6 in families {
+                let addr = if v6 {
+                    SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, dns.port))
+                } else {
+                    SocketAddr::from(([127, 0, 0, 1], dns.port))
+                };
+                let sockets = netns
+                    .run(move || {
+                        Ok::<_, std::io::Error>((
+                            crate::sockets::udp_socket(addr, reuse, None)?,
+                            crate::sockets::listener(addr, reuse)?,
+                        ))
+                    })
+                    .await
+                    .and_then(|r| r)
+                    .and_then(|(udp, tcp)| {
+                        Ok((
+                            tokio::net::UdpSocket::from_std(udp)?,
+                            tokio::net::TcpListener::from_std(tcp)?,
+                        ))
+                    })
+                    .map_err(|e| {
+                        format!("pod {label}: cannot serve DNS on {addr} in its namespace: {e}")
+                    })?;
+                let server = crate::dns::DnsServer::new(
+                    self.state.clone(),
+                    dns.config.clone(),
+                    dns.upstream.clone(),
+                    dns.asker(&info.namespace),
+                    self.metrics.dns.clone(),
+                );
+                tokio::spawn(server.serve(sockets.0, sockets.1, stop.clone()));
+            }
         }
         let stopped = stop.clone();
         tokio::spawn(async move {
@@ -428,7 +450,8 @@ impl<C: Certificates> SharedProxy<C> {
                 () = stopped.cancelled() => {}
             }
         });
-        info!(pod = %label, uid, identity = %id, netns = netns.inode(), "pod added: listening on 15001, 15006 and 15008 in its namespace");
+        let families = if ipv6 { "IPv4 and IPv6" } else { "IPv4" };
+        info!(pod = %label, uid, identity = %id, netns = netns.inode(), "pod added: listening on 15001, 15006 and 15008 in its namespace ({families})");
         let pod = Pod {
             info,
             id,

@@ -88,6 +88,10 @@ pub(crate) enum LocalCommand {
         /// workloads (examples/ambient-walkthrough/apps.yaml, built in).
         #[arg(long, value_name = "PATH")]
         manifests: Option<PathBuf>,
+        /// The address families of pods and services: `ipv4`, `ipv6` (fd7a:<subnet>::/32) or
+        /// `dual` (both, IPv4 first). The nodes and the control plane talk IPv4 either way.
+        #[arg(long, value_name = "FAMILY", default_value = "ipv4")]
+        ip_family: localmesh::plan::IpFamily,
     },
     /// Stop everything and remove every namespace, link, rule, process and file the mesh made.
     Down,
@@ -220,7 +224,12 @@ pub(crate) async fn run(args: LocalArgs) -> Result<ExitCode, Error> {
     let c = config(&args)?;
     let local = |e: LocalError| Error::Local(e);
     match args.command {
-        LocalCommand::Up { manifests } => {
+        LocalCommand::Up {
+            manifests,
+            ip_family,
+        } => {
+            let mut c = c.clone();
+            c.ip_family = ip_family;
             let docs = match &manifests {
                 Some(p) => read_docs(p)?,
                 None => parse_docs(localmesh::tutorial::APPS, "built-in walkthrough")
@@ -233,7 +242,11 @@ pub(crate) async fn run(args: LocalArgs) -> Result<ExitCode, Error> {
                 .map_err(local)?;
             say(&format!("mesh up: run directory {}", c.run_dir.display()));
             if let Some(g) = mesh.pod("istio-system", "istio-ingressgateway") {
-                say(&format!("GATEWAY_IP={}", g.placement.ip));
+                let first = mesh.pod_addresses(&g.placement).first().copied();
+                say(&format!(
+                    "GATEWAY_IP={}",
+                    first.unwrap_or(g.placement.ip.into())
+                ));
             }
             say(
                 "next: ztunnel local status | ztunnel local label namespace default istio.io/dataplane-mode=ambient",
@@ -306,11 +319,10 @@ pub(crate) async fn run(args: LocalArgs) -> Result<ExitCode, Error> {
                     .collect::<Result<_, _>>()?;
                 localmesh::app::Behaviour::Gateway { routes }
             };
-            let addr = std::net::SocketAddr::from(([0, 0, 0, 0], port));
-            localmesh::app::serve(addr, behaviour)
+            localmesh::app::serve_port(port, behaviour)
                 .await
                 .map_err(|source| Error::Io {
-                    what: format!("serving on {addr}"),
+                    what: format!("serving on port {port}"),
                     source,
                 })?;
             Ok(ExitCode::SUCCESS)

@@ -123,6 +123,97 @@ pub(crate) enum Error {
     Demo(String),
 }
 
+/// Where an operations endpoint listens: an address, `[::]:PORT` (every address of both
+/// families: one dual-stack socket, or IPv4 alone where there is no IPv6), or
+/// `localhost:PORT` (127.0.0.1 and, where there is IPv6, ::1), as Istio's ztunnel binds them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ListenAddr {
+    /// One address (`[::]` meaning both families).
+    Addr(std::net::SocketAddr),
+    /// Both loopback addresses.
+    Localhost(u16),
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        if let Some(port) = text.strip_prefix("localhost:") {
+            return port
+                .parse()
+                .map(ListenAddr::Localhost)
+                .map_err(|_| format!("{port:?} is not a port"));
+        }
+        text.parse().map(ListenAddr::Addr).map_err(|_| {
+            format!("expected IP:PORT, [::]:PORT (both families) or localhost:PORT, got {text:?}")
+        })
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Addr(a) => a.fmt(f),
+            ListenAddr::Localhost(port) => write!(f, "localhost:{port}"),
+        }
+    }
+}
+
+impl ListenAddr {
+    /// The one address a single listener binds: `[::]` where there is IPv6 (a dual-stack
+    /// socket when bound by tokio, as the system's default `bindv6only=0` makes it), else
+    /// `0.0.0.0`; `localhost` as 127.0.0.1.
+    pub(crate) fn single(self) -> std::net::SocketAddr {
+        use std::net::{Ipv4Addr, SocketAddr};
+        match self {
+            ListenAddr::Addr(a) if a.ip().is_unspecified() && a.is_ipv6() && !have_ipv6() => {
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, a.port()))
+            }
+            ListenAddr::Addr(a) => a,
+            ListenAddr::Localhost(port) => SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        }
+    }
+}
+
+/// Whether this network namespace has IPv6 (its loopback holds ::1).
+fn have_ipv6() -> bool {
+    std::net::UdpSocket::bind((std::net::Ipv6Addr::LOCALHOST, 0)).is_ok()
+}
+
+/// Binds the listeners of `addr` (see [`ListenAddr`]), naming the address when one cannot be.
+async fn listen_all(addr: ListenAddr) -> Result<Vec<tokio::net::TcpListener>, Error> {
+    use std::net::{Ipv6Addr, SocketAddr};
+    match addr {
+        ListenAddr::Addr(a) if a.ip().is_unspecified() && a.is_ipv6() && have_ipv6() => {
+            Ok(vec![dual_stack(a.port()).map_err(|source| Error::Io {
+                what: format!("cannot listen on {a} (both families)"),
+                source,
+            })?])
+        }
+        ListenAddr::Addr(_) => Ok(vec![listen(addr.single()).await?]),
+        ListenAddr::Localhost(port) => {
+            let mut all = vec![listen(addr.single()).await?];
+            if have_ipv6() {
+                all.push(listen(SocketAddr::from((Ipv6Addr::LOCALHOST, port))).await?);
+            }
+            Ok(all)
+        }
+    }
+}
+
+/// A listener on `[::]:port` that takes IPv4 too (`IPV6_V6ONLY` off, whatever the system's
+/// default).
+fn dual_stack(port: u16) -> std::io::Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+    socket.set_only_v6(false)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
+    socket.listen(1024)?;
+    tokio::net::TcpListener::from_std(socket.into())
+}
+
 /// Binds a TCP listener, naming the address when it cannot.
 async fn listen(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, Error> {
     tokio::net::TcpListener::bind(addr)

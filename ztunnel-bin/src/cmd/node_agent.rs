@@ -117,14 +117,15 @@ pub(crate) struct NodeAgentArgs {
     #[arg(long, env = "KUBELET_PROBE_SNAT")]
     pub(crate) kubelet_probe_snat: bool,
     /// Serve readiness here (`GET /healthz/ready` or `/readyz`: 200 once a pass completed with
-    /// the pod source's full view, else 503 with the reason), e.g. 0.0.0.0:8000 in a DaemonSet.
+    /// the pod source's full view, else 503 with the reason), e.g. `[::]:8000` (both
+    /// families) in a DaemonSet; IP:PORT, `[::]:PORT` or `localhost:PORT`.
     #[arg(long, value_name = "ADDR")]
-    pub(crate) health_addr: Option<std::net::SocketAddr>,
+    pub(crate) health_addr: Option<super::ListenAddr>,
     /// Serve Prometheus metrics here (`GET /metrics`: pods captured, captures and releases and
     /// their failures, CNI requests by outcome, ZDS connections, refused peers), e.g.
-    /// 0.0.0.0:15014.
+    /// `[::]:15014` (as --health-addr).
     #[arg(long, value_name = "ADDR")]
-    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
+    pub(crate) metrics_addr: Option<super::ListenAddr>,
     /// Take the node over from istio-cni: at start, its node rules (the probe chain, its
     /// ipsets, its nftables table) and its chained plugin (in --install-cni's CONF_DIR) are
     /// removed, and each pod's istio-cni rules are removed before the pod is captured with
@@ -399,49 +400,47 @@ async fn serve_status(
     extra: Vec<Arc<dyn Fn() -> String + Send + Sync>>,
 ) -> Result<(), Error> {
     use proxy::admin::{Request, Response, serve};
-    let bind = |addr: std::net::SocketAddr, flag: &'static str| async move {
-        tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| Error::Flag {
-                flag,
-                value: addr.to_string(),
-                reason: e.to_string(),
-            })
+    let bind = |addr: super::ListenAddr, flag: &'static str| async move {
+        super::listen_all(addr).await.map_err(|e| Error::Flag {
+            flag,
+            value: addr.to_string(),
+            reason: e.to_string(),
+        })
     };
     if let Some(addr) = args.health_addr {
-        let listener = bind(addr, "--health-addr").await?;
+        let listeners = bind(addr, "--health-addr").await?;
         let status = status.clone();
-        tokio::spawn(serve(
-            listener,
-            Arc::new(move |r: &Request| match r.path.as_str() {
-                "/healthz/ready" | "/readyz" if status.synced() => Response::text(200, "ready\n"),
-                "/healthz/ready" | "/readyz" => Response::text(
-                    503,
-                    "not ready: the pod source has not given its full view yet\n",
-                ),
-                path => Response::not_found(path),
-            }),
-        ));
+        let handler: proxy::admin::Handler = Arc::new(move |r: &Request| match r.path.as_str() {
+            "/healthz/ready" | "/readyz" if status.synced() => Response::text(200, "ready\n"),
+            "/healthz/ready" | "/readyz" => Response::text(
+                503,
+                "not ready: the pod source has not given its full view yet\n",
+            ),
+            path => Response::not_found(path),
+        });
+        for listener in listeners {
+            tokio::spawn(serve(listener, handler.clone()));
+        }
     }
     if let Some(addr) = args.metrics_addr {
-        let listener = bind(addr, "--metrics-addr").await?;
-        tokio::spawn(serve(
-            listener,
-            Arc::new(move |r: &Request| match r.path.as_str() {
-                "/metrics" | "/stats/prometheus" => {
-                    let mut text = status.render();
-                    for render in &extra {
-                        text.push_str(&render());
-                    }
-                    Response {
-                        status: 200,
-                        content_type: "text/plain; version=0.0.4",
-                        body: text,
-                    }
+        let listeners = bind(addr, "--metrics-addr").await?;
+        let handler: proxy::admin::Handler = Arc::new(move |r: &Request| match r.path.as_str() {
+            "/metrics" | "/stats/prometheus" => {
+                let mut text = status.render();
+                for render in &extra {
+                    text.push_str(&render());
                 }
-                path => Response::not_found(path),
-            }),
-        ));
+                Response {
+                    status: 200,
+                    content_type: "text/plain; version=0.0.4",
+                    body: text,
+                }
+            }
+            path => Response::not_found(path),
+        });
+        for listener in listeners {
+            tokio::spawn(serve(listener, handler.clone()));
+        }
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use common::ports;
 
 use super::istio;
 use crate::args::parse_duration;
-use crate::cmd::Error;
+use crate::cmd::{Error, ListenAddr};
 
 #[derive(Debug, Args)]
 pub(crate) struct ProxyArgs {
@@ -183,15 +183,16 @@ pub(crate) struct ProxyArgs {
     /// Largest HTTP/2 frame payload accepted, bytes.
     #[arg(long, env = "HTTP2_FRAME_SIZE", default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u32).range(16_384..=16_777_215))]
     pub(crate) http2_frame_size: u32,
-    /// Admin endpoint.
-    #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], ports::ADMIN)))]
-    pub(crate) admin_addr: SocketAddr,
-    /// Metrics endpoint.
-    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], ports::STATS)))]
-    pub(crate) stats_addr: SocketAddr,
-    /// Readiness endpoint.
-    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], ports::READINESS)))]
-    pub(crate) readiness_addr: SocketAddr,
+    /// Admin endpoint: IP:PORT, `[::]:PORT` (both families) or `localhost:PORT` (127.0.0.1
+    /// and ::1).
+    #[arg(long, default_value_t = ListenAddr::Localhost(ports::ADMIN), value_name = "ADDR")]
+    pub(crate) admin_addr: ListenAddr,
+    /// Metrics endpoint (as --admin-addr; default: every address of both families).
+    #[arg(long, default_value_t = ListenAddr::Addr(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, ports::STATS))), value_name = "ADDR")]
+    pub(crate) stats_addr: ListenAddr,
+    /// Readiness endpoint (as --admin-addr; default: every address of both families).
+    #[arg(long, default_value_t = ListenAddr::Addr(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, ports::READINESS))), value_name = "ADDR")]
+    pub(crate) readiness_addr: ListenAddr,
     /// Series of gone pods are dropped from the metrics after this long without connections.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     pub(crate) metrics_expiry: Duration,
@@ -260,9 +261,9 @@ impl ProxyArgs {
             "xdsAddress": self.xds_address,
             "caAddress": self.ca_address,
             "authToken": self.token_file(),
-            "adminAddr": self.admin_addr,
-            "statsAddr": self.stats_addr,
-            "readinessAddr": self.readiness_addr,
+            "adminAddr": self.admin_addr.to_string(),
+            "statsAddr": self.stats_addr.to_string(),
+            "readinessAddr": self.readiness_addr.to_string(),
             "inpodUds": self.inpod_uds,
             "inpodPortReuse": self.inpod_port_reuse,
             "originalSource": self.original_source,

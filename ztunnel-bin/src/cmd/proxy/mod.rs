@@ -209,18 +209,21 @@ async fn operations(
     config_dump: Box<dyn Fn() -> String + Send + Sync>,
 ) -> Result<impl Future<Output = ()> + use<>, Error> {
     let quit = CancellationToken::new();
-    let stats = super::listen(args.stats_addr).await?;
-    let admin = super::listen(args.admin_addr).await?;
+    let stats = super::listen_all(args.stats_addr).await?;
+    let admin = super::listen_all(args.admin_addr).await?;
     let hooks = AdminHooks {
         config_dump,
         set_log_level: Box::new(move |level| log_control(level)),
         quit: quit.clone(),
     };
-    tokio::spawn(proxy::admin::serve(
-        stats,
-        proxy::admin::metrics(metrics.clone()),
-    ));
-    tokio::spawn(proxy::admin::serve(admin, proxy::admin::admin(hooks)));
+    let metrics_handler = proxy::admin::metrics(metrics.clone());
+    for listener in stats {
+        tokio::spawn(proxy::admin::serve(listener, metrics_handler.clone()));
+    }
+    let admin_handler = proxy::admin::admin(hooks);
+    for listener in admin {
+        tokio::spawn(proxy::admin::serve(listener, admin_handler.clone()));
+    }
     tokio::spawn(expire_metrics(metrics, store));
     Ok(async move {
         tokio::select! {
@@ -291,8 +294,9 @@ async fn run_shared(
     config.dns = dns_settings(&args)?;
     let shared = SharedProxy::new(config, store.clone(), certs.clone(), metrics.clone());
 
-    let readiness = super::listen(args.readiness_addr).await?;
-    tokio::spawn(shared.clone().serve_readiness(readiness));
+    for readiness in super::listen_all(args.readiness_addr).await? {
+        tokio::spawn(shared.clone().serve_readiness(readiness));
+    }
     let (dump_store, dump_proxy, dump_certs) = (store.clone(), shared.clone(), certs.clone());
     let dump_config = args.dump_config();
     let stop = operations(
@@ -399,7 +403,7 @@ async fn run_dedicated(
     let mut config = DedicatedConfig::new(&local.uid);
     config.mark = Some(args.packet_mark);
     config.hbone = hbone_config(&args);
-    config.readiness = args.readiness_addr;
+    config.readiness = args.readiness_addr.single();
     config.metrics = metrics.clone();
     let certs = StaticCert { cert, roots };
     let (dump_certs, dump_config) = (certs.clone(), args.dump_config());
