@@ -263,6 +263,68 @@ fn a_headless_service_answers_its_healthy_endpoints() {
 }
 
 #[test]
+fn a_headless_services_pods_answer_by_name() {
+    use xds_client::resources::Workload;
+    let mut state = state();
+    state.insert_address(Address::Service(service(
+        "db",
+        "default",
+        "db.default.svc.cluster.local",
+        &[],
+    )));
+    let pod = |name: &str, ip: &str, healthy: bool| -> Workload {
+        let mut w = Workload::new(
+            &format!("Kubernetes//Pod/default/{name}"),
+            name,
+            "default",
+            "spiffe://cluster.local/ns/default/sa/db".parse().unwrap(),
+        );
+        w.addresses = vec![ip.parse().unwrap()];
+        w.healthy = healthy;
+        w.services
+            .insert("default/db.default.svc.cluster.local".into(), Vec::new());
+        w
+    };
+    state.insert_address(Address::Workload(pod("db-0", "10.244.0.7", true)));
+    // Not ready yet: its own name resolves all the same (a StatefulSet's peers find it).
+    state.insert_address(Address::Workload(pod("db-1", "10.244.0.8", false)));
+    let config = DnsConfig::default();
+    let ask = |name: &str, t: RecordType| ask_with(&state, &config, name, t);
+    assert_eq!(
+        ask("db-0.db.default.svc.cluster.local.", RecordType::A),
+        answered(&["db-0.db.default.svc.cluster.local. A 10.244.0.7"])
+    );
+    assert_eq!(
+        ask("DB-1.db.default.svc.cluster.local.", RecordType::A),
+        answered(&["DB-1.db.default.svc.cluster.local. A 10.244.0.8"])
+    );
+    // Short forms through the pod's namespace, as for services.
+    assert_eq!(
+        ask("db-0.db.", RecordType::A),
+        answered(&["db-0.db. A 10.244.0.7"])
+    );
+    // The name exists, not with an IPv6 address.
+    assert_eq!(
+        ask("db-0.db.default.svc.cluster.local.", RecordType::AAAA),
+        Some((ResponseCode::NoError, true, Vec::new()))
+    );
+    // No such pod, a service with a VIP (its pods have no names here), a name too deep:
+    // forwarded.
+    assert_eq!(
+        ask("db-9.db.default.svc.cluster.local.", RecordType::A),
+        None
+    );
+    assert_eq!(
+        ask("db-0.web-api.default.svc.cluster.local.", RecordType::A),
+        None
+    );
+    assert_eq!(
+        ask("x.db-0.db.default.svc.cluster.local.", RecordType::A),
+        None
+    );
+}
+
+#[test]
 fn what_is_not_ours_is_forwarded() {
     // Unknown names (the upstream answers, NXDOMAIN included), other types, and a service
     // visible only in its own namespace asked from another.

@@ -22,6 +22,15 @@
 //! a service found with no address of the asked family is answered with no records (NOERROR,
 //! not NXDOMAIN: the name exists). The answer is authoritative, with the configured TTL.
 //!
+//! A headless service's pods by name, as Kubernetes DNS names a StatefulSet's pods: an alias
+//! `<pod>.<svc>.<ns>.svc.<domain>` that no service (or wildcard) names is the pod `<pod>`
+//! (its workload name) among the endpoints of the headless service `<svc>.<ns>.svc.<domain>`
+//! the asker may see, answered with that pod's addresses of the asked family, healthy or not
+//! (a pod's own name resolves while it starts, as kube-dns's `publishNotReadyAddresses` of
+//! StatefulSets makes it). xDS does not carry a pod's `spec.hostname`, so a pod whose hostname
+//! differs from its name is not found here and the query is forwarded (Istio's ztunnel
+//! forwards every such name).
+//!
 //! Everything else is [`Decision::Forward`]: other record types and classes, and names no
 //! service has (the upstream resolver answers them, NXDOMAIN included). A query that does not
 //! parse is answered FORMERR when its header can be read (a response, never: a loop is not
@@ -138,10 +147,28 @@ pub fn decide_with_outcome(
     }
     let asked = question.name().to_lowercase().to_ascii();
     let asked = asked.trim_end_matches('.');
-    let Some((service, alias)) = find(state, asker, config, asked) else {
+    let Some((found, alias)) = find(state, asker, config, asked) else {
         return (Decision::Forward, Outcome::Forwarded);
     };
-    let addresses = addresses(state, &service, record_type, config);
+    let addresses = match found {
+        Found::Service(service) => addresses(state, &service, record_type, config),
+        Found::Pod { service, pod } => {
+            if family_allowed(&service, record_type, config) {
+                let v6 = record_type == RecordType::AAAA;
+                let mut of_pod: Vec<IpAddr> = pod
+                    .addresses
+                    .iter()
+                    .copied()
+                    .filter(|ip| ip.is_ipv6() == v6)
+                    .collect();
+                of_pod.sort();
+                of_pod.dedup();
+                of_pod
+            } else {
+                Vec::new()
+            }
+        }
+    };
     let mut response = response_to(&message, ResponseCode::NoError);
     response.set_authoritative(true);
     let outcome = if addresses.is_empty() {
@@ -286,22 +313,59 @@ fn wildcards(name: &str) -> impl Iterator<Item = String> + '_ {
     )
 }
 
-/// The service `asked` names for `asker`, and the alias that found it.
-fn find(
-    state: &State,
-    asker: &Asker,
-    config: &DnsConfig,
-    asked: &str,
-) -> Option<(Arc<Service>, Alias)> {
+/// What a name was found to be.
+enum Found {
+    /// A service.
+    Service(Arc<Service>),
+    /// A pod of a headless service, by name.
+    Pod {
+        /// The headless service.
+        service: Arc<Service>,
+        /// The pod's workload.
+        pod: Arc<xds_client::resources::Workload>,
+    },
+}
+
+/// What `asked` names for `asker` (a service, else a headless service's pod), and the alias
+/// that found it.
+fn find(state: &State, asker: &Asker, config: &DnsConfig, asked: &str) -> Option<(Found, Alias)> {
     for alias in aliases(asked, asker, config) {
         let candidates: Vec<String> = wildcards(&alias.name).collect();
         for candidate in candidates {
             if let Some(service) = best(state, asker, config, &candidate) {
-                return Some((service, alias));
+                return Some((Found::Service(service), alias));
             }
+        }
+        if let Some((service, pod)) = headless_pod(state, asker, config, &alias.name) {
+            return Some((Found::Pod { service, pod }, alias));
         }
     }
     None
+}
+
+/// `<pod>.<svc>.<ns>.svc.<domain>`: the workload named `<pod>` among the endpoints of the
+/// headless service `<svc>.<ns>.svc.<domain>` that `asker` may see.
+fn headless_pod(
+    state: &State,
+    asker: &Asker,
+    config: &DnsConfig,
+    name: &str,
+) -> Option<(Arc<Service>, Arc<xds_client::resources::Workload>)> {
+    let (pod, host) = name.split_once('.')?;
+    let kubernetes = format!(".svc.{}", config.cluster_domain.trim_end_matches('.'));
+    // `<svc>.<ns>.svc.<domain>`: exactly two labels before the suffix.
+    let before = host.strip_suffix(&kubernetes)?;
+    if before.split('.').count() != 2 {
+        return None;
+    }
+    let service = best(state, asker, config, host).filter(|s| s.addresses.is_empty())?;
+    let key = format!("{}/{}", service.namespace, service.hostname);
+    let workload = state
+        .endpoints(&key)
+        .map(|(w, _)| w)
+        .find(|w| w.name.eq_ignore_ascii_case(pod) && w.namespace == service.namespace)?
+        .clone();
+    Some((service, workload))
 }
 
 /// Among the services named `host` that `asker` may see and that have addresses to give (a VIP,
@@ -325,6 +389,17 @@ fn best(state: &State, asker: &Asker, config: &DnsConfig, host: &str) -> Option<
     visible.first().map(|s| Arc::clone(s))
 }
 
+/// Whether `service` gives addresses of `record_type`'s family (IPv6 on, the service's
+/// families).
+fn family_allowed(service: &Service, record_type: RecordType, config: &DnsConfig) -> bool {
+    let v6 = record_type == RecordType::AAAA;
+    match (service.ip_families, v6) {
+        (_, true) if !config.ipv6 => false,
+        (IpFamilies::Ipv4Only, true) | (IpFamilies::Ipv6Only, false) => false,
+        _ => true,
+    }
+}
+
 /// The addresses answered for `service` to a question of `record_type`.
 fn addresses(
     state: &State,
@@ -333,12 +408,7 @@ fn addresses(
     config: &DnsConfig,
 ) -> Vec<IpAddr> {
     let v6 = record_type == RecordType::AAAA;
-    let family_allowed = match (service.ip_families, v6) {
-        (_, true) if !config.ipv6 => false,
-        (IpFamilies::Ipv4Only, true) | (IpFamilies::Ipv6Only, false) => false,
-        _ => true,
-    };
-    if !family_allowed {
+    if !family_allowed(service, record_type, config) {
         return Vec::new();
     }
     let of_family = |ip: &IpAddr| ip.is_ipv6() == v6;
