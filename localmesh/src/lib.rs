@@ -113,6 +113,9 @@ pub struct Config {
     /// The address families of pods and services, for `up` (a running mesh keeps the family it
     /// was made with).
     pub ip_family: plan::IpFamily,
+    /// The resolvers the node proxies forward names outside the mesh to (`up --dns-upstream`;
+    /// none: such names are refused, logged), on port 53.
+    pub dns_upstreams: Vec<std::net::IpAddr>,
 }
 
 impl Config {
@@ -126,6 +129,7 @@ impl Config {
             exe,
             backend: "iptables".into(),
             ip_family: plan::IpFamily::Ipv4,
+            dns_upstreams: Vec::new(),
         }
     }
 }

@@ -133,6 +133,10 @@ fn build(
         std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
     }
     save(config, &mesh)?;
+    write_atomic(
+        &config.upstream_resolv_conf(),
+        &config.upstream_resolv_conf_text(),
+    )?;
 
     progress("creating the network: fabric and nodes");
     execute(&mesh.fabric_steps(config))?;

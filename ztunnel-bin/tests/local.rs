@@ -572,3 +572,81 @@ fn with_both_families_sleep_reaches_web_api_over_ipv6_through_hbone() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Asks pod `pod`'s own resolver (its resolv.conf's nameserver, port 53, as its resolver would)
+/// for the A records of `name`: (rcode, first address or "-").
+fn resolve_in(mesh: &Local, pod: &str, name: &str) -> (u8, String) {
+    let code = format!(
+        r#"import socket, struct
+ns = [l.split()[1] for l in open('/etc/resolv.conf') if l.startswith('nameserver')][0]
+msg = struct.pack('>HHHHHH', 0x2323, 0x0100, 1, 0, 0, 0)
+for l in '{name}'.split('.'):
+    msg += bytes([len(l)]) + l.encode()
+msg += b'\x00' + struct.pack('>HH', 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(8)
+s.sendto(msg, (ns, 53))
+d, _ = s.recvfrom(65535)
+print(d[3] & 0x0f, socket.inet_ntoa(d[-4:]) if struct.unpack('>H', d[6:8])[0] else '-')"#
+    );
+    let (ok, out, err) = mesh.run(&["exec", pod, "--", "python3", "-c", &code]);
+    assert!(ok, "{err}");
+    let fields: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(fields.len(), 2, "{out}");
+    (fields[0].parse().unwrap(), fields[1].to_owned())
+}
+
+#[test]
+fn names_outside_the_mesh_go_to_the_upstream_or_are_refused_with_a_log() {
+    // With an upstream: a resolver on the host's mesh address (ours, answering every A question
+    // with 192.0.2.7) gets the name the mesh does not know, and its answer reaches the pod.
+    let mesh = Local::new(10);
+    let host = format!("{}.0.1", mesh.subnet);
+    let (ok, _, err) = mesh.run(&["up", "--dns-upstream", &host]);
+    assert!(ok, "up failed: {err}");
+    mesh.label_default_ambient(&["sleep"]);
+    let upstream = std::net::UdpSocket::bind((host.as_str(), 53)).unwrap();
+    upstream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let answering = std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        let (n, from) = upstream.recv_from(&mut buf).unwrap();
+        let query = &buf[..n];
+        // The question as asked, then one A record pointing back at it.
+        let mut answer = query.to_vec();
+        answer[2] = 0x81;
+        answer[3] = 0x80;
+        answer[6..8].copy_from_slice(&1u16.to_be_bytes());
+        answer.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4, 192, 0, 2, 7]);
+        upstream.send_to(&answer, from).unwrap();
+        let name_end = 12 + query[12..].iter().position(|b| *b == 0).unwrap();
+        String::from_utf8_lossy(&query[12..name_end]).into_owned()
+    });
+    let (rcode, ip) = resolve_in(&mesh, "sleep", "external.example.org");
+    assert_eq!((rcode, ip.as_str()), (0, "192.0.2.7"));
+    let asked = answering.join().unwrap();
+    assert!(
+        asked.contains("external") && asked.contains("example"),
+        "{asked:?}"
+    );
+    // A mesh name is still the proxy's own answer, not the upstream's.
+    let (rcode, ip) = resolve_in(&mesh, "sleep", "web-api.default.svc.cluster.local");
+    assert_eq!((rcode, ip.as_str()), (0, "10.96.0.10"));
+    drop(mesh);
+
+    // Without one: REFUSED at once, and the node proxy says why, naming the query.
+    let mesh = Local::new(11);
+    mesh.up();
+    mesh.label_default_ambient(&["sleep"]);
+    let (rcode, _) = resolve_in(&mesh, "sleep", "external.example.org");
+    assert_eq!(rcode, 5, "REFUSED");
+    let log = std::fs::read_to_string(mesh.run_dir.join("logs/node-a/ztunnel.log")).unwrap();
+    assert!(
+        log.lines().any(
+            |l| l.contains("no upstream resolver is configured: refused")
+                && l.contains("external.example.org")
+        ),
+        "{log}"
+    );
+}

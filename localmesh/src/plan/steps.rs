@@ -94,6 +94,23 @@ impl Config {
         self.run_dir.join(format!("{node}.sock"))
     }
 
+    /// The resolver configuration the node proxies forward names outside the mesh with
+    /// (written by `up` from [`Config::dns_upstreams`]).
+    pub(crate) fn upstream_resolv_conf(&self) -> PathBuf {
+        self.run_dir.join("upstream-resolv.conf")
+    }
+
+    /// The text of [`Config::upstream_resolv_conf`].
+    pub(crate) fn upstream_resolv_conf_text(&self) -> String {
+        if self.dns_upstreams.is_empty() {
+            return "# No upstream resolver (ztunnel local up --dns-upstream IP): names outside the mesh are refused.\n".into();
+        }
+        self.dns_upstreams
+            .iter()
+            .map(|ip| format!("nameserver {ip}\n"))
+            .collect()
+    }
+
     /// The mesh's root certificate (the control plane's CA).
     pub(crate) fn root_cert(&self) -> PathBuf {
         self.run_dir.join("ca").join("root-cert.pem")
@@ -333,6 +350,8 @@ impl Mesh {
                 &config.token_file(node).to_string_lossy(),
                 "--inpod-uds",
                 &config.zds_socket(node).to_string_lossy(),
+                "--dns-resolv-conf",
+                &config.upstream_resolv_conf().to_string_lossy(),
             ]),
             env: vec![
                 ("NODE_NAME".into(), node.to_owned()),

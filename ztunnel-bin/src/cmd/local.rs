@@ -92,6 +92,11 @@ pub(crate) enum LocalCommand {
         /// `dual` (both, IPv4 first). The nodes and the control plane talk IPv4 either way.
         #[arg(long, value_name = "FAMILY", default_value = "ipv4")]
         ip_family: localmesh::plan::IpFamily,
+        /// A resolver the node proxies forward names outside the mesh to (port 53; repeat for
+        /// more), reachable from the nodes: e.g. one you run on the host's mesh address
+        /// `A.B.0.1`. Without one, such names are answered REFUSED and logged.
+        #[arg(long = "dns-upstream", value_name = "IP")]
+        dns_upstreams: Vec<std::net::IpAddr>,
     },
     /// Stop everything and remove every namespace, link, rule, process and file the mesh made.
     Down,
@@ -227,9 +232,11 @@ pub(crate) async fn run(args: LocalArgs) -> Result<ExitCode, Error> {
         LocalCommand::Up {
             manifests,
             ip_family,
+            dns_upstreams,
         } => {
             let mut c = c.clone();
             c.ip_family = ip_family;
+            c.dns_upstreams = dns_upstreams;
             let docs = match &manifests {
                 Some(p) => read_docs(p)?,
                 None => parse_docs(localmesh::tutorial::APPS, "built-in walkthrough")
