@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::File;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::os::fd::AsFd as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::PathBuf;
@@ -26,7 +26,7 @@ use tracing::{info, warn};
 
 use crate::cni::server::{Posted, Stage};
 use crate::cni::{CniAnswer, CniBoard, CniEvent};
-use crate::host::{PROBE_SOURCE, ProbeSnat};
+use crate::host::{PROBE_SOURCE, PROBE_SOURCE_V6, ProbeSnat};
 use crate::{Backend, RuleSet, apply, fd_path, remove};
 
 /// The label that puts a namespace in the mesh (`ambient`) or takes a pod out (`none`).
@@ -307,7 +307,7 @@ impl std::error::Error for HandBackError {}
 struct Probes {
     snat: ProbeSnat,
     /// The pods last applied (`None`: unknown, apply at the next pass).
-    applied: Option<BTreeSet<Ipv4Addr>>,
+    applied: Option<BTreeSet<IpAddr>>,
     /// When the live rules were last compared with what was applied.
     checked: Instant,
     /// After a failure, not before this.
@@ -756,7 +756,7 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
         let Some(probes) = &mut self.probes else {
             return;
         };
-        let wanted: BTreeSet<Ipv4Addr> = self
+        let wanted: BTreeSet<IpAddr> = self
             .captured
             .iter()
             .flat_map(|(uid, c)| {
@@ -764,10 +764,7 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
                     .iter()
                     .find(|p| &p.uid == uid && !p.ips.is_empty())
                     .map_or(&c.pod.ips, |p| &p.ips);
-                ips.iter().filter_map(|ip| match ip {
-                    IpAddr::V4(v4) => Some(*v4),
-                    IpAddr::V6(_) => None,
-                })
+                ips.iter().copied()
             })
             .collect();
         if probes.applied.as_ref() == Some(&wanted) && probes.checked.elapsed() < PROBE_CHECK
@@ -790,7 +787,7 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
             Ok(()) => {
                 info!(
                     pods = wanted.len(),
-                    "kubelet probes to the captured pods are rewritten to {PROBE_SOURCE}"
+                    "kubelet probes to the captured pods are rewritten to {PROBE_SOURCE} (IPv6: {PROBE_SOURCE_V6})"
                 );
                 probes.applied = Some(wanted);
                 probes.checked = Instant::now();

@@ -214,7 +214,7 @@ fn remove_return_route(netns: &Path, rules: &RuleSet) -> Result<(), Error> {
 
 /// Whether IPv6 is off on the namespace's loopback interface (`disable_ipv6`, or no IPv6 in
 /// the kernel): then it carries no IPv6 connection to return, and takes no IPv6 route.
-fn ipv6_disabled(netns: &Path, limit: Duration) -> bool {
+pub(crate) fn ipv6_disabled(netns: &Path, limit: Duration) -> bool {
     run(
         netns,
         "cat",

@@ -58,7 +58,7 @@ pub struct RuleSet {
     /// The bits of the mark that are compared.
     pub mark_mask: u32,
     /// Source addresses whose inbound traffic is never captured (kubelet health probes; Istio's
-    /// CNI SNATs probes to 169.254.7.127).
+    /// CNI SNATs probes to 169.254.7.127, IPv6 ones to fd16:9254:7127:1337:ffff:ffff:ffff:ffff).
     pub probe_sources: Vec<IpAddr>,
     /// Where the pod's DNS (UDP and TCP to port 53, not marked) is redirected (Istio: 15053, the
     /// proxy's DNS proxy), or `None` to leave DNS alone. UDP to the loopback interface and TCP
@@ -82,7 +82,10 @@ impl Default for RuleSet {
             hbone_port: common::ports::HBONE,
             skip_mark: common::PACKET_MARK,
             mark_mask: 0xfff,
-            probe_sources: vec![IpAddr::from([169, 254, 7, 127])],
+            probe_sources: vec![
+                crate::host::PROBE_SOURCE.into(),
+                crate::host::PROBE_SOURCE_V6.into(),
+            ],
             dns_port: Some(common::ports::DNS),
             return_route: Some(ReturnRoute::default()),
             ipv6: true,

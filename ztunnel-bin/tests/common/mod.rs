@@ -265,13 +265,15 @@ impl Fabric {
 }
 
 /// An app in `ns` on `ports`: greets with `name:` then echoes until the client half-closes.
+/// An app in `ns` answering `name:` then echoing, on each of `ports` of both families (one
+/// dual-stack socket each).
 pub fn echo_app(ns: &Netns, name: &str, ports: &[u16]) -> Running {
     let ports: Vec<String> = ports.iter().map(|p| p.to_string()).collect();
     Running(
         Command::new("ip")
             .args(["netns", "exec", &ns.0, "python3", "-c"])
             .arg(format!(
-                "import socket,threading\ndef h(c):\n  c.sendall(b'{name}:')\n  while True:\n    d=c.recv(65536)\n    if not d: break\n    c.sendall(d)\n  c.close()\ndef serve(p):\n  l=socket.socket()\n  l.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n  l.bind(('0.0.0.0',p))\n  l.listen(256)\n  while True:\n    c,_=l.accept()\n    threading.Thread(target=h,args=(c,),daemon=True).start()\nts=[threading.Thread(target=serve,args=(p,)) for p in [{}]]\n[t.start() for t in ts]\n[t.join() for t in ts]",
+                "import socket,threading\ndef h(c):\n  c.sendall(b'{name}:')\n  while True:\n    d=c.recv(65536)\n    if not d: break\n    c.sendall(d)\n  c.close()\ndef serve(p):\n  l=socket.socket(socket.AF_INET6)\n  l.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n  l.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0)\n  l.bind(('::',p))\n  l.listen(256)\n  while True:\n    c,_=l.accept()\n    threading.Thread(target=h,args=(c,),daemon=True).start()\nts=[threading.Thread(target=serve,args=(p,)) for p in [{}]]\n[t.start() for t in ts]\n[t.join() for t in ts]",
                 ports.join(",")
             ))
             .stdout(Stdio::null())
