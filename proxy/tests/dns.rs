@@ -222,9 +222,23 @@ fn a_known_name_without_the_asked_family_has_no_records_not_nxdomain() {
     );
 }
 
+/// Pod `name` of the headless service `db` in `default`, at `ip`.
+fn db_pod(name: &str, ip: &str, healthy: bool) -> xds_client::resources::Workload {
+    let mut w = xds_client::resources::Workload::new(
+        &format!("Kubernetes//Pod/default/{name}"),
+        name,
+        "default",
+        "spiffe://cluster.local/ns/default/sa/db".parse().unwrap(),
+    );
+    w.addresses = vec![ip.parse().unwrap()];
+    w.healthy = healthy;
+    w.services
+        .insert("default/db.default.svc.cluster.local".into(), Vec::new());
+    w
+}
+
 #[test]
 fn a_headless_service_answers_its_healthy_endpoints() {
-    use xds_client::resources::Workload;
     let mut state = state();
     state.insert_address(Address::Service(service(
         "db",
@@ -232,22 +246,9 @@ fn a_headless_service_answers_its_healthy_endpoints() {
         "db.default.svc.cluster.local",
         &[],
     )));
-    let pod = |uid: &str, ip: &str, healthy: bool| -> Workload {
-        let mut w = Workload::new(
-            uid,
-            uid,
-            "default",
-            "spiffe://cluster.local/ns/default/sa/db".parse().unwrap(),
-        );
-        w.addresses = vec![ip.parse().unwrap()];
-        w.healthy = healthy;
-        w.services
-            .insert("default/db.default.svc.cluster.local".into(), Vec::new());
-        w
-    };
-    state.insert_address(Address::Workload(pod("db-0", "10.244.0.7", true)));
-    state.insert_address(Address::Workload(pod("db-1", "10.244.0.8", false)));
-    state.insert_address(Address::Workload(pod("db-2", "10.244.0.6", true)));
+    state.insert_address(Address::Workload(db_pod("db-0", "10.244.0.7", true)));
+    state.insert_address(Address::Workload(db_pod("db-1", "10.244.0.8", false)));
+    state.insert_address(Address::Workload(db_pod("db-2", "10.244.0.6", true)));
     assert_eq!(
         ask_with(
             &state,
@@ -264,7 +265,6 @@ fn a_headless_service_answers_its_healthy_endpoints() {
 
 #[test]
 fn a_headless_services_pods_answer_by_name() {
-    use xds_client::resources::Workload;
     let mut state = state();
     state.insert_address(Address::Service(service(
         "db",
@@ -272,22 +272,9 @@ fn a_headless_services_pods_answer_by_name() {
         "db.default.svc.cluster.local",
         &[],
     )));
-    let pod = |name: &str, ip: &str, healthy: bool| -> Workload {
-        let mut w = Workload::new(
-            &format!("Kubernetes//Pod/default/{name}"),
-            name,
-            "default",
-            "spiffe://cluster.local/ns/default/sa/db".parse().unwrap(),
-        );
-        w.addresses = vec![ip.parse().unwrap()];
-        w.healthy = healthy;
-        w.services
-            .insert("default/db.default.svc.cluster.local".into(), Vec::new());
-        w
-    };
-    state.insert_address(Address::Workload(pod("db-0", "10.244.0.7", true)));
+    state.insert_address(Address::Workload(db_pod("db-0", "10.244.0.7", true)));
     // Not ready yet: its own name resolves all the same (a StatefulSet's peers find it).
-    state.insert_address(Address::Workload(pod("db-1", "10.244.0.8", false)));
+    state.insert_address(Address::Workload(db_pod("db-1", "10.244.0.8", false)));
     let config = DnsConfig::default();
     let ask = |name: &str, t: RecordType| ask_with(&state, &config, name, t);
     assert_eq!(

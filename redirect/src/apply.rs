@@ -156,57 +156,50 @@ fn ip(netns: &Path, v6: bool, args: &[&str], limit: Duration) -> Result<String, 
 
 /// The return route's table and rule (when the rule set has one), in each family; idempotent.
 fn apply_return_route(netns: &Path, rules: &RuleSet) -> Result<(), Error> {
-    let (Some(ret), Some(selector)) = (rules.return_route, rules.return_rule()) else {
-        return Ok(());
-    };
-    let limit = rules.tool_timeout;
-    let table = ret.table.to_string();
-    let priority = ret.priority.to_string();
-    for v6 in families(rules) {
-        ip(
-            netns,
-            v6,
-            &[
-                "route", "replace", "local", "default", "dev", "lo", "table", &table,
-            ],
-            limit,
-        )?;
-        let live = ip(netns, v6, &["rule", "show", "pref", &priority], limit)?;
-        if !rule_listed(&live, &selector) {
-            let mut args = vec!["rule", "add", "pref", &priority];
-            args.extend(selector.split_whitespace().skip(2)); // without "from all"
-            ip(netns, v6, &args, limit)?;
-        }
-    }
-    Ok(())
+    set_return_route(netns, rules, true)
 }
 
 /// Removes the return route's rule and table route (when the rule set has one); what is not
 /// there is not an error.
 fn remove_return_route(netns: &Path, rules: &RuleSet) -> Result<(), Error> {
+    set_return_route(netns, rules, false)
+}
+
+/// Puts the return route in (`install`) or takes it out, in each family, changing only what
+/// differs: the rule is added or deleted after `ip rule show` says whether it is there, the
+/// table's route replaced, or deleted when listed.
+fn set_return_route(netns: &Path, rules: &RuleSet, install: bool) -> Result<(), Error> {
     let (Some(ret), Some(selector)) = (rules.return_route, rules.return_rule()) else {
         return Ok(());
     };
     let limit = rules.tool_timeout;
     let table = ret.table.to_string();
     let priority = ret.priority.to_string();
+    let route = ["local", "default", "dev", "lo", "table", &table];
     for v6 in families(rules) {
-        let live = ip(netns, v6, &["rule", "show", "pref", &priority], limit)?;
-        if rule_listed(&live, &selector) {
-            let mut args = vec!["rule", "del", "pref", &priority];
-            args.extend(selector.split_whitespace().skip(2));
-            ip(netns, v6, &args, limit)?;
+        if install && v6 && ipv6_disabled(netns, limit) {
+            continue;
         }
-        let routes = ip(netns, v6, &["route", "show", "table", &table], limit)?;
-        if routes.lines().any(is_return_route) {
+        if install {
             ip(
                 netns,
                 v6,
-                &[
-                    "route", "del", "local", "default", "dev", "lo", "table", &table,
-                ],
+                &[&["route", "replace"][..], &route].concat(),
                 limit,
             )?;
+        }
+        let live = ip(netns, v6, &["rule", "show", "pref", &priority], limit)?;
+        if rule_listed(&live, &selector) != install {
+            let verb = if install { "add" } else { "del" };
+            let mut args = vec!["rule", verb, "pref", &priority];
+            args.extend(selector.split_whitespace().skip(2)); // without "from all"
+            ip(netns, v6, &args, limit)?;
+        }
+        if !install {
+            let routes = ip(netns, v6, &["route", "show", "table", &table], limit)?;
+            if routes.lines().any(is_return_route) {
+                ip(netns, v6, &[&["route", "del"][..], &route].concat(), limit)?;
+            }
         }
     }
     Ok(())
