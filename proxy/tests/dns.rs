@@ -222,6 +222,21 @@ fn a_known_name_without_the_asked_family_has_no_records_not_nxdomain() {
     );
 }
 
+/// [`state`] with the headless service `db` in `default` and its pods (name, address, healthy).
+fn with_db(pods: &[(&str, &str, bool)]) -> State {
+    let mut state = state();
+    state.insert_address(Address::Service(service(
+        "db",
+        "default",
+        "db.default.svc.cluster.local",
+        &[],
+    )));
+    for (name, ip, healthy) in pods {
+        state.insert_address(Address::Workload(db_pod(name, ip, *healthy)));
+    }
+    state
+}
+
 /// Pod `name` of the headless service `db` in `default`, at `ip`.
 fn db_pod(name: &str, ip: &str, healthy: bool) -> xds_client::resources::Workload {
     let mut w = xds_client::resources::Workload::new(
@@ -239,16 +254,11 @@ fn db_pod(name: &str, ip: &str, healthy: bool) -> xds_client::resources::Workloa
 
 #[test]
 fn a_headless_service_answers_its_healthy_endpoints() {
-    let mut state = state();
-    state.insert_address(Address::Service(service(
-        "db",
-        "default",
-        "db.default.svc.cluster.local",
-        &[],
-    )));
-    state.insert_address(Address::Workload(db_pod("db-0", "10.244.0.7", true)));
-    state.insert_address(Address::Workload(db_pod("db-1", "10.244.0.8", false)));
-    state.insert_address(Address::Workload(db_pod("db-2", "10.244.0.6", true)));
+    let state = with_db(&[
+        ("db-0", "10.244.0.7", true),
+        ("db-1", "10.244.0.8", false),
+        ("db-2", "10.244.0.6", true),
+    ]);
     assert_eq!(
         ask_with(
             &state,
@@ -265,16 +275,8 @@ fn a_headless_service_answers_its_healthy_endpoints() {
 
 #[test]
 fn a_headless_services_pods_answer_by_name() {
-    let mut state = state();
-    state.insert_address(Address::Service(service(
-        "db",
-        "default",
-        "db.default.svc.cluster.local",
-        &[],
-    )));
-    state.insert_address(Address::Workload(db_pod("db-0", "10.244.0.7", true)));
-    // Not ready yet: its own name resolves all the same (a StatefulSet's peers find it).
-    state.insert_address(Address::Workload(db_pod("db-1", "10.244.0.8", false)));
+    // db-1 is not ready yet: its own name resolves all the same (a StatefulSet's peers find it).
+    let state = with_db(&[("db-0", "10.244.0.7", true), ("db-1", "10.244.0.8", false)]);
     let config = DnsConfig::default();
     let ask = |name: &str, t: RecordType| ask_with(&state, &config, name, t);
     assert_eq!(
