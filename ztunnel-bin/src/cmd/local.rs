@@ -88,7 +88,7 @@ pub(crate) enum LocalCommand {
         /// workloads (examples/ambient-walkthrough/apps.yaml, built in).
         #[arg(long, value_name = "PATH")]
         manifests: Option<PathBuf>,
-        /// The address families of pods and services: `ipv4`, `ipv6` (fd7a:<subnet>::/32) or
+        /// The address families of pods and services: `ipv4`, `ipv6` (`fd7a:<subnet>::/32`) or
         /// `dual` (both, IPv4 first). The nodes and the control plane talk IPv4 either way.
         #[arg(long, value_name = "FAMILY", default_value = "ipv4")]
         ip_family: localmesh::plan::IpFamily,
@@ -162,6 +162,9 @@ pub(crate) enum LocalCommand {
         /// Gateway routes, `host=url`.
         #[arg(long)]
         route: Vec<String>,
+        /// A TCP echo instead of HTTP.
+        #[arg(long)]
+        echo: bool,
     },
     /// GET a URL and print the body (exit 1 unless 200): `ztunnel local exec sleep -- ztunnel
     /// local get http://web-api:8080/`.
@@ -308,7 +311,17 @@ pub(crate) async fn run(args: LocalArgs) -> Result<ExitCode, Error> {
             port,
             upstream,
             route,
+            echo,
         } => {
+            if echo {
+                localmesh::app::serve_echo(port)
+                    .await
+                    .map_err(|source| Error::Io {
+                        what: format!("echoing on port {port}"),
+                        source,
+                    })?;
+                return Ok(ExitCode::SUCCESS);
+            }
             let behaviour = if route.is_empty() {
                 localmesh::app::Behaviour::Http { name, upstream }
             } else {
