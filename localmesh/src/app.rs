@@ -147,6 +147,28 @@ pub async fn serve_port(port: u16, behaviour: Behaviour) -> std::io::Result<()> 
     serve_on(listener, behaviour).await
 }
 
+/// A TCP echo on `port` of both families (as [`serve_port`]) until the process ends: each
+/// connection gets back every byte it sends, in order, and its end when it ends its sending.
+pub async fn serve_echo(port: u16) -> std::io::Result<()> {
+    let listener = match TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, port)).await {
+        Ok(l) => l,
+        Err(_) => TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, port)).await?,
+    };
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            let (mut read, mut write) = stream.split();
+            if tokio::io::copy(&mut read, &mut write).await.is_ok() {
+                let _ = write.shutdown().await;
+            }
+        });
+    }
+}
+
 /// Serves `behaviour` on `listener` until the process ends.
 async fn serve_on(listener: TcpListener, behaviour: Behaviour) -> std::io::Result<()> {
     loop {

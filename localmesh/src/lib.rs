@@ -28,6 +28,7 @@ pub mod app;
 pub mod mesh;
 pub mod net;
 pub mod plan;
+pub mod soak;
 pub mod tutorial;
 
 use std::path::{Path, PathBuf};

@@ -198,6 +198,12 @@ pub enum App {
         /// Host -> URL.
         routes: Vec<(String, String)>,
     },
+    /// `image: ambient.local/echo`: a TCP echo on `PORT` (default 9000), every byte sent back
+    /// as it came (what the soak's connections check their bytes against).
+    Echo {
+        /// Port.
+        port: u16,
+    },
     /// Any other image (`ambient.local/client` for a client pod): nothing runs; commands are run
     /// in the pod with `ztunnel local exec`.
     Idle,
@@ -264,6 +270,7 @@ pub(super) fn app_spec(doc: &Doc) -> Result<App, String> {
                 routes,
             })
         }
+        "ambient.local/echo" => Ok(App::Echo { port: port(9000)? }),
         _ => Ok(App::Idle),
     }
 }

@@ -367,6 +367,9 @@ impl Mesh {
         let mut args = owned(&["local", "app", "--name", &p.deployment]);
         match &pod.app {
             App::Idle => return None,
+            App::Echo { port } => {
+                args.extend(["--port".into(), port.to_string(), "--echo".into()]);
+            }
             App::Http { port, upstream } => {
                 args.extend(["--port".into(), port.to_string()]);
                 if let Some(u) = upstream {
