@@ -81,8 +81,8 @@ pub enum Outcome {
     Cut {
         /// Bytes that came back right before the cut.
         checked: u64,
-        /// Why.
-        reason: String,
+        /// Why (`reset`, `timeout`, ...).
+        reason: &'static str,
     },
     /// It ended cleanly with fewer bytes back than were sent: bytes silently lost.
     Lost {
@@ -249,7 +249,7 @@ mod tests {
         assert_eq!(o.expect(s(25)), Expect::Allowed);
         let cut = Outcome::Cut {
             checked: 10,
-            reason: "reset".into(),
+            reason: "reset",
         };
         assert_eq!(
             o.judge(s(15), s(16), &Outcome::Served),

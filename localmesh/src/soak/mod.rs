@@ -2,3 +2,4 @@
 //! bytes and outcome checked. [`check`] is what a connection is judged by.
 
 pub mod check;
+pub mod traffic;
