@@ -357,6 +357,7 @@ pub fn apply(
             gone.placement.namespace, gone.placement.name
         ));
         net::delete_namespace(&Mesh::pod_netns(&config.prefix, &gone.placement));
+        let _ = std::fs::remove_file(config.pod_log(&gone.placement));
     }
     let new: Vec<&PodPlan> = after
         .iter()
@@ -620,4 +621,151 @@ fn addresses(mesh: &Mesh, p: &crate::plan::Placement) -> String {
                 .join(", ")
         ),
     }
+}
+
+/// A part of the mesh that runs as a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Part {
+    /// The control plane (on the host).
+    ControlPlane,
+    /// A node's agent.
+    NodeAgent,
+    /// A node's proxy.
+    Proxy,
+}
+
+/// The pids of `part` (of `node`, for a node's part) now running, oldest first.
+pub fn pids(config: &Config, part: Part, node: Option<&str>) -> Vec<u32> {
+    if part == Part::ControlPlane {
+        return controlplane_alive(config).into_iter().collect();
+    }
+    let Some(node) = node else {
+        return Vec::new();
+    };
+    let listed = run("ip", &["netns", "pids", &config.node_ns(node)]).unwrap_or_default();
+    let verb = match part {
+        Part::NodeAgent => "node-agent",
+        _ => "proxy",
+    };
+    let mut found: Vec<(u64, u32)> = listed
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            // Our binary's own process (not the `ip netns exec` wrapper, gone after exec).
+            let ours = args
+                .first()
+                .is_some_and(|a| *a == *config.exe.to_string_lossy());
+            (ours && args.get(1).is_some_and(|a| a == verb)).then_some(pid)
+        })
+        .map(|pid| (start_time(pid), pid))
+        .collect();
+    found.sort();
+    found.into_iter().map(|(_, pid)| pid).collect()
+}
+
+/// A process's start time in clock ticks since boot (0 when it is gone).
+fn start_time(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(')')?.1;
+            after.split_whitespace().nth(19)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+/// How a part is stopped before it starts again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGTERM, and up to 10 s to exit (then SIGKILL).
+    Graceful,
+    /// SIGKILL.
+    Kill,
+}
+
+/// Stops `part` (of `node`) as `how` says, starts it again and waits until it serves again (the
+/// control plane's port answers, a proxy is ready; an agent is given its start). The mesh's
+/// pods and rules are left as they are.
+pub fn restart(config: &Config, part: Part, node: Option<&str>, how: Stop) -> Result<(), Error> {
+    let mesh = load(config)?;
+    let old = pids(config, part, node);
+    let signal = match how {
+        Stop::Graceful => "-TERM",
+        Stop::Kill => "-KILL",
+    };
+    for pid in &old {
+        let _ = run("kill", &[signal, &pid.to_string()]);
+    }
+    let start = Instant::now();
+    while old.iter().any(|pid| {
+        reap(*pid);
+        !zombie(*pid)
+    }) {
+        if start.elapsed() > Duration::from_secs(10) {
+            for pid in &old {
+                let _ = run("kill", &["-KILL", &pid.to_string()]);
+            }
+        }
+        if start.elapsed() > Duration::from_secs(15) {
+            return Err(Error::Usage(format!("{part:?} {old:?} did not exit")));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let never = AtomicBool::new(false);
+    match (part, node) {
+        (Part::ControlPlane, _) => {
+            let cp = spawn(config, &mesh.controlplane_process(config))?;
+            write_atomic(&config.controlplane_pid_file(), &cp.to_string())?;
+            let addr = config.controlplane_addr();
+            wait_for(
+                &never,
+                "the control plane",
+                config.log_file("controlplane", None).display(),
+                || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok(),
+            )
+        }
+        (Part::NodeAgent, Some(node)) => {
+            spawn(config, &mesh.node_agent_process(config, node)).map(drop)
+        }
+        (Part::Proxy, Some(node)) => {
+            spawn(config, &mesh.proxy_process(config, node))?;
+            let i = mesh
+                .node_index(node)
+                .ok_or_else(|| Error::Usage(format!("no node {node}")))?;
+            let ready = SocketAddr::from((mesh.node_ip(i), common::ports::READINESS));
+            wait_for(
+                &never,
+                &format!("{node}'s proxy"),
+                config.log_file("ztunnel", Some(node)).display(),
+                || http_get(ready, "/healthz/ready").is_some_and(|(s, _)| s == 200),
+            )
+        }
+        (_, None) => Err(Error::Usage(format!("{part:?} needs a node"))),
+    }
+}
+
+/// Collects `pid`'s exit when it is this process's child (a part this process started), so it
+/// leaves no zombie behind; nothing for anyone else's.
+fn reap(pid: u32) {
+    use nix::sys::wait::{WaitPidFlag, waitpid};
+    let Ok(pid) = i32::try_from(pid) else {
+        return;
+    };
+    let _ = waitpid(nix::unistd::Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+}
+
+/// Whether `pid` is gone or has exited without being reaped (it serves nothing either way).
+fn zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
 }

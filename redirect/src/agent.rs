@@ -116,6 +116,10 @@ pub trait Handoff: Send + Sync {
     fn served(&self, uid: &str) -> bool;
     /// A pod was released (its rules are gone).
     fn remove(&self, uid: &str);
+    /// The agent completed a full pass: every pod it captures has been [`add`](Self::add)ed.
+    /// Called after every pass; a handoff may hold what it tells a newly connected proxy until
+    /// the first (the ZDS server does: a snapshot taken earlier would be partial).
+    fn synced(&self) {}
 }
 
 /// A handoff that does nothing (rules only).
@@ -625,6 +629,7 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
             .captured
             .store(self.captured.len() as u64, Ordering::SeqCst);
         self.status.synced.store(true, Ordering::SeqCst);
+        self.handoff.synced();
         if let Some(board) = &self.cni {
             board.update(|key, now_posted| {
                 match posted.get(key) {

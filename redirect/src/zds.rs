@@ -97,6 +97,10 @@ struct Inner {
     refused: AtomicU64,
     /// For each pod, the connections whose proxy acknowledged its current namespace.
     served: Mutex<BTreeMap<String, Vec<u64>>>,
+    /// Whether the agent has completed a full pass ([`Handoff::synced`]): until then a
+    /// connecting proxy is not sent its snapshot (an empty or partial one would make it drain
+    /// pods that are captured and will be added in a moment).
+    synced: (Mutex<bool>, std::sync::Condvar),
 }
 
 impl Inner {
@@ -261,6 +265,15 @@ impl Handoff for ZdsServer {
         self.serves(uid)
     }
 
+    fn synced(&self) {
+        let (flag, changed) = &self.inner.synced;
+        let mut synced = flag.lock().expect("lock");
+        if !*synced {
+            *synced = true;
+            changed.notify_all();
+        }
+    }
+
     fn remove(&self, uid: &str) {
         let mut pods = self.inner.pods.lock().expect("lock");
         pods.remove(uid);
@@ -290,6 +303,21 @@ fn serve(inner: &Inner, id: u64, conn: &OwnedFd, config: &ZdsConfig) -> std::io:
             "unsupported ZDS version {}",
             hello.version
         )));
+    }
+    // A proxy that connects before the agent's first full pass (the agent just started) waits
+    // for it: the snapshot must name every pod the agent captures, or the proxy would drain the
+    // ones missing from it.
+    {
+        let (flag, changed) = &inner.synced;
+        let mut synced = flag.lock().expect("lock");
+        if !*synced {
+            info!(
+                "ZDS: proxy connected; waiting for the agent's first full pass before replaying the pods"
+            );
+        }
+        while !*synced {
+            synced = changed.wait(synced).expect("lock");
+        }
     }
     // Register for live events under the pods lock, so nothing falls between snapshot and
     // events and nothing is in both.

@@ -84,6 +84,7 @@ fn replays_snapshot_then_streams_adds_and_deletes_with_netns_descriptors() {
     let b = Netns::new("b");
     let path = socket_path("stream");
     let server = ZdsServer::bind(&path).unwrap();
+    server.synced();
 
     // Captured before any proxy connects: replayed in the snapshot.
     server.add(&pod("uid-a", &a), &open(&a));
@@ -118,6 +119,30 @@ fn replays_snapshot_then_streams_adds_and_deletes_with_netns_descriptors() {
     let _ = std::fs::remove_file(&path);
 }
 
+#[test]
+fn a_proxy_gets_no_snapshot_before_the_agents_first_full_pass() {
+    // An agent that has just (re)started knows no pods yet: a snapshot now would be empty and
+    // the proxy would drain every pod it serves. The proxy waits until the pass is done, and
+    // then gets every pod.
+    let a = Netns::new("early");
+    let path = socket_path("early");
+    let server = ZdsServer::bind(&path).unwrap();
+    let rx = peer(path.clone());
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "a snapshot before the first pass"
+    );
+    server.add(&pod("uid-a", &a), &open(&a));
+    assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
+    server.synced();
+    assert_eq!(
+        next(&rx),
+        Seen::Add("uid-a".into(), "default/uid-a-name".into(), a.inode())
+    );
+    assert_eq!(next(&rx), Seen::Snapshot);
+    let _ = std::fs::remove_file(&path);
+}
+
 /// A proxy that handles `n` requests (the snapshot's end counts), then disconnects; what it saw.
 fn peer_for(path: PathBuf, n: usize) -> mpsc::Receiver<Seen> {
     let (tx, rx) = mpsc::channel();
@@ -141,6 +166,7 @@ fn new_pods_go_to_the_newest_proxy_and_back_to_the_older_one_when_it_leaves() {
     let (d, e, f) = (Netns::new("nd"), Netns::new("ne"), Netns::new("nf"));
     let path = socket_path("newest");
     let server = ZdsServer::bind(&path).unwrap();
+    server.synced();
     let old = peer(path.clone());
     assert_eq!(next(&old), Seen::Snapshot);
     let new = peer_for(path.clone(), 3);
@@ -173,6 +199,7 @@ fn a_bad_client_is_dropped_and_the_server_keeps_serving() {
     let a = Netns::new("c");
     let path = socket_path("bad");
     let server = ZdsServer::bind(&path).unwrap();
+    server.synced();
     server.add(&pod("uid-c", &a), &open(&a));
 
     // A stream socket cannot even connect to a SOCK_SEQPACKET listener.
@@ -213,6 +240,7 @@ fn a_refused_add_is_sent_again_until_the_proxy_takes_it() {
     let mut config = ZdsConfig::default();
     config.retry_first = Duration::from_millis(50);
     let server = ZdsServer::bind_with(&path, config).unwrap();
+    server.synced();
     let (tx, rx) = mpsc::channel();
     let peer_path = path.clone();
     std::thread::spawn(move || {
@@ -252,6 +280,7 @@ fn a_proxy_that_stops_acknowledging_is_disconnected() {
     let mut config = ZdsConfig::default();
     config.ack_timeout = Duration::from_millis(300);
     let server = ZdsServer::bind_with(&path, config).unwrap();
+    server.synced();
     server.add(&pod("uid-s", &a), &open(&a));
     let stalled = peer_that_never_acks(path.clone());
     assert_eq!(server.connections(), 1);
@@ -277,6 +306,7 @@ fn a_pod_added_while_proxies_connect_reaches_the_newest_exactly_once() {
     let netns = open(&a);
     let path = socket_path("once");
     let server = ZdsServer::bind(&path).unwrap();
+    server.synced();
     let mut peers = Vec::new();
     let adder = {
         let server = server.clone();

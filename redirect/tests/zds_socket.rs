@@ -12,6 +12,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use redirect::agent::Handoff;
 use redirect::zds::{ZdsConfig, ZdsServer};
 
 fn root() {
@@ -105,6 +106,8 @@ fn an_allowed_user_is_served() {
     let mut config = ZdsConfig::default();
     config.allowed_uids = vec![65534];
     let server = ZdsServer::bind_with(&path, config).unwrap();
+    // No agent here: the (empty) set of pods is complete.
+    server.synced();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
     // The agent answers the hello with its (empty) snapshot's end.
     assert_eq!(hello_as(65534, &path), "2");

@@ -638,3 +638,93 @@ fn names_outside_the_mesh_go_to_the_upstream_or_are_refused_with_a_log() {
         "{log}"
     );
 }
+
+/// `ztunnel local soak` under this test's prefix, subnet and run directory: (exit success,
+/// stdout, stderr, the JSON report).
+fn soak(mesh: &Local, args: &[&str]) -> (bool, String, String, serde_json::Value) {
+    let report = mesh.run_dir.with_extension("soak.json");
+    let mut all = vec!["soak", "--report"];
+    let path = report.to_string_lossy().into_owned();
+    all.push(&path);
+    all.extend_from_slice(args);
+    let (ok, out, err) = mesh.run(&all);
+    let json = std::fs::read_to_string(&report)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(serde_json::Value::Null);
+    let _ = std::fs::remove_file(&report);
+    (ok, out, err, json)
+}
+
+#[test]
+fn a_short_soak_injects_every_fault_and_finds_nothing_wrong_or_leaked() {
+    let mesh = Local::new(12);
+    let (ok, out, err, report) = soak(&mesh, &["--minutes", "1", "--rate", "50", "--long", "5"]);
+    assert!(ok, "{out}\n{err}");
+    let summary = out
+        .lines()
+        .find(|l| l.starts_with("soak: "))
+        .unwrap_or_default();
+    assert!(
+        summary.contains(" 0 wrong ()") && summary.contains(" 0 leaks"),
+        "{summary}\n{err}"
+    );
+    let injected: Vec<&str> = report["faults"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f[1].as_str())
+        .collect();
+    for fault in [
+        "controlplane",
+        "node-agent",
+        "proxy-kill",
+        "policy",
+        "pods",
+        "label",
+    ] {
+        assert!(
+            injected.contains(&fault),
+            "{fault} never injected: {injected:?}"
+        );
+    }
+    // The traffic was real: served and, under the deny policy, denied connections.
+    assert!(report["served"].as_u64().unwrap_or(0) > 500, "{report}");
+    assert!(report["denied"].as_u64().unwrap_or(0) > 50, "{report}");
+    assert_eq!(mesh.traces(), Vec::<String>::new());
+}
+
+#[test]
+fn the_soak_fails_when_a_denied_connection_is_served_or_plaintext_slips_through() {
+    let mesh = Local::new(13);
+    let (ok, out, err, report) = soak(
+        &mesh,
+        &[
+            "--minutes",
+            "0.3",
+            "--rate",
+            "50",
+            "--long",
+            "2",
+            "--faults",
+            "policy",
+            "--inject",
+            "denied-served",
+            "--inject",
+            "plaintext",
+        ],
+    );
+    assert!(
+        !ok,
+        "the soak passed with wrong outcomes made on purpose:\n{out}\n{err}"
+    );
+    assert!(
+        report["wrong"]["denied_served"].as_u64().unwrap_or(0) > 0,
+        "{report}\n{err}"
+    );
+    assert_eq!(report["wrong"]["plaintext"].as_u64(), Some(1), "{report}");
+    assert!(
+        out.contains("denied_served") && out.contains("plaintext"),
+        "{out}"
+    );
+}

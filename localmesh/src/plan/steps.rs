@@ -64,6 +64,13 @@ impl Config {
         }
     }
 
+    /// The log of a pod's app (removed with the pod).
+    pub fn pod_log(&self, p: &crate::plan::Placement) -> PathBuf {
+        self.run_dir
+            .join("logs")
+            .join(format!("pod-{}-{}.log", p.namespace, p.name))
+    }
+
     /// Node `node`'s network namespace.
     pub(crate) fn node_ns(&self, node: &str) -> String {
         format!("{}-{node}", self.prefix)
@@ -387,10 +394,7 @@ impl Mesh {
             netns: Some(Mesh::pod_netns(&config.prefix, p)),
             args,
             env: Vec::new(),
-            log: config
-                .run_dir
-                .join("logs")
-                .join(format!("pod-{}-{}.log", p.namespace, p.name)),
+            log: config.pod_log(p),
         })
     }
 }

@@ -190,6 +190,15 @@ impl Oracle {
         }
     }
 
+    /// Whether the policy turned to denying while the connection alive from `from` to `to` was
+    /// open (or within `grace` of its start): the proxies then close it, as they must.
+    pub fn denied_during(&self, from: Duration, to: Duration) -> bool {
+        self.flips
+            .iter()
+            .skip(1)
+            .any(|(t, allowed)| !allowed && *t <= to && *t + self.grace >= from)
+    }
+
     /// Whether a fault's window overlaps the connection alive from `from` to `to`.
     pub fn excused(&self, from: Duration, to: Duration) -> bool {
         self.faults.iter().any(|(a, b)| from <= *b && *a <= to)
@@ -201,7 +210,9 @@ impl Oracle {
         match (outcome, self.expect(from)) {
             (Outcome::Lost { .. } | Outcome::Changed { .. }, _) => Some(Wrong::BytesLostOrChanged),
             (Outcome::Served, Expect::Denied) => Some(Wrong::DeniedServed),
-            (Outcome::Denied | Outcome::Cut { .. }, Expect::Allowed) if !self.excused(from, to) => {
+            (Outcome::Denied | Outcome::Cut { .. }, Expect::Allowed)
+                if !self.excused(from, to) && !self.denied_during(from, to) =>
+            {
                 Some(Wrong::AllowedRefused)
             }
             _ => None,
@@ -278,5 +289,9 @@ mod tests {
             Some(Wrong::BytesLostOrChanged)
         );
         assert_eq!(o.judge(s(9), s(10), &Outcome::Served), None);
+        // A long connection made while allowed and cut by the deny at 10 s: the policy's doing.
+        assert_eq!(o.judge(s(1), s(10), &cut), None);
+        // Cut before the deny came: wrong.
+        assert_eq!(o.judge(s(1), s(5), &cut), Some(Wrong::AllowedRefused));
     }
 }
