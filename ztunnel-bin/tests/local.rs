@@ -118,7 +118,9 @@ impl Local {
         for proc_dir in std::fs::read_dir("/proc").unwrap().flatten() {
             let cmdline = std::fs::read(proc_dir.path().join("cmdline")).unwrap_or_default();
             let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if cmdline.contains(&*self.run_dir.to_string_lossy()) && !cmdline.contains(" local ") {
+            // The run directory as a whole path component (`...-1/`, not `...-12/`).
+            let ours = format!("{}/", self.run_dir.display());
+            if cmdline.contains(&ours) && !cmdline.contains(" local ") {
                 found.push(format!("process {cmdline}"));
             }
         }
