@@ -30,9 +30,9 @@ pub struct Sample {
     pub system: BTreeMap<String, u64>,
 }
 
-/// Samples the mesh's parts and system objects now.
-pub fn sample(config: &Config, mesh: &Mesh) -> Sample {
-    let mut s = Sample::default();
+/// Each part's use now, summed over its processes, by the part's name (`controlplane`,
+/// `node-a node-agent`, `node-a proxy`, ...).
+pub fn processes(config: &Config) -> BTreeMap<String, Usage> {
     let mut parts = vec![("controlplane".to_owned(), Part::ControlPlane, None)];
     for node in &config.nodes {
         parts.push((
@@ -42,6 +42,7 @@ pub fn sample(config: &Config, mesh: &Mesh) -> Sample {
         ));
         parts.push((format!("{node} proxy"), Part::Proxy, Some(node.as_str())));
     }
+    let mut out = BTreeMap::new();
     for (name, part, node) in parts {
         let mut usage = Usage::default();
         for pid in mesh::pids(config, part, node) {
@@ -50,8 +51,17 @@ pub fn sample(config: &Config, mesh: &Mesh) -> Sample {
             usage.threads += u.threads;
             usage.rss_kib += u.rss_kib;
         }
-        s.processes.insert(name, usage);
+        out.insert(name, usage);
     }
+    out
+}
+
+/// Samples the mesh's parts and system objects now.
+pub fn sample(config: &Config, mesh: &Mesh) -> Sample {
+    let mut s = Sample {
+        processes: processes(config),
+        ..Sample::default()
+    };
     s.system
         .insert("netns".into(), net::namespaces(&config.prefix).len() as u64);
     let count = |text: String| text.lines().filter(|l| !l.trim().is_empty()).count() as u64;

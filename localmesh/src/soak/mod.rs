@@ -505,37 +505,15 @@ fn warm_up(client_ns: &str, target: SocketAddr, cancel: &AtomicBool) -> Result<(
 }
 
 fn point(config: &Config, live: &traffic::Live, at: Duration) -> TimelinePoint {
-    let mut rss_kib = BTreeMap::new();
-    let mut parts = vec![("controlplane".to_owned(), Part::ControlPlane, None)];
-    for node in &config.nodes {
-        parts.push((format!("{node} proxy"), Part::Proxy, Some(node.as_str())));
-        parts.push((
-            format!("{node} node-agent"),
-            Part::NodeAgent,
-            Some(node.as_str()),
-        ));
-    }
-    for (name, part, node) in parts {
-        let kib: u64 = mesh::pids(config, part, node)
-            .iter()
-            .map(|pid| {
-                std::fs::read_to_string(format!("/proc/{pid}/status"))
-                    .unwrap_or_default()
-                    .lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .and_then(|v| v.split_whitespace().next())
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0)
-            })
-            .sum();
-        rss_kib.insert(name, kib);
-    }
     TimelinePoint {
         at: at.as_secs_f64(),
         ended: live.ended.load(Ordering::Relaxed),
         served: live.served.load(Ordering::Relaxed),
         long_open: live.long_open.load(Ordering::Relaxed),
-        rss_kib,
+        rss_kib: leaks::processes(config)
+            .into_iter()
+            .map(|(name, usage)| (name, usage.rss_kib))
+            .collect(),
     }
 }
 
