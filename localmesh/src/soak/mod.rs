@@ -22,6 +22,7 @@
 
 pub mod check;
 pub mod leaks;
+pub mod picture;
 pub mod traffic;
 
 use std::collections::BTreeMap;
@@ -167,6 +168,8 @@ pub struct Report {
     pub wrong: BTreeMap<String, u64>,
     /// The first few wrong connections, for a person to look at.
     pub wrong_examples: Vec<String>,
+    /// When wrong connections were made (seconds since the start; the first 10 000).
+    pub wrong_times: Vec<f64>,
     /// Leaks found at the end.
     pub leaks: Vec<String>,
     /// (seconds since the start, fault, how long it took).
@@ -292,7 +295,20 @@ fn soak_on(
     );
     let mut oracle = Oracle::new(true, soak.grace);
     let mut injected = Vec::new();
-    let mut timeline = Vec::new();
+    // The timeline is sampled on a thread of its own, so it goes on while a fault is injected.
+    let sampling = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (config, live, sampling) = (config.clone(), live.clone(), sampling.clone());
+        std::thread::spawn(move || {
+            let mut points = Vec::new();
+            while !sampling.load(Ordering::SeqCst) {
+                points.push(point(&config, &live, begin.elapsed()));
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            points.push(point(&config, &live, begin.elapsed()));
+            points
+        })
+    };
     let mut ambient_gaps: Vec<(Duration, Duration)> = Vec::new();
     let slots = soak.faults.len().max(1) as u32;
     // Faults begin after a tenth of the run and are spread over the rest but its last tenth.
@@ -307,7 +323,6 @@ fn soak_on(
             break;
         }
         let at = begin.elapsed();
-        timeline.push(point(config, &live, at));
         if soak.inject.contains(&Injection::Plaintext) && !plaintext_sent && at >= soak.duration / 2
         {
             plaintext_sent = true;
@@ -369,10 +384,13 @@ fn soak_on(
         .join()
         .map_err(|_| Error::Usage("the soak's traffic thread panicked".into()))?
         .map_err(Error::Usage)?;
+    sampling.store(true, Ordering::SeqCst);
+    let timeline = sampler
+        .join()
+        .map_err(|_| Error::Usage("the soak's sampler panicked".into()))?;
     if let Some(e) = failure {
         return Err(e);
     }
-    timeline.push(point(config, &live, begin.elapsed()));
 
     progress("traffic stopped; letting the mesh settle");
     std::thread::sleep(Duration::from_secs(5));
@@ -386,6 +404,7 @@ fn soak_on(
         excused: 0,
         wrong: BTreeMap::new(),
         wrong_examples: Vec::new(),
+        wrong_times: Vec::new(),
         leaks,
         faults: injected,
         timeline,
@@ -401,6 +420,9 @@ fn soak_on(
         match oracle.judge(r.started, r.ended, &r.outcome) {
             Some(kind) => {
                 *report.wrong.entry(kind.name().to_owned()).or_default() += 1;
+                if report.wrong_times.len() < 10_000 {
+                    report.wrong_times.push(r.started.as_secs_f64());
+                }
                 if report.wrong_examples.len() < 20 {
                     report.wrong_examples.push(format!(
                         "{} connection made at {:.2} s, ended at {:.2} s: {:?} ({})",
@@ -728,21 +750,27 @@ mod tests {
         assert!(humantime_since("yesterday", since).is_none());
     }
 
-    #[test]
-    fn the_summary_line_counts_by_kind() {
-        let report = Report {
+    /// A report with one wrong connection, one leak and one fault.
+    pub(super) fn report() -> Report {
+        Report {
             connections: 10,
             served: 8,
             denied: 2,
             excused: 0,
             wrong: [("denied_served".to_owned(), 1)].into(),
             wrong_examples: Vec::new(),
+            wrong_times: Vec::new(),
             leaks: vec!["netns: 9 -> 10".into()],
             faults: vec![(1.0, "policy".into(), 9.0)],
             timeline: Vec::new(),
             baseline: leaks::Sample::default(),
             end: leaks::Sample::default(),
-        };
+        }
+    }
+
+    #[test]
+    fn the_summary_line_counts_by_kind() {
+        let report = report();
         assert_eq!(
             report.summary(),
             "soak: 10 connections, 1 wrong (denied_served 1), 1 leaks, 1 faults injected"

@@ -166,7 +166,9 @@ pub(crate) enum LocalCommand {
         /// proxy-kill, policy, pods, label (comma-separated).
         #[arg(long, default_value = "all", value_parser = parse_faults)]
         faults: FaultList,
-        /// Where the JSON report (totals, wrong connections, leaks, faults, timeline) goes.
+        /// Where the JSON report (totals, wrong connections, leaks, faults, timeline) goes; its
+        /// picture (a PNG of the timeline: connections per second, long-lived connections,
+        /// memory per part, faults marked) goes beside it, `.png` for `.json`.
         #[arg(long, value_name = "PATH", default_value = "soak-report.json")]
         report: PathBuf,
         /// Seconds around a policy change in which either outcome is right, and after a fault
@@ -382,6 +384,13 @@ pub(crate) async fn run(args: LocalArgs) -> Result<ExitCode, Error> {
                 what: format!("writing {}", report.display()),
                 source,
             })?;
+            let picture = report.with_extension("png");
+            std::fs::write(&picture, localmesh::soak::picture::render(&result)).map_err(
+                |source| Error::Io {
+                    what: format!("writing {}", picture.display()),
+                    source,
+                },
+            )?;
             for example in &result.wrong_examples {
                 say(&format!("wrong: {example}"));
             }
@@ -389,7 +398,11 @@ pub(crate) async fn run(args: LocalArgs) -> Result<ExitCode, Error> {
                 say(&format!("leak: {leak}"));
             }
             println!("{}", result.summary());
-            say(&format!("report: {}", report.display()));
+            say(&format!(
+                "report: {} (picture: {})",
+                report.display(),
+                picture.display()
+            ));
             Ok(if result.passed() {
                 ExitCode::SUCCESS
             } else {
