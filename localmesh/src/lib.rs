@@ -117,6 +117,10 @@ pub struct Config {
     /// The resolvers the node proxies forward names outside the mesh to (`up --dns-upstream`;
     /// none: such names are refused, logged), on port 53.
     pub dns_upstreams: Vec<std::net::IpAddr>,
+    /// The lifetime of the workload certificates the node proxies ask for (their
+    /// `SECRET_TTL`; none: the proxies' default, 24 h). The soak makes it short, so
+    /// certificates rotate all through its run.
+    pub secret_ttl: Option<std::time::Duration>,
 }
 
 impl Config {
@@ -131,6 +135,7 @@ impl Config {
             backend: "iptables".into(),
             ip_family: plan::IpFamily::Ipv4,
             dns_upstreams: Vec::new(),
+            secret_ttl: None,
         }
     }
 }

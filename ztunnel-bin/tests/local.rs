@@ -695,6 +695,7 @@ fn a_short_soak_injects_every_fault_and_finds_nothing_wrong_or_leaked() {
         "policy",
         "pods",
         "label",
+        "certs",
     ] {
         assert!(
             injected.contains(&fault),

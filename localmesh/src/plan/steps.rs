@@ -360,10 +360,16 @@ impl Mesh {
                 "--dns-resolv-conf",
                 &config.upstream_resolv_conf().to_string_lossy(),
             ]),
-            env: vec![
-                ("NODE_NAME".into(), node.to_owned()),
-                ("CONNECTION_TERMINATION_DEADLINE".into(), "2s".into()),
-            ],
+            env: {
+                let mut env = vec![
+                    ("NODE_NAME".into(), node.to_owned()),
+                    ("CONNECTION_TERMINATION_DEADLINE".into(), "2s".into()),
+                ];
+                if let Some(ttl) = config.secret_ttl {
+                    env.push(("SECRET_TTL".into(), format!("{}s", ttl.as_secs().max(1))));
+                }
+                env
+            },
             log: config.log_file("ztunnel", Some(node)),
         }
     }

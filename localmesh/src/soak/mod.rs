@@ -14,7 +14,9 @@
 //! for the soak's traffic applied, then deleted; connections near either moment may go either
 //! way, none other), `pods` (an echo pod added, then deleted; connections near either moment
 //! may be cut), `label` (the namespace taken out of ambient and put back; connections near
-//! either moment may be cut).
+//! either moment may be cut), `certs` (a mesh the soak brings up asks for one-minute
+//! certificates, so they rotate all through the run; the fault waits until every soak pod has
+//! a new one; nothing may fail).
 //!
 //! Served connections between ambient pods must carry mutual TLS: the proxies' access logs
 //! are read at the end for inbound connections to the echo pods without a client identity while
@@ -57,13 +59,21 @@ pub enum Fault {
     Pods,
     /// Take the soak's namespace out of ambient, then put it back.
     Label,
+    /// Every certificate rotated: the soak's own mesh runs with short certificate lifetimes
+    /// ([`CERT_LIFETIME`]), so they rotate all through the run; this fault waits until each of
+    /// the soak's pods got a new one (nothing may fail meanwhile).
+    Certs,
 }
+
+/// The certificate lifetime of a mesh the soak brings up (its proxies renew at about half).
+pub const CERT_LIFETIME: Duration = Duration::from_secs(60);
 
 impl Fault {
     /// Every fault, in the order they are injected.
-    pub const ALL: [Fault; 6] = [
+    pub const ALL: [Fault; 7] = [
         Fault::Policy,
         Fault::ControlPlane,
+        Fault::Certs,
         Fault::NodeAgent,
         Fault::Pods,
         Fault::ProxyKill,
@@ -79,6 +89,7 @@ impl Fault {
             Fault::Policy => "policy",
             Fault::Pods => "pods",
             Fault::Label => "label",
+            Fault::Certs => "certs",
         }
     }
 
@@ -233,14 +244,23 @@ pub fn run(
 ) -> Result<Report, Error> {
     let docs = parse_docs(WORKLOADS, "built-in soak workloads")?;
     let ours = match mesh::load(config) {
+        Ok(_) if soak.faults.contains(&Fault::Certs) => {
+            return Err(Error::Usage(
+                "the certs fault needs the soak's own mesh (its certificates live a minute); run it without a mesh up, or leave certs out of --faults".into(),
+            ));
+        }
         Ok(_) => {
             progress("adding the soak's workloads to the running mesh");
             mesh::apply(config, docs.clone(), false, progress)?;
             false
         }
         Err(Error::NotRunning { .. }) => {
-            progress("bringing a mesh up for the soak");
-            mesh::up(config, docs.clone(), cancel, progress)?;
+            progress(&format!(
+                "bringing a mesh up for the soak (certificates live {CERT_LIFETIME:?})"
+            ));
+            let mut short = config.clone();
+            short.secret_ttl = Some(CERT_LIFETIME);
+            mesh::up(&short, docs.clone(), cancel, progress)?;
             true
         }
         Err(e) => return Err(e),
@@ -594,6 +614,29 @@ fn inject(
             oracle.fault(from, begin.elapsed() + grace);
             Ok(())
         }
+        Fault::Certs => {
+            // Each of the soak's pods gets a new certificate within the lifetime (renewed at
+            // about half of it); the traffic goes on meanwhile and nothing is excused.
+            let before = soak_certificates(config);
+            let start = Instant::now();
+            loop {
+                let now = soak_certificates(config);
+                if !before.is_empty()
+                    && before
+                        .iter()
+                        .all(|(pod, expiry)| now.get(pod).is_some_and(|e| e != expiry))
+                {
+                    return Ok(());
+                }
+                if start.elapsed() > CERT_LIFETIME * 2 {
+                    return Err(Error::Usage(format!(
+                        "certificates did not rotate within {:?}: before {before:?}, now {now:?}",
+                        CERT_LIFETIME * 2
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
         Fault::Label => {
             let from = begin.elapsed();
             mesh::label(config, "soak", &["istio.io/dataplane-mode-".into()], quiet)?;
@@ -651,6 +694,25 @@ fn send_plaintext(mesh: &Mesh, client_ns: &str) -> Result<(), Error> {
         .join()
         .map_err(|_| Error::Usage("the plaintext injection panicked".into()))?
         .map_err(Error::Usage)
+}
+
+/// Each of the soak's pods' certificate expiry, as the proxies serving them report it.
+fn soak_certificates(config: &Config) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for node in &config.nodes {
+        let Some(dump) = mesh::admin_dump(config, node) else {
+            continue;
+        };
+        for p in dump["pods"].as_array().into_iter().flatten() {
+            if p["namespace"] == "soak"
+                && let (Some(name), Some(expiry)) =
+                    (p["name"].as_str(), p["certificateExpiry"].as_str())
+            {
+                out.insert(name.to_owned(), expiry.to_owned());
+            }
+        }
+    }
+    out
 }
 
 /// The echo Deployment with `replicas` pods.

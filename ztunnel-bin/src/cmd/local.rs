@@ -163,7 +163,7 @@ pub(crate) enum LocalCommand {
         #[arg(long, default_value_t = 20)]
         long: u32,
         /// The faults, injected in turn: `all`, `none`, or some of controlplane, node-agent,
-        /// proxy-kill, policy, pods, label (comma-separated).
+        /// proxy-kill, policy, pods, label, certs (comma-separated).
         #[arg(long, default_value = "all", value_parser = parse_faults)]
         faults: FaultList,
         /// Where the JSON report (totals, wrong connections, leaks, faults, timeline) goes; its
