@@ -28,6 +28,9 @@ pub struct Sample {
     pub processes: BTreeMap<String, Usage>,
     /// Per thing the mesh made (`netns`, `links node-a`, `iptables node-a`, ...): how many.
     pub system: BTreeMap<String, u64>,
+    /// Each node proxy's metric series (reported, not compared: a new outcome, such as a
+    /// denial, legitimately adds series for workloads that still exist).
+    pub series: BTreeMap<String, u64>,
 }
 
 /// Each part's use now, summed over its processes, by the part's name (`controlplane`,
@@ -97,7 +100,47 @@ pub fn sample(config: &Config, mesh: &Mesh) -> Sample {
     }
     s.system
         .insert("run-dir files".into(), files(&config.run_dir));
+    let deployments: Vec<String> = mesh
+        .pods()
+        .into_iter()
+        .map(|p| p.placement.deployment)
+        .collect();
+    for (i, node) in config.nodes.iter().enumerate() {
+        let addr = std::net::SocketAddr::from((mesh.node_ip(i), common::ports::STATS));
+        let text = mesh::http_get(addr, "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default();
+        let (series, gone) = metric_series(&text, &deployments);
+        s.series.insert(node.clone(), series);
+        s.system
+            .insert(format!("metric series of gone workloads {node}"), gone);
+    }
     s
+}
+
+/// How many series `/metrics` text holds, and how many of them name a workload (source or
+/// destination) that is none of `workloads`: a gone workload's series, which must expire.
+fn metric_series(text: &str, workloads: &[String]) -> (u64, u64) {
+    let mut series = 0;
+    let mut gone = 0;
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        series += 1;
+        let stale = ["source_workload=\"", "destination_workload=\""]
+            .iter()
+            .filter_map(|key| {
+                line.split_once(key)
+                    .and_then(|(_, rest)| rest.split_once('"'))
+            })
+            .map(|(value, _)| value)
+            .any(|w| !w.is_empty() && w != "unknown" && !workloads.iter().any(|d| d == w));
+        if stale {
+            gone += 1;
+        }
+    }
+    (series, gone)
 }
 
 /// The namespace's iptables (both families, all tables) and nftables rules, without comments
@@ -179,7 +222,9 @@ pub fn leaks(baseline: &Sample, end: &Sample) -> Vec<String> {
     }
     for (name, before) in &baseline.system {
         let after = end.system.get(name).copied().unwrap_or(0);
-        if after != *before {
+        // Series of gone workloads may only shrink (they expire); everything else comes back.
+        let shrinking_is_fine = name.starts_with("metric series of gone workloads");
+        if after != *before && !(shrinking_is_fine && after < *before) {
             out.push(format!("{name}: {before} -> {after}"));
         }
     }
@@ -196,6 +241,13 @@ pub fn leaks(baseline: &Sample, end: &Sample) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metric_series_of_workloads_that_are_gone_are_counted() {
+        let text = "# HELP x\nistio_tcp_connections_opened_total{source_workload=\"soak-client\",destination_workload=\"soak-server\"} 3\nistio_tcp_connections_opened_total{source_workload=\"old-app\",destination_workload=\"soak-server\"} 1\nistio_tcp_sent_bytes_total{source_workload=\"unknown\",destination_workload=\"soak-server\"} 9\nztunnel_dns_requests_total 0\n";
+        let live = ["soak-client".to_owned(), "soak-server".to_owned()];
+        assert_eq!(metric_series(text, &live), (4, 1));
+    }
 
     #[test]
     fn growth_beyond_the_allowance_and_any_system_change_are_leaks() {
