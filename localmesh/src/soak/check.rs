@@ -191,12 +191,12 @@ impl Oracle {
     }
 
     /// Whether the policy turned to denying while the connection alive from `from` to `to` was
-    /// open (or within `grace` of its start): the proxies then close it, as they must.
+    /// open (within `grace` either way): the proxies then close it, as they must.
     pub fn denied_during(&self, from: Duration, to: Duration) -> bool {
         self.flips
             .iter()
             .skip(1)
-            .any(|(t, allowed)| !allowed && *t <= to && *t + self.grace >= from)
+            .any(|(t, allowed)| !allowed && *t <= to + self.grace && *t + self.grace >= from)
     }
 
     /// Whether a fault's window overlaps the connection alive from `from` to `to`.
@@ -293,5 +293,7 @@ mod tests {
         assert_eq!(o.judge(s(1), s(10), &cut), None);
         // Cut before the deny came: wrong.
         assert_eq!(o.judge(s(1), s(5), &cut), Some(Wrong::AllowedRefused));
+        // Cut a moment before the deny was recorded (the proxies acted first): the deny's too.
+        assert_eq!(o.judge(s(1), Duration::from_millis(9_900), &cut), None);
     }
 }

@@ -595,13 +595,15 @@ fn inject(
                 DENY.to_owned()
             };
             let deny = parse_docs(&text, "the soak's deny policy")?;
-            mesh::apply(config, deny.clone(), false, quiet)?;
+            // The change counts from the moment it is made: the proxies may act on it before
+            // `apply` returns.
             oracle.flip(begin.elapsed(), false);
+            mesh::apply(config, deny.clone(), false, quiet)?;
             // Long enough that, beyond the grace around both changes, connections are expected
             // denied for a while (twice the grace, at least 2 s).
             std::thread::sleep(grace * 4 + Duration::from_secs(2));
-            mesh::apply(config, deny, true, quiet)?;
             oracle.flip(begin.elapsed(), true);
+            mesh::apply(config, deny, true, quiet)?;
             // Traffic is allowed again before the next fault begins.
             std::thread::sleep(grace);
             Ok(())
