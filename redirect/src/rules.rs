@@ -10,6 +10,12 @@
 //! and TCP to port 53, not marked, not to the pod's own loopback) goes to the DNS proxy (15053)
 //! unless [`RuleSet::dns_port`] is `None`.
 //!
+//! Only a connection's first packet (a SYN without ACK) is redirected to 15001 and 15006: a pod
+//! captured while it has connections open keeps them as they are (direct, outside the mesh) till
+//! they end. Without this, the first packet of such a connection after the capture, picked up
+//! by conntrack mid-stream as new, would be redirected to a port where no socket knows it and
+//! the connection reset (the soak caught it on relabelling a namespace).
+//!
 //! The client's address at the app ([`RuleSet::return_route`]): the proxy connects to the app
 //! from the client's address (a transparent socket carrying its mark). Such a connection is
 //! marked in conntrack when its first packet comes through the loopback interface, the app's
@@ -151,7 +157,7 @@ impl RuleSet {
             format!("-A {IPT_OUTPUT} -o lo -j RETURN"),
             format!("-A {IPT_OUTPUT} -d {loopback} -j RETURN"),
             format!(
-                "-A {IPT_OUTPUT} -p tcp -j REDIRECT --to-ports {}",
+                "-A {IPT_OUTPUT} -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j REDIRECT --to-ports {}",
                 self.outbound_port
             ),
             format!("-A {IPT_PREROUTING} -i lo -j RETURN"),
@@ -167,7 +173,7 @@ impl RuleSet {
             self.hbone_port
         ));
         lines.push(format!(
-            "-A {IPT_PREROUTING} -p tcp -j REDIRECT --to-ports {}",
+            "-A {IPT_PREROUTING} -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j REDIRECT --to-ports {}",
             self.inbound_port
         ));
         lines
@@ -228,7 +234,7 @@ impl RuleSet {
         }
         pre.push_str(&format!("        tcp dport {} return\n", self.hbone_port));
         pre.push_str(&format!(
-            "        meta l4proto tcp redirect to :{}\n",
+            "        tcp flags syn / fin,syn,rst,ack redirect to :{}\n",
             self.inbound_port
         ));
         let mut out = String::new();
@@ -255,7 +261,7 @@ impl RuleSet {
             out.push_str("        ip6 daddr ::1 return\n");
         }
         out.push_str(&format!(
-            "        meta l4proto tcp redirect to :{}\n",
+            "        tcp flags syn / fin,syn,rst,ack redirect to :{}\n",
             self.outbound_port
         ));
         let v4_only = if self.ipv6 {
@@ -294,10 +300,10 @@ mod tests {
             "-A ZTUNNEL_OUTPUT -m mark --mark 0x539/0xfff -j RETURN",
             "-A ZTUNNEL_OUTPUT -o lo -j RETURN",
             "-A ZTUNNEL_OUTPUT -d 127.0.0.0/8 -j RETURN",
-            "-A ZTUNNEL_OUTPUT -p tcp -j REDIRECT --to-ports 15001",
+            "-A ZTUNNEL_OUTPUT -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j REDIRECT --to-ports 15001",
             "-A ZTUNNEL_PREROUTING -s 169.254.7.127/32 -p tcp -j RETURN",
             "-A ZTUNNEL_PREROUTING -p tcp -m tcp --dport 15008 -j RETURN",
-            "-A ZTUNNEL_PREROUTING -p tcp -j REDIRECT --to-ports 15006",
+            "-A ZTUNNEL_PREROUTING -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j REDIRECT --to-ports 15006",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }
