@@ -184,3 +184,73 @@ fn iptables_captures_traffic() {
 fn nftables_captures_traffic() {
     traffic_is_captured(Backend::Nftables);
 }
+
+/// A TCP echo on `port` in `ns`, both directions kept (until the pair is dropped).
+fn echo_in(pair: &mut Pair, ns: &str, port: u16) {
+    let code = format!(
+        "import socket,threading\nl=socket.socket()\nl.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\nl.bind(('0.0.0.0',{port}))\nl.listen(8)\nprint('ready',flush=True)\ndef h(c):\n  while True:\n    d=c.recv(100)\n    if not d: break\n    c.sendall(d)\nwhile True:\n  c,_=l.accept()\n  threading.Thread(target=h,args=(c,),daemon=True).start()"
+    );
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c", &code])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert_eq!(first.trim(), "ready");
+    pair.children.push(child);
+}
+
+/// From `ns`, a connection to `host:port` that echoes once, waits `pause`, and echoes again:
+/// "ok", or what went wrong.
+fn spawn_long_client(ns: &str, host: &str, port: u16, pause: f64) -> std::process::Child {
+    let code = format!(
+        "import socket,time\ns=socket.create_connection(('{host}',{port}),timeout=5)\ns.sendall(b'before')\nassert s.recv(100)==b'before'\nprint('open',flush=True)\ntime.sleep({pause})\ntry:\n  s.sendall(b'after')\n  print('ok' if s.recv(100)==b'after' else 'wrong',flush=True)\nexcept Exception as e:\n  print(type(e).__name__,flush=True)"
+    );
+    Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c", &code])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn connections_open_at_capture_are_kept(backend: Backend) {
+    let mut pair = Pair::new();
+    let (pod, remote) = (pair.pod.clone(), pair.remote.clone());
+    echo_in(&mut pair, &pod, 8080);
+    echo_in(&mut pair, &remote, 80);
+    let mut inbound = spawn_long_client(&remote, "10.77.0.1", 8080, 1.5);
+    let mut outbound = spawn_long_client(&pod, "10.77.0.2", 80, 1.5);
+    for child in [&mut inbound, &mut outbound] {
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "open");
+    }
+    // The pod is captured while both connections are open: they go on, direct, as they were.
+    apply(&pair.pod_path(), backend, &RuleSet::default()).unwrap();
+    for (what, child) in [("inbound", inbound), ("outbound", outbound)] {
+        let out = child.wait_with_output().unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(said.lines().last(), Some("ok"), "{what}: {said}");
+    }
+    // A new connection is captured.
+    pair.listen(&pod, &[15001]);
+    assert_eq!(
+        pair.connect(&pod, "10.77.0.2", 80, None),
+        "accepted 15001 10.77.0.2:80"
+    );
+}
+
+#[test]
+fn iptables_capture_keeps_connections_open_before_it() {
+    connections_open_at_capture_are_kept(Backend::Iptables);
+}
+
+#[test]
+fn nftables_capture_keeps_connections_open_before_it() {
+    connections_open_at_capture_are_kept(Backend::Nftables);
+}
