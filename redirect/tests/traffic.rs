@@ -205,7 +205,7 @@ fn echo_in(pair: &mut Pair, ns: &str, port: u16) {
 
 /// From `ns`, a connection to `host:port` that echoes once, waits `pause`, and echoes again:
 /// "ok", or what went wrong.
-fn spawn_long_client(ns: &str, host: &str, port: u16, pause: f64) -> std::process::Child {
+fn spawn_long_client(ns: &str, host: &str, port: u16, pause: f64) -> Child {
     let code = format!(
         "import socket,time\ns=socket.create_connection(('{host}',{port}),timeout=5)\ns.sendall(b'before')\nassert s.recv(100)==b'before'\nprint('open',flush=True)\ntime.sleep({pause})\ntry:\n  s.sendall(b'after')\n  print('ok' if s.recv(100)==b'after' else 'wrong',flush=True)\nexcept Exception as e:\n  print(type(e).__name__,flush=True)"
     );
