@@ -142,6 +142,24 @@ pub fn transparent_socket(
     Ok(socket)
 }
 
+/// Whether the calling thread's network namespace has IPv6: its loopback holds `::1` (IPv6 is
+/// neither disabled there nor missing from the kernel).
+pub fn has_ipv6() -> bool {
+    std::net::UdpSocket::bind((Ipv6Addr::LOCALHOST, 0)).is_ok()
+}
+
+/// The address of `port` a listener of one family binds: the loopback (`127.0.0.1`, `::1`) or
+/// every address (`0.0.0.0`, `[::]`).
+pub fn family_addr(v6: bool, loopback: bool, port: u16) -> SocketAddr {
+    let ip: IpAddr = match (v6, loopback) {
+        (false, true) => Ipv4Addr::LOCALHOST.into(),
+        (false, false) => Ipv4Addr::UNSPECIFIED.into(),
+        (true, true) => Ipv6Addr::LOCALHOST.into(),
+        (true, false) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    SocketAddr::new(ip, port)
+}
+
 /// A listening socket on `addr` (non-blocking, `SO_REUSEADDR` as std sets it), with
 /// `SO_REUSEPORT` when `reuse_port`; made on the calling thread, so in its network namespace.
 /// An IPv6 address is IPv6 only (`IPV6_V6ONLY`), so `[::]` and `0.0.0.0` bind side by side.

@@ -30,7 +30,6 @@
 pub mod netns;
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -140,12 +139,6 @@ impl SharedConfig {
             dns: None,
         }
     }
-}
-
-/// Whether the calling thread's network namespace has IPv6: its loopback holds `::1` (IPv6 is
-/// neither disabled there nor missing from the kernel). Run on a pod's namespace thread.
-fn pod_has_ipv6() -> bool {
-    std::net::UdpSocket::bind((std::net::Ipv6Addr::LOCALHOST, 0)).is_ok()
 }
 
 /// Why a pod stops being served here.
@@ -332,20 +325,14 @@ impl<C: Certificates> SharedProxy<C> {
             warn!(pod = %label, uid, identity = %id, waited = ?self.config.certificate_wait, "no certificate yet: serving the pod without one until it comes");
         }
         // IPv6 is served where the pod has it: its loopback holds ::1.
-        let ipv6 = netns.run(pod_has_ipv6).await.unwrap_or(false);
+        let ipv6 = netns.run(crate::sockets::has_ipv6).await.unwrap_or(false);
         let families: &[bool] = if ipv6 { &[false, true] } else { &[false] };
         let bind = |port: u16, loopback: bool| {
             let (netns, label) = (netns.clone(), label.clone());
             async move {
                 let mut listeners = Vec::new();
                 for &v6 in families {
-                    let ip = match (loopback, v6) {
-                        (true, false) => IpAddr::from([127, 0, 0, 1]),
-                        (false, false) => IpAddr::from([0, 0, 0, 0]),
-                        (true, true) => IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
-                        (false, true) => IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
-                    };
-                    let addr = SocketAddr::new(ip, port);
+                    let addr = crate::sockets::family_addr(v6, loopback, port);
                     listeners.push(netns.listen(addr, reuse).await.map_err(|e| {
                         format!("pod {label}: cannot listen on {addr} in its namespace: {e}")
                     })?);
@@ -410,11 +397,7 @@ impl<C: Certificates> SharedProxy<C> {
             // queries here from then on.
             // On each family's loopback: the capture redirects a pod's IPv6 queries to ::1.
             for &v6 in families {
-                let addr = if v6 {
-                    SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, dns.port))
-                } else {
-                    SocketAddr::from(([127, 0, 0, 1], dns.port))
-                };
+                let addr = crate::sockets::family_addr(v6, true, dns.port);
                 let sockets = netns
                     .run(move || {
                         Ok::<_, std::io::Error>((

@@ -103,35 +103,16 @@ pub struct InPodConnector {
     pub original_source: bool,
 }
 
-impl Connector for InPodConnector {
-    fn connect(&self, to: SocketAddr) -> impl Future<Output = io::Result<TcpStream>> + Send {
-        let netns = self.netns.clone();
-        let mark = self.mark;
-        async move {
-            let socket = netns
-                .run(move || crate::sockets::marked_socket(to, mark))
-                .await??;
-            let stream = socket.connect(to).await?;
-            let _ = stream.set_nodelay(true);
-            Ok(stream)
-        }
-    }
-
-    fn connect_app(
+impl InPodConnector {
+    /// Connects to `to` from a socket made in the pod's namespace, carrying the mark; from
+    /// `source` (a transparent socket) when given, else from the pod's own address.
+    fn dial(
         &self,
-        client: IpAddr,
+        source: Option<IpAddr>,
         to: SocketAddr,
-    ) -> impl Future<Output = io::Result<TcpStream>> + Send {
+    ) -> impl Future<Output = io::Result<TcpStream>> + Send + use<> {
         let netns = self.netns.clone();
         let mark = self.mark;
-        // The client's address when it can be the source of a connection to `to`: of the same
-        // family, and neither unspecified nor loopback (a client inside the pod itself).
-        let client = client.to_canonical();
-        let source = (self.original_source
-            && client.is_ipv4() == to.is_ipv4()
-            && !client.is_unspecified()
-            && !client.is_loopback())
-        .then_some(client);
         async move {
             let socket = netns
                 .run(move || match source {
@@ -143,5 +124,27 @@ impl Connector for InPodConnector {
             let _ = stream.set_nodelay(true);
             Ok(stream)
         }
+    }
+}
+
+impl Connector for InPodConnector {
+    fn connect(&self, to: SocketAddr) -> impl Future<Output = io::Result<TcpStream>> + Send {
+        self.dial(None, to)
+    }
+
+    fn connect_app(
+        &self,
+        client: IpAddr,
+        to: SocketAddr,
+    ) -> impl Future<Output = io::Result<TcpStream>> + Send {
+        // The client's address when it can be the source of a connection to `to`: of the same
+        // family, and neither unspecified nor loopback (a client inside the pod itself).
+        let client = client.to_canonical();
+        let source = (self.original_source
+            && client.is_ipv4() == to.is_ipv4()
+            && !client.is_unspecified()
+            && !client.is_loopback())
+        .then_some(client);
+        self.dial(source, to)
     }
 }

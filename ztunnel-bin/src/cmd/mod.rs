@@ -166,7 +166,9 @@ impl ListenAddr {
     pub(crate) fn single(self) -> std::net::SocketAddr {
         use std::net::{Ipv4Addr, SocketAddr};
         match self {
-            ListenAddr::Addr(a) if a.ip().is_unspecified() && a.is_ipv6() && !have_ipv6() => {
+            ListenAddr::Addr(a)
+                if a.ip().is_unspecified() && a.is_ipv6() && !::proxy::sockets::has_ipv6() =>
+            {
                 SocketAddr::from((Ipv4Addr::UNSPECIFIED, a.port()))
             }
             ListenAddr::Addr(a) => a,
@@ -175,16 +177,13 @@ impl ListenAddr {
     }
 }
 
-/// Whether this network namespace has IPv6 (its loopback holds ::1).
-fn have_ipv6() -> bool {
-    std::net::UdpSocket::bind((std::net::Ipv6Addr::LOCALHOST, 0)).is_ok()
-}
-
 /// Binds the listeners of `addr` (see [`ListenAddr`]), naming the address when one cannot be.
 async fn listen_all(addr: ListenAddr) -> Result<Vec<tokio::net::TcpListener>, Error> {
     use std::net::{Ipv6Addr, SocketAddr};
     match addr {
-        ListenAddr::Addr(a) if a.ip().is_unspecified() && a.is_ipv6() && have_ipv6() => {
+        ListenAddr::Addr(a)
+            if a.ip().is_unspecified() && a.is_ipv6() && ::proxy::sockets::has_ipv6() =>
+        {
             Ok(vec![dual_stack(a.port()).map_err(|source| Error::Io {
                 what: format!("cannot listen on {a} (both families)"),
                 source,
@@ -193,7 +192,7 @@ async fn listen_all(addr: ListenAddr) -> Result<Vec<tokio::net::TcpListener>, Er
         ListenAddr::Addr(_) => Ok(vec![listen(addr.single()).await?]),
         ListenAddr::Localhost(port) => {
             let mut all = vec![listen(addr.single()).await?];
-            if have_ipv6() {
+            if ::proxy::sockets::has_ipv6() {
                 all.push(listen(SocketAddr::from((Ipv6Addr::LOCALHOST, port))).await?);
             }
             Ok(all)
