@@ -88,14 +88,16 @@ pub fn apply(netns: &Path, backend: Backend, rules: &RuleSet) -> Result<(), Erro
             let mut done: Vec<(bool, &'static str, Vec<String>)> = Vec::new();
             for v6 in families(rules) {
                 for (table, lines) in tables(rules, v6) {
-                    let step = ipt_save_table(netns, v6, table, limit).and_then(|current| {
-                        if lines.is_empty() {
-                            // Nothing of ours belongs here: leftovers of an earlier rule set go.
-                            return remove_table(netns, v6, table, limit).map(|()| Vec::new());
-                        }
-                        let script = write_ours(table, &current, &lines);
-                        ipt_restore_noflush(netns, v6, &script, limit).map(|()| ours_of(&current))
-                    });
+                    let step = if lines.is_empty() {
+                        // Nothing of ours belongs here: leftovers of an earlier rule set go.
+                        remove_table(netns, v6, table, limit).map(|()| Vec::new())
+                    } else {
+                        ipt_save_table(netns, v6, table, limit).and_then(|current| {
+                            let script = write_ours(table, &current, &lines);
+                            ipt_restore_noflush(netns, v6, &script, limit)
+                                .map(|()| ours_of(&current))
+                        })
+                    };
                     match step {
                         Ok(previous) => done.push((v6, table, previous)),
                         Err(e) => {
@@ -166,8 +168,7 @@ fn remove_return_route(netns: &Path, rules: &RuleSet) -> Result<(), Error> {
 }
 
 /// Puts the return route in (`install`) or takes it out, in each family, changing only what
-/// differs: the rule is added or deleted after `ip rule show` says whether it is there, the
-/// table's route replaced, or deleted when listed.
+/// differs from what [`return_route_live`] finds.
 fn set_return_route(netns: &Path, rules: &RuleSet, install: bool) -> Result<(), Error> {
     let (Some(ret), Some(selector)) = (rules.return_route, rules.return_rule()) else {
         return Ok(());
@@ -180,29 +181,50 @@ fn set_return_route(netns: &Path, rules: &RuleSet, install: bool) -> Result<(), 
         if install && v6 && ipv6_disabled(netns, limit) {
             continue;
         }
-        if install {
-            ip(
-                netns,
-                v6,
-                &[&["route", "replace"][..], &route].concat(),
-                limit,
-            )?;
+        let (rule_in, route_in) = return_route_live(netns, v6, rules)?;
+        if route_in != install {
+            let verb = if install { "replace" } else { "del" };
+            ip(netns, v6, &[&["route", verb][..], &route].concat(), limit)?;
         }
-        let live = ip(netns, v6, &["rule", "show", "pref", &priority], limit)?;
-        if rule_listed(&live, &selector) != install {
+        if rule_in != install {
             let verb = if install { "add" } else { "del" };
             let mut args = vec!["rule", verb, "pref", &priority];
             args.extend(selector.split_whitespace().skip(2)); // without "from all"
             ip(netns, v6, &args, limit)?;
         }
-        if !install {
-            let routes = ip(netns, v6, &["route", "show", "table", &table], limit)?;
-            if routes.lines().any(is_return_route) {
-                ip(netns, v6, &[&["route", "del"][..], &route].concat(), limit)?;
-            }
-        }
     }
     Ok(())
+}
+
+/// Whether the return route's rule and its table's route are in place in one family.
+fn return_route_live(netns: &Path, v6: bool, rules: &RuleSet) -> Result<(bool, bool), Error> {
+    let (Some(ret), Some(selector)) = (rules.return_route, rules.return_rule()) else {
+        return Ok((false, false));
+    };
+    let limit = rules.tool_timeout;
+    let live = ip(
+        netns,
+        v6,
+        &["rule", "show", "pref", &ret.priority.to_string()],
+        limit,
+    )?;
+    let routes = match ip(
+        netns,
+        v6,
+        &["route", "show", "table", &ret.table.to_string()],
+        limit,
+    ) {
+        Ok(routes) => routes,
+        // A table no route was ever put in does not exist: then neither does ours.
+        Err(Error::Tool { stderr, .. }) if stderr.contains("FIB table does not exist") => {
+            String::new()
+        }
+        Err(e) => return Err(e),
+    };
+    Ok((
+        rule_listed(&live, &selector),
+        routes.lines().any(is_return_route),
+    ))
 }
 
 /// Whether IPv6 is off on the namespace's loopback interface (`disable_ipv6`, or no IPv6 in
@@ -325,27 +347,21 @@ pub fn check(netns: &Path, backend: Backend, rules: &RuleSet) -> Result<Drift, E
         }
     }
     if let (Some(ret), Some(selector)) = (rules.return_route, rules.return_rule()) {
-        let table = ret.table.to_string();
         for v6 in families(rules) {
             if v6 && ipv6_disabled(netns, limit) {
                 continue;
             }
             let family = if v6 { "ip -6" } else { "ip" };
-            let live = ip(
-                netns,
-                v6,
-                &["rule", "show", "pref", &ret.priority.to_string()],
-                limit,
-            )?;
-            if !rule_listed(&live, &selector) {
+            let (rule_in, route_in) = return_route_live(netns, v6, rules)?;
+            if !rule_in {
                 drift
                     .missing
                     .push(format!("{family} rule {}: {selector}", ret.priority));
             }
-            let routes = ip(netns, v6, &["route", "show", "table", &table], limit)?;
-            if !routes.lines().any(is_return_route) {
+            if !route_in {
                 drift.missing.push(format!(
-                    "{family} route table {table}: local default dev lo"
+                    "{family} route table {}: local default dev lo",
+                    ret.table
                 ));
             }
         }
