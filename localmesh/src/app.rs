@@ -140,20 +140,22 @@ pub async fn serve(addr: SocketAddr, behaviour: Behaviour) -> std::io::Result<()
 /// Serves `behaviour` on `port` of every address of both families (one dual-stack socket on
 /// `[::]`), or of IPv4 alone where the pod has no IPv6, until the process ends.
 pub async fn serve_port(port: u16, behaviour: Behaviour) -> std::io::Result<()> {
-    let listener = match TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, port)).await {
-        Ok(l) => l,
-        Err(_) => TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, port)).await?,
-    };
-    serve_on(listener, behaviour).await
+    serve_on(bind_port(port).await?, behaviour).await
+}
+
+/// A listener on `port` of every address: `[::]` (dual-stack, the system's default), or
+/// `0.0.0.0` where there is no IPv6.
+async fn bind_port(port: u16) -> std::io::Result<TcpListener> {
+    match TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, port)).await {
+        Ok(l) => Ok(l),
+        Err(_) => TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, port)).await,
+    }
 }
 
 /// A TCP echo on `port` of both families (as [`serve_port`]) until the process ends: each
 /// connection gets back every byte it sends, in order, and its end when it ends its sending.
 pub async fn serve_echo(port: u16) -> std::io::Result<()> {
-    let listener = match TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, port)).await {
-        Ok(l) => l,
-        Err(_) => TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, port)).await?,
-    };
+    let listener = bind_port(port).await?;
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -164,6 +164,24 @@ fn build(
         let secret = format!("{:032x}{:032x}", rand_u128(), rand_u128());
         write_private(&token, &secret)?;
     }
+    start_controlplane(config, &mesh, cancel)?;
+    for node in &config.nodes {
+        check_cancel(cancel)?;
+        progress(&format!("starting {node}: node agent and proxy"));
+        spawn(config, &mesh.node_agent_process(config, node))?;
+        start_proxy(config, &mesh, node, cancel)?;
+    }
+    for pod in mesh.pods() {
+        check_cancel(cancel)?;
+        if let Some(app) = mesh.app_process(config, &pod) {
+            spawn(config, &app)?;
+        }
+    }
+    Ok(mesh)
+}
+
+/// Starts the control plane (its pid recorded) and waits until it serves.
+fn start_controlplane(config: &Config, mesh: &Mesh, cancel: &AtomicBool) -> Result<(), Error> {
     let addr = config.controlplane_addr();
     let cp = spawn(config, &mesh.controlplane_process(config))?;
     write_atomic(&config.controlplane_pid_file(), &cp.to_string())?;
@@ -173,27 +191,22 @@ fn build(
         "the control plane",
         config.log_file("controlplane", None).display(),
         || root.exists() && TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok(),
-    )?;
-    for (i, node) in config.nodes.iter().enumerate() {
-        check_cancel(cancel)?;
-        progress(&format!("starting {node}: node agent and proxy"));
-        spawn(config, &mesh.node_agent_process(config, node))?;
-        spawn(config, &mesh.proxy_process(config, node))?;
-        let ready = SocketAddr::from((mesh.node_ip(i), common::ports::READINESS));
-        wait_for(
-            cancel,
-            &format!("{node}'s proxy"),
-            config.log_file("ztunnel", Some(node)).display(),
-            || http_get(ready, "/healthz/ready").is_some_and(|(s, _)| s == 200),
-        )?;
-    }
-    for pod in mesh.pods() {
-        check_cancel(cancel)?;
-        if let Some(app) = mesh.app_process(config, &pod) {
-            spawn(config, &app)?;
-        }
-    }
-    Ok(mesh)
+    )
+}
+
+/// Starts node `node`'s proxy and waits until it is ready.
+fn start_proxy(config: &Config, mesh: &Mesh, node: &str, cancel: &AtomicBool) -> Result<(), Error> {
+    let i = mesh
+        .node_index(node)
+        .ok_or_else(|| Error::Usage(format!("no node {node}")))?;
+    spawn(config, &mesh.proxy_process(config, node))?;
+    let ready = SocketAddr::from((mesh.node_ip(i), common::ports::READINESS));
+    wait_for(
+        cancel,
+        &format!("{node}'s proxy"),
+        config.log_file("ztunnel", Some(node)).display(),
+        || http_get(ready, "/healthz/ready").is_some_and(|(s, _)| s == 200),
+    )
 }
 
 fn rand_u128() -> u128 {
@@ -718,33 +731,11 @@ pub fn restart(config: &Config, part: Part, node: Option<&str>, how: Stop) -> Re
     }
     let never = AtomicBool::new(false);
     match (part, node) {
-        (Part::ControlPlane, _) => {
-            let cp = spawn(config, &mesh.controlplane_process(config))?;
-            write_atomic(&config.controlplane_pid_file(), &cp.to_string())?;
-            let addr = config.controlplane_addr();
-            wait_for(
-                &never,
-                "the control plane",
-                config.log_file("controlplane", None).display(),
-                || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok(),
-            )
-        }
+        (Part::ControlPlane, _) => start_controlplane(config, &mesh, &never),
         (Part::NodeAgent, Some(node)) => {
             spawn(config, &mesh.node_agent_process(config, node)).map(drop)
         }
-        (Part::Proxy, Some(node)) => {
-            spawn(config, &mesh.proxy_process(config, node))?;
-            let i = mesh
-                .node_index(node)
-                .ok_or_else(|| Error::Usage(format!("no node {node}")))?;
-            let ready = SocketAddr::from((mesh.node_ip(i), common::ports::READINESS));
-            wait_for(
-                &never,
-                &format!("{node}'s proxy"),
-                config.log_file("ztunnel", Some(node)).display(),
-                || http_get(ready, "/healthz/ready").is_some_and(|(s, _)| s == 200),
-            )
-        }
+        (Part::Proxy, Some(node)) => start_proxy(config, &mesh, node, &never),
         (_, None) => Err(Error::Usage(format!("{part:?} needs a node"))),
     }
 }

@@ -144,15 +144,37 @@ fn write_netns_file(ns: &str, name: &str, text: &str) -> Result<(), Error> {
     })
 }
 
+/// Runs `work` on a thread of its own that entered network namespace `ns` (by name), so the
+/// sockets and `/proc/sys/net` it touches are the namespace's; the thread's handle. Its result
+/// is `work`'s, or why the namespace could not be entered.
+pub fn spawn_in<T: Send + 'static>(
+    ns: &str,
+    work: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> std::thread::JoinHandle<Result<T, String>> {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("entering {path}: {e}"))?;
+        work()
+    })
+}
+
+/// [`spawn_in`], waited for; `work` panicking is an error naming the namespace.
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    work: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    spawn_in(ns, work)
+        .join()
+        .map_err(|_| format!("the thread working in network namespace {ns} panicked"))?
+}
+
 /// Turns on IPv4 and IPv6 forwarding inside namespace `ns` (a node routes for its pods), writing
 /// its `/proc/sys` from a thread that entered the namespace (no `sysctl` binary needed). IPv6
 /// forwarding is skipped where the kernel has no IPv6.
 pub fn enable_forwarding(ns: &str) -> Result<(), Error> {
-    let path = format!("/var/run/netns/{ns}");
-    let worker = std::thread::spawn(move || -> Result<(), String> {
-        let file = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| format!("entering {path}: {e}"))?;
+    in_netns(ns, || {
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
             .map_err(|e| format!("enabling forwarding: {e}"))?;
         let v6 = Path::new("/proc/sys/net/ipv6/conf/all/forwarding");
@@ -160,14 +182,11 @@ pub fn enable_forwarding(ns: &str) -> Result<(), Error> {
             std::fs::write(v6, "1").map_err(|e| format!("enabling IPv6 forwarding: {e}"))?;
         }
         Ok(())
-    });
-    worker
-        .join()
-        .map_err(|_| Error::Usage("the forwarding thread panicked".into()))?
-        .map_err(|reason| Error::Command {
-            command: format!("net.ipv4.ip_forward=1 (and IPv6's) in {ns}"),
-            reason,
-        })
+    })
+    .map_err(|reason| Error::Command {
+        command: format!("net.ipv4.ip_forward=1 (and IPv6's) in {ns}"),
+        reason,
+    })
 }
 
 /// Whether `tool` is an executable on `PATH`.

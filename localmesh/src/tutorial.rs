@@ -82,21 +82,14 @@ fn get_from_pod(
     n: usize,
 ) -> Result<Vec<Outcome>, Error> {
     let (_, netns) = mesh::find_pod(config, mesh, pod)?;
-    let path = format!("/var/run/netns/{netns}");
     let host = host.to_owned();
     let request_path = request_path.to_owned();
-    let worker = std::thread::spawn(move || -> Result<Vec<Outcome>, String> {
-        let file = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| format!("entering {path}: {e}"))?;
+    crate::net::in_netns(&netns, move || {
         Ok((0..n)
             .map(|_| blocking_get(target, &host, &request_path))
             .collect())
-    });
-    worker
-        .join()
-        .map_err(|_| Error::Usage("the in-pod client panicked".into()))?
-        .map_err(Error::Usage)
+    })
+    .map_err(Error::Usage)
 }
 
 /// Asks pod `pod`'s nameserver (its `resolv.conf`'s), on port 53 from inside the pod's network
@@ -131,11 +124,7 @@ fn resolve_in_pod(
     let bytes = query
         .to_vec()
         .map_err(|e| Error::Usage(format!("encoding the query: {e}")))?;
-    let path = format!("/var/run/netns/{netns}");
-    let worker = std::thread::spawn(move || -> Result<Vec<u8>, String> {
-        let file = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| format!("entering {path}: {e}"))?;
+    let reply = crate::net::in_netns(&netns, move || {
         let socket = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
         socket
             .set_read_timeout(Some(Duration::from_secs(5)))
@@ -148,11 +137,8 @@ fn resolve_in_pod(
             .recv_from(&mut buf)
             .map_err(|e| format!("no answer from {server}:53: {e}"))?;
         Ok(buf[..n].to_vec())
-    });
-    let reply = worker
-        .join()
-        .map_err(|_| Error::Usage("the in-pod resolver panicked".into()))?
-        .map_err(Error::Usage)?;
+    })
+    .map_err(Error::Usage)?;
     let reply = Message::from_vec(&reply)
         .map_err(|e| Error::Usage(format!("the DNS answer does not parse: {e}")))?;
     let addresses = reply

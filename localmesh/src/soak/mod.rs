@@ -307,12 +307,7 @@ fn soak_on(
     let mut tcfg = traffic::TrafficConfig::new(target, soak.rate, soak.long);
     tcfg.timeout = Duration::from_secs(5);
     let begin = Instant::now();
-    let handle = traffic::run(
-        format!("/var/run/netns/{client_ns}").into(),
-        tcfg,
-        stop.clone(),
-        live.clone(),
-    );
+    let handle = traffic::run(&client_ns, tcfg, stop.clone(), live.clone());
     let mut oracle = Oracle::new(true, soak.grace);
     let mut injected = Vec::new();
     // The timeline is sampled on a thread of its own, so it goes on while a fault is injected.
@@ -489,19 +484,7 @@ fn wait_served(config: &Config, cancel: &AtomicBool) -> Result<(), Error> {
         if cancel.load(Ordering::SeqCst) {
             return Err(Error::Interrupted);
         }
-        let served: usize = config
-            .nodes
-            .iter()
-            .filter_map(|n| mesh::admin_dump(config, n))
-            .map(|d| {
-                d["pods"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter(|p| p["namespace"] == "soak" && p["certificateExpiry"].is_string())
-                    .count()
-            })
-            .sum();
+        let served = soak_certificates(config).len();
         if served >= 3 {
             return Ok(());
         }
@@ -525,7 +508,7 @@ fn warm_up(client_ns: &str, target: SocketAddr, cancel: &AtomicBool) -> Result<(
         }
         let stop = Arc::new(AtomicBool::new(false));
         let probe = traffic::run(
-            format!("/var/run/netns/{client_ns}").into(),
+            client_ns,
             traffic::TrafficConfig::new(target, 1, 0),
             stop.clone(),
             Arc::new(traffic::Live::default()),
@@ -666,12 +649,8 @@ fn send_plaintext(mesh: &Mesh, client_ns: &str) -> Result<(), Error> {
         .pod("soak", "soak-server")
         .ok_or_else(|| Error::Usage("no echo pod to send plaintext to".into()))?;
     let to = SocketAddr::from((server.placement.ip, 9000));
-    let path = format!("/var/run/netns/{client_ns}");
-    let worker = std::thread::spawn(move || -> Result<(), String> {
+    crate::net::in_netns(client_ns, move || {
         use std::io::{Read, Write};
-        let file = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| format!("entering {path}: {e}"))?;
         let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
             .map_err(|e| e.to_string())?;
         socket
@@ -691,11 +670,8 @@ fn send_plaintext(mesh: &Mesh, client_ns: &str) -> Result<(), Error> {
         let mut back = Vec::new();
         let _ = stream.read_to_end(&mut back);
         Ok(())
-    });
-    worker
-        .join()
-        .map_err(|_| Error::Usage("the plaintext injection panicked".into()))?
-        .map_err(Error::Usage)
+    })
+    .map_err(Error::Usage)
 }
 
 /// Each of the soak's pods' certificate expiry, as the proxies serving them report it.

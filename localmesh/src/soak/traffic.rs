@@ -8,7 +8,6 @@
 //! single-threaded runtime of its own (every socket it makes is the pod's).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -78,19 +77,16 @@ pub struct Live {
     pub long_open: AtomicU64,
 }
 
-/// Runs the traffic from inside the network namespace at `netns` until `stop` is set, then lets
+/// Runs the traffic from inside network namespace `ns` (by name) until `stop` is set, then lets
 /// the connections in flight finish (each within its timeout) and returns every record. `live`
 /// is updated as connections end. Fails when the namespace cannot be entered.
 pub fn run(
-    netns: PathBuf,
+    ns: &str,
     config: TrafficConfig,
     stop: Arc<AtomicBool>,
     live: Arc<Live>,
 ) -> std::thread::JoinHandle<Result<Vec<Record>, String>> {
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&netns).map_err(|e| format!("{}: {e}", netns.display()))?;
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| format!("entering {}: {e}", netns.display()))?;
+    crate::net::spawn_in(ns, move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
