@@ -14,7 +14,9 @@
 //!
 //! Every change (`apply`, `delete`, `label`) updates the state in `RUN/mesh.json`, rewrites the
 //! control plane's manifests (which the control plane and the node agents watch), and makes or
-//! removes pods and rules to match.
+//! removes pods and rules to match. `restart` restarts one part in place; a proxy the rolling
+//! way ([`Stop::Rolling`]): the new one first, beside the old one, which drains once the new one
+//! listens in every pod it listened in.
 
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt as _;
@@ -181,7 +183,7 @@ fn build(
 }
 
 /// Starts the control plane (its pid recorded) and waits until it serves.
-fn start_controlplane(config: &Config, mesh: &Mesh, cancel: &AtomicBool) -> Result<(), Error> {
+fn start_controlplane(config: &Config, mesh: &Mesh, cancel: &AtomicBool) -> Result<u32, Error> {
     let addr = config.controlplane_addr();
     let cp = spawn(config, &mesh.controlplane_process(config))?;
     write_atomic(&config.controlplane_pid_file(), &cp.to_string())?;
@@ -191,22 +193,30 @@ fn start_controlplane(config: &Config, mesh: &Mesh, cancel: &AtomicBool) -> Resu
         "the control plane",
         config.log_file("controlplane", None).display(),
         || root.exists() && TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok(),
-    )
+    )?;
+    Ok(cp)
 }
 
-/// Starts node `node`'s proxy and waits until it is ready.
-fn start_proxy(config: &Config, mesh: &Mesh, node: &str, cancel: &AtomicBool) -> Result<(), Error> {
+/// Starts node `node`'s proxy and waits until it is ready; returns its pid (`ip netns exec`
+/// executes it in its own place).
+fn start_proxy(
+    config: &Config,
+    mesh: &Mesh,
+    node: &str,
+    cancel: &AtomicBool,
+) -> Result<u32, Error> {
     let i = mesh
         .node_index(node)
         .ok_or_else(|| Error::Usage(format!("no node {node}")))?;
-    spawn(config, &mesh.proxy_process(config, node))?;
+    let pid = spawn(config, &mesh.proxy_process(config, node))?;
     let ready = SocketAddr::from((mesh.node_ip(i), common::ports::READINESS));
     wait_for(
         cancel,
         &format!("{node}'s proxy"),
         config.log_file("ztunnel", Some(node)).display(),
         || http_get(ready, "/healthz/ready").is_some_and(|(s, _)| s == 200),
-    )
+    )?;
+    Ok(pid)
 }
 
 fn rand_u128() -> u128 {
@@ -692,52 +702,180 @@ fn start_time(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// How a part is stopped before it starts again.
+/// How a part is stopped and started again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
-    /// SIGTERM, and up to 10 s to exit (then SIGKILL).
+    /// SIGTERM, and up to 10 s to exit (then SIGKILL); then started again.
     Graceful,
-    /// SIGKILL.
+    /// SIGKILL; then started again.
     Kill,
+    /// A proxy only: the new one first, beside the old (its listeners in every pod join the old
+    /// one's, `SO_REUSEPORT`); once it listens in every pod the old one serves, the old one gets
+    /// SIGTERM and drains (its connections have the drain deadline, then are cut).
+    Rolling,
 }
 
-/// Stops `part` (of `node`) as `how` says, starts it again and waits until it serves again (the
-/// control plane's port answers, a proxy is ready; an agent is given its start). The mesh's
-/// pods and rules are left as they are.
-pub fn restart(config: &Config, part: Part, node: Option<&str>, how: Stop) -> Result<(), Error> {
+/// What a restart did.
+#[derive(Debug, Clone)]
+pub struct Restarted {
+    /// The pids stopped.
+    pub old: Vec<u32>,
+    /// The new process's pid.
+    pub new: u32,
+    /// When the old processes were signalled.
+    pub signalled: Instant,
+    /// When the old processes had exited.
+    pub exited: Instant,
+}
+
+/// Restarts `part` (of `node`) as `how` says and waits until it serves again (the control
+/// plane's port answers, a proxy is ready or, rolling, listens in every pod the old one served;
+/// an agent is given its start). The mesh's pods and rules are left as they are.
+pub fn restart(
+    config: &Config,
+    part: Part,
+    node: Option<&str>,
+    how: Stop,
+) -> Result<Restarted, Error> {
     let mesh = load(config)?;
     let old = pids(config, part, node);
-    let signal = match how {
-        Stop::Graceful => "-TERM",
-        Stop::Kill => "-KILL",
-    };
-    for pid in &old {
+    let never = AtomicBool::new(false);
+    if how == Stop::Rolling {
+        let (Part::Proxy, Some(node)) = (part, node) else {
+            return Err(Error::Usage(
+                "only a node's proxy restarts the rolling way".into(),
+            ));
+        };
+        let new = start_beside(config, &mesh, node, &old)?;
+        let signalled = Instant::now();
+        stop(&old, "-TERM", part)?;
+        return Ok(Restarted {
+            old,
+            new,
+            signalled,
+            exited: Instant::now(),
+        });
+    }
+    let signalled = Instant::now();
+    stop(
+        &old,
+        if how == Stop::Kill { "-KILL" } else { "-TERM" },
+        part,
+    )?;
+    let exited = Instant::now();
+    let new = match (part, node) {
+        (Part::ControlPlane, _) => start_controlplane(config, &mesh, &never),
+        (Part::NodeAgent, Some(node)) => spawn(config, &mesh.node_agent_process(config, node)),
+        (Part::Proxy, Some(node)) => start_proxy(config, &mesh, node, &never),
+        (_, None) => Err(Error::Usage(format!("{part:?} needs a node"))),
+    }?;
+    Ok(Restarted {
+        old,
+        new,
+        signalled,
+        exited,
+    })
+}
+
+/// Sends `signal` to `pids` and waits until they have exited (SIGKILL after 10 s).
+fn stop(pids: &[u32], signal: &str, part: Part) -> Result<(), Error> {
+    for pid in pids {
         let _ = run("kill", &[signal, &pid.to_string()]);
     }
     let start = Instant::now();
-    while old.iter().any(|pid| {
+    while pids.iter().any(|pid| {
         reap(*pid);
         !zombie(*pid)
     }) {
         if start.elapsed() > Duration::from_secs(10) {
-            for pid in &old {
+            for pid in pids {
                 let _ = run("kill", &["-KILL", &pid.to_string()]);
             }
         }
         if start.elapsed() > Duration::from_secs(15) {
-            return Err(Error::Usage(format!("{part:?} {old:?} did not exit")));
+            return Err(Error::Usage(format!("{part:?} {pids:?} did not exit")));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let never = AtomicBool::new(false);
-    match (part, node) {
-        (Part::ControlPlane, _) => start_controlplane(config, &mesh, &never),
-        (Part::NodeAgent, Some(node)) => {
-            spawn(config, &mesh.node_agent_process(config, node)).map(drop)
+    Ok(())
+}
+
+/// Starts a second proxy on `node` beside `old` and waits until it listens on the proxy ports
+/// in every pod namespace where one of `old` does; returns its pid.
+fn start_beside(config: &Config, mesh: &Mesh, node: &str, old: &[u32]) -> Result<u32, Error> {
+    let new = spawn(config, &mesh.proxy_process(config, node))?;
+    let log = config.log_file("ztunnel", Some(node));
+    let netns: Vec<String> = mesh
+        .pods()
+        .iter()
+        .filter(|p| p.placement.node == node)
+        .map(|p| Mesh::pod_netns(&config.prefix, &p.placement))
+        .collect();
+    let mut missing = String::new();
+    let serves_all = |missing: &mut String| {
+        missing.clear();
+        for ns in &netns {
+            let owners = proxy_port_owners(ns);
+            for (port, pids) in &owners {
+                if pids.iter().any(|p| old.contains(p)) && !pids.contains(&new) {
+                    *missing = format!("{ns} port {port}");
+                    return false;
+                }
+            }
         }
-        (Part::Proxy, Some(node)) => start_proxy(config, &mesh, node, &never),
-        (_, None) => Err(Error::Usage(format!("{part:?} needs a node"))),
+        true
+    };
+    let start = Instant::now();
+    while !serves_all(&mut missing) {
+        if zombie(new) {
+            return Err(Error::Usage(format!(
+                "{node}'s new proxy (pid {new}) exited; see {}",
+                log.display()
+            )));
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            return Err(Error::Timeout {
+                what: format!("{node}'s new proxy (pid {new}) to listen in {missing}"),
+                logs: log.display().to_string(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
+    Ok(new)
+}
+
+/// For each proxy port (outbound, inbound plaintext, inbound HBONE) listened on in network
+/// namespace `ns`, the pids whose sockets listen there (`ss`, iproute2).
+fn proxy_port_owners(ns: &str) -> std::collections::BTreeMap<u16, Vec<u32>> {
+    listeners_by_port(&run_in(ns, "ss", &["-Hltnp"]).unwrap_or_default())
+}
+
+/// The proxy ports in `ss -Hltnp`'s listing, each with the pids whose sockets listen on it.
+fn listeners_by_port(listed: &str) -> std::collections::BTreeMap<u16, Vec<u32>> {
+    let mut owners = std::collections::BTreeMap::<u16, Vec<u32>>::new();
+    for line in listed.lines() {
+        let Some(local) = line.split_whitespace().nth(3) else {
+            continue;
+        };
+        let Some(port) = local
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .filter(|p| common::ports::PROXY_PORTS.contains(p))
+        else {
+            continue;
+        };
+        let pids = owners.entry(port).or_default();
+        for part in line.split("pid=").skip(1) {
+            if let Some(pid) = part
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|p| p.parse().ok())
+            {
+                pids.push(pid);
+            }
+        }
+    }
+    owners
 }
 
 /// Collects `pid`'s exit when it is this process's child (a part this process started), so it
@@ -759,4 +897,25 @@ fn zombie(pid: u32) -> bool {
                 .map(|(_, rest)| rest.trim_start().starts_with('Z'))
         })
         .unwrap_or(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_listing_of_ss_gives_each_proxy_port_its_listening_pids() {
+        let listed = "\
+LISTEN 0      1024         0.0.0.0:15008      0.0.0.0:*    users:((\"ztunnel\",pid=101,fd=20))
+LISTEN 0      1024         0.0.0.0:15008      0.0.0.0:*    users:((\"ztunnel\",pid=202,fd=31))
+LISTEN 0      1024            [::]:15001         [::]:*    users:((\"ztunnel\",pid=101,fd=22),(\"ztunnel\",pid=303,fd=7))
+LISTEN 0      128          0.0.0.0:8080       0.0.0.0:*    users:((\"app\",pid=55,fd=3))
+LISTEN 0      4096               *:15006            *:*
+";
+        let owners = listeners_by_port(listed);
+        assert_eq!(owners[&15008], vec![101, 202]);
+        assert_eq!(owners[&15001], vec![101, 303]);
+        assert_eq!(owners[&15006], Vec::<u32>::new());
+        assert!(!owners.contains_key(&8080));
+    }
 }

@@ -652,6 +652,92 @@ fn names_outside_the_mesh_go_to_the_upstream_or_are_refused_with_a_log() {
     );
 }
 
+/// The pids of `node`'s proxies, oldest first (by pid order, enough within one test).
+fn proxy_pids(mesh: &Local, node: &str) -> Vec<u32> {
+    let ns = format!("{}-{node}", mesh.prefix);
+    let out = Command::new("ip")
+        .args(["netns", "pids", &ns])
+        .output()
+        .unwrap();
+    let mut pids: Vec<u32> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            args.get(1).is_some_and(|a| *a == b"proxy")
+        })
+        .collect();
+    pids.sort();
+    pids
+}
+
+#[test]
+fn a_rolling_restart_starts_the_new_proxy_beside_the_old_one_which_then_drains() {
+    let mesh = Local::new(14);
+    mesh.up();
+    mesh.label_default_ambient(&["sleep", "web-api"]);
+    let (ok, body) = mesh.get("sleep", "http://web-api:8080/");
+    assert!(ok && body.contains("purchase-history"), "{body}");
+    let before = proxy_pids(&mesh, "node-b");
+    assert_eq!(before.len(), 1, "{before:?}");
+
+    let (ok, _, err) = mesh.run(&["restart", "ztunnel", "--node", "node-b"]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("node-b's ztunnel") && err.contains("rolling"),
+        "{err}"
+    );
+    let after = proxy_pids(&mesh, "node-b");
+    assert_eq!(after.len(), 1, "the old proxy is gone: {after:?}");
+    assert_ne!(after, before);
+    // The new proxy has the pod's listeners and the operations ports (bound beside the old
+    // one's, SO_REUSEPORT), and serves: the call is tunneled to web-api through it.
+    let log = std::fs::read_to_string(mesh.run_dir.join("logs/node-b/ztunnel.log")).unwrap();
+    assert!(
+        log.contains("proxy stopped"),
+        "the old proxy drained: {log}"
+    );
+    let (_, status, _) = mesh.run(&["status"]);
+    assert!(
+        status
+            .lines()
+            .any(|l| l.contains("node-b") && l.contains("ready")),
+        "{status}"
+    );
+    let (ok, body) = mesh.get("sleep", "http://web-api:8080/");
+    assert!(ok && body.contains("purchase-history"), "{body}");
+    let ss = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &format!("{}-pod-default-web-api-0", mesh.prefix),
+            "ss",
+            "-Hltnp",
+            "sport = :15008",
+        ])
+        .output()
+        .unwrap();
+    let ss = String::from_utf8_lossy(&ss.stdout);
+    assert!(ss.contains(&format!("pid={},", after[0])), "{ss}");
+    assert!(!ss.contains(&format!("pid={},", before[0])), "{ss}");
+
+    // Bad requests name what is wrong.
+    let (ok, _, err) = mesh.run(&["restart", "ztunnel", "--node", "node-z"]);
+    assert!(
+        !ok && err.contains("--node") && err.contains("node-z"),
+        "{err}"
+    );
+    let (ok, _, err) = mesh.run(&["restart", "controlplane", "--node", "node-a"]);
+    assert!(
+        !ok && err.contains("the control plane runs on the host"),
+        "{err}"
+    );
+    let (ok, _, err) = mesh.run(&["down"]);
+    assert!(ok, "{err}");
+    assert_eq!(mesh.traces(), Vec::<String>::new());
+}
+
 /// `ztunnel local soak` under this test's prefix, subnet and run directory: (exit success,
 /// stdout, stderr, the JSON report).
 fn soak(mesh: &Local, args: &[&str]) -> (bool, String, String, serde_json::Value) {
@@ -692,6 +778,7 @@ fn a_short_soak_injects_every_fault_and_finds_nothing_wrong_or_leaked() {
         "controlplane",
         "node-agent",
         "proxy-kill",
+        "proxy-restart",
         "policy",
         "pods",
         "label",

@@ -10,7 +10,9 @@
 //!
 //! The faults ([`Fault`]): `controlplane` (restarted; nothing may fail), `node-agent` (each
 //! node's, restarted; nothing may fail), `proxy-kill` (a node's proxy SIGKILLed and started
-//! again; connections through it may be cut until it serves again), `policy` (a DENY policy
+//! again; connections through it may be cut until it serves again), `proxy-restart` (each
+//! node's proxy restarted the rolling way, [`Stop::Rolling`]: no new connection may fail; those
+//! the old proxy held may be cut at its drain deadline, and no later), `policy` (a DENY policy
 //! for the soak's traffic applied, then deleted; connections near either moment may go either
 //! way, none other), `pods` (an echo pod added, then deleted; connections near either moment
 //! may be cut), `label` (the namespace taken out of ambient and put back; connections near
@@ -53,6 +55,8 @@ pub enum Fault {
     NodeAgent,
     /// SIGKILL a node's proxy and start it again.
     ProxyKill,
+    /// Restart each node's proxy the rolling way: the new one first, then the old one drained.
+    ProxyRestart,
     /// Apply, then delete, a policy denying the soak's traffic.
     Policy,
     /// Add an echo pod, then delete it.
@@ -70,11 +74,12 @@ pub const CERT_LIFETIME: Duration = Duration::from_secs(60);
 
 impl Fault {
     /// Every fault, in the order they are injected.
-    pub const ALL: [Fault; 7] = [
+    pub const ALL: [Fault; 8] = [
         Fault::Policy,
         Fault::ControlPlane,
         Fault::Certs,
         Fault::NodeAgent,
+        Fault::ProxyRestart,
         Fault::Pods,
         Fault::ProxyKill,
         Fault::Label,
@@ -86,6 +91,7 @@ impl Fault {
             Fault::ControlPlane => "controlplane",
             Fault::NodeAgent => "node-agent",
             Fault::ProxyKill => "proxy-kill",
+            Fault::ProxyRestart => "proxy-restart",
             Fault::Policy => "policy",
             Fault::Pods => "pods",
             Fault::Label => "label",
@@ -556,7 +562,9 @@ fn inject(
     let grace = oracle.grace;
     let hold = Duration::from_secs(3);
     match fault {
-        Fault::ControlPlane => mesh::restart(config, Part::ControlPlane, None, Stop::Graceful),
+        Fault::ControlPlane => {
+            mesh::restart(config, Part::ControlPlane, None, Stop::Graceful).map(drop)
+        }
         Fault::NodeAgent => {
             for node in &config.nodes {
                 mesh::restart(config, Part::NodeAgent, Some(node), Stop::Graceful)?;
@@ -568,6 +576,16 @@ fn inject(
             let from = begin.elapsed();
             mesh::restart(config, Part::Proxy, Some(node), Stop::Kill)?;
             oracle.fault(from, begin.elapsed() + grace);
+            Ok(())
+        }
+        Fault::ProxyRestart => {
+            for node in &config.nodes {
+                let done = mesh::restart(config, Part::Proxy, Some(node), Stop::Rolling)?;
+                oracle.drain(
+                    done.signalled.duration_since(*begin),
+                    done.exited.duration_since(*begin) + grace,
+                );
+            }
             Ok(())
         }
         Fault::Policy => {

@@ -144,6 +144,22 @@ pub(crate) enum LocalCommand {
     },
     /// Nodes, proxies, pods (captured or not, certificates), services.
     Status,
+    /// Restart a part of the running mesh; its pods and rules stay. `ztunnel`: each node's proxy
+    /// (or `--node`'s) the rolling way: the new proxy starts beside the old one, and once it
+    /// listens in every pod the old one serves, the old one gets SIGTERM and drains (new
+    /// connections are never refused; those the old one still holds have its drain deadline).
+    /// `node-agent`, `controlplane`: stopped (SIGTERM), then started again.
+    Restart {
+        /// What to restart.
+        #[arg(value_enum)]
+        part: Part,
+        /// Only this node's (default: every node's, one after another).
+        #[arg(long)]
+        node: Option<String>,
+        /// SIGKILL instead: the old process is killed first and its connections cut (a crash).
+        #[arg(long)]
+        kill: bool,
+    },
     /// Replay the ambient walkthrough on a fresh mesh, checking every step; removes the mesh at
     /// the end. Exit 0 only if every observation matched.
     Tutorial,
@@ -163,7 +179,7 @@ pub(crate) enum LocalCommand {
         #[arg(long, default_value_t = 20)]
         long: u32,
         /// The faults, injected in turn: `all`, `none`, or some of controlplane, node-agent,
-        /// proxy-kill, policy, pods, label, certs (comma-separated).
+        /// proxy-kill, proxy-restart, policy, pods, label, certs (comma-separated).
         #[arg(long, default_value = "all", value_parser = parse_faults)]
         faults: FaultList,
         /// Where the JSON report (totals, wrong connections, leaks, faults, timeline) goes; its
@@ -209,6 +225,60 @@ pub(crate) enum LocalCommand {
         #[arg(long)]
         host: Option<String>,
     },
+}
+
+/// `ztunnel local restart`: each node's part (or `node`'s) in turn, then the control plane.
+fn restart(c: &Config, part: Part, node: Option<&str>, kill: bool) -> Result<(), Error> {
+    let (what, stop) = match (part, kill) {
+        (_, true) => (part, mesh::Stop::Kill),
+        (Part::Ztunnel, false) => (part, mesh::Stop::Rolling),
+        (_, false) => (part, mesh::Stop::Graceful),
+    };
+    let running = mesh::load(c).map_err(Error::Local)?;
+    let nodes: Vec<String> = match (what, node) {
+        (Part::Controlplane, Some(n)) => {
+            return Err(Error::Flag {
+                flag: "--node",
+                value: n.to_owned(),
+                reason: "the control plane runs on the host, not on a node".into(),
+            });
+        }
+        (Part::Controlplane, None) => vec![String::new()],
+        (_, Some(n)) if running.node_index(n).is_none() => {
+            return Err(Error::Flag {
+                flag: "--node",
+                value: n.to_owned(),
+                reason: format!("no such node (the mesh has {})", running.nodes.join(", ")),
+            });
+        }
+        (_, Some(n)) => vec![n.to_owned()],
+        (_, None) => running.nodes.clone(),
+    };
+    for n in &nodes {
+        let (mesh_part, on) = match what {
+            Part::Ztunnel => (mesh::Part::Proxy, Some(n.as_str())),
+            Part::NodeAgent => (mesh::Part::NodeAgent, Some(n.as_str())),
+            Part::Controlplane => (mesh::Part::ControlPlane, None),
+        };
+        let done = mesh::restart(c, mesh_part, on, stop).map_err(Error::Local)?;
+        let whose = on.map_or_else(
+            || "the control plane".to_owned(),
+            |n| format!("{n}'s {}", what.as_str()),
+        );
+        say(&format!(
+            "{whose}: {:?} -> pid {} ({}; the old one gone {:.1} s after its signal)",
+            done.old,
+            done.new,
+            match stop {
+                mesh::Stop::Rolling =>
+                    "rolling: the new one served every pod before the old one drained",
+                mesh::Stop::Kill => "killed",
+                mesh::Stop::Graceful => "stopped, then started",
+            },
+            done.exited.duration_since(done.signalled).as_secs_f64()
+        ));
+    }
+    Ok(())
 }
 
 /// The faults of `--faults`.
@@ -333,6 +403,10 @@ pub(crate) async fn run(args: LocalArgs) -> Result<ExitCode, Error> {
                 "{}",
                 mesh::logs(&c, part.as_str(), node.as_deref()).map_err(local)?
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        LocalCommand::Restart { part, node, kill } => {
+            restart(&c, part, node.as_deref(), kill)?;
             Ok(ExitCode::SUCCESS)
         }
         LocalCommand::Status => {

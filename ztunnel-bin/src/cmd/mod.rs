@@ -177,23 +177,45 @@ impl ListenAddr {
     }
 }
 
-/// Binds the listeners of `addr` (see [`ListenAddr`]), naming the address when one cannot be.
-async fn listen_all(addr: ListenAddr) -> Result<Vec<tokio::net::TcpListener>, Error> {
+/// Binds the listeners of `addr` (see [`ListenAddr`]), naming the address when one cannot be;
+/// with `reuse_port`, `SO_REUSEPORT`, so a second process of the same user binds beside the
+/// first (a proxy's rolling restart where both share a network namespace, as the local mesh's
+/// nodes do) and takes the connections alone once the first has gone.
+async fn listen_all(
+    addr: ListenAddr,
+    reuse_port: bool,
+) -> Result<Vec<tokio::net::TcpListener>, Error> {
     use std::net::{Ipv6Addr, SocketAddr};
+    let bind = |a: SocketAddr, what: String, dual: bool| {
+        let socket = if dual {
+            dual_stack(a.port(), reuse_port)
+        } else {
+            ::proxy::sockets::listener(a, reuse_port)
+        };
+        socket
+            .and_then(tokio::net::TcpListener::from_std)
+            .map_err(|source| Error::Io { what, source })
+    };
     match addr {
         ListenAddr::Addr(a)
             if a.ip().is_unspecified() && a.is_ipv6() && ::proxy::sockets::has_ipv6() =>
         {
-            Ok(vec![dual_stack(a.port()).map_err(|source| Error::Io {
-                what: format!("cannot listen on {a} (both families)"),
-                source,
-            })?])
+            Ok(vec![bind(
+                a,
+                format!("cannot listen on {a} (both families)"),
+                true,
+            )?])
         }
-        ListenAddr::Addr(_) => Ok(vec![listen(addr.single()).await?]),
+        ListenAddr::Addr(_) => {
+            let a = addr.single();
+            Ok(vec![bind(a, format!("cannot listen on {a}"), false)?])
+        }
         ListenAddr::Localhost(port) => {
-            let mut all = vec![listen(addr.single()).await?];
+            let a = addr.single();
+            let mut all = vec![bind(a, format!("cannot listen on {a}"), false)?];
             if ::proxy::sockets::has_ipv6() {
-                all.push(listen(SocketAddr::from((Ipv6Addr::LOCALHOST, port))).await?);
+                let a = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
+                all.push(bind(a, format!("cannot listen on {a}"), false)?);
             }
             Ok(all)
         }
@@ -201,16 +223,19 @@ async fn listen_all(addr: ListenAddr) -> Result<Vec<tokio::net::TcpListener>, Er
 }
 
 /// A listener on `[::]:port` that takes IPv4 too (`IPV6_V6ONLY` off, whatever the system's
-/// default).
-fn dual_stack(port: u16) -> std::io::Result<tokio::net::TcpListener> {
+/// default), non-blocking.
+fn dual_stack(port: u16, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::IPV6, Type::STREAM, None)?;
     socket.set_only_v6(false)?;
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
     socket.listen(1024)?;
-    tokio::net::TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// Binds a TCP listener, naming the address when it cannot.

@@ -401,11 +401,13 @@ async fn serve_status(
 ) -> Result<(), Error> {
     use proxy::admin::{Request, Response, serve};
     let bind = |addr: super::ListenAddr, flag: &'static str| async move {
-        super::listen_all(addr).await.map_err(|e| Error::Flag {
-            flag,
-            value: addr.to_string(),
-            reason: e.to_string(),
-        })
+        super::listen_all(addr, false)
+            .await
+            .map_err(|e| Error::Flag {
+                flag,
+                value: addr.to_string(),
+                reason: e.to_string(),
+            })
     };
     if let Some(addr) = args.health_addr {
         let listeners = bind(addr, "--health-addr").await?;

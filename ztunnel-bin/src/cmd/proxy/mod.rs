@@ -209,8 +209,8 @@ async fn operations(
     config_dump: Box<dyn Fn() -> String + Send + Sync>,
 ) -> Result<impl Future<Output = ()> + use<>, Error> {
     let quit = CancellationToken::new();
-    let stats = super::listen_all(args.stats_addr).await?;
-    let admin = super::listen_all(args.admin_addr).await?;
+    let stats = super::listen_all(args.stats_addr, true).await?;
+    let admin = super::listen_all(args.admin_addr, true).await?;
     let hooks = AdminHooks {
         config_dump,
         set_log_level: Box::new(move |level| log_control(level)),
@@ -294,7 +294,7 @@ async fn run_shared(
     config.dns = dns_settings(&args)?;
     let shared = SharedProxy::new(config, store.clone(), certs.clone(), metrics.clone());
 
-    for readiness in super::listen_all(args.readiness_addr).await? {
+    for readiness in super::listen_all(args.readiness_addr, true).await? {
         tokio::spawn(shared.clone().serve_readiness(readiness));
     }
     let (dump_store, dump_proxy, dump_certs) = (store.clone(), shared.clone(), certs.clone());
