@@ -36,6 +36,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::mesh::{self, Part, Progress, Stop};
+use crate::net;
 use crate::plan::{Mesh, parse_docs};
 use crate::{Config, Error};
 use check::{Oracle, Wrong};
@@ -161,8 +162,11 @@ pub struct SoakConfig {
     pub rate: u32,
     /// Long-lived connections.
     pub long: u32,
-    /// The faults, injected in turn (each at least once when the run is long enough).
+    /// The faults, injected in turn (each at least once, however short the run).
     pub faults: Vec<Fault>,
+    /// One fault every this long, cycling through `faults` from a tenth of the run on until
+    /// its last tenth; `None`: each fault once, spread over the run.
+    pub fault_every: Option<Duration>,
     /// How long around a policy change either outcome is right, and how long after a fault's
     /// end connections may still fail because of it.
     pub grace: Duration,
@@ -308,6 +312,14 @@ fn soak_on(
             .collect::<Vec<_>>()
             .join(", ")
     ));
+    if let Some(ceiling) = port_ceiling(&client_ns)
+        && soak.rate > ceiling
+    {
+        progress(&format!(
+            "warning: --rate {} is above what the client pod's ephemeral ports allow ({ceiling} connections/s to one service address: each closed connection holds its port for 60 s in TIME_WAIT); connections will stall in connect and be judged refused",
+            soak.rate
+        ));
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let live = Arc::new(traffic::Live::default());
     let mut tcfg = traffic::TrafficConfig::new(target, soak.rate, soak.long);
@@ -356,9 +368,18 @@ fn soak_on(
                 break;
             }
         }
-        let due = soak.duration / 10
-            + span * (next_fault as u32 % slots) / slots
-            + span * (next_fault as u32 / slots);
+        let due = match soak.fault_every {
+            // Past the last tenth, only faults not yet injected once are due.
+            Some(every) if next_fault < soak.faults.len() || at < soak.duration.mul_f64(0.9) => {
+                soak.duration / 10 + every * next_fault as u32
+            }
+            Some(_) => Duration::MAX,
+            None => {
+                soak.duration / 10
+                    + span * (next_fault as u32 % slots) / slots
+                    + span * (next_fault as u32 / slots)
+            }
+        };
         if !soak.faults.is_empty() && at >= due {
             let fault = soak.faults[next_fault % soak.faults.len()];
             next_fault += 1;
@@ -468,6 +489,24 @@ fn soak_on(
             .insert(Wrong::Plaintext.name().to_owned(), plaintext);
     }
     Ok(report)
+}
+
+/// How many new connections a second namespace `ns` can make to one address and port for long
+/// (its ephemeral port range over the 60 s a closed connection stays in TIME_WAIT); `None`
+/// when it reuses TIME_WAIT ports (`net.ipv4.tcp_tw_reuse = 1`) or cannot be read.
+fn port_ceiling(ns: &str) -> Option<u32> {
+    let read = |key: &str| net::run_in(ns, "cat", &[&format!("/proc/sys/net/ipv4/{key}")]).ok();
+    if read("tcp_tw_reuse").is_some_and(|v| v.trim() == "1") {
+        return None;
+    }
+    ports_per_second(&read("ip_local_port_range")?)
+}
+
+/// The connections a second an ephemeral port range (`"LOW HIGH"`) sustains to one address.
+fn ports_per_second(range: &str) -> Option<u32> {
+    let mut it = range.split_whitespace().map(|n| n.parse::<u32>().ok());
+    let (low, high) = (it.next()??, it.next()??);
+    Some((high.checked_sub(low)? + 1) / 60)
 }
 
 /// The echo service's VIP and port.
@@ -667,7 +706,7 @@ fn send_plaintext(mesh: &Mesh, client_ns: &str) -> Result<(), Error> {
         .pod("soak", "soak-server")
         .ok_or_else(|| Error::Usage("no echo pod to send plaintext to".into()))?;
     let to = SocketAddr::from((server.placement.ip, 9000));
-    crate::net::in_netns(client_ns, move || {
+    net::in_netns(client_ns, move || {
         use std::io::{Read, Write};
         let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
             .map_err(|e| e.to_string())?;
@@ -786,6 +825,14 @@ fn humantime_since(text: &str, since: std::time::SystemTime) -> Option<Duration>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_port_ceiling_is_the_ephemeral_range_over_the_time_wait() {
+        assert_eq!(ports_per_second("32768\t60999\n"), Some(470));
+        assert_eq!(ports_per_second("1024 65535"), Some(1075));
+        assert_eq!(ports_per_second("60999 32768"), None);
+        assert_eq!(ports_per_second("garbage"), None);
+    }
 
     #[test]
     fn fault_lists_parse_and_unknown_names_are_refused() {

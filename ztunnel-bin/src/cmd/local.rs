@@ -182,6 +182,11 @@ pub(crate) enum LocalCommand {
         /// proxy-kill, proxy-restart, policy, pods, label, certs (comma-separated).
         #[arg(long, default_value = "all", value_parser = parse_faults)]
         faults: FaultList,
+        /// One fault every this many seconds, in turn, from a tenth of the run to its last
+        /// tenth (an hour's soak with `--fault-every 60` injects about 48). Default: each fault
+        /// once, spread over the run.
+        #[arg(long, value_name = "SECONDS")]
+        fault_every: Option<f64>,
         /// Where the JSON report (totals, wrong connections, leaks, faults, timeline) goes; its
         /// picture (a PNG of the timeline: connections per second, long-lived connections,
         /// memory per part, faults marked) goes beside it, `.png` for `.json`.
@@ -418,10 +423,20 @@ pub(crate) async fn run(args: LocalArgs) -> Result<ExitCode, Error> {
             rate,
             long,
             faults,
+            fault_every,
             report,
             grace,
             inject,
         } => {
+            if let Some(every) = fault_every
+                && !(every > 0.0 && every.is_finite())
+            {
+                return Err(Error::Flag {
+                    flag: "--fault-every",
+                    value: every.to_string(),
+                    reason: "must be a positive number of seconds".into(),
+                });
+            }
             if !(minutes > 0.0 && minutes.is_finite()) {
                 return Err(Error::Flag {
                     flag: "--minutes",
@@ -441,6 +456,7 @@ pub(crate) async fn run(args: LocalArgs) -> Result<ExitCode, Error> {
                 rate,
                 long,
                 faults: faults.0,
+                fault_every: fault_every.map(Duration::from_secs_f64),
                 grace: Duration::from_secs_f64(grace),
                 inject,
             };
