@@ -11,7 +11,9 @@ use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
 use rustls::{ClientConfig, ServerConfig};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::keys::Kernel;
+use super::capture::{Captured, Capturing};
+use super::keys::{Kernel, Rustls};
+use super::schedule::Suite;
 use super::*;
 
 /// What the handshake left for the record layer.
@@ -95,7 +97,8 @@ pub(super) async fn handshake<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin>(
     io: &mut T,
     first: &[u8],
     slots: Option<&tokio::sync::Semaphore>,
-) -> io::Result<(Vec<u8>, Vec<u8>)> {
+) -> io::Result<(Vec<u8>, Vec<u8>, Captured)> {
+    let mut captured = Captured::default();
     let mut incoming = vec![0u8; READ_MIN.max(first.len())];
     incoming[..first.len()].copy_from_slice(first);
     let mut used = first.len();
@@ -116,6 +119,9 @@ pub(super) async fn handshake<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin>(
                     .map_err(|_| io::Error::other("the handshake slots are closed"))?,
             );
         }
+        // What rustls derives meanwhile (the application traffic secrets, with a configuration
+        // that logs them to us) is this handshake's; the capture ends before the next await.
+        let capturing = Capturing::begin(&mut captured);
         // rustls keeps the records of a message it has not finished (up to `given`, at the
         // front); it gets those and the next record: whole, or what there is of it. Behind a
         // whole one, a record not wholly here is given too (rustls can act on none of it, but
@@ -212,6 +218,7 @@ pub(super) async fn handshake<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin>(
             Step::Done if conn.common().is_handshaking() => Step::Read,
             other => other,
         };
+        drop(capturing);
         if matches!(step, Step::Transmit | Step::Read | Step::Done) {
             // About to wait on the socket: the slot goes to the next connection meanwhile.
             permit = None;
@@ -245,7 +252,7 @@ pub(super) async fn handshake<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin>(
             }
             Step::Done => {
                 incoming.truncate(used);
-                return Ok((incoming, early_plain));
+                return Ok((incoming, early_plain, captured));
             }
             Step::Failed(e) => {
                 // Send the alert rustls queued for the peer, best effort. rustls is given again
@@ -330,8 +337,8 @@ pub(crate) async fn connect<T: AsyncRead + AsyncWrite + Unpin>(
     let conn = UnbufferedClientConnection::new(client_config_with_secrets(config), name)
         .map_err(tls_error)?;
     establish(conn, io, sizes, &[], None, |c| {
-        let (secrets, kernel) = c.dangerous_into_kernel_connection()?;
-        Ok((secrets, Kernel::Client(kernel)))
+        let (secrets, kernel) = c.dangerous_into_kernel_connection().map_err(tls_error)?;
+        Ok((secrets, Rustls::Client(kernel)))
     })
     .await
 }
@@ -349,8 +356,8 @@ pub(crate) async fn accept<T: AsyncRead + AsyncWrite + Unpin>(
     let conn =
         UnbufferedServerConnection::new(server_config_with_secrets(config)).map_err(tls_error)?;
     establish(conn, io, sizes, first, slots, |c| {
-        let (secrets, kernel) = c.dangerous_into_kernel_connection()?;
-        Ok((secrets, Kernel::Server(kernel)))
+        let (secrets, kernel) = c.dangerous_into_kernel_connection().map_err(tls_error)?;
+        Ok((secrets, Rustls::Server(kernel)))
     })
     .await
 }
@@ -362,12 +369,18 @@ pub(super) async fn establish<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin>(
     sizes: Sizes,
     first: &[u8],
     slots: Option<&tokio::sync::Semaphore>,
-    into_kernel: impl FnOnce(C) -> Result<(rustls::ExtractedSecrets, Kernel), rustls::Error>,
+    into_kernel: impl FnOnce(C) -> io::Result<(rustls::ExtractedSecrets, Rustls)>,
 ) -> io::Result<TlsStream<T>> {
-    let (leftover, early_plain) = handshake(&mut conn, &mut io, first, slots).await?;
+    let (leftover, early_plain, captured) = handshake(&mut conn, &mut io, first, slots).await?;
     require_tls13(conn.common())?;
     let (peer_certificates, alpn, version) = session_facts(conn.common());
-    let (secrets, kernel) = into_kernel(conn).map_err(tls_error)?;
+    let suite = conn
+        .common()
+        .negotiated_cipher_suite()
+        .ok_or_else(|| invalid("TLS: the handshake ended without a cipher suite"))?;
+    let (secrets, rustls) = into_kernel(conn)?;
+    let ours = captured.into_secrets(matches!(rustls, Rustls::Client(_)), Suite::of(suite)?)?;
+    let kernel = Kernel::rustls(rustls, ours)?;
     TlsStream::new(
         io,
         Handshaken {

@@ -10,6 +10,7 @@ use rustls::kernel::KernelConnection;
 use rustls::server::ServerConnectionData;
 
 use super::aead::{AeadImpl, Cipher, aead_impl};
+use super::schedule::{Suite, TrafficSecret};
 use super::*;
 
 /// One direction's key, IV and record sequence number.
@@ -28,19 +29,12 @@ impl Keys {
         which: AeadImpl,
         (seq, secrets): (u64, ConnectionTrafficSecrets),
     ) -> io::Result<Keys> {
-        let (aws, ring_alg, key, iv) = match &secrets {
-            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => {
-                (&aead::AES_128_GCM, &ring::aead::AES_128_GCM, key, iv)
+        let (suite, key, iv) = match &secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (Suite::Aes128GcmSha256, key, iv),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (Suite::Aes256GcmSha384, key, iv),
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+                (Suite::Chacha20Poly1305Sha256, key, iv)
             }
-            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => {
-                (&aead::AES_256_GCM, &ring::aead::AES_256_GCM, key, iv)
-            }
-            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (
-                &aead::CHACHA20_POLY1305,
-                &ring::aead::CHACHA20_POLY1305,
-                key,
-                iv,
-            ),
             other => {
                 return Err(invalid(format!(
                     "TLS record layer: unsupported traffic secrets {:?}",
@@ -48,17 +42,40 @@ impl Keys {
                 )));
             }
         };
+        Keys::from_parts(which, suite, key.as_ref(), iv.as_ref(), seq)
+    }
+
+    /// The keys of `secret` (ours, not rustls's: a connection moved into this process), from
+    /// record `seq` on.
+    pub(super) fn from_secret(secret: &TrafficSecret, seq: u64) -> io::Result<Keys> {
+        let (key, iv) = secret.key_iv();
+        Keys::from_parts(aead_impl(), secret.suite, &key, &iv, seq)
+    }
+
+    fn from_parts(
+        which: AeadImpl,
+        suite: Suite,
+        key: &[u8],
+        iv: &[u8],
+        seq: u64,
+    ) -> io::Result<Keys> {
+        let (aws, ring_alg) = match suite {
+            Suite::Aes128GcmSha256 => (&aead::AES_128_GCM, &ring::aead::AES_128_GCM),
+            Suite::Aes256GcmSha384 => (&aead::AES_256_GCM, &ring::aead::AES_256_GCM),
+            Suite::Chacha20Poly1305Sha256 => {
+                (&aead::CHACHA20_POLY1305, &ring::aead::CHACHA20_POLY1305)
+            }
+        };
         let wrong_key = || invalid("TLS record layer: a traffic key of the wrong length");
         let cipher = match which {
             AeadImpl::AwsLc => Cipher::AwsLc(LessSafeKey::new(
-                UnboundKey::new(aws, key.as_ref()).map_err(|_| wrong_key())?,
+                UnboundKey::new(aws, key).map_err(|_| wrong_key())?,
             )),
             AeadImpl::Ring => Cipher::Ring(ring::aead::LessSafeKey::new(
-                ring::aead::UnboundKey::new(ring_alg, key.as_ref()).map_err(|_| wrong_key())?,
+                ring::aead::UnboundKey::new(ring_alg, key).map_err(|_| wrong_key())?,
             )),
         };
         let iv = iv
-            .as_ref()
             .try_into()
             .map_err(|_| invalid("TLS record layer: a traffic IV of the wrong length"))?;
         Ok(Keys { cipher, iv, seq })
@@ -78,34 +95,86 @@ impl Keys {
     }
 }
 
-/// rustls's side of the connection after the handshake.
-pub(super) enum Kernel {
+/// rustls's connection after the handshake.
+pub(super) enum Rustls {
     Client(KernelConnection<ClientConnectionData>),
     Server(KernelConnection<ServerConnectionData>),
 }
 
+/// Both directions' application traffic secrets, ours to derive from.
+#[derive(Debug, Clone)]
+pub(crate) struct Secrets {
+    pub(crate) tx: TrafficSecret,
+    pub(crate) rx: TrafficSecret,
+}
+
+/// The key schedule after the handshake: rustls's for a connection it handshook (with our copy
+/// of the traffic secrets alongside, when they were captured, so the connection can be handed to
+/// another process), ours alone for a connection handed to this one.
+pub(super) struct Kernel {
+    pub(super) rustls: Option<Rustls>,
+    pub(super) secrets: Option<Secrets>,
+    pub(super) suite: Suite,
+}
+
 impl Kernel {
-    pub(super) fn update_tx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
-        match self {
-            Kernel::Client(k) => k.update_tx_secret(),
-            Kernel::Server(k) => k.update_tx_secret(),
+    /// rustls's connection, with our copy of the secrets when captured.
+    pub(super) fn rustls(rustls: Rustls, secrets: Option<Secrets>) -> io::Result<Kernel> {
+        let suite = match &rustls {
+            Rustls::Client(k) => k.negotiated_cipher_suite(),
+            Rustls::Server(k) => k.negotiated_cipher_suite(),
+        };
+        Ok(Kernel {
+            rustls: Some(rustls),
+            secrets,
+            suite: Suite::of(suite)?,
+        })
+    }
+
+    /// A connection handed over: our schedule only.
+        pub(super) fn moved(secrets: Secrets) -> io::Result<Kernel> {
+        let suite = secrets.tx.suite;
+        if secrets.rx.suite != suite {
+            return Err(invalid(
+                "TLS: the two directions' secrets are of different suites",
+            ));
+        }
+        Ok(Kernel {
+            rustls: None,
+            secrets: Some(secrets),
+            suite,
+        })
+    }
+
+    /// Our send key moves on (a KeyUpdate of ours): the next keys, from record 0.
+    pub(super) fn update_tx(&mut self) -> io::Result<Keys> {
+        let ours = self.secrets.as_mut().map(|s| {
+            s.tx = s.tx.next();
+            s.tx.clone()
+        });
+        match (&mut self.rustls, ours) {
+            (Some(Rustls::Client(k)), _) => Keys::new(k.update_tx_secret().map_err(tls_error)?),
+            (Some(Rustls::Server(k)), _) => Keys::new(k.update_tx_secret().map_err(tls_error)?),
+            (None, Some(secret)) => Keys::from_secret(&secret, 0),
+            (None, None) => Err(invalid("TLS: no key schedule")),
         }
     }
 
-    pub(super) fn update_rx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
-        match self {
-            Kernel::Client(k) => k.update_rx_secret(),
-            Kernel::Server(k) => k.update_rx_secret(),
+    /// The peer's send key moved on (its KeyUpdate): the next keys, from record 0.
+    pub(super) fn update_rx(&mut self) -> io::Result<Keys> {
+        let ours = self.secrets.as_mut().map(|s| {
+            s.rx = s.rx.next();
+            s.rx.clone()
+        });
+        match (&mut self.rustls, ours) {
+            (Some(Rustls::Client(k)), _) => Keys::new(k.update_rx_secret().map_err(tls_error)?),
+            (Some(Rustls::Server(k)), _) => Keys::new(k.update_rx_secret().map_err(tls_error)?),
+            (None, Some(secret)) => Keys::from_secret(&secret, 0),
+            (None, None) => Err(invalid("TLS: no key schedule")),
         }
     }
 
     pub(super) fn confidentiality_limit(&self) -> u64 {
-        let suite = match self {
-            Kernel::Client(k) => k.negotiated_cipher_suite(),
-            Kernel::Server(k) => k.negotiated_cipher_suite(),
-        };
-        suite
-            .tls13()
-            .map_or(u64::MAX, |s| s.common.confidentiality_limit)
+        self.suite.confidentiality_limit()
     }
 }

@@ -35,18 +35,23 @@
 use std::io;
 
 mod aead;
+mod capture;
 #[cfg(any(test, feature = "fuzzing"))]
 mod fuzz;
 mod handshake;
 mod keys;
+mod moved;
 mod read;
+mod schedule;
 mod stream;
 #[cfg(test)]
 mod tests;
 
+pub use capture::traffic_secret_log;
 #[cfg(feature = "fuzzing")]
 pub use fuzz::{HandshakeProgress, fuzz_tls_handshake, fuzz_tls_records};
 pub(crate) use handshake::{NotTls13, accept, connect};
+pub use moved::TlsState;
 pub(crate) use stream::{Sizes, TlsStream};
 
 const HEADER_LEN: usize = 5;

@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::transport::Io;
 
-use super::keys::{Kernel, Keys};
+use super::keys::Rustls;
 use super::*;
 
 impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
@@ -178,7 +178,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
             let msg = std::mem::replace(&mut self.handshake, rest);
             let payload = &msg[4..];
             if kind == NEW_SESSION_TICKET
-                && let Kernel::Client(k) = &mut self.kernel
+                && let Some(Rustls::Client(k)) = &mut self.kernel.rustls
             {
                 k.handle_new_session_ticket(payload)
                     .map_err(|e| fatal(ALERT_DECODE_ERROR, format!("TLS: {e}")))?;
@@ -213,8 +213,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TlsStream<T> {
                             ),
                         ));
                     }
-                    let next = self.kernel.update_rx().map_err(tls_error)?;
-                    self.rx = Keys::new(next)?;
+                    self.rx = self.kernel.update_rx()?;
                     if requested && !self.write_closed && !self.answer_pending {
                         self.update_tx_key()?;
                         self.answer_pending = true;

@@ -198,8 +198,7 @@ impl<T> TlsStream<T> {
         let start = self.push_header();
         self.wbuf.extend_from_slice(&[KEY_UPDATE, 0, 0, 1, 0]);
         self.end_record(start, HANDSHAKE)?;
-        let next = self.kernel.update_tx().map_err(tls_error)?;
-        self.tx = Keys::new(next)?;
+        self.tx = self.kernel.update_tx()?;
         Ok(())
     }
 

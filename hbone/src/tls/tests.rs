@@ -544,3 +544,106 @@ async fn chacha20_poly1305_with_a_rustls_peer() {
     send_and_check(&mut ours, &mut theirs, &pattern(50_000, 7)).await;
     send_and_check(&mut theirs, &mut ours, &pattern(50_000, 8)).await;
 }
+
+/// `configs` with their traffic secrets logged to us (so connections can move).
+fn logging(
+    (server, client): (Arc<ServerConfig>, Arc<ClientConfig>),
+) -> (Arc<ServerConfig>, Arc<ClientConfig>) {
+    let mut server = (*server).clone();
+    server.key_log = traffic_secret_log();
+    let mut client = (*client).clone();
+    client.key_log = traffic_secret_log();
+    (Arc::new(server), Arc::new(client))
+}
+
+#[tokio::test]
+async fn a_connection_moves_to_new_keys_state_and_goes_on_with_a_rustls_peer_in_every_suite() {
+    for suite in [
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+        rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
+    ] {
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+        provider.cipher_suites.retain(|s| s.suite() == suite);
+        let (server, client) = logging(self_signed_configs(provider));
+        let (a, b) = duplex(1 << 20);
+        let theirs = tokio::spawn(tokio_rustls::TlsAcceptor::from(server).accept(b));
+        let mut ours = connect(client, name(), a, sizes()).await.unwrap();
+        let mut theirs = theirs.await.unwrap().unwrap();
+        assert!(
+            ours.kernel.secrets.is_some(),
+            "{suite:?}: secrets not captured"
+        );
+        send_and_check(&mut ours, &mut theirs, &pattern(40_000, 1)).await;
+        // A KeyUpdate before the move: our copy of the secrets follows rustls's schedule.
+        theirs.get_mut().1.refresh_traffic_keys().unwrap();
+        send_and_check(&mut theirs, &mut ours, b"their update").await;
+        send_and_check(&mut ours, &mut theirs, b"our answer").await;
+        // Bytes in flight both ways at the move: sent to us but not read, and half a read.
+        theirs.write_all(&pattern(30_000, 2)).await.unwrap();
+        theirs.flush().await.unwrap();
+        let mut first = vec![0u8; 10_000];
+        ours.read_exact(&mut first).await.unwrap();
+        let (io, state) = ours.into_state().map_err(|(_, e)| e).unwrap();
+        assert_eq!(state.suite, u16::from(suite), "{state:?}");
+        assert!(
+            state.rx_seq >= 2 && !state.plaintext.is_empty(),
+            "{state:?}"
+        );
+        let mut moved = TlsStream::from_state(io, state, sizes()).unwrap();
+        let mut rest = vec![0u8; 20_000];
+        moved.read_exact(&mut rest).await.unwrap();
+        first.extend_from_slice(&rest);
+        assert!(
+            first == pattern(30_000, 2),
+            "{suite:?}: bytes changed across the move"
+        );
+        send_and_check(&mut moved, &mut theirs, &pattern(70_000, 3)).await;
+        // KeyUpdates after the move run on our schedule alone; rustls checks every record.
+        theirs.get_mut().1.refresh_traffic_keys().unwrap();
+        send_and_check(&mut theirs, &mut moved, b"their update after").await;
+        send_and_check(&mut moved, &mut theirs, b"our answer after").await;
+        moved.set_tx_limit(2);
+        for i in 0..6u8 {
+            send_and_check(&mut moved, &mut theirs, &pattern(20_000, i)).await;
+        }
+        moved.shutdown().await.unwrap();
+        let mut end = Vec::new();
+        theirs.read_to_end(&mut end).await.unwrap();
+        assert!(end.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn a_connection_without_captured_secrets_cannot_move_and_bad_states_are_refused() {
+    let (a, b) = duplex(1 << 20);
+    let (ours, _theirs) = ours_to_rustls(a, b).await;
+    let (_, e) = ours.into_state().err().expect("refused");
+    assert!(e.to_string().contains("traffic_secret_log"), "{e}");
+
+    let (server, client) = logging(fuzz_configs());
+    let (a, b) = duplex(1 << 20);
+    let _theirs = tokio::spawn(tokio_rustls::TlsAcceptor::from(server).accept(b));
+    let ours = connect(client, name(), a, sizes()).await.unwrap();
+    let (io, good) = ours.into_state().map_err(|(_, e)| e).unwrap();
+    let refused = |change: &dyn Fn(&mut TlsState)| {
+        let mut state = good.clone();
+        change(&mut state);
+        let (x, _) = duplex(16);
+        TlsStream::from_state(x, state, sizes())
+            .err()
+            .expect("refused")
+            .to_string()
+    };
+    assert!(refused(&|s| s.suite = 0x1304).contains("0x1304"));
+    assert!(refused(&|s| s.tx_secret.push(0)).contains("traffic secret"));
+    assert!(refused(&|s| s.rx_secret.clear()).contains("traffic secret"));
+    assert!(refused(&|s| s.ciphertext = vec![22, 3, 3, 0, 1, 0]).contains("content type 22"));
+    assert!(refused(&|s| s.unsent = vec![0; 1 << 20]).contains("unsent data"));
+    assert!(refused(&|s| s.plaintext = vec![0; 1 << 20]).contains("received data"));
+    assert!(refused(&|s| s.handshake = vec![0; 1 << 20]).contains("handshake"));
+    assert!(refused(&|s| s.peer_certificates = vec![vec![0; 10]; 100]).contains("certificates"));
+    assert!(refused(&|s| s.answer_pending = true).contains("KeyUpdate"));
+    // The good state still goes together.
+    TlsStream::from_state(io, good, sizes()).unwrap();
+}
