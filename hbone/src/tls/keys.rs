@@ -132,7 +132,7 @@ impl Kernel {
     }
 
     /// A connection handed over: our schedule only.
-        pub(super) fn moved(secrets: Secrets) -> io::Result<Kernel> {
+    pub(super) fn moved(secrets: Secrets) -> io::Result<Kernel> {
         let suite = secrets.tx.suite;
         if secrets.rx.suite != suite {
             return Err(invalid(

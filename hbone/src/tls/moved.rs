@@ -26,6 +26,9 @@ const MAX_PEER_CERTIFICATES: usize = 16;
 /// The most bytes of all of them.
 const MAX_PEER_CERTIFICATE_BYTES: usize = 64 * 1024;
 
+/// A connection that could not be taken apart, handed back whole, and why.
+pub(crate) type Refused<T> = Box<(TlsStream<T>, io::Error)>;
+
 /// A TLS 1.3 connection after its handshake, between two reads and writes: what another process
 /// needs to go on with it over the same socket.
 #[derive(Clone, PartialEq, Eq)]
@@ -89,16 +92,16 @@ impl std::fmt::Debug for TlsState {
 impl<T> TlsStream<T> {
     /// Takes the connection apart for another process. Refused (the connection handed back
     /// whole) when it cannot be moved: its secrets were not captured, or it has failed.
-    pub(crate) fn into_state(self) -> Result<(T, TlsState), (TlsStream<T>, io::Error)> {
+    pub(crate) fn into_state(self) -> Result<(T, TlsState), Refused<T>> {
         if let Some((kind, why)) = &self.failed {
             let e = io::Error::new(*kind, format!("a failed TLS connection cannot move: {why}"));
-            return Err((self, e));
+            return Err(Box::new((self, e)));
         }
         let Some(secrets) = self.kernel.secrets.clone() else {
             let e = invalid(
                 "this TLS connection's secrets were not captured (its configuration does not log them to hbone's traffic_secret_log): it cannot move",
             );
-            return Err((self, e));
+            return Err(Box::new((self, e)));
         };
         let mut ciphertext = self.rbuf[self.rpos..].to_vec();
         ciphertext.extend_from_slice(&self.pending);

@@ -584,7 +584,7 @@ async fn a_connection_moves_to_new_keys_state_and_goes_on_with_a_rustls_peer_in_
         theirs.flush().await.unwrap();
         let mut first = vec![0u8; 10_000];
         ours.read_exact(&mut first).await.unwrap();
-        let (io, state) = ours.into_state().map_err(|(_, e)| e).unwrap();
+        let (io, state) = ours.into_state().map_err(|b| b.1).unwrap();
         assert_eq!(state.suite, u16::from(suite), "{state:?}");
         assert!(
             state.rx_seq >= 2 && !state.plaintext.is_empty(),
@@ -618,14 +618,14 @@ async fn a_connection_moves_to_new_keys_state_and_goes_on_with_a_rustls_peer_in_
 async fn a_connection_without_captured_secrets_cannot_move_and_bad_states_are_refused() {
     let (a, b) = duplex(1 << 20);
     let (ours, _theirs) = ours_to_rustls(a, b).await;
-    let (_, e) = ours.into_state().err().expect("refused");
+    let (_, e) = *ours.into_state().expect_err("refused");
     assert!(e.to_string().contains("traffic_secret_log"), "{e}");
 
     let (server, client) = logging(fuzz_configs());
     let (a, b) = duplex(1 << 20);
     let _theirs = tokio::spawn(tokio_rustls::TlsAcceptor::from(server).accept(b));
     let ours = connect(client, name(), a, sizes()).await.unwrap();
-    let (io, good) = ours.into_state().map_err(|(_, e)| e).unwrap();
+    let (io, good) = ours.into_state().map_err(|b| b.1).unwrap();
     let refused = |change: &dyn Fn(&mut TlsState)| {
         let mut state = good.clone();
         change(&mut state);

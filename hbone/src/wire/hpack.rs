@@ -9,6 +9,8 @@
 use bytes::{BufMut, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
+use super::hpack_table::{Entries, Representation, TableCopy, representations};
+
 /// The size of the decoder's dynamic table: the protocol default, which we never change.
 pub(crate) const TABLE_SIZE: usize = 4096;
 
@@ -98,7 +100,7 @@ fn put_string(out: &mut BytesMut, s: &[u8]) {
 }
 
 /// An integer with an `n`-bit prefix (RFC 7541 §5.1); `first` holds the bits above the prefix.
-fn put_int(out: &mut BytesMut, first: u8, n: u32, mut value: usize) {
+pub(super) fn put_int(out: &mut BytesMut, first: u8, n: u32, mut value: usize) {
     let max = (1usize << n) - 1;
     if value < max {
         out.put_u8(first | value as u8);
@@ -116,6 +118,9 @@ fn put_int(out: &mut BytesMut, first: u8, n: u32, mut value: usize) {
 /// One peer's decoding state (its dynamic table lives for the whole connection).
 pub(crate) struct Decoder {
     inner: loona_hpack::Decoder<'static>,
+    /// A copy of the dynamic table, kept only for a connection that may move to another process
+    /// (`None` otherwise, or once it could not follow a block).
+    copy: Option<TableCopy>,
 }
 
 impl std::fmt::Debug for Decoder {
@@ -134,7 +139,109 @@ impl Decoder {
     pub(crate) fn new() -> Decoder {
         let mut inner = loona_hpack::Decoder::new();
         inner.set_max_allowed_table_size(TABLE_SIZE);
-        Decoder { inner }
+        Decoder { inner, copy: None }
+    }
+
+    /// A decoder that keeps a copy of its dynamic table, so it can be rebuilt elsewhere.
+    #[cfg_attr(
+        not(test),
+        expect(
+            dead_code,
+            reason = "the HTTP/2 session's handoff is what will call it"
+        )
+    )]
+    pub(crate) fn movable() -> Decoder {
+        Decoder {
+            copy: Some(TableCopy::new(TABLE_SIZE)),
+            ..Decoder::new()
+        }
+    }
+
+    /// The dynamic table's size limit and entries (oldest first), when a copy was kept.
+    #[cfg_attr(
+        not(test),
+        expect(
+            dead_code,
+            reason = "the HTTP/2 session's handoff is what will call it"
+        )
+    )]
+    pub(crate) fn table(&self) -> Option<(usize, Entries)> {
+        self.copy.as_ref().map(TableCopy::export)
+    }
+
+    /// A decoder whose dynamic table holds `entries` (oldest first) within `max` bytes, as a
+    /// moved connection's peer expects; refused when they do not fit, or `max` is more than we
+    /// allow.
+    #[cfg_attr(
+        not(test),
+        expect(
+            dead_code,
+            reason = "the HTTP/2 session's handoff is what will call it"
+        )
+    )]
+    pub(crate) fn with_table(max: usize, entries: Entries) -> Result<Decoder, String> {
+        let (copy, block) = TableCopy::import(max, entries, TABLE_SIZE, TABLE_SIZE)?;
+        let mut decoder = Decoder::new();
+        decoder
+            .inner
+            .decode_with_cb(&block, |_, _| {})
+            .map_err(|e| format!("rebuilding the HPACK table: {e}"))?;
+        decoder.copy = Some(copy);
+        Ok(decoder)
+    }
+
+    /// [`Decoder::decode`], for the table copy's tests.
+    #[cfg(test)]
+    pub(super) fn decode_for_test(
+        &mut self,
+        block: &[u8],
+        each: impl FnMut(std::borrow::Cow<'_, [u8]>, std::borrow::Cow<'_, [u8]>),
+    ) -> Result<(), HeadError> {
+        self.decode(block, each)
+    }
+
+    /// Decodes `block`, each field to `each`, and keeps the table's copy in step.
+    fn decode(
+        &mut self,
+        block: &[u8],
+        mut each: impl FnMut(std::borrow::Cow<'_, [u8]>, std::borrow::Cow<'_, [u8]>),
+    ) -> Result<(), HeadError> {
+        if self.copy.is_none() {
+            return self
+                .inner
+                .decode_with_cb(block, each)
+                .map_err(|e| HeadError::Compression(e.to_string()));
+        }
+        let reps = representations(block);
+        let inserts: Vec<bool> = reps
+            .iter()
+            .flatten()
+            .filter_map(|r| match r {
+                Representation::Field { inserts } => Some(*inserts),
+                Representation::SizeUpdate(_) => None,
+            })
+            .collect();
+        let mut inserted = Vec::new();
+        let mut i = 0;
+        let decoded = self.inner.decode_with_cb(block, |name, value| {
+            if inserts.get(i).copied().unwrap_or(false) {
+                inserted.push((name.to_vec(), value.to_vec()));
+            }
+            i += 1;
+            each(name, value);
+        });
+        decoded.map_err(|e| HeadError::Compression(e.to_string()))?;
+        let followed = match (&reps, self.copy.as_mut()) {
+            (Some(reps), Some(copy)) => copy.follow(reps, inserted),
+            _ => false,
+        };
+        if !followed {
+            tracing::warn!(
+                "HPACK: the dynamic table's copy lost step with a block; this connection can no longer move"
+            );
+            self.copy = None;
+        }
+        Ok(())
     }
 
     /// Decodes a request head; `Malformed` and `TooLarge` errors leave the decoder usable.
@@ -240,11 +347,9 @@ impl Decoder {
     pub(crate) fn discard(&mut self, block: &[u8], limit: u32) -> Result<(), HeadError> {
         let abusive = ABUSE_FACTOR * u64::from(limit);
         let mut size = 0u64;
-        self.inner
-            .decode_with_cb(block, |name, value| {
-                size += (name.len() + value.len() + 32) as u64;
-            })
-            .map_err(|e| HeadError::Compression(e.to_string()))?;
+        self.decode(block, |name, value| {
+            size += (name.len() + value.len() + 32) as u64;
+        })?;
         if size > abusive {
             return Err(HeadError::Abusive(abusive));
         }
@@ -257,14 +362,12 @@ impl Decoder {
         let abusive = ABUSE_FACTOR * u64::from(limit);
         let mut list = Vec::new();
         let mut size = 0u64;
-        self.inner
-            .decode_with_cb(block, |name, value| {
-                size += (name.len() + value.len() + 32) as u64;
-                if size <= u64::from(limit) {
-                    list.push((name.into_owned(), value.into_owned()));
-                }
-            })
-            .map_err(|e| HeadError::Compression(e.to_string()))?;
+        self.decode(block, |name, value| {
+            size += (name.len() + value.len() + 32) as u64;
+            if size <= u64::from(limit) {
+                list.push((name.into_owned(), value.into_owned()));
+            }
+        })?;
         if size > abusive {
             return Err(HeadError::Abusive(abusive));
         }

@@ -8,7 +8,8 @@
 //! message than AES does (BENCHMARKS.md, issue 12). The wire format is unchanged: interop with
 //! Istio's ztunnel, Envoy and the Python peer is checked by `interop/`.
 //!
-//! Layers: [`frame`] (bytes of one frame), [`hpack`] (header blocks), [`budget`] (what a peer may
+//! Layers: [`frame`] (bytes of one frame), [`hpack`] (header blocks; `hpack_table`, the copy of a peer's dynamic table a moved
+//! connection's decoder is rebuilt from), [`budget`] (what a peer may
 //! do without progress), [`session`] (the connection state machine, no I/O), [`conn`] (the session
 //! plus the byte stream, shared by the tunnels).
 
@@ -16,4 +17,5 @@ pub(crate) mod budget;
 pub(crate) mod conn;
 pub(crate) mod frame;
 pub(crate) mod hpack;
+mod hpack_table;
 pub(crate) mod session;
