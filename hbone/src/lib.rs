@@ -107,11 +107,12 @@ pub use tls::{HandshakeProgress, fuzz_tls_handshake, fuzz_tls_records};
 pub use tunnel::Tunnel;
 
 /// Moving live connections to another process (a proxy upgraded without dropping them): the
-/// state a TLS connection is taken apart into and put together from. A connection can move only
+/// state a TLS connection and its HTTP/2 session are taken apart into and put together from. A connection can move only
 /// when its rustls configuration logged its traffic secrets to [`handoff::traffic_secret_log`]
 /// (set it as the configuration's `key_log`); nothing is written anywhere by it.
 pub mod handoff {
     pub use crate::tls::{TlsState, traffic_secret_log};
+    pub use crate::wire::session::{SessionState, StreamState};
 }
 
 /// The ALPN protocol id HBONE requires: HTTP/2 over TLS.

@@ -158,13 +158,6 @@ impl Decoder {
     }
 
     /// The dynamic table's size limit and entries (oldest first), when a copy was kept.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "the HTTP/2 session's handoff is what will call it"
-        )
-    )]
     pub(crate) fn table(&self) -> Option<(usize, Entries)> {
         self.copy.as_ref().map(TableCopy::export)
     }
@@ -172,13 +165,6 @@ impl Decoder {
     /// A decoder whose dynamic table holds `entries` (oldest first) within `max` bytes, as a
     /// moved connection's peer expects; refused when they do not fit, or `max` is more than we
     /// allow.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "the HTTP/2 session's handoff is what will call it"
-        )
-    )]
     pub(crate) fn with_table(max: usize, entries: Entries) -> Result<Decoder, String> {
         let (copy, block) = TableCopy::import(max, entries, TABLE_SIZE, TABLE_SIZE)?;
         let mut decoder = Decoder::new();

@@ -28,6 +28,7 @@ use super::hpack::{self, HeadError, RequestHead, ResponseHead};
 
 mod flow;
 mod headers;
+mod moved;
 mod settings;
 mod streams;
 #[cfg(test)]
@@ -35,6 +36,7 @@ mod tests;
 
 pub(crate) use flow::data_head;
 use headers::Block;
+pub use moved::{SessionState, StreamState};
 use settings::{PeerSettings, PingState};
 use streams::{HeadState, Stream};
 

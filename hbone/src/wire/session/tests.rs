@@ -422,3 +422,122 @@ fn padding_is_stripped_and_returned_at_once() {
     // All 7 bytes of the frame count as consumed: 3 read, 4 of padding returned unread.
     assert_eq!(server.streams[&id].recv_unacked, 7);
 }
+
+/// A pair whose decoders keep a copy of the peer's HPACK table, so either can move.
+fn movable_pair() -> (Session, Session) {
+    let (mut client, mut server) = (
+        Session::new(Role::Client, limits()),
+        Session::new(Role::Server, limits()),
+    );
+    client.decoder = hpack::Decoder::movable();
+    server.decoder = hpack::Decoder::movable();
+    pump(&mut client, &mut server);
+    (client, server)
+}
+
+#[test]
+fn both_ends_move_between_frames_and_their_streams_go_on() {
+    let (mut client, mut server) = movable_pair();
+    let a = tunnel(&mut client, &mut server);
+    let b = tunnel(&mut client, &mut server);
+    pump(&mut client, &mut server);
+    assert!(matches!(
+        client.poll_response(a, &mut cx()),
+        Poll::Ready(Ok(_))
+    ));
+    assert!(matches!(
+        client.poll_response(b, &mut cx()),
+        Poll::Ready(Ok(_))
+    ));
+    // Data in flight both ways, some of it read, some not; b ended by the client.
+    send(&mut client, a, &[1; 60_000]);
+    send(&mut server, a, &[2; 5_000]);
+    send(&mut client, b, b"last words");
+    client.take_send(b, 0, true);
+    client.out.extend_from_slice(&data_head(b, 0, true));
+    pump(&mut client, &mut server);
+    let (got, _) = recv_all(&mut server, a);
+    assert_eq!(got.len(), 60_000);
+    send(&mut client, a, &[3; 1_000]);
+    send(&mut server, a, &[4; 300]);
+    // Frames queued on both sides, not yet delivered: they move with their sender.
+    let client_state = client.state().unwrap();
+    let server_state = server.state().unwrap();
+    assert!(!client_state.unsent.is_empty() && !server_state.unsent.is_empty());
+    for (state, window) in [(&client_state, 4 << 20), (&server_state, 4 << 20)] {
+        // Every byte the peer may send is either still allowed, unread, or read and not yet
+        // granted back.
+        let unread: usize = state.streams.iter().map(|s| s.unread.len()).sum();
+        assert_eq!(
+            state.recv_window + unread as i64 + i64::from(state.recv_unacked),
+            window,
+            "{state:?}"
+        );
+        for s in &state.streams {
+            assert_eq!(
+                s.recv_window + s.unread.len() as i64 + i64::from(s.recv_unacked),
+                1 << 20,
+                "{s:?}"
+            );
+        }
+    }
+    let mut client = Session::from_state(client_state, limits()).unwrap();
+    let mut server = Session::from_state(server_state, limits()).unwrap();
+    pump(&mut client, &mut server);
+    let (got, eof) = recv_all(&mut server, a);
+    assert_eq!((got, eof), (vec![3; 1_000], false));
+    let (got, eof) = recv_all(&mut server, b);
+    assert_eq!((got, eof), (b"last words".to_vec(), true));
+    let (got, _) = recv_all(&mut client, a);
+    assert_eq!(got, [vec![2; 5_000], vec![4; 300]].concat());
+    // b ends both ways and both let go of it, so the server's limit of 2 has room.
+    server.take_send(b, 0, true);
+    server.out.extend_from_slice(&data_head(b, 0, true));
+    pump(&mut client, &mut server);
+    assert_eq!(recv_all(&mut client, b), (Vec::new(), true));
+    client.drop_stream(b);
+    server.drop_stream(b);
+    pump(&mut client, &mut server);
+    // New streams after the move: ids go on, headers decode against the moved HPACK tables.
+    let c = tunnel(&mut client, &mut server);
+    assert!(c > b);
+    send(&mut client, c, b"hello");
+    pump(&mut client, &mut server);
+    assert_eq!(recv_all(&mut server, c).0, b"hello");
+}
+
+#[test]
+fn a_session_that_has_not_settled_does_not_move_and_bad_states_are_refused() {
+    let (mut client, mut server) = movable_pair();
+    let id = client.open("a:1", &HeaderMap::new()).unwrap();
+    pump(&mut client, &mut server);
+    assert!(server.state().unwrap_err().contains("not yet handed"));
+    assert!(client.state().unwrap_err().contains("not been answered"));
+    let (plain, _) = pair();
+    assert!(plain.state().unwrap_err().contains("HPACK"));
+    let _ = accept(&mut server);
+    server
+        .respond(id, StatusCode::OK, &HeaderMap::new(), false)
+        .unwrap();
+    let good = server.state().unwrap();
+    let refused = |change: &dyn Fn(&mut SessionState)| {
+        let mut s = good.clone();
+        change(&mut s);
+        Session::from_state(s, limits()).expect_err("refused")
+    };
+    assert!(refused(&|s| s.max_frame_size = 100).contains("MAX_FRAME_SIZE"));
+    assert!(refused(&|s| s.send_window = 1 << 40).contains("send window"));
+    assert!(refused(&|s| s.streams[0].id = 99).contains("never opened"));
+    assert!(refused(&|s| s.streams.push(s.streams[0].clone())).contains("twice"));
+    assert!(refused(&|s| s.streams[0].unread = vec![0; 10]).contains("does not add up"));
+    assert!(refused(&|s| s.recv_unacked += 1).contains("connection window does not add up"));
+    assert!(refused(&|s| s.hpack_table_size = 1 << 20).contains("HPACK"));
+    assert!(refused(&|s| s.unsent = vec![0; 4 << 20]).contains("unsent"));
+    Session::from_state(good, limits()).unwrap();
+    pump(&mut client, &mut server);
+    let _ = client.poll_response(id, &mut cx());
+    let mut bad = client.state().unwrap();
+    bad.next_local_id = 2;
+    let e = Session::from_state(bad, limits()).expect_err("refused");
+    assert!(e.contains("next stream id"), "{e}");
+}
