@@ -74,6 +74,10 @@ pub struct Config {
     /// that does not end its header block (CVE-2019-9512, -9513, -9515, -9518). Past it,
     /// GOAWAY ENHANCE_YOUR_CALM.
     pub control_frame_allowance: Allowance,
+    /// Connections keep what moving them to another process needs (`handoff`): a copy of the
+    /// peer's HPACK dynamic table (up to 4 KiB per connection whose peer indexes headers). The
+    /// TLS configuration must also log its secrets to `handoff::traffic_secret_log`.
+    pub movable: bool,
 }
 
 impl Default for Config {
@@ -96,6 +100,7 @@ impl Default for Config {
             max_concurrent_handshakes: 256,
             stream_error_allowance: Allowance::new(200, 20),
             control_frame_allowance: Allowance::new(1000, 100),
+            movable: false,
         }
     }
 }

@@ -112,6 +112,7 @@ pub use tunnel::Tunnel;
 /// (set it as the configuration's `key_log`); nothing is written anywhere by it.
 pub mod handoff {
     pub use crate::tls::{TlsState, traffic_secret_log};
+    pub use crate::wire::conn::ConnectionState;
     pub use crate::wire::session::{SessionState, StreamState};
 }
 

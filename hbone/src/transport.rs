@@ -25,7 +25,26 @@ pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {
         buf.reserve(want.max(READ_MIN));
         tokio_util::io::poll_read_buf(Pin::new(self), cx, buf)
     }
+
+    /// Takes the stream apart for another process (see [`crate::handoff`]): what it runs on and
+    /// its TLS state, or the stream back whole with why it cannot move.
+    fn take_apart(self: Box<Self>) -> Apart;
+}
+
+/// A byte stream taken apart, or not.
+pub(crate) enum Apart {
+    /// What the stream ran on (a `tokio::net::TcpStream` in production), and its TLS state.
+    Moved(Box<dyn std::any::Any + Send>, Box<crate::tls::TlsState>),
+    /// It cannot move; here it is, unchanged.
+    Refused(Box<dyn Io>, io::Error),
 }
 
 /// An in-memory pipe (tests and the fuzz targets).
-impl Io for tokio::io::DuplexStream {}
+impl Io for tokio::io::DuplexStream {
+    fn take_apart(self: Box<Self>) -> Apart {
+        Apart::Refused(
+            self,
+            io::Error::other("a plain byte stream has no TLS state to move"),
+        )
+    }
+}

@@ -48,6 +48,20 @@ mod stream;
 mod tests;
 
 pub use capture::traffic_secret_log;
+
+/// The test certificate's configurations, logging their secrets so connections can move.
+#[cfg(test)]
+pub(crate) fn movable_test_configs() -> (
+    std::sync::Arc<rustls::ServerConfig>,
+    std::sync::Arc<rustls::ClientConfig>,
+) {
+    let (server, client) = fuzz::fuzz_configs();
+    let mut server = (*server).clone();
+    server.key_log = traffic_secret_log();
+    let mut client = (*client).clone();
+    client.key_log = traffic_secret_log();
+    (std::sync::Arc::new(server), std::sync::Arc::new(client))
+}
 #[cfg(feature = "fuzzing")]
 pub use fuzz::{HandshakeProgress, fuzz_tls_handshake, fuzz_tls_records};
 pub(crate) use handshake::{NotTls13, accept, connect};

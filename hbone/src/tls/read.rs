@@ -409,6 +409,16 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for TlsStream<T> {
             other => other,
         }
     }
+
+    fn take_apart(self: Box<Self>) -> crate::transport::Apart {
+        match (*self).into_state() {
+            Ok((io, state)) => crate::transport::Apart::Moved(Box::new(io), Box::new(state)),
+            Err(refused) => {
+                let (stream, e) = *refused;
+                crate::transport::Apart::Refused(Box::new(stream), e)
+            }
+        }
+    }
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<T> {

@@ -143,13 +143,6 @@ impl Decoder {
     }
 
     /// A decoder that keeps a copy of its dynamic table, so it can be rebuilt elsewhere.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "the HTTP/2 session's handoff is what will call it"
-        )
-    )]
     pub(crate) fn movable() -> Decoder {
         Decoder {
             copy: Some(TableCopy::new(TABLE_SIZE)),

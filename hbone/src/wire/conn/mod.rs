@@ -480,5 +480,8 @@ fn closed() -> Failure {
     }
 }
 
+mod moved;
 #[cfg(test)]
 mod tests;
+
+pub use moved::ConnectionState;

@@ -136,7 +136,11 @@ impl<T> CountingWrites<T> {
     }
 }
 
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for CountingWrites<T> {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for CountingWrites<T> {
+    fn take_apart(self: Box<Self>) -> crate::transport::Apart {
+        crate::transport::Apart::Refused(self, io::Error::other("a test stream"))
+    }
+}
 
 #[tokio::test]
 async fn a_large_write_to_a_peer_with_small_frames_is_one_write_to_the_socket() {
@@ -364,4 +368,94 @@ async fn the_answer_leaves_once_the_handler_waits() {
     })
     .await;
     drop(request.stream);
+}
+
+/// Sends all of `data` on `stream`.
+async fn send_all(stream: &StreamRef, mut data: &[u8]) {
+    while !data.is_empty() {
+        let n = std::future::poll_fn(|cx| stream.poll_send(cx, data, false))
+            .await
+            .unwrap();
+        data = &data[n..];
+    }
+}
+
+/// Receives exactly `n` bytes on `stream`.
+async fn recv_exact(stream: &StreamRef, n: usize) -> Vec<u8> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        match std::future::poll_fn(|cx| stream.poll_recv(cx)).await {
+            Ok(Some(chunk)) => got.extend_from_slice(&chunk),
+            other => panic!("after {} bytes: {other:?}", got.len()),
+        }
+    }
+    got
+}
+
+#[tokio::test]
+async fn a_tls_connection_moves_with_its_stream_and_goes_on_over_the_same_socket() {
+    use crate::tls::{TlsStream, accept, connect, movable_test_configs};
+    let cfg = crate::Config {
+        movable: true,
+        ..crate::Config::default()
+    };
+    let limits = Limits::from_config(&cfg);
+    let sizes = cfg.tls_sizes();
+    let (server_tls, client_tls) = movable_test_configs();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // The server: our HTTP/2 over our TLS, echoing every byte of every stream.
+    let server_limits = limits.clone();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let tls = accept(server_tls, tcp, &[], sizes, None).await.unwrap();
+        let conn = driven(Role::Server, server_limits, tls);
+        while let Some(request) = conn.accept().await {
+            tokio::spawn(async move {
+                let stream = request.stream;
+                stream
+                    .respond(StatusCode::OK, &HeaderMap::new(), false)
+                    .unwrap();
+                while let Ok(Some(chunk)) = std::future::poll_fn(|cx| stream.poll_recv(cx)).await {
+                    send_all(&stream, &chunk).await;
+                }
+            });
+        }
+    });
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connect(client_tls, name, tcp, sizes).await.unwrap();
+    let conn = driven(Role::Client, limits.clone(), tls);
+    let (_, stream, _) = conn.connect("a:1", &HeaderMap::new(), b"").await.unwrap();
+    let before: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    send_all(&stream, &before).await;
+    assert_eq!(recv_exact(&stream, before.len()).await, before);
+    // Echoes in flight at the move: sent, and not yet (all) come back.
+    send_all(&stream, &before[..50_000]).await;
+
+    let (socket, state) = conn.take_apart().unwrap();
+    assert_eq!(state.session.streams.len(), 1);
+    drop(stream);
+    let tcp = *socket.downcast::<tokio::net::TcpStream>().unwrap();
+    let tls = TlsStream::from_state(tcp, state.tls, sizes).unwrap();
+    let (moved, mut streams) =
+        Connection::put_together(state.session, state.received, limits, tls).unwrap();
+    let driver = moved.clone();
+    tokio::spawn(async move { driver.drive().await });
+    let stream = streams.pop().unwrap();
+    assert_eq!(recv_exact(&stream, 50_000).await, before[..50_000]);
+    send_all(&stream, &before[50_000..]).await;
+    assert_eq!(recv_exact(&stream, 150_000).await, before[50_000..]);
+    // A new stream on the moved connection: ids go on, the server's HPACK state agrees.
+    let (_, second, _) = moved.connect("b:2", &HeaderMap::new(), b"").await.unwrap();
+    send_all(&second, b"new stream").await;
+    assert_eq!(recv_exact(&second, 10).await, b"new stream");
+    // The old connection is closed here, and says why.
+    assert!(
+        conn.connect("c:3", &HeaderMap::new(), b"")
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("moved")
+    );
 }

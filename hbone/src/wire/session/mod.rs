@@ -62,6 +62,8 @@ pub(crate) struct Limits {
     pub(crate) stream_errors: Allowance,
     /// Frames without progress the peer may send (see `Config::control_frame_allowance`).
     pub(crate) control_frames: Allowance,
+    /// Keep what a move to another process needs (the peer's HPACK table: `Config::movable`).
+    pub(crate) movable: bool,
 }
 
 impl Limits {
@@ -75,6 +77,7 @@ impl Limits {
             max_send_buffer: c.max_send_buffer.max(16 * 1024),
             stream_errors: c.stream_error_allowance,
             control_frames: c.control_frame_allowance,
+            movable: c.movable,
         }
     }
 
@@ -255,7 +258,11 @@ impl Session {
             recv_window: limits.connection_window as i64,
             recv_unacked: 0,
             block: None,
-            decoder: hpack::Decoder::new(),
+            decoder: if limits.movable {
+                hpack::Decoder::movable()
+            } else {
+                hpack::Decoder::new()
+            },
             out,
             incoming: VecDeque::new(),
             accept_waker: None,

@@ -81,10 +81,6 @@ pub struct SessionState {
     pub streams: Vec<StreamState>,
 }
 
-#[cfg_attr(
-    not(test),
-    expect(dead_code, reason = "the connection's handoff is what will call it")
-)]
 impl Session {
     /// The session between two frames, for another process; `Err` names what has not settled.
     pub(crate) fn state(&self) -> Result<SessionState, String> {
