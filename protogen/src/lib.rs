@@ -57,6 +57,11 @@ pub const SETS: &[ProtoSet] = &[
         files: &["zds.proto"],
         grpc: false,
     },
+    ProtoSet {
+        crate_dir: "proxy",
+        files: &["handoff.proto"],
+        grpc: false,
+    },
 ];
 
 /// Why code could not be generated or compared.

@@ -73,6 +73,7 @@ pub mod config_dump;
 pub mod connections;
 pub mod dedicated;
 pub mod dns;
+pub mod handoff;
 pub mod inbound;
 pub mod inpod;
 pub mod outbound;

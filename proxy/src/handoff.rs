@@ -1,0 +1,294 @@
+//! Handing live connections to a new proxy during an upgrade (issue 31, under way): the wire
+//! format between the old and the new process (`proto/handoff.proto`, package
+//! `ambient.handoff.v1`), and its decoder, which trusts nothing it is given.
+//!
+//! The old proxy offers the format versions it can send ([`Offer`]); the new one answers with
+//! the one it takes or refuses ([`Answer`]), and a refusal makes the old proxy drain as it would
+//! without a successor. Each moved HBONE connection is a [`proto::Connection`] (its TLS state, its
+//! HTTP/2 session, bytes not yet parsed), its socket passed beside it. Decoding bounds the
+//! message and every field before anything is built from it, and names the field a refusal is
+//! about; `hbone` then checks the state against itself (windows that add up, secrets of the
+//! suite's length, stream ids that were opened) when the connection is put together.
+
+use prost::Message;
+
+use hbone::handoff::{ConnectionState, SessionState, StreamState, TlsState};
+
+/// The messages, generated from `proto/handoff.proto` by `cargo run -p protogen`.
+#[allow(missing_docs, unreachable_pub, unused_qualifications, clippy::all)]
+pub mod proto {
+    include!("generated/ambient.handoff.v1.rs");
+}
+
+pub use proto::{Answer, Offer};
+
+/// The format version this build sends and takes.
+pub const VERSION: u32 = 1;
+
+/// The largest message taken: a connection's buffers (its windows' worth of unread data at most,
+/// frames and records not yet written) stay well below it.
+pub const MAX_MESSAGE: usize = 64 << 20;
+
+/// The most peer certificates and HPACK entries a connection carries (a chain; a 4 KiB table of
+/// 32-byte minimum entries).
+const MAX_CERTIFICATES: usize = 16;
+const MAX_HPACK_ENTRIES: usize = 4096 / 32;
+/// The most streams one connection carries.
+const MAX_STREAMS: usize = 10_000;
+/// The longest secret of a TLS 1.3 suite (SHA-384).
+const MAX_SECRET: usize = 48;
+
+/// A handoff message that was refused, and why (naming the field).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("handoff message refused: {0}")]
+pub struct Refused(pub String);
+
+fn refused(what: impl Into<String>) -> Refused {
+    Refused(what.into())
+}
+
+/// Decodes the old proxy's offer.
+pub fn decode_offer(bytes: &[u8]) -> Result<Offer, Refused> {
+    if bytes.len() > 4096 {
+        return Err(refused(format!("an offer of {} bytes", bytes.len())));
+    }
+    let offer = Offer::decode(bytes).map_err(|e| refused(format!("offer: {e}")))?;
+    if offer.versions.len() > 64 {
+        return Err(refused(format!(
+            "an offer of {} versions",
+            offer.versions.len()
+        )));
+    }
+    Ok(offer)
+}
+
+/// The answer to `offer`: this build's version if offered, else a refusal naming both sides'.
+pub fn answer(offer: &Offer) -> Answer {
+    if offer.versions.contains(&VERSION) {
+        Answer {
+            version: VERSION,
+            refusal: String::new(),
+        }
+    } else {
+        Answer {
+            version: 0,
+            refusal: format!(
+                "this proxy takes handoff version {VERSION}; {} offered {:?}",
+                if offer.sender.is_empty() {
+                    "the old proxy"
+                } else {
+                    &offer.sender
+                },
+                offer.versions
+            ),
+        }
+    }
+}
+
+/// Decodes the new proxy's answer: `Ok(version)` to go on, `Err` with its refusal (or why the
+/// answer itself is refused) to drain instead.
+pub fn decode_answer(bytes: &[u8]) -> Result<u32, Refused> {
+    if bytes.len() > 4096 {
+        return Err(refused(format!("an answer of {} bytes", bytes.len())));
+    }
+    let answer = Answer::decode(bytes).map_err(|e| refused(format!("answer: {e}")))?;
+    match answer.version {
+        VERSION => Ok(VERSION),
+        0 => Err(refused(format!(
+            "the new proxy refused: {}",
+            answer.refusal
+        ))),
+        other => Err(refused(format!(
+            "the new proxy chose version {other}, which was not offered"
+        ))),
+    }
+}
+
+/// Encodes a moved connection.
+pub fn encode_connection(state: &ConnectionState) -> Vec<u8> {
+    let tls = &state.tls;
+    let s = &state.session;
+    proto::Connection {
+        tls: Some(proto::Tls {
+            suite: u32::from(tls.suite),
+            tx_secret: tls.tx_secret.to_vec(),
+            tx_seq: tls.tx_seq,
+            rx_secret: tls.rx_secret.to_vec(),
+            rx_seq: tls.rx_seq,
+            plaintext: tls.plaintext.clone(),
+            ciphertext: tls.ciphertext.clone(),
+            handshake: tls.handshake.clone(),
+            unsent: tls.unsent.clone(),
+            read_closed: tls.read_closed,
+            write_closed: tls.write_closed,
+            answer_pending: tls.answer_pending,
+            peer_certificates: tls.peer_certificates.clone(),
+            alpn: tls.alpn.clone(),
+        }),
+        session: Some(proto::Session {
+            client: s.client,
+            stream_window: s.stream_window,
+            connection_window: s.connection_window,
+            max_frame_size: s.max_frame_size,
+            max_concurrent_streams: s.max_concurrent_streams,
+            max_header_list_size: s.max_header_list_size,
+            peer_initial_window: s.peer_initial_window,
+            peer_max_frame_size: s.peer_max_frame_size,
+            peer_max_concurrent_streams: s.peer_max_concurrent_streams,
+            next_local_id: s.next_local_id,
+            last_peer_id: s.last_peer_id,
+            send_window: s.send_window,
+            recv_window: s.recv_window,
+            recv_unacked: s.recv_unacked,
+            hpack_table_size: s.hpack_table_size,
+            hpack_entries: s
+                .hpack_entries
+                .iter()
+                .map(|(name, value)| proto::HpackEntry {
+                    name: name.clone(),
+                    value: value.clone(),
+                })
+                .collect(),
+            unsent: s.unsent.clone(),
+            goaway_received: s.goaway_received,
+            going_away: s.going_away,
+            ping_outstanding: s.ping_outstanding.map(u64::from_be_bytes),
+            streams: s
+                .streams
+                .iter()
+                .map(|st| proto::Stream {
+                    id: st.id,
+                    unread: st.unread.clone(),
+                    recv_eof: st.recv_eof,
+                    recv_window: st.recv_window,
+                    recv_unacked: st.recv_unacked,
+                    send_window: st.send_window,
+                    send_eof: st.send_eof,
+                })
+                .collect(),
+        }),
+        received: state.received.clone(),
+    }
+    .encode_to_vec()
+}
+
+/// Decodes a moved connection, bounding the message and each field; the refusal names the
+/// field.
+pub fn decode_connection(bytes: &[u8]) -> Result<ConnectionState, Refused> {
+    if bytes.len() > MAX_MESSAGE {
+        return Err(refused(format!(
+            "a connection of {} bytes, more than {MAX_MESSAGE}",
+            bytes.len()
+        )));
+    }
+    let m = proto::Connection::decode(bytes).map_err(|e| refused(format!("connection: {e}")))?;
+    let tls = m.tls.ok_or_else(|| refused("connection.tls is missing"))?;
+    let s = m
+        .session
+        .ok_or_else(|| refused("connection.session is missing"))?;
+    let suite = u16::try_from(tls.suite).map_err(|_| {
+        refused(format!(
+            "connection.tls.suite {} is no cipher suite",
+            tls.suite
+        ))
+    })?;
+    for (what, secret) in [("tx_secret", &tls.tx_secret), ("rx_secret", &tls.rx_secret)] {
+        if secret.is_empty() || secret.len() > MAX_SECRET {
+            return Err(refused(format!(
+                "connection.tls.{what} is {} bytes",
+                secret.len()
+            )));
+        }
+    }
+    if tls.peer_certificates.len() > MAX_CERTIFICATES {
+        return Err(refused(format!(
+            "connection.tls.peer_certificates: {} certificates",
+            tls.peer_certificates.len()
+        )));
+    }
+    if s.hpack_entries.len() > MAX_HPACK_ENTRIES {
+        return Err(refused(format!(
+            "connection.session.hpack_entries: {} entries",
+            s.hpack_entries.len()
+        )));
+    }
+    if s.streams.len() > MAX_STREAMS {
+        return Err(refused(format!(
+            "connection.session.streams: {} streams",
+            s.streams.len()
+        )));
+    }
+    Ok(ConnectionState {
+        tls: TlsState {
+            suite,
+            tx_secret: tls.tx_secret.into(),
+            tx_seq: tls.tx_seq,
+            rx_secret: tls.rx_secret.into(),
+            rx_seq: tls.rx_seq,
+            plaintext: tls.plaintext,
+            ciphertext: tls.ciphertext,
+            handshake: tls.handshake,
+            unsent: tls.unsent,
+            read_closed: tls.read_closed,
+            write_closed: tls.write_closed,
+            answer_pending: tls.answer_pending,
+            peer_certificates: tls.peer_certificates,
+            alpn: tls.alpn,
+        },
+        session: SessionState {
+            client: s.client,
+            stream_window: s.stream_window,
+            connection_window: s.connection_window,
+            max_frame_size: s.max_frame_size,
+            max_concurrent_streams: s.max_concurrent_streams,
+            max_header_list_size: s.max_header_list_size,
+            peer_initial_window: s.peer_initial_window,
+            peer_max_frame_size: s.peer_max_frame_size,
+            peer_max_concurrent_streams: s.peer_max_concurrent_streams,
+            next_local_id: s.next_local_id,
+            last_peer_id: s.last_peer_id,
+            send_window: s.send_window,
+            recv_window: s.recv_window,
+            recv_unacked: s.recv_unacked,
+            hpack_table_size: s.hpack_table_size,
+            hpack_entries: s
+                .hpack_entries
+                .into_iter()
+                .map(|e| (e.name, e.value))
+                .collect(),
+            unsent: s.unsent,
+            goaway_received: s.goaway_received,
+            going_away: s.going_away,
+            ping_outstanding: s.ping_outstanding.map(u64::to_be_bytes),
+            streams: s
+                .streams
+                .into_iter()
+                .map(|st| StreamState {
+                    id: st.id,
+                    unread: st.unread,
+                    recv_eof: st.recv_eof,
+                    recv_window: st.recv_window,
+                    recv_unacked: st.recv_unacked,
+                    send_window: st.send_window,
+                    send_eof: st.send_eof,
+                })
+                .collect(),
+        },
+        received: m.received,
+    })
+}
+
+/// The body of the `handoff_decode` fuzz target: any bytes as each message. No panic, and a
+/// connection that decodes encodes back to bytes that decode to the same state.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_decode(data: &[u8]) {
+    let _ = decode_offer(data).map(|offer| answer(&offer));
+    let _ = decode_answer(data);
+    if let Ok(state) = decode_connection(data) {
+        let again = decode_connection(&encode_connection(&state)).expect("our own encoding");
+        assert!(
+            again == state,
+            "a connection changed across encode and decode"
+        );
+    }
+}

@@ -1,0 +1,195 @@
+//! The handoff format between an old and a new proxy: what is encoded is decoded the same,
+//! versions are agreed or refused with both sides named, and a hostile or broken message is
+//! refused naming the field.
+
+#[path = "../../fuzz/seed_corpus.rs"]
+mod seed_corpus;
+
+use hbone::handoff::{ConnectionState, SessionState, StreamState, TlsState};
+use prost::Message;
+use proxy::handoff::{
+    MAX_MESSAGE, Offer, VERSION, answer, decode_answer, decode_connection, decode_offer,
+    encode_connection, proto,
+};
+
+/// A connection with every field set to something other than its default.
+fn connection() -> ConnectionState {
+    ConnectionState {
+        tls: TlsState {
+            suite: 0x1302,
+            tx_secret: vec![1; 48].into(),
+            tx_seq: 7,
+            rx_secret: vec![2; 48].into(),
+            rx_seq: 9,
+            plaintext: b"opened".to_vec(),
+            ciphertext: vec![23, 3, 3, 0, 2, 9, 9],
+            handshake: vec![24, 0],
+            unsent: b"sealed".to_vec(),
+            read_closed: true,
+            write_closed: true,
+            answer_pending: true,
+            peer_certificates: vec![b"cert one".to_vec(), b"cert two".to_vec()],
+            alpn: Some(b"h2".to_vec()),
+        },
+        session: SessionState {
+            client: true,
+            stream_window: 1 << 22,
+            connection_window: 1 << 24,
+            max_frame_size: 1 << 18,
+            max_concurrent_streams: 100,
+            max_header_list_size: 8192,
+            peer_initial_window: 65_535,
+            peer_max_frame_size: 16_384,
+            peer_max_concurrent_streams: 250,
+            next_local_id: 11,
+            last_peer_id: 0,
+            send_window: -5,
+            recv_window: 1 << 23,
+            recv_unacked: 77,
+            hpack_table_size: 4096,
+            hpack_entries: vec![
+                (b"x-a".to_vec(), b"1".to_vec()),
+                (b"x-b".to_vec(), Vec::new()),
+            ],
+            unsent: b"frames".to_vec(),
+            goaway_received: Some(9),
+            going_away: true,
+            ping_outstanding: Some(*b"pingpong"),
+            streams: vec![
+                StreamState {
+                    id: 7,
+                    unread: b"unread".to_vec(),
+                    recv_eof: true,
+                    recv_window: -3,
+                    recv_unacked: 5,
+                    send_window: 1 << 20,
+                    send_eof: false,
+                },
+                StreamState {
+                    id: 9,
+                    unread: Vec::new(),
+                    recv_eof: false,
+                    recv_window: 1,
+                    recv_unacked: 0,
+                    send_window: 0,
+                    send_eof: true,
+                },
+            ],
+        },
+        received: b"half a frame".to_vec(),
+    }
+}
+
+#[test]
+fn a_connection_decodes_to_what_was_encoded() {
+    let state = connection();
+    assert_eq!(
+        decode_connection(&encode_connection(&state)).unwrap(),
+        state
+    );
+    // Optional fields absent stay absent.
+    let mut sparse = connection();
+    sparse.tls.alpn = None;
+    sparse.session.goaway_received = None;
+    sparse.session.ping_outstanding = None;
+    assert_eq!(
+        decode_connection(&encode_connection(&sparse)).unwrap(),
+        sparse
+    );
+}
+
+#[test]
+fn versions_are_agreed_or_refused_naming_both_sides() {
+    let offer = decode_offer(
+        &Offer {
+            versions: vec![VERSION + 1, VERSION],
+            sender: "ztunnel 0.2".into(),
+        }
+        .encode_to_vec(),
+    )
+    .unwrap();
+    let yes = answer(&offer);
+    assert_eq!(decode_answer(&yes.encode_to_vec()), Ok(VERSION));
+    let no = answer(&Offer {
+        versions: vec![VERSION + 1],
+        sender: "ztunnel 0.3".into(),
+    });
+    let e = decode_answer(&no.encode_to_vec()).unwrap_err().to_string();
+    assert!(
+        e.contains("ztunnel 0.3") && e.contains(&format!("version {VERSION}")),
+        "{e}"
+    );
+    let chose = proto::Answer {
+        version: VERSION + 7,
+        refusal: String::new(),
+    };
+    let e = decode_answer(&chose.encode_to_vec())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not offered"), "{e}");
+    assert!(decode_offer(&[0xff; 5000]).is_err());
+}
+
+#[test]
+fn broken_and_hostile_messages_are_refused_naming_the_field() {
+    let good = encode_connection(&connection());
+    let refused = |bytes: &[u8]| decode_connection(bytes).unwrap_err().to_string();
+    // Cut short anywhere inside: never a panic, an error or (at a field's end) a smaller state.
+    for cut in 0..good.len() {
+        let _ = decode_connection(&good[..cut]);
+    }
+    assert!(refused(&good[..good.len() - 3]).contains("connection"));
+    let mut m = proto::Connection::decode(&good[..]).unwrap();
+    m.tls = None;
+    assert!(refused(&m.encode_to_vec()).contains("connection.tls is missing"));
+    let mut m = proto::Connection::decode(&good[..]).unwrap();
+    m.session = None;
+    assert!(refused(&m.encode_to_vec()).contains("connection.session is missing"));
+    let mut m = proto::Connection::decode(&good[..]).unwrap();
+    m.tls.as_mut().unwrap().tx_secret = vec![0; 4096];
+    assert!(refused(&m.encode_to_vec()).contains("tx_secret"));
+    let mut m = proto::Connection::decode(&good[..]).unwrap();
+    m.tls.as_mut().unwrap().suite = 0x10000;
+    assert!(refused(&m.encode_to_vec()).contains("suite"));
+    let mut m = proto::Connection::decode(&good[..]).unwrap();
+    m.tls.as_mut().unwrap().peer_certificates = vec![vec![1]; 1000];
+    assert!(refused(&m.encode_to_vec()).contains("peer_certificates"));
+    let mut m = proto::Connection::decode(&good[..]).unwrap();
+    m.session.as_mut().unwrap().hpack_entries = vec![proto::HpackEntry::default(); 1000];
+    assert!(refused(&m.encode_to_vec()).contains("hpack_entries"));
+    let mut m = proto::Connection::decode(&good[..]).unwrap();
+    m.session.as_mut().unwrap().streams = vec![proto::Stream::default(); 20_000];
+    assert!(refused(&m.encode_to_vec()).contains("streams"));
+    assert!(refused(&vec![0u8; MAX_MESSAGE + 1]).contains("more than"));
+}
+
+/// The seeds of the `handoff_decode` fuzz target; `HANDOFF_WRITE_SEEDS=1` writes them anew.
+#[test]
+fn handoff_decode_target_over_seed_corpus() {
+    if std::env::var_os("HANDOFF_WRITE_SEEDS").is_some() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/handoff_decode");
+        std::fs::create_dir_all(&dir).unwrap();
+        let offer = Offer {
+            versions: vec![VERSION],
+            sender: "seed".into(),
+        };
+        for (name, bytes) in [
+            ("connection.bin", encode_connection(&connection())),
+            ("offer.bin", offer.encode_to_vec()),
+            ("answer.bin", answer(&offer).encode_to_vec()),
+            (
+                "truncated.bin",
+                encode_connection(&connection())[..40].to_vec(),
+            ),
+        ] {
+            std::fs::write(dir.join(name), bytes).unwrap();
+        }
+    }
+    let files = seed_corpus::seeds("handoff_decode");
+    assert!(files.len() >= 4);
+    for data in &files {
+        proxy::handoff::fuzz_decode(data);
+    }
+    assert!(files.iter().any(|f| decode_connection(f).is_ok()));
+}
