@@ -118,7 +118,8 @@ pub struct Config {
     /// none: such names are refused, logged), on port 53.
     pub dns_upstreams: Vec<std::net::IpAddr>,
     /// The lifetime of the workload certificates the node proxies ask for (their
-    /// `SECRET_TTL`; none: the proxies' default, 24 h). The soak makes it short, so
+    /// `SECRET_TTL`; none: the proxies' default, 24 h), for `up`: the mesh keeps it, and every
+    /// proxy it starts later (a restart) asks for the same. The soak makes it short, so
     /// certificates rotate all through its run.
     pub secret_ttl: Option<std::time::Duration>,
 }

@@ -121,6 +121,7 @@ fn build(
     let nodes: Vec<&str> = config.nodes.iter().map(String::as_str).collect();
     let mut mesh = Mesh::new(config.base, &nodes);
     mesh.ip_family = config.ip_family;
+    mesh.secret_ttl_seconds = config.secret_ttl.map(|ttl| ttl.as_secs().max(1));
     mesh.apply(docs);
     for dir in [
         config.run_dir.clone(),

@@ -758,7 +758,23 @@ fn soak(mesh: &Local, args: &[&str]) -> (bool, String, String, serde_json::Value
 #[test]
 fn a_short_soak_injects_every_fault_and_finds_nothing_wrong_or_leaked() {
     let mesh = Local::new(12);
-    let (ok, out, err, report) = soak(&mesh, &["--minutes", "1", "--rate", "50", "--long", "5"]);
+    // Certificates last: a proxy an earlier fault restarted must still ask for the mesh's
+    // one-minute certificates, or they stop rotating (an hour's soak found restarted proxies
+    // asking for the default 24 hours).
+    let faults = "policy,controlplane,node-agent,proxy-restart,proxy-kill,pods,label,certs";
+    let (ok, out, err, report) = soak(
+        &mesh,
+        &[
+            "--minutes",
+            "1",
+            "--rate",
+            "50",
+            "--long",
+            "5",
+            "--faults",
+            faults,
+        ],
+    );
     assert!(ok, "{out}\n{err}");
     let summary = out
         .lines()

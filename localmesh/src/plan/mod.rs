@@ -143,6 +143,10 @@ pub struct Mesh {
     /// The address families of pods and services.
     #[serde(default)]
     pub ip_family: IpFamily,
+    /// The workload certificates' lifetime the proxies ask for (`SECRET_TTL`), in seconds, when
+    /// not the control plane's default: every proxy of the mesh, whenever started, asks for it.
+    #[serde(default)]
+    pub secret_ttl_seconds: Option<u64>,
 }
 
 impl Mesh {
@@ -154,6 +158,7 @@ impl Mesh {
             docs: Vec::new(),
             placements: Vec::new(),
             ip_family: IpFamily::Ipv4,
+            secret_ttl_seconds: None,
         }
     }
 

@@ -365,8 +365,8 @@ impl Mesh {
                     ("NODE_NAME".into(), node.to_owned()),
                     ("CONNECTION_TERMINATION_DEADLINE".into(), "2s".into()),
                 ];
-                if let Some(ttl) = config.secret_ttl {
-                    env.push(("SECRET_TTL".into(), format!("{}s", ttl.as_secs().max(1))));
+                if let Some(ttl) = self.secret_ttl_seconds {
+                    env.push(("SECRET_TTL".into(), format!("{}s", ttl.max(1))));
                 }
                 env
             },
