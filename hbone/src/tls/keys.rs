@@ -148,30 +148,33 @@ impl Kernel {
 
     /// Our send key moves on (a KeyUpdate of ours): the next keys, from record 0.
     pub(super) fn update_tx(&mut self) -> io::Result<Keys> {
-        let ours = self.secrets.as_mut().map(|s| {
-            s.tx = s.tx.next();
-            s.tx.clone()
-        });
-        match (&mut self.rustls, ours) {
-            (Some(Rustls::Client(k)), _) => Keys::new(k.update_tx_secret().map_err(tls_error)?),
-            (Some(Rustls::Server(k)), _) => Keys::new(k.update_tx_secret().map_err(tls_error)?),
-            (None, Some(secret)) => Keys::from_secret(&secret, 0),
-            (None, None) => Err(invalid("TLS: no key schedule")),
-        }
+        self.update(true)
     }
 
     /// The peer's send key moved on (its KeyUpdate): the next keys, from record 0.
     pub(super) fn update_rx(&mut self) -> io::Result<Keys> {
+        self.update(false)
+    }
+
+    /// One direction's key moves on: rustls's schedule when it has the connection (our copy of
+    /// the secret follows it), else ours.
+    fn update(&mut self, tx: bool) -> io::Result<Keys> {
         let ours = self.secrets.as_mut().map(|s| {
-            s.rx = s.rx.next();
-            s.rx.clone()
+            let secret = if tx { &mut s.tx } else { &mut s.rx };
+            *secret = secret.next();
+            secret.clone()
         });
-        match (&mut self.rustls, ours) {
-            (Some(Rustls::Client(k)), _) => Keys::new(k.update_rx_secret().map_err(tls_error)?),
-            (Some(Rustls::Server(k)), _) => Keys::new(k.update_rx_secret().map_err(tls_error)?),
-            (None, Some(secret)) => Keys::from_secret(&secret, 0),
-            (None, None) => Err(invalid("TLS: no key schedule")),
-        }
+        let next = match (&mut self.rustls, tx) {
+            (Some(Rustls::Client(k)), true) => k.update_tx_secret(),
+            (Some(Rustls::Client(k)), false) => k.update_rx_secret(),
+            (Some(Rustls::Server(k)), true) => k.update_tx_secret(),
+            (Some(Rustls::Server(k)), false) => k.update_rx_secret(),
+            (None, _) => {
+                let secret = ours.ok_or_else(|| invalid("TLS: no key schedule"))?;
+                return Keys::from_secret(&secret, 0);
+            }
+        };
+        Keys::new(next.map_err(tls_error)?)
     }
 
     pub(super) fn confidentiality_limit(&self) -> u64 {

@@ -39,28 +39,22 @@ pub(crate) fn representations(block: &[u8]) -> Option<Vec<Representation>> {
         if b & 0x80 != 0 {
             at = int(block, at, 7)?.1;
             out.push(Representation::Field { inserts: false });
-        } else if b & 0xc0 == 0x40 {
-            let (index, next) = int(block, at, 6)?;
-            at = if index == 0 {
-                string(block, next)?
-            } else {
-                next
-            };
-            at = string(block, at)?;
-            out.push(Representation::Field { inserts: true });
         } else if b & 0xe0 == 0x20 {
             let (size, next) = int(block, at, 5)?;
             at = next;
             out.push(Representation::SizeUpdate(size));
         } else {
-            let (index, next) = int(block, at, 4)?;
+            // A literal: with incremental indexing (a 6-bit name index), or without or never
+            // indexed (4 bits); index 0 is a new name, a string of its own.
+            let inserts = b & 0xc0 == 0x40;
+            let (index, next) = int(block, at, if inserts { 6 } else { 4 })?;
             at = if index == 0 {
                 string(block, next)?
             } else {
                 next
             };
             at = string(block, at)?;
-            out.push(Representation::Field { inserts: false });
+            out.push(Representation::Field { inserts });
         }
     }
     Some(out)
