@@ -193,3 +193,106 @@ fn handoff_decode_target_over_seed_corpus() {
     }
     assert!(files.iter().any(|f| decode_connection(f).is_ok()));
 }
+
+mod channel {
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+    use std::path::PathBuf;
+
+    use proxy::handoff::{Channel, Listener, MAX_MESSAGE};
+
+    fn socket_path(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("handoff-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("handoff.sock")
+    }
+
+    #[test]
+    fn messages_and_their_sockets_cross_and_a_closed_peer_is_seen() {
+        let path = socket_path("cross");
+        let listener = Listener::bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+            0o600
+        );
+        let old = std::thread::spawn(move || {
+            let channel = listener.accept().unwrap();
+            // Two connected sockets: one end goes across, we keep the other.
+            let (mut kept, moved) = std::os::unix::net::UnixStream::pair().unwrap();
+            channel.send(b"first", &[moved.as_fd()]).unwrap();
+            drop(moved);
+            let big: Vec<u8> = (0..10 << 20).map(|i| (i % 253) as u8).collect();
+            channel.send(&big, &[]).unwrap();
+            kept.write_all(b"through the moved socket").unwrap();
+            let mut answer = [0u8; 4];
+            kept.read_exact(&mut answer).unwrap();
+            assert_eq!(&answer, b"back");
+        });
+        let new = Channel::connect(&path).unwrap();
+        let (msg, fds) = new.recv().unwrap().unwrap();
+        assert_eq!((msg.as_slice(), fds.len()), (&b"first"[..], 1));
+        let mut moved = std::os::unix::net::UnixStream::from(fds.into_iter().next().unwrap());
+        let (big, none) = new.recv().unwrap().unwrap();
+        assert_eq!((big.len(), none.len()), (10 << 20, 0));
+        assert!(big.iter().enumerate().all(|(i, b)| *b == (i % 253) as u8));
+        let mut got = vec![0u8; 24];
+        moved.read_exact(&mut got).unwrap();
+        assert_eq!(got, b"through the moved socket");
+        moved.write_all(b"back").unwrap();
+        old.join().unwrap();
+        assert!(new.recv().unwrap().is_none(), "the old proxy closed");
+    }
+
+    #[test]
+    fn a_lying_length_a_cut_message_and_a_stranger_are_refused() {
+        let path = socket_path("lies");
+        let listener = Listener::bind(&path).unwrap();
+        let writer = std::thread::spawn({
+            let path = path.clone();
+            move || {
+                let mut raw = std::os::unix::net::UnixStream::connect(&path).unwrap();
+                raw.write_all(&((MAX_MESSAGE as u32) + 1).to_be_bytes())
+                    .unwrap();
+                let mut raw = std::os::unix::net::UnixStream::connect(&path).unwrap();
+                raw.write_all(&100u32.to_be_bytes()).unwrap();
+                raw.write_all(b"only ten b").unwrap();
+            }
+        });
+        let e = listener.accept().unwrap().recv().unwrap_err().to_string();
+        assert!(e.contains("more than"), "{e}");
+        let e = listener.accept().unwrap().recv().unwrap_err().to_string();
+        assert!(e.contains("closed in the middle"), "{e}");
+        writer.join().unwrap();
+
+        // Another user (the socket opened to everyone for the test): refused by its uid.
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666))
+            .unwrap();
+        let stranger = std::process::Command::new("setpriv")
+            .args([
+                "--reuid",
+                "65534",
+                "--regid",
+                "65534",
+                "--clear-groups",
+                "/usr/bin/python3",
+                "-c",
+            ])
+            .arg(format!(
+                "import socket,time; s=socket.socket(socket.AF_UNIX); s.connect({:?}); time.sleep(1)",
+                path.to_string_lossy()
+            ))
+            .spawn()
+            .expect("setpriv and /usr/bin/python3 (installed with the test tools)");
+        // Fail loudly, not hang, if the stranger never connects.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(listener.accept().map(drop)));
+        let e = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the stranger connected")
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+        assert!(e.to_string().contains("uid 65534"), "{e}");
+        let _ = stranger.wait_with_output();
+    }
+}

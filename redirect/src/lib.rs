@@ -22,6 +22,7 @@
 pub mod agent;
 mod apply;
 pub mod cni;
+pub mod fdpass;
 pub mod host;
 #[cfg(feature = "kube")]
 pub mod k8s;

@@ -123,6 +123,68 @@ pub(crate) fn recv(sock: &OwnedFd, buf: &mut [u8]) -> io::Result<(usize, Vec<Own
     Ok((msg.bytes, fds))
 }
 
+/// The most descriptors one message may carry (Linux's `SCM_MAX_FD`).
+pub(crate) const MAX_FDS: usize = 253;
+
+/// Sends what a stream socket takes of `bytes` now (at least one byte, blocking until then),
+/// with `fds` attached (SCM_RIGHTS) when not empty; returns how many bytes went.
+pub(crate) fn send_some(
+    sock: &impl AsFd,
+    bytes: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<usize> {
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsgs = if raw.is_empty() {
+        vec![]
+    } else {
+        vec![ControlMessage::ScmRights(&raw)]
+    };
+    sendmsg::<()>(
+        sock.as_fd().as_raw_fd(),
+        &[IoSlice::new(bytes)],
+        &cmsgs,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map_err(io)
+}
+
+/// Receives what a stream socket has (up to `buf`'s length, blocking until something), with
+/// the descriptors that came with it (up to [`MAX_FDS`]; more is an error: the kernel dropped
+/// them). Zero bytes: the peer closed.
+pub(crate) fn recv_some(sock: &impl AsFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        sock.as_fd().as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io)?;
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs().map_err(io)? {
+        if let ControlMessageOwned::ScmRights(received) = cmsg {
+            for raw in received {
+                // SAFETY: the kernel installed these descriptors in our table for this message;
+                // nothing else owns them.
+                fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+            }
+        }
+    }
+    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(io::Error::other(format!(
+            "more than {MAX_FDS} descriptors came with one message (the rest were dropped)"
+        )));
+    }
+    Ok((msg.bytes, fds))
+}
+
+/// Connects to a SOCK_STREAM socket at `path`.
+pub(crate) fn stream_connect(path: &Path) -> io::Result<std::os::unix::net::UnixStream> {
+    std::os::unix::net::UnixStream::connect(path)
+}
+
 /// Makes receives on `sock` fail with `WouldBlock` after `timeout` without data (`SO_RCVTIMEO`).
 pub(crate) fn set_recv_timeout(sock: &OwnedFd, timeout: std::time::Duration) -> io::Result<()> {
     let tv = nix::sys::time::TimeVal::new(

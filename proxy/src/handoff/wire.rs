@@ -1,14 +1,5 @@
-//! Handing live connections to a new proxy during an upgrade (issue 31, under way): the wire
-//! format between the old and the new process (`proto/handoff.proto`, package
-//! `ambient.handoff.v1`), and its decoder, which trusts nothing it is given.
-//!
-//! The old proxy offers the format versions it can send ([`Offer`]); the new one answers with
-//! the one it takes or refuses ([`Answer`]), and a refusal makes the old proxy drain as it would
-//! without a successor. Each moved HBONE connection is a [`proto::Connection`] (its TLS state, its
-//! HTTP/2 session, bytes not yet parsed), its socket passed beside it. Decoding bounds the
-//! message and every field before anything is built from it, and names the field a refusal is
-//! about; `hbone` then checks the state against itself (windows that add up, secrets of the
-//! suite's length, stream ids that were opened) when the connection is put together.
+//! The handoff's messages (`proto/handoff.proto`, package `ambient.handoff.v1`): encoding, and a
+//! decoder that bounds the message and every field and names the one it refuses.
 
 use prost::Message;
 
@@ -17,7 +8,7 @@ use hbone::handoff::{ConnectionState, SessionState, StreamState, TlsState};
 /// The messages, generated from `proto/handoff.proto` by `cargo run -p protogen`.
 #[allow(missing_docs, unreachable_pub, unused_qualifications, clippy::all)]
 pub mod proto {
-    include!("generated/ambient.handoff.v1.rs");
+    include!("../generated/ambient.handoff.v1.rs");
 }
 
 pub use proto::{Answer, Offer};
