@@ -104,9 +104,10 @@ pub fn marked_socket(to: SocketAddr, mark: Option<u32>) -> io::Result<TcpSocket>
     Ok(socket)
 }
 
-/// A new unconnected TCP socket for `to`, carrying `mark` when set, bound to `source` (port 0)
-/// with `IP_TRANSPARENT` / `IPV6_TRANSPARENT`, so it may be an address of another host (the
-/// client's): the connection then leaves from the client's address. Needs `CAP_NET_ADMIN`, and,
+/// A new unconnected TCP socket for `to`, carrying `mark` when set, bound to `source` (its port
+/// chosen at connect, `IP_BIND_ADDRESS_NO_PORT`) with `IP_TRANSPARENT` / `IPV6_TRANSPARENT`, so
+/// it may be an address of another host (the client's): the connection then leaves from the
+/// client's address. Needs `CAP_NET_ADMIN`, and,
 /// for the replies to come back, the return route the node agent installs in the pod
 /// (`redirect::ReturnRoute`). `source` must be of `to`'s family.
 pub fn transparent_socket(
@@ -133,6 +134,11 @@ pub fn transparent_socket(
             format!("cannot make a transparent socket to connect from {source} (needs CAP_NET_ADMIN): {e}"),
         )
     })?;
+    // The port is chosen when connecting, where only the whole 4-tuple must be unique: bound
+    // with port 0, every connection from one client would need a port no socket on that address
+    // holds (TIME_WAIT ones included), from half the ephemeral range, and a few hundred
+    // connections a second from one client ran them out (the soak saw connects stall).
+    setsockopt(&socket, sockopt::IpBindAddressNoPort, &true)?;
     socket.bind(SocketAddr::new(source, 0)).map_err(|e| {
         io::Error::new(
             e.kind(),
@@ -227,4 +233,26 @@ fn new_socket(
         setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
     }
     Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_transparent_socket_takes_its_port_when_it_connects_not_when_it_binds() {
+        // bind(ip, 0) would reserve a port against every socket on that address, TIME_WAIT
+        // ones included, from half the ephemeral range: at a few hundred connections a second
+        // from one client, connects stalled for seconds. Deferred to connect, a port is shared
+        // by connections to different destinations and found among the whole range.
+        for (source, to) in [("10.1.2.3", "10.1.2.4:80"), ("fd00::3", "[fd00::4]:80")] {
+            let socket =
+                transparent_socket(source.parse().unwrap(), to.parse().unwrap(), None).unwrap();
+            assert!(
+                getsockopt(&socket, sockopt::IpBindAddressNoPort).unwrap(),
+                "{source}"
+            );
+            assert_eq!(socket.local_addr().unwrap().port(), 0, "{source}");
+        }
+    }
 }

@@ -111,9 +111,8 @@ async fn traffic(config: TrafficConfig, stop: Arc<AtomicBool>, live: Arc<Live>) 
         tasks.spawn(async move {
             while !stop.load(Ordering::SeqCst) {
                 let seed = seeds.fetch_add(1, Ordering::Relaxed);
-                let started = begin.elapsed();
                 live.long_open.fetch_add(1, Ordering::Relaxed);
-                let outcome = long_connection(&config, seed, &stop).await;
+                let (started, outcome) = long_connection(&config, seed, &stop, begin).await;
                 live.long_open.fetch_sub(1, Ordering::Relaxed);
                 let cut = !matches!(outcome, Outcome::Served);
                 record(&tx, &live, started, begin.elapsed(), true, outcome);
@@ -132,8 +131,7 @@ async fn traffic(config: TrafficConfig, stop: Arc<AtomicBool>, live: Arc<Live>) 
             let (config, tx, live) = (config.clone(), tx.clone(), live.clone());
             let seed = seeds.fetch_add(1, Ordering::Relaxed);
             tasks.spawn(async move {
-                let started = begin.elapsed();
-                let outcome = short_connection(&config, seed).await;
+                let (started, outcome) = short_connection(&config, seed, begin).await;
                 record(&tx, &live, started, begin.elapsed(), false, outcome);
             });
             // Finished tasks are reaped as we go, so the set holds only those in flight.
@@ -174,11 +172,18 @@ fn record(
     });
 }
 
-/// Connects, sends the payload, ends its sending, and reads everything back.
-async fn short_connection(config: &TrafficConfig, seed: u64) -> Outcome {
-    let mut stream = match connect(config).await {
-        Ok(s) => s,
-        Err(_) => return Outcome::Denied,
+/// Connects, sends the payload, ends its sending, and reads everything back. Returns when the
+/// connection was made (since `begin`: when `connect` returned, which is when the mesh first
+/// sees it; a `connect` the client's own kernel keeps waiting does not count) and how it ended.
+async fn short_connection(
+    config: &TrafficConfig,
+    seed: u64,
+    begin: Instant,
+) -> (Duration, Outcome) {
+    let connected = connect(config).await;
+    let made = begin.elapsed();
+    let Ok(mut stream) = connected else {
+        return (made, Outcome::Denied);
     };
     let mut payload = vec![0u8; config.payload];
     stream_bytes(seed, 0, &mut payload);
@@ -190,16 +195,35 @@ async fn short_connection(config: &TrafficConfig, seed: u64) -> Outcome {
     };
     let receive = read_back(&mut read, &mut verifier, None, config.timeout);
     let (sent, received) = tokio::join!(send, receive);
-    finish(sent.is_ok(), received, config.payload as u64, &verifier)
+    (
+        made,
+        finish(sent.is_ok(), received, config.payload as u64, &verifier),
+    )
 }
 
 /// Sends a chunk every interval and checks its echo, until `stop`; then ends its sending and
-/// reads the rest.
-async fn long_connection(config: &TrafficConfig, seed: u64, stop: &AtomicBool) -> Outcome {
-    let mut stream = match connect(config).await {
-        Ok(s) => s,
-        Err(_) => return Outcome::Denied,
+/// reads the rest. Returns when it was made (as [`short_connection`]) and how it ended.
+async fn long_connection(
+    config: &TrafficConfig,
+    seed: u64,
+    stop: &AtomicBool,
+    begin: Instant,
+) -> (Duration, Outcome) {
+    let connected = connect(config).await;
+    let made = begin.elapsed();
+    let Ok(mut stream) = connected else {
+        return (made, Outcome::Denied);
     };
+    (made, long_exchange(config, seed, stop, stream).await)
+}
+
+/// A long connection's exchange on `stream`.
+async fn long_exchange(
+    config: &TrafficConfig,
+    seed: u64,
+    stop: &AtomicBool,
+    mut stream: TcpStream,
+) -> Outcome {
     let mut verifier = Verifier::new(seed);
     let mut sent: u64 = 0;
     let mut chunk = vec![0u8; config.long_chunk];
@@ -325,12 +349,13 @@ mod tests {
                 });
             }
         });
+        let now = Instant::now();
         let config = TrafficConfig::new(target, 1, 0);
-        assert_eq!(short_connection(&config, 3).await, Outcome::Served);
+        assert_eq!(short_connection(&config, 3, now).await.1, Outcome::Served);
         // The last 10 bytes dropped: lost; 10 dropped from the middle: the rest is changed.
         let lossy = TrafficConfig::new(faulty_echo(4086, 10).await, 1, 0);
         assert_eq!(
-            short_connection(&lossy, 3).await,
+            short_connection(&lossy, 3, now).await.1,
             Outcome::Lost {
                 sent: 4096,
                 echoed: 4086
@@ -338,7 +363,7 @@ mod tests {
         );
         let shifted = TrafficConfig::new(faulty_echo(100, 10).await, 1, 0);
         assert_eq!(
-            short_connection(&shifted, 3).await,
+            short_connection(&shifted, 3, now).await.1,
             Outcome::Changed { at: 100 }
         );
         // Nothing listening: refused before any byte, as a denying policy refuses.
@@ -346,15 +371,19 @@ mod tests {
         let nobody = closed.local_addr().unwrap();
         drop(closed);
         let refused = TrafficConfig::new(nobody, 1, 0);
-        assert_eq!(short_connection(&refused, 3).await, Outcome::Denied);
+        assert_eq!(short_connection(&refused, 3, now).await.1, Outcome::Denied);
         // A long connection against the faithful echo, stopped: served with every round checked.
         let stop = AtomicBool::new(false);
-        let long = long_connection(&config, 9, &stop);
+        let long = long_connection(&config, 9, &stop, now);
         let stopper = async {
             tokio::time::sleep(Duration::from_millis(350)).await;
             stop.store(true, Ordering::SeqCst);
         };
-        let (outcome, ()) = tokio::join!(long, stopper);
+        let ((made, outcome), ()) = tokio::join!(long, stopper);
         assert_eq!(outcome, Outcome::Served);
+        assert!(
+            made < Duration::from_millis(350),
+            "made when connected: {made:?}"
+        );
     }
 }
