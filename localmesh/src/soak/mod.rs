@@ -515,7 +515,8 @@ fn port_ceiling(ns: &str) -> Option<u32> {
 fn ports_per_second(range: &str) -> Option<u32> {
     let mut it = range.split_whitespace().map(|n| n.parse::<u32>().ok());
     let (low, high) = (it.next()??, it.next()??);
-    Some((high.checked_sub(low)? + 1) / 2 / 60)
+    let ports = high.checked_sub(low)? + 1;
+    Some(ports / 2 / 60)
 }
 
 /// The echo service's VIP and port.

@@ -211,7 +211,7 @@ async fn long_connection(
 ) -> (Duration, Outcome) {
     let connected = connect(config).await;
     let made = begin.elapsed();
-    let Ok(mut stream) = connected else {
+    let Ok(stream) = connected else {
         return (made, Outcome::Denied);
     };
     (made, long_exchange(config, seed, stop, stream).await)
