@@ -39,12 +39,23 @@ fn query(id: u16, name: &str) -> Vec<u8> {
     message.to_vec().unwrap()
 }
 
+/// A UDP socket and a TCP listener on one loopback port: the UDP socket's, unless another test
+/// holds it for TCP (then another).
+async fn udp_and_tcp() -> (UdpSocket, SocketAddr, TcpListener) {
+    for _ in 0..20 {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = udp.local_addr().unwrap();
+        if let Ok(tcp) = TcpListener::bind(addr).await {
+            return (udp, addr, tcp);
+        }
+    }
+    panic!("no loopback port free for both UDP and TCP in 20 tries");
+}
+
 /// A test upstream on loopback (UDP and TCP, one port): `example.net` is 192.0.2.1, anything
 /// else NXDOMAIN. With `spoof`, each UDP answer is preceded by one with the wrong id.
 async fn upstream(spoof: bool) -> SocketAddr {
-    let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = udp.local_addr().unwrap();
-    let tcp = TcpListener::bind(addr).await.unwrap();
+    let (udp, addr, tcp) = udp_and_tcp().await;
     let answer = |bytes: &[u8]| -> Vec<u8> {
         let asked = Message::from_vec(bytes).unwrap();
         let mut reply = Message::new();
@@ -106,9 +117,7 @@ async fn proxy(
     servers: Vec<SocketAddr>,
     metrics: Arc<DnsMetrics>,
 ) -> (SocketAddr, CancellationToken) {
-    let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = udp.local_addr().unwrap();
-    let tcp = TcpListener::bind(addr).await.unwrap();
+    let (udp, addr, tcp) = udp_and_tcp().await;
     let server = DnsServer::new(
         state(),
         DnsConfig::default(),
