@@ -242,6 +242,7 @@ mod channel {
         moved.write_all(b"back").unwrap();
         old.join().unwrap();
         assert!(new.recv().unwrap().is_none(), "the old proxy closed");
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
     #[test]
@@ -294,5 +295,6 @@ mod channel {
         assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
         assert!(e.to_string().contains("uid 65534"), "{e}");
         let _ = stranger.wait_with_output();
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }
