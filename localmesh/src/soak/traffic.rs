@@ -7,6 +7,7 @@
 //! The traffic runs on one thread that entered the pod's network namespace, on a
 //! single-threaded runtime of its own (every socket it makes is the pod's).
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -172,19 +173,34 @@ fn record(
     });
 }
 
-/// Connects, sends the payload, ends its sending, and reads everything back. Returns when the
-/// connection was made (since `begin`: when `connect` returned, which is when the mesh first
-/// sees it; a `connect` the client's own kernel keeps waiting does not count) and how it ended.
+/// Connects and runs `exchange` on the connection. Returns when the connection was made (since
+/// `begin`: when `connect` returned, which is when the mesh first sees it; a `connect` the
+/// client's own kernel keeps waiting does not count) and how it ended (`Denied` when `connect`
+/// failed).
+async fn timed<F: Future<Output = Outcome>>(
+    config: &TrafficConfig,
+    begin: Instant,
+    exchange: impl FnOnce(TcpStream) -> F,
+) -> (Duration, Outcome) {
+    let connected = connect(config).await;
+    let made = begin.elapsed();
+    match connected {
+        Ok(stream) => (made, exchange(stream).await),
+        Err(_) => (made, Outcome::Denied),
+    }
+}
+
+/// Connects, sends the payload, ends its sending, and reads everything back (see [`timed`]).
 async fn short_connection(
     config: &TrafficConfig,
     seed: u64,
     begin: Instant,
 ) -> (Duration, Outcome) {
-    let connected = connect(config).await;
-    let made = begin.elapsed();
-    let Ok(mut stream) = connected else {
-        return (made, Outcome::Denied);
-    };
+    timed(config, begin, |stream| short_exchange(config, seed, stream)).await
+}
+
+/// A short connection's exchange on `stream`.
+async fn short_exchange(config: &TrafficConfig, seed: u64, mut stream: TcpStream) -> Outcome {
     let mut payload = vec![0u8; config.payload];
     stream_bytes(seed, 0, &mut payload);
     let mut verifier = Verifier::new(seed);
@@ -195,26 +211,21 @@ async fn short_connection(
     };
     let receive = read_back(&mut read, &mut verifier, None, config.timeout);
     let (sent, received) = tokio::join!(send, receive);
-    (
-        made,
-        finish(sent.is_ok(), received, config.payload as u64, &verifier),
-    )
+    finish(sent.is_ok(), received, config.payload as u64, &verifier)
 }
 
 /// Sends a chunk every interval and checks its echo, until `stop`; then ends its sending and
-/// reads the rest. Returns when it was made (as [`short_connection`]) and how it ended.
+/// reads the rest (see [`timed`]).
 async fn long_connection(
     config: &TrafficConfig,
     seed: u64,
     stop: &AtomicBool,
     begin: Instant,
 ) -> (Duration, Outcome) {
-    let connected = connect(config).await;
-    let made = begin.elapsed();
-    let Ok(stream) = connected else {
-        return (made, Outcome::Denied);
-    };
-    (made, long_exchange(config, seed, stop, stream).await)
+    timed(config, begin, |stream| {
+        long_exchange(config, seed, stop, stream)
+    })
+    .await
 }
 
 /// A long connection's exchange on `stream`.
