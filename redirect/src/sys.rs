@@ -81,46 +81,14 @@ pub(crate) fn seqpacket_connect(path: &Path) -> io::Result<OwnedFd> {
 
 /// Sends one datagram, with `fds` attached (SCM_RIGHTS) when not empty.
 pub(crate) fn send(sock: &OwnedFd, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let cmsgs = if raw.is_empty() {
-        vec![]
-    } else {
-        vec![ControlMessage::ScmRights(&raw)]
-    };
-    sendmsg::<()>(
-        sock.as_fd().as_raw_fd(),
-        &[IoSlice::new(bytes)],
-        &cmsgs,
-        MsgFlags::empty(),
-        None,
-    )
-    .map_err(io)?;
-    Ok(())
+    send_with_fds(sock, bytes, fds, MsgFlags::empty()).map(drop)
 }
 
 /// Receives one datagram into `buf`, with any descriptors that came with it. Zero bytes and no
 /// descriptors means the peer closed.
 pub(crate) fn recv(sock: &OwnedFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
     let mut space = nix::cmsg_space!([RawFd; 4]);
-    let mut iov = [IoSliceMut::new(buf)];
-    let msg = recvmsg::<()>(
-        sock.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )
-    .map_err(io)?;
-    let mut fds = Vec::new();
-    for cmsg in msg.cmsgs().map_err(io)? {
-        if let ControlMessageOwned::ScmRights(received) = cmsg {
-            for raw in received {
-                // SAFETY: the kernel installed these descriptors in our table for this message;
-                // nothing else owns them.
-                fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
-            }
-        }
-    }
-    Ok((msg.bytes, fds))
+    recv_with_fds(sock, buf, &mut space).map(|(n, fds, _)| (n, fds))
 }
 
 /// The most descriptors one message may carry (Linux's `SCM_MAX_FD`).
@@ -133,6 +101,30 @@ pub(crate) fn send_some(
     bytes: &[u8],
     fds: &[BorrowedFd<'_>],
 ) -> io::Result<usize> {
+    send_with_fds(sock, bytes, fds, MsgFlags::MSG_NOSIGNAL)
+}
+
+/// Receives what a stream socket has (up to `buf`'s length, blocking until something), with
+/// the descriptors that came with it (up to [`MAX_FDS`]; more is an error: the kernel dropped
+/// them). Zero bytes: the peer closed.
+pub(crate) fn recv_some(sock: &impl AsFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let (n, fds, truncated) = recv_with_fds(sock, buf, &mut space)?;
+    if truncated {
+        return Err(io::Error::other(format!(
+            "more than {MAX_FDS} descriptors came with one message (the rest were dropped)"
+        )));
+    }
+    Ok((n, fds))
+}
+
+/// `sendmsg` of `bytes` with `fds` attached (SCM_RIGHTS) when not empty; how many bytes went.
+fn send_with_fds(
+    sock: &impl AsFd,
+    bytes: &[u8],
+    fds: &[BorrowedFd<'_>],
+    flags: MsgFlags,
+) -> io::Result<usize> {
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let cmsgs = if raw.is_empty() {
         vec![]
@@ -143,22 +135,24 @@ pub(crate) fn send_some(
         sock.as_fd().as_raw_fd(),
         &[IoSlice::new(bytes)],
         &cmsgs,
-        MsgFlags::MSG_NOSIGNAL,
+        flags,
         None,
     )
     .map_err(io)
 }
 
-/// Receives what a stream socket has (up to `buf`'s length, blocking until something), with
-/// the descriptors that came with it (up to [`MAX_FDS`]; more is an error: the kernel dropped
-/// them). Zero bytes: the peer closed.
-pub(crate) fn recv_some(sock: &impl AsFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
-    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
+/// `recvmsg` into `buf` with `space` for control messages: the bytes, the descriptors that came
+/// with them, and whether some did not fit in `space` (the kernel closed those).
+fn recv_with_fds(
+    sock: &impl AsFd,
+    buf: &mut [u8],
+    space: &mut [u8],
+) -> io::Result<(usize, Vec<OwnedFd>, bool)> {
     let mut iov = [IoSliceMut::new(buf)];
     let msg = recvmsg::<()>(
         sock.as_fd().as_raw_fd(),
         &mut iov,
-        Some(&mut space),
+        Some(space),
         MsgFlags::MSG_CMSG_CLOEXEC,
     )
     .map_err(io)?;
@@ -172,12 +166,7 @@ pub(crate) fn recv_some(sock: &impl AsFd, buf: &mut [u8]) -> io::Result<(usize, 
             }
         }
     }
-    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
-        return Err(io::Error::other(format!(
-            "more than {MAX_FDS} descriptors came with one message (the rest were dropped)"
-        )));
-    }
-    Ok((msg.bytes, fds))
+    Ok((msg.bytes, fds, msg.flags.contains(MsgFlags::MSG_CTRUNC)))
 }
 
 /// Connects to a SOCK_STREAM socket at `path`.
