@@ -234,13 +234,14 @@ pub(crate) enum LocalCommand {
 
 /// `ztunnel local restart`: each node's part (or `node`'s) in turn, then the control plane.
 fn restart(c: &Config, part: Part, node: Option<&str>, kill: bool) -> Result<(), Error> {
-    let (what, stop) = match (part, kill) {
-        (_, true) => (part, mesh::Stop::Kill),
-        (Part::Ztunnel, false) => (part, mesh::Stop::Rolling),
-        (_, false) => (part, mesh::Stop::Graceful),
+    let stop = match (part, kill) {
+        (_, true) => mesh::Stop::Kill,
+        (Part::Ztunnel, false) => mesh::Stop::Rolling,
+        (_, false) => mesh::Stop::Graceful,
     };
     let running = mesh::load(c).map_err(Error::Local)?;
-    let nodes: Vec<String> = match (what, node) {
+    // The nodes whose part restarts; the control plane's is the host's (no node).
+    let nodes: Vec<Option<String>> = match (part, node) {
         (Part::Controlplane, Some(n)) => {
             return Err(Error::Flag {
                 flag: "--node",
@@ -248,7 +249,7 @@ fn restart(c: &Config, part: Part, node: Option<&str>, kill: bool) -> Result<(),
                 reason: "the control plane runs on the host, not on a node".into(),
             });
         }
-        (Part::Controlplane, None) => vec![String::new()],
+        (Part::Controlplane, None) => vec![None],
         (_, Some(n)) if running.node_index(n).is_none() => {
             return Err(Error::Flag {
                 flag: "--node",
@@ -256,19 +257,19 @@ fn restart(c: &Config, part: Part, node: Option<&str>, kill: bool) -> Result<(),
                 reason: format!("no such node (the mesh has {})", running.nodes.join(", ")),
             });
         }
-        (_, Some(n)) => vec![n.to_owned()],
-        (_, None) => running.nodes.clone(),
+        (_, Some(n)) => vec![Some(n.to_owned())],
+        (_, None) => running.nodes.iter().cloned().map(Some).collect(),
     };
-    for n in &nodes {
-        let (mesh_part, on) = match what {
-            Part::Ztunnel => (mesh::Part::Proxy, Some(n.as_str())),
-            Part::NodeAgent => (mesh::Part::NodeAgent, Some(n.as_str())),
-            Part::Controlplane => (mesh::Part::ControlPlane, None),
-        };
+    let mesh_part = match part {
+        Part::Ztunnel => mesh::Part::Proxy,
+        Part::NodeAgent => mesh::Part::NodeAgent,
+        Part::Controlplane => mesh::Part::ControlPlane,
+    };
+    for on in nodes.iter().map(Option::as_deref) {
         let done = mesh::restart(c, mesh_part, on, stop).map_err(Error::Local)?;
         let whose = on.map_or_else(
             || "the control plane".to_owned(),
-            |n| format!("{n}'s {}", what.as_str()),
+            |n| format!("{n}'s {}", part.as_str()),
         );
         say(&format!(
             "{whose}: {:?} -> pid {} ({}; the old one gone {:.1} s after its signal)",
