@@ -11,6 +11,7 @@
 
 use std::future::Future;
 use std::io;
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -18,6 +19,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::Tunnel;
+use crate::moving::{Copied, CopyState, MovedTunnel, Step};
 
 const INITIAL_BUFFER: usize = 1024;
 const MAX_BUFFER: usize = 256 * 1024;
@@ -124,30 +126,128 @@ where
     X: Pump<A, B> + 'a,
     Y: Pump<B, A> + 'a,
 {
+    std::future::poll_fn(move |cx| poll_both(cx, &mut *a, &mut *b, &mut a_to_b, &mut b_to_a))
+}
+
+/// One step of both directions: Ready once both have finished or one has failed.
+fn poll_both<A, B, X, Y>(
+    cx: &mut Context<'_>,
+    a: &mut A,
+    b: &mut B,
+    a_to_b: &mut X,
+    b_to_a: &mut Y,
+) -> Poll<Result<Transferred, CopyError>>
+where
+    A: ?Sized,
+    B: ?Sized,
+    X: Pump<A, B>,
+    Y: Pump<B, A>,
+{
+    let ab = a_to_b.poll(cx, &mut *a, &mut *b);
+    let ba = match ab {
+        Poll::Ready(Err(_)) => Poll::Pending,
+        _ => b_to_a.poll(cx, &mut *b, &mut *a),
+    };
+    let transferred = Transferred {
+        a_to_b: a_to_b.amount(),
+        b_to_a: b_to_a.amount(),
+    };
+    let failed = |direction, (operation, source)| {
+        Poll::Ready(Err(CopyError {
+            direction,
+            operation,
+            transferred,
+            source,
+        }))
+    };
+    match (ab, ba) {
+        (Poll::Ready(Err(e)), _) => failed(Direction::AToB, e),
+        (_, Poll::Ready(Err(e))) => failed(Direction::BToA, e),
+        (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Poll::Ready(Ok(transferred)),
+        _ => Poll::Pending,
+    }
+}
+
+/// [`copy_tunnel_bidirectional`] for a connection that may move to another process (see
+/// [`crate::handoff`]): when it moves, the copy stops between two steps, hands its state, a
+/// duplicate of `stream`'s descriptor and `memo` to the move, and ends with
+/// [`Copied::Moved`]. `resumed` goes on with a copy that another process handed over (from
+/// [`AdoptedTunnel`](crate::handoff::AdoptedTunnel)). On a connection that never moves this
+/// is the same copy, one atomic load per step dearer.
+pub fn copy_tunnel_movable<'a, S>(
+    tunnel: &'a mut Tunnel,
+    stream: &'a mut S,
+    memo: Vec<u8>,
+    resumed: Option<CopyState>,
+) -> impl Future<Output = Result<Copied, CopyError>> + 'a
+where
+    S: AsyncRead + AsyncWrite + AsFd + Unpin + ?Sized,
+{
+    let (mut from, mut into) = match resumed {
+        None => (FromTunnel::default(), IntoTunnel::default()),
+        Some(state) => (
+            FromTunnel {
+                chunk: Bytes::from(state.to_app),
+                eof: state.to_app_eof,
+                finished: state.to_app_done,
+                needs_flush: false,
+                amount: state.transferred.a_to_b,
+            },
+            IntoTunnel {
+                staged: Bytes::from(state.from_app),
+                eof: state.from_app_eof,
+                finished: state.from_app_done,
+                amount: state.transferred.b_to_a,
+                ..IntoTunnel::default()
+            },
+        ),
+    };
+    let mut watch = tunnel.watch();
+    let mut memo = Some(memo);
     std::future::poll_fn(move |cx| {
-        let ab = a_to_b.poll(cx, &mut *a, &mut *b);
-        let ba = match ab {
-            Poll::Ready(Err(_)) => Poll::Pending,
-            _ => b_to_a.poll(cx, &mut *b, &mut *a),
-        };
-        let transferred = Transferred {
-            a_to_b: a_to_b.amount(),
-            b_to_a: b_to_a.amount(),
-        };
-        let failed = |direction, (operation, source)| {
-            Poll::Ready(Err(CopyError {
-                direction,
-                operation,
-                transferred,
-                source,
-            }))
-        };
-        match (ab, ba) {
-            (Poll::Ready(Err(e)), _) => failed(Direction::AToB, e),
-            (_, Poll::Ready(Err(e))) => failed(Direction::BToA, e),
-            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Poll::Ready(Ok(transferred)),
-            _ => Poll::Pending,
+        match watch.step(cx.waker(), into.read_error.is_none()) {
+            Step::Copy => {}
+            Step::Wait => return Poll::Pending,
+            Step::HandOver => {
+                let transferred = Transferred {
+                    a_to_b: from.amount,
+                    b_to_a: into.amount,
+                };
+                let app = stream
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|source| CopyError {
+                        direction: Direction::AToB,
+                        operation: Operation::Write,
+                        transferred,
+                        source,
+                    })?;
+                let mut to_app = std::mem::take(&mut from.chunk).to_vec();
+                to_app.extend_from_slice(&tunnel.take_pending());
+                watch.hand_over(MovedTunnel {
+                    stream_id: tunnel.stream_id(),
+                    app,
+                    copy: CopyState {
+                        to_app,
+                        to_app_eof: from.eof || tunnel.read_eof(),
+                        to_app_done: from.finished,
+                        from_app: std::mem::take(&mut into.staged).to_vec(),
+                        from_app_eof: into.eof,
+                        from_app_done: into.finished,
+                        transferred,
+                    },
+                    memo: memo.take().unwrap_or_default(),
+                });
+                return Poll::Ready(Ok(Copied::Moved(transferred)));
+            }
         }
+        let step = poll_both(cx, &mut *tunnel, &mut *stream, &mut from, &mut into);
+        if step.is_pending() && watch.phase_changed() {
+            // A move began while this step ran: its wake-up may have come before our waker was
+            // registered where it looked; step again to see it.
+            cx.waker().wake_by_ref();
+        }
+        step.map(|r| r.map(Copied::Done))
     })
 }
 

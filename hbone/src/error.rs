@@ -21,6 +21,19 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A connection handed over by another process could not be taken on (its state did not
+    /// check out, or its socket could not be used); it is closed.
+    #[error(
+        "HBONE {side}: a connection with {peer} handed over by another process was refused: {reason}"
+    )]
+    Adopt {
+        /// Which end we are.
+        side: Side,
+        /// The other end (unspecified when the socket did not say).
+        peer: SocketAddr,
+        /// What was wrong with it.
+        reason: String,
+    },
     /// The TLS handshake failed (bad certificate, unknown root, wrong identity, ...).
     #[error("HBONE {side}: TLS handshake with {peer} failed: {source}")]
     Tls {

@@ -83,6 +83,7 @@ mod error;
 mod fuzz;
 pub mod headers;
 mod keepalive;
+mod moving;
 mod pool;
 mod server;
 mod tls;
@@ -106,11 +107,23 @@ pub use server::{ConnectHandler, InboundConnect, Server, ServerTls};
 pub use tls::{HandshakeProgress, fuzz_tls_handshake, fuzz_tls_records};
 pub use tunnel::Tunnel;
 
-/// Moving live connections to another process (a proxy upgraded without dropping them): the
-/// state a TLS connection and its HTTP/2 session are taken apart into and put together from. A connection can move only
-/// when its rustls configuration logged its traffic secrets to [`handoff::traffic_secret_log`]
-/// (set it as the configuration's `key_log`); nothing is written anywhere by it.
+/// Moving live connections to another process (a proxy upgraded without dropping them).
+///
+/// The old process calls [`Server::hand_off`]: each connection's tunnels, joined to their
+/// application sockets by [`handoff::copy_tunnel_movable`], pause between two steps; the
+/// connection is taken apart into a [`handoff::MovedConnection`] (its socket, its TLS and HTTP/2
+/// state, each tunnel's copy state and a duplicate of its application socket), and the copies
+/// end with [`handoff::Copied::Moved`]. Sending that to the new process is the caller's part;
+/// there [`Server::adopt`] serves the connection again and returns its tunnels, whose copies go
+/// on from where they stopped. A connection can move only when the server's [`Config::movable`]
+/// is set and its rustls configuration logs its traffic secrets to
+/// [`handoff::traffic_secret_log`] (set it as the configuration's `key_log`; nothing is written
+/// anywhere by it). A connection that cannot move in time (a handshake or a request in
+/// progress, a tunnel copied some other way) stays, and goes on as before.
 pub mod handoff {
+    pub use crate::copy::copy_tunnel_movable;
+    pub use crate::moving::{Copied, CopyState, MovedTunnel};
+    pub use crate::server::handoff::{AdoptedTunnel, HandOff, MovedConnection};
     pub use crate::tls::{TlsState, traffic_secret_log};
     pub use crate::wire::conn::ConnectionState;
     pub use crate::wire::session::{SessionState, StreamState};

@@ -40,6 +40,38 @@ impl Tunnel {
         }
     }
 
+    /// A tunnel of a moved connection, as the other process left it: whether the peer's end was
+    /// read and whether ours was sent.
+    pub(crate) fn moved(stream: StreamRef, read_eof: bool, write_closed: bool) -> Self {
+        Tunnel {
+            stream,
+            pending: Bytes::new(),
+            read_eof,
+            write_closed,
+            _slot: None,
+        }
+    }
+
+    /// The HTTP/2 stream's id.
+    pub(crate) fn stream_id(&self) -> u32 {
+        self.stream.id()
+    }
+
+    /// Whether the peer's end (END_STREAM) has been read.
+    pub(crate) fn read_eof(&self) -> bool {
+        self.read_eof
+    }
+
+    /// Received bytes a reader has not taken yet, taken.
+    pub(crate) fn take_pending(&mut self) -> Bytes {
+        std::mem::take(&mut self.pending)
+    }
+
+    /// A copy loop's registration with the connection's mover.
+    pub(crate) fn watch(&self) -> crate::moving::Watch {
+        self.stream.watch()
+    }
+
     /// Aborts the tunnel: sends RST_STREAM with CANCEL so the peer sees an error, not a close.
     pub fn abort(self) {
         self.stream.cancel();

@@ -82,13 +82,6 @@ impl std::fmt::Debug for TlsState {
 }
 
 /// Moving a connection to another process.
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "the HTTP/2 connection's handoff is what will call it"
-    )
-)]
 impl<T> TlsStream<T> {
     /// Takes the connection apart for another process. Refused (the connection handed back
     /// whole) when it cannot be moved: its secrets were not captured, or it has failed.

@@ -58,6 +58,10 @@ struct State {
     driver: Option<Waker>,
     /// Writers waiting for `out` to drain.
     write_blocked: Vec<Waker>,
+    /// The copy loops of this connection's tunnels, for a move to another process.
+    mover: Arc<crate::moving::Mover>,
+    /// Taken apart for another process.
+    moved: bool,
 }
 
 /// One stream of a [`Connection`]: a tunnel's half of the state.
@@ -88,6 +92,8 @@ impl Connection {
                 rbuf: BytesMut::new(),
                 driver: None,
                 write_blocked: Vec::new(),
+                mover: Arc::default(),
+                moved: false,
             })),
         }
     }
@@ -347,6 +353,16 @@ impl State {
 }
 
 impl StreamRef {
+    /// The stream's id.
+    pub(crate) fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// A copy loop's registration with the connection's mover.
+    pub(crate) fn watch(&self) -> crate::moving::Watch {
+        crate::moving::Watch::new(self.conn.lock().mover.clone(), self.id)
+    }
+
     /// Server: answers the request. `end_stream` refuses it (no tunnel follows): that answer
     /// leaves at once. An acceptance leaves when the caller's task next yields (the driver
     /// writes it), or with the tunnel's first write, whichever comes first: bytes that came with

@@ -6,6 +6,7 @@
 //! was copied before, so the other process answers for everything from then on.
 
 use std::any::Any;
+use std::time::Duration;
 
 use super::*;
 use crate::transport::Apart;
@@ -22,6 +23,19 @@ pub struct ConnectionState {
     pub received: Vec<u8>,
 }
 
+/// A connection taken apart, with what its tunnels' copy loops handed over.
+pub(crate) struct Moved {
+    /// What it ran on.
+    pub(crate) socket: Box<dyn Any + Send>,
+    /// Its state.
+    pub(crate) state: ConnectionState,
+    /// Its tunnels, in stream order; a stream without one is to be reset.
+    pub(crate) tunnels: Vec<crate::moving::MovedTunnel>,
+}
+
+/// How often a move waiting for the session to settle looks again.
+const SETTLE_CHECK: Duration = Duration::from_millis(10);
+
 /// Why a connection was not taken apart: it goes on here as it was.
 #[derive(Debug)]
 pub(crate) struct NotMoved(pub(crate) String);
@@ -32,20 +46,25 @@ impl std::fmt::Display for NotMoved {
     }
 }
 
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "the pool's and server's handoff is what will call it"
-    )
-)]
 impl Connection {
     /// Takes the connection apart: the socket it ran on (a `tokio::net::TcpStream` in
     /// production) and its state. Refused, the connection untouched, when its session has not
     /// settled or its byte stream cannot move.
+    #[cfg(test)]
     pub(crate) fn take_apart(&self) -> Result<(Box<dyn Any + Send>, ConnectionState), NotMoved> {
+        self.take_apart_if(|_| Ok(()))
+    }
+
+    /// [`Connection::take_apart`], once `ready` agrees, under the same lock, on the streams to
+    /// be moved (their ids in order).
+    fn take_apart_if(
+        &self,
+        ready: impl FnOnce(&[u32]) -> Result<(), String>,
+    ) -> Result<(Box<dyn Any + Send>, ConnectionState), NotMoved> {
         let mut st = self.lock();
         let session = st.session.state().map_err(NotMoved)?;
+        let ids: Vec<u32> = session.streams.iter().map(|s| s.id).collect();
+        ready(&ids).map_err(NotMoved)?;
         let Some(io) = st.io.take() else {
             return Err(NotMoved("the connection is closed".into()));
         };
@@ -63,6 +82,7 @@ impl Connection {
                     detail: "the HBONE connection moved to another process".to_owned(),
                 });
                 st.session.out.clear();
+                st.moved = true;
                 st.wake_driver();
                 for w in st.write_blocked.drain(..) {
                     w.wake();
@@ -77,6 +97,71 @@ impl Connection {
                 ))
             }
         }
+    }
+
+    /// Moves the connection out with its tunnels: asks each stream's copy loop to pause; once
+    /// every stream of the connection has a paused loop and the session has settled, takes the
+    /// connection apart and collects what each loop hands over. Refused, every loop resumed
+    /// and the connection going on here, when that does not happen within `patience`.
+    /// A loop that does not hand over within `patience` after the taking (its task gone) leaves
+    /// its stream without a tunnel: the other process resets it.
+    pub(crate) async fn hand_off(&self, patience: Duration) -> Result<Moved, NotMoved> {
+        let mover = self.lock().mover.clone();
+        mover.pause();
+        let deadline = tokio::time::Instant::now() + patience;
+        let (socket, state) = loop {
+            let changed = mover.changed();
+            let ready = |ids: &[u32]| {
+                mover
+                    .all_paused(ids.iter().copied())
+                    .map_err(|id| format!("stream {id}'s copy did not pause"))
+            };
+            match self.take_apart_if(ready) {
+                Ok(taken) => break taken,
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    mover.resume();
+                    return Err(e);
+                }
+                // Paused loops say so; the session settles without a word (a frame's end, a
+                // stream answered): look again soon either way.
+                Err(_) => {
+                    let _ = tokio::time::timeout_at(
+                        deadline.min(tokio::time::Instant::now() + SETTLE_CHECK),
+                        changed,
+                    )
+                    .await;
+                }
+            }
+        };
+        mover.take();
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut tunnels = Vec::with_capacity(state.session.streams.len());
+        for stream in &state.session.streams {
+            loop {
+                let changed = mover.changed();
+                if let Some(tunnel) = mover.taken(stream.id) {
+                    tunnels.push(tunnel);
+                    break;
+                }
+                if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                    tracing::warn!(
+                        stream = stream.id,
+                        "HBONE handoff: a tunnel's copy did not hand over; the new process resets its stream"
+                    );
+                    break;
+                }
+            }
+        }
+        Ok(Moved {
+            socket,
+            state,
+            tunnels,
+        })
+    }
+
+    /// Whether the connection was taken apart for another process.
+    pub(crate) fn has_moved(&self) -> bool {
+        self.lock().moved
     }
 
     /// A connection handed over by another process, on `io` (its byte stream put together
@@ -104,6 +189,8 @@ impl Connection {
                 rbuf: BytesMut::from(&received[..]),
                 driver: None,
                 write_blocked: Vec::new(),
+                mover: Arc::default(),
+                moved: false,
             })),
         };
         let streams = ids

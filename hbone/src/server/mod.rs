@@ -30,6 +30,8 @@ use crate::tunnel::{Tunnel, failure_to_io};
 use crate::wire::conn::{Connection, Request, StreamRef};
 use crate::wire::session::{Failure, Limits, Role};
 
+pub(crate) mod handoff;
+
 /// A TLS record header: what the server reads of a new connection before it allocates anything.
 const TLS_RECORD_HEADER: usize = 5;
 
@@ -118,6 +120,8 @@ struct ServerInner<H> {
     handshakes: Semaphore,
     /// Set by [`Server::go_away`]: every connection goes away gracefully.
     going_away: watch::Sender<bool>,
+    /// The connections being served, for a handoff.
+    live: handoff::Live,
 }
 
 /// How often a connection that has gone away checks whether its last stream is done.
@@ -180,6 +184,7 @@ impl<H: ConnectHandler> Server<H> {
                 handler,
                 handshakes,
                 going_away: watch::Sender::new(false),
+                live: handoff::Live::default(),
             }),
         }
     }
@@ -317,12 +322,28 @@ impl<H: ConnectHandler> Server<H> {
     where
         T: crate::transport::Io,
     {
-        let cfg = &self.inner.config;
         let peer_info = Arc::new(PeerInfo {
             certificates: certs,
             memo: std::sync::OnceLock::new(),
         });
-        let connection = Connection::new(Role::Server, Limits::from_config(cfg), io);
+        // Only a connection over TCP can move to another process (its socket goes along).
+        let movable = std::any::TypeId::of::<T>()
+            == std::any::TypeId::of::<crate::tls::TlsStream<TcpStream>>();
+        let connection = Connection::new(Role::Server, Limits::from_config(&self.inner.config), io);
+        self.run(connection, movable, local, peer, peer_info).await
+    }
+
+    /// Serves an HTTP/2 connection, new or handed over, to its end.
+    async fn run(
+        &self,
+        connection: Connection,
+        movable: bool,
+        local: SocketAddr,
+        peer: SocketAddr,
+        peer_info: Arc<PeerInfo>,
+    ) -> Result<(), Error> {
+        let cfg = &self.inner.config;
+        let _live = movable.then(|| self.inner.live.add(&connection, peer));
         let drive = connection.drive();
         tokio::pin!(drive);
         // The client's preface and SETTINGS must arrive within the HTTP/2 handshake limit.
@@ -385,6 +406,8 @@ impl<H: ConnectHandler> Server<H> {
             }
         };
         match ended {
+            // Handed over to another process, which serves it from now on.
+            Err(_) if connection.has_moved() => Ok(()),
             // Closed by us: give the driver a moment to send the GOAWAY.
             Ok(Some(error)) => {
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drive).await;

@@ -1,0 +1,258 @@
+//! Moving a connection's tunnels along with it: the copy loops joining each tunnel to its
+//! application socket stop between two steps, and what they hold (bytes read and not yet
+//! written, the ends already seen, a duplicate of the application socket) goes with the
+//! connection to the other process.
+//!
+//! A [`Mover`] belongs to one HTTP/2 connection. Its copy loops ([`copy_tunnel_movable`]
+//! (crate::handoff::copy_tunnel_movable)) register with it and look at its phase before each step:
+//!
+//! - running: they copy;
+//! - pausing: they stop where they are and say so (the connection may still move or not);
+//! - taking: the connection has been taken apart; each loop hands its state over and ends with
+//!   [`Copied::Moved`].
+//!
+//! Taking happens only once every stream of the connection has a paused loop, so nothing is
+//! half-copied; a connection whose loops do not all pause in time resumes them and stays.
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Waker;
+
+use crate::copy::Transferred;
+
+const RUNNING: u8 = 0;
+const PAUSING: u8 = 1;
+const TAKING: u8 = 2;
+
+/// Where a copy loop stands with respect to a move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Copy.
+    Running,
+    /// Stop between two steps and wait.
+    Pausing,
+    /// Hand the state over and end.
+    Taking,
+}
+
+/// The copy loops of one connection, and the move they take part in.
+#[derive(Debug, Default)]
+pub(crate) struct Mover {
+    phase: AtomicU8,
+    inner: Mutex<Inner>,
+    /// Woken when a loop pauses or hands its state over.
+    changed: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// The running copy loops, by stream id, with the waker of their task.
+    copies: HashMap<u32, Waker>,
+    /// The loops that have paused.
+    paused: HashSet<u32>,
+    /// What the loops handed over, by stream id.
+    taken: HashMap<u32, MovedTunnel>,
+}
+
+impl Mover {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::SeqCst) {
+            RUNNING => Phase::Running,
+            PAUSING => Phase::Pausing,
+            _ => Phase::Taking,
+        }
+    }
+
+    /// A copy loop on stream `id` runs in the task `waker` wakes.
+    pub(crate) fn register(&self, id: u32, waker: &Waker) {
+        self.lock().copies.insert(id, waker.clone());
+    }
+
+    /// The copy loop on stream `id` has ended (or handed over).
+    pub(crate) fn unregister(&self, id: u32) {
+        let mut inner = self.lock();
+        inner.copies.remove(&id);
+        inner.paused.remove(&id);
+    }
+
+    /// The copy loop on stream `id` stopped where it was.
+    pub(crate) fn paused(&self, id: u32) {
+        if self.lock().paused.insert(id) {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// The copy loop on stream `id` hands over its state.
+    pub(crate) fn hand_over(&self, id: u32, tunnel: MovedTunnel) {
+        let mut inner = self.lock();
+        inner.taken.insert(id, tunnel);
+        inner.copies.remove(&id);
+        inner.paused.remove(&id);
+        drop(inner);
+        self.changed.notify_waiters();
+    }
+
+    fn set(&self, phase: u8) {
+        self.phase.store(phase, Ordering::SeqCst);
+        let inner = self.lock();
+        for waker in inner.copies.values() {
+            waker.wake_by_ref();
+        }
+    }
+
+    /// Asks every copy loop to stop between two steps.
+    pub(crate) fn pause(&self) {
+        self.set(PAUSING);
+    }
+
+    /// Lets the paused loops go on: the connection stays here.
+    pub(crate) fn resume(&self) {
+        self.lock().paused.clear();
+        self.set(RUNNING);
+    }
+
+    /// Asks the paused loops for their state: the connection has been taken apart.
+    pub(crate) fn take(&self) {
+        self.set(TAKING);
+    }
+
+    /// Whether every id in `streams` has a paused copy loop.
+    pub(crate) fn all_paused(&self, streams: impl IntoIterator<Item = u32>) -> Result<(), u32> {
+        let inner = self.lock();
+        for id in streams {
+            if !inner.paused.contains(&id) {
+                return Err(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// What the loop of stream `id` handed over, if it has.
+    pub(crate) fn taken(&self, id: u32) -> Option<MovedTunnel> {
+        self.lock().taken.remove(&id)
+    }
+
+    /// A future that completes at the next pause or hand-over (create it before looking).
+    pub(crate) fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+}
+
+/// One tunnel of a moved connection, as its copy loop left it.
+#[derive(Debug)]
+pub struct MovedTunnel {
+    /// The HTTP/2 stream it runs on.
+    pub stream_id: u32,
+    /// The application's side of the copy: a duplicate of its socket's descriptor.
+    pub app: OwnedFd,
+    /// Where the copy stood.
+    pub copy: CopyState,
+    /// What the application attached to the copy when it started it (see
+    /// [`copy_tunnel_movable`](crate::handoff::copy_tunnel_movable)), for the other process.
+    pub memo: Vec<u8>,
+}
+
+/// Where a copy between a tunnel and an application socket stood when it stopped: enough for
+/// another process to go on with it, not a byte lost or repeated.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CopyState {
+    /// Received from the tunnel and not yet written to the application.
+    pub to_app: Vec<u8>,
+    /// The tunnel's peer has ended its side (END_STREAM read); the application gets a FIN
+    /// after `to_app`.
+    pub to_app_eof: bool,
+    /// The application got that FIN.
+    pub to_app_done: bool,
+    /// Read from the application and not yet sent into the tunnel.
+    pub from_app: Vec<u8>,
+    /// The application has ended its side; END_STREAM follows `from_app`.
+    pub from_app_eof: bool,
+    /// END_STREAM was sent.
+    pub from_app_done: bool,
+    /// Bytes moved so far each way.
+    pub transferred: Transferred,
+}
+
+/// How a movable copy ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Copied {
+    /// Both directions reached their end: what moved.
+    Done(Transferred),
+    /// The connection moved to another process, this copy's state with it: what moved here.
+    /// The application socket still open here is a duplicate; close it without a reset.
+    Moved(Transferred),
+}
+
+/// A copy loop's registration with its connection's [`Mover`]; unregisters when dropped.
+pub(crate) struct Watch {
+    mover: Arc<Mover>,
+    id: u32,
+    waker: Option<Waker>,
+    paused: bool,
+}
+
+/// What a copy loop does at its next step.
+pub(crate) enum Step {
+    Copy,
+    Wait,
+    HandOver,
+}
+
+impl Watch {
+    pub(crate) fn new(mover: Arc<Mover>, id: u32) -> Watch {
+        Watch {
+            mover,
+            id,
+            waker: None,
+            paused: false,
+        }
+    }
+
+    /// Looks at the phase before a step; `can_pause` says whether the loop stands where it may
+    /// stop (a loop that has seen an error it has not yet reported goes on to report it).
+    pub(crate) fn step(&mut self, waker: &Waker, can_pause: bool) -> Step {
+        if !self.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            self.mover.register(self.id, waker);
+            self.waker = Some(waker.clone());
+        }
+        match self.mover.phase() {
+            Phase::Running => {
+                self.paused = false;
+                Step::Copy
+            }
+            Phase::Pausing if !can_pause => Step::Copy,
+            Phase::Pausing => {
+                // Said at every wake-up while pausing: a move given up and begun again clears
+                // what the first one was told.
+                self.paused = true;
+                self.mover.paused(self.id);
+                Step::Wait
+            }
+            Phase::Taking if self.paused => Step::HandOver,
+            // Not paused when the connection was taken apart: the taking waits for every stream's
+            // loop to pause, so this loop's stream was not part of it.
+            Phase::Taking => Step::Copy,
+        }
+    }
+
+    /// Whether a move began while the loop stepped (its wake may have been missed).
+    pub(crate) fn phase_changed(&self) -> bool {
+        self.mover.phase() != Phase::Running
+    }
+
+    pub(crate) fn hand_over(&self, tunnel: MovedTunnel) {
+        self.mover.hand_over(self.id, tunnel);
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.mover.unregister(self.id);
+    }
+}

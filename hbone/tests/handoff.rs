@@ -1,0 +1,343 @@
+//! A server's live connections, tunnels and all, handed to another server (another process in a
+//! proxy upgrade; two servers of one process here) while their bytes flow: the client and the
+//! application see every byte once, in order, and no reset.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use hbone::handoff::{Copied, HandOff, copy_tunnel_movable, traffic_secret_log};
+use hbone::{Config, InboundConnect, Server};
+use http::HeaderMap;
+use support::{Pki, authority, pool};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Socket buffers of the application's connections: small, so that a stalled flow backs up
+/// into the copies instead of into the kernel.
+const APP_BUFFER: u32 = 32 * 1024;
+
+/// The application: echoes each connection's bytes and its end.
+async fn echo_app() -> SocketAddr {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(APP_BUFFER).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(64).unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut rd, mut wr) = tcp.split();
+                tokio::io::copy(&mut rd, &mut wr).await.unwrap();
+                wr.shutdown().await.unwrap();
+            });
+        }
+    });
+    addr
+}
+
+/// How the handlers' copies ended.
+#[derive(Default)]
+struct Ends {
+    done: AtomicUsize,
+    moved: AtomicUsize,
+    failed: AtomicUsize,
+}
+
+/// A server whose handler joins each CONNECT to the app with a movable copy.
+fn server(pki: &Pki, app: SocketAddr, ends: Arc<Ends>) -> Server<impl hbone::ConnectHandler> {
+    let mut tls = (*pki.server_config()).clone();
+    tls.key_log = traffic_secret_log();
+    let mut config = Config::default();
+    config.movable = true;
+    Server::new(config, tls, move |req: InboundConnect| {
+        let ends = ends.clone();
+        async move {
+            let memo = format!("from {}", req.peer_addr()).into_bytes();
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_send_buffer_size(APP_BUFFER).unwrap();
+            let mut app = socket.connect(app).await.unwrap();
+            let mut tunnel = req.accept().unwrap();
+            let counter = match copy_tunnel_movable(&mut tunnel, &mut app, memo, None).await {
+                Ok(Copied::Done(_)) => &ends.done,
+                Ok(Copied::Moved(_)) => &ends.moved,
+                Err(_) => &ends.failed,
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    })
+}
+
+/// The byte at `at` of tunnel `n`'s stream.
+fn byte(n: usize, at: u64) -> u8 {
+    ((at + n as u64 * 7) % 251) as u8
+}
+
+/// Hands every connection of `from` to `to`, which goes on with each tunnel's copy; checks that
+/// nothing stayed and that `from`'s copies all ended as moved. Returns the moved connections'
+/// tunnel states (for the test to see what was in flight) and the resumed copies.
+async fn move_all<H: hbone::ConnectHandler>(
+    from: &Server<H>,
+    from_ends: &Ends,
+    to: &Server<H>,
+    to_ends: &Arc<Ends>,
+    tunnels: usize,
+) -> (
+    Vec<hbone::handoff::CopyState>,
+    Vec<tokio::task::JoinHandle<Result<Copied, hbone::CopyError>>>,
+) {
+    let moved_before = from_ends.moved.load(Ordering::SeqCst);
+    let HandOff { moved, stayed } = from.hand_off(Duration::from_secs(5)).await;
+    assert!(stayed.is_empty(), "connections stayed: {stayed:?}");
+    assert_eq!(moved.len(), 1, "the pool's one connection");
+    let mut states = Vec::new();
+    let mut resumed = Vec::new();
+    for connection in moved {
+        assert_eq!(connection.tunnels.len(), tunnels);
+        for adopted in to.adopt(connection).unwrap() {
+            assert!(
+                String::from_utf8_lossy(&adopted.memo).starts_with("from 127.0.0.1:"),
+                "the memo came along: {:?}",
+                adopted.memo
+            );
+            states.push(adopted.copy.clone());
+            let ends = to_ends.clone();
+            resumed.push(tokio::spawn(async move {
+                let mut tunnel = adopted.tunnel;
+                let mut app = TcpStream::from_std(adopted.app).unwrap();
+                let copied =
+                    copy_tunnel_movable(&mut tunnel, &mut app, adopted.memo, Some(adopted.copy))
+                        .await;
+                let counter = match copied {
+                    Ok(Copied::Done(_)) => &ends.done,
+                    Ok(Copied::Moved(_)) => &ends.moved,
+                    Err(_) => &ends.failed,
+                };
+                counter.fetch_add(1, Ordering::SeqCst);
+                copied
+            }));
+        }
+    }
+    // Each old copy handed over, then ended (its task may finish just after the handoff).
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while from_ends.moved.load(Ordering::SeqCst) < moved_before + tunnels {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the old copies did not end as moved");
+    (states, resumed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_tunnels_move_to_another_server_and_on_to_a_third_without_a_byte_lost_or_a_reset() {
+    // A lost or changed byte stops a reader, which stops its writer: fail, do not hang.
+    tokio::time::timeout(Duration::from_secs(60), two_moves())
+        .await
+        .expect("the tunnels did not finish");
+}
+
+async fn two_moves() {
+    const TUNNELS: usize = 6;
+    let pki = Pki::new();
+    let app = echo_app().await;
+    let ends: Vec<Arc<Ends>> = (0..3).map(|_| Arc::new(Ends::default())).collect();
+    let servers: Vec<_> = ends.iter().map(|e| server(&pki, app, e.clone())).collect();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let serving = servers[0].clone();
+    tokio::spawn(async move { serving.serve(listener).await });
+
+    let pool = Arc::new(pool(&pki, Config::default()));
+    // Bytes each tunnel has had echoed; whether the writers should stop; whether the readers
+    // read (while they do not, the writers write as much as the windows and buffers take).
+    let echoed: Arc<Vec<AtomicU64>> = Arc::new((0..TUNNELS).map(|_| AtomicU64::new(0)).collect());
+    let stopping = Arc::new(AtomicBool::new(false));
+    let (reading, _) = tokio::sync::watch::channel(true);
+    let mut clients = Vec::new();
+    for n in 0..TUNNELS {
+        let tunnel = pool
+            .connect("k", addr, &authority(), HeaderMap::new())
+            .await
+            .unwrap();
+        let (mut rd, mut wr) = tokio::io::split(tunnel);
+        let (echoes, stopping, gate) = (echoed.clone(), stopping.clone(), reading.subscribe());
+        let writer = tokio::spawn(async move {
+            let echoed = echoes;
+            let mut sent = 0u64;
+            while !stopping.load(Ordering::SeqCst) {
+                let chunk: Vec<u8> = (sent..sent + 3000).map(|at| byte(n, at)).collect();
+                wr.write_all(&chunk).await.unwrap();
+                sent += chunk.len() as u64;
+                // Not far ahead of the echo while it is read.
+                while *gate.borrow() && sent - echoed[n].load(Ordering::SeqCst) > 200_000 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+            wr.shutdown().await.unwrap();
+            sent
+        });
+        let (echoed, mut gate) = (echoed.clone(), reading.subscribe());
+        let reader = tokio::spawn(async move {
+            let mut at = 0u64;
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                gate.wait_for(|reading| *reading).await.unwrap();
+                let got = rd
+                    .read(&mut buf)
+                    .await
+                    .unwrap_or_else(|e| panic!("tunnel {n} after {at} bytes: {e}"));
+                if got == 0 {
+                    return at;
+                }
+                for &b in &buf[..got] {
+                    assert_eq!(b, byte(n, at), "tunnel {n}: byte {at} changed");
+                    at += 1;
+                }
+                echoed[n].store(at, Ordering::SeqCst);
+            }
+        });
+        clients.push((writer, reader));
+    }
+    let echoed_at_least = |least: u64| {
+        let echoed = echoed.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(20), async {
+                while echoed.iter().any(|e| e.load(Ordering::SeqCst) < least) {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .expect("the tunnels stalled");
+        }
+    };
+    let most_echoed = || {
+        echoed
+            .iter()
+            .map(|e| e.load(Ordering::SeqCst))
+            .max()
+            .unwrap()
+    };
+    echoed_at_least(300_000).await;
+
+    // First move: while bytes flow both ways.
+    let (_, first) = move_all(&servers[0], &ends[0], &servers[1], &ends[1], TUNNELS).await;
+    echoed_at_least(most_echoed() + 300_000).await;
+
+    // Second move, of the adopted connection: with every buffer on the way full, so bytes sit
+    // in the copies (read from one side, not yet written to the other) when they stop.
+    reading.send_replace(false);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (states, resumed) = move_all(&servers[1], &ends[1], &servers[2], &ends[2], TUNNELS).await;
+    for copy in first {
+        assert!(matches!(copy.await.unwrap(), Ok(Copied::Moved(_))));
+    }
+    let held: Vec<(usize, usize)> = states
+        .iter()
+        .map(|s| (s.to_app.len(), s.from_app.len()))
+        .collect();
+    assert!(
+        held.iter().any(|(to, _)| *to > 0),
+        "no copy held bytes for the app (to, from): {held:?}"
+    );
+    assert!(
+        held.iter().any(|(_, from)| *from > 0),
+        "no copy held bytes from the app (to, from): {held:?}"
+    );
+    reading.send_replace(true);
+    echoed_at_least(most_echoed() + 300_000).await;
+
+    // A new tunnel on the same (moved) connection is the last server's.
+    let mut fresh = pool
+        .connect("k", addr, &authority(), HeaderMap::new())
+        .await
+        .unwrap();
+    fresh.write_all(b"after the moves").await.unwrap();
+    fresh.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    fresh.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"after the moves");
+    assert_eq!(pool.connection_count(), 1, "the client dialed again");
+
+    stopping.store(true, Ordering::SeqCst);
+    for (n, (writer, reader)) in clients.into_iter().enumerate() {
+        let sent = writer.await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(20), reader)
+            .await
+            .unwrap_or_else(|_| panic!("tunnel {n} did not end"))
+            .unwrap();
+        assert_eq!(got, sent, "tunnel {n}: sent {sent}, echoed {got}");
+    }
+    for copy in resumed {
+        assert!(matches!(copy.await.unwrap(), Ok(Copied::Done(_))));
+    }
+    assert_eq!(ends[2].done.load(Ordering::SeqCst), TUNNELS + 1);
+    for (n, e) in ends.iter().enumerate() {
+        assert_eq!(
+            e.failed.load(Ordering::SeqCst),
+            0,
+            "server {n}'s copies failed"
+        );
+    }
+    assert_eq!(ends[0].done.load(Ordering::SeqCst), 0);
+    assert_eq!(ends[1].done.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_with_a_tunnel_that_cannot_pause_stays_and_every_tunnel_goes_on() {
+    let pki = Pki::new();
+    let app = echo_app().await;
+    let mut tls = (*pki.server_config()).clone();
+    tls.key_log = traffic_secret_log();
+    let mut config = Config::default();
+    config.movable = true;
+    // Port 1's tunnels are copied the ordinary way, which a move cannot stop.
+    let server = Server::new(config, tls, move |req: InboundConnect| async move {
+        let plain = req.authority().port() == 1;
+        let mut app = TcpStream::connect(app).await.unwrap();
+        let mut tunnel = req.accept().unwrap();
+        if plain {
+            let _ = hbone::copy_tunnel_bidirectional(&mut tunnel, &mut app).await;
+        } else {
+            let copied = copy_tunnel_movable(&mut tunnel, &mut app, Vec::new(), None).await;
+            assert!(matches!(copied, Ok(Copied::Done(_))), "{copied:?}");
+        }
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let serving = server.clone();
+    tokio::spawn(async move { serving.serve(listener).await });
+    let pool = pool(&pki, Config::default());
+    let mut tunnels = Vec::new();
+    for authority in ["10.0.0.1:8080", "10.0.0.1:1"] {
+        let authority = authority.parse().unwrap();
+        let mut tunnel = pool
+            .connect("k", addr, &authority, HeaderMap::new())
+            .await
+            .unwrap();
+        let mut back = [0u8; 6];
+        tunnel.write_all(b"before").await.unwrap();
+        tunnel.read_exact(&mut back).await.unwrap();
+        tunnels.push(tunnel);
+    }
+
+    let HandOff { moved, stayed } = server.hand_off(Duration::from_millis(300)).await;
+    assert!(moved.is_empty());
+    assert_eq!(stayed.len(), 1);
+    assert!(stayed[0].1.contains("did not pause"), "{:?}", stayed[0].1);
+
+    for mut tunnel in tunnels {
+        tunnel.write_all(b"after").await.unwrap();
+        tunnel.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), tunnel.read_to_end(&mut back))
+            .await
+            .expect("a tunnel stalled after the move was given up")
+            .unwrap();
+        assert_eq!(back, b"after");
+    }
+}
