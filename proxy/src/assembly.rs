@@ -95,7 +95,8 @@ where
         app_connector,
         |o| crate::telemetry::access_log::log_inbound(&o),
     )
-    .with_metrics(metrics.clone());
+    .with_metrics(metrics.clone())
+    .movable(hbone.movable);
     let draining = inbound.drain_switch();
     let plain = Arc::new(inbound.plain());
     let server = hbone::Server::new(hbone.clone(), tls, inbound);

@@ -5,15 +5,45 @@
 #[path = "../../fuzz/seed_corpus.rs"]
 mod seed_corpus;
 
-use hbone::handoff::{ConnectionState, SessionState, StreamState, TlsState};
+use hbone::handoff::{ConnectionState, CopyState, SessionState, StreamState, TlsState};
 use prost::Message;
 use proxy::handoff::{
-    MAX_MESSAGE, Offer, VERSION, answer, decode_answer, decode_connection, decode_offer,
-    encode_connection, proto,
+    Carried, CarriedTunnel, MAX_MESSAGE, Offer, VERSION, answer, decode_answer, decode_connection,
+    decode_offer, encode_connection, proto,
 };
 
 /// A connection with every field set to something other than its default.
-fn connection() -> ConnectionState {
+fn connection() -> Carried {
+    Carried {
+        pod: "uid-1".into(),
+        state: state(),
+        tunnels: vec![
+            CarriedTunnel {
+                stream_id: 7,
+                copy: CopyState {
+                    to_app: b"for the app".to_vec(),
+                    to_app_eof: true,
+                    to_app_done: false,
+                    from_app: b"from the app".to_vec(),
+                    from_app_eof: false,
+                    from_app_done: true,
+                    transferred: hbone::Transferred {
+                        a_to_b: 12,
+                        b_to_a: 34,
+                    },
+                },
+                memo: b"memo".to_vec(),
+            },
+            CarriedTunnel {
+                stream_id: 9,
+                copy: CopyState::default(),
+                memo: Vec::new(),
+            },
+        ],
+    }
+}
+
+fn state() -> ConnectionState {
     ConnectionState {
         tls: TlsState {
             suite: 0x1302,
@@ -89,9 +119,10 @@ fn a_connection_decodes_to_what_was_encoded() {
     );
     // Optional fields absent stay absent.
     let mut sparse = connection();
-    sparse.tls.alpn = None;
-    sparse.session.goaway_received = None;
-    sparse.session.ping_outstanding = None;
+    sparse.state.tls.alpn = None;
+    sparse.state.session.goaway_received = None;
+    sparse.state.session.ping_outstanding = None;
+    sparse.tunnels.clear();
     assert_eq!(
         decode_connection(&encode_connection(&sparse)).unwrap(),
         sparse
@@ -160,6 +191,15 @@ fn broken_and_hostile_messages_are_refused_naming_the_field() {
     let mut m = proto::Connection::decode(&good[..]).unwrap();
     m.session.as_mut().unwrap().streams = vec![proto::Stream::default(); 20_000];
     assert!(refused(&m.encode_to_vec()).contains("streams"));
+    let mut m = proto::Connection::decode(&good[..]).unwrap();
+    m.tunnels = vec![proto::Tunnel::default(); 3];
+    assert!(refused(&m.encode_to_vec()).contains("connection.tunnels: 3 tunnels on 2 streams"));
+    let mut m = proto::Connection::decode(&good[..]).unwrap();
+    m.tunnels[1].memo = vec![0; 5000];
+    assert!(refused(&m.encode_to_vec()).contains("connection.tunnels[1].memo"));
+    let mut m = proto::Connection::decode(&good[..]).unwrap();
+    m.pod = "p".repeat(300);
+    assert!(refused(&m.encode_to_vec()).contains("connection.pod"));
     assert!(refused(&vec![0u8; MAX_MESSAGE + 1]).contains("more than"));
 }
 

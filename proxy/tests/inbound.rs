@@ -386,3 +386,181 @@ impl hbone::Dialer<()> for CutDialer {
         tokio::net::TcpStream::from_std(tcp)
     }
 }
+
+/// A movable inbound HBONE server of workload `web` with its handler, and a second handler
+/// beside it for adopted tunnels: the same state, their own registry, outcomes and metrics (one
+/// proxy process of an upgrade).
+struct Movable {
+    server: Server<Inbound>,
+    resumer: Arc<Inbound>,
+    outcomes: Arc<Mutex<Vec<InboundOutcome>>>,
+    metrics: Arc<Metrics>,
+}
+
+fn movable_server(node_ca: &DevCa, store: &Arc<StateStore>) -> Movable {
+    let outcomes: Arc<Mutex<Vec<InboundOutcome>>> = Arc::default();
+    let sink = outcomes.clone();
+    let metrics = Metrics::new(HOUR);
+    let make = || {
+        let sink = sink.clone();
+        Inbound::new(
+            store.clone(),
+            Connections::new(),
+            "web",
+            DirectConnector::default(),
+            move |o| sink.lock().unwrap().push(o),
+        )
+        .with_metrics(metrics.clone())
+        .movable(true)
+    };
+    let creds = node_ca.issue(&id("web"), HOUR).unwrap();
+    let mut tls =
+        identity::tls::server_config(creds.chain, creds.key, node_ca.roots(), "cluster.local")
+            .unwrap();
+    tls.key_log = hbone::handoff::traffic_secret_log();
+    let mut config = Config::default();
+    config.movable = true;
+    Movable {
+        server: Server::new(config, Arc::new(tls), make()),
+        resumer: Arc::new(make()),
+        outcomes,
+        metrics,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_inbound_tunnels_move_to_another_handler_which_checks_the_policy_again() {
+    let app = echo_app(LOOPBACK).await;
+    let ca = DevCa::generate("cluster.local").unwrap();
+    let store = Arc::new(StateStore::new(State::new("istio-system")));
+    store.update(|s| {
+        s.insert_address(Address::Workload(web(&["default/allow-sleep"])));
+        s.insert_policy(allow("allow-sleep", "sleep"));
+        s.set_synced(true);
+    });
+    let Movable {
+        server: old,
+        outcomes: old_outcomes,
+        metrics: old_metrics,
+        ..
+    } = movable_server(&ca, &store);
+    let Movable {
+        server: new_server,
+        resumer: new_inbound,
+        outcomes: new_outcomes,
+        ..
+    } = movable_server(&ca, &store);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let serving = old.clone();
+    tokio::spawn(async move { serving.serve(listener).await });
+    let authority: Authority = app.to_string().parse().unwrap();
+    let pool = client(&ca, "sleep");
+    let mut tunnels = Vec::new();
+    for n in 0..3u8 {
+        let mut t = pool
+            .connect((), addr, &authority, HeaderMap::new())
+            .await
+            .unwrap();
+        let mut back = [0u8; 5];
+        t.write_all(&[n; 5]).await.unwrap();
+        t.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, [n; 5]);
+        tunnels.push(t);
+    }
+
+    let handed = old.hand_off(Duration::from_secs(5)).await;
+    assert!(handed.stayed.is_empty(), "{:?}", handed.stayed);
+    let mut adopted = Vec::new();
+    for connection in handed.moved {
+        adopted.extend(new_server.adopt(connection).unwrap());
+    }
+    assert_eq!(adopted.len(), 3);
+    // The last one finds the policy changed before it goes on: it is closed, as the change
+    // would have closed it in the old process.
+    let last = adopted.pop().unwrap();
+    for tunnel in adopted {
+        let inbound = new_inbound.clone();
+        tokio::spawn(async move { inbound.resume(tunnel).await });
+    }
+    // Through their admission here (a round trip) before the policy changes.
+    for (n, t) in tunnels.iter_mut().take(2).enumerate() {
+        let mut back = [0u8; 2];
+        t.write_all(&[n as u8 + 10; 2]).await.unwrap();
+        t.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, [n as u8 + 10; 2]);
+    }
+    store.update(|s| s.insert_policy(allow("allow-sleep", "notsleep")));
+    let inbound = new_inbound.clone();
+    tokio::spawn(async move { inbound.resume(last).await });
+
+    let mut tunnels = tunnels.into_iter();
+    for n in 0..2u8 {
+        let mut t = tunnels.next().unwrap();
+        t.write_all(&[n + 10; 5]).await.unwrap();
+        t.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), t.read_to_end(&mut back))
+            .await
+            .expect("a moved tunnel stalled")
+            .unwrap();
+        assert_eq!(back, [n + 10; 5]);
+    }
+    let mut closed = tunnels.next().unwrap();
+    let mut back = Vec::new();
+    let cut = tokio::time::timeout(Duration::from_secs(10), closed.read_to_end(&mut back))
+        .await
+        .expect("the denied tunnel was not closed");
+    assert!(cut.is_err(), "the denied tunnel ended cleanly: {back:?}");
+
+    // The new handler logs each one once, with the bytes of its whole life; the old, none.
+    let outcomes = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let o = new_outcomes.lock().unwrap().clone();
+            if o.len() == 3 {
+                return o;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the moved tunnels were not all recorded");
+    let mut bytes: Vec<(u64, u64)> = outcomes
+        .iter()
+        .filter(|o| o.error.is_none())
+        .map(|o| o.bytes)
+        .collect();
+    bytes.sort();
+    assert_eq!(bytes, [(12, 12), (12, 12)]);
+    let denied: Vec<_> = outcomes.iter().filter_map(|o| o.error.clone()).collect();
+    assert_eq!(denied.len(), 1);
+    assert!(
+        denied[0].contains("a moved tunnel was closed"),
+        "{denied:?}"
+    );
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| o.source_identity.as_deref() == Some(id("sleep").as_str()))
+    );
+    assert!(old_outcomes.lock().unwrap().is_empty());
+    let text = old_metrics.render();
+    let opened = |name: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert!(
+        opened("istio_tcp_connections_opened_total{")
+            .iter()
+            .any(|l| l.ends_with(" 3")),
+        "{text}"
+    );
+    assert!(
+        opened("istio_tcp_connections_closed_total{")
+            .iter()
+            .all(|l| l.ends_with(" 0")),
+        "the old handler counted moved tunnels closed:\n{text}"
+    );
+}

@@ -121,7 +121,8 @@ pub struct Session {
     #[prost(message, repeated, tag = "21")]
     pub streams: ::prost::alloc::vec::Vec<Stream>,
 }
-/// An HBONE connection without its socket (hbone::handoff::ConnectionState).
+/// An HBONE connection without its socket (hbone::handoff::ConnectionState), and the tunnels
+/// it carries.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Connection {
     #[prost(message, optional, tag = "1")]
@@ -130,4 +131,50 @@ pub struct Connection {
     pub session: ::core::option::Option<Session>,
     #[prost(bytes = "vec", tag = "3")]
     pub received: ::prost::alloc::vec::Vec<u8>,
+    /// The tunnels joined to an application socket, in stream order; each one's socket is passed
+    /// after the connection's own, in this order.
+    #[prost(message, repeated, tag = "4")]
+    pub tunnels: ::prost::alloc::vec::Vec<Tunnel>,
+    /// The pod (its node agent's uid) whose inbound listener accepted the connection.
+    #[prost(string, tag = "5")]
+    pub pod: ::prost::alloc::string::String,
+}
+/// Where a tunnel's copy stood (hbone::handoff::CopyState).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Tunnel {
+    #[prost(uint32, tag = "1")]
+    pub stream_id: u32,
+    #[prost(bytes = "vec", tag = "2")]
+    pub to_app: ::prost::alloc::vec::Vec<u8>,
+    #[prost(bool, tag = "3")]
+    pub to_app_eof: bool,
+    #[prost(bool, tag = "4")]
+    pub to_app_done: bool,
+    #[prost(bytes = "vec", tag = "5")]
+    pub from_app: ::prost::alloc::vec::Vec<u8>,
+    #[prost(bool, tag = "6")]
+    pub from_app_eof: bool,
+    #[prost(bool, tag = "7")]
+    pub from_app_done: bool,
+    #[prost(uint64, tag = "8")]
+    pub to_app_bytes: u64,
+    #[prost(uint64, tag = "9")]
+    pub from_app_bytes: u64,
+    /// What the inbound path knows of the connection (an InboundTunnel).
+    #[prost(bytes = "vec", tag = "10")]
+    pub memo: ::prost::alloc::vec::Vec<u8>,
+}
+/// An inbound tunnel as the proxy's inbound path knows it: for its access-log line, its
+/// metrics and the policy check the new proxy makes again before it goes on with it.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct InboundTunnel {
+    /// The client's address, ip:port.
+    #[prost(string, tag = "1")]
+    pub source: ::prost::alloc::string::String,
+    /// The CONNECT authority.
+    #[prost(string, tag = "2")]
+    pub destination: ::prost::alloc::string::String,
+    /// When the tunnel was established, in milliseconds since the Unix epoch.
+    #[prost(uint64, tag = "3")]
+    pub started_unix_ms: u64,
 }

@@ -17,6 +17,6 @@ pub use channel::{Channel, Listener, MAX_FDS};
 #[cfg(feature = "fuzzing")]
 pub use wire::fuzz_decode;
 pub use wire::{
-    Answer, MAX_MESSAGE, Offer, Refused, VERSION, answer, decode_answer, decode_connection,
-    decode_offer, encode_connection, proto,
+    Answer, Carried, CarriedTunnel, MAX_MESSAGE, Offer, Refused, VERSION, answer, decode_answer,
+    decode_connection, decode_offer, encode_connection, proto,
 };

@@ -3,7 +3,7 @@
 
 use prost::Message;
 
-use hbone::handoff::{ConnectionState, SessionState, StreamState, TlsState};
+use hbone::handoff::{ConnectionState, CopyState, SessionState, StreamState, TlsState};
 
 /// The messages, generated from `proto/handoff.proto` by `cargo run -p protogen`.
 #[allow(missing_docs, unreachable_pub, unused_qualifications, clippy::all)]
@@ -95,8 +95,38 @@ pub fn decode_answer(bytes: &[u8]) -> Result<u32, Refused> {
     }
 }
 
+/// A moved connection as the handoff carries it, its sockets aside: the pod whose listener
+/// accepted it, its state, and its tunnels (each one's application socket is passed after the
+/// connection's own, in this order).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Carried {
+    /// The pod (its node agent's uid).
+    pub pod: String,
+    /// The connection's TLS and HTTP/2 state.
+    pub state: ConnectionState,
+    /// Its tunnels, in stream order.
+    pub tunnels: Vec<CarriedTunnel>,
+}
+
+/// One tunnel of a [`Carried`] connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CarriedTunnel {
+    /// Its stream.
+    pub stream_id: u32,
+    /// Where its copy stood.
+    pub copy: CopyState,
+    /// What the inbound path attached to it.
+    pub memo: Vec<u8>,
+}
+
+/// The longest pod uid taken.
+const MAX_POD: usize = 253;
+/// The longest memo taken.
+const MAX_MEMO: usize = 4096;
+
 /// Encodes a moved connection.
-pub fn encode_connection(state: &ConnectionState) -> Vec<u8> {
+pub fn encode_connection(carried: &Carried) -> Vec<u8> {
+    let state = &carried.state;
     let tls = &state.tls;
     let s = &state.session;
     proto::Connection {
@@ -159,13 +189,30 @@ pub fn encode_connection(state: &ConnectionState) -> Vec<u8> {
                 .collect(),
         }),
         received: state.received.clone(),
+        tunnels: carried
+            .tunnels
+            .iter()
+            .map(|t| proto::Tunnel {
+                stream_id: t.stream_id,
+                to_app: t.copy.to_app.clone(),
+                to_app_eof: t.copy.to_app_eof,
+                to_app_done: t.copy.to_app_done,
+                from_app: t.copy.from_app.clone(),
+                from_app_eof: t.copy.from_app_eof,
+                from_app_done: t.copy.from_app_done,
+                to_app_bytes: t.copy.transferred.a_to_b,
+                from_app_bytes: t.copy.transferred.b_to_a,
+                memo: t.memo.clone(),
+            })
+            .collect(),
+        pod: carried.pod.clone(),
     }
     .encode_to_vec()
 }
 
 /// Decodes a moved connection, bounding the message and each field; the refusal names the
 /// field.
-pub fn decode_connection(bytes: &[u8]) -> Result<ConnectionState, Refused> {
+pub fn decode_connection(bytes: &[u8]) -> Result<Carried, Refused> {
     if bytes.len() > MAX_MESSAGE {
         return Err(refused(format!(
             "a connection of {} bytes, more than {MAX_MESSAGE}",
@@ -209,7 +256,42 @@ pub fn decode_connection(bytes: &[u8]) -> Result<ConnectionState, Refused> {
             s.streams.len()
         )));
     }
-    Ok(ConnectionState {
+    if m.tunnels.len() > s.streams.len() {
+        return Err(refused(format!(
+            "connection.tunnels: {} tunnels on {} streams",
+            m.tunnels.len(),
+            s.streams.len()
+        )));
+    }
+    if m.pod.len() > MAX_POD {
+        return Err(refused(format!("connection.pod: {} bytes", m.pod.len())));
+    }
+    let mut tunnels = Vec::with_capacity(m.tunnels.len());
+    for (i, t) in m.tunnels.into_iter().enumerate() {
+        if t.memo.len() > MAX_MEMO {
+            return Err(refused(format!(
+                "connection.tunnels[{i}].memo: {} bytes",
+                t.memo.len()
+            )));
+        }
+        tunnels.push(CarriedTunnel {
+            stream_id: t.stream_id,
+            copy: CopyState {
+                to_app: t.to_app,
+                to_app_eof: t.to_app_eof,
+                to_app_done: t.to_app_done,
+                from_app: t.from_app,
+                from_app_eof: t.from_app_eof,
+                from_app_done: t.from_app_done,
+                transferred: hbone::Transferred {
+                    a_to_b: t.to_app_bytes,
+                    b_to_a: t.from_app_bytes,
+                },
+            },
+            memo: t.memo,
+        });
+    }
+    let state = ConnectionState {
         tls: TlsState {
             suite,
             tx_secret: tls.tx_secret.into(),
@@ -266,6 +348,11 @@ pub fn decode_connection(bytes: &[u8]) -> Result<ConnectionState, Refused> {
                 .collect(),
         },
         received: m.received,
+    };
+    Ok(Carried {
+        pod: m.pod,
+        state,
+        tunnels,
     })
 }
 
@@ -275,10 +362,10 @@ pub fn decode_connection(bytes: &[u8]) -> Result<ConnectionState, Refused> {
 pub fn fuzz_decode(data: &[u8]) {
     let _ = decode_offer(data).map(|offer| answer(&offer));
     let _ = decode_answer(data);
-    if let Ok(state) = decode_connection(data) {
-        let again = decode_connection(&encode_connection(&state)).expect("our own encoding");
+    if let Ok(carried) = decode_connection(data) {
+        let again = decode_connection(&encode_connection(&carried)).expect("our own encoding");
         assert!(
-            again == state,
+            again == carried,
             "a connection changed across encode and decode"
         );
     }

@@ -2,17 +2,22 @@
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use hbone::{ConnectHandler, InboundConnect};
 use tracing::info;
 
-use super::{DirectConnector, InboundOutcome, PlainInbound, Refusal, Serving, copy_until_closed};
+use super::{
+    DirectConnector, Ended, InboundOutcome, PlainInbound, Refusal, Serving, copy_until_closed,
+};
 use crate::connections::{Connections, Registered};
 use crate::sockets::Connector;
 use crate::state::{LocalWorkload, StateStore};
 use crate::telemetry::Counted;
 use crate::telemetry::metrics::{Flow, Metrics, Open};
+use hbone::handoff::Copied;
+
+mod moved;
 
 /// The inbound handler of one local workload.
 pub struct Inbound<C = DirectConnector> {
@@ -47,6 +52,7 @@ impl<C: Connector> Inbound<C> {
                 connect_timeout: Duration::from_secs(10),
                 draining: Arc::default(),
                 metrics: Metrics::new(Duration::from_secs(300)),
+                movable: false,
             },
             on_done: Box::new(on_done),
         }
@@ -55,6 +61,14 @@ impl<C: Connector> Inbound<C> {
     /// Counts connections into `metrics` (reporter `destination`) instead of a private registry.
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.serving.metrics = metrics;
+        self
+    }
+
+    /// Copies tunnels so that they can move to another process with their HBONE connection
+    /// (`hbone::Server::hand_off`; the server's configuration must be movable too). Each
+    /// carries what [`Inbound::resume`] needs there: the client, the authority, when it began.
+    pub fn movable(mut self, movable: bool) -> Self {
+        self.serving.movable = movable;
         self
     }
 
@@ -137,11 +151,11 @@ impl<C: Connector> Inbound<C> {
         ))
     }
 
-    async fn serve(&self, req: InboundConnect) -> InboundOutcome {
+    async fn serve(&self, req: InboundConnect) -> Option<InboundOutcome> {
         let started = Instant::now();
         let (mut outcome, mut established) = match Box::pin(self.establish(req, started)).await {
             Ok(ok) => ok,
-            Err(refused) => return refused,
+            Err(refused) => return Some(refused),
         };
         // Used in place: moving the parts out would keep them twice in the task.
         let Established {
@@ -150,15 +164,40 @@ impl<C: Connector> Inbound<C> {
             registered,
             ..
         } = &mut established;
-        let aborted = {
-            let copy = std::pin::pin!(hbone::copy_tunnel_bidirectional(tunnel, &mut *app));
+        let ended = if self.serving.movable {
+            let memo = moved::memo(&outcome, SystemTime::now());
+            let copy = std::pin::pin!(hbone::handoff::copy_tunnel_movable(
+                tunnel, &mut *app, memo, None
+            ));
+            copy_until_closed(copy, registered, &mut outcome).await
+        } else {
+            let copy = std::pin::pin!(async {
+                hbone::copy_tunnel_bidirectional(tunnel, &mut *app)
+                    .await
+                    .map(Copied::Done)
+            });
             copy_until_closed(copy, registered, &mut outcome).await
         };
-        if aborted {
-            crate::sockets::reset_on_close(app.get_ref());
+        match ended {
+            Ended::Moved => {
+                established._open.moved();
+                return None;
+            }
+            Ended::Aborted => crate::sockets::reset_on_close(app.get_ref()),
+            Ended::Closed => {}
         }
         outcome.duration = started.elapsed();
-        outcome
+        Some(outcome)
+    }
+
+    /// Records how a connection ended: the log line (when it did not go well) and the metrics,
+    /// then the access log.
+    fn finish(&self, outcome: InboundOutcome) {
+        if let Some(error) = &outcome.error {
+            info!(src = %outcome.source, dst = %outcome.destination, status = outcome.status, %error, "inbound connection ended");
+        }
+        self.serving.metrics.finished(&outcome);
+        (self.on_done)(outcome);
     }
 }
 
@@ -172,11 +211,9 @@ struct Established {
 
 impl<C: Connector> ConnectHandler for Inbound<C> {
     async fn handle(&self, request: InboundConnect) {
-        let outcome = self.serve(request).await;
-        if let Some(error) = &outcome.error {
-            info!(src = %outcome.source, dst = %outcome.destination, status = outcome.status, %error, "inbound connection ended");
+        // None: it moved to another process, which records it when it ends.
+        if let Some(outcome) = self.serve(request).await {
+            self.finish(outcome);
         }
-        self.serving.metrics.finished(&outcome);
-        (self.on_done)(outcome);
     }
 }

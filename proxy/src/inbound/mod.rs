@@ -31,6 +31,7 @@ use crate::sockets::Connector;
 use crate::state::{LocalWorkload, State, StateStore};
 use crate::telemetry::Record;
 use crate::telemetry::metrics::{Ends, Metrics};
+use hbone::handoff::Copied;
 
 mod admission;
 mod connect;
@@ -130,6 +131,8 @@ struct Serving<C> {
     connect_timeout: Duration,
     draining: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
+    /// Tunnels are copied so that they can move to another process (`hbone::Config::movable`).
+    movable: bool,
 }
 
 impl<C: Connector> Serving<C> {
@@ -194,27 +197,42 @@ async fn dial_app<C: Connector>(
 /// aborted (the copy failed, or the policy change closed it): its sockets are then reset, not
 /// closed (`sockets::reset_on_close`).
 async fn copy_until_closed(
-    copy: std::pin::Pin<&mut impl Future<Output = Result<hbone::Transferred, hbone::CopyError>>>,
+    copy: std::pin::Pin<&mut impl Future<Output = Result<Copied, hbone::CopyError>>>,
     registered: &Registered,
     outcome: &mut InboundOutcome,
-) -> bool {
+) -> Ended {
     tokio::select! {
         copied = copy => match copied {
-            Ok(t) => {
+            Ok(Copied::Done(t)) => {
                 outcome.bytes = (t.a_to_b, t.b_to_a);
-                false
+                Ended::Closed
+            }
+            Ok(Copied::Moved(t)) => {
+                outcome.bytes = (t.a_to_b, t.b_to_a);
+                Ended::Moved
             }
             Err(e) => {
                 outcome.bytes = (e.transferred.a_to_b, e.transferred.b_to_a);
                 outcome.error = Some(e.to_string());
-                true
+                Ended::Aborted
             }
         },
         reason = registered.closed() => {
             outcome.error = Some(format!("connection closed due to policy change: {reason}"));
-            true
+            Ended::Aborted
         }
     }
+}
+
+/// How an inbound connection's copy ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// Both sides closed.
+    Closed,
+    /// The copy failed or a policy change closed it: its sockets are reset.
+    Aborted,
+    /// It moved to another process (a proxy upgrade), which goes on with it and logs it.
+    Moved,
 }
 
 /// The reporter label of the inbound side.

@@ -8,10 +8,11 @@ use std::time::Instant;
 
 use tokio::net::TcpStream;
 
-use super::{InboundOutcome, Refusal, Serving, copy_until_closed};
+use super::{Ended, InboundOutcome, Refusal, Serving, copy_until_closed};
 use crate::addr::{ClientAddr, OrigDst};
 use crate::sockets::Connector;
 use crate::telemetry::metrics::Flow;
+use hbone::handoff::Copied;
 
 /// The plaintext inbound path of one local workload; made by [`super::Inbound::plain`], beside
 /// the HBONE path of the same workload.
@@ -66,11 +67,15 @@ impl<C: Connector> PlainInbound<C> {
         drop(state);
         let mut app = open.count(app, Flow::Sent);
         outcome.status = 200;
-        let aborted = {
-            let copy = std::pin::pin!(hbone::copy_bidirectional(&mut client, &mut app));
+        let ended = {
+            let copy = std::pin::pin!(async {
+                hbone::copy_bidirectional(&mut client, &mut app)
+                    .await
+                    .map(Copied::Done)
+            });
             copy_until_closed(copy, &registered, &mut outcome).await
         };
-        if aborted {
+        if ended == Ended::Aborted {
             crate::sockets::reset_on_close(&client);
             crate::sockets::reset_on_close(app.get_ref());
         }

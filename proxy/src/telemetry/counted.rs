@@ -19,6 +19,13 @@ pub struct Counted<S> {
     reads: Flow,
 }
 
+/// Its descriptor is the stream's (a connection moving to another process takes a duplicate).
+impl<S: std::os::fd::AsFd> std::os::fd::AsFd for Counted<S> {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.inner.as_fd()
+    }
+}
+
 impl<S> Counted<S> {
     /// Counts `inner`'s reads as `reads` into `series`, its writes as the other direction.
     pub(super) fn new(inner: S, series: Arc<Series>, reads: Flow) -> Counted<S> {

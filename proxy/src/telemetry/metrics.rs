@@ -266,17 +266,27 @@ pub struct Metrics {
 #[derive(Debug)]
 pub struct Open {
     series: Arc<Series>,
+    /// Handed to another process: not counted closed here.
+    moved: bool,
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
-        self.series.closed.fetch_add(1, Ordering::Relaxed);
+        if !self.moved {
+            self.series.closed.fetch_add(1, Ordering::Relaxed);
+        }
         self.series.open.fetch_sub(1, Ordering::Relaxed);
         self.series.touch();
     }
 }
 
 impl Open {
+    /// The connection moved to another process, which counts its close: still open, as far as
+    /// the mesh is concerned, so not counted closed here.
+    pub fn moved(mut self) {
+        self.moved = true;
+    }
+
     /// Wraps `stream` so the bytes read from it count as `reads` and the bytes written to it as
     /// the other direction.
     pub fn count<S>(&self, stream: S, reads: Flow) -> Counted<S> {
@@ -339,7 +349,10 @@ impl Metrics {
         let series = self.get(Labels::new(reporter, ends, "-"), &ends);
         series.opened.fetch_add(1, Ordering::Relaxed);
         series.open.fetch_add(1, Ordering::Relaxed);
-        Open { series }
+        Open {
+            series,
+            moved: false,
+        }
     }
 
     /// Counts a connection that was refused or could not be established.

@@ -1,0 +1,208 @@
+//! An inbound tunnel that moved here from another proxy process (an upgrade): what the old
+//! process attached to its copy (the memo: the client, the authority, when it began), and how
+//! this process goes on with it.
+//!
+//! The tunnel is admitted again before a byte more flows: the policy in force here, the client's
+//! identity from the certificate its connection presented, the destination from the authority.
+//! A tunnel no longer allowed is reset, as a policy change would have closed it.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime};
+
+use hbone::handoff::AdoptedTunnel;
+use prost::Message;
+use tracing::{info, warn};
+
+use super::Inbound;
+use crate::handoff::proto::InboundTunnel;
+use crate::inbound::{Ended, InboundOutcome, admit, copy_until_closed, log_refusal};
+use crate::sockets::Connector;
+use crate::telemetry::metrics::Flow;
+
+/// The longest memo taken: an address, an authority and a time.
+const MAX_MEMO: usize = 1024;
+
+/// What an inbound tunnel's copy carries to another process.
+pub(in crate::inbound) fn memo(outcome: &InboundOutcome, now: SystemTime) -> Vec<u8> {
+    let started = now
+        .checked_sub(outcome.duration)
+        .unwrap_or(now)
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    InboundTunnel {
+        source: outcome.source.to_string(),
+        destination: outcome.destination.clone(),
+        started_unix_ms: started,
+    }
+    .encode_to_vec()
+}
+
+/// A memo read back: the client, the authority's address and text, when the tunnel began.
+#[derive(Debug)]
+struct Memo {
+    source: SocketAddr,
+    destination: SocketAddr,
+    authority: String,
+    started: SystemTime,
+}
+
+fn read_memo(memo: &[u8]) -> Result<Memo, String> {
+    if memo.len() > MAX_MEMO {
+        return Err(format!(
+            "a memo of {} bytes, more than {MAX_MEMO}",
+            memo.len()
+        ));
+    }
+    let m = InboundTunnel::decode(memo).map_err(|e| format!("its memo: {e}"))?;
+    let source = m
+        .source
+        .parse()
+        .map_err(|e| format!("its memo's source {:?}: {e}", m.source))?;
+    let destination = m
+        .destination
+        .parse::<hbone::Authority>()
+        .ok()
+        .and_then(|a| a.socket_addr())
+        .ok_or_else(|| format!("its memo's destination {:?} is not ip:port", m.destination))?;
+    Ok(Memo {
+        source,
+        destination,
+        authority: m.destination,
+        started: SystemTime::UNIX_EPOCH + Duration::from_millis(m.started_unix_ms),
+    })
+}
+
+impl<C: Connector> Inbound<C> {
+    /// Goes on with a tunnel adopted from another process (`hbone::Server::adopt`) until it
+    /// ends (or moves again), then records it as any other: the access log line, with the bytes
+    /// and duration of its whole life. Refused (the tunnel reset, the refusal logged) when its
+    /// memo does not read, or when the policy here no longer allows it.
+    pub async fn resume(&self, adopted: AdoptedTunnel) {
+        let AdoptedTunnel {
+            mut tunnel,
+            app,
+            copy,
+            memo,
+            peer_addr,
+            peer_certificates,
+        } = adopted;
+        let m = match read_memo(&memo) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(src = %peer_addr, error = %e, "inbound: a moved tunnel was refused");
+                tunnel.abort();
+                return;
+            }
+        };
+        // Its age, on this process's monotonic clock.
+        let age = SystemTime::now()
+            .duration_since(m.started)
+            .unwrap_or_default();
+        let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        let mut outcome = InboundOutcome::new(m.source, m.authority, true);
+        outcome.status = 200;
+        outcome.bytes = (copy.transferred.a_to_b, copy.transferred.b_to_a);
+        let refused = |mut outcome: InboundOutcome, error: String, tunnel: hbone::Tunnel| {
+            tunnel.abort();
+            outcome.error = Some(format!("a moved tunnel was closed: {error}"));
+            outcome.duration = started.elapsed();
+            outcome
+        };
+        let state = match self.serving.begin(&mut outcome) {
+            Ok(state) => state,
+            Err(refusal) => {
+                let outcome = refused(outcome, refusal.to_string(), tunnel);
+                return self.finish(outcome);
+            }
+        };
+        let peer = match identity::tls::peer_spiffe_id(&peer_certificates) {
+            Ok(id) => id,
+            Err(e) => return self.finish(refused(outcome, e.to_string(), tunnel)),
+        };
+        outcome.source_identity = Some(peer.as_str().to_owned());
+        let admitted = match admit(
+            &state,
+            &self.serving.local,
+            m.source,
+            m.destination,
+            Some(&peer),
+        ) {
+            Ok(admitted) => admitted,
+            Err(refusal) => {
+                log_refusal(&refusal, m.source, m.destination, Some(peer.as_str()));
+                return self.finish(refused(outcome, refusal.to_string(), tunnel));
+            }
+        };
+        outcome.destination_workload = Some(admitted.workload.clone());
+        drop(state);
+        let registered = self
+            .serving
+            .connections
+            .register(admitted.connection, &admitted.workload.uid);
+        let app = match tokio::net::TcpStream::from_std(app) {
+            Ok(app) => app,
+            Err(e) => {
+                let error = format!("its app socket cannot be used: {e}");
+                return self.finish(refused(outcome, error, tunnel));
+            }
+        };
+        let open = self.serving.metrics.open(&outcome);
+        let mut app = open.count(app, Flow::Sent);
+        info!(src = %m.source, dst = %m.destination, "inbound: a moved tunnel goes on here");
+        let ended = {
+            let copy = std::pin::pin!(hbone::handoff::copy_tunnel_movable(
+                &mut tunnel,
+                &mut app,
+                memo,
+                Some(copy)
+            ));
+            copy_until_closed(copy, &registered, &mut outcome).await
+        };
+        match ended {
+            Ended::Moved => return open.moved(),
+            Ended::Aborted => crate::sockets::reset_on_close(app.get_ref()),
+            Ended::Closed => {}
+        }
+        drop(open);
+        outcome.duration = started.elapsed();
+        self.finish(outcome);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_memo_reads_back_and_a_bad_one_is_refused_naming_its_field() {
+        let mut outcome = InboundOutcome::new(
+            "10.0.0.1:40000".parse().unwrap(),
+            "10.0.0.2:8080".into(),
+            true,
+        );
+        outcome.duration = Duration::from_secs(2);
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let m = read_memo(&memo(&outcome, now)).unwrap();
+        assert_eq!(m.source, outcome.source);
+        assert_eq!(m.destination.to_string(), "10.0.0.2:8080");
+        assert_eq!(m.started, now - Duration::from_secs(2));
+
+        let bad = |source: &str, destination: &str| {
+            let memo = InboundTunnel {
+                source: source.into(),
+                destination: destination.into(),
+                started_unix_ms: 0,
+            }
+            .encode_to_vec();
+            read_memo(&memo).err().unwrap()
+        };
+        assert!(bad("nope", "10.0.0.2:80").contains("source"));
+        assert!(bad("10.0.0.1:1", "web.default:80").contains("destination"));
+        assert!(read_memo(&[0xff; 4]).is_err());
+        assert!(
+            read_memo(&[0; MAX_MEMO + 1])
+                .unwrap_err()
+                .contains("more than")
+        );
+    }
+}
