@@ -338,3 +338,176 @@ mod channel {
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }
+
+/// Live HBONE connections handed from one server to another across a real handoff channel:
+/// their sockets and their tunnels' app sockets passed as descriptors (more tunnels than one
+/// message can carry), the bytes going on both ways, and a message that lies about its
+/// descriptors refused.
+mod transfer {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use hbone::handoff::{Copied, copy_tunnel_movable, traffic_secret_log};
+    use hbone::{Authority, Config, InboundConnect, Pool, Server, StaticTls};
+    use http::HeaderMap;
+    use identity::{DevCa, SpiffeId};
+    use proxy::handoff::{Channel, Listener, MAX_FDS, recv_connection, send_connection};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn id(sa: &str) -> SpiffeId {
+        SpiffeId::istio("cluster.local", "default", sa).unwrap()
+    }
+
+    async fn echo_app() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut rd, mut wr) = tcp.split();
+                    let _ = tokio::io::copy(&mut rd, &mut wr).await;
+                    let _ = wr.shutdown().await;
+                });
+            }
+        });
+        addr
+    }
+
+    fn server(ca: &DevCa, app: SocketAddr) -> Server<impl hbone::ConnectHandler> {
+        let creds = ca.issue(&id("web"), HOUR).unwrap();
+        let mut tls =
+            identity::tls::server_config(creds.chain, creds.key, ca.roots(), "cluster.local")
+                .unwrap();
+        tls.key_log = traffic_secret_log();
+        let mut config = Config::default();
+        config.movable = true;
+        config.max_concurrent_streams = 1000;
+        Server::new(
+            config,
+            Arc::new(tls),
+            move |req: InboundConnect| async move {
+                let mut app = TcpStream::connect(app).await.unwrap();
+                let mut tunnel = req.accept().unwrap();
+                let memo = b"memo".to_vec();
+                let _ = copy_tunnel_movable(&mut tunnel, &mut app, memo, None).await;
+            },
+        )
+    }
+
+    fn socket_path(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("handoff-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("handoff.sock")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn live_connections_cross_the_channel_with_more_tunnels_than_one_message_carries() {
+        let tunnels = MAX_FDS + 20;
+        let ca = DevCa::generate("cluster.local").unwrap();
+        let app = echo_app().await;
+        let (old, new) = (server(&ca, app), server(&ca, app));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let serving = old.clone();
+        tokio::spawn(async move { serving.serve(listener).await });
+        let creds = ca.issue(&id("sleep"), HOUR).unwrap();
+        let tls = identity::tls::client_config(creds.chain, creds.key, ca.roots(), vec![id("web")])
+            .unwrap();
+        let mut config = Config::default();
+        config.max_concurrent_streams = 1000;
+        let pool = Pool::new(config, StaticTls(Arc::new(tls)));
+        let authority: Authority = app.to_string().parse().unwrap();
+        let mut open = Vec::new();
+        for n in 0..tunnels {
+            let mut t = pool
+                .connect((), addr, &authority, HeaderMap::new())
+                .await
+                .unwrap();
+            let said = format!("before {n}");
+            t.write_all(said.as_bytes()).await.unwrap();
+            let mut back = vec![0u8; said.len()];
+            t.read_exact(&mut back).await.unwrap();
+            open.push(t);
+        }
+        assert_eq!(
+            pool.connection_count(),
+            1,
+            "one connection carries them all"
+        );
+
+        let path = socket_path("transfer");
+        let waiting = Listener::bind(&path).unwrap();
+        let handed = old.hand_off(Duration::from_secs(5)).await;
+        assert!(handed.stayed.is_empty(), "{:?}", handed.stayed);
+        let sender = std::thread::spawn(move || {
+            let channel = waiting.accept().unwrap();
+            for moved in &handed.moved {
+                send_connection(&channel, "pod-uid", moved).unwrap();
+            }
+            // The old process's copies close with it; the other process holds duplicates.
+            drop(handed);
+        });
+        let received = tokio::task::spawn_blocking(move || {
+            let channel = Channel::connect(&path).unwrap();
+            let mut received = Vec::new();
+            while let Some(moved) = recv_connection(&channel).unwrap() {
+                received.push(moved);
+            }
+            let _ = std::fs::remove_dir_all(path.parent().unwrap());
+            received
+        })
+        .await
+        .unwrap();
+        sender.join().unwrap();
+        assert_eq!(received.len(), 1);
+        let (pod, moved) = received.into_iter().next().unwrap();
+        assert_eq!(pod, "pod-uid");
+        assert_eq!(moved.tunnels.len(), tunnels);
+        for adopted in new.adopt(moved).unwrap() {
+            assert_eq!(adopted.memo, b"memo");
+            tokio::spawn(async move {
+                let mut tunnel = adopted.tunnel;
+                let mut app = TcpStream::from_std(adopted.app).unwrap();
+                let copied =
+                    copy_tunnel_movable(&mut tunnel, &mut app, adopted.memo, Some(adopted.copy))
+                        .await;
+                assert!(matches!(copied, Ok(Copied::Done(_))), "{copied:?}");
+            });
+        }
+        for (n, mut t) in open.into_iter().enumerate() {
+            let said = format!("after {n}");
+            t.write_all(said.as_bytes()).await.unwrap();
+            t.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), t.read_to_end(&mut back))
+                .await
+                .expect("a moved tunnel stalled")
+                .unwrap();
+            assert_eq!(back, said.as_bytes(), "tunnel {n}");
+        }
+    }
+
+    #[test]
+    fn a_connection_whose_descriptors_do_not_match_its_tunnels_is_refused() {
+        use std::os::fd::AsFd;
+        let path = socket_path("mismatch");
+        let waiting = Listener::bind(&path).unwrap();
+        let message = super::encode_connection(&super::connection());
+        let sender = std::thread::spawn(move || {
+            let channel = waiting.accept().unwrap();
+            // Two tunnels: three descriptors wanted, one sent, then a message of bytes.
+            let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+            channel.send(&message, &[a.as_fd()]).unwrap();
+            channel.send(b"not descriptors", &[]).unwrap();
+        });
+        let channel = Channel::connect(&path).unwrap();
+        let e = recv_connection(&channel).unwrap_err().to_string();
+        assert!(e.contains("2 tunnels came with 1 descriptors"), "{e}");
+        sender.join().unwrap();
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+}

@@ -11,9 +11,11 @@
 //! suite's length, stream ids that were opened) when the connection is put together.
 
 mod channel;
+mod transfer;
 mod wire;
 
 pub use channel::{Channel, Listener, MAX_FDS};
+pub use transfer::{recv_connection, send_connection};
 #[cfg(feature = "fuzzing")]
 pub use wire::fuzz_decode;
 pub use wire::{
