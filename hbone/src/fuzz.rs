@@ -53,7 +53,7 @@ pub fn fuzz_server_frames(data: &[u8]) -> usize {
         let addr = SocketAddr::from(([127, 0, 0, 1], 15008));
         let certs: Arc<[CertificateDer<'static>]> =
             Arc::from(vec![CertificateDer::from(vec![0u8])]);
-        let served = server.serve_h2(server_io, addr, addr, certs);
+        let served = server.serve_h2(server_io, addr, addr, certs, None);
         let _ = tokio::time::timeout(Duration::from_secs(5), served)
             .await
             .expect("the HBONE server did not finish after the client closed");
@@ -307,7 +307,7 @@ async fn ours_forwarded(chunks: &[&[u8]]) -> Vec<Seen> {
     let addr = SocketAddr::from(([127, 0, 0, 1], 15008));
     let certs: Arc<[CertificateDer<'static>]> = Arc::from(vec![CertificateDer::from(vec![0u8])]);
     let served = tokio::spawn(async move {
-        let _ = server.serve_h2(ours, addr, addr, certs).await;
+        let _ = server.serve_h2(ours, addr, addr, certs, None).await;
     });
     let to_server = feed(to_server, chunks).await;
     served.abort();

@@ -208,7 +208,19 @@ where
         let timeout = self.inner.config.connect_timeout;
         let mut retried = false;
         loop {
-            let (conn, slot, reused) = self.checkout(&key).await?;
+            let (conn, slot, reused) = match self.checkout(&key).await {
+                Ok(checked_out) => checked_out,
+                // The server closed or went away right after the TLS handshake: it is stopping
+                // (an old proxy during an upgrade). Nothing was sent; dial once more.
+                Err(Error::H2Handshake { source, .. })
+                    if !retried && source.0.is_peer_leaving() =>
+                {
+                    debug!(%target, error = %source, "dialing again: the server left during the HTTP/2 handshake");
+                    retried = true;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let sent = send_connect(
                 &conn,
                 slot,
@@ -221,10 +233,12 @@ where
             match sent.await {
                 Ok(tunnel) => return Ok(tunnel),
                 Err(Error::Stream { source, .. })
-                    if reused && !retried && source.0.is_retryable() =>
+                    if !retried
+                        && (reused && source.0.is_retryable() || source.0.is_unprocessed()) =>
                 {
                     // The peer went away between checkout and CONNECT, or refused the stream
-                    // unprocessed (with `first`, if it went along), so one retry on another
+                    // unprocessed (with `first`, if it went along; also on a connection made
+                    // for it, whose server began to go away meanwhile), so one retry on another
                     // connection is safe.
                     debug!(conn = conn.id, %target, error = %source, "retrying CONNECT on a new connection");
                     conn.dead.store(true, Ordering::Release);

@@ -534,3 +534,40 @@ async fn client_gives_up_on_a_server_frozen_in_the_tls_handshake() {
     let pool = pool(&pki, config);
     dial_times_out(&pool, addr, "TLS").await;
 }
+
+#[tokio::test]
+async fn a_connect_refused_by_a_fresh_connections_goaway_is_sent_again_on_another() {
+    // The first connection is served by a server that is going away (an old proxy during an
+    // upgrade): it answers the handshake, then GOAWAY(0) without processing the CONNECT. The
+    // pool dials again and the tunnel goes through the next connection.
+    let pki = Pki::new();
+    let leaving = Server::new(Config::default(), pki.server_config(), echo);
+    leaving.go_away();
+    let staying = Server::new(Config::default(), pki.server_config(), echo);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let server = if count.fetch_add(1, Ordering::SeqCst) == 0 {
+                leaving.clone()
+            } else {
+                staying.clone()
+            };
+            tokio::spawn(async move { server.serve_connection(tcp).await });
+        }
+    });
+    let pool = pool(&pki, Config::default());
+    let mut tunnel = pool
+        .connect("k", addr, &authority(), HeaderMap::new())
+        .await
+        .expect("the refused CONNECT was not sent again");
+    tunnel.write_all(b"again").await.unwrap();
+    tunnel.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tunnel.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"again");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}

@@ -16,10 +16,11 @@ use crate::tunnel::Tunnel;
 use crate::wire::conn::{Connection, ConnectionState};
 use crate::wire::session::Limits;
 
-/// The connections a server is serving over TCP: what a handoff moves.
+/// The connections a server is serving over TCP: what a handoff moves. A connection is
+/// settling (no HTTP/2 connection yet: its TLS handshake is under way) until it is serving.
 #[derive(Debug, Default)]
 pub(crate) struct Live {
-    connections: Mutex<HashMap<u64, (Connection, SocketAddr)>>,
+    connections: Mutex<HashMap<u64, (Option<Connection>, SocketAddr)>>,
     next: AtomicU64,
 }
 
@@ -30,14 +31,35 @@ pub(crate) struct LiveGuard<'a> {
 }
 
 impl Live {
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, (Connection, SocketAddr)>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, (Option<Connection>, SocketAddr)>> {
         self.connections.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn add(&self, connection: &Connection, peer: SocketAddr) -> LiveGuard<'_> {
+    /// A connection from `peer` whose handshake begins.
+    pub(crate) fn settling(&self, peer: SocketAddr) -> LiveGuard<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.lock().insert(id, (connection.clone(), peer));
+        self.lock().insert(id, (None, peer));
         LiveGuard { live: self, id }
+    }
+
+    /// The connections served now, and how many are still settling.
+    fn serving(&self) -> (Vec<(Connection, SocketAddr)>, usize) {
+        let live = self.lock();
+        let serving: Vec<_> = live
+            .values()
+            .filter_map(|(c, peer)| c.clone().map(|c| (c, *peer)))
+            .collect();
+        let settling = live.len() - serving.len();
+        (serving, settling)
+    }
+}
+
+impl LiveGuard<'_> {
+    /// The connection's HTTP/2 connection: it is serving from now on.
+    pub(crate) fn serve(&self, connection: &Connection) {
+        if let Some(entry) = self.live.lock().get_mut(&self.id) {
+            entry.0 = Some(connection.clone());
+        }
     }
 }
 
@@ -100,13 +122,26 @@ impl<H: ConnectHandler> Server<H> {
     /// [`Copied::Moved`](crate::handoff::Copied::Moved). A connection that does not settle within
     /// `patience` stays (see [`HandOff::stayed`]).
     pub async fn hand_off(&self, patience: Duration) -> HandOff {
-        let connections: Vec<(Connection, SocketAddr)> =
-            self.inner.live.lock().values().cloned().collect();
+        // Handshakes under way finish first (within `patience`), so their connections move too:
+        // a caller that stopped accepting before this leaves none behind.
+        let deadline = tokio::time::Instant::now() + patience;
+        let (connections, settling) = loop {
+            let (serving, settling) = self.inner.live.serving();
+            if settling == 0 || tokio::time::Instant::now() >= deadline {
+                break (serving, settling);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
         let attempts = connections.iter().map(|(connection, peer)| async move {
             let moved = connection.hand_off(patience).await;
             (*peer, moved)
         });
         let mut done = HandOff::default();
+        if settling > 0 {
+            let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
+            let why = format!("{settling} connection(s) still in their TLS handshake");
+            done.stayed.push((unknown, why));
+        }
         for (peer, moved) in futures_util::future::join_all(attempts).await {
             let moved = match moved {
                 Ok(moved) => moved,
@@ -238,7 +273,12 @@ impl<H: ConnectHandler> Server<H> {
         }
         let server = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = server.run(connection, true, local, peer, peer_info).await {
+            let live = server.inner.live.settling(peer);
+            live.serve(&connection);
+            if let Err(e) = server
+                .run(connection, Some(live), local, peer, peer_info)
+                .await
+            {
                 tracing::debug!(%peer, error = %e, "HBONE server: an adopted connection ended with an error");
             }
         });

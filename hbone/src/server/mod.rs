@@ -265,6 +265,9 @@ impl<H: ConnectHandler> Server<H> {
         // Until the client's first bytes arrive, a connection costs this small future and its
         // socket: no buffer, no TLS state, no handshake slot (slowloris). Its other phases are
         // boxed, so they take memory only once they start.
+        // Only a connection over TCP can move to another process (its socket goes along).
+        let live = (std::any::TypeId::of::<T>() == std::any::TypeId::of::<TcpStream>())
+            .then(|| self.inner.live.settling(peer));
         let mut first = [0u8; TLS_RECORD_HEADER];
         let mut io = io;
         let n = match tokio::time::timeout_at(deadline, io.read(&mut first)).await {
@@ -307,7 +310,7 @@ impl<H: ConnectHandler> Server<H> {
             .map_err(|_| timed_out(Stage::Tls, cfg.tls_handshake_timeout))
             .and_then(|r| r)
             .map_err(refused)?;
-        Box::pin(self.serve_h2(tls, local, peer, certs)).await
+        Box::pin(self.serve_h2(tls, local, peer, certs, live)).await
     }
 
     /// Serves HTTP/2 CONNECT streams over an established (decrypted) byte stream whose client
@@ -318,6 +321,7 @@ impl<H: ConnectHandler> Server<H> {
         local: SocketAddr,
         peer: SocketAddr,
         certs: Arc<[CertificateDer<'static>]>,
+        live: Option<handoff::LiveGuard<'_>>,
     ) -> Result<(), Error>
     where
         T: crate::transport::Io,
@@ -326,24 +330,23 @@ impl<H: ConnectHandler> Server<H> {
             certificates: certs,
             memo: std::sync::OnceLock::new(),
         });
-        // Only a connection over TCP can move to another process (its socket goes along).
-        let movable = std::any::TypeId::of::<T>()
-            == std::any::TypeId::of::<crate::tls::TlsStream<TcpStream>>();
         let connection = Connection::new(Role::Server, Limits::from_config(&self.inner.config), io);
-        self.run(connection, movable, local, peer, peer_info).await
+        if let Some(live) = &live {
+            live.serve(&connection);
+        }
+        self.run(connection, live, local, peer, peer_info).await
     }
 
     /// Serves an HTTP/2 connection, new or handed over, to its end.
     async fn run(
         &self,
         connection: Connection,
-        movable: bool,
+        _live: Option<handoff::LiveGuard<'_>>,
         local: SocketAddr,
         peer: SocketAddr,
         peer_info: Arc<PeerInfo>,
     ) -> Result<(), Error> {
         let cfg = &self.inner.config;
-        let _live = movable.then(|| self.inner.live.add(&connection, peer));
         let drive = connection.drive();
         tokio::pin!(drive);
         // The client's preface and SETTINGS must arrive within the HTTP/2 handshake limit.

@@ -125,6 +125,33 @@ impl Failure {
             Failure::Protocol { .. } => false,
         }
     }
+
+    /// Whether the peer went away: a graceful GOAWAY, or the connection closed or cut under us
+    /// (not a protocol error, not a reset of one stream).
+    pub(crate) fn is_peer_leaving(&self) -> bool {
+        match self {
+            Failure::GoAway { remote, .. } => *remote,
+            Failure::Io { kind, .. } => matches!(
+                kind,
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+            ),
+            Failure::Reset { .. } | Failure::Protocol { .. } => false,
+        }
+    }
+
+    /// Whether the peer said it did not process the request (REFUSED_STREAM, or a graceful
+    /// GOAWAY that did not cover it): safe to send again elsewhere even on a connection that
+    /// carried nothing before.
+    pub(crate) fn is_unprocessed(&self) -> bool {
+        match self {
+            Failure::Reset { reason, remote } => *remote && *reason == Reason::REFUSED_STREAM,
+            Failure::GoAway { reason, remote } => *remote && *reason == Reason::NO_ERROR,
+            Failure::Io { .. } | Failure::Protocol { .. } => false,
+        }
+    }
 }
 
 impl std::fmt::Display for Failure {
