@@ -711,8 +711,10 @@ pub enum Stop {
     /// SIGKILL; then started again.
     Kill,
     /// A proxy only: the new one first, beside the old (its listeners in every pod join the old
-    /// one's, `SO_REUSEPORT`); once it listens in every pod the old one serves, the old one gets
-    /// SIGTERM and drains (its connections have the drain deadline, then are cut).
+    /// one's, `SO_REUSEPORT`); once it serves every pod it takes the old one's live inbound
+    /// connections over the handoff socket, and the old one drains what could not move and
+    /// exits by itself (SIGTERM if it has not within 20 s: its connections then have the drain
+    /// deadline, and are cut).
     Rolling,
 }
 
@@ -749,7 +751,9 @@ pub fn restart(
         };
         let new = start_beside(config, &mesh, node, &old)?;
         let signalled = Instant::now();
-        stop(&old, "-TERM", part)?;
+        if !exited_within(&old, HANDOFF_WAIT) {
+            stop(&old, "-TERM", part)?;
+        }
         return Ok(Restarted {
             old,
             new,
@@ -776,6 +780,26 @@ pub fn restart(
         signalled,
         exited,
     })
+}
+
+/// How long a rolling restart waits for the old proxy to hand over and exit by itself.
+const HANDOFF_WAIT: Duration = Duration::from_secs(20);
+
+/// Whether `pids` have all exited within `limit`.
+fn exited_within(pids: &[u32], limit: Duration) -> bool {
+    let start = Instant::now();
+    loop {
+        if pids.iter().all(|pid| {
+            reap(*pid);
+            zombie(*pid)
+        }) {
+            return true;
+        }
+        if start.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Sends `signal` to `pids` and waits until they have exited (SIGKILL after 10 s).

@@ -11,6 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
+use hbone::handoff::MovedConnection;
 use tokio::net::TcpListener;
 use tracing::warn;
 
@@ -68,7 +69,22 @@ pub(crate) struct Assembled {
     /// Tells every inbound HBONE connection to go away gracefully (`hbone::Server::go_away`):
     /// clients open their new tunnels elsewhere, the tunnels here finish.
     pub(crate) go_away: Box<dyn Fn() + Send + Sync>,
+    /// Moves the inbound HBONE connections out of this process and in from another.
+    pub(crate) handoff: PodHandoff,
 }
+
+/// A data path's inbound HBONE connections moving between processes (an upgrade).
+pub(crate) struct PodHandoff {
+    /// Hands every connection out (`hbone::Server::hand_off`), waiting at most this long for
+    /// each to settle.
+    pub(crate) hand_off: Box<dyn Fn(std::time::Duration) -> HandingOff + Send + Sync>,
+    /// Takes a connection in: served here from now on, each of its tunnels resumed (counted by
+    /// the tracker). Returns how many tunnels go on.
+    pub(crate) adopt: Box<dyn Fn(MovedConnection) -> Result<usize, hbone::Error> + Send + Sync>,
+}
+
+/// A handoff under way: resolves with what moved and what stayed.
+pub(crate) type HandingOff = Pin<Box<dyn Future<Output = hbone::handoff::HandOff> + Send>>;
 
 /// Wires `parts` to `listeners`.
 pub(crate) fn assemble<C, A, P>(parts: Parts<C, A, P>, listeners: Listeners) -> Assembled
@@ -99,14 +115,32 @@ where
     .movable(hbone.movable);
     let draining = inbound.drain_switch();
     let plain = Arc::new(inbound.plain());
+    let resumer = Arc::new(inbound.clone());
     let server = hbone::Server::new(hbone.clone(), tls, inbound);
     let going = server.clone();
     let go_away = Box::new(move || going.go_away());
+    let tracker = Tracker::default();
+    let handing = server.clone();
+    let (adopting, resumes) = (server.clone(), tracker.clone());
+    let handoff = PodHandoff {
+        hand_off: Box::new(move |patience| {
+            let server = handing.clone();
+            Box::pin(async move { server.hand_off(patience).await })
+        }),
+        adopt: Box::new(move |moved| {
+            let tunnels = adopting.adopt(moved)?;
+            let n = tunnels.len();
+            for tunnel in tunnels {
+                let resumer = resumer.clone();
+                resumes.spawn_counted(async move { resumer.resume(tunnel).await });
+            }
+            Ok(n)
+        }),
+    };
     let outbound = Arc::new(
         Outbound::with_connector(state.clone(), certificates, hbone, peer_connector)
             .with_metrics(metrics),
     );
-    let tracker = Tracker::default();
     // Connections run in tasks of their own, so closing the listeners (at a drain) leaves them.
     let mut loops: Vec<Pin<Box<dyn Future<Output = ()> + Send>>> = Vec::new();
     for listener in listeners.outbound {
@@ -164,5 +198,6 @@ where
         connections,
         draining,
         go_away,
+        handoff,
     }
 }

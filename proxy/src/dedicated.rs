@@ -206,12 +206,14 @@ pub async fn start(
             }
         }),
     );
+    // Dedicated mode has no successor to hand its connections to: an upgrade drains.
     let Assembled {
         serve,
         tracker,
         connections,
         draining,
         go_away,
+        handoff: _,
     } = assembled;
     let serve = async move {
         tokio::join!(serve, serve_readiness);

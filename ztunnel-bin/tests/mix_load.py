@@ -123,7 +123,7 @@ async def call(host, port, stats):
         stats["calls"] += 1
         if not body.startswith(b"HTTP/1.1 200"):
             stats["call_failures"] += 1
-            stats["examples"].append(body[:120].decode(errors="replace"))
+            stats["examples"].append(body[:400].decode(errors="replace"))
         if took > STALL:
             stats["call_stalls"] += 1
             stats["examples"].append(f"{took:.1f}s: {body[:80]!r}")

@@ -101,6 +101,12 @@ impl Config {
         self.run_dir.join(format!("{node}.sock"))
     }
 
+    /// Where node `node`'s proxy waits for its successor (`--handoff-socket`): a rolling
+    /// restart moves its live connections to the new proxy through it.
+    pub(crate) fn handoff_socket(&self, node: &str) -> PathBuf {
+        self.run_dir.join(format!("{node}.handoff.sock"))
+    }
+
     /// The resolver configuration the node proxies forward names outside the mesh with
     /// (written by `up` from [`Config::dns_upstreams`]).
     pub(crate) fn upstream_resolv_conf(&self) -> PathBuf {
@@ -359,6 +365,8 @@ impl Mesh {
                 &config.zds_socket(node).to_string_lossy(),
                 "--dns-resolv-conf",
                 &config.upstream_resolv_conf().to_string_lossy(),
+                "--handoff-socket",
+                &config.handoff_socket(node).to_string_lossy(),
             ]),
             env: {
                 let mut env = vec![

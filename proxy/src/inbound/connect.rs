@@ -22,7 +22,18 @@ mod moved;
 /// The inbound handler of one local workload.
 pub struct Inbound<C = DirectConnector> {
     serving: Serving<C>,
-    on_done: Box<dyn Fn(InboundOutcome) + Send + Sync>,
+    on_done: Arc<dyn Fn(InboundOutcome) + Send + Sync>,
+}
+
+/// Another handler of the same workload: the same state, registry, drain switch, metrics and
+/// access log (for the tunnels an upgrade hands over, [`Inbound::resume`]).
+impl<C: Clone> Clone for Inbound<C> {
+    fn clone(&self) -> Self {
+        Inbound {
+            serving: self.serving.clone(),
+            on_done: self.on_done.clone(),
+        }
+    }
 }
 
 impl<C> std::fmt::Debug for Inbound<C> {
@@ -54,7 +65,7 @@ impl<C: Connector> Inbound<C> {
                 metrics: Metrics::new(Duration::from_secs(300)),
                 movable: false,
             },
-            on_done: Box::new(on_done),
+            on_done: Arc::new(on_done),
         }
     }
 

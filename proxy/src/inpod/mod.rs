@@ -27,7 +27,10 @@
 //! descriptor, a descriptor that is not a network namespace, a second `SnapshotSent`, a keep
 //! after the snapshot or for an unknown pod, an undecodable datagram.
 
+mod handoff;
 pub mod netns;
+
+pub use handoff::{HandedOff, TookOver};
 
 use std::collections::{BTreeMap, HashSet};
 use std::os::fd::OwnedFd;
@@ -164,6 +167,7 @@ struct Pod {
     connections: Arc<Connections>,
     draining: Arc<AtomicBool>,
     go_away: Box<dyn Fn() + Send + Sync>,
+    handoff: crate::assembly::PodHandoff,
 }
 
 /// The shared-mode proxy: the pods handed over, and what serves them.
@@ -357,12 +361,16 @@ impl<C: Certificates> SharedProxy<C> {
         }
 
         let local = self.local_of(&info);
-        let tls = identity::tls::server_config_following(
+        let mut tls = identity::tls::server_config_following(
             Arc::new(identity::tls::WatchResolver::new(cert.clone())),
             self.certificates.trust_roots().clone(),
             &self.config.trust_domain,
         )
         .map_err(|e| format!("pod {label}: {e}"))?;
+        if self.config.hbone.movable {
+            // The connections' traffic secrets, kept in memory for a handoff (`handoff`).
+            tls.key_log = hbone::handoff::traffic_secret_log();
+        }
         let connector = InPodConnector {
             netns: netns.clone(),
             mark,
@@ -374,6 +382,7 @@ impl<C: Certificates> SharedProxy<C> {
             connections,
             draining,
             go_away,
+            handoff,
         } = assemble(
             Parts {
                 state: self.state.clone(),
@@ -445,6 +454,7 @@ impl<C: Certificates> SharedProxy<C> {
             connections,
             draining,
             go_away,
+            handoff,
         };
         let replaced = self.lock().insert(uid.to_owned(), pod);
         if let Some(old) = replaced {

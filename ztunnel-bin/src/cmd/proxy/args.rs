@@ -97,6 +97,13 @@ pub(crate) struct ProxyArgs {
     /// `maxSurge: 1, maxUnavailable: 0`).
     #[arg(long, env = "INPOD_PORT_REUSE", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub(crate) inpod_port_reuse: bool,
+    /// Shared mode: upgrade without dropping connections through this Unix socket (ours alone,
+    /// not Istio's). Once this proxy serves every pod it connects here and takes over the live
+    /// inbound HBONE connections of the proxy it replaces, tunnels and all; then it listens here
+    /// itself, and hands its own to its successor, after which it drains what could not move and
+    /// exits. Unset: an upgrade drains as Istio's does.
+    #[arg(long, env = "ZTUNNEL_HANDOFF_SOCKET", value_name = "PATH")]
+    pub(crate) handoff_socket: Option<PathBuf>,
     /// Shared mode: connect to each pod's app from the client's address (a transparent socket in
     /// the pod's namespace), so the app sees who called it; needs the return route the node
     /// agent installs in each pod (ours and Istio's istio-cni both do). `false`: the app sees
@@ -266,6 +273,7 @@ impl ProxyArgs {
             "readinessAddr": self.readiness_addr.to_string(),
             "inpodUds": self.inpod_uds,
             "inpodPortReuse": self.inpod_port_reuse,
+            "handoffSocket": self.handoff_socket,
             "originalSource": self.original_source,
             "dnsProxy": self.dns_proxy,
             "clusterDomain": self.cluster_domain,

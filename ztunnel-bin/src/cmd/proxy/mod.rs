@@ -26,6 +26,7 @@ use super::Error;
 use crate::logging::LogControl;
 
 mod args;
+mod handoff;
 pub(crate) mod istio;
 mod manifests;
 
@@ -288,6 +289,7 @@ async fn run_shared(
     let mut config = SharedConfig::new(&args.node_name, &args.trust_domain);
     config.mark = Some(args.packet_mark);
     config.hbone = hbone_config(&args);
+    config.hbone.movable = args.handoff_socket.is_some();
     config.termination_deadline = args.drain();
     config.port_reuse = args.inpod_port_reuse;
     config.original_source = args.original_source;
@@ -319,7 +321,16 @@ async fn run_shared(
         node = %args.node_name, inpod_uds = %args.inpod_uds.display(), admin = %args.admin_addr,
         stats = %args.stats_addr, readiness = %args.readiness_addr, "proxy started (shared mode)"
     );
-    stop.await;
+    match &args.handoff_socket {
+        None => stop.await,
+        Some(path) => {
+            let handed_off = handoff::session(shared.clone(), path.clone());
+            tokio::select! {
+                () = stop => {}
+                () = handed_off => info!("handed over to the new proxy: draining the rest"),
+            }
+        }
+    }
     let cut = shared.drain_all().await;
     info!(cut, "proxy stopped");
     Ok(())

@@ -1,0 +1,164 @@
+//! Shared mode's part of an upgrade that drops nothing: the old proxy hands every pod's live
+//! inbound HBONE connections, tunnels and all, to its successor over the handoff channel
+//! ([`SharedProxy::hand_off`]); the successor takes each into the pod it belongs to
+//! ([`SharedProxy::take_over`]), which must already be served there (the successor connects
+//! only once it serves every pod the node agent handed it).
+//!
+//! The old proxy speaks first: the format versions it can send. A successor that takes none
+//! of them says so, and the old proxy drains as it would without one. A connection that cannot
+//! move now (a handshake, a request being decided) stays with the old proxy and drains there.
+
+use std::io;
+use std::time::Duration;
+
+use prost::Message;
+use tracing::{info, warn};
+
+use super::SharedProxy;
+use crate::certs::Certificates;
+use crate::handoff::{
+    Channel, Offer, VERSION, answer, decode_answer, decode_offer, recv_connection, send_connection,
+};
+
+/// What an old proxy handed over.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct HandedOff {
+    /// Connections sent to the successor.
+    pub connections: usize,
+    /// Their tunnels.
+    pub tunnels: usize,
+    /// Connections that stayed here (the client and why), to drain.
+    pub stayed: Vec<String>,
+}
+
+/// What a new proxy took over.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TookOver {
+    /// Connections served here now.
+    pub connections: usize,
+    /// Their tunnels.
+    pub tunnels: usize,
+    /// Connections refused (closed), and why: a pod not served here, a state that did not check
+    /// out.
+    pub refused: Vec<String>,
+}
+
+fn ended() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "handoff: the other proxy closed the channel",
+    )
+}
+
+impl<C: Certificates> SharedProxy<C> {
+    /// Hands every pod's live inbound HBONE connections to the successor on `channel`, waiting
+    /// at most `patience` for each to settle. An error before anything moved (the successor
+    /// refused the version, the channel broke) leaves every connection here.
+    pub async fn hand_off(&self, channel: Channel, patience: Duration) -> io::Result<HandedOff> {
+        let channel = tokio::task::spawn_blocking(move || {
+            let offer = Offer {
+                versions: vec![VERSION],
+                sender: concat!("ztunnel ", env!("CARGO_PKG_VERSION")).to_owned(),
+            };
+            channel.send(&offer.encode_to_vec(), &[])?;
+            let (reply, _) = channel.recv()?.ok_or_else(ended)?;
+            decode_answer(&reply).map_err(io::Error::other)?;
+            Ok::<_, io::Error>(channel)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        // The successor serves every pod: new connections are its own from now on. Closing the
+        // listeners first lets the handshakes under way here finish and move too.
+        let handing: Vec<_> = self
+            .lock()
+            .iter()
+            .map(|(uid, pod)| {
+                pod.stop.cancel();
+                (uid.clone(), (pod.handoff.hand_off)(patience))
+            })
+            .collect();
+        let mut done = HandedOff::default();
+        let mut moved = Vec::new();
+        for (uid, handing) in handing {
+            let handed = handing.await;
+            done.stayed.extend(
+                handed
+                    .stayed
+                    .into_iter()
+                    .map(|(peer, why)| format!("pod {uid}: the connection from {peer}: {why}")),
+            );
+            moved.extend(handed.moved.into_iter().map(|m| (uid.clone(), m)));
+        }
+        done.connections = moved.len();
+        done.tunnels = moved.iter().map(|(_, m)| m.tunnels.len()).sum();
+        tokio::task::spawn_blocking(move || {
+            for (uid, connection) in &moved {
+                send_connection(&channel, uid, connection)?;
+            }
+            // The duplicates here close with `moved`; the successor holds the sockets.
+            Ok::<_, io::Error>(())
+        })
+        .await
+        .map_err(io::Error::other)??;
+        info!(
+            connections = done.connections,
+            tunnels = done.tunnels,
+            stayed = done.stayed.len(),
+            "handoff: live connections handed to the new proxy"
+        );
+        Ok(done)
+    }
+
+    /// Takes over what the old proxy on `channel` hands: each connection into the pod whose
+    /// listener accepted it, its tunnels resumed. Returns when the old proxy has sent
+    /// everything; an error says why the handoff ended early (what came before it is served).
+    pub async fn take_over(&self, channel: Channel) -> io::Result<TookOver> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let reader = tokio::task::spawn_blocking(move || {
+            let (offer, _) = channel.recv()?.ok_or_else(ended)?;
+            let offer = decode_offer(&offer).map_err(io::Error::other)?;
+            let reply = answer(&offer);
+            channel.send(&reply.encode_to_vec(), &[])?;
+            if reply.version == 0 {
+                return Err(io::Error::other(format!(
+                    "handoff refused: {}",
+                    reply.refusal
+                )));
+            }
+            while let Some(moved) = recv_connection(&channel)? {
+                if tx.blocking_send(moved).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        });
+        let mut done = TookOver::default();
+        while let Some((uid, moved)) = rx.recv().await {
+            let peer = moved.socket.peer_addr().ok();
+            let pods = self.lock();
+            let adopted = match pods.get(&uid) {
+                None => Err(format!("pod {uid} is not served here")),
+                Some(pod) => (pod.handoff.adopt)(moved).map_err(|e| e.to_string()),
+            };
+            drop(pods);
+            match adopted {
+                Ok(tunnels) => {
+                    done.connections += 1;
+                    done.tunnels += tunnels;
+                }
+                Err(why) => {
+                    warn!(pod = %uid, src = ?peer, %why, "handoff: a moved connection was refused; it is closed");
+                    done.refused.push(why);
+                }
+            }
+        }
+        reader.await.map_err(io::Error::other)??;
+        info!(
+            connections = done.connections,
+            tunnels = done.tunnels,
+            refused = done.refused.len(),
+            "handoff: live connections taken over from the old proxy"
+        );
+        Ok(done)
+    }
+}
