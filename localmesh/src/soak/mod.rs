@@ -488,10 +488,27 @@ fn soak_on(
         }
     }
     let plaintext = plaintext_between_ambient_pods(config, begin, &ambient_gaps, soak.grace);
-    if plaintext > 0 {
+    if !plaintext.is_empty() {
         report
             .wrong
-            .insert(Wrong::Plaintext.name().to_owned(), plaintext);
+            .insert(Wrong::Plaintext.name().to_owned(), plaintext.len() as u64);
+    }
+    // Each with its time and its access-log line: the log goes with the mesh.
+    for (at, line) in plaintext {
+        if report.wrong_times.len() < 10_000 {
+            report
+                .wrong_times
+                .push(at.map_or(0.0, |at| at.as_secs_f64()));
+        }
+        if report.wrong_examples.len() < 40 {
+            let at = at.map_or_else(
+                || "an unknown time".to_owned(),
+                |at| format!("{:.2} s", at.as_secs_f64()),
+            );
+            report
+                .wrong_examples
+                .push(format!("plaintext connection made at {at}: {line}"));
+        }
     }
     Ok(report)
 }
@@ -771,16 +788,17 @@ fn scaled(replicas: u32) -> Result<Vec<crate::plan::Doc>, Error> {
 }
 
 /// Inbound connections to the echo pods that the proxies logged without a client identity
-/// (plaintext) while the namespace was in ambient (outside `gaps`, and `grace` after them).
+/// (plaintext) while the namespace was in ambient (outside `gaps`, and `grace` after them):
+/// when each began (since `begin`, when its line says) and its access-log line.
 fn plaintext_between_ambient_pods(
     config: &Config,
     begin: Instant,
     gaps: &[(Duration, Duration)],
     grace: Duration,
-) -> u64 {
+) -> Vec<(Option<Duration>, String)> {
     // Log times are wall-clock; the soak's are since `begin`.
     let begun = std::time::SystemTime::now() - begin.elapsed();
-    let mut count = 0;
+    let mut found = Vec::new();
     for node in &config.nodes {
         let log =
             std::fs::read_to_string(config.log_file("ztunnel", Some(node))).unwrap_or_default();
@@ -805,11 +823,11 @@ fn plaintext_between_ambient_pods(
                     .any(|(from, to)| at + grace >= *from && at <= *to + grace)
             });
             if !excused {
-                count += 1;
+                found.push((at, line.to_owned()));
             }
         }
     }
-    count
+    found
 }
 
 /// An RFC 3339 UTC time (`2026-12-07T09:21:58.919185Z`) as time since `since`.
