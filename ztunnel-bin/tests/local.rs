@@ -327,6 +327,10 @@ fn labelling_back_releases_the_pods_without_restarting_them() {
 /// The script of the mixed loads: echo streams beside HTTP calls, every byte and answer checked.
 const MIX_LOAD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mix_load.py");
 
+/// Held by a test that runs a mixed load for its whole length: two at once on a 2-core machine
+/// would measure each other (their throughput and stall limits), not the mesh.
+static MIXED_LOAD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Brings `mesh` up with the default namespace ambient and an echo server (port 9090) in
 /// web-api's pod; returns the running server and its address.
 fn mixed_load_mesh(mesh: &Local) -> (common::Running, String) {
@@ -407,6 +411,7 @@ fn long_lived_streams_beside_short_calls_never_stall() {
     // outstanding. (The outbound proxy's first read of a new connection once lost the wake-up
     // for bytes that arrived during it: 1 call in about 4,300 of this mix waited for its
     // timeout.)
+    let _alone = MIXED_LOAD.lock().unwrap_or_else(|p| p.into_inner());
     let mesh = Local::new(6);
     let (echo, echo_addr) = mixed_load_mesh(&mesh);
     let (ok, out, err) = mesh.run(&mixed_load_args(&echo_addr, 100, 30));
@@ -758,6 +763,7 @@ fn rolling_restarts_of_the_destinations_proxy_move_its_live_tunnels_without_a_by
     // web-api:8080 come at 100 a second. Each restart moves the old proxy's live inbound
     // connections to the new one (--handoff-socket): no stream may see a byte lost, changed or a
     // reset, nor stall 2 s; no call may fail.
+    let _alone = MIXED_LOAD.lock().unwrap_or_else(|p| p.into_inner());
     let mesh = Local::new(15);
     let (echo, echo_addr) = mixed_load_mesh(&mesh);
     let load = mesh
