@@ -111,12 +111,29 @@ pub fn apply(netns: &Path, backend: Backend, rules: &RuleSet) -> Result<(), Erro
                 rollback(netns, done, limit);
                 return Err(e);
             }
+            no_loose_pickup(netns, limit);
             Ok(())
         }
         Backend::Nftables => {
             run(netns, "nft", &["-f", "-"], Some(&rules.nft_script()), limit)?;
-            apply_return_route(netns, rules)
+            apply_return_route(netns, rules)?;
+            no_loose_pickup(netns, limit);
+            Ok(())
         }
+    }
+}
+
+/// Stops conntrack in the pod's namespace from taking a connection up in its middle
+/// (`nf_conntrack_tcp_loose` = 0). The capture redirects a connection's first packet (a SYN),
+/// so an entry made from a later packet (a stray ACK after an entry went) has no redirect, and a
+/// new connection that reuses its ports within the entry's five minutes would join it and go
+/// out past the capture, in plaintext. Connections open before the capture still go on: their
+/// packets without an entry are left alone, as before. Best effort: where the namespace's
+/// `/proc/sys` cannot be written, the capture stands and the reason is logged.
+fn no_loose_pickup(netns: &Path, limit: Duration) {
+    let path = "/proc/sys/net/netfilter/nf_conntrack_tcp_loose";
+    if let Err(e) = run(netns, "tee", &[path], Some("0\n"), limit) {
+        tracing::warn!(netns = %netns.display(), error = %e, "cannot turn off conntrack's mid-connection pickup in the pod's namespace; a reused port could rarely slip past the capture");
     }
 }
 
@@ -497,7 +514,7 @@ pub(crate) fn run(
         "nft" => "nftables",
         "ipset" => "ipset",
         "ip" => "iproute2",
-        "cat" => "coreutils",
+        "cat" | "tee" => "coreutils",
         _ => "iptables",
     };
     let mut command = Command::new("nsenter");

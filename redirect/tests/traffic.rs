@@ -232,6 +232,15 @@ fn connections_open_at_capture_are_kept(backend: Backend) {
     }
     // The pod is captured while both connections are open: they go on, direct, as they were.
     apply(&pair.pod_path(), backend, &RuleSet::default()).unwrap();
+    // ... and no packet in the middle of a connection makes conntrack take it up as new: such an
+    // entry, without the redirect, would carry a later SYN on the same ports past the capture
+    // (the hour-long soaks saw a few plaintext connections that way).
+    let loose = Command::new("ip")
+        .args(["netns", "exec", &pod, "cat"])
+        .arg("/proc/sys/net/netfilter/nf_conntrack_tcp_loose")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&loose.stdout).trim(), "0");
     for (what, child) in [("inbound", inbound), ("outbound", outbound)] {
         let out = child.wait_with_output().unwrap();
         let said = String::from_utf8_lossy(&out.stdout);
