@@ -158,16 +158,34 @@ impl<C: Connector> Serving<C> {
         destination: SocketAddr,
         peer: Option<&SpiffeId>,
     ) -> Result<(Registered, TcpStream), Refusal> {
+        let registered = self.admit_and_register(state, outcome, destination, peer)?;
+        let app = dial_app(
+            &self.connector,
+            outcome.source,
+            destination,
+            self.connect_timeout,
+        )
+        .await?;
+        Ok((registered, app))
+    }
+
+    /// Admits the connection from `outcome.source` to `destination` by [`admit`] (a refusal by
+    /// policy is logged) and registers it for the re-checks a policy change makes.
+    fn admit_and_register(
+        &self,
+        state: &State,
+        outcome: &mut InboundOutcome,
+        destination: SocketAddr,
+        peer: Option<&SpiffeId>,
+    ) -> Result<Registered, Refusal> {
         let source = outcome.source;
         let admitted = admit(state, &self.local, source, destination, peer).inspect_err(|r| {
             log_refusal(r, source, destination, peer.map(SpiffeId::as_str));
         })?;
         outcome.destination_workload = Some(admitted.workload.clone());
-        let registered = self
+        Ok(self
             .connections
-            .register(admitted.connection, &admitted.workload.uid);
-        let app = dial_app(&self.connector, source, destination, self.connect_timeout).await?;
-        Ok((registered, app))
+            .register(admitted.connection, &admitted.workload.uid))
     }
 }
 

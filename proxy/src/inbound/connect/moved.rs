@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use super::Inbound;
 use crate::handoff::proto::InboundTunnel;
-use crate::inbound::{Ended, InboundOutcome, admit, copy_until_closed, log_refusal};
+use crate::inbound::{Ended, InboundOutcome, copy_until_closed};
 use crate::sockets::Connector;
 use crate::telemetry::metrics::Flow;
 
@@ -120,25 +120,14 @@ impl<C: Connector> Inbound<C> {
             Err(e) => return self.finish(refused(outcome, e.to_string(), tunnel)),
         };
         outcome.source_identity = Some(peer.as_str().to_owned());
-        let admitted = match admit(
-            &state,
-            &self.serving.local,
-            m.source,
-            m.destination,
-            Some(&peer),
-        ) {
-            Ok(admitted) => admitted,
-            Err(refusal) => {
-                log_refusal(&refusal, m.source, m.destination, Some(peer.as_str()));
-                return self.finish(refused(outcome, refusal.to_string(), tunnel));
-            }
-        };
-        outcome.destination_workload = Some(admitted.workload.clone());
+        let admitted =
+            self.serving
+                .admit_and_register(&state, &mut outcome, m.destination, Some(&peer));
         drop(state);
-        let registered = self
-            .serving
-            .connections
-            .register(admitted.connection, &admitted.workload.uid);
+        let registered = match admitted {
+            Ok(registered) => registered,
+            Err(refusal) => return self.finish(refused(outcome, refusal.to_string(), tunnel)),
+        };
         let app = match tokio::net::TcpStream::from_std(app) {
             Ok(app) => app,
             Err(e) => {
