@@ -2,6 +2,7 @@
 //! versions are agreed or refused with both sides named, and a hostile or broken message is
 //! refused naming the field.
 
+mod common;
 #[path = "../../fuzz/seed_corpus.rs"]
 mod seed_corpus;
 
@@ -351,31 +352,12 @@ mod transfer {
     use hbone::handoff::{Copied, copy_tunnel_movable, traffic_secret_log};
     use hbone::{Authority, Config, InboundConnect, Pool, Server, StaticTls};
     use http::HeaderMap;
-    use identity::{DevCa, SpiffeId};
+    use identity::DevCa;
     use proxy::handoff::{Channel, Listener, MAX_FDS, recv_connection, send_connection};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
-    const HOUR: Duration = Duration::from_secs(3600);
-
-    fn id(sa: &str) -> SpiffeId {
-        SpiffeId::istio("cluster.local", "default", sa).unwrap()
-    }
-
-    async fn echo_app() -> SocketAddr {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut tcp, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let (mut rd, mut wr) = tcp.split();
-                    let _ = tokio::io::copy(&mut rd, &mut wr).await;
-                    let _ = wr.shutdown().await;
-                });
-            }
-        });
-        addr
-    }
+    use super::common::{HOUR, echo_app, id};
 
     fn server(ca: &DevCa, app: SocketAddr) -> Server<impl hbone::ConnectHandler> {
         let creds = ca.issue(&id("web"), HOUR).unwrap();
@@ -408,7 +390,7 @@ mod transfer {
     async fn live_connections_cross_the_channel_with_more_tunnels_than_one_message_carries() {
         let tunnels = MAX_FDS + 20;
         let ca = DevCa::generate("cluster.local").unwrap();
-        let app = echo_app().await;
+        let app = echo_app(std::net::Ipv4Addr::LOCALHOST.into()).await;
         let (old, new) = (server(&ca, app), server(&ca, app));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
