@@ -75,6 +75,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod adopt;
 mod authority;
 mod config;
 mod copy;
@@ -120,10 +121,17 @@ pub use tunnel::Tunnel;
 /// [`handoff::traffic_secret_log`] (set it as the configuration's `key_log`; nothing is written
 /// anywhere by it). A connection that cannot move in time (a handshake or a request in
 /// progress, a tunnel copied some other way) stays, and goes on as before.
+///
+/// The client's side is the same with [`Pool::hand_off`] and [`Pool::adopt`]: each pooled
+/// connection leaves with its key ([`handoff::MovedPooled`]), and the adopting pool serves new
+/// tunnels of that key on it. The pool's configuration must be movable and its dialer's rustls
+/// configurations must log to [`handoff::traffic_secret_log`].
 pub mod handoff {
+    pub use crate::adopt::{AdoptedTunnel, MovedConnection};
     pub use crate::copy::copy_tunnel_movable;
     pub use crate::moving::{Copied, CopyState, MovedTunnel};
-    pub use crate::server::handoff::{AdoptedTunnel, HandOff, MovedConnection};
+    pub use crate::pool::handoff::{MovedPooled, PoolHandOff};
+    pub use crate::server::handoff::HandOff;
     pub use crate::tls::{TlsState, traffic_secret_log};
     pub use crate::wire::conn::ConnectionState;
     pub use crate::wire::session::{SessionState, StreamState};

@@ -41,14 +41,19 @@ impl Tunnel {
     }
 
     /// A tunnel of a moved connection, as the other process left it: whether the peer's end was
-    /// read and whether ours was sent.
-    pub(crate) fn moved(stream: StreamRef, read_eof: bool, write_closed: bool) -> Self {
+    /// read and whether ours was sent (and, on a pooled connection, its stream slot).
+    pub(crate) fn moved(
+        stream: StreamRef,
+        read_eof: bool,
+        write_closed: bool,
+        slot: Option<StreamSlot>,
+    ) -> Self {
         Tunnel {
             stream,
             pending: Bytes::new(),
             read_eof,
             write_closed,
-            _slot: None,
+            _slot: slot,
         }
     }
 

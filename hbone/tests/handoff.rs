@@ -72,6 +72,23 @@ fn server(pki: &Pki, app: SocketAddr, ends: Arc<Ends>) -> Server<impl hbone::Con
     })
 }
 
+/// Waits until the writers, counted in `written`, have written nothing for a while: every
+/// window and buffer on the way is full (the readers do not read).
+async fn until_stalled(written: &AtomicU64) {
+    let mut last = written.load(Ordering::SeqCst);
+    let mut still = 0;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while still < 5 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = written.load(Ordering::SeqCst);
+            still = if now == last { still + 1 } else { 0 };
+            last = now;
+        }
+    })
+    .await
+    .expect("the writers never stalled");
+}
+
 /// The byte at `at` of tunnel `n`'s stream.
 fn byte(n: usize, at: u64) -> u8 {
     ((at + n as u64 * 7) % 251) as u8
@@ -156,6 +173,7 @@ async fn two_moves() {
     // Bytes each tunnel has had echoed; whether the writers should stop; whether the readers
     // read (while they do not, the writers write as much as the windows and buffers take).
     let echoed: Arc<Vec<AtomicU64>> = Arc::new((0..TUNNELS).map(|_| AtomicU64::new(0)).collect());
+    let written: Arc<AtomicU64> = Arc::default();
     let stopping = Arc::new(AtomicBool::new(false));
     let (reading, _) = tokio::sync::watch::channel(true);
     let mut clients = Vec::new();
@@ -166,6 +184,7 @@ async fn two_moves() {
             .unwrap();
         let (mut rd, mut wr) = tokio::io::split(tunnel);
         let (echoes, stopping, gate) = (echoed.clone(), stopping.clone(), reading.subscribe());
+        let written = written.clone();
         let writer = tokio::spawn(async move {
             let echoed = echoes;
             let mut sent = 0u64;
@@ -173,6 +192,7 @@ async fn two_moves() {
                 let chunk: Vec<u8> = (sent..sent + 3000).map(|at| byte(n, at)).collect();
                 wr.write_all(&chunk).await.unwrap();
                 sent += chunk.len() as u64;
+                written.fetch_add(chunk.len() as u64, Ordering::SeqCst);
                 // Not far ahead of the echo while it is read.
                 while *gate.borrow() && sent - echoed[n].load(Ordering::SeqCst) > 200_000 {
                     tokio::time::sleep(Duration::from_millis(1)).await;
@@ -231,7 +251,7 @@ async fn two_moves() {
     // Second move, of the adopted connection: with every buffer on the way full, so bytes sit
     // in the copies (read from one side, not yet written to the other) when they stop.
     reading.send_replace(false);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    until_stalled(&written).await;
     let (states, resumed) = move_all(&servers[1], &ends[1], &servers[2], &ends[2], TUNNELS).await;
     for copy in first {
         assert!(matches!(copy.await.unwrap(), Ok(Copied::Moved(_))));
@@ -340,4 +360,212 @@ async fn a_connection_with_a_tunnel_that_cannot_pause_stays_and_every_tunnel_goe
             .unwrap();
         assert_eq!(back, b"after");
     }
+}
+
+/// A pool whose connections can move: movable, its TLS logging the traffic secrets to us.
+fn movable_pool(pki: &Pki) -> hbone::Pool<&'static str, hbone::StaticTls> {
+    let mut tls = (*pki.client_config()).clone();
+    tls.key_log = traffic_secret_log();
+    let mut config = Config::default();
+    config.movable = true;
+    hbone::Pool::new(config, hbone::StaticTls(Arc::new(tls)))
+}
+
+/// Joins `app` to a tunnel of `pool` (to the server at `addr`) with a movable copy, counting
+/// how the copy ended in `ends`.
+async fn client_side_copy(
+    pool: &hbone::Pool<&'static str, hbone::StaticTls>,
+    addr: SocketAddr,
+    mut app: TcpStream,
+    ends: Arc<Ends>,
+) -> tokio::task::JoinHandle<()> {
+    let mut tunnel = pool
+        .connect("k", addr, &authority(), HeaderMap::new())
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let memo = b"outbound".to_vec();
+        let counter = match copy_tunnel_movable(&mut tunnel, &mut app, memo, None).await {
+            Ok(Copied::Done(_)) => &ends.done,
+            Ok(Copied::Moved(_)) => &ends.moved,
+            Err(_) => &ends.failed,
+        };
+        counter.fetch_add(1, Ordering::SeqCst);
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pools_live_tunnels_move_to_another_pool_which_goes_on_using_the_connection() {
+    tokio::time::timeout(Duration::from_secs(60), client_move())
+        .await
+        .expect("the tunnels did not finish");
+}
+
+async fn client_move() {
+    const TUNNELS: usize = 5;
+    let pki = Pki::new();
+    let app = echo_app().await;
+    let server_ends = Arc::new(Ends::default());
+    let server = server(&pki, app, server_ends.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let serving = server.clone();
+    tokio::spawn(async move { serving.serve(listener).await });
+
+    // The client applications' connections arrive here, as at a proxy's outbound listener.
+    let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let front_addr = front.local_addr().unwrap();
+    let (old_pool, new_pool) = (movable_pool(&pki), movable_pool(&pki));
+    let (old_ends, new_ends) = (Arc::new(Ends::default()), Arc::new(Ends::default()));
+    let echoed: Arc<Vec<AtomicU64>> = Arc::new((0..TUNNELS).map(|_| AtomicU64::new(0)).collect());
+    let written: Arc<AtomicU64> = Arc::default();
+    let stopping = Arc::new(AtomicBool::new(false));
+    let (reading, _) = tokio::sync::watch::channel(true);
+    let mut clients = Vec::new();
+    let mut old_copies = Vec::new();
+    for n in 0..TUNNELS {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(APP_BUFFER).unwrap();
+        socket.set_send_buffer_size(APP_BUFFER).unwrap();
+        let client = socket.connect(front_addr).await.unwrap();
+        let (accepted, _) = front.accept().await.unwrap();
+        old_copies.push(client_side_copy(&old_pool, addr, accepted, old_ends.clone()).await);
+        let (mut rd, mut wr) = client.into_split();
+        let (echoes, stopping, gate) = (echoed.clone(), stopping.clone(), reading.subscribe());
+        let written = written.clone();
+        let writer = tokio::spawn(async move {
+            let mut sent = 0u64;
+            while !stopping.load(Ordering::SeqCst) {
+                let chunk: Vec<u8> = (sent..sent + 3000).map(|at| byte(n, at)).collect();
+                wr.write_all(&chunk).await.unwrap();
+                sent += chunk.len() as u64;
+                written.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+                while *gate.borrow() && sent - echoes[n].load(Ordering::SeqCst) > 200_000 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+            wr.shutdown().await.unwrap();
+            sent
+        });
+        let (echoed, mut gate) = (echoed.clone(), reading.subscribe());
+        let reader = tokio::spawn(async move {
+            let mut at = 0u64;
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                gate.wait_for(|reading| *reading).await.unwrap();
+                let got = rd
+                    .read(&mut buf)
+                    .await
+                    .unwrap_or_else(|e| panic!("client {n} after {at} bytes: {e}"));
+                if got == 0 {
+                    return at;
+                }
+                for &b in &buf[..got] {
+                    assert_eq!(b, byte(n, at), "client {n}: byte {at} changed");
+                    at += 1;
+                }
+                echoed[n].store(at, Ordering::SeqCst);
+            }
+        });
+        clients.push((writer, reader));
+    }
+    let echoed_at_least = |least: u64| {
+        let echoed = echoed.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(20), async {
+                while echoed.iter().any(|e| e.load(Ordering::SeqCst) < least) {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .expect("the tunnels stalled");
+        }
+    };
+    let most_echoed = || {
+        echoed
+            .iter()
+            .map(|e| e.load(Ordering::SeqCst))
+            .max()
+            .unwrap()
+    };
+    echoed_at_least(300_000).await;
+
+    // The move, with every buffer on the way full (the clients do not read), so bytes sit in
+    // the copies when they stop.
+    reading.send_replace(false);
+    until_stalled(&written).await;
+    let handed = old_pool.hand_off(Duration::from_secs(5)).await;
+    assert!(handed.stayed.is_empty(), "stayed: {:?}", handed.stayed);
+    assert_eq!(handed.moved.len(), 1, "the pool's one connection");
+    assert_eq!(
+        old_pool.connection_count(),
+        0,
+        "the old pool still holds it"
+    );
+    let mut held = Vec::new();
+    let mut resumed = Vec::new();
+    for moved in handed.moved {
+        assert_eq!(moved.key, "k");
+        assert_eq!(moved.connection.tunnels.len(), TUNNELS);
+        for adopted in new_pool.adopt(moved.key, moved.connection).unwrap() {
+            assert_eq!(adopted.memo, b"outbound");
+            assert_eq!(adopted.peer_addr, addr);
+            held.push((adopted.copy.to_app.len(), adopted.copy.from_app.len()));
+            let ends = new_ends.clone();
+            resumed.push(tokio::spawn(async move {
+                let mut tunnel = adopted.tunnel;
+                let mut app = TcpStream::from_std(adopted.app).unwrap();
+                let copied =
+                    copy_tunnel_movable(&mut tunnel, &mut app, adopted.memo, Some(adopted.copy))
+                        .await;
+                let counter = match copied {
+                    Ok(Copied::Done(_)) => &ends.done,
+                    Ok(Copied::Moved(_)) => &ends.moved,
+                    Err(_) => &ends.failed,
+                };
+                counter.fetch_add(1, Ordering::SeqCst);
+            }));
+        }
+    }
+    for copy in old_copies {
+        copy.await.unwrap();
+    }
+    assert_eq!(old_ends.moved.load(Ordering::SeqCst), TUNNELS);
+    assert!(
+        held.iter().any(|(to, _)| *to > 0) && held.iter().any(|(_, from)| *from > 0),
+        "the copies held no bytes one way or the other (to, from): {held:?}"
+    );
+    reading.send_replace(true);
+    echoed_at_least(most_echoed() + 300_000).await;
+
+    // A new tunnel of the key rides the adopted connection: no second dial.
+    let mut fresh = new_pool
+        .connect("k", addr, &authority(), HeaderMap::new())
+        .await
+        .unwrap();
+    fresh.write_all(b"after the move").await.unwrap();
+    fresh.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    fresh.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"after the move");
+    assert_eq!(new_pool.connection_count(), 1, "the new pool dialed again");
+
+    stopping.store(true, Ordering::SeqCst);
+    for (n, (writer, reader)) in clients.into_iter().enumerate() {
+        let sent = writer.await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(20), reader)
+            .await
+            .unwrap_or_else(|_| panic!("client {n} did not end"))
+            .unwrap();
+        assert_eq!(got, sent, "client {n}: sent {sent}, echoed {got}");
+    }
+    for copy in resumed {
+        copy.await.unwrap();
+    }
+    assert_eq!(new_ends.done.load(Ordering::SeqCst), TUNNELS);
+    assert_eq!(new_ends.failed.load(Ordering::SeqCst), 0);
+    assert_eq!(old_ends.failed.load(Ordering::SeqCst), 0);
+    // The server's side never knew: every tunnel, and the fresh one, ended there cleanly.
+    assert_eq!(server_ends.done.load(Ordering::SeqCst), TUNNELS + 1);
+    assert_eq!(server_ends.failed.load(Ordering::SeqCst), 0);
 }

@@ -501,3 +501,4 @@ mod moved;
 mod tests;
 
 pub use moved::ConnectionState;
+pub(crate) use moved::Moved;

@@ -40,6 +40,8 @@ use crate::wire::conn::Connection;
 use crate::wire::session::{Failure, Limits, Role};
 use crate::{Config, H2_ALPN};
 
+pub(crate) mod handoff;
+
 /// How the pool opens connections: which TLS settings a key uses, and how to open the socket.
 ///
 /// Implement this to present per-identity certificates (look them up by key) or to dial from
@@ -430,7 +432,7 @@ where
                 conn: conn.clone(),
             };
             let (ready_tx, ready_rx) = oneshot::channel();
-            tokio::spawn(driver.run(ready_tx));
+            tokio::spawn(driver.run(Some(ready_tx)));
             // In TLS 1.3 the server judges our certificate after our handshake is done, and its
             // SETTINGS may still be in flight: wait for the answer to a first PING, so a refused
             // certificate is a dial error and the stream limit is known before first use.
@@ -646,7 +648,9 @@ where
     K: Clone + Eq + Hash + Send + Sync + std::fmt::Debug + 'static,
     D: Send + Sync + 'static,
 {
-    async fn run(self, mut ready: oneshot::Sender<Result<(), Failure>>) {
+    /// Drives the connection; `ready` (a new connection's) learns how its first PING round
+    /// trip went; an adopted connection has none.
+    async fn run(self, ready: Option<oneshot::Sender<Result<(), Failure>>>) {
         let Some(config) = self.pool.upgrade().map(|pool| pool.config.clone()) else {
             return;
         };
@@ -655,25 +659,27 @@ where
         let connection = self.conn.conn.clone();
         let drive = connection.drive();
         tokio::pin!(drive);
-        // Startup: the first PING round trip, or the connection's early death.
-        let started = tokio::select! {
-            biased;
-            failure = &mut drive => Err(Some(failure)),
-            first = connection.ping() => first.map_err(Some),
-            // The dialer gave up (its HTTP/2 handshake timeout): close the connection.
-            () = ready.closed() => Err(None),
-        };
-        match started {
-            Ok(()) => {
-                let _ = ready.send(Ok(()));
-            }
-            Err(failure) => {
-                if let Some(failure) = failure {
-                    let _ = ready.send(Err(failure));
+        if let Some(mut ready) = ready {
+            // Startup: the first PING round trip, or the connection's early death.
+            let started = tokio::select! {
+                biased;
+                failure = &mut drive => Err(Some(failure)),
+                first = connection.ping() => first.map_err(Some),
+                // The dialer gave up (its HTTP/2 handshake timeout): close the connection.
+                () = ready.closed() => Err(None),
+            };
+            match started {
+                Ok(()) => {
+                    let _ = ready.send(Ok(()));
                 }
-                self.conn.dead.store(true, Ordering::Release);
-                connection.close();
-                return;
+                Err(failure) => {
+                    if let Some(failure) = failure {
+                        let _ = ready.send(Err(failure));
+                    }
+                    self.conn.dead.store(true, Ordering::Release);
+                    connection.close();
+                    return;
+                }
             }
         }
         let keepalive = async {
