@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use hbone::handoff::MovedConnection;
+use hbone::handoff::{MovedConnection, PoolHandOff};
 use tokio::net::TcpListener;
 use tracing::warn;
 
@@ -19,7 +19,7 @@ use crate::addr::{ClientAddr, OrigDst};
 use crate::certs::Certificates;
 use crate::connections::Connections;
 use crate::inbound::Inbound;
-use crate::outbound::Outbound;
+use crate::outbound::{Outbound, PoolKey};
 use crate::serve::{Tracker, accept_loop, serve_hbone, serve_outbound};
 use crate::sockets::Connector;
 use crate::state::{LocalWorkload, StateStore};
@@ -69,22 +69,35 @@ pub(crate) struct Assembled {
     /// Tells every inbound HBONE connection to go away gracefully (`hbone::Server::go_away`):
     /// clients open their new tunnels elsewhere, the tunnels here finish.
     pub(crate) go_away: Box<dyn Fn() + Send + Sync>,
-    /// Moves the inbound HBONE connections out of this process and in from another.
+    /// Moves the HBONE connections out of this process and in from another.
     pub(crate) handoff: PodHandoff,
 }
 
-/// A data path's inbound HBONE connections moving between processes (an upgrade).
+/// A data path's HBONE connections moving between processes (an upgrade): the inbound ones
+/// the HBONE server accepted, the outbound ones its pool dialed.
 pub(crate) struct PodHandoff {
-    /// Hands every connection out (`hbone::Server::hand_off`), waiting at most this long for
-    /// each to settle.
-    pub(crate) hand_off: Box<dyn Fn(std::time::Duration) -> HandingOff + Send + Sync>,
-    /// Takes a connection in: served here from now on, each of its tunnels resumed (counted by
-    /// the tracker). Returns how many tunnels go on.
-    pub(crate) adopt: Box<dyn Fn(MovedConnection) -> Result<usize, hbone::Error> + Send + Sync>,
+    /// Hands every inbound connection out (`hbone::Server::hand_off`), and every outbound one
+    /// too when the second argument says so (`hbone::Pool::hand_off`), waiting at most this long
+    /// for each to settle.
+    pub(crate) hand_off: Box<dyn Fn(std::time::Duration, bool) -> HandingOff + Send + Sync>,
+    /// Takes a connection in, an inbound one (no key) into the HBONE server, an outbound one
+    /// into the pool under its key: served here from now on, each of its tunnels resumed
+    /// (counted by the tracker). Returns how many tunnels go on.
+    pub(crate) adopt:
+        Box<dyn Fn(Option<PoolKey>, MovedConnection) -> Result<usize, hbone::Error> + Send + Sync>,
+}
+
+/// What a data path handed out, and what stayed.
+#[derive(Debug, Default)]
+pub(crate) struct PodHandedOff {
+    /// The inbound connections.
+    pub(crate) inbound: hbone::handoff::HandOff,
+    /// The outbound ones.
+    pub(crate) outbound: PoolHandOff<PoolKey>,
 }
 
 /// A handoff under way: resolves with what moved and what stayed.
-pub(crate) type HandingOff = Pin<Box<dyn Future<Output = hbone::handoff::HandOff> + Send>>;
+pub(crate) type HandingOff = Pin<Box<dyn Future<Output = PodHandedOff> + Send>>;
 
 /// Wires `parts` to `listeners`.
 pub(crate) fn assemble<C, A, P>(parts: Parts<C, A, P>, listeners: Listeners) -> Assembled
@@ -120,27 +133,51 @@ where
     let going = server.clone();
     let go_away = Box::new(move || going.go_away());
     let tracker = Tracker::default();
-    let handing = server.clone();
-    let (adopting, resumes) = (server.clone(), tracker.clone());
-    let handoff = PodHandoff {
-        hand_off: Box::new(move |patience| {
-            let server = handing.clone();
-            Box::pin(async move { server.hand_off(patience).await })
-        }),
-        adopt: Box::new(move |moved| {
-            let tunnels = adopting.adopt(moved)?;
-            let n = tunnels.len();
-            for tunnel in tunnels {
-                let resumer = resumer.clone();
-                resumes.spawn_counted(async move { resumer.resume(tunnel).await });
-            }
-            Ok(n)
-        }),
-    };
     let outbound = Arc::new(
         Outbound::with_connector(state.clone(), certificates, hbone, peer_connector)
             .with_metrics(metrics),
     );
+    let (handing, handing_out) = (server.clone(), outbound.clone());
+    let (adopting, adopting_out) = (server.clone(), outbound.clone());
+    let (resumes, source) = (tracker.clone(), Arc::new(local.clone()));
+    let handoff = PodHandoff {
+        hand_off: Box::new(move |patience, with_outbound| {
+            let (server, outbound) = (handing.clone(), handing_out.clone());
+            Box::pin(async move {
+                let (inbound, outbound) = tokio::join!(server.hand_off(patience), async {
+                    if with_outbound {
+                        outbound.hand_off(patience).await
+                    } else {
+                        PoolHandOff::default()
+                    }
+                });
+                PodHandedOff { inbound, outbound }
+            })
+        }),
+        adopt: Box::new(move |key, moved| {
+            let Some(key) = key else {
+                let tunnels = adopting.adopt(moved)?;
+                let n = tunnels.len();
+                for tunnel in tunnels {
+                    let resumer = resumer.clone();
+                    resumes.spawn_counted(async move { resumer.resume(tunnel).await });
+                }
+                return Ok(n);
+            };
+            let tunnels = adopting_out.adopt(key.clone(), moved)?;
+            let n = tunnels.len();
+            let key = Arc::new(key);
+            for tunnel in tunnels {
+                let (outbound, key, source) = (adopting_out.clone(), key.clone(), source.clone());
+                resumes.spawn_counted(async move {
+                    if let Some(o) = outbound.resume(tunnel, &key, &source).await {
+                        crate::telemetry::access_log::log_outbound(&o);
+                    }
+                });
+            }
+            Ok(n)
+        }),
+    };
     // Connections run in tasks of their own, so closing the listeners (at a drain) leaves them.
     let mut loops: Vec<Pin<Box<dyn Future<Output = ()> + Send>>> = Vec::new();
     for listener in listeners.outbound {

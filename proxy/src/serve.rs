@@ -167,10 +167,13 @@ pub(crate) async fn serve_outbound<C: crate::certs::Certificates, N: crate::sock
                     return;
                 }
             };
-            let o = outbound
+            let served = outbound
                 .serve(stream, crate::addr::ClientAddr(peer), destination, &local)
                 .await;
-            crate::telemetry::access_log::log_outbound(&o);
+            // None: it moved to another process, which logs it when it ends.
+            if let Some(o) = served {
+                crate::telemetry::access_log::log_outbound(&o);
+            }
         });
     })
     .await

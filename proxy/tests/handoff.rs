@@ -9,14 +9,24 @@ mod seed_corpus;
 use hbone::handoff::{ConnectionState, CopyState, SessionState, StreamState, TlsState};
 use prost::Message;
 use proxy::handoff::{
-    Carried, CarriedTunnel, MAX_MESSAGE, Offer, VERSION, answer, decode_answer, decode_connection,
-    decode_offer, encode_connection, proto,
+    Carried, CarriedTunnel, MAX_MESSAGE, Offer, VERSION, VERSIONS, answer, decode_answer,
+    decode_connection, decode_offer, encode_connection, proto,
 };
+use proxy::outbound::PoolKey;
 
 /// A connection with every field set to something other than its default.
 fn connection() -> Carried {
     Carried {
         pod: "uid-1".into(),
+        outbound: Some(PoolKey {
+            source: "spiffe://cluster.local/ns/default/sa/sleep"
+                .parse()
+                .unwrap(),
+            expected: vec![
+                "spiffe://cluster.local/ns/default/sa/a".parse().unwrap(),
+                "spiffe://cluster.local/ns/default/sa/b".parse().unwrap(),
+            ],
+        }),
         state: state(),
         tunnels: vec![
             CarriedTunnel {
@@ -124,6 +134,7 @@ fn a_connection_decodes_to_what_was_encoded() {
     sparse.state.session.goaway_received = None;
     sparse.state.session.ping_outstanding = None;
     sparse.tunnels.clear();
+    sparse.outbound = None;
     assert_eq!(
         decode_connection(&encode_connection(&sparse)).unwrap(),
         sparse
@@ -142,13 +153,19 @@ fn versions_are_agreed_or_refused_naming_both_sides() {
     .unwrap();
     let yes = answer(&offer);
     assert_eq!(decode_answer(&yes.encode_to_vec()), Ok(VERSION));
+    // An old proxy of version 1 gets version 1 (inbound connections only).
+    let old = answer(&Offer {
+        versions: vec![1],
+        sender: "ztunnel 0.1".into(),
+    });
+    assert_eq!(decode_answer(&old.encode_to_vec()), Ok(1));
     let no = answer(&Offer {
         versions: vec![VERSION + 1],
         sender: "ztunnel 0.3".into(),
     });
     let e = decode_answer(&no.encode_to_vec()).unwrap_err().to_string();
     assert!(
-        e.contains("ztunnel 0.3") && e.contains(&format!("version {VERSION}")),
+        e.contains("ztunnel 0.3") && e.contains(&format!("versions {VERSIONS:?}")),
         "{e}"
     );
     let chose = proto::Answer {
@@ -198,6 +215,15 @@ fn broken_and_hostile_messages_are_refused_naming_the_field() {
     let mut m = proto::Connection::decode(&good[..]).unwrap();
     m.tunnels[1].memo = vec![0; 5000];
     assert!(refused(&m.encode_to_vec()).contains("connection.tunnels[1].memo"));
+    let mut m = proto::Connection::decode(&good[..]).unwrap();
+    m.outbound.as_mut().unwrap().source = "sleep".into();
+    assert!(refused(&m.encode_to_vec()).contains("connection.outbound.source \"sleep\""));
+    let mut m = proto::Connection::decode(&good[..]).unwrap();
+    m.outbound.as_mut().unwrap().expected[1] = "spiffe://".into();
+    assert!(refused(&m.encode_to_vec()).contains("connection.outbound.expected[1]"));
+    let mut m = proto::Connection::decode(&good[..]).unwrap();
+    m.outbound.as_mut().unwrap().expected.reverse();
+    assert!(refused(&m.encode_to_vec()).contains("not sorted"));
     let mut m = proto::Connection::decode(&good[..]).unwrap();
     m.pod = "p".repeat(300);
     assert!(refused(&m.encode_to_vec()).contains("connection.pod"));
@@ -353,7 +379,7 @@ mod transfer {
     use hbone::{Authority, Config, InboundConnect, Pool, Server, StaticTls};
     use http::HeaderMap;
     use identity::DevCa;
-    use proxy::handoff::{Channel, Listener, MAX_FDS, recv_connection, send_connection};
+    use proxy::handoff::{Channel, Listener, MAX_FDS, Received, recv_connection, send_connection};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
@@ -428,7 +454,7 @@ mod transfer {
         let sender = std::thread::spawn(move || {
             let channel = waiting.accept().unwrap();
             for moved in &handed.moved {
-                send_connection(&channel, "pod-uid", moved).unwrap();
+                send_connection(&channel, "pod-uid", None, moved).unwrap();
             }
             // The old process's copies close with it; the other process holds duplicates.
             drop(handed);
@@ -446,8 +472,13 @@ mod transfer {
         .unwrap();
         sender.join().unwrap();
         assert_eq!(received.len(), 1);
-        let (pod, moved) = received.into_iter().next().unwrap();
+        let Received {
+            pod,
+            outbound,
+            connection: moved,
+        } = received.into_iter().next().unwrap();
         assert_eq!(pod, "pod-uid");
+        assert_eq!(outbound, None);
         assert_eq!(moved.tunnels.len(), tunnels);
         for adopted in new.adopt(moved).unwrap() {
             assert_eq!(adopted.memo, b"memo");

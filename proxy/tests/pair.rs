@@ -53,6 +53,9 @@ impl Certificates for DevCerts {
 
 struct Mesh {
     outbound: Arc<Outbound<DevCerts>>,
+    /// Another outbound path of the same workloads (a new proxy process, in an upgrade), when
+    /// the mesh was made movable.
+    successor: Option<Arc<Outbound<DevCerts>>>,
     metrics: Arc<Metrics>,
     inbound_log: Arc<Mutex<Vec<InboundOutcome>>>,
     app: SocketAddr,
@@ -62,6 +65,11 @@ struct Mesh {
 /// sleep and notsleep (clients), web (in the mesh, only sleep allowed, behind a service VIP),
 /// legacy (outside the mesh); web's node proxy listens on web's address, port 15008.
 async fn mesh(test: u8) -> Mesh {
+    mesh_with(test, false).await
+}
+
+/// [`mesh`], its outbound paths `movable` (and then with a successor).
+async fn mesh_with(test: u8, movable: bool) -> Mesh {
     let ca = DevCa::generate("cluster.local").unwrap();
     let web_ip = ip(test, 2);
     let app = echo_app(web_ip).await;
@@ -118,20 +126,18 @@ async fn mesh(test: u8) -> Mesh {
         .unwrap();
     tokio::spawn(async move { server.serve(listener).await });
     let metrics = Metrics::new(Duration::from_secs(300));
-    let outbound = Arc::new(
-        Outbound::new(
-            store,
-            {
-                let roots = Arc::new(ca.trust_roots());
-                Arc::new(DevCerts(ca, roots))
-            },
-            Config::default(),
-            None,
+    let roots = Arc::new(ca.trust_roots());
+    let certs = Arc::new(DevCerts(ca, roots));
+    let mut config = Config::default();
+    config.movable = movable;
+    let outbound = |metrics: Arc<Metrics>| {
+        Arc::new(
+            Outbound::new(store.clone(), certs.clone(), config.clone(), None).with_metrics(metrics),
         )
-        .with_metrics(metrics.clone()),
-    );
+    };
     Mesh {
-        outbound,
+        outbound: outbound(metrics.clone()),
+        successor: movable.then(|| outbound(Metrics::new(Duration::from_secs(300)))),
         metrics,
         inbound_log,
         app,
@@ -177,7 +183,8 @@ async fn call(
     let outcome = tokio::time::timeout(Duration::from_secs(5), task)
         .await
         .expect("the outbound connection did not end")
-        .unwrap();
+        .unwrap()
+        .expect("not movable: it cannot have moved");
     (got, outcome)
 }
 
@@ -225,7 +232,8 @@ async fn bytes_sent_before_the_route_is_known_go_with_the_connect_and_are_counte
         ),
     )
     .await
-    .expect("the outbound connection did not end");
+    .expect("the outbound connection did not end")
+    .expect("not movable: it cannot have moved");
     let mut got = Vec::new();
     app_side.read_to_end(&mut got).await.unwrap();
     assert_eq!(got, b"spoke first", "{out:?}");
@@ -363,6 +371,135 @@ async fn a_destination_that_resets_its_connection_resets_the_clients_too() {
         "the client saw a clean end after {} bytes",
         got.len()
     );
-    let outcome = task.await.unwrap();
+    let outcome = task
+        .await
+        .unwrap()
+        .expect("not movable: it cannot have moved");
     assert!(outcome.error.is_some(), "{outcome:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_outbound_tunnels_move_to_another_outbound_path_which_checks_them_again() {
+    const CLIENTS: usize = 3;
+    let mesh = mesh_with(7, true).await;
+    let next = mesh.successor.clone().unwrap();
+    let sleep = proxy::state::LocalWorkload::from("sleep");
+    let vip = SocketAddr::new(ip(mesh.test, 100), 80);
+    let mut clients = Vec::new();
+    let mut served = Vec::new();
+    for n in 0..CLIENTS {
+        let (mut app_side, captured, peer) = captured(&mesh, 1).await;
+        let (outbound, sleep) = (mesh.outbound.clone(), sleep.clone());
+        served.push(tokio::spawn(async move {
+            outbound
+                .serve(captured, ClientAddr(peer), OrigDst(vip), &sleep)
+                .await
+        }));
+        let said = format!("before {n}");
+        app_side.write_all(said.as_bytes()).await.unwrap();
+        let mut back = vec![0u8; said.len()];
+        app_side.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, said.as_bytes());
+        clients.push(app_side);
+    }
+
+    let handed = mesh.outbound.hand_off(Duration::from_secs(5)).await;
+    assert!(handed.stayed.is_empty(), "{:?}", handed.stayed);
+    assert_eq!(handed.moved.len(), 1, "one pooled connection to web");
+    let mut resumed = Vec::new();
+    for moved in handed.moved {
+        assert_eq!(moved.key.source, id("sleep"));
+        let key = Arc::new(moved.key);
+        let tunnels = next.adopt((*key).clone(), moved.connection).unwrap();
+        assert_eq!(tunnels.len(), CLIENTS);
+        for tunnel in tunnels {
+            let (next, key, sleep) = (next.clone(), key.clone(), sleep.clone());
+            resumed.push(tokio::spawn(async move {
+                next.resume(tunnel, &key, &sleep).await
+            }));
+        }
+    }
+    for task in served {
+        let outcome = task.await.unwrap();
+        assert!(outcome.is_none(), "moved, not ended here: {outcome:?}");
+    }
+
+    for (n, mut app_side) in clients.into_iter().enumerate() {
+        let said = format!("after {n}");
+        app_side.write_all(said.as_bytes()).await.unwrap();
+        app_side.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), app_side.read_to_end(&mut back))
+            .await
+            .expect("a moved tunnel stalled")
+            .unwrap();
+        assert_eq!(back, said.as_bytes());
+    }
+    for task in resumed {
+        let o = task.await.unwrap().expect("the resumed tunnel's outcome");
+        assert!(o.error.is_none(), "{o:?}");
+        // Its whole life: "before n" and "after n" each way.
+        assert_eq!(o.bytes, (15, 15), "{o:?}");
+        assert_eq!(o.destination.0, vip);
+        assert_eq!(o.destination_identity, Some(id("web")));
+        assert_eq!(o.service.as_ref().map(|s| s.name.as_str()), Some("web"));
+        assert_eq!(o.source_workload.as_ref().unwrap().uid, "sleep");
+        assert!(o.duration > Duration::ZERO);
+    }
+    // The server's side saw each tunnel once, whole.
+    let inbound = mesh.inbound_log.lock().unwrap().clone();
+    assert_eq!(inbound.len(), CLIENTS, "{inbound:?}");
+    assert!(
+        inbound
+            .iter()
+            .all(|o| o.bytes == (15, 15) && o.error.is_none()),
+        "{inbound:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_outbound_tunnel_whose_key_is_not_the_workloads_is_reset() {
+    let mesh = mesh_with(8, true).await;
+    let next = mesh.successor.clone().unwrap();
+    let sleep = proxy::state::LocalWorkload::from("sleep");
+    let vip = SocketAddr::new(ip(mesh.test, 100), 80);
+    let (mut app_side, captured, peer) = captured(&mesh, 1).await;
+    let (outbound, source) = (mesh.outbound.clone(), sleep.clone());
+    let served = tokio::spawn(async move {
+        outbound
+            .serve(captured, ClientAddr(peer), OrigDst(vip), &source)
+            .await
+    });
+    app_side.write_all(b"hello").await.unwrap();
+    let mut back = [0u8; 5];
+    app_side.read_exact(&mut back).await.unwrap();
+    let mut handed = mesh.outbound.hand_off(Duration::from_secs(5)).await;
+    let moved = handed.moved.pop().expect("the connection moved");
+    assert!(served.await.unwrap().is_none());
+    // Taken in for another workload than the one it was pooled by: it presents sleep's identity,
+    // and notsleep's traffic must not ride it.
+    let key = moved.key.clone();
+    let tunnel = next
+        .adopt(key.clone(), moved.connection)
+        .unwrap()
+        .pop()
+        .unwrap();
+    let notsleep = proxy::state::LocalWorkload::from("notsleep");
+    let o = next
+        .resume(tunnel, &key, &notsleep)
+        .await
+        .expect("the refusal's outcome");
+    assert!(
+        o.error.as_deref().is_some_and(|e| e.contains("presents")),
+        "{o:?}"
+    );
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), app_side.read_to_end(&mut rest))
+        .await
+        .expect("the client's connection did not end");
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the client saw a clean end"
+    );
 }

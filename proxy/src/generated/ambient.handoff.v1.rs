@@ -135,9 +135,23 @@ pub struct Connection {
     /// after the connection's own, in this order.
     #[prost(message, repeated, tag = "4")]
     pub tunnels: ::prost::alloc::vec::Vec<Tunnel>,
-    /// The pod (its node agent's uid) whose inbound listener accepted the connection.
+    /// The pod (its node agent's uid) whose inbound listener accepted the connection, or whose
+    /// outbound path dialed it.
     #[prost(string, tag = "5")]
     pub pod: ::prost::alloc::string::String,
+    /// Set (version 2) for a connection the pod's outbound path dialed (the client's side of
+    /// HBONE): what it was pooled by. Unset: a connection the pod's inbound listener accepted.
+    #[prost(message, optional, tag = "6")]
+    pub outbound: ::core::option::Option<OutboundKey>,
+}
+/// What an outbound HBONE connection is shared by: the identity it presents and those the
+/// server may present (sorted), as SPIFFE ids.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct OutboundKey {
+    #[prost(string, tag = "1")]
+    pub source: ::prost::alloc::string::String,
+    #[prost(string, repeated, tag = "2")]
+    pub expected: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 /// Where a tunnel's copy stood (hbone::handoff::CopyState).
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -160,7 +174,8 @@ pub struct Tunnel {
     pub to_app_bytes: u64,
     #[prost(uint64, tag = "9")]
     pub from_app_bytes: u64,
-    /// What the inbound path knows of the connection (an InboundTunnel).
+    /// What the proxy knows of the connection (an InboundTunnel, or an OutboundTunnel on an
+    /// outbound connection).
     #[prost(bytes = "vec", tag = "10")]
     pub memo: ::prost::alloc::vec::Vec<u8>,
 }
@@ -177,4 +192,21 @@ pub struct InboundTunnel {
     /// When the tunnel was established, in milliseconds since the Unix epoch.
     #[prost(uint64, tag = "3")]
     pub started_unix_ms: u64,
+}
+/// An outbound tunnel as the proxy's outbound path knows it: for its access-log line and its
+/// metrics in the new proxy.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct OutboundTunnel {
+    /// The captured client's address, ip:port.
+    #[prost(string, tag = "1")]
+    pub source: ::prost::alloc::string::String,
+    /// Where the client meant to go (its original destination), ip:port.
+    #[prost(string, tag = "2")]
+    pub destination: ::prost::alloc::string::String,
+    /// When the tunnel was established, in milliseconds since the Unix epoch.
+    #[prost(uint64, tag = "3")]
+    pub started_unix_ms: u64,
+    /// Bytes the client had sent before the tunnel was opened (they went with the CONNECT).
+    #[prost(uint64, tag = "4")]
+    pub first_bytes: u64,
 }

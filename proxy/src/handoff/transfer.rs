@@ -10,12 +10,32 @@ use hbone::handoff::{MovedConnection, MovedTunnel};
 
 use super::channel::{Channel, MAX_FDS};
 use super::wire::{Carried, CarriedTunnel, decode_connection, encode_connection};
+use crate::outbound::PoolKey;
 
-/// Sends `moved`, accepted by pod `pod`'s listener, to the successor on `channel`. The
-/// descriptors are duplicates: this process closes its own afterwards.
-pub fn send_connection(channel: &Channel, pod: &str, moved: &MovedConnection) -> io::Result<()> {
+/// A moved connection as received, with where it goes.
+#[derive(Debug)]
+pub struct Received {
+    /// The pod it belongs to (its node agent's uid).
+    pub pod: String,
+    /// For a connection the pod's outbound path dialed: its pool key. `None`: the pod's inbound
+    /// listener accepted it.
+    pub outbound: Option<PoolKey>,
+    /// The connection.
+    pub connection: MovedConnection,
+}
+
+/// Sends `moved`, accepted by pod `pod`'s inbound listener (`outbound` None) or dialed by its
+/// outbound path (`outbound`: its pool key), to the successor on `channel`. The descriptors are
+/// duplicates: this process closes its own afterwards.
+pub fn send_connection(
+    channel: &Channel,
+    pod: &str,
+    outbound: Option<&PoolKey>,
+    moved: &MovedConnection,
+) -> io::Result<()> {
     let carried = Carried {
         pod: pod.to_owned(),
+        outbound: outbound.cloned(),
         state: moved.state.clone(),
         tunnels: moved
             .tunnels
@@ -41,11 +61,11 @@ pub fn send_connection(channel: &Channel, pod: &str, moved: &MovedConnection) ->
     Ok(())
 }
 
-/// Receives the next moved connection and the pod it belongs to; `None` when the old proxy has
-/// sent them all (it closed the channel). A message that does not decode, or descriptors that
+/// Receives the next moved connection and where it goes; `None` when the old proxy has sent
+/// them all (it closed the channel). A message that does not decode, or descriptors that
 /// do not match its tunnels, are errors that end the handoff (the descriptors received are
 /// closed).
-pub fn recv_connection(channel: &Channel) -> io::Result<Option<(String, MovedConnection)>> {
+pub fn recv_connection(channel: &Channel) -> io::Result<Option<Received>> {
     let Some((msg, mut fds)) = channel.recv()? else {
         return Ok(None);
     };
@@ -95,12 +115,13 @@ pub fn recv_connection(channel: &Channel) -> io::Result<Option<(String, MovedCon
             memo: t.memo,
         })
         .collect();
-    Ok(Some((
-        carried.pod,
-        MovedConnection {
+    Ok(Some(Received {
+        pod: carried.pod,
+        outbound: carried.outbound,
+        connection: MovedConnection {
             socket,
             state: carried.state,
             tunnels,
         },
-    )))
+    }))
 }

@@ -4,6 +4,9 @@
 use prost::Message;
 
 use hbone::handoff::{ConnectionState, CopyState, SessionState, StreamState, TlsState};
+use identity::SpiffeId;
+
+use crate::outbound::PoolKey;
 
 /// The messages, generated from `proto/handoff.proto` by `cargo run -p protogen`.
 #[allow(missing_docs, unreachable_pub, unused_qualifications, clippy::all)]
@@ -13,8 +16,12 @@ pub mod proto {
 
 pub use proto::{Answer, Offer};
 
-/// The format version this build sends and takes.
-pub const VERSION: u32 = 1;
+/// The newest format version this build sends and takes. Version 2 added outbound connections
+/// (`Connection.outbound`); a version 1 successor gets the inbound ones only.
+pub const VERSION: u32 = 2;
+
+/// The versions this build sends and takes, newest first.
+pub const VERSIONS: [u32; 2] = [VERSION, 1];
 
 /// The largest message taken: a connection's buffers (its windows' worth of unread data at most,
 /// frames and records not yet written) stay well below it.
@@ -53,18 +60,17 @@ pub fn decode_offer(bytes: &[u8]) -> Result<Offer, Refused> {
     Ok(offer)
 }
 
-/// The answer to `offer`: this build's version if offered, else a refusal naming both sides'.
+/// The answer to `offer`: the newest version both sides know, else a refusal naming both sides'.
 pub fn answer(offer: &Offer) -> Answer {
-    if offer.versions.contains(&VERSION) {
-        Answer {
-            version: VERSION,
+    match VERSIONS.iter().find(|v| offer.versions.contains(v)) {
+        Some(&version) => Answer {
+            version,
             refusal: String::new(),
-        }
-    } else {
-        Answer {
+        },
+        None => Answer {
             version: 0,
             refusal: format!(
-                "this proxy takes handoff version {VERSION}; {} offered {:?}",
+                "this proxy takes handoff versions {VERSIONS:?}; {} offered {:?}",
                 if offer.sender.is_empty() {
                     "the old proxy"
                 } else {
@@ -72,7 +78,7 @@ pub fn answer(offer: &Offer) -> Answer {
                 },
                 offer.versions
             ),
-        }
+        },
     }
 }
 
@@ -84,7 +90,7 @@ pub fn decode_answer(bytes: &[u8]) -> Result<u32, Refused> {
     }
     let answer = Answer::decode(bytes).map_err(|e| refused(format!("answer: {e}")))?;
     match answer.version {
-        VERSION => Ok(VERSION),
+        v if VERSIONS.contains(&v) => Ok(v),
         0 => Err(refused(format!(
             "the new proxy refused: {}",
             answer.refusal
@@ -96,12 +102,15 @@ pub fn decode_answer(bytes: &[u8]) -> Result<u32, Refused> {
 }
 
 /// A moved connection as the handoff carries it, its sockets aside: the pod whose listener
-/// accepted it, its state, and its tunnels (each one's application socket is passed after the
-/// connection's own, in this order).
+/// accepted it (or whose outbound path dialed it), its state, and its tunnels (each one's
+/// application socket is passed after the connection's own, in this order).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Carried {
     /// The pod (its node agent's uid).
     pub pod: String,
+    /// For a connection the pod's outbound path dialed: what it was pooled by. `None`: the
+    /// pod's inbound listener accepted it.
+    pub outbound: Option<PoolKey>,
     /// The connection's TLS and HTTP/2 state.
     pub state: ConnectionState,
     /// Its tunnels, in stream order.
@@ -115,7 +124,7 @@ pub struct CarriedTunnel {
     pub stream_id: u32,
     /// Where its copy stood.
     pub copy: CopyState,
-    /// What the inbound path attached to it.
+    /// What the proxy's inbound or outbound path attached to it.
     pub memo: Vec<u8>,
 }
 
@@ -206,6 +215,10 @@ pub fn encode_connection(carried: &Carried) -> Vec<u8> {
             })
             .collect(),
         pod: carried.pod.clone(),
+        outbound: carried.outbound.as_ref().map(|key| proto::OutboundKey {
+            source: key.source.to_string(),
+            expected: key.expected.iter().map(ToString::to_string).collect(),
+        }),
     }
     .encode_to_vec()
 }
@@ -266,6 +279,7 @@ pub fn decode_connection(bytes: &[u8]) -> Result<Carried, Refused> {
     if m.pod.len() > MAX_POD {
         return Err(refused(format!("connection.pod: {} bytes", m.pod.len())));
     }
+    let outbound = m.outbound.map(decode_key).transpose()?;
     let mut tunnels = Vec::with_capacity(m.tunnels.len());
     for (i, t) in m.tunnels.into_iter().enumerate() {
         if t.memo.len() > MAX_MEMO {
@@ -351,9 +365,35 @@ pub fn decode_connection(bytes: &[u8]) -> Result<Carried, Refused> {
     };
     Ok(Carried {
         pod: m.pod,
+        outbound,
         state,
         tunnels,
     })
+}
+
+/// The most identities an outbound connection may expect (a service's backends' accounts).
+const MAX_EXPECTED: usize = 1024;
+
+fn decode_key(key: proto::OutboundKey) -> Result<PoolKey, Refused> {
+    let id = |what: String, text: &str| {
+        SpiffeId::parse(text)
+            .map_err(|e| refused(format!("connection.outbound.{what} {text:?}: {e}")))
+    };
+    if key.expected.len() > MAX_EXPECTED {
+        return Err(refused(format!(
+            "connection.outbound.expected: {} identities",
+            key.expected.len()
+        )));
+    }
+    let source = id("source".into(), &key.source)?;
+    let mut expected = Vec::with_capacity(key.expected.len());
+    for (i, e) in key.expected.iter().enumerate() {
+        expected.push(id(format!("expected[{i}]"), e)?);
+    }
+    if !expected.is_sorted() {
+        return Err(refused("connection.outbound.expected is not sorted"));
+    }
+    Ok(PoolKey { source, expected })
 }
 
 /// The body of the `handoff_decode` fuzz target: any bytes as each message. No panic, and a

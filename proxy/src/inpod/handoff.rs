@@ -1,12 +1,14 @@
 //! Shared mode's part of an upgrade that drops nothing: the old proxy hands every pod's live
-//! inbound HBONE connections, tunnels and all, to its successor over the handoff channel
-//! ([`SharedProxy::hand_off`]); the successor takes each into the pod it belongs to
+//! HBONE connections, tunnels and all, to its successor over the handoff channel
+//! ([`SharedProxy::hand_off`]): those the pod's inbound listener accepted and those its outbound
+//! path dialed (with their pool keys); the successor takes each into the pod it belongs to
 //! ([`SharedProxy::take_over`]), which must already be served there (the successor connects
 //! only once it serves every pod the node agent handed it).
 //!
 //! The old proxy speaks first: the format versions it can send. A successor that takes none
-//! of them says so, and the old proxy drains as it would without one. A connection that cannot
-//! move now (a handshake, a request being decided) stays with the old proxy and drains there.
+//! of them says so, and the old proxy drains as it would without one; one that takes version 1
+//! only gets the inbound connections (the outbound ones drain). A connection that cannot move
+//! now (a handshake, a request being decided) stays with the old proxy and drains there.
 
 use std::io;
 use std::time::Duration;
@@ -15,9 +17,11 @@ use prost::Message;
 use tracing::{info, warn};
 
 use super::SharedProxy;
+use crate::assembly::PodHandedOff;
 use crate::certs::Certificates;
 use crate::handoff::{
-    Channel, Offer, VERSION, answer, decode_answer, decode_offer, recv_connection, send_connection,
+    Channel, Offer, Received, VERSIONS, answer, decode_answer, decode_offer, recv_connection,
+    send_connection,
 };
 
 /// What an old proxy handed over.
@@ -25,9 +29,11 @@ use crate::handoff::{
 pub struct HandedOff {
     /// Connections sent to the successor.
     pub connections: usize,
+    /// Of them, the outbound ones (dialed by a pod's outbound path).
+    pub outbound: usize,
     /// Their tunnels.
     pub tunnels: usize,
-    /// Connections that stayed here (the client and why), to drain.
+    /// Connections that stayed here (the peer and why), to drain.
     pub stayed: Vec<String>,
 }
 
@@ -51,22 +57,25 @@ fn ended() -> io::Error {
 }
 
 impl<C: Certificates> SharedProxy<C> {
-    /// Hands every pod's live inbound HBONE connections to the successor on `channel`, waiting
-    /// at most `patience` for each to settle. An error before anything moved (the successor
-    /// refused the version, the channel broke) leaves every connection here.
+    /// Hands every pod's live HBONE connections, inbound and outbound, to the successor on
+    /// `channel`, waiting at most `patience` for each to settle. An error before anything moved
+    /// (the successor refused the version, the channel broke) leaves every connection here.
     pub async fn hand_off(&self, channel: Channel, patience: Duration) -> io::Result<HandedOff> {
         let channel = tokio::task::spawn_blocking(move || {
             let offer = Offer {
-                versions: vec![VERSION],
+                versions: VERSIONS.to_vec(),
                 sender: concat!("ztunnel ", env!("CARGO_PKG_VERSION")).to_owned(),
             };
             channel.send(&offer.encode_to_vec(), &[])?;
             let (reply, _) = channel.recv()?.ok_or_else(ended)?;
-            decode_answer(&reply).map_err(io::Error::other)?;
-            Ok::<_, io::Error>(channel)
+            let version = decode_answer(&reply).map_err(io::Error::other)?;
+            Ok::<_, io::Error>((channel, version))
         })
         .await
         .map_err(io::Error::other)??;
+        let (channel, version) = channel;
+        // Version 1 knows inbound connections only.
+        let with_outbound = version >= 2;
         // The successor serves every pod: new connections are its own from now on. Closing the
         // listeners first lets the handshakes under way here finish and move too.
         let handing: Vec<_> = self
@@ -74,26 +83,33 @@ impl<C: Certificates> SharedProxy<C> {
             .iter()
             .map(|(uid, pod)| {
                 pod.stop.cancel();
-                (uid.clone(), (pod.handoff.hand_off)(patience))
+                (uid.clone(), (pod.handoff.hand_off)(patience, with_outbound))
             })
             .collect();
         let mut done = HandedOff::default();
         let mut moved = Vec::new();
         for (uid, handing) in handing {
-            let handed = handing.await;
-            done.stayed.extend(
-                handed
-                    .stayed
+            let PodHandedOff { inbound, outbound } = handing.await;
+            let stayed =
+                |(peer, why), way| format!("pod {uid}: the connection {way} {peer}: {why}");
+            done.stayed
+                .extend(inbound.stayed.into_iter().map(|s| stayed(s, "from")));
+            done.stayed
+                .extend(outbound.stayed.into_iter().map(|s| stayed(s, "to")));
+            moved.extend(inbound.moved.into_iter().map(|m| (uid.clone(), None, m)));
+            done.outbound += outbound.moved.len();
+            moved.extend(
+                outbound
+                    .moved
                     .into_iter()
-                    .map(|(peer, why)| format!("pod {uid}: the connection from {peer}: {why}")),
+                    .map(|m| (uid.clone(), Some(m.key), m.connection)),
             );
-            moved.extend(handed.moved.into_iter().map(|m| (uid.clone(), m)));
         }
         done.connections = moved.len();
-        done.tunnels = moved.iter().map(|(_, m)| m.tunnels.len()).sum();
+        done.tunnels = moved.iter().map(|(_, _, m)| m.tunnels.len()).sum();
         tokio::task::spawn_blocking(move || {
-            for (uid, connection) in &moved {
-                send_connection(&channel, uid, connection)?;
+            for (uid, key, connection) in &moved {
+                send_connection(&channel, uid, key.as_ref(), connection)?;
             }
             // The duplicates here close with `moved`; the successor holds the sockets.
             Ok::<_, io::Error>(())
@@ -102,8 +118,10 @@ impl<C: Certificates> SharedProxy<C> {
         .map_err(io::Error::other)??;
         info!(
             connections = done.connections,
+            outbound = done.outbound,
             tunnels = done.tunnels,
             stayed = done.stayed.len(),
+            version,
             "handoff: live connections handed to the new proxy"
         );
         Ok(done)
@@ -133,12 +151,17 @@ impl<C: Certificates> SharedProxy<C> {
             Ok(())
         });
         let mut done = TookOver::default();
-        while let Some((uid, moved)) = rx.recv().await {
-            let peer = moved.socket.peer_addr().ok();
+        while let Some(Received {
+            pod: uid,
+            outbound,
+            connection,
+        }) = rx.recv().await
+        {
+            let peer = connection.socket.peer_addr().ok();
             let pods = self.lock();
             let adopted = match pods.get(&uid) {
                 None => Err(format!("pod {uid} is not served here")),
-                Some(pod) => (pod.handoff.adopt)(moved).map_err(|e| e.to_string()),
+                Some(pod) => (pod.handoff.adopt)(outbound, connection).map_err(|e| e.to_string()),
             };
             drop(pods);
             match adopted {
@@ -147,7 +170,7 @@ impl<C: Certificates> SharedProxy<C> {
                     done.tunnels += tunnels;
                 }
                 Err(why) => {
-                    warn!(pod = %uid, src = ?peer, %why, "handoff: a moved connection was refused; it is closed");
+                    warn!(pod = %uid, peer = ?peer, %why, "handoff: a moved connection was refused; it is closed");
                     done.refused.push(why);
                 }
             }

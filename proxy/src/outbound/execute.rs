@@ -10,8 +10,9 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
+use hbone::handoff::Copied;
 use hbone::headers::{Baggage, forwarded_for, traceparent};
 use hbone::{Authority, BoxError, Dialer, Pool};
 use http::HeaderMap;
@@ -43,16 +44,21 @@ pub struct PoolKey {
 pub struct IdentityDialer<C, N> {
     certificates: Arc<C>,
     connector: Arc<N>,
+    /// Connections may move to another process: their TLS gives its secrets to `hbone`.
+    movable: bool,
 }
 
 impl<C: Certificates, N: Connector> Dialer<PoolKey> for IdentityDialer<C, N> {
     async fn client_config(&self, key: &PoolKey) -> Result<Arc<rustls::ClientConfig>, BoxError> {
         let cert = self.certificates.get(&key.source).await?;
-        let config = identity::tls::client_config_for(
+        let mut config = identity::tls::client_config_for(
             &cert,
             self.certificates.roots(),
             key.expected.clone(),
         )?;
+        if self.movable {
+            config.key_log = hbone::handoff::traffic_secret_log();
+        }
         Ok(Arc::new(config))
     }
 
@@ -116,11 +122,13 @@ impl Record for OutboundOutcome {
 
 /// The outbound path of one proxy (dedicated mode) or one pod (shared mode).
 pub struct Outbound<C, N = Marked> {
-    state: Arc<StateStore>,
-    pool: Pool<PoolKey, IdentityDialer<C, N>>,
+    pub(super) state: Arc<StateStore>,
+    pub(super) pool: Pool<PoolKey, IdentityDialer<C, N>>,
+    /// Tunnels are copied so that they can move to another process (`hbone::Config::movable`).
+    movable: bool,
     connect_timeout: Duration,
     connector: Arc<N>,
-    metrics: Arc<Metrics>,
+    pub(super) metrics: Arc<Metrics>,
 }
 
 impl<C, N> std::fmt::Debug for Outbound<C, N> {
@@ -153,6 +161,7 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
         connector: N,
     ) -> Self {
         let connect_timeout = config.connect_timeout;
+        let movable = config.movable;
         let connector = Arc::new(connector);
         Outbound {
             state,
@@ -161,8 +170,10 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
                 IdentityDialer {
                     certificates,
                     connector: connector.clone(),
+                    movable,
                 },
             ),
+            movable,
             connect_timeout,
             connector,
             metrics: Metrics::new(Duration::from_secs(300)),
@@ -176,14 +187,15 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
     }
 
     /// Routes one captured connection of workload `source` to `destination` and copies until
-    /// both sides are done.
+    /// both sides are done. `None`: it moved to another process (an upgrade, see
+    /// [`Outbound::hand_off`]), which records it when it ends.
     pub async fn serve(
         &self,
         client: TcpStream,
         source_addr: ClientAddr,
         destination: OrigDst,
         source: &LocalWorkload,
-    ) -> OutboundOutcome {
+    ) -> Option<OutboundOutcome> {
         let started = Instant::now();
         // Boxed: routing and the dial (TCP, TLS and HTTP/2 handshakes of a new pooled
         // connection) need much more state than the copy; inline it would stay in every
@@ -191,6 +203,7 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
         let (mut outcome, mut flowing) =
             Box::pin(self.establish(client, source_addr, destination, source)).await;
         // Used in place: moving the parts out would keep them twice in the task.
+        let mut moved = false;
         let result = match &mut flowing {
             Err(e) => Err(std::mem::take(e)),
             Ok(Flowing::Hbone {
@@ -200,13 +213,25 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
                 ..
             }) => {
                 let first = *first;
-                hbone::copy_tunnel_bidirectional(tunnel, client)
-                    .await
-                    .map(|t| (first + t.b_to_a, t.a_to_b))
-                    .map_err(|e| {
+                let copied = if self.movable {
+                    let memo = super::moved::memo(&outcome, first, started, SystemTime::now());
+                    hbone::handoff::copy_tunnel_movable(tunnel, client, memo, None).await
+                } else {
+                    hbone::copy_tunnel_bidirectional(tunnel, client)
+                        .await
+                        .map(Copied::Done)
+                };
+                match copied {
+                    Ok(Copied::Moved(_)) => {
+                        moved = true;
+                        Ok((0, 0))
+                    }
+                    Ok(Copied::Done(t)) => Ok((first + t.b_to_a, t.a_to_b)),
+                    Err(e) => {
                         outcome.bytes = (first + e.transferred.b_to_a, e.transferred.a_to_b);
-                        e.to_string()
-                    })
+                        Err(e.to_string())
+                    }
+                }
             }
             Ok(Flowing::Direct {
                 client, upstream, ..
@@ -218,6 +243,12 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
                     e.to_string()
                 }),
         };
+        if moved {
+            if let Ok(Flowing::Hbone { _open, .. }) = flowing {
+                _open.moved();
+            }
+            return None;
+        }
         match result {
             Ok(bytes) => outcome.bytes = bytes,
             Err(e) => {
@@ -241,7 +272,7 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
         outcome.duration = started.elapsed();
         self.metrics.finished(&outcome);
         debug!(?outcome, "outbound connection done");
-        outcome
+        Some(outcome)
     }
 
     /// Routes the connection and connects it (a tunnel, or a direct connection); on failure,
@@ -504,7 +535,7 @@ fn request_headers(source: &Workload, client: ClientAddr) -> HeaderMap {
 }
 
 /// The reporter label of the outbound side.
-const SOURCE: &str = "source";
+pub(super) const SOURCE: &str = "source";
 
 /// Whether the peer proxy refused the CONNECT as unauthorized (its policy denied it).
 fn is_unauthorized(e: &hbone::Error) -> bool {

@@ -3,6 +3,7 @@
 //! certificate, or a direct connection.
 
 mod execute;
+mod moved;
 mod route;
 
 pub use execute::{IdentityDialer, Outbound, OutboundOutcome, PoolKey};

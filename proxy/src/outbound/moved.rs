@@ -1,0 +1,276 @@
+//! Outbound tunnels moving between proxy processes (an upgrade): the old process hands its
+//! pooled HBONE connections out, tunnels and all ([`Outbound::hand_off`]); the new one takes each
+//! into the pod's pool ([`Outbound::adopt`]) and goes on with its tunnels
+//! ([`Outbound::resume`]), with what the old one attached to each copy (the memo: the client, its
+//! original destination, when the tunnel began, the bytes that went with the CONNECT).
+//!
+//! Before a byte more flows, the new process checks what it can: the pod's workload is still
+//! served here and presents the identity the connection was pooled by, and the server's
+//! certificate names one of the identities the connection expects. A tunnel that fails either is
+//! reset, as a connection the new process would not have made.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime};
+
+use hbone::handoff::{AdoptedTunnel, Copied, MovedConnection, PoolHandOff};
+use prost::Message;
+use tokio::net::TcpStream;
+use tracing::{info, warn};
+
+use super::execute::{Outbound, OutboundOutcome, PoolKey};
+use crate::addr::{ClientAddr, OrigDst};
+use crate::certs::Certificates;
+use crate::handoff::proto::OutboundTunnel;
+use crate::sockets::Connector;
+use crate::state::LocalWorkload;
+use crate::telemetry::metrics::Flow;
+
+/// The longest memo taken: two addresses, a time and a count.
+const MAX_MEMO: usize = 1024;
+
+/// What an outbound tunnel's copy carries to another process: `outcome`'s ends, when the tunnel
+/// began (`started`, on this process's clock, told as wall time at `now`), and the `first`
+/// bytes that went with the CONNECT.
+pub(super) fn memo(
+    outcome: &OutboundOutcome,
+    first: u64,
+    started: Instant,
+    now: SystemTime,
+) -> Vec<u8> {
+    let started = now
+        .checked_sub(started.elapsed())
+        .unwrap_or(now)
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    OutboundTunnel {
+        source: outcome.source.0.to_string(),
+        destination: outcome.destination.0.to_string(),
+        started_unix_ms: started,
+        first_bytes: first,
+    }
+    .encode_to_vec()
+}
+
+/// A memo read back.
+#[derive(Debug)]
+struct Memo {
+    source: SocketAddr,
+    destination: SocketAddr,
+    started: SystemTime,
+    first: u64,
+}
+
+fn read_memo(memo: &[u8]) -> Result<Memo, String> {
+    if memo.len() > MAX_MEMO {
+        return Err(format!(
+            "a memo of {} bytes, more than {MAX_MEMO}",
+            memo.len()
+        ));
+    }
+    let m = OutboundTunnel::decode(memo).map_err(|e| format!("its memo: {e}"))?;
+    let addr = |what: &str, text: &str| {
+        text.parse::<SocketAddr>()
+            .map_err(|e| format!("its memo's {what} {text:?}: {e}"))
+    };
+    Ok(Memo {
+        source: addr("source", &m.source)?,
+        destination: addr("destination", &m.destination)?,
+        started: SystemTime::UNIX_EPOCH + Duration::from_millis(m.started_unix_ms),
+        first: m.first_bytes,
+    })
+}
+
+impl<C: Certificates, N: Connector> Outbound<C, N> {
+    /// Hands every pooled HBONE connection out of this process, with its tunnels (their copies
+    /// end here as moved, and are not recorded here); see `hbone::Pool::hand_off`. The caller
+    /// has stopped accepting new connections first.
+    pub async fn hand_off(&self, patience: Duration) -> PoolHandOff<PoolKey> {
+        self.pool.hand_off(patience).await
+    }
+
+    /// Takes a connection another process's outbound path handed out into this one's pool
+    /// (pooled by `key`), and returns its tunnels for [`Outbound::resume`].
+    pub fn adopt(
+        &self,
+        key: PoolKey,
+        moved: MovedConnection,
+    ) -> Result<Vec<AdoptedTunnel>, hbone::Error> {
+        self.pool.adopt(key, moved)
+    }
+
+    /// Goes on with a tunnel of workload `source`'s connection pooled by `key`, adopted from
+    /// another process, until it ends (or moves again); then returns its outcome, with the
+    /// bytes and duration of its whole life, for the access log. Refused (the tunnel and the
+    /// client's connection reset, the refusal logged and returned) when its memo does not read,
+    /// when the workload is no longer served here or presents another identity, or when the
+    /// server's certificate does not name an identity the connection expects.
+    pub async fn resume(
+        &self,
+        adopted: AdoptedTunnel,
+        key: &PoolKey,
+        source: &LocalWorkload,
+    ) -> Option<OutboundOutcome> {
+        let AdoptedTunnel {
+            mut tunnel,
+            app,
+            copy,
+            memo,
+            peer_addr,
+            peer_certificates,
+        } = adopted;
+        let m = match read_memo(&memo) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(hbone = %peer_addr, error = %e, "outbound: a moved tunnel was refused");
+                tunnel.abort();
+                if let Ok(app) = TcpStream::from_std(app) {
+                    crate::sockets::reset_on_close(&app);
+                }
+                return None;
+            }
+        };
+        let age = SystemTime::now()
+            .duration_since(m.started)
+            .unwrap_or_default();
+        let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        let mut outcome = OutboundOutcome {
+            source: ClientAddr(m.source),
+            source_workload: None,
+            destination: OrigDst(m.destination),
+            destination_workload: None,
+            hbone_target: Some(peer_addr),
+            destination_identity: None,
+            service: None,
+            mtls: true,
+            error: None,
+            response_flags: None,
+            bytes: (m.first + copy.transferred.b_to_a, copy.transferred.a_to_b),
+            duration: Duration::ZERO,
+        };
+        let checked = TcpStream::from_std(app)
+            .map_err(|e| format!("its client's socket cannot be used: {e}"))
+            .and_then(|app| {
+                match self.check_moved(&mut outcome, key, source, &peer_certificates) {
+                    Ok(()) => Ok(app),
+                    Err(e) => {
+                        // The client sees an abort, not a clean end it could take for the
+                        // whole answer.
+                        crate::sockets::reset_on_close(&app);
+                        Err(e)
+                    }
+                }
+            });
+        let app = match checked {
+            Ok(app) => app,
+            Err(e) => {
+                tunnel.abort();
+                outcome.error = Some(format!("a moved tunnel was closed: {e}"));
+                outcome.duration = started.elapsed();
+                warn!(src = %m.source, dst = %m.destination, error = %e, "outbound: a moved tunnel was refused");
+                return Some(outcome);
+            }
+        };
+        let open = self.metrics.open(&outcome);
+        let mut client = open.count(app, Flow::Received);
+        info!(src = %m.source, dst = %m.destination, "outbound: a moved tunnel goes on here");
+        let copied =
+            hbone::handoff::copy_tunnel_movable(&mut tunnel, &mut client, memo, Some(copy)).await;
+        match copied {
+            Ok(Copied::Moved(_)) => {
+                open.moved();
+                return None;
+            }
+            Ok(Copied::Done(t)) => outcome.bytes = (m.first + t.b_to_a, t.a_to_b),
+            Err(e) => {
+                outcome.bytes = (m.first + e.transferred.b_to_a, e.transferred.a_to_b);
+                outcome.error = Some(e.to_string());
+                crate::sockets::reset_on_close(client.get_ref());
+            }
+        }
+        drop(open);
+        outcome.duration = started.elapsed();
+        self.metrics.finished(&outcome);
+        Some(outcome)
+    }
+
+    /// What this process can check of a moved tunnel, filling in `outcome`'s ends: the source
+    /// workload is served here with the key's identity, and the server proved one the key
+    /// expects.
+    fn check_moved(
+        &self,
+        outcome: &mut OutboundOutcome,
+        key: &PoolKey,
+        source: &LocalWorkload,
+        peer_certificates: &[rustls::pki_types::CertificateDer<'static>],
+    ) -> Result<(), String> {
+        let state = self.state.snapshot();
+        let Some(workload) = state.local(source).cloned() else {
+            return Err(format!("unknown source workload {source}"));
+        };
+        outcome.source_workload = Some(workload.clone());
+        if workload.identity != key.source {
+            return Err(format!(
+                "the connection presents {}, and the workload is {}",
+                key.source, workload.identity
+            ));
+        }
+        if let Some(target) = outcome.hbone_target {
+            outcome.destination_workload =
+                state.workload_at(&workload.network, target.ip()).cloned();
+        }
+        outcome.service = state
+            .service_at(&workload.network, outcome.destination.0.ip())
+            .cloned();
+        let server = identity::tls::peer_spiffe_id(peer_certificates)
+            .map_err(|e| format!("the server's certificate: {e}"))?;
+        if !key.expected.contains(&server) {
+            return Err(format!(
+                "the server presented {server}, which the connection does not expect"
+            ));
+        }
+        if key.expected.len() == 1 {
+            outcome.destination_identity = Some(server);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_memo_reads_back_and_a_bad_one_is_refused_naming_its_field() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let memo = OutboundTunnel {
+            source: "10.0.0.1:40000".into(),
+            destination: "10.96.0.10:80".into(),
+            started_unix_ms: 999_998_000,
+            first_bytes: 17,
+        }
+        .encode_to_vec();
+        let m = read_memo(&memo).unwrap();
+        assert_eq!(m.source.to_string(), "10.0.0.1:40000");
+        assert_eq!(m.destination.to_string(), "10.96.0.10:80");
+        assert_eq!(m.started, now - Duration::from_secs(2));
+        assert_eq!(m.first, 17);
+
+        let bad = |source: &str, destination: &str| {
+            let memo = OutboundTunnel {
+                source: source.into(),
+                destination: destination.into(),
+                ..OutboundTunnel::default()
+            }
+            .encode_to_vec();
+            read_memo(&memo).unwrap_err()
+        };
+        assert!(bad("nope", "10.0.0.2:80").contains("source"));
+        assert!(bad("10.0.0.1:1", "web.default:80").contains("destination"));
+        assert!(read_memo(&[0xff; 4]).is_err());
+        assert!(
+            read_memo(&[0; MAX_MEMO + 1])
+                .unwrap_err()
+                .contains("more than")
+        );
+    }
+}
