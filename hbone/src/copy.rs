@@ -11,7 +11,7 @@
 
 use std::future::Future;
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -19,7 +19,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::Tunnel;
-use crate::moving::{Copied, CopyState, MovedTunnel, Step};
+use crate::moving::{Copied, CopyState, MovedPlain, MovedTunnel, PlainMover, Step, Watch};
 
 const INITIAL_BUFFER: usize = 1024;
 const MAX_BUFFER: usize = 256 * 1024;
@@ -245,6 +245,80 @@ where
         if step.is_pending() && watch.phase_changed() {
             // A move began while this step ran: its wake-up may have come before our waker was
             // registered where it looked; step again to see it.
+            cx.waker().wake_by_ref();
+        }
+        step.map(|r| r.map(Copied::Done))
+    })
+}
+
+/// [`copy_bidirectional`] for two sockets whose copy may move to another process (a proxy's
+/// passthrough or plaintext connection; see [`crate::handoff`]): when `mover` hands it off
+/// ([`PlainMover::hand_off`]), the copy stops between two steps, hands its state, duplicates of
+/// both sockets' descriptors and `memo` over, and ends with [`Copied::Moved`]. `resumed` goes on
+/// with a copy another process handed over ([`MovedPlain::copy`]).
+pub fn copy_movable<'a, A, B>(
+    a: &'a mut A,
+    b: &'a mut B,
+    mover: &PlainMover,
+    memo: Vec<u8>,
+    resumed: Option<CopyState>,
+) -> impl Future<Output = Result<Copied, CopyError>> + 'a
+where
+    A: AsyncRead + AsyncWrite + AsFd + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + AsFd + Unpin + ?Sized,
+{
+    let (mut ab, mut ba) = match resumed {
+        None => (Half::new(), Half::new()),
+        Some(s) => (
+            Half::resumed(s.to_app, s.to_app_eof, s.to_app_done, s.transferred.a_to_b),
+            Half::resumed(
+                s.from_app,
+                s.from_app_eof,
+                s.from_app_done,
+                s.transferred.b_to_a,
+            ),
+        ),
+    };
+    let mut watch = Watch::new(mover.0.clone(), 0);
+    let mut memo = Some(memo);
+    std::future::poll_fn(move |cx| {
+        match watch.step(cx.waker(), true) {
+            Step::Copy => {}
+            Step::Wait => return Poll::Pending,
+            Step::HandOver => {
+                let transferred = Transferred {
+                    a_to_b: ab.amount,
+                    b_to_a: ba.amount,
+                };
+                let duplicate = |fd: BorrowedFd<'_>, direction| {
+                    fd.try_clone_to_owned().map_err(|source| CopyError {
+                        direction,
+                        operation: Operation::Write,
+                        transferred,
+                        source,
+                    })
+                };
+                let a_fd = duplicate(a.as_fd(), Direction::BToA)?;
+                let b_fd = duplicate(b.as_fd(), Direction::AToB)?;
+                watch.hand_over(MovedPlain {
+                    a: a_fd,
+                    b: b_fd,
+                    copy: CopyState {
+                        to_app: ab.held(),
+                        to_app_eof: ab.read_eof,
+                        to_app_done: ab.finished,
+                        from_app: ba.held(),
+                        from_app_eof: ba.read_eof,
+                        from_app_done: ba.finished,
+                        transferred,
+                    },
+                    memo: memo.take().unwrap_or_default(),
+                });
+                return Poll::Ready(Ok(Copied::Moved(transferred)));
+            }
+        }
+        let step = poll_both(cx, &mut *a, &mut *b, &mut ab, &mut ba);
+        if step.is_pending() && watch.phase_changed() {
             cx.waker().wake_by_ref();
         }
         step.map(|r| r.map(Copied::Done))
@@ -491,6 +565,25 @@ impl Half {
             needs_flush: false,
             amount: 0,
         }
+    }
+
+    /// A direction as another process left it: `held` read and not yet written.
+    fn resumed(held: Vec<u8>, read_eof: bool, finished: bool, amount: u64) -> Self {
+        let end = held.len();
+        Half {
+            buf: held,
+            start: 0,
+            end,
+            read_eof,
+            finished,
+            needs_flush: false,
+            amount,
+        }
+    }
+
+    /// The bytes read and not yet written.
+    fn held(&self) -> Vec<u8> {
+        self.buf[self.start..self.end].to_vec()
     }
 }
 

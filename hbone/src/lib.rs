@@ -126,10 +126,14 @@ pub use tunnel::Tunnel;
 /// connection leaves with its key ([`handoff::MovedPooled`]), and the adopting pool serves new
 /// tunnels of that key on it. The pool's configuration must be movable and its dialer's rustls
 /// configurations must log to [`handoff::traffic_secret_log`].
+///
+/// A plain copy between two sockets (a proxy's passthrough or plaintext connection) moves with
+/// [`handoff::copy_movable`] and its [`handoff::PlainMover`]: the copy stops, and hands over
+/// duplicates of both sockets and the bytes it held ([`handoff::MovedPlain`]).
 pub mod handoff {
     pub use crate::adopt::{AdoptedTunnel, MovedConnection};
-    pub use crate::copy::copy_tunnel_movable;
-    pub use crate::moving::{Copied, CopyState, MovedTunnel};
+    pub use crate::copy::{copy_movable, copy_tunnel_movable};
+    pub use crate::moving::{Copied, CopyState, MovedPlain, MovedTunnel, PlainMover};
     pub use crate::pool::handoff::{MovedPooled, PoolHandOff};
     pub use crate::server::handoff::HandOff;
     pub use crate::tls::{TlsState, traffic_secret_log};

@@ -37,27 +37,42 @@ pub(crate) enum Phase {
     Taking,
 }
 
-/// The copy loops of one connection, and the move they take part in.
-#[derive(Debug, Default)]
-pub(crate) struct Mover {
+/// The copy loops of one connection (or the one loop of a plain copy, [`PlainMover`]), and the
+/// move they take part in; `T` is what a loop hands over.
+#[derive(Debug)]
+pub(crate) struct Mover<T = MovedTunnel> {
     phase: AtomicU8,
-    inner: Mutex<Inner>,
+    inner: Mutex<Inner<T>>,
     /// Woken when a loop pauses or hands its state over.
     changed: tokio::sync::Notify,
 }
 
-#[derive(Debug, Default)]
-struct Inner {
+impl<T> Default for Mover<T> {
+    fn default() -> Self {
+        Mover {
+            phase: AtomicU8::new(RUNNING),
+            inner: Mutex::new(Inner {
+                copies: HashMap::new(),
+                paused: HashSet::new(),
+                taken: HashMap::new(),
+            }),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner<T> {
     /// The running copy loops, by stream id, with the waker of their task.
     copies: HashMap<u32, Waker>,
     /// The loops that have paused.
     paused: HashSet<u32>,
     /// What the loops handed over, by stream id.
-    taken: HashMap<u32, MovedTunnel>,
+    taken: HashMap<u32, T>,
 }
 
-impl Mover {
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+impl<T> Mover<T> {
+    fn lock(&self) -> MutexGuard<'_, Inner<T>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -89,7 +104,7 @@ impl Mover {
     }
 
     /// The copy loop on stream `id` hands over its state.
-    pub(crate) fn hand_over(&self, id: u32, tunnel: MovedTunnel) {
+    pub(crate) fn hand_over(&self, id: u32, tunnel: T) {
         let mut inner = self.lock();
         inner.taken.insert(id, tunnel);
         inner.copies.remove(&id);
@@ -122,6 +137,11 @@ impl Mover {
         self.set(TAKING);
     }
 
+    /// Whether a copy loop runs on stream `id`.
+    fn registered(&self, id: u32) -> bool {
+        self.lock().copies.contains_key(&id)
+    }
+
     /// Whether every id in `streams` has a paused copy loop.
     pub(crate) fn all_paused(&self, streams: impl IntoIterator<Item = u32>) -> Result<(), u32> {
         let inner = self.lock();
@@ -134,7 +154,7 @@ impl Mover {
     }
 
     /// What the loop of stream `id` handed over, if it has.
-    pub(crate) fn taken(&self, id: u32) -> Option<MovedTunnel> {
+    pub(crate) fn taken(&self, id: u32) -> Option<T> {
         self.lock().taken.remove(&id)
     }
 
@@ -190,8 +210,8 @@ pub enum Copied {
 }
 
 /// A copy loop's registration with its connection's [`Mover`]; unregisters when dropped.
-pub(crate) struct Watch {
-    mover: Arc<Mover>,
+pub(crate) struct Watch<T = MovedTunnel> {
+    mover: Arc<Mover<T>>,
     id: u32,
     waker: Option<Waker>,
     paused: bool,
@@ -204,8 +224,8 @@ pub(crate) enum Step {
     HandOver,
 }
 
-impl Watch {
-    pub(crate) fn new(mover: Arc<Mover>, id: u32) -> Watch {
+impl<T> Watch<T> {
+    pub(crate) fn new(mover: Arc<Mover<T>>, id: u32) -> Watch<T> {
         Watch {
             mover,
             id,
@@ -246,13 +266,92 @@ impl Watch {
         self.mover.phase() != Phase::Running
     }
 
-    pub(crate) fn hand_over(&self, tunnel: MovedTunnel) {
+    pub(crate) fn hand_over(&self, tunnel: T) {
         self.mover.hand_over(self.id, tunnel);
     }
 }
 
-impl Drop for Watch {
+impl<T> Drop for Watch<T> {
     fn drop(&mut self) {
         self.mover.unregister(self.id);
+    }
+}
+
+/// A plain copy between two sockets (a proxy's passthrough or plaintext connection, no
+/// tunnel) that may move to another process: make one per copy, give it to
+/// [`copy_movable`](crate::handoff::copy_movable) and keep a clone to move the copy with
+/// [`PlainMover::hand_off`]. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct PlainMover(pub(crate) Arc<Mover<MovedPlain>>);
+
+/// A plain copy handed out of this process: duplicates of its two sockets' descriptors, where
+/// it stood, and what the application attached to it. Another process goes on with it by
+/// giving the sockets and `copy` to [`copy_movable`](crate::handoff::copy_movable).
+#[derive(Debug)]
+pub struct MovedPlain {
+    /// The copy's `a` socket.
+    pub a: OwnedFd,
+    /// Its `b` socket.
+    pub b: OwnedFd,
+    /// Where the copy stood, `a` in a tunnel's place: `to_app` holds bytes read from `a` and not
+    /// yet written to `b`, `from_app` bytes read from `b` and not yet written to `a`.
+    pub copy: CopyState,
+    /// What the application attached to the copy.
+    pub memo: Vec<u8>,
+}
+
+/// The one copy loop of a plain copy.
+const PLAIN: u32 = 0;
+
+/// How often a plain move waiting for its copy looks again.
+const PLAIN_CHECK: std::time::Duration = std::time::Duration::from_millis(10);
+
+impl PlainMover {
+    /// A mover for one copy.
+    pub fn new() -> PlainMover {
+        PlainMover::default()
+    }
+
+    /// Stops the copy between two steps and takes it: the copy ends with
+    /// [`Copied::Moved`] and this returns what it handed over. Refused, the copy going on as
+    /// before, when it is not running (not started, or ended) or does not stop within
+    /// `patience`.
+    pub async fn hand_off(&self, patience: std::time::Duration) -> Result<MovedPlain, String> {
+        let mover = &self.0;
+        if !mover.registered(PLAIN) {
+            return Err("the copy is not running".into());
+        }
+        mover.pause();
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let changed = mover.changed();
+            if !mover.registered(PLAIN) {
+                mover.resume();
+                return Err("the copy ended".into());
+            }
+            if mover.all_paused([PLAIN]).is_ok() {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                mover.resume();
+                return Err("the copy did not pause".into());
+            }
+            let next = deadline.min(tokio::time::Instant::now() + PLAIN_CHECK);
+            let _ = tokio::time::timeout_at(next, changed).await;
+        }
+        mover.take();
+        loop {
+            let changed = mover.changed();
+            if let Some(moved) = mover.taken(PLAIN) {
+                return Ok(moved);
+            }
+            // Paused, it hands over at its next wake-up; its task gone, never.
+            if tokio::time::timeout_at(deadline + patience, changed)
+                .await
+                .is_err()
+            {
+                return Err("the copy did not hand over; its sockets are lost".into());
+            }
+        }
     }
 }

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use hbone::handoff::{Copied, HandOff, copy_tunnel_movable, traffic_secret_log};
+use hbone::handoff::{
+    Copied, HandOff, PlainMover, copy_movable, copy_tunnel_movable, traffic_secret_log,
+};
 use hbone::{Config, InboundConnect, Server};
 use http::HeaderMap;
 use support::{Pki, authority, pool};
@@ -72,21 +74,147 @@ fn server(pki: &Pki, app: SocketAddr, ends: Arc<Ends>) -> Server<impl hbone::Con
     })
 }
 
-/// Waits until the writers, counted in `written`, have written nothing for a while: every
-/// window and buffer on the way is full (the readers do not read).
-async fn until_stalled(written: &AtomicU64) {
-    let mut last = written.load(Ordering::SeqCst);
-    let mut still = 0;
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while still < 5 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let now = written.load(Ordering::SeqCst);
-            still = if now == last { still + 1 } else { 0 };
-            last = now;
+/// Clients that each write a deterministic stream and check every byte of its echo, and
+/// what they have done so far.
+struct Load {
+    /// Bytes each client has had echoed.
+    echoed: Arc<Vec<AtomicU64>>,
+    /// Bytes all clients have written.
+    written: Arc<AtomicU64>,
+    /// Whether the writers should end their streams.
+    stopping: Arc<AtomicBool>,
+    /// Whether the readers read (while they do not, the writers write as much as the windows
+    /// and buffers on the way take).
+    reading: tokio::sync::watch::Sender<bool>,
+    clients: Vec<(tokio::task::JoinHandle<u64>, tokio::task::JoinHandle<u64>)>,
+}
+
+impl Load {
+    fn new(clients: usize) -> Load {
+        Load {
+            echoed: Arc::new((0..clients).map(|_| AtomicU64::new(0)).collect()),
+            written: Arc::default(),
+            stopping: Arc::default(),
+            reading: tokio::sync::watch::channel(true).0,
+            clients: Vec::new(),
         }
-    })
-    .await
-    .expect("the writers never stalled");
+    }
+
+    /// Client `n` writes on `wr` and reads its echo from `rd`.
+    fn add<R, W>(&mut self, mut rd: R, mut wr: W)
+    where
+        R: tokio::io::AsyncRead + Unpin + Send + 'static,
+        W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let n = self.clients.len();
+        let (echoes, written) = (self.echoed.clone(), self.written.clone());
+        let (stopping, gate) = (self.stopping.clone(), self.reading.subscribe());
+        let writer = tokio::spawn(async move {
+            let mut sent = 0u64;
+            while !stopping.load(Ordering::SeqCst) {
+                let chunk: Vec<u8> = (sent..sent + 3000).map(|at| byte(n, at)).collect();
+                wr.write_all(&chunk).await.unwrap();
+                sent += chunk.len() as u64;
+                written.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+                // Not far ahead of the echo while it is read.
+                while *gate.borrow() && sent - echoes[n].load(Ordering::SeqCst) > 200_000 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+            wr.shutdown().await.unwrap();
+            sent
+        });
+        let (echoed, mut gate) = (self.echoed.clone(), self.reading.subscribe());
+        let reader = tokio::spawn(async move {
+            let mut at = 0u64;
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                gate.wait_for(|reading| *reading).await.unwrap();
+                let got = rd
+                    .read(&mut buf)
+                    .await
+                    .unwrap_or_else(|e| panic!("client {n} after {at} bytes: {e}"));
+                if got == 0 {
+                    return at;
+                }
+                for &b in &buf[..got] {
+                    assert_eq!(b, byte(n, at), "client {n}: byte {at} changed");
+                    at += 1;
+                }
+                echoed[n].store(at, Ordering::SeqCst);
+            }
+        });
+        self.clients.push((writer, reader));
+    }
+
+    /// Waits until every client has had `least` bytes echoed.
+    async fn echoed_at_least(&self, least: u64) {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while self.echoed.iter().any(|e| e.load(Ordering::SeqCst) < least) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the clients stalled");
+    }
+
+    /// Waits until every client has had a further `more` bytes echoed (beyond the most any had).
+    async fn echoed_more(&self, more: u64) {
+        let most = self
+            .echoed
+            .iter()
+            .map(|e| e.load(Ordering::SeqCst))
+            .max()
+            .unwrap();
+        self.echoed_at_least(most + more).await;
+    }
+
+    /// Stops the readers and waits until the writers have written nothing for a while: every
+    /// window and buffer on the way is full.
+    async fn stall(&self) {
+        self.reading.send_replace(false);
+        let mut last = self.written.load(Ordering::SeqCst);
+        let mut still = 0;
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while still < 5 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let now = self.written.load(Ordering::SeqCst);
+                still = if now == last { still + 1 } else { 0 };
+                last = now;
+            }
+        })
+        .await
+        .expect("the writers never stalled");
+    }
+
+    /// Lets the readers read again.
+    fn read(&self) {
+        self.reading.send_replace(true);
+    }
+
+    /// Ends every client's stream and checks that each had all of it echoed.
+    async fn finish(self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        for (n, (writer, reader)) in self.clients.into_iter().enumerate() {
+            let sent = writer.await.unwrap();
+            let got = tokio::time::timeout(Duration::from_secs(20), reader)
+                .await
+                .unwrap_or_else(|_| panic!("client {n} did not end"))
+                .unwrap();
+            assert_eq!(got, sent, "client {n}: sent {sent}, echoed {got}");
+        }
+    }
+}
+
+/// A connection from a client application to `front` (small socket buffers, so a stalled flow
+/// backs up into the copies): the client's end and the accepted one.
+async fn app_pair(front: &TcpListener) -> (TcpStream, TcpStream) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(APP_BUFFER).unwrap();
+    socket.set_send_buffer_size(APP_BUFFER).unwrap();
+    let client = socket.connect(front.local_addr().unwrap()).await.unwrap();
+    let (accepted, _) = front.accept().await.unwrap();
+    (client, accepted)
 }
 
 /// The byte at `at` of tunnel `n`'s stream.
@@ -170,88 +298,24 @@ async fn two_moves() {
     tokio::spawn(async move { serving.serve(listener).await });
 
     let pool = Arc::new(pool(&pki, Config::default()));
-    // Bytes each tunnel has had echoed; whether the writers should stop; whether the readers
-    // read (while they do not, the writers write as much as the windows and buffers take).
-    let echoed: Arc<Vec<AtomicU64>> = Arc::new((0..TUNNELS).map(|_| AtomicU64::new(0)).collect());
-    let written: Arc<AtomicU64> = Arc::default();
-    let stopping = Arc::new(AtomicBool::new(false));
-    let (reading, _) = tokio::sync::watch::channel(true);
-    let mut clients = Vec::new();
-    for n in 0..TUNNELS {
+    let mut load = Load::new(TUNNELS);
+    for _ in 0..TUNNELS {
         let tunnel = pool
             .connect("k", addr, &authority(), HeaderMap::new())
             .await
             .unwrap();
-        let (mut rd, mut wr) = tokio::io::split(tunnel);
-        let (echoes, stopping, gate) = (echoed.clone(), stopping.clone(), reading.subscribe());
-        let written = written.clone();
-        let writer = tokio::spawn(async move {
-            let echoed = echoes;
-            let mut sent = 0u64;
-            while !stopping.load(Ordering::SeqCst) {
-                let chunk: Vec<u8> = (sent..sent + 3000).map(|at| byte(n, at)).collect();
-                wr.write_all(&chunk).await.unwrap();
-                sent += chunk.len() as u64;
-                written.fetch_add(chunk.len() as u64, Ordering::SeqCst);
-                // Not far ahead of the echo while it is read.
-                while *gate.borrow() && sent - echoed[n].load(Ordering::SeqCst) > 200_000 {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-            }
-            wr.shutdown().await.unwrap();
-            sent
-        });
-        let (echoed, mut gate) = (echoed.clone(), reading.subscribe());
-        let reader = tokio::spawn(async move {
-            let mut at = 0u64;
-            let mut buf = vec![0u8; 16 * 1024];
-            loop {
-                gate.wait_for(|reading| *reading).await.unwrap();
-                let got = rd
-                    .read(&mut buf)
-                    .await
-                    .unwrap_or_else(|e| panic!("tunnel {n} after {at} bytes: {e}"));
-                if got == 0 {
-                    return at;
-                }
-                for &b in &buf[..got] {
-                    assert_eq!(b, byte(n, at), "tunnel {n}: byte {at} changed");
-                    at += 1;
-                }
-                echoed[n].store(at, Ordering::SeqCst);
-            }
-        });
-        clients.push((writer, reader));
+        let (rd, wr) = tokio::io::split(tunnel);
+        load.add(rd, wr);
     }
-    let echoed_at_least = |least: u64| {
-        let echoed = echoed.clone();
-        async move {
-            tokio::time::timeout(Duration::from_secs(20), async {
-                while echoed.iter().any(|e| e.load(Ordering::SeqCst) < least) {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            })
-            .await
-            .expect("the tunnels stalled");
-        }
-    };
-    let most_echoed = || {
-        echoed
-            .iter()
-            .map(|e| e.load(Ordering::SeqCst))
-            .max()
-            .unwrap()
-    };
-    echoed_at_least(300_000).await;
+    load.echoed_at_least(300_000).await;
 
     // First move: while bytes flow both ways.
     let (_, first) = move_all(&servers[0], &ends[0], &servers[1], &ends[1], TUNNELS).await;
-    echoed_at_least(most_echoed() + 300_000).await;
+    load.echoed_more(300_000).await;
 
     // Second move, of the adopted connection: with every buffer on the way full, so bytes sit
     // in the copies (read from one side, not yet written to the other) when they stop.
-    reading.send_replace(false);
-    until_stalled(&written).await;
+    load.stall().await;
     let (states, resumed) = move_all(&servers[1], &ends[1], &servers[2], &ends[2], TUNNELS).await;
     for copy in first {
         assert!(matches!(copy.await.unwrap(), Ok(Copied::Moved(_))));
@@ -268,8 +332,8 @@ async fn two_moves() {
         held.iter().any(|(_, from)| *from > 0),
         "no copy held bytes from the app (to, from): {held:?}"
     );
-    reading.send_replace(true);
-    echoed_at_least(most_echoed() + 300_000).await;
+    load.read();
+    load.echoed_more(300_000).await;
 
     // A new tunnel on the same (moved) connection is the last server's.
     let mut fresh = pool
@@ -283,15 +347,7 @@ async fn two_moves() {
     assert_eq!(back, b"after the moves");
     assert_eq!(pool.connection_count(), 1, "the client dialed again");
 
-    stopping.store(true, Ordering::SeqCst);
-    for (n, (writer, reader)) in clients.into_iter().enumerate() {
-        let sent = writer.await.unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(20), reader)
-            .await
-            .unwrap_or_else(|_| panic!("tunnel {n} did not end"))
-            .unwrap();
-        assert_eq!(got, sent, "tunnel {n}: sent {sent}, echoed {got}");
-    }
+    load.finish().await;
     for copy in resumed {
         assert!(matches!(copy.await.unwrap(), Ok(Copied::Done(_))));
     }
@@ -414,86 +470,21 @@ async fn client_move() {
 
     // The client applications' connections arrive here, as at a proxy's outbound listener.
     let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let front_addr = front.local_addr().unwrap();
     let (old_pool, new_pool) = (movable_pool(&pki), movable_pool(&pki));
     let (old_ends, new_ends) = (Arc::new(Ends::default()), Arc::new(Ends::default()));
-    let echoed: Arc<Vec<AtomicU64>> = Arc::new((0..TUNNELS).map(|_| AtomicU64::new(0)).collect());
-    let written: Arc<AtomicU64> = Arc::default();
-    let stopping = Arc::new(AtomicBool::new(false));
-    let (reading, _) = tokio::sync::watch::channel(true);
-    let mut clients = Vec::new();
+    let mut load = Load::new(TUNNELS);
     let mut old_copies = Vec::new();
-    for n in 0..TUNNELS {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(APP_BUFFER).unwrap();
-        socket.set_send_buffer_size(APP_BUFFER).unwrap();
-        let client = socket.connect(front_addr).await.unwrap();
-        let (accepted, _) = front.accept().await.unwrap();
+    for _ in 0..TUNNELS {
+        let (client, accepted) = app_pair(&front).await;
         old_copies.push(client_side_copy(&old_pool, addr, accepted, old_ends.clone()).await);
-        let (mut rd, mut wr) = client.into_split();
-        let (echoes, stopping, gate) = (echoed.clone(), stopping.clone(), reading.subscribe());
-        let written = written.clone();
-        let writer = tokio::spawn(async move {
-            let mut sent = 0u64;
-            while !stopping.load(Ordering::SeqCst) {
-                let chunk: Vec<u8> = (sent..sent + 3000).map(|at| byte(n, at)).collect();
-                wr.write_all(&chunk).await.unwrap();
-                sent += chunk.len() as u64;
-                written.fetch_add(chunk.len() as u64, Ordering::SeqCst);
-                while *gate.borrow() && sent - echoes[n].load(Ordering::SeqCst) > 200_000 {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-            }
-            wr.shutdown().await.unwrap();
-            sent
-        });
-        let (echoed, mut gate) = (echoed.clone(), reading.subscribe());
-        let reader = tokio::spawn(async move {
-            let mut at = 0u64;
-            let mut buf = vec![0u8; 16 * 1024];
-            loop {
-                gate.wait_for(|reading| *reading).await.unwrap();
-                let got = rd
-                    .read(&mut buf)
-                    .await
-                    .unwrap_or_else(|e| panic!("client {n} after {at} bytes: {e}"));
-                if got == 0 {
-                    return at;
-                }
-                for &b in &buf[..got] {
-                    assert_eq!(b, byte(n, at), "client {n}: byte {at} changed");
-                    at += 1;
-                }
-                echoed[n].store(at, Ordering::SeqCst);
-            }
-        });
-        clients.push((writer, reader));
+        let (rd, wr) = client.into_split();
+        load.add(rd, wr);
     }
-    let echoed_at_least = |least: u64| {
-        let echoed = echoed.clone();
-        async move {
-            tokio::time::timeout(Duration::from_secs(20), async {
-                while echoed.iter().any(|e| e.load(Ordering::SeqCst) < least) {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            })
-            .await
-            .expect("the tunnels stalled");
-        }
-    };
-    let most_echoed = || {
-        echoed
-            .iter()
-            .map(|e| e.load(Ordering::SeqCst))
-            .max()
-            .unwrap()
-    };
-    echoed_at_least(300_000).await;
+    load.echoed_at_least(300_000).await;
 
     // The move, with every buffer on the way full (the clients do not read), so bytes sit in
     // the copies when they stop.
-    reading.send_replace(false);
-    until_stalled(&written).await;
+    load.stall().await;
     let handed = old_pool.hand_off(Duration::from_secs(5)).await;
     assert!(handed.stayed.is_empty(), "stayed: {:?}", handed.stayed);
     assert_eq!(handed.moved.len(), 1, "the pool's one connection");
@@ -535,8 +526,8 @@ async fn client_move() {
         held.iter().any(|(to, _)| *to > 0) && held.iter().any(|(_, from)| *from > 0),
         "the copies held no bytes one way or the other (to, from): {held:?}"
     );
-    reading.send_replace(true);
-    echoed_at_least(most_echoed() + 300_000).await;
+    load.read();
+    load.echoed_more(300_000).await;
 
     // A new tunnel of the key rides the adopted connection: no second dial.
     let mut fresh = new_pool
@@ -550,15 +541,7 @@ async fn client_move() {
     assert_eq!(back, b"after the move");
     assert_eq!(new_pool.connection_count(), 1, "the new pool dialed again");
 
-    stopping.store(true, Ordering::SeqCst);
-    for (n, (writer, reader)) in clients.into_iter().enumerate() {
-        let sent = writer.await.unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(20), reader)
-            .await
-            .unwrap_or_else(|_| panic!("client {n} did not end"))
-            .unwrap();
-        assert_eq!(got, sent, "client {n}: sent {sent}, echoed {got}");
-    }
+    load.finish().await;
     for copy in resumed {
         copy.await.unwrap();
     }
@@ -568,4 +551,82 @@ async fn client_move() {
     // The server's side never knew: every tunnel, and the fresh one, ended there cleanly.
     assert_eq!(server_ends.done.load(Ordering::SeqCst), TUNNELS + 1);
     assert_eq!(server_ends.failed.load(Ordering::SeqCst), 0);
+}
+
+/// How a plain copy ended, counted in `ends`.
+fn count(ends: &Ends, copied: &Result<Copied, hbone::CopyError>) {
+    let counter = match copied {
+        Ok(Copied::Done(_)) => &ends.done,
+        Ok(Copied::Moved(_)) => &ends.moved,
+        Err(_) => &ends.failed,
+    };
+    counter.fetch_add(1, Ordering::SeqCst);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_copies_move_to_another_task_with_the_bytes_they_held() {
+    tokio::time::timeout(Duration::from_secs(60), plain_move())
+        .await
+        .expect("the copies did not finish");
+}
+
+async fn plain_move() {
+    const COPIES: usize = 4;
+    let app = echo_app().await;
+    let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (old_ends, new_ends) = (Arc::new(Ends::default()), Arc::new(Ends::default()));
+    let mut load = Load::new(COPIES);
+    let mut copies = Vec::new();
+    for _ in 0..COPIES {
+        let (client, mut accepted) = app_pair(&front).await;
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_send_buffer_size(APP_BUFFER).unwrap();
+        let mut upstream = socket.connect(app).await.unwrap();
+        let mover = PlainMover::new();
+        let (copying, ends) = (mover.clone(), old_ends.clone());
+        let task = tokio::spawn(async move {
+            let memo = b"plain".to_vec();
+            let copied = copy_movable(&mut accepted, &mut upstream, &copying, memo, None).await;
+            count(&ends, &copied);
+        });
+        copies.push((mover, task));
+        let (rd, wr) = client.into_split();
+        load.add(rd, wr);
+    }
+    load.echoed_at_least(300_000).await;
+
+    // Every buffer on the way full, so the copies hold bytes both ways when they stop.
+    load.stall().await;
+    let mut held = Vec::new();
+    let mut resumed = Vec::new();
+    for (mover, task) in copies {
+        let moved = mover.hand_off(Duration::from_secs(5)).await.unwrap();
+        task.await.unwrap();
+        assert_eq!(moved.memo, b"plain");
+        held.push((moved.copy.to_app.len(), moved.copy.from_app.len()));
+        // Moved already: a second move finds nothing to take.
+        assert!(mover.hand_off(Duration::from_millis(100)).await.is_err());
+        let ends = new_ends.clone();
+        resumed.push(tokio::spawn(async move {
+            let mut a = TcpStream::from_std(std::net::TcpStream::from(moved.a)).unwrap();
+            let mut b = TcpStream::from_std(std::net::TcpStream::from(moved.b)).unwrap();
+            let again = PlainMover::new();
+            let copied = copy_movable(&mut a, &mut b, &again, moved.memo, Some(moved.copy)).await;
+            count(&ends, &copied);
+        }));
+    }
+    assert_eq!(old_ends.moved.load(Ordering::SeqCst), COPIES);
+    assert!(
+        held.iter().any(|(to, _)| *to > 0) && held.iter().any(|(_, from)| *from > 0),
+        "the copies held no bytes one way or the other (to, from): {held:?}"
+    );
+    load.read();
+    load.echoed_more(300_000).await;
+    load.finish().await;
+    for copy in resumed {
+        copy.await.unwrap();
+    }
+    assert_eq!(new_ends.done.load(Ordering::SeqCst), COPIES);
+    assert_eq!(new_ends.failed.load(Ordering::SeqCst), 0);
+    assert_eq!(old_ends.failed.load(Ordering::SeqCst), 0);
 }
