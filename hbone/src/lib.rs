@@ -133,7 +133,9 @@ pub use tunnel::Tunnel;
 pub mod handoff {
     pub use crate::adopt::{AdoptedTunnel, MovedConnection};
     pub use crate::copy::{copy_movable, copy_tunnel_movable};
-    pub use crate::moving::{Copied, CopyState, MovedPlain, MovedTunnel, PlainMover};
+    pub use crate::moving::{
+        Copied, CopyState, MovedPlain, MovedTunnel, PlainMover, PlainNotMoved,
+    };
     pub use crate::pool::handoff::{MovedPooled, PoolHandOff};
     pub use crate::server::handoff::HandOff;
     pub use crate::tls::{TlsState, traffic_secret_log};

@@ -300,6 +300,20 @@ pub struct MovedPlain {
     pub memo: Vec<u8>,
 }
 
+/// Why a plain copy did not move ([`PlainMover::hand_off`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PlainNotMoved {
+    /// The copy was not running (not yet started, ended, or moved already): nothing to move.
+    #[error("the copy is not running")]
+    NotRunning,
+    /// It did not stop between two steps in time; it goes on here.
+    #[error("the copy did not pause")]
+    DidNotPause,
+    /// It stopped, and then never handed over (its task is gone): its sockets are lost.
+    #[error("the copy did not hand over; its sockets are lost")]
+    Lost,
+}
+
 /// The one copy loop of a plain copy.
 const PLAIN: u32 = 0;
 
@@ -316,10 +330,13 @@ impl PlainMover {
     /// [`Copied::Moved`] and this returns what it handed over. Refused, the copy going on as
     /// before, when it is not running (not started, or ended) or does not stop within
     /// `patience`.
-    pub async fn hand_off(&self, patience: std::time::Duration) -> Result<MovedPlain, String> {
+    pub async fn hand_off(
+        &self,
+        patience: std::time::Duration,
+    ) -> Result<MovedPlain, PlainNotMoved> {
         let mover = &self.0;
         if !mover.registered(PLAIN) {
-            return Err("the copy is not running".into());
+            return Err(PlainNotMoved::NotRunning);
         }
         mover.pause();
         let deadline = tokio::time::Instant::now() + patience;
@@ -327,14 +344,14 @@ impl PlainMover {
             let changed = mover.changed();
             if !mover.registered(PLAIN) {
                 mover.resume();
-                return Err("the copy ended".into());
+                return Err(PlainNotMoved::NotRunning);
             }
             if mover.all_paused([PLAIN]).is_ok() {
                 break;
             }
             if tokio::time::Instant::now() >= deadline {
                 mover.resume();
-                return Err("the copy did not pause".into());
+                return Err(PlainNotMoved::DidNotPause);
             }
             let next = deadline.min(tokio::time::Instant::now() + PLAIN_CHECK);
             let _ = tokio::time::timeout_at(next, changed).await;
@@ -350,7 +367,7 @@ impl PlainMover {
                 .await
                 .is_err()
             {
-                return Err("the copy did not hand over; its sockets are lost".into());
+                return Err(PlainNotMoved::Lost);
             }
         }
     }

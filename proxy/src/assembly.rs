@@ -11,15 +11,17 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use hbone::handoff::{MovedConnection, PoolHandOff};
+use hbone::handoff::MovedPlain;
 use tokio::net::TcpListener;
 use tracing::warn;
 
 use crate::addr::{ClientAddr, OrigDst};
 use crate::certs::Certificates;
 use crate::connections::Connections;
+use crate::handoff::{Handed, PlainKind};
 use crate::inbound::Inbound;
-use crate::outbound::{Outbound, PoolKey};
+use crate::inbound::PlainInbound;
+use crate::outbound::{Outbound, OutboundHandOff};
 use crate::serve::{Tracker, accept_loop, serve_hbone, serve_outbound};
 use crate::sockets::Connector;
 use crate::state::{LocalWorkload, StateStore};
@@ -69,31 +71,35 @@ pub(crate) struct Assembled {
     /// Tells every inbound HBONE connection to go away gracefully (`hbone::Server::go_away`):
     /// clients open their new tunnels elsewhere, the tunnels here finish.
     pub(crate) go_away: Box<dyn Fn() + Send + Sync>,
-    /// Moves the HBONE connections out of this process and in from another.
+    /// Moves the live connections out of this process and in from another.
     pub(crate) handoff: PodHandoff,
 }
 
-/// A data path's HBONE connections moving between processes (an upgrade): the inbound ones
-/// the HBONE server accepted, the outbound ones its pool dialed.
+/// A data path's live connections moving between processes (an upgrade): the inbound HBONE
+/// ones its server accepted, the outbound ones its pool dialed, and the plain ones (passthrough,
+/// inbound plaintext).
 pub(crate) struct PodHandoff {
-    /// Hands every inbound connection out (`hbone::Server::hand_off`), and every outbound one
-    /// too when the second argument says so (`hbone::Pool::hand_off`), waiting at most this long
-    /// for each to settle.
+    /// Hands every inbound HBONE connection out (`hbone::Server::hand_off`), and, when the
+    /// second argument says so (the successor takes version 2), every outbound and plain one
+    /// too, waiting at most this long for each to settle.
     pub(crate) hand_off: Box<dyn Fn(std::time::Duration, bool) -> HandingOff + Send + Sync>,
-    /// Takes a connection in, an inbound one (no key) into the HBONE server, an outbound one
-    /// into the pool under its key: served here from now on, each of its tunnels resumed
-    /// (counted by the tracker). Returns how many tunnels go on.
-    pub(crate) adopt:
-        Box<dyn Fn(Option<PoolKey>, MovedConnection) -> Result<usize, hbone::Error> + Send + Sync>,
+    /// Takes a connection in (its pod aside): an inbound HBONE one into the server, an outbound
+    /// one into the pool under its key, a plain one into its path: served here from now on, its
+    /// copies resumed (counted by the tracker). Returns how many copies go on.
+    pub(crate) adopt: Box<dyn Fn(Handed) -> Result<usize, String> + Send + Sync>,
 }
 
 /// What a data path handed out, and what stayed.
 #[derive(Debug, Default)]
 pub(crate) struct PodHandedOff {
-    /// The inbound connections.
+    /// The inbound HBONE connections.
     pub(crate) inbound: hbone::handoff::HandOff,
-    /// The outbound ones.
-    pub(crate) outbound: PoolHandOff<PoolKey>,
+    /// The outbound HBONE and passthrough connections.
+    pub(crate) outbound: OutboundHandOff,
+    /// The inbound plaintext connections' copies.
+    pub(crate) plain: Vec<MovedPlain>,
+    /// Plain copies of either direction that stayed (why).
+    pub(crate) plain_stayed: Vec<String>,
 }
 
 /// A handoff under way: resolves with what moved and what stayed.
@@ -137,47 +143,7 @@ where
         Outbound::with_connector(state.clone(), certificates, hbone, peer_connector)
             .with_metrics(metrics),
     );
-    let (handing, handing_out) = (server.clone(), outbound.clone());
-    let (adopting, adopting_out) = (server.clone(), outbound.clone());
-    let (resumes, source) = (tracker.clone(), Arc::new(local.clone()));
-    let handoff = PodHandoff {
-        hand_off: Box::new(move |patience, with_outbound| {
-            let (server, outbound) = (handing.clone(), handing_out.clone());
-            Box::pin(async move {
-                let (inbound, outbound) = tokio::join!(server.hand_off(patience), async {
-                    if with_outbound {
-                        outbound.hand_off(patience).await
-                    } else {
-                        PoolHandOff::default()
-                    }
-                });
-                PodHandedOff { inbound, outbound }
-            })
-        }),
-        adopt: Box::new(move |key, moved| {
-            let Some(key) = key else {
-                let tunnels = adopting.adopt(moved)?;
-                let n = tunnels.len();
-                for tunnel in tunnels {
-                    let resumer = resumer.clone();
-                    resumes.spawn_counted(async move { resumer.resume(tunnel).await });
-                }
-                return Ok(n);
-            };
-            let tunnels = adopting_out.adopt(key.clone(), moved)?;
-            let n = tunnels.len();
-            let key = Arc::new(key);
-            for tunnel in tunnels {
-                let (outbound, key, source) = (adopting_out.clone(), key.clone(), source.clone());
-                resumes.spawn_counted(async move {
-                    if let Some(o) = outbound.resume(tunnel, &key, &source).await {
-                        crate::telemetry::access_log::log_outbound(&o);
-                    }
-                });
-            }
-            Ok(n)
-        }),
-    };
+    let handoff = pod_handoff(&server, &outbound, &plain, resumer, &tracker, &local);
     // Connections run in tasks of their own, so closing the listeners (at a drain) leaves them.
     let mut loops: Vec<Pin<Box<dyn Future<Output = ()> + Send>>> = Vec::new();
     for listener in listeners.outbound {
@@ -211,10 +177,13 @@ where
                         }
                     };
                     let _ = stream.set_nodelay(true);
-                    let o = plain
+                    let served = plain
                         .serve(stream, ClientAddr(peer), OrigDst(destination.0))
                         .await;
-                    crate::telemetry::access_log::log_inbound(&o);
+                    // None: it moved to another process, which logs it when it ends.
+                    if let Some(o) = served {
+                        crate::telemetry::access_log::log_inbound(&o);
+                    }
                 });
             },
         )));
@@ -236,5 +205,114 @@ where
         draining,
         go_away,
         handoff,
+    }
+}
+
+/// How a data path's connections move out and in (see [`PodHandoff`]).
+fn pod_handoff<C, A, P, H>(
+    server: &hbone::Server<H>,
+    outbound: &Arc<Outbound<C, P>>,
+    plain: &Arc<PlainInbound<A>>,
+    inbound: Arc<Inbound<A>>,
+    tracker: &Tracker,
+    local: &LocalWorkload,
+) -> PodHandoff
+where
+    C: Certificates,
+    A: Connector + Clone,
+    P: Connector,
+    H: hbone::ConnectHandler,
+{
+    let (server_out, outbound_out, plain_out) = (server.clone(), outbound.clone(), plain.clone());
+    let (server_in, outbound_in, plain_in) = (server.clone(), outbound.clone(), plain.clone());
+    let (resumes, source) = (tracker.clone(), Arc::new(local.clone()));
+    PodHandoff {
+        hand_off: Box::new(move |patience, everything| {
+            let (server, outbound, plain) =
+                (server_out.clone(), outbound_out.clone(), plain_out.clone());
+            Box::pin(async move {
+                if !everything {
+                    let inbound = server.hand_off(patience).await;
+                    return PodHandedOff {
+                        inbound,
+                        ..PodHandedOff::default()
+                    };
+                }
+                let (inbound, outbound, (plain, mut plain_stayed)) = tokio::join!(
+                    server.hand_off(patience),
+                    outbound.hand_off(patience),
+                    plain.hand_off(patience)
+                );
+                plain_stayed.extend(outbound.plain_stayed.iter().cloned());
+                PodHandedOff {
+                    inbound,
+                    outbound,
+                    plain,
+                    plain_stayed,
+                }
+            })
+        }),
+        adopt: Box::new(move |handed| match handed {
+            Handed::Connection {
+                outbound: None,
+                connection,
+                ..
+            } => {
+                let tunnels = server_in.adopt(connection).map_err(|e| e.to_string())?;
+                let n = tunnels.len();
+                for tunnel in tunnels {
+                    let inbound = inbound.clone();
+                    resumes.spawn_counted(async move { inbound.resume(tunnel).await });
+                }
+                Ok(n)
+            }
+            Handed::Connection {
+                outbound: Some(key),
+                connection,
+                ..
+            } => {
+                let tunnels = outbound_in
+                    .adopt(key.clone(), connection)
+                    .map_err(|e| e.to_string())?;
+                let n = tunnels.len();
+                let key = Arc::new(key);
+                for tunnel in tunnels {
+                    let (outbound, key, source) =
+                        (outbound_in.clone(), key.clone(), source.clone());
+                    resumes.spawn_counted(async move {
+                        if let Some(o) = outbound.resume(tunnel, &key, &source).await {
+                            crate::telemetry::access_log::log_outbound(&o);
+                        }
+                    });
+                }
+                Ok(n)
+            }
+            Handed::Plain {
+                kind: PlainKind::Passthrough,
+                copy,
+                ..
+            } => {
+                let (outbound, source) = (outbound_in.clone(), source.clone());
+                resumes.spawn_counted(async move {
+                    if let Some(o) = outbound.resume_passthrough(copy, &source).await {
+                        crate::telemetry::access_log::log_outbound(&o);
+                    }
+                });
+                Ok(1)
+            }
+            Handed::Plain {
+                kind: PlainKind::InboundPlaintext,
+                copy,
+                ..
+            } => {
+                let plain = plain_in.clone();
+                resumes.spawn_counted(async move {
+                    if let Some(o) = plain.resume(copy).await {
+                        crate::telemetry::access_log::log_inbound(&o);
+                    }
+                });
+                Ok(1)
+            }
+        }),
     }
 }

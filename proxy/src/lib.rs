@@ -76,6 +76,7 @@ pub mod dns;
 pub mod handoff;
 pub mod inbound;
 pub mod inpod;
+mod moving;
 pub mod outbound;
 mod serve;
 pub mod sockets;

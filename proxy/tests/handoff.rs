@@ -9,8 +9,9 @@ mod seed_corpus;
 use hbone::handoff::{ConnectionState, CopyState, SessionState, StreamState, TlsState};
 use prost::Message;
 use proxy::handoff::{
-    Carried, CarriedTunnel, MAX_MESSAGE, Offer, VERSION, VERSIONS, answer, decode_answer,
-    decode_connection, decode_offer, encode_connection, proto,
+    Carried, CarriedItem, CarriedPlain, CarriedTunnel, MAX_MESSAGE, Offer, PlainKind, VERSION,
+    VERSIONS, answer, decode_answer, decode_connection, decode_moved, decode_offer,
+    encode_connection, encode_moved, proto,
 };
 use proxy::outbound::PoolKey;
 
@@ -230,6 +231,48 @@ fn broken_and_hostile_messages_are_refused_naming_the_field() {
     assert!(refused(&vec![0u8; MAX_MESSAGE + 1]).contains("more than"));
 }
 
+fn plain() -> CarriedItem {
+    CarriedItem::Plain(CarriedPlain {
+        pod: "uid-2".into(),
+        kind: PlainKind::Passthrough,
+        copy: connection().tunnels[0].copy.clone(),
+        memo: b"memo".to_vec(),
+    })
+}
+
+#[test]
+fn version_2_items_decode_to_what_was_encoded_and_bad_ones_are_refused_naming_the_field() {
+    for item in [CarriedItem::Connection(connection()), plain()] {
+        assert_eq!(decode_moved(&encode_moved(&item)).unwrap(), item);
+    }
+    let refused = |m: proto::Moved| decode_moved(&m.encode_to_vec()).unwrap_err().to_string();
+    assert!(refused(proto::Moved { item: None }).contains("moved.item is missing"));
+    let good = proto::Moved::decode(&encode_moved(&plain())[..]).unwrap();
+    let with = |change: fn(&mut proto::Plain)| {
+        let mut m = good.clone();
+        let Some(proto::moved::Item::Plain(p)) = m.item.as_mut() else {
+            unreachable!()
+        };
+        change(p);
+        m
+    };
+    assert!(refused(with(|p| p.kind = 0)).contains("plain.kind 0"));
+    assert!(refused(with(|p| p.kind = 9)).contains("plain.kind 9"));
+    assert!(refused(with(|p| p.copy = None)).contains("plain.copy is missing"));
+    assert!(
+        refused(with(|p| p.copy.as_mut().unwrap().memo = vec![0; 5000]))
+            .contains("plain.copy.memo")
+    );
+    assert!(refused(with(|p| p.pod = "p".repeat(300))).contains("plain.pod"));
+    // A connection inside is checked as one alone.
+    let mut m =
+        proto::Moved::decode(&encode_moved(&CarriedItem::Connection(connection()))[..]).unwrap();
+    if let Some(proto::moved::Item::Connection(c)) = m.item.as_mut() {
+        c.tls = None;
+    }
+    assert!(refused(m).contains("connection.tls is missing"));
+}
+
 /// The seeds of the `handoff_decode` fuzz target; `HANDOFF_WRITE_SEEDS=1` writes them anew.
 #[test]
 fn handoff_decode_target_over_seed_corpus() {
@@ -243,6 +286,11 @@ fn handoff_decode_target_over_seed_corpus() {
         };
         for (name, bytes) in [
             ("connection.bin", encode_connection(&connection())),
+            (
+                "moved_connection.bin",
+                encode_moved(&CarriedItem::Connection(connection())),
+            ),
+            ("moved_plain.bin", encode_moved(&plain())),
             ("offer.bin", offer.encode_to_vec()),
             ("answer.bin", answer(&offer).encode_to_vec()),
             (
@@ -259,6 +307,7 @@ fn handoff_decode_target_over_seed_corpus() {
         proxy::handoff::fuzz_decode(data);
     }
     assert!(files.iter().any(|f| decode_connection(f).is_ok()));
+    assert!(files.iter().any(|f| decode_moved(f).is_ok()));
 }
 
 mod channel {
@@ -379,7 +428,9 @@ mod transfer {
     use hbone::{Authority, Config, InboundConnect, Pool, Server, StaticTls};
     use http::HeaderMap;
     use identity::DevCa;
-    use proxy::handoff::{Channel, Listener, MAX_FDS, Received, recv_connection, send_connection};
+    use proxy::handoff::{
+        Channel, Handed, Listener, MAX_FDS, PlainKind, VERSION, recv_moved, send_moved,
+    };
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
@@ -453,16 +504,20 @@ mod transfer {
         assert!(handed.stayed.is_empty(), "{:?}", handed.stayed);
         let sender = std::thread::spawn(move || {
             let channel = waiting.accept().unwrap();
-            for moved in &handed.moved {
-                send_connection(&channel, "pod-uid", None, moved).unwrap();
+            for moved in handed.moved {
+                let item = Handed::Connection {
+                    pod: "pod-uid".into(),
+                    outbound: None,
+                    connection: moved,
+                };
+                send_moved(&channel, VERSION, &item).unwrap();
+                // The old process's copies close with it; the other process holds duplicates.
             }
-            // The old process's copies close with it; the other process holds duplicates.
-            drop(handed);
         });
         let received = tokio::task::spawn_blocking(move || {
             let channel = Channel::connect(&path).unwrap();
             let mut received = Vec::new();
-            while let Some(moved) = recv_connection(&channel).unwrap() {
+            while let Some(moved) = recv_moved(&channel, VERSION).unwrap() {
                 received.push(moved);
             }
             let _ = std::fs::remove_dir_all(path.parent().unwrap());
@@ -472,11 +527,14 @@ mod transfer {
         .unwrap();
         sender.join().unwrap();
         assert_eq!(received.len(), 1);
-        let Received {
+        let Some(Handed::Connection {
             pod,
             outbound,
             connection: moved,
-        } = received.into_iter().next().unwrap();
+        }) = received.into_iter().next()
+        else {
+            panic!("not a connection");
+        };
         assert_eq!(pod, "pod-uid");
         assert_eq!(outbound, None);
         assert_eq!(moved.tunnels.len(), tunnels);
@@ -518,9 +576,68 @@ mod transfer {
             channel.send(b"not descriptors", &[]).unwrap();
         });
         let channel = Channel::connect(&path).unwrap();
-        let e = recv_connection(&channel).unwrap_err().to_string();
+        // Version 1's message: a bare connection.
+        let e = recv_moved(&channel, 1).unwrap_err().to_string();
         assert!(e.contains("2 tunnels came with 1 descriptors"), "{e}");
         sender.join().unwrap();
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn a_plain_connection_passes_with_its_two_sockets_and_not_in_version_1() {
+        use std::io::{Read, Write};
+        let pair = || {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let near = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (far, _) = listener.accept().unwrap();
+            (near, far)
+        };
+        let ((mut client, client_side), (mut server, server_side)) = (pair(), pair());
+        let copy = hbone::handoff::CopyState {
+            to_app: b"held for the server".to_vec(),
+            from_app_eof: true,
+            ..Default::default()
+        };
+        let item = Handed::Plain {
+            pod: "pod-uid".into(),
+            kind: PlainKind::InboundPlaintext,
+            copy: hbone::handoff::MovedPlain {
+                a: client_side.into(),
+                b: server_side.into(),
+                copy: copy.clone(),
+                memo: b"memo".to_vec(),
+            },
+        };
+        let path = socket_path("plain");
+        let waiting = Listener::bind(&path).unwrap();
+        let sender = std::thread::spawn(move || {
+            let channel = waiting.accept().unwrap();
+            let e = send_moved(&channel, 1, &item).unwrap_err().to_string();
+            assert!(e.contains("version 1"), "{e}");
+            send_moved(&channel, VERSION, &item).unwrap();
+        });
+        let channel = Channel::connect(&path).unwrap();
+        let received = recv_moved(&channel, VERSION).unwrap();
+        sender.join().unwrap();
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+        let Some(Handed::Plain { pod, kind, copy: m }) = received else {
+            panic!("not a plain connection: {received:?}");
+        };
+        assert_eq!(
+            (pod.as_str(), kind, &m.copy, &m.memo[..]),
+            ("pod-uid", PlainKind::InboundPlaintext, &copy, &b"memo"[..])
+        );
+        // The client's socket first, then the other.
+        let (mut a, mut b) = (
+            std::net::TcpStream::from(m.a),
+            std::net::TcpStream::from(m.b),
+        );
+        a.write_all(b"to the client").unwrap();
+        b.write_all(b"to the server").unwrap();
+        let mut got = [0u8; 13];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"to the client");
+        server.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"to the server");
     }
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use hbone::{Authority, Config, Pool, Server, StaticTls};
 use http::{HeaderMap, StatusCode};
 use identity::DevCa;
+use proxy::addr::{ClientAddr, OrigDst};
 use proxy::connections::Connections;
 use proxy::inbound::{DirectConnector, Inbound, InboundOutcome};
 use proxy::state::{State, StateStore};
@@ -562,5 +563,90 @@ async fn live_inbound_tunnels_move_to_another_handler_which_checks_the_policy_ag
             .iter()
             .all(|l| l.ends_with(" 0")),
         "the old handler counted moved tunnels closed:\n{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_plaintext_connections_move_to_another_handler_which_checks_the_policy_again() {
+    let app = echo_app(LOOPBACK).await;
+    let ca = DevCa::generate("cluster.local").unwrap();
+    let store = Arc::new(StateStore::new(State::new("istio-system")));
+    // No policy: plaintext clients are allowed.
+    store.update(|s| {
+        s.insert_address(Address::Workload(web(&[])));
+        s.set_synced(true);
+    });
+    let old = Arc::new(movable_server(&ca, &store).resumer.plain());
+    let new = Arc::new(movable_server(&ca, &store).resumer.plain());
+    let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut clients = Vec::new();
+    let mut served = Vec::new();
+    for n in 0..2u8 {
+        let mut client = tokio::net::TcpStream::connect(front.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, peer) = front.accept().await.unwrap();
+        let old = old.clone();
+        served.push(tokio::spawn(async move {
+            old.serve(accepted, ClientAddr(peer), OrigDst(app)).await
+        }));
+        let mut back = [0u8; 5];
+        client.write_all(&[n; 5]).await.unwrap();
+        client.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, [n; 5]);
+        clients.push((client.local_addr().unwrap(), client));
+    }
+
+    let (moved, stayed) = old.hand_off(Duration::from_secs(5)).await;
+    assert!(stayed.is_empty(), "{stayed:?}");
+    assert_eq!(moved.len(), 2);
+    for task in served {
+        let outcome = task.await.unwrap();
+        assert!(outcome.is_none(), "moved, not ended here: {outcome:?}");
+    }
+    // Which client each copy serves: its `a` socket's peer.
+    let client_of = |m: &hbone::handoff::MovedPlain| {
+        let a = std::net::TcpStream::from(m.a.try_clone().unwrap());
+        a.peer_addr().unwrap()
+    };
+    let mut moved: Vec<_> = moved.into_iter().map(|m| (client_of(&m), m)).collect();
+    moved.sort_by_key(|(client, _)| clients.iter().position(|(c, _)| c == client));
+    let mut moved = moved.into_iter().map(|(_, m)| m);
+    let mut clients = clients.into_iter().map(|(_, c)| c);
+
+    // The first goes on here, whole.
+    let (first, mut client) = (moved.next().unwrap(), clients.next().unwrap());
+    let resumed = tokio::spawn({
+        let new = new.clone();
+        async move { new.resume(first).await }
+    });
+    client.write_all(&[7; 5]).await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut back))
+        .await
+        .expect("a moved connection stalled")
+        .unwrap();
+    assert_eq!(back, [7; 5]);
+    let o = resumed.await.unwrap().expect("its outcome");
+    assert!(o.error.is_none(), "{o:?}");
+    assert_eq!(o.bytes, (10, 10), "its whole life: {o:?}");
+    assert!(!o.mtls);
+
+    // The second finds a policy that now denies plaintext clients: it is reset.
+    store.update(|s| {
+        s.insert_address(Address::Workload(web(&["default/allow-sleep"])));
+        s.insert_policy(allow("allow-sleep", "sleep"));
+    });
+    let (second, mut client) = (moved.next().unwrap(), clients.next().unwrap());
+    let o = new.resume(second).await.expect("the refusal's outcome");
+    assert!(o.error.is_some(), "{o:?}");
+    let mut back = Vec::new();
+    let cut = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut back))
+        .await
+        .expect("the denied connection was not closed");
+    assert!(
+        cut.is_err(),
+        "the denied connection ended cleanly: {back:?}"
     );
 }

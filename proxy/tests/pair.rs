@@ -404,10 +404,10 @@ async fn live_outbound_tunnels_move_to_another_outbound_path_which_checks_them_a
     }
 
     let handed = mesh.outbound.hand_off(Duration::from_secs(5)).await;
-    assert!(handed.stayed.is_empty(), "{:?}", handed.stayed);
-    assert_eq!(handed.moved.len(), 1, "one pooled connection to web");
+    assert!(handed.pool.stayed.is_empty(), "{:?}", handed.pool.stayed);
+    assert_eq!(handed.pool.moved.len(), 1, "one pooled connection to web");
     let mut resumed = Vec::new();
-    for moved in handed.moved {
+    for moved in handed.pool.moved {
         assert_eq!(moved.key.source, id("sleep"));
         let key = Arc::new(moved.key);
         let tunnels = next.adopt((*key).clone(), moved.connection).unwrap();
@@ -474,7 +474,7 @@ async fn a_moved_outbound_tunnel_whose_key_is_not_the_workloads_is_reset() {
     let mut back = [0u8; 5];
     app_side.read_exact(&mut back).await.unwrap();
     let mut handed = mesh.outbound.hand_off(Duration::from_secs(5)).await;
-    let moved = handed.moved.pop().expect("the connection moved");
+    let moved = handed.pool.moved.pop().expect("the connection moved");
     assert!(served.await.unwrap().is_none());
     // Taken in for another workload than the one it was pooled by: it presents sleep's identity,
     // and notsleep's traffic must not ride it.
@@ -502,4 +502,45 @@ async fn a_moved_outbound_tunnel_whose_key_is_not_the_workloads_is_reset() {
         Err(std::io::ErrorKind::ConnectionReset),
         "the client saw a clean end"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_passthrough_connection_moves_to_another_outbound_path() {
+    let mesh = mesh_with(9, true).await;
+    let next = mesh.successor.clone().unwrap();
+    let sleep = proxy::state::LocalWorkload::from("sleep");
+    let outside = echo_app(ip(9, 9)).await;
+    let (mut app_side, captured, peer) = captured(&mesh, 1).await;
+    let (outbound, source) = (mesh.outbound.clone(), sleep.clone());
+    let served = tokio::spawn(async move {
+        outbound
+            .serve(captured, ClientAddr(peer), OrigDst(outside), &source)
+            .await
+    });
+    app_side.write_all(b"before").await.unwrap();
+    let mut back = [0u8; 6];
+    app_side.read_exact(&mut back).await.unwrap();
+
+    let mut handed = mesh.outbound.hand_off(Duration::from_secs(5)).await;
+    assert!(handed.plain_stayed.is_empty(), "{:?}", handed.plain_stayed);
+    assert!(handed.pool.moved.is_empty());
+    let moved = handed
+        .plain
+        .pop()
+        .expect("the passthrough connection moved");
+    assert!(served.await.unwrap().is_none(), "moved, not ended here");
+    let resumed = tokio::spawn(async move { next.resume_passthrough(moved, &sleep).await });
+    app_side.write_all(b"after").await.unwrap();
+    app_side.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), app_side.read_to_end(&mut back))
+        .await
+        .expect("the moved connection stalled")
+        .unwrap();
+    assert_eq!(back, b"after");
+    let o = resumed.await.unwrap().expect("its outcome");
+    assert!(o.error.is_none(), "{o:?}");
+    assert!(!o.mtls && o.hbone_target.is_none(), "{o:?}");
+    assert_eq!(o.destination.0, outside);
+    assert_eq!(o.bytes, (11, 11), "its whole life: {o:?}");
 }

@@ -121,6 +121,38 @@ pub struct Session {
     #[prost(message, repeated, tag = "21")]
     pub streams: ::prost::alloc::vec::Vec<Stream>,
 }
+/// What each message after the answer carries in version 2: a moved HBONE connection or a moved
+/// plain connection. (Version 1 sends bare Connection messages, inbound ones only.)
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Moved {
+    #[prost(oneof = "moved::Item", tags = "1, 2")]
+    pub item: ::core::option::Option<moved::Item>,
+}
+/// Nested message and enum types in `Moved`.
+pub mod moved {
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
+    pub enum Item {
+        #[prost(message, tag = "1")]
+        Connection(super::Connection),
+        #[prost(message, tag = "2")]
+        Plain(super::Plain),
+    }
+}
+/// A plain connection (no HBONE on either side) whose copy moves: its two sockets are passed
+/// with the message, the client's first.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Plain {
+    /// The pod (its node agent's uid).
+    #[prost(string, tag = "1")]
+    pub pod: ::prost::alloc::string::String,
+    #[prost(enumeration = "PlainKind", tag = "2")]
+    pub kind: i32,
+    /// Where the copy stood, the client in a tunnel's place: to_app holds bytes from the client
+    /// not yet written to the other side, from_app the other way; stream_id is 0. Its memo is an
+    /// OutboundTunnel (passthrough) or an InboundTunnel (inbound plaintext).
+    #[prost(message, optional, tag = "3")]
+    pub copy: ::core::option::Option<Tunnel>,
+}
 /// An HBONE connection without its socket (hbone::handoff::ConnectionState), and the tunnels
 /// it carries.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -209,4 +241,35 @@ pub struct OutboundTunnel {
     /// Bytes the client had sent before the tunnel was opened (they went with the CONNECT).
     #[prost(uint64, tag = "4")]
     pub first_bytes: u64,
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum PlainKind {
+    Unspecified = 0,
+    /// A pod's outbound connection to a destination outside the mesh.
+    Passthrough = 1,
+    /// A connection to a pod from a client outside the mesh (the pod's port 15006).
+    InboundPlaintext = 2,
+}
+impl PlainKind {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "PLAIN_KIND_UNSPECIFIED",
+            Self::Passthrough => "PASSTHROUGH",
+            Self::InboundPlaintext => "INBOUND_PLAINTEXT",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "PLAIN_KIND_UNSPECIFIED" => Some(Self::Unspecified),
+            "PASSTHROUGH" => Some(Self::Passthrough),
+            "INBOUND_PLAINTEXT" => Some(Self::InboundPlaintext),
+            _ => None,
+        }
+    }
 }

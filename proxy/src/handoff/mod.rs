@@ -18,10 +18,11 @@ mod transfer;
 mod wire;
 
 pub use channel::{Channel, Listener, MAX_FDS};
-pub use transfer::{Received, recv_connection, send_connection};
+pub use transfer::{Handed, recv_moved, send_moved};
 #[cfg(feature = "fuzzing")]
 pub use wire::fuzz_decode;
 pub use wire::{
-    Answer, Carried, CarriedTunnel, MAX_MESSAGE, Offer, Refused, VERSION, VERSIONS, answer,
-    decode_answer, decode_connection, decode_offer, encode_connection, proto,
+    Answer, Carried, CarriedItem, CarriedPlain, CarriedTunnel, MAX_MESSAGE, Offer, PlainKind,
+    Refused, VERSION, VERSIONS, answer, decode_answer, decode_connection, decode_moved,
+    decode_offer, encode_connection, encode_moved, proto,
 };

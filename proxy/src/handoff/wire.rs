@@ -133,8 +133,51 @@ const MAX_POD: usize = 253;
 /// The longest memo taken.
 const MAX_MEMO: usize = 4096;
 
-/// Encodes a moved connection.
+/// Encodes a moved connection (version 1's message; version 2 wraps it, [`encode_moved`]).
 pub fn encode_connection(carried: &Carried) -> Vec<u8> {
+    connection_proto(carried).encode_to_vec()
+}
+
+/// A copy's state as the handoff carries it.
+fn tunnel_proto(t: &CarriedTunnel) -> proto::Tunnel {
+    proto::Tunnel {
+        stream_id: t.stream_id,
+        to_app: t.copy.to_app.clone(),
+        to_app_eof: t.copy.to_app_eof,
+        to_app_done: t.copy.to_app_done,
+        from_app: t.copy.from_app.clone(),
+        from_app_eof: t.copy.from_app_eof,
+        from_app_done: t.copy.from_app_done,
+        to_app_bytes: t.copy.transferred.a_to_b,
+        from_app_bytes: t.copy.transferred.b_to_a,
+        memo: t.memo.clone(),
+    }
+}
+
+/// A copy's state read back; `what` names it in a refusal.
+fn tunnel_from_proto(what: &str, t: proto::Tunnel) -> Result<CarriedTunnel, Refused> {
+    if t.memo.len() > MAX_MEMO {
+        return Err(refused(format!("{what}.memo: {} bytes", t.memo.len())));
+    }
+    Ok(CarriedTunnel {
+        stream_id: t.stream_id,
+        copy: CopyState {
+            to_app: t.to_app,
+            to_app_eof: t.to_app_eof,
+            to_app_done: t.to_app_done,
+            from_app: t.from_app,
+            from_app_eof: t.from_app_eof,
+            from_app_done: t.from_app_done,
+            transferred: hbone::Transferred {
+                a_to_b: t.to_app_bytes,
+                b_to_a: t.from_app_bytes,
+            },
+        },
+        memo: t.memo,
+    })
+}
+
+fn connection_proto(carried: &Carried) -> proto::Connection {
     let state = &carried.state;
     let tls = &state.tls;
     let s = &state.session;
@@ -198,29 +241,13 @@ pub fn encode_connection(carried: &Carried) -> Vec<u8> {
                 .collect(),
         }),
         received: state.received.clone(),
-        tunnels: carried
-            .tunnels
-            .iter()
-            .map(|t| proto::Tunnel {
-                stream_id: t.stream_id,
-                to_app: t.copy.to_app.clone(),
-                to_app_eof: t.copy.to_app_eof,
-                to_app_done: t.copy.to_app_done,
-                from_app: t.copy.from_app.clone(),
-                from_app_eof: t.copy.from_app_eof,
-                from_app_done: t.copy.from_app_done,
-                to_app_bytes: t.copy.transferred.a_to_b,
-                from_app_bytes: t.copy.transferred.b_to_a,
-                memo: t.memo.clone(),
-            })
-            .collect(),
+        tunnels: carried.tunnels.iter().map(tunnel_proto).collect(),
         pod: carried.pod.clone(),
         outbound: carried.outbound.as_ref().map(|key| proto::OutboundKey {
             source: key.source.to_string(),
             expected: key.expected.iter().map(ToString::to_string).collect(),
         }),
     }
-    .encode_to_vec()
 }
 
 /// Decodes a moved connection, bounding the message and each field; the refusal names the
@@ -233,6 +260,10 @@ pub fn decode_connection(bytes: &[u8]) -> Result<Carried, Refused> {
         )));
     }
     let m = proto::Connection::decode(bytes).map_err(|e| refused(format!("connection: {e}")))?;
+    connection_from_proto(m)
+}
+
+fn connection_from_proto(m: proto::Connection) -> Result<Carried, Refused> {
     let tls = m.tls.ok_or_else(|| refused("connection.tls is missing"))?;
     let s = m
         .session
@@ -282,28 +313,7 @@ pub fn decode_connection(bytes: &[u8]) -> Result<Carried, Refused> {
     let outbound = m.outbound.map(decode_key).transpose()?;
     let mut tunnels = Vec::with_capacity(m.tunnels.len());
     for (i, t) in m.tunnels.into_iter().enumerate() {
-        if t.memo.len() > MAX_MEMO {
-            return Err(refused(format!(
-                "connection.tunnels[{i}].memo: {} bytes",
-                t.memo.len()
-            )));
-        }
-        tunnels.push(CarriedTunnel {
-            stream_id: t.stream_id,
-            copy: CopyState {
-                to_app: t.to_app,
-                to_app_eof: t.to_app_eof,
-                to_app_done: t.to_app_done,
-                from_app: t.from_app,
-                from_app_eof: t.from_app_eof,
-                from_app_done: t.from_app_done,
-                transferred: hbone::Transferred {
-                    a_to_b: t.to_app_bytes,
-                    b_to_a: t.from_app_bytes,
-                },
-            },
-            memo: t.memo,
-        });
+        tunnels.push(tunnel_from_proto(&format!("connection.tunnels[{i}]"), t)?);
     }
     let state = ConnectionState {
         tls: TlsState {
@@ -371,6 +381,96 @@ pub fn decode_connection(bytes: &[u8]) -> Result<Carried, Refused> {
     })
 }
 
+/// What a plain connection is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlainKind {
+    /// A pod's outbound connection to a destination outside the mesh.
+    Passthrough,
+    /// A connection to a pod from a client outside the mesh (port 15006).
+    InboundPlaintext,
+}
+
+/// A moved plain connection as the handoff carries it, its two sockets (the client's first)
+/// aside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CarriedPlain {
+    /// The pod (its node agent's uid).
+    pub pod: String,
+    /// What it is.
+    pub kind: PlainKind,
+    /// Where its copy stood (the client in a tunnel's place).
+    pub copy: CopyState,
+    /// What the proxy attached to it.
+    pub memo: Vec<u8>,
+}
+
+/// One moved item of version 2.
+#[derive(Debug, Clone, PartialEq, Eq)]
+// Items live for one handoff, once each; boxing the larger would buy nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum CarriedItem {
+    /// An HBONE connection.
+    Connection(Carried),
+    /// A plain connection.
+    Plain(CarriedPlain),
+}
+
+/// Encodes a moved item (version 2's message).
+pub fn encode_moved(item: &CarriedItem) -> Vec<u8> {
+    let item = match item {
+        CarriedItem::Connection(c) => proto::moved::Item::Connection(connection_proto(c)),
+        CarriedItem::Plain(p) => proto::moved::Item::Plain(proto::Plain {
+            pod: p.pod.clone(),
+            kind: match p.kind {
+                PlainKind::Passthrough => proto::PlainKind::Passthrough,
+                PlainKind::InboundPlaintext => proto::PlainKind::InboundPlaintext,
+            } as i32,
+            copy: Some(tunnel_proto(&CarriedTunnel {
+                stream_id: 0,
+                copy: p.copy.clone(),
+                memo: p.memo.clone(),
+            })),
+        }),
+    };
+    proto::Moved { item: Some(item) }.encode_to_vec()
+}
+
+/// Decodes a moved item (version 2), bounding the message and each field; the refusal names
+/// the field.
+pub fn decode_moved(bytes: &[u8]) -> Result<CarriedItem, Refused> {
+    if bytes.len() > MAX_MESSAGE {
+        return Err(refused(format!(
+            "a moved item of {} bytes, more than {MAX_MESSAGE}",
+            bytes.len()
+        )));
+    }
+    let m = proto::Moved::decode(bytes).map_err(|e| refused(format!("moved: {e}")))?;
+    match m.item {
+        None => Err(refused("moved.item is missing")),
+        Some(proto::moved::Item::Connection(c)) => {
+            connection_from_proto(c).map(CarriedItem::Connection)
+        }
+        Some(proto::moved::Item::Plain(p)) => {
+            if p.pod.len() > MAX_POD {
+                return Err(refused(format!("plain.pod: {} bytes", p.pod.len())));
+            }
+            let kind = match proto::PlainKind::try_from(p.kind) {
+                Ok(proto::PlainKind::Passthrough) => PlainKind::Passthrough,
+                Ok(proto::PlainKind::InboundPlaintext) => PlainKind::InboundPlaintext,
+                _ => return Err(refused(format!("plain.kind {} is unknown", p.kind))),
+            };
+            let copy = p.copy.ok_or_else(|| refused("plain.copy is missing"))?;
+            let copy = tunnel_from_proto("plain.copy", copy)?;
+            Ok(CarriedItem::Plain(CarriedPlain {
+                pod: p.pod,
+                kind,
+                copy: copy.copy,
+                memo: copy.memo,
+            }))
+        }
+    }
+}
+
 /// The most identities an outbound connection may expect (a service's backends' accounts).
 const MAX_EXPECTED: usize = 1024;
 
@@ -407,6 +507,13 @@ pub fn fuzz_decode(data: &[u8]) {
         assert!(
             again == carried,
             "a connection changed across encode and decode"
+        );
+    }
+    if let Ok(item) = decode_moved(data) {
+        let again = decode_moved(&encode_moved(&item)).expect("our own encoding");
+        assert!(
+            again == item,
+            "a moved item changed across encode and decode"
         );
     }
 }

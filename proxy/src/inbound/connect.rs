@@ -91,6 +91,7 @@ impl<C: Connector> Inbound<C> {
     {
         PlainInbound {
             serving: self.serving.clone(),
+            copies: crate::moving::PlainCopies::default(),
         }
     }
 
@@ -176,7 +177,7 @@ impl<C: Connector> Inbound<C> {
             ..
         } = &mut established;
         let ended = if self.serving.movable {
-            let memo = moved::memo(&outcome, SystemTime::now());
+            let memo = super::memo::memo(&outcome, SystemTime::now());
             let copy = std::pin::pin!(hbone::handoff::copy_tunnel_movable(
                 tunnel, &mut *app, memo, None
             ));

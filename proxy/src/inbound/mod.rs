@@ -35,6 +35,7 @@ use hbone::handoff::Copied;
 
 mod admission;
 mod connect;
+mod memo;
 mod plain;
 
 pub use admission::{Admitted, Refusal, admit};

@@ -4,10 +4,13 @@
 //! the bytes go to the app. The admission is the HBONE path's ([`super::admit`]); the outcome is
 //! reported with the status HBONE would have answered (200, 400, 401, 503).
 
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
+use hbone::handoff::MovedPlain;
 use tokio::net::TcpStream;
+use tracing::{info, warn};
 
+use super::memo::{memo, read_memo};
 use super::{Ended, InboundOutcome, Refusal, Serving, copy_until_closed};
 use crate::addr::{ClientAddr, OrigDst};
 use crate::sockets::Connector;
@@ -18,6 +21,8 @@ use hbone::handoff::Copied;
 /// the HBONE path of the same workload.
 pub struct PlainInbound<C> {
     pub(super) serving: Serving<C>,
+    /// The copies running, when movable.
+    pub(super) copies: crate::moving::PlainCopies,
 }
 
 impl<C> std::fmt::Debug for PlainInbound<C> {
@@ -30,16 +35,102 @@ impl<C> std::fmt::Debug for PlainInbound<C> {
 
 impl<C: Connector> PlainInbound<C> {
     /// Checks and forwards one redirected connection from `source` that was going to
-    /// `destination`, until both sides are done (or a policy change closes it).
+    /// `destination`, until both sides are done (or a policy change closes it). `None`: it moved
+    /// to another process ([`PlainInbound::hand_off`]), which records it when it ends.
     pub async fn serve(
         &self,
         client: TcpStream,
         source: ClientAddr,
         destination: OrigDst,
-    ) -> InboundOutcome {
-        let outcome = self.forward(client, source, destination).await;
+    ) -> Option<InboundOutcome> {
+        let outcome = self.forward(client, source, destination).await?;
         self.serving.metrics.finished(&outcome);
-        outcome
+        Some(outcome)
+    }
+
+    /// Hands every running connection's copy out of this process (when movable), waiting at
+    /// most `patience` for each to stop: the copies, and why some stayed.
+    pub async fn hand_off(&self, patience: Duration) -> (Vec<MovedPlain>, Vec<String>) {
+        self.copies.hand_off(patience).await
+    }
+
+    /// Goes on with a connection moved here from another process (its client's socket first),
+    /// until it ends or moves again; then records it (metrics) and returns its outcome, with the
+    /// bytes and duration of its whole life. The connection is admitted again first, under the
+    /// policy in force here: one no longer allowed (or whose memo does not read) is reset, as a
+    /// policy change would have closed it.
+    pub async fn resume(&self, moved: MovedPlain) -> Option<InboundOutcome> {
+        let MovedPlain { a, b, copy, memo } = moved;
+        let sockets = [a, b].map(|fd| {
+            let std = std::net::TcpStream::from(fd);
+            std.set_nonblocking(true)
+                .and_then(|()| TcpStream::from_std(std))
+        });
+        let [Ok(mut client), Ok(app)] = sockets else {
+            warn!("inbound plaintext: a moved connection's sockets cannot be used; it is closed");
+            return None;
+        };
+        let m = match read_memo(&memo) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %e, "inbound plaintext: a moved connection was refused");
+                crate::sockets::reset_on_close(&client);
+                crate::sockets::reset_on_close(&app);
+                return None;
+            }
+        };
+        let age = SystemTime::now()
+            .duration_since(m.started)
+            .unwrap_or_default();
+        let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        let mut outcome = InboundOutcome::new(m.source, m.authority, false);
+        outcome.status = 200;
+        outcome.bytes = (copy.transferred.a_to_b, copy.transferred.b_to_a);
+        let admitted = self.serving.begin(&mut outcome).and_then(|state| {
+            self.serving
+                .admit_and_register(&state, &mut outcome, m.destination, None)
+        });
+        let registered = match admitted {
+            Ok(registered) => registered,
+            Err(refusal) => {
+                crate::sockets::reset_on_close(&client);
+                crate::sockets::reset_on_close(&app);
+                outcome.error = Some(format!("a moved connection was closed: {refusal}"));
+                outcome.duration = started.elapsed();
+                warn!(src = %m.source, dst = %m.destination, %refusal, "inbound plaintext: a moved connection was refused");
+                self.serving.metrics.finished(&outcome);
+                return Some(outcome);
+            }
+        };
+        let open = self.serving.metrics.open(&outcome);
+        let mut app = open.count(app, Flow::Sent);
+        info!(src = %m.source, dst = %m.destination, "inbound plaintext: a moved connection goes on here");
+        let ended = {
+            let tracked = self.copies.track();
+            let copy = std::pin::pin!(hbone::handoff::copy_movable(
+                &mut client,
+                &mut app,
+                &tracked.mover,
+                memo,
+                Some(copy)
+            ));
+            copy_until_closed(copy, &registered, &mut outcome).await
+        };
+        match ended {
+            Ended::Moved => {
+                open.moved();
+                return None;
+            }
+            Ended::Aborted => {
+                crate::sockets::reset_on_close(&client);
+                crate::sockets::reset_on_close(app.get_ref());
+            }
+            Ended::Closed => {}
+        }
+        drop(open);
+        outcome.duration = started.elapsed();
+        self.serving.metrics.finished(&outcome);
+        Some(outcome)
     }
 
     async fn forward(
@@ -47,13 +138,13 @@ impl<C: Connector> PlainInbound<C> {
         mut client: TcpStream,
         source: ClientAddr,
         destination: OrigDst,
-    ) -> InboundOutcome {
+    ) -> Option<InboundOutcome> {
         let started = Instant::now();
         let mut outcome = InboundOutcome::new(source.0, destination.to_string(), false);
         let refuse = |outcome: InboundOutcome, refusal: Refusal| outcome.refused(&refusal, started);
         let state = match self.serving.begin(&mut outcome) {
             Ok(state) => state,
-            Err(refusal) => return refuse(outcome, refusal),
+            Err(refusal) => return Some(refuse(outcome, refusal)),
         };
         let admitted = self
             .serving
@@ -61,13 +152,24 @@ impl<C: Connector> PlainInbound<C> {
             .await;
         let (registered, app) = match admitted {
             Ok(admitted) => admitted,
-            Err(refusal) => return refuse(outcome, refusal),
+            Err(refusal) => return Some(refuse(outcome, refusal)),
         };
         let open = self.serving.metrics.open(&outcome);
         drop(state);
         let mut app = open.count(app, Flow::Sent);
         outcome.status = 200;
-        let ended = {
+        let ended = if self.serving.movable {
+            let tracked = self.copies.track();
+            let memo = memo(&outcome, SystemTime::now());
+            let copy = std::pin::pin!(hbone::handoff::copy_movable(
+                &mut client,
+                &mut app,
+                &tracked.mover,
+                memo,
+                None
+            ));
+            copy_until_closed(copy, &registered, &mut outcome).await
+        } else {
             let copy = std::pin::pin!(async {
                 hbone::copy_bidirectional(&mut client, &mut app)
                     .await
@@ -75,11 +177,18 @@ impl<C: Connector> PlainInbound<C> {
             });
             copy_until_closed(copy, &registered, &mut outcome).await
         };
-        if ended == Ended::Aborted {
-            crate::sockets::reset_on_close(&client);
-            crate::sockets::reset_on_close(app.get_ref());
+        match ended {
+            Ended::Moved => {
+                open.moved();
+                return None;
+            }
+            Ended::Aborted => {
+                crate::sockets::reset_on_close(&client);
+                crate::sockets::reset_on_close(app.get_ref());
+            }
+            Ended::Closed => {}
         }
         outcome.duration = started.elapsed();
-        outcome
+        Some(outcome)
     }
 }

@@ -1,7 +1,8 @@
 //! Shared mode's part of an upgrade that drops nothing: the old proxy hands every pod's live
-//! HBONE connections, tunnels and all, to its successor over the handoff channel
-//! ([`SharedProxy::hand_off`]): those the pod's inbound listener accepted and those its outbound
-//! path dialed (with their pool keys); the successor takes each into the pod it belongs to
+//! connections to its successor over the handoff channel ([`SharedProxy::hand_off`]): the HBONE
+//! ones, tunnels and all, that the pod's inbound listener accepted and that its outbound path
+//! dialed (with their pool keys), and the plain ones (passthrough, inbound plaintext) with both
+//! their sockets; the successor takes each into the pod it belongs to
 //! ([`SharedProxy::take_over`]), which must already be served there (the successor connects
 //! only once it serves every pod the node agent handed it).
 //!
@@ -20,8 +21,8 @@ use super::SharedProxy;
 use crate::assembly::PodHandedOff;
 use crate::certs::Certificates;
 use crate::handoff::{
-    Channel, Offer, Received, VERSIONS, answer, decode_answer, decode_offer, recv_connection,
-    send_connection,
+    Channel, Handed, Offer, PlainKind, VERSIONS, answer, decode_answer, decode_offer, recv_moved,
+    send_moved,
 };
 
 /// What an old proxy handed over.
@@ -33,6 +34,8 @@ pub struct HandedOff {
     pub outbound: usize,
     /// Their tunnels.
     pub tunnels: usize,
+    /// Plain connections (passthrough, inbound plaintext) sent.
+    pub plain: usize,
     /// Connections that stayed here (the peer and why), to drain.
     pub stayed: Vec<String>,
 }
@@ -40,10 +43,12 @@ pub struct HandedOff {
 /// What a new proxy took over.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct TookOver {
-    /// Connections served here now.
+    /// HBONE connections served here now.
     pub connections: usize,
     /// Their tunnels.
     pub tunnels: usize,
+    /// Plain connections (passthrough, inbound plaintext) served here now.
+    pub plain: usize,
     /// Connections refused (closed), and why: a pod not served here, a state that did not check
     /// out.
     pub refused: Vec<String>,
@@ -57,8 +62,8 @@ fn ended() -> io::Error {
 }
 
 impl<C: Certificates> SharedProxy<C> {
-    /// Hands every pod's live HBONE connections, inbound and outbound, to the successor on
-    /// `channel`, waiting at most `patience` for each to settle. An error before anything moved
+    /// Hands every pod's live connections (HBONE inbound and outbound, passthrough, inbound
+    /// plaintext) to the successor on `channel`, waiting at most `patience` for each to settle. An error before anything moved
     /// (the successor refused the version, the channel broke) leaves every connection here.
     pub async fn hand_off(&self, channel: Channel, patience: Duration) -> io::Result<HandedOff> {
         let channel = tokio::task::spawn_blocking(move || {
@@ -74,8 +79,8 @@ impl<C: Certificates> SharedProxy<C> {
         .await
         .map_err(io::Error::other)??;
         let (channel, version) = channel;
-        // Version 1 knows inbound connections only.
-        let with_outbound = version >= 2;
+        // Version 1 knows inbound HBONE connections only.
+        let everything = version >= 2;
         // The successor serves every pod: new connections are its own from now on. Closing the
         // listeners first lets the handshakes under way here finish and move too.
         let handing: Vec<_> = self
@@ -83,33 +88,67 @@ impl<C: Certificates> SharedProxy<C> {
             .iter()
             .map(|(uid, pod)| {
                 pod.stop.cancel();
-                (uid.clone(), (pod.handoff.hand_off)(patience, with_outbound))
+                (uid.clone(), (pod.handoff.hand_off)(patience, everything))
             })
             .collect();
         let mut done = HandedOff::default();
         let mut moved = Vec::new();
         for (uid, handing) in handing {
-            let PodHandedOff { inbound, outbound } = handing.await;
+            let PodHandedOff {
+                inbound,
+                outbound,
+                plain,
+                plain_stayed,
+            } = handing.await;
             let stayed =
                 |(peer, why), way| format!("pod {uid}: the connection {way} {peer}: {why}");
             done.stayed
                 .extend(inbound.stayed.into_iter().map(|s| stayed(s, "from")));
             done.stayed
-                .extend(outbound.stayed.into_iter().map(|s| stayed(s, "to")));
-            moved.extend(inbound.moved.into_iter().map(|m| (uid.clone(), None, m)));
-            done.outbound += outbound.moved.len();
+                .extend(outbound.pool.stayed.into_iter().map(|s| stayed(s, "to")));
+            done.stayed.extend(
+                plain_stayed
+                    .into_iter()
+                    .map(|why| format!("pod {uid}: a plain connection: {why}")),
+            );
+            let pod = || uid.clone();
             moved.extend(
-                outbound
+                inbound
                     .moved
                     .into_iter()
-                    .map(|m| (uid.clone(), Some(m.key), m.connection)),
+                    .map(|connection| Handed::Connection {
+                        pod: pod(),
+                        outbound: None,
+                        connection,
+                    }),
             );
+            done.outbound += outbound.pool.moved.len();
+            moved.extend(outbound.pool.moved.into_iter().map(|m| Handed::Connection {
+                pod: pod(),
+                outbound: Some(m.key),
+                connection: m.connection,
+            }));
+            done.plain += outbound.plain.len() + plain.len();
+            moved.extend(outbound.plain.into_iter().map(|copy| Handed::Plain {
+                pod: pod(),
+                kind: PlainKind::Passthrough,
+                copy,
+            }));
+            moved.extend(plain.into_iter().map(|copy| Handed::Plain {
+                pod: pod(),
+                kind: PlainKind::InboundPlaintext,
+                copy,
+            }));
         }
-        done.connections = moved.len();
-        done.tunnels = moved.iter().map(|(_, _, m)| m.tunnels.len()).sum();
+        for item in &moved {
+            if let Handed::Connection { connection, .. } = item {
+                done.connections += 1;
+                done.tunnels += connection.tunnels.len();
+            }
+        }
         tokio::task::spawn_blocking(move || {
-            for (uid, key, connection) in &moved {
-                send_connection(&channel, uid, key.as_ref(), connection)?;
+            for item in &moved {
+                send_moved(&channel, version, item)?;
             }
             // The duplicates here close with `moved`; the successor holds the sockets.
             Ok::<_, io::Error>(())
@@ -120,6 +159,7 @@ impl<C: Certificates> SharedProxy<C> {
             connections = done.connections,
             outbound = done.outbound,
             tunnels = done.tunnels,
+            plain = done.plain,
             stayed = done.stayed.len(),
             version,
             "handoff: live connections handed to the new proxy"
@@ -143,7 +183,7 @@ impl<C: Certificates> SharedProxy<C> {
                     reply.refusal
                 )));
             }
-            while let Some(moved) = recv_connection(&channel)? {
+            while let Some(moved) = recv_moved(&channel, reply.version)? {
                 if tx.blocking_send(moved).is_err() {
                     break;
                 }
@@ -151,20 +191,21 @@ impl<C: Certificates> SharedProxy<C> {
             Ok(())
         });
         let mut done = TookOver::default();
-        while let Some(Received {
-            pod: uid,
-            outbound,
-            connection,
-        }) = rx.recv().await
-        {
-            let peer = connection.socket.peer_addr().ok();
+        while let Some(handed) = rx.recv().await {
+            let (uid, peer, plain) = match &handed {
+                Handed::Connection {
+                    pod, connection, ..
+                } => (pod.clone(), connection.socket.peer_addr().ok(), false),
+                Handed::Plain { pod, .. } => (pod.clone(), None, true),
+            };
             let pods = self.lock();
             let adopted = match pods.get(&uid) {
                 None => Err(format!("pod {uid} is not served here")),
-                Some(pod) => (pod.handoff.adopt)(outbound, connection).map_err(|e| e.to_string()),
+                Some(pod) => (pod.handoff.adopt)(handed),
             };
             drop(pods);
             match adopted {
+                Ok(_) if plain => done.plain += 1,
                 Ok(tunnels) => {
                     done.connections += 1;
                     done.tunnels += tunnels;
@@ -179,6 +220,7 @@ impl<C: Certificates> SharedProxy<C> {
         info!(
             connections = done.connections,
             tunnels = done.tunnels,
+            plain = done.plain,
             refused = done.refused.len(),
             "handoff: live connections taken over from the old proxy"
         );

@@ -124,8 +124,11 @@ impl Record for OutboundOutcome {
 pub struct Outbound<C, N = Marked> {
     pub(super) state: Arc<StateStore>,
     pub(super) pool: Pool<PoolKey, IdentityDialer<C, N>>,
-    /// Tunnels are copied so that they can move to another process (`hbone::Config::movable`).
+    /// Tunnels and passthrough connections are copied so that they can move to another process
+    /// (`hbone::Config::movable`).
     movable: bool,
+    /// The passthrough copies running, when movable.
+    pub(super) plain: crate::moving::PlainCopies,
     connect_timeout: Duration,
     connector: Arc<N>,
     pub(super) metrics: Arc<Metrics>,
@@ -174,6 +177,7 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
                 },
             ),
             movable,
+            plain: crate::moving::PlainCopies::default(),
             connect_timeout,
             connector,
             metrics: Metrics::new(Duration::from_secs(300)),
@@ -235,17 +239,33 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
             }
             Ok(Flowing::Direct {
                 client, upstream, ..
-            }) => hbone::copy_bidirectional(client, upstream)
-                .await
-                .map(|t| (t.a_to_b, t.b_to_a))
-                .map_err(|e| {
-                    outcome.bytes = (e.transferred.a_to_b, e.transferred.b_to_a);
-                    e.to_string()
-                }),
+            }) => {
+                let copied = if self.movable {
+                    let tracked = self.plain.track();
+                    let memo = super::moved::memo(&outcome, 0, started, SystemTime::now());
+                    hbone::handoff::copy_movable(client, upstream, &tracked.mover, memo, None).await
+                } else {
+                    hbone::copy_bidirectional(client, upstream)
+                        .await
+                        .map(Copied::Done)
+                };
+                match copied {
+                    Ok(Copied::Moved(_)) => {
+                        moved = true;
+                        Ok((0, 0))
+                    }
+                    Ok(Copied::Done(t)) => Ok((t.a_to_b, t.b_to_a)),
+                    Err(e) => {
+                        outcome.bytes = (e.transferred.a_to_b, e.transferred.b_to_a);
+                        Err(e.to_string())
+                    }
+                }
+            }
         };
         if moved {
-            if let Ok(Flowing::Hbone { _open, .. }) = flowing {
-                _open.moved();
+            match flowing {
+                Ok(Flowing::Hbone { _open, .. } | Flowing::Direct { _open, .. }) => _open.moved(),
+                Err(_) => {}
             }
             return None;
         }

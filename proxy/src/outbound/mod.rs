@@ -7,4 +7,5 @@ mod moved;
 mod route;
 
 pub use execute::{IdentityDialer, Outbound, OutboundOutcome, PoolKey};
+pub use moved::OutboundHandOff;
 pub use route::{Route, RouteError, decide};

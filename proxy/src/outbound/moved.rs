@@ -12,7 +12,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
-use hbone::handoff::{AdoptedTunnel, Copied, MovedConnection, PoolHandOff};
+use hbone::handoff::{AdoptedTunnel, Copied, MovedConnection, MovedPlain, PoolHandOff};
 use prost::Message;
 use tokio::net::TcpStream;
 use tracing::{info, warn};
@@ -80,12 +80,30 @@ fn read_memo(memo: &[u8]) -> Result<Memo, String> {
     })
 }
 
+/// What [`Outbound::hand_off`] handed out.
+#[derive(Debug, Default)]
+pub struct OutboundHandOff {
+    /// The pooled HBONE connections.
+    pub pool: PoolHandOff<PoolKey>,
+    /// The passthrough connections' copies.
+    pub plain: Vec<MovedPlain>,
+    /// Passthrough copies that stayed (why).
+    pub plain_stayed: Vec<String>,
+}
+
 impl<C: Certificates, N: Connector> Outbound<C, N> {
-    /// Hands every pooled HBONE connection out of this process, with its tunnels (their copies
-    /// end here as moved, and are not recorded here); see `hbone::Pool::hand_off`. The caller
-    /// has stopped accepting new connections first.
-    pub async fn hand_off(&self, patience: Duration) -> PoolHandOff<PoolKey> {
-        self.pool.hand_off(patience).await
+    /// Hands every pooled HBONE connection out of this process, with its tunnels (see
+    /// `hbone::Pool::hand_off`), and every passthrough connection's copy (their copies end here
+    /// as moved, and are not recorded here). The caller has stopped accepting new connections
+    /// first.
+    pub async fn hand_off(&self, patience: Duration) -> OutboundHandOff {
+        let (pool, (plain, stayed)) =
+            tokio::join!(self.pool.hand_off(patience), self.plain.hand_off(patience));
+        OutboundHandOff {
+            pool,
+            plain,
+            plain_stayed: stayed,
+        }
     }
 
     /// Takes a connection another process's outbound path handed out into this one's pool
@@ -185,6 +203,105 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
                 outcome.bytes = (m.first + e.transferred.b_to_a, e.transferred.a_to_b);
                 outcome.error = Some(e.to_string());
                 crate::sockets::reset_on_close(client.get_ref());
+            }
+        }
+        drop(open);
+        outcome.duration = started.elapsed();
+        self.metrics.finished(&outcome);
+        Some(outcome)
+    }
+
+    /// Goes on with a passthrough connection of workload `source` moved from another process,
+    /// until it ends (or moves again); then returns its outcome, with the bytes and duration of
+    /// its whole life. Refused (both sockets reset, the refusal logged and returned) when its
+    /// memo does not read or the workload is no longer served here.
+    pub async fn resume_passthrough(
+        &self,
+        moved: MovedPlain,
+        source: &LocalWorkload,
+    ) -> Option<OutboundOutcome> {
+        let MovedPlain { a, b, copy, memo } = moved;
+        let sockets = [a, b].map(|fd| {
+            let std = std::net::TcpStream::from(fd);
+            std.set_nonblocking(true)
+                .and_then(|()| TcpStream::from_std(std))
+        });
+        let [Ok(client), Ok(mut upstream)] = sockets else {
+            warn!(
+                "outbound: a moved passthrough connection's sockets cannot be used; it is closed"
+            );
+            return None;
+        };
+        let m = match read_memo(&memo) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %e, "outbound: a moved passthrough connection was refused");
+                crate::sockets::reset_on_close(&client);
+                crate::sockets::reset_on_close(&upstream);
+                return None;
+            }
+        };
+        let age = SystemTime::now()
+            .duration_since(m.started)
+            .unwrap_or_default();
+        let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        let mut outcome = OutboundOutcome {
+            source: ClientAddr(m.source),
+            source_workload: None,
+            destination: OrigDst(m.destination),
+            destination_workload: None,
+            hbone_target: None,
+            destination_identity: None,
+            service: None,
+            mtls: false,
+            error: None,
+            response_flags: None,
+            bytes: (copy.transferred.a_to_b, copy.transferred.b_to_a),
+            duration: Duration::ZERO,
+        };
+        {
+            let state = self.state.snapshot();
+            let Some(workload) = state.local(source).cloned() else {
+                crate::sockets::reset_on_close(&client);
+                crate::sockets::reset_on_close(&upstream);
+                let e = format!("unknown source workload {source}");
+                warn!(src = %m.source, dst = %m.destination, error = %e, "outbound: a moved passthrough connection was refused");
+                outcome.error = Some(format!("a moved connection was closed: {e}"));
+                outcome.duration = started.elapsed();
+                return Some(outcome);
+            };
+            outcome.destination_workload = state
+                .workload_at(&workload.network, m.destination.ip())
+                .cloned();
+            outcome.service = state
+                .service_at(&workload.network, m.destination.ip())
+                .cloned();
+            outcome.source_workload = Some(workload);
+        }
+        let open = self.metrics.open(&outcome);
+        let mut client_counted = open.count(client, Flow::Received);
+        info!(src = %m.source, dst = %m.destination, "outbound: a moved passthrough connection goes on here");
+        let tracked = self.plain.track();
+        let copied = hbone::handoff::copy_movable(
+            &mut client_counted,
+            &mut upstream,
+            &tracked.mover,
+            memo,
+            Some(copy),
+        )
+        .await;
+        drop(tracked);
+        match copied {
+            Ok(Copied::Moved(_)) => {
+                open.moved();
+                return None;
+            }
+            Ok(Copied::Done(t)) => outcome.bytes = (t.a_to_b, t.b_to_a),
+            Err(e) => {
+                outcome.bytes = (e.transferred.a_to_b, e.transferred.b_to_a);
+                outcome.error = Some(e.to_string());
+                crate::sockets::reset_on_close(client_counted.get_ref());
+                crate::sockets::reset_on_close(&upstream);
             }
         }
         drop(open);

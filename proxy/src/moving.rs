@@ -1,0 +1,73 @@
+//! The plain copies of one data path (passthrough and inbound plaintext connections: no HBONE
+//! on either side) that may move to another process in an upgrade: each registers its
+//! [`PlainMover`] while it runs, and a handoff takes them all.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use hbone::handoff::{MovedPlain, PlainMover, PlainNotMoved};
+
+/// The running plain copies of a data path.
+#[derive(Debug, Default)]
+pub(crate) struct PlainCopies {
+    next: AtomicU64,
+    live: Mutex<HashMap<u64, PlainMover>>,
+}
+
+/// A running copy's place in [`PlainCopies`]; gone with it.
+pub(crate) struct Tracked<'a> {
+    copies: &'a PlainCopies,
+    id: u64,
+    /// The copy's mover, to give to `hbone::handoff::copy_movable`.
+    pub(crate) mover: PlainMover,
+}
+
+impl PlainCopies {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, PlainMover>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A copy about to run.
+    pub(crate) fn track(&self) -> Tracked<'_> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let mover = PlainMover::new();
+        self.lock().insert(id, mover.clone());
+        Tracked {
+            copies: self,
+            id,
+            mover,
+        }
+    }
+
+    /// Takes every running copy (each ends here as moved), waiting at most `patience` for each
+    /// to stop between two steps; the ones that do not stay, with why.
+    pub(crate) async fn hand_off(&self, patience: Duration) -> (Vec<MovedPlain>, Vec<String>) {
+        let movers: Vec<PlainMover> = self.lock().values().cloned().collect();
+        let mut taking = tokio::task::JoinSet::new();
+        for mover in movers {
+            taking.spawn(async move { mover.hand_off(patience).await });
+        }
+        let (mut moved, mut stayed) = (Vec::new(), Vec::new());
+        while let Some(t) = taking.join_next().await {
+            let Ok(t) = t else {
+                stayed.push("a copy's move panicked".to_owned());
+                continue;
+            };
+            match t {
+                Ok(m) => moved.push(m),
+                // Ended meanwhile, or not begun: nothing to move.
+                Err(PlainNotMoved::NotRunning) => {}
+                Err(e) => stayed.push(e.to_string()),
+            }
+        }
+        (moved, stayed)
+    }
+}
+
+impl Drop for Tracked<'_> {
+    fn drop(&mut self) {
+        self.copies.lock().remove(&self.id);
+    }
+}
