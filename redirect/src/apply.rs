@@ -5,7 +5,9 @@
 //! namespace descriptor through [`fd_path`]). Every tool runs with a time limit
 //! ([`RuleSet::tool_timeout`]); one that does not finish is killed and reported.
 //!
-//! iptables: our two chains (in the nat table, and with the return route in the mangle table) are
+//! iptables: our two chains (in the nat table, our output chain in the filter table (the guard
+//! behind the capture, [`RuleSet::iptables_filter_lines`]), and with the return route in the
+//! mangle table) are
 //! written with `iptables-restore --noflush`, which touches only the chains a script names:
 //! declaring our chain flushes and refills it, and the jumps from PREROUTING/OUTPUT are added
 //! only when missing (extra copies deleted). Nothing else of a table is rewritten, so rules another program adds meanwhile are never lost. Applying twice
@@ -156,9 +158,10 @@ fn rollback(netns: &Path, done: Vec<(bool, &'static str, Vec<String>)>, limit: D
 
 /// The iptables tables we write for one family, with our lines in each (empty: none of ours
 /// belongs there).
-fn tables(rules: &RuleSet, v6: bool) -> [(&'static str, Vec<String>); 2] {
+fn tables(rules: &RuleSet, v6: bool) -> [(&'static str, Vec<String>); 3] {
     [
         ("nat", rules.iptables_lines(v6)),
+        ("filter", rules.iptables_filter_lines()),
         ("mangle", rules.iptables_mangle_lines()),
     ]
 }

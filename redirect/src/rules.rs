@@ -16,6 +16,12 @@
 //! by conntrack mid-stream as new, would be redirected to a port where no socket knows it and
 //! the connection reset (the soak caught it on relabelling a namespace).
 //!
+//! Behind the capture stands a guard (filter table, output): a SYN leaving the pod that conntrack
+//! did not take for a new connection and that carries no redirect is refused with a reset. The
+//! redirect sees only new connections, so a SYN joined to an entry left from an earlier
+//! connection on the same ports (the proxy's own, or one from before the capture) would
+//! otherwise leave past the proxy, in plaintext.
+//!
 //! The client's address at the app ([`RuleSet::return_route`]): the proxy connects to the app
 //! from the client's address (a transparent socket carrying its mark). Such a connection is
 //! marked in conntrack when its first packet comes through the loopback interface, the app's
@@ -179,6 +185,26 @@ impl RuleSet {
         lines
     }
 
+    /// Our part of `iptables-save -t filter` for one family: the guard behind the capture. The
+    /// nat table sees only a connection's first packet, and only when conntrack takes it for a
+    /// new connection; a SYN that conntrack joins to an entry left from before (a connection on
+    /// the same ports that was not redirected: the proxy's own, marked, or one from before the
+    /// capture, when the entry was not reopened) skips the redirect and would leave the pod
+    /// past the proxy, in plaintext. Such a SYN (not new, not redirected) is refused with a
+    /// reset instead: the app's connect fails, and it connects again from another port.
+    pub fn iptables_filter_lines(&self) -> Vec<String> {
+        let mark = format!("0x{:x}/0x{:x}", self.skip_mark, self.mark_mask);
+        vec![
+            format!(":{IPT_OUTPUT} - [0:0]"),
+            format!("-A OUTPUT -j {IPT_OUTPUT}"),
+            format!("-A {IPT_OUTPUT} -m mark --mark {mark} -j RETURN"),
+            format!("-A {IPT_OUTPUT} -o lo -j RETURN"),
+            format!(
+                "-A {IPT_OUTPUT} -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack ! --ctstate NEW,DNAT -j REJECT --reject-with tcp-reset"
+            ),
+        ]
+    }
+
     /// Our part of `iptables-save -t mangle` for one family (empty without a
     /// [`RuleSet::return_route`]): the conntrack mark of the proxy's connections to the app and
     /// its restoring onto their packets on output.
@@ -281,8 +307,13 @@ impl RuleSet {
                 ret.mark,
             );
         }
+        // The guard behind the capture (see `iptables_filter_lines`).
+        let guard = format!(
+            "    chain filter_output {{\n        type filter hook output priority filter; policy accept;\n{v4_only}        meta mark & 0x{:08x} == 0x{:08x} return\n        oifname \"lo\" return\n        tcp flags syn / fin,syn,rst,ack ct state != new ct status != dnat reject with tcp reset\n    }}\n",
+            self.mark_mask, self.skip_mark
+        );
         format!(
-            "table inet {NFT_TABLE} {{\n    chain prerouting {{\n        type nat hook prerouting priority dstnat; policy accept;\n{v4_only}{pre}    }}\n    chain output {{\n        type nat hook output priority -100; policy accept;\n{v4_only}{out}    }}\n{mangle}}}\n"
+            "table inet {NFT_TABLE} {{\n    chain prerouting {{\n        type nat hook prerouting priority dstnat; policy accept;\n{v4_only}{pre}    }}\n    chain output {{\n        type nat hook output priority -100; policy accept;\n{v4_only}{out}    }}\n{guard}{mangle}}}\n"
         )
     }
 }
@@ -380,6 +411,26 @@ mod tests {
         assert!(off.iptables_mangle_lines().is_empty());
         assert!(off.return_rule().is_none());
         assert!(!off.nft_table().contains("mangle"));
+    }
+
+    #[test]
+    fn a_syn_that_skipped_the_redirect_is_refused_after_the_same_exceptions() {
+        let lines = RuleSet::default().iptables_filter_lines();
+        let text = lines.join("\n");
+        assert!(text.contains("-A OUTPUT -j ZTUNNEL_OUTPUT"), "{text}");
+        let pos = |s: &str| lines.iter().position(|l| l.contains(s)).unwrap();
+        assert!(pos("--mark 0x539/0xfff -j RETURN") < pos("REJECT"));
+        assert!(pos("-o lo -j RETURN") < pos("REJECT"));
+        assert!(
+            text.contains(
+                "SYN -m conntrack ! --ctstate NEW,DNAT -j REJECT --reject-with tcp-reset"
+            )
+        );
+        let nft = RuleSet::default().nft_table();
+        assert!(
+            nft.contains("ct state != new ct status != dnat reject with tcp reset"),
+            "{nft}"
+        );
     }
 
     #[test]

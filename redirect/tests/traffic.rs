@@ -263,3 +263,69 @@ fn iptables_capture_keeps_connections_open_before_it() {
 fn nftables_capture_keeps_connections_open_before_it() {
     connections_open_at_capture_are_kept(Backend::Nftables);
 }
+
+/// From `ns`, one connection from `port` (bound with SO_REUSEADDR, so it can be reused at
+/// once) to `host:80`, carrying `mark` when set: what the remote end said, or the error's name.
+fn connect_from_port(ns: &str, port: u16, host: &str, mark: Option<u32>) -> String {
+    let mark = mark.map_or(String::new(), |m| {
+        format!("s.setsockopt(socket.SOL_SOCKET,36,{m})\n")
+    });
+    let code = format!(
+        "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n{mark}s.bind(('10.77.0.1',{port}))\ns.settimeout(5)\ntry:\n  s.connect(('{host}',80))\n  s.sendall(b'x')\n  print(s.recv(100).decode() or 'closed',flush=True)\nexcept Exception as e:\n  print(type(e).__name__,flush=True)"
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c", &code])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A server on port 80 in `ns` that answers "remote" and then resets the connection (its RST
+/// leaves the client's conntrack entry in CLOSE, which a SYN on the same ports does not reopen).
+fn resetting_server(pair: &mut Pair, ns: &str) {
+    let code = "import socket,struct\nl=socket.socket()\nl.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\nl.bind(('0.0.0.0',80))\nl.listen(8)\nprint('ready',flush=True)\nwhile True:\n  c,_=l.accept()\n  c.recv(10)\n  c.sendall(b'remote')\n  c.setsockopt(socket.SOL_SOCKET,socket.SO_LINGER,struct.pack('ii',1,0))\n  c.close()";
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c", code])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert_eq!(first.trim(), "ready");
+    pair.children.push(child);
+}
+
+fn a_syn_on_an_entry_without_the_redirect_is_refused(backend: Backend) {
+    let mut pair = Pair::new();
+    let (pod, remote) = (pair.pod.clone(), pair.remote.clone());
+    apply(&pair.pod_path(), backend, &RuleSet::default()).unwrap();
+    resetting_server(&mut pair, &remote);
+    // The proxy's own connection (marked: not redirected) from port 40123, reset by the remote
+    // end: its conntrack entry stays, without a redirect, for the next seconds.
+    assert_eq!(
+        connect_from_port(&pod, 40123, "10.77.0.2", Some(0x539)),
+        "remote"
+    );
+    // The app's connection from the same port meets that entry instead of the capture: it must
+    // not reach the remote end past the proxy; it is refused.
+    let got = connect_from_port(&pod, 40123, "10.77.0.2", None);
+    assert_eq!(got, "ConnectionRefusedError", "past the capture: {got}");
+    // A fresh port is captured as ever.
+    pair.listen(&pod, &[15001]);
+    assert_eq!(
+        pair.connect(&pod, "10.77.0.2", 80, None),
+        "accepted 15001 10.77.0.2:80"
+    );
+}
+
+#[test]
+fn iptables_refuses_a_syn_on_an_entry_without_the_redirect() {
+    a_syn_on_an_entry_without_the_redirect_is_refused(Backend::Iptables);
+}
+
+#[test]
+fn nftables_refuses_a_syn_on_an_entry_without_the_redirect() {
+    a_syn_on_an_entry_without_the_redirect_is_refused(Backend::Nftables);
+}
