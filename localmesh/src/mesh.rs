@@ -711,8 +711,9 @@ pub enum Stop {
     /// SIGKILL; then started again.
     Kill,
     /// A proxy only: the new one first, beside the old (its listeners in every pod join the old
-    /// one's, `SO_REUSEPORT`); once it serves every pod it takes the old one's live inbound
-    /// connections over the handoff socket, and the old one drains what could not move and
+    /// one's, `SO_REUSEPORT`); once it serves every pod it takes the old one's live connections
+    /// (HBONE both ways, passthrough, inbound plaintext) over the handoff socket, and the old
+    /// one drains what could not move and
     /// exits by itself (SIGTERM if it has not within 20 s: its connections then have the drain
     /// deadline, and are cut).
     Rolling,

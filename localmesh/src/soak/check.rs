@@ -141,10 +141,6 @@ pub struct Oracle {
     flips: Vec<(Duration, bool)>,
     /// (from, to): a fault may cut connections alive in between.
     faults: Vec<(Duration, Duration)>,
-    /// (signalled, until): a proxy told at `signalled` to drain may cut, until `until`, the
-    /// connections it held (those made before `signalled`); connections made later must not
-    /// notice.
-    drains: Vec<(Duration, Duration)>,
     /// How long around a flip either outcome is right (a policy reaches every proxy within
     /// moments, not at once).
     pub grace: Duration,
@@ -156,7 +152,6 @@ impl Oracle {
         Oracle {
             flips: vec![(Duration::ZERO, allowed)],
             faults: Vec::new(),
-            drains: Vec::new(),
             grace,
         }
     }
@@ -170,19 +165,6 @@ impl Oracle {
     /// A fault may cut connections alive between `from` and `to`.
     pub fn fault(&mut self, from: Duration, to: Duration) {
         self.faults.push((from, to));
-    }
-
-    /// A proxy was told at `signalled` to drain; connections made before then may be cut until
-    /// `until` (its drain deadline and the grace after it).
-    pub fn drain(&mut self, signalled: Duration, until: Duration) {
-        self.drains.push((signalled, until));
-    }
-
-    /// Whether a connection made at `from` and cut at `to` was held by a draining proxy.
-    pub fn drained(&self, from: Duration, to: Duration) -> bool {
-        self.drains
-            .iter()
-            .any(|(signalled, until)| from < *signalled && to >= *signalled && to <= *until)
     }
 
     /// What a connection made at `at` should get.
@@ -228,7 +210,6 @@ impl Oracle {
         match (outcome, self.expect(from)) {
             (Outcome::Lost { .. } | Outcome::Changed { .. }, _) => Some(Wrong::BytesLostOrChanged),
             (Outcome::Served, Expect::Denied) => Some(Wrong::DeniedServed),
-            (Outcome::Cut { .. }, Expect::Allowed) if self.drained(from, to) => None,
             (Outcome::Denied | Outcome::Cut { .. }, Expect::Allowed)
                 if !self.excused(from, to) && !self.denied_during(from, to) =>
             {
@@ -314,28 +295,5 @@ mod tests {
         assert_eq!(o.judge(s(1), s(5), &cut), Some(Wrong::AllowedRefused));
         // Cut a moment before the deny was recorded (the proxies acted first): the deny's too.
         assert_eq!(o.judge(s(1), Duration::from_millis(9_900), &cut), None);
-    }
-
-    #[test]
-    fn a_draining_proxy_may_cut_only_the_connections_it_held_and_only_until_its_deadline() {
-        let s = Duration::from_secs;
-        let mut o = Oracle::new(true, s(2));
-        o.drain(s(50), s(54));
-        let cut = Outcome::Cut {
-            checked: 10,
-            reason: "reset",
-        };
-        // Held by the old proxy, cut at its drain deadline: excused.
-        assert_eq!(o.judge(s(40), s(52), &cut), None);
-        // Cut before the drain began, or after its deadline: wrong.
-        assert_eq!(o.judge(s(40), s(49), &cut), Some(Wrong::AllowedRefused));
-        assert_eq!(o.judge(s(40), s(55), &cut), Some(Wrong::AllowedRefused));
-        // Made once the old proxy was told to go: the new one serves it; any failure is wrong.
-        assert_eq!(o.judge(s(51), s(52), &cut), Some(Wrong::AllowedRefused));
-        // A refusal is never a drain's doing: new connections go to the new proxy.
-        assert_eq!(
-            o.judge(s(40), s(52), &Outcome::Denied),
-            Some(Wrong::AllowedRefused)
-        );
     }
 }

@@ -11,8 +11,8 @@
 //! The faults ([`Fault`]): `controlplane` (restarted; nothing may fail), `node-agent` (each
 //! node's, restarted; nothing may fail), `proxy-kill` (a node's proxy SIGKILLed and started
 //! again; connections through it may be cut until it serves again), `proxy-restart` (each
-//! node's proxy restarted the rolling way, [`Stop::Rolling`]: no new connection may fail; those
-//! the old proxy held may be cut at its drain deadline, and no later), `policy` (a DENY policy
+//! node's proxy restarted the rolling way, [`Stop::Rolling`]: the old proxy hands every live
+//! connection to the new one, so nothing may fail, long-lived connections included), `policy` (a DENY policy
 //! for the soak's traffic applied, then deleted; connections near either moment may go either
 //! way, none other), `pods` (an echo pod added, then deleted; connections near either moment
 //! may be cut), `label` (the namespace taken out of ambient and put back; connections near
@@ -56,7 +56,8 @@ pub enum Fault {
     NodeAgent,
     /// SIGKILL a node's proxy and start it again.
     ProxyKill,
-    /// Restart each node's proxy the rolling way: the new one first, then the old one drained.
+    /// Restart each node's proxy the rolling way: the new one first, which takes the old one's
+    /// live connections over; nothing may be cut.
     ProxyRestart,
     /// Apply, then delete, a policy denying the soak's traffic.
     Policy,
@@ -645,12 +646,9 @@ fn inject(
             Ok(())
         }
         Fault::ProxyRestart => {
+            // Nothing is excused: the old proxy hands its connections over (issue 31).
             for node in &config.nodes {
-                let done = mesh::restart(config, Part::Proxy, Some(node), Stop::Rolling)?;
-                oracle.drain(
-                    done.signalled.duration_since(*begin),
-                    done.exited.duration_since(*begin) + grace,
-                );
+                mesh::restart(config, Part::Proxy, Some(node), Stop::Rolling)?;
             }
             Ok(())
         }
