@@ -137,7 +137,7 @@ pub mod handoff {
         Copied, CopyState, MovedPlain, MovedTunnel, PlainMover, PlainNotMoved,
     };
     pub use crate::pool::handoff::{MovedPooled, PoolHandOff};
-    pub use crate::server::handoff::HandOff;
+    pub use crate::server::handoff::{AdoptedServing, HandOff};
     pub use crate::tls::{TlsState, traffic_secret_log};
     pub use crate::wire::conn::ConnectionState;
     pub use crate::wire::session::{SessionState, StreamState};

@@ -258,7 +258,11 @@ where
                 connection,
                 ..
             } => {
-                let tunnels = server_in.adopt(connection).map_err(|e| e.to_string())?;
+                let (tunnels, serving) = server_in
+                    .adopt_serving(connection)
+                    .map_err(|e| e.to_string())?;
+                // Where the pod's accepted connections run: its removal ends it too.
+                resumes.spawn_uncounted(serving);
                 let n = tunnels.len();
                 for tunnel in tunnels {
                     let inbound = inbound.clone();

@@ -65,6 +65,9 @@ impl Drop for LiveGuard<'_> {
     }
 }
 
+/// An adopted connection's serving ([`Server::adopt_serving`]): run it to its end.
+pub type AdoptedServing = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// What [`Server::hand_off`] did.
 #[derive(Debug, Default)]
 pub struct HandOff {
@@ -131,6 +134,19 @@ impl<H: ConnectHandler> Server<H> {
     /// application to go on copying. Refused, the connection closed, when its state does not
     /// check out. Must be called within a Tokio runtime.
     pub fn adopt(&self, moved: MovedConnection) -> Result<Vec<AdoptedTunnel>, Error> {
+        let (tunnels, serving) = self.adopt_serving(moved)?;
+        tokio::spawn(serving);
+        Ok(tunnels)
+    }
+
+    /// [`Server::adopt`], handing the connection's serving to the caller instead of spawning
+    /// it: run the future (it ends when the connection does) where the connections accepted by
+    /// this server run, so that whatever ends them (a workload going away, a drain's deadline)
+    /// ends this one too.
+    pub fn adopt_serving(
+        &self,
+        moved: MovedConnection,
+    ) -> Result<(Vec<AdoptedTunnel>, AdoptedServing), Error> {
         let mut r = reassemble(moved, &self.inner.config, Side::Server)?;
         let adopted = r.adopted_tunnels(|| None);
         let Reassembled {
@@ -145,7 +161,7 @@ impl<H: ConnectHandler> Server<H> {
             memo: std::sync::OnceLock::new(),
         });
         let server = self.clone();
-        tokio::spawn(async move {
+        let serving = Box::pin(async move {
             let live = server.inner.live.settling(peer);
             live.serve(&connection);
             if let Err(e) = server
@@ -155,6 +171,6 @@ impl<H: ConnectHandler> Server<H> {
                 tracing::debug!(%peer, error = %e, "HBONE server: an adopted connection ended with an error");
             }
         });
-        Ok(adopted)
+        Ok((adopted, serving))
     }
 }
