@@ -50,6 +50,16 @@ struct Ends {
     failed: AtomicUsize,
 }
 
+/// How a copy ended, counted in `ends`.
+fn count(ends: &Ends, copied: &Result<Copied, hbone::CopyError>) {
+    let counter = match copied {
+        Ok(Copied::Done(_)) => &ends.done,
+        Ok(Copied::Moved(_)) => &ends.moved,
+        Err(_) => &ends.failed,
+    };
+    counter.fetch_add(1, Ordering::SeqCst);
+}
+
 /// A server whose handler joins each CONNECT to the app with a movable copy.
 fn server(pki: &Pki, app: SocketAddr, ends: Arc<Ends>) -> Server<impl hbone::ConnectHandler> {
     let mut tls = (*pki.server_config()).clone();
@@ -64,12 +74,8 @@ fn server(pki: &Pki, app: SocketAddr, ends: Arc<Ends>) -> Server<impl hbone::Con
             socket.set_send_buffer_size(APP_BUFFER).unwrap();
             let mut app = socket.connect(app).await.unwrap();
             let mut tunnel = req.accept().unwrap();
-            let counter = match copy_tunnel_movable(&mut tunnel, &mut app, memo, None).await {
-                Ok(Copied::Done(_)) => &ends.done,
-                Ok(Copied::Moved(_)) => &ends.moved,
-                Err(_) => &ends.failed,
-            };
-            counter.fetch_add(1, Ordering::SeqCst);
+            let copied = copy_tunnel_movable(&mut tunnel, &mut app, memo, None).await;
+            count(&ends, &copied);
         }
     })
 }
@@ -257,12 +263,7 @@ async fn move_all<H: hbone::ConnectHandler>(
                 let copied =
                     copy_tunnel_movable(&mut tunnel, &mut app, adopted.memo, Some(adopted.copy))
                         .await;
-                let counter = match copied {
-                    Ok(Copied::Done(_)) => &ends.done,
-                    Ok(Copied::Moved(_)) => &ends.moved,
-                    Err(_) => &ends.failed,
-                };
-                counter.fetch_add(1, Ordering::SeqCst);
+                count(&ends, &copied);
                 copied
             }));
         }
@@ -441,12 +442,8 @@ async fn client_side_copy(
         .unwrap();
     tokio::spawn(async move {
         let memo = b"outbound".to_vec();
-        let counter = match copy_tunnel_movable(&mut tunnel, &mut app, memo, None).await {
-            Ok(Copied::Done(_)) => &ends.done,
-            Ok(Copied::Moved(_)) => &ends.moved,
-            Err(_) => &ends.failed,
-        };
-        counter.fetch_add(1, Ordering::SeqCst);
+        let copied = copy_tunnel_movable(&mut tunnel, &mut app, memo, None).await;
+        count(&ends, &copied);
     })
 }
 
@@ -509,12 +506,7 @@ async fn client_move() {
                 let copied =
                     copy_tunnel_movable(&mut tunnel, &mut app, adopted.memo, Some(adopted.copy))
                         .await;
-                let counter = match copied {
-                    Ok(Copied::Done(_)) => &ends.done,
-                    Ok(Copied::Moved(_)) => &ends.moved,
-                    Err(_) => &ends.failed,
-                };
-                counter.fetch_add(1, Ordering::SeqCst);
+                count(&ends, &copied);
             }));
         }
     }
@@ -551,16 +543,6 @@ async fn client_move() {
     // The server's side never knew: every tunnel, and the fresh one, ended there cleanly.
     assert_eq!(server_ends.done.load(Ordering::SeqCst), TUNNELS + 1);
     assert_eq!(server_ends.failed.load(Ordering::SeqCst), 0);
-}
-
-/// How a plain copy ended, counted in `ends`.
-fn count(ends: &Ends, copied: &Result<Copied, hbone::CopyError>) {
-    let counter = match copied {
-        Ok(Copied::Done(_)) => &ends.done,
-        Ok(Copied::Moved(_)) => &ends.moved,
-        Err(_) => &ends.failed,
-    };
-    counter.fetch_add(1, Ordering::SeqCst);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

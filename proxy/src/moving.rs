@@ -3,11 +3,13 @@
 //! [`PlainMover`] while it runs, and a handoff takes them all.
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use hbone::handoff::{MovedPlain, PlainMover, PlainNotMoved};
+use tokio::net::TcpStream;
 
 /// The running plain copies of a data path.
 #[derive(Debug, Default)]
@@ -70,4 +72,53 @@ impl Drop for Tracked<'_> {
     fn drop(&mut self) {
         self.copies.lock().remove(&self.id);
     }
+}
+
+/// When something that began `age` ago began, as the memo a moving copy carries says it (in
+/// milliseconds since the Unix epoch, the one clock both processes share), told at `now`.
+pub(crate) fn started_unix_ms(now: SystemTime, age: Duration) -> u64 {
+    now.checked_sub(age)
+        .unwrap_or(now)
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A moment a memo gives (wall time) on this process's monotonic clock: now less its age.
+pub(crate) fn started_here(started: SystemTime) -> Instant {
+    let age = SystemTime::now()
+        .duration_since(started)
+        .unwrap_or_default();
+    Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
+}
+
+/// A moved plain copy's two sockets, ready for the runtime; `None` (logged with `what`) when
+/// either cannot be used: then both close.
+pub(crate) fn plain_sockets(
+    moved_a: OwnedFd,
+    moved_b: OwnedFd,
+    what: &str,
+) -> Option<(TcpStream, TcpStream)> {
+    let sockets = [moved_a, moved_b].map(|fd| {
+        let std = std::net::TcpStream::from(fd);
+        std.set_nonblocking(true)
+            .and_then(|()| TcpStream::from_std(std))
+    });
+    match sockets {
+        [Ok(a), Ok(b)] => Some((a, b)),
+        [a, b] => {
+            let e = a
+                .err()
+                .or(b.err())
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            tracing::warn!(error = %e, "{what}: a moved connection's sockets cannot be used; it is closed");
+            None
+        }
+    }
+}
+
+/// Resets both ends of a moved plain connection that is refused here.
+pub(crate) fn reset_both(a: &TcpStream, b: &TcpStream) {
+    crate::sockets::reset_on_close(a);
+    crate::sockets::reset_on_close(b);
 }

@@ -15,15 +15,10 @@ const MAX_MEMO: usize = 1024;
 
 /// What an inbound tunnel's copy carries to another process.
 pub(super) fn memo(outcome: &InboundOutcome, now: SystemTime) -> Vec<u8> {
-    let started = now
-        .checked_sub(outcome.duration)
-        .unwrap_or(now)
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     InboundTunnel {
         source: outcome.source.to_string(),
         destination: outcome.destination.clone(),
-        started_unix_ms: started,
+        started_unix_ms: crate::moving::started_unix_ms(now, outcome.duration),
     }
     .encode_to_vec()
 }

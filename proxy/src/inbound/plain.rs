@@ -61,28 +61,16 @@ impl<C: Connector> PlainInbound<C> {
     /// policy change would have closed it.
     pub async fn resume(&self, moved: MovedPlain) -> Option<InboundOutcome> {
         let MovedPlain { a, b, copy, memo } = moved;
-        let sockets = [a, b].map(|fd| {
-            let std = std::net::TcpStream::from(fd);
-            std.set_nonblocking(true)
-                .and_then(|()| TcpStream::from_std(std))
-        });
-        let [Ok(mut client), Ok(app)] = sockets else {
-            warn!("inbound plaintext: a moved connection's sockets cannot be used; it is closed");
-            return None;
-        };
+        let (mut client, app) = crate::moving::plain_sockets(a, b, "inbound plaintext")?;
         let m = match read_memo(&memo) {
             Ok(m) => m,
             Err(e) => {
                 warn!(error = %e, "inbound plaintext: a moved connection was refused");
-                crate::sockets::reset_on_close(&client);
-                crate::sockets::reset_on_close(&app);
+                crate::moving::reset_both(&client, &app);
                 return None;
             }
         };
-        let age = SystemTime::now()
-            .duration_since(m.started)
-            .unwrap_or_default();
-        let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        let started = crate::moving::started_here(m.started);
         let mut outcome = InboundOutcome::new(m.source, m.authority, false);
         outcome.status = 200;
         outcome.bytes = (copy.transferred.a_to_b, copy.transferred.b_to_a);
@@ -93,8 +81,7 @@ impl<C: Connector> PlainInbound<C> {
         let registered = match admitted {
             Ok(registered) => registered,
             Err(refusal) => {
-                crate::sockets::reset_on_close(&client);
-                crate::sockets::reset_on_close(&app);
+                crate::moving::reset_both(&client, &app);
                 outcome.error = Some(format!("a moved connection was closed: {refusal}"));
                 outcome.duration = started.elapsed();
                 warn!(src = %m.source, dst = %m.destination, %refusal, "inbound plaintext: a moved connection was refused");

@@ -37,15 +37,10 @@ pub(super) fn memo(
     started: Instant,
     now: SystemTime,
 ) -> Vec<u8> {
-    let started = now
-        .checked_sub(started.elapsed())
-        .unwrap_or(now)
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     OutboundTunnel {
         source: outcome.source.0.to_string(),
         destination: outcome.destination.0.to_string(),
-        started_unix_ms: started,
+        started_unix_ms: crate::moving::started_unix_ms(now, started.elapsed()),
         first_bytes: first,
     }
     .encode_to_vec()
@@ -147,10 +142,7 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
                 return None;
             }
         };
-        let age = SystemTime::now()
-            .duration_since(m.started)
-            .unwrap_or_default();
-        let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        let started = crate::moving::started_here(m.started);
         let mut outcome = OutboundOutcome {
             source: ClientAddr(m.source),
             source_workload: None,
@@ -221,30 +213,16 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
         source: &LocalWorkload,
     ) -> Option<OutboundOutcome> {
         let MovedPlain { a, b, copy, memo } = moved;
-        let sockets = [a, b].map(|fd| {
-            let std = std::net::TcpStream::from(fd);
-            std.set_nonblocking(true)
-                .and_then(|()| TcpStream::from_std(std))
-        });
-        let [Ok(client), Ok(mut upstream)] = sockets else {
-            warn!(
-                "outbound: a moved passthrough connection's sockets cannot be used; it is closed"
-            );
-            return None;
-        };
+        let (client, mut upstream) = crate::moving::plain_sockets(a, b, "outbound passthrough")?;
         let m = match read_memo(&memo) {
             Ok(m) => m,
             Err(e) => {
                 warn!(error = %e, "outbound: a moved passthrough connection was refused");
-                crate::sockets::reset_on_close(&client);
-                crate::sockets::reset_on_close(&upstream);
+                crate::moving::reset_both(&client, &upstream);
                 return None;
             }
         };
-        let age = SystemTime::now()
-            .duration_since(m.started)
-            .unwrap_or_default();
-        let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        let started = crate::moving::started_here(m.started);
         let mut outcome = OutboundOutcome {
             source: ClientAddr(m.source),
             source_workload: None,
@@ -262,8 +240,7 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
         {
             let state = self.state.snapshot();
             let Some(workload) = state.local(source).cloned() else {
-                crate::sockets::reset_on_close(&client);
-                crate::sockets::reset_on_close(&upstream);
+                crate::moving::reset_both(&client, &upstream);
                 let e = format!("unknown source workload {source}");
                 warn!(src = %m.source, dst = %m.destination, error = %e, "outbound: a moved passthrough connection was refused");
                 outcome.error = Some(format!("a moved connection was closed: {e}"));
@@ -300,8 +277,7 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
             Err(e) => {
                 outcome.bytes = (e.transferred.a_to_b, e.transferred.b_to_a);
                 outcome.error = Some(e.to_string());
-                crate::sockets::reset_on_close(client_counted.get_ref());
-                crate::sockets::reset_on_close(&upstream);
+                crate::moving::reset_both(client_counted.get_ref(), &upstream);
             }
         }
         drop(open);

@@ -6,8 +6,6 @@
 //! identity from the certificate its connection presented, the destination from the authority.
 //! A tunnel no longer allowed is reset, as a policy change would have closed it.
 
-use std::time::{Instant, SystemTime};
-
 use hbone::handoff::AdoptedTunnel;
 use tracing::{info, warn};
 
@@ -40,10 +38,7 @@ impl<C: Connector> Inbound<C> {
             }
         };
         // Its age, on this process's monotonic clock.
-        let age = SystemTime::now()
-            .duration_since(m.started)
-            .unwrap_or_default();
-        let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        let started = crate::moving::started_here(m.started);
         let mut outcome = InboundOutcome::new(m.source, m.authority, true);
         outcome.status = 200;
         outcome.bytes = (copy.transferred.a_to_b, copy.transferred.b_to_a);
