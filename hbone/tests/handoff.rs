@@ -612,3 +612,60 @@ async fn plain_move() {
     assert_eq!(new_ends.failed.load(Ordering::SeqCst), 0);
     assert_eq!(old_ends.failed.load(Ordering::SeqCst), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_pooled_connection_closes_when_idle_like_any_other() {
+    let pki = Pki::new();
+    let app = echo_app().await;
+    let server = server(&pki, app, Arc::default());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let serving = server.clone();
+    tokio::spawn(async move { serving.serve(listener).await });
+    let mut tls = (*pki.client_config()).clone();
+    tls.key_log = traffic_secret_log();
+    let mut config = Config::default();
+    config.movable = true;
+    config.idle_timeout = Duration::from_millis(300);
+    let tls = hbone::StaticTls(Arc::new(tls));
+    let (old_pool, new_pool) = (
+        hbone::Pool::new(config.clone(), tls.clone()),
+        hbone::Pool::new(config, tls),
+    );
+    let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (mut client, accepted) = app_pair(&front).await;
+    let old_copy = client_side_copy(&old_pool, addr, accepted, Arc::default()).await;
+    client.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    client.read_exact(&mut back).await.unwrap();
+
+    let mut handed = old_pool.hand_off(Duration::from_secs(5)).await;
+    let moved = handed.moved.pop().unwrap();
+    old_copy.await.unwrap();
+    let adopted = new_pool.adopt(moved.key, moved.connection).unwrap();
+    let resumed: Vec<_> = adopted
+        .into_iter()
+        .map(|a| {
+            tokio::spawn(async move {
+                let mut tunnel = a.tunnel;
+                let mut app = TcpStream::from_std(a.app).unwrap();
+                copy_tunnel_movable(&mut tunnel, &mut app, a.memo, Some(a.copy)).await
+            })
+        })
+        .collect();
+    client.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).await.unwrap();
+    for r in resumed {
+        assert!(matches!(r.await.unwrap(), Ok(Copied::Done(_))));
+    }
+    assert_eq!(new_pool.connection_count(), 1);
+    // No tunnel left on it: closed after the idle timeout, as a connection dialed here would be.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while new_pool.connection_count() > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the adopted connection never went idle");
+}
