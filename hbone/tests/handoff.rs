@@ -628,7 +628,8 @@ async fn an_adopted_pooled_connection_closes_when_idle_like_any_other() {
     config.movable = true;
     config.idle_timeout = Duration::from_millis(300);
     let tls = hbone::StaticTls(Arc::new(tls));
-    let (old_pool, new_pool) = (
+    let (old_pool, mid_pool, new_pool) = (
+        hbone::Pool::new(config.clone(), tls.clone()),
         hbone::Pool::new(config.clone(), tls.clone()),
         hbone::Pool::new(config, tls),
     );
@@ -642,6 +643,26 @@ async fn an_adopted_pooled_connection_closes_when_idle_like_any_other() {
     let mut handed = old_pool.hand_off(Duration::from_secs(5)).await;
     let moved = handed.moved.pop().unwrap();
     old_copy.await.unwrap();
+    // Moved twice, as a proxy restarted twice moves it.
+    let adopted = mid_pool.adopt(moved.key, moved.connection).unwrap();
+    let mid: Vec<_> = adopted
+        .into_iter()
+        .map(|a| {
+            tokio::spawn(async move {
+                let mut tunnel = a.tunnel;
+                let mut app = TcpStream::from_std(a.app).unwrap();
+                copy_tunnel_movable(&mut tunnel, &mut app, a.memo, Some(a.copy)).await
+            })
+        })
+        .collect();
+    client.write_all(b"pong").await.unwrap();
+    client.read_exact(&mut back).await.unwrap();
+    let mut handed = mid_pool.hand_off(Duration::from_secs(5)).await;
+    let moved = handed.moved.pop().unwrap();
+    for m in mid {
+        assert!(matches!(m.await.unwrap(), Ok(Copied::Moved(_))));
+    }
+    assert_eq!(mid_pool.connection_count(), 0);
     let adopted = new_pool.adopt(moved.key, moved.connection).unwrap();
     let resumed: Vec<_> = adopted
         .into_iter()
