@@ -91,8 +91,18 @@ impl<C: Certificates> SharedProxy<C> {
                 (uid.clone(), (pod.handoff.hand_off)(patience, everything))
             })
             .collect();
+        // Each pod's connections go to the successor as soon as they are taken apart: a
+        // connection between two pods of this node has both its ends here, and the client's end
+        // waits for answers from the server's, which come only once the successor runs it.
+        let (tx, rx) = std::sync::mpsc::channel::<Handed>();
+        let sender = tokio::task::spawn_blocking(move || {
+            for item in rx {
+                send_moved(&channel, version, &item)?;
+                // The duplicates here close with `item`; the successor holds the sockets.
+            }
+            Ok::<_, io::Error>(())
+        });
         let mut done = HandedOff::default();
-        let mut moved = Vec::new();
         for (uid, handing) in handing {
             let PodHandedOff {
                 inbound,
@@ -112,6 +122,7 @@ impl<C: Certificates> SharedProxy<C> {
                     .map(|why| format!("pod {uid}: a plain connection: {why}")),
             );
             let pod = || uid.clone();
+            let mut moved = Vec::new();
             moved.extend(
                 inbound
                     .moved
@@ -139,22 +150,17 @@ impl<C: Certificates> SharedProxy<C> {
                 kind: PlainKind::InboundPlaintext,
                 copy,
             }));
-        }
-        for item in &moved {
-            if let Handed::Connection { connection, .. } = item {
-                done.connections += 1;
-                done.tunnels += connection.tunnels.len();
+            for item in moved {
+                if let Handed::Connection { connection, .. } = &item {
+                    done.connections += 1;
+                    done.tunnels += connection.tunnels.len();
+                }
+                // A sender that stopped says why below.
+                let _ = tx.send(item);
             }
         }
-        tokio::task::spawn_blocking(move || {
-            for item in &moved {
-                send_moved(&channel, version, item)?;
-            }
-            // The duplicates here close with `moved`; the successor holds the sockets.
-            Ok::<_, io::Error>(())
-        })
-        .await
-        .map_err(io::Error::other)??;
+        drop(tx);
+        sender.await.map_err(io::Error::other)??;
         info!(
             connections = done.connections,
             outbound = done.outbound,
