@@ -60,6 +60,39 @@ fn count(ends: &Ends, copied: &Result<Copied, hbone::CopyError>) {
     counter.fetch_add(1, Ordering::SeqCst);
 }
 
+/// Goes on with an adopted tunnel's copy in a task, counting how it ended in `ends`.
+fn resume_copy(
+    adopted: hbone::handoff::AdoptedTunnel,
+    ends: Arc<Ends>,
+) -> tokio::task::JoinHandle<Result<Copied, hbone::CopyError>> {
+    tokio::spawn(async move {
+        let mut tunnel = adopted.tunnel;
+        let mut app = TcpStream::from_std(adopted.app).unwrap();
+        let copied =
+            copy_tunnel_movable(&mut tunnel, &mut app, adopted.memo, Some(adopted.copy)).await;
+        count(&ends, &copied);
+        copied
+    })
+}
+
+/// Opens a new tunnel of key `k` on `pool` to the echo server at `addr`, and checks that
+/// `message` comes back.
+async fn echo_once(
+    pool: &hbone::Pool<&'static str, hbone::StaticTls>,
+    addr: SocketAddr,
+    message: &[u8],
+) {
+    let mut fresh = pool
+        .connect("k", addr, &authority(), HeaderMap::new())
+        .await
+        .unwrap();
+    fresh.write_all(message).await.unwrap();
+    fresh.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    fresh.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, message);
+}
+
 /// A server whose handler joins each CONNECT to the app with a movable copy.
 fn server(pki: &Pki, app: SocketAddr, ends: Arc<Ends>) -> Server<impl hbone::ConnectHandler> {
     let mut tls = (*pki.server_config()).clone();
@@ -256,16 +289,7 @@ async fn move_all<H: hbone::ConnectHandler>(
                 adopted.memo
             );
             states.push(adopted.copy.clone());
-            let ends = to_ends.clone();
-            resumed.push(tokio::spawn(async move {
-                let mut tunnel = adopted.tunnel;
-                let mut app = TcpStream::from_std(adopted.app).unwrap();
-                let copied =
-                    copy_tunnel_movable(&mut tunnel, &mut app, adopted.memo, Some(adopted.copy))
-                        .await;
-                count(&ends, &copied);
-                copied
-            }));
+            resumed.push(resume_copy(adopted, to_ends.clone()));
         }
     }
     // Each old copy handed over, then ended (its task may finish just after the handoff).
@@ -337,15 +361,7 @@ async fn two_moves() {
     load.echoed_more(300_000).await;
 
     // A new tunnel on the same (moved) connection is the last server's.
-    let mut fresh = pool
-        .connect("k", addr, &authority(), HeaderMap::new())
-        .await
-        .unwrap();
-    fresh.write_all(b"after the moves").await.unwrap();
-    fresh.shutdown().await.unwrap();
-    let mut back = Vec::new();
-    fresh.read_to_end(&mut back).await.unwrap();
-    assert_eq!(back, b"after the moves");
+    echo_once(&pool, addr, b"after the moves").await;
     assert_eq!(pool.connection_count(), 1, "the client dialed again");
 
     load.finish().await;
@@ -499,15 +515,7 @@ async fn client_move() {
             assert_eq!(adopted.memo, b"outbound");
             assert_eq!(adopted.peer_addr, addr);
             held.push((adopted.copy.to_app.len(), adopted.copy.from_app.len()));
-            let ends = new_ends.clone();
-            resumed.push(tokio::spawn(async move {
-                let mut tunnel = adopted.tunnel;
-                let mut app = TcpStream::from_std(adopted.app).unwrap();
-                let copied =
-                    copy_tunnel_movable(&mut tunnel, &mut app, adopted.memo, Some(adopted.copy))
-                        .await;
-                count(&ends, &copied);
-            }));
+            resumed.push(resume_copy(adopted, new_ends.clone()));
         }
     }
     for copy in old_copies {
@@ -522,20 +530,12 @@ async fn client_move() {
     load.echoed_more(300_000).await;
 
     // A new tunnel of the key rides the adopted connection: no second dial.
-    let mut fresh = new_pool
-        .connect("k", addr, &authority(), HeaderMap::new())
-        .await
-        .unwrap();
-    fresh.write_all(b"after the move").await.unwrap();
-    fresh.shutdown().await.unwrap();
-    let mut back = Vec::new();
-    fresh.read_to_end(&mut back).await.unwrap();
-    assert_eq!(back, b"after the move");
+    echo_once(&new_pool, addr, b"after the move").await;
     assert_eq!(new_pool.connection_count(), 1, "the new pool dialed again");
 
     load.finish().await;
     for copy in resumed {
-        copy.await.unwrap();
+        assert!(matches!(copy.await.unwrap(), Ok(Copied::Done(_))));
     }
     assert_eq!(new_ends.done.load(Ordering::SeqCst), TUNNELS);
     assert_eq!(new_ends.failed.load(Ordering::SeqCst), 0);
@@ -647,13 +647,7 @@ async fn an_adopted_pooled_connection_closes_when_idle_like_any_other() {
     let adopted = mid_pool.adopt(moved.key, moved.connection).unwrap();
     let mid: Vec<_> = adopted
         .into_iter()
-        .map(|a| {
-            tokio::spawn(async move {
-                let mut tunnel = a.tunnel;
-                let mut app = TcpStream::from_std(a.app).unwrap();
-                copy_tunnel_movable(&mut tunnel, &mut app, a.memo, Some(a.copy)).await
-            })
-        })
+        .map(|a| resume_copy(a, Arc::default()))
         .collect();
     client.write_all(b"pong").await.unwrap();
     client.read_exact(&mut back).await.unwrap();
@@ -666,13 +660,7 @@ async fn an_adopted_pooled_connection_closes_when_idle_like_any_other() {
     let adopted = new_pool.adopt(moved.key, moved.connection).unwrap();
     let resumed: Vec<_> = adopted
         .into_iter()
-        .map(|a| {
-            tokio::spawn(async move {
-                let mut tunnel = a.tunnel;
-                let mut app = TcpStream::from_std(a.app).unwrap();
-                copy_tunnel_movable(&mut tunnel, &mut app, a.memo, Some(a.copy)).await
-            })
-        })
+        .map(|a| resume_copy(a, Arc::default()))
         .collect();
     client.shutdown().await.unwrap();
     let mut rest = Vec::new();
