@@ -122,3 +122,23 @@ pub(crate) fn reset_both(a: &TcpStream, b: &TcpStream) {
     crate::sockets::reset_on_close(a);
     crate::sockets::reset_on_close(b);
 }
+
+/// An adopted tunnel's memo, read by `read`; when it does not read, the tunnel and its app
+/// socket are reset and the refusal logged (`side`: "inbound" or "outbound"), and `None`.
+pub(crate) fn memo_or_refuse<M>(
+    adopted: hbone::handoff::AdoptedTunnel,
+    read: impl FnOnce(&[u8]) -> Result<M, String>,
+    side: &str,
+) -> Option<(M, hbone::handoff::AdoptedTunnel)> {
+    match read(&adopted.memo) {
+        Ok(m) => Some((m, adopted)),
+        Err(e) => {
+            tracing::warn!(hbone = %adopted.peer_addr, error = %e, "{side}: a moved tunnel was refused");
+            adopted.tunnel.abort();
+            if let Ok(app) = TcpStream::from_std(adopted.app) {
+                crate::sockets::reset_on_close(&app);
+            }
+            None
+        }
+    }
+}

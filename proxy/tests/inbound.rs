@@ -311,6 +311,34 @@ async fn recording_app(
     (addr, rx)
 }
 
+/// An app that echoes each connection and reports how it ended: `Ok(())` for a clean end (FIN),
+/// `Err(kind)` for a reset.
+async fn echoing_app(
+    at: IpAddr,
+) -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<Result<(), std::io::ErrorKind>>,
+) {
+    let listener = TcpListener::bind(SocketAddr::new(at, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let (mut rd, mut wr) = tcp.split();
+                let end = match tokio::io::copy(&mut rd, &mut wr).await {
+                    Ok(_) => wr.shutdown().await.map_err(|e| e.kind()),
+                    Err(e) => Err(e.kind()),
+                };
+                let _ = tx.send(end);
+            });
+        }
+    });
+    (addr, rx)
+}
+
 /// Dials plain TCP and keeps a handle on each socket, so a test can cut the HBONE connection.
 #[derive(Clone, Default)]
 struct Cuttable(Arc<Mutex<Vec<std::net::TcpStream>>>);
@@ -431,7 +459,7 @@ fn movable_server(node_ca: &DevCa, store: &Arc<StateStore>) -> Movable {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_inbound_tunnels_move_to_another_handler_which_checks_the_policy_again() {
-    let app = echo_app(LOOPBACK).await;
+    let (app, mut app_ends) = echoing_app(LOOPBACK).await;
     let ca = DevCa::generate("cluster.local").unwrap();
     let store = Arc::new(StateStore::new(State::new("istio-system")));
     store.update(|s| {
@@ -513,6 +541,17 @@ async fn live_inbound_tunnels_move_to_another_handler_which_checks_the_policy_ag
         .await
         .expect("the denied tunnel was not closed");
     assert!(cut.is_err(), "the denied tunnel ended cleanly: {back:?}");
+    // The app's end is reset too: a clean end could pass for the end of the request.
+    let mut ends = Vec::new();
+    for _ in 0..3 {
+        let end = tokio::time::timeout(Duration::from_secs(5), app_ends.recv()).await;
+        ends.push(end.expect("an app connection did not end").unwrap());
+    }
+    ends.sort_by_key(|e| e.is_err());
+    assert_eq!(
+        ends,
+        [Ok(()), Ok(()), Err(std::io::ErrorKind::ConnectionReset)]
+    );
 
     // The new handler logs each one once, with the bytes of its whole life; the old, none.
     let outcomes = tokio::time::timeout(Duration::from_secs(5), async {

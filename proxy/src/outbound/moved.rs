@@ -123,6 +123,7 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
         key: &PoolKey,
         source: &LocalWorkload,
     ) -> Option<OutboundOutcome> {
+        let (m, adopted) = crate::moving::memo_or_refuse(adopted, read_memo, "outbound")?;
         let AdoptedTunnel {
             mut tunnel,
             app,
@@ -131,17 +132,6 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
             peer_addr,
             peer_certificates,
         } = adopted;
-        let m = match read_memo(&memo) {
-            Ok(m) => m,
-            Err(e) => {
-                warn!(hbone = %peer_addr, error = %e, "outbound: a moved tunnel was refused");
-                tunnel.abort();
-                if let Ok(app) = TcpStream::from_std(app) {
-                    crate::sockets::reset_on_close(&app);
-                }
-                return None;
-            }
-        };
         let started = crate::moving::started_here(m.started);
         let mut outcome = OutboundOutcome {
             source: ClientAddr(m.source),
