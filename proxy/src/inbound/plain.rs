@@ -14,7 +14,7 @@ use super::memo::{memo, read_memo};
 use super::{Ended, InboundOutcome, Refusal, Serving, copy_until_closed};
 use crate::addr::{ClientAddr, OrigDst};
 use crate::sockets::Connector;
-use crate::telemetry::metrics::Flow;
+use crate::telemetry::metrics::{Flow, Open};
 use hbone::handoff::Copied;
 
 /// The plaintext inbound path of one local workload; made by [`super::Inbound::plain`], beside
@@ -103,18 +103,7 @@ impl<C: Connector> PlainInbound<C> {
             ));
             copy_until_closed(copy, &registered, &mut outcome).await
         };
-        match ended {
-            Ended::Moved => {
-                open.moved();
-                return None;
-            }
-            Ended::Aborted => {
-                crate::sockets::reset_on_close(&client);
-                crate::sockets::reset_on_close(app.get_ref());
-            }
-            Ended::Closed => {}
-        }
-        drop(open);
+        drop(after_copy(ended, open, &client, app.get_ref())?);
         outcome.duration = started.elapsed();
         self.serving.metrics.finished(&outcome);
         Some(outcome)
@@ -164,18 +153,23 @@ impl<C: Connector> PlainInbound<C> {
             });
             copy_until_closed(copy, &registered, &mut outcome).await
         };
-        match ended {
-            Ended::Moved => {
-                open.moved();
-                return None;
-            }
-            Ended::Aborted => {
-                crate::sockets::reset_on_close(&client);
-                crate::sockets::reset_on_close(app.get_ref());
-            }
-            Ended::Closed => {}
-        }
+        let _open = after_copy(ended, open, &client, app.get_ref())?;
         outcome.duration = started.elapsed();
         Some(outcome)
     }
+}
+
+/// What is left of a plain connection whose copy ended as `ended`: `None` when it moved (the
+/// other process records it), else its metrics' `open` to drop once it is recorded. An aborted
+/// one has both its sockets reset.
+fn after_copy(ended: Ended, open: Open, client: &TcpStream, app: &TcpStream) -> Option<Open> {
+    match ended {
+        Ended::Moved => {
+            open.moved();
+            return None;
+        }
+        Ended::Aborted => crate::moving::reset_both(client, app),
+        Ended::Closed => {}
+    }
+    Some(open)
 }
