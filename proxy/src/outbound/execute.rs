@@ -225,17 +225,9 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
                         .await
                         .map(Copied::Done)
                 };
-                match copied {
-                    Ok(Copied::Moved(_)) => {
-                        moved = true;
-                        Ok((0, 0))
-                    }
-                    Ok(Copied::Done(t)) => Ok((first + t.b_to_a, t.a_to_b)),
-                    Err(e) => {
-                        outcome.bytes = (first + e.transferred.b_to_a, e.transferred.a_to_b);
-                        Err(e.to_string())
-                    }
-                }
+                copy_ended(copied, &mut outcome, &mut moved, |t| {
+                    (first + t.b_to_a, t.a_to_b)
+                })
             }
             Ok(Flowing::Direct {
                 client, upstream, ..
@@ -249,17 +241,7 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
                         .await
                         .map(Copied::Done)
                 };
-                match copied {
-                    Ok(Copied::Moved(_)) => {
-                        moved = true;
-                        Ok((0, 0))
-                    }
-                    Ok(Copied::Done(t)) => Ok((t.a_to_b, t.b_to_a)),
-                    Err(e) => {
-                        outcome.bytes = (e.transferred.a_to_b, e.transferred.b_to_a);
-                        Err(e.to_string())
-                    }
-                }
+                copy_ended(copied, &mut outcome, &mut moved, |t| (t.a_to_b, t.b_to_a))
             }
         };
         if moved {
@@ -578,6 +560,28 @@ fn describe_dial_error(e: &hbone::Error) -> String {
             )
         }
         _ => e.to_string(),
+    }
+}
+
+/// A copy's end as the outcome counts it: the bytes (client to server, server to client; `bytes`
+/// orders the copy's transfer so), or its error (the bytes until then set in `outcome`). A copy
+/// that moved sets `moved`; its bytes are the other process's to count.
+fn copy_ended(
+    copied: Result<Copied, hbone::CopyError>,
+    outcome: &mut OutboundOutcome,
+    moved: &mut bool,
+    bytes: impl Fn(hbone::Transferred) -> (u64, u64),
+) -> Result<(u64, u64), String> {
+    match copied {
+        Ok(Copied::Moved(_)) => {
+            *moved = true;
+            Ok((0, 0))
+        }
+        Ok(Copied::Done(t)) => Ok(bytes(t)),
+        Err(e) => {
+            outcome.bytes = bytes(e.transferred);
+            Err(e.to_string())
+        }
     }
 }
 
