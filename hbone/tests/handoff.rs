@@ -670,11 +670,97 @@ async fn an_adopted_pooled_connection_closes_when_idle_like_any_other() {
     }
     assert_eq!(new_pool.connection_count(), 1);
     // No tunnel left on it: closed after the idle timeout, as a connection dialed here would be.
+    until("the adopted connection to go idle", || {
+        new_pool.connection_count() == 0
+    })
+    .await;
+}
+
+/// Waits (5 s at most) until `done` holds, else fails naming `what`.
+async fn until(what: &str, done: impl Fn() -> bool) {
     tokio::time::timeout(Duration::from_secs(5), async {
-        while new_pool.connection_count() > 0 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await
-    .expect("the adopted connection never went idle");
+    .unwrap_or_else(|_| panic!("waited 5 s for {what}"));
+}
+
+/// A movable pool whose connections carry at most `streams` tunnels each and stay 10 minutes
+/// idle (longer than any test waits).
+fn long_lived_pool(pki: &Pki, streams: u32) -> hbone::Pool<&'static str, hbone::StaticTls> {
+    let mut tls = (*pki.client_config()).clone();
+    tls.key_log = traffic_secret_log();
+    let mut config = Config::default();
+    config.movable = true;
+    config.max_concurrent_streams = streams;
+    config.idle_timeout = Duration::from_secs(600);
+    hbone::Pool::new(config, hbone::StaticTls(Arc::new(tls)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_connection_of_a_key_the_pool_already_serves_retires_with_its_last_tunnel() {
+    let pki = Pki::new();
+    let app = echo_app().await;
+    let server = server(&pki, app, Arc::default());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let serving = server.clone();
+    tokio::spawn(async move { serving.serve(listener).await });
+    // The old pool: one tunnel a connection, so two tunnels make two connections.
+    let (old_pool, new_pool) = (long_lived_pool(&pki, 1), long_lived_pool(&pki, 100));
+    let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (mut kept, accepted) = app_pair(&front).await;
+    let kept_copy = client_side_copy(&old_pool, addr, accepted, Arc::default()).await;
+    let (mut ended, accepted) = app_pair(&front).await;
+    let ended_copy = client_side_copy(&old_pool, addr, accepted, Arc::default()).await;
+    assert_eq!(old_pool.connection_count(), 2);
+    ended.write_all(b"short").await.unwrap();
+    ended.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    ended.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"short");
+    ended_copy.await.unwrap();
+    // The new process dials its own connection of the key before the move, as a new proxy
+    // serving beside the old one does.
+    echo_once(&new_pool, addr, b"own").await;
+    assert_eq!(new_pool.connection_count(), 1);
+
+    let handed = old_pool.hand_off(Duration::from_secs(5)).await;
+    assert!(handed.stayed.is_empty(), "stayed: {:?}", handed.stayed);
+    assert_eq!(handed.moved.len(), 2);
+    kept_copy.await.unwrap();
+    let mut resumed = Vec::new();
+    for moved in handed.moved {
+        for adopted in new_pool.adopt(moved.key, moved.connection).unwrap() {
+            resumed.push(resume_copy(adopted, Arc::default()));
+        }
+    }
+    assert_eq!(resumed.len(), 1);
+    // The adopted connection without a tunnel closes at once; the one with a tunnel lives as
+    // long as its tunnel, which goes on; new tunnels ride the pool's own connection.
+    until("the adopted connection without a tunnel to close", || {
+        new_pool.connection_count() == 2
+    })
+    .await;
+    kept.write_all(b"still here").await.unwrap();
+    let mut back = [0u8; 10];
+    kept.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"still here");
+    echo_once(&new_pool, addr, b"fresh").await;
+    assert_eq!(new_pool.connection_count(), 2);
+    kept.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    kept.read_to_end(&mut rest).await.unwrap();
+    for r in resumed {
+        assert!(matches!(r.await.unwrap(), Ok(Copied::Done(_))));
+    }
+    until(
+        "the adopted connection to close with its last tunnel",
+        || new_pool.connection_count() == 1,
+    )
+    .await;
+    echo_once(&new_pool, addr, b"after").await;
+    assert_eq!(new_pool.connection_count(), 1, "the pool dialed again");
 }

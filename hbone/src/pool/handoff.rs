@@ -3,8 +3,8 @@
 //! their key as any connection the pool dialed.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -116,34 +116,30 @@ where
 
     /// Takes on a connection another process's pool handed out ([`Pool::hand_off`] there) as a
     /// connection of `key` to its socket's peer: new tunnels of that key may ride it, as on a
-    /// connection dialed here, and it is pinged and closed when idle the same way. Returns its
+    /// connection dialed here, and it is pinged and closed when idle the same way; but when the
+    /// pool already has a connection of the key open to new tunnels (its own, dialed while the
+    /// other process still served, or one adopted before), it retires: it takes no new tunnel
+    /// and closes once its last tunnel ends. Returns its
     /// tunnels for the application to go on copying (each holds a stream slot of it). Refused,
     /// the connection closed, when its state does not check out. Must be called within a Tokio
     /// runtime.
     pub fn adopt(&self, key: K, moved: MovedConnection) -> Result<Vec<AdoptedTunnel>, Error> {
         let mut r = reassemble(moved, &self.inner.config, Side::Client)?;
-        let conn = Arc::new(PooledConn {
-            id: self.inner.next_conn_id.fetch_add(1, Ordering::Relaxed),
-            peer: r.peer,
-            conn: r.connection.clone(),
-            active: AtomicUsize::new(0),
-            cap: self.inner.config.max_concurrent_streams.max(1) as usize,
-            dead: AtomicBool::new(false),
-            last_active: Mutex::new(Instant::now()),
-            close: tokio::sync::Notify::new(),
-        });
+        let conn = PooledConn::new(&self.inner, r.peer, r.connection.clone());
         let adopted = r.adopted_tunnels(|| {
             conn.active.fetch_add(1, Ordering::AcqRel);
             Some(StreamSlot::new(conn.clone()))
         });
         let key = (key, r.peer);
-        self.inner
-            .keys()
-            .entry(key.clone())
-            .or_default()
-            .conns
-            .push(conn.clone());
-        tracing::debug!(conn = conn.id, peer = %r.peer, key = ?key.0, tunnels = adopted.len(), "HBONE connection adopted from another process");
+        let retiring = {
+            let mut keys = self.inner.keys();
+            let state = keys.entry(key.clone()).or_default();
+            let retiring = state.conns.iter().any(|c| c.is_open_to_new());
+            conn.retiring.store(retiring, Ordering::Release);
+            state.conns.push(conn.clone());
+            retiring
+        };
+        tracing::debug!(conn = conn.id, peer = %r.peer, key = ?key.0, tunnels = adopted.len(), retiring, "HBONE connection adopted from another process");
         let driver = ConnDriver {
             pool: Arc::downgrade(&self.inner),
             key,

@@ -11,6 +11,9 @@
 //!   of `Config::max_concurrent_streams` and the peer's SETTINGS_MAX_CONCURRENT_STREAMS);
 //! - only one task dials per key at a time; the others wait for that dial and share its result;
 //! - a connection with no open tunnel for `Config::idle_timeout` is closed;
+//! - a connection adopted from another process ([`Pool::adopt`]) for a key that already has a
+//!   connection open to new tunnels retires: it takes no new tunnel and closes once its last
+//!   tunnel ends (so repeated upgrades leave a key one connection, not one per upgrade);
 //! - a keepalive PING that is not answered within `Config::keepalive_timeout` kills the
 //!   connection, which fails its tunnels at once and removes it from the pool;
 //! - a failed dial leaves nothing in the pool's maps, and a panic in any task that holds the
@@ -148,9 +151,14 @@ struct PooledConn {
     active: AtomicUsize,
     cap: usize,
     dead: AtomicBool,
+    /// Takes no new tunnel; closed once its last tunnel ends (an adopted connection of a key
+    /// that has another).
+    retiring: AtomicBool,
     last_active: Mutex<Instant>,
     /// Tells the connection's driver to close it now (it can carry no stream at all).
     close: tokio::sync::Notify,
+    /// Woken when the connection's last tunnel ends.
+    emptied: tokio::sync::Notify,
 }
 
 impl<K, D> Pool<K, D>
@@ -416,16 +424,7 @@ where
             .map_err(|_| timed_out(Stage::Tls, cfg.tls_handshake_timeout))??;
         let h2_handshake = async {
             let connection = Connection::new(Role::Client, Limits::from_config(cfg), tls);
-            let conn = Arc::new(PooledConn {
-                id: self.inner.next_conn_id.fetch_add(1, Ordering::Relaxed),
-                peer: target,
-                conn: connection,
-                active: AtomicUsize::new(0),
-                cap: cfg.max_concurrent_streams.max(1) as usize,
-                dead: AtomicBool::new(false),
-                last_active: Mutex::new(Instant::now()),
-                close: tokio::sync::Notify::new(),
-            });
+            let conn = PooledConn::new(&self.inner, target, connection);
             let driver = ConnDriver {
                 pool: Arc::downgrade(&self.inner),
                 key: key.clone(),
@@ -575,16 +574,34 @@ impl KeyState {
 }
 
 impl PooledConn {
+    /// A connection of `pool` to `peer`, without tunnels yet.
+    fn new<K, D>(pool: &PoolInner<K, D>, peer: SocketAddr, conn: Connection) -> Arc<Self> {
+        Arc::new(PooledConn {
+            id: pool.next_conn_id.fetch_add(1, Ordering::Relaxed),
+            peer,
+            conn,
+            active: AtomicUsize::new(0),
+            cap: pool.config.max_concurrent_streams.max(1) as usize,
+            dead: AtomicBool::new(false),
+            retiring: AtomicBool::new(false),
+            last_active: Mutex::new(Instant::now()),
+            close: tokio::sync::Notify::new(),
+            emptied: tokio::sync::Notify::new(),
+        })
+    }
+
     fn is_dead(&self) -> bool {
         self.dead.load(Ordering::Acquire)
     }
 
+    /// Whether new tunnels may still be placed on it (it may be full).
+    fn is_open_to_new(&self) -> bool {
+        !self.is_dead() && !self.retiring.load(Ordering::Acquire) && self.conn.can_open()
+    }
+
     /// Takes a stream slot if the connection is alive and below both stream limits.
     fn try_reserve(self: &Arc<Self>) -> Option<StreamSlot> {
-        if self.is_dead() {
-            return None;
-        }
-        if !self.conn.can_open() {
+        if !self.is_open_to_new() {
             return None;
         }
         let limit = self.cap.min(self.conn.peer_max_streams() as usize);
@@ -613,7 +630,9 @@ impl PooledConn {
 impl Slot for PooledConn {
     fn release(&self) {
         *lock_time(&self.last_active) = Instant::now();
-        self.active.fetch_sub(1, Ordering::AcqRel);
+        if self.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.emptied.notify_one();
+        }
     }
 }
 
@@ -706,7 +725,8 @@ where
                 false
             }
             () = self.idle(config.idle_timeout) => {
-                debug!(conn = id, %peer, "HBONE connection closed after being idle");
+                let retired = self.conn.retiring.load(Ordering::Acquire);
+                debug!(conn = id, %peer, retired, "HBONE connection closed after being idle");
                 false
             }
             () = self.conn.close.notified() => {
@@ -723,10 +743,19 @@ where
         }
     }
 
-    /// Resolves once the connection has had no tunnel for `timeout`; marks it dead then, under
-    /// the pool lock, so no checkout can race with the close.
+    /// Resolves once the connection has had no tunnel for `timeout` (a retiring one: no tunnel
+    /// at all); marks it dead then, under the pool lock, so no checkout can race with the close.
     async fn idle(&self, timeout: std::time::Duration) {
         loop {
+            if self.conn.retiring.load(Ordering::Acquire) {
+                // No checkout takes it: its count of tunnels only goes down.
+                if self.conn.active.load(Ordering::Acquire) == 0 {
+                    self.conn.dead.store(true, Ordering::Release);
+                    return;
+                }
+                self.conn.emptied.notified().await;
+                continue;
+            }
             let last = *lock_time(&self.conn.last_active);
             tokio::time::sleep_until(last + timeout).await;
             let Some(pool) = self.pool.upgrade() else {
