@@ -75,6 +75,27 @@ fn resume_copy(
     })
 }
 
+/// Checks that, when the copies stopped, some held bytes for the app and some held bytes from
+/// it (each `(to the app, from the app)`).
+fn held_both_ways(held: &[(usize, usize)]) {
+    assert!(
+        held.iter().any(|(to, _)| *to > 0),
+        "no copy held bytes for the app (to, from): {held:?}"
+    );
+    assert!(
+        held.iter().any(|(_, from)| *from > 0),
+        "no copy held bytes from the app (to, from): {held:?}"
+    );
+}
+
+/// Waits for resumed copies, each of which must end cleanly.
+async fn all_done(resumed: Vec<tokio::task::JoinHandle<Result<Copied, hbone::CopyError>>>) {
+    for copy in resumed {
+        let copied = copy.await.unwrap();
+        assert!(matches!(copied, Ok(Copied::Done(_))), "{copied:?}");
+    }
+}
+
 /// Opens a new tunnel of key `k` on `pool` to the echo server at `addr`, and checks that
 /// `message` comes back.
 async fn echo_once(
@@ -349,14 +370,7 @@ async fn two_moves() {
         .iter()
         .map(|s| (s.to_app.len(), s.from_app.len()))
         .collect();
-    assert!(
-        held.iter().any(|(to, _)| *to > 0),
-        "no copy held bytes for the app (to, from): {held:?}"
-    );
-    assert!(
-        held.iter().any(|(_, from)| *from > 0),
-        "no copy held bytes from the app (to, from): {held:?}"
-    );
+    held_both_ways(&held);
     load.read();
     load.echoed_more(300_000).await;
 
@@ -365,9 +379,7 @@ async fn two_moves() {
     assert_eq!(pool.connection_count(), 1, "the client dialed again");
 
     load.finish().await;
-    for copy in resumed {
-        assert!(matches!(copy.await.unwrap(), Ok(Copied::Done(_))));
-    }
+    all_done(resumed).await;
     assert_eq!(ends[2].done.load(Ordering::SeqCst), TUNNELS + 1);
     for (n, e) in ends.iter().enumerate() {
         assert_eq!(
@@ -522,10 +534,7 @@ async fn client_move() {
         copy.await.unwrap();
     }
     assert_eq!(old_ends.moved.load(Ordering::SeqCst), TUNNELS);
-    assert!(
-        held.iter().any(|(to, _)| *to > 0) && held.iter().any(|(_, from)| *from > 0),
-        "the copies held no bytes one way or the other (to, from): {held:?}"
-    );
+    held_both_ways(&held);
     load.read();
     load.echoed_more(300_000).await;
 
@@ -534,9 +543,7 @@ async fn client_move() {
     assert_eq!(new_pool.connection_count(), 1, "the new pool dialed again");
 
     load.finish().await;
-    for copy in resumed {
-        assert!(matches!(copy.await.unwrap(), Ok(Copied::Done(_))));
-    }
+    all_done(resumed).await;
     assert_eq!(new_ends.done.load(Ordering::SeqCst), TUNNELS);
     assert_eq!(new_ends.failed.load(Ordering::SeqCst), 0);
     assert_eq!(old_ends.failed.load(Ordering::SeqCst), 0);
@@ -598,10 +605,7 @@ async fn plain_move() {
         }));
     }
     assert_eq!(old_ends.moved.load(Ordering::SeqCst), COPIES);
-    assert!(
-        held.iter().any(|(to, _)| *to > 0) && held.iter().any(|(_, from)| *from > 0),
-        "the copies held no bytes one way or the other (to, from): {held:?}"
-    );
+    held_both_ways(&held);
     load.read();
     load.echoed_more(300_000).await;
     load.finish().await;
@@ -665,9 +669,7 @@ async fn an_adopted_pooled_connection_closes_when_idle_like_any_other() {
     client.shutdown().await.unwrap();
     let mut rest = Vec::new();
     client.read_to_end(&mut rest).await.unwrap();
-    for r in resumed {
-        assert!(matches!(r.await.unwrap(), Ok(Copied::Done(_))));
-    }
+    all_done(resumed).await;
     assert_eq!(new_pool.connection_count(), 1);
     // No tunnel left on it: closed after the idle timeout, as a connection dialed here would be.
     until("the adopted connection to go idle", || {
@@ -753,9 +755,7 @@ async fn an_adopted_connection_of_a_key_the_pool_already_serves_retires_with_its
     kept.shutdown().await.unwrap();
     let mut rest = Vec::new();
     kept.read_to_end(&mut rest).await.unwrap();
-    for r in resumed {
-        assert!(matches!(r.await.unwrap(), Ok(Copied::Done(_))));
-    }
+    all_done(resumed).await;
     until(
         "the adopted connection to close with its last tunnel",
         || new_pool.connection_count() == 1,
