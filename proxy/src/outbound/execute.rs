@@ -101,6 +101,27 @@ pub struct OutboundOutcome {
     pub duration: Duration,
 }
 
+impl OutboundOutcome {
+    /// A connection from `source` to `destination` with nothing known or done yet: not
+    /// tunneled, no bytes, no error.
+    pub fn begun(source: ClientAddr, destination: OrigDst) -> Self {
+        OutboundOutcome {
+            source,
+            source_workload: None,
+            destination,
+            destination_workload: None,
+            hbone_target: None,
+            destination_identity: None,
+            service: None,
+            mtls: false,
+            error: None,
+            response_flags: None,
+            bytes: (0, 0),
+            duration: Duration::ZERO,
+        }
+    }
+}
+
 impl Record for OutboundOutcome {
     const REPORTER: &'static str = SOURCE;
 
@@ -286,20 +307,7 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
         destination: OrigDst,
         source: &LocalWorkload,
     ) -> (OutboundOutcome, Result<Flowing, String>) {
-        let mut outcome = OutboundOutcome {
-            source: source_addr,
-            source_workload: None,
-            destination,
-            destination_workload: None,
-            hbone_target: None,
-            destination_identity: None,
-            service: None,
-            mtls: false,
-            error: None,
-            response_flags: None,
-            bytes: (0, 0),
-            duration: Duration::ZERO,
-        };
+        let mut outcome = OutboundOutcome::begun(source_addr, destination);
         let state = self.state.snapshot();
         let Some(workload) = state.local(source).cloned() else {
             let why = format!("unknown source workload {source}");

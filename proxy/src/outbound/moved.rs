@@ -134,18 +134,10 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
         } = adopted;
         let started = crate::moving::started_here(m.started);
         let mut outcome = OutboundOutcome {
-            source: ClientAddr(m.source),
-            source_workload: None,
-            destination: OrigDst(m.destination),
-            destination_workload: None,
             hbone_target: Some(peer_addr),
-            destination_identity: None,
-            service: None,
             mtls: true,
-            error: None,
-            response_flags: None,
             bytes: (m.first + copy.transferred.b_to_a, copy.transferred.a_to_b),
-            duration: Duration::ZERO,
+            ..OutboundOutcome::begun(ClientAddr(m.source), OrigDst(m.destination))
         };
         let checked = TcpStream::from_std(app)
             .map_err(|e| format!("its client's socket cannot be used: {e}"))
@@ -214,18 +206,8 @@ impl<C: Certificates, N: Connector> Outbound<C, N> {
         };
         let started = crate::moving::started_here(m.started);
         let mut outcome = OutboundOutcome {
-            source: ClientAddr(m.source),
-            source_workload: None,
-            destination: OrigDst(m.destination),
-            destination_workload: None,
-            hbone_target: None,
-            destination_identity: None,
-            service: None,
-            mtls: false,
-            error: None,
-            response_flags: None,
             bytes: (copy.transferred.a_to_b, copy.transferred.b_to_a),
-            duration: Duration::ZERO,
+            ..OutboundOutcome::begun(ClientAddr(m.source), OrigDst(m.destination))
         };
         {
             let state = self.state.snapshot();
