@@ -589,6 +589,8 @@ impl<S: PodSource, H: Handoff> NodeAgent<S, H> {
                 let removed = crate::takeover::remove_istio_pod_rules(&path)?;
                 if !removed.is_empty() {
                     info!(pod = %pod.name, removed = ?removed, "took the pod over from istio-cni: its rules removed");
+                    // Its connections' entries carry istio-cni's redirects: they stay.
+                    return crate::reapply(&path, self.backend, &self.rules);
                 }
             }
             apply(&path, self.backend, &self.rules)

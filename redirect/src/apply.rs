@@ -78,8 +78,24 @@ impl Drift {
     }
 }
 
-/// Installs (or replaces) the rules in `netns`.
+/// Installs (or replaces) the rules in `netns`. A pod entering the mesh (no capture of ours in
+/// its namespace yet) starts with conntrack's table emptied: an entry from before has no
+/// redirect, and a new connection on its ports would be refused (see [`reapply`] for a pod
+/// another capture held until now).
 pub fn apply(netns: &Path, backend: Backend, rules: &RuleSet) -> Result<(), Error> {
+    let entering = !captured(netns, backend, rules, rules.tool_timeout);
+    install(netns, backend, rules, entering)
+}
+
+/// Installs the rules in `netns` keeping conntrack's table as it is: for a pod whose
+/// connections another capture redirected until now (istio-cni's rules, taken over), whose
+/// entries carry those redirects.
+pub fn reapply(netns: &Path, backend: Backend, rules: &RuleSet) -> Result<(), Error> {
+    install(netns, backend, rules, false)
+}
+
+/// [`apply`], emptying conntrack's table after when `forget`.
+fn install(netns: &Path, backend: Backend, rules: &RuleSet, forget: bool) -> Result<(), Error> {
     exists(netns)?;
     let limit = rules.tool_timeout;
     match backend {
@@ -113,15 +129,46 @@ pub fn apply(netns: &Path, backend: Backend, rules: &RuleSet) -> Result<(), Erro
                 rollback(netns, done, limit);
                 return Err(e);
             }
-            no_loose_pickup(netns, limit);
-            Ok(())
         }
         Backend::Nftables => {
             run(netns, "nft", &["-f", "-"], Some(&rules.nft_script()), limit)?;
             apply_return_route(netns, rules)?;
-            no_loose_pickup(netns, limit);
-            Ok(())
         }
+    }
+    no_loose_pickup(netns, limit);
+    if forget {
+        forget_connections(netns);
+    }
+    Ok(())
+}
+
+/// Whether `netns` holds our capture already (this apply refreshes it: the node agent's
+/// restart, a repair), as opposed to a pod entering the mesh.
+fn captured(netns: &Path, backend: Backend, rules: &RuleSet, limit: Duration) -> bool {
+    match backend {
+        Backend::Iptables => families(rules).into_iter().any(|v6| {
+            ipt_save_table(netns, v6, "nat", limit).is_ok_and(|t| !ours_of(&t).is_empty())
+        }),
+        Backend::Nftables => run(
+            netns,
+            "nft",
+            &["list", "table", "inet", NFT_TABLE],
+            None,
+            limit,
+        )
+        .is_ok(),
+    }
+}
+
+/// Empties conntrack's table in the namespace of a pod entering the mesh (see
+/// `crate::conntrack`): an entry made while it was outside carries no redirect, and a new
+/// connection that reuses its ports would be refused by the guard. Only on entering: a refreshed
+/// capture's entries carry the redirects of connections the proxy serves. Best effort: where it
+/// fails the capture stands (such a connection is refused, never let past) and the reason is
+/// logged.
+fn forget_connections(netns: &Path) {
+    if let Err(e) = crate::conntrack::flush(netns) {
+        tracing::warn!(netns = %netns.display(), error = %e, "cannot empty conntrack's table in the pod's namespace; a connection reusing the ports of one made before the capture may be refused");
     }
 }
 

@@ -22,6 +22,7 @@
 pub mod agent;
 mod apply;
 pub mod cni;
+mod conntrack;
 pub mod fdpass;
 pub mod host;
 #[cfg(feature = "kube")]
@@ -33,7 +34,7 @@ mod sys;
 pub mod takeover;
 pub mod zds;
 
-pub use apply::{Drift, Error, apply, check, fd_path, remove};
+pub use apply::{Drift, Error, apply, check, fd_path, reapply, remove};
 pub use rules::{Backend, IPT_OUTPUT, IPT_PREROUTING, NFT_TABLE, RuleSet};
 
 /// Reapplies the rules when [`check`] finds drift; returns the drift it repaired.

@@ -219,6 +219,8 @@ fn spawn_long_client(ns: &str, host: &str, port: u16, pause: f64) -> Child {
 fn connections_open_at_capture_are_kept(backend: Backend) {
     let mut pair = Pair::new();
     let (pod, remote) = (pair.pod.clone(), pair.remote.clone());
+    // Tracked before the capture, so that it empties a table holding both connections.
+    conntrack_on(&pod);
     echo_in(&mut pair, &pod, 8080);
     echo_in(&mut pair, &remote, 80);
     let mut inbound = spawn_long_client(&remote, "10.77.0.1", 8080, 1.5);
@@ -328,4 +330,100 @@ fn iptables_refuses_a_syn_on_an_entry_without_the_redirect() {
 #[test]
 fn nftables_refuses_a_syn_on_an_entry_without_the_redirect() {
     a_syn_on_an_entry_without_the_redirect_is_refused(Backend::Nftables);
+}
+
+/// From `ns`, a connection from `port` to `host:80` (an echo there) whose end conntrack never
+/// sees: its packets are dropped in the raw table, before conntrack, as it closes with a reset.
+/// Its entry stays `ESTABLISHED`, without a redirect, after the socket is gone.
+fn connection_whose_end_conntrack_missed(ns: &str, port: u16, host: &str) {
+    let code = format!(
+        "import socket,struct,subprocess\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('10.77.0.1',{port}))\ns.settimeout(5)\ns.connect(('{host}',80))\ns.sendall(b'x')\nassert s.recv(10)==b'x'\nrule=['OUTPUT','-p','tcp','--sport','{port}','-j','DROP']\nsubprocess.run(['iptables','-t','raw','-A']+rule,check=True)\ns.setsockopt(socket.SOL_SOCKET,socket.SO_LINGER,struct.pack('ii',1,0))\ns.close()\nsubprocess.run(['iptables','-t','raw','-D']+rule,check=True)\nprint('gone',flush=True)"
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c", &code])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "gone",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Makes conntrack track `ns` before any capture: it does only when something there uses it,
+/// here a rule of the pod's own (in the soak, the nat table an earlier capture left).
+fn conntrack_on(ns: &str) {
+    let rule = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "iptables",
+            "-A",
+            "INPUT",
+            "-m",
+            "conntrack",
+        ])
+        .args(["--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"])
+        .status()
+        .unwrap();
+    assert!(rule.success(), "iptables in {ns}");
+}
+
+/// Conntrack's entries in `ns`, one a line.
+fn conntrack_table(ns: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "cat", "/proc/net/nf_conntrack"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "no /proc/net/nf_conntrack in {ns}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn a_pod_entering_the_mesh_starts_with_an_empty_conntrack_table(backend: Backend) {
+    let mut pair = Pair::new();
+    let (pod, remote) = (pair.pod.clone(), pair.remote.clone());
+    echo_in(&mut pair, &remote, 80);
+    conntrack_on(&pod);
+    // Before the pod is in the mesh: a connection from port 40125 whose end conntrack missed.
+    connection_whose_end_conntrack_missed(&pod, 40125, "10.77.0.2");
+    let table = conntrack_table(&pod);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("ESTABLISHED") && l.contains("sport=40125 dport=80")),
+        "no stale entry to start from:\n{table}"
+    );
+    apply(&pair.pod_path(), backend, &RuleSet::default()).unwrap();
+    // A new connection from that port is captured like any other, not refused (nor let past).
+    pair.listen(&pod, &[15001]);
+    assert_eq!(
+        connect_from_port(&pod, 40125, "10.77.0.2", None),
+        "accepted 15001 10.77.0.2:80",
+        "the port of a connection made before the capture"
+    );
+    // Applying again (a refresh: the node agent restarted) keeps the table: its entries carry
+    // the redirects of connections the proxy serves.
+    let redirected = |table: &str| {
+        table
+            .lines()
+            .any(|l| l.contains("sport=40125 dport=80") && l.contains("sport=15001"))
+    };
+    assert!(redirected(&conntrack_table(&pod)));
+    apply(&pair.pod_path(), backend, &RuleSet::default()).unwrap();
+    assert!(
+        redirected(&conntrack_table(&pod)),
+        "a refreshed capture emptied the table"
+    );
+}
+
+#[test]
+fn iptables_capture_starts_with_an_empty_conntrack_table() {
+    a_pod_entering_the_mesh_starts_with_an_empty_conntrack_table(Backend::Iptables);
+}
+
+#[test]
+fn nftables_capture_starts_with_an_empty_conntrack_table() {
+    a_pod_entering_the_mesh_starts_with_an_empty_conntrack_table(Backend::Nftables);
 }
