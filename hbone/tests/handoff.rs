@@ -282,6 +282,16 @@ fn byte(n: usize, at: u64) -> u8 {
     ((at + n as u64 * 7) % 251) as u8
 }
 
+/// A server (see [`server`]) of the echo app, serving on a port of its own, whose address this
+/// returns.
+async fn echo_server(pki: &Pki, ends: Arc<Ends>) -> SocketAddr {
+    let server = server(pki, echo_app().await, ends);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { server.serve(listener).await });
+    addr
+}
+
 /// Hands every connection of `from` to `to`, which goes on with each tunnel's copy; checks that
 /// nothing stayed and that `from`'s copies all ended as moved. Returns the moved connections'
 /// tunnel states (for the test to see what was in flight) and the resumed copies.
@@ -485,13 +495,8 @@ async fn a_pools_live_tunnels_move_to_another_pool_which_goes_on_using_the_conne
 async fn client_move() {
     const TUNNELS: usize = 5;
     let pki = Pki::new();
-    let app = echo_app().await;
     let server_ends = Arc::new(Ends::default());
-    let server = server(&pki, app, server_ends.clone());
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let serving = server.clone();
-    tokio::spawn(async move { serving.serve(listener).await });
+    let addr = echo_server(&pki, server_ends.clone()).await;
 
     // The client applications' connections arrive here, as at a proxy's outbound listener.
     let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -620,12 +625,7 @@ async fn plain_move() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_adopted_pooled_connection_closes_when_idle_like_any_other() {
     let pki = Pki::new();
-    let app = echo_app().await;
-    let server = server(&pki, app, Arc::default());
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let serving = server.clone();
-    tokio::spawn(async move { serving.serve(listener).await });
+    let addr = echo_server(&pki, Arc::default()).await;
     let mut tls = (*pki.client_config()).clone();
     tls.key_log = traffic_secret_log();
     let mut config = Config::default();
@@ -704,12 +704,7 @@ fn long_lived_pool(pki: &Pki, streams: u32) -> hbone::Pool<&'static str, hbone::
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_adopted_connection_of_a_key_the_pool_already_serves_retires_with_its_last_tunnel() {
     let pki = Pki::new();
-    let app = echo_app().await;
-    let server = server(&pki, app, Arc::default());
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let serving = server.clone();
-    tokio::spawn(async move { serving.serve(listener).await });
+    let addr = echo_server(&pki, Arc::default()).await;
     // The old pool: one tunnel a connection, so two tunnels make two connections.
     let (old_pool, new_pool) = (long_lived_pool(&pki, 1), long_lived_pool(&pki, 100));
     let front = TcpListener::bind("127.0.0.1:0").await.unwrap();

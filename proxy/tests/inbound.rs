@@ -19,7 +19,7 @@ use proxy::inbound::{DirectConnector, Inbound, InboundOutcome};
 use proxy::state::{State, StateStore};
 use proxy::telemetry::metrics::Metrics;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use xds_client::resources::{Address, Workload};
 
 fn web(policies: &[&str]) -> Workload {
@@ -283,6 +283,31 @@ async fn a_policy_change_closes_a_connection_it_now_denies() {
     assert!(node.connections.is_empty());
 }
 
+/// An app on `at` that runs `serve` on each connection and reports what it returned.
+async fn reporting_app<T, F, Fut>(
+    at: IpAddr,
+    serve: F,
+) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<T>)
+where
+    T: Send + 'static,
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = T> + Send + 'static,
+{
+    let listener = TcpListener::bind(SocketAddr::new(at, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let (tx, served) = (tx.clone(), serve(tcp));
+            tokio::spawn(async move {
+                let _ = tx.send(served.await);
+            });
+        }
+    });
+    (addr, rx)
+}
+
 /// An app that reads until its connection ends and reports how: `Ok(bytes)` for a clean end
 /// (FIN), `Err(kind)` for a reset.
 async fn recording_app(
@@ -291,24 +316,14 @@ async fn recording_app(
     SocketAddr,
     tokio::sync::mpsc::UnboundedReceiver<Result<Vec<u8>, std::io::ErrorKind>>,
 ) {
-    let listener = TcpListener::bind(SocketAddr::new(at, 0)).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            let (mut tcp, _) = listener.accept().await.unwrap();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut got = Vec::new();
-                let end = match tcp.read_to_end(&mut got).await {
-                    Ok(_) => Ok(got),
-                    Err(e) => Err(e.kind()),
-                };
-                let _ = tx.send(end);
-            });
+    reporting_app(at, |mut tcp| async move {
+        let mut got = Vec::new();
+        match tcp.read_to_end(&mut got).await {
+            Ok(_) => Ok(got),
+            Err(e) => Err(e.kind()),
         }
-    });
-    (addr, rx)
+    })
+    .await
 }
 
 /// An app that echoes each connection and reports how it ended: `Ok(())` for a clean end (FIN),
@@ -319,24 +334,14 @@ async fn echoing_app(
     SocketAddr,
     tokio::sync::mpsc::UnboundedReceiver<Result<(), std::io::ErrorKind>>,
 ) {
-    let listener = TcpListener::bind(SocketAddr::new(at, 0)).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            let (mut tcp, _) = listener.accept().await.unwrap();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let (mut rd, mut wr) = tcp.split();
-                let end = match tokio::io::copy(&mut rd, &mut wr).await {
-                    Ok(_) => wr.shutdown().await.map_err(|e| e.kind()),
-                    Err(e) => Err(e.kind()),
-                };
-                let _ = tx.send(end);
-            });
+    reporting_app(at, |mut tcp| async move {
+        let (mut rd, mut wr) = tcp.split();
+        match tokio::io::copy(&mut rd, &mut wr).await {
+            Ok(_) => wr.shutdown().await.map_err(|e| e.kind()),
+            Err(e) => Err(e.kind()),
         }
-    });
-    (addr, rx)
+    })
+    .await
 }
 
 /// Dials plain TCP and keeps a handle on each socket, so a test can cut the HBONE connection.
@@ -405,14 +410,10 @@ impl hbone::Dialer<()> for CutDialer {
         Ok(self.0.clone())
     }
 
-    async fn connect_tcp(
-        &self,
-        _: &(),
-        target: SocketAddr,
-    ) -> std::io::Result<tokio::net::TcpStream> {
-        let tcp = tokio::net::TcpStream::connect(target).await?.into_std()?;
+    async fn connect_tcp(&self, _: &(), target: SocketAddr) -> std::io::Result<TcpStream> {
+        let tcp = TcpStream::connect(target).await?.into_std()?;
         self.1.0.lock().unwrap().push(tcp.try_clone()?);
-        tokio::net::TcpStream::from_std(tcp)
+        TcpStream::from_std(tcp)
     }
 }
 
@@ -621,7 +622,7 @@ async fn live_plaintext_connections_move_to_another_handler_which_checks_the_pol
     let mut clients = Vec::new();
     let mut served = Vec::new();
     for n in 0..2u8 {
-        let mut client = tokio::net::TcpStream::connect(front.local_addr().unwrap())
+        let mut client = TcpStream::connect(front.local_addr().unwrap())
             .await
             .unwrap();
         let (accepted, peer) = front.accept().await.unwrap();
