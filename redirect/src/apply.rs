@@ -87,9 +87,9 @@ pub fn apply(netns: &Path, backend: Backend, rules: &RuleSet) -> Result<(), Erro
     install(netns, backend, rules, entering)
 }
 
-/// Installs the rules in `netns` keeping conntrack's table as it is: for a pod whose
-/// connections another capture redirected until now (istio-cni's rules, taken over), whose
-/// entries carry those redirects.
+/// Installs the rules in `netns` keeping conntrack's table as it is: for a pod whose open
+/// connections' entries carry redirects already, a capture being repaired ([`crate::reconcile`])
+/// or one another capture held until now (istio-cni's rules, taken over).
 pub fn reapply(netns: &Path, backend: Backend, rules: &RuleSet) -> Result<(), Error> {
     install(netns, backend, rules, false)
 }

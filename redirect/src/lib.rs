@@ -37,7 +37,9 @@ pub mod zds;
 pub use apply::{Drift, Error, apply, check, fd_path, reapply, remove};
 pub use rules::{Backend, IPT_OUTPUT, IPT_PREROUTING, NFT_TABLE, RuleSet};
 
-/// Reapplies the rules when [`check`] finds drift; returns the drift it repaired.
+/// Reapplies the rules when [`check`] finds drift; returns the drift it repaired. A repair
+/// keeps conntrack's table ([`reapply`]): even with every rule of ours gone, the pod's open
+/// connections' entries still carry their redirects.
 pub fn reconcile(
     netns: &std::path::Path,
     backend: Backend,
@@ -45,7 +47,7 @@ pub fn reconcile(
 ) -> Result<Drift, Error> {
     let drift = check(netns, backend, rules)?;
     if !drift.is_clean() {
-        apply(netns, backend, rules)?;
+        reapply(netns, backend, rules)?;
     }
     Ok(drift)
 }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use redirect::{Backend, RuleSet, apply, remove};
+use redirect::{Backend, RuleSet, apply, reconcile, remove};
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
@@ -415,6 +415,14 @@ fn a_pod_entering_the_mesh_starts_with_an_empty_conntrack_table(backend: Backend
     assert!(
         redirected(&conntrack_table(&pod)),
         "a refreshed capture emptied the table"
+    );
+    // So does a repair, even of a capture whose every rule went.
+    remove(&pair.pod_path(), backend, &RuleSet::default()).unwrap();
+    let drift = reconcile(&pair.pod_path(), backend, &RuleSet::default()).unwrap();
+    assert!(!drift.is_clean());
+    assert!(
+        redirected(&conntrack_table(&pod)),
+        "a repaired capture emptied the table"
     );
 }
 
