@@ -853,11 +853,9 @@ fn humantime_since(text: &str, since: std::time::SystemTime) -> Option<Duration>
     at.duration_since(since).ok()
 }
 
-/// How long the mesh gets, once the traffic stopped, to come back to its baseline: a pooled
-/// HBONE connection closes 60 to 75 s after its last tunnel (`hbone::Config::idle_timeout`,
-/// looked at every quarter of it), and a
-/// proxy restarted moments before the end may hold one the new process dialed beside the ones it
-/// took over.
+/// How long the mesh gets, once the traffic stopped, to come back to its baseline: a proxy
+/// restarted moments before the end closes the connections it took over beside its own as their
+/// last tunnels end (`hbone::Pool::adopt`), and processes and sockets take a moment to go.
 const SETTLE_LIMIT: Duration = Duration::from_secs(90);
 
 /// Samples the mesh every second until it is back to `baseline` (at least 5 s after the
